@@ -1,0 +1,268 @@
+"""The two asymmetric BYOL views, generated on the training device for a whole batch at once.
+
+torchvision's transforms draw one set of random parameters per call, so applied to a batch
+tensor every image gets the same crop and colour change. Here each image gets its own
+parameters, drawn as tensors (no Python loop over images, no host synchronisation):
+
+* random resized crop + horizontal flip: one affine sampling grid per image (``grid_sample``);
+* colour jitter in a random order per image, grayscale, blur, solarize: per-image factors
+  and masks, with identity factors for images the transform skips.
+
+Distributions follow torchvision's ``RandomResizedCrop``, ``ColorJitter``, ``RandomGrayscale``,
+``GaussianBlur`` and ``RandomSolarize`` (tests compare them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from byol.errors import ConfigError
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
+
+
+@dataclass
+class ViewConfig:
+    """Augmentation of one view; probabilities are per image.
+
+    Defaults are the paper's view 1 without blur (blur is off for 32x32 images).
+    """
+
+    crop_scale: Sequence[float] = (0.08, 1.0)
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: Sequence[float] = (0.1, 2.0)
+    blur_kernel_size: int = 0  # 0: about 10% of the image side, odd
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ViewConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown augmentation keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**dict(d))
+
+
+CROP_ONLY = ViewConfig(jitter_p=0.0, grayscale_p=0.0)  # fine-tuning: crop + flip
+
+
+def _uniform(n, low, high, gen, device):
+    return low + (high - low) * torch.rand(n, generator=gen, device=device)
+
+
+def _bernoulli(n, p, gen, device):
+    return torch.rand(n, generator=gen, device=device) < p
+
+
+def sample_crops(n: int, scale, ratio, gen, device, tries: int = 10) -> torch.Tensor:
+    """(n, 4) crops as fractions of the image: width, height, centre x, centre y.
+
+    Like ``RandomResizedCrop.get_params``: area ~ U(scale), log aspect ~ U(log ratio), up to
+    ``tries`` draws until the crop fits, else the whole image.
+    """
+    area = _uniform((n, tries), scale[0], scale[1], gen, device)
+    log_r = _uniform((n, tries), math.log(ratio[0]), math.log(ratio[1]), gen, device)
+    w = torch.sqrt(area * torch.exp(log_r))
+    h = torch.sqrt(area / torch.exp(log_r))
+    fits = (w <= 1) & (h <= 1)
+    first = torch.argmax(fits.int(), dim=1, keepdim=True)  # first fitting draw (0 if none)
+    any_fit = fits.any(dim=1)
+    w = torch.where(any_fit, w.gather(1, first).squeeze(1), torch.ones_like(any_fit, dtype=w.dtype))
+    h = torch.where(any_fit, h.gather(1, first).squeeze(1), torch.ones_like(any_fit, dtype=h.dtype))
+    cx = w / 2 + (1 - w) * torch.rand(n, generator=gen, device=device)
+    cy = h / 2 + (1 - h) * torch.rand(n, generator=gen, device=device)
+    return torch.stack([w, h, cx, cy], dim=1)
+
+
+def sample_view_params(n: int, cfg: ViewConfig, gen: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """All random choices for ``n`` images of one view, as tensors on ``device``."""
+    jitter = _bernoulli(n, cfg.jitter_p, gen, device)
+
+    def factor(strength, identity):
+        lo, hi = max(0.0, identity - strength), identity + strength
+        return torch.where(jitter, _uniform(n, lo, hi, gen, device), torch.full((n,), identity, device=device))
+
+    return {
+        "crop": sample_crops(n, cfg.crop_scale, cfg.crop_ratio, gen, device),
+        "flip": _bernoulli(n, cfg.flip_p, gen, device),
+        "jitter": jitter,
+        "brightness": factor(cfg.brightness, 1.0),
+        "contrast": factor(cfg.contrast, 1.0),
+        "saturation": factor(cfg.saturation, 1.0),
+        "hue": factor(cfg.hue, 0.0),
+        # per image, the slot in which each of the 4 colour ops is applied
+        "order": torch.argsort(torch.rand(n, 4, generator=gen, device=device), dim=1),
+        "grayscale": _bernoulli(n, cfg.grayscale_p, gen, device),
+        "blur": _bernoulli(n, cfg.blur_p, gen, device),
+        "sigma": _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], gen, device),
+        "solarize": _bernoulli(n, cfg.solarize_p, gen, device),
+    }
+
+
+def crop_and_flip(x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resample of each image's crop to ``size`` x ``size``, mirrored where ``flip``."""
+    w, h, cx, cy = crop.unbind(1)
+    sign = 1.0 - 2.0 * flip.to(x.dtype)
+    theta = torch.zeros(x.shape[0], 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = 2 * cx - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = 2 * cy - 1
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    r = _per_image(ratio)
+    return (r * a + (1 - r) * b).clamp_(0, 1)
+
+
+def adjust_brightness(x, f):
+    return (x * _per_image(f)).clamp(0, 1)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, grayscale(x), f)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image by ``shift`` (in turns, [-0.5, 0.5]) in HSV space."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(
+        maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d)
+    )
+    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
+    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
+    # HSV -> RGB: channel n takes v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * hue.unsqueeze(1), 6.0)
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    v, s = maxc.unsqueeze(1), sat.unsqueeze(1)
+    return v - v * s * ramp
+
+
+COLOR_OPS = (
+    ("brightness", adjust_brightness),
+    ("contrast", adjust_contrast),
+    ("saturation", adjust_saturation),
+    ("hue", adjust_hue),
+)
+
+
+def color_jitter(x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The four colour ops in each image's own random order.
+
+    In slot k each op is applied to the whole batch, but only the images whose k-th op it is
+    keep the result; others are left unchanged by a ``where``. Cost: 4x the ops, no indexing.
+    """
+    for slot in range(4):
+        for op_index, (name, op) in enumerate(COLOR_OPS):
+            chosen = params["jitter"] & (params["order"][:, slot] == op_index)
+            x = torch.where(_per_image(chosen), op(x, params[name]), x)
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (reflect padding, as torchvision)."""
+    n, c, hgt, wid = x.shape
+    half = kernel_size // 2
+    pos = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(pos.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    delta = (pos == 0).to(x.dtype).expand_as(kernel)
+    kernel = torch.where(apply.view(-1, 1), kernel, delta).repeat_interleave(c, dim=0)  # (n*c, k)
+    y = F.pad(x.reshape(1, n * c, hgt, wid), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, hgt, wid)
+
+
+def apply_view(x: torch.Tensor, params: Mapping[str, torch.Tensor], cfg: ViewConfig, size: int) -> torch.Tensor:
+    """One view of float images in [0, 1] given sampled ``params`` (not yet normalised)."""
+    x = crop_and_flip(x, params["crop"], params["flip"], size)
+    if cfg.jitter_p > 0:
+        x = color_jitter(x, params)
+    if cfg.grayscale_p > 0:
+        x = torch.where(_per_image(params["grayscale"]), grayscale(x).expand_as(x), x)
+    if cfg.blur_p > 0:
+        k = cfg.blur_kernel_size or (int(0.1 * size) // 2 * 2 + 1)
+        x = gaussian_blur(x, params["sigma"], params["blur"], max(k, 3))
+    if cfg.solarize_p > 0:
+        hit = _per_image(params["solarize"]) & (x >= cfg.solarize_threshold)
+        x = torch.where(hit, 1.0 - x, x)
+    return x
+
+
+class Normalize(torch.nn.Module):
+    """uint8 images -> float, normalised by the dataset's channel mean and std."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return (x - self.mean) / self.std
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+class ViewAugment(torch.nn.Module):
+    """Generates augmented, normalised views of a uint8 batch, one ``ViewConfig`` per view.
+
+    Runs in float32 outside autocast (cheap next to the network) and returns channels_last
+    tensors ready for the encoder.
+    """
+
+    def __init__(self, views: Sequence[ViewConfig], mean, std, size: int | None = None):
+        super().__init__()
+        self.views = list(views)
+        self.size = size
+        self.normalize = Normalize(mean, std)
+
+    def forward(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        with torch.autocast(images.device.type, enabled=False):
+            x = to_unit_float(images)
+            size = self.size or x.shape[-1]
+            out = []
+            for cfg in self.views:
+                params = sample_view_params(x.shape[0], cfg, gen, x.device)
+                v = self.normalize(apply_view(x, params, cfg, size))
+                out.append(v.contiguous(memory_format=torch.channels_last))
+            return out

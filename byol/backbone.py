@@ -1,0 +1,104 @@
+"""ResNet encoder with named feature taps, each pooled to a fixed grid.
+
+BYOL's classic head reads the global average pool; the multi-loss variant and the
+``combined`` representation also read intermediate blocks (``layer2.0``, ``layer3.0``).
+Pooling every tap to a configured grid makes its flattened size independent of the stem
+and the input resolution (128x4x4 = 2048 and 256x2x2 = 1024 for ResNet-18).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from byol.errors import ConfigError
+
+RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
+STEMS = ("cifar", "imagenet")
+AVGPOOL = "avgpool"
+
+
+def build_resnet(name: str, stem: str) -> nn.Module:
+    """A randomly initialised torchvision ResNet without its classifier.
+
+    The CIFAR stem (3x3 stride-1 conv, no max-pool) keeps 32x32 inputs at full resolution;
+    the ImageNet stem is torchvision's own (what the original implementation used).
+    """
+    if name not in RESNETS:
+        raise ConfigError(f"unknown backbone.name '{name}'; choose one of: {', '.join(RESNETS)}")
+    if stem not in STEMS:
+        raise ConfigError(f"unknown backbone.stem '{stem}'; choose one of: {', '.join(STEMS)}")
+    net = RESNETS[name](weights=None)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def tap_names(net: nn.Module) -> list[str]:
+    """Module names a user may tap, listed down to residual blocks (``layer2.0``)."""
+    return [name for name, _ in net.named_modules() if name and name.count(".") <= 1]
+
+
+class Encoder(nn.Module):
+    """ResNet returning ``{tap name: (N, D) features}``; ``avgpool`` is always included.
+
+    Args:
+        name: ``resnet18``, ``resnet34`` or ``resnet50``.
+        stem: ``cifar`` or ``imagenet``.
+        taps: extra module names to expose besides ``avgpool``.
+        grids: side of the adaptive-average-pool grid per tap (missing taps use 1).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        stem: str = "cifar",
+        taps: Sequence[str] = (),
+        grids: Mapping[str, int] | None = None,
+    ):
+        super().__init__()
+        net = build_resnet(name, stem)
+        valid = set(dict(net.named_modules()))
+        unknown = [t for t in taps if t not in valid or not t]
+        if unknown:
+            raise ConfigError(
+                f"unknown tap {', '.join(repr(t) for t in unknown)} for {name}; valid names include: "
+                f"{', '.join(tap_names(net))} (or any deeper module name)"
+            )
+        self.config = {"name": name, "stem": stem, "taps": list(taps), "grids": dict(grids or {})}
+        self.taps = [AVGPOOL] + [t for t in dict.fromkeys(taps) if t != AVGPOOL]
+        self.body = create_feature_extractor(net, return_nodes={t: t for t in self.taps})
+        grid = {t: int((grids or {}).get(t, 1)) for t in self.taps}
+        self.pools = nn.ModuleDict(
+            {_key(t): nn.AdaptiveAvgPool2d(grid[t]) for t in self.taps if t != AVGPOOL}
+        )
+        self.dims = self._probe_dims(grid)
+
+    def _probe_dims(self, grid: Mapping[str, int]) -> dict[str, int]:
+        was_training = self.body.training
+        self.body.eval()
+        with torch.no_grad():
+            out = self.body(torch.zeros(1, 3, 64, 64))
+        self.body.train(was_training)
+        return {t: out[t].shape[1] * grid[t] ** 2 for t in self.taps}
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        out = self.body(x)
+        feats = {}
+        for t in taps if taps is not None else self.taps:
+            f = out[t]
+            if t != AVGPOOL:
+                f = self.pools[_key(t)](f)
+            feats[t] = torch.flatten(f, 1)
+        return feats
+
+
+def _key(tap: str) -> str:
+    """ModuleDict keys may not contain dots."""
+    return tap.replace(".", "_")

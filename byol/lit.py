@@ -1,0 +1,195 @@
+"""Lightning wrappers: BYOL pretraining and the device-resident data module.
+
+The method lives in plain modules (``byol.model``, ``byol.augment``, ``byol.ema``); this file
+only connects them to Lightning's loop, checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from byol.augment import ViewAugment, ViewConfig
+from byol.backbone import AVGPOOL, Encoder
+from byol.data import IndexBatches, load_split, seeded_subset
+from byol.ema import tau_at
+from byol.errors import ByolError
+from byol.model import BYOL
+from byol.optim import param_groups
+
+
+class NonFiniteLossError(ByolError):
+    """The loss became NaN or infinite."""
+
+
+def build_encoder(cfg: dict, taps=None) -> Encoder:
+    """The encoder described by a run's ``backbone`` config, exposing ``taps``."""
+    b = cfg["backbone"]
+    return Encoder(b["name"], b["stem"], taps if taps is not None else cfg["loss"]["taps"], b.get("grids", {}))
+
+
+def build_byol(cfg: dict) -> BYOL:
+    heads = [AVGPOOL] + [t for t in cfg["loss"]["taps"] if t != AVGPOOL]
+    h = cfg["head"]
+    return BYOL(build_encoder(cfg), heads, cfg["loss"].get("weights") or {}, h["proj_hidden_dim"],
+                h["proj_dim"], h["pred_hidden_dim"])
+
+
+def rng_state() -> dict:
+    """Every global RNG as tensors/plain types (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BYOLModule(pl.LightningModule):
+    """BYOL pretraining step: augment on the device, both networks forward, EMA after each step.
+
+    ``cfg`` is the run's resolved config as a plain dict; it is saved in every checkpoint so
+    the model can be rebuilt from the checkpoint alone.
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.model = build_byol(cfg)
+        if cfg.get("channels_last", True):
+            self.model.to(memory_format=torch.channels_last)
+        aug, data = cfg["augment"], cfg["data"]
+        self.augment = ViewAugment([ViewConfig.from_dict(aug["view1"]), ViewConfig.from_dict(aug["view2"])],
+                                   data["mean"], data["std"], data.get("crop_size"))
+        self._generator = None
+        self._first_bad_step = None
+        self.last_good_checkpoint = None  # set by the training script
+        if cfg.get("compile"):
+            self.model.compile()
+
+    # ---------------------------------------------------------------- training
+    def _step_generator(self, batch_idx: int) -> torch.Generator:
+        """Augmentation randomness is a function of (seed, epoch, batch): exact on resume."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        seed = hash((int(self.cfg["seed"]), self.current_epoch, batch_idx)) & (2**63 - 1)
+        return self._generator.manual_seed(seed)
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        view1, view2 = self.augment(images, self._step_generator(batch_idx))
+        losses = self.model(view1, view2)
+        loss = losses["loss"]
+        finite = torch.isfinite(loss)
+        if self.cfg["train"]["on_nonfinite"] == "skip":
+            if not finite:  # one host sync per step, the price of skipping
+                self.print(f"[byol] non-finite loss at step {self.global_step}; skipping this step")
+                return None
+        else:  # record the first bad step on the device, checked without a per-step sync
+            step = torch.tensor(self.global_step, device=loss.device)
+            if self._first_bad_step is None:
+                self._first_bad_step = torch.full((), -1, device=loss.device, dtype=torch.long)
+            self._first_bad_step = torch.where(~finite & (self._first_bad_step < 0), step, self._first_bad_step)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True,
+                     prog_bar=name == "loss", batch_size=images.shape[0])
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        """EMA right after each real optimizer step (so never on accumulation micro-batches)."""
+        super().optimizer_step(*args, **kwargs)
+        self.model.update_target(self.current_tau(self.global_step - 1))
+
+    def current_tau(self, step: int | None = None) -> float:
+        step = self.global_step if step is None else step
+        ema = self.cfg["ema"]
+        return tau_at(step, self.trainer.estimated_stepping_batches - 1, ema["tau_base"], ema["tau_schedule"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()
+            self.log("train/tau", self.current_tau(), on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self):
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Stop with the first bad step named; costs one sync, so called every few steps."""
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            last = self.last_good_checkpoint
+            where = f"the last good checkpoint is {last}" if last and Path(last).exists() else "no checkpoint was saved yet"
+            raise NonFiniteLossError(
+                f"loss became NaN/inf at optimizer step {int(self._first_bad_step)}; {where}. Lower optim.base_lr, "
+                f"check the data, or set train.on_nonfinite=skip to skip such steps")
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        o = self.cfg["optim"]
+        batch = self.cfg["data"]["batch_size"] * self.trainer.accumulate_grad_batches
+        lr = o["base_lr"] * (batch / 256 if o.get("scale_lr_with_batch", True) else 1.0)
+        modules = [self.model.online_encoder, self.model.online_projectors, self.model.predictors]
+        optimizer = instantiate(o["optimizer"])(param_groups(modules, o["weight_decay"]), lr=lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        sched = o["scheduler"]
+        scheduler = instantiate({k: v for k, v in sched.items() if k != "warmup_epochs"})(
+            optimizer, total_steps=total, warmup_steps=int(sched.get("warmup_epochs", 0) * per_epoch))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to save non-finite weights; store RNG states for exact resumption."""
+        self.check_finite()
+        norms = torch._foreach_norm([p.detach().float() for p in self.model.parameters()])
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            raise NonFiniteLossError("weights contain NaN/inf; not saving a checkpoint over the last good one")
+        checkpoint["byol_config"] = self.cfg
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """The training images as one uint8 tensor on the training device, batched by index."""
+
+    def __init__(self, data_cfg: dict, seed: int, on_device: bool = True):
+        super().__init__()
+        self.cfg, self.seed, self.on_device = data_cfg, seed, on_device
+        self.batches = None
+
+    def prepare(self) -> IndexBatches:
+        """Load (and decode/cache) the data; separate from ``setup`` so errors surface early."""
+        if self.batches is None:
+            data = seeded_subset(load_split(self.cfg, "train"), self.cfg.get("subset"), self.seed)
+            self.batches = IndexBatches(data, self.cfg["batch_size"], seed=self.seed, progress=self._progress)
+        return self.batches
+
+    def _progress(self) -> tuple[int, int]:
+        loop = self.trainer.fit_loop
+        return self.trainer.current_epoch, loop.epoch_loop.batch_progress.current.ready
+
+    def setup(self, stage: str) -> None:
+        batches = self.prepare()
+        if self.on_device:
+            batches.to(self.trainer.strategy.root_device)
+
+    def train_dataloader(self):
+        return self.batches
+

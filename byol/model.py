@@ -1,0 +1,75 @@
+"""The BYOL network: online encoder with one projector/predictor pair per head, and its EMA target."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from byol.backbone import AVGPOOL, Encoder, _key
+from byol.ema import ema_update
+from byol.heads import mlp
+from byol.losses import symmetric_loss, weighted_sum
+
+
+class BYOL(nn.Module):
+    """Online and target networks for BYOL.
+
+    ``heads`` lists the encoder taps that get a projector/predictor pair: ``["avgpool"]`` is
+    the classic loss, ``["avgpool", "layer2.0", "layer3.0"]`` the multi-loss variant.
+
+    The target (encoder + projectors) is a deep copy of the online one, so both start equal
+    (the paper's initialisation), and it never receives gradients: it moves only by
+    :meth:`update_target`.
+
+    The two views pass through the networks separately, so each view's BatchNorm statistics
+    are its own, as in the paper's implementation.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        heads: Sequence[str] = (AVGPOOL,),
+        weights: Mapping[str, float] | None = None,
+        proj_hidden_dim: int = 4096,
+        proj_dim: int = 256,
+        pred_hidden_dim: int = 4096,
+    ):
+        super().__init__()
+        missing = [h for h in heads if h not in encoder.taps]
+        if missing:
+            raise ValueError(f"heads {missing} are not taps of the encoder ({encoder.taps})")
+        self.heads = list(heads)
+        self.weights = dict(weights or {})
+        self.online_encoder = encoder
+        self.online_projectors = nn.ModuleDict(
+            {_key(h): mlp(encoder.dims[h], proj_hidden_dim, proj_dim) for h in self.heads}
+        )
+        self.predictors = nn.ModuleDict({_key(h): mlp(proj_dim, pred_hidden_dim, proj_dim) for h in self.heads})
+        self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
+        self.target_projectors = copy.deepcopy(self.online_projectors).requires_grad_(False)
+
+    def _project(self, encoder, projectors, x) -> dict[str, torch.Tensor]:
+        feats = encoder(x, taps=self.heads)
+        return {h: projectors[_key(h)](feats[h]) for h in self.heads}
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses per head (``loss/<tap>``) and their weighted sum (``loss``)."""
+        z1, z2 = (self._project(self.online_encoder, self.online_projectors, v) for v in (view1, view2))
+        with torch.no_grad():
+            t1, t2 = (self._project(self.target_encoder, self.target_projectors, v) for v in (view1, view2))
+        per_head = {
+            h: symmetric_loss(self.predictors[_key(h)](z1[h]), self.predictors[_key(h)](z2[h]), t1[h], t2[h])
+            for h in self.heads
+        }
+        out = {f"loss/{h}": loss for h, loss in per_head.items()}
+        out["loss"] = weighted_sum(per_head, self.weights)
+        return out
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """EMA step of the target towards the online encoder and projectors."""
+        ema_update(self.target_encoder, self.online_encoder, tau)
+        ema_update(self.target_projectors, self.online_projectors, tau)

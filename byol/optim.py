@@ -1,0 +1,93 @@
+"""LARS and the warm-up + cosine learning-rate schedule used for BYOL.
+
+torch has no LARS and the maintained implementations live inside SSL frameworks (lightly,
+solo-learn) that we do not want as a dependency, so it is written here, small and tested.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Two groups: weights, and biases + normalisation parameters (no decay, no LARS adaptation).
+
+    Excluding 1-d parameters follows the paper (appendix C) and solo-learn/lightly practice.
+    """
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step for each weight tensor is scaled by a trust ratio
+    ``eta * ||w|| / (||g|| + wd * ||w||)`` (You et al., 2017). Groups with ``lars_exclude``
+    are plain SGD with momentum."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001, eps: float = 1e-8):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      eps=eps, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd = group["weight_decay"]
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if not group["lars_exclude"]:
+                w_norm = torch._foreach_norm(params)
+                g_norm = torch._foreach_norm(grads)
+                ratios = [
+                    torch.where((w > 0) & (g > 0), group["eta"] * w / (g + group["eps"]), torch.ones_like(w))
+                    for w, g in zip(w_norm, g_norm)
+                ]
+                grads = torch._foreach_mul(grads, ratios)
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to ``final_ratio`` x lr."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def constant(optimizer, total_steps: int = 0, warmup_steps: int = 0) -> LambdaLR:
+    """Constant learning rate after an optional linear warm-up (the original implementation: none)."""
+    return LambdaLR(optimizer, lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0)
