@@ -173,24 +173,43 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return v - v * s * ramp
 
 
-COLOR_OPS = (
-    ("brightness", adjust_brightness),
-    ("contrast", adjust_contrast),
-    ("saturation", adjust_saturation),
-    ("hue", adjust_hue),
-)
+COLOR_OPS = ("brightness", "contrast", "saturation", "hue")  # index = op id in params["order"]
+
+
+def _hue_where(x: torch.Tensor, shift: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Hue-rotate only the chosen images.
+
+    On the CPU dynamic shapes cost nothing, so only the chosen quarter of the batch is
+    converted; on accelerators the whole batch is converted and selected with a ``where``,
+    which avoids the host synchronisation that a data-dependent shape would force.
+    """
+    if x.device.type == "cpu":
+        idx = chosen.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return x
+        return x.index_copy(0, idx, adjust_hue(x.index_select(0, idx), shift.index_select(0, idx)))
+    return torch.where(_per_image(chosen), adjust_hue(x, shift), x)
 
 
 def color_jitter(x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The four colour ops in each image's own random order.
+    """The four colour ops in each image's own random order (as ``ColorJitter`` per image).
 
-    In slot k each op is applied to the whole batch, but only the images whose k-th op it is
-    keep the result; others are left unchanged by a ``where``. Cost: 4x the ops, no indexing.
+    Brightness, contrast and saturation are all ``clamp(a * x + (1 - a) * m)`` with m = 0,
+    the mean grey level, or the grey image; so each of the 4 slots applies them as one fused
+    blend with per-image ``a`` and ``m`` (identity for images whose op in that slot is
+    another one), then the hue rotation for the images whose op it is.
     """
+    one = torch.ones_like(params["brightness"])
     for slot in range(4):
-        for op_index, (name, op) in enumerate(COLOR_OPS):
-            chosen = params["jitter"] & (params["order"][:, slot] == op_index)
-            x = torch.where(_per_image(chosen), op(x, params[name]), x)
+        op = torch.where(params["jitter"], params["order"][:, slot], torch.full_like(params["order"][:, 0], -1))
+        is_b, is_c, is_s = (op == COLOR_OPS.index(name) for name in ("brightness", "contrast", "saturation"))
+        a = torch.where(is_b, params["brightness"], torch.where(is_c, params["contrast"],
+                                                                torch.where(is_s, params["saturation"], one)))
+        gray = grayscale(x)
+        m = (_per_image(is_c.to(x.dtype)) * gray.mean(dim=(1, 2, 3), keepdim=True)
+             + _per_image(is_s.to(x.dtype)) * gray)
+        x = _blend(x, m, a)
+        x = _hue_where(x, params["hue"], op == COLOR_OPS.index("hue"))
     return x
 
 

@@ -1,0 +1,48 @@
+"""Shared helpers: Hydra composition outside an app, tiny configs and encoders for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# Two cores shared with other jobs: more threads only adds contention.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def compose_config(config_name: str, overrides=(), output_dir: str | Path = "/tmp/byol-tests") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as ``@hydra.main`` would, with ``${hydra:...}`` resolvable.
+
+    The compose API leaves ``hydra.runtime.output_dir`` unset; the logger configs interpolate it,
+    so it is set to ``output_dir`` and registered as the current Hydra config.
+    """
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config without the ``hydra`` node, as ``byol.pretrain`` hands it to the module."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return container
+
+
+@pytest.fixture
+def smoke_config(tmp_path):
+    """Factory: the resolved ``experiment=smoke`` train config (plain dict) with extra overrides."""
+
+    def make(*overrides: str) -> dict:
+        return plain_config(compose_config("train", ["experiment=smoke", *overrides], tmp_path))
+
+    return make
