@@ -1,20 +1,22 @@
 """BYOL pretraining entry point: ``python train.py [group=option ...] [key=value ...]``.
 
 Examples: ``python train.py loss=multi``, ``python train.py -m loss=classic,multi seed=0,1,2``,
-``python train.py data=imagefolder data.root=DIR``. See README.md and conf/train.yaml.
+``python train.py data=imagefolder data.root=DIR``, ``python train.py resume=outputs/train/<time>``.
+See README.md and conf/train.yaml.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from byol.cli import run_job
+from byol.cli import command_line_keys, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from byol.pretrain import pretrain
 
-    run_job(pretrain, cfg)
+    # On resume the run keeps its own saved settings except those given on this command line.
+    run_job(pretrain, cfg, requested=command_line_keys())
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from byol.errors import ConfigError
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's tensor ops
 
 
 @dataclass
@@ -93,7 +93,9 @@ def sample_view_params(n: int, cfg: ViewConfig, gen: torch.Generator, device) ->
     jitter = _bernoulli(n, cfg.jitter_p, gen, device)
 
     def factor(strength, identity):
-        lo, hi = max(0.0, identity - strength), identity + strength
+        lo, hi = identity - strength, identity + strength
+        if identity == 1.0:  # multiplicative factors stay non-negative; the hue shift is symmetric
+            lo = max(0.0, lo)
         return torch.where(jitter, _uniform(n, lo, hi, gen, device), torch.full((n,), identity, device=device))
 
     return {
@@ -127,8 +129,9 @@ def crop_and_flip(x: torch.Tensor, crop: torch.Tensor, flip: torch.Tensor, size:
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    """Luma as torchvision computes it (written out: no host-to-device copy of the weights)."""
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
     hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
     # HSV -> RGB: channel n takes v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(n + 6.0 * hue.unsqueeze(1), 6.0)
     ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
     v, s = maxc.unsqueeze(1), sat.unsqueeze(1)

@@ -8,12 +8,14 @@ file intact.
 
 from __future__ import annotations
 
-import io
+import errno
 import os
 import pickle
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -22,18 +24,34 @@ from byol.errors import CheckpointError
 
 ENCODER_FORMAT = "byol-encoder"
 ENCODER_VERSION = 1
+TEMP_SUFFIX = ".tmp"
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``: readers (and a crash at any moment) see the old file or the new one, never half.
+
+    On any error the temporary file is removed and the previous ``path`` is left untouched; an
+    ``OSError`` (disk full, permissions) becomes a :class:`CheckpointError` that says so.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -41,8 +59,7 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
         except FileNotFoundError:
             pass
         if isinstance(e, OSError):
-            raise CheckpointError(f"could not write '{path}' ({e.strerror or e}); the previous file, if any, "
-                                  f"is intact. Free disk space or choose another output folder") from None
+            raise _write_error(path, e) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -54,26 +71,56 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
         pass
 
 
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    hint = ("the disk is full: free space or choose another output folder" if e.errno == errno.ENOSPC
+            else "check the folder's permissions and free space, or choose another output folder")
+    return CheckpointError(f"could not write '{path}' ({e.strerror or e}); the previous file, if any, is "
+                           f"intact. {hint[0].upper()}{hint[1:]}")
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(buffer.getvalue(), path)
+    """``torch.save`` straight into the temporary file (no second copy of the checkpoint in memory)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
-    """``torch.load`` restricted to tensors and plain containers; clear errors otherwise."""
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed process left in ``folder`` (call before writers start)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".*{TEMP_SUFFIX}")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; clear errors otherwise.
+
+    ``mmap=True`` maps the file instead of reading it (cheap when only metadata is needed).
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint '{path}' {what}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # weights_only met something that is not a tensor or a container
+        pattern = r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please|\n\n|$)"
+        found = re.search(pattern, str(e), re.DOTALL)
+        detail = " ".join(found.group(1).split())[:200] if found else str(e).splitlines()[0][:200]
         raise CheckpointError(
-            f"refusing to load '{path}': it contains objects other than tensors and plain containers, "
-            f"which could run code when unpickled ({str(e).splitlines()[0][:200]}). Only load checkpoints "
-            f"written by this project or re-save the weights as a plain state_dict") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or not a PyTorch file ({e})") from None
+            f"refusing to load '{path}': it holds more than tensors and plain containers ({detail}), so "
+            f"unpickling it could run code (or the file is damaged). Nothing was executed. Only load "
+            f"checkpoints written by this project, or re-save the weights as a plain state_dict") from None
+    except Exception as e:  # truncated or damaged files fail in many ways
+        if mmap and isinstance(e, RuntimeError):  # old (non-zip) serialisation cannot be mapped: read it
+            return safe_load(path, map_location)
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or not a PyTorch file ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

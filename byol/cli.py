@@ -1,29 +1,104 @@
-"""Glue for the Hydra entry points: run folder, short user-facing errors."""
+"""Glue for the Hydra entry points: run folders, resuming, short user-facing errors, sweep summaries."""
 
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-from byol.errors import ByolError
+from byol.errors import ByolError, Interrupted
+
+FAILED = "FAILED"
+# Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
+PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval")
 
 
-def run_job(fn, cfg):
-    """Call ``fn(cfg, run_dir)``; a :class:`ByolError` prints one line instead of a stack trace.
+def run_dir_of(resume, default: str) -> str:
+    """``hydra.run.dir`` for ``resume=...``: the run folder itself, or the folder of its
+    ``checkpoints/*.ckpt``; ``default`` (a new timestamped folder) without resume or for a
+    checkpoint outside a run folder."""
+    if resume in (None, "", "None", "null"):
+        return default
+    path = Path(str(resume)).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.suffix == ".ckpt" and path.parent.name == "checkpoints":
+        return str(path.parent.parent)
+    return default
 
-    In a multirun the error is reported and the sweep goes on with its other jobs; a single
-    run exits with status 1.
+
+if not OmegaConf.has_resolver("byol_run_dir"):
+    OmegaConf.register_new_resolver("byol_run_dir", run_dir_of)
+
+
+def command_line_keys() -> list[str]:
+    """Config keys this invocation set on the command line, as prefixes for ``resume_config``.
+
+    ``loss.taps=[...]`` gives ``loss.taps``; a group choice gives its package (``optim=sgd``:
+    ``optim``); an experiment (a global package) may touch any key and gives ``""``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = HydraConfig.get()
+    groups = set(hc.runtime.choices)
+    keys = []
+    for o in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
+        key = o.key_or_group
+        if key == "resume" or key.split(".")[0] == "hydra":
+            continue
+        if key in groups:
+            keys.append(key if key in PACKAGED_GROUPS else "")
+        else:
+            keys.append(key)
+    return keys
+
+
+def run_job(fn, cfg, *args, **kwargs):
+    """Call ``fn(cfg, run_dir, ...)``; a :class:`ByolError` prints one line instead of a stack trace.
+
+    A single run exits with the error's status (1; 128 + signal for a preempted run). In a
+    multirun the failure is recorded in the job folder's ``FAILED`` file and the sweep goes on
+    with its other jobs (an unexpected exception is printed with its traceback, as the bug it
+    is); :class:`SweepSummary` reports the failures and exits non-zero at the end. A preempted
+    job stops the whole sweep: the scheduler wants the process gone.
     """
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    (run_dir / FAILED).unlink(missing_ok=True)  # a job re-run in the same folder starts clean
     try:
-        return fn(cfg, run_dir)
+        return fn(cfg, run_dir, *args, **kwargs)
     except ByolError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        (run_dir / "FAILED").write_text(f"{e}\n")
-        if hc.mode != RunMode.MULTIRUN:
-            sys.exit(1)
+        print(f"error: {e}" if not isinstance(e, Interrupted) else str(e), file=sys.stderr, flush=True)
+        if multirun and not isinstance(e, Interrupted):
+            (run_dir / FAILED).write_text(f"{e}\n")
+            return None
+        sys.exit(e.exit_code)
+    except Exception as e:
+        if not multirun:
+            raise
+        traceback.print_exc()
+        (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n")
         return None
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, list the jobs that failed and exit with status 1."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        failed = sorted(sweep.glob(f"*/{FAILED}"))
+        if not failed:
+            return
+        print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed (the others finished):",
+              file=sys.stderr)
+        for f in failed:
+            reason = f.read_text().strip().splitlines()
+            print(f"  {f.parent.name}: {reason[0] if reason else 'failed'}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.exit(1)

@@ -52,10 +52,13 @@ def load_cifar10(root: str, train: bool, download: bool = True) -> ImageTensors:
     try:
         ds = CIFAR10(root, train=train, download=download)
     except Exception as e:  # no network, or a damaged archive
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        get = ("let the download run on a machine with internet access" if download
+               else "set data.download=true (needs internet access)")
         raise DataError(
-            f"could not load CIFAR-10 from '{root}' ({type(e).__name__}: {e}). Either let the download "
-            f"run on a machine with internet access, copy the extracted 'cifar-10-batches-py' folder into "
-            f"'{root}', or use an image folder: data=imagefolder data.root=DIR (DIR/train/<class>/*.png)"
+            f"could not load CIFAR-10 from '{Path(root).resolve()}' ({type(e).__name__}: {reason}). Either "
+            f"{get}, copy the extracted 'cifar-10-batches-py' folder into that folder, or use an image "
+            f"folder instead: data=imagefolder data.root=DIR (DIR/train/<class>/*.png)"
         ) from None
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     return ImageTensors(images, torch.tensor(ds.targets, dtype=torch.long), CIFAR10_CLASSES)
@@ -88,16 +91,32 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
     return files, labels, classes
 
 
+def _to_rgb(im):
+    """Any PIL image as 8-bit RGB: grayscale, palette, CMYK and RGBA (alpha dropped, as
+    torchvision's loader) through ``convert``; 16-bit and float grayscale rescaled first, which
+    ``convert`` would clip to white."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode != "F":
+            a = a / 257.0  # 16 bits -> 8 bits
+        elif a.max() <= 1.0:
+            a = a * 255.0  # float image in [0, 1]
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def _decode(path: Path, size: int, skip_bad: bool) -> np.ndarray | None:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")  # grayscale, RGBA, palette... -> RGB
+            im = _to_rgb(im)
             if im.size != (size, size):
                 im = _resize_center(im, size)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         if skip_bad:
             warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
             return None
@@ -141,7 +160,8 @@ def load_image_folder(
     files, labels, classes = scan_folder(folder)
     cache = None
     if cache_dir:
-        cache = Path(cache_dir).expanduser() / f"{folder.name}-{_cache_key(folder, files, size, skip_bad_files)}.pt"
+        key = _cache_key(folder, files, size, skip_bad_files)
+        cache = Path(cache_dir).expanduser() / f"{folder.name}-{key}.pt"
         if cache.exists():
             try:
                 d = torch.load(cache, weights_only=True)
@@ -209,7 +229,8 @@ def load_split(cfg, split: str) -> ImageTensors:
                 folder = root  # a plain folder of images or of class folders
             else:
                 raise DataError(f"no '{split}' folder in '{root}'; evaluation needs {root}/{split}/<class>/*")
-        return load_image_folder(folder, cfg["image_size"], cfg.get("cache_dir"), cfg.get("skip_bad_files", False))
+        return load_image_folder(folder, cfg["image_size"], cfg.get("cache_dir"),
+                                 cfg.get("skip_bad_files", False))
     if name == "synthetic":
         n = cfg["num_train"] if split == "train" else cfg["num_test"]
         return make_synthetic(n, cfg["image_size"], cfg["num_classes"], seed=0 if split == "train" else 1)
@@ -233,8 +254,11 @@ def eval_splits(cfg, seed: int = 0) -> dict[str, ImageTensors]:
     """
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     if len(train.classes) and len(test.classes) and train.classes != test.classes:
-        raise DataError(f"train and test class folders differ: {list(train.classes)} vs {list(test.classes)}; "
-                        f"both splits need the same <class> subfolders")
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise DataError(f"train and test class folders differ (only in train: {only_train or 'none'}; "
+                        f"only in test: {only_test or 'none'}); both splits need the same <class> "
+                        f"subfolders: add, rename or remove folders")
     split = cfg.get("split", "holdout")
     if split == "seed_original":
         perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(42))
@@ -264,8 +288,9 @@ class IndexBatches:
     def __init__(self, data: ImageTensors, batch_size: int, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, progress=None):
         if batch_size > len(data) and drop_last:
-            raise DataError(f"data.batch_size={batch_size} is larger than the dataset ({len(data)} images); "
-                            f"lower data.batch_size or use more data (data.subset)")
+            raise DataError(f"data.batch_size={batch_size} is larger than the dataset ({len(data)} images), "
+                            f"so an epoch would have no full batch; set data.batch_size to at most "
+                            f"{len(data)} or use more images (a larger data.subset, or data.subset=null)")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.shuffle, self.drop_last, self.progress = shuffle, drop_last, progress
         self._passes = 0
@@ -281,7 +306,8 @@ class IndexBatches:
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(len(self.data))
-        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.data), generator=gen)
 
     def __iter__(self):
         epoch, start = self.progress() if self.progress else (self._passes, 0)

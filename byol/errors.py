@@ -2,7 +2,12 @@
 
 
 class ByolError(Exception):
-    """A problem the user can fix; the message names it and says how."""
+    """A problem the user can fix; the message names it and says how.
+
+    ``exit_code`` is the process status the entry point exits with.
+    """
+
+    exit_code = 1
 
 
 class ConfigError(ByolError):
@@ -15,3 +20,20 @@ class DataError(ByolError):
 
 class CheckpointError(ByolError):
     """A checkpoint that cannot be used: unsafe, corrupt, or of another architecture."""
+
+
+class NonFiniteLossError(ByolError):
+    """The loss became NaN or infinite; nothing non-finite was saved."""
+
+
+class Interrupted(ByolError):
+    """A preemption signal stopped training after ``last.ckpt`` was saved.
+
+    The exit status is ``128 + signal number`` (143 for SIGTERM, 138 for SIGUSR1), what a
+    shell reports for a process killed by that signal, so schedulers treat the job as
+    preempted and requeue it; in a sweep it stops the remaining jobs too.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

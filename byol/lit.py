@@ -18,19 +18,18 @@ from byol.augment import ViewAugment, ViewConfig
 from byol.backbone import AVGPOOL, Encoder
 from byol.data import IndexBatches, load_split, seeded_subset
 from byol.ema import tau_at
-from byol.errors import ByolError
+from byol.errors import NonFiniteLossError
 from byol.model import BYOL
 from byol.optim import param_groups
 
-
-class NonFiniteLossError(ByolError):
-    """The loss became NaN or infinite."""
+__all__ = ["BYOLModule", "TensorDataModule", "NonFiniteLossError", "build_byol", "build_encoder"]
 
 
 def build_encoder(cfg: dict, taps=None) -> Encoder:
     """The encoder described by a run's ``backbone`` config, exposing ``taps``."""
     b = cfg["backbone"]
-    return Encoder(b["name"], b["stem"], taps if taps is not None else cfg["loss"]["taps"], b.get("grids", {}))
+    taps = taps if taps is not None else cfg["loss"]["taps"]
+    return Encoder(b["name"], b["stem"], taps, b.get("grids", {}))
 
 
 def build_byol(cfg: dict) -> BYOL:
@@ -78,7 +77,10 @@ class BYOLModule(pl.LightningModule):
                                    data["mean"], data["std"], data.get("crop_size"))
         self._generator = None
         self._first_bad_step = None
+        self._skip_ema = False
+        self.skipped_steps = 0
         self.last_good_checkpoint = None  # set by the training script
+        self.last_saved_step = None  # global step of the newest checkpoint written or loaded
         if cfg.get("compile"):
             self.model.compile()
 
@@ -93,18 +95,30 @@ class BYOLModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         images = batch[0]
         view1, view2 = self.augment(images, self._step_generator(batch_idx))
+        skip_mode = self.cfg["train"]["on_nonfinite"] == "skip"
+        if skip_mode:  # forward passes update BatchNorm statistics: keep a copy to undo a bad step
+            buffers = list(self.model.buffers())
+            saved = [b.clone() for b in buffers]
         losses = self.model(view1, view2)
         loss = losses["loss"]
         finite = torch.isfinite(loss)
-        if self.cfg["train"]["on_nonfinite"] == "skip":
+        self._skip_ema = False
+        if skip_mode:
             if not finite:  # one host sync per step, the price of skipping
-                self.print(f"[byol] non-finite loss at step {self.global_step}; skipping this step")
-                return None
+                for b, s in zip(buffers, saved, strict=True):
+                    b.copy_(s)
+                self._skip_ema = True
+                self.skipped_steps += 1
+                self.print(f"[byol] non-finite loss at step {self.global_step}; skipping this step "
+                           f"({self.skipped_steps} skipped so far)")
+                return None  # Lightning then skips backward; the optimizer sees no gradients
         else:  # record the first bad step on the device, checked without a per-step sync
-            step = torch.tensor(self.global_step, device=loss.device)
+            # a fill, not a host-to-device copy
+            step = torch.full((), self.global_step, device=loss.device, dtype=torch.long)
             if self._first_bad_step is None:
                 self._first_bad_step = torch.full((), -1, device=loss.device, dtype=torch.long)
-            self._first_bad_step = torch.where(~finite & (self._first_bad_step < 0), step, self._first_bad_step)
+            first = self._first_bad_step
+            self._first_bad_step = torch.where(~finite & (first < 0), step, first)
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True,
                      prog_bar=name == "loss", batch_size=images.shape[0])
@@ -113,7 +127,9 @@ class BYOLModule(pl.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         """EMA right after each real optimizer step (so never on accumulation micro-batches)."""
         super().optimizer_step(*args, **kwargs)
-        self.model.update_target(self.current_tau(self.global_step - 1))
+        if not self._skip_ema:
+            # Lightning counts this step in global_step only after this hook returns
+            self.model.update_target(self.current_tau(self.global_step))
 
     def current_tau(self, step: int | None = None) -> float:
         step = self.global_step if step is None else step
@@ -128,14 +144,20 @@ class BYOLModule(pl.LightningModule):
     def on_train_epoch_end(self):
         self.check_finite()
 
+    def _last_good(self) -> str:
+        last = self.last_good_checkpoint
+        if last and Path(last).exists():
+            after = f", saved after {self.last_saved_step} steps" if self.last_saved_step is not None else ""
+            return f"the last good checkpoint is {last}{after}"
+        return "no checkpoint was saved before it"
+
     def check_finite(self) -> None:
         """Stop with the first bad step named; costs one sync, so called every few steps."""
         if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
-            last = self.last_good_checkpoint
-            where = f"the last good checkpoint is {last}" if last and Path(last).exists() else "no checkpoint was saved yet"
             raise NonFiniteLossError(
-                f"loss became NaN/inf at optimizer step {int(self._first_bad_step)}; {where}. Lower optim.base_lr, "
-                f"check the data, or set train.on_nonfinite=skip to skip such steps")
+                f"loss became NaN/inf at optimizer step {int(self._first_bad_step)} (counted from 0); "
+                f"{self._last_good()}. Lower optim.base_lr, check the data, or set "
+                f"train.on_nonfinite=skip to skip such steps")
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -153,17 +175,30 @@ class BYOLModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to save non-finite weights; store RNG states for exact resumption."""
+        """Refuse to save non-finite weights; store the config and RNG states for exact resumption.
+
+        The augmentation generator needs no saved state: it is re-seeded every step from
+        ``(seed, epoch, batch index)`` (:meth:`_step_generator`), so a resumed run draws the
+        same views; ``augment_rng`` records that rule.
+        """
         self.check_finite()
-        norms = torch._foreach_norm([p.detach().float() for p in self.model.parameters()])
-        if not bool(torch.isfinite(torch.stack(norms)).all()):
-            raise NonFiniteLossError("weights contain NaN/inf; not saving a checkpoint over the last good one")
+        tensors = [t.detach() for t in self.model.parameters()]
+        tensors += [b for b in self.model.buffers() if b.is_floating_point()]
+        # element-wise, not a norm: the norm of huge but finite weights overflows to inf
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise NonFiniteLossError(
+                f"weights became NaN/inf by optimizer step {self.global_step}; nothing was saved and "
+                f"{self._last_good()}. Lower optim.base_lr or set train.on_nonfinite=skip")
         checkpoint["byol_config"] = self.cfg
         checkpoint["rng"] = rng_state()
+        rule = "reseeded every step: manual_seed(hash((seed, epoch, batch_idx)) & (2**63 - 1))"
+        checkpoint["augment_rng"] = {"seed": int(self.cfg["seed"]), "rule": rule}
+        self.last_saved_step = int(checkpoint.get("global_step", self.global_step))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
+        self.last_saved_step = checkpoint.get("global_step")
 
 
 class TensorDataModule(pl.LightningDataModule):

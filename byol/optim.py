@@ -54,18 +54,20 @@ class LARS(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             wd = group["weight_decay"]
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            if not group["lars_exclude"]:
+            if not group["lars_exclude"]:  # trust ratio from the raw gradient's norm, as You et al. (2017)
                 w_norm = torch._foreach_norm(params)
                 g_norm = torch._foreach_norm(grads)
                 ratios = [
-                    torch.where((w > 0) & (g > 0), group["eta"] * w / (g + group["eps"]), torch.ones_like(w))
-                    for w, g in zip(w_norm, g_norm)
+                    torch.where((w > 0) & (g > 0), group["eta"] * w / (g + wd * w + group["eps"]),
+                                torch.ones_like(w))
+                    for w, g in zip(w_norm, g_norm, strict=True)
                 ]
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if not group["lars_exclude"]:
                 grads = torch._foreach_mul(grads, ratios)
             bufs = []
-            for p, g in zip(params, grads):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU (H100/H200), about 7 minutes; see benchmarks/README.md.
+#   1. installs hydra-core/omegaconf/antlr4 from the carried .whl/ folder (no network there),
+#   2. extracts the shared CIFAR-10 JPEGs,
+#   3. throughput of our training step (and the floor; lightly/byol-pytorch if importable) for the
+#      ResNet-18 CIFAR stem at batch 256 and 512: images/s, s/epoch, peak GPU memory,
+#   4. a BYOL pretraining for as many epochs as fit in PRETRAIN_S seconds at batch 512,
+#   5. the linear probe's test accuracy (evaluate.py; the benchmark part survives its failure),
+# and appends a dated section naming the card to benchmarks/RESULTS.md (copied to $OUT, since only
+# $OUT comes back from the GPU machine).
+#
+# SMOKE=1 runs the same steps with tiny settings on whatever device there is (CPU here) and writes
+# only under $OUT: the way to test this script without a GPU.
+# Environment: OUT (results folder), DATA (dataset root; default /tmp/cifar10, extracted if missing),
+# PYTHON (default python3), PRETRAIN_S (default 240), BATCHES (default "256 512"), PEERS, COMPILE=1.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+OUT=${OUT:-/tmp/byol-gpu-out}
+DATA=${DATA:-/tmp/cifar10}
+WORK=${WORK:-/tmp/byol-gpu-runs}
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+say() { echo "[gpu.sh +$(elapsed)s] $*"; }
+
+if [ "$SMOKE" = 1 ]; then
+  BATCHES=${BATCHES:-16}; STEPS=1; WARMUP=1; PRETRAIN_S=${PRETRAIN_S:-60}
+  TINY=(data.subset=64 head.proj_hidden_dim=64 head.pred_hidden_dim=64 head.proj_dim=32)
+  EVAL_TINY=(data.subset=64 eval.epochs=1)
+  BENCH_SET=(--set head.proj_hidden_dim=64 --set head.pred_hidden_dim=64 --set head.proj_dim=32)
+  RESULTS="$OUT/RESULTS.md"  # never touch the repository's file in smoke mode
+  [ -f "$RESULTS" ] || cp benchmarks/RESULTS.md "$RESULTS" 2>/dev/null || : >"$RESULTS"
+else
+  BATCHES=${BATCHES:-256 512}; STEPS=50; WARMUP=10; PRETRAIN_S=${PRETRAIN_S:-240}
+  TINY=(); EVAL_TINY=(); BENCH_SET=()
+  RESULTS="$REPO/benchmarks/RESULTS.md"
+fi
+COMPILE_ARGS=(); COMPILE_SET=()
+if [ "${COMPILE:-0}" = 1 ]; then COMPILE_ARGS=(--compile); COMPILE_SET=(compile=true); fi
+
+# ---------------------------------------------------------------- 1. packages
+if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    say "hydra-core/omegaconf missing and no .whl/ folder: build it here with"
+    say "  pip wheel --no-deps hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 -w .whl  (carry .whl)"
+    exit 1
+  fi
+  say "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+
+# ---------------------------------------------------------------- 2. data
+if [ ! -d "$DATA/train" ]; then
+  ARCHIVE=""
+  for a in shared/data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do
+    [ -f "$a" ] && ARCHIVE=$a && break
+  done
+  [ -n "$ARCHIVE" ] || { say "no $DATA/train and no shared/data/cifar10-jpeg.tar.gz (nor ../shared/data)"; exit 1; }
+  say "extracting $ARCHIVE -> $DATA"
+  mkdir -p "$DATA" && tar xzf "$ARCHIVE" -C "$DATA" || exit 1
+fi
+
+if command -v nvidia-smi >/dev/null && CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) \
+   && [ -n "$CARD" ]; then :; else CARD="no GPU ($(uname -m) CPU)"; fi
+[ "$SMOKE" = 1 ] && CARD="$CARD, SMOKE test"
+say "card: $CARD; data: $DATA; python: $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
+
+SECTION="$WORK/section.md"
+{
+  echo
+  echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $CARD (benchmarks/gpu.sh)"
+} >"$SECTION"
+
+# ---------------------------------------------------------------- 3. throughput
+for B in $BATCHES; do
+  say "throughput, CIFAR stem, batch $B"
+  timeout 240 "$PY" benchmarks/throughput.py --stem cifar --batch-size "$B" --steps "$STEPS" --warmup "$WARMUP" \
+    --data "$DATA" --peers "${PEERS:-ours,lightly,byol_pytorch,floor}" --json "$OUT/bench_b$B.json" --markdown "$SECTION" "${COMPILE_ARGS[@]}" "${BENCH_SET[@]}" \
+    || say "throughput at batch $B failed or timed out (exit $?)"
+done
+
+# ---------------------------------------------------------------- 4. pretraining
+LAST_B=${BATCHES##* }
+EPOCHS=$("$PY" - "$OUT/bench_b$LAST_B.json" "$PRETRAIN_S" "$SMOKE" <<'EOF'
+import json, sys
+path, budget, smoke = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+try:
+    bench = json.load(open(path))
+    ips, n = bench["cifar"]["ours"], bench["settings"]["epoch_images"]
+except (OSError, KeyError, ValueError, TypeError):
+    ips = None
+if smoke or not ips:
+    print(1)
+else:  # ~30 s of start-up and data loading, 15% for checkpoints and epoch ends
+    print(max(1, int((budget - 30) / (1.15 * n / ips))))
+EOF
+)
+WARM_EPOCHS=$(( EPOCHS >= 20 ? 10 : EPOCHS / 10 ))
+RUN="$WORK/pretrain"
+rm -rf "$RUN"
+say "pretraining: $EPOCHS epochs (budget ${PRETRAIN_S}s) at batch $LAST_B -> $RUN"
+P0=$(date +%s)
+timeout $(( PRETRAIN_S + 120 )) "$PY" train.py data=imagefolder data.root="$DATA" data.batch_size="$LAST_B" \
+  trainer.max_epochs="$EPOCHS" optim.scheduler.warmup_epochs="$WARM_EPOCHS" trainer.enable_progress_bar=false \
+  checkpoint.every_n_epochs=100000 hydra.run.dir="$RUN" "${COMPILE_SET[@]}" "${TINY[@]}"
+PRETRAIN_RC=$?
+PRETRAIN_WALL=$(( $(date +%s) - P0 ))
+say "pretraining exit $PRETRAIN_RC after ${PRETRAIN_WALL}s"
+[ -f "$RUN/metrics.csv" ] && cp "$RUN/metrics.csv" "$OUT/pretrain_metrics.csv"
+
+# ---------------------------------------------------------------- 5. linear probe
+PROBE="not run"
+if [ "$PRETRAIN_RC" != 0 ] || [ ! -f "$RUN/encoder.pt" ]; then
+  PROBE="not run (pretraining failed)"
+elif [ ! -f evaluate.py ]; then
+  PROBE="not run (evaluate.py not in this checkout)"
+else
+  say "linear probe"
+  rm -rf "$WORK/linear"
+  if timeout 240 "$PY" evaluate.py pretrained="$RUN" eval=linear data=imagefolder data.root="$DATA" \
+       hydra.run.dir="$WORK/linear" "${EVAL_TINY[@]}"; then
+    if [ -f "$WORK/linear/results.json" ]; then
+      cp "$WORK/linear/results.json" "$OUT/linear_results.json"
+      PROBE=$("$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); \
+print(f\"test accuracy {100*r['test_acc']:.2f}% (val {100*r['val_acc']:.2f}%), repr {r.get('repr')}\")" \
+        "$WORK/linear/results.json" 2>/dev/null || echo "finished; results.json unreadable")
+    else
+      PROBE="finished, but no results.json in $WORK/linear"
+    fi
+  else
+    PROBE="failed or timed out (exit $?); see gpu.log"
+  fi
+fi
+say "linear probe: $PROBE"
+
+# ---------------------------------------------------------------- results
+{
+  echo
+  echo "Pretraining (\`python train.py data=imagefolder data.batch_size=$LAST_B trainer.max_epochs=$EPOCHS" \
+       "optim.scheduler.warmup_epochs=$WARM_EPOCHS ${TINY[*]} ${COMPILE_SET[*]}\`): exit $PRETRAIN_RC," \
+       "$EPOCHS epochs in ${PRETRAIN_WALL} s wall (start-up, data loading and checkpoints included)."
+  echo "Linear probe (\`python evaluate.py pretrained=RUN eval=linear data=imagefolder ${EVAL_TINY[*]}\`): $PROBE."
+  echo "Whole script: $(elapsed) s."
+} >>"$SECTION"
+cat "$SECTION" >>"$RESULTS"
+[ "$RESULTS" = "$OUT/RESULTS.md" ] || cp "$RESULTS" "$OUT/RESULTS.md"
+say "appended to $RESULTS (copy in $OUT/RESULTS.md):"
+cat "$SECTION"

@@ -1,0 +1,601 @@
+"""Side-by-side BYOL pretraining throughput on one machine, in one run.
+
+Times, on the same CIFAR-10 JPEGs, the same torchvision ResNet-18 (same stem), the same batch
+size and the same precision (bf16 autocast + channels_last), in images per second:
+
+* ``ours``: this project's real training step end to end, driven by a Lightning ``Trainer``
+  (``byol.lit.BYOLModule.training_step`` + LARS + EMA in ``optimizer_step``), with the data as a
+  uint8 tensor on the device (``byol.data``), batches by index and both views augmented on the
+  device (``byol.augment``). Lightning's own per-step overhead is included.
+* ``lightly``: lightly 1.6's BYOL set up as its example does: ``BYOLTransform`` (PIL transforms)
+  on a torchvision ``ImageFolder``, a ``DataLoader`` with one worker per CPU core, its BYOL heads,
+  ``NegativeCosineSimilarity``, ``update_momentum`` with a ``cosine_schedule`` momentum.
+* ``byol_pytorch``: lucidrains' byol-pytorch 0.9.1 (augmentation on the batch tensor inside its
+  module), images from an ``ImageFolder`` through a ``DataLoader`` as in its README.
+* ``floor``: the same BYOL network as ``ours`` on random tensors already on the device: no data,
+  no augmentation; forward + backward + LARS step + EMA only.
+
+Peers use SGD with momentum (cheaper than our LARS, so the comparison does not favour us), the
+paper's head sizes (4096 hidden, 256 out) and ``ImageFolder`` decoding inside the timed loop.
+Peers are optional (``pip install -e ".[bench]"``); a missing one is reported and skipped.
+
+Usage: ``python benchmarks/throughput.py [--stem cifar|imagenet|both] [--batch-size 128]
+[--steps 20] [--warmup 5] [--json FILE]``. Without ``--data`` the shared archive
+``../shared/data/cifar10-jpeg.tar.gz`` is extracted once into ``~/.cache/byol/cifar10-jpeg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
+# The archive sits beside the checkout on development machines and inside it on the GPU machine.
+ARCHIVE_CANDIDATES = (REPO.parent / "shared" / "data" / ARCHIVE_NAME, REPO / "shared" / "data" / ARCHIVE_NAME)
+DEFAULT_CACHE = "~/.cache/byol/cifar10-jpeg"
+PEERS = ("ours", "lightly", "byol_pytorch", "floor")
+STEMS = ("cifar", "imagenet")
+PEER_LR = 0.06  # lightly's example learning rate; the value does not change the speed
+
+
+# --------------------------------------------------------------------------- data
+
+
+def find_archive(explicit: str | None) -> Path:
+    candidates = [Path(explicit)] if explicit else list(ARCHIVE_CANDIDATES)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise SystemExit(f"error: CIFAR-10 archive not found (looked at {', '.join(map(str, candidates))}); "
+                     f"pass --data DIR (DIR/train/<class>/*.jpg) or --archive FILE")
+
+
+def extract_archive(archive: Path, dest: Path) -> Path:
+    """Extract once into ``dest``; a partial extraction (interrupted run) is redone, never used."""
+    done = dest / ".complete"
+    if done.exists():
+        return dest
+    partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    print(f"[bench] extracting {archive} -> {dest} (once)", flush=True)
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(partial, filter="data")
+        else:  # Python < 3.11.4: no extraction filters
+            tar.extractall(partial)  # noqa: S202 - our own archive
+    (partial / ".complete").write_text(f"{archive}\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    return dest
+
+
+def resolve_data(args) -> Path:
+    """The dataset root (holding ``train/<class>/*``)."""
+    if args.data:
+        root = Path(args.data).expanduser()
+    else:
+        root = extract_archive(find_archive(args.archive), Path(args.cache).expanduser())
+    if not (root / "train").is_dir():
+        raise SystemExit(f"error: {root}/train does not exist; --data must hold train/<class>/*.jpg")
+    return root
+
+
+def count_images(folder: Path) -> int:
+    from byol.data import IMAGE_EXTENSIONS
+
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def infinite(loader) -> Iterator:
+    """Batches of a DataLoader, starting a new pass (new shuffle, workers) when one ends."""
+    while True:
+        yield from loader
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int, batch: int, device) -> float:
+    """images/s over ``steps`` whole steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- our configuration
+
+
+def compose_config(data_root: Path, stem: str, batch_size: int, compile_model: bool, overrides) -> dict:
+    """The default training config (conf/train.yaml) for this stem and batch, as a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data=imagefolder", f"data.root={data_root}", f"data.batch_size={batch_size}",
+            f"backbone.stem={stem}", f"compile={str(compile_model).lower()}", *overrides])
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("logger", None)  # its save_dir needs a Hydra run; the benchmark logs nothing
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
+def our_optimizer(cfg: dict, model):
+    """The configured optimizer exactly as ``BYOLModule.configure_optimizers`` builds it."""
+    from hydra.utils import instantiate
+
+    from byol.optim import param_groups
+
+    o = cfg["optim"]
+    lr = o["base_lr"] * (cfg["data"]["batch_size"] / 256 if o.get("scale_lr_with_batch", True) else 1.0)
+    modules = [model.online_encoder, model.online_projectors, model.predictors]
+    return instantiate(o["optimizer"])(param_groups(modules, o["weight_decay"]), lr=lr)
+
+
+def peer_backbone(cfg: dict) -> torch.nn.Module:
+    """The same torchvision ResNet (name, stem) as ours, returning (N, 512) pooled features."""
+    from byol.backbone import build_resnet
+
+    return build_resnet(cfg["backbone"]["name"], cfg["backbone"]["stem"])
+
+
+# --------------------------------------------------------------------------- (a) ours
+
+
+def bench_ours(cfg: dict, args, device) -> float:
+    """The real Lightning loop: TensorDataModule + BYOLModule, timed from a callback."""
+    import pytorch_lightning as pl
+
+    from byol.lit import BYOLModule, TensorDataModule
+
+    class StepClock(pl.Callback):
+        """Clock read (after a device sync) at the end of optimizer step ``warmup`` and the last one."""
+
+        def __init__(self):
+            self.t0 = self.t1 = None
+
+        def _now(self):
+            sync(device)
+            return time.perf_counter()
+
+        def on_train_start(self, trainer, module):
+            if args.warmup == 0:
+                self.t0 = self._now()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == args.warmup and self.t0 is None:
+                self.t0 = self._now()
+            elif trainer.global_step == args.warmup + args.steps:
+                self.t1 = self._now()
+
+    datamodule = TensorDataModule(cfg["data"], cfg["seed"], on_device=True)
+    start = time.perf_counter()
+    n = len(datamodule.prepare().data)
+    print(f"[bench] ours: {n} images as a uint8 tensor in {time.perf_counter() - start:.1f} s "
+          f"(decoded once, then cached; not timed)", flush=True)
+    clock = StepClock()
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        precision=cfg["trainer"]["precision"], max_steps=args.warmup + args.steps, max_epochs=-1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=cfg["trainer"]["log_every_n_steps"], num_sanity_val_steps=0, callbacks=[clock],
+    )
+    trainer.fit(BYOLModule(cfg), datamodule=datamodule)
+    if clock.t0 is None or clock.t1 is None:
+        raise RuntimeError("the Lightning run stopped before the timed steps ended (dataset too small?)")
+    return args.steps * cfg["data"]["batch_size"] / (clock.t1 - clock.t0)
+
+
+# --------------------------------------------------------------------------- (d) the floor
+
+
+def bench_floor(cfg: dict, args, device) -> float:
+    """Same network, optimizer and EMA as ours on random views already on the device."""
+    from byol.lit import build_byol
+
+    model = build_byol(cfg).to(device, memory_format=torch.channels_last)
+    if cfg.get("compile"):
+        model.compile()
+    optimizer = our_optimizer(cfg, model)
+    b, size = cfg["data"]["batch_size"], cfg["data"]["image_size"]
+    views = [torch.randn(b, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+             for _ in range(2)]
+    tau = cfg["ema"]["tau_base"]
+
+    def step():
+        with autocast(device):
+            loss = model(*views)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_target(tau)
+
+    return time_steps(step, args.warmup, args.steps, b, device)
+
+
+# --------------------------------------------------------------------------- (b) lightly
+
+
+def bench_lightly(cfg: dict, args, device, data_root: Path) -> float:
+    """lightly's BYOL example, with our ResNet/stem, the paper's head sizes and bf16."""
+    import torchvision
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.utils.scheduler import cosine_schedule
+
+    h, size = cfg["head"], cfg["data"]["image_size"]
+    backbone = peer_backbone(cfg)
+    projection_head = BYOLProjectionHead(512, h["proj_hidden_dim"], h["proj_dim"])
+    prediction_head = BYOLPredictionHead(h["proj_dim"], h["pred_hidden_dim"], h["proj_dim"])
+    backbone_momentum, projection_head_momentum = copy.deepcopy(backbone), copy.deepcopy(projection_head)
+    deactivate_requires_grad(backbone_momentum)
+    deactivate_requires_grad(projection_head_momentum)
+    modules = torch.nn.ModuleList([backbone, projection_head, prediction_head, backbone_momentum,
+                                   projection_head_momentum]).to(device, memory_format=torch.channels_last)
+    criterion = NegativeCosineSimilarity()
+    optimizer = torch.optim.SGD([p for m in modules[:3] for p in m.parameters()], lr=PEER_LR, momentum=0.9)
+
+    # The views as lightly's BYOL example configures them for 32x32 CIFAR images (no blur).
+    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=size, gaussian_blur=0.0),
+                              view_2_transform=BYOLView2Transform(input_size=size, gaussian_blur=0.0))
+    dataset = torchvision.datasets.ImageFolder(str(data_root / "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["data"]["batch_size"], shuffle=True,
+                                         drop_last=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+    batches = infinite(loader)
+    total = args.warmup + args.steps
+    step_no = [0]
+
+    def forward(x):
+        return prediction_head(projection_head(backbone(x).flatten(start_dim=1)))
+
+    def forward_momentum(x):
+        return projection_head_momentum(backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    def step():
+        (x0, x1), _ = next(batches)
+        momentum = cosine_schedule(step_no[0], total, 0.996, 1)
+        update_momentum(backbone, backbone_momentum, m=momentum)
+        update_momentum(projection_head, projection_head_momentum, m=momentum)
+        x0, x1 = to_device(x0, device), to_device(x1, device)
+        with autocast(device):
+            p0, p1 = forward(x0), forward(x1)
+            z0, z1 = forward_momentum(x0), forward_momentum(x1)
+            loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_no[0] += 1
+
+    return time_steps(step, args.warmup, args.steps, cfg["data"]["batch_size"], device)
+
+
+# --------------------------------------------------------------------------- (c) byol-pytorch
+
+
+def bench_byol_pytorch(cfg: dict, args, device, data_root: Path) -> float:
+    """lucidrains' BYOL wrapper around our ResNet; it augments the batch tensor itself."""
+    import torchvision
+    from byol_pytorch import BYOL as LucidrainsBYOL
+
+    h, size = cfg["head"], cfg["data"]["image_size"]
+    net = peer_backbone(cfg).to(device, memory_format=torch.channels_last)
+    # Simplicial embeddings (on by default in 0.9.1) would change the projector; the paper's
+    # projector (Linear 512 -> 4096 -> 256) keeps the network the same as the others.
+    learner = LucidrainsBYOL(net, image_size=size, hidden_layer="avgpool", projection_size=h["proj_dim"],
+                             projection_hidden_size=h["proj_hidden_dim"], use_simplicial_embeddings=False)
+    learner.to(memory_format=torch.channels_last)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=PEER_LR, momentum=0.9)
+    dataset = torchvision.datasets.ImageFolder(str(data_root / "train"),
+                                               transform=torchvision.transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["data"]["batch_size"], shuffle=True,
+                                         drop_last=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+    batches = infinite(loader)
+
+    def step():
+        images, _ = next(batches)
+        with autocast(device):
+            loss = learner(to_device(images, device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        learner.update_moving_average()
+
+    return time_steps(step, args.warmup, args.steps, cfg["data"]["batch_size"], device)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+PEER_MODULES = {"lightly": "lightly", "byol_pytorch": "byol_pytorch"}
+
+
+def peer_missing(peer: str) -> str | None:
+    """Why a peer cannot run ("not installed", or the import error), None when it can."""
+    module = PEER_MODULES.get(peer)
+    if module is None:
+        return None
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # e.g. one of its own dependencies is missing
+        return f"not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torchvision
+
+    return {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "pytorch_lightning": package_version("pytorch-lightning"),
+        "lightly": package_version("lightly"), "byol_pytorch": package_version("byol-pytorch"),
+        "python": platform.python_version(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def release_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+BENCHES = {"ours": bench_ours, "floor": bench_floor, "lightly": bench_lightly,
+           "byol_pytorch": bench_byol_pytorch}
+
+
+def run_peer(peer: str, cfg: dict, args, device, data_root: Path) -> tuple[float | None, dict | None]:
+    """(images/s, peak GPU memory in GiB or None); a failure is reported, not raised."""
+    if device.type == "cuda":
+        release_memory(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        bench = BENCHES[peer]
+        ips = bench(cfg, args, device, data_root) if peer in PEER_MODULES else bench(cfg, args, device)
+    except Exception as e:  # one broken peer must not lose the others' figures
+        print(f"[bench] {peer}: FAILED ({type(e).__name__}: {e})", flush=True)
+        return None, None
+    finally:
+        gc.collect()
+    if device.type != "cuda":
+        return ips, None
+    return ips, {"allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+                 "reserved": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stem", choices=(*STEMS, "both"), default="both")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--data", default=None, help="dataset root with train/<class>/*.jpg "
+                   "(default: the shared CIFAR-10 archive, extracted once into --cache)")
+    p.add_argument("--archive", default=None,
+                   help=f"CIFAR-10 JPEG archive (default: shared/data/{ARCHIVE_NAME} beside or in the repo)")
+    p.add_argument("--cache", default=DEFAULT_CACHE, help="where the archive is extracted")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the peers")
+    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    p.add_argument("--compile", action="store_true", help="torch.compile our network (ours and floor)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override of the training config, e.g. --set loss=multi (repeatable)")
+    p.add_argument("--json", default=None, help="write the figures (images/s) to this file")
+    p.add_argument("--markdown", default=None, help="append the results as a Markdown table to this file")
+    args = p.parse_args(argv)
+    args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    unknown = sorted(set(args.peers) - set(PEERS))
+    if unknown:
+        p.error(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2:
+        p.error("need --steps >= 1, --warmup >= 0 and --batch-size >= 2")
+    return args
+
+
+def quiet_libraries() -> None:
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", pattern)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
+    quiet_libraries()
+    device = pick_device(args.device)
+    data_root = resolve_data(args)
+    report = {"machine": machine_info(device), "n_images": count_images(data_root / "train"),
+              "skipped": {p: why for p in args.peers if (why := peer_missing(p))}}
+    stems = STEMS if args.stem == "both" else (args.stem,)
+    info = report["machine"]
+    print(f"[bench] machine: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch "
+          f"threads), torch {info['torch']}, torchvision {info['torchvision']}, device {info['device_name']}",
+          flush=True)
+    print(f"[bench] data: {data_root}/train ({report['n_images']} images); batch {args.batch_size}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up; bf16 autocast + channels_last for all; "
+          f"peer DataLoaders with {args.workers} workers", flush=True)
+    print("[bench] ours = pytorch_lightning.Trainer running byol.lit.BYOLModule.training_step (Lightning "
+          "overhead counted); floor = the same network, LARS and EMA on random device tensors", flush=True)
+    for peer, why in report["skipped"].items():
+        print(f"[bench] {peer}: {why}; skipped", flush=True)
+
+    report["images_per_s"] = {stem: dict.fromkeys(PEERS) for stem in stems}
+    report["peak_gpu_memory_gib"] = {stem: {} for stem in stems}
+    for stem in stems:
+        cfg = compose_config(data_root, stem, args.batch_size, args.compile, args.overrides)
+        for peer in args.peers:
+            if peer in report["skipped"]:
+                continue
+            ips, mem = run_peer(peer, cfg, args, device, data_root)
+            report["images_per_s"][stem][peer] = ips
+            if mem:
+                report["peak_gpu_memory_gib"][stem][peer] = mem
+            if ips:
+                extra = f", peak GPU memory {mem['allocated']:.2f} GiB allocated" if mem else ""
+                print(f"[bench] {stem} stem, {peer}: {ips:.1f} images/s{extra}", flush=True)
+        if args.json:  # after each stem, so a run cut short keeps what it measured
+            write_json(args, report, data_root)
+
+    print("\n" + "\n".join(text_table(args, report)), flush=True)
+    if args.json:
+        write_json(args, report, data_root)
+        print(f"[bench] wrote {args.json}")
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write("\n".join(markdown_table(args, report)) + "\n")
+        print(f"[bench] appended a table to {args.markdown}")
+    return report["images_per_s"]
+
+
+def write_json(args, report: dict, data_root: Path) -> None:
+    """``{stem: {peer: images/s}}`` plus ratios, memory, machine and settings beside them."""
+    ips = report["images_per_s"]
+    out = dict(ips)
+    out["ratios"] = {stem: {f"ours/{p}": (v["ours"] / v[p] if v["ours"] and v[p] else None)
+                            for p in PEERS if p != "ours"} for stem, v in ips.items()}
+    out["seconds_per_epoch"] = {stem: {p: (report["n_images"] / x if x else None) for p, x in v.items()}
+                                for stem, v in ips.items()}
+    if any(report["peak_gpu_memory_gib"].values()):
+        out["peak_gpu_memory_gib"] = report["peak_gpu_memory_gib"]
+    out["skipped"] = report["skipped"]
+    out["machine"] = report["machine"]
+    out["settings"] = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+                       "workers": args.workers, "precision": "bf16 autocast + channels_last",
+                       "compile": args.compile, "overrides": args.overrides, "data": str(data_root),
+                       "epoch_images": report["n_images"],
+                       "ours": "Lightning Trainer + BYOLModule.training_step",
+                       "peer_optimizer": "SGD momentum 0.9", "command": " ".join(sys.argv)}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def _cell(v: float | None) -> str:
+    return f"{v:.1f}" if v else "-"
+
+
+def text_table(args, report: dict) -> list[str]:
+    ips, n = report["images_per_s"], report["n_images"]
+    lines = [f"BYOL pretraining throughput, images/s (higher is better): ResNet-18, batch {args.batch_size}, "
+             f"bf16 + channels_last, {report['machine']['device_name']}",
+             f"{'stem':<9}" + "".join(f"{p:>14}" for p in PEERS)
+             + "".join(f"{'ours/' + p:>20}" for p in PEERS[1:])]
+    for stem, v in ips.items():
+        lines.append(f"{stem:<9}" + "".join(f"{_cell(v[p]):>14}" for p in PEERS)
+                     + "".join(f"{ratio(v['ours'], v[p]):>20}" for p in PEERS[1:]))
+    for stem, v in ips.items():
+        epoch = ", ".join(f"{p} {n / x:.1f} s" for p, x in v.items() if x)
+        if epoch:
+            lines.append(f"{stem} stem, seconds per {n}-image epoch at this rate: {epoch}")
+    for stem, mem in report["peak_gpu_memory_gib"].items():
+        if mem:
+            lines.append(f"{stem} stem, peak GPU memory allocated/reserved (GiB): " + ", ".join(
+                f"{p} {m['allocated']:.2f}/{m['reserved']:.2f}" for p, m in mem.items()))
+    lines += [f"{peer}: {why}" for peer, why in report["skipped"].items()]
+    return lines
+
+
+def markdown_table(args, report: dict) -> list[str]:
+    ips, n, info = report["images_per_s"], report["n_images"], report["machine"]
+    gpu = any(report["peak_gpu_memory_gib"].values())
+    command = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    lines = ["", f"Batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, bf16 "
+             f"autocast + channels_last, {info['device_name']} ({info['cpu']}, {info['cpu_cores']} cores), "
+             f"torch {info['torch']}: `{command}`", "",
+             "| stem | peer | images/s | s/epoch | ours/peer |"
+             + (" peak GPU GiB (alloc/reserved) |" if gpu else ""),
+             "|---|---|---:|---:|---:|" + ("---:|" if gpu else "")]
+    for stem, v in ips.items():
+        for p in PEERS:
+            x = v[p]
+            if p in report["skipped"]:
+                row = f"| {stem} | {p} | {report['skipped'][p]} | | |"
+            else:
+                row = (f"| {stem} | {p} | {_cell(x)} | {f'{n / x:.1f}' if x else '-'} | "
+                       f"{'' if p == 'ours' else ratio(v['ours'], x)} |")
+            if gpu:
+                m = report["peak_gpu_memory_gib"][stem].get(p)
+                row += f" {m['allocated']:.2f}/{m['reserved']:.2f} |" if m else " |"
+            lines.append(row)
+    return lines
+
+
+if __name__ == "__main__":
+    main()

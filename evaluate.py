@@ -1,0 +1,22 @@
+"""Evaluation entry point: ``python evaluate.py [pretrained=...] [repr=...] [eval=...] [key=value ...]``.
+
+Examples: ``python evaluate.py`` (newest run, linear probe), ``python evaluate.py repr=combined
+eval=finetune pretrained=RUN_DIR``, ``python evaluate.py -m pretrained=latest_sweep
+repr=avgpool,combined eval=linear,finetune``. See README.md and conf/evaluate.yaml.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from byol.cli import run_job
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from byol.evaluation import evaluate
+
+    run_job(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Device augmentation: per-sample randomness, view asymmetry, distributions against torchvision.
+
+Statistical checks use N = 20,000 draws; a frequency p is accepted within 5 standard errors,
+5 * sqrt(p (1 - p) / N) (at most 0.018), so a correct sampler fails about once in 10^6 runs
+while an error of a few percentage points is caught.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from conftest import compose_config, plain_config
+from torchvision.transforms import RandomResizedCrop
+
+from byol.augment import (
+    ViewAugment,
+    ViewConfig,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    crop_and_flip,
+    gaussian_blur,
+    sample_view_params,
+)
+
+N = 20_000
+IDENTITY_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # keep outputs in [0, 1] to read them directly
+
+
+@pytest.fixture(scope="module")
+def default_views() -> tuple[ViewConfig, ViewConfig]:
+    """View 1 and view 2 exactly as conf/train.yaml configures them."""
+    aug = plain_config(compose_config("train"))["augment"]
+    return ViewConfig.from_dict(aug["view1"]), ViewConfig.from_dict(aug["view2"])
+
+
+def within(fraction: float, p: float, n: int = N) -> bool:
+    return abs(fraction - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def frac(mask: torch.Tensor) -> float:
+    return mask.float().mean().item()
+
+
+def random_image(n: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+
+
+def all_pairs_differ(images: torch.Tensor, min_diff: float = 1e-3) -> bool:
+    pairs = itertools.combinations(range(len(images)), 2)
+    return all((images[i] - images[j]).abs().max() > min_diff for i, j in pairs)
+
+
+# ----------------------------------------------------------------------------- per-sample randomness
+
+
+def test_identical_images_get_different_views(default_views):
+    batch = random_image().expand(12, -1, -1, -1)
+    views = ViewAugment(default_views, *IDENTITY_NORM)(batch, torch.Generator().manual_seed(1))
+    for v in views:
+        assert v.shape == (12, 3, 32, 32)
+        assert all_pairs_differ(v)
+
+
+def test_each_image_gets_its_own_crop():
+    crop_only = ViewConfig(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    batch = random_image().expand(12, -1, -1, -1)
+    (view,) = ViewAugment([crop_only], *IDENTITY_NORM)(batch, torch.Generator().manual_seed(2))
+    assert all_pairs_differ(view)
+
+
+def test_each_image_gets_its_own_colour():
+    """A flat coloured image, always the full crop: only the colour jitter can tell outputs apart."""
+    colour_only = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=1.0,
+                             grayscale_p=0.0)
+    flat = torch.tensor([200, 80, 40], dtype=torch.uint8).view(1, 3, 1, 1).expand(12, 3, 16, 16)
+    (view,) = ViewAugment([colour_only], *IDENTITY_NORM)(flat, torch.Generator().manual_seed(3))
+    colours = view.mean(dim=(2, 3))
+    still_flat = colours.view(12, 3, 1, 1).expand_as(view)
+    torch.testing.assert_close(view, still_flat, rtol=0, atol=1e-5)
+    assert all_pairs_differ(colours)
+
+
+def test_same_seed_same_views_other_seed_other_views(default_views):
+    images = random_image(6)
+    augment = ViewAugment(default_views, [0.5] * 3, [0.25] * 3)
+    a = augment(images, torch.Generator().manual_seed(42))
+    b = augment(images, torch.Generator().manual_seed(42))
+    c = augment(images, torch.Generator().manual_seed(43))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
+    assert not torch.equal(a[0], a[1])  # the two views of one call differ too
+
+
+# ----------------------------------------------------------------------------- view asymmetry
+
+
+def test_solarize_only_on_view_2_by_parameters(default_views):
+    view1, view2 = default_views
+    assert view1.solarize_p == 0.0 and view2.solarize_p == 0.2
+    gen = torch.Generator().manual_seed(4)
+    assert not sample_view_params(N, view1, gen, "cpu")["solarize"].any()
+    assert within(frac(sample_view_params(N, view2, gen, "cpu")["solarize"]), 0.2)
+
+
+def test_solarize_only_on_view_2_by_output(default_views):
+    """Flat grey images at 0.9: jitter keeps them >= 0.54 (brightness >= 0.6, grey is unaffected by
+    contrast, saturation and hue), so a value below the 0.5 threshold can only come from solarize."""
+    n = 2000
+    grey = torch.full((n, 3, 8, 8), 230, dtype=torch.uint8)
+    view1, view2 = ViewAugment(default_views, *IDENTITY_NORM)(grey, torch.Generator().manual_seed(5))
+    assert view1.min() >= 0.5
+    inverted = view2.amax(dim=(1, 2, 3)) < 0.5
+    assert within(frac(inverted), 0.2, n)
+    # an inverted image is 1 - x of a value >= 0.54
+    assert view2[inverted].max() <= 0.46
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_probabilities_match_config(default_views, view):
+    cfg = default_views[view]
+    p = sample_view_params(N, cfg, torch.Generator().manual_seed(6 + view), "cpu")
+    assert within(frac(p["flip"]), cfg.flip_p)
+    assert within(frac(p["jitter"]), cfg.jitter_p)
+    assert within(frac(p["grayscale"]), cfg.grayscale_p)
+    assert within(frac(p["solarize"]), cfg.solarize_p) if cfg.solarize_p else not p["solarize"].any()
+    assert not p["blur"].any()  # blur is off for 32x32 images in the default config
+    # the random choices are independent: flip and grayscale together ~ 0.5 * 0.2
+    assert within(frac(p["flip"] & p["grayscale"]), cfg.flip_p * cfg.grayscale_p)
+
+
+@pytest.mark.parametrize(("name", "strength", "identity"),
+                         [("brightness", 0.4, 1.0), ("contrast", 0.4, 1.0), ("saturation", 0.2, 1.0),
+                          ("hue", 0.1, 0.0)])
+def test_jitter_factors_are_uniform_around_identity(default_views, name, strength, identity):
+    """As ColorJitter: U(max(0, 1 - s), 1 + s) for brightness/contrast/saturation, U(-h, h) for hue;
+    images the jitter skips get the identity factor."""
+    p = sample_view_params(N, default_views[1], torch.Generator().manual_seed(8), "cpu")
+    jittered, skipped = p[name][p["jitter"]], p[name][~p["jitter"]]
+    assert torch.all(skipped == identity)
+    lo, hi = identity - strength, identity + strength
+    assert jittered.min() >= lo and jittered.max() <= hi
+    # both ends of the range are reached (a half-range sampler fails here) and the mean is the centre
+    assert jittered.min() < lo + 0.01 * strength and jittered.max() > hi - 0.01 * strength
+    se = (hi - lo) / math.sqrt(12 * len(jittered))
+    assert abs(jittered.mean().item() - identity) < 5 * se
+
+
+def test_colour_op_order_is_a_uniform_random_permutation(default_views):
+    order = sample_view_params(N, default_views[0], torch.Generator().manual_seed(9), "cpu")["order"]
+    assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(N, 4))
+    for slot in range(4):
+        for op in range(4):
+            assert within(frac(order[:, slot] == op), 0.25)
+
+
+def quantile_agreement(ours: torch.Tensor, theirs: torch.Tensor, q: float) -> float:
+    """Fraction of ``theirs`` below the q-quantile of ``ours``: q up to sampling error if the laws agree.
+
+    Its standard error is sqrt(2 q (1 - q) / N) (both samples contribute), and unlike a
+    difference of quantiles it needs no density estimate.
+    """
+    return (theirs <= torch.quantile(ours, q)).double().mean().item()
+
+
+def test_crop_distribution_matches_torchvision(default_views):
+    cfg = default_views[0]
+    crops = sample_view_params(N, cfg, torch.Generator().manual_seed(10), "cpu")["crop"].double()
+    w, h, cx, cy = crops.unbind(1)
+    ours = {"area": w * h, "log_aspect": torch.log(w / h)}
+
+    # torchvision on a 256x256 image, where rounding crops to whole pixels is negligible
+    torch.manual_seed(11)
+    size = 256
+    image = torch.empty(1, size, size)
+    boxes = torch.tensor([RandomResizedCrop.get_params(image, list(cfg.crop_scale), list(cfg.crop_ratio))
+                          for _ in range(N)], dtype=torch.float64)
+    th, tw = boxes[:, 2], boxes[:, 3]
+    theirs = {"area": th * tw / size**2, "log_aspect": torch.log(tw / th)}
+
+    for key in ours:
+        a, b = ours[key], theirs[key]
+        se = math.sqrt(a.var().item() / N + b.var().item() / N)
+        assert abs(a.mean().item() - b.mean().item()) < 5 * se, key
+        for q in (0.1, 0.5, 0.9):
+            assert abs(quantile_agreement(a, b, q) - q) < 5 * math.sqrt(2 * q * (1 - q) / N), (key, q)
+    # the configured ranges hold, and every crop lies inside the image
+    assert ours["area"].min() >= cfg.crop_scale[0] - 1e-6 and ours["area"].max() <= 1 + 1e-6
+    assert ours["log_aspect"].abs().max() <= math.log(4 / 3) + 1e-6
+    assert torch.all(cx - w / 2 >= -1e-6) and torch.all(cx + w / 2 <= 1 + 1e-6)
+    assert torch.all(cy - h / 2 >= -1e-6) and torch.all(cy + h / 2 <= 1 + 1e-6)
+    # positions are uniform over the free space, as torchvision's randint offsets
+    free = (1 - w) > 0.05
+    assert abs(((cx - w / 2) / (1 - w))[free].mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / free.sum().item())
+
+
+# ----------------------------------------------------------------------------- colour ops and geometry
+
+
+def test_colour_ops_match_torchvision():
+    gen = torch.Generator().manual_seed(12)
+    n = 16
+    x = torch.rand(n, 3, 12, 12, generator=gen)
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    # brightness and hue over wide ranges; contrast and saturation over the configured ones (their
+    # grey level uses 0.299 for red where torchvision's tensor path uses 0.2989: < 1e-4 here)
+    cases = [(adjust_brightness, TF.adjust_brightness, uniform(0.0, 2.0)),
+             (adjust_contrast, TF.adjust_contrast, uniform(0.6, 1.4)),
+             (adjust_saturation, TF.adjust_saturation, uniform(0.8, 1.2)),
+             (adjust_hue, TF.adjust_hue, uniform(-0.5, 0.5))]
+    for ours, theirs, factors in cases:
+        expected = torch.stack([theirs(x[i], factors[i].item()) for i in range(n)])
+        torch.testing.assert_close(ours(x, factors), expected, rtol=0, atol=1e-4, msg=ours.__name__)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_gaussian_blur_matches_torchvision(kernel_size):
+    gen = torch.Generator().manual_seed(13)
+    x = torch.rand(8, 3, 12, 12, generator=gen)
+    sigma = 0.1 + 1.9 * torch.rand(8, generator=gen)
+    apply = torch.tensor([True, False] * 4)
+    expected = torch.stack([TF.gaussian_blur(x[i], [kernel_size] * 2, [sigma[i].item()] * 2) if apply[i]
+                            else x[i] for i in range(8)])
+    torch.testing.assert_close(gaussian_blur(x, sigma, apply, kernel_size), expected, rtol=0, atol=1e-4)
+
+
+def test_full_crop_without_flip_is_identity_and_flip_mirrors():
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(14))
+    full = torch.tensor([[1.0, 1.0, 0.5, 0.5]]).expand(3, 4)
+    no, yes = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(crop_and_flip(x, full, no, 16), x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(crop_and_flip(x, full, yes, 16), x.flip(-1), rtol=0, atol=1e-5)
+
+
+def test_crop_geometry_selects_the_right_pixels():
+    """Quadrant crops resampled at their own resolution land exactly on pixel centres: x is width."""
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(15))
+    no = torch.zeros(1, dtype=torch.bool)
+    top_right = torch.tensor([[0.5, 0.5, 0.75, 0.25]])
+    bottom_left = torch.tensor([[0.5, 0.5, 0.25, 0.75]])
+    torch.testing.assert_close(crop_and_flip(x, top_right, no, 4), x[..., :4, 4:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(crop_and_flip(x, bottom_left, no, 4), x[..., 4:, :4], rtol=0, atol=1e-5)

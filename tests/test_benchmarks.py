@@ -1,0 +1,121 @@
+"""benchmarks/throughput.py and benchmarks/gpu.sh on tiny image folders (the peers may be absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_HEADS = [arg for kv in ("head.proj_hidden_dim=32", "head.pred_hidden_dim=32", "head.proj_dim=16")
+              for arg in ("--set", kv)]
+
+
+def load_throughput():
+    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_folder(root: Path, per_class: int = 8, classes=("a", "b"), splits=("train",)) -> Path:
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.jpg")
+    return root
+
+
+def test_archive_is_extracted_once_and_partial_extractions_are_redone(tmp_path):
+    tp = load_throughput()
+    src = write_folder(tmp_path / "src", per_class=2)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "train", arcname="train")
+    dest = tmp_path / "cache" / "cifar"
+
+    assert tp.extract_archive(archive, dest) == dest
+    assert sorted(p.name for p in (dest / "train").iterdir()) == ["a", "b"]
+    assert tp.count_images(dest / "train") == 4
+    marker = dest / "train" / "a" / "0.jpg"
+    marker.write_bytes(b"changed")
+    tp.extract_archive(archive, dest)  # complete: left alone
+    assert marker.read_bytes() == b"changed"
+
+    (dest / ".complete").unlink()  # as if a run had been killed mid-extraction
+    tp.extract_archive(archive, dest)
+    assert marker.read_bytes() != b"changed" and (dest / ".complete").exists()
+    assert not list(dest.parent.glob("*.partial-*"))
+
+
+def test_missing_and_broken_peers_are_reported_not_raised(tmp_path, monkeypatch):
+    tp = load_throughput()
+    (tmp_path / "broken_peer_mod.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(tp.PEER_MODULES, "lightly", "no_such_peer_module_xyz")
+    monkeypatch.setitem(tp.PEER_MODULES, "byol_pytorch", "broken_peer_mod")
+    assert tp.peer_missing("lightly") == "not installed"
+    assert tp.peer_missing("byol_pytorch").startswith("not importable (ModuleNotFoundError")
+    assert tp.peer_missing("ours") is None and tp.peer_missing("floor") is None
+
+
+def test_unknown_peer_is_refused():
+    tp = load_throughput()
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--peers", "ours,simclr"])
+
+
+@pytest.mark.slow
+def test_benchmark_measures_every_available_contender_and_writes_consistent_json(tmp_path, monkeypatch):
+    tp = load_throughput()
+    data = write_folder(tmp_path / "data")
+    out, md = tmp_path / "bench.json", tmp_path / "results.md"
+    monkeypatch.setattr(tp, "count_images", lambda folder: 16)  # fixed, to check the epoch arithmetic
+    tp.main(["--stem", "imagenet", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--data", str(data),
+             "--workers", "0", "--device", "cpu", "--json", str(out), "--markdown", str(md),
+             "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY_HEADS])
+
+    report = json.loads(out.read_text())
+    ips = report["imagenet"]
+    assert set(ips) == {"ours", "lightly", "byol_pytorch", "floor"} and "cifar" not in report
+    for peer, value in ips.items():
+        if peer in report["skipped"]:  # e.g. in CI, where the bench extra is not installed
+            assert value is None and report["skipped"][peer] == "not installed"
+        else:
+            assert value is not None and value > 0, peer
+    assert report["ratios"]["imagenet"]["ours/floor"] == pytest.approx(ips["ours"] / ips["floor"])
+    assert report["seconds_per_epoch"]["imagenet"]["ours"] == pytest.approx(16 / ips["ours"])
+    assert report["settings"]["batch_size"] == 4 and report["settings"]["steps"] == 2
+    assert report["machine"]["device"] == "cpu" and report["machine"]["torch"]
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| imagenet |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["ours", "lightly", "byol_pytorch", "floor"]
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
+    data = write_folder(tmp_path / "data", splits=("train", "test"))
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(tmp_path / "work"),
+               BATCHES="4", PEERS="ours,floor", HOME=str(tmp_path / "home"), PYTHON=sys.executable)
+    repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench = json.loads((out / "bench_b4.json").read_text())
+    assert bench["cifar"]["ours"] > 0 and bench["cifar"]["floor"] > 0
+    results = (out / "RESULTS.md").read_text()
+    assert "SMOKE test (benchmarks/gpu.sh)" in results and "| cifar | ours |" in results
+    assert "exit 0, 1 epochs" in results  # the pretraining ran
+    assert (tmp_path / "work" / "pretrain" / "encoder.pt").exists()
+    assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == repo_results  # smoke runs leave it alone

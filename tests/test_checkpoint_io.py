@@ -1,0 +1,261 @@
+"""Checkpoint files: atomic writes that survive crashes and full disks, reads that run no code."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+import byol.checkpoint as ckpt
+from byol.backbone import Encoder
+from byol.checkpoint import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    atomic_write_bytes,
+    load_encoder,
+    remove_stale_temp_files,
+    safe_load,
+    save_encoder,
+)
+from byol.errors import CheckpointError
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(ckpt.TEMP_SUFFIX))
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_write_replaces_the_file_with_usual_permissions(tmp_path):
+    path = tmp_path / "a.ckpt"
+    atomic_torch_save({"w": torch.arange(3)}, path)
+    atomic_torch_save({"w": torch.arange(5)}, path)
+    assert torch.equal(safe_load(path)["w"], torch.arange(5))
+    assert leftovers(tmp_path) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_crash_midway_keeps_previous_file_and_no_temp(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def half_then_crash(f):
+        f.write(b"x" * 1000)  # part of the new file is on disk...
+        raise RuntimeError("process dies here")  # ...when the writer fails
+
+    with pytest.raises(RuntimeError, match="process dies here"):
+        ckpt.atomic_write(path, half_then_crash)
+    assert path.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_keyboard_interrupt_midway_keeps_previous_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_write_bytes(b"old", path)
+
+    def interrupted(f):
+        f.write(b"new, half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write(path, interrupted)
+    assert path.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_failing_rename_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_write_bytes(b"old", path)
+
+    def failing_replace(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match="previous file, if any, is intact"):
+        atomic_write_bytes(b"new", path)
+    assert path.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_disk_full_is_a_clear_error_and_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"w": torch.ones(4)}, path)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.os, "fsync", no_space)
+    with pytest.raises(CheckpointError) as err:
+        atomic_torch_save({"w": torch.zeros(1000)}, path)
+    message = str(err.value)
+    assert str(path) in message and "No space left on device" in message and "disk is full" in message
+    assert "\n" not in message
+    monkeypatch.undo()
+    assert path.read_bytes() == before and torch.equal(safe_load(path)["w"], torch.ones(4))
+    assert leftovers(path.parent) == []
+
+
+def test_lightning_checkpoint_io_is_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 3}, path)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.os, "fsync", no_space)
+    with pytest.raises(CheckpointError):
+        io.save_checkpoint({"global_step": 4}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 3 and leftovers(tmp_path) == []
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from byol.checkpoint import atomic_write
+path, ready = Path(sys.argv[1]), Path(sys.argv[2])
+def slow(f):
+    for i in range(10_000):
+        f.write(b"n" * 100_000)
+        f.flush()
+        if i == 20:
+            ready.touch()  # 2 MB of the new file written; the test kills us now
+        time.sleep(0.01)
+atomic_write(path, slow)
+"""
+
+
+def test_sigkill_during_a_write_keeps_previous_file(tmp_path):
+    """A real process killed with SIGKILL mid-write: the old file is whole; the orphaned
+    temporary file is what :func:`remove_stale_temp_files` (run at every start) deletes."""
+    path, ready = tmp_path / "last.ckpt", tmp_path / "ready"
+    atomic_write_bytes(b"old checkpoint", path)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(ready)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "writer did not start"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert path.read_bytes() == b"old checkpoint"
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and os.path.getsize(tmp_path / stale[0]) >= 2_000_000
+    assert [p.name for p in remove_stale_temp_files(tmp_path)] == stale
+    assert leftovers(tmp_path) == [] and path.read_bytes() == b"old checkpoint"
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+class Payload:
+    """Unpickling this creates ``target``: what a malicious checkpoint would do."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def malicious_checkpoint(path: Path, target: Path, **extra) -> Path:
+    torch.save({"state_dict": {"w": torch.ones(2)}, "byol_config": Payload(target), **extra}, path)
+    return path
+
+
+def test_payload_really_runs_code_without_weights_only(tmp_path):
+    """Control for the tests below: the crafted file does execute code under a plain load."""
+    target = tmp_path / "pwned"
+    path = malicious_checkpoint(tmp_path / "evil.ckpt", target)
+    torch.load(path, weights_only=False)
+    assert target.exists()
+
+
+def test_safe_load_refuses_code_and_runs_nothing(tmp_path):
+    target = tmp_path / "pwned"
+    path = malicious_checkpoint(tmp_path / "evil.ckpt", target)
+    with pytest.raises(CheckpointError) as err:
+        safe_load(path)
+    assert f"refusing to load '{path}'" in str(err.value) and "could run code" in str(err.value)
+    assert not target.exists()
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        AtomicCheckpointIO().load_checkpoint(path)  # what Lightning calls on resume
+    assert not target.exists()
+
+
+def test_load_encoder_refuses_code(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "encoder.pt"
+    torch.save({"format": ckpt.ENCODER_FORMAT, "version": 1, "backbone": {"name": "resnet18"},
+                "state_dict": {}, "meta": Payload(target)}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_encoder(path)
+    assert not target.exists()
+
+
+def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:500])  # truncated, as by a copy cut short
+    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch file"):
+        safe_load(path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch file"):
+        safe_load(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        safe_load(tmp_path / "nope.ckpt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        safe_load(tmp_path)
+
+
+def test_old_pickle_format_loads_with_mmap_requested(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(4)}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(safe_load(path, mmap=True)["w"], torch.arange(4))
+
+
+def test_encoder_of_another_architecture_is_refused(tmp_path):
+    """An export whose weights do not match its declared backbone (e.g. hand-edited, or a
+    ResNet-50 state_dict under a ResNet-18 header) names what differs instead of a 60-line dump."""
+    path = tmp_path / "encoder.pt"
+    save_encoder(Encoder("resnet18", "cifar"), path)
+    blob = torch.load(path, weights_only=True)
+    blob["backbone"]["stem"] = "imagenet"  # ImageNet stem: conv1 is 7x7, the weights 3x3
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(path)
+    message = str(err.value)
+    assert "another architecture" in message and "conv1.weight" in message
+    assert "(64, 3, 3, 3) in the checkpoint" in message and "(64, 3, 7, 7) expected" in message
+    blob["backbone"] = {"name": "resnet50", "stem": "cifar", "taps": [], "grids": {}}
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_encoder(path)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickle_module_errors_are_not_swallowed(tmp_path):
+    """weights_only's refusal arrives as an UnpicklingError; the error names the file."""
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump(Payload(tmp_path / "x"), f)
+    with pytest.raises(CheckpointError, match=str(path)):
+        safe_load(path)
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,133 @@
+"""The BYOL network: target initialisation, heads per tap, weighted multi-head loss, separate views."""
+
+import copy
+
+import pytest
+import torch
+
+from byol.backbone import Encoder, _key
+from byol.lit import build_byol
+from byol.losses import regression_loss
+from byol.model import BYOL
+
+HEADS = ["avgpool", "layer2.0", "layer3.0"]
+WEIGHTS = {"avgpool": 0.5, "layer2.0": 2.0, "layer3.0": 0.25}
+
+
+def tiny_multi(weights=None) -> BYOL:
+    torch.manual_seed(0)
+    encoder = Encoder("resnet18", "imagenet", ["layer2.0", "layer3.0"], {"layer2.0": 4, "layer3.0": 2})
+    return BYOL(encoder, HEADS, weights, proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16)
+
+
+def views(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+
+
+def test_target_is_an_untrainable_copy_of_the_online_network():
+    model = tiny_multi()
+    pairs = [(model.target_encoder, model.online_encoder), (model.target_projectors, model.online_projectors)]
+    for target, online in pairs:
+        t_state, o_state = target.state_dict(), online.state_dict()
+        assert t_state.keys() == o_state.keys()
+        for k in o_state:
+            assert torch.equal(t_state[k], o_state[k]), k  # copied, not freshly initialised
+            assert t_state[k].data_ptr() != o_state[k].data_ptr(), k  # a copy, not shared storage
+        assert all(not p.requires_grad for p in target.parameters())
+    assert all(p.requires_grad for p in model.online_encoder.parameters())
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"online_encoder", "online_projectors", "predictors"}
+
+
+@pytest.mark.parametrize(("name", "dims"), [("resnet18", (512, 2048, 1024)),
+                                            ("resnet50", (2048, 8192, 4096))])
+def test_multi_loss_has_one_head_pair_per_tap(smoke_config, name, dims):
+    cfg = smoke_config("loss=multi", f"backbone={name}")
+    cfg["head"] = {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16}
+    model = build_byol(cfg)
+    assert model.heads == HEADS
+    for head, dim in zip(HEADS, dims, strict=True):
+        key = _key(head)
+        assert model.online_projectors[key][0].in_features == dim
+        assert model.target_projectors[key][0].in_features == dim
+        assert model.predictors[key][0].in_features == 8 and model.predictors[key][-1].out_features == 8
+    expected_keys = {_key(h) for h in HEADS}
+    for pairs in (model.online_projectors, model.target_projectors, model.predictors):
+        assert set(pairs) == expected_keys
+
+
+def test_classic_loss_has_only_the_avgpool_head(smoke_config):
+    cfg = smoke_config("loss=classic")
+    cfg["head"] = {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16}
+    model = build_byol(cfg)
+    assert model.heads == ["avgpool"] and set(model.predictors) == {"avgpool"}
+    out = model(*views())
+    assert set(out) == {"loss", "loss/avgpool"}
+    torch.testing.assert_close(out["loss"], out["loss/avgpool"])
+
+
+def reference_head_losses(model: BYOL, v1, v2) -> dict:
+    """Per-head symmetric losses computed step by step, each view through the networks alone."""
+    losses = {}
+    for h in model.heads:
+        k = _key(h)
+        z1 = model.online_projectors[k](model.online_encoder(v1)[h])
+        z2 = model.online_projectors[k](model.online_encoder(v2)[h])
+        with torch.no_grad():
+            t1 = model.target_projectors[k](model.target_encoder(v1)[h])
+            t2 = model.target_projectors[k](model.target_encoder(v2)[h])
+        p1, p2 = model.predictors[k](z1), model.predictors[k](z2)
+        losses[h] = regression_loss(p1, t2) + regression_loss(p2, t1)
+    return losses
+
+
+def test_loss_is_the_weighted_sum_of_head_losses():
+    model = tiny_multi(WEIGHTS).train()
+    reference = copy.deepcopy(model)
+    v1, v2 = views()
+    out = model(v1, v2)
+    assert set(out) == {"loss"} | {f"loss/{h}" for h in HEADS}
+    expected = reference_head_losses(reference, v1, v2)
+    for h in HEADS:
+        torch.testing.assert_close(out[f"loss/{h}"], expected[h], rtol=1e-5, atol=1e-6)
+    weighted = sum(WEIGHTS[h] * out[f"loss/{h}"] for h in HEADS)
+    torch.testing.assert_close(out["loss"], weighted)
+    unweighted = sum(out[f"loss/{h}"] for h in HEADS)
+    assert not torch.allclose(out["loss"], unweighted)  # the weights matter
+
+
+def test_views_pass_separately_in_train_mode():
+    model = tiny_multi().train()
+    reference = copy.deepcopy(model)
+    seen = []
+    model.online_projectors["avgpool"].register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    v1, v2 = views()
+    model(v1, v2)
+    assert len(seen) == 2  # one online projection per view
+    with torch.no_grad():
+        alone = reference.online_projectors["avgpool"](reference.online_encoder(v1)["avgpool"])
+        joint = reference.online_projectors["avgpool"](
+            reference.online_encoder(torch.cat([v1, v2]))["avgpool"])[: len(v1)]
+    torch.testing.assert_close(seen[0], alone, rtol=1e-5, atol=1e-5)
+    # with BatchNorm in train mode, a joint batch would give other values: the check above is sensitive
+    assert not torch.allclose(joint, alone, rtol=1e-3, atol=1e-3)
+
+
+def test_update_target_moves_target_towards_online():
+    model = tiny_multi()
+    with torch.no_grad():
+        for p in model.online_projectors.parameters():
+            p.add_(1.0)
+    t_before = {k: v.clone() for k, v in model.target_projectors.state_dict().items()}
+    model.update_target(0.75)
+    online = model.online_projectors.state_dict()
+    for k, v in model.target_projectors.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.75 * t_before[k] + 0.25 * online[k])
+
+
+def test_heads_must_be_encoder_taps():
+    encoder = Encoder("resnet18", "imagenet")
+    with pytest.raises(ValueError, match="layer2.0"):
+        BYOL(encoder, ["avgpool", "layer2.0"], proj_hidden_dim=8, proj_dim=4, pred_hidden_dim=8)

@@ -1,0 +1,304 @@
+"""Resuming: which checkpoint and config a run continues with, and that a run killed with
+SIGKILL at a random step and requeued ends bit for bit where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose_config
+from omegaconf import OmegaConf
+
+from byol.checkpoint import TEMP_SUFFIX, safe_load
+from byol.cli import command_line_keys, run_dir_of
+from byol.data import IndexBatches, make_synthetic
+from byol.errors import CheckpointError
+from byol.pretrain import ContinuingCSVLogger, describe_step, find_resume, resume_config
+
+# Tiny deterministic run: 64 synthetic images, batch 16 -> 4 steps per epoch, 3 epochs; last.ckpt
+# after every optimizer step so that a kill at any step has a mid-epoch checkpoint to resume.
+STEPS_PER_EPOCH, EPOCHS = 4, 3
+TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
+EXACT = ["experiment=smoke", "trainer.precision=32-true", "trainer.deterministic=true", "data.num_train=64",
+         "data.batch_size=16", f"trainer.max_epochs={EPOCHS}", "checkpoint.last_every_n_steps=1",
+         "trainer.log_every_n_steps=1"]
+# one intra-op thread: several times faster on a small shared CPU, and the same sums every run
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def start(*overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *overrides], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def saved_step(path: Path) -> int | None:
+    """global_step of a checkpoint being rewritten by another process (None if not there yet)."""
+    try:
+        return int(torch.load(path, weights_only=True, mmap=True)["global_step"])
+    except (FileNotFoundError, RuntimeError, KeyError):
+        return None
+
+
+def wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = saved_step(last)
+        if got is not None and got >= step:
+            return got
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"training ended before step {step}:\n{out[-2000:]}\n{err[-2000:]}")
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} after {timeout} s"
+        time.sleep(0.05)
+
+
+def reference_run(tmp_path_factory) -> Path:
+    """The uninterrupted run of :data:`EXACT`, shared by this file and test_signals.py."""
+    run_dir = tmp_path_factory.getbasetemp() / "uninterrupted"
+    if not (run_dir / "checkpoints" / "final.ckpt").is_file():
+        result = train(*EXACT, f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def assert_same_training_state(got_dir: Path, want_dir: Path) -> None:
+    """Online and target networks (weights and BatchNorm buffers), optimizer and scheduler
+    states and step counters are bitwise equal."""
+    got = safe_load(got_dir / "checkpoints" / "final.ckpt")
+    want = safe_load(want_dir / "checkpoints" / "final.ckpt")
+    assert got["global_step"] == want["global_step"] == TOTAL_STEPS
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    assert any(k.startswith("model.target_encoder.") for k in want["state_dict"])
+    different = [k for k, v in want["state_dict"].items() if not torch.equal(got["state_dict"][k], v)]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    got_opt, want_opt = got["optimizer_states"][0]["state"], want["optimizer_states"][0]["state"]
+    assert got_opt.keys() == want_opt.keys() and want_opt
+    assert all(torch.equal(got_opt[k]["momentum_buffer"], want_opt[k]["momentum_buffer"]) for k in want_opt)
+    assert got["lr_schedulers"] == want["lr_schedulers"]
+    exported, wanted = safe_load(got_dir / "encoder.pt"), safe_load(want_dir / "encoder.pt")
+    assert all(torch.equal(exported["state_dict"][k], v) for k, v in wanted["state_dict"].items())
+
+
+def metric_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
+    """Step rows of metrics.csv keyed by (step, kind), without empty cells."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    keyed = {}
+    for r in rows:
+        kind = "lr" if any(k.startswith("lr-") for k in r) else "epoch" if "train/loss_epoch" in r else "step"
+        key = (int(r["step"]), kind)
+        assert key not in keyed, f"row logged twice: {key}"
+        keyed[key] = r
+    return keyed
+
+
+# --------------------------------------------------------------------------- unit tests
+
+
+SAVED = {"seed": 0, "backbone": {"name": "resnet18", "stem": "imagenet", "grids": {"layer2.0": 4}},
+         "loss": {"name": "classic", "taps": []}, "head": {"proj_dim": 32},
+         "optim": {"name": "lars", "base_lr": 1.0}, "data": {"name": "synthetic", "num_train": 64},
+         "trainer": {"max_epochs": 2, "accelerator": "auto"}, "resume": None, "old_key": 1}
+
+
+def composed(**changes) -> dict:
+    """What a bare ``python train.py ...`` composes: defaults that differ from the run's own."""
+    c = {"seed": 0, "backbone": {"name": "resnet18", "stem": "cifar", "grids": {"layer2.0": 4}},
+         "loss": {"name": "classic", "taps": []}, "head": {"proj_dim": 256},
+         "optim": {"name": "lars", "base_lr": 1.0}, "data": {"name": "cifar10", "root": "data/cifar10"},
+         "trainer": {"max_epochs": 200, "accelerator": "auto"}, "resume": "RUN"}
+    for key, value in changes.items():
+        OmegaConf.update(c := OmegaConf.create(c), key.replace("__", "."), value)
+        c = OmegaConf.to_container(c)
+    return c
+
+
+def test_bare_resume_keeps_the_runs_own_config():
+    cfg, changed = resume_config(SAVED, composed(), requested=[])
+    assert changed == []
+    assert cfg == {**SAVED, "resume": "RUN"}
+
+
+def test_resume_applies_only_requested_settings():
+    cfg, changed = resume_config(SAVED, composed(trainer__max_epochs=5, optim__base_lr=0.5),
+                                 requested=["trainer.max_epochs"])
+    assert cfg["trainer"]["max_epochs"] == 5 and cfg["optim"]["base_lr"] == 1.0  # only what was asked
+    assert cfg["data"] == SAVED["data"] and cfg["backbone"]["stem"] == "imagenet"
+    assert changed == ["trainer.max_epochs: 2 -> 5"]
+    cfg, changed = resume_config(SAVED, composed(optim__name="sgd", optim__base_lr=0.3), requested=["optim"])
+    assert cfg["optim"] == {"name": "sgd", "base_lr": 0.3} and cfg["trainer"]["max_epochs"] == 2
+    assert cfg["old_key"] == 1  # a key the current config lacks stays as the run had it
+
+
+def test_resume_refuses_another_architecture():
+    with pytest.raises(CheckpointError) as err:
+        resume_config(SAVED, composed(), requested=["backbone.stem", "head"])
+    message = str(err.value)
+    assert "another architecture" in message
+    assert "backbone.stem: 'imagenet' in the checkpoint, 'cifar' now" in message
+    assert "head.proj_dim: 32 in the checkpoint, 256 now" in message
+    with pytest.raises(CheckpointError, match="loss.taps"):  # an experiment (global group) may touch anything
+        resume_config(SAVED, composed(backbone__stem="imagenet", head__proj_dim=32, loss__taps=["layer2.0"]),
+                      requested=[""])
+    with pytest.raises(CheckpointError, match="backbone.stem"):  # called without a command line
+        resume_config(SAVED, composed(), requested=None)
+
+
+def test_find_resume(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert find_resume(None, run) is None  # fresh start
+    with pytest.raises(CheckpointError, match="no checkpoints/last.ckpt"):
+        find_resume(str(run), run)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_resume(str(tmp_path / "typo"), run)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    assert find_resume(None, run) == last  # requeued job: auto-resume
+    assert find_resume(str(run), tmp_path / "other") == last
+    assert find_resume(str(run / "checkpoints" / "last.ckpt"), run) == last
+
+
+def test_resume_sets_the_hydra_run_folder(tmp_path):
+    run = tmp_path / "2026-01-01_00-00-00"
+    (run / "checkpoints").mkdir(parents=True)
+    assert run_dir_of(str(run), "default") == str(run)
+    assert run_dir_of(str(run / "checkpoints" / "epoch0003.ckpt"), "default") == str(run)
+    assert run_dir_of(str(tmp_path / "loose.ckpt"), "default") == "default"
+    assert run_dir_of(None, "default") == "default"
+    cfg = compose_config("train", [f"resume={run}"], tmp_path)
+    assert cfg.hydra.run.dir == str(run)
+    assert compose_config("train", [], tmp_path).hydra.run.dir.startswith("outputs/train/")
+
+
+def test_command_line_keys(tmp_path):
+    compose_config("train", ["experiment=smoke", "trainer.max_epochs=3", "optim=sgd", "resume=/x",
+                             "hydra.job.name=y"], tmp_path)
+    assert command_line_keys() == ["", "trainer.max_epochs", "optim"]
+
+
+def test_describe_step():
+    assert describe_step(6, 4) == "step 6 (epoch 1, batch 2 of 4)"
+    assert describe_step(8, 4) == "step 8 (epoch 2, batch 0 of 4)"
+
+
+def test_metrics_csv_continues_without_repeated_steps(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train/loss\n" + "".join(f"0,{s},{s / 10}\n" for s in range(6)))
+    logger = ContinuingCSVLogger(tmp_path, keep_before_step=3)  # resumed at step 3: 3..5 will be redone
+    logger.log_metrics({"train/loss": 0.33, "epoch": 0}, step=3)
+    logger.save()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [("0", "0.0"), ("1", "0.1"), ("2", "0.2"),
+                                                           ("3", "0.33")]
+    fresh = ContinuingCSVLogger(tmp_path, keep_before_step=None)  # a fresh run starts a fresh file
+    assert fresh.experiment is not None and not path.exists()
+
+
+def test_index_batches_resume_mid_epoch():
+    """Batches after a resume at (epoch, batch) are those the uninterrupted pass yields there."""
+    data = make_synthetic(40, size=8)
+    full = [x for x, _ in IndexBatches(data, 8, seed=3, progress=lambda: (2, 0))]
+    resumed = [x for x, _ in IndexBatches(data, 8, seed=3, progress=lambda: (2, 3))]
+    assert len(full) == 5 and len(resumed) == 2
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed, strict=True))
+    other_epoch = [x for x, _ in IndexBatches(data, 8, seed=3, progress=lambda: (1, 0))]
+    assert not torch.equal(other_epoch[0], full[0])
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def killed_and_requeued(tmp_path_factory):
+    """A run SIGKILLed at a random step, then re-launched with the same command (a requeue)."""
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    kill_at = random.randint(2, TOTAL_STEPS - 2)
+    proc = start(*EXACT, f"hydra.run.dir={run_dir}")
+    try:
+        killed_after = wait_for_step(proc, run_dir / "checkpoints" / "last.ckpt", kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "checkpoints" / "final.ckpt").exists()
+    resumed = train(*EXACT, f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"run_dir": run_dir, "reference": reference, "kill_at": kill_at, "killed_after": killed_after,
+            "stdout": resumed.stdout}
+
+
+@pytest.mark.slow
+def test_requeued_run_resumes_and_says_where(killed_and_requeued):
+    r = killed_and_requeued
+    line = next((s for s in r["stdout"].splitlines() if "resuming from" in s), None)
+    assert line is not None, r["stdout"][-2000:]
+    step = int(line.split(": step ")[1].split()[0])
+    assert step >= r["killed_after"], (line, r)  # at least as far as the checkpoint we saw
+    assert f"{r['run_dir']}/checkpoints/last.ckpt: {describe_step(step, STEPS_PER_EPOCH)}" in line
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(killed_and_requeued):
+    """Bitwise: CPU, float32, deterministic algorithms, one thread; data order and augmentation
+    are functions of (seed, epoch, batch), the RNGs, optimizer, scheduler and EMA target are
+    restored, so nothing may differ."""
+    r = killed_and_requeued
+    assert_same_training_state(r["run_dir"], r["reference"])
+
+
+@pytest.mark.slow
+def test_resumed_metrics_continue_the_killed_ones(killed_and_requeued):
+    r = killed_and_requeued
+    got, want = metric_rows(r["run_dir"]), metric_rows(r["reference"])
+    # the rows of the step that was running when the process died may be lost with it
+    resumed_step = int(r["stdout"].split("resuming from")[1].split(": step ")[1].split()[0])
+    lost = {key for key in want if key not in got}
+    assert all(step == resumed_step - 1 for step, _ in lost), sorted(lost)
+    assert set(got) <= set(want)
+    assert {k: v for k, v in want.items() if k in got} == got  # same losses, lr and tau, step by step
+    assert (TOTAL_STEPS - 1, "step") in got and (0, "step") in got
+
+
+@pytest.mark.slow
+def test_no_temporary_files_left(killed_and_requeued):
+    assert not list((killed_and_requeued["run_dir"] / "checkpoints").glob(f"*{TEMP_SUFFIX}"))
+
+
+@pytest.mark.slow
+def test_finished_run_is_not_retrained(killed_and_requeued):
+    run_dir = killed_and_requeued["run_dir"]
+    final = run_dir / "checkpoints" / "final.ckpt"
+    stamp = final.stat().st_mtime_ns
+    result = train(*EXACT, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{run_dir} already finished its {EPOCHS} epochs" in result.stdout
+    assert "pretraining" not in result.stdout and final.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_resume_with_another_architecture_fails_clearly(killed_and_requeued):
+    run_dir = killed_and_requeued["run_dir"]
+    result = train(f"resume={run_dir}", "backbone.stem=cifar")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resume: the checkpoint was trained with another architecture "
+                           "(backbone.stem: 'imagenet' in the checkpoint, 'cifar' now)")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,122 @@
+"""End to end: ``python train.py experiment=smoke`` for both losses, and a multirun sweep of both.
+
+Each run is a real subprocess through Hydra, one epoch on the tiny synthetic dataset
+(128 images, batch 32: 4 optimizer steps).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from byol.checkpoint import load_encoder, load_weights, safe_load
+from byol.lit import build_encoder
+
+pytestmark = pytest.mark.slow
+
+STEPS = 128 // 32  # smoke data: num_train 128, batch 32, one epoch
+ONLINE = "model.online_encoder."
+
+
+def train(*overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    # one intra-op thread: on a small shared CPU two threads contend and run several times slower
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [sys.executable, "train.py", *(["-m"] if multirun else []), "experiment=smoke",
+               "trainer.max_epochs=1"]
+    result = subprocess.run([*command, *overrides],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    folders = {}
+    for loss in ("classic", "multi"):
+        run_dir = tmp_path_factory.mktemp(f"smoke_{loss}") / "run"
+        result = train(f"loss={loss}", f"hydra.run.dir={run_dir}")
+        assert str(run_dir) in result.stdout  # the user is told where the run folder is
+        folders[loss] = run_dir
+    return folders
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("loss", ["classic", "multi"])
+def test_run_folder_contents(runs, loss):
+    run_dir = runs[loss]
+    for name in ("checkpoints/last.ckpt", "checkpoints/final.ckpt", "encoder.pt", "metrics.csv",
+                 "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["loss"]["name"] == loss and cfg["trainer"]["max_epochs"] == 1
+    assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+    ckpt = safe_load(run_dir / "checkpoints" / "final.ckpt")
+    assert ckpt["byol_config"]["loss"]["name"] == loss and ckpt["global_step"] == STEPS
+
+
+@pytest.mark.parametrize("loss", ["classic", "multi"])
+def test_encoder_export_reloads_to_identical_outputs(runs, loss):
+    run_dir = runs[loss]
+    exported, meta = load_encoder(run_dir / "encoder.pt")
+    assert meta["loss"] == loss and meta["global_step"] == STEPS
+
+    ckpt = safe_load(run_dir / "checkpoints" / "final.ckpt")
+    rebuilt = build_encoder(ckpt["byol_config"])
+    online = {k[len(ONLINE):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE)}
+    load_weights(rebuilt, online, "final.ckpt")
+    assert exported.taps == rebuilt.taps
+    # trained weights: the online encoder has moved away from its EMA target
+    target = {k[len("model.target_encoder."):]: v for k, v in ckpt["state_dict"].items()
+              if k.startswith("model.target_encoder.")}
+    assert target.keys() == online.keys()
+    assert any(not torch.equal(online[k], target[k]) for k in online)
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    exported.eval()
+    rebuilt.eval()
+    with torch.no_grad():
+        a, b = exported(x), rebuilt(x)
+    assert a.keys() == b.keys()
+    for tap in a:
+        assert torch.equal(a[tap], b[tap]), tap
+
+
+@pytest.mark.parametrize(("loss", "heads"), [("classic", ["avgpool"]),
+                                             ("multi", ["avgpool", "layer2.0", "layer3.0"])])
+def test_metrics_have_one_column_per_head(runs, loss, heads):
+    rows = read_metrics(runs[loss])
+    columns = set(rows[0])
+    logged_heads = sorted({c.split("/")[2].rsplit("_", 1)[0] for c in columns if c.startswith("train/loss/")})
+    assert logged_heads == sorted(heads)
+    # the total is the sum of the heads (weights 1) in every row that logged a step
+    step_rows = [r for r in rows if r.get("train/loss_step")]
+    assert step_rows
+    for r in step_rows:
+        parts = [float(r[f"train/loss/{h}_step"]) for h in heads]
+        assert all(0.0 <= p <= 8.0 for p in parts)
+        assert float(r["train/loss_step"]) == pytest.approx(sum(parts), rel=1e-5)
+
+
+def test_multirun_sweeps_both_losses(tmp_path):
+    sweep = tmp_path / "sweep"
+    train("loss=classic,multi", f"hydra.sweep.dir={sweep}", multirun=True)
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    losses = []
+    for run_dir in runs:
+        assert (run_dir / "encoder.pt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        losses.append(yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["name"])
+        assert f"loss={losses[-1]}" in run_dir.name
+    assert sorted(losses) == ["classic", "multi"]
