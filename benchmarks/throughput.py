@@ -1,7 +1,8 @@
 """Side-by-side BYOL pretraining throughput on one machine, in one run.
 
 Times, on the same CIFAR-10 JPEGs, the same torchvision ResNet-18 (same stem), the same batch
-size and the same precision (bf16 autocast + channels_last), in images per second:
+size and the same precision (bf16 autocast + channels_last; ``--peer-precision fp32`` runs the peers as
+their examples do), in images per second:
 
 * ``ours``: this project's real training step end to end, driven by a Lightning ``Trainer``
   (``byol.lit.BYOLModule.training_step`` + LARS + EMA in ``optimizer_step``), with the data as a
@@ -20,7 +21,9 @@ paper's head sizes (4096 hidden, 256 out) and ``ImageFolder`` decoding inside th
 Peers are optional (``pip install -e ".[bench]"``); a missing one is reported and skipped.
 
 Usage: ``python benchmarks/throughput.py [--stem cifar|imagenet|both] [--batch-size 128]
-[--steps 20] [--warmup 5] [--json FILE]``. Without ``--data`` the shared archive
+[--steps 20] [--warmup 5] [--repeats 1] [--json FILE]``. With ``--repeats N`` every contender is
+measured N times, interleaved, and the best figure kept: on a shared machine the others' load
+otherwise swings single figures by several times. Without ``--data`` the shared archive
 ``../shared/data/cifar10-jpeg.tar.gz`` is extracted once into ``~/.cache/byol/cifar10-jpeg``.
 """
 
@@ -135,12 +138,16 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, batch: int, de
     return batch * steps / (time.perf_counter() - start)
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def autocast(device: torch.device, enabled: bool = True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+def memory_format(bf16: bool) -> torch.memory_format:
+    return torch.channels_last if bf16 else torch.contiguous_format
+
+
+def to_device(x: torch.Tensor, device, bf16: bool = True) -> torch.Tensor:
+    return x.to(device, non_blocking=True).contiguous(memory_format=memory_format(bf16))
 
 
 # --------------------------------------------------------------------------- our configuration
@@ -266,7 +273,7 @@ def bench_lightly(cfg: dict, args, device, data_root: Path) -> float:
     from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
     from lightly.utils.scheduler import cosine_schedule
 
-    h, size = cfg["head"], cfg["data"]["image_size"]
+    h, size, bf16 = cfg["head"], cfg["data"]["image_size"], args.peer_precision == "bf16"
     backbone = peer_backbone(cfg)
     projection_head = BYOLProjectionHead(512, h["proj_hidden_dim"], h["proj_dim"])
     prediction_head = BYOLPredictionHead(h["proj_dim"], h["pred_hidden_dim"], h["proj_dim"])
@@ -274,7 +281,7 @@ def bench_lightly(cfg: dict, args, device, data_root: Path) -> float:
     deactivate_requires_grad(backbone_momentum)
     deactivate_requires_grad(projection_head_momentum)
     modules = torch.nn.ModuleList([backbone, projection_head, prediction_head, backbone_momentum,
-                                   projection_head_momentum]).to(device, memory_format=torch.channels_last)
+                                   projection_head_momentum]).to(device, memory_format=memory_format(bf16))
     criterion = NegativeCosineSimilarity()
     optimizer = torch.optim.SGD([p for m in modules[:3] for p in m.parameters()], lr=PEER_LR, momentum=0.9)
 
@@ -300,8 +307,8 @@ def bench_lightly(cfg: dict, args, device, data_root: Path) -> float:
         momentum = cosine_schedule(step_no[0], total, 0.996, 1)
         update_momentum(backbone, backbone_momentum, m=momentum)
         update_momentum(projection_head, projection_head_momentum, m=momentum)
-        x0, x1 = to_device(x0, device), to_device(x1, device)
-        with autocast(device):
+        x0, x1 = to_device(x0, device, bf16), to_device(x1, device, bf16)
+        with autocast(device, bf16):
             p0, p1 = forward(x0), forward(x1)
             z0, z1 = forward_momentum(x0), forward_momentum(x1)
             loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
@@ -321,13 +328,13 @@ def bench_byol_pytorch(cfg: dict, args, device, data_root: Path) -> float:
     import torchvision
     from byol_pytorch import BYOL as LucidrainsBYOL
 
-    h, size = cfg["head"], cfg["data"]["image_size"]
-    net = peer_backbone(cfg).to(device, memory_format=torch.channels_last)
+    h, size, bf16 = cfg["head"], cfg["data"]["image_size"], args.peer_precision == "bf16"
+    net = peer_backbone(cfg).to(device, memory_format=memory_format(bf16))
     # Simplicial embeddings (on by default in 0.9.1) would change the projector; the paper's
     # projector (Linear 512 -> 4096 -> 256) keeps the network the same as the others.
     learner = LucidrainsBYOL(net, image_size=size, hidden_layer="avgpool", projection_size=h["proj_dim"],
                              projection_hidden_size=h["proj_hidden_dim"], use_simplicial_embeddings=False)
-    learner.to(memory_format=torch.channels_last)
+    learner.to(memory_format=memory_format(bf16))
     trainable = [p for p in learner.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=PEER_LR, momentum=0.9)
     dataset = torchvision.datasets.ImageFolder(str(data_root / "train"),
@@ -339,8 +346,8 @@ def bench_byol_pytorch(cfg: dict, args, device, data_root: Path) -> float:
 
     def step():
         images, _ = next(batches)
-        with autocast(device):
-            loss = learner(to_device(images, device))
+        with autocast(device, bf16):
+            loss = learner(to_device(images, device, bf16))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -452,6 +459,12 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the peers")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
     p.add_argument("--compile", action="store_true", help="torch.compile our network (ours and floor)")
+    p.add_argument("--peer-precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16: the peers with bf16 autocast + channels_last like ours (fair); fp32: as their "
+                   "examples run them")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every contender this many times, interleaved, and keep the best (the figure "
+                   "least disturbed by other processes on a shared machine)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override of the training config, e.g. --set loss=multi (repeatable)")
     p.add_argument("--json", default=None, help="write the figures (images/s) to this file")
@@ -461,8 +474,8 @@ def parse_args(argv=None):
     unknown = sorted(set(args.peers) - set(PEERS))
     if unknown:
         p.error(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2:
-        p.error("need --steps >= 1, --warmup >= 0 and --batch-size >= 2")
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.repeats < 1:
+        p.error("need --steps >= 1, --warmup >= 0, --batch-size >= 2 and --repeats >= 1")
     return args
 
 
@@ -487,27 +500,31 @@ def main(argv=None) -> dict:
           f"threads), torch {info['torch']}, torchvision {info['torchvision']}, device {info['device_name']}",
           flush=True)
     print(f"[bench] data: {data_root}/train ({report['n_images']} images); batch {args.batch_size}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up; bf16 autocast + channels_last for all; "
-          f"peer DataLoaders with {args.workers} workers", flush=True)
+          f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats}; "
+          f"{precision_text(args)}; peer DataLoaders with {args.workers} workers", flush=True)
     print("[bench] ours = pytorch_lightning.Trainer running byol.lit.BYOLModule.training_step (Lightning "
           "overhead counted); floor = the same network, LARS and EMA on random device tensors", flush=True)
     for peer, why in report["skipped"].items():
         print(f"[bench] {peer}: {why}; skipped", flush=True)
 
     report["images_per_s"] = {stem: dict.fromkeys(PEERS) for stem in stems}
+    report["samples"] = {stem: {p: [] for p in args.peers if p not in report["skipped"]} for stem in stems}
     report["peak_gpu_memory_gib"] = {stem: {} for stem in stems}
     for stem in stems:
         cfg = compose_config(data_root, stem, args.batch_size, args.compile, args.overrides)
-        for peer in args.peers:
-            if peer in report["skipped"]:
-                continue
-            ips, mem = run_peer(peer, cfg, args, device, data_root)
-            report["images_per_s"][stem][peer] = ips
-            if mem:
-                report["peak_gpu_memory_gib"][stem][peer] = mem
-            if ips:
+        for repeat in range(args.repeats):  # interleaved, so a burst of load elsewhere hits one sample
+            for peer, samples in report["samples"][stem].items():
+                ips, mem = run_peer(peer, cfg, args, device, data_root)
+                if not ips:
+                    continue
+                samples.append(ips)
+                report["images_per_s"][stem][peer] = max(samples)
+                if mem:
+                    old = report["peak_gpu_memory_gib"][stem].get(peer, mem)
+                    report["peak_gpu_memory_gib"][stem][peer] = {k: max(v, old[k]) for k, v in mem.items()}
                 extra = f", peak GPU memory {mem['allocated']:.2f} GiB allocated" if mem else ""
-                print(f"[bench] {stem} stem, {peer}: {ips:.1f} images/s{extra}", flush=True)
+                of = f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
+                print(f"[bench] {stem} stem, {peer}: {ips:.1f} images/s{extra}{of}", flush=True)
         if args.json:  # after each stem, so a run cut short keeps what it measured
             write_json(args, report, data_root)
 
@@ -524,6 +541,12 @@ def main(argv=None) -> dict:
     return report["images_per_s"]
 
 
+def precision_text(args) -> str:
+    if args.peer_precision == "bf16":
+        return "bf16 autocast + channels_last for all"
+    return "ours and floor: bf16 autocast + channels_last; peers: fp32, contiguous (as their examples)"
+
+
 def write_json(args, report: dict, data_root: Path) -> None:
     """``{stem: {peer: images/s}}`` plus ratios, memory, machine and settings beside them."""
     ips = report["images_per_s"]
@@ -534,10 +557,12 @@ def write_json(args, report: dict, data_root: Path) -> None:
                                 for stem, v in ips.items()}
     if any(report["peak_gpu_memory_gib"].values()):
         out["peak_gpu_memory_gib"] = report["peak_gpu_memory_gib"]
+    out["samples"] = report["samples"]
     out["skipped"] = report["skipped"]
     out["machine"] = report["machine"]
     out["settings"] = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-                       "workers": args.workers, "precision": "bf16 autocast + channels_last",
+                       "repeats": args.repeats, "statistic": "best of repeats", "workers": args.workers,
+                       "precision": precision_text(args),
                        "compile": args.compile, "overrides": args.overrides, "data": str(data_root),
                        "epoch_images": report["n_images"],
                        "ours": "Lightning Trainer + BYOLModule.training_step",
@@ -554,7 +579,7 @@ def _cell(v: float | None) -> str:
 def text_table(args, report: dict) -> list[str]:
     ips, n = report["images_per_s"], report["n_images"]
     lines = [f"BYOL pretraining throughput, images/s (higher is better): ResNet-18, batch {args.batch_size}, "
-             f"bf16 + channels_last, {report['machine']['device_name']}",
+             f"{precision_text(args)}, {report['machine']['device_name']}",
              f"{'stem':<9}" + "".join(f"{p:>14}" for p in PEERS)
              + "".join(f"{'ours/' + p:>20}" for p in PEERS[1:])]
     for stem, v in ips.items():
@@ -576,9 +601,9 @@ def markdown_table(args, report: dict) -> list[str]:
     ips, n, info = report["images_per_s"], report["n_images"], report["machine"]
     gpu = any(report["peak_gpu_memory_gib"].values())
     command = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
-    lines = ["", f"Batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, bf16 "
-             f"autocast + channels_last, {info['device_name']} ({info['cpu']}, {info['cpu_cores']} cores), "
-             f"torch {info['torch']}: `{command}`", "",
+    lines = ["", f"Batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up (best of "
+             f"{args.repeats}), {precision_text(args)}, {info['device_name']} ({info['cpu']}, "
+             f"{info['cpu_cores']} cores), torch {info['torch']}: `{command}`", "",
              "| stem | peer | images/s | s/epoch | ours/peer |"
              + (" peak GPU GiB (alloc/reserved) |" if gpu else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if gpu else "")]

@@ -169,8 +169,8 @@ def load_weights(module: torch.nn.Module, state: dict, source) -> None:
         detail = []
         if wrong:
             k = wrong[0]
-            detail.append(f"{len(wrong)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} in the "
-                          f"checkpoint, {tuple(own[k].shape)} expected)")
+            detail.append(f"{len(wrong)} tensor{'s' * (len(wrong) > 1)} of another shape (e.g. {k}: "
+                          f"{tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} expected)")
         if missing:
             detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if unexpected:

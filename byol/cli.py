@@ -74,9 +74,12 @@ def run_job(fn, cfg, *args, **kwargs):
     try:
         return fn(cfg, run_dir, *args, **kwargs)
     except ByolError as e:
-        print(f"error: {e}" if not isinstance(e, Interrupted) else str(e), file=sys.stderr, flush=True)
-        if multirun and not isinstance(e, Interrupted):
-            (run_dir / FAILED).write_text(f"{e}\n")
+        if isinstance(e, Interrupted):  # not a failure: the run continues when resumed
+            print(str(e), file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        (run_dir / FAILED).write_text(f"{e}\n")
+        if multirun:
             return None
         sys.exit(e.exit_code)
     except Exception as e:

@@ -25,7 +25,7 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
         raise ValueError("target and online networks differ in structure")
     if t_float:
         torch._foreach_lerp_(t_float, o_float, 1.0 - tau)
-    for t, o in zip(target.buffers(), online.buffers()):
+    for t, o in zip(target.buffers(), online.buffers(), strict=True):
         if not t.is_floating_point():
             t.copy_(o)
 

@@ -35,7 +35,7 @@ from torch import nn
 from byol.augment import CROP_ONLY, Normalize, ViewAugment
 from byol.backbone import AVGPOOL, Encoder
 from byol.checkpoint import ENCODER_FORMAT, atomic_write_bytes, load_weights, safe_load
-from byol.data import IndexBatches, ImageTensors
+from byol.data import ImageTensors, IndexBatches
 from byol.errors import ByolError, CheckpointError, ConfigError, DataError
 from byol.optim import param_groups, warmup_cosine
 
@@ -58,7 +58,7 @@ def representation_taps(name: str, taps: Sequence[str] = ()) -> list[str]:
     if name == "combined":
         extra = [t for t in dict.fromkeys(taps) if t != AVGPOOL]
         if not extra:
-            raise ConfigError("repr=combined needs intermediate taps in repr.taps (e.g. [layer2.0, layer3.0])")
+            raise ConfigError("repr=combined needs intermediate taps in repr.taps, e.g. [layer2.0, layer3.0]")
         return [AVGPOOL] + extra
     raise ConfigError(f"unknown repr.name '{name}'; choose avgpool or combined")
 
@@ -166,9 +166,10 @@ def knn_predict(
     return torch.cat(preds)
 
 
-def knn_accuracy(train_features, train_labels, query_features, query_labels, num_classes: int, **kwargs) -> float:
+def knn_accuracy(train_features, train_labels, query_features, query_labels, num_classes: int,
+                 **kwargs) -> float:
     pred = knn_predict(train_features, train_labels, query_features, num_classes, **kwargs)
-    return (pred == query_labels.to(pred.device)).float().mean().item()
+    return int((pred == query_labels.to(pred.device)).sum()) / max(1, pred.shape[0])
 
 
 # --------------------------------------------------------------------------- linear probe on cached features
@@ -304,7 +305,8 @@ def _train_probe(x, y, val, test, num_classes, epochs, batch_size, lr, weight_de
     opt = optimizer(head.parameters(), lr=lr, weight_decay=weight_decay)
     batch_size = min(batch_size, n)
     steps = -(-n // batch_size)
-    sched = (scheduler or warmup_cosine)(opt, total_steps=epochs * steps, warmup_steps=int(warmup_epochs * steps))
+    sched = (scheduler or warmup_cosine)(opt, total_steps=epochs * steps,
+                                         warmup_steps=int(warmup_epochs * steps))
     history = []
     for epoch in range(epochs):
         loss_sum = torch.zeros((), device=device)
@@ -358,13 +360,18 @@ class ClassifierModule(pl.LightningModule):
         self.encoder.requires_grad_(finetune)
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
+        self.train()  # a frozen encoder starts in eval mode
 
     def train(self, mode: bool = True):
-        """Lightning switches the whole module to train mode each epoch; a frozen encoder stays in eval."""
+        """``module.train()`` switches every submodule to train mode; a frozen encoder stays in eval."""
         super().train(mode)
         if not self.finetune:
             self.encoder.eval()
         return self
+
+    def on_train_epoch_start(self):
+        """Lightning keeps the modes it finds (a new module is in train mode): set them each epoch."""
+        self.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
@@ -408,9 +415,10 @@ class ClassifierModule(pl.LightningModule):
         from hydra.utils import instantiate
 
         c = self.cfg
-        groups = [dict(g, lr=c["lr"]) for g in param_groups([self.head], c.get("weight_decay", 0.0))]
+        wd = c.get("weight_decay", 0.0)
+        groups = [dict(g, lr=c["lr"]) for g in param_groups([self.head], wd)]
         if self.finetune:
-            groups += [dict(g, lr=c["encoder_lr"]) for g in param_groups([self.encoder], c.get("weight_decay", 0.0))]
+            groups += [dict(g, lr=c["encoder_lr"]) for g in param_groups([self.encoder], wd)]
         groups = [g for g in groups if g["params"]]
         optimizer = instantiate(c["optimizer"])(groups, lr=c["lr"]) if c.get("optimizer") else \
             torch.optim.SGD(groups, lr=c["lr"], momentum=0.9, nesterov=True)
@@ -490,10 +498,12 @@ def read_pretrained(path: str | Path, label: str | None = None) -> Pretrained:
     if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
         meta = blob.get("meta") or {}
         run_cfg = _run_config(path.parent)
-        return Pretrained(label, str(path), dict(blob["backbone"]), meta.get("loss", "unknown"), meta.get("seed"),
-                          int(meta.get("epochs") or 0), blob["state_dict"], (run_cfg or {}).get("data"))
+        return Pretrained(label, str(path), dict(blob["backbone"]), meta.get("loss", "unknown"),
+                          meta.get("seed"), int(meta.get("epochs") or 0), blob["state_dict"],
+                          (run_cfg or {}).get("data"))
     if isinstance(blob, dict) and isinstance(blob.get("byol_config"), dict) and "state_dict" in blob:
-        state = {k[len(ONLINE_PREFIX):]: v for k, v in blob["state_dict"].items() if k.startswith(ONLINE_PREFIX)}
+        state = {k[len(ONLINE_PREFIX):]: v for k, v in blob["state_dict"].items()
+                 if k.startswith(ONLINE_PREFIX)}
         if not state:
             raise CheckpointError(f"'{path}' has no online encoder weights ({ONLINE_PREFIX}*); it is not a "
                                   f"BYOL pretraining checkpoint")
@@ -518,13 +528,24 @@ def _run_config(folder: Path) -> dict | None:
         return None
 
 
+def _config_fields(run_cfg: Mapping | None) -> dict:
+    """loss / backbone / stem / seed from a run's config.yaml, so a run whose weights cannot be read
+    still lands in its cell of the results table (as failed)."""
+    if not run_cfg:
+        return {}
+    b = run_cfg.get("backbone") or {}
+    fields = {"loss": (run_cfg.get("loss") or {}).get("name"), "backbone": b.get("name"),
+              "stem": b.get("stem"), "seed": run_cfg.get("seed")}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def random_model(backbone: Mapping, seed: int, label: str = RANDOM_LOSS) -> Pretrained:
     b = dict(backbone)
-    return Pretrained(label, RANDOM, {"name": b["name"], "stem": b["stem"], "grids": dict(b.get("grids") or {})},
-                      RANDOM_LOSS, seed, 0)
+    arch = {"name": b["name"], "stem": b["stem"], "grids": dict(b.get("grids") or {})}
+    return Pretrained(label, RANDOM, arch, RANDOM_LOSS, seed, 0)
 
 
-def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple[list[Path] | str, Path | None]:
+def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
     """What ``pretrained=`` names: ``("random", None)``, ``([weights file], None)`` for one model, or
     ``([weights files...], sweep folder)`` for every run of a sweep."""
     spec = str(spec)
@@ -535,9 +556,10 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple[
         runs = find_runs(outputs)
         if not runs:
             raise CheckpointError(
-                f"no pretraining runs found under '{outputs}' (a run folder holds encoder.pt or checkpoints/*.ckpt). "
-                f"Create one with `python train.py` (`python train.py experiment=smoke` takes seconds), name one "
-                f"with pretrained=PATH, or evaluate a random-init encoder with pretrained=random")
+                f"no pretraining runs found under '{outputs}' (a run folder holds encoder.pt or "
+                f"checkpoints/*.ckpt). Create one with `python train.py` (`python train.py experiment=smoke` "
+                f"takes seconds), name one with pretrained=PATH, or evaluate a random-init encoder with "
+                f"pretrained=random")
         run = _newest(runs)
         print(f"[eval] pretrained=latest: {run} (newest of {len(runs)} runs under {outputs})", flush=True)
         return [weights_file(run)], None
@@ -546,15 +568,15 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple[
         sweeps = [d for d in sorted(root.iterdir()) if d.is_dir() and find_runs(d)] if root.is_dir() else []
         if not sweeps:
             raise CheckpointError(
-                f"no pretraining sweep found under '{root}'. Create one with `python train.py -m loss=classic,multi "
-                f"seed=0,1,2` or name a folder with pretrained=PATH")
+                f"no pretraining sweep found under '{root}'. Create one with `python train.py -m "
+                f"loss=classic,multi seed=0,1,2` or name a folder with pretrained=PATH")
         sweep = max(sweeps, key=lambda d: max(weights_file(r).stat().st_mtime for r in find_runs(d)))
         print(f"[eval] pretrained=latest_sweep: {sweep}", flush=True)
         return [weights_file(r) for r in find_runs(sweep)], sweep
     path = Path(spec).expanduser()
     if not path.exists():
-        raise CheckpointError(f"pretrained='{spec}' does not exist; give a run folder, a sweep folder, a .ckpt, an "
-                              f"encoder.pt, or pretrained=latest / latest_sweep / random")
+        raise CheckpointError(f"pretrained='{spec}' does not exist; give a run folder, a sweep folder, a "
+                              f".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random")
     if path.is_file():
         return [path], None
     if is_run_dir(path):
@@ -562,7 +584,8 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple[
     runs = find_runs(path)
     if not runs:
         raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds encoder.pt or "
-                              f"checkpoints/*.ckpt); create one with `python train.py` or use pretrained=random")
+                              f"checkpoints/*.ckpt); create one with `python train.py` or use "
+                              f"pretrained=random")
     return [weights_file(r) for r in runs], path
 
 
@@ -582,13 +605,15 @@ def _run_label(weights: Path, sweep: Path | None = None) -> str:
 
 
 def _plain(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
+    """The resolved config as plain containers, without the ``hydra`` node."""
+    from omegaconf import DictConfig, OmegaConf, open_dict
 
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    cfg = dict(cfg)
-    cfg.pop("hydra", None)
-    return cfg
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        return OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in dict(cfg).items() if k != "hydra"}
 
 
 def load_eval_data(data_cfg: Mapping, seed: int) -> tuple[dict[str, ImageTensors], int]:
@@ -629,8 +654,8 @@ def _close(loggers: Sequence) -> None:
         logger.finalize("success")
 
 
-def evaluate_model(model: Pretrained | Path, cfg: Mapping, splits: Mapping[str, ImageTensors], num_classes: int,
-                   out_dir: Path, label: str | None = None) -> dict:
+def evaluate_model(model: Pretrained | Path, cfg: Mapping, splits: Mapping[str, ImageTensors],
+                   num_classes: int, out_dir: Path, label: str | None = None) -> dict:
     """Evaluate one encoder (a :class:`Pretrained` or the path of its weights) under ``cfg['eval']``.
 
     Writes ``results.json`` and ``metrics.csv`` in ``out_dir``. Never raises for a problem of
@@ -639,12 +664,15 @@ def evaluate_model(model: Pretrained | Path, cfg: Mapping, splits: Mapping[str, 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     e, r = cfg["eval"], cfg["repr"]
-    source = model.source if isinstance(model, Pretrained) else str(Path(model).resolve())
-    result = {"pretrained": source, "label": label or (model.label if isinstance(model, Pretrained) else None),
-              "loss": None, "repr": r["name"], "eval": e["name"], "backbone": None, "stem": None, "grids": None,
-              "pretrain_epochs": None, "eval_epochs": int(e.get("epochs", 0)) if e["name"] != "knn" else 0,
-              "seed": None, "eval_seed": cfg["seed"], "data": cfg["data"]["name"], "val_acc": None,
-              "test_acc": None, "status": "running"}
+    known = isinstance(model, Pretrained)
+    result = {"pretrained": model.source if known else str(Path(model).resolve()),
+              "label": label or (model.label if known else None), "loss": None, "repr": r["name"],
+              "eval": e["name"], "backbone": None, "stem": None, "grids": None, "pretrain_epochs": None,
+              "eval_epochs": int(e.get("epochs", 0)) if e["name"] != "knn" else 0, "seed": None,
+              "eval_seed": cfg["seed"], "data": cfg["data"]["name"], "val_acc": None, "test_acc": None,
+              "status": "running"}
+    if not isinstance(model, Pretrained):  # until the weights are read: what the run folder's config says
+        result.update(_config_fields(_run_config(_run_folder(Path(model)))))
     start = time.perf_counter()
     try:
         if not isinstance(model, Pretrained):
@@ -657,7 +685,8 @@ def evaluate_model(model: Pretrained | Path, cfg: Mapping, splits: Mapping[str, 
         print(f"[eval] {model.label}: {e['name']} on {r['name']} -> val {result['val_acc']:.4f}, "
               f"test {result['test_acc']:.4f} ({time.perf_counter() - start:.1f} s)", flush=True)
     except Exception as exc:  # recorded per model; the job decides whether to stop
-        result.update(status="failed", error=str(exc) if isinstance(exc, ByolError) else f"{type(exc).__name__}: {exc}")
+        message = str(exc) if isinstance(exc, ByolError) else f"{type(exc).__name__}: {exc}"
+        result.update(status="failed", error=message)
         result["exception"] = exc
     result["seconds"] = round(time.perf_counter() - start, 2)
     _write_json({k: v for k, v in result.items() if k != "exception"}, out_dir / "results.json")
@@ -675,9 +704,9 @@ def _run_protocol(model: Pretrained, cfg: Mapping, splits, num_classes: int, out
     device = resolve_device(cfg["trainer"].get("accelerator", "auto"))
     dtype = autocast_dtype(cfg["trainer"].get("precision", "32-true"))
     _warn_normalisation(model, data)
-    print(f"[eval] {model.label}: {_describe(model)} pretrained {model.epochs} epochs with loss={model.loss}; "
-          f"repr={r['name']} ({'+'.join(taps)}: {dim}-d), eval={e['name']}, {len(splits['train'])}/"
-          f"{len(splits['val'])}/{len(splits['test'])} train/val/test images, {device}", flush=True)
+    sizes = "/".join(str(len(splits[k])) for k in ("train", "val", "test"))
+    print(f"[eval] {model.label}: {_describe(model)}; repr={r['name']} ({'+'.join(taps)}: {dim}-d), "
+          f"eval={e['name']}, {sizes} train/val/test images, {device}", flush=True)
     info = {"feature_dim": dim, "taps": taps, "num_classes": num_classes,
             "split_sizes": {k: len(v) for k, v in splits.items()}}
     if cfg.get("channels_last", True):
@@ -686,12 +715,14 @@ def _run_protocol(model: Pretrained, cfg: Mapping, splits, num_classes: int, out
     if e["name"] == "knn" or (e["name"] == "linear" and e.get("cached_features", True)):
         encoder.to(device)
         t0 = time.perf_counter()
-        feats = {k: extract_features(encoder, v.images, taps, data["mean"], data["std"],
-                                     cfg.get("feature_batch_size", 512), dtype, device) for k, v in splits.items()}
+        batch = cfg.get("feature_batch_size", 512)
+        feats = {k: extract_features(encoder, v.images, taps, data["mean"], data["std"], batch, dtype, device)
+                 for k, v in splits.items()}
         labels = {k: v.labels.to(device) for k, v in splits.items()}
         info["extract_seconds"] = round(time.perf_counter() - t0, 2)
         if e["name"] == "knn":
-            kw = {"k": e.get("k", 200), "temperature": e.get("temperature", 0.1), "chunk_size": e.get("chunk_size", 1024)}
+            kw = {"k": e.get("k", 200), "temperature": e.get("temperature", 0.1),
+                  "chunk_size": e.get("chunk_size", 1024)}
             accs = {s: knn_accuracy(feats["train"], labels["train"], feats[s], labels[s], num_classes, **kw)
                     for s in ("val", "test")}
             for logger in loggers:
@@ -703,14 +734,19 @@ def _run_protocol(model: Pretrained, cfg: Mapping, splits, num_classes: int, out
 
 
 def _describe(model: Pretrained) -> str:
-    return f"{model.backbone.get('name')} ({model.backbone.get('stem')} stem)"
+    arch = f"{model.backbone.get('name')} ({model.backbone.get('stem')} stem)"
+    if model.is_random:
+        return f"random-init {arch}"
+    return f"{arch} pretrained with loss={model.loss} for {model.epochs} epoch(s)"
 
 
 def _warn_normalisation(model: Pretrained, data: Mapping) -> None:
     d = model.data or {}
-    if d.get("mean") is not None and (list(d["mean"]) != list(data["mean"]) or list(d["std"]) != list(data["std"])):
-        print(f"[eval] note: {model.label} was pretrained with data mean/std {d['mean']}/{d['std']}; evaluating "
-              f"with {data['mean']}/{data['std']} (data.mean / data.std)", flush=True)
+    if d.get("mean") is None:
+        return
+    if list(d["mean"]) != list(data["mean"]) or list(d["std"]) != list(data["std"]):
+        print(f"[eval] note: {model.label} was pretrained with data mean/std {d['mean']}/{d['std']}; "
+              f"evaluating with {data['mean']}/{data['std']} (data.mean / data.std)", flush=True)
 
 
 def _cached_linear(feats, labels, num_classes: int, e: Mapping, seed: int, dtype, loggers) -> dict:
@@ -748,8 +784,8 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
 
     e, data = cfg["eval"], cfg["data"]
     finetune = e["name"] == "finetune"
-    module = ClassifierModule(encoder, taps, num_classes, e, data["mean"], data["std"], finetune, seed=cfg["seed"],
-                              channels_last=cfg.get("channels_last", True))
+    module = ClassifierModule(encoder, taps, num_classes, e, data["mean"], data["std"], finetune,
+                              seed=cfg["seed"], channels_last=cfg.get("channels_last", True))
     trainer_cfg = {k: v for k, v in cfg["trainer"].items() if k != "max_epochs"}
     trainer: pl.Trainer = instantiate(trainer_cfg, max_epochs=int(e["epochs"]), default_root_dir=str(out_dir),
                                       logger=loggers, callbacks=[], enable_checkpointing=False)
@@ -759,7 +795,9 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
     train_batches = IndexBatches(train, batch, seed=cfg["seed"]).to(device)
     val_batches = IndexBatches(splits["val"], batch, shuffle=False, drop_last=False).to(device)
     test_batches = IndexBatches(splits["test"], batch, shuffle=False, drop_last=False).to(device)
-    trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
+    with warnings.catch_warnings():  # the frozen encoder is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
     val_acc = float(trainer.callback_metrics["val/acc"])
     (test,) = trainer.test(module, dataloaders=test_batches, verbose=False)
     _close(loggers)
@@ -778,7 +816,7 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
 
     run_dir = Path(run_dir)
     c = _plain(cfg)
-    # CSVLogger warns whenever its folder holds other files (here: config.yaml, .hydra/); it only replaces metrics.csv
+    # CSVLogger warns when its folder holds other files (config.yaml, .hydra/); it replaces only metrics.csv
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(c), run_dir / "config.yaml")
@@ -799,7 +837,8 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
         return [result]
 
     baseline = c.get("baseline", True)
-    print(f"[eval] {len(targets)} runs in {sweep}" + (" + a random-init baseline" if baseline else ""), flush=True)
+    print(f"[eval] {len(targets)} runs in {sweep}" + (" + a random-init baseline" if baseline else ""),
+          flush=True)
     results, architectures = [], {}
     for i, path in enumerate(targets):
         label = _run_label(path, sweep)
@@ -811,7 +850,7 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
                                                                  "grids": r["grids"]})
     if baseline:
         if not architectures:
-            print("[eval] no run could be read, so there is no architecture for a random-init baseline", flush=True)
+            print("[eval] no run could be read: no architecture for a random-init baseline", flush=True)
         for (name, stem), backbone in architectures.items():
             label = RANDOM_LOSS if len(architectures) == 1 else f"{RANDOM_LOSS}_{name}_{stem}"
             print(f"[eval] baseline: {label} ({name}, {stem} stem)", flush=True)
@@ -819,8 +858,9 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
             results.append(_report(evaluate_model(model, c, splits, num_classes, run_dir / label, label)))
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
-        raise ByolError(f"{len(failed)} of {len(results)} evaluations failed ({', '.join(map(str, (r['label'] for r in failed)))}); "
-                        f"see their results.json in {run_dir}")
+        names = ", ".join(str(r["label"]) for r in failed)
+        raise ByolError(f"{len(failed)} of {len(results)} evaluations failed ({names}); see their "
+                        f"results.json in {run_dir}")
     return results
 
 

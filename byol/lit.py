@@ -78,6 +78,7 @@ class BYOLModule(pl.LightningModule):
         self._generator = None
         self._first_bad_step = None
         self._skip_ema = False
+        self._epoch_sums: dict = {}  # see _accumulate_epoch_means
         self.skipped_steps = 0
         self.last_good_checkpoint = None  # set by the training script
         self.last_saved_step = None  # global step of the newest checkpoint written or loaded
@@ -119,10 +120,21 @@ class BYOLModule(pl.LightningModule):
                 self._first_bad_step = torch.full((), -1, device=loss.device, dtype=torch.long)
             first = self._first_bad_step
             self._first_bad_step = torch.where(~finite & (first < 0), step, first)
+        self._accumulate_epoch_means(losses, images.shape[0])
         for name, value in losses.items():
-            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True,
-                     prog_bar=name == "loss", batch_size=images.shape[0])
+            self.log(f"train/{name}_step", value.detach(), prog_bar=name == "loss")
         return loss
+
+    def _accumulate_epoch_means(self, losses: dict, n: int) -> None:
+        """Running sums for the ``train/*_epoch`` means, kept here (not in Lightning's logger
+        state, which checkpoints do not hold) so an epoch resumed midway reports its full mean."""
+        if self._epoch_sums.get("epoch") != self.current_epoch:
+            self._epoch_sums = {"epoch": self.current_epoch, "images": 0, "sums": {}}
+        sums = self._epoch_sums["sums"]
+        for name, value in losses.items():
+            total = value.detach().float() * n
+            sums[name] = sums[name].to(total.device) + total if name in sums else total  # .to: after a load
+        self._epoch_sums["images"] += n
 
     def optimizer_step(self, *args, **kwargs):
         """EMA right after each real optimizer step (so never on accumulation micro-batches)."""
@@ -143,11 +155,15 @@ class BYOLModule(pl.LightningModule):
 
     def on_train_epoch_end(self):
         self.check_finite()
+        if self._epoch_sums.get("epoch") == self.current_epoch and self._epoch_sums["images"]:
+            for name, total in self._epoch_sums["sums"].items():
+                self.log(f"train/{name}_epoch", total / self._epoch_sums["images"])
 
     def _last_good(self) -> str:
         last = self.last_good_checkpoint
         if last and Path(last).exists():
-            after = f", saved after {self.last_saved_step} steps" if self.last_saved_step is not None else ""
+            n = self.last_saved_step
+            after = f", saved after {n} step{'s' * (n != 1)}" if n is not None else ""
             return f"the last good checkpoint is {last}{after}"
         return "no checkpoint was saved before it"
 
@@ -193,12 +209,15 @@ class BYOLModule(pl.LightningModule):
         checkpoint["rng"] = rng_state()
         rule = "reseeded every step: manual_seed(hash((seed, epoch, batch_idx)) & (2**63 - 1))"
         checkpoint["augment_rng"] = {"seed": int(self.cfg["seed"]), "rule": rule}
+        sums = {k: v.cpu() for k, v in self._epoch_sums.get("sums", {}).items()}
+        checkpoint["epoch_loss_sums"] = {**self._epoch_sums, "sums": sums}
         self.last_saved_step = int(checkpoint.get("global_step", self.global_step))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
         self.last_saved_step = checkpoint.get("global_step")
+        self._epoch_sums = checkpoint.get("epoch_loss_sums") or {}
 
 
 class TensorDataModule(pl.LightningDataModule):

@@ -47,7 +47,9 @@ class BYOL(nn.Module):
         self.online_projectors = nn.ModuleDict(
             {_key(h): mlp(encoder.dims[h], proj_hidden_dim, proj_dim) for h in self.heads}
         )
-        self.predictors = nn.ModuleDict({_key(h): mlp(proj_dim, pred_hidden_dim, proj_dim) for h in self.heads})
+        self.predictors = nn.ModuleDict(
+            {_key(h): mlp(proj_dim, pred_hidden_dim, proj_dim) for h in self.heads}
+        )
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projectors = copy.deepcopy(self.online_projectors).requires_grad_(False)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import signal
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -307,8 +308,14 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     export = run_dir / "encoder.pt"
+    # Lightning-internal deprecation noise on every run (torch >= 2.10), nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # train.on_nonfinite=skip returns None from training_step on purpose, and says so itself
+    warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)  # Hydra's own settings: not part of the run's config, not resolvable here
     container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
 
     resume_from = find_resume(container.get("resume"), run_dir)
     resumed_step = None
@@ -330,11 +337,14 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
                 export_from_checkpoint(safe_load(final), container, export)
             print(f"[byol] {run_dir} already finished its {cfg.trainer.max_epochs} epochs ({final}, "
                   f"{export}); nothing to do. To train longer: python train.py resume={run_dir} "
-                  f"trainer.max_epochs=N", flush=True)
+                  f"trainer.max_epochs=N; to redo part of it, resume a checkpoint into another folder "
+                  f"(hydra.run.dir=NEW)", flush=True)
             return export
 
     if cfg.loss.name == "classic" and cfg.loss.taps:
         raise ConfigError("loss=classic uses only the avgpool head; use loss=multi for loss.taps")
+    if cfg.train.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"unknown train.on_nonfinite '{cfg.train.on_nonfinite}'; choose stop or skip")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(container)).encode(), run_dir / "config.yaml")

@@ -132,6 +132,10 @@ def _note(cell: Cell) -> str:
     return "baseline" if cell.loss == BASELINE else ""
 
 
+MD_COLUMNS = ("loss", "repr", "eval", "test acc", "val acc", "runs", "failed", "backbone", "pretrain epochs",
+              "eval epochs", "note")
+
+
 def markdown(cells: Sequence[Cell], n_files: int) -> str:
     missing = [c for c in cells if c.status == "missing"]
     failed = [c for c in cells if c.status == "failed"]
@@ -141,25 +145,27 @@ def markdown(cells: Sequence[Cell], n_files: int) -> str:
         f"{n_files} results.json files. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
         f"validation selected nothing (final epoch).",
         "",
-        "| loss | repr | eval | test acc | val acc | runs | failed | backbone | pretrain epochs | eval epochs | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(MD_COLUMNS) + " |",
+        "|" + "---|" * len(MD_COLUMNS),
     ]
     for c in cells:
-        lines.append(f"| {c.loss} | {c.repr} | {c.eval} | {_pct(c.test)} | {_pct(c.val)} | {c.runs} | {c.failed} | "
-                     f"{_joined(c.backbones)} | {_joined(c.pretrain_epochs)} | {_joined(c.eval_epochs)} | {_note(c)} |")
+        row = [c.loss, c.repr, c.eval, _pct(c.test), _pct(c.val), c.runs, c.failed, _joined(c.backbones),
+               _joined(c.pretrain_epochs), _joined(c.eval_epochs), _note(c)]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
     lines.append("")
     if missing:
         lines.append(f"Missing cells ({len(missing)} of {len(EXPECTED)} expected): "
                      + ", ".join(f"{c.loss}/{c.repr}/{c.eval}" for c in missing) + ".")
     if failed:
-        lines.append("Failed cells (no successful run): " + ", ".join(f"{c.loss}/{c.repr}/{c.eval}" for c in failed) + ".")
+        lines.append("Failed cells (no successful run): "
+                     + ", ".join(f"{c.loss}/{c.repr}/{c.eval}" for c in failed) + ".")
     if not missing and not failed:
         lines.append(f"All {len(EXPECTED)} expected cells have results.")
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "status", "test_acc_mean", "test_acc_std", "val_acc_mean",
-              "val_acc_std", "backbone", "pretrain_epochs", "eval_epochs"]
+CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "status", "test_acc_mean", "test_acc_std",
+              "val_acc_mean", "val_acc_std", "backbone", "pretrain_epochs", "eval_epochs"]
 
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
@@ -169,9 +175,9 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
         for c in cells:
             tm, ts = mean_std(c.test)
             vm, vs = mean_std(c.val)
-            w.writerow([c.loss, c.repr, c.eval, c.runs, c.failed, c.status, *("" if math.isnan(v) else f"{v:.6f}"
-                        for v in (tm, ts, vm, vs)), _joined(c.backbones), _joined(c.pretrain_epochs),
-                        _joined(c.eval_epochs)])
+            stats = ["" if math.isnan(v) else f"{v:.6f}" for v in (tm, ts, vm, vs)]
+            w.writerow([c.loss, c.repr, c.eval, c.runs, c.failed, c.status, *stats, _joined(c.backbones),
+                        _joined(c.pretrain_epochs), _joined(c.eval_epochs)])
 
 
 def plot(cells: Sequence[Cell], path: Path) -> bool:
@@ -182,7 +188,7 @@ def plot(cells: Sequence[Cell], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[report] matplotlib is not installed (pip install 'byol[plot]'); no results.png", file=sys.stderr)
+        print("[report] no results.png: matplotlib is missing (pip install 'byol[plot]')", file=sys.stderr)
         return False
     groups = list(dict.fromkeys((c.eval, c.repr) for c in cells))
     losses = list(dict.fromkeys(c.loss for c in cells))
@@ -213,7 +219,8 @@ def report(folders: Sequence[str | Path], out: str | Path) -> list[Cell]:
     """Write results.md / results.csv / results.png into ``out`` and return the cells."""
     paths = find_results(folders)
     if not paths:
-        raise SystemExit(f"error: no results.json under {', '.join(map(str, folders))}; run evaluate.py first")
+        raise SystemExit(f"error: no results.json under {', '.join(map(str, folders))}; run evaluate.py "
+                         f"first")
     cells = build_cells(load_results(paths))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,13 +229,16 @@ def report(folders: Sequence[str | Path], out: str | Path) -> list[Cell]:
     write_csv(cells, out / "results.csv")
     plotted = plot(cells, out / "results.png")
     print(text)
-    print(f"[report] wrote {out / 'results.md'}, {out / 'results.csv'}" + (f", {out / 'results.png'}" if plotted else ""))
+    written = [out / "results.md", out / "results.csv"] + ([out / "results.png"] if plotted else [])
+    print(f"[report] wrote {', '.join(map(str, written))}")
     return cells
 
 
 def newest_eval_sweep(outputs: Path = Path("outputs")) -> Path | None:
     root = outputs / "multirun" / "eval"
-    sweeps = [d for d in root.iterdir() if d.is_dir() and any(d.rglob("results.json"))] if root.is_dir() else []
+    if not root.is_dir():
+        return None
+    sweeps = [d for d in root.iterdir() if d.is_dir() and any(d.rglob("results.json"))]
     return max(sweeps, key=lambda d: d.stat().st_mtime) if sweeps else None
 
 

@@ -302,3 +302,16 @@ def test_resume_with_another_architecture_fails_clearly(killed_and_requeued):
     assert last.startswith("error: cannot resume: the checkpoint was trained with another architecture "
                            "(backbone.stem: 'imagenet' in the checkpoint, 'cifar' now)")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
+    """The other kind of checkpoint (written at an epoch end, here the uninterrupted run's
+    kept epoch0000.ckpt), continued in another folder: the rest of the run is the same."""
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("fork") / "run"
+    result = train(f"resume={reference}/checkpoints/epoch0000.ckpt", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {reference}/checkpoints/epoch0000.ckpt: {describe_step(4, 4)}" in result.stdout
+    assert_same_training_state(run_dir, reference)
+    assert (reference / "checkpoints" / "final.ckpt").is_file()  # the source run is left alone

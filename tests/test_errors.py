@@ -1,0 +1,387 @@
+"""Bad input gives a short message that names the problem and the fix, never a stack trace,
+and loses nothing: data, configs, non-finite losses, full disks, failing sweep jobs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, compose_config
+from PIL import Image
+
+import byol.checkpoint as ckpt
+from byol.backbone import Encoder
+from byol.checkpoint import safe_load
+from byol.cli import command_line_keys, run_job
+from byol.data import IndexBatches, eval_splits, load_cifar10, load_image_folder, load_split, make_synthetic
+from byol.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from byol.model import BYOL
+from byol.pretrain import pretrain
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def rgb(h: int, w: int, color=(200, 30, 60)) -> np.ndarray:
+    return np.broadcast_to(np.array(color, dtype=np.uint8), (h, w, 3)).copy()
+
+
+def image_tree(root: Path, classes=("cat", "dog"), n=2, split="train") -> Path:
+    for c in classes:
+        for i in range(n):
+            save_png(root / split / c / f"{i}.png", rgb(32, 32, (i * 50, 100, 150)))
+    return root
+
+
+def folder_cfg(root: Path, **kw) -> dict:
+    return {"name": "imagefolder", "root": str(root), "image_size": 32, "cache_dir": None, **kw}
+
+
+def cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The process failed with status 1 and one ``error:`` line on stderr, without a traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_missing_dataset_folder(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_split(folder_cfg(tmp_path / "nope"), "train")
+    assert f"data.root '{tmp_path / 'nope'}' does not exist" in str(err.value)
+    assert "DIR/train/<class>/*" in str(err.value)
+
+
+def test_empty_dataset_folder(tmp_path):
+    with pytest.raises(DataError, match=f"no images found in '{tmp_path}'"):
+        load_split(folder_cfg(tmp_path), "train")
+    (tmp_path / "train" / "cat").mkdir(parents=True)  # class folders without images
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no images found in .*train"):
+        load_split(folder_cfg(tmp_path), "train")
+    with pytest.raises(DataError, match="no 'test' folder"):
+        load_split(folder_cfg(image_tree(tmp_path)), "test")
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    image_tree(tmp_path)
+    bad = tmp_path / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    truncated = tmp_path / "train" / "cat" / "cut.png"
+    whole = save_png(tmp_path / "whole.png", rgb(32, 32)).read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError) as err:
+        load_image_folder(tmp_path / "train")
+    message = str(err.value)
+    assert ("broken.png" in message or "cut.png" in message) and "data.skip_bad_files=true" in message
+    with pytest.warns(UserWarning) as caught:
+        data = load_image_folder(tmp_path / "train", skip_bad_files=True)
+    assert len(data) == 4 and data.labels.tolist() == [0, 0, 1, 1]
+    skipped = sorted(str(w.message).split(":")[0] for w in caught if "skipping unreadable" in str(w.message))
+    assert skipped == [f"skipping unreadable image {truncated}", f"skipping unreadable image {bad}"]
+
+
+def test_odd_images_are_converted(tmp_path):
+    """Grayscale, 16-bit grayscale, RGBA, palette and non-square images become (3, 32, 32) uint8."""
+    folder = tmp_path / "train" / "x"
+    save_png(folder / "gray.png", np.full((32, 32), 77, np.uint8), "L")
+    save_png(folder / "gray16.png", np.full((20, 20), 65535 // 2, np.uint16))  # mid-gray, not white
+    rgba = np.dstack([rgb(32, 32, (10, 200, 30)), np.full((32, 32), 0, np.uint8)])
+    save_png(folder / "rgba.png", rgba, "RGBA")
+    palette = Image.new("P", (32, 32), 1)  # every pixel: palette entry 1
+    palette.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
+    palette.save(folder / "palette.png")
+    # 64x48, left half red, right half blue: resized (short side 32) and centre-cropped
+    wide = np.concatenate([rgb(48, 32, (255, 0, 0)), rgb(48, 32, (0, 0, 255))], axis=1)
+    save_png(folder / "wide.png", wide)
+    data = load_image_folder(tmp_path / "train")
+    assert data.images.shape == (5, 3, 32, 32) and data.images.dtype == torch.uint8
+    by_name = dict(zip(["gray", "gray16", "palette", "rgba", "wide"], data.images, strict=True))
+    assert (by_name["gray"] == 77).all()
+    assert (by_name["gray16"] - 127).abs().max() <= 1
+    assert by_name["rgba"][:, 0, 0].tolist() == [10, 200, 30]  # colour kept, alpha dropped
+    assert by_name["palette"][:, 5, 5].tolist() == [12, 34, 56]
+    w = by_name["wide"].int()
+    assert w[0, :, :8].min() > 200 and w[2, :, :8].max() < 50  # left stays red
+    assert w[2, :, -8:].min() > 200 and w[0, :, -8:].max() < 50  # right stays blue
+
+
+def test_train_and_test_classes_differ(tmp_path):
+    image_tree(tmp_path, ("cat", "dog"), split="train")
+    image_tree(tmp_path, ("cat", "fox"), split="test")
+    with pytest.raises(DataError) as err:
+        eval_splits(folder_cfg(tmp_path, val_size=0))
+    assert "only in train: ['dog']; only in test: ['fox']" in str(err.value)
+
+
+def test_cifar10_without_network(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    root = tmp_path / "cifar"
+    with pytest.raises(DataError) as err:
+        load_cifar10(str(root), train=True, download=True)
+    message = str(err.value)
+    assert f"could not load CIFAR-10 from '{root}'" in message
+    assert "internet access" in message and "data=imagefolder data.root=DIR" in message
+    assert not list(root.rglob("*.tar.gz"))  # no half-downloaded archive left to trip the next run
+    with pytest.raises(DataError, match="set data.download=true"):
+        load_cifar10(str(root), train=True, download=False)
+
+
+def test_batch_larger_than_dataset():
+    with pytest.raises(DataError) as err:
+        IndexBatches(make_synthetic(10), 16)
+    assert "data.batch_size=16 is larger than the dataset (10 images)" in str(err.value)
+    assert "at most 10" in str(err.value)
+
+
+def test_unknown_tap_and_backbone():
+    with pytest.raises(ConfigError) as err:
+        Encoder("resnet18", "cifar", taps=["layer9.0"])
+    assert "unknown tap 'layer9.0' for resnet18" in str(err.value) and "layer2.0" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown backbone.name 'resnet9'; choose one of: resnet18"):
+        Encoder("resnet9")
+    with pytest.raises(ConfigError, match="unknown backbone.stem"):
+        Encoder("resnet18", "tiny")
+
+
+# --------------------------------------------------------------------------- errors inside a run
+
+
+def smoke_cfg(tmp_path, *overrides):
+    base = ["experiment=smoke", "trainer.precision=32-true", "data.num_train=64", "data.batch_size=16",
+            "trainer.max_epochs=2", "checkpoint.last_every_n_steps=1", "trainer.log_every_n_steps=1"]
+    return compose_config("train", [*base, *overrides], tmp_path)
+
+
+def finite(path: Path) -> bool:
+    state = safe_load(path)["state_dict"]
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """Make the loss NaN from the ``first``-th forward pass on (``only``: that pass alone)."""
+
+    def install(first: int, only: bool = False):
+        calls = {"n": 0}
+        forward = BYOL.forward
+
+        def poisoned(self, view1, view2):
+            out = forward(self, view1, view2)
+            calls["n"] += 1
+            if calls["n"] - 1 == first or (calls["n"] - 1 > first and not only):
+                out = {k: v * float("nan") for k, v in out.items()}
+            return out
+
+        monkeypatch.setattr(BYOL, "forward", poisoned)
+
+    return install
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, nan_at):
+    nan_at(5)  # steps 0-4 are fine
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as err:
+        pretrain(smoke_cfg(tmp_path), run)
+    last = run / "checkpoints" / "last.ckpt"
+    assert str(err.value).startswith(f"loss became NaN/inf at optimizer step 5 (counted from 0); the last "
+                                     f"good checkpoint is {last}, saved after 5 steps.")
+    assert "train.on_nonfinite=skip" in str(err.value)
+    assert safe_load(last)["global_step"] == 5 and finite(last)  # NaN weights never replaced it
+    assert not (run / "checkpoints" / "final.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_skip_leaves_the_step_out(tmp_path, nan_at, monkeypatch, capsys):
+    nan_at(5, only=True)
+    seen = {}
+    step = BYOL.forward
+
+    def watch(self, view1, view2):  # state of every network before each forward pass
+        seen.setdefault("states", []).append({k: v.clone() for k, v in self.state_dict().items()})
+        return step(self, view1, view2)
+
+    monkeypatch.setattr(BYOL, "forward", watch)
+    run = tmp_path / "run"
+    pretrain(smoke_cfg(tmp_path, "train.on_nonfinite=skip"), run)
+    assert "non-finite loss at step 5; skipping this step (1 skipped so far)" in capsys.readouterr().out
+    before, after = seen["states"][5], seen["states"][6]
+    # no optimizer step, no EMA step, BatchNorm statistics restored: the skipped batch left no trace
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(seen["states"][4][k], before[k]) for k in before)  # other steps do train
+    final = run / "checkpoints" / "final.ckpt"
+    assert finite(final) and safe_load(final)["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_disk_full_during_training_keeps_last_checkpoint(tmp_path, monkeypatch):
+    write, saves = ckpt.atomic_write, []
+
+    def fills_up(path, writer):  # the third last.ckpt finds the disk full halfway through
+        saves.append(Path(path).name)
+        if saves.count("last.ckpt") < 3 or Path(path).name != "last.ckpt":
+            return write(path, writer)
+
+        def half(f):
+            f.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return write(path, half)
+
+    monkeypatch.setattr(ckpt, "atomic_write", fills_up)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError) as err:  # raised inside Lightning's fit, not wrapped
+        pretrain(smoke_cfg(tmp_path), run)
+    last = run / "checkpoints" / "last.ckpt"
+    assert str(err.value).startswith(f"could not write '{last}' (No space left on device); the previous file")
+    monkeypatch.undo()
+    assert safe_load(last)["global_step"] == 2 and finite(last)
+    assert not [p for p in last.parent.iterdir() if p.name != "last.ckpt"]  # no temporary files
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+CLI_CASES = {
+    "missing folder": (["data=imagefolder", "data.root={tmp}/nope"],
+                       "error: data.root '{tmp}/nope' does not exist"),
+    "empty folder": (["data=imagefolder", "data.root={tmp}/empty"],
+                     "error: no images found in '{tmp}/empty'"),
+    "corrupt image": (["data=imagefolder", "data.root={tmp}/bad", "data.cache_dir=null"],
+                      "error: cannot read image '{tmp}/bad/train/dog/broken.png'"),
+    "cifar10 not there": (["data=cifar10", "data.root={tmp}/cifar", "data.download=false"],
+                          "error: could not load CIFAR-10 from '{tmp}/cifar'"),
+    "batch too large": (["data.batch_size=1000"], "error: data.batch_size=1000 is larger than the dataset"),
+    "unknown tap": (["loss=multi", "loss.taps=[layer9.0]"], "error: unknown tap 'layer9.0' for resnet18"),
+    "unknown backbone": (["backbone.name=resnet9"], "error: unknown backbone.name 'resnet9'"),
+    # lr 1e30: huge (finite) weights after step 0, a NaN loss at step 1 (or NaN weights, when they overflow)
+    "nan loss": (["optim.base_lr=1e30", "trainer.precision=32-true", "checkpoint.last_every_n_steps=1"],
+                 ("error: loss became NaN/inf at optimizer step 1 (counted from 0); the last good checkpoint "
+                  "is {tmp}/run/checkpoints/last.ckpt, saved after 1 step.",
+                  "error: weights became NaN/inf")),
+}
+
+
+def make_inputs(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    image_tree(tmp_path / "bad")
+    (tmp_path / "bad" / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+
+
+@pytest.mark.parametrize("case", [c for c in CLI_CASES if c != "nan loss"])
+def test_job_errors_are_one_line(tmp_path, case, capsys):
+    """What train.py's job does with each bad input, in this process (the subprocess tests
+    below check the same path through Hydra, status and stderr included)."""
+    make_inputs(tmp_path)
+    overrides, expected = CLI_CASES[case]
+    run = tmp_path / "run"
+    run.mkdir()  # Hydra creates it before the job starts
+    cfg = compose_config("train", ["experiment=smoke", *(o.format(tmp=tmp_path) for o in overrides)], run)
+    with pytest.raises(SystemExit) as exit_:
+        run_job(pretrain, cfg, requested=command_line_keys())
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    assert err.startswith(expected.format(tmp=tmp_path))
+    assert (run / "FAILED").read_text().strip() == err.strip()[len("error: "):]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["corrupt image", "nan loss"])
+def test_command_line_errors_are_one_line(tmp_path, case):
+    make_inputs(tmp_path)
+    overrides, expected = CLI_CASES[case]
+    run = tmp_path / "run"
+    result = cli("experiment=smoke", *(o.format(tmp=tmp_path) for o in overrides), f"hydra.run.dir={run}")
+    expected = (expected,) if isinstance(expected, str) else expected
+    assert error_line(result).startswith(tuple(e.format(tmp=tmp_path) for e in expected))
+    assert (run / "FAILED").read_text().strip() == error_line(result)[len("error: "):]
+    assert not list(run.rglob("*.ckpt")) or all(finite(p) for p in run.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_unknown_config_key_is_hydras_message():
+    result = cli("experiment=smoke", "data.bogus=1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Could not override 'data.bogus'" in result.stderr
+    assert "Key 'bogus' is not in struct" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_of_a_crafted_checkpoint_runs_no_code(tmp_path):
+    from test_checkpoint_io import malicious_checkpoint
+
+    run, target = tmp_path / "run", tmp_path / "pwned"
+    (run / "checkpoints").mkdir(parents=True)
+    malicious_checkpoint(run / "checkpoints" / "last.ckpt", target, global_step=3)
+    result = cli(f"resume={run}")
+    assert error_line(result).startswith(f"error: refusing to load '{run}/checkpoints/last.ckpt'")
+    assert not target.exists()
+
+
+@pytest.mark.slow
+def test_sweep_with_a_failing_job_finishes_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("-m", "experiment=smoke", "trainer.max_epochs=1", "loss=multi",
+                 "loss.taps=[layer9.0],[layer2.0]", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    bad, good = sorted(sweep.glob("*_*"))
+    assert bad.name.startswith("0_") and "layer9.0" in bad.name
+    assert (bad / "FAILED").read_text().startswith("unknown tap 'layer9.0'")
+    assert (good / "encoder.pt").is_file() and (good / "checkpoints" / "final.ckpt").is_file()
+    assert not (good / "FAILED").exists()
+    assert f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):" in result.stderr
+    assert f"  {bad.name}: unknown tap 'layer9.0'" in result.stderr
+
+
+# --------------------------------------------------------------------------- evaluation side
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "evaluate.py").exists(), reason="evaluate.py not written yet")
+def test_evaluate_without_pretraining_runs(tmp_path):
+    result = cli(f"outputs_dir={tmp_path}", "data=synthetic", f"hydra.run.dir={tmp_path / 'eval'}",
+                 script="evaluate.py")
+    line = error_line(result)
+    assert f"no pretraining runs found under '{tmp_path}'" in line and "python train.py" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "evaluate.py").exists(), reason="evaluate.py not written yet")
+def test_evaluate_a_checkpoint_of_another_architecture(tmp_path):
+    from byol.checkpoint import save_encoder
+
+    path = tmp_path / "encoder.pt"
+    save_encoder(Encoder("resnet18", "cifar"), path)
+    blob = torch.load(path, weights_only=True)
+    blob["backbone"]["stem"] = "imagenet"  # header and weights disagree
+    torch.save(blob, path)
+    result = cli(f"pretrained={path}", "data=synthetic", "eval=knn", "baseline=false",
+                 f"hydra.run.dir={tmp_path / 'eval'}", script="evaluate.py")
+    line = error_line(result)
+    assert f"'{path}' holds weights of another architecture" in line and "body.conv1.weight" in line

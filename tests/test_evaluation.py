@@ -1,0 +1,431 @@
+"""Evaluation: representations, kNN, the linear probes, fine-tuning, model rebuilding and the job."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import ROOT, compose_config, plain_config
+
+from byol.backbone import Encoder
+from byol.checkpoint import save_encoder
+from byol.data import IndexBatches, make_synthetic
+from byol.errors import ByolError, CheckpointError, ConfigError
+from byol.evaluation import (
+    ClassifierModule,
+    evaluate,
+    extract_features,
+    feature_dim,
+    find_runs,
+    knn_accuracy,
+    knn_predict,
+    read_pretrained,
+    representation_taps,
+    resolve_pretrained,
+    standardize,
+    train_linear_probe,
+    weights_file,
+)
+from byol.lit import build_byol
+
+GRIDS = {"layer2.0": 4, "layer3.0": 2}
+COMBINED = ["avgpool", "layer2.0", "layer3.0"]
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+EVAL_CFG = {"name": "linear", "lr": 0.5, "encoder_lr": 0.5, "weight_decay": 0.0, "optimizer": None,
+            "scheduler": None}
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter AND buffer (BatchNorm running statistics, batch counters), copied."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> list[str]:
+    return [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
+
+
+def tiny_encoder(taps=COMBINED, name="resnet18", stem="imagenet") -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(name, stem, taps, GRIDS)
+
+
+# --------------------------------------------------------------------------- representations
+
+
+def test_representation_taps():
+    assert representation_taps("avgpool", ["layer2.0"]) == ["avgpool"]
+    assert representation_taps("combined", ["layer2.0", "layer3.0"]) == COMBINED
+    assert representation_taps("combined", ["avgpool", "layer3.0", "layer3.0"]) == ["avgpool", "layer3.0"]
+    with pytest.raises(ConfigError, match="repr.taps"):
+        representation_taps("combined", [])
+    with pytest.raises(ConfigError, match="avgpool or combined"):
+        representation_taps("concat", [])
+
+
+@pytest.mark.parametrize("name,expected", [("resnet18", (512, 2048, 1024)), ("resnet50", (2048, 8192, 4096))])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_combined_dimension_is_sum_of_taps_and_classifier_follows(name, expected, stem):
+    encoder = Encoder(name, stem, COMBINED, GRIDS)
+    assert [encoder.dims[t] for t in COMBINED] == list(expected)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for repr_name, dim in (("avgpool", expected[0]), ("combined", sum(expected))):
+        taps = representation_taps(repr_name, ["layer2.0", "layer3.0"])
+        assert feature_dim(encoder, taps) == dim
+        assert extract_features(encoder, images, taps, MEAN, STD).shape == (2, dim)
+        module = ClassifierModule(encoder, taps, 10, EVAL_CFG, MEAN, STD, finetune=False)
+        assert module.head[0].num_features == dim and module.head[1].in_features == dim
+        assert module.head[1].out_features == 10
+
+
+# --------------------------------------------------------------------------- kNN
+
+
+def _unit(degrees):
+    rad = torch.tensor(degrees, dtype=torch.float32) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], 1)
+
+
+def test_knn_on_toy_data_with_known_neighbours():
+    # train points on the unit circle (angle, class)
+    train = _unit([0.0, 30.0, -30.0, 90.0, 170.0])
+    train_labels = torch.tensor([1, 0, 0, 2, 2])
+    scale = torch.tensor([[1.0], [3.0], [0.5], [2.0]])  # cosine similarity ignores it
+    queries = _unit([0.0, 0.0, 90.0, -60.0]) * scale
+    query_labels = torch.tensor([1, 0, 2, 0])
+    # By hand, k=3, T=0.1, vote exp(cos / T):
+    #  q0 (0 deg): 0 deg (class 1, cos 1) vs 30 and -30 deg (class 0, cos .866):
+    #      e^10 = 22026 > 2 e^8.66 = 11536 -> 1 (a majority vote would say 0)
+    #  q1: the same point, labelled 0 -> predicted 1, wrong
+    #  q2 (90 deg): 90 (class 2, 1.0), 30 (class 0, .5), 170 (class 2, .174): e^10 + e^1.74 > e^5 -> 2
+    #  q3 (-60 deg): -30 (class 0, .866), 0 (class 1, .5), 30 (class 0, 0): e^8.66 + 1 > e^5 -> 0
+    pred = knn_predict(train, train_labels, queries, num_classes=3, k=3, temperature=0.1)
+    assert pred.tolist() == [1, 1, 2, 0]
+    assert knn_accuracy(train, train_labels, queries, query_labels, 3, k=3, temperature=0.1) == 0.75
+    # At T=1 the weights flatten: q0 gets e^1 = 2.72 for class 1 vs 2 e^.866 = 4.75 for class 0.
+    pred_t1 = knn_predict(train, train_labels, queries, num_classes=3, k=3, temperature=1.0)
+    assert pred_t1.tolist() == [0, 0, 2, 0]
+    # chunking changes nothing; k larger than the bank uses the whole bank
+    chunked = knn_predict(train, train_labels, queries, 3, k=3, temperature=0.1, chunk_size=1)
+    assert chunked.tolist() == [1, 1, 2, 0]
+    assert knn_predict(train, train_labels, queries, 3, k=50, temperature=0.1).shape == (4,)
+
+
+# --------------------------------------------------------------------------- linear probe on cached features
+
+
+def test_standardize_uses_train_statistics_and_permutes_rows():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(1000, 6, generator=g) * torch.tensor([1.0, 10, 0.1, 5, 2, 3]) + 7
+    other = train[:10].clone()
+    order = torch.randperm(1000, generator=g)
+    (t, o), (mean, std) = standardize(train, other, order=order, chunk=128)
+    torch.testing.assert_close(mean, train.mean(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(std, train.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(t.mean(0), torch.zeros(6), rtol=0, atol=1e-4)
+    torch.testing.assert_close(t.std(0, unbiased=False), torch.ones(6), rtol=0, atol=1e-3)
+    torch.testing.assert_close(t, (train[order] - mean) / std)  # rows permuted by `order`
+    torch.testing.assert_close(o, (other - mean) / std)  # other splits: train statistics, order kept
+
+
+def test_linear_probe_learns_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=g) * 3
+
+    def split(n):
+        y = torch.randint(0, 3, (n,), generator=g)
+        return centres[y] + torch.randn(n, 20, generator=g), y
+
+    result = train_linear_probe(split(600), split(200), split(200), 3, epochs=10, batch_size=64, lr=0.1)
+    assert result.val_acc > 0.95 and result.test_acc > 0.95
+    assert len(result.history) == 10 and result.history[-1]["train/acc"] > 0.95
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+
+
+def test_cached_linear_probe_leaves_encoder_bit_identical():
+    encoder = tiny_encoder()
+    data = make_synthetic(64, num_classes=4)
+    before = snapshot(encoder)
+    encoder.train()  # extraction must switch to eval mode itself (BatchNorm statistics frozen)...
+    feats = extract_features(encoder, data.images, COMBINED, MEAN, STD, batch_size=16, dtype=torch.bfloat16)
+    assert encoder.training  # ... and restore the caller's mode
+    assert feats.shape == (64, 3584) and feats.dtype == torch.bfloat16
+    split = (feats, data.labels)
+    untrained = train_linear_probe(split, split, split, 4, epochs=0, batch_size=16, seed=3)
+    trained = train_linear_probe(split, split, split, 4, epochs=1, batch_size=16, seed=3)
+    assert changed(before, encoder) == []
+    assert not torch.equal(untrained.head.weight, trained.head.weight)  # only the classifier moved
+
+
+# --------------------------------------------------------------------------- Lightning classifier
+
+
+def _fit_one_epoch(module: ClassifierModule, n: int = 48):
+    data = make_synthetic(n, num_classes=4)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, precision="bf16-mixed", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    batches = IndexBatches(data, 16, seed=0)
+    trainer.fit(module, train_dataloaders=batches, val_dataloaders=IndexBatches(data, 16, shuffle=False))
+    return trainer
+
+
+def test_augmented_linear_protocol_changes_only_the_classifier():
+    encoder = tiny_encoder()
+    module = ClassifierModule(encoder, COMBINED, 4, EVAL_CFG, MEAN, STD, finetune=False)
+    encoder_before, linear_before = snapshot(encoder), snapshot(module.head[1])
+    trainer = _fit_one_epoch(module)
+    assert trainer.global_step == 3
+    assert changed(encoder_before, encoder) == []  # weights AND BatchNorm running statistics
+    assert not encoder.training
+    assert set(changed(linear_before, module.head[1])) == {"weight", "bias"}
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_finetune_changes_the_encoder():
+    encoder = tiny_encoder()
+    cfg = dict(EVAL_CFG, name="finetune")
+    module = ClassifierModule(encoder, ["avgpool"], 4, cfg, MEAN, STD, finetune=True)
+    before = snapshot(encoder)
+    _fit_one_epoch(module)
+    moved = changed(before, encoder)
+    assert "body.conv1.weight" in moved and "body.layer4.1.conv2.weight" in moved
+    assert "body.bn1.running_mean" in moved  # BatchNorm trains too
+
+
+# --------------------------------------------------------------------------- rebuilding pretrained encoders
+
+
+def _byol_checkpoint(smoke_config, tmp_path: Path, *overrides) -> tuple[Path, dict, torch.nn.Module]:
+    """A Lightning-style checkpoint of a BYOL model whose target differs from its online encoder."""
+    cfg = smoke_config("loss=multi", *overrides)
+    torch.manual_seed(1)
+    model = build_byol(cfg)
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(1.0)
+    ckpt = {"byol_config": cfg, "epoch": 3, "global_step": 12,
+            "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 3}}}},
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    path = tmp_path / "run" / "checkpoints" / "final.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save(ckpt, path)
+    return path, cfg, model
+
+
+def test_checkpoint_rebuilds_the_online_encoder_of_the_runs_architecture(smoke_config, tmp_path):
+    path, cfg, model = _byol_checkpoint(smoke_config, tmp_path, "backbone.stem=cifar")
+    pre = read_pretrained(path)
+    assert (pre.loss, pre.seed, pre.epochs) == ("multi", cfg["seed"], 3)
+    encoder = pre.build(["avgpool"])  # another tap set than the run's: same weights
+    assert encoder.config["stem"] == "cifar" and encoder.taps == ["avgpool"]
+    online, target = model.online_encoder.state_dict(), model.target_encoder.state_dict()
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, online[k]), k
+    assert not torch.equal(encoder.state_dict()["body.conv1.weight"], target["body.conv1.weight"])
+    assert pre.build(COMBINED).dims == {"avgpool": 512, "layer2.0": 2048, "layer3.0": 1024}
+
+
+def test_encoder_export_is_rebuilt_with_its_meta(tmp_path):
+    encoder = tiny_encoder(["layer2.0"], stem="cifar")
+    save_encoder(encoder, tmp_path / "encoder.pt", meta={"loss": "multi", "epochs": 7, "seed": 4})
+    pre = read_pretrained(tmp_path / "encoder.pt")
+    assert (pre.loss, pre.epochs, pre.seed, pre.backbone["stem"]) == ("multi", 7, 4, "cifar")
+    rebuilt = pre.build(COMBINED)
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v)
+
+
+def test_unusable_files_fail_with_clear_errors(smoke_config, tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a byol checkpoint"):
+        read_pretrained(tmp_path / "other.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_pretrained(tmp_path / "corrupt.pt")
+    no_encoder = {"byol_config": smoke_config(), "state_dict": {"model.x": torch.zeros(1)}}
+    torch.save(no_encoder, tmp_path / "nohead.ckpt")
+    with pytest.raises(CheckpointError, match="no online encoder"):
+        read_pretrained(tmp_path / "nohead.ckpt")
+    # an export whose weights are not of the architecture it names (ImageNet stem weights, CIFAR stem claimed)
+    blob = torch.load(_export(tmp_path / "a"), weights_only=True)
+    blob["backbone"]["stem"] = "cifar"
+    torch.save(blob, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="another architecture"):
+        read_pretrained(tmp_path / "mismatch.pt").build(["avgpool"])
+
+
+def _export(run_dir: Path, loss="classic", seed=0) -> Path:
+    """A minimal run folder: encoder.pt + config.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_encoder(tiny_encoder([]), run_dir / "encoder.pt", meta={"loss": loss, "epochs": 1, "seed": seed})
+    (run_dir / "config.yaml").write_text(f"seed: {seed}\nloss:\n  name: {loss}\nbackbone:\n  name: resnet18\n"
+                                         f"  stem: imagenet\n")
+    return run_dir / "encoder.pt"
+
+
+def test_resolve_pretrained(tmp_path, capsys):
+    outputs = tmp_path / "outputs"
+    with pytest.raises(CheckpointError, match="no pretraining runs found.*pretrained=random"):
+        resolve_pretrained("latest", outputs)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_pretrained(str(tmp_path / "nowhere"), outputs)
+    old = _export(outputs / "train" / "old")
+    sweep = outputs / "multirun" / "train" / "2026"
+    a, b = _export(sweep / "0_loss=classic"), _export(sweep / "1_loss=multi", "multi")
+    newest = _export(outputs / "train" / "new")
+    for i, p in enumerate((old, a, b, newest)):
+        os.utime(p, (1000 + i, 1000 + i))
+    assert resolve_pretrained("latest", outputs) == ([newest], None)
+    assert "outputs/train/new" in capsys.readouterr().out  # says which run it chose
+    assert resolve_pretrained("latest_sweep", outputs) == ([a, b], sweep)
+    assert resolve_pretrained(str(sweep), outputs) == ([a, b], sweep)
+    assert resolve_pretrained(str(old.parent), outputs) == ([old], None)
+    assert resolve_pretrained("random", outputs) == ("random", None)
+    assert find_runs(outputs) == sorted([old.parent, a.parent, b.parent, newest.parent])
+    # encoder.pt > final.ckpt > last.ckpt
+    run = tmp_path / "ckpts"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert weights_file(run) == run / "checkpoints" / "last.ckpt"
+    (run / "checkpoints" / "final.ckpt").write_bytes(b"")
+    assert weights_file(run) == run / "checkpoints" / "final.ckpt"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no pretraining run in"):
+        resolve_pretrained(str(empty), outputs)
+
+
+# --------------------------------------------------------------------------- configs and the job
+
+
+@pytest.mark.parametrize("repr_name", ["avgpool", "combined"])
+@pytest.mark.parametrize("protocol", ["linear", "finetune", "knn"])
+def test_evaluate_configs_compose(repr_name, protocol, tmp_path):
+    cfg = compose_config("evaluate", [f"repr={repr_name}", f"eval={protocol}"], tmp_path)
+    assert (cfg.repr.name, cfg.eval.name, cfg.pretrained) == (repr_name, protocol, "latest")
+    smoke = compose_config("evaluate", [f"repr={repr_name}", f"eval={protocol}", "experiment=smoke"],
+                           tmp_path)
+    assert smoke.data.name == "synthetic" and smoke.data.num_train == 128
+    if protocol != "knn":
+        assert cfg.eval.epochs > 1 and smoke.eval.epochs == 1
+
+
+def test_smoke_experiment_still_composes_for_training(tmp_path):
+    train = plain_config(compose_config("train", ["experiment=smoke"], tmp_path))
+    assert "eval" not in train and train["trainer"]["max_epochs"] == 2
+
+
+def _job_config(tmp_path, *overrides):
+    return compose_config("evaluate", ["experiment=smoke", f"outputs_dir={tmp_path / 'outputs'}", *overrides],
+                          tmp_path)
+
+
+def test_evaluate_random_knn_writes_results(tmp_path):
+    cfg = _job_config(tmp_path, "pretrained=random", "eval=knn", "repr=combined")
+    (result,) = evaluate(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "ok" and result["test_acc"] == saved["test_acc"]
+    assert (saved["pretrained"], saved["loss"], saved["repr"], saved["eval"]) == ("random", "random-init",
+                                                                                    "combined", "knn")
+    assert (saved["backbone"], saved["stem"], saved["feature_dim"], saved["eval_epochs"]) == (
+        "resnet18", "imagenet", 3584, 0)
+    assert 0.0 <= saved["val_acc"] <= 1.0 and 0.0 <= saved["test_acc"] <= 1.0
+    # the test accuracy is the kNN accuracy a fraction of the 64 test images
+    assert saved["test_acc"] * 64 == pytest.approx(round(saved["test_acc"] * 64))
+    assert (tmp_path / "run" / "metrics.csv").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_good", "multi", seed=2)
+    _export(sweep / "1_corrupt", "classic", seed=5)
+    (sweep / "1_corrupt" / "encoder.pt").write_bytes(b"truncated")
+    with pytest.raises(ByolError, match="1 of 3 evaluations failed"):
+        evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn"), tmp_path / "run")
+    good = json.loads((tmp_path / "run" / "0_good" / "results.json").read_text())
+    bad = json.loads((tmp_path / "run" / "1_corrupt" / "results.json").read_text())
+    base = json.loads((tmp_path / "run" / "random-init" / "results.json").read_text())
+    assert (good["status"], good["loss"], good["seed"]) == ("ok", "multi", 2)
+    assert (bad["status"], bad["loss"], bad["seed"]) == ("failed", "classic", 5)  # its cell, from config.yaml
+    assert "corrupt" in bad["error"] and bad["test_acc"] is None
+    assert (base["status"], base["loss"], base["backbone"], base["stem"]) == ("ok", "random-init", "resnet18",
+                                                                               "imagenet")
+
+
+# --------------------------------------------------------------------------- end to end (subprocesses)
+
+
+def _run(script: str, args, cwd: Path, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_multi_resnet50_run_is_rebuilt_by_evaluate(tmp_path, monkeypatch):
+    train = _run("train.py", ["experiment=smoke", "loss=multi", "backbone=resnet50", "trainer.max_epochs=1",
+                              "data.num_train=32", "data.batch_size=16", "hydra.run.dir=outputs/train/r50"],
+                 tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    run = tmp_path / "outputs" / "train" / "r50"
+    built = []
+    from byol.evaluation import Pretrained
+
+    original = Pretrained.build
+
+    def spy(self, taps):
+        built.append(original(self, taps))
+        return built[-1]
+
+    monkeypatch.setattr(Pretrained, "build", spy)
+    cfg = _job_config(tmp_path, "pretrained=latest", "repr=combined", "eval=knn")
+    (result,) = evaluate(cfg, tmp_path / "ev")
+    (encoder,) = built
+    # the run's architecture, not evaluate's default backbone (resnet18)
+    assert encoder.config["name"] == "resnet50" and encoder.config["stem"] == "imagenet"
+    ckpt = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, ckpt[f"model.online_encoder.{k}"]), k
+    target = ckpt["model.target_encoder.body.conv1.weight"]
+    assert not torch.equal(encoder.state_dict()["body.conv1.weight"], target)  # online, not the EMA target
+    assert (result["backbone"], result["loss"], result["feature_dim"], result["pretrain_epochs"]) == (
+        "resnet50", "multi", 2048 + 8192 + 4096, 1)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_evaluate_cli_fails_with_one_line(tmp_path):
+    start = time.perf_counter()
+    line = _one_line_error(_run("evaluate.py", ["experiment=smoke"], tmp_path))
+    assert "no pretraining runs found" in line and "pretrained=random" in line
+    blob = torch.load(_export(tmp_path / "a"), weights_only=True)
+    blob["backbone"]["name"] = "resnet34"  # resnet18 weights, resnet34 claimed: another architecture
+    torch.save(blob, tmp_path / "mismatch.pt")
+    line = _one_line_error(_run("evaluate.py", ["experiment=smoke", f"pretrained={tmp_path / 'mismatch.pt'}"],
+                                tmp_path))
+    assert "another architecture" in line and "missing" in line
+    assert time.perf_counter() - start < 120
+
+
+def test_feature_normalisation_matches_a_batchnorm_without_affine():
+    """The cached probe's standardisation is the eval-mode BatchNorm of the augmented protocol."""
+    x = torch.randn(500, 8) * 3 + 1
+    (z,), (mean, std) = standardize(x)
+    bn = torch.nn.BatchNorm1d(8, affine=False, momentum=None, eps=1e-5).train()
+    bn(x)  # momentum=None: running statistics are the cumulative average, here of one batch
+    bn.eval()
+    # BatchNorm keeps the unbiased (n - 1) running variance: a factor sqrt(500 / 499) apart
+    torch.testing.assert_close(z, bn(x) * math.sqrt(500 / 499), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,147 @@
+"""Preemption: SIGTERM / SIGUSR1 save last.ckpt at the next batch boundary and stop with a
+clear message and status 128 + signal; the run resumes from there as if never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_resume import (
+    EXACT,
+    STEPS_PER_EPOCH,
+    assert_same_training_state,
+    reference_run,
+    saved_step,
+    start,
+    train,
+    wait_for_step,
+)
+
+from byol.errors import Interrupted
+from byol.pretrain import RunCheckpoints, describe_step
+
+# --------------------------------------------------------------------------- the callback alone
+
+
+class FakeTrainer(SimpleNamespace):
+    def save_checkpoint(self, path, weights_only=None):
+        self.saved.append((Path(path).name, self.global_step))
+
+
+def fake_trainer(**kw) -> FakeTrainer:
+    defaults = {"num_training_batches": 4, "accumulate_grad_batches": 1, "global_step": 0, "current_epoch": 0,
+                "saved": [], "_signal_connector": SimpleNamespace(received_sigterm=False)}
+    return FakeTrainer(**{**defaults, **kw})
+
+
+def test_periodic_and_step_checkpoints(tmp_path):
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, every_n_epochs=2, last_every_n_steps=2)
+    t = fake_trainer()
+    for epoch in range(2):
+        t.current_epoch = epoch
+        for batch in range(4):
+            t.global_step += 1
+            cb.on_train_batch_end(t, None, None, None, batch)
+        cb.on_train_epoch_end(t, None)
+    # every 2 steps inside an epoch, never on its last batch (the epoch end saves), epochNNNN every 2 epochs
+    assert t.saved == [("last.ckpt", 2), ("last.ckpt", 4), ("last.ckpt", 6), ("last.ckpt", 8),
+                       ("epoch0001.ckpt", 8)]
+
+
+def test_signal_mid_epoch_saves_then_stops_at_next_batch(tmp_path):
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    t = fake_trainer(global_step=6, current_epoch=1)
+    cb.received = signal.SIGTERM
+    cb.on_train_batch_end(t, None, None, None, 1)
+    assert t.saved == [("last.ckpt", 6)]  # saved now; the step's metrics are logged after this hook
+    with pytest.raises(Interrupted) as err:
+        cb.on_train_batch_start(t, None, None, 2)
+    assert err.value.exit_code == 128 + signal.SIGTERM == 143
+    assert str(err.value) == (f"received SIGTERM: saved checkpoints/last.ckpt at {describe_step(6, 4)}; "
+                              f"resume with: python train.py resume={tmp_path}")
+
+
+def test_signal_on_last_batch_waits_for_the_epoch_end(tmp_path):
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, every_n_epochs=1)
+    t = fake_trainer(global_step=4)
+    cb.received = signal.SIGUSR1
+    cb.on_train_batch_end(t, None, None, None, 3)
+    assert t.saved == [] and cb.stop_message is None
+    cb.on_train_epoch_end(t, None)
+    assert t.saved == [("last.ckpt", 4), ("epoch0000.ckpt", 4)]  # the periodic checkpoint is not lost
+    with pytest.raises(Interrupted) as err:
+        cb.on_train_batch_start(t, None, None, 0)
+    assert err.value.exit_code == 138 and "received SIGUSR1" in str(err.value)
+
+
+def test_signal_between_accumulated_batches_waits_for_the_step(tmp_path):
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    t = fake_trainer(num_training_batches=8, accumulate_grad_batches=2, global_step=1)
+    cb.received = signal.SIGTERM
+    cb.on_train_batch_end(t, None, None, None, 2)  # first half of optimizer step 2
+    assert t.saved == []
+    t.global_step = 2
+    cb.on_train_batch_end(t, None, None, None, 3)
+    assert t.saved == [("last.ckpt", 2)]
+
+
+def test_handlers_are_installed_for_training_only(tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    t = fake_trainer()
+    cb.on_train_start(t, None)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # delivered to the main thread before kill returns
+        assert cb.received == signal.SIGUSR1
+        cb.received = None
+        os.kill(os.getpid(), signal.SIGINT)  # first Ctrl+C: stop cleanly at the next boundary
+        assert cb.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # second Ctrl+C: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        cb.on_train_end(t, None)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_caught_by_lightning_before_training_is_kept(tmp_path):
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    t = fake_trainer()
+    t._signal_connector.received_sigterm = True  # Lightning's handler got it during setup
+    cb.on_train_start(t, None)
+    cb.on_exception(t, None, RuntimeError())
+    assert cb.received == signal.SIGTERM and t._signal_connector.received_sigterm is False
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_stops_and_resumes_exactly(tmp_path_factory, sig):
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp(sig.name) / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = start(*EXACT, f"hydra.run.dir={run_dir}")
+    try:
+        wait_for_step(proc, last, 1)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    step = saved_step(last)
+    assert step is not None and 1 <= step < 12
+    assert err.strip().splitlines()[-1] == (
+        f"received {sig.name}: saved checkpoints/last.ckpt at {describe_step(step, STEPS_PER_EPOCH)}; resume "
+        f"with: python train.py resume={run_dir}")
+    assert "Traceback" not in err and not (run_dir / "checkpoints" / "final.ckpt").exists()
+
+    resumed = train(f"resume={run_dir}")  # exactly what the message says, nothing else
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}: {describe_step(step, STEPS_PER_EPOCH)}" in resumed.stdout
+    assert "changed settings" not in resumed.stdout
+    assert_same_training_state(run_dir, reference)
