@@ -96,7 +96,8 @@ def sample_view_params(n: int, cfg: ViewConfig, gen: torch.Generator, device) ->
         lo, hi = identity - strength, identity + strength
         if identity == 1.0:  # multiplicative factors stay non-negative; the hue shift is symmetric
             lo = max(0.0, lo)
-        return torch.where(jitter, _uniform(n, lo, hi, gen, device), torch.full((n,), identity, device=device))
+        drawn = _uniform(n, lo, hi, gen, device)
+        return torch.where(jitter, drawn, torch.full((n,), identity, device=device))
 
     return {
         "crop": sample_crops(n, cfg.crop_scale, cfg.crop_ratio, gen, device),
@@ -204,7 +205,8 @@ def color_jitter(x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.T
     """
     one = torch.ones_like(params["brightness"])
     for slot in range(4):
-        op = torch.where(params["jitter"], params["order"][:, slot], torch.full_like(params["order"][:, 0], -1))
+        none = torch.full_like(params["order"][:, 0], -1)
+        op = torch.where(params["jitter"], params["order"][:, slot], none)
         is_b, is_c, is_s = (op == COLOR_OPS.index(name) for name in ("brightness", "contrast", "saturation"))
         a = torch.where(is_b, params["brightness"], torch.where(is_c, params["contrast"],
                                                                 torch.where(is_s, params["saturation"], one)))
@@ -216,7 +218,8 @@ def color_jitter(x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.T
     return x
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor,
+                  kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur with a per-image sigma (reflect padding, as torchvision)."""
     n, c, hgt, wid = x.shape
     half = kernel_size // 2
@@ -231,7 +234,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, ker
     return y.view(n, c, hgt, wid)
 
 
-def apply_view(x: torch.Tensor, params: Mapping[str, torch.Tensor], cfg: ViewConfig, size: int) -> torch.Tensor:
+def apply_view(x: torch.Tensor, params: Mapping[str, torch.Tensor], cfg: ViewConfig,
+               size: int) -> torch.Tensor:
     """One view of float images in [0, 1] given sampled ``params`` (not yet normalised)."""
     x = crop_and_flip(x, params["crop"], params["flip"], size)
     if cfg.jitter_p > 0:
@@ -252,8 +256,9 @@ class Normalize(torch.nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        for name, value in (("mean", mean), ("std", std)):
+            tensor = torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:

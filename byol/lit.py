@@ -153,11 +153,16 @@ class BYOLModule(pl.LightningModule):
             self.check_finite()
             self.log("train/tau", self.current_tau(), on_step=True, on_epoch=False)
 
+    def epoch_means(self) -> dict[str, torch.Tensor]:
+        """Mean of each loss (``loss``, ``loss/<tap>``) over the current epoch so far."""
+        if self._epoch_sums.get("epoch") != self.current_epoch or not self._epoch_sums["images"]:
+            return {}
+        return {name: total / self._epoch_sums["images"] for name, total in self._epoch_sums["sums"].items()}
+
     def on_train_epoch_end(self):
         self.check_finite()
-        if self._epoch_sums.get("epoch") == self.current_epoch and self._epoch_sums["images"]:
-            for name, total in self._epoch_sums["sums"].items():
-                self.log(f"train/{name}_epoch", total / self._epoch_sums["images"])
+        for name, mean in self.epoch_means().items():
+            self.log(f"train/{name}_epoch", mean)
 
     def _last_good(self) -> str:
         last = self.last_good_checkpoint

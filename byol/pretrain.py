@@ -10,7 +10,9 @@ needed for a resumed run to be the run it would have been.
 from __future__ import annotations
 
 import copy
+import logging
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -296,6 +298,31 @@ class RunCheckpoints(pl.Callback):
             self._save(trainer, self.ckpt_dir / f"epoch{epoch:04d}.ckpt")
 
 
+class EpochSummary(pl.Callback):
+    """One console line per epoch (loss per head, tau, lr, images/s): progress that reads well
+    in log files too, at the cost of one host synchronisation per epoch."""
+
+    def __init__(self):
+        self._start, self._batches = time.perf_counter(), 0  # also right for an epoch resumed midway
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._batches = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._start
+        images = self._batches * pl_module.cfg["data"]["batch_size"]
+        losses = {k: float(v) for k, v in pl_module.epoch_means().items()}
+        heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        total = losses.get("loss", float("nan"))
+        print(f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
+              f"tau {pl_module.current_tau():.4f}, lr {lr:.3g}, "
+              f"{images / max(seconds, 1e-9):.1f} images/s ({seconds:.0f} s)", flush=True)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -312,6 +339,10 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # train.on_nonfinite=skip returns None from training_step on purpose, and says so itself
     warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+    # IndexBatches resumes mid-epoch from the trainer's own counters, which Lightning cannot know
+    warnings.filterwarnings("ignore", message=r"You.re resuming from a checkpoint that ended before")
+    # Lightning's start-up banner (tips, "GPU available"): the [byol] lines say what matters
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)  # Hydra's own settings: not part of the run's config, not resolvable here
@@ -360,7 +391,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=make_loggers(cfg, run_dir, resumed_step),
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary()],
         enable_checkpointing=False,  # RunCheckpoints writes them
         plugins=[AtomicCheckpointIO()],
     )
