@@ -19,7 +19,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -323,6 +323,14 @@ class EpochSummary(pl.Callback):
               f"{images / max(seconds, 1e-9):.1f} images/s ({seconds:.0f} s)", flush=True)
 
 
+def progress_bar(trainer_cfg) -> list:
+    """A progress bar that refreshes every ``log_every_n_steps`` batches: each refresh reads the
+    logged loss back from the device, and a per-step read would stall a GPU every step."""
+    if not trainer_cfg.get("enable_progress_bar", True):
+        return []
+    return [TQDMProgressBar(refresh_rate=max(1, int(trainer_cfg.get("log_every_n_steps") or 1)))]
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -391,7 +399,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=make_loggers(cfg, run_dir, resumed_step),
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary()],
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary()]
+        + progress_bar(cfg.trainer),
         enable_checkpointing=False,  # RunCheckpoints writes them
         plugins=[AtomicCheckpointIO()],
     )
