@@ -6,12 +6,12 @@
 #   3. fine-tuning for a few epochs, same models and representations, one sweep;
 #   4. the report: results.md / results.csv / results.png in $OUT.
 # BYOL needs far more steps than minutes of this CPU give: the table proves the machinery, not the
-# method (see the issue). Expect about 30 minutes with the defaults on the 2-core machine (a check
+# method (see the issue). Expect about 40-50 minutes with the defaults on the 2-core machine (a check
 # with SUBSET=256 EPOCHS=1 FT_EPOCHS=1 took 7 minutes, most of it feature extraction of the
 # 5,000 validation and 10,000 test images for each of the 3 models in each of the 6 jobs).
 #
 # Environment (defaults): DATA (/tmp/cifar10, laid out as DATA/{train,test}/<class>/*.jpg),
-# SUBSET (10000 training images), EPOCHS (5, pretraining), SEEDS (0; e.g. 0,1,2), FT_EPOCHS (3),
+# SUBSET (10000 training images), EPOCHS (8, pretraining), SEEDS (0; e.g. 0,1,2), FT_EPOCHS (1),
 # BATCH (256), OUT (outputs/cpu_grid), PYTHON (python).
 # A quick check of the script itself: SUBSET=256 EPOCHS=1 FT_EPOCHS=1 OUT=/tmp/cpu_grid_check bash benchmarks/cpu_grid.sh
 set -euo pipefail
@@ -20,9 +20,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DATA=${DATA:-/tmp/cifar10}
 SUBSET=${SUBSET:-10000}
-EPOCHS=${EPOCHS:-5}
+EPOCHS=${EPOCHS:-8}
 SEEDS=${SEEDS:-0}
-FT_EPOCHS=${FT_EPOCHS:-3}
+FT_EPOCHS=${FT_EPOCHS:-1}
 BATCH=${BATCH:-256}
 OUT=${OUT:-outputs/cpu_grid}
 DATA_ARGS=(data=imagefolder "data.root=$DATA" "data.subset=$SUBSET" "data.batch_size=$BATCH")
