@@ -363,7 +363,6 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "evaluate.py").exists(), reason="evaluate.py not written yet")
 def test_evaluate_without_pretraining_runs(tmp_path):
     result = cli(f"outputs_dir={tmp_path}", "data=synthetic", f"hydra.run.dir={tmp_path / 'eval'}",
                  script="evaluate.py")
@@ -372,7 +371,6 @@ def test_evaluate_without_pretraining_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "evaluate.py").exists(), reason="evaluate.py not written yet")
 def test_evaluate_a_checkpoint_of_another_architecture(tmp_path):
     from byol.checkpoint import save_encoder
 
