@@ -23,6 +23,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from byol.errors import CheckpointError
 
 ENCODER_FORMAT = "byol-encoder"
+ONLINE_PREFIX = "model.online_encoder."  # where BYOLModule keeps the online encoder in its state_dict
 ENCODER_VERSION = 1
 TEMP_SUFFIX = ".tmp"
 
@@ -131,6 +132,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return safe_load(path, map_location=map_location or "cpu")
+
+
+def online_encoder_state(ckpt: dict) -> dict:
+    """The online encoder's weights from a train.py Lightning checkpoint (never the EMA target)."""
+    return {k[len(ONLINE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE_PREFIX)}
 
 
 def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None) -> None:

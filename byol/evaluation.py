@@ -34,12 +34,19 @@ from torch import nn
 
 from byol.augment import CROP_ONLY, Normalize, ViewAugment
 from byol.backbone import AVGPOOL, Encoder
-from byol.checkpoint import ENCODER_FORMAT, atomic_write_bytes, load_weights, safe_load
+from byol.checkpoint import (
+    ENCODER_FORMAT,
+    ONLINE_PREFIX,
+    atomic_write_bytes,
+    load_weights,
+    online_encoder_state,
+    safe_load,
+)
 from byol.data import ImageTensors, IndexBatches
 from byol.errors import ByolError, CheckpointError, ConfigError, DataError
 from byol.optim import param_groups, warmup_cosine
+from byol.pretrain import make_loggers
 
-ONLINE_PREFIX = "model.online_encoder."
 RANDOM = "random"
 RANDOM_LOSS = "random-init"
 PROTOCOLS = ("linear", "finetune", "knn")
@@ -503,8 +510,7 @@ def read_pretrained(path: str | Path, label: str | None = None) -> Pretrained:
                           meta.get("seed"), int(meta.get("epochs") or 0), blob["state_dict"],
                           (run_cfg or {}).get("data"))
     if isinstance(blob, dict) and isinstance(blob.get("byol_config"), dict) and "state_dict" in blob:
-        state = {k[len(ONLINE_PREFIX):]: v for k, v in blob["state_dict"].items()
-                 if k.startswith(ONLINE_PREFIX)}
+        state = online_encoder_state(blob)
         if not state:
             raise CheckpointError(f"'{path}' has no online encoder weights ({ONLINE_PREFIX}*); it is not a "
                                   f"BYOL pretraining checkpoint")
@@ -637,18 +643,6 @@ def _write_json(obj: dict, path: Path) -> None:
     atomic_write_bytes((json.dumps(obj, indent=2, default=str) + "\n").encode(), path)
 
 
-def _loggers(cfg: Mapping, out_dir: Path) -> list:
-    """metrics.csv in the model's folder, plus the configured logger if it is another one."""
-    from hydra.utils import instantiate
-    from pytorch_lightning.loggers import CSVLogger
-
-    loggers = [CSVLogger(save_dir=str(out_dir), name="", version="")]
-    lc = cfg.get("logger")
-    if lc and lc.get("_target_") != "pytorch_lightning.loggers.CSVLogger":
-        loggers.append(instantiate(lc))
-    return loggers
-
-
 def _close(loggers: Sequence) -> None:
     for logger in loggers:
         logger.save()
@@ -712,7 +706,7 @@ def _run_protocol(model: Pretrained, cfg: Mapping, splits, num_classes: int, out
             "split_sizes": {k: len(v) for k, v in splits.items()}}
     if cfg.get("channels_last", True):
         encoder.to(memory_format=torch.channels_last)
-    loggers = _loggers(cfg, out_dir)
+    loggers = make_loggers(cfg, out_dir)
     if e["name"] == "knn" or (e["name"] == "linear" and e.get("cached_features", True)):
         encoder.to(device)
         t0 = time.perf_counter()

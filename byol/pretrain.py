@@ -27,6 +27,7 @@ from byol.checkpoint import (
     AtomicCheckpointIO,
     atomic_write_bytes,
     load_weights,
+    online_encoder_state,
     remove_stale_temp_files,
     safe_load,
     save_encoder,
@@ -35,7 +36,6 @@ from byol.errors import CheckpointError, ConfigError, Interrupted
 from byol.lit import BYOLModule, TensorDataModule, build_encoder
 
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
-ONLINE_PREFIX = "model.online_encoder."
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.name", "loss.taps", "head")
 # Never compared between a checkpoint and the command line.
@@ -137,8 +137,7 @@ def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
     """Write ``encoder.pt`` from a Lightning checkpoint's online encoder (a run killed between
     ``final.ckpt`` and its export)."""
     encoder = build_encoder(cfg)
-    state = {k[len(ONLINE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE_PREFIX)}
-    load_weights(encoder, state, path)
+    load_weights(encoder, online_encoder_state(ckpt), path)
     save_encoder(encoder, path, meta={"loss": cfg["loss"]["name"], "epochs": ckpt.get("epoch"),
                                       "global_step": ckpt.get("global_step"), "seed": cfg["seed"]})
 
@@ -196,11 +195,13 @@ class ContinuingCSVLogger(CSVLogger):
         return self._experiment
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path, keep_before_step: int | None = None) -> list:
-    """Always a metrics.csv in the run folder, plus the configured logger if it is another one."""
+def make_loggers(cfg, run_dir: Path, keep_before_step: int | None = None) -> list:
+    """Always a metrics.csv in the run folder, plus the configured logger if it is another one.
+    ``cfg`` is a DictConfig or a plain dict (evaluation passes the latter)."""
     loggers = [ContinuingCSVLogger(str(run_dir), keep_before_step)]
-    if cfg.logger is not None and cfg.logger.get("_target_") != CSV_LOGGER:
-        loggers.append(instantiate(cfg.logger))
+    logger_cfg = cfg.get("logger")
+    if logger_cfg and logger_cfg.get("_target_") != CSV_LOGGER:
+        loggers.append(instantiate(logger_cfg))
     return loggers
 
 
