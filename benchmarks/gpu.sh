@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (H100/H200), about 7 minutes; see benchmarks/README.md.
+# One prepared run for a lent GPU (H100/H200), budgeted at about 7 minutes (not yet run on a GPU);
+# see benchmarks/README.md.
 #   1. installs hydra-core/omegaconf/antlr4 from the carried .whl/ folder (no network there),
 #   2. extracts the shared CIFAR-10 JPEGs,
 #   3. throughput of our training step (and the floor; lightly/byol-pytorch if importable) for the
