@@ -52,7 +52,8 @@ ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 # The archive sits beside the checkout on development machines and inside it on the GPU machine.
 ARCHIVE_CANDIDATES = (REPO.parent / "shared" / "data" / ARCHIVE_NAME, REPO / "shared" / "data" / ARCHIVE_NAME)
 DEFAULT_CACHE = "~/.cache/byol/cifar10-jpeg"
-PEERS = ("ours", "lightly", "byol_pytorch", "floor")
+PEERS = ("ours", "lightly", "byol_pytorch", "floor", "floor_fp32")
+DEFAULT_PEERS = PEERS[:4]  # floor_fp32 only on request: it costs 3x a bf16 measurement
 STEMS = ("cifar", "imagenet")
 PEER_LR = 0.06  # lightly's example learning rate; the value does not change the speed
 
@@ -237,21 +238,21 @@ def bench_ours(cfg: dict, args, device) -> float:
 # --------------------------------------------------------------------------- (d) the floor
 
 
-def bench_floor(cfg: dict, args, device) -> float:
+def bench_floor(cfg: dict, args, device, bf16: bool = True) -> float:
     """Same network, optimizer and EMA as ours on random views already on the device."""
     from byol.lit import build_byol
 
-    model = build_byol(cfg).to(device, memory_format=torch.channels_last)
+    fmt = memory_format(bf16)
+    model = build_byol(cfg).to(device, memory_format=fmt)
     if cfg.get("compile"):
         model.compile()
     optimizer = our_optimizer(cfg, model)
     b, size = cfg["data"]["batch_size"], cfg["data"]["image_size"]
-    views = [torch.randn(b, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-             for _ in range(2)]
+    views = [torch.randn(b, 3, size, size, device=device).contiguous(memory_format=fmt) for _ in range(2)]
     tau = cfg["ema"]["tau_base"]
 
     def step():
-        with autocast(device):
+        with autocast(device, bf16):
             loss = model(*views)["loss"]
         loss.backward()
         optimizer.step()
@@ -259,6 +260,15 @@ def bench_floor(cfg: dict, args, device) -> float:
         model.update_target(tau)
 
     return time_steps(step, args.warmup, args.steps, b, device)
+
+
+def bench_floor_fp32(cfg: dict, args, device) -> float:
+    """The floor in fp32 with contiguous memory: what this machine gives without bf16.
+
+    ``floor / floor_fp32`` bounds ``ours / lightly`` when lightly runs in fp32 as its examples do,
+    since no data pipeline can make a step faster than the network alone.
+    """
+    return bench_floor(cfg, args, device, bf16=False)
 
 
 # --------------------------------------------------------------------------- (b) lightly
@@ -416,7 +426,7 @@ def release_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-BENCHES = {"ours": bench_ours, "floor": bench_floor, "lightly": bench_lightly,
+BENCHES = {"ours": bench_ours, "floor": bench_floor, "floor_fp32": bench_floor_fp32, "lightly": bench_lightly,
            "byol_pytorch": bench_byol_pytorch}
 
 
@@ -457,7 +467,8 @@ def parse_args(argv=None):
                    help=f"CIFAR-10 JPEG archive (default: shared/data/{ARCHIVE_NAME} beside or in the repo)")
     p.add_argument("--cache", default=DEFAULT_CACHE, help="where the archive is extracted")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the peers")
-    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    p.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="comma-separated subset of "
+                   + ",".join(PEERS) + " (floor_fp32: the floor without bf16, the bound on any fp32 peer)")
     p.add_argument("--compile", action="store_true", help="torch.compile our network (ours and floor)")
     p.add_argument("--peer-precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: the peers with bf16 autocast + channels_last like ours (fair); fp32: as their "
@@ -507,7 +518,8 @@ def main(argv=None) -> dict:
     for peer, why in report["skipped"].items():
         print(f"[bench] {peer}: {why}; skipped", flush=True)
 
-    report["images_per_s"] = {stem: dict.fromkeys(PEERS) for stem in stems}
+    listed = [p for p in PEERS if p in DEFAULT_PEERS or p in args.peers]  # the JSON always has the four
+    report["images_per_s"] = {stem: dict.fromkeys(listed) for stem in stems}
     report["samples"] = {stem: {p: [] for p in args.peers if p not in report["skipped"]} for stem in stems}
     report["peak_gpu_memory_gib"] = {stem: {} for stem in stems}
     for stem in stems:
@@ -552,7 +564,7 @@ def write_json(args, report: dict, data_root: Path) -> None:
     ips = report["images_per_s"]
     out = dict(ips)
     out["ratios"] = {stem: {f"ours/{p}": (v["ours"] / v[p] if v["ours"] and v[p] else None)
-                            for p in PEERS if p != "ours"} for stem, v in ips.items()}
+                            for p in v if p != "ours"} for stem, v in ips.items()}
     out["seconds_per_epoch"] = {stem: {p: (report["n_images"] / x if x else None) for p, x in v.items()}
                                 for stem, v in ips.items()}
     if any(report["peak_gpu_memory_gib"].values()):
@@ -578,13 +590,19 @@ def _cell(v: float | None) -> str:
 
 def text_table(args, report: dict) -> list[str]:
     ips, n = report["images_per_s"], report["n_images"]
+    shown = [p for p in PEERS if p in args.peers]
     lines = [f"BYOL pretraining throughput, images/s (higher is better): ResNet-18, batch {args.batch_size}, "
              f"{precision_text(args)}, {report['machine']['device_name']}",
-             f"{'stem':<9}" + "".join(f"{p:>14}" for p in PEERS)
-             + "".join(f"{'ours/' + p:>20}" for p in PEERS[1:])]
+             f"{'stem':<9}" + "".join(f"{p:>14}" for p in shown)
+             + "".join(f"{'ours/' + p:>20}" for p in shown if p != "ours")]
     for stem, v in ips.items():
-        lines.append(f"{stem:<9}" + "".join(f"{_cell(v[p]):>14}" for p in PEERS)
-                     + "".join(f"{ratio(v['ours'], v[p]):>20}" for p in PEERS[1:]))
+        lines.append(f"{stem:<9}" + "".join(f"{_cell(v[p]):>14}" for p in shown)
+                     + "".join(f"{ratio(v['ours'], v[p]):>20}" for p in shown if p != "ours"))
+    for stem, v in ips.items():
+        if v.get("floor") and v.get("floor_fp32"):
+            lines.append(f"{stem} stem, the network alone in bf16 vs fp32 (floor/floor_fp32): "
+                         f"{ratio(v['floor'], v['floor_fp32'])}; no pipeline can put ours further ahead "
+                         "of a peer that runs in fp32")
     for stem, v in ips.items():
         epoch = ", ".join(f"{p} {n / x:.1f} s" for p, x in v.items() if x)
         if epoch:
@@ -608,7 +626,7 @@ def markdown_table(args, report: dict) -> list[str]:
              + (" peak GPU GiB (alloc/reserved) |" if gpu else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if gpu else "")]
     for stem, v in ips.items():
-        for p in PEERS:
+        for p in (p for p in PEERS if p in args.peers):
             x = v[p]
             if p in report["skipped"]:
                 row = f"| {stem} | {p} | {report['skipped'][p]} | | |"

@@ -71,6 +71,15 @@ class Encoder(nn.Module):
                 f"unknown tap {', '.join(repr(t) for t in unknown)} for {name}; valid names include: "
                 f"{', '.join(tap_names(net))} (or any deeper module name)"
             )
+        bad_grids = {t: g for t, g in (grids or {}).items() if not isinstance(g, int) or g < 1
+                     or (t == AVGPOOL and g != 1)}
+        if bad_grids:
+            raise ConfigError(
+                f"invalid backbone.grids {bad_grids}: each grid side must be a positive integer, and "
+                f"'{AVGPOOL}' is the network's own global pool (always 1x1); to pool the last block to a "
+                "larger grid, add 'layer4' to the taps (loss.taps or repr.taps) and set "
+                "+backbone.grids.layer4=2"
+            )
         self.config = {"name": name, "stem": stem, "taps": list(taps), "grids": dict(grids or {})}
         self.taps = [AVGPOOL] + [t for t in dict.fromkeys(taps) if t != AVGPOOL]
         self.body = create_feature_extractor(net, return_nodes={t: t for t in self.taps})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -271,7 +272,7 @@ class RunCheckpoints(pl.Callback):
         where = describe_step(trainer.global_step, steps)
         name = signal.Signals(self.received).name
         self.stop_message = (f"received {name}: saved {self.last.relative_to(self.run_dir)} at {where}; "
-                             f"resume with: python train.py resume={self.run_dir}")
+                             f"resume with: {resume_hint(self.run_dir)}")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.stop_message is not None:
@@ -333,6 +334,21 @@ def progress_bar(trainer_cfg) -> list:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to continue ``run_dir``; inside a Hydra sweep also how to continue the whole sweep
+    (re-running its command in the same sweep folder skips finished jobs and resumes the others)."""
+    hint = f"python train.py resume={run_dir}"
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return hint
+    sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
+    command = " ".join(["python", Path(sys.argv[0]).name, *args, f"hydra.sweep.dir={sweep_dir}"])
+    return f"{hint} (this job alone), or the whole sweep: {command}"
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:

@@ -86,3 +86,16 @@ def test_unknown_backbone_and_stem_raise_config_error():
 def test_config_records_what_built_the_encoder():
     enc = Encoder("resnet18", "imagenet", TAPS, GRIDS)
     assert enc.config == {"name": "resnet18", "stem": "imagenet", "taps": TAPS, "grids": GRIDS}
+
+
+@pytest.mark.parametrize("grids", [{"avgpool": 2}, {"layer2.0": 0}, {"layer3.0": 1.5}])
+def test_invalid_grids_are_refused_with_the_fix(grids):
+    # avgpool is torchvision's own 1x1 pool: a larger grid there would report dims it never returns
+    with pytest.raises(ConfigError, match="invalid backbone.grids") as err:
+        Encoder("resnet18", "imagenet", taps=["layer2.0", "layer3.0"], grids=grids)
+    assert "layer4" in str(err.value)
+
+
+def test_avgpool_grid_of_one_is_accepted():
+    enc = Encoder("resnet18", "imagenet", grids={"avgpool": 1})
+    assert enc(torch.zeros(2, 3, 32, 32))["avgpool"].shape == (2, enc.dims["avgpool"]) == (2, 512)

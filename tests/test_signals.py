@@ -145,3 +145,20 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path_factory, sig):
     assert f"resuming from {last}: {describe_step(step, STEPS_PER_EPOCH)}" in resumed.stdout
     assert "changed settings" not in resumed.stdout
     assert_same_training_state(run_dir, reference)
+
+
+def test_stop_message_inside_a_sweep_also_says_how_to_continue_the_whole_sweep(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "loss=multi"
+    hydra_cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(sweep)}}})
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", hydra_cfg)
+    monkeypatch.setattr("sys.argv", ["/repo/train.py", "-m", "loss=classic,multi", "hydra.sweep.dir=old"])
+    cb = RunCheckpoints(job / "checkpoints", job)
+    cb.received = signal.SIGTERM
+    cb.on_train_epoch_end(fake_trainer(global_step=4), None)
+    assert cb.stop_message.endswith(
+        f"resume with: python train.py resume={job} (this job alone), or the whole sweep: "
+        f"python train.py -m loss=classic,multi hydra.sweep.dir={sweep}")
