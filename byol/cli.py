@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -34,6 +36,38 @@ def run_dir_of(resume, default: str) -> str:
 
 if not OmegaConf.has_resolver("byol_run_dir"):
     OmegaConf.register_new_resolver("byol_run_dir", run_dir_of)
+
+
+def command_arg(key: str, value) -> str:
+    """``key=value`` as one shell word that Hydra reads back as ``value``.
+
+    Sweep job folders are named like ``1_loss=multi,seed=0``: unquoted, Hydra would read the
+    ``=`` and ``,`` as syntax, so such values are quoted for Hydra, then for the shell.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = str(value)
+    try:
+        plain = OverridesParser.create().parse_override(f"{key}={text}").value() == text
+    except Exception:  # Hydra's parse error: the value needs quoting
+        plain = False
+    if plain and all(c.isalnum() or c in "/._-+:=" for c in text):
+        return f"{key}={text}"
+    # Hydra unescapes backslashes only before a quote or at the end of a quoted string
+    quoted = "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), text) + "'"
+    return shlex.quote(f"{key}={quoted}") if any(c in text for c in '"$`\\!') else f'"{key}={quoted}"'
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The command that continues ``run_dir``; inside a sweep also the one that continues the whole
+    sweep (re-running its command in the same sweep folder skips finished jobs, resumes the rest)."""
+    hint = f"python train.py {command_arg('resume', run_dir)}"
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return hint
+    sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+    args = [shlex.quote(a) for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
+    command = " ".join(["python", Path(sys.argv[0]).name, *args, command_arg("hydra.sweep.dir", sweep_dir)])
+    return f"{hint} (this job alone), or the whole sweep: {command}"
 
 
 def command_line_keys() -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from byol.checkpoint import (
     safe_load,
     save_encoder,
 )
+from byol.cli import command_arg, resume_hint
 from byol.errors import CheckpointError, ConfigError, Interrupted
 from byol.lit import BYOLModule, TensorDataModule, build_encoder
 
@@ -336,21 +336,6 @@ def progress_bar(trainer_cfg) -> list:
 # --------------------------------------------------------------------------- the run
 
 
-def resume_hint(run_dir: Path) -> str:
-    """How to continue ``run_dir``; inside a Hydra sweep also how to continue the whole sweep
-    (re-running its command in the same sweep folder skips finished jobs and resumes the others)."""
-    hint = f"python train.py resume={run_dir}"
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return hint
-    sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
-    args = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
-    command = " ".join(["python", Path(sys.argv[0]).name, *args, f"hydra.sweep.dir={sweep_dir}"])
-    return f"{hint} (this job alone), or the whole sweep: {command}"
-
-
 def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     """Run (or continue) BYOL pretraining in ``run_dir``; returns the path of the encoder export.
 
@@ -392,9 +377,9 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
             if not export.is_file():
                 export_from_checkpoint(safe_load(final), container, export)
             print(f"[byol] {run_dir} already finished its {cfg.trainer.max_epochs} epochs ({final}, "
-                  f"{export}); nothing to do. To train longer: python train.py resume={run_dir} "
-                  f"trainer.max_epochs=N; to redo part of it, resume a checkpoint into another folder "
-                  f"(hydra.run.dir=NEW)", flush=True)
+                  f"{export}); nothing to do. To train longer: python train.py "
+                  f"{command_arg('resume', run_dir)} trainer.max_epochs=N; to redo part of it, resume a "
+                  f"checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
             return export
 
     if cfg.loss.name == "classic" and cfg.loss.taps:

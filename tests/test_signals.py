@@ -4,6 +4,7 @@ clear message and status 128 + signal; the run resumes from there as if never st
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from test_resume import (
     wait_for_step,
 )
 
+from byol.cli import command_arg
 from byol.errors import Interrupted
 from byol.pretrain import RunCheckpoints, describe_step
 
@@ -147,18 +149,41 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path_factory, sig):
     assert_same_training_state(run_dir, reference)
 
 
+def hydra_value(shell_word: str) -> str:
+    """What Hydra reads from one shell word ``key=value`` as the shell would pass it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (arg,) = shlex.split(shell_word)
+    return OverridesParser.create().parse_override(arg).value()
+
+
+@pytest.mark.parametrize("value", ["outputs/train/2026-11-28_02-19-28", "/runs/1_loss=multi,seed=0",
+                                   "~/runs/a b", "/runs/it's", '/runs/say "hi" $HOME', "/runs/x\\y",
+                                   "/runs/end\\", "/runs/x\\'y"])
+def test_printed_commands_give_hydra_the_path_back(value):
+    # sweep job folders contain = and , which Hydra would otherwise read as syntax
+    word = command_arg("resume", value)
+    assert hydra_value(word) == value
+    if value.startswith("outputs/"):
+        assert word == f"resume={value}"  # plain paths stay readable
+
+
 def test_stop_message_inside_a_sweep_also_says_how_to_continue_the_whole_sweep(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "loss=multi"
+    sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "1_loss=multi,seed=0"
     hydra_cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(sweep)}}})
     monkeypatch.setattr(HydraConfig.instance(), "cfg", hydra_cfg)
-    monkeypatch.setattr("sys.argv", ["/repo/train.py", "-m", "loss=classic,multi", "hydra.sweep.dir=old"])
+    argv = ["/repo/train.py", "-m", "loss=classic,multi", "seed=0", "hydra.sweep.dir=old"]
+    monkeypatch.setattr("sys.argv", argv)
     cb = RunCheckpoints(job / "checkpoints", job)
     cb.received = signal.SIGTERM
     cb.on_train_epoch_end(fake_trainer(global_step=4), None)
-    assert cb.stop_message.endswith(
-        f"resume with: python train.py resume={job} (this job alone), or the whole sweep: "
-        f"python train.py -m loss=classic,multi hydra.sweep.dir={sweep}")
+    hints = cb.stop_message.split("resume with: ")[1]
+    job_alone, whole = hints.split(" (this job alone), or the whole sweep: ")
+    assert job_alone.startswith("python train.py ") and hydra_value(job_alone.split(" ", 2)[2]) == str(job)
+    *command, sweep_arg = shlex.split(whole)
+    assert command == ["python", "train.py", "-m", "loss=classic,multi", "seed=0"]
+    assert sweep_arg == f"hydra.sweep.dir={sweep}"
