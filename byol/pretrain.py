@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
@@ -37,6 +38,7 @@ from byol.errors import CheckpointError, ConfigError, Interrupted
 from byol.lit import BYOLModule, TensorDataModule, build_encoder
 
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
+LOGGER_EXTRAS = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb"}  # pyproject.toml extras
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.name", "loss.taps", "head")
 # Never compared between a checkpoint and the command line.
@@ -202,7 +204,16 @@ def make_loggers(cfg, run_dir: Path, keep_before_step: int | None = None) -> lis
     loggers = [ContinuingCSVLogger(str(run_dir), keep_before_step)]
     logger_cfg = cfg.get("logger")
     if logger_cfg and logger_cfg.get("_target_") != CSV_LOGGER:
-        loggers.append(instantiate(logger_cfg))
+        try:
+            loggers.append(instantiate(logger_cfg))
+        except InstantiationException as e:
+            if not isinstance(e.__cause__, ImportError):
+                raise
+            name = str(logger_cfg.get("_target_")).rsplit(".", 1)[-1]
+            extra = LOGGER_EXTRAS.get(name)
+            install = f'pip install -e ".[{extra}]"' if extra else "install its package"
+            raise ConfigError(f"{name} cannot start ({str(e.__cause__).splitlines()[0]}); {install}, "
+                              f"or log to metrics.csv only with logger=csv") from None
     return loggers
 
 
@@ -391,6 +402,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(container)).encode(), run_dir / "config.yaml")
     remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
 
+    loggers = make_loggers(cfg, run_dir, resumed_step)  # before the data: a missing package fails fast
     datamodule = TensorDataModule(container["data"], cfg.seed, cfg.data.get("on_device", True))
     batches = datamodule.prepare()  # data errors before the model is built
     module = BYOLModule(container)
@@ -400,7 +412,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
-        logger=make_loggers(cfg, run_dir, resumed_step),
+        logger=loggers,
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary()]
         + progress_bar(cfg.trainer),
         enable_checkpointing=False,  # RunCheckpoints writes them

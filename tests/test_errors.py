@@ -168,6 +168,28 @@ def test_unknown_tap_and_backbone():
         Encoder("resnet18", "tiny")
 
 
+class _Missing:
+    """Lightning's availability flag for a package that is not installed."""
+
+    def __bool__(self):
+        return False
+
+    def __str__(self):
+        return "Requirement 'wandb>=0.12.10' not met."
+
+
+def test_logger_without_its_package_names_the_extra_and_the_fallback(tmp_path, monkeypatch):
+    import pytorch_lightning.loggers.wandb as lightning_wandb
+
+    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", _Missing())
+    cfg = compose_config("train", ["experiment=smoke", "logger=wandb"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg, tmp_path / "run")
+    assert str(err.value) == ("WandbLogger cannot start (Requirement 'wandb>=0.12.10' not met.); "
+                              'pip install -e ".[wandb]", or log to metrics.csv only with logger=csv')
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any data or training
+
+
 # --------------------------------------------------------------------------- errors inside a run
 
 

@@ -120,3 +120,28 @@ def test_multirun_sweeps_both_losses(tmp_path):
         losses.append(yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["name"])
         assert f"loss={losses[-1]}" in run_dir.name
     assert sorted(losses) == ["classic", "multi"]
+
+
+def test_tensorboard_logger_records_the_same_losses_as_metrics_csv(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    train("loss=multi", "logger=tensorboard", "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}")
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    for tag in ("train/loss_step", "train/loss/layer2.0_step", "train/tau"):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        expected = [(int(r["step"]), float(r[tag])) for r in read_metrics(run_dir) if r.get(tag)]
+        assert len(logged) == STEPS and [s for s, _ in logged] == [s for s, _ in expected], tag
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+
+
+def test_wandb_logger_writes_an_offline_run_in_the_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    train("logger=wandb", f"hydra.run.dir={run_dir}")
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # the run's records, ready for `wandb sync`
+    assert (run_dir / "metrics.csv").is_file()  # the CSV is written beside it
