@@ -32,3 +32,15 @@ def symmetric_loss(
 def weighted_sum(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
     """Sum of per-head losses, each scaled by its configured weight (default 1)."""
     return sum(weights.get(name, 1.0) * loss for name, loss in losses.items())
+
+
+def normalized_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: the per-dimension std over the batch of the L2-normalised outputs,
+    averaged over dimensions and scaled by sqrt(dim).
+
+    About 1 when the outputs spread over the sphere (isotropic Gaussian vectors give 1), 0 when
+    every image maps to the same point: the collapse that BYOL's loss alone cannot reveal, since
+    a collapsed network can still predict its target perfectly (Chen & He, 2021, sec. 4.1).
+    """
+    z = F.normalize(z.detach().float(), dim=-1)
+    return z.std(dim=0).mean() * z.shape[-1] ** 0.5

@@ -11,7 +11,7 @@ from torch import nn
 from byol.backbone import AVGPOOL, Encoder, _key
 from byol.ema import ema_update
 from byol.heads import mlp
-from byol.losses import symmetric_loss, weighted_sum
+from byol.losses import normalized_std, symmetric_loss, weighted_sum
 
 
 class BYOL(nn.Module):
@@ -58,7 +58,8 @@ class BYOL(nn.Module):
         return {h: projectors[_key(h)](feats[h]) for h in self.heads}
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses per head (``loss/<tap>``) and their weighted sum (``loss``)."""
+        """Losses per head (``loss/<tap>``), their weighted sum (``loss``) and, per head, the
+        spread of the online projections of view 1 (``std/<tap>``, see :func:`normalized_std`)."""
         z1, z2 = (self._project(self.online_encoder, self.online_projectors, v) for v in (view1, view2))
         with torch.no_grad():
             t1, t2 = (self._project(self.target_encoder, self.target_projectors, v) for v in (view1, view2))
@@ -68,6 +69,7 @@ class BYOL(nn.Module):
         }
         out = {f"loss/{h}": loss for h, loss in per_head.items()}
         out["loss"] = weighted_sum(per_head, self.weights)
+        out.update({f"std/{h}": normalized_std(z1[h]) for h in self.heads})
         return out
 
     @torch.no_grad()

@@ -38,6 +38,7 @@ from byol.errors import CheckpointError, ConfigError, Interrupted
 from byol.lit import BYOLModule, TensorDataModule, build_encoder
 
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
+COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
 LOGGER_EXTRAS = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb"}  # pyproject.toml extras
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.name", "loss.taps", "head")
@@ -331,9 +332,17 @@ class EpochSummary(pl.Callback):
         heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         total = losses.get("loss", float("nan"))
+        spread = {k[len("std/"):]: v for k, v in losses.items() if k.startswith("std/")}
         print(f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
-              f"tau {pl_module.current_tau():.4f}, lr {lr:.3g}, "
-              f"{images / max(seconds, 1e-9):.1f} images/s ({seconds:.0f} s)", flush=True)
+              f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.current_tau():.4f}, "
+              f"lr {lr:.3g}, {images / max(seconds, 1e-9):.1f} images/s ({seconds:.0f} s)", flush=True)
+        collapsed = {h: v for h, v in spread.items() if v < COLLAPSE_STD}
+        if collapsed:
+            found = ", ".join(f"std/{h} {v:.3f}" for h, v in collapsed.items())
+            print(f"[byol] warning: the online projections have collapsed ({found}; "
+                  f"about 1 is healthy, 0 means every image maps to the same point), so a low loss "
+                  f"means nothing. Usual causes: a learning rate too high for the optimizer (Adam "
+                  f"with a LARS-sized optim.base_lr), tau too low, or too little augmentation", flush=True)
 
 
 def progress_bar(trainer_cfg) -> list:

@@ -405,3 +405,28 @@ def test_evaluate_a_checkpoint_of_another_architecture(tmp_path):
                  f"hydra.run.dir={tmp_path / 'eval'}", script="evaluate.py")
     line = error_line(result)
     assert f"'{path}' holds weights of another architecture" in line and "body.conv1.weight" in line
+
+
+def epoch_line(capsys, means: dict) -> str:
+    from types import SimpleNamespace
+
+    from byol.pretrain import EpochSummary
+
+    module = SimpleNamespace(cfg={"data": {"batch_size": 8}}, current_tau=lambda: 0.99,
+                             epoch_means=lambda: {k: torch.tensor(v) for k, v in means.items()})
+    trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[])
+    summary = EpochSummary()
+    summary.on_train_batch_end(trainer, module, None, None, 0)
+    summary.on_train_epoch_end(trainer, module)
+    return capsys.readouterr().out
+
+
+def test_collapse_is_reported_beside_a_low_loss(capsys):
+    healthy = epoch_line(capsys, {"loss": 0.9, "loss/avgpool": 0.9, "std/avgpool": 0.8})
+    assert "loss 0.9000 (avgpool 0.900), std 0.80" in healthy and "collapsed" not in healthy
+    out = epoch_line(capsys, {"loss": 0.5, "loss/avgpool": 0.01, "loss/layer2.0": 0.49,
+                              "std/avgpool": 0.004, "std/layer2.0": 0.7})
+    assert "std 0.00" in out  # the smallest head's
+    warning = next(line for line in out.splitlines() if "warning" in line)
+    assert "collapsed (std/avgpool 0.004;" in warning and "layer2.0" not in warning
+    assert "Adam" in warning and "optim.base_lr" in warning

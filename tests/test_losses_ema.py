@@ -11,7 +11,7 @@ from byol.backbone import Encoder
 from byol.ema import cosine_tau, ema_update, tau_at
 from byol.errors import ConfigError
 from byol.lit import BYOLModule, TensorDataModule
-from byol.losses import regression_loss, symmetric_loss, weighted_sum
+from byol.losses import normalized_std, regression_loss, symmetric_loss, weighted_sum
 from byol.model import BYOL
 
 # ----------------------------------------------------------------------------- loss
@@ -178,3 +178,14 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation(smoke_config, monke
     # each EMA call sees online weights changed by a new optimizer step
     for (_, before), (_, after) in zip(calls, calls[1:], strict=False):
         assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_normalized_std_is_one_for_spread_outputs_and_zero_for_collapsed_ones():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4096, 64, generator=g) * 5.0  # the scale does not matter: vectors are normalised
+    assert normalized_std(spread).item() == pytest.approx(1.0, abs=0.02)
+    collapsed = torch.full((4096, 64), 3.0) + 1e-4 * torch.randn(4096, 64, generator=g)
+    assert normalized_std(collapsed).item() < 1e-3
+    # by hand: two opposite unit vectors in 2-d give per-dimension stds (sqrt(2), 0), mean sqrt(2)/2, x sqrt(2)
+    two = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert normalized_std(two).item() == pytest.approx(2 ** 0.5 / 2 * 2 ** 0.5)

@@ -7,7 +7,7 @@ import torch
 
 from byol.backbone import Encoder, _key
 from byol.lit import build_byol
-from byol.losses import regression_loss
+from byol.losses import normalized_std, regression_loss
 from byol.model import BYOL
 
 HEADS = ["avgpool", "layer2.0", "layer3.0"]
@@ -63,7 +63,7 @@ def test_classic_loss_has_only_the_avgpool_head(smoke_config):
     model = build_byol(cfg)
     assert model.heads == ["avgpool"] and set(model.predictors) == {"avgpool"}
     out = model(*views())
-    assert set(out) == {"loss", "loss/avgpool"}
+    assert set(out) == {"loss", "loss/avgpool", "std/avgpool"}
     torch.testing.assert_close(out["loss"], out["loss/avgpool"])
 
 
@@ -87,7 +87,7 @@ def test_loss_is_the_weighted_sum_of_head_losses():
     reference = copy.deepcopy(model)
     v1, v2 = views()
     out = model(v1, v2)
-    assert set(out) == {"loss"} | {f"loss/{h}" for h in HEADS}
+    assert set(out) == {"loss"} | {f"{kind}/{h}" for h in HEADS for kind in ("loss", "std")}
     expected = reference_head_losses(reference, v1, v2)
     for h in HEADS:
         torch.testing.assert_close(out[f"loss/{h}"], expected[h], rtol=1e-5, atol=1e-6)
@@ -131,3 +131,14 @@ def test_heads_must_be_encoder_taps():
     encoder = Encoder("resnet18", "imagenet")
     with pytest.raises(ValueError, match="layer2.0"):
         BYOL(encoder, ["avgpool", "layer2.0"], proj_hidden_dim=8, proj_dim=4, pred_hidden_dim=8)
+
+
+def test_collapse_monitor_reads_the_online_projections_of_view_one():
+    model = tiny_multi(WEIGHTS).train()
+    reference = copy.deepcopy(model)
+    v1, v2 = views()
+    out = model(v1, v2)
+    for h in HEADS:
+        z1 = reference.online_projectors[_key(h)](reference.online_encoder(v1)[h])
+        torch.testing.assert_close(out[f"std/{h}"], normalized_std(z1), rtol=1e-5, atol=1e-6)
+        assert not out[f"std/{h}"].requires_grad  # a monitor, never part of the loss
