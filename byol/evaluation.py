@@ -462,10 +462,16 @@ class Pretrained:
     def build(self, taps: Sequence[str]) -> Encoder:
         """The encoder exposing ``taps``, with the run's architecture and its online weights."""
         b = self.backbone
-        encoder = Encoder(b["name"], b["stem"], list(taps), b.get("grids") or {})
         if self.state_dict is not None:
+            encoder = Encoder(b["name"], b["stem"], list(taps), b.get("grids") or {})
             load_weights(encoder, self.state_dict, self.source)
-        return encoder
+            return encoder
+        # a random encoder is a function of its own seed alone (one baseline per pretraining seed),
+        # and drawing it leaves the evaluation's random stream as it was
+        with torch.random.fork_rng(devices=[]):
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            return Encoder(b["name"], b["stem"], list(taps), b.get("grids") or {})
 
 
 def is_run_dir(path: Path) -> bool:
@@ -804,7 +810,8 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
 
     One model (a run, a file, ``latest``, ``random``): results in ``run_dir``. A sweep folder
     (or ``latest_sweep``): each run in ``run_dir/<run name>/`` plus, with ``baseline=true``, a
-    random-init encoder of the runs' architecture in ``run_dir/random-init/``. A model that
+    random-init encoder of the runs' architecture for each of their seeds, in
+    ``run_dir/random-init/`` (``random-init_seed<N>/`` when the runs have several seeds). A model that
     fails is recorded as failed and the others still run; the job then ends with an error.
     """
     from omegaconf import OmegaConf
@@ -847,10 +854,15 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
         if not architectures:
             print("[eval] no run could be read: no architecture for a random-init baseline", flush=True)
         for (name, stem), backbone in architectures.items():
-            label = RANDOM_LOSS if len(architectures) == 1 else f"{RANDOM_LOSS}_{name}_{stem}"
-            print(f"[eval] baseline: {label} ({name}, {stem} stem)", flush=True)
-            model = random_model(backbone, c["seed"], label)
-            results.append(_report(evaluate_model(model, c, splits, num_classes, run_dir / label, label)))
+            # one random encoder per pretraining seed, so the baseline's row has a spread too
+            seeds = sorted({r["seed"] for r in results if (r.get("backbone"), r.get("stem")) == (name, stem)
+                            and r.get("seed") is not None}) or [c["seed"]]
+            for seed in seeds:
+                label = RANDOM_LOSS if len(architectures) == 1 else f"{RANDOM_LOSS}_{name}_{stem}"
+                label += f"_seed{seed}" if len(seeds) > 1 else ""
+                print(f"[eval] baseline: {label} ({name}, {stem} stem, seed {seed})", flush=True)
+                model = random_model(backbone, seed, label)
+                results.append(_report(evaluate_model(model, c, splits, num_classes, run_dir / label, label)))
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         names = ", ".join(str(r["label"]) for r in failed)

@@ -27,6 +27,7 @@ from byol.evaluation import (
     find_runs,
     knn_accuracy,
     knn_predict,
+    random_model,
     read_pretrained,
     representation_taps,
     resolve_pretrained,
@@ -348,16 +349,34 @@ def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
     _export(sweep / "0_good", "multi", seed=2)
     _export(sweep / "1_corrupt", "classic", seed=5)
     (sweep / "1_corrupt" / "encoder.pt").write_bytes(b"truncated")
-    with pytest.raises(ByolError, match="1 of 3 evaluations failed"):
+    with pytest.raises(ByolError, match="1 of 4 evaluations failed"):
         evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn"), tmp_path / "run")
     good = json.loads((tmp_path / "run" / "0_good" / "results.json").read_text())
     bad = json.loads((tmp_path / "run" / "1_corrupt" / "results.json").read_text())
-    base = json.loads((tmp_path / "run" / "random-init" / "results.json").read_text())
+    bases = [json.loads((tmp_path / "run" / f"random-init_seed{seed}" / "results.json").read_text())
+             for seed in (2, 5)]
     assert (good["status"], good["loss"], good["seed"]) == ("ok", "multi", 2)
     assert (bad["status"], bad["loss"], bad["seed"]) == ("failed", "classic", 5)  # its cell, from config.yaml
     assert "corrupt" in bad["error"] and bad["test_acc"] is None
-    assert (base["status"], base["loss"], base["backbone"], base["stem"]) == ("ok", "random-init", "resnet18",
-                                                                               "imagenet")
+    # one baseline per pretraining seed (the failed run's seed too: it is known from its config.yaml)
+    for base, seed in zip(bases, (2, 5), strict=True):
+        assert (base["status"], base["loss"], base["backbone"], base["stem"], base["seed"]) == (
+            "ok", "random-init", "resnet18", "imagenet", seed)
+
+
+def test_random_encoder_is_a_function_of_its_seed_alone():
+    arch = {"name": "resnet18", "stem": "imagenet", "grids": {}}
+
+    def weights(seed, global_seed):
+        torch.manual_seed(global_seed)  # whatever the evaluation's random stream is
+        before = torch.random.get_rng_state()
+        encoder = random_model(arch, seed).build(["layer2.0"])
+        assert torch.equal(torch.random.get_rng_state(), before)  # and drawing it leaves that stream alone
+        return encoder.state_dict()
+
+    a, b, c = weights(0, 1), weights(0, 2), weights(1, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["body.conv1.weight"], c["body.conv1.weight"])
 
 
 # --------------------------------------------------------------------------- end to end (subprocesses)

@@ -186,6 +186,6 @@ def test_normalized_std_is_one_for_spread_outputs_and_zero_for_collapsed_ones():
     assert normalized_std(spread).item() == pytest.approx(1.0, abs=0.02)
     collapsed = torch.full((4096, 64), 3.0) + 1e-4 * torch.randn(4096, 64, generator=g)
     assert normalized_std(collapsed).item() < 1e-3
-    # by hand: two opposite unit vectors in 2-d give per-dimension stds (sqrt(2), 0), mean sqrt(2)/2, x sqrt(2)
+    # by hand: two opposite unit vectors in 2-d: per-dimension stds (sqrt(2), 0), mean sqrt(2)/2, x sqrt(2)
     two = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     assert normalized_std(two).item() == pytest.approx(2 ** 0.5 / 2 * 2 ** 0.5)
