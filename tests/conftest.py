@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,16 @@ def smoke_config(tmp_path):
         return plain_config(compose_config("train", ["experiment=smoke", *overrides], tmp_path))
 
     return make
+
+
+def signal_when(proc: subprocess.Popen, ready: Callable[[], object], sig: int, timeout: float = 60):
+    """Send ``sig`` to ``proc`` once ``ready()`` returns, then wait for it to end; whatever fails on
+    the way, no process is left behind. Returns ``(ready's result, stdout, stderr)``."""
+    try:
+        result = ready()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return result, out, err

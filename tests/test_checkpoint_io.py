@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, signal_when
 
 import byol.checkpoint as ckpt
 from byol.backbone import Encoder
@@ -144,16 +144,14 @@ def test_sigkill_during_a_write_keeps_previous_file(tmp_path):
     path, ready = tmp_path / "last.ckpt", tmp_path / "ready"
     atomic_write_bytes(b"old checkpoint", path)
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(ready)], cwd=ROOT)
-    try:
+
+    def writing():
         deadline = time.monotonic() + 120
         while not ready.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "writer did not start"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    signal_when(proc, writing, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert path.read_bytes() == b"old checkpoint"
     stale = leftovers(tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, signal_when
 from omegaconf import OmegaConf
 
 from byol.checkpoint import TEMP_SUFFIX, safe_load
@@ -230,13 +230,8 @@ def killed_and_requeued(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("killed") / "run"
     kill_at = random.randint(2, TOTAL_STEPS - 2)
     proc = start(*EXACT, f"hydra.run.dir={run_dir}")
-    try:
-        killed_after = wait_for_step(proc, run_dir / "checkpoints" / "last.ckpt", kill_at)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    killed_after, _, _ = signal_when(proc, lambda: wait_for_step(proc, last, kill_at), signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "checkpoints" / "final.ckpt").exists()
     resumed = train(*EXACT, f"hydra.run.dir={run_dir}")

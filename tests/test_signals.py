@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import signal_when
 from test_resume import (
     EXACT,
     STEPS_PER_EPOCH,
@@ -127,13 +128,7 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path_factory, sig):
     run_dir = tmp_path_factory.mktemp(sig.name) / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = start(*EXACT, f"hydra.run.dir={run_dir}")
-    try:
-        wait_for_step(proc, last, 1)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, _, err = signal_when(proc, lambda: wait_for_step(proc, last, 1), sig, timeout=300)
     assert proc.returncode == 128 + sig, err[-3000:]
     step = saved_step(last)
     assert step is not None and 1 <= step < 12
