@@ -462,16 +462,15 @@ class Pretrained:
     def build(self, taps: Sequence[str]) -> Encoder:
         """The encoder exposing ``taps``, with the run's architecture and its online weights."""
         b = self.backbone
-        if self.state_dict is not None:
-            encoder = Encoder(b["name"], b["stem"], list(taps), b.get("grids") or {})
-            load_weights(encoder, self.state_dict, self.source)
-            return encoder
         # a random encoder is a function of its own seed alone (one baseline per pretraining seed),
         # and drawing it leaves the evaluation's random stream as it was
-        with torch.random.fork_rng(devices=[]):
-            if self.seed is not None:
+        with torch.random.fork_rng(devices=[], enabled=self.is_random):
+            if self.is_random and self.seed is not None:
                 torch.manual_seed(self.seed)
-            return Encoder(b["name"], b["stem"], list(taps), b.get("grids") or {})
+            encoder = Encoder(b["name"], b["stem"], list(taps), b.get("grids") or {})
+        if not self.is_random:
+            load_weights(encoder, self.state_dict, self.source)
+        return encoder
 
 
 def is_run_dir(path: Path) -> bool:
