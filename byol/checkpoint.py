@@ -12,6 +12,7 @@ import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             pass
         if isinstance(e, OSError):
             raise _write_error(path, e) from None
+        if isinstance(e, RuntimeError) and _is_torch_write_failure(e):
+            raise _write_error(path, _disk_error(path.parent, e)) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -70,6 +73,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.close(dir_fd)
     except OSError:
         pass
+
+
+# torch.save reports a failed write of its zip container as a RuntimeError, not an OSError
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def _is_torch_write_failure(e: RuntimeError) -> bool:
+    return any(text in str(e) for text in TORCH_WRITE_FAILURES)
+
+
+def _disk_error(folder: Path, e: RuntimeError) -> OSError:
+    """The OSError behind torch's RuntimeError: a full disk if the folder's file system is (nearly) full."""
+    try:
+        full = shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, f"write failed: {str(e).splitlines()[0]}")
 
 
 def _write_error(path: Path, e: OSError) -> CheckpointError:
@@ -120,8 +142,20 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -
     except Exception as e:  # truncated or damaged files fail in many ways
         if mmap and isinstance(e, RuntimeError):  # old (non-zip) serialisation cannot be mapped: read it
             return safe_load(path, map_location)
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or not a PyTorch file ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
+                              f"({type(e).__name__}: {detail}).{_alternatives(path)}") from None
+
+
+def _alternatives(path: Path) -> str:
+    """The other checkpoints beside ``path`` (final, last, then the latest epochs first), as a sentence."""
+    rank = {"final.ckpt": 0, "last.ckpt": 1}
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name),
+                    key=lambda p: (rank.get(p.name, 2), [-ord(c) for c in p.name]))
+    if not others:
+        return " No other checkpoint lies beside it"
+    names = ", ".join(str(p) for p in others)
+    return f" Other checkpoints beside it, latest first: {names}; e.g. python train.py resume={others[0]}"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -157,12 +191,34 @@ def load_encoder(path: str | os.PathLike, taps=None):
     blob = safe_load(path)
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
         raise CheckpointError(f"'{path}' is not a byol encoder export (expected format '{ENCODER_FORMAT}')")
-    cfg = dict(blob["backbone"])
+    cfg = encoder_config(blob.get("backbone"), path)
     if taps is not None:
         cfg["taps"] = list(taps)
     encoder = Encoder(**cfg)
     load_weights(encoder, blob["state_dict"], path)
     return encoder, blob.get("meta", {})
+
+
+def encoder_config(raw, source) -> dict:
+    """The ``backbone`` description of an export as checked plain values: ``name``, ``stem``,
+    ``taps`` (list of str), ``grids`` ({str: int}). A file is data: anything else is refused."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"refusing '{source}': its backbone description is not a mapping")
+    unknown = sorted(str(k) for k in raw if k not in ("name", "stem", "taps", "grids"))
+    taps, grids = raw.get("taps") or [], raw.get("grids") or {}
+    problem = (f"unknown key(s) {', '.join(unknown)}" if unknown
+               else "backbone.name and backbone.stem must be strings" if not (
+                   isinstance(raw.get("name"), str) and isinstance(raw.get("stem"), str))
+               else "backbone.taps must be a list of strings" if not (
+                   isinstance(taps, list) and all(isinstance(t, str) for t in taps))
+               else "backbone.grids must map strings to whole numbers" if not (
+                   isinstance(grids, dict) and all(isinstance(k, str) and type(v) is int
+                                                   for k, v in grids.items()))
+               else None)
+    if problem:
+        raise CheckpointError(f"refusing '{source}': {problem}; a file may only hold plain values, and this "
+                              f"one was not written by this project")
+    return {"name": raw["name"], "stem": raw["stem"], "taps": list(taps), "grids": dict(grids)}
 
 
 def load_weights(module: torch.nn.Module, state: dict, source) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shlex
 import sys
@@ -14,8 +16,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.errors import ByolError, Interrupted
+from byol.jobs.run_folder import FolderBusyError, FolderLock
 
 FAILED = "FAILED"
+# OSErrors that mean "this storage cannot take the run's files": reported as one line
+STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
 PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval")
 
@@ -104,24 +109,69 @@ def run_job(fn, cfg, *args, **kwargs):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    (run_dir / FAILED).unlink(missing_ok=True)  # a job re-run in the same folder starts clean
     try:
-        return fn(cfg, run_dir, *args, **kwargs)
+        with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"):
+            (run_dir / FAILED).unlink(missing_ok=True)  # a job re-run in the same folder starts clean
+            return fn(cfg, run_dir, *args, **kwargs)
+    except FolderBusyError as e:  # the folder is another process's: write nothing into it
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if multirun:
+            return None
+        sys.exit(e.exit_code)
+    except OSError as e:  # a full disk or a read-only folder met outside the checkpoint writer
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        where = f" ('{e.filename}')" if e.filename else ""
+        return _failed(run_dir, multirun, ByolError(
+            f"{e.strerror or e}{where}; free space or choose a writable output folder (hydra.run.dir=DIR). "
+            f"Checkpoints already written are intact"))
     except ByolError as e:
         if isinstance(e, Interrupted):  # not a failure: the run continues when resumed
             print(str(e), file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        (run_dir / FAILED).write_text(f"{e}\n")
-        if multirun:
-            return None
-        sys.exit(e.exit_code)
+        return _failed(run_dir, multirun, e)
     except Exception as e:
         if not multirun:
             raise
         traceback.print_exc()
         (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n")
         return None
+
+
+def _failed(run_dir: Path, multirun: bool, e: ByolError):
+    """Print the one-line error; in a sweep, record it in the job's FAILED file and go on."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    try:
+        (run_dir / FAILED).write_text(f"{e}\n")
+    except OSError:
+        pass  # the folder itself cannot be written: the line above is all there is
+    if multirun:
+        return None
+    sys.exit(e.exit_code)
+
+
+class WritableOutput(Callback):
+    """Hydra callback: before Hydra writes into the run (or sweep) folder, check that it can; else one
+    line and exit status 1 instead of a logging-configuration traceback."""
+
+    @staticmethod
+    def _check(folder: str, key: str) -> None:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            print(f"error: cannot write into the output folder '{path}' ({e.strerror or e}); free space, fix "
+                  f"its permissions, or choose another with {key}=DIR", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 class SweepSummary(Callback):

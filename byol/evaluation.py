@@ -38,14 +38,17 @@ from byol.checkpoint import (
     ENCODER_FORMAT,
     ONLINE_PREFIX,
     atomic_write_bytes,
+    encoder_config,
     load_weights,
     online_encoder_state,
     safe_load,
 )
+from byol.cli import FAILED
 from byol.data import ImageTensors, IndexBatches
 from byol.errors import ByolError, CheckpointError, ConfigError, DataError
-from byol.optim import param_groups, warmup_cosine
-from byol.pretrain import make_loggers
+from byol.jobs.build import build_trainer, make_loggers
+from byol.jobs.config_check import check_file_config, check_plain
+from byol.optim import build_optimizer, build_schedule, param_groups, warmup_cosine
 
 RANDOM = "random"
 RANDOM_LOSS = "random-init"
@@ -420,22 +423,19 @@ class ClassifierModule(pl.LightningModule):
         self.print(f"[eval] epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: {', '.join(parts)}")
 
     def configure_optimizers(self):
-        from hydra.utils import instantiate
-
         c = self.cfg
         wd = c.get("weight_decay", 0.0)
         groups = [dict(g, lr=c["lr"]) for g in param_groups([self.head], wd)]
         if self.finetune:
             groups += [dict(g, lr=c["encoder_lr"]) for g in param_groups([self.encoder], wd)]
         groups = [g for g in groups if g["params"]]
-        optimizer = instantiate(c["optimizer"])(groups, lr=c["lr"]) if c.get("optimizer") else \
-            torch.optim.SGD(groups, lr=c["lr"], momentum=0.9, nesterov=True)
+        opt = dict(c.get("optimizer") or {"name": "sgd", "momentum": 0.9, "nesterov": True})
+        optimizer = build_optimizer(opt.pop("name"), groups, c["lr"], opt)
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        sched_cfg = dict(c.get("scheduler") or {})
-        warmup = int(sched_cfg.pop("warmup_epochs", 0) * per_epoch)
-        factory = instantiate(sched_cfg) if sched_cfg else warmup_cosine
-        scheduler = factory(optimizer, total_steps=total, warmup_steps=warmup)
+        sched = dict(c.get("scheduler") or {"name": "warmup_cosine"})
+        warmup = int(sched.pop("warmup_epochs", 0) * per_epoch)
+        scheduler = build_schedule(sched.pop("name"), optimizer, total, warmup, sched)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -454,10 +454,20 @@ class Pretrained:
     epochs: int = 0
     state_dict: dict | None = None
     data: dict | None = None        # the pretraining data config, when known
+    planned_epochs: int | None = None  # the run's trainer.max_epochs (its config.yaml, else the checkpoint's)
 
     @property
     def is_random(self) -> bool:
         return self.state_dict is None
+
+    @property
+    def pretrain_status(self) -> str | None:
+        """``complete``, ``incomplete`` (fewer epochs than the run planned: a killed or running run),
+        or None for a random initialisation."""
+        if self.is_random:
+            return None
+        return "incomplete" if self.planned_epochs is not None and self.epochs < self.planned_epochs else \
+            "complete"
 
     def build(self, taps: Sequence[str]) -> Encoder:
         """The encoder exposing ``taps``, with the run's architecture and its online weights."""
@@ -499,6 +509,34 @@ def find_runs(folder: Path) -> list[Path]:
     return sorted(p for p in candidates if is_run_dir(p))
 
 
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """The job folders of a sweep: its subfolders with a ``.hydra/`` folder or a ``config.yaml``."""
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        return []
+    return sorted(d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and ((d / ".hydra").is_dir() or (d / "config.yaml").is_file()))
+
+
+def failed_jobs(sweep: Path) -> list[tuple[Path, str]]:
+    """``(job folder, reason)`` for each job of a sweep with no model to evaluate: a ``FAILED`` file
+    (reason: its first line), or no weights at all."""
+    missing = []
+    for job in sweep_jobs(sweep):
+        if (job / FAILED).is_file():
+            lines = (job / FAILED).read_text(errors="replace").strip().splitlines()
+            missing.append((job, f"training failed: {lines[0].strip() if lines else 'no reason recorded'}"))
+        elif not find_runs(job):
+            missing.append((job, "no weights: no encoder.pt and no checkpoints/*.ckpt"))
+    return missing
+
+
+def sweep_runs(sweep: Path) -> list[Path]:
+    """The run folders of a sweep that can be evaluated: :func:`find_runs` minus the jobs that failed."""
+    failed = [job for job, _ in failed_jobs(sweep)]
+    return [r for r in find_runs(sweep) if not any(r == job or r.is_relative_to(job) for job in failed)]
+
+
 def _newest(paths: Sequence[Path]) -> Path:
     return max(paths, key=lambda p: weights_file(p).stat().st_mtime)
 
@@ -508,22 +546,30 @@ def read_pretrained(path: str | Path, label: str | None = None) -> Pretrained:
     path = Path(path)
     blob = safe_load(path)
     label = label or path.stem
+    run_cfg = _run_config(_run_folder(path))
+    run_cfg = run_cfg if run_cfg and run_cfg.get("loss") else None  # a training run's config, not another
     if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
         meta = blob.get("meta") or {}
-        run_cfg = _run_config(path.parent)
-        return Pretrained(label, str(path), dict(blob["backbone"]), meta.get("loss", "unknown"),
-                          meta.get("seed"), int(meta.get("epochs") or 0), blob["state_dict"],
-                          (run_cfg or {}).get("data"))
+        epochs = int(meta.get("epochs") or 0)
+        # an export is written when training ends: without a run config, it planned what it did
+        planned = _max_epochs(run_cfg) if run_cfg else epochs
+        meta = check_plain(meta, f"'{path}'") if isinstance(meta, Mapping) else {}
+        backbone = encoder_config(blob.get("backbone"), path)
+        return Pretrained(label, str(path), backbone, meta.get("loss", "unknown"),
+                          meta.get("seed"), epochs, blob["state_dict"], (run_cfg or {}).get("data"), planned)
     if isinstance(blob, dict) and isinstance(blob.get("byol_config"), dict) and "state_dict" in blob:
         state = online_encoder_state(blob)
         if not state:
             raise CheckpointError(f"'{path}' has no online encoder weights ({ONLINE_PREFIX}*); it is not a "
                                   f"BYOL pretraining checkpoint")
-        cfg = blob["byol_config"]
+        cfg = check_file_config(blob["byol_config"], f"checkpoint '{path}'")
         progress = blob.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-        epochs = progress.get("processed", blob.get("epoch", 0))
+        epochs = progress.get("processed", blob.get("epoch", 0))  # epochs finished, also mid-epoch
+        # the run folder's config.yaml is rewritten by a resume with more epochs; the checkpoint's is not
+        in_run = path.parent.name == "checkpoints" and run_cfg
+        planned = _max_epochs(run_cfg) if in_run else _max_epochs(cfg)
         return Pretrained(label, str(path), dict(cfg["backbone"]), cfg["loss"]["name"], cfg.get("seed"),
-                          int(epochs or 0), state, cfg.get("data"))
+                          int(epochs or 0), state, cfg.get("data"), planned)
     raise CheckpointError(f"'{path}' is not a byol checkpoint: expected an encoder export (encoder.pt) or a "
                           f"Lightning checkpoint written by train.py (with 'byol_config')")
 
@@ -535,19 +581,43 @@ def _run_config(folder: Path) -> dict | None:
     from omegaconf import OmegaConf
 
     try:
-        return OmegaConf.to_container(OmegaConf.load(cfg), resolve=False)
+        raw = OmegaConf.to_container(OmegaConf.load(cfg), resolve=False)
     except Exception:
         return None
+    return check_file_config(raw, f"'{cfg}'")  # data from whoever wrote the folder: refused if unsafe
+
+
+def _max_epochs(run_cfg: Mapping | None) -> int | None:
+    """A run config's ``trainer.max_epochs`` (None when absent or unbounded)."""
+    try:
+        epochs = int((run_cfg.get("trainer") or {}).get("max_epochs"))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return epochs if epochs > 0 else None
+
+
+# the data settings that make two results comparable; the evaluation's split too
+DATA_FIELDS = ("name", "root", "subset", "image_size", "num_train", "num_test")
+EVAL_DATA_FIELDS = DATA_FIELDS + ("split", "val_size")
+
+
+def data_fields(data: Mapping | None, keys: Sequence[str] = DATA_FIELDS) -> dict | None:
+    """The settings ``keys`` of a data config that it has (``num_train``: synthetic data only)."""
+    if not isinstance(data, Mapping):
+        return None
+    return {k: data[k] for k in keys if k in data}
 
 
 def _config_fields(run_cfg: Mapping | None) -> dict:
-    """loss / backbone / stem / seed from a run's config.yaml, so a run whose weights cannot be read
-    still lands in its cell of the results table (as failed)."""
+    """loss / backbone / stem / seed / pretraining data and planned epochs from a run's config.yaml, so
+    a run whose weights cannot be read still lands in its cell of the results table (as failed)."""
     if not run_cfg:
         return {}
     b = run_cfg.get("backbone") or {}
     fields = {"loss": (run_cfg.get("loss") or {}).get("name"), "backbone": b.get("name"),
-              "stem": b.get("stem"), "seed": run_cfg.get("seed")}
+              "stem": b.get("stem"), "seed": run_cfg.get("seed"),
+              "pretrain_data": data_fields(run_cfg.get("data")),
+              "pretrain_epochs_planned": _max_epochs(run_cfg)}
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -577,14 +647,17 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
         return [weights_file(run)], None
     if spec == "latest_sweep":
         root = outputs / "multirun" / "train"
-        sweeps = [d for d in sorted(root.iterdir()) if d.is_dir() and find_runs(d)] if root.is_dir() else []
+        sweeps = [d for d in sorted(root.iterdir()) if d.is_dir() and (find_runs(d) or sweep_jobs(d))] \
+            if root.is_dir() else []
         if not sweeps:
             raise CheckpointError(
                 f"no pretraining sweep found under '{root}'. Create one with `python train.py -m "
                 f"loss=classic,multi seed=0,1,2` or name a folder with pretrained=PATH")
-        sweep = max(sweeps, key=lambda d: max(weights_file(r).stat().st_mtime for r in find_runs(d)))
+        # the newest by its newest weights or job folder: a sweep whose jobs all failed is still the newest
+        sweep = max(sweeps, key=lambda d: max([weights_file(r).stat().st_mtime for r in find_runs(d)]
+                                              + [j.stat().st_mtime for j in sweep_jobs(d)]))
         print(f"[eval] pretrained=latest_sweep: {sweep}", flush=True)
-        return [weights_file(r) for r in find_runs(sweep)], sweep
+        return _sweep_targets(sweep), sweep
     path = Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(f"pretrained='{spec}' does not exist; give a run folder, a sweep folder, a "
@@ -593,12 +666,22 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
         return [path], None
     if is_run_dir(path):
         return [weights_file(path)], None
-    runs = find_runs(path)
-    if not runs:
+    if not find_runs(path) and not sweep_jobs(path):
         raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds encoder.pt or "
                               f"checkpoints/*.ckpt); create one with `python train.py` or use "
                               f"pretrained=random")
-    return [weights_file(r) for r in runs], path
+    return _sweep_targets(path), path
+
+
+def _sweep_targets(sweep: Path) -> list[Path]:
+    """The weights of every run of ``sweep`` that can be evaluated; an error when there is none."""
+    runs = sweep_runs(sweep)
+    if not runs:
+        failed = failed_jobs(sweep)
+        detail = "; ".join(f"{job.name}: {reason}" for job, reason in failed[:5])
+        raise CheckpointError(f"no run of the sweep '{sweep}' can be evaluated: its {len(failed)} job(s) "
+                              f"have no model ({detail}{'; ...' if len(failed) > 5 else ''})")
+    return [weights_file(r) for r in runs]
 
 
 def _run_folder(weights: Path) -> Path:
@@ -639,6 +722,14 @@ def load_eval_data(data_cfg: Mapping, seed: int) -> tuple[dict[str, ImageTensors
         if bool((split.labels < 0).any()):
             raise DataError(f"the {name} split has unlabelled images; evaluation needs class folders "
                             f"(DIR/train/<class>/*, DIR/test/<class>/*)")
+    present = torch.unique(splits["train"].labels).tolist()
+    if len(present) < 2:  # a one-class classifier scores 100% and measures nothing
+        names = splits["train"].classes
+        found = ", ".join(f"'{names[k]}'" if k < len(names) else f"label {k}" for k in present)
+        raise DataError(f"evaluation needs at least 2 classes, but the training data has {len(present)} "
+                        f"({found}), so any encoder would score 100%; add class folders with images "
+                        f"(DIR/train/<class>/*, DIR/test/<class>/*, at least 2 classes) or point data.root "
+                        f"at a dataset with several classes")
     num_classes = data_cfg.get("num_classes") or len(splits["train"].classes) or \
         int(max(int(s.labels.max()) for s in splits.values())) + 1
     return splits, int(num_classes)
@@ -654,6 +745,34 @@ def _close(loggers: Sequence) -> None:
         logger.finalize("success")
 
 
+def _result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
+    """The fields of a ``results.json`` known before any model is read: the evaluation's settings."""
+    e = cfg["eval"]
+    return {"pretrained": pretrained, "label": label, "loss": None, "repr": cfg["repr"]["name"],
+            "eval": e["name"], "backbone": None, "stem": None, "grids": None, "pretrain_epochs": None,
+            "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
+            "eval_epochs": int(e.get("epochs", 0)) if e["name"] != "knn" else 0, "seed": None,
+            "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
+            "eval_data": data_fields(cfg["data"], EVAL_DATA_FIELDS),
+            "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
+            "status": "running"}
+
+
+def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: str) -> dict:
+    """Write the ``results.json`` of a training job with no model (failed, or no weights): ``status:
+    missing``, so that the report lists it, under the loss / backbone / seed of its config.yaml."""
+    result = _result_fields(str(Path(job).resolve()), label, cfg)
+    try:
+        result.update(_config_fields(_run_config(Path(job)) or _run_config(Path(job) / ".hydra")))
+    except ByolError:  # a config refused as unsafe: the job is listed all the same
+        pass
+    status = "failed" if (Path(job) / FAILED).is_file() else "no weights"
+    result.update(status="missing", pretrain_status=status, error=reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(result, out_dir / "results.json")
+    return result
+
+
 def evaluate_model(model: Pretrained | Path, cfg: Mapping, splits: Mapping[str, ImageTensors],
                    num_classes: int, out_dir: Path, label: str | None = None) -> dict:
     """Evaluate one encoder (a :class:`Pretrained` or the path of its weights) under ``cfg['eval']``.
@@ -663,23 +782,28 @@ def evaluate_model(model: Pretrained | Path, cfg: Mapping, splits: Mapping[str, 
     returned and written with ``status: failed`` and the error, so a sweep can go on.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    e, r = cfg["eval"], cfg["repr"]
     known = isinstance(model, Pretrained)
-    result = {"pretrained": model.source if known else str(Path(model).resolve()),
-              "label": label or (model.label if known else None), "loss": None, "repr": r["name"],
-              "eval": e["name"], "backbone": None, "stem": None, "grids": None, "pretrain_epochs": None,
-              "eval_epochs": int(e.get("epochs", 0)) if e["name"] != "knn" else 0, "seed": None,
-              "eval_seed": cfg["seed"], "data": cfg["data"]["name"], "val_acc": None, "test_acc": None,
-              "status": "running"}
+    result = _result_fields(model.source if known else str(Path(model).resolve()),
+                            label or (model.label if known else None), cfg)
     if not isinstance(model, Pretrained):  # until the weights are read: what the run folder's config says
         result.update(_config_fields(_run_config(_run_folder(Path(model)))))
+    e, r = cfg["eval"], cfg["repr"]
     start = time.perf_counter()
     try:
         if not isinstance(model, Pretrained):
             model = read_pretrained(model, label)
         b = model.backbone
         result.update(label=model.label, loss=model.loss, backbone=b["name"], stem=b["stem"],
-                      grids=dict(b.get("grids") or {}), pretrain_epochs=model.epochs, seed=model.seed)
+                      grids=dict(b.get("grids") or {}), pretrain_epochs=model.epochs, seed=model.seed,
+                      pretrain_epochs_planned=model.planned_epochs, pretrain_status=model.pretrain_status,
+                      pretrain_data=None if model.is_random else data_fields(model.data))
+        if model.pretrain_status == "incomplete":
+            counted = ("allow_incomplete=true: the report counts it, in a row of its own" if
+                       result["allow_incomplete"] else "the report leaves it out of the means "
+                       "(allow_incomplete=true counts it)")
+            print(f"[eval] note: {model.label} did not finish pretraining ({model.epochs} of "
+                  f"{model.planned_epochs} epochs, {model.source}): results.json says pretrain_status: "
+                  f"incomplete; {counted}", flush=True)
         result.update(_run_protocol(model, cfg, splits, num_classes, out_dir))
         result["status"] = "ok"
         print(f"[eval] {model.label}: {e['name']} on {r['name']} -> val {result['val_acc']:.4f}, "
@@ -711,7 +835,7 @@ def _run_protocol(model: Pretrained, cfg: Mapping, splits, num_classes: int, out
             "split_sizes": {k: len(v) for k, v in splits.items()}}
     if cfg.get("channels_last", True):
         encoder.to(memory_format=torch.channels_last)
-    loggers = make_loggers(cfg, out_dir)
+    loggers = make_loggers(cfg.get("logger"), out_dir)
     if e["name"] == "knn" or (e["name"] == "linear" and e.get("cached_features", True)):
         encoder.to(device)
         t0 = time.perf_counter()
@@ -750,13 +874,14 @@ def _warn_normalisation(model: Pretrained, data: Mapping) -> None:
 
 
 def _cached_linear(feats, labels, num_classes: int, e: Mapping, seed: int, dtype, loggers) -> dict:
-    from hydra.utils import instantiate
-
     t0 = time.perf_counter()
     epochs = int(e["epochs"])
     every = max(1, epochs // 10)
-    sched_cfg = dict(e.get("scheduler") or {})
+    sched_cfg = dict(e.get("scheduler") or {"name": "warmup_cosine"})
     warmup_epochs = sched_cfg.pop("warmup_epochs", 0)
+    schedule = sched_cfg.pop("name")
+    opt_cfg = dict(e.get("optimizer") or {"name": "sgd", "momentum": 0.9, "nesterov": True})
+    optimizer = opt_cfg.pop("name")
 
     def on_epoch_end(row):
         for logger in loggers:
@@ -769,8 +894,11 @@ def _cached_linear(feats, labels, num_classes: int, e: Mapping, seed: int, dtype
         (feats["train"], labels["train"]), (feats["val"], labels["val"]), (feats["test"], labels["test"]),
         num_classes, epochs=epochs, batch_size=int(e["cached_batch_size"]), lr=float(e["cached_lr"]),
         weight_decay=float(e.get("weight_decay", 0.0)),
-        optimizer=instantiate(e["optimizer"]) if e.get("optimizer") else None,
-        scheduler=instantiate(sched_cfg) if sched_cfg else None, warmup_epochs=warmup_epochs,
+        optimizer=lambda params, lr, weight_decay: build_optimizer(optimizer, params, lr,
+                                                                   {**opt_cfg, "weight_decay": weight_decay}),
+        scheduler=lambda opt, total_steps, warmup_steps: build_schedule(
+            schedule, opt, total_steps, warmup_steps, sched_cfg),
+        warmup_epochs=warmup_epochs,
         seed=seed, storage_dtype=dtype, on_epoch_end=on_epoch_end)
     for logger in loggers:
         logger.log_metrics({"test/acc": result.test_acc}, step=epochs)
@@ -780,15 +908,14 @@ def _cached_linear(feats, labels, num_classes: int, e: Mapping, seed: int, dtype
 
 
 def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, loggers) -> dict:
-    from hydra.utils import instantiate
-
     e, data = cfg["eval"], cfg["data"]
     finetune = e["name"] == "finetune"
     module = ClassifierModule(encoder, taps, num_classes, e, data["mean"], data["std"], finetune,
                               seed=cfg["seed"], channels_last=cfg.get("channels_last", True))
     trainer_cfg = {k: v for k, v in cfg["trainer"].items() if k != "max_epochs"}
-    trainer: pl.Trainer = instantiate(trainer_cfg, max_epochs=int(e["epochs"]), default_root_dir=str(out_dir),
-                                      logger=loggers, callbacks=[], enable_checkpointing=False)
+    trainer: pl.Trainer = build_trainer(trainer_cfg, max_epochs=int(e["epochs"]), logger=loggers,
+                                        callbacks=[], default_root_dir=str(out_dir),
+                                        enable_checkpointing=False)
     device = trainer.strategy.root_device
     train = splits["train"]
     batch = min(int(e["batch_size"]), len(train))
@@ -811,7 +938,10 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
     (or ``latest_sweep``): each run in ``run_dir/<run name>/`` plus, with ``baseline=true``, a
     random-init encoder of the runs' architecture for each of their seeds, in
     ``run_dir/random-init/`` (``random-init_seed<N>/`` when the runs have several seeds). A model that
-    fails is recorded as failed and the others still run; the job then ends with an error.
+    fails is recorded as failed and the others still run; the job then ends with an error. A training
+    job with no model (a ``FAILED`` file, or no weights) gets a ``results.json`` with ``status:
+    missing`` and its reason, so the report lists it; it does not fail the evaluation. A run that did
+    not finish its epochs is evaluated and marked ``pretrain_status: incomplete``.
     """
     from omegaconf import OmegaConf
 
@@ -840,6 +970,9 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
     baseline = c.get("baseline", True)
     print(f"[eval] {len(targets)} runs in {sweep}" + (" + a random-init baseline" if baseline else ""),
           flush=True)
+    for job, reason in failed_jobs(sweep):  # nothing to evaluate: recorded so that the report lists it
+        print(f"[eval] missing: {job.name}: {reason} ({job}); listed as missing in the report", flush=True)
+        missing_result(job, reason, c, run_dir / job.name, job.name)
     results, architectures = [], {}
     for i, path in enumerate(targets):
         label = _run_label(path, sweep)

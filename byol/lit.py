@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 
 from byol.augment import ViewAugment, ViewConfig
 from byol.backbone import AVGPOOL, Encoder
@@ -20,7 +19,7 @@ from byol.data import IndexBatches, load_split, seeded_subset
 from byol.ema import tau_at
 from byol.errors import NonFiniteLossError
 from byol.model import BYOL
-from byol.optim import param_groups
+from byol.optim import build_optimizer, build_schedule, param_groups
 
 __all__ = ["BYOLModule", "TensorDataModule", "NonFiniteLossError", "build_byol", "build_encoder"]
 
@@ -186,12 +185,13 @@ class BYOLModule(pl.LightningModule):
         batch = self.cfg["data"]["batch_size"] * self.trainer.accumulate_grad_batches
         lr = o["base_lr"] * (batch / 256 if o.get("scale_lr_with_batch", True) else 1.0)
         modules = [self.model.online_encoder, self.model.online_projectors, self.model.predictors]
-        optimizer = instantiate(o["optimizer"])(param_groups(modules, o["weight_decay"]), lr=lr)
+        groups = param_groups(modules, o["weight_decay"])
+        optimizer = build_optimizer(o["name"], groups, lr, o.get("optimizer"))
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        sched = o["scheduler"]
-        scheduler = instantiate({k: v for k, v in sched.items() if k != "warmup_epochs"})(
-            optimizer, total_steps=total, warmup_steps=int(sched.get("warmup_epochs", 0) * per_epoch))
+        sched = dict(o["scheduler"])
+        warmup = int(sched.pop("warmup_epochs", 0) * per_epoch)
+        scheduler = build_schedule(sched.pop("name"), optimizer, total, warmup, sched)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints

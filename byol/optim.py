@@ -2,16 +2,23 @@
 
 torch has no LARS and the maintained implementations live inside SSL frameworks (lightly,
 solo-learn) that we do not want as a dependency, so it is written here, small and tested.
+
+Optimizers and schedules are chosen by name from fixed tables (:data:`OPTIMIZERS`,
+:data:`SCHEDULES`): a config, which may come from a checkpoint someone else wrote, names
+an entry and gives plain keyword values; it never names code to import.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+from byol.errors import ConfigError
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
@@ -93,3 +100,42 @@ def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0, final_rati
 def constant(optimizer, total_steps: int = 0, warmup_steps: int = 0) -> LambdaLR:
     """Constant learning rate after an optional linear warm-up (the original implementation: none)."""
     return LambdaLR(optimizer, lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0)
+
+
+OPTIMIZERS = {"lars": LARS, "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = {"warmup_cosine": warmup_cosine, "constant": constant}
+
+
+def _checked_options(factory, options: Mapping, fixed: set[str], what: str) -> dict:
+    """``options`` as keyword arguments of ``factory``; unknown names and non-plain values refused."""
+    accepted = set(inspect.signature(factory).parameters) - fixed
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"{what} takes no option {', '.join(map(repr, unknown))}; it takes: "
+                          f"{', '.join(sorted(accepted))}")
+    for key, value in options.items():
+        plain = value is None or isinstance(value, bool | int | float | str) or (
+            isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value))
+        if not plain:
+            raise ConfigError(f"{what} option {key!r} must be a plain value, not {type(value).__name__}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def build_optimizer(name: str, param_groups: list[dict], lr: float, options: Mapping | None = None):
+    """The optimizer ``name`` (a key of :data:`OPTIMIZERS`) over ``param_groups`` at ``lr``."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
+    cls = OPTIMIZERS[name]
+    kwargs = _checked_options(cls, dict(options or {}), {"self", "params", "lr"}, f"optimizer '{name}'")
+    return cls(param_groups, lr=lr, **kwargs)
+
+
+def build_schedule(name: str, optimizer, total_steps: int, warmup_steps: int = 0,
+                   options: Mapping | None = None) -> LambdaLR:
+    """The per-step learning-rate schedule ``name`` (a key of :data:`SCHEDULES`)."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown schedule '{name}'; choose one of: {', '.join(SCHEDULES)}")
+    fn = SCHEDULES[name]
+    kwargs = _checked_options(fn, dict(options or {}), {"optimizer", "total_steps", "warmup_steps"},
+                              f"schedule '{name}'")
+    return fn(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, **kwargs)

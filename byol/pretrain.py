@@ -17,12 +17,8 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from byol.checkpoint import (
     AtomicCheckpointIO,
@@ -35,11 +31,12 @@ from byol.checkpoint import (
 )
 from byol.cli import command_arg, resume_hint
 from byol.errors import CheckpointError, ConfigError, Interrupted
+from byol.jobs.build import build_trainer, make_loggers
+from byol.jobs.config_check import check_config, check_file_config
+from byol.jobs.run_folder import RUN_ID_KEY, check_resume_target, new_run_id
 from byol.lit import BYOLModule, TensorDataModule, build_encoder
 
-CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
 COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
-LOGGER_EXTRAS = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb"}  # pyproject.toml extras
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.name", "loss.taps", "head")
 # Never compared between a checkpoint and the command line.
@@ -127,6 +124,28 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
     return result, [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
+def saved_run_id(raw_config: dict, source: str) -> str | None:
+    """The run id a checkpoint's config holds (None for checkpoints written before run ids)."""
+    run_id = raw_config.get(RUN_ID_KEY)
+    if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum() and len(run_id) <= 64):
+        raise ConfigError(f"refusing {source}: {RUN_ID_KEY} = {str(run_id)[:40]!r} is not a run id")
+    return run_id
+
+
+def folder_run_id(run_dir: Path) -> str | None:
+    """The id of the run whose config.yaml ``run_dir`` holds, checked as untrusted data."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:
+        raise ConfigError(f"'{path}' is not a readable config ({type(e).__name__}: {e}); move it away or "
+                          f"use another folder (hydra.run.dir=NEW)") from None
+    check_file_config(raw, f"'{path}'")
+    return saved_run_id(raw, f"'{path}'")
+
+
 def describe_step(step: int, steps_per_epoch: int) -> str:
     """``step 6 (epoch 1, batch 2 of 4)``: where training stands, counted from 0."""
     epoch, batch = divmod(int(step), max(1, steps_per_epoch))
@@ -147,75 +166,6 @@ def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- logs
-
-
-class _ContinuingWriter(ExperimentWriter):
-    """metrics.csv writer that continues an existing file instead of deleting it.
-
-    Rows logged at or after ``keep_before_step`` (steps the resumed run will repeat, written
-    before the previous process was killed) are dropped, so the file reads as one run.
-    """
-
-    def __init__(self, log_dir: str, keep_before_step: int | None):
-        self.keep_before_step = keep_before_step
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        if self.keep_before_step is None:  # a fresh run: an old file is stale
-            path.unlink()
-            return
-        import csv
-        import io
-
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = [r for r in reader
-                    if r.get("step") in (None, "") or int(float(r["step"])) < self.keep_before_step]
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_bytes(out.getvalue().encode(), path)
-        self.metrics_keys = header
-
-
-class ContinuingCSVLogger(CSVLogger):
-    """``metrics.csv`` in the run folder, continued (not restarted) by a resumed run."""
-
-    def __init__(self, save_dir, keep_before_step: int | None = None):
-        # rows reach the file every step, so a killed run loses at most the step it was in
-        super().__init__(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=1)
-        self.keep_before_step = keep_before_step
-
-    @property
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(self.log_dir, self.keep_before_step)
-        return self._experiment
-
-
-def make_loggers(cfg, run_dir: Path, keep_before_step: int | None = None) -> list:
-    """Always a metrics.csv in the run folder, plus the configured logger if it is another one.
-    ``cfg`` is a DictConfig or a plain dict (evaluation passes the latter)."""
-    loggers = [ContinuingCSVLogger(str(run_dir), keep_before_step)]
-    logger_cfg = cfg.get("logger")
-    if logger_cfg and logger_cfg.get("_target_") != CSV_LOGGER:
-        try:
-            loggers.append(instantiate(logger_cfg))
-        except InstantiationException as e:
-            if not isinstance(e.__cause__, ImportError):
-                raise
-            name = str(logger_cfg.get("_target_")).rsplit(".", 1)[-1]
-            extra = LOGGER_EXTRAS.get(name)
-            install = f'pip install -e ".[{extra}]"' if extra else "install its package"
-            raise ConfigError(f"{name} cannot start ({str(e.__cause__).splitlines()[0]}); {install}, "
-                              f"or log to metrics.csv only with logger=csv") from None
-    return loggers
 
 
 # --------------------------------------------------------------------------- checkpoints and signals
@@ -378,16 +328,24 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         cfg.pop("hydra", None)  # Hydra's own settings: not part of the run's config, not resolvable here
     container = OmegaConf.to_container(cfg, resolve=True)
 
+    check_config(container, "the command line")
+    folder_id = folder_run_id(run_dir)
     resume_from = find_resume(container.get("resume"), run_dir)
-    resumed_step = None
+    resumed_step, run_id = None, None
     if resume_from is not None:
         resumed = safe_load(resume_from, mmap=True)  # refuses unsafe files before Lightning reads it
         if not isinstance(resumed, dict) or not isinstance(resumed.get("byol_config"), dict):
             raise CheckpointError(f"'{resume_from}' is not a train.py checkpoint (no 'byol_config'); resume= "
                                   f"takes a run folder or its checkpoints/*.ckpt, not an encoder export")
+        source = f"checkpoint '{resume_from}'"
+        saved = check_file_config(resumed["byol_config"], source)
+        saved_id = saved_run_id(resumed["byol_config"], source)
+        if check_resume_target(run_dir, resume_from, saved_id, folder_id):
+            run_id = saved_id or folder_id  # the same run, continued in its own folder
         resumed_step = int(resumed["global_step"])
-        container, changed = resume_config(resumed["byol_config"], container, requested)
+        container, changed = resume_config(saved, container, requested)
         del resumed
+        check_config(container, source)
         if changed:
             print(f"[byol] resuming with changed settings (no longer an exact continuation): "
                   f"{'; '.join(changed)}", flush=True)
@@ -401,6 +359,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
                   f"{command_arg('resume', run_dir)} trainer.max_epochs=N; to redo part of it, resume a "
                   f"checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
             return export
+    container[RUN_ID_KEY] = run_id or new_run_id()
 
     if cfg.loss.name == "classic" and cfg.loss.taps:
         raise ConfigError("loss=classic uses only the avgpool head; use loss=multi for loss.taps")
@@ -411,15 +370,16 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(container)).encode(), run_dir / "config.yaml")
     remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
 
-    loggers = make_loggers(cfg, run_dir, resumed_step)  # before the data: a missing package fails fast
+    # before the data: a missing logger package fails fast
+    loggers = make_loggers(container.get("logger"), run_dir, resumed_step)
     datamodule = TensorDataModule(container["data"], cfg.seed, cfg.data.get("on_device", True))
     batches = datamodule.prepare()  # data errors before the model is built
     module = BYOLModule(container)
     module.last_good_checkpoint = ckpt_dir / "last.ckpt"
     checkpoints = RunCheckpoints(ckpt_dir, run_dir, cfg.checkpoint.every_n_epochs,
                                  cfg.checkpoint.last_every_n_steps)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
+    trainer: pl.Trainer = build_trainer(
+        container["trainer"],
         default_root_dir=str(run_dir),
         logger=loggers,
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary()]

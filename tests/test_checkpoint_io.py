@@ -212,10 +212,10 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"w": torch.ones(1000)}, path)
     path.write_bytes(path.read_bytes()[:500])  # truncated, as by a copy cut short
-    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch file"):
+    with pytest.raises(CheckpointError, match="corrupt, truncated or not a PyTorch file"):
         safe_load(path)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch file"):
+    with pytest.raises(CheckpointError, match="corrupt, truncated or not a PyTorch file"):
         safe_load(tmp_path / "notes.txt")
     with pytest.raises(CheckpointError, match="does not exist"):
         safe_load(tmp_path / "nope.ckpt")

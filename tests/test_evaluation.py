@@ -364,6 +364,132 @@ def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
             "ok", "random-init", "resnet18", "imagenet", seed)
 
 
+def _killed_run(smoke_config, run_dir: Path, done: int, planned: int, name: str = "last.ckpt") -> Path:
+    """A run folder of a training job stopped after ``done`` of its ``planned`` epochs: config.yaml and one
+    checkpoint (Lightning counts the epochs finished in ``epoch_progress.current.processed``)."""
+    from omegaconf import OmegaConf
+
+    cfg = smoke_config("loss=multi", f"trainer.max_epochs={planned}", "seed=3")
+    if "state" not in _KILLED:  # one model for all of them: building it is the slow part
+        torch.manual_seed(0)
+        _KILLED["state"] = {f"model.{k}": v for k, v in build_byol(cfg).state_dict().items()}
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    path = run_dir / "checkpoints" / name
+    torch.save({"byol_config": cfg, "epoch": max(0, done - 1), "global_step": 1 + 4 * done,
+                "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": done}}}},
+                "state_dict": _KILLED["state"]}, path)
+    return path
+
+
+_KILLED: dict = {}
+
+
+def test_unfinished_run_is_evaluated_and_marked_incomplete(smoke_config, tmp_path, capsys):
+    from byol.report import main as report_main
+
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_done", "classic")
+    killed = _killed_run(smoke_config, sweep / "1_killed", done=0, planned=2)  # killed at step 1
+    stopped = _killed_run(smoke_config, sweep / "2_stopped", done=1, planned=2, name="epoch0000.ckpt")
+    cfg = _job_config(tmp_path, f"pretrained={sweep}", "eval=knn", "baseline=false")
+    results = evaluate(cfg, tmp_path / "ev")
+    assert [r["status"] for r in results] == ["ok"] * 3  # evaluated, not failed
+    out = capsys.readouterr().out
+    for label, path, done in (("1_killed", killed, 0), ("2_stopped", stopped, 1)):
+        saved = json.loads((tmp_path / "ev" / label / "results.json").read_text())
+        assert (saved["pretrain_status"], saved["pretrain_epochs"], saved["pretrain_epochs_planned"],
+                saved["allow_incomplete"], saved["pretrained"]) == ("incomplete", done, 2, False, str(path))
+        line = (f"[eval] note: {label} did not finish pretraining ({done} of 2 epochs, {path}): results.json "
+                f"says pretrain_status: incomplete; the report leaves it out of the means "
+                f"(allow_incomplete=true counts it)")
+        assert out.count(line) == 1, out
+    done = json.loads((tmp_path / "ev" / "0_done" / "results.json").read_text())
+    assert (done["pretrain_status"], done["pretrain_epochs"]) == ("complete", 1)
+    assert "0_done did not finish" not in out
+    # the settings the report keeps apart are recorded
+    assert saved["pretrain_data"] == {"name": "synthetic", "root": None, "subset": None, "image_size": 32,
+                                      "num_train": 128, "num_test": 64}
+    assert saved["eval_data"] == {**saved["pretrain_data"], "split": "holdout", "val_size": 32}
+    assert (saved["backbone"], saved["stem"], saved["eval_epochs"]) == ("resnet18", "imagenet", 0)
+
+    report_main([str(tmp_path / "ev")])
+    md = (tmp_path / "ev" / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| multi | avgpool | knn |")]
+    assert len(rows) == 2 and all(" | – | – | 0 | 0 | " in row for row in rows)  # in no mean
+    assert " | 0 of 2 | 0 | **incomplete**: 1 run(s) not in any mean (1_killed) |" in rows[0]
+    assert " | 1 of 2 | 0 | **incomplete**: 1 run(s) not in any mean (2_stopped) |" in rows[1]
+    assert f"- 1_killed: 0 of 2 epochs ({killed})" in md and f"- 2_stopped: 1 of 2 epochs ({stopped})" in md
+
+    # allow_incomplete=true: recorded, said, and the report counts it (in its own row)
+    capsys.readouterr()
+    (result,) = evaluate(_job_config(tmp_path, f"pretrained={killed}", "eval=knn", "allow_incomplete=true"),
+                         tmp_path / "one")
+    assert (result["pretrain_status"], result["allow_incomplete"]) == ("incomplete", True)
+    assert ("results.json says pretrain_status: incomplete; allow_incomplete=true: the report counts it, in "
+            "a row of its own") in capsys.readouterr().out
+    report_main([str(tmp_path / "one")])
+    (row,) = [line for line in (tmp_path / "one" / "results.md").read_text().splitlines()
+              if line.startswith("| multi | avgpool | knn |")]
+    assert f"| {100 * result['test_acc']:.2f} | {100 * result['val_acc']:.2f} | 1 | 0 |" in row
+
+
+def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
+    from byol.report import main as report_main
+
+    sweep = tmp_path / "sweep"
+    good = _export(sweep / "0_good", "classic")
+    (sweep / "0_good" / ".hydra").mkdir()
+    failed = sweep / "1_failed"  # its FAILED file wins over the checkpoint it left (unreadable here)
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / "checkpoints").mkdir()
+    (failed / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
+    (failed / "config.yaml").write_text("seed: 1\nloss:\n  name: multi\nbackbone:\n  name: resnet18\n"
+                                        "  stem: imagenet\n")
+    (failed / "FAILED").write_text("non-finite loss at step 3 (epoch 0, batch 3 of 4)\nmore detail\n")
+    empty = sweep / "2_empty"  # killed before its first checkpoint: .hydra/ and nothing else
+    (empty / ".hydra").mkdir(parents=True)
+    (empty / ".hydra" / "config.yaml").write_text("seed: 2\nloss:\n  name: multi\n")
+    (sweep / "notes").mkdir()  # not a job folder
+    assert resolve_pretrained(str(sweep)) == ([good], sweep)
+
+    cfg = _job_config(tmp_path, f"pretrained={sweep}", "eval=knn", "baseline=false")
+    results = evaluate(cfg, tmp_path / "ev")
+    assert [r["label"] for r in results] == ["0_good"]  # the job does not fail for the training's failures
+    out = capsys.readouterr().out
+    reason = "training failed: non-finite loss at step 3 (epoch 0, batch 3 of 4)"
+    no_weights = "no weights: no encoder.pt and no checkpoints/*.ckpt"
+    assert (f"[eval] missing: 1_failed: {reason} ({failed}); listed as missing in the report") in out
+    assert (f"[eval] missing: 2_empty: {no_weights} ({empty}); listed as missing in the report") in out
+    for job, why, seed, status in ((failed, reason, 1, "failed"), (empty, no_weights, 2, "no weights")):
+        saved = json.loads((tmp_path / "ev" / job.name / "results.json").read_text())
+        assert (saved["status"], saved["pretrain_status"], saved["error"], saved["loss"], saved["seed"],
+                saved["pretrained"], saved["test_acc"]) == ("missing", status, why, "multi", seed, str(job),
+                                                            None)
+    assert not (tmp_path / "ev" / "notes").exists()
+
+    report_main([str(tmp_path / "ev")])
+    md = (tmp_path / "ev" / "results.md").read_text()
+    (row,) = [line for line in md.splitlines() if line.startswith("| multi | avgpool | knn |")]
+    # 0_good's config.yaml names no data: its pretraining data reads as unknown
+    assert row == ("| multi | avgpool | knn | – | – | 0 | 0 | resnet18/imagenet | ? → synthetic | ? | 0 | "
+                   "**missing**: no model (1_failed, 2_empty) |")
+    assert (f"Missing pretraining runs (2, not evaluated):\n- {failed}: {reason}\n- {empty}: {no_weights}"
+            in md)
+
+    # a sweep in which every job failed: an error that names them, never an older sweep instead
+    newest = tmp_path / "outputs" / "multirun" / "train" / "new"
+    older = tmp_path / "outputs" / "multirun" / "train" / "old"
+    _export(older / "0_ok")
+    os.utime(older / "0_ok" / "encoder.pt", (1000, 1000))
+    (newest / "0_loss=multi" / ".hydra").mkdir(parents=True)
+    (newest / "0_loss=multi" / "FAILED").write_text("out of memory\n")
+    with pytest.raises(CheckpointError, match=r"no run of the sweep .*new' can be evaluated: its 1 job\(s\) "
+                       r"have no model \(0_loss=multi: training failed: out of memory\)"):
+        resolve_pretrained("latest_sweep", tmp_path / "outputs")
+
+
 def test_random_encoder_is_a_function_of_its_seed_alone():
     arch = {"name": "resnet18", "stem": "imagenet", "grids": {}}
 

@@ -1,4 +1,5 @@
-"""The results table: means, sample standard deviations, counts, missing and failed cells."""
+"""The results table: means, sample standard deviations, counts, missing and failed cells, unfinished
+and failed pretraining runs, and rows that never pool results of different settings."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from byol.report import build_cells, load_results, main, mean_std, report
 
 
 def write(folder: Path, name: str, loss: str, repr_name: str, protocol: str, test=None, val=None,
-          status="ok", seed=0, error=None) -> None:
+          status="ok", seed=0, error=None, **fields) -> None:
+    """A results.json as evaluate.py writes it; ``fields`` replace or add keys (None: remove the key)."""
     d = folder / name
     d.mkdir(parents=True)
     r = {"pretrained": f"/runs/{name}", "loss": loss, "repr": repr_name, "eval": protocol,
@@ -23,7 +25,8 @@ def write(folder: Path, name: str, loss: str, repr_name: str, protocol: str, tes
          "status": status}
     if error:
         r["error"] = error
-    (d / "results.json").write_text(json.dumps(r))
+    r.update(fields)
+    (d / "results.json").write_text(json.dumps({k: v for k, v in r.items() if v is not None}))
 
 
 @pytest.fixture
@@ -78,9 +81,12 @@ def test_report_writes_markdown_csv_and_plot(sweep, tmp_path, capsys):
     assert "classic/combined/finetune" in md.split("Failed cells")[1]
     rows = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(out / "results.csv"))}
     r = rows[("classic", "avgpool", "linear")]
-    assert float(r["test_acc_mean"]) == pytest.approx(0.6) and float(r["test_acc_std"]) == pytest.approx(0.1)
+    # percent, as in the markdown table
+    pct = [float(r[f"{split}_acc_{stat}_pct"]) for split in ("test", "val") for stat in ("mean", "std")]
+    assert pct == pytest.approx([60, 10, 60, 100 * math.sqrt(0.07)])
     assert (r["runs"], r["failed"], r["status"], r["eval_epochs"]) == ("3", "0", "ok", "100")
-    assert rows[("multi", "avgpool", "linear")]["test_acc_std"] == ""  # one run: no std
+    assert float(rows[("multi", "avgpool", "linear")]["test_acc_mean_pct"]) == pytest.approx(80)
+    assert rows[("multi", "avgpool", "linear")]["test_acc_std_pct"] == ""  # one run: no std
     assert rows[("multi", "combined", "linear")]["status"] == "missing"
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -108,3 +114,151 @@ def test_cli_defaults_to_the_newest_evaluation_sweep(sweep, tmp_path, monkeypatc
     assert (tmp_path / "elsewhere" / "results.csv").is_file()
     with pytest.raises(SystemExit, match="no results.json"):
         main([str(tmp_path / "elsewhere" / "nothing")])
+
+
+# ------------------------------------------------------------------------ unfinished, failed, other settings
+
+CIFAR = {"name": "cifar10", "root": "data/cifar10", "subset": None, "image_size": 32}
+EVAL_CIFAR = {**CIFAR, "split": "holdout", "val_size": 5000}
+SYNTHETIC = {"name": "synthetic", "root": None, "subset": None, "image_size": 32, "num_train": 128,
+             "num_test": 64}
+
+
+def rows_of(md: str, loss: str, repr_name: str = "avgpool", protocol: str = "linear") -> list[list[str]]:
+    """The cells of the table rows of one (loss, repr, eval) combination."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()
+            if line.startswith(f"| {loss} | {repr_name} | {protocol} |")]
+
+
+def test_unfinished_run_gets_a_row_of_its_own_and_enters_no_mean(tmp_path, capsys):
+    root = tmp_path / "ev"
+    for seed, t in enumerate([0.50, 0.60]):
+        write(root, f"classic{seed}", "classic", "avgpool", "linear", t, t, seed=seed,
+              pretrain_status="complete", pretrain_epochs=5, pretrain_epochs_planned=5)
+    # killed at step 1: evaluated from its last.ckpt, 0 of 5 epochs done
+    write(root, "classic2", "classic", "avgpool", "linear", 0.10, 0.12, seed=2, pretrain_status="incomplete",
+          pretrain_epochs=0, pretrain_epochs_planned=5, pretrained="/runs/classic2/checkpoints/last.ckpt")
+    report([root], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    complete, unfinished = rows_of(md, "classic")
+    assert complete == ["classic", "avgpool", "linear", "55.00 ± 7.07", "55.00 ± 7.07", "2", "0",
+                        "resnet18/imagenet", "?", "5", "100", ""]
+    assert unfinished == ["classic", "avgpool", "linear", "–", "–", "0", "0", "resnet18/imagenet", "?",
+                          "0 of 5", "100", "**incomplete**: 1 run(s) not in any mean (classic2)"]
+    assert ("Incomplete pretraining runs (1), not in any mean (count them with allow_incomplete=true in "
+            "evaluate.py, or python -m byol.report --allow-incomplete):\n"
+            "- classic2: 0 of 5 epochs (/runs/classic2/checkpoints/last.ckpt)") in md
+    csv_rows = [r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))
+                if (r["loss"], r["repr"], r["eval"]) == ("classic", "avgpool", "linear")]
+    assert [(r["status"], r["runs"], r["incomplete"], r["pretrain_epochs"], r["pretrain_epochs_planned"],
+             r["test_acc_mean_pct"]) for r in csv_rows] == [("ok", "2", "0", "5", "", "55.0000"),
+                                                             ("incomplete", "0", "1", "0", "5", "")]
+
+    # --allow-incomplete: its accuracy counts, in its own row; the finished runs' mean does not move
+    main([str(root), "--out", str(tmp_path / "allowed"), "--allow-incomplete"])
+    md = (tmp_path / "allowed" / "results.md").read_text()
+    complete, unfinished = rows_of(md, "classic")
+    assert complete[3:7] == ["55.00 ± 7.07", "55.00 ± 7.07", "2", "0"]
+    assert unfinished[3:7] == ["10.00", "12.00", "1", "0"] and unfinished[9] == "0 of 5"
+    assert unfinished[11] == "**incomplete** pretraining (1 run(s)), counted: allow_incomplete"
+
+    # evaluate.py's allow_incomplete=true is the report's default for that result; --no-allow-incomplete wins
+    saved = root / "classic2" / "results.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "allow_incomplete": True}))
+    assert [c.runs for c in build_cells(load_results([saved]))
+            if (c.loss, c.repr, c.eval) == ("classic", "avgpool", "linear")] == [1]
+    main([str(root), "--out", str(tmp_path / "refused"), "--no-allow-incomplete"])
+    assert rows_of((tmp_path / "refused" / "results.md").read_text(), "classic")[1][3:6] == ["–", "–", "0"]
+
+
+def test_failed_training_jobs_are_listed_as_missing(tmp_path):
+    root = tmp_path / "ev"
+    write(root, "0_loss=multi,seed=0", "multi", "avgpool", "linear", 0.80, 0.70)
+    # what evaluate.py writes for a job with a FAILED file and for a job folder without weights
+    write(root, "1_loss=multi,seed=1", "multi", "avgpool", "linear", status="missing",
+          pretrain_status="failed", error="training failed: non-finite loss at step 3",
+          pretrained="/train/sw/1_loss=multi,seed=1", label="1_loss=multi,seed=1", pretrain_epochs=None)
+    write(root, "2_loss=classic,seed=0", "classic", "avgpool", "linear", status="missing",
+          pretrain_status="no weights", error="no weights: no encoder.pt and no checkpoints/*.ckpt",
+          pretrained="/train/sw/2_loss=classic,seed=0", label="2_loss=classic,seed=0", pretrain_epochs=None)
+    report([root], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "80.00", "70.00", "1", "0",
+                                     "resnet18/imagenet", "?", "5", "100", "1 missing (1_loss=multi,seed=1)"]]
+    assert rows_of(md, "classic") == [["classic", "avgpool", "linear", "–", "–", "0", "0",
+                                       "resnet18/imagenet", "?", "?", "100",
+                                       "**missing**: no model (2_loss=classic,seed=0)"]]
+    assert "Missing cells (7 of 8 expected): classic/avgpool/linear," in md
+    assert ("Missing pretraining runs (2, not evaluated):\n"
+            "- /train/sw/1_loss=multi,seed=1: training failed: non-finite loss at step 3\n"
+            "- /train/sw/2_loss=classic,seed=0: no weights: no encoder.pt and no checkpoints/*.ckpt") in md
+    rows = {(r["loss"], r["repr"], r["eval"]): r
+            for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert [(rows[(loss, "avgpool", "linear")][k]) for loss in ("multi", "classic")
+            for k in ("status", "runs", "failed", "missing")] == ["ok", "1", "0", "1",
+                                                                   "missing", "0", "0", "1"]
+
+
+def test_results_of_different_settings_are_never_pooled(tmp_path):
+    root = tmp_path / "ev"
+    cifar = {"pretrain_data": CIFAR, "eval_data": EVAL_CIFAR, "pretrain_epochs": 8,
+             "pretrain_status": "complete"}
+    write(root, "a", "classic", "avgpool", "linear", 0.30, 0.30, **cifar)
+    write(root, "b", "classic", "avgpool", "linear", 0.32, 0.32, seed=1, **cifar)
+    # the tester's case: a smoke run (synthetic data, 2 epochs, 1 evaluation epoch) beside CIFAR runs
+    write(root, "smoke", "classic", "avgpool", "linear", 1.00, 1.00, pretrain_data=SYNTHETIC,
+          eval_data={**SYNTHETIC, "split": "holdout", "val_size": 32}, pretrain_epochs=2, eval_epochs=1)
+    write(root, "r50", "classic", "avgpool", "linear", 0.40, 0.40, **{**cifar, "backbone": "resnet50"})
+    write(root, "stem", "classic", "avgpool", "linear", 0.45, 0.45, **{**cifar, "stem": "cifar"})
+    write(root, "subset", "classic", "avgpool", "linear", 0.20, 0.20,
+          **{**cifar, "pretrain_data": {**CIFAR, "subset": 10000}})
+    write(root, "ft50", "classic", "avgpool", "linear", 0.25, 0.25, **{**cifar, "eval_epochs": 50})
+    write(root, "long", "classic", "avgpool", "linear", 0.35, 0.35, **{**cifar, "pretrain_epochs": 16})
+    report([root], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    # (test acc, runs, backbone, data, pretrain epochs, eval epochs): each setting its own row
+    assert sorted((r[3], r[5], r[7], r[8], r[9], r[10]) for r in rows_of(md, "classic")) == sorted([
+        ("31.00 ± 1.41", "2", "resnet18/imagenet", "cifar10 subset=none", "8", "100"),
+        ("100.00", "1", "resnet18/imagenet", "synthetic", "2", "1"),
+        ("40.00", "1", "resnet50/imagenet", "cifar10 subset=none", "8", "100"),
+        ("45.00", "1", "resnet18/cifar", "cifar10 subset=none", "8", "100"),
+        ("20.00", "1", "resnet18/imagenet", "cifar10 subset=10000 → cifar10 subset=none", "8", "100"),
+        ("25.00", "1", "resnet18/imagenet", "cifar10 subset=none", "8", "50"),
+        ("35.00", "1", "resnet18/imagenet", "cifar10 subset=none", "16", "100"),
+    ])
+    assert len([r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))
+                if (r["loss"], r["repr"], r["eval"]) == ("classic", "avgpool", "linear")]) == 7
+    assert (tmp_path / "out" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the evaluation data's folder (or split) separates too, and the row says so
+    other = tmp_path / "other"
+    write(other, "a", "multi", "avgpool", "linear", 0.30, 0.30, **cifar)
+    write(other, "b", "multi", "avgpool", "linear", 0.50, 0.50,
+          **{**cifar, "eval_data": {**EVAL_CIFAR, "root": "/x"}})
+    cells = [c for c in build_cells(load_results(sorted(other.rglob("results.json")))) if c.loss == "multi"
+             and c.repr == "avgpool" and c.eval == "linear"]
+    assert sorted((c.runs, c.test[0], c.data) for c in cells) == [
+        (1, 0.30, "cifar10 root=data/cifar10"), (1, 0.50, "cifar10 root=data/cifar10 → cifar10 root=/x")]
+
+
+def test_results_json_of_an_older_version_still_load(tmp_path):
+    root = tmp_path / "ev"
+    # before `status`, pretrain_status, pretrain_data and eval_data: finished when it has test_acc
+    old = {"status": None, "data": "cifar10"}
+    write(root, "old0", "classic", "avgpool", "linear", 0.50, 0.40, **old)
+    write(root, "old1", "classic", "avgpool", "linear", 0.70, 0.60, seed=1, **old)
+    write(root, "old2", "classic", "avgpool", "linear", seed=2, **old)  # no accuracy: failed
+    write(root, "bare", "multi", "avgpool", "linear", 0.9, 0.9, status=None, backbone=None, stem=None,
+          pretrain_epochs=None, eval_epochs=None)
+    # a result of this version beside them: its settings are known, theirs are not, so it is not pooled
+    write(root, "new", "classic", "avgpool", "linear", 0.10, 0.10, pretrain_data=CIFAR, eval_data=EVAL_CIFAR,
+          pretrain_status="complete")
+    report([root], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert sorted(rows_of(md, "classic")) == sorted([
+        ["classic", "avgpool", "linear", "60.00 ± 14.14", "50.00 ± 14.14", "2", "1", "resnet18/imagenet",
+         "? → cifar10 (settings unknown)", "5", "100", "1 failed"],
+        ["classic", "avgpool", "linear", "10.00", "10.00", "1", "0", "resnet18/imagenet", "cifar10", "5",
+         "100", ""],
+    ])
+    assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "90.00", "90.00", "1", "0", "?", "?", "?",
+                                     "?", ""]]

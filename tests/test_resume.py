@@ -21,7 +21,8 @@ from byol.checkpoint import TEMP_SUFFIX, safe_load
 from byol.cli import command_line_keys, run_dir_of
 from byol.data import IndexBatches, make_synthetic
 from byol.errors import CheckpointError
-from byol.pretrain import ContinuingCSVLogger, describe_step, find_resume, resume_config
+from byol.lightning.csv_logger import ContinuingCSVLogger
+from byol.pretrain import describe_step, find_resume, resume_config
 
 # Tiny deterministic run: 64 synthetic images, batch 16 -> 4 steps per epoch, 3 epochs; last.ckpt
 # after every optimizer step so that a kill at any step has a mid-epoch checkpoint to resume.

@@ -1,0 +1,1 @@
+"""Jobs: the only code that reads the config (building objects, run folders, pretrain and evaluate)."""

@@ -1,0 +1,60 @@
+"""Objects built from the config by name: the Lightning Trainer and the loggers.
+
+Classes come from fixed tables, never from a ``_target_`` in the config: a config may come from
+a checkpoint someone else wrote (:mod:`byol.jobs.config_check`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+
+from byol.errors import ConfigError
+from byol.jobs.config_check import LOGGER_NAMES, TRAINER_RESERVED, trainer_parameters
+
+# logger name -> (module, class, pyproject extra); metrics.csv is always written besides.
+LOGGERS = {
+    "tensorboard": ("pytorch_lightning.loggers", "TensorBoardLogger", "tensorboard"),
+    "wandb": ("pytorch_lightning.loggers", "WandbLogger", "wandb"),
+}
+
+
+def _logger_kwargs(name: str, options: Mapping, run_dir: Path) -> dict:
+    if name == "tensorboard":
+        return {"save_dir": str(run_dir), "name": "tb", "version": ""}
+    return {"project": options.get("project", "byol"), "save_dir": str(run_dir),
+            "offline": bool(options.get("offline", True))}
+
+
+def make_loggers(logger_cfg: Mapping | None, run_dir: Path, keep_before_step: int | None = None) -> list:
+    """Always metrics.csv in the run folder, plus the logger ``logger_cfg['name']`` names."""
+    from byol.lightning.csv_logger import ContinuingCSVLogger
+
+    loggers = [ContinuingCSVLogger(str(run_dir), keep_before_step)]
+    name = (logger_cfg or {}).get("name", "csv")
+    if name == "csv":
+        return loggers
+    if name not in LOGGERS:
+        raise ConfigError(f"unknown logger '{name}'; choose one of: {', '.join(LOGGER_NAMES)}")
+    module, cls, extra = LOGGERS[name]
+    try:
+        logger_class = getattr(importlib.import_module(module), cls)
+        loggers.append(logger_class(**_logger_kwargs(name, logger_cfg, run_dir)))
+    except (ImportError, ModuleNotFoundError) as e:
+        raise ConfigError(f"{cls} cannot start ({str(e).splitlines()[0]}); pip install -e \".[{extra}]\", "
+                          f"or log to metrics.csv only with logger=csv") from None
+    return loggers
+
+
+def build_trainer(trainer_cfg: Mapping, **fixed):
+    """``pytorch_lightning.Trainer`` from plain arguments; ``fixed`` (logger, callbacks...) from the job."""
+    import pytorch_lightning as pl
+
+    kwargs = {}
+    for key, value in trainer_cfg.items():
+        if key in TRAINER_RESERVED or key not in trainer_parameters():
+            raise ConfigError(f"trainer.{key} is not a Trainer argument this project passes on")
+        kwargs[key] = value
+    kwargs.update(fixed)
+    return pl.Trainer(**kwargs)

@@ -1,0 +1,271 @@
+"""Check configs before anything uses them: types, ranges, and configs read from files.
+
+A checkpoint, an ``encoder.pt`` and a run folder's ``config.yaml`` are data from whoever wrote
+the file. Nothing read from them is passed to ``instantiate`` or imported by name (the jobs
+build optimizers, schedules, loggers and the trainer from fixed tables of names), and
+:func:`check_file_config` refuses, naming the key, what a plain-value config cannot hold:
+Hydra's ``_target_`` family, interpolations, and a container where the project's own config
+tree has a plain value. :func:`check_config` then checks every value of the final config
+against the types of ``conf/`` and the ranges below, so a bad value is one line, not a
+traceback from deep inside a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from byol.errors import ConfigError
+from byol.optim import OPTIMIZERS, SCHEDULES
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Keys by which Hydra's instantiate imports and calls code.
+INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
+# What this project itself wrote into configs before it built objects from names (checkpoints of
+# that version stay loadable): path -> {value: the name it means now, or None}.
+_OPTIMS = ("byol.optim.LARS", "torch.optim.SGD", "torch.optim.Adam")
+_SCHEDULES = {"byol.optim.warmup_cosine": "warmup_cosine", "byol.optim.constant": "constant"}
+_LOGGERS = {f"pytorch_lightning.loggers.{c}Logger": n for c, n in
+            (("CSV", "csv"), ("TensorBoard", "tensorboard"), ("Wandb", "wandb"))}
+LEGACY_TARGETS = {
+    ("optim", "optimizer"): dict.fromkeys(_OPTIMS),
+    ("optim", "scheduler"): _SCHEDULES,
+    ("eval", "optimizer"): {"torch.optim.SGD": "sgd"},
+    ("eval", "scheduler"): _SCHEDULES,
+    ("trainer",): {"pytorch_lightning.Trainer": None},
+    ("logger",): _LOGGERS,
+}
+# Lightning-logger keys of the old logger configs, now fixed by the job.
+LEGACY_LOGGER_KEYS = ("save_dir", "version")
+# Dicts whose keys are the user's (tap names): values must be numbers.
+OPEN_DICTS = {("backbone", "grids"), ("loss", "weights")}
+# Keyword arguments of a named optimizer, schedule or the Lightning Trainer: any plain value (the
+# builders check the names against the signature).
+KWARGS_DICTS = {("optim", "optimizer"), ("optim", "scheduler"), ("eval", "optimizer"), ("eval", "scheduler"),
+                ("trainer",), ("logger",)}
+# Groups whose options sit under their own key; `experiment*` options are global.
+PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval")
+# Trainer arguments the jobs set themselves.
+TRAINER_RESERVED = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing")
+
+POSITIVE_INT = (
+    "data.batch_size", "data.subset", "data.image_size", "data.crop_size", "data.num_train", "data.num_test",
+    "data.num_classes", "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.log_every_n_steps",
+    "trainer.num_nodes", "head.proj_hidden_dim", "head.proj_dim", "head.pred_hidden_dim",
+    "checkpoint.every_n_epochs", "checkpoint.last_every_n_steps", "checkpoint.keep_last", "eval.epochs",
+    "eval.batch_size", "eval.cached_batch_size", "eval.k", "eval.chunk_size", "feature_batch_size",
+)
+NON_NEGATIVE = ("optim.weight_decay", "eval.weight_decay", "optim.scheduler.warmup_epochs",
+                "eval.scheduler.warmup_epochs", "data.val_size", "trainer.gradient_clip_val")
+POSITIVE = ("optim.base_lr", "eval.lr", "eval.encoder_lr", "eval.cached_lr", "eval.temperature")
+UNIT_INTERVAL = ("ema.tau_base", "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
+LOGGER_NAMES = ("csv", "tensorboard", "wandb")
+NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),
+         "train.on_nonfinite": ("stop", "skip"), "data.split": ("holdout", "seed_original"),
+         "logger.name": LOGGER_NAMES, "optim.name": tuple(OPTIMIZERS),
+         "eval.optimizer.name": tuple(OPTIMIZERS), "optim.scheduler.name": tuple(SCHEDULES),
+         "eval.scheduler.name": tuple(SCHEDULES)}
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, Mapping):
+        return "dict"
+    return type(value).__name__
+
+
+def _record(schema: dict, node, path: tuple) -> None:
+    schema.setdefault(path, set()).add(_kind(node))
+    if isinstance(node, Mapping) and path not in OPEN_DICTS:
+        for key, value in node.items():
+            if key not in ("defaults", "hydra"):
+                _record(schema, value, (*path, str(key)))
+
+
+@functools.cache
+def config_schema(conf_dir: Path = CONF_DIR) -> dict[tuple, frozenset]:
+    """``{key path: kinds of value}`` over every option of every group of the project's config tree."""
+    schema: dict[tuple, set] = {}
+    for top in ("train.yaml", "evaluate.yaml"):
+        _record(schema, OmegaConf.to_container(OmegaConf.load(conf_dir / top)), ())
+    for path in sorted(conf_dir.glob("*/*.yaml")):
+        group = path.parent.name
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        _record(schema, node, (group,) if group in PACKAGED_GROUPS else ())
+    return {k: frozenset(v) for k, v in schema.items()}
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(path)
+
+
+def _refuse(source: str, path: tuple, value, why: str) -> ConfigError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return ConfigError(f"refusing {source}: {_dotted(path) or 'the config'} = {shown} {why}")
+
+
+def _strip_instantiate_keys(node, path: tuple, source: str):
+    """A copy of ``node`` without the ``_target_`` keys the project itself used to write; any other
+    ``_target_``-like key, an interpolation or a non-plain value is refused."""
+    if isinstance(node, Mapping):
+        out = {}
+        legacy = LEGACY_TARGETS.get(path)
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise _refuse(source, path, key, "has a key that is not a string")
+            if key in INSTANTIATE_KEYS:
+                if legacy is not None and key == "_target_" and value in legacy:
+                    if legacy[value] is not None:
+                        out["name"] = legacy[value]
+                    continue
+                if legacy is not None and key == "_partial_" and value is True:
+                    continue
+                raise _refuse(source, (*path, key), value,
+                              "names code to run; a config read from a file may only hold plain values. "
+                              "Nothing was executed. Use only checkpoints and run folders you trust, "
+                              "written by this project")
+            if path == ("logger",) and "_target_" in node and key in LEGACY_LOGGER_KEYS + ("name",):
+                continue  # the old Lightning-logger arguments; `name` now comes from `_target_`
+            out[key] = _strip_instantiate_keys(value, (*path, key), source)
+        return out
+    if isinstance(node, list | tuple):
+        return [_strip_instantiate_keys(v, (*path, str(i)), source) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        raise _refuse(source, path, node, "is an interpolation; a saved config holds resolved values only. "
+                                          "Nothing was resolved")
+    if node is not None and not isinstance(node, bool | int | float | str):
+        raise _refuse(source, path, node, f"is a {type(node).__name__}, not a plain value")
+    return node
+
+
+def check_plain(node: Mapping, source: str) -> dict:
+    """``node`` (e.g. an export's metadata) if it holds only plain values; else a one-line ConfigError."""
+    return _strip_instantiate_keys(node, (), source)
+
+
+def _type_error(path: tuple, value, kinds: frozenset) -> str | None:
+    kind = _kind(value)
+    if kind in kinds or ("none" in kinds and kind != "dict") or (kind == "none" and "str" in kinds):
+        if kind == "list" and not all(_kind(v) in ("number", "str", "bool", "list") for v in value):
+            return "must be a list of plain values"
+        return None
+    if kinds <= {"number", "none"} and kind == "str":
+        try:
+            float(value)
+        except ValueError:
+            return "must be a number"
+        return f"must be a number (got the string {value!r}; give it without quotes)"
+    if "str" in kinds and kind in ("number", "bool"):
+        return None  # e.g. trainer.precision=32
+    wanted = " or ".join(sorted(k if k != "none" else "null" for k in kinds))
+    return f"must be a {wanted}, not a {kind}"
+
+
+def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) -> dict | None:
+    """Check ``node`` against ``schema``; unknown keys: refused if ``strict``, else dropped."""
+    out = {}
+    for key, value in node.items():
+        sub = (*path, key)
+        if path in OPEN_DICTS:
+            if _kind(value) != "number":
+                raise _refuse(source, sub, value, "must be a number")
+            out[key] = value
+            continue
+        kinds = schema.get(sub)
+        if path == ("trainer",):
+            _trainer_argument(key, value, source, sub)
+        if path in KWARGS_DICTS:
+            kinds = frozenset({"none"})  # any plain value
+        if kinds is None:
+            if strict:
+                raise _refuse(source, sub, value, "is not a setting of this project (see conf/)")
+            continue  # a setting this version no longer has
+        problem = _type_error(sub, value, kinds)
+        if problem:
+            raise ConfigError(f"{_dotted(sub)} {problem} ({source})")
+        out[key] = _check_types(value, sub, schema, source, strict) if isinstance(value, Mapping) else value
+    return out
+
+
+def _trainer_argument(key: str, value, source: str, path: tuple) -> None:
+    if key in TRAINER_RESERVED or key not in trainer_parameters():
+        raise _refuse(source, path, value, "is not a Trainer argument this project passes on")
+
+
+@functools.cache
+def trainer_parameters() -> frozenset:
+    """The argument names of ``pytorch_lightning.Trainer`` (empty where Lightning is not installed)."""
+    import importlib.util
+    import inspect
+
+    if importlib.util.find_spec("pytorch_lightning") is None:
+        return frozenset()
+    from pytorch_lightning import Trainer
+
+    return frozenset(inspect.signature(Trainer).parameters)
+
+
+def check_file_config(raw, source: str) -> dict:
+    """The plain config held by a file (checkpoint, encoder export, config.yaml), or a one-line
+    :class:`~byol.errors.ConfigError` naming the key that holds anything else.
+
+    Settings this version no longer has are dropped; the ``_target_`` keys this project wrote
+    before it built objects from names become those names.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"refusing {source}: its config is a {type(raw).__name__}, not a mapping")
+    clean = _strip_instantiate_keys(raw, (), source)
+    return _check_types(clean, (), config_schema(), source, strict=False)
+
+
+def _number_at(container: Mapping, dotted: str):
+    node = container
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _augment_paths(container: Mapping, leaf: str) -> list[str]:
+    views = (container.get("augment") or {})
+    return [f"augment.{v}.{leaf}" for v in views if isinstance(views[v], Mapping) and leaf in views[v]]
+
+
+def check_config(container: Mapping, source: str = "the config") -> None:
+    """Every value of a composed config has its type and range, or a one-line ConfigError."""
+    _check_types(container, (), config_schema(), source, strict=True)
+    for key in POSITIVE_INT:
+        value = _number_at(container, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{key} must be a positive whole number, not {value!r} ({source})")
+    for key in NON_NEGATIVE + POSITIVE:
+        value = _number_at(container, key)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (key in POSITIVE and value == 0):
+            bound = "positive" if key in POSITIVE else "zero or more"
+            raise ConfigError(f"{key} must be {bound}, not {value!r} ({source})")
+    for leaf in UNIT_INTERVAL:
+        for key in _augment_paths(container, leaf) if "." not in leaf else [leaf]:
+            value = _number_at(container, key)
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"{key} must lie between 0 and 1, not {value!r} ({source})")
+    for key, names in NAMED.items():
+        value = _number_at(container, key)
+        if value is not None and value not in names:
+            raise ConfigError(f"unknown {key} '{value}'; choose one of: {', '.join(names)} ({source})")

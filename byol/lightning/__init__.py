@@ -1,0 +1,1 @@
+"""Lightning adapters: they receive built objects and never read a config."""

@@ -1,0 +1,246 @@
+"""Image folders that would silently mislead: symlinks that reach the dataset twice, hidden
+files, one-class evaluation, the same image on both sides of a split, and a decoded-image
+cache that must notice all of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol.data import eval_splits, load_image_folder, scan_folder
+from byol.errors import DataError
+from byol.evaluation import load_eval_data
+
+SIZE = 8
+
+
+def image(path: Path, seed: int, fmt: str | None = None) -> Path:
+    """A distinct random 8x8 RGB image (``seed`` picks it) saved at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def tree(root: Path, classes=("cat", "dog"), n=3, start=0) -> Path:
+    """``root/<class>/<i>.png``, every image distinct (seeds ``start``, ``start + 1``, ...)."""
+    seed = start
+    for c in classes:
+        for i in range(n):
+            image(root / c / f"{i}.png", seed)
+            seed += 1
+    return root
+
+
+def cfg(root: Path, **kw) -> dict:
+    return {"name": "imagefolder", "root": str(root), "image_size": SIZE, "cache_dir": None, **kw}
+
+
+def rows(data) -> list[bytes]:
+    return [bytes(x) for x in data.images.reshape(len(data), -1).numpy()]
+
+
+def shared(a, b) -> int:
+    """How many images of ``a`` are also in ``b`` (same pixels)."""
+    return len(set(rows(a)) & set(rows(b)))
+
+
+def data_lines(out: str) -> list[str]:
+    return [x for x in out.splitlines() if x.startswith("[data]") and "decoding" not in x]
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+def test_class_link_to_the_dataset_root_is_skipped_with_a_line(tmp_path, capsys):
+    train = tree(tmp_path / "train")
+    (train / "zz").symlink_to("../train")  # the example of the issue: 2x the data and an extra class
+    data = load_image_folder(train, SIZE)
+    assert data.classes == ("cat", "dog")
+    assert len(data) == 6 and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(set(rows(data))) == 6
+    lines = data_lines(capsys.readouterr().out)
+    assert lines == [f"[data] skipping symlinked folder '{train / 'zz'}' -> '{train.resolve()}': it is the "
+                     f"dataset folder or a folder above it (a link cycle); its images would be counted twice"]
+
+
+def test_links_to_folders_already_in_the_dataset_are_skipped(tmp_path, capsys):
+    train = tree(tmp_path / "train")
+    (train / "aa").symlink_to("dog")  # sorts before the folder it points to
+    (train / "cat" / "up").symlink_to("..")  # a cycle inside a class
+    (train / "cat" / "sub").mkdir()
+    image(train / "cat" / "sub" / "deep.png", 100)
+    (train / "dog" / "again").symlink_to("../cat/sub")  # another class's subfolder
+    (train / "parent").symlink_to("..")  # above the dataset: would pull in everything beside it
+    image(tmp_path / "beside" / "x.png", 200)
+    files, labels, classes = scan_folder(train)
+    assert classes == ("cat", "dog")
+    assert [f.relative_to(train).as_posix() for f in files] == [
+        "cat/0.png", "cat/1.png", "cat/2.png", "cat/sub/deep.png", "dog/0.png", "dog/1.png", "dog/2.png"]
+    assert labels == [0, 0, 0, 0, 1, 1, 1]
+    lines = data_lines(capsys.readouterr().out)
+    assert len(lines) == 4
+    for name in ("aa", "cat/up", "dog/again", "parent"):
+        assert sum(f"'{train / name}'" in x for x in lines) == 1, (name, lines)
+
+
+def test_links_outside_the_dataset_keep_working_and_count_once(tmp_path, capsys):
+    train = tree(tmp_path / "train")
+    outside = tree(tmp_path / "elsewhere", ("birds",), n=2, start=50)
+    (train / "bird").symlink_to(outside / "birds")  # a class assembled from another disk
+    (train / "bird2").symlink_to(outside / "birds")  # the same folder again: skipped
+    image(tmp_path / "lone.png", 60)
+    (train / "cat" / "lone.png").symlink_to(tmp_path / "lone.png")  # a file link: counted
+    (train / "dog" / "also_lone.png").symlink_to(tmp_path / "lone.png")  # the same file again: not
+    (train / "dog" / "cat0.png").symlink_to(train / "cat" / "0.png")  # a file inside the dataset: not
+    (train / "dog" / "more").symlink_to(outside / "birds")  # a nested link to a folder already read
+    data = load_image_folder(train, SIZE)
+    assert data.classes == ("bird", "cat", "dog")
+    assert data.labels.tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert len(set(rows(data))) == 9
+    out = capsys.readouterr().out
+    lines = data_lines(out)
+    assert sum("bird2" in x and "already part of the dataset" in x for x in lines) == 1
+    assert sum(f"'{train / 'dog' / 'more'}'" in x for x in lines) == 1
+    assert "[data] 2 files reached through more than one path (symlinks) are counted once" in lines
+
+
+# --------------------------------------------------------------------------- hidden files
+
+
+def test_hidden_files_and_folders_are_skipped_everywhere(tmp_path):
+    train = tree(tmp_path / "train")
+    (train / "cat" / "._0000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (train / "cat" / ".DS_Store").write_bytes(b"Bud1\x00\x00")
+    (train / ".DS_Store").write_bytes(b"Bud1\x00\x00")
+    (train / "._cat").write_bytes(b"\x00\x05\x16\x07")
+    image(train / "dog" / ".thumbnails" / "0.png", 99)  # a hidden folder inside a class
+    image(train / ".hidden.png", 98)
+    data = load_image_folder(train, SIZE)
+    assert data.classes == ("cat", "dog") and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    flat = tmp_path / "flat"
+    image(flat / "a.png", 1)
+    (flat / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    files, labels, classes = scan_folder(flat)
+    assert [f.name for f in files] == ["a.png"] and labels == [-1] and classes == ()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_with_one_class_is_refused(tmp_path):
+    tree(tmp_path / "train", ("cat",), n=10)
+    tree(tmp_path / "test", ("cat",), n=2, start=20)
+    with pytest.raises(DataError) as err:
+        load_eval_data(cfg(tmp_path, val_size=2), seed=0)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("evaluation needs at least 2 classes, but the training data has 1 ('cat')")
+    assert "add class folders" in message
+    # two class folders of which one is empty are one class too
+    (tmp_path / "train" / "dog").mkdir()
+    (tmp_path / "test" / "dog").mkdir()
+    with pytest.raises(DataError, match="at least 2 classes, but the training data has 1 "):
+        load_eval_data(cfg(tmp_path, val_size=2), seed=0)
+    # and two classes are fine
+    tree(tmp_path / "train", ("dog",), n=5, start=40)
+    splits, num_classes = load_eval_data(cfg(tmp_path, val_size=2), seed=0)
+    assert num_classes == 2 and sorted(set(splits["train"].labels.tolist())) == [0, 1]
+
+
+def test_a_linked_copy_of_the_data_never_lands_in_train_and_val(tmp_path):
+    tree(tmp_path / "train", ("cat", "dog"), n=10)
+    tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)
+    for split in ("train", "test"):
+        (tmp_path / split / "zz").symlink_to(f"../{split}")
+    for i in range(5):
+        (tmp_path / "train" / "dog" / f"link{i}.png").symlink_to(f"../cat/{i}.png")
+    splits = eval_splits(cfg(tmp_path, val_size=4))
+    train, val = splits["train"], splits["val"]
+    assert shared(train, val) == 0
+    assert len(val) == 4 and len(train) == 16 and len(splits["test"]) == 4
+    assert train.classes == ("cat", "dog")
+
+
+def copies_tree(root: Path) -> None:
+    """20 distinct images in cat/ and dog/, plus 8 byte-identical copies of 6 of them (one of
+    them in the other class), and 4 other images in test/."""
+    tree(root / "train", ("cat", "dog"), n=10)
+    tree(root / "test", ("cat", "dog"), n=2, start=100)
+    for src, dst in [("cat/0", "cat/c0"), ("cat/0", "dog/c0"), ("cat/3", "cat/c3"), ("dog/5", "dog/c5"),
+                     ("dog/7", "cat/c7"), ("dog/9", "dog/c9a"), ("dog/9", "dog/c9b"), ("cat/8", "cat/c8")]:
+        shutil.copyfile(root / "train" / f"{src}.png", root / "train" / f"{dst}.png")
+
+
+@pytest.mark.parametrize("val_size", [3, 4, 5])
+def test_byte_identical_images_stay_on_one_side_of_the_split(tmp_path, val_size):
+    copies_tree(tmp_path)
+    full = load_image_folder(tmp_path / "train", SIZE)
+    assert len(full) == 28
+    splits = eval_splits(cfg(tmp_path, val_size=val_size))
+    train, val = splits["train"], splits["val"]
+    assert len(val) == val_size and len(train) + len(val) == 28
+    assert shared(train, val) == 0
+    # every copy is kept (on one side): the multiset of images is the folder's
+    assert sorted(rows(train) + rows(val)) == sorted(rows(full))
+
+
+def test_without_copies_the_split_is_the_seeded_one_of_before(tmp_path):
+    tree(tmp_path / "train", ("cat", "dog"), n=10)
+    tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)
+    full = load_image_folder(tmp_path / "train", SIZE)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(12345))
+    splits = eval_splits(cfg(tmp_path, val_size=4))
+    assert torch.equal(splits["val"].images, full.images[perm[:4]])
+    assert torch.equal(splits["train"].images, full.images[perm[4:]])
+
+
+def test_copies_between_train_and_test_are_counted_in_a_warning(tmp_path, capsys):
+    copies_tree(tmp_path)
+    for i, src in enumerate(["cat/1", "cat/2", "dog/4"]):
+        shutil.copyfile(tmp_path / "train" / f"{src}.png", tmp_path / "test" / "cat" / f"leak{i}.png")
+    splits = eval_splits(cfg(tmp_path, val_size=4))
+    assert len(splits["test"]) == 7  # warned, not refused
+    lines = data_lines(capsys.readouterr().out)
+    warning = [x for x in lines if x.startswith("[data] warning:")]
+    assert warning == [f"[data] warning: 3 of the 7 test images are identical to training images (same "
+                       f"pixels as images in '{tmp_path / 'train'}'); test accuracy will be optimistic: "
+                       f"remove the copies from one of the folders"]
+
+
+# --------------------------------------------------------------------------- the decoded-image cache
+
+
+def test_cache_key_follows_classes_and_link_targets(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    train = tree(tmp_path / "data" / "train")
+    first = load_image_folder(train, SIZE, cache_dir=cache)
+    assert first.classes == ("cat", "dog")
+    # an empty class folder changes the labels (classes are sorted): the cached tensors are stale
+    (train / "bee").mkdir()
+    second = load_image_folder(train, SIZE, cache_dir=cache)
+    assert second.classes == ("bee", "cat", "dog") and second.labels.tolist() == [1, 1, 1, 2, 2, 2]
+    # a hidden file is not part of the data: the cache still answers
+    (train / "cat" / ".DS_Store").write_bytes(b"Bud1")
+    capsys.readouterr()
+    assert torch.equal(load_image_folder(train, SIZE, cache_dir=cache).images, second.images)
+    assert "decoding" not in capsys.readouterr().out
+    # a file link moved to another file of the same size and modification time
+    a = image(tmp_path / "a.bmp", 1, "BMP")
+    b = image(tmp_path / "b.bmp", 2, "BMP")
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    assert a.stat().st_size == b.stat().st_size
+    link = train / "dog" / "link.bmp"
+    link.symlink_to(a)
+    with_a = load_image_folder(train, SIZE, cache_dir=cache)
+    link.unlink()
+    link.symlink_to(b)
+    with_b = load_image_folder(train, SIZE, cache_dir=cache)
+    assert not torch.equal(with_a.images[-1], with_b.images[-1])
+    assert len(list(cache.iterdir())) == 4

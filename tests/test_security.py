@@ -1,0 +1,389 @@
+"""Files users hand us are data: configs inside checkpoints and run folders never run code, a run
+folder is never overwritten by another run, and storage or value errors are one line."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, compose_config, plain_config
+from omegaconf import OmegaConf
+
+import byol.checkpoint as ckpt
+from byol.checkpoint import atomic_torch_save, safe_load
+from byol.cli import WritableOutput, command_line_keys, run_job
+from byol.errors import CheckpointError, ConfigError
+from byol.jobs.config_check import check_config, check_file_config
+from byol.jobs.run_folder import FolderBusyError, FolderLock, check_resume_target
+from byol.pretrain import pretrain
+
+LEGACY = json.loads((ROOT / "tests" / "data" / "legacy_v1_checkpoint_layout.json").read_text())
+
+
+class RunsCode:
+    """Unpickling this creates ``marker`` (what a pickled payload inside a config would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def pickled(marker: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(RunsCode(marker), buffer)
+    return buffer.getvalue()
+
+
+# Each builds a config node that, passed to Hydra's instantiate, creates or empties `marker`.
+PAYLOADS = {
+    "torch.load chain": lambda m: {"_target_": "torch.load", "weights_only": False,
+                                   "f": {"_target_": "io.BytesIO", "_args_": [pickled(m)]}},
+    "builtins.open": lambda m: {"_target_": "builtins.open", "_args_": [str(m), "w"]},
+    "os.system": lambda m: {"_target_": "os.system", "_args_": [f"touch {m}"]},
+    "subprocess.call": lambda m: {"_target_": "subprocess.call", "_args_": [["touch", str(m)]]},
+    "builtins.exec": lambda m: {"_target_": "builtins.exec", "_args_": [f"open({str(m)!r}, 'w').close()"]},
+    "importlib.import_module": lambda m: {"_target_": "importlib.import_module", "_args_": ["byol_payload"]},
+    "eval": lambda m: {"_target_": "builtins.eval", "_args_": [f"open({str(m)!r}, 'w').close()"]},
+}
+# Where a payload goes: a None-valued setting, a number, and a whole object's config.
+PLACES = {"trainer.gradient_clip_val": ("trainer", "gradient_clip_val"),
+          "optim.optimizer.eta": ("optim", "optimizer", "eta"),
+          "logger": ("logger",)}
+
+
+@pytest.fixture
+def marker(tmp_path, monkeypatch):
+    """The file a payload would create; importing `byol_payload` would create it too."""
+    target = tmp_path / "pwned"
+    (tmp_path / "byol_payload.py").write_text(f"open({str(target)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return target
+
+
+def run_config(tmp_path, *overrides) -> dict:
+    return plain_config(compose_config("train", ["experiment=smoke", *overrides], tmp_path))
+
+
+def with_payload(config: dict, place: tuple, node) -> dict:
+    config = copy.deepcopy(config)
+    parent = config
+    for key in place[:-1]:
+        parent = parent[key]
+    parent[place[-1]] = node
+    return config
+
+
+def fake_run(folder: Path, config: dict, step: int = 2) -> Path:
+    """A run folder whose last.ckpt holds ``config`` (the config is checked before any weight is read)."""
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    last = folder / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"byol_config": config, "global_step": step, "epoch": 0,
+                       "state_dict": {"model.online_encoder.x": torch.zeros(1)}}, last)
+    return last
+
+
+def refused_line(err: pytest.ExceptionInfo, key: str) -> str:
+    message = str(err.value)
+    assert "\n" not in message and key in message and "refusing" in message, message
+    return message
+
+
+# --------------------------------------------------------------------------- configs inside files
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_payload_in_a_checkpoint_is_refused_on_resume_and_requeue(tmp_path, marker, payload, place):
+    config = with_payload(run_config(tmp_path), PLACES[place], PAYLOADS[payload](marker))
+    run = tmp_path / "run"
+    last = fake_run(run, config)
+    for how in ("resume", "requeue"):  # resume=RUN, or the same hydra.run.dir launched again
+        overrides = [f"resume={run}"] if how == "resume" else []
+        cfg = compose_config("train", ["experiment=smoke", *overrides], run)
+        with pytest.raises(ConfigError) as err:
+            pretrain(cfg, run)
+        assert refused_line(err, f"{place}.") and str(last) in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_payload_in_a_run_folders_config_yaml_is_refused(tmp_path, marker, payload):
+    from byol.evaluation import read_pretrained
+
+    run = tmp_path / "run"
+    fake_run(run, run_config(tmp_path))
+    bad = with_payload(run_config(tmp_path), ("trainer", "gradient_clip_val"), PAYLOADS[payload](marker))
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(bad)))
+    with pytest.raises(ConfigError) as err:  # requeue reads the folder's config for its run id
+        pretrain(compose_config("train", ["experiment=smoke"], run), run)
+    refused_line(err, "trainer.gradient_clip_val.")
+    with pytest.raises(ConfigError) as err:  # evaluation reads it for the run's settings
+        read_pretrained(run / "checkpoints" / "last.ckpt")
+    refused_line(err, "trainer.gradient_clip_val.")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_payload_in_a_checkpoint_is_refused_by_evaluation(tmp_path, marker, payload):
+    from byol.evaluation import read_pretrained
+
+    config = with_payload(run_config(tmp_path), ("optim", "optimizer", "eta"), PAYLOADS[payload](marker))
+    path = fake_run(tmp_path / "elsewhere", config)
+    (tmp_path / "elsewhere" / "config.yaml").unlink(missing_ok=True)
+    with pytest.raises(ConfigError) as err:
+        read_pretrained(path)
+    refused_line(err, "optim.optimizer.eta.")
+    assert not marker.exists()
+
+
+def test_encoder_export_holding_code_or_odd_keys_is_refused(tmp_path, marker):
+    from byol.backbone import Encoder
+    from byol.checkpoint import load_encoder, save_encoder
+
+    good = tmp_path / "encoder.pt"
+    save_encoder(Encoder("resnet18", "imagenet", []), good)
+    blob = safe_load(good)
+    for change, expected in ((("backbone", "name"), "must be strings"), (("backbone", "extra"), "unknown key")):
+        bad = copy.deepcopy(blob)
+        bad[change[0]][change[1]] = PAYLOADS["os.system"](marker)
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=expected):
+            load_encoder(tmp_path / "bad.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("node,key", [
+    ({"_target_": "os.system"}, "optim.optimizer._target_"),      # a class where a name is expected
+    ("${oc.env:HOME}", "optim.optimizer.eta"),                     # an interpolation
+])
+def test_instantiate_keys_and_interpolations_are_refused_anywhere(node, key):
+    config = copy.deepcopy(LEGACY["byol_config"])
+    if isinstance(node, dict):
+        config["optim"]["optimizer"].update(node)
+    else:
+        config["optim"]["optimizer"]["eta"] = node
+    with pytest.raises(ConfigError) as err:
+        check_file_config(config, "checkpoint 'x.ckpt'")
+    assert f"{key} = " in str(err.value)
+
+
+def test_configs_written_before_builders_used_names_still_load():
+    """The layout this project wrote until November 2026 (recorded from a real smoke run)."""
+    config = check_file_config(LEGACY["byol_config"], "old checkpoint")
+    assert config["optim"]["optimizer"] == {"momentum": 0.9, "eta": 0.02}
+    assert config["optim"]["scheduler"] == {"name": "warmup_cosine", "warmup_epochs": 0}
+    assert config["logger"] == {"name": "csv"}
+    assert "_target_" not in json.dumps(config)
+    assert config["backbone"] == LEGACY["byol_config"]["backbone"]
+    check_config({k: v for k, v in config.items()})  # a valid config of today's layout
+
+
+# --------------------------------------------------------------------------- run ids and locks
+
+
+def test_another_runs_checkpoint_cannot_overwrite_a_run_folder(tmp_path):
+    own = run_config(tmp_path)
+    own["run_id"] = "aaaaaaaaaaaa"
+    r18 = tmp_path / "r18"
+    fake_run(r18, own)
+    (r18 / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(own)))
+    (r18 / "metrics.csv").write_text("step,loss\n0,1.0\n1,0.9\n2,0.8\n")
+    before = {p: p.read_bytes() for p in (r18 / "config.yaml", r18 / "metrics.csv")}
+    other = dict(run_config(tmp_path, "backbone.name=resnet50"), run_id="bbbbbbbbbbbb")
+    foreign = fake_run(tmp_path / "r50", other)
+    cfg = compose_config("train", ["experiment=smoke", f"resume={foreign}"], r18)
+    with pytest.raises(CheckpointError) as err:
+        pretrain(cfg, r18)
+    assert str(err.value).startswith(f"refusing to continue '{foreign}' in '{r18}': that folder holds another run")
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_resume_target_rules(tmp_path):
+    empty, run = tmp_path / "empty", tmp_path / "run"
+    empty.mkdir()
+    own = fake_run(run, {})
+    assert check_resume_target(empty, own, "a1", None) is False               # an empty folder: a new run
+    assert check_resume_target(tmp_path / "new", own, "a1", None) is False    # a new folder too
+    assert check_resume_target(run, own, "a1", "a1") is True                  # its own folder
+    assert check_resume_target(run, own, None, None) is True                  # old files, its own folder
+    with pytest.raises(CheckpointError):
+        check_resume_target(run, own, "a1", "b2")                             # copied in from another run
+    with pytest.raises(CheckpointError):
+        check_resume_target(run, tmp_path / "x.ckpt", None, None)             # old files, from elsewhere
+
+
+def test_a_run_keeps_its_id_and_a_branch_gets_a_new_one(tmp_path):
+    """pretrain() itself: the id is written into config.yaml and every checkpoint."""
+    run = tmp_path / "run"
+    cfg = compose_config("train", ["experiment=smoke", "data.num_train=32", "data.batch_size=16",
+                                   "trainer.max_epochs=1", "trainer.precision=32-true"], run)
+    pretrain(cfg, run)
+    run_id = OmegaConf.load(run / "config.yaml").run_id
+    assert len(run_id) == 12 and safe_load(run / "checkpoints" / "last.ckpt")["byol_config"]["run_id"] == run_id
+    branch = tmp_path / "branch"
+    cfg = compose_config("train", ["experiment=smoke", f"resume={run / 'checkpoints' / 'last.ckpt'}",
+                                   "trainer.max_epochs=1"], branch)
+    pretrain(cfg, branch, requested=[])
+    assert OmegaConf.load(branch / "config.yaml").run_id not in (None, run_id)
+
+
+HOLD_LOCK = "import sys, time; from byol.jobs.run_folder import FolderLock\n" \
+            "with FolderLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
+
+
+def test_lock_names_the_holder_and_a_killed_holder_does_not_block(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderBusyError) as err:
+            with FolderLock(tmp_path):
+                pass
+        assert f"'{tmp_path}' is in use by another process (PID {holder.pid})" in str(err.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with FolderLock(tmp_path):  # the kernel released the dead process's lock
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args", [("train.py", ["trainer.max_epochs=4"]),
+                                         ("evaluate.py", ["pretrained=random", "eval=finetune", "eval.epochs=20"])])
+def test_second_process_in_the_same_folder_exits_1(tmp_path, script, args):
+    folder = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, script, "experiment=smoke", f"hydra.run.dir={folder}"]
+    first = subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (folder / ".lock").is_file() or not (folder / ".lock").read_text().strip():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.1)
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"is in use by another process (PID {first.pid})" in second.stderr
+
+
+# --------------------------------------------------------------------------- storage and values
+
+
+def test_torch_write_failure_on_a_full_disk_is_the_disk_full_message(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def full(obj, f):
+        f.write(b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(total=1, used=1, free=0))
+    with pytest.raises(CheckpointError) as err:
+        atomic_torch_save({"step": torch.tensor(2)}, path)
+    assert str(err.value).startswith(f"could not write '{path}' (No space left on device); the previous file")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(total=2**40, used=0, free=2**40))
+    with pytest.raises(CheckpointError, match=r"write failed: \[enforce fail"):
+        atomic_torch_save({"step": torch.tensor(2)}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_storage_errors_anywhere_in_a_job_are_one_line(tmp_path, capsys, error):
+    run = tmp_path / "run"
+    run.mkdir()
+    compose_config("train", ["experiment=smoke"], run)
+
+    def job(cfg, run_dir):
+        raise OSError(error, os.strerror(error), str(run_dir / "metrics.csv"))
+
+    with pytest.raises(SystemExit) as exit_:
+        run_job(job, None)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: {os.strerror(error)} ('{run / 'metrics.csv'}'); free space or choose")
+
+
+def test_unwritable_output_folder_is_one_line_before_hydra_writes(tmp_path, monkeypatch, capsys):
+    def refuse(self, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    config = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "ro")}, "sweep": {"dir": str(tmp_path)}}})
+    for start in (WritableOutput().on_run_start, WritableOutput().on_multirun_start):
+        with pytest.raises(SystemExit) as exit_:
+            start(config)
+        assert exit_.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"error: cannot write into the output folder '{tmp_path / 'ro'}' (Read-only file system); "
+                      f"free space, fix its permissions, or choose another with hydra.run.dir=DIR")
+    assert err[1].endswith("hydra.sweep.dir=DIR")
+
+
+BAD_VALUES = {
+    "data.batch_size=0": "data.batch_size must be a positive whole number, not 0",
+    "data.batch_size=-1": "data.batch_size must be a positive whole number, not -1",
+    "optim.base_lr=abc": "optim.base_lr must be a number",
+    "optim.base_lr='0.1'": "optim.base_lr must be a number (got the string '0.1'; give it without quotes)",
+    "optim.base_lr=-0.5": "optim.base_lr must be positive",
+    "trainer.max_epochs=1.5": "trainer.max_epochs must be a positive whole number",
+    "ema.tau_base=1.5": "ema.tau_base must lie between 0 and 1",
+    "augment.view2.solarize_p=2": "augment.view2.solarize_p must lie between 0 and 1",
+    "ema.tau_schedule=linear": "unknown ema.tau_schedule 'linear'; choose one of: cosine, constant",
+    "optim.name=rmsprop": "unknown optim.name 'rmsprop'; choose one of: lars, sgd, adam, adamw",
+    "optim.scheduler.name=step": "unknown optim.scheduler.name 'step'; choose one of: warmup_cosine, constant",
+    "+trainer.callbacks=x": "trainer.callbacks = 'x' is not a Trainer argument this project passes on",
+}
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_invalid_values_are_one_line_and_exit_1(tmp_path, capsys, override):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = compose_config("train", ["experiment=smoke", override], run)
+    with pytest.raises(SystemExit) as exit_:
+        run_job(pretrain, cfg, requested=command_line_keys())
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and BAD_VALUES[override] in err, err
+    assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+
+
+def test_invalid_evaluation_values_are_refused():
+    for override, expected in (("eval.epochs=0", "eval.epochs must be a positive whole number"),
+                               ("eval.optimizer.name=lbfgs", "unknown eval.optimizer.name 'lbfgs'")):
+        cfg = plain_config(compose_config("evaluate", ["experiment=smoke", override]))
+        with pytest.raises(ConfigError, match=expected):
+            check_config(cfg)
+
+
+def test_truncated_checkpoint_message_is_whole_and_names_the_others(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("epoch0001.ckpt", "epoch0003.ckpt"):
+        atomic_torch_save({"w": torch.ones(1)}, folder / name)
+    last = folder / "last.ckpt"
+    atomic_torch_save({"w": torch.ones(1000)}, last)
+    last.write_bytes(last.read_bytes()[:2000])
+    with pytest.raises(CheckpointError) as err:
+        safe_load(last)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint '{last}' is corrupt, truncated or not a PyTorch file (")
+    assert "\n" not in message and ")." in message  # the whole reason, not cut mid-sentence
+    assert message.endswith(f"Other checkpoints beside it, latest first: {folder / 'epoch0003.ckpt'}, "
+                            f"{folder / 'epoch0001.ckpt'}; e.g. python train.py resume={folder / 'epoch0003.ckpt'}")
