@@ -170,14 +170,12 @@ def compose_config(data_root: Path, stem: str, batch_size: int, compile_model: b
 
 def our_optimizer(cfg: dict, model):
     """The configured optimizer exactly as ``BYOLModule.configure_optimizers`` builds it."""
-    from hydra.utils import instantiate
-
-    from byol.optim import param_groups
+    from byol.optim import build_optimizer, param_groups
 
     o = cfg["optim"]
     lr = o["base_lr"] * (cfg["data"]["batch_size"] / 256 if o.get("scale_lr_with_batch", True) else 1.0)
     modules = [model.online_encoder, model.online_projectors, model.predictors]
-    return instantiate(o["optimizer"])(param_groups(modules, o["weight_decay"]), lr=lr)
+    return build_optimizer(o["name"], param_groups(modules, o["weight_decay"]), lr, o.get("optimizer"))
 
 
 def peer_backbone(cfg: dict) -> torch.nn.Module:

@@ -387,3 +387,32 @@ def test_truncated_checkpoint_message_is_whole_and_names_the_others(tmp_path):
     assert "\n" not in message and ")." in message  # the whole reason, not cut mid-sentence
     assert message.endswith(f"Other checkpoints beside it, latest first: {folder / 'epoch0003.ckpt'}, "
                             f"{folder / 'epoch0001.ckpt'}; e.g. python train.py resume={folder / 'epoch0003.ckpt'}")
+
+
+@pytest.mark.slow
+def test_real_checkpoint_with_the_torch_load_chain_runs_nothing_end_to_end(tmp_path):
+    """The reported attack, through the command line: a real run's last.ckpt whose embedded config holds
+    the torch.load + io.BytesIO chain, used by resume=, by a requeue and by evaluate.py."""
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def cli(script, *args):
+        return subprocess.run([sys.executable, script, "experiment=smoke", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    made = cli("train.py", "trainer.max_epochs=1", "data.num_train=32", "data.batch_size=16",
+               f"hydra.run.dir={run}")
+    assert made.returncode == 0, made.stderr[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["byol_config"]["trainer"]["gradient_clip_val"] = PAYLOADS["torch.load chain"](marker)
+    torch.save(checkpoint, last)
+    before = last.read_bytes()
+    for script, args in (("train.py", [f"resume={run}"]), ("train.py", [f"hydra.run.dir={run}"]),
+                         ("evaluate.py", [f"pretrained={last}", f"hydra.run.dir={tmp_path / 'eval'}"])):
+        result = cli(script, *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+        assert "trainer.gradient_clip_val.f._target_ = 'io.BytesIO'" in line or \
+            "trainer.gradient_clip_val._target_ = 'torch.load'" in line, line
+    assert not marker.exists() and last.read_bytes() == before
