@@ -7,7 +7,7 @@ their examples do), in images per second:
 * ``ours``: this project's real training step end to end, driven by a Lightning ``Trainer``
   (``byol.lit.BYOLModule.training_step`` + LARS + EMA in ``optimizer_step``), with the data as a
   uint8 tensor on the device (``byol.data``), batches by index and both views augmented on the
-  device (``byol.augment``). Lightning's own per-step overhead is included.
+  device (``byol.core.augment``). Lightning's own per-step overhead is included.
 * ``lightly``: lightly 1.6's BYOL set up as its example does: ``BYOLTransform`` (PIL transforms)
   on a torchvision ``ImageFolder``, a ``DataLoader`` with one worker per CPU core, its BYOL heads,
   ``NegativeCosineSimilarity``, ``update_momentum`` with a ``cosine_schedule`` momentum.
@@ -170,7 +170,7 @@ def compose_config(data_root: Path, stem: str, batch_size: int, compile_model: b
 
 def our_optimizer(cfg: dict, model):
     """The configured optimizer exactly as ``BYOLModule.configure_optimizers`` builds it."""
-    from byol.optim import build_optimizer, param_groups
+    from byol.core.optim import build_optimizer, param_groups
 
     o = cfg["optim"]
     lr = o["base_lr"] * (cfg["data"]["batch_size"] / 256 if o.get("scale_lr_with_batch", True) else 1.0)
@@ -180,7 +180,7 @@ def our_optimizer(cfg: dict, model):
 
 def peer_backbone(cfg: dict) -> torch.nn.Module:
     """The same torchvision ResNet (name, stem) as ours, returning (N, 512) pooled features."""
-    from byol.backbone import build_resnet
+    from byol.core.backbone import build_resnet
 
     return build_resnet(cfg["backbone"]["name"], cfg["backbone"]["stem"])
 

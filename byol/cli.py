@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from byol.errors import ByolError, Interrupted
+from byol.core.errors import ByolError, Interrupted
 from byol.jobs.run_folder import FolderBusyError, FolderLock
 
 FAILED = "FAILED"

@@ -2,7 +2,7 @@
 
 Decoding images once and keeping them as one tensor (150 MB for CIFAR-10's training set)
 removes the DataLoader worker pipeline that starves BYOL on small images: a batch is an
-index into that tensor, and augmentation happens on the device (``byol.augment``).
+index into that tensor, and augmentation happens on the device (``byol.core.augment``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byol.errors import DataError
+from byol.core.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -296,7 +296,7 @@ def load_image_folder(
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     data = ImageTensors(images, torch.tensor([labels[i] for i in keep], dtype=torch.long), classes)
     if cache is not None:
-        from byol.checkpoint import atomic_torch_save
+        from byol.core.checkpoint import atomic_torch_save
 
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes)}, cache)

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from byol.augment import CROP_ONLY, Normalize, ViewAugment
-from byol.backbone import AVGPOOL, Encoder
-from byol.checkpoint import (
+from byol.cli import FAILED
+from byol.core.augment import CROP_ONLY, Normalize, ViewAugment
+from byol.core.backbone import AVGPOOL, Encoder
+from byol.core.checkpoint import (
     ENCODER_FORMAT,
     ONLINE_PREFIX,
     atomic_write_bytes,
@@ -43,12 +44,11 @@ from byol.checkpoint import (
     online_encoder_state,
     safe_load,
 )
-from byol.cli import FAILED
+from byol.core.errors import ByolError, CheckpointError, ConfigError, DataError
+from byol.core.optim import build_optimizer, build_schedule, param_groups, warmup_cosine
 from byol.data import ImageTensors, IndexBatches
-from byol.errors import ByolError, CheckpointError, ConfigError, DataError
 from byol.jobs.build import build_trainer, make_loggers
 from byol.jobs.config_check import check_file_config, check_plain
-from byol.optim import build_optimizer, build_schedule, param_groups, warmup_cosine
 
 RANDOM = "random"
 RANDOM_LOSS = "random-init"

@@ -1,6 +1,6 @@
 """Lightning wrappers: BYOL pretraining and the device-resident data module.
 
-The method lives in plain modules (``byol.model``, ``byol.augment``, ``byol.ema``); this file
+The method lives in plain modules (``byol.core.model``, ``byol.core.augment``, ``byol.core.ema``); this file
 only connects them to Lightning's loop, checkpoints and logs.
 """
 
@@ -13,13 +13,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from byol.augment import ViewAugment, ViewConfig
-from byol.backbone import AVGPOOL, Encoder
+from byol.core.augment import ViewAugment, ViewConfig
+from byol.core.backbone import AVGPOOL, Encoder
+from byol.core.ema import tau_at
+from byol.core.errors import NonFiniteLossError
+from byol.core.model import BYOL
+from byol.core.optim import build_optimizer, build_schedule, param_groups
 from byol.data import IndexBatches, load_split, seeded_subset
-from byol.ema import tau_at
-from byol.errors import NonFiniteLossError
-from byol.model import BYOL
-from byol.optim import build_optimizer, build_schedule, param_groups
 
 __all__ = ["BYOLModule", "TensorDataModule", "NonFiniteLossError", "build_byol", "build_encoder"]
 

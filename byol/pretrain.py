@@ -20,8 +20,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 
-from byol.checkpoint import (
-    AtomicCheckpointIO,
+from byol.cli import command_arg, resume_hint
+from byol.core.checkpoint import (
     atomic_write_bytes,
     load_weights,
     online_encoder_state,
@@ -29,11 +29,11 @@ from byol.checkpoint import (
     safe_load,
     save_encoder,
 )
-from byol.cli import command_arg, resume_hint
-from byol.errors import CheckpointError, ConfigError, Interrupted
+from byol.core.errors import CheckpointError, ConfigError, Interrupted
 from byol.jobs.build import build_trainer, make_loggers
 from byol.jobs.config_check import check_config, check_file_config
 from byol.jobs.run_folder import RUN_ID_KEY, check_resume_target, new_run_id
+from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lit import BYOLModule, TensorDataModule, build_encoder
 
 COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
@@ -181,7 +181,7 @@ class RunCheckpoints(pl.Callback):
     (measured with Lightning 2.6), so that moment is avoided.
 
     On SIGTERM, SIGUSR1 or Ctrl+C the run saves ``last.ckpt`` at the next batch boundary (the
-    epoch end for an epoch's last batch) and stops with :class:`~byol.errors.Interrupted`
+    epoch end for an epoch's last batch) and stops with :class:`~byol.core.errors.Interrupted`
     (exit status 128 + signal number) when the next batch starts, after that step's metrics
     reached metrics.csv. A second Ctrl+C stops at once.
     """

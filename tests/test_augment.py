@@ -14,7 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from conftest import compose_config, plain_config
 from torchvision.transforms import RandomResizedCrop
 
-from byol.augment import (
+from byol.core.augment import (
     ViewAugment,
     ViewConfig,
     adjust_brightness,

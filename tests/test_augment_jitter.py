@@ -3,7 +3,7 @@
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from byol.augment import ViewConfig, color_jitter, sample_view_params
+from byol.core.augment import ViewConfig, color_jitter, sample_view_params
 
 TORCHVISION_OPS = {
     0: lambda im, v: TF.adjust_brightness(im, v),

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from byol.backbone import Encoder, build_resnet
-from byol.errors import ConfigError
+from byol.core.backbone import Encoder, build_resnet
+from byol.core.errors import ConfigError
 
 GRIDS = {"layer2.0": 4, "layer3.0": 2}
 TAPS = ["layer2.0", "layer3.0"]

@@ -15,10 +15,9 @@ import pytest
 import torch
 from conftest import ROOT, signal_when
 
-import byol.checkpoint as ckpt
-from byol.backbone import Encoder
-from byol.checkpoint import (
-    AtomicCheckpointIO,
+import byol.core.checkpoint as ckpt
+from byol.core.backbone import Encoder
+from byol.core.checkpoint import (
     atomic_torch_save,
     atomic_write_bytes,
     load_encoder,
@@ -26,7 +25,8 @@ from byol.checkpoint import (
     safe_load,
     save_encoder,
 )
-from byol.errors import CheckpointError
+from byol.core.errors import CheckpointError
+from byol.lightning.checkpoint_io import AtomicCheckpointIO
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -125,7 +125,7 @@ def test_lightning_checkpoint_io_is_atomic(tmp_path, monkeypatch):
 WRITER = """
 import sys, time
 from pathlib import Path
-from byol.checkpoint import atomic_write
+from byol.core.checkpoint import atomic_write
 path, ready = Path(sys.argv[1]), Path(sys.argv[2])
 def slow(f):
     for i in range(10_000):

@@ -18,9 +18,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationToMissingValueError
 from torch import nn
 
+from byol.core.optim import OPTIMIZERS, build_optimizer, build_schedule, param_groups
 from byol.jobs.build import LOGGERS, build_trainer, make_loggers
 from byol.jobs.config_check import check_config
-from byol.optim import OPTIMIZERS, build_optimizer, build_schedule, param_groups
 
 PRIMARY = [name for name in ("train", "evaluate") if (CONF_DIR / f"{name}.yaml").is_file()]
 GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))

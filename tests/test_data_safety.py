@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from byol.core.errors import DataError
 from byol.data import eval_splits, load_image_folder, scan_folder
-from byol.errors import DataError
 from byol.evaluation import load_eval_data
 
 SIZE = 8

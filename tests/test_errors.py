@@ -16,13 +16,13 @@ import torch
 from conftest import ROOT, compose_config
 from PIL import Image
 
-import byol.checkpoint as ckpt
-from byol.backbone import Encoder
-from byol.checkpoint import safe_load
+import byol.core.checkpoint as ckpt
 from byol.cli import command_line_keys, run_job
+from byol.core.backbone import Encoder
+from byol.core.checkpoint import safe_load
+from byol.core.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from byol.core.model import BYOL
 from byol.data import IndexBatches, eval_splits, load_cifar10, load_image_folder, load_split, make_synthetic
-from byol.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
-from byol.model import BYOL
 from byol.pretrain import pretrain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -394,7 +394,7 @@ def test_evaluate_without_pretraining_runs(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_a_checkpoint_of_another_architecture(tmp_path):
-    from byol.checkpoint import save_encoder
+    from byol.core.checkpoint import save_encoder
 
     path = tmp_path / "encoder.pt"
     save_encoder(Encoder("resnet18", "cifar"), path)

@@ -15,10 +15,10 @@ import pytorch_lightning as pl
 import torch
 from conftest import ROOT, compose_config, plain_config
 
-from byol.backbone import Encoder
-from byol.checkpoint import save_encoder
+from byol.core.backbone import Encoder
+from byol.core.checkpoint import save_encoder
+from byol.core.errors import ByolError, CheckpointError, ConfigError
 from byol.data import IndexBatches, make_synthetic
-from byol.errors import ByolError, CheckpointError, ConfigError
 from byol.evaluation import (
     ClassifierModule,
     evaluate,

@@ -7,12 +7,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from byol.backbone import Encoder
-from byol.ema import cosine_tau, ema_update, tau_at
-from byol.errors import ConfigError
+from byol.core.backbone import Encoder
+from byol.core.ema import cosine_tau, ema_update, tau_at
+from byol.core.errors import ConfigError
+from byol.core.losses import normalized_std, regression_loss, symmetric_loss, weighted_sum
+from byol.core.model import BYOL
 from byol.lit import BYOLModule, TensorDataModule
-from byol.losses import normalized_std, regression_loss, symmetric_loss, weighted_sum
-from byol.model import BYOL
 
 # ----------------------------------------------------------------------------- loss
 

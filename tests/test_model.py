@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from byol.backbone import Encoder, _key
+from byol.core.backbone import Encoder, _key
+from byol.core.losses import normalized_std, regression_loss
+from byol.core.model import BYOL
 from byol.lit import build_byol
-from byol.losses import normalized_std, regression_loss
-from byol.model import BYOL
 
 HEADS = ["avgpool", "layer2.0", "layer3.0"]
 WEIGHTS = {"avgpool": 0.5, "layer2.0": 2.0, "layer3.0": 0.25}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from byol.optim import LARS, constant, param_groups, warmup_cosine
+from byol.core.optim import LARS, constant, param_groups, warmup_cosine
 
 LR, MOMENTUM, ETA, WD = 0.5, 0.9, 0.02, 0.1
 

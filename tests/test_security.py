@@ -20,10 +20,10 @@ import torch
 from conftest import ROOT, compose_config, plain_config
 from omegaconf import OmegaConf
 
-import byol.checkpoint as ckpt
-from byol.checkpoint import atomic_torch_save, safe_load
+import byol.core.checkpoint as ckpt
 from byol.cli import WritableOutput, command_line_keys, run_job
-from byol.errors import CheckpointError, ConfigError
+from byol.core.checkpoint import atomic_torch_save, safe_load
+from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.config_check import check_config, check_file_config
 from byol.jobs.run_folder import FolderBusyError, FolderLock, check_resume_target
 from byol.pretrain import pretrain
@@ -150,8 +150,8 @@ def test_payload_in_a_checkpoint_is_refused_by_evaluation(tmp_path, marker, payl
 
 
 def test_encoder_export_holding_code_or_odd_keys_is_refused(tmp_path, marker):
-    from byol.backbone import Encoder
-    from byol.checkpoint import load_encoder, save_encoder
+    from byol.core.backbone import Encoder
+    from byol.core.checkpoint import load_encoder, save_encoder
 
     good = tmp_path / "encoder.pt"
     save_encoder(Encoder("resnet18", "imagenet", []), good)

@@ -23,7 +23,7 @@ from test_resume import (
 )
 
 from byol.cli import command_arg
-from byol.errors import Interrupted
+from byol.core.errors import Interrupted
 from byol.pretrain import RunCheckpoints, describe_step
 
 # --------------------------------------------------------------------------- the callback alone

@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import ROOT
 
-from byol.checkpoint import load_encoder, load_weights, safe_load
+from byol.core.checkpoint import load_encoder, load_weights, safe_load
 from byol.lit import build_encoder
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from byol.errors import ConfigError
+from byol.core.errors import ConfigError
 from byol.jobs.config_check import LOGGER_NAMES, TRAINER_RESERVED, trainer_parameters
 
 # logger name -> (module, class, pyproject extra); metrics.csv is always written besides.

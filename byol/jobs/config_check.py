@@ -19,16 +19,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from byol.errors import ConfigError
-from byol.optim import OPTIMIZERS, SCHEDULES
+from byol.core.errors import ConfigError
+from byol.core.optim import OPTIMIZERS, SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Keys by which Hydra's instantiate imports and calls code.
 INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
 # What this project itself wrote into configs before it built objects from names (checkpoints of
 # that version stay loadable): path -> {value: the name it means now, or None}.
-_OPTIMS = ("byol.optim.LARS", "torch.optim.SGD", "torch.optim.Adam")
-_SCHEDULES = {"byol.optim.warmup_cosine": "warmup_cosine", "byol.optim.constant": "constant"}
+_OPTIMS = ("byol.core.optim.LARS", "torch.optim.SGD", "torch.optim.Adam")
+_SCHEDULES = {"byol.core.optim.warmup_cosine": "warmup_cosine", "byol.core.optim.constant": "constant"}
 _LOGGERS = {f"pytorch_lightning.loggers.{c}Logger": n for c, n in
             (("CSV", "csv"), ("TensorBoard", "tensorboard"), ("Wandb", "wandb"))}
 LEGACY_TARGETS = {
@@ -221,7 +221,7 @@ def trainer_parameters() -> frozenset:
 
 def check_file_config(raw, source: str) -> dict:
     """The plain config held by a file (checkpoint, encoder export, config.yaml), or a one-line
-    :class:`~byol.errors.ConfigError` naming the key that holds anything else.
+    :class:`~byol.core.errors.ConfigError` naming the key that holds anything else.
 
     Settings this version no longer has are dropped; the ``_target_`` keys this project wrote
     before it built objects from names become those names.

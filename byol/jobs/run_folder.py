@@ -14,7 +14,7 @@ import os
 import uuid
 from pathlib import Path
 
-from byol.errors import ByolError, CheckpointError
+from byol.core.errors import ByolError, CheckpointError
 
 LOCK_FILE = ".lock"
 RUN_ID_KEY = "run_id"

@@ -9,7 +9,7 @@ from pathlib import Path
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from byol.checkpoint import atomic_write_bytes
+from byol.core.checkpoint import atomic_write_bytes
 
 
 class _ContinuingWriter(ExperimentWriter):

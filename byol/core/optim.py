@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from byol.errors import ConfigError
+from byol.core.errors import ConfigError
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from byol.errors import ConfigError
+from byol.core.errors import ConfigError
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from byol.errors import ConfigError
+from byol.core.errors import ConfigError
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's tensor ops
 

@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from byol.backbone import AVGPOOL, Encoder, _key
-from byol.ema import ema_update
-from byol.heads import mlp
-from byol.losses import normalized_std, symmetric_loss, weighted_sum
+from byol.core.backbone import AVGPOOL, Encoder, _key
+from byol.core.ema import ema_update
+from byol.core.heads import mlp
+from byol.core.losses import normalized_std, symmetric_loss, weighted_sum
 
 
 class BYOL(nn.Module):

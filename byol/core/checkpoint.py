@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from byol.errors import CheckpointError
+from byol.core.errors import CheckpointError
 
 ENCODER_FORMAT = "byol-encoder"
 ONLINE_PREFIX = "model.online_encoder."  # where BYOLModule keeps the online encoder in its state_dict
@@ -158,16 +157,6 @@ def _alternatives(path: Path) -> str:
     return f" Other checkpoints beside it, latest first: {names}; e.g. python train.py resume={others[0]}"
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O with atomic writes and ``weights_only`` reads."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        atomic_torch_save(checkpoint, path)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return safe_load(path, map_location=map_location or "cpu")
-
-
 def online_encoder_state(ckpt: dict) -> dict:
     """The online encoder's weights from a train.py Lightning checkpoint (never the EMA target)."""
     return {k[len(ONLINE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE_PREFIX)}
@@ -181,12 +170,12 @@ def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None) -> 
 
 
 def load_encoder(path: str | os.PathLike, taps=None):
-    """Rebuild an :class:`~byol.backbone.Encoder` from an export written by :func:`save_encoder`.
+    """Rebuild an :class:`~byol.core.backbone.Encoder` from an export written by :func:`save_encoder`.
 
     ``taps`` overrides the exported taps (e.g. the evaluation's representation); pooling grids
     stay those of the export unless the tap is new.
     """
-    from byol.backbone import Encoder
+    from byol.core.backbone import Encoder
 
     blob = safe_load(path)
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:

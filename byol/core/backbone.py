@@ -15,7 +15,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from byol.errors import ConfigError
+from byol.core.errors import ConfigError
 
 RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
 STEMS = ("cifar", "imagenet")
