@@ -8,7 +8,7 @@ repr=avgpool,combined eval=linear,finetune``. See README.md and conf/evaluate.ya
 import hydra
 from omegaconf import DictConfig
 
-from byol.cli import run_job
+from byol.jobs.cli import run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -8,7 +8,7 @@ See README.md and conf/train.yaml.
 import hydra
 from omegaconf import DictConfig
 
-from byol.cli import command_line_keys, run_job
+from byol.jobs.cli import command_line_keys, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

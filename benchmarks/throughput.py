@@ -238,7 +238,7 @@ def bench_ours(cfg: dict, args, device) -> float:
 
 def bench_floor(cfg: dict, args, device, bf16: bool = True) -> float:
     """Same network, optimizer and EMA as ours on random views already on the device."""
-    from byol.lit import build_byol
+    from byol.jobs.build import build_byol
 
     fmt = memory_format(bf16)
     model = build_byol(cfg).to(device, memory_format=fmt)

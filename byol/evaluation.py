@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from byol.cli import FAILED
 from byol.core.augment import CROP_ONLY, Normalize, ViewAugment
 from byol.core.backbone import AVGPOOL, Encoder
 from byol.core.checkpoint import (
@@ -48,6 +47,7 @@ from byol.core.errors import ByolError, CheckpointError, ConfigError, DataError
 from byol.core.optim import build_optimizer, build_schedule, param_groups, warmup_cosine
 from byol.data import ImageTensors, IndexBatches
 from byol.jobs.build import build_trainer, make_loggers
+from byol.jobs.cli import FAILED
 from byol.jobs.config_check import check_file_config, check_plain
 
 RANDOM = "random"

@@ -14,28 +14,10 @@ import pytorch_lightning as pl
 import torch
 
 from byol.core.augment import ViewAugment, ViewConfig
-from byol.core.backbone import AVGPOOL, Encoder
 from byol.core.ema import tau_at
 from byol.core.errors import NonFiniteLossError
-from byol.core.model import BYOL
 from byol.core.optim import build_optimizer, build_schedule, param_groups
 from byol.data import IndexBatches, load_split, seeded_subset
-
-__all__ = ["BYOLModule", "TensorDataModule", "NonFiniteLossError", "build_byol", "build_encoder"]
-
-
-def build_encoder(cfg: dict, taps=None) -> Encoder:
-    """The encoder described by a run's ``backbone`` config, exposing ``taps``."""
-    b = cfg["backbone"]
-    taps = taps if taps is not None else cfg["loss"]["taps"]
-    return Encoder(b["name"], b["stem"], taps, b.get("grids", {}))
-
-
-def build_byol(cfg: dict) -> BYOL:
-    heads = [AVGPOOL] + [t for t in cfg["loss"]["taps"] if t != AVGPOOL]
-    h = cfg["head"]
-    return BYOL(build_encoder(cfg), heads, cfg["loss"].get("weights") or {}, h["proj_hidden_dim"],
-                h["proj_dim"], h["pred_hidden_dim"])
 
 
 def rng_state() -> dict:
@@ -68,6 +50,8 @@ class BYOLModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
+        from byol.jobs.build import build_byol  # moves out when the module receives built objects
+
         self.model = build_byol(cfg)
         if cfg.get("channels_last", True):
             self.model.to(memory_format=torch.channels_last)

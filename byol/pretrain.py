@@ -20,7 +20,6 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 
-from byol.cli import command_arg, resume_hint
 from byol.core.checkpoint import (
     atomic_write_bytes,
     load_weights,
@@ -30,11 +29,12 @@ from byol.core.checkpoint import (
     save_encoder,
 )
 from byol.core.errors import CheckpointError, ConfigError, Interrupted
-from byol.jobs.build import build_trainer, make_loggers
+from byol.jobs.build import build_encoder, build_trainer, make_loggers
+from byol.jobs.cli import command_arg, resume_hint
 from byol.jobs.config_check import check_config, check_file_config
 from byol.jobs.run_folder import RUN_ID_KEY, check_resume_target, new_run_id
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
-from byol.lit import BYOLModule, TensorDataModule, build_encoder
+from byol.lit import BYOLModule, TensorDataModule
 
 COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.

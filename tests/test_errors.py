@@ -17,12 +17,12 @@ from conftest import ROOT, compose_config
 from PIL import Image
 
 import byol.core.checkpoint as ckpt
-from byol.cli import command_line_keys, run_job
 from byol.core.backbone import Encoder
 from byol.core.checkpoint import safe_load
 from byol.core.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from byol.core.model import BYOL
 from byol.data import IndexBatches, eval_splits, load_cifar10, load_image_folder, load_split, make_synthetic
+from byol.jobs.cli import command_line_keys, run_job
 from byol.pretrain import pretrain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

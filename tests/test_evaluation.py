@@ -35,7 +35,7 @@ from byol.evaluation import (
     train_linear_probe,
     weights_file,
 )
-from byol.lit import build_byol
+from byol.jobs.build import build_byol
 
 GRIDS = {"layer2.0": 4, "layer3.0": 2}
 COMBINED = ["avgpool", "layer2.0", "layer3.0"]

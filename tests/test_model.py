@@ -8,7 +8,7 @@ import torch
 from byol.core.backbone import Encoder, _key
 from byol.core.losses import normalized_std, regression_loss
 from byol.core.model import BYOL
-from byol.lit import build_byol
+from byol.jobs.build import build_byol
 
 HEADS = ["avgpool", "layer2.0", "layer3.0"]
 WEIGHTS = {"avgpool": 0.5, "layer2.0": 2.0, "layer3.0": 0.25}

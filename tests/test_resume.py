@@ -17,10 +17,10 @@ import torch
 from conftest import ROOT, compose_config, signal_when
 from omegaconf import OmegaConf
 
-from byol.cli import command_line_keys, run_dir_of
 from byol.core.checkpoint import TEMP_SUFFIX, safe_load
 from byol.core.errors import CheckpointError
 from byol.data import IndexBatches, make_synthetic
+from byol.jobs.cli import command_line_keys, run_dir_of
 from byol.lightning.csv_logger import ContinuingCSVLogger
 from byol.pretrain import describe_step, find_resume, resume_config
 

@@ -21,9 +21,9 @@ from conftest import ROOT, compose_config, plain_config
 from omegaconf import OmegaConf
 
 import byol.core.checkpoint as ckpt
-from byol.cli import WritableOutput, command_line_keys, run_job
 from byol.core.checkpoint import atomic_torch_save, safe_load
 from byol.core.errors import CheckpointError, ConfigError
+from byol.jobs.cli import WritableOutput, command_line_keys, run_job
 from byol.jobs.config_check import check_config, check_file_config
 from byol.jobs.run_folder import FolderBusyError, FolderLock, check_resume_target
 from byol.pretrain import pretrain

@@ -22,8 +22,8 @@ from test_resume import (
     wait_for_step,
 )
 
-from byol.cli import command_arg
 from byol.core.errors import Interrupted
+from byol.jobs.cli import command_arg
 from byol.pretrain import RunCheckpoints, describe_step
 
 # --------------------------------------------------------------------------- the callback alone

@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT
 
 from byol.core.checkpoint import load_encoder, load_weights, safe_load
-from byol.lit import build_encoder
+from byol.jobs.build import build_encoder
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Objects built from the config by name: the Lightning Trainer and the loggers.
+"""Objects built from the config by name: the encoder and BYOL model, the Lightning Trainer, the loggers.
 
 Classes come from fixed tables, never from a ``_target_`` in the config: a config may come from
 a checkpoint someone else wrote (:mod:`byol.jobs.config_check`).
@@ -10,8 +10,25 @@ import importlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from byol.core.backbone import AVGPOOL, Encoder
 from byol.core.errors import ConfigError
+from byol.core.model import BYOL
 from byol.jobs.config_check import LOGGER_NAMES, TRAINER_RESERVED, trainer_parameters
+
+
+def build_encoder(cfg: dict, taps=None) -> Encoder:
+    """The encoder described by a run's ``backbone`` config, exposing ``taps``."""
+    b = cfg["backbone"]
+    taps = taps if taps is not None else cfg["loss"]["taps"]
+    return Encoder(b["name"], b["stem"], taps, b.get("grids", {}))
+
+
+def build_byol(cfg: dict) -> BYOL:
+    heads = [AVGPOOL] + [t for t in cfg["loss"]["taps"] if t != AVGPOOL]
+    h = cfg["head"]
+    return BYOL(build_encoder(cfg), heads, cfg["loss"].get("weights") or {}, h["proj_hidden_dim"],
+                h["proj_dim"], h["pred_hidden_dim"])
+
 
 # logger name -> (module, class, pyproject extra); metrics.csv is always written besides.
 LOGGERS = {
