@@ -13,7 +13,7 @@ from byol.jobs.cli import run_job
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from byol.evaluation import evaluate
+    from byol.jobs.evaluate import evaluate
 
     run_job(evaluate, cfg)
 

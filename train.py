@@ -13,7 +13,7 @@ from byol.jobs.cli import command_line_keys, run_job
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from byol.pretrain import pretrain
+    from byol.jobs.pretrain import pretrain
 
     # On resume the run keeps its own saved settings except those given on this command line.
     run_job(pretrain, cfg, requested=command_line_keys())

@@ -5,8 +5,8 @@ size and the same precision (bf16 autocast + channels_last; ``--peer-precision f
 their examples do), in images per second:
 
 * ``ours``: this project's real training step end to end, driven by a Lightning ``Trainer``
-  (``byol.lit.BYOLModule.training_step`` + LARS + EMA in ``optimizer_step``), with the data as a
-  uint8 tensor on the device (``byol.data``), batches by index and both views augmented on the
+  (``byol.lightning.pretrain_module.BYOLModule.training_step`` + LARS + EMA in ``optimizer_step``), with the data as a
+  uint8 tensor on the device (``byol.core.data``), batches by index and both views augmented on the
   device (``byol.core.augment``). Lightning's own per-step overhead is included.
 * ``lightly``: lightly 1.6's BYOL set up as its example does: ``BYOLTransform`` (PIL transforms)
   on a torchvision ``ImageFolder``, a ``DataLoader`` with one worker per CPU core, its BYOL heads,
@@ -102,7 +102,7 @@ def resolve_data(args) -> Path:
 
 
 def count_images(folder: Path) -> int:
-    from byol.data import IMAGE_EXTENSIONS
+    from byol.core.image_folder import IMAGE_EXTENSIONS
 
     return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -192,7 +192,7 @@ def bench_ours(cfg: dict, args, device) -> float:
     """The real Lightning loop: TensorDataModule + BYOLModule, timed from a callback."""
     import pytorch_lightning as pl
 
-    from byol.lit import BYOLModule, TensorDataModule
+    from byol.jobs.pretrain import build_datamodule, build_module
 
     class StepClock(pl.Callback):
         """Clock read (after a device sync) at the end of optimizer step ``warmup`` and the last one."""
@@ -214,9 +214,9 @@ def bench_ours(cfg: dict, args, device) -> float:
             elif trainer.global_step == args.warmup + args.steps:
                 self.t1 = self._now()
 
-    datamodule = TensorDataModule(cfg["data"], cfg["seed"], on_device=True)
     start = time.perf_counter()
-    n = len(datamodule.prepare().data)
+    datamodule = build_datamodule(cfg)
+    n = len(datamodule.batches.data)
     print(f"[bench] ours: {n} images as a uint8 tensor in {time.perf_counter() - start:.1f} s "
           f"(decoded once, then cached; not timed)", flush=True)
     clock = StepClock()
@@ -227,7 +227,7 @@ def bench_ours(cfg: dict, args, device) -> float:
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=cfg["trainer"]["log_every_n_steps"], num_sanity_val_steps=0, callbacks=[clock],
     )
-    trainer.fit(BYOLModule(cfg), datamodule=datamodule)
+    trainer.fit(build_module(cfg), datamodule=datamodule)
     if clock.t0 is None or clock.t1 is None:
         raise RuntimeError("the Lightning run stopped before the timed steps ended (dataset too small?)")
     return args.steps * cfg["data"]["batch_size"] / (clock.t1 - clock.t0)
@@ -511,8 +511,8 @@ def main(argv=None) -> dict:
     print(f"[bench] data: {data_root}/train ({report['n_images']} images); batch {args.batch_size}; "
           f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats}; "
           f"{precision_text(args)}; peer DataLoaders with {args.workers} workers", flush=True)
-    print("[bench] ours = pytorch_lightning.Trainer running byol.lit.BYOLModule.training_step (Lightning "
-          "overhead counted); floor = the same network, LARS and EMA on random device tensors", flush=True)
+    print("[bench] ours = pytorch_lightning.Trainer running byol.lightning.pretrain_module.BYOLModule.training_step "
+          "(Lightning overhead counted); floor = the same network, LARS and EMA on random device tensors", flush=True)
     for peer, why in report["skipped"].items():
         print(f"[bench] {peer}: {why}; skipped", flush=True)
 

@@ -35,7 +35,7 @@ def compose_config(config_name: str, overrides=(), output_dir: str | Path = "/tm
 
 
 def plain_config(cfg: DictConfig) -> dict:
-    """The resolved config without the ``hydra`` node, as ``byol.pretrain`` hands it to the module."""
+    """The resolved config without the ``hydra`` node, as ``byol.jobs.pretrain`` hands it to the module."""
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)  # its sweep fields stay unset outside a real run

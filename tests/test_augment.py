@@ -25,6 +25,7 @@ from byol.core.augment import (
     gaussian_blur,
     sample_view_params,
 )
+from byol.jobs.build import view_settings
 
 N = 20_000
 IDENTITY_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # keep outputs in [0, 1] to read them directly
@@ -34,7 +35,8 @@ IDENTITY_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # keep outputs in [0, 1] to 
 def default_views() -> tuple[ViewConfig, ViewConfig]:
     """View 1 and view 2 exactly as conf/train.yaml configures them."""
     aug = plain_config(compose_config("train"))["augment"]
-    return ViewConfig.from_dict(aug["view1"]), ViewConfig.from_dict(aug["view2"])
+    view1, view2 = view_settings(aug)
+    return ViewConfig.from_dict(view1), ViewConfig.from_dict(view2)
 
 
 def within(fraction: float, p: float, n: int = N) -> bool:

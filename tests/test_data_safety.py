@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from byol.core.errors import DataError
-from byol.data import eval_splits, load_image_folder, scan_folder
-from byol.evaluation import load_eval_data
+from byol.core.image_folder import load_image_folder, scan_folder
+from byol.jobs.datasets import eval_splits, load_eval_data
 
 SIZE = 8
 

@@ -19,11 +19,13 @@ from PIL import Image
 import byol.core.checkpoint as ckpt
 from byol.core.backbone import Encoder
 from byol.core.checkpoint import safe_load
+from byol.core.data import IndexBatches, load_cifar10, make_synthetic
 from byol.core.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from byol.core.image_folder import load_image_folder
 from byol.core.model import BYOL
-from byol.data import IndexBatches, eval_splits, load_cifar10, load_image_folder, load_split, make_synthetic
 from byol.jobs.cli import command_line_keys, run_job
-from byol.pretrain import pretrain
+from byol.jobs.datasets import eval_splits, load_split
+from byol.jobs.pretrain import pretrain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -410,13 +412,13 @@ def test_evaluate_a_checkpoint_of_another_architecture(tmp_path):
 def epoch_line(capsys, means: dict) -> str:
     from types import SimpleNamespace
 
-    from byol.pretrain import EpochSummary
+    from byol.lightning.callbacks import EpochSummary
 
-    module = SimpleNamespace(cfg={"data": {"batch_size": 8}}, current_tau=lambda: 0.99,
+    module = SimpleNamespace(current_tau=lambda: 0.99,
                              epoch_means=lambda: {k: torch.tensor(v) for k, v in means.items()})
     trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[])
     summary = EpochSummary()
-    summary.on_train_batch_end(trainer, module, None, None, 0)
+    summary.on_train_batch_end(trainer, module, None, (torch.zeros(8, 3, 4, 4), torch.zeros(8)), 0)
     summary.on_train_epoch_end(trainer, module)
     return capsys.readouterr().out
 

@@ -17,31 +17,23 @@ from conftest import ROOT, compose_config, plain_config
 
 from byol.core.backbone import Encoder
 from byol.core.checkpoint import save_encoder
+from byol.core.data import IndexBatches, make_synthetic
 from byol.core.errors import ByolError, CheckpointError, ConfigError
-from byol.data import IndexBatches, make_synthetic
-from byol.evaluation import (
-    ClassifierModule,
-    evaluate,
-    extract_features,
-    feature_dim,
-    find_runs,
-    knn_accuracy,
-    knn_predict,
-    random_model,
-    read_pretrained,
-    representation_taps,
-    resolve_pretrained,
-    standardize,
-    train_linear_probe,
-    weights_file,
-)
+from byol.core.features import extract_features, feature_dim, representation_taps
+from byol.core.knn import knn_accuracy, knn_predict
+from byol.core.linear_probe import standardize, train_linear_probe
 from byol.jobs.build import build_byol
+from byol.jobs.evaluate import evaluate
+from byol.jobs.pretrained import random_model, read_pretrained
+from byol.jobs.protocols import optimizer_maker
+from byol.jobs.run_folder import find_runs, resolve_pretrained, weights_file
+from byol.lightning.classifier import ClassifierModule
 
 GRIDS = {"layer2.0": 4, "layer3.0": 2}
 COMBINED = ["avgpool", "layer2.0", "layer3.0"]
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
-EVAL_CFG = {"name": "linear", "lr": 0.5, "encoder_lr": 0.5, "weight_decay": 0.0, "optimizer": None,
-            "scheduler": None}
+# the optimizer the job builds from an eval config without optimizer / scheduler: SGD-Nesterov, cosine
+CLASSIFIER = {"make_optimizer": optimizer_maker({}), "lr": 0.5, "encoder_lr": 0.5}
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,7 +73,7 @@ def test_combined_dimension_is_sum_of_taps_and_classifier_follows(name, expected
         taps = representation_taps(repr_name, ["layer2.0", "layer3.0"])
         assert feature_dim(encoder, taps) == dim
         assert extract_features(encoder, images, taps, MEAN, STD).shape == (2, dim)
-        module = ClassifierModule(encoder, taps, 10, EVAL_CFG, MEAN, STD, finetune=False)
+        module = ClassifierModule(encoder, taps, 10, MEAN, STD, finetune=False, **CLASSIFIER)
         assert module.head[0].num_features == dim and module.head[1].in_features == dim
         assert module.head[1].out_features == 10
 
@@ -180,7 +172,7 @@ def _fit_one_epoch(module: ClassifierModule, n: int = 48):
 
 def test_augmented_linear_protocol_changes_only_the_classifier():
     encoder = tiny_encoder()
-    module = ClassifierModule(encoder, COMBINED, 4, EVAL_CFG, MEAN, STD, finetune=False)
+    module = ClassifierModule(encoder, COMBINED, 4, MEAN, STD, finetune=False, **CLASSIFIER)
     encoder_before, linear_before = snapshot(encoder), snapshot(module.head[1])
     trainer = _fit_one_epoch(module)
     assert trainer.global_step == 3
@@ -192,8 +184,7 @@ def test_augmented_linear_protocol_changes_only_the_classifier():
 
 def test_finetune_changes_the_encoder():
     encoder = tiny_encoder()
-    cfg = dict(EVAL_CFG, name="finetune")
-    module = ClassifierModule(encoder, ["avgpool"], 4, cfg, MEAN, STD, finetune=True)
+    module = ClassifierModule(encoder, ["avgpool"], 4, MEAN, STD, finetune=True, **CLASSIFIER)
     before = snapshot(encoder)
     _fit_one_epoch(module)
     moved = changed(before, encoder)
@@ -387,7 +378,7 @@ _KILLED: dict = {}
 
 
 def test_unfinished_run_is_evaluated_and_marked_incomplete(smoke_config, tmp_path, capsys):
-    from byol.report import main as report_main
+    from byol.jobs.report import main as report_main
 
     sweep = tmp_path / "sweep"
     _export(sweep / "0_done", "classic")
@@ -417,7 +408,7 @@ def test_unfinished_run_is_evaluated_and_marked_incomplete(smoke_config, tmp_pat
     report_main([str(tmp_path / "ev")])
     md = (tmp_path / "ev" / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| multi | avgpool | knn |")]
-    assert len(rows) == 2 and all(" | – | – | 0 | 0 | " in row for row in rows)  # in no mean
+    assert len(rows) == 2 and all(" | incomplete | incomplete | 0 | 0 | " in row for row in rows)  # in no mean
     assert " | 0 of 2 | 0 | **incomplete**: 1 run(s) not in any mean (1_killed) |" in rows[0]
     assert " | 1 of 2 | 0 | **incomplete**: 1 run(s) not in any mean (2_stopped) |" in rows[1]
     assert f"- 1_killed: 0 of 2 epochs ({killed})" in md and f"- 2_stopped: 1 of 2 epochs ({stopped})" in md
@@ -436,7 +427,7 @@ def test_unfinished_run_is_evaluated_and_marked_incomplete(smoke_config, tmp_pat
 
 
 def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
-    from byol.report import main as report_main
+    from byol.jobs.report import main as report_main
 
     sweep = tmp_path / "sweep"
     good = _export(sweep / "0_good", "classic")
@@ -473,7 +464,7 @@ def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
     md = (tmp_path / "ev" / "results.md").read_text()
     (row,) = [line for line in md.splitlines() if line.startswith("| multi | avgpool | knn |")]
     # 0_good's config.yaml names no data: its pretraining data reads as unknown
-    assert row == ("| multi | avgpool | knn | – | – | 0 | 0 | resnet18/imagenet | ? → synthetic | ? | 0 | "
+    assert row == ("| multi | avgpool | knn | missing | missing | 0 | 0 | resnet18/imagenet | ? → synthetic | ? | 0 | "
                    "**missing**: no model (1_failed, 2_empty) |")
     assert (f"Missing pretraining runs (2, not evaluated):\n- {failed}: {reason}\n- {empty}: {no_weights}"
             in md)
@@ -521,15 +512,15 @@ def test_multi_resnet50_run_is_rebuilt_by_evaluate(tmp_path, monkeypatch):
     assert train.returncode == 0, train.stderr[-2000:]
     run = tmp_path / "outputs" / "train" / "r50"
     built = []
-    from byol.evaluation import Pretrained
+    from byol.jobs.pretrained import EncoderSource
 
-    original = Pretrained.build
+    original = EncoderSource.build
 
     def spy(self, taps):
         built.append(original(self, taps))
         return built[-1]
 
-    monkeypatch.setattr(Pretrained, "build", spy)
+    monkeypatch.setattr(EncoderSource, "build", spy)
     cfg = _job_config(tmp_path, "pretrained=latest", "repr=combined", "eval=knn")
     (result,) = evaluate(cfg, tmp_path / "ev")
     (encoder,) = built

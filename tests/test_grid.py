@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from byol.report import main as report_main
+from byol.jobs.report import main as report_main
 
 
 def _run(script: str, args, cwd: Path, expected_rc: int = 0) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from byol.core.ema import cosine_tau, ema_update, tau_at
 from byol.core.errors import ConfigError
 from byol.core.losses import normalized_std, regression_loss, symmetric_loss, weighted_sum
 from byol.core.model import BYOL
-from byol.lit import BYOLModule, TensorDataModule
+from byol.jobs.pretrain import build_datamodule, build_module
 
 # ----------------------------------------------------------------------------- loss
 
@@ -165,11 +165,11 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation(smoke_config, monke
 
     monkeypatch.setattr(BYOL, "update_target", counting_update)
     torch.manual_seed(0)
-    module = BYOLModule(cfg)
+    module = build_module(cfg)
     trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=2, accelerator="cpu", devices=1,
                          precision="32-true", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=TensorDataModule(cfg["data"], cfg["seed"]))
+    trainer.fit(module, datamodule=build_datamodule(cfg))
     assert trainer.global_step == 3
     assert len(calls) == 3
     base = cfg["ema"]["tau_base"]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from byol.report import build_cells, load_results, main, mean_std, report
+from byol.jobs.report import main, report
+from byol.jobs.report_cells import build_cells, load_results, mean_std
 
 
 def write(folder: Path, name: str, loss: str, repr_name: str, protocol: str, test=None, val=None,
@@ -143,8 +144,9 @@ def test_unfinished_run_gets_a_row_of_its_own_and_enters_no_mean(tmp_path, capsy
     complete, unfinished = rows_of(md, "classic")
     assert complete == ["classic", "avgpool", "linear", "55.00 ± 7.07", "55.00 ± 7.07", "2", "0",
                         "resnet18/imagenet", "?", "5", "100", ""]
-    assert unfinished == ["classic", "avgpool", "linear", "–", "–", "0", "0", "resnet18/imagenet", "?",
-                          "0 of 5", "100", "**incomplete**: 1 run(s) not in any mean (classic2)"]
+    assert unfinished == ["classic", "avgpool", "linear", "incomplete", "incomplete", "0", "0",
+                          "resnet18/imagenet", "?", "0 of 5", "100",
+                          "**incomplete**: 1 run(s) not in any mean (classic2)"]
     assert ("Incomplete pretraining runs (1), not in any mean (count them with allow_incomplete=true in "
             "evaluate.py, or python -m byol.report --allow-incomplete):\n"
             "- classic2: 0 of 5 epochs (/runs/classic2/checkpoints/last.ckpt)") in md
@@ -152,7 +154,7 @@ def test_unfinished_run_gets_a_row_of_its_own_and_enters_no_mean(tmp_path, capsy
                 if (r["loss"], r["repr"], r["eval"]) == ("classic", "avgpool", "linear")]
     assert [(r["status"], r["runs"], r["incomplete"], r["pretrain_epochs"], r["pretrain_epochs_planned"],
              r["test_acc_mean_pct"]) for r in csv_rows] == [("ok", "2", "0", "5", "", "55.0000"),
-                                                             ("incomplete", "0", "1", "0", "5", "")]
+                                                             ("incomplete", "0", "1", "0", "5", "incomplete")]
 
     # --allow-incomplete: its accuracy counts, in its own row; the finished runs' mean does not move
     main([str(root), "--out", str(tmp_path / "allowed"), "--allow-incomplete"])
@@ -168,7 +170,8 @@ def test_unfinished_run_gets_a_row_of_its_own_and_enters_no_mean(tmp_path, capsy
     assert [c.runs for c in build_cells(load_results([saved]))
             if (c.loss, c.repr, c.eval) == ("classic", "avgpool", "linear")] == [1]
     main([str(root), "--out", str(tmp_path / "refused"), "--no-allow-incomplete"])
-    assert rows_of((tmp_path / "refused" / "results.md").read_text(), "classic")[1][3:6] == ["–", "–", "0"]
+    refused = rows_of((tmp_path / "refused" / "results.md").read_text(), "classic")
+    assert refused[1][3:6] == ["incomplete", "incomplete", "0"]
 
 
 def test_failed_training_jobs_are_listed_as_missing(tmp_path):
@@ -185,7 +188,7 @@ def test_failed_training_jobs_are_listed_as_missing(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "80.00", "70.00", "1", "0",
                                      "resnet18/imagenet", "?", "5", "100", "1 missing (1_loss=multi,seed=1)"]]
-    assert rows_of(md, "classic") == [["classic", "avgpool", "linear", "–", "–", "0", "0",
+    assert rows_of(md, "classic") == [["classic", "avgpool", "linear", "missing", "missing", "0", "0",
                                        "resnet18/imagenet", "?", "?", "100",
                                        "**missing**: no model (2_loss=classic,seed=0)"]]
     assert "Missing cells (7 of 8 expected): classic/avgpool/linear," in md
@@ -262,3 +265,106 @@ def test_results_json_of_an_older_version_still_load(tmp_path):
     ])
     assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "90.00", "90.00", "1", "0", "?", "?", "?",
                                      "?", ""]]
+
+
+# ------------------------------------------------------------------------ the everyday-use issue
+
+def test_missing_cells_are_written_missing_in_the_table_the_csv_and_the_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from byol.jobs.report_plot import figure
+
+    for seed, t in enumerate([0.50, 0.60]):
+        write(tmp_path, f"classic{seed}", "classic", "avgpool", "linear", t, t, seed=seed, num_classes=10)
+    write(tmp_path, "broken", "classic", "combined", "linear", status="failed", error="NaN loss")
+    report([tmp_path], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "missing", "missing", "0", "0", "", "", "", "",
+                                     "**missing**"]]
+    assert rows_of(md, "classic", "combined")[0][3:5] == ["failed", "failed"]
+    rows = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert [rows[("multi", "avgpool", "linear")][k] for k in ("status", "test_acc_mean_pct", "val_acc_mean_pct")] \
+        == ["missing", "missing", "missing"]
+    assert rows[("classic", "combined", "linear")]["test_acc_mean_pct"] == "failed"
+
+    fig = figure(build_cells(load_results(sorted(tmp_path.rglob("results.json")))))
+    ax = fig.axes[0]
+    # one bar, the only cell with an accuracy: no zero-height bar (nor its error caps) for the others
+    assert [round(p.get_height(), 6) for p in ax.patches] == [55.0]
+    assert all(0 not in line.get_ydata() for line in ax.lines)  # the error caps: 55 ± 7.07
+    # each group (x = 0, 1, 2, 3) holds a classic and a multi place (x - 0.2, x + 0.2): the empty ones say why
+    labels = sorted((round(t.get_position()[0], 6), t.get_text()) for t in ax.texts)
+    assert labels == [(-0.2, "55.0"), (0.2, "multi: missing"), (0.8, "classic: failed"), (1.2, "multi: missing"),
+                      (1.8, "classic: missing"), (2.2, "multi: missing"), (2.8, "classic: missing"),
+                      (3.2, "multi: missing")]
+    assert ax.patches[0].get_x() + ax.patches[0].get_width() / 2 == pytest.approx(-0.2)
+
+
+def test_figure_names_what_it_shows_marks_chance_and_fits_its_axis(tmp_path):
+    pytest.importorskip("matplotlib")
+    from byol.jobs.report_plot import chance_levels, figure, figure_title, y_limits
+
+    data = {"pretrain_data": CIFAR, "eval_data": EVAL_CIFAR, "pretrain_epochs": 8, "num_classes": 10}
+    for seed, (classic, multi) in enumerate([(0.18, 0.22), (0.20, 0.26), (0.22, 0.24)]):
+        write(tmp_path, f"classic{seed}", "classic", "avgpool", "linear", classic, classic, seed=seed, **data)
+        write(tmp_path, f"multi{seed}", "multi", "avgpool", "linear", multi, multi, seed=seed, **data)
+    cells = build_cells(load_results(sorted(tmp_path.rglob("results.json"))))
+    assert figure_title(cells).splitlines()[0] == "Test accuracy on cifar10, 8 pretraining epochs, 3 runs per bar"
+    assert chance_levels(cells) == [(10, 10.0)]
+    ax = figure(cells).axes[0]
+    assert ax.get_title() == figure_title(cells)
+    # bars 18-26 % (mean ± std), chance 10 % near them: 5-30 %, not 0-100 %
+    assert ax.get_ylim() == (5.0, 30.0)
+    assert [list(line.get_ydata()) for line in ax.lines if list(line.get_xdata()) == [0, 1]] == [[10.0, 10.0]]
+    assert "chance, 10 classes: 10.0%" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "axis starts at 5%" in ax.get_ylabel()
+
+    # the axis follows the values; a chance level far below them is named, not drawn
+    assert y_limits([47.9, 62.1], [10.0]) == (45.0, 70.0)
+    assert y_limits([18.0, 26.0], [10.0]) == (5.0, 30.0)
+    assert y_limits([95.0, 99.5]) == (90.0, 100.0) and y_limits([]) == (0.0, 100.0)
+    high = tmp_path / "high"
+    for seed, t in enumerate([0.80, 0.84]):
+        write(high, f"c{seed}", "classic", "avgpool", "linear", t, t, seed=seed, **{**data, "pretrain_epochs": 100})
+    write(high, "r", "random-init", "avgpool", "linear", 0.30, 0.30, pretrain_epochs=0, num_classes=10)
+    write(high, "old", "multi", "avgpool", "linear", 0.81, 0.81, status=None, pretrain_epochs=None)  # bare
+    cells = build_cells(load_results(sorted(high.rglob("results.json"))))
+    assert figure_title(cells).splitlines()[0] == \
+        "Test accuracy on cifar10, 100 / ? pretraining epochs, 1–2 runs per bar"
+    ax = figure(cells[:1]).axes[0]  # classic only: 80-84 %
+    assert ax.get_ylim() == (75.0, 90.0)
+    assert not [line for line in ax.lines if list(line.get_xdata()) == [0, 1]]  # no chance line drawn
+    assert "chance, 10 classes: 10.0% (below the axis)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_csv_and_markdown_give_the_same_accuracies_in_percent(sweep, tmp_path):
+    report([sweep], tmp_path)
+    md_rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+               for line in (tmp_path / "results.md").read_text().splitlines()[6:] if line.startswith("| ")]
+    csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r[:3] for r in md_rows] == [[r["loss"], r["repr"], r["eval"]] for r in csv_rows]
+    compared = 0
+    for md_row, csv_row in zip(md_rows, csv_rows, strict=True):
+        for column, split in ((3, "test"), (4, "val")):
+            mean, _, std = md_row[column].partition(" ± ")
+            if not mean[0].isdigit():  # a word: the same word in the CSV
+                assert csv_row[f"{split}_acc_mean_pct"] == mean and csv_row[f"{split}_acc_std_pct"] == ""
+                continue
+            assert float(csv_row[f"{split}_acc_mean_pct"]) == pytest.approx(float(mean), abs=0.005)
+            assert csv_row[f"{split}_acc_std_pct"] == "" if not std else \
+                float(csv_row[f"{split}_acc_std_pct"]) == pytest.approx(float(std), abs=0.005)
+            compared += 1
+    assert compared == 2 * 4  # classic, multi, random-init (linear) and kNN rows, test and val
+    assert md_rows[0][3] == "60.00 ± 10.00" and float(csv_rows[0]["test_acc_mean_pct"]) == 60  # %, not 0.6
+
+
+def test_results_json_with_test_acc_and_no_status_counts_as_finished(tmp_path):
+    write(tmp_path, "a", "classic", "avgpool", "linear", 0.50, 0.40, status=None)
+    write(tmp_path, "b", "classic", "avgpool", "linear", 0.0, 0.0, seed=1, status=None)  # 0 % is still a result
+    write(tmp_path, "c", "classic", "avgpool", "linear", seed=2, status=None)  # no accuracy: failed
+    results = load_results(sorted(tmp_path.rglob("results.json")))
+    assert ["status" in r for r in results] == [False] * 3
+    (cell,) = [c for c in build_cells(results) if c.triple == ("classic", "avgpool", "linear")]
+    assert (cell.status, cell.runs, cell.failed, cell.test) == ("ok", 2, 1, [0.50, 0.0])
+    report([tmp_path], tmp_path / "out")
+    assert rows_of((tmp_path / "out" / "results.md").read_text(), "classic")[0][3:7] == \
+        ["25.00 ± 35.36", "20.00 ± 28.28", "2", "1"]

@@ -18,11 +18,12 @@ from conftest import ROOT, compose_config, signal_when
 from omegaconf import OmegaConf
 
 from byol.core.checkpoint import TEMP_SUFFIX, safe_load
+from byol.core.data import IndexBatches, make_synthetic
 from byol.core.errors import CheckpointError
-from byol.data import IndexBatches, make_synthetic
 from byol.jobs.cli import command_line_keys, run_dir_of
+from byol.jobs.resume import find_resume, resume_config
+from byol.lightning.callbacks import describe_step
 from byol.lightning.csv_logger import ContinuingCSVLogger
-from byol.pretrain import describe_step, find_resume, resume_config
 
 # Tiny deterministic run: 64 synthetic images, batch 16 -> 4 steps per epoch, 3 epochs; last.ckpt
 # after every optimizer step so that a kill at any step has a mid-epoch checkpoint to resume.

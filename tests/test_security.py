@@ -25,8 +25,8 @@ from byol.core.checkpoint import atomic_torch_save, safe_load
 from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.cli import WritableOutput, command_line_keys, run_job
 from byol.jobs.config_check import check_config, check_file_config
+from byol.jobs.pretrain import pretrain
 from byol.jobs.run_folder import FolderBusyError, FolderLock, check_resume_target
-from byol.pretrain import pretrain
 
 LEGACY = json.loads((ROOT / "tests" / "data" / "legacy_v1_checkpoint_layout.json").read_text())
 
@@ -121,7 +121,7 @@ def test_payload_in_a_checkpoint_is_refused_on_resume_and_requeue(tmp_path, mark
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_payload_in_a_run_folders_config_yaml_is_refused(tmp_path, marker, payload):
-    from byol.evaluation import read_pretrained
+    from byol.jobs.pretrained import read_pretrained
 
     run = tmp_path / "run"
     fake_run(run, run_config(tmp_path))
@@ -138,7 +138,7 @@ def test_payload_in_a_run_folders_config_yaml_is_refused(tmp_path, marker, paylo
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_payload_in_a_checkpoint_is_refused_by_evaluation(tmp_path, marker, payload):
-    from byol.evaluation import read_pretrained
+    from byol.jobs.pretrained import read_pretrained
 
     config = with_payload(run_config(tmp_path), ("optim", "optimizer", "eta"), PAYLOADS[payload](marker))
     path = fake_run(tmp_path / "elsewhere", config)

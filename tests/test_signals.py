@@ -23,8 +23,8 @@ from test_resume import (
 )
 
 from byol.core.errors import Interrupted
-from byol.jobs.cli import command_arg
-from byol.pretrain import RunCheckpoints, describe_step
+from byol.jobs.cli import command_arg, resume_hint
+from byol.lightning.callbacks import RunCheckpoints, describe_step
 
 # --------------------------------------------------------------------------- the callback alone
 
@@ -41,7 +41,8 @@ def fake_trainer(**kw) -> FakeTrainer:
 
 
 def test_periodic_and_step_checkpoints(tmp_path):
-    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, every_n_epochs=2, last_every_n_steps=2)
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, "python train.py resume=RUN", every_n_epochs=2,
+                        last_every_n_steps=2)
     t = fake_trainer()
     for epoch in range(2):
         t.current_epoch = epoch
@@ -55,7 +56,7 @@ def test_periodic_and_step_checkpoints(tmp_path):
 
 
 def test_signal_mid_epoch_saves_then_stops_at_next_batch(tmp_path):
-    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path))
     t = fake_trainer(global_step=6, current_epoch=1)
     cb.received = signal.SIGTERM
     cb.on_train_batch_end(t, None, None, None, 1)
@@ -68,7 +69,7 @@ def test_signal_mid_epoch_saves_then_stops_at_next_batch(tmp_path):
 
 
 def test_signal_on_last_batch_waits_for_the_epoch_end(tmp_path):
-    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, every_n_epochs=1)
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path), every_n_epochs=1)
     t = fake_trainer(global_step=4)
     cb.received = signal.SIGUSR1
     cb.on_train_batch_end(t, None, None, None, 3)
@@ -81,7 +82,7 @@ def test_signal_on_last_batch_waits_for_the_epoch_end(tmp_path):
 
 
 def test_signal_between_accumulated_batches_waits_for_the_step(tmp_path):
-    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path))
     t = fake_trainer(num_training_batches=8, accumulate_grad_batches=2, global_step=1)
     cb.received = signal.SIGTERM
     cb.on_train_batch_end(t, None, None, None, 2)  # first half of optimizer step 2
@@ -93,7 +94,7 @@ def test_signal_between_accumulated_batches_waits_for_the_step(tmp_path):
 
 def test_handlers_are_installed_for_training_only(tmp_path):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path))
     t = fake_trainer()
     cb.on_train_start(t, None)
     try:
@@ -110,7 +111,7 @@ def test_handlers_are_installed_for_training_only(tmp_path):
 
 
 def test_sigterm_caught_by_lightning_before_training_is_kept(tmp_path):
-    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path)
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path))
     t = fake_trainer()
     t._signal_connector.received_sigterm = True  # Lightning's handler got it during setup
     cb.on_train_start(t, None)
@@ -173,7 +174,7 @@ def test_stop_message_inside_a_sweep_also_says_how_to_continue_the_whole_sweep(t
     monkeypatch.setattr(HydraConfig.instance(), "cfg", hydra_cfg)
     argv = ["/repo/train.py", "-m", "loss=classic,multi", "seed=0", "hydra.sweep.dir=old"]
     monkeypatch.setattr("sys.argv", argv)
-    cb = RunCheckpoints(job / "checkpoints", job)
+    cb = RunCheckpoints(job / "checkpoints", job, resume_hint(job))
     cb.received = signal.SIGTERM
     cb.on_train_epoch_end(fake_trainer(global_step=4), None)
     hints = cb.stop_message.split("resume with: ")[1]

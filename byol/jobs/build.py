@@ -16,11 +16,21 @@ from byol.core.model import BYOL
 from byol.jobs.config_check import LOGGER_NAMES, TRAINER_RESERVED, trainer_parameters
 
 
+def architecture(backbone: Mapping) -> dict:
+    """``name``, ``stem`` and ``grids`` of a ``backbone`` config: what rebuilds the same network
+    with other taps (a run's weights fit any tap set of its architecture)."""
+    return {"name": backbone["name"], "stem": backbone["stem"], "grids": dict(backbone.get("grids") or {})}
+
+
+def encoder_from_backbone(backbone: Mapping, taps) -> Encoder:
+    """The encoder a ``backbone`` config describes, exposing ``taps``: the one place that reads that node."""
+    arch = architecture(backbone)
+    return Encoder(arch["name"], arch["stem"], list(taps), arch["grids"])
+
+
 def build_encoder(cfg: dict, taps=None) -> Encoder:
-    """The encoder described by a run's ``backbone`` config, exposing ``taps``."""
-    b = cfg["backbone"]
-    taps = taps if taps is not None else cfg["loss"]["taps"]
-    return Encoder(b["name"], b["stem"], taps, b.get("grids", {}))
+    """The encoder described by a run's ``backbone`` config, exposing ``taps`` (default: the loss's)."""
+    return encoder_from_backbone(cfg["backbone"], taps if taps is not None else cfg["loss"]["taps"])
 
 
 def build_byol(cfg: dict) -> BYOL:
@@ -75,3 +85,40 @@ def build_trainer(trainer_cfg: Mapping, **fixed):
         kwargs[key] = value
     kwargs.update(fixed)
     return pl.Trainer(**kwargs)
+
+
+VIEWS = ("view1", "view2")
+
+
+def view_settings(augment: Mapping) -> list[dict]:
+    """Each view's settings: the shared ``augment.*`` keys, then what ``augment.viewN`` changes."""
+    shared = {k: v for k, v in augment.items() if k not in VIEWS}
+    return [{**shared, **(augment.get(view) or {})} for view in VIEWS]
+
+
+def build_augment(cfg: dict):
+    """The two per-image view augmentations of a run, normalised with the data's mean/std."""
+    from byol.core.augment import ViewAugment, ViewConfig
+
+    data = cfg["data"]
+    views = [ViewConfig.from_dict(view) for view in view_settings(cfg["augment"])]
+    return ViewAugment(views, data["mean"], data["std"], data.get("crop_size"))
+
+
+def optimizer_factory(optim: Mapping, batch_size: int, accumulate: int = 1):
+    """``make(modules, total_steps, epochs) -> (optimizer, scheduler)`` for ``optim`` (the config group):
+    lr = base_lr x global batch / 256 when ``scale_lr_with_batch``; warm-up given in epochs."""
+    from byol.core.optim import build_optimizer, build_schedule, param_groups
+
+    batch = batch_size * max(1, accumulate)
+    lr = optim["base_lr"] * (batch / 256 if optim.get("scale_lr_with_batch", True) else 1.0)
+
+    def make(modules, total_steps: int, epochs: int):
+        optimizer = build_optimizer(optim["name"], param_groups(modules, optim["weight_decay"]), lr,
+                                    optim.get("optimizer"))
+        schedule = dict(optim["scheduler"])
+        per_epoch = max(1, total_steps // max(1, epochs))
+        warmup = int(schedule.pop("warmup_epochs", 0) * per_epoch)
+        return optimizer, build_schedule(schedule.pop("name"), optimizer, total_steps, warmup, schedule)
+
+    return make

@@ -16,9 +16,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.run_folder import FolderBusyError, FolderLock
+from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock
 
-FAILED = "FAILED"
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
@@ -34,7 +33,7 @@ def run_dir_of(resume, default: str) -> str:
     path = Path(str(resume)).expanduser()
     if path.is_dir():
         return str(path)
-    if path.suffix == ".ckpt" and path.parent.name == "checkpoints":
+    if path.suffix == ".ckpt" and path.parent.name == CHECKPOINTS_DIR:
         return str(path.parent.parent)
     return default
 

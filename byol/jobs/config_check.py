@@ -43,6 +43,8 @@ LEGACY_TARGETS = {
 LEGACY_LOGGER_KEYS = ("save_dir", "version")
 # Dicts whose keys are the user's (tap names): values must be numbers.
 OPEN_DICTS = {("backbone", "grids"), ("loss", "weights")}
+# Per-view augmentation: any key of `augment` itself.
+VIEW_OVERRIDES = {("augment", "view1"), ("augment", "view2")}
 # Keyword arguments of a named optimizer, schedule or the Lightning Trainer: any plain value (the
 # builders check the names against the signature).
 KWARGS_DICTS = {("optim", "optimizer"), ("optim", "scheduler"), ("eval", "optimizer"), ("eval", "scheduler"),
@@ -186,6 +188,8 @@ def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) 
             out[key] = value
             continue
         kinds = schema.get(sub)
+        if kinds is None and path in VIEW_OVERRIDES:  # a view may change any shared augment key
+            kinds = schema.get(("augment", key))
         if path == ("trainer",):
             _trainer_argument(key, value, source, sub)
         if path in KWARGS_DICTS:
@@ -242,8 +246,9 @@ def _number_at(container: Mapping, dotted: str):
 
 
 def _augment_paths(container: Mapping, leaf: str) -> list[str]:
-    views = (container.get("augment") or {})
-    return [f"augment.{v}.{leaf}" for v in views if isinstance(views[v], Mapping) and leaf in views[v]]
+    augment = container.get("augment") or {}
+    views = [f"augment.{v}.{leaf}" for v in augment if isinstance(augment[v], Mapping) and leaf in augment[v]]
+    return ([f"augment.{leaf}"] if leaf in augment else []) + views
 
 
 def check_config(container: Mapping, source: str = "the config") -> None:

@@ -5,6 +5,10 @@ of another run is never continued into a folder that holds a run (its config, me
 weights would be overwritten); a new or empty folder is fine. A lock file held for the whole
 job stops a second process from writing into the same run or evaluation folder; the kernel
 releases it when the holder dies, so a killed run never blocks the next one.
+
+It is also the one home of the run-folder layout (the file names below) and of the lookups
+built on it: which folders are runs, which file holds a run's weights, which jobs of a sweep
+failed, and what ``pretrained=`` names.
 """
 
 from __future__ import annotations
@@ -18,6 +22,20 @@ from byol.core.errors import ByolError, CheckpointError
 
 LOCK_FILE = ".lock"
 RUN_ID_KEY = "run_id"
+# the layout of a run folder
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+ENCODER_FILE = "encoder.pt"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_GLOB = "*.ckpt"
+FINAL_CHECKPOINT = "final.ckpt"
+LAST_CHECKPOINT = "last.ckpt"
+FAILED = "FAILED"  # a sweep job's failure, its first line the reason
+HYDRA_DIR = ".hydra"
+# what pretrained= may name besides a path
+RANDOM = "random"
+LATEST = "latest"
+LATEST_SWEEP = "latest_sweep"
 
 
 class FolderBusyError(ByolError):
@@ -65,8 +83,8 @@ class FolderLock:
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` already holds (part of) a pretraining run."""
     folder = Path(folder)
-    return any((folder / name).exists() for name in ("config.yaml", "metrics.csv", "encoder.pt")) or any(
-        (folder / "checkpoints").glob("*.ckpt"))
+    return any((folder / name).exists() for name in (CONFIG_FILE, METRICS_FILE, ENCODER_FILE)) or any(
+        (folder / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB))
 
 
 def check_resume_target(run_dir: Path, checkpoint: Path, checkpoint_run_id: str | None,
@@ -79,7 +97,7 @@ def check_resume_target(run_dir: Path, checkpoint: Path, checkpoint_run_id: str 
     run_dir = Path(run_dir).resolve()
     if not holds_run(run_dir):
         return False
-    inside = Path(checkpoint).resolve().parent == run_dir / "checkpoints"
+    inside = Path(checkpoint).resolve().parent == run_dir / CHECKPOINTS_DIR
     if checkpoint_run_id and folder_run_id:
         same = checkpoint_run_id == folder_run_id
     else:  # written before run ids: only a checkpoint of the folder itself is known to belong to it
@@ -91,3 +109,144 @@ def check_resume_target(run_dir: Path, checkpoint: Path, checkpoint_run_id: str 
             f"config, metrics and weights would be overwritten. Continue it in a new or empty folder "
             f"(hydra.run.dir=NEW) or in its own run folder")
     return True
+
+
+# --------------------------------------------------------------------------- finding runs
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a pretraining run's weights (an export or a checkpoint)."""
+    return (path / ENCODER_FILE).is_file() or any((path / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB))
+
+
+def weights_file(run_dir: Path) -> Path:
+    """encoder.pt, else checkpoints/final.ckpt, else last.ckpt, else the newest checkpoint."""
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    for candidate in (run_dir / ENCODER_FILE, checkpoints / FINAL_CHECKPOINT, checkpoints / LAST_CHECKPOINT):
+        if candidate.is_file():
+            return candidate
+    found = sorted(checkpoints.glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CheckpointError(f"'{run_dir}' holds no {ENCODER_FILE} and no {CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
+    return found[-1]
+
+
+def run_folder_of(weights: Path) -> Path:
+    """The run folder of a weights file: a checkpoint lives one level further down."""
+    return weights.parent.parent if weights.parent.name == CHECKPOINTS_DIR else weights.parent
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Pretraining run folders at or below ``folder``, sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    candidates = {p.parent for p in folder.rglob(ENCODER_FILE)}
+    candidates |= {p.parent.parent for p in folder.rglob(f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")}
+    return sorted(p for p in candidates if is_run_dir(p))
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """The job folders of a sweep: its subfolders with a ``.hydra/`` folder or a ``config.yaml``."""
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        return []
+    return sorted(d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and ((d / HYDRA_DIR).is_dir() or (d / CONFIG_FILE).is_file()))
+
+
+def failed_jobs(sweep: Path) -> list[tuple[Path, str]]:
+    """``(job folder, reason)`` for each job of a sweep with no model to evaluate: a ``FAILED`` file
+    (reason: its first line), or no weights at all."""
+    missing = []
+    for job in sweep_jobs(sweep):
+        if (job / FAILED).is_file():
+            lines = (job / FAILED).read_text(errors="replace").strip().splitlines()
+            missing.append((job, f"training failed: {lines[0].strip() if lines else 'no reason recorded'}"))
+        elif not find_runs(job):
+            missing.append((job, f"no weights: no {ENCODER_FILE} and no {CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}"))
+    return missing
+
+
+def sweep_runs(sweep: Path) -> list[Path]:
+    """The run folders of a sweep that can be evaluated: :func:`find_runs` minus the jobs that failed."""
+    failed = [job for job, _ in failed_jobs(sweep)]
+    return [r for r in find_runs(sweep) if not any(r == job or r.is_relative_to(job) for job in failed)]
+
+
+def run_label(weights: Path, sweep: Path | None = None) -> str:
+    """A run's name in a sweep (its path below the sweep folder), else its folder's name."""
+    run = run_folder_of(weights)
+    if sweep is not None and run != sweep and run.is_relative_to(sweep):
+        return str(run.relative_to(sweep))
+    return run.name if is_run_dir(run) else weights.stem
+
+
+# --------------------------------------------------------------------------- what pretrained= names
+
+
+def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
+    """What ``pretrained=`` names: ``("random", None)``, ``([weights file], None)`` for one model, or
+    ``([weights files...], sweep folder)`` for every run of a sweep."""
+    spec = str(spec)
+    if spec == RANDOM:
+        return RANDOM, None
+    if spec == LATEST:
+        return [weights_file(_latest_run(Path(outputs_dir)))], None
+    if spec == LATEST_SWEEP:
+        sweep = _latest_sweep(Path(outputs_dir))
+        return _sweep_targets(sweep), sweep
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"pretrained='{spec}' does not exist; give a run folder, a sweep folder, a "
+                              f".ckpt, an {ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
+    if path.is_file():
+        return [path], None
+    if is_run_dir(path):
+        return [weights_file(path)], None
+    if not find_runs(path) and not sweep_jobs(path):
+        raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds {ENCODER_FILE} or "
+                              f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}); create one with `python train.py` or use "
+                              f"pretrained=random")
+    return _sweep_targets(path), path
+
+
+def _latest_run(outputs: Path) -> Path:
+    """The run under ``outputs`` whose weights were written last."""
+    runs = find_runs(outputs)
+    if not runs:
+        raise CheckpointError(
+            f"no pretraining runs found under '{outputs}' (a run folder holds {ENCODER_FILE} or "
+            f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}). Create one with `python train.py` (`python train.py "
+            f"experiment=smoke` takes seconds), name one with pretrained=PATH, or evaluate a random-init "
+            f"encoder with pretrained=random")
+    run = max(runs, key=lambda p: weights_file(p).stat().st_mtime)
+    print(f"[eval] pretrained=latest: {run} (newest of {len(runs)} runs under {outputs})", flush=True)
+    return run
+
+
+def _latest_sweep(outputs: Path) -> Path:
+    """The newest training sweep, by its newest weights or job folder: a sweep whose jobs all failed
+    is still the newest (and then an error names them, never an older sweep instead)."""
+    root = outputs / "multirun" / "train"
+    sweeps = [d for d in sorted(root.iterdir()) if d.is_dir() and (find_runs(d) or sweep_jobs(d))] \
+        if root.is_dir() else []
+    if not sweeps:
+        raise CheckpointError(
+            f"no pretraining sweep found under '{root}'. Create one with `python train.py -m "
+            f"loss=classic,multi seed=0,1,2` or name a folder with pretrained=PATH")
+    sweep = max(sweeps, key=lambda d: max([weights_file(r).stat().st_mtime for r in find_runs(d)]
+                                          + [j.stat().st_mtime for j in sweep_jobs(d)]))
+    print(f"[eval] pretrained=latest_sweep: {sweep}", flush=True)
+    return sweep
+
+
+def _sweep_targets(sweep: Path) -> list[Path]:
+    """The weights of every run of ``sweep`` that can be evaluated; an error when there is none."""
+    runs = sweep_runs(sweep)
+    if not runs:
+        failed = failed_jobs(sweep)
+        detail = "; ".join(f"{job.name}: {reason}" for job, reason in failed[:5])
+        raise CheckpointError(f"no run of the sweep '{sweep}' can be evaluated: its {len(failed)} job(s) "
+                              f"have no model ({detail}{'; ...' if len(failed) > 5 else ''})")
+    return [weights_file(r) for r in runs]

@@ -10,6 +10,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from byol.core.checkpoint import atomic_write_bytes
+from byol.lightning.internals import install_csv_writer
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -50,10 +51,11 @@ class ContinuingCSVLogger(CSVLogger):
         # rows reach the file every step, so a killed run loses at most the step it was in
         super().__init__(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=1)
         self.keep_before_step = keep_before_step
+        self._writer: _ContinuingWriter | None = None
 
     @property
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(self.log_dir, self.keep_before_step)
-        return self._experiment
+        if self._writer is None:
+            self._writer = _ContinuingWriter(self.log_dir, self.keep_before_step)
+            install_csv_writer(self, self._writer)
+        return self._writer

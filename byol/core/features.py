@@ -1,0 +1,102 @@
+"""Representations of a frozen encoder: which taps make one, and its features for a set of images.
+
+Evaluation measures what the encoder learnt, so features come from the encoder in eval mode
+and without augmentation. The device and precision helpers translate Lightning's settings for
+the work done outside Lightning (extraction, kNN, the cached probe), so both parts run alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from byol.core.augment import Normalize
+from byol.core.backbone import AVGPOOL, Encoder
+from byol.core.errors import ConfigError, DataError
+
+COMBINED = "combined"
+
+
+def representation_taps(name: str, taps: Sequence[str] = ()) -> list[str]:
+    """Encoder taps concatenated into the representation ``name``.
+
+    ``avgpool``: the global average pool only. ``combined``: avgpool followed by ``taps``
+    (by default ``layer2.0`` and ``layer3.0``), whichever loss trained the encoder.
+    """
+    if name == AVGPOOL:
+        return [AVGPOOL]
+    if name == COMBINED:
+        extra = [t for t in dict.fromkeys(taps) if t != AVGPOOL]
+        if not extra:
+            raise ConfigError("repr=combined needs intermediate taps in repr.taps, e.g. [layer2.0, layer3.0]")
+        return [AVGPOOL] + extra
+    raise ConfigError(f"unknown repr.name '{name}'; choose avgpool or combined")
+
+
+def feature_dim(encoder: Encoder, taps: Sequence[str]) -> int:
+    """Width of the concatenated representation, which sizes the classifier."""
+    return sum(encoder.dims[t] for t in taps)
+
+
+def concat_features(features: Mapping[str, torch.Tensor], taps: Sequence[str]) -> torch.Tensor:
+    """One ``(N, D)`` representation from the encoder's per-tap outputs, in the order of ``taps``."""
+    return torch.cat([features[t] for t in taps], dim=1)
+
+
+def resolve_device(accelerator: str = "auto") -> torch.device:
+    """The device Lightning's ``accelerator`` setting would pick, for the work done outside Lightning."""
+    accelerator = str(accelerator).lower()
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator in ("gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is available; "
+                          f"use trainer.accelerator=cpu")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision) -> torch.dtype | None:
+    """The autocast dtype of a Lightning ``precision`` setting (None: full precision)."""
+    setting = str(precision)
+    if setting.startswith("bf16"):
+        return torch.bfloat16
+    if setting in ("16", "16-mixed", "16-true"):
+        return torch.float16
+    return None
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: Encoder,
+    images: torch.Tensor,
+    taps: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 512,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Features ``(N, D)`` of uint8 ``images`` through the encoder in eval mode, without augmentation.
+
+    Runs under autocast ``dtype`` (bf16 on CPU and GPU) with channels_last inputs; the
+    result has that dtype (float32 without autocast) and lives on ``device``.
+    """
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    normalize = Normalize(mean, std).to(device)
+    was_training = encoder.training
+    encoder.eval()
+    out = None
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            batch = normalize(images[start:start + batch_size].to(device, non_blocking=True))
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                features = concat_features(encoder(batch, taps=taps), taps)
+            if out is None:
+                out = torch.empty(images.shape[0], features.shape[1], dtype=features.dtype, device=device)
+            out[start:start + features.shape[0]] = features
+    finally:
+        encoder.train(was_training)
+    if out is None:
+        raise DataError("cannot extract features of an empty dataset")
+    return out

@@ -1,0 +1,119 @@
+"""The datasets a config describes: the ``data`` group picks CIFAR-10, an image folder or
+synthetic data, and the train / val / test splits for evaluation.
+
+The only data code that reads the config; what it calls (``byol.core.data``,
+``byol.core.image_folder``) takes plain arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from byol.core.data import ImageTensors, holdout, image_digests, load_cifar10, make_synthetic, seeded_subset
+from byol.core.errors import DataError
+from byol.core.image_folder import load_image_folder
+
+
+def load_split(cfg, split: str) -> ImageTensors:
+    """``split`` of the dataset described by ``cfg`` (the ``data`` config group).
+
+    ``train`` and ``test`` are the dataset's own splits; see :func:`eval_splits` for
+    the validation split.
+    """
+    name = cfg["name"]
+    if name == "cifar10":
+        return load_cifar10(cfg["root"], train=split == "train", download=cfg.get("download", True))
+    if name == "imagefolder":
+        root = Path(cfg["root"])
+        if not root.exists():
+            raise DataError(f"data.root '{root}' does not exist; point data.root at a folder laid out as "
+                            f"DIR/train/<class>/* (and DIR/test/<class>/* for evaluation)")
+        folder = root / split
+        if not folder.is_dir():
+            if split == "train":
+                folder = root  # a plain folder of images or of class folders
+            else:
+                raise DataError(f"no '{split}' folder in '{root}'; evaluation needs {root}/{split}/<class>/*")
+        return load_image_folder(folder, cfg["image_size"], cfg.get("cache_dir"),
+                                 cfg.get("skip_bad_files", False))
+    if name == "synthetic":
+        n = cfg["num_train"] if split == "train" else cfg["num_test"]
+        return make_synthetic(n, cfg["image_size"], cfg["num_classes"], seed=0 if split == "train" else 1)
+    raise DataError(f"unknown data.name '{name}'; choose cifar10, imagefolder or synthetic")
+
+
+def _train_folder(cfg) -> str:
+    """Where the training images are, for messages about them."""
+    if cfg["name"] != "imagefolder":
+        return "the training set"
+    root = Path(cfg["root"])
+    return f"'{root / 'train' if (root / 'train').is_dir() else root}'"
+
+
+def eval_splits(cfg, seed: int = 0) -> dict[str, ImageTensors]:
+    """train / val / test for evaluation, without leaking the test set into validation.
+
+    ``data.split=holdout`` (default): ``data.val_size`` training images (seeded) are held
+    out as validation; identical images (same decoded pixels: copies of a file) are kept on
+    one side of that split. ``data.split=seed_original``: the original project's split of the
+    test set into two halves with seed 42 (val: first half, test: second half). Test images
+    identical to training images are counted in a warning.
+    """
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    if len(train.classes) and len(test.classes) and train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise DataError(f"train and test class folders differ (only in train: {only_train or 'none'}; "
+                        f"only in test: {only_test or 'none'}); both splits need the same <class> "
+                        f"subfolders: add, rename or remove folders")
+    digests = image_digests(train)
+    known = set(digests)
+    leaked = sum(d in known for d in image_digests(test))
+    if leaked:
+        print(f"[data] warning: {leaked} of the {len(test)} test images {'is' if leaked == 1 else 'are'} "
+              f"identical to training images (same pixels as images in {_train_folder(cfg)}); test "
+              f"accuracy will be optimistic: remove the copies from one of the folders", flush=True)
+    split = cfg.get("split", "holdout")
+    if split == "seed_original":
+        perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(42))
+        half = len(test) // 2
+        return {"train": seeded_subset(train, cfg.get("subset"), seed), "val": test.subset(perm[:half]),
+                "test": test.subset(perm[half:])}
+    if split != "holdout":
+        raise DataError(f"unknown data.split '{split}'; choose holdout or seed_original")
+    val_size = min(int(cfg.get("val_size", 0)), len(train) // 5)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+    if len(known) < len(train):
+        n = len(train) - len(known)
+        copies = "image is a copy of another" if n == 1 else "images are copies of others"
+        print(f"[data] {n} training {copies} (same pixels); each set of copies stays on one side of the "
+              f"train/val split", flush=True)
+    held, rest = holdout(perm, digests, val_size)
+    val, rest = train.subset(held), train.subset(rest)
+    return {"train": seeded_subset(rest, cfg.get("subset"), seed), "val": val, "test": test}
+
+
+def load_eval_data(data_cfg: Mapping, seed: int) -> tuple[dict[str, ImageTensors], int]:
+    """train / val / test splits (:func:`eval_splits`) and the number of classes, refusing
+    splits that would make the scores meaningless: empty, unlabelled, or a single class."""
+    splits = eval_splits(data_cfg, seed=seed)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise DataError(f"the {name} split is empty; use more data or a smaller data.val_size")
+        if bool((split.labels < 0).any()):
+            raise DataError(f"the {name} split has unlabelled images; evaluation needs class folders "
+                            f"(DIR/train/<class>/*, DIR/test/<class>/*)")
+    present = torch.unique(splits["train"].labels).tolist()
+    if len(present) < 2:  # a one-class classifier scores 100% and measures nothing
+        names = splits["train"].classes
+        found = ", ".join(f"'{names[k]}'" if k < len(names) else f"label {k}" for k in present)
+        raise DataError(f"evaluation needs at least 2 classes, but the training data has {len(present)} "
+                        f"({found}), so any encoder would score 100%; add class folders with images "
+                        f"(DIR/train/<class>/*, DIR/test/<class>/*, at least 2 classes) or point data.root "
+                        f"at a dataset with several classes")
+    num_classes = data_cfg.get("num_classes") or len(splits["train"].classes) or \
+        int(max(int(s.labels.max()) for s in splits.values())) + 1
+    return splits, int(num_classes)

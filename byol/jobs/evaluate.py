@@ -1,0 +1,250 @@
+"""The ``evaluate.py`` job: pretrained encoders measured under one representation and one protocol
+(:mod:`byol.jobs.protocols`).
+
+Each model's outcome, failures included, is written to its ``results.json``, so that the report
+lists every model of a sweep, and a model that fails never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+from byol.core.checkpoint import atomic_write_bytes
+from byol.core.data import ImageTensors
+from byol.core.errors import ByolError, ConfigError
+from byol.core.features import representation_taps
+from byol.jobs.datasets import load_eval_data
+from byol.jobs.pretrained import (
+    EVAL_DATA_FIELDS,
+    RANDOM_LOSS,
+    EncoderSource,
+    data_fields,
+    random_model,
+    read_pretrained,
+    read_run_config,
+    run_config_fields,
+)
+from byol.jobs.protocols import checked_protocol, run_protocol
+from byol.jobs.run_folder import (
+    CONFIG_FILE,
+    FAILED,
+    HYDRA_DIR,
+    RANDOM,
+    failed_jobs,
+    resolve_pretrained,
+    run_folder_of,
+    run_label,
+)
+
+RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
+
+
+def evaluate(cfg, run_dir: str | Path) -> list[dict]:
+    """The ``evaluate.py`` job: every model ``pretrained=`` names, under one repr and one protocol.
+
+    One model (a run, a file, ``latest``, ``random``): results in ``run_dir``. A sweep folder
+    (or ``latest_sweep``): each run in ``run_dir/<run name>/`` plus, with ``baseline=true``, a
+    random-init encoder of the runs' architecture for each of their seeds, in
+    ``run_dir/random-init/`` (``random-init_seed<N>/`` when the runs have several seeds). A model that
+    fails is recorded as failed and the others still run; the job then ends with an error. A training
+    job with no model (a ``FAILED`` file, or no weights) gets a ``results.json`` with ``status:
+    missing`` and its reason, so the report lists it; it does not fail the evaluation. A run that did
+    not finish its epochs is evaluated and marked ``pretrain_status: incomplete``.
+    """
+    run_dir = Path(run_dir)
+    settings = _start_job(cfg, run_dir)
+    targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
+    splits, num_classes = load_eval_data(settings["data"], settings["seed"])
+    evaluate_one = partial(evaluate_model, cfg=settings, splits=splits, num_classes=num_classes)
+    if sweep is None:  # one model
+        model = random_model(settings["backbone"], settings["seed"]) if targets == RANDOM else targets[0]
+        result = evaluate_one(model, out_dir=run_dir, label=None if targets == RANDOM else run_label(targets[0]))
+        if result["status"] != "ok":
+            raise result["exception"]
+        return [result]
+    return _evaluate_sweep(targets, sweep, settings, evaluate_one, run_dir)
+
+
+def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evaluate_one: Callable,
+                    run_dir: Path) -> list[dict]:
+    """Every run of ``sweep`` (and the random-init baselines), each in its own folder; then one error
+    that names the models that failed."""
+    baseline = settings.get("baseline", True)
+    print(f"[eval] {len(targets)} runs in {sweep}" + (" + a random-init baseline" if baseline else ""),
+          flush=True)
+    for job, reason in failed_jobs(sweep):  # nothing to evaluate: recorded so that the report lists it
+        print(f"[eval] missing: {job.name}: {reason} ({job}); listed as missing in the report", flush=True)
+        missing_result(job, reason, settings, run_dir / job.name, job.name)
+    results = []
+    for number, path in enumerate(targets, 1):
+        label = run_label(path, sweep)
+        print(f"[eval] ({number}/{len(targets)}) {label}", flush=True)
+        results.append(_print_failure(evaluate_one(path, out_dir=run_dir / label, label=label)))
+    if baseline:
+        results += _evaluate_baselines(results, settings["seed"], evaluate_one, run_dir)
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        names = ", ".join(str(r["label"]) for r in failed)
+        raise ByolError(f"{len(failed)} of {len(results)} evaluations failed ({names}); see their "
+                        f"{RESULTS_FILE} in {run_dir}")
+    return results
+
+
+def _start_job(cfg, run_dir: Path) -> dict:
+    """The job's plain config, saved in ``run_dir`` and checked before any data or model is read."""
+    from omegaconf import OmegaConf
+
+    settings = plain_job_config(cfg)
+    # CSVLogger warns when its folder holds other files (config.yaml, .hydra/); it replaces only metrics.csv
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
+    protocol = checked_protocol(settings["eval"])
+    representation_taps(settings["repr"]["name"], settings["repr"].get("taps") or [])
+    if protocol != "knn" and int(settings["eval"]["epochs"]) < 1:
+        raise ConfigError("eval.epochs must be at least 1")
+    return settings
+
+
+def plain_job_config(cfg) -> dict:
+    """The resolved config as plain containers, without the ``hydra`` node."""
+    from omegaconf import DictConfig, OmegaConf, open_dict
+
+    if isinstance(cfg, DictConfig):
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        return OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in dict(cfg).items() if k != "hydra"}
+
+
+def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one: Callable,
+                        run_dir: Path) -> list[dict]:
+    """A random-init encoder per architecture of the runs and per pretraining seed, so the baseline's
+    row has a spread too."""
+    architectures = {}
+    for result in results:
+        if result["backbone"]:
+            architectures.setdefault((result["backbone"], result["stem"]), {
+                "name": result["backbone"], "stem": result["stem"], "grids": result["grids"]})
+    if not architectures:
+        print("[eval] no run could be read: no architecture for a random-init baseline", flush=True)
+    baselines = []
+    for (name, stem), backbone in architectures.items():
+        seeds = sorted({r["seed"] for r in results if (r.get("backbone"), r.get("stem")) == (name, stem)
+                        and r.get("seed") is not None}) or [default_seed]
+        for seed in seeds:
+            label = RANDOM_LOSS if len(architectures) == 1 else f"{RANDOM_LOSS}_{name}_{stem}"
+            label += f"_seed{seed}" if len(seeds) > 1 else ""
+            print(f"[eval] baseline: {label} ({name}, {stem} stem, seed {seed})", flush=True)
+            model = random_model(backbone, seed, label)
+            baselines.append(_print_failure(evaluate_one(model, out_dir=run_dir / label, label=label)))
+    return baselines
+
+
+def _print_failure(result: dict) -> dict:
+    """Print a failed model's error (with the traceback when it is a bug, not a user error)."""
+    if result["status"] != "ok":
+        exc = result.get("exception")
+        if exc is not None and not isinstance(exc, ByolError):
+            traceback.print_exception(exc)
+        print(f"error: {result['label']}: {result['error']}", file=sys.stderr, flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- results.json
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    """Written atomically: the report never reads half a results.json of a killed job."""
+    atomic_write_bytes((json.dumps(obj, indent=2, default=str) + "\n").encode(), path)
+
+
+def _result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
+    """The fields of a ``results.json`` known before any model is read: the evaluation's settings."""
+    eval_cfg = cfg["eval"]
+    return {"pretrained": pretrained, "label": label, "loss": None, "repr": cfg["repr"]["name"],
+            "eval": eval_cfg["name"], "backbone": None, "stem": None, "grids": None, "pretrain_epochs": None,
+            "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
+            "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] != "knn" else 0, "seed": None,
+            "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
+            "eval_data": data_fields(cfg["data"], EVAL_DATA_FIELDS),
+            "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
+            "status": "running"}
+
+
+def _model_fields(model: EncoderSource) -> dict:
+    """The fields of a ``results.json`` that describe the model, once its weights are read."""
+    return {"label": model.label, "loss": model.loss, "backbone": model.backbone["name"],
+            "stem": model.backbone["stem"], "grids": dict(model.backbone.get("grids") or {}),
+            "pretrain_epochs": model.epochs, "seed": model.seed, "pretrain_epochs_planned": model.planned_epochs,
+            "pretrain_status": model.pretrain_status,
+            "pretrain_data": None if model.is_random else data_fields(model.data)}
+
+
+def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: str) -> dict:
+    """Write the ``results.json`` of a training job with no model (failed, or no weights): ``status:
+    missing``, so that the report lists it, under the loss / backbone / seed of its config.yaml."""
+    result = _result_fields(str(Path(job).resolve()), label, cfg)
+    try:
+        result.update(run_config_fields(read_run_config(Path(job)) or read_run_config(Path(job) / HYDRA_DIR)))
+    except ByolError:  # a config refused as unsafe: the job is listed all the same
+        pass
+    status = "failed" if (Path(job) / FAILED).is_file() else "no weights"
+    result.update(status="missing", pretrain_status=status, error=reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(result, out_dir / RESULTS_FILE)
+    return result
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[str, ImageTensors],
+                   num_classes: int, out_dir: Path, label: str | None = None) -> dict:
+    """Evaluate one encoder (an :class:`EncoderSource` or the path of its weights) under ``cfg['eval']``.
+
+    Writes ``results.json`` and ``metrics.csv`` in ``out_dir``. Never raises for a problem of
+    this model (unreadable file, other architecture, diverged training...): the failure is
+    returned and written with ``status: failed`` and the error, so a sweep can go on.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    known = isinstance(model, EncoderSource)
+    result = _result_fields(model.origin if known else str(Path(model).resolve()),
+                            label or (model.label if known else None), cfg)
+    if not known:  # until the weights are read: what the run folder's config says
+        result.update(run_config_fields(read_run_config(run_folder_of(Path(model)))))
+    start = time.perf_counter()
+    try:
+        if not known:
+            model = read_pretrained(model, label)
+        result.update(_model_fields(model))
+        if model.pretrain_status == "incomplete":
+            _note_incomplete(model, result["allow_incomplete"])
+        result.update(run_protocol(model, cfg, splits, num_classes, out_dir))
+        result["status"] = "ok"
+        print(f"[eval] {model.label}: {cfg['eval']['name']} on {cfg['repr']['name']} -> val "
+              f"{result['val_acc']:.4f}, test {result['test_acc']:.4f} ({time.perf_counter() - start:.1f} s)",
+              flush=True)
+    except Exception as exc:  # recorded per model; the job decides whether to stop
+        message = str(exc) if isinstance(exc, ByolError) else f"{type(exc).__name__}: {exc}"
+        result.update(status="failed", error=message)
+        result["exception"] = exc
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    _write_json({k: v for k, v in result.items() if k != "exception"}, out_dir / RESULTS_FILE)
+    return result
+
+
+def _note_incomplete(model: EncoderSource, allow_incomplete: bool) -> None:
+    """Say that a run did not finish and how the report will treat it, so no mean hides it."""
+    counted = ("allow_incomplete=true: the report counts it, in a row of its own" if allow_incomplete
+               else "the report leaves it out of the means (allow_incomplete=true counts it)")
+    print(f"[eval] note: {model.label} did not finish pretraining ({model.epochs} of {model.planned_epochs} "
+          f"epochs, {model.origin}): results.json says pretrain_status: incomplete; {counted}", flush=True)

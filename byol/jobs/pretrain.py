@@ -1,0 +1,206 @@
+"""The pretraining job: build everything from the composed config, fit, write checkpoints and the export.
+
+A run folder is resumable at any time: ``checkpoints/last.ckpt`` is refreshed every epoch (and
+every ``checkpoint.last_every_n_steps`` optimizer steps), written atomically, and holds the
+run's config, weights, EMA target, optimizer, scheduler, loop counters and RNG states. The data
+order and the augmentation randomness are functions of (seed, epoch, batch), so nothing else is
+needed for a resumed run to be the run it would have been.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import LearningRateMonitor
+
+from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, safe_load, save_encoder
+from byol.core.data import IndexBatches, seeded_subset
+from byol.core.errors import CheckpointError, ConfigError
+from byol.jobs.build import build_augment, build_byol, build_trainer, make_loggers, optimizer_factory
+from byol.jobs.cli import command_arg, resume_hint
+from byol.jobs.config_check import check_config, check_file_config
+from byol.jobs.datasets import load_split
+from byol.jobs.resume import (
+    checkpoint_epoch,
+    export_from_checkpoint,
+    find_resume,
+    folder_run_id,
+    resume_config,
+    saved_run_id,
+)
+from byol.jobs.run_folder import RUN_ID_KEY, check_resume_target, new_run_id
+from byol.lightning.callbacks import EpochSummary, RunCheckpoints, describe_step, progress_bar
+from byol.lightning.checkpoint_io import AtomicCheckpointIO
+from byol.lightning.data_module import TensorDataModule
+from byol.lightning.pretrain_module import BYOLModule
+
+# Lightning messages with nothing for a user to act on, silenced during a run (and restored after)
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning-internal deprecation (torch >= 2.10)
+    r"`training_step` returned `None`",  # train.on_nonfinite=skip skips steps on purpose, and says so
+    r"You.re resuming from a checkpoint that ended before",  # IndexBatches resumes mid-epoch itself
+)
+LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's banner, tips and known warnings off for the ``with`` block; the [byol] lines say
+    what matters. Warning filters and logger levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+@dataclass
+class RunStart:
+    """What the job continues from: the config to train with, and the checkpoint (None: a new run)."""
+
+    config: dict
+    checkpoint: Path | None = None
+    step: int | None = None
+    finished: bool = False
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config without Hydra's own node."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_start(container: dict, run_dir: Path, requested) -> RunStart:
+    """Check the command line's config, then find and check the checkpoint to continue from."""
+    check_config(container, "the command line")
+    folder_id = folder_run_id(run_dir)
+    checkpoint = find_resume(container.get("resume"), run_dir)
+    if checkpoint is None:
+        container[RUN_ID_KEY] = new_run_id()
+        return RunStart(container)
+    resumed = safe_load(checkpoint, mmap=True)  # refuses unsafe files before Lightning reads it
+    if not isinstance(resumed, dict) or not isinstance(resumed.get("byol_config"), dict):
+        raise CheckpointError(f"'{checkpoint}' is not a train.py checkpoint (no 'byol_config'); resume= "
+                              f"takes a run folder or its checkpoints/*.ckpt, not an encoder export")
+    source = f"checkpoint '{checkpoint}'"
+    saved = check_file_config(resumed["byol_config"], source)
+    saved_id = saved_run_id(resumed["byol_config"], source)
+    same_run = check_resume_target(run_dir, checkpoint, saved_id, folder_id)
+    config, changed = resume_config(saved, container, requested)
+    check_config(config, source)
+    if changed:
+        print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
+              flush=True)
+    config[RUN_ID_KEY] = (saved_id or folder_id) if same_run and (saved_id or folder_id) else new_run_id()
+    final = run_dir / "checkpoints" / "final.ckpt"
+    finished = final.is_file() and checkpoint_epoch(final) >= int(config["trainer"]["max_epochs"])
+    return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
+
+
+def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
+    """A run that already trained its epochs: write a missing export, say so, train nothing."""
+    final = run_dir / "checkpoints" / "final.ckpt"
+    if not export.is_file():
+        export_from_checkpoint(safe_load(final), start.config, export)
+    epochs = start.config["trainer"]["max_epochs"]
+    print(f"[byol] {run_dir} already finished its {epochs} epochs ({final}, {export}); nothing to do. To "
+          f"train longer: python train.py {command_arg('resume', run_dir)} trainer.max_epochs=N; to redo part "
+          f"of it, resume a checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
+    return export
+
+
+def build_datamodule(config: dict) -> TensorDataModule:
+    """The run's training images (decoded once, seeded subset) as device-resident index batches."""
+    data = config["data"]
+    images = seeded_subset(load_split(data, "train"), data.get("subset"), config["seed"])
+    batches = IndexBatches(images, data["batch_size"], seed=config["seed"])
+    return TensorDataModule(batches, data.get("on_device", True))
+
+
+def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModule:
+    """The BYOL model, augmentation and optimizer of ``config``, in the Lightning adapter."""
+    if config["loss"]["name"] == "classic" and config["loss"]["taps"]:
+        raise ConfigError("loss=classic uses only the avgpool head; use loss=multi for loss.taps")
+    model = build_byol(config)
+    if config.get("channels_last", True):
+        model.to(memory_format=torch.channels_last)
+    if config.get("compile"):
+        model.compile()
+    trainer = config["trainer"]
+    make_optimizer = optimizer_factory(config["optim"], config["data"]["batch_size"],
+                                       int(trainer.get("accumulate_grad_batches") or 1))
+    return BYOLModule(model, build_augment(config), make_optimizer, tau_base=config["ema"]["tau_base"],
+                      tau_schedule=config["ema"]["tau_schedule"], seed=config["seed"],
+                      skip_nonfinite=config["train"]["on_nonfinite"] == "skip", run_config=config,
+                      checkpoint_path=checkpoint_path)
+
+
+def build_run_trainer(config: dict, run_dir: Path, loggers: list) -> pl.Trainer:
+    ckpt = config["checkpoint"]
+    trainer = config["trainer"]
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
+                                 ckpt["last_every_n_steps"])
+    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary()]
+    callbacks += progress_bar(trainer.get("enable_progress_bar", True), trainer.get("log_every_n_steps"))
+    return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
+                         enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
+
+
+def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
+    """Run (or continue) BYOL pretraining in ``run_dir``; returns the path of the encoder export.
+
+    ``requested``: the config keys given on the command line (see :func:`byol.jobs.resume.resume_config`);
+    ``None`` takes ``cfg`` as it is, also when resuming.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir, export = run_dir / "checkpoints", run_dir / "encoder.pt"
+    start = run_start(plain_config(cfg), run_dir, requested)
+    if start.finished:
+        return report_finished(start, run_dir, export)
+    config = start.config
+    pl.seed_everything(config["seed"], workers=True, verbose=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / "config.yaml")
+    remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
+
+    loggers = make_loggers(config.get("logger"), run_dir, start.step)  # a missing package fails before the data
+    datamodule = build_datamodule(config)  # data errors before the model is built
+    module = build_module(config, ckpt_dir / "last.ckpt")
+    with quiet_lightning():
+        trainer = build_run_trainer(config, run_dir, loggers)
+        announce(config, run_dir, trainer, start, datamodule.batches)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
+        trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=False)
+    save_encoder(module.model.online_encoder, export,
+                 meta={"loss": config["loss"]["name"], "epochs": trainer.current_epoch,
+                       "global_step": trainer.global_step, "seed": config["seed"]})
+    print(f"[byol] done: {ckpt_dir / 'final.ckpt'} and encoder export {export}", flush=True)
+    return export
+
+
+def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, batches: IndexBatches) -> None:
+    """The run's first lines: what trains on what, where it writes, where it resumes."""
+    backbone, trainer_cfg = config["backbone"], config["trainer"]
+    print(f"[byol] pretraining {backbone['name']} ({backbone['stem']} stem), loss={config['loss']['name']}, "
+          f"{len(batches.data)} images, batch {config['data']['batch_size']}, {trainer_cfg['max_epochs']} epochs, "
+          f"on {trainer.strategy.root_device} ({trainer_cfg['precision']})", flush=True)
+    print(f"[byol] run folder: {run_dir}", flush=True)
+    if start.checkpoint is not None:
+        steps_per_epoch = max(1, len(batches) // int(trainer_cfg.get("accumulate_grad_batches") or 1))
+        print(f"[byol] resuming from {start.checkpoint}: {describe_step(start.step, steps_per_epoch)}", flush=True)

@@ -1,0 +1,164 @@
+"""The encoders an evaluation measures: a pretraining run's online encoder, or a random initialisation.
+
+BYOL keeps only the online encoder; it is rebuilt from the pretraining run's own saved config
+(never from evaluation defaults, so a multi-loss ResNet-50 run is evaluated as what it is).
+Every file read here is data someone else may have written: configs are checked plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from byol.core.backbone import Encoder
+from byol.core.checkpoint import (
+    ENCODER_FORMAT,
+    ONLINE_PREFIX,
+    encoder_config,
+    load_weights,
+    online_encoder_state,
+    safe_load,
+)
+from byol.core.errors import CheckpointError
+from byol.jobs.build import architecture, encoder_from_backbone
+from byol.jobs.config_check import check_file_config, check_plain
+from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, RANDOM, run_folder_of
+
+RANDOM_LOSS = "random-init"  # the loss column, and the label, of a random-init baseline
+# the data settings that make two results comparable; the evaluation's split too
+DATA_FIELDS = ("name", "root", "subset", "image_size", "num_train", "num_test")
+EVAL_DATA_FIELDS = DATA_FIELDS + ("split", "val_size")
+
+
+@dataclass
+class EncoderSource:
+    """One encoder to evaluate: its weights (None for a random initialisation) and what built it."""
+
+    label: str
+    origin: str                     # the weights file's path, or "random"
+    backbone: dict                  # name, stem, grids (from the run, never from evaluation defaults)
+    loss: str
+    seed: int | None = None
+    epochs: int = 0
+    state_dict: dict | None = None
+    data: dict | None = None        # the pretraining data config, when known
+    planned_epochs: int | None = None  # the run's trainer.max_epochs (its config.yaml, else the checkpoint's)
+
+    @property
+    def is_random(self) -> bool:
+        return self.state_dict is None
+
+    @property
+    def pretrain_status(self) -> str | None:
+        """``complete``, ``incomplete`` (fewer epochs than the run planned: a killed or running run),
+        or None for a random initialisation."""
+        if self.is_random:
+            return None
+        return "incomplete" if self.planned_epochs is not None and self.epochs < self.planned_epochs else \
+            "complete"
+
+    def build(self, taps: Sequence[str]) -> Encoder:
+        """The encoder exposing ``taps``, with the run's architecture and its online weights."""
+        # a random encoder is a function of its own seed alone (one baseline per pretraining seed),
+        # and drawing it leaves the evaluation's random stream as it was
+        with torch.random.fork_rng(devices=[], enabled=self.is_random):
+            if self.is_random and self.seed is not None:
+                torch.manual_seed(self.seed)
+            encoder = encoder_from_backbone(self.backbone, taps)
+        if not self.is_random:
+            load_weights(encoder, self.state_dict, self.origin)
+        return encoder
+
+
+def random_model(backbone: Mapping, seed: int, label: str = RANDOM_LOSS) -> EncoderSource:
+    """A random-init encoder of ``backbone``'s architecture, drawn from ``seed``: the baseline."""
+    return EncoderSource(label, RANDOM, architecture(backbone), RANDOM_LOSS, seed, 0)
+
+
+def read_pretrained(path: str | Path, label: str | None = None) -> EncoderSource:
+    """Read an encoder export or a Lightning checkpoint of a pretraining run (``weights_only``)."""
+    path = Path(path)
+    blob = safe_load(path)
+    label = label or path.stem
+    run_cfg = read_run_config(run_folder_of(path))
+    run_cfg = run_cfg if run_cfg and run_cfg.get("loss") else None  # a training run's config, not another
+    if isinstance(blob, dict) and blob.get("format") == ENCODER_FORMAT:
+        return _from_export(blob, path, label, run_cfg)
+    if isinstance(blob, dict) and isinstance(blob.get("byol_config"), dict) and "state_dict" in blob:
+        return _from_checkpoint(blob, path, label, run_cfg)
+    raise CheckpointError(f"'{path}' is not a byol checkpoint: expected an encoder export ({ENCODER_FILE}) or a "
+                          f"Lightning checkpoint written by train.py (with 'byol_config')")
+
+
+def _from_export(blob: dict, path: Path, label: str, run_cfg: Mapping | None) -> EncoderSource:
+    """An ``encoder.pt``: its backbone and meta (loss, seed, epochs), checked as plain values."""
+    meta = blob.get("meta") or {}
+    epochs = int(meta.get("epochs") or 0)
+    # an export is written when training ends: without a run config, it planned what it did
+    planned = planned_epochs(run_cfg) if run_cfg else epochs
+    meta = check_plain(meta, f"'{path}'") if isinstance(meta, Mapping) else {}
+    backbone = architecture(encoder_config(blob.get("backbone"), path))
+    return EncoderSource(label, str(path), backbone, meta.get("loss", "unknown"), meta.get("seed"), epochs,
+                         blob["state_dict"], (run_cfg or {}).get("data"), planned)
+
+
+def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None) -> EncoderSource:
+    """A train.py checkpoint: the online encoder (never the EMA target) and the config it holds."""
+    state = online_encoder_state(blob)
+    if not state:
+        raise CheckpointError(f"'{path}' has no online encoder weights ({ONLINE_PREFIX}*); it is not a "
+                              f"BYOL pretraining checkpoint")
+    cfg = check_file_config(blob["byol_config"], f"checkpoint '{path}'")
+    progress = blob.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs = progress.get("processed", blob.get("epoch", 0))  # epochs finished, also mid-epoch
+    # the run folder's config.yaml is rewritten by a resume with more epochs; the checkpoint's is not
+    in_run = path.parent.name == CHECKPOINTS_DIR and run_cfg
+    planned = planned_epochs(run_cfg) if in_run else planned_epochs(cfg)
+    return EncoderSource(label, str(path), architecture(cfg["backbone"]), cfg["loss"]["name"], cfg.get("seed"),
+                         int(epochs or 0), state, cfg.get("data"), planned)
+
+
+def read_run_config(folder: Path) -> dict | None:
+    """A run folder's ``config.yaml`` as checked plain data (None when absent or unreadable)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:
+        return None
+    return check_file_config(raw, f"'{path}'")  # data from whoever wrote the folder: refused if unsafe
+
+
+def planned_epochs(run_cfg: Mapping | None) -> int | None:
+    """A run config's ``trainer.max_epochs`` (None when absent or unbounded)."""
+    try:
+        epochs = int((run_cfg.get("trainer") or {}).get("max_epochs"))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return epochs if epochs > 0 else None
+
+
+def data_fields(data: Mapping | None, keys: Sequence[str] = DATA_FIELDS) -> dict | None:
+    """The settings ``keys`` of a data config that it has (``num_train``: synthetic data only)."""
+    if not isinstance(data, Mapping):
+        return None
+    return {k: data[k] for k in keys if k in data}
+
+
+def run_config_fields(run_cfg: Mapping | None) -> dict:
+    """loss / backbone / stem / seed / pretraining data and planned epochs from a run's config.yaml, so
+    a run whose weights cannot be read still lands in its cell of the results table (as failed)."""
+    if not run_cfg:
+        return {}
+    backbone = run_cfg.get("backbone") or {}
+    fields = {"loss": (run_cfg.get("loss") or {}).get("name"), "backbone": backbone.get("name"),
+              "stem": backbone.get("stem"), "seed": run_cfg.get("seed"),
+              "pretrain_data": data_fields(run_cfg.get("data")),
+              "pretrain_epochs_planned": planned_epochs(run_cfg)}
+    return {k: v for k, v in fields.items() if v is not None}

@@ -1,0 +1,204 @@
+"""Results table of an evaluation sweep: ``python -m byol.report [FOLDER ...] [--out DIR]``.
+
+Scans the folders for ``results.json`` (written by ``evaluate.py``), groups them into rows
+(loss x repr x eval, and within a cell one row per set of settings: backbone and stem,
+pretraining and evaluation data, pretraining and evaluation epochs; results whose settings
+differ are never averaged together), and writes ``results.md``, ``results.csv`` (both in %)
+and ``results.png`` (a grouped bar chart). Each row shows the mean ± sample standard deviation
+(n - 1) over runs (seeds) of the test and validation accuracy, the number of runs and of failed
+runs. The 8 cells of the study (classic/multi x avgpool/combined x linear/finetune) are always
+listed, their accuracy written ``missing`` when no result exists (``failed`` / ``incomplete``
+when no run counts), in the table, the CSV and the figure, so a gap in a sweep cannot go
+unnoticed; the random-init baseline and other protocols (kNN) are listed when present. Training
+jobs with no model (``status: missing``) are listed by folder with their reason; results of
+pretraining runs that did not finish their epochs (``pretrain_status: incomplete``) get rows of
+their own, marked ``incomplete``, and enter no mean unless allowed (``--allow-incomplete``, or
+evaluate.py's ``allow_incomplete=true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from byol.jobs.report_cells import (
+    BASELINE,
+    EXPECTED,
+    Cell,
+    accuracy_text,
+    build_cells,
+    cell_states,
+    find_results,
+    load_results,
+    or_unknown,
+    settings_text,
+)
+from byol.jobs.report_plot import plot
+
+MD_COLUMNS = ("loss", "repr", "eval", "test acc", "val acc", "runs", "failed", "backbone", "data",
+              "pretrain epochs", "eval epochs", "note")
+CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "incomplete", "missing", "status",
+              "test_acc_mean_pct", "test_acc_std_pct", "val_acc_mean_pct", "val_acc_std_pct",
+              "backbone", "data", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs"]
+
+
+def _pct(cell: Cell, values: Sequence[float]) -> str:
+    mean, std = accuracy_text(cell, values, digits=2)
+    return f"{mean} ± {std}" if std else mean
+
+
+def _names(runs: Sequence[dict]) -> str:
+    return ", ".join(dict.fromkeys(r["name"] for r in runs))
+
+
+def _note(cell: Cell) -> str:
+    notes = []
+    if cell.status == "missing":
+        runs = f": no model ({_names(cell.missing_runs)})" if cell.missing_runs else ""
+        notes.append(f"**missing**{runs}")
+    elif cell.status == "failed":
+        notes.append(f"**failed**: {cell.errors[0][:120]}")
+    elif cell.status == "incomplete":
+        n = len(cell.test)
+        if cell.counted:
+            notes.append(f"**incomplete** pretraining ({n} run(s)), counted: allow_incomplete")
+        else:
+            notes.append(f"**incomplete**: {n} run(s) not in any mean ({_names(cell.incomplete_runs)})")
+    if cell.failed and cell.status != "failed":
+        notes.append(f"{cell.failed} failed")
+    if cell.missing_runs and cell.status != "missing":
+        notes.append(f"{len(cell.missing_runs)} missing ({_names(cell.missing_runs)})")
+    if cell.loss == BASELINE and cell.status == "ok":
+        notes.append("baseline")
+    return "; ".join(notes)
+
+
+def _unique_runs(cells: Sequence[Cell], attr: str) -> list[dict]:
+    runs = {}
+    for c in cells:
+        for r in getattr(c, attr):
+            runs.setdefault(r.get("path") or r["name"], r)
+    return sorted(runs.values(), key=lambda r: (str(r.get("path")), r["name"]))
+
+
+def _table(cells: Sequence[Cell]) -> list[str]:
+    lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
+    for c in cells:
+        backbone, pretrain_epochs, eval_epochs = settings_text(c)
+        row = [c.loss, c.repr, c.eval, _pct(c, c.test), _pct(c, c.val), c.runs, c.failed, backbone, c.data,
+               pretrain_epochs, eval_epochs, _note(c)]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    return lines
+
+
+def _gaps(cells: Sequence[Cell]) -> list[str]:
+    """The sentences under the table naming the cells with no result, and the runs that are missing or
+    did not finish pretraining."""
+    states = cell_states(cells)
+    missing = [t for t in EXPECTED if states.get(t) == "missing"]
+    failed = [t for t, s in states.items() if s == "failed"]
+    only_incomplete = [t for t, s in states.items() if s == "incomplete"]
+    lines = []
+    if missing:
+        lines.append(f"Missing cells ({len(missing)} of {len(EXPECTED)} expected): "
+                     + ", ".join("/".join(t) for t in missing) + ".")
+    if failed:
+        lines.append("Failed cells (no successful run): " + ", ".join("/".join(t) for t in failed) + ".")
+    if only_incomplete:
+        lines.append("Cells with only unfinished pretraining runs (not in any mean): "
+                     + ", ".join("/".join(t) for t in only_incomplete) + ".")
+    if not missing and not failed and not only_incomplete:
+        lines.append(f"All {len(EXPECTED)} expected cells have results.")
+    absent = _unique_runs(cells, "missing_runs")
+    if absent:
+        lines += ["", f"Missing pretraining runs ({len(absent)}, not evaluated):"]
+        lines += [f"- {r['path']}: {r['reason']}" for r in absent]
+    for counted in (False, True):
+        unfinished = _unique_runs([c for c in cells if c.counted == counted], "incomplete_runs")
+        if not unfinished:
+            continue
+        lines += ["", f"Incomplete pretraining runs ({len(unfinished)}), "
+                  + ("counted in the means of their own rows (allow_incomplete):" if counted else
+                     "not in any mean (count them with allow_incomplete=true in evaluate.py, or "
+                     "python -m byol.report --allow-incomplete):")]
+        lines += [f"- {r['name']}: {or_unknown(r['done'])} of {or_unknown(r['planned'])} epochs ({r['path']})"
+                  for r in unfinished]
+    return lines
+
+
+def markdown(cells: Sequence[Cell], n_files: int) -> str:
+    intro = (f"{n_files} results.json files. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
+             f"validation selected nothing (final epoch). Results whose settings differ (backbone, data, "
+             f"pretraining or evaluation epochs) are in separate rows, never averaged together. A row "
+             f"with no accuracy says why: missing (no result), failed (no run succeeded) or incomplete "
+             f"(pretraining did not finish; not counted).")
+    return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells)]) + "\n"
+
+
+def write_csv(cells: Sequence[Cell], path: Path) -> None:
+    """One line per row of the table; accuracies in %, like the markdown table, and the same words
+    (``missing``, ``failed``, ``incomplete``) where a row has none."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for c in cells:
+            stats = [*accuracy_text(c, c.test, digits=4), *accuracy_text(c, c.val, digits=4)]
+            backbone, _, eval_epochs = settings_text(c)
+            epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
+            w.writerow([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
+                        c.status, *stats, backbone, c.data, *epochs, eval_epochs])
+
+
+def report(folders: Sequence[str | Path], out: str | Path,
+           allow_incomplete: bool | None = None) -> list[Cell]:
+    """Write results.md / results.csv / results.png into ``out`` and return the rows.
+
+    ``allow_incomplete``: count the results of unfinished pretraining runs in the means (in rows of
+    their own); None: as each results.json says (evaluate.py's ``allow_incomplete``).
+    """
+    paths = find_results(folders)
+    if not paths:
+        raise SystemExit(f"error: no results.json under {', '.join(map(str, folders))}; run evaluate.py "
+                         f"first")
+    cells = build_cells(load_results(paths), allow_incomplete)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(cells, len(paths))
+    (out / "results.md").write_text(text, encoding="utf-8")
+    write_csv(cells, out / "results.csv")
+    plotted = plot(cells, out / "results.png")
+    print(text)
+    written = [out / "results.md", out / "results.csv"] + ([out / "results.png"] if plotted else [])
+    print(f"[report] wrote {', '.join(map(str, written))}")
+    return cells
+
+
+def newest_eval_sweep(outputs: Path = Path("outputs")) -> Path | None:
+    root = outputs / "multirun" / "eval"
+    if not root.is_dir():
+        return None
+    sweeps = [d for d in root.iterdir() if d.is_dir() and any(d.rglob("results.json"))]
+    return max(sweeps, key=lambda d: d.stat().st_mtime) if sweeps else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m byol.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", help="folders to scan for results.json (default: the newest "
+                        "evaluation sweep under outputs/multirun/eval)")
+    parser.add_argument("--out", help="where to write results.md/.csv/.png (default: the first folder)")
+    parser.add_argument("--allow-incomplete", action=argparse.BooleanOptionalAction, default=None,
+                        help="count (--no-allow-incomplete: do not count) the results of pretraining runs "
+                        "that did not finish their epochs in the means, in rows of their own (default: as "
+                        "each results.json says, i.e. evaluate.py's allow_incomplete)")
+    args = parser.parse_args(argv)
+    folders = args.folders
+    if not folders:
+        newest = newest_eval_sweep()
+        if newest is None:
+            raise SystemExit("error: no evaluation sweep under outputs/multirun/eval; name folders to scan")
+        print(f"[report] newest evaluation sweep: {newest}")
+        folders = [newest]
+    first = Path(folders[0])
+    report(folders, args.out or (first if first.is_dir() else first.parent), args.allow_incomplete)

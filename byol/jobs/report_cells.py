@@ -1,0 +1,319 @@
+"""The rows of the results report: ``results.json`` files read and grouped into cells.
+
+A cell is one (loss, repr, eval) combination under one set of settings (backbone and stem,
+pretraining and evaluation data, pretraining and evaluation epochs): results whose settings differ
+are never averaged together. The 8 cells of the study are always present, empty when no result
+exists, so that a gap in a sweep shows up in the table and the figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOSSES = ("classic", "multi")
+REPRS = ("avgpool", "combined")
+EVALS = ("linear", "finetune")
+BASELINE = "random-init"
+EXPECTED = [(loss, r, e) for e in EVALS for r in REPRS for loss in LOSSES]
+CORE_DATA = ("name", "root", "subset", "image_size")  # what every results.json of this version records
+
+
+@dataclass
+class Cell:
+    """The results of one (loss, repr, eval) combination under one set of settings.
+
+    Results are pooled only when their settings agree: backbone and stem, pretraining data,
+    evaluation data, pretraining epochs (done, and planned for an unfinished run) and evaluation
+    epochs. ``counted``: whether the accuracies enter the means (False for the results of unfinished
+    pretraining runs, unless ``allow_incomplete``).
+    """
+
+    loss: str
+    repr: str
+    eval: str
+    backbone: str | None = None         # "resnet18/imagenet"
+    pretrain_data: str | None = None    # the data settings, as canonical JSON (None: unknown / random-init)
+    eval_data: str | None = None
+    pretrain_epochs: int | None = None  # epochs done
+    planned_epochs: int | None = None   # epochs the run planned, for unfinished runs only
+    eval_epochs: int | None = None
+    incomplete: bool = False            # the runs of this row did not finish their pretraining
+    counted: bool = True
+    test: list[float] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)
+    num_classes: set[int] = field(default_factory=set)  # as its results record it: the chance level
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    incomplete_runs: list[dict] = field(default_factory=list)
+    missing_runs: list[dict] = field(default_factory=list)
+    n_results: int = 0                  # results.json files in this row (0: an expected cell with none)
+    data: str = ""                      # how the data settings read in the table (set by build_cells)
+
+    @property
+    def key(self) -> tuple:
+        return (self.loss, self.repr, self.eval, self.backbone, self.pretrain_data, self.eval_data,
+                self.pretrain_epochs, self.planned_epochs, self.eval_epochs, self.incomplete, self.counted)
+
+    @property
+    def triple(self) -> tuple[str, str, str]:
+        return self.loss, self.repr, self.eval
+
+    @property
+    def runs(self) -> int:
+        """Runs in the means."""
+        return len(self.test) if self.counted else 0
+
+    @property
+    def status(self) -> str:
+        if self.test:
+            return "incomplete" if self.incomplete else "ok"
+        return "failed" if self.failed else "missing"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the std is NaN for fewer than two values."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def find_results(folders: Iterable[str | Path]) -> list[Path]:
+    found = set()
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_file() and folder.name == "results.json":
+            found.add(folder.resolve())
+        elif folder.is_dir():
+            found |= {p.resolve() for p in folder.rglob("results.json")}
+    return sorted(found)
+
+
+def load_results(paths: Iterable[Path]) -> list[dict]:
+    """The readable results objects, each with its ``_path``; the others are skipped with a message,
+    so one broken file does not hide a whole sweep."""
+    results = []
+    for path in paths:
+        try:
+            r = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"[report] skipping unreadable {path}: {e}", file=sys.stderr)
+            continue
+        if not isinstance(r, dict):
+            print(f"[report] skipping {path}: not a results object", file=sys.stderr)
+            continue
+        r["_path"] = str(path)
+        results.append(r)
+    return results
+
+
+def _order(value: str, known: Sequence[str]) -> tuple[int, str]:
+    return (known.index(value), "") if value in known else (len(known), str(value))
+
+
+def result_status(r: dict) -> str:
+    """``ok``, ``failed`` or ``missing`` (a training job with no model). A results.json written before
+    ``status`` existed is finished when it has a test accuracy."""
+    status = r.get("status") or ("ok" if r.get("test_acc") is not None else "failed")
+    return "failed" if status == "ok" and r.get("test_acc") is None else status
+
+
+def _canonical(data) -> str | None:
+    return json.dumps(data, sort_keys=True, default=str) if isinstance(data, dict) else None
+
+
+def _settings(r: dict) -> dict:
+    """The settings of a result that decide which results may be pooled; None where unknown (older
+    results.json files lack some of them)."""
+    eval_data = r.get("eval_data")
+    if not isinstance(eval_data, dict) and isinstance(r.get("data"), str):
+        eval_data = {"name": r["data"]}  # before eval_data: the dataset's name only
+    incomplete = r.get("pretrain_status") == "incomplete"
+    return {"backbone": f"{r['backbone']}/{r.get('stem')}" if r.get("backbone") else None,
+            "pretrain_data": _canonical(r.get("pretrain_data")), "eval_data": _canonical(eval_data),
+            "pretrain_epochs": r.get("pretrain_epochs"),
+            "planned_epochs": r.get("pretrain_epochs_planned") if incomplete else None,
+            "eval_epochs": r.get("eval_epochs"), "incomplete": incomplete}
+
+
+def _run_name(r: dict) -> str:
+    """The run's label, else its folder's name (``pretrained`` is a weights file or a job folder)."""
+    if r.get("label"):
+        return str(r["label"])
+    path = Path(str(r.get("pretrained")))
+    if path.suffix in (".pt", ".ckpt"):
+        path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return path.name
+
+
+def _triple(r: dict) -> tuple[str, str, str]:
+    return str(r.get("loss")), str(r.get("repr")), str(r.get("eval"))
+
+
+def _matches(cell: Cell, triple: tuple, settings: dict) -> bool:
+    """Whether a result without accuracies (failed, missing) belongs to ``cell``: same loss / repr /
+    eval, and each setting it knows equal to the cell's."""
+    if cell.triple != triple or not cell.n_results:
+        return False
+    return all(v is None or getattr(cell, k) == v for k, v in settings.items() if k != "incomplete")
+
+
+def _add_finished(cells: dict[tuple, Cell], r: dict, allow_incomplete: bool | None) -> None:
+    """Put a result with accuracies into the row of its settings (a new row if none has them)."""
+    settings = _settings(r)
+    counted = not settings["incomplete"] or bool(
+        r.get("allow_incomplete", False) if allow_incomplete is None else allow_incomplete)
+    cell = Cell(*_triple(r), counted=counted, **settings)
+    cell = cells.setdefault(cell.key, cell)
+    cell.n_results += 1
+    cell.test.append(float(r["test_acc"]))
+    if r.get("val_acc") is not None:
+        cell.val.append(float(r["val_acc"]))
+    if isinstance(r.get("num_classes"), int) and r["num_classes"] > 0:
+        cell.num_classes.add(r["num_classes"])
+    if cell.incomplete:
+        cell.incomplete_runs.append({"name": _run_name(r), "done": r.get("pretrain_epochs"),
+                                     "planned": r.get("pretrain_epochs_planned"), "path": r.get("pretrained")})
+
+
+def _add_unfinished(cells: dict[tuple, Cell], r: dict, status: str) -> None:
+    """Count a failed or missing result in the row whose settings it matches (preferring finished runs'
+    rows), else in a row of its own."""
+    triple, settings = _triple(r), _settings(r)
+    candidates = sorted((c for c in cells.values() if _matches(c, triple, settings)), key=lambda c: c.incomplete)
+    if candidates:
+        cell = candidates[0]
+    else:
+        settings.update(incomplete=False, planned_epochs=None)
+        cell = Cell(*triple, **settings)
+        cell = cells.setdefault(cell.key, cell)
+    cell.n_results += 1
+    if status == "missing":
+        cell.missing_runs.append({"name": _run_name(r), "path": r.get("pretrained"),
+                                  "reason": str(r.get("error", "no model"))})
+    else:
+        cell.failed += 1
+        cell.errors.append(str(r.get("error", "no error recorded")))
+
+
+def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -> list[Cell]:
+    """Rows keyed by (loss, repr, eval) and settings: the 8 expected cells first, then baselines and others.
+
+    ``allow_incomplete``: whether the results of unfinished pretraining runs enter the means; None:
+    as each results.json says (evaluate.py's ``allow_incomplete``). They stay in rows of their own.
+    Failed and missing results join the row of their cell whose settings they match.
+    """
+    results = list(results)
+    cells: dict[tuple, Cell] = {}
+    for r in results:
+        if result_status(r) == "ok":
+            _add_finished(cells, r, allow_incomplete)
+    for r in results:
+        if result_status(r) != "ok":
+            _add_unfinished(cells, r, result_status(r))
+    present = {c.triple for c in cells.values()}
+    for triple in EXPECTED:
+        if triple not in present:
+            cells[triple] = Cell(*triple)
+    _label_data(cells.values())
+    return sorted(cells.values(), key=lambda c: (
+        _order(c.eval, EVALS + ("knn",)), _order(c.repr, REPRS), _order(c.loss, LOSSES + (BASELINE,)),
+        str(c.backbone), c.data, c.incomplete, str(c.pretrain_epochs), str(c.eval_epochs)))
+
+
+def _label_data(cells: Iterable[Cell]) -> None:
+    """``cell.data``: the dataset's name, plus each data setting whose value differs between results
+    of that dataset in this report (``cifar10 subset=10000``); ``A → B`` when pretraining and
+    evaluation data differ; ``(settings unknown)`` for an older results.json that records only the
+    dataset's name, ``?`` when nothing is known."""
+    cells = list(cells)
+    found = {s for c in cells for s in (c.pretrain_data, c.eval_data) if s is not None}
+    dicts = {s: json.loads(s) for s in found}
+    values: dict = {}  # (dataset name, setting) -> the values recorded for it
+    for d in dicts.values():
+        for k, v in d.items():
+            values.setdefault((str(d.get("name")), k), set()).add(json.dumps(v))
+
+    def parts(s: str | None) -> list[str]:
+        if s is None:
+            return ["?"]
+        d = dicts[s]
+        name = str(d.get("name"))
+        out = [f"{k}={'none' if v is None else v}" for k, v in sorted(d.items())
+               if k != "name" and len(values[(name, k)]) > 1]
+        return [str(d.get("name", "?"))] + out + (["(settings unknown)"] * any(k not in d for k in CORE_DATA))
+
+    for c in cells:
+        if not c.n_results:
+            continue
+        e = parts(c.eval_data)
+        if c.loss == BASELINE and c.pretrain_data is None:  # no pretraining
+            c.data = " ".join(e)
+            continue
+        p = parts(c.pretrain_data)
+        # the settings only evaluation has (split, val_size) do not make the data differ
+        pretrain_keys = {x.split("=")[0] for x in p[1:]}
+        comparable = [x for x in e if "=" not in x or x.split("=")[0] in pretrain_keys or
+                      x.split("=")[0] in CORE_DATA]
+        c.data = " ".join(e) if p == comparable else f"{' '.join(p)} → {' '.join(e)}"
+
+
+def dataset_names(cells: Iterable[Cell]) -> list[str]:
+    """The names of the datasets the rows were pretrained and evaluated on, in order of appearance."""
+    names = {}
+    for c in cells:
+        for s in (c.pretrain_data, c.eval_data):
+            name = json.loads(s).get("name") if s is not None else None
+            if name:
+                names.setdefault(str(name), None)
+    return list(names)
+
+
+def cell_states(cells: Sequence[Cell]) -> dict[tuple, str]:
+    """(loss, repr, eval) -> ``ok`` (some row has runs in its means), ``failed``, ``incomplete`` (only
+    results of unfinished runs, not counted) or ``missing``."""
+    rank = {"missing": 0, "incomplete": 1, "failed": 2, "ok": 3}
+    states = {}
+    for c in cells:
+        state = shown_state(c)
+        if c.triple not in states or rank[state] > rank[states[c.triple]]:
+            states[c.triple] = state
+    return states
+
+
+def shown_state(cell: Cell) -> str:
+    """Why a row has no accuracy to show: ``missing``, ``failed`` or ``incomplete`` (its runs did not
+    finish pretraining and are not counted); ``ok`` when it has one."""
+    if cell.runs:
+        return "ok"
+    return "failed" if cell.failed else "incomplete" if cell.test else "missing"
+
+
+def or_unknown(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def settings_text(c: Cell) -> tuple[str, str, str]:
+    """backbone, pretrain epochs, eval epochs as the table shows them (blank for an empty cell)."""
+    if not c.n_results:
+        return "", "", ""
+    epochs = f"{or_unknown(c.pretrain_epochs)} of {or_unknown(c.planned_epochs)}" if c.incomplete else \
+        or_unknown(c.pretrain_epochs)
+    return or_unknown(c.backbone), epochs, or_unknown(c.eval_epochs)
+
+
+def accuracy_text(cell: Cell, values: Sequence[float], digits: int) -> tuple[str, str]:
+    """Mean and sample std in percent, as text (std blank for one run). A row with no run in the means
+    says why in place of the mean, so that no blank can be misread: ``missing``, ``failed`` or
+    ``incomplete``; ``not recorded`` where runs exist but this accuracy was not saved."""
+    if not cell.runs:
+        return shown_state(cell), ""
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "not recorded", ""
+    return f"{100 * m:.{digits}f}", "" if math.isnan(s) else f"{100 * s:.{digits}f}"

@@ -1,0 +1,135 @@
+"""Continuing a run: which checkpoint, with which settings, into which folder.
+
+A checkpoint's config is data from whoever wrote the file: it is checked
+(:func:`byol.jobs.config_check.check_file_config`) before any of it is used, and the run keeps
+its own saved settings except those given on the command line. A change of architecture is
+refused: the saved weights would not fit.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from byol.core.checkpoint import load_weights, online_encoder_state, safe_load, save_encoder
+from byol.core.errors import CheckpointError, ConfigError
+from byol.jobs.build import build_encoder
+from byol.jobs.config_check import check_file_config
+from byol.jobs.run_folder import RUN_ID_KEY
+
+# Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
+ARCHITECTURE_KEYS = ("backbone", "loss.name", "loss.taps", "head")
+# Never compared between a checkpoint and the command line.
+IGNORED_KEYS = ("resume",)
+
+
+def find_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: ``resume`` (a run folder or a .ckpt), else the run
+    folder's own ``checkpoints/last.ckpt`` if it exists (a re-launched or requeued job)."""
+    if resume:
+        path = Path(resume).expanduser()
+        if path.is_dir():
+            last = path / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                raise CheckpointError(
+                    f"resume='{resume}': no checkpoints/last.ckpt in that folder (the run stopped before its "
+                    f"first checkpoint, or it is not a train.py run folder); start it again without resume=")
+            return last
+        if not path.is_file():
+            raise CheckpointError(f"resume='{resume}' does not exist; give a run folder "
+                                  f"(outputs/train/<time>) or a .ckpt file")
+        return path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, list[str]]:
+    """The config a resumed run continues with, and the settings that changed.
+
+    ``saved`` is the checkpoint's config, ``composed`` the one of this invocation. With
+    ``requested`` (key prefixes set on the command line; ``""`` for all) the run keeps its own
+    saved settings except those requested, so ``python train.py resume=RUN_DIR`` needs no
+    other argument; with ``requested=None`` the composed config is taken whole. Either way a
+    change of architecture (:data:`ARCHITECTURE_KEYS`) is refused: the weights would not fit.
+    """
+    old, new = _flatten(saved), _flatten(composed)
+    result = copy.deepcopy(saved) if requested is not None else copy.deepcopy(composed)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if _under(key, IGNORED_KEYS) or old.get(key) == new.get(key):
+            continue
+        if key not in new:
+            continue  # a setting this version no longer has
+        if requested is not None and not _under(key, requested):
+            continue  # not set on the command line: the run keeps its own value
+        if requested is not None:
+            _set(result, key, new[key])
+        changed.append(key)
+    arch = [k for k in changed if _under(k, ARCHITECTURE_KEYS)]
+    if arch:
+        detail = "; ".join(f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in arch)
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was trained with another architecture ({detail}). Resume with "
+            f"the run's own settings (drop these overrides; its config is in the run folder's config.yaml) "
+            f"or start a new run")
+    result["resume"] = composed.get("resume")
+    return result, [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def saved_run_id(raw_config: dict, source: str) -> str | None:
+    """The run id a checkpoint's config holds (None for checkpoints written before run ids)."""
+    run_id = raw_config.get(RUN_ID_KEY)
+    if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum() and len(run_id) <= 64):
+        raise ConfigError(f"refusing {source}: {RUN_ID_KEY} = {str(run_id)[:40]!r} is not a run id")
+    return run_id
+
+
+def folder_run_id(run_dir: Path) -> str | None:
+    """The id of the run whose config.yaml ``run_dir`` holds, checked as untrusted data."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:
+        raise ConfigError(f"'{path}' is not a readable config ({type(e).__name__}: {e}); move it away or "
+                          f"use another folder (hydra.run.dir=NEW)") from None
+    check_file_config(raw, f"'{path}'")
+    return saved_run_id(raw, f"'{path}'")
+
+
+def checkpoint_epoch(path: Path) -> int:
+    return int(safe_load(path, mmap=True).get("epoch", -1))
+
+
+def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
+    """Write ``encoder.pt`` from a Lightning checkpoint's online encoder (a run killed between
+    ``final.ckpt`` and its export)."""
+    encoder = build_encoder(cfg)
+    load_weights(encoder, online_encoder_state(ckpt), path)
+    save_encoder(encoder, path, meta={"loss": cfg["loss"]["name"], "epochs": ckpt.get("epoch"),
+                                      "global_step": ckpt.get("global_step"), "seed": cfg["seed"]})

@@ -1,0 +1,156 @@
+"""Lightning callbacks of a pretraining run: checkpoints and clean stops on signals, the epoch line.
+
+They receive plain values (folders, intervals, the resume command to print) and never read a config.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+from byol.core.errors import Interrupted
+from byol.lightning.internals import take_over_sigterm
+
+COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
+# Signals that stop a run cleanly: cluster preemption (SIGTERM, SLURM's --signal=USR1) and Ctrl+C.
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
+                                 signal.SIGINT) if s is not None)
+
+
+def describe_step(step: int, steps_per_epoch: int) -> str:
+    """``step 6 (epoch 1, batch 2 of 4)``: where training stands, counted from 0."""
+    epoch, batch = divmod(int(step), max(1, steps_per_epoch))
+    return f"step {step} (epoch {epoch}, batch {batch} of {steps_per_epoch})"
+
+
+class RunCheckpoints(pl.Callback):
+    """``last.ckpt`` and ``epochNNNN.ckpt``, and a clean stop on preemption signals.
+
+    ``last.ckpt`` is written at every epoch end and every ``last_every_n_steps`` optimizer steps
+    inside an epoch (not on an epoch's last batch: the epoch end follows). Lightning's own
+    resume from a checkpoint taken on an epoch's last batch continues correctly once, but the
+    checkpoints that run then writes in the next epoch resume that epoch from its first batch
+    (measured with Lightning 2.6), so that moment is avoided.
+
+    On SIGTERM, SIGUSR1 or Ctrl+C the run saves ``last.ckpt`` at the next batch boundary (the
+    epoch end for an epoch's last batch) and stops with :class:`~byol.core.errors.Interrupted`
+    (exit status 128 + signal number) when the next batch starts, after that step's metrics
+    reached metrics.csv. A second Ctrl+C stops at once.
+    """
+
+    def __init__(self, ckpt_dir: Path, run_dir: Path, resume_command: str,
+                 every_n_epochs: int | None = None, last_every_n_steps: int | None = None):
+        self.ckpt_dir, self.run_dir, self.resume_command = Path(ckpt_dir), Path(run_dir), resume_command
+        self.last = self.ckpt_dir / "last.ckpt"
+        self.every_n_epochs, self.last_every_n_steps = every_n_epochs, last_every_n_steps
+        self.received: int | None = None
+        self.stop_message: str | None = None  # set once last.ckpt holds the state to stop at
+        self._previous: dict = {}
+
+    # -- signals
+    def _on_signal(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl+C: stop now
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Replaces Lightning's SIGTERM handler (installed just before), which would stop after the
+        # batch without saving; a SIGTERM it already caught is taken over.
+        if take_over_sigterm(trainer):
+            self.received = signal.SIGTERM
+        try:
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread: leave signals to the caller
+            self._previous = {}
+
+    def _restore_signals(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_signals()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_signals()
+
+    # -- saving
+    def _save(self, trainer, path: Path) -> None:
+        trainer.save_checkpoint(path, weights_only=False)
+
+    def _save_to_stop(self, trainer) -> None:
+        self._save(trainer, self.last)
+        steps = max(1, trainer.num_training_batches // max(1, trainer.accumulate_grad_batches))
+        where = describe_step(trainer.global_step, steps)
+        name = signal.Signals(self.received).name
+        self.stop_message = (f"received {name}: saved {self.last.relative_to(self.run_dir)} at {where}; "
+                             f"resume with: {self.resume_command}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.stop_message is not None:
+            raise Interrupted(self.stop_message, self.received)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # the epoch end saves
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # between the micro-batches of one optimizer step
+        if self.received is not None:
+            self._save_to_stop(trainer)
+            return
+        n = self.last_every_n_steps
+        if n and trainer.global_step % n == 0:
+            self._save(trainer, self.last)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.received is not None:
+            self._save_to_stop(trainer)  # stops at the next epoch's first batch, if there is one
+        else:
+            self._save(trainer, self.last)
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            self._save(trainer, self.ckpt_dir / f"epoch{epoch:04d}.ckpt")
+
+
+class EpochSummary(pl.Callback):
+    """One console line per epoch (loss per head, tau, lr, images/s): progress that reads well
+    in log files too, at the cost of one host synchronisation per epoch."""
+
+    def __init__(self):
+        self._start, self._images = time.perf_counter(), 0  # also right for an epoch resumed midway
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += int(batch[0].shape[0])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._start
+        images = self._images
+        losses = {k: float(v) for k, v in pl_module.epoch_means().items()}
+        heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        total = losses.get("loss", float("nan"))
+        spread = {k[len("std/"):]: v for k, v in losses.items() if k.startswith("std/")}
+        print(f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
+              f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.current_tau():.4f}, "
+              f"lr {lr:.3g}, {images / max(seconds, 1e-9):.1f} images/s ({seconds:.0f} s)", flush=True)
+        collapsed = {h: v for h, v in spread.items() if v < COLLAPSE_STD}
+        if collapsed:
+            found = ", ".join(f"std/{h} {v:.3f}" for h, v in collapsed.items())
+            print(f"[byol] warning: the online projections have collapsed ({found}; "
+                  f"about 1 is healthy, 0 means every image maps to the same point), so a low loss "
+                  f"means nothing. Usual causes: a learning rate too high for the optimizer (Adam "
+                  f"with a LARS-sized optim.base_lr), tau too low, or too little augmentation", flush=True)
+
+
+def progress_bar(enabled: bool, refresh_every: int) -> list:
+    """A progress bar that refreshes every ``refresh_every`` batches: each refresh reads the
+    logged loss back from the device, and a per-step read would stall a GPU every step."""
+    return [TQDMProgressBar(refresh_rate=max(1, int(refresh_every or 1)))] if enabled else []

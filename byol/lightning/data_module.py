@@ -1,0 +1,31 @@
+"""The training images as one uint8 tensor on the training device, batched by index."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from byol.core.data import IndexBatches
+from byol.lightning.internals import batches_done_this_epoch
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Hands Lightning ``batches`` (already loaded), moved to the training device when ``on_device``.
+
+    A run resumed mid-epoch continues with the batches the uninterrupted run would have seen:
+    the batch order is a function of (seed, epoch) and the start is the trainer's own count.
+    """
+
+    def __init__(self, batches: IndexBatches, on_device: bool = True):
+        super().__init__()
+        self.batches, self.on_device = batches, on_device
+        batches.progress = self._progress
+
+    def _progress(self) -> tuple[int, int]:
+        return self.trainer.current_epoch, batches_done_this_epoch(self.trainer)
+
+    def setup(self, stage: str) -> None:
+        if self.on_device:
+            self.batches.to(self.trainer.strategy.root_device)
+
+    def train_dataloader(self):
+        return self.batches

@@ -1,0 +1,176 @@
+"""Lightning adapter for BYOL pretraining: the step, the EMA after each optimizer step, checkpoints.
+
+The method lives in :mod:`byol.core` (model, augmentation, EMA schedule); this module receives
+those objects already built and connects them to Lightning's loop, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from byol.core.augment import ViewAugment
+from byol.core.ema import tau_at
+from byol.core.errors import NonFiniteLossError
+from byol.core.model import BYOL
+from byol.core.rng import rng_state, set_rng_state, step_generator
+
+# (modules to optimise, total optimizer steps, epochs) -> (optimizer, per-step LR scheduler)
+OptimizerFactory = Callable[[Sequence[nn.Module], int, int], tuple]
+
+
+class BYOLModule(pl.LightningModule):
+    """BYOL pretraining step: augment on the device, both networks forward, EMA after each step.
+
+    Args:
+        model: the online and target networks.
+        augment: the two per-image view augmentations (on the device).
+        make_optimizer: builds the optimizer and schedule once the number of steps is known.
+        tau_base, tau_schedule: the EMA coefficient and its schedule (:func:`byol.core.ema.tau_at`).
+        seed: augmentation randomness is a function of (seed, epoch, batch): exact on resume.
+        skip_nonfinite: skip a step whose loss is NaN/inf instead of stopping.
+        run_config: stored in every checkpoint so the run can be rebuilt from it; never read here.
+        checkpoint_path: where ``last.ckpt`` is written, named in the non-finite error.
+    """
+
+    def __init__(self, model: BYOL, augment: ViewAugment, make_optimizer: OptimizerFactory, *,
+                 tau_base: float, tau_schedule: str, seed: int, skip_nonfinite: bool = False,
+                 run_config: dict | None = None, checkpoint_path: Path | None = None):
+        super().__init__()
+        self.model, self.augment, self.make_optimizer = model, augment, make_optimizer
+        self.tau_base, self.tau_schedule, self.seed = tau_base, tau_schedule, int(seed)
+        self.skip_nonfinite, self.run_config = skip_nonfinite, run_config or {}
+        self.checkpoint_path = checkpoint_path
+        self._generator: torch.Generator | None = None
+        self._first_bad_step: torch.Tensor | None = None
+        self._skip_ema = False
+        self._epoch_sums: dict = {}  # see _accumulate_epoch_means
+        self.skipped_steps = 0
+        self.last_saved_step: int | None = None  # global step of the newest checkpoint written or loaded
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        self._generator = step_generator(self._generator, self.device, self.seed, self.current_epoch, batch_idx)
+        view1, view2 = self.augment(images, self._generator)
+        if self.skip_nonfinite:  # forward passes update BatchNorm statistics: keep a copy to undo a bad step
+            buffers = list(self.model.buffers())
+            saved = [b.clone() for b in buffers]
+        losses = self.model(view1, view2)
+        loss = losses["loss"]
+        finite = torch.isfinite(loss)
+        self._skip_ema = False
+        if self.skip_nonfinite and not finite:  # one host sync per step, the price of skipping
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
+            self._skip_ema = True
+            self.skipped_steps += 1
+            self.print(f"[byol] non-finite loss at step {self.global_step}; skipping this step "
+                       f"({self.skipped_steps} skipped so far)")
+            return None  # Lightning then skips backward; the optimizer sees no gradients
+        if not self.skip_nonfinite:
+            self._record_first_bad_step(finite, loss.device)
+        self._accumulate_epoch_means(losses, images.shape[0])
+        for name, value in losses.items():
+            self.log(f"train/{name}_step", value.detach(), prog_bar=name == "loss")
+        return loss
+
+    def _record_first_bad_step(self, finite: torch.Tensor, device) -> None:
+        """Kept on the device, checked without a per-step host sync."""
+        step = torch.full((), self.global_step, device=device, dtype=torch.long)  # a fill, not a copy
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where(~finite & (first < 0), step, first)
+
+    def _accumulate_epoch_means(self, losses: dict, n: int) -> None:
+        """Running sums for the ``train/*_epoch`` means, kept here (not in Lightning's logger
+        state, which checkpoints do not hold) so an epoch resumed midway reports its full mean."""
+        if self._epoch_sums.get("epoch") != self.current_epoch:
+            self._epoch_sums = {"epoch": self.current_epoch, "images": 0, "sums": {}}
+        sums = self._epoch_sums["sums"]
+        for name, value in losses.items():
+            total = value.detach().float() * n
+            sums[name] = sums[name].to(total.device) + total if name in sums else total  # .to: after a load
+        self._epoch_sums["images"] += n
+
+    def optimizer_step(self, *args, **kwargs):
+        """EMA right after each real optimizer step (so never on accumulation micro-batches)."""
+        super().optimizer_step(*args, **kwargs)
+        if not self._skip_ema:
+            # Lightning counts this step in global_step only after this hook returns
+            self.model.update_target(self.current_tau(self.global_step))
+
+    def current_tau(self, step: int | None = None) -> float:
+        step = self.global_step if step is None else step
+        return tau_at(step, self.trainer.estimated_stepping_batches - 1, self.tau_base, self.tau_schedule)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()
+            self.log("train/tau", self.current_tau(), on_step=True, on_epoch=False)
+
+    def epoch_means(self) -> dict[str, torch.Tensor]:
+        """Mean of each loss (``loss``, ``loss/<tap>``) over the current epoch so far."""
+        if self._epoch_sums.get("epoch") != self.current_epoch or not self._epoch_sums["images"]:
+            return {}
+        return {name: total / self._epoch_sums["images"] for name, total in self._epoch_sums["sums"].items()}
+
+    def on_train_epoch_end(self):
+        self.check_finite()
+        for name, mean in self.epoch_means().items():
+            self.log(f"train/{name}_epoch", mean)
+
+    def _last_good(self) -> str:
+        last = self.checkpoint_path
+        if last and Path(last).exists():
+            n = self.last_saved_step
+            after = f", saved after {n} step{'s' * (n != 1)}" if n is not None else ""
+            return f"the last good checkpoint is {last}{after}"
+        return "no checkpoint was saved before it"
+
+    def check_finite(self) -> None:
+        """Stop with the first bad step named; costs one sync, so called every few steps."""
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            raise NonFiniteLossError(
+                f"loss became NaN/inf at optimizer step {int(self._first_bad_step)} (counted from 0); "
+                f"{self._last_good()}. Lower optim.base_lr, check the data, or set "
+                f"train.on_nonfinite=skip to skip such steps")
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        modules = [self.model.online_encoder, self.model.online_projectors, self.model.predictors]
+        total = int(self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = self.make_optimizer(modules, total, int(self.trainer.max_epochs or 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to save non-finite weights; store the run's config and the RNG states.
+
+        The augmentation generator needs no saved state: it is re-seeded every step from
+        (seed, epoch, batch index), so a resumed run draws the same views.
+        """
+        self.check_finite()
+        tensors = [t.detach() for t in self.model.parameters()]
+        tensors += [b for b in self.model.buffers() if b.is_floating_point()]
+        # element-wise, not a norm: the norm of huge but finite weights overflows to inf
+        if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise NonFiniteLossError(
+                f"weights became NaN/inf by optimizer step {self.global_step}; nothing was saved and "
+                f"{self._last_good()}. Lower optim.base_lr or set train.on_nonfinite=skip")
+        checkpoint["byol_config"] = self.run_config
+        checkpoint["rng"] = rng_state()
+        sums = {k: v.cpu() for k, v in self._epoch_sums.get("sums", {}).items()}
+        checkpoint["epoch_loss_sums"] = {**self._epoch_sums, "sums": sums}
+        self.last_saved_step = int(checkpoint.get("global_step", self.global_step))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+        self.last_saved_step = checkpoint.get("global_step")
+        self._epoch_sums = checkpoint.get("epoch_loss_sums") or {}
