@@ -34,7 +34,7 @@ say() { echo "[cpu_grid +$(( $(date +%s) - T0 ))s] $*"; }
 
 say "pretraining: loss=classic,multi seed=$SEEDS, $SUBSET images, $EPOCHS epochs -> $OUT/train"
 "$PY" train.py -m "${DATA_ARGS[@]}" backbone.stem=imagenet optim=sgd loss=classic,multi "seed=$SEEDS" \
-  "trainer.max_epochs=$EPOCHS" "hydra.sweep.dir=$OUT/train" 'hydra.sweep.subdir=${loss.name}_seed${seed}'
+  "trainer.max_epochs=$EPOCHS" "hydra.sweep.dir=$OUT/train" 'hydra.sweep.subdir=${hydra:runtime.choices.loss}_seed${seed}'
 
 say "kNN and linear probe on avgpool and combined (+ random-init baseline) -> $OUT/eval"
 "$PY" evaluate.py -m "${DATA_ARGS[@]}" "pretrained=$OUT/train" repr=avgpool,combined eval=knn,linear \

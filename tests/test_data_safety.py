@@ -42,6 +42,10 @@ def cfg(root: Path, **kw) -> dict:
     return {"name": "imagefolder", "root": str(root), "image_size": SIZE, "cache_dir": None, **kw}
 
 
+def holdout(val_size: int) -> dict:
+    return {"name": "holdout", "val_size": val_size}
+
+
 def rows(data) -> list[bytes]:
     return [bytes(x) for x in data.images.reshape(len(data), -1).numpy()]
 
@@ -138,7 +142,7 @@ def test_evaluation_with_one_class_is_refused(tmp_path):
     tree(tmp_path / "train", ("cat",), n=10)
     tree(tmp_path / "test", ("cat",), n=2, start=20)
     with pytest.raises(DataError) as err:
-        load_eval_data(cfg(tmp_path, val_size=2), seed=0)
+        load_eval_data(cfg(tmp_path), holdout(2), seed=0)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("evaluation needs at least 2 classes, but the training data has 1 ('cat')")
@@ -147,10 +151,10 @@ def test_evaluation_with_one_class_is_refused(tmp_path):
     (tmp_path / "train" / "dog").mkdir()
     (tmp_path / "test" / "dog").mkdir()
     with pytest.raises(DataError, match="at least 2 classes, but the training data has 1 "):
-        load_eval_data(cfg(tmp_path, val_size=2), seed=0)
+        load_eval_data(cfg(tmp_path), holdout(2), seed=0)
     # and two classes are fine
     tree(tmp_path / "train", ("dog",), n=5, start=40)
-    splits, num_classes = load_eval_data(cfg(tmp_path, val_size=2), seed=0)
+    splits, num_classes = load_eval_data(cfg(tmp_path), holdout(2), seed=0)
     assert num_classes == 2 and sorted(set(splits["train"].labels.tolist())) == [0, 1]
 
 
@@ -161,7 +165,7 @@ def test_a_linked_copy_of_the_data_never_lands_in_train_and_val(tmp_path):
         (tmp_path / split / "zz").symlink_to(f"../{split}")
     for i in range(5):
         (tmp_path / "train" / "dog" / f"link{i}.png").symlink_to(f"../cat/{i}.png")
-    splits = eval_splits(cfg(tmp_path, val_size=4))
+    splits = eval_splits(cfg(tmp_path), holdout(4))
     train, val = splits["train"], splits["val"]
     assert shared(train, val) == 0
     assert len(val) == 4 and len(train) == 16 and len(splits["test"]) == 4
@@ -183,7 +187,7 @@ def test_byte_identical_images_stay_on_one_side_of_the_split(tmp_path, val_size)
     copies_tree(tmp_path)
     full = load_image_folder(tmp_path / "train", SIZE)
     assert len(full) == 28
-    splits = eval_splits(cfg(tmp_path, val_size=val_size))
+    splits = eval_splits(cfg(tmp_path), holdout(val_size))
     train, val = splits["train"], splits["val"]
     assert len(val) == val_size and len(train) + len(val) == 28
     assert shared(train, val) == 0
@@ -196,7 +200,7 @@ def test_without_copies_the_split_is_the_seeded_one_of_before(tmp_path):
     tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)
     full = load_image_folder(tmp_path / "train", SIZE)
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(12345))
-    splits = eval_splits(cfg(tmp_path, val_size=4))
+    splits = eval_splits(cfg(tmp_path), holdout(4))
     assert torch.equal(splits["val"].images, full.images[perm[:4]])
     assert torch.equal(splits["train"].images, full.images[perm[4:]])
 
@@ -205,7 +209,7 @@ def test_copies_between_train_and_test_are_counted_in_a_warning(tmp_path, capsys
     copies_tree(tmp_path)
     for i, src in enumerate(["cat/1", "cat/2", "dog/4"]):
         shutil.copyfile(tmp_path / "train" / f"{src}.png", tmp_path / "test" / "cat" / f"leak{i}.png")
-    splits = eval_splits(cfg(tmp_path, val_size=4))
+    splits = eval_splits(cfg(tmp_path), holdout(4))
     assert len(splits["test"]) == 7  # warned, not refused
     lines = data_lines(capsys.readouterr().out)
     warning = [x for x in lines if x.startswith("[data] warning:")]

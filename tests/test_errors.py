@@ -133,7 +133,7 @@ def test_train_and_test_classes_differ(tmp_path):
     image_tree(tmp_path, ("cat", "dog"), split="train")
     image_tree(tmp_path, ("cat", "fox"), split="test")
     with pytest.raises(DataError) as err:
-        eval_splits(folder_cfg(tmp_path, val_size=0))
+        eval_splits(folder_cfg(tmp_path), {"name": "holdout", "val_size": 0})
     assert "only in train: ['dog']; only in test: ['fox']" in str(err.value)
 
 

@@ -303,9 +303,8 @@ def test_resolve_pretrained(tmp_path, capsys):
 def test_evaluate_configs_compose(repr_name, protocol, tmp_path):
     cfg = compose_config("evaluate", [f"repr={repr_name}", f"eval={protocol}"], tmp_path)
     assert (cfg.repr.name, cfg.eval.name, cfg.pretrained) == (repr_name, protocol, "latest")
-    smoke = compose_config("evaluate", [f"repr={repr_name}", f"eval={protocol}", "experiment=smoke"],
-                           tmp_path)
-    assert smoke.data.name == "synthetic" and smoke.data.num_train == 128
+    smoke = compose_config("evaluate", [f"repr={repr_name}", f"eval={protocol}", "preset=smoke"], tmp_path)
+    assert smoke.split.val_size == 32 and smoke.feature_batch_size == 64
     if protocol != "knn":
         assert cfg.eval.epochs > 1 and smoke.eval.epochs == 1
 
@@ -316,8 +315,8 @@ def test_smoke_experiment_still_composes_for_training(tmp_path):
 
 
 def _job_config(tmp_path, *overrides):
-    return compose_config("evaluate", ["experiment=smoke", f"outputs_dir={tmp_path / 'outputs'}", *overrides],
-                          tmp_path)
+    return compose_config("evaluate", ["preset=smoke", "data=synthetic", f"outputs_dir={tmp_path / 'outputs'}",
+                                       *overrides], tmp_path)
 
 
 def test_evaluate_random_knn_writes_results(tmp_path):
@@ -436,12 +435,12 @@ def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
     (failed / ".hydra").mkdir(parents=True)
     (failed / "checkpoints").mkdir()
     (failed / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
-    (failed / "config.yaml").write_text("seed: 1\nloss:\n  name: multi\nbackbone:\n  name: resnet18\n"
+    (failed / "config.yaml").write_text("seed: 1\nloss:\n  taps: [layer2.0]\nbackbone:\n  name: resnet18\n"
                                         "  stem: imagenet\n")
     (failed / "FAILED").write_text("non-finite loss at step 3 (epoch 0, batch 3 of 4)\nmore detail\n")
     empty = sweep / "2_empty"  # killed before its first checkpoint: .hydra/ and nothing else
     (empty / ".hydra").mkdir(parents=True)
-    (empty / ".hydra" / "config.yaml").write_text("seed: 2\nloss:\n  name: multi\n")
+    (empty / ".hydra" / "config.yaml").write_text("seed: 2\nloss:\n  taps: [layer3.0]\n")
     (sweep / "notes").mkdir()  # not a job folder
     assert resolve_pretrained(str(sweep)) == ([good], sweep)
 
@@ -545,12 +544,12 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.slow
 def test_evaluate_cli_fails_with_one_line(tmp_path):
     start = time.perf_counter()
-    line = _one_line_error(_run("evaluate.py", ["experiment=smoke"], tmp_path))
+    line = _one_line_error(_run("evaluate.py", ["preset=smoke"], tmp_path))
     assert "no pretraining runs found" in line and "pretrained=random" in line
     blob = torch.load(_export(tmp_path / "a"), weights_only=True)
     blob["backbone"]["name"] = "resnet34"  # resnet18 weights, resnet34 claimed: another architecture
     torch.save(blob, tmp_path / "mismatch.pt")
-    line = _one_line_error(_run("evaluate.py", ["experiment=smoke", f"pretrained={tmp_path / 'mismatch.pt'}"],
+    line = _one_line_error(_run("evaluate.py", ["preset=smoke", "data=synthetic", f"pretrained={tmp_path / 'mismatch.pt'}"],
                                 tmp_path))
     assert "another architecture" in line and "missing" in line
     assert time.perf_counter() - start < 120

@@ -265,7 +265,8 @@ def test_lock_names_the_holder_and_a_killed_holder_does_not_block(tmp_path):
 def test_second_process_in_the_same_folder_exits_1(tmp_path, script, args):
     folder = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, script, "experiment=smoke", f"hydra.run.dir={folder}"]
+    smoke = ["experiment=smoke"] if script == "train.py" else ["preset=smoke", "data=synthetic"]
+    cmd = [sys.executable, script, *smoke, f"hydra.run.dir={folder}"]
     first = subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -367,7 +368,7 @@ def test_invalid_values_are_one_line_and_exit_1(tmp_path, capsys, override):
 def test_invalid_evaluation_values_are_refused():
     for override, expected in (("eval.epochs=0", "eval.epochs must be a positive whole number"),
                                ("eval.optimizer.name=lbfgs", "unknown eval.optimizer.name 'lbfgs'")):
-        cfg = plain_config(compose_config("evaluate", ["experiment=smoke", override]))
+        cfg = plain_config(compose_config("evaluate", ["preset=smoke", override]))
         with pytest.raises(ConfigError, match=expected):
             check_config(cfg)
 
@@ -397,7 +398,8 @@ def test_real_checkpoint_with_the_torch_load_chain_runs_nothing_end_to_end(tmp_p
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def cli(script, *args):
-        return subprocess.run([sys.executable, script, "experiment=smoke", *args], cwd=ROOT, env=env,
+        smoke = ["experiment=smoke"] if script == "train.py" else ["preset=smoke"]
+        return subprocess.run([sys.executable, script, *smoke, *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
 
     made = cli("train.py", "trainer.max_epochs=1", "data.num_train=32", "data.batch_size=16",

@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT
 
 from byol.core.checkpoint import load_encoder, load_weights, safe_load
-from byol.jobs.build import build_encoder
+from byol.jobs.build import build_encoder, loss_mode
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +60,10 @@ def test_run_folder_contents(runs, loss):
                  "config.yaml"):
         assert (run_dir / name).is_file(), name
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["loss"]["name"] == loss and cfg["trainer"]["max_epochs"] == 1
+    assert loss_mode(cfg["loss"]) == loss and cfg["trainer"]["max_epochs"] == 1
     assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
     ckpt = safe_load(run_dir / "checkpoints" / "final.ckpt")
-    assert ckpt["byol_config"]["loss"]["name"] == loss and ckpt["global_step"] == STEPS
+    assert loss_mode(ckpt["byol_config"]["loss"]) == loss and ckpt["global_step"] == STEPS
 
 
 @pytest.mark.parametrize("loss", ["classic", "multi"])
@@ -117,7 +117,7 @@ def test_multirun_sweeps_both_losses(tmp_path):
     losses = []
     for run_dir in runs:
         assert (run_dir / "encoder.pt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        losses.append(yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["name"])
+        losses.append(loss_mode(yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]))
         assert f"loss={losses[-1]}" in run_dir.name
     assert sorted(losses) == ["classic", "multi"]
 

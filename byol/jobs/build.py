@@ -33,11 +33,16 @@ def build_encoder(cfg: dict, taps=None) -> Encoder:
     return encoder_from_backbone(cfg["backbone"], taps if taps is not None else cfg["loss"]["taps"])
 
 
+def loss_mode(loss: Mapping) -> str:
+    """``classic`` (one head on avgpool) or ``multi`` (extra heads on ``loss.taps``): the taps say it."""
+    return "multi" if [t for t in loss.get("taps") or [] if t != AVGPOOL] else "classic"
+
+
 def build_byol(cfg: dict) -> BYOL:
     heads = [AVGPOOL] + [t for t in cfg["loss"]["taps"] if t != AVGPOOL]
-    h = cfg["head"]
-    return BYOL(build_encoder(cfg), heads, cfg["loss"].get("weights") or {}, h["proj_hidden_dim"],
-                h["proj_dim"], h["pred_hidden_dim"])
+    sizes = cfg["head"]
+    return BYOL(build_encoder(cfg), heads, cfg["loss"].get("weights") or {}, sizes["proj_hidden_dim"],
+                sizes["proj_dim"], sizes["pred_hidden_dim"])
 
 
 # logger name -> (module, class, pyproject extra); metrics.csv is always written besides.

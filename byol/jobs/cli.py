@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shlex
 import sys
 import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -21,7 +24,36 @@ from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, Folde
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
-PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval")
+PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split")
+
+
+# Lightning messages with nothing for a user to act on, silenced during a run (and restored after)
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning-internal deprecation (torch >= 2.10)
+    r"`training_step` returned `None`",  # train.on_nonfinite=skip skips steps on purpose, and says so
+    r"You.re resuming from a checkpoint that ended before",  # IndexBatches resumes mid-epoch itself
+    r"Experiment logs directory .* exists and is not empty",  # metrics.csv beside config.yaml, on purpose
+    r"Found \d+ module\(s\) in eval mode",  # a frozen encoder evaluates in eval mode on purpose
+)
+LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's banner, tips and known warnings off for the ``with`` block; the [byol] lines say
+    what matters. Warning filters and logger levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def run_dir_of(resume, default: str) -> str:

@@ -50,7 +50,7 @@ VIEW_OVERRIDES = {("augment", "view1"), ("augment", "view2")}
 KWARGS_DICTS = {("optim", "optimizer"), ("optim", "scheduler"), ("eval", "optimizer"), ("eval", "scheduler"),
                 ("trainer",), ("logger",)}
 # Groups whose options sit under their own key; `experiment*` options are global.
-PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval")
+PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split")
 # Trainer arguments the jobs set themselves.
 TRAINER_RESERVED = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing")
 
@@ -62,12 +62,12 @@ POSITIVE_INT = (
     "eval.batch_size", "eval.cached_batch_size", "eval.k", "eval.chunk_size", "feature_batch_size",
 )
 NON_NEGATIVE = ("optim.weight_decay", "eval.weight_decay", "optim.scheduler.warmup_epochs",
-                "eval.scheduler.warmup_epochs", "data.val_size", "trainer.gradient_clip_val")
+                "eval.scheduler.warmup_epochs", "split.val_size", "trainer.gradient_clip_val")
 POSITIVE = ("optim.base_lr", "eval.lr", "eval.encoder_lr", "eval.cached_lr", "eval.temperature")
 UNIT_INTERVAL = ("ema.tau_base", "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),
-         "train.on_nonfinite": ("stop", "skip"), "data.split": ("holdout", "seed_original"),
+         "train.on_nonfinite": ("stop", "skip"), "split.name": ("holdout", "seed_original"),
          "logger.name": LOGGER_NAMES, "optim.name": tuple(OPTIMIZERS),
          "eval.optimizer.name": tuple(OPTIMIZERS), "optim.scheduler.name": tuple(SCHEDULES),
          "eval.scheduler.name": tuple(SCHEDULES)}
@@ -221,6 +221,18 @@ def trainer_parameters() -> frozenset:
     from pytorch_lightning import Trainer
 
     return frozenset(inspect.signature(Trainer).parameters)
+
+
+def plain_config(cfg) -> dict:
+    """A composed config (DictConfig or dict) as resolved plain containers, without Hydra's own node."""
+    from omegaconf import DictConfig, open_dict
+
+    if isinstance(cfg, DictConfig):
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+        return OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in dict(cfg).items() if k != "hydra"}
 
 
 def check_file_config(raw, source: str) -> dict:

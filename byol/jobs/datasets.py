@@ -53,12 +53,12 @@ def _train_folder(cfg) -> str:
     return f"'{root / 'train' if (root / 'train').is_dir() else root}'"
 
 
-def eval_splits(cfg, seed: int = 0) -> dict[str, ImageTensors]:
+def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensors]:
     """train / val / test for evaluation, without leaking the test set into validation.
 
-    ``data.split=holdout`` (default): ``data.val_size`` training images (seeded) are held
+    ``split=holdout`` (default): ``split.val_size`` training images (seeded) are held
     out as validation; identical images (same decoded pixels: copies of a file) are kept on
-    one side of that split. ``data.split=seed_original``: the original project's split of the
+    one side of that split. ``split=seed_original``: the original project's split of the
     test set into two halves with seed 42 (val: first half, test: second half). Test images
     identical to training images are counted in a warning.
     """
@@ -76,15 +76,15 @@ def eval_splits(cfg, seed: int = 0) -> dict[str, ImageTensors]:
         print(f"[data] warning: {leaked} of the {len(test)} test images {'is' if leaked == 1 else 'are'} "
               f"identical to training images (same pixels as images in {_train_folder(cfg)}); test "
               f"accuracy will be optimistic: remove the copies from one of the folders", flush=True)
-    split = cfg.get("split", "holdout")
+    split = split_cfg.get("name", "holdout")
     if split == "seed_original":
         perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(42))
         half = len(test) // 2
         return {"train": seeded_subset(train, cfg.get("subset"), seed), "val": test.subset(perm[:half]),
                 "test": test.subset(perm[half:])}
     if split != "holdout":
-        raise DataError(f"unknown data.split '{split}'; choose holdout or seed_original")
-    val_size = min(int(cfg.get("val_size", 0)), len(train) // 5)
+        raise DataError(f"unknown split '{split}'; choose split=holdout or split=seed_original")
+    val_size = min(int(split_cfg.get("val_size", 0)), len(train) // 5)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
     if len(known) < len(train):
         n = len(train) - len(known)
@@ -96,13 +96,13 @@ def eval_splits(cfg, seed: int = 0) -> dict[str, ImageTensors]:
     return {"train": seeded_subset(rest, cfg.get("subset"), seed), "val": val, "test": test}
 
 
-def load_eval_data(data_cfg: Mapping, seed: int) -> tuple[dict[str, ImageTensors], int]:
+def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[dict[str, ImageTensors], int]:
     """train / val / test splits (:func:`eval_splits`) and the number of classes, refusing
     splits that would make the scores meaningless: empty, unlabelled, or a single class."""
-    splits = eval_splits(data_cfg, seed=seed)
+    splits = eval_splits(data_cfg, split_cfg, seed=seed)
     for name, split in splits.items():
         if len(split) == 0:
-            raise DataError(f"the {name} split is empty; use more data or a smaller data.val_size")
+            raise DataError(f"the {name} split is empty; use more data or a smaller split.val_size")
         if bool((split.labels < 0).any()):
             raise DataError(f"the {name} split has unlabelled images; evaluation needs class folders "
                             f"(DIR/train/<class>/*, DIR/test/<class>/*)")

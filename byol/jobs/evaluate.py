@@ -11,7 +11,6 @@ import json
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -20,10 +19,11 @@ from byol.core.checkpoint import atomic_write_bytes
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError
 from byol.core.features import representation_taps
+from byol.jobs.cli import quiet_lightning
+from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.datasets import load_eval_data
 from byol.jobs.pretrained import (
-    EVAL_DATA_FIELDS,
-    RANDOM_LOSS,
+    RANDOM_INIT_LABEL,
     EncoderSource,
     data_fields,
     random_model,
@@ -46,7 +46,54 @@ from byol.jobs.run_folder import (
 RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
 
 
-def evaluate(cfg, run_dir: str | Path) -> list[dict]:
+# Settings of training that do nothing in an evaluation, and what does there.
+NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size",
+                      "trainer.accumulate_grad_batches": "eval.batch_size", "data.subset": None}
+
+
+class EvaluationData:
+    """The data each model is evaluated on: the settings of the run that trained it (group, root,
+    image size, normalisation...), except the ``data`` keys given on the command line; each distinct
+    setting is loaded once."""
+
+    def __init__(self, composed: dict, given: Sequence[str], seed: int, split: Mapping):
+        self.composed, self.seed, self.split = composed, seed, split
+        self.whole = "data" in given  # data=GROUP: the command line's data settings, whole
+        self.keys = [k[len("data."):] for k in given if k.startswith("data.")]
+        self._loaded: dict[str, tuple] = {}
+        self.runs_data: Mapping | None = None  # the first run's data: the baselines of a sweep use it
+
+    def settings(self, run_config: Mapping | None, label: str) -> dict:
+        run_data = (run_config or {}).get("data")
+        if self.whole or not isinstance(run_data, Mapping):
+            source = "the command line" if self.whole else "this evaluation's config (no run data)"
+            chosen = self.composed
+        else:
+            chosen = {**run_data, **{k: self.composed[k] for k in self.keys if k in self.composed}}
+            given = f"; {', '.join('data.' + k for k in self.keys)} from the command line" if self.keys else ""
+            source = f"the run's own settings{given}"
+        described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
+        print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
+        return chosen
+
+    def load(self, data: Mapping) -> tuple[dict[str, ImageTensors], int]:
+        key = json.dumps(data, sort_keys=True, default=str)
+        if key not in self._loaded:
+            self._loaded[key] = load_eval_data(data, self.split, self.seed)
+        return self._loaded[key]
+
+
+def refuse_training_settings(given: Sequence[str]) -> None:
+    """A training setting given to evaluate.py would be accepted and ignored: refuse it, naming the key
+    that does the job in an evaluation."""
+    for key in given:
+        if key in NOT_FOR_EVALUATION:
+            instead = NOT_FOR_EVALUATION[key]
+            hint = f"; use {instead}" if instead else "; the run's own value is used"
+            raise ConfigError(f"{key} does not apply to evaluation{hint}")
+
+
+def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[dict]:
     """The ``evaluate.py`` job: every model ``pretrained=`` names, under one repr and one protocol.
 
     One model (a run, a file, ``latest``, ``random``): results in ``run_dir``. A sweep folder
@@ -58,11 +105,16 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
     missing`` and its reason, so the report lists it; it does not fail the evaluation. A run that did
     not finish its epochs is evaluated and marked ``pretrain_status: incomplete``.
     """
-    run_dir = Path(run_dir)
+    with quiet_lightning():
+        return _evaluate(cfg, Path(run_dir), requested)
+
+
+def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
+    refuse_training_settings(requested)
     settings = _start_job(cfg, run_dir)
     targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
-    splits, num_classes = load_eval_data(settings["data"], settings["seed"])
-    evaluate_one = partial(evaluate_model, cfg=settings, splits=splits, num_classes=num_classes)
+    data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
+    evaluate_one = partial(_evaluate_on_its_data, settings=settings, data=data)
     if sweep is None:  # one model
         model = random_model(settings["backbone"], settings["seed"]) if targets == RANDOM else targets[0]
         result = evaluate_one(model, out_dir=run_dir, label=None if targets == RANDOM else run_label(targets[0]))
@@ -70,6 +122,25 @@ def evaluate(cfg, run_dir: str | Path) -> list[dict]:
             raise result["exception"]
         return [result]
     return _evaluate_sweep(targets, sweep, settings, evaluate_one, run_dir)
+
+
+def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: EvaluationData, out_dir: Path,
+                          label: str | None = None) -> dict:
+    """:func:`evaluate_model` on the data of the run that trained ``model`` (see :class:`EvaluationData`);
+    a random-init baseline of a sweep uses the data of the sweep's runs."""
+    if not isinstance(model, EncoderSource):
+        try:
+            run_config = read_run_config(run_folder_of(Path(model)))
+        except ByolError:
+            run_config = None  # refused as unsafe: evaluate_model reports it for this model
+    else:
+        run_config = {"data": data.runs_data if model.is_random else model.data}
+    if run_config and not (isinstance(model, EncoderSource) and model.is_random):
+        data.runs_data = data.runs_data or run_config.get("data")
+    name = label or (model.label if isinstance(model, EncoderSource) else Path(model).name)
+    chosen = data.settings(run_config, name)
+    splits, num_classes = data.load(chosen)
+    return evaluate_model(model, dict(settings, data=chosen), splits, num_classes, out_dir, label)
 
 
 def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evaluate_one: Callable,
@@ -101,9 +172,8 @@ def _start_job(cfg, run_dir: Path) -> dict:
     """The job's plain config, saved in ``run_dir`` and checked before any data or model is read."""
     from omegaconf import OmegaConf
 
-    settings = plain_job_config(cfg)
-    # CSVLogger warns when its folder holds other files (config.yaml, .hydra/); it replaces only metrics.csv
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    settings = plain_config(cfg)
+    check_config(settings, "the command line")
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
     protocol = checked_protocol(settings["eval"])
@@ -111,18 +181,6 @@ def _start_job(cfg, run_dir: Path) -> dict:
     if protocol != "knn" and int(settings["eval"]["epochs"]) < 1:
         raise ConfigError("eval.epochs must be at least 1")
     return settings
-
-
-def plain_job_config(cfg) -> dict:
-    """The resolved config as plain containers, without the ``hydra`` node."""
-    from omegaconf import DictConfig, OmegaConf, open_dict
-
-    if isinstance(cfg, DictConfig):
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.pop("hydra", None)
-        return OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in dict(cfg).items() if k != "hydra"}
 
 
 def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one: Callable,
@@ -141,7 +199,7 @@ def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one
         seeds = sorted({r["seed"] for r in results if (r.get("backbone"), r.get("stem")) == (name, stem)
                         and r.get("seed") is not None}) or [default_seed]
         for seed in seeds:
-            label = RANDOM_LOSS if len(architectures) == 1 else f"{RANDOM_LOSS}_{name}_{stem}"
+            label = RANDOM_INIT_LABEL if len(architectures) == 1 else f"{RANDOM_INIT_LABEL}_{name}_{stem}"
             label += f"_seed{seed}" if len(seeds) > 1 else ""
             print(f"[eval] baseline: {label} ({name}, {stem} stem, seed {seed})", flush=True)
             model = random_model(backbone, seed, label)
@@ -175,7 +233,8 @@ def _result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
             "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
             "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] != "knn" else 0, "seed": None,
             "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
-            "eval_data": data_fields(cfg["data"], EVAL_DATA_FIELDS),
+            "eval_data": {**data_fields(cfg["data"]), "split": cfg["split"]["name"],
+                          "val_size": cfg["split"].get("val_size")},
             "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
             "status": "running"}
 

@@ -9,23 +9,20 @@ needed for a resumed run to be the run it would have been.
 
 from __future__ import annotations
 
-import logging
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, safe_load, save_encoder
 from byol.core.data import IndexBatches, seeded_subset
-from byol.core.errors import CheckpointError, ConfigError
-from byol.jobs.build import build_augment, build_byol, build_trainer, make_loggers, optimizer_factory
-from byol.jobs.cli import command_arg, resume_hint
-from byol.jobs.config_check import check_config, check_file_config
+from byol.core.errors import CheckpointError
+from byol.jobs.build import build_augment, build_byol, build_trainer, loss_mode, make_loggers, optimizer_factory
+from byol.jobs.cli import command_arg, quiet_lightning, resume_hint
+from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.datasets import load_split
 from byol.jobs.resume import (
     checkpoint_epoch,
@@ -41,32 +38,6 @@ from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
 from byol.lightning.pretrain_module import BYOLModule
 
-# Lightning messages with nothing for a user to act on, silenced during a run (and restored after)
-QUIET_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\)",  # Lightning-internal deprecation (torch >= 2.10)
-    r"`training_step` returned `None`",  # train.on_nonfinite=skip skips steps on purpose, and says so
-    r"You.re resuming from a checkpoint that ended before",  # IndexBatches resumes mid-epoch itself
-)
-LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
-
-
-@contextmanager
-def quiet_lightning():
-    """Lightning's banner, tips and known warnings off for the ``with`` block; the [byol] lines say
-    what matters. Warning filters and logger levels are restored afterwards."""
-    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
-        for pattern in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
-
 
 @dataclass
 class RunStart:
@@ -76,14 +47,6 @@ class RunStart:
     checkpoint: Path | None = None
     step: int | None = None
     finished: bool = False
-
-
-def plain_config(cfg: DictConfig) -> dict:
-    """The resolved config without Hydra's own node."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def run_start(container: dict, run_dir: Path, requested) -> RunStart:
@@ -135,8 +98,6 @@ def build_datamodule(config: dict) -> TensorDataModule:
 
 def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModule:
     """The BYOL model, augmentation and optimizer of ``config``, in the Lightning adapter."""
-    if config["loss"]["name"] == "classic" and config["loss"]["taps"]:
-        raise ConfigError("loss=classic uses only the avgpool head; use loss=multi for loss.taps")
     model = build_byol(config)
     if config.get("channels_last", True):
         model.to(memory_format=torch.channels_last)
@@ -188,7 +149,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
         trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=False)
     save_encoder(module.model.online_encoder, export,
-                 meta={"loss": config["loss"]["name"], "epochs": trainer.current_epoch,
+                 meta={"loss": loss_mode(config["loss"]), "epochs": trainer.current_epoch,
                        "global_step": trainer.global_step, "seed": config["seed"]})
     print(f"[byol] done: {ckpt_dir / 'final.ckpt'} and encoder export {export}", flush=True)
     return export
@@ -197,7 +158,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
 def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, batches: IndexBatches) -> None:
     """The run's first lines: what trains on what, where it writes, where it resumes."""
     backbone, trainer_cfg = config["backbone"], config["trainer"]
-    print(f"[byol] pretraining {backbone['name']} ({backbone['stem']} stem), loss={config['loss']['name']}, "
+    print(f"[byol] pretraining {backbone['name']} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
           f"{len(batches.data)} images, batch {config['data']['batch_size']}, {trainer_cfg['max_epochs']} epochs, "
           f"on {trainer.strategy.root_device} ({trainer_cfg['precision']})", flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)

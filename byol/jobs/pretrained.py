@@ -23,14 +23,13 @@ from byol.core.checkpoint import (
     safe_load,
 )
 from byol.core.errors import CheckpointError
-from byol.jobs.build import architecture, encoder_from_backbone
+from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
 from byol.jobs.config_check import check_file_config, check_plain
 from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, RANDOM, run_folder_of
 
-RANDOM_LOSS = "random-init"  # the loss column, and the label, of a random-init baseline
+RANDOM_INIT_LABEL = "random-init"  # the loss column, and the label, of a random-init baseline
 # the data settings that make two results comparable; the evaluation's split too
 DATA_FIELDS = ("name", "root", "subset", "image_size", "num_train", "num_test")
-EVAL_DATA_FIELDS = DATA_FIELDS + ("split", "val_size")
 
 
 @dataclass
@@ -73,9 +72,9 @@ class EncoderSource:
         return encoder
 
 
-def random_model(backbone: Mapping, seed: int, label: str = RANDOM_LOSS) -> EncoderSource:
+def random_model(backbone: Mapping, seed: int, label: str = RANDOM_INIT_LABEL) -> EncoderSource:
     """A random-init encoder of ``backbone``'s architecture, drawn from ``seed``: the baseline."""
-    return EncoderSource(label, RANDOM, architecture(backbone), RANDOM_LOSS, seed, 0)
+    return EncoderSource(label, RANDOM, architecture(backbone), RANDOM_INIT_LABEL, seed, 0)
 
 
 def read_pretrained(path: str | Path, label: str | None = None) -> EncoderSource:
@@ -117,7 +116,7 @@ def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None
     # the run folder's config.yaml is rewritten by a resume with more epochs; the checkpoint's is not
     in_run = path.parent.name == CHECKPOINTS_DIR and run_cfg
     planned = planned_epochs(run_cfg) if in_run else planned_epochs(cfg)
-    return EncoderSource(label, str(path), architecture(cfg["backbone"]), cfg["loss"]["name"], cfg.get("seed"),
+    return EncoderSource(label, str(path), architecture(cfg["backbone"]), loss_mode(cfg["loss"]), cfg.get("seed"),
                          int(epochs or 0), state, cfg.get("data"), planned)
 
 
@@ -157,7 +156,8 @@ def run_config_fields(run_cfg: Mapping | None) -> dict:
     if not run_cfg:
         return {}
     backbone = run_cfg.get("backbone") or {}
-    fields = {"loss": (run_cfg.get("loss") or {}).get("name"), "backbone": backbone.get("name"),
+    loss = run_cfg.get("loss")
+    fields = {"loss": loss_mode(loss) if isinstance(loss, Mapping) else None, "backbone": backbone.get("name"),
               "stem": backbone.get("stem"), "seed": run_cfg.get("seed"),
               "pretrain_data": data_fields(run_cfg.get("data")),
               "pretrain_epochs_planned": planned_epochs(run_cfg)}

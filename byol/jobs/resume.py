@@ -15,12 +15,12 @@ from omegaconf import OmegaConf
 
 from byol.core.checkpoint import load_weights, online_encoder_state, safe_load, save_encoder
 from byol.core.errors import CheckpointError, ConfigError
-from byol.jobs.build import build_encoder
+from byol.jobs.build import build_encoder, loss_mode
 from byol.jobs.config_check import check_file_config
 from byol.jobs.run_folder import RUN_ID_KEY
 
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
-ARCHITECTURE_KEYS = ("backbone", "loss.name", "loss.taps", "head")
+ARCHITECTURE_KEYS = ("backbone", "loss.taps", "head")
 # Never compared between a checkpoint and the command line.
 IGNORED_KEYS = ("resume",)
 
@@ -131,5 +131,5 @@ def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
     ``final.ckpt`` and its export)."""
     encoder = build_encoder(cfg)
     load_weights(encoder, online_encoder_state(ckpt), path)
-    save_encoder(encoder, path, meta={"loss": cfg["loss"]["name"], "epochs": ckpt.get("epoch"),
+    save_encoder(encoder, path, meta={"loss": loss_mode(cfg["loss"]), "epochs": ckpt.get("epoch"),
                                       "global_step": ckpt.get("global_step"), "seed": cfg["seed"]})
