@@ -549,8 +549,8 @@ def test_evaluate_cli_fails_with_one_line(tmp_path):
     blob = torch.load(_export(tmp_path / "a"), weights_only=True)
     blob["backbone"]["name"] = "resnet34"  # resnet18 weights, resnet34 claimed: another architecture
     torch.save(blob, tmp_path / "mismatch.pt")
-    line = _one_line_error(_run("evaluate.py", ["preset=smoke", "data=synthetic", f"pretrained={tmp_path / 'mismatch.pt'}"],
-                                tmp_path))
+    mismatch = f"pretrained={tmp_path / 'mismatch.pt'}"
+    line = _one_line_error(_run("evaluate.py", ["preset=smoke", "data=synthetic", mismatch], tmp_path))
     assert "another architecture" in line and "missing" in line
     assert time.perf_counter() - start < 120
 
