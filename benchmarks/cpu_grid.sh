@@ -29,6 +29,7 @@ FT_EPOCHS=${FT_EPOCHS:-1}
 BATCH=${BATCH:-256}
 OUT=${OUT:-outputs/cpu_grid}
 DATA_ARGS=(data=imagefolder "data.root=$DATA" "data.subset=$SUBSET" "data.batch_size=$BATCH")
+EVAL_DATA_ARGS=(data=imagefolder "data.root=$DATA" "data.subset=$SUBSET")  # evaluate.py: no training batch size
 T0=$(date +%s)
 say() { echo "[cpu_grid +$(( $(date +%s) - T0 ))s] $*"; }
 
@@ -37,11 +38,11 @@ say "pretraining: loss=classic,multi seed=$SEEDS, $SUBSET images, $EPOCHS epochs
   "trainer.max_epochs=$EPOCHS" "hydra.sweep.dir=$OUT/train" 'hydra.sweep.subdir=${hydra:runtime.choices.loss}_seed${seed}'
 
 say "kNN and linear probe on avgpool and combined (+ random-init baseline) -> $OUT/eval"
-"$PY" evaluate.py -m "${DATA_ARGS[@]}" "pretrained=$OUT/train" repr=avgpool,combined eval=knn,linear \
+"$PY" evaluate.py -m "${EVAL_DATA_ARGS[@]}" "pretrained=$OUT/train" repr=avgpool,combined eval=knn,linear \
   "hydra.sweep.dir=$OUT/eval"
 
 say "fine-tuning, $FT_EPOCHS epochs (+ random-init baseline) -> $OUT/finetune"
-"$PY" evaluate.py -m "${DATA_ARGS[@]}" "pretrained=$OUT/train" repr=avgpool,combined eval=finetune \
+"$PY" evaluate.py -m "${EVAL_DATA_ARGS[@]}" "pretrained=$OUT/train" repr=avgpool,combined eval=finetune \
   "eval.epochs=$FT_EPOCHS" "hydra.sweep.dir=$OUT/finetune"
 
 say "report -> $OUT/results.md"

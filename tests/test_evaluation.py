@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import ROOT, compose_config, plain_config
+from omegaconf import OmegaConf
 
 from byol.core.backbone import Encoder
 from byol.core.checkpoint import save_encoder
@@ -564,3 +565,27 @@ def test_feature_normalisation_matches_a_batchnorm_without_affine():
     bn.eval()
     # BatchNorm keeps the unbiased (n - 1) running variance: a factor sqrt(500 / 499) apart
     torch.testing.assert_close(z, bn(x) * math.sqrt(500 / 499), rtol=1e-4, atol=1e-4)
+
+
+def test_evaluation_takes_the_runs_own_data_unless_given(tmp_path, capsys):
+    """A run trained on synthetic data (96 training images) is evaluated on that data although
+    evaluate.yaml's default is CIFAR-10; data.KEY on the command line replaces that key alone."""
+    run = tmp_path / "run"
+    export = _export(run)
+    data = {"name": "synthetic", "root": None, "num_train": 96, "num_test": 40, "batch_size": 32, "subset": None,
+            "num_classes": 4, "image_size": 32, "crop_size": None, "mean": [0.5] * 3, "std": [0.25] * 3,
+            "on_device": True}
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(
+        {"seed": 0, "loss": {"taps": []}, "backbone": {"name": "resnet18", "stem": "imagenet"}, "data": data})))
+    cfg = compose_config("evaluate", ["preset=smoke", f"pretrained={export}", "eval=knn"], tmp_path)
+    (result,) = evaluate(cfg, tmp_path / "ev", requested=[])
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["status"] == "ok" and saved["eval_data"]["name"] == "synthetic"
+    assert saved["eval_data"]["num_train"] == 96 and saved["eval_data"]["num_test"] == 40
+    assert "data synthetic (image_size=32), from the run's own settings" in capsys.readouterr().out
+    cfg = compose_config("evaluate", ["preset=smoke", f"pretrained={export}", "eval=knn", "data.num_test=24"],
+                         tmp_path)
+    evaluate(cfg, tmp_path / "ev2", requested=["data.num_test"])
+    saved = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert (saved["eval_data"]["num_train"], saved["eval_data"]["num_test"]) == (96, 24)
+    assert "from the run's own settings; data.num_test from the command line" in capsys.readouterr().out

@@ -418,3 +418,12 @@ def test_real_checkpoint_with_the_torch_load_chain_runs_nothing_end_to_end(tmp_p
         assert "trainer.gradient_clip_val.f._target_ = 'io.BytesIO'" in line or \
             "trainer.gradient_clip_val._target_ = 'torch.load'" in line, line
     assert not marker.exists() and last.read_bytes() == before
+
+
+def test_training_settings_given_to_evaluation_are_refused_naming_the_right_key(tmp_path):
+    from byol.jobs.evaluate import evaluate
+
+    cfg = compose_config("evaluate", ["preset=smoke", "data=synthetic", "pretrained=random", "trainer.max_epochs=1"],
+                         tmp_path)
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs does not apply to evaluation; use eval.epochs$"):
+        evaluate(cfg, tmp_path / "run", requested=command_line_keys())

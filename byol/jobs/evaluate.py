@@ -47,8 +47,8 @@ RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
 
 
 # Settings of training that do nothing in an evaluation, and what does there.
-NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size",
-                      "trainer.accumulate_grad_batches": "eval.batch_size", "data.subset": None}
+NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size or feature_batch_size",
+                      "trainer.accumulate_grad_batches": "eval.batch_size"}
 
 
 class EvaluationData:
@@ -88,9 +88,7 @@ def refuse_training_settings(given: Sequence[str]) -> None:
     that does the job in an evaluation."""
     for key in given:
         if key in NOT_FOR_EVALUATION:
-            instead = NOT_FOR_EVALUATION[key]
-            hint = f"; use {instead}" if instead else "; the run's own value is used"
-            raise ConfigError(f"{key} does not apply to evaluation{hint}")
+            raise ConfigError(f"{key} does not apply to evaluation; use {NOT_FOR_EVALUATION[key]}")
 
 
 def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[dict]:
