@@ -583,9 +583,10 @@ def test_evaluation_takes_the_runs_own_data_unless_given(tmp_path, capsys):
     assert result["status"] == "ok" and saved["eval_data"]["name"] == "synthetic"
     assert saved["eval_data"]["num_train"] == 96 and saved["eval_data"]["num_test"] == 40
     assert "data synthetic (image_size=32), from the run's own settings" in capsys.readouterr().out
-    cfg = compose_config("evaluate", ["preset=smoke", f"pretrained={export}", "eval=knn", "data.num_test=24"],
+    cfg = compose_config("evaluate", ["preset=smoke", f"pretrained={export}", "eval=knn", "data.subset=40"],
                          tmp_path)
-    evaluate(cfg, tmp_path / "ev2", requested=["data.num_test"])
+    evaluate(cfg, tmp_path / "ev2", requested=["data.subset"])
     saved = json.loads((tmp_path / "ev2" / "results.json").read_text())
-    assert (saved["eval_data"]["num_train"], saved["eval_data"]["num_test"]) == (96, 24)
-    assert "from the run's own settings; data.num_test from the command line" in capsys.readouterr().out
+    assert (saved["eval_data"]["name"], saved["eval_data"]["num_train"], saved["eval_data"]["subset"]) == (
+        "synthetic", 96, 40)
+    assert "from the run's own settings; data.subset from the command line" in capsys.readouterr().out
