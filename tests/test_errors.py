@@ -237,7 +237,7 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, nan_at):
                                      f"good checkpoint is {last}, saved after 5 steps.")
     assert "train.on_nonfinite=skip" in str(err.value)
     assert safe_load(last)["global_step"] == 5 and finite(last)  # NaN weights never replaced it
-    assert not (run / "checkpoints" / "final.ckpt").exists()
+    assert not (run / "encoder.pt").exists()  # stopped: nothing claims to be the end of the run
 
 
 @pytest.mark.slow
@@ -258,7 +258,7 @@ def test_nan_loss_skip_leaves_the_step_out(tmp_path, nan_at, monkeypatch, capsys
     # no optimizer step, no EMA step, BatchNorm statistics restored: the skipped batch left no trace
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not all(torch.equal(seen["states"][4][k], before[k]) for k in before)  # other steps do train
-    final = run / "checkpoints" / "final.ckpt"
+    final = run / "checkpoints" / "last.ckpt"  # the final state
     assert finite(final) and safe_load(final)["global_step"] == 8
 
 
@@ -377,7 +377,7 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path):
     bad, good = sorted(sweep.glob("*_*"))
     assert bad.name.startswith("0_") and "layer9.0" in bad.name
     assert (bad / "FAILED").read_text().startswith("unknown tap 'layer9.0'")
-    assert (good / "encoder.pt").is_file() and (good / "checkpoints" / "final.ckpt").is_file()
+    assert (good / "encoder.pt").is_file() and (good / "checkpoints" / "last.ckpt").is_file()
     assert not (good / "FAILED").exists()
     assert f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):" in result.stderr
     assert f"  {bad.name}: unknown tap 'layer9.0'" in result.stderr
@@ -416,7 +416,7 @@ def epoch_line(capsys, means: dict) -> str:
 
     module = SimpleNamespace(current_tau=lambda: 0.99,
                              epoch_means=lambda: {k: torch.tensor(v) for k, v in means.items()})
-    trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[])
+    trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[], callback_metrics={})
     summary = EpochSummary()
     summary.on_train_batch_end(trainer, module, None, (torch.zeros(8, 3, 4, 4), torch.zeros(8)), 0)
     summary.on_train_epoch_end(trainer, module)

@@ -26,6 +26,9 @@ class BYOL(nn.Module):
 
     The two views pass through the networks separately, so each view's BatchNorm statistics
     are its own, as in the paper's implementation.
+
+    ``feature_taps``: encoder taps whose view-1 online features each forward pass keeps, detached,
+    in :attr:`last_features` (for online linear probes: no gradient can reach the encoder).
     """
 
     def __init__(
@@ -50,17 +53,22 @@ class BYOL(nn.Module):
         self.predictors = nn.ModuleDict(
             {_key(h): mlp(proj_dim, pred_hidden_dim, proj_dim) for h in self.heads}
         )
+        self.feature_taps: list[str] = []
+        self.last_features: dict[str, torch.Tensor] = {}
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projectors = copy.deepcopy(self.online_projectors).requires_grad_(False)
 
-    def _project(self, encoder, projectors, x) -> dict[str, torch.Tensor]:
-        feats = encoder(x, taps=self.heads)
+    def _project(self, encoder, projectors, x, keep: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        feats = encoder(x, taps=list(dict.fromkeys([*self.heads, *keep])))
+        if keep:
+            self.last_features = {t: feats[t].detach() for t in keep}
         return {h: projectors[_key(h)](feats[h]) for h in self.heads}
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses per head (``loss/<tap>``), their weighted sum (``loss``) and, per head, the
         spread of the online projections of view 1 (``std/<tap>``, see :func:`normalized_std`)."""
-        z1, z2 = (self._project(self.online_encoder, self.online_projectors, v) for v in (view1, view2))
+        z1 = self._project(self.online_encoder, self.online_projectors, view1, keep=self.feature_taps)
+        z2 = self._project(self.online_encoder, self.online_projectors, view2)
         with torch.no_grad():
             t1, t2 = (self._project(self.target_encoder, self.target_projectors, v) for v in (view1, view2))
         per_head = {

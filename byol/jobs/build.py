@@ -17,15 +17,17 @@ from byol.jobs.config_check import LOGGER_NAMES, TRAINER_RESERVED, trainer_param
 
 
 def architecture(backbone: Mapping) -> dict:
-    """``name``, ``stem`` and ``grids`` of a ``backbone`` config: what rebuilds the same network
-    with other taps (a run's weights fit any tap set of its architecture)."""
-    return {"name": backbone["name"], "stem": backbone["stem"], "grids": dict(backbone.get("grids") or {})}
+    """``name``, ``stem``, ``width`` and ``grids`` of a ``backbone`` config: what rebuilds the same
+    network with other taps (a run's weights fit any tap set of its architecture). Configs written
+    before ``backbone.width`` existed are width 1.0."""
+    return {"name": backbone["name"], "stem": backbone["stem"], "width": float(backbone.get("width", 1.0)),
+            "grids": dict(backbone.get("grids") or {})}
 
 
 def encoder_from_backbone(backbone: Mapping, taps) -> Encoder:
     """The encoder a ``backbone`` config describes, exposing ``taps``: the one place that reads that node."""
     arch = architecture(backbone)
-    return Encoder(arch["name"], arch["stem"], list(taps), arch["grids"])
+    return Encoder(arch["name"], arch["stem"], list(taps), arch["grids"], arch["width"])
 
 
 def build_encoder(cfg: dict, taps=None) -> Encoder:
@@ -38,10 +40,12 @@ def loss_mode(loss: Mapping) -> str:
     return "multi" if [t for t in loss.get("taps") or [] if t != AVGPOOL] else "classic"
 
 
-def build_byol(cfg: dict) -> BYOL:
+def build_byol(cfg: dict, extra_taps=()) -> BYOL:
+    """The BYOL networks of a run; ``extra_taps``: encoder taps read besides the heads' (monitors)."""
     heads = [AVGPOOL] + [t for t in cfg["loss"]["taps"] if t != AVGPOOL]
     sizes = cfg["head"]
-    return BYOL(build_encoder(cfg), heads, cfg["loss"].get("weights") or {}, sizes["proj_hidden_dim"],
+    encoder = build_encoder(cfg, taps=list(dict.fromkeys([*cfg["loss"]["taps"], *extra_taps])))
+    return BYOL(encoder, heads, cfg["loss"].get("weights") or {}, sizes["proj_hidden_dim"],
                 sizes["proj_dim"], sizes["pred_hidden_dim"])
 
 
@@ -110,9 +114,31 @@ def build_augment(cfg: dict):
     return ViewAugment(views, data["mean"], data["std"], data.get("crop_size"))
 
 
+# The warm-up takes at most this fraction of a run's optimizer steps: a run shorter than its
+# configured warm-up (trainer.max_epochs=1 with LARS's 10 warm-up epochs) would otherwise end at a
+# fraction of the peak learning rate and never decay. The default runs (10 of 200 epochs) are below it.
+MAX_WARMUP_FRACTION = 0.1
+
+
+def warmup_steps(warmup_epochs: float, total_steps: int, epochs: int, schedule: str) -> tuple[int, str | None]:
+    """The warm-up in optimizer steps, at most :data:`MAX_WARMUP_FRACTION` of ``total_steps``, and the
+    line that says so when the configured one is longer (None when it is used as written)."""
+    per_epoch = max(1, total_steps // max(1, epochs))
+    configured = int(warmup_epochs * per_epoch)
+    cap = int(MAX_WARMUP_FRACTION * total_steps)
+    if configured <= cap:
+        return configured, None
+    instead = f"a warm-up of {cap} steps" if cap else "no warm-up"
+    return cap, (f"[byol] optim.scheduler.warmup_epochs={warmup_epochs:g} ({configured} steps) is more than "
+                 f"{MAX_WARMUP_FRACTION:.0%} of this run ({epochs} epoch{'s' * (epochs != 1)}, {total_steps} "
+                 f"steps), so the schedule cannot run as written: using {instead} instead, then {schedule} "
+                 f"over the other {total_steps - cap} steps")
+
+
 def optimizer_factory(optim: Mapping, batch_size: int, accumulate: int = 1):
     """``make(modules, total_steps, epochs) -> (optimizer, scheduler)`` for ``optim`` (the config group):
-    lr = base_lr x global batch / 256 when ``scale_lr_with_batch``; warm-up given in epochs."""
+    lr = base_lr x global batch / 256 when ``scale_lr_with_batch``; warm-up given in epochs, capped
+    by :func:`warmup_steps` (one line says so)."""
     from byol.core.optim import build_optimizer, build_schedule, param_groups
 
     batch = batch_size * max(1, accumulate)
@@ -122,8 +148,10 @@ def optimizer_factory(optim: Mapping, batch_size: int, accumulate: int = 1):
         optimizer = build_optimizer(optim["name"], param_groups(modules, optim["weight_decay"]), lr,
                                     optim.get("optimizer"))
         schedule = dict(optim["scheduler"])
-        per_epoch = max(1, total_steps // max(1, epochs))
-        warmup = int(schedule.pop("warmup_epochs", 0) * per_epoch)
-        return optimizer, build_schedule(schedule.pop("name"), optimizer, total_steps, warmup, schedule)
+        name = schedule.pop("name")
+        warmup, capped = warmup_steps(schedule.pop("warmup_epochs", 0), total_steps, epochs, name)
+        if capped:
+            print(capped, flush=True)
+        return optimizer, build_schedule(name, optimizer, total_steps, warmup, schedule)
 
     return make

@@ -24,7 +24,7 @@ from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, Folde
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
-PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split")
+PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split", "monitor")
 
 
 # Lightning messages with nothing for a user to act on, silenced during a run (and restored after)

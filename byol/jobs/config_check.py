@@ -50,7 +50,7 @@ VIEW_OVERRIDES = {("augment", "view1"), ("augment", "view2")}
 KWARGS_DICTS = {("optim", "optimizer"), ("optim", "scheduler"), ("eval", "optimizer"), ("eval", "scheduler"),
                 ("trainer",), ("logger",)}
 # Groups whose options sit under their own key; `experiment*` options are global.
-PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split")
+PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split", "monitor")
 # Trainer arguments the jobs set themselves.
 TRAINER_RESERVED = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing")
 
@@ -60,10 +60,12 @@ POSITIVE_INT = (
     "trainer.num_nodes", "head.proj_hidden_dim", "head.proj_dim", "head.pred_hidden_dim",
     "checkpoint.every_n_epochs", "checkpoint.last_every_n_steps", "checkpoint.keep_last", "eval.epochs",
     "eval.batch_size", "eval.cached_batch_size", "eval.k", "eval.chunk_size", "feature_batch_size",
+    "monitor.every_n_epochs", "monitor.bank_size", "monitor.query_size", "monitor.k", "monitor.batch_size",
 )
 NON_NEGATIVE = ("optim.weight_decay", "eval.weight_decay", "optim.scheduler.warmup_epochs",
-                "eval.scheduler.warmup_epochs", "split.val_size", "trainer.gradient_clip_val")
-POSITIVE = ("optim.base_lr", "eval.lr", "eval.encoder_lr", "eval.cached_lr", "eval.temperature")
+                "eval.scheduler.warmup_epochs", "split.val_size", "monitor.val_size", "trainer.gradient_clip_val")
+POSITIVE = ("backbone.width", "optim.base_lr", "eval.lr", "eval.encoder_lr", "eval.cached_lr", "eval.temperature",
+            "monitor.temperature", "monitor.probe_lr")
 UNIT_INTERVAL = ("ema.tau_base", "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),

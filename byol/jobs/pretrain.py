@@ -2,7 +2,8 @@
 
 A run folder is resumable at any time: ``checkpoints/last.ckpt`` is refreshed every epoch (and
 every ``checkpoint.last_every_n_steps`` optimizer steps), written atomically, and holds the
-run's config, weights, EMA target, optimizer, scheduler, loop counters and RNG states. The data
+run's config, weights, EMA target, optimizer, scheduler, loop counters and RNG states. It is the
+run's one full training state: when training ends it is the final one (no copy is written). The data
 order and the augmentation randomness are functions of (seed, epoch, batch), so nothing else is
 needed for a resumed run to be the run it would have been.
 """
@@ -23,19 +24,22 @@ from byol.core.errors import CheckpointError
 from byol.jobs.build import build_augment, build_byol, build_trainer, loss_mode, make_loggers, optimizer_factory
 from byol.jobs.cli import command_arg, quiet_lightning, resume_hint
 from byol.jobs.config_check import check_config, check_file_config, plain_config
+from byol.jobs.curves import write_curves
 from byol.jobs.datasets import load_split
+from byol.jobs.monitoring import build_monitors, monitor_taps, representations
 from byol.jobs.resume import (
-    checkpoint_epoch,
+    epochs_trained,
     export_from_checkpoint,
     find_resume,
     folder_run_id,
     resume_config,
     saved_run_id,
 )
-from byol.jobs.run_folder import RUN_ID_KEY, check_resume_target, new_run_id
-from byol.lightning.callbacks import EpochSummary, RunCheckpoints, describe_step, progress_bar
+from byol.jobs.run_folder import CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_KEY, check_resume_target, new_run_id
+from byol.lightning.callbacks import EpochHook, EpochSummary, RunCheckpoints, describe_step, progress_bar
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
+from byol.lightning.monitors import all_taps
 from byol.lightning.pretrain_module import BYOLModule
 
 
@@ -71,18 +75,18 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
         print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
               flush=True)
     config[RUN_ID_KEY] = (saved_id or folder_id) if same_run and (saved_id or folder_id) else new_run_id()
-    final = run_dir / "checkpoints" / "final.ckpt"
-    finished = final.is_file() and checkpoint_epoch(final) >= int(config["trainer"]["max_epochs"])
+    last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT  # at the end of a run: its final state
+    finished = last.is_file() and epochs_trained(last) >= int(config["trainer"]["max_epochs"])
     return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
 
 
 def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
     """A run that already trained its epochs: write a missing export, say so, train nothing."""
-    final = run_dir / "checkpoints" / "final.ckpt"
+    last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT
     if not export.is_file():
-        export_from_checkpoint(safe_load(final), start.config, export)
+        export_from_checkpoint(safe_load(last), start.config, export)
     epochs = start.config["trainer"]["max_epochs"]
-    print(f"[byol] {run_dir} already finished its {epochs} epochs ({final}, {export}); nothing to do. To "
+    print(f"[byol] {run_dir} already finished its {epochs} epochs ({last}, {export}); nothing to do. To "
           f"train longer: python train.py {command_arg('resume', run_dir)} trainer.max_epochs=N; to redo part "
           f"of it, resume a checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
     return export
@@ -98,7 +102,7 @@ def build_datamodule(config: dict) -> TensorDataModule:
 
 def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModule:
     """The BYOL model, augmentation and optimizer of ``config``, in the Lightning adapter."""
-    model = build_byol(config)
+    model = build_byol(config, extra_taps=monitor_taps(config))
     if config.get("channels_last", True):
         model.to(memory_format=torch.channels_last)
     if config.get("compile"):
@@ -112,12 +116,13 @@ def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModul
                       checkpoint_path=checkpoint_path)
 
 
-def build_run_trainer(config: dict, run_dir: Path, loggers: list) -> pl.Trainer:
+def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list) -> pl.Trainer:
     ckpt = config["checkpoint"]
     trainer = config["trainer"]
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
-                                 ckpt["last_every_n_steps"])
-    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary()]
+    checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
+                                 ckpt["last_every_n_steps"], ckpt.get("keep_last"))
+    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), *monitors, EpochSummary(),
+                 EpochHook(lambda: write_curves(run_dir))]
     callbacks += progress_bar(trainer.get("enable_progress_bar", True), trainer.get("log_every_n_steps"))
     return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
@@ -143,22 +148,34 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     loggers = make_loggers(config.get("logger"), run_dir, start.step)  # a missing package fails before the data
     datamodule = build_datamodule(config)  # data errors before the model is built
     module = build_module(config, ckpt_dir / "last.ckpt")
+    monitors = build_monitors(config, module.model.online_encoder.dims)
+    module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
     with quiet_lightning():
-        trainer = build_run_trainer(config, run_dir, loggers)
+        trainer = build_run_trainer(config, run_dir, loggers, monitors)
         announce(config, run_dir, trainer, start, datamodule.batches)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
-        trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=False)
+        draw_curves(run_dir)
     save_encoder(module.model.online_encoder, export,
                  meta={"loss": loss_mode(config["loss"]), "epochs": trainer.current_epoch,
                        "global_step": trainer.global_step, "seed": config["seed"]})
-    print(f"[byol] done: {ckpt_dir / 'final.ckpt'} and encoder export {export}", flush=True)
+    print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
+          flush=True)
     return export
+
+
+def draw_curves(run_dir: Path) -> None:
+    """The run's final curves.png; a plotting problem is a note, never a failed run."""
+    try:
+        write_curves(run_dir)
+    except Exception as e:
+        print(f"[byol] note: curves.png not drawn ({type(e).__name__}: {e})", flush=True)
 
 
 def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, batches: IndexBatches) -> None:
     """The run's first lines: what trains on what, where it writes, where it resumes."""
     backbone, trainer_cfg = config["backbone"], config["trainer"]
-    print(f"[byol] pretraining {backbone['name']} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
+    width = f" x{backbone['width']:g} width" if backbone.get("width", 1) != 1 else ""
+    print(f"[byol] pretraining {backbone['name']}{width} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
           f"{len(batches.data)} images, batch {config['data']['batch_size']}, {trainer_cfg['max_epochs']} epochs, "
           f"on {trainer.strategy.root_device} ({trainer_cfg['precision']})", flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)

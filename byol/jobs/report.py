@@ -13,7 +13,8 @@ unnoticed; the random-init baseline and other protocols (kNN) are listed when pr
 jobs with no model (``status: missing``) are listed by folder with their reason; results of
 pretraining runs that did not finish their epochs (``pretrain_status: incomplete``) get rows of
 their own, marked ``incomplete``, and enter no mean unless allowed (``--allow-incomplete``, or
-evaluate.py's ``allow_incomplete=true``).
+evaluate.py's ``allow_incomplete=true``). Results with no accuracy by design (``eval=embed``: t-SNE
+maps) are listed under the table with their maps, never counted as failed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from byol.jobs.report_cells import (
     load_results,
     or_unknown,
     settings_text,
+    unscored_results,
 )
 from byol.jobs.report_plot import plot
 
@@ -128,13 +130,27 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
     return lines
 
 
-def markdown(cells: Sequence[Cell], n_files: int) -> str:
+def _unscored(results: Sequence[dict]) -> list[str]:
+    """The lines under the table that list the results with no accuracy (eval=embed: t-SNE maps)."""
+    if not results:
+        return []
+    lines = ["", f"Results with no accuracy ({len(results)}, not in the table: eval=embed writes embeddings.pt "
+             f"and t-SNE maps):"]
+    for r in sorted(results, key=lambda r: str(r.get("_path"))):
+        folder = Path(str(r.get("_path"))).parent
+        done = f"maps {', '.join((r.get('maps') or {}).values()) or 'none'}" if r.get("status") == "ok" else \
+            f"**{r.get('status')}**: {str(r.get('error', 'no error recorded'))[:120]}"
+        lines.append(f"- {r.get('label') or folder.name} ({r.get('loss')}, repr={r.get('repr')}): {done} ({folder})")
+    return lines
+
+
+def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = ()) -> str:
     intro = (f"{n_files} results.json files. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
              f"validation selected nothing (final epoch). Results whose settings differ (backbone, data, "
              f"pretraining or evaluation epochs) are in separate rows, never averaged together. A row "
              f"with no accuracy says why: missing (no result), failed (no run succeeded) or incomplete "
              f"(pretraining did not finish; not counted).")
-    return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells)]) + "\n"
+    return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells), *_unscored(unscored)]) + "\n"
 
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
@@ -159,13 +175,17 @@ def report(folders: Sequence[str | Path], out: str | Path,
     their own); None: as each results.json says (evaluate.py's ``allow_incomplete``).
     """
     paths = find_results(folders)
+    results = load_results(paths) if paths else []
+    curves = training_curves(folders, results, Path(out))
     if not paths:
-        raise SystemExit(f"error: no results.json under {', '.join(map(str, folders))}; run evaluate.py "
-                         f"first")
-    cells = build_cells(load_results(paths), allow_incomplete)
+        if curves:
+            return []
+        raise SystemExit(f"error: no results.json and no training run under {', '.join(map(str, folders))}; "
+                         f"run train.py / evaluate.py first")
+    cells = build_cells(results, allow_incomplete)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(cells, len(paths))
+    text = markdown(cells, len(paths), unscored_results(results))
     (out / "results.md").write_text(text, encoding="utf-8")
     write_csv(cells, out / "results.csv")
     plotted = plot(cells, out / "results.png")
@@ -173,6 +193,35 @@ def report(folders: Sequence[str | Path], out: str | Path,
     written = [out / "results.md", out / "results.csv"] + ([out / "results.png"] if plotted else [])
     print(f"[report] wrote {', '.join(map(str, written))}")
     return cells
+
+
+def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out: Path) -> Path | None:
+    """``curves.png`` in ``out``: the learning curves of the training runs in ``folders`` and of the runs the
+    results evaluated, overlaid (colour: loss mode, line style: seed)."""
+    from byol.jobs.build import loss_mode
+    from byol.jobs.curves import overlay_curves
+    from byol.jobs.pretrained import read_run_config
+    from byol.jobs.run_folder import find_runs, run_folder_of
+
+    runs = {run.resolve() for folder in folders for run in find_runs(Path(folder))}
+    runs |= {run_folder_of(Path(r["pretrained"])).resolve() for r in results
+             if r.get("pretrained") and r.get("pretrained") != "random" and Path(str(r["pretrained"])).exists()}
+    described = []
+    for run in sorted(runs):
+        try:
+            config = read_run_config(run) or {}
+        except Exception:  # an unreadable or refused config: that run's curves are left out
+            continue
+        if (run / "metrics.csv").is_file() and isinstance(config.get("loss"), dict):
+            described.append((loss_mode(config["loss"]), f"seed {config.get('seed', '?')}", run))
+    if not described:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"learning curves of {len(described)} pretraining runs (colour: loss, line style: seed)"
+    path = overlay_curves(described, out / "curves.png", title)
+    if path:
+        print(f"[report] wrote {path}")
+    return path
 
 
 def newest_eval_sweep(outputs: Path = Path("outputs")) -> Path | None:

@@ -1,0 +1,141 @@
+"""Learning curves from a run's metrics.csv: ``curves.png`` in each run folder, and an overlay of a sweep.
+
+One figure answers "is it learning?": the BYOL loss per head, the online kNN and linear-probe
+accuracy per representation (the kNN curve starts at the random-init encoder, measured before the
+first step), the collapse monitor, tau and the learning rate, against epochs. matplotlib is
+imported only here, when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from byol.core.checkpoint import atomic_write
+
+CURVES_FILE = "curves.png"
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """``{metric: [(epoch, value), ...]}``: epoch-end values at their epoch (1 = after the first),
+    per-step values at their fraction of an epoch, the random-init kNN at 0."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps_per_epoch = _steps_per_epoch(rows)
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for row in rows:
+        step, epoch = _number(row.get("step")), _number(row.get("epoch"))
+        for key, text in row.items():
+            value = _number(text)
+            if key in ("step", "epoch") or value is None:
+                continue
+            if key.endswith("_epoch") or key.startswith("monitor/"):
+                x = 0.0 if key.startswith("monitor/") and step == 0 and epoch is None else (epoch or 0) + 1
+            else:  # Lightning's step column counts from 0: step s ends after s + 1 optimizer steps
+                x = ((step or 0) + 1) / steps_per_epoch
+            series[key.removesuffix("_epoch")].append((x, value))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def _number(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _steps_per_epoch(rows: list[dict]) -> float:
+    """Optimizer steps per epoch, from the rows that carry both (the last step of an epoch gives it)."""
+    pairs = [(_number(r.get("epoch")), _number(r.get("step"))) for r in rows]
+    ratios = [(step + 1) / (epoch + 1) for epoch, step in pairs if epoch is not None and step is not None]
+    return max([1.0, *ratios])
+
+
+PANELS = (  # (title, metric prefix, y label, as percent)
+    ("BYOL loss per head (lower is not better if std collapses)", "train/loss/", "loss", False),
+    ("online kNN accuracy (epoch 0: random init)", "monitor/knn/", "test accuracy, %", True),
+    ("online linear probe (training batches)", "monitor/probe/", "accuracy, %", True),
+    ("collapse monitor: std of projections (0 = collapsed)", "train/std/", "std x sqrt(dim)", False),
+    ("EMA tau", "train/tau", "tau", False),
+    ("learning rate", "lr-", "lr", False),
+)
+
+
+def _draw(axes, runs: Sequence[tuple[str, dict, dict]]) -> None:
+    """``runs``: (label, series, line style) for each run; one panel per entry of :data:`PANELS`."""
+    for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
+        drawn = False
+        for label, series, style in runs:
+            for key, points in series.items():
+                if not key.startswith(prefix) or "_step" in key or key.endswith("seconds"):
+                    continue
+                xs, ys = zip(*points, strict=True)
+                ys = [100 * y for y in ys] if percent else ys
+                name = key[len(prefix):] or key
+                ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style,
+                        marker="o" if len(xs) < 30 and prefix.startswith("monitor") else None, markersize=3)
+                drawn = True
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))  # a reader never sees half a PNG
+
+
+def write_curves(run_dir: Path) -> Path | None:
+    """Draw ``run_dir/curves.png`` from ``run_dir/metrics.csv`` (None when there is nothing to draw)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    _draw(axes, [("", read_metrics(metrics), {})])
+    fig.suptitle(f"{run_dir.name}: learning curves (metrics.csv)", fontsize=11)
+    _save(fig, run_dir / CURVES_FILE)
+    plt.close(fig)
+    return run_dir / CURVES_FILE
+
+
+def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str) -> Path | None:
+    """One figure with every run's curves: ``runs`` are (loss mode, seed label, run folder); colour by
+    loss mode, line style by seed."""
+    runs = [(loss, seed, Path(folder)) for loss, seed, folder in runs if (Path(folder) / "metrics.csv").is_file()]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"classic": "tab:blue", "multi": "tab:orange"}
+    seeds = sorted({seed for _, seed, _ in runs})
+    styles = ["-", "--", ":", "-."]
+    drawn = [(f"{loss} {seed} ", read_metrics(folder / "metrics.csv"),
+              {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seeds.index(seed) % len(styles)]})
+             for loss, seed, folder in sorted(runs)]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    _draw(axes, drawn)
+    fig.suptitle(title, fontsize=11)
+    _save(fig, Path(path))
+    plt.close(fig)
+    return Path(path)

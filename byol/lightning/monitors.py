@@ -1,0 +1,158 @@
+"""Online monitors: is the run learning? Weighted kNN and linear probes per representation, during training.
+
+A low BYOL loss proves nothing (a collapsed network reaches one too); what users judge a run by is
+the accuracy of its representations over epochs. Both monitors see the **online** encoder:
+
+- :class:`OnlineKNN` embeds a bank of training images and held-out labelled queries in eval mode
+  every ``every_n_epochs`` and scores weighted kNN (the offline ``eval=knn`` on the same images);
+- :class:`OnlineProbes` trains a linear classifier per representation on the detached features of
+  each training batch (view 1, as the network saw it), with its own optimizer: no gradient reaches
+  the encoder, and the global random stream is untouched.
+
+Representations are named lists of taps: ``{"avgpool": ["avgpool"], "combined": ["avgpool",
+"layer2.0", "layer3.0"], "layer2.0": ["layer2.0"], ...}``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from byol.core.data import ImageTensors
+from byol.core.features import extract_features
+from byol.core.knn import knn_accuracy
+
+KNN_PREFIX, PROBE_PREFIX = "monitor/knn/", "monitor/probe/"
+
+
+def all_taps(representations: Mapping[str, Sequence[str]]) -> list[str]:
+    return list(dict.fromkeys(t for taps in representations.values() for t in taps))
+
+
+def _columns(encoder, taps: Sequence[str], wanted: Sequence[str]) -> torch.Tensor:
+    """Indices of the features of ``wanted`` taps inside the concatenation of ``taps``."""
+    starts, offset = {}, 0
+    for tap in taps:
+        starts[tap] = (offset, offset + encoder.dims[tap])
+        offset += encoder.dims[tap]
+    return torch.cat([torch.arange(*starts[t]) for t in wanted])
+
+
+class OnlineKNN(pl.Callback):
+    """Weighted kNN (cosine, votes ``exp(sim / T)``) of ``queries`` against ``bank`` per representation."""
+
+    def __init__(self, bank: ImageTensors, queries: ImageTensors, representations: Mapping[str, Sequence[str]],
+                 mean: Sequence[float], std: Sequence[float], num_classes: int, every_n_epochs: int = 1,
+                 k: int = 200, temperature: float = 0.1, batch_size: int = 512, dtype: torch.dtype | None = None):
+        self.bank, self.queries, self.representations = bank, queries, dict(representations)
+        self.mean, self.std, self.num_classes, self.every = mean, std, num_classes, max(1, every_n_epochs)
+        self.k, self.temperature, self.batch_size, self.dtype = k, temperature, batch_size, dtype
+        self.last: dict[str, float] = {}
+        self.initial: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        device = pl_module.device
+        self.bank, self.queries = self.bank.to(device), self.queries.to(device)
+
+    @torch.no_grad()
+    def scores(self, encoder) -> dict[str, float]:
+        """kNN accuracy of each representation, from one pass over the bank and the queries."""
+        taps = all_taps(self.representations)
+        bank, queries = (extract_features(encoder, data.images, taps, self.mean, self.std, self.batch_size,
+                                          self.dtype) for data in (self.bank, self.queries))
+        scores = {}
+        for name, wanted in self.representations.items():
+            cols = _columns(encoder, taps, wanted).to(bank.device)
+            scores[name] = knn_accuracy(bank[:, cols], self.bank.labels, queries[:, cols], self.queries.labels,
+                                        self.num_classes, k=self.k, temperature=self.temperature)
+        return scores
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """The random-init encoder's scores, before the first step: where the curve starts."""
+        if trainer.global_step != 0:
+            return
+        self.initial = self.scores(pl_module.model.online_encoder)
+        for logger in trainer.loggers:
+            logger.log_metrics({KNN_PREFIX + name: value for name, value in self.initial.items()}, step=0)
+        shown = ", ".join(f"{name} {100 * value:.1f}%" for name, value in self.initial.items())
+        print(f"[byol] kNN before training (random init): {shown}", flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every:
+            return
+        start = time.perf_counter()
+        self.last = self.scores(pl_module.model.online_encoder)
+        self.seconds = time.perf_counter() - start
+        for name, accuracy in self.last.items():
+            pl_module.log(KNN_PREFIX + name, accuracy)
+        pl_module.log("monitor/knn_seconds", self.seconds)
+
+
+class OnlineProbes(pl.Callback):
+    """A linear classifier per representation, trained on each training batch's detached features.
+
+    Each probe standardises its input (a BatchNorm without affine parameters) before one linear
+    layer, so features of very different scales (avgpool, pooled intermediate blocks) train at one
+    learning rate. Its accuracy on the batches of an epoch (before each step) is logged at the end.
+    Probe weights and optimizer state are saved in checkpoints (``state_dict``), so a resumed run
+    continues them.
+    """
+
+    def __init__(self, representations: Mapping[str, Sequence[str]], dims: Mapping[str, int], num_classes: int,
+                 lr: float = 0.1, seed: int = 0):
+        self.representations = dict(representations)
+        generator = torch.Generator().manual_seed(seed)  # its own stream: the run's randomness is untouched
+        self.heads = nn.ModuleDict()
+        for name, taps in self.representations.items():
+            linear = nn.Linear(sum(dims[t] for t in taps), num_classes)
+            with torch.no_grad():
+                bound = linear.in_features ** -0.5
+                linear.weight.copy_(torch.rand(linear.weight.shape, generator=generator) * 2 * bound - bound)
+                linear.bias.zero_()
+            self.heads[name.replace(".", "_")] = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False),
+                                                               linear)
+        self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=lr, momentum=0.9)
+        self._correct: dict[str, torch.Tensor] = {}
+        self._seen = 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.heads.to(pl_module.device)
+        for state in self.optimizer.state.values():  # after a load: momentum buffers follow the heads
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    state[key] = value.to(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        features, labels = pl_module.model.last_features, batch[1]
+        if not features or outputs is None:  # a skipped (non-finite) step
+            return
+        with torch.enable_grad(), torch.autocast(labels.device.type, enabled=False):
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0
+            for name, taps in self.representations.items():
+                x = torch.cat([features[t] for t in taps], dim=1).float()
+                logits = self.heads[name.replace(".", "_")](x)
+                total = total + F.cross_entropy(logits, labels)
+                correct = (logits.detach().argmax(1) == labels).sum()
+                self._correct[name] = self._correct.get(name, 0) + correct
+            total.backward()
+            self.optimizer.step()
+        self._seen += labels.shape[0]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        for name, correct in self._correct.items():
+            pl_module.log(PROBE_PREFIX + name, float(correct) / max(1, self._seen))
+        self._correct, self._seen = {}, 0
+
+    def state_dict(self) -> dict:
+        return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.heads.load_state_dict(state_dict["heads"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])

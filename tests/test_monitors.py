@@ -1,0 +1,105 @@
+"""Online monitors during pretraining: kNN and linear probes per representation, and the curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import compose_config
+from PIL import Image
+
+from byol.core.checkpoint import safe_load
+from byol.jobs.curves import read_metrics
+from byol.jobs.evaluate import evaluate
+from byol.jobs.monitoring import representations
+from byol.jobs.pretrain import pretrain
+
+TINY = ["experiment=smoke", "trainer.precision=32-true", "data.num_train=64", "data.num_test=40",
+        "data.batch_size=16", "trainer.max_epochs=2", "monitor.val_size=12"]
+
+
+def last_row_values(metrics, prefix: str) -> dict[str, float]:
+    with open(metrics, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if any(r[k] for k in r if k.startswith(prefix))]
+    return {k[len(prefix):]: float(v) for k, v in rows[-1].items() if k.startswith(prefix) and v}
+
+
+def test_representations_are_avgpool_each_tap_and_combined():
+    assert representations(["layer2.0", "layer3.0"]) == {
+        "avgpool": ["avgpool"], "layer2.0": ["layer2.0"], "layer3.0": ["layer3.0"],
+        "combined": ["avgpool", "layer2.0", "layer3.0"]}
+    assert representations([]) == {"avgpool": ["avgpool"]}
+
+
+@pytest.mark.slow
+def test_online_knn_is_the_offline_knn_of_the_same_weights(tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(compose_config("train", TINY, run), run)
+    online = last_row_values(run / "metrics.csv", "monitor/knn/")
+    assert set(online) == {"avgpool", "layer2.0", "layer3.0", "combined"}
+    assert "kNN before training (random init)" in capsys.readouterr().out
+    for repr_name in ("avgpool", "combined"):
+        cfg = compose_config("evaluate", ["preset=smoke", f"pretrained={run}", "eval=knn", f"repr={repr_name}",
+                                          "split.val_size=12", "trainer.precision=32-true"], tmp_path)
+        (result,) = evaluate(cfg, tmp_path / f"eval_{repr_name}", requested=[])
+        assert result["test_acc"] == pytest.approx(online[repr_name], abs=1e-6), repr_name
+    probes = last_row_values(run / "metrics.csv", "monitor/probe/")
+    assert set(probes) == set(online) and all(0 <= v <= 1 for v in probes.values())
+    curves = read_metrics(run / "metrics.csv")
+    assert [x for x, _ in curves["monitor/knn/avgpool"]] == [0.0, 1.0, 2.0]  # random init, then each epoch
+    assert Image.open(run / "curves.png").size[0] > 1000
+    assert "OnlineProbes" in safe_load(run / "checkpoints" / "last.ckpt")["callbacks"]  # resumed with the run
+
+
+@pytest.mark.slow
+def test_monitors_do_not_change_the_encoders_training(tmp_path):
+    weights = {}
+    for monitor in ("default", "off"):
+        run = tmp_path / monitor
+        pretrain(compose_config("train", [*TINY, f"monitor={monitor}", "trainer.deterministic=true"], run), run)
+        weights[monitor] = safe_load(run / "encoder.pt")["state_dict"]
+    assert weights["default"].keys() == weights["off"].keys()
+    assert all(torch.equal(weights["default"][k], weights["off"][k]) for k in weights["off"])
+    assert not any(k.startswith("monitor/") for k in next(csv.reader(open(tmp_path / "off" / "metrics.csv"))))
+
+
+def test_unlabelled_training_data_runs_without_monitors(tmp_path, capsys):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(40):
+        pixels = torch.randint(0, 255, (16, 16, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    run = tmp_path / "run"
+    overrides = ["experiment=smoke", "data=imagefolder", f"data.root={folder}", "data.cache_dir=null",
+                 "data.image_size=16", "data.batch_size=16", "trainer.max_epochs=1", "trainer.precision=32-true"]
+    pretrain(compose_config("train", overrides, run), run)
+    out = capsys.readouterr().out
+    assert "[byol] no online monitors: they need labelled training and test images" in out
+    assert not any(k.startswith("monitor/") for k in next(csv.reader(open(run / "metrics.csv"))))
+
+
+def fake_training_run(folder, taps, seed, knn):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"seed: {seed}\nloss:\n  taps: {taps}\n")
+    (folder / "encoder.pt").write_bytes(b"")  # what makes it a run folder
+    rows = ["epoch,step,monitor/knn/avgpool,monitor/knn/combined,train/loss_epoch,train/tau",
+            f",0,{knn[0]},{knn[0] + 0.05},,"]
+    rows += [f"{e},{4 * e + 3},{k},{k + 0.05},{2.0 - e / 2},0.99" for e, k in enumerate(knn[1:])]
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path):
+    from byol.jobs.report import report
+
+    sweep = tmp_path / "sweep"
+    fake_training_run(sweep / "0_classic", "[]", 0, [0.30, 0.35, 0.42])
+    fake_training_run(sweep / "1_multi", "[layer2.0, layer3.0]", 0, [0.30, 0.38, 0.47])
+    series = read_metrics(sweep / "1_multi" / "metrics.csv")
+    assert series["monitor/knn/avgpool"] == [(0.0, 0.30), (1.0, 0.38), (2.0, 0.47)]
+    assert series["train/loss"] == [(1.0, 2.0), (2.0, 1.5)]
+    assert series["train/tau"] == [(1.0, 0.99), (2.0, 0.99)]  # step 3 and 7 of 4-step epochs: ends of 1 and 2
+    assert report([sweep], tmp_path / "out") == []  # no evaluation yet: only the curves
+    assert Image.open(tmp_path / "out" / "curves.png").size[0] > 1000
