@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (H100/H200), budgeted at about 7 minutes (not yet run on a GPU);
-# see benchmarks/README.md.
+# One prepared run for a lent GPU (H100/H200); see benchmarks/README.md. Two modes:
+#
+# MODE=single (default; budgeted at about 7 minutes, not yet run on a GPU):
 #   1. installs hydra-core/omegaconf/antlr4 from the carried .whl/ folder (no network there),
 #   2. extracts the shared CIFAR-10 JPEGs,
 #   3. throughput of our training step (and the floor; lightly/byol-pytorch if importable) for the
 #      ResNet-18 CIFAR stem at batch 256 and 512: images/s, s/epoch, peak GPU memory,
 #   4. a BYOL pretraining for as many epochs as fit in PRETRAIN_S seconds at batch 512,
-#   5. the linear probe's test accuracy (evaluate.py; the benchmark part survives its failure),
-# and appends a dated section naming the card to benchmarks/RESULTS.md (copied to $OUT, since only
-# $OUT comes back from the GPU machine).
+#   5. the linear probe's test accuracy (evaluate.py; the benchmark part survives its failure).
+#
+# MODE=grid (the study's grid with the GPU recipe, budgeted at GRID_S = 540 s from the start):
+#   1.-3. as above (the throughput with experiment=cifar10, ours and the floor only unless PEERS),
+#   4. pretrains loss=classic,multi with experiment=cifar10 (batch 256) in one sweep, each run for as
+#      many epochs as fit in what is left of GRID_S after EVAL_S (240 s) is kept for steps 5-6,
+#      sized from the step-3 figure at batch 256 (s/epoch x 1.35 for checkpoints and multi's heads),
+#   5. evaluates both runs and the random-init baseline: kNN and linear on avgpool and combined, then
+#      fine-tuning for FT_EPOCHS (2) epochs on both (the 8 cells + kNN), each sweep under a timeout,
+#   6. python -m byol.report on both sweeps; results.md/.csv/.png and the runs' curves PNGs into $OUT.
+#
+# Both append a dated section naming the card to benchmarks/RESULTS.md (copied to $OUT, since only
+# $OUT comes back from the GPU machine; at most 8 files are kept there).
 #
 # SMOKE=1 runs the same steps with tiny settings on whatever device there is (CPU here) and writes
 # only under $OUT: the way to test this script without a GPU.
-# Environment: OUT (results folder), DATA (dataset root; default /tmp/cifar10, extracted if missing),
-# PYTHON (default python3), PRETRAIN_S (default 240), BATCHES (default "256 512"), PEERS, COMPILE=1.
+# Environment: MODE (single|grid), OUT (results folder), DATA (dataset root; default /tmp/cifar10,
+# extracted if missing), PYTHON (default python3), PRETRAIN_S (single: 240), BATCHES (default "256 512"),
+# PEERS, COMPILE=1, WORK (run folders); grid: GRID_S (540), EVAL_S (240), FT_EPOCHS (2), GRID_BATCH (256).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
+MODE=${MODE:-single}
+case "$MODE" in single | grid) ;; *) echo "gpu.sh: MODE must be single or grid, not '$MODE'" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/byol-gpu-out}
 DATA=${DATA:-/tmp/cifar10}
 WORK=${WORK:-/tmp/byol-gpu-runs}
@@ -29,18 +43,32 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[gpu.sh +$(elapsed)s] $*"; }
+MAX_OUT_FILES=8  # what comes back from the GPU machine
+keep() {  # keep SRC as $OUT/NAME unless $OUT already holds MAX_OUT_FILES files
+  local n
+  n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  if [ -e "$OUT/$2" ] || [ "$n" -lt "$MAX_OUT_FILES" ]; then cp "$1" "$OUT/$2" && return 0; fi
+  say "not copied to \$OUT (already $n files): $1"; return 1
+}
 
 if [ "$SMOKE" = 1 ]; then
-  BATCHES=${BATCHES:-16}; STEPS=1; WARMUP=1; PRETRAIN_S=${PRETRAIN_S:-60}
+  BATCHES=${BATCHES:-16}; STEPS=1; WARMUP=1; PRETRAIN_S=${PRETRAIN_S:-60}; GRID_S=${GRID_S:-3600}
   TINY=(data.subset=64 head.proj_hidden_dim=64 head.pred_hidden_dim=64 head.proj_dim=32)
   EVAL_TINY=(data.subset=64 eval.epochs=1)
+  GRID_TINY=(data.batch_size=16 "${TINY[@]}")
   BENCH_SET=(--set head.proj_hidden_dim=64 --set head.pred_hidden_dim=64 --set head.proj_dim=32)
   RESULTS="$OUT/RESULTS.md"  # never touch the repository's file in smoke mode
   [ -f "$RESULTS" ] || cp benchmarks/RESULTS.md "$RESULTS" 2>/dev/null || : >"$RESULTS"
 else
-  BATCHES=${BATCHES:-256 512}; STEPS=50; WARMUP=10; PRETRAIN_S=${PRETRAIN_S:-240}
-  TINY=(); EVAL_TINY=(); BENCH_SET=()
+  BATCHES=${BATCHES:-256 512}; PRETRAIN_S=${PRETRAIN_S:-240}; GRID_S=${GRID_S:-540}
+  if [ "$MODE" = grid ]; then STEPS=30; else STEPS=50; fi
+  WARMUP=10; TINY=(); EVAL_TINY=(); GRID_TINY=(); BENCH_SET=()
   RESULTS="$REPO/benchmarks/RESULTS.md"
+fi
+BENCH_TIMEOUT=240
+if [ "$MODE" = grid ]; then
+  PEERS=${PEERS:-ours,floor}; BENCH_TIMEOUT=150
+  BENCH_SET+=(--set experiment=cifar10)  # the recipe's step (CLI batch and heads still win)
 fi
 COMPILE_ARGS=(); COMPILE_SET=()
 if [ "${COMPILE:-0}" = 1 ]; then COMPILE_ARGS=(--compile); COMPILE_SET=(compile=true); fi
@@ -77,16 +105,31 @@ say "card: $CARD; data: $DATA; python: $("$PY" -c 'import sys, torch; print(sys.
 SECTION="$WORK/section.md"
 {
   echo
-  echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $CARD (benchmarks/gpu.sh)"
+  echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $CARD (benchmarks/gpu.sh$([ "$MODE" = grid ] && echo ", MODE=grid"))"
 } >"$SECTION"
 
 # ---------------------------------------------------------------- 3. throughput
 for B in $BATCHES; do
   say "throughput, CIFAR stem, batch $B"
-  timeout 240 "$PY" benchmarks/throughput.py --stem cifar --batch-size "$B" --steps "$STEPS" --warmup "$WARMUP" \
+  timeout "$BENCH_TIMEOUT" "$PY" benchmarks/throughput.py --stem cifar --batch-size "$B" --steps "$STEPS" --warmup "$WARMUP" \
     --data "$DATA" --peers "${PEERS:-ours,lightly,byol_pytorch,floor}" --json "$OUT/bench_b$B.json" --markdown "$SECTION" "${COMPILE_ARGS[@]}" "${BENCH_SET[@]}" \
     || say "throughput at batch $B failed or timed out (exit $?)"
 done
+
+finish() {  # append the section to RESULTS.md and copy it into $OUT
+  echo "Whole script: $(elapsed) s." >>"$SECTION"
+  cat "$SECTION" >>"$RESULTS"
+  [ "$RESULTS" = "$OUT/RESULTS.md" ] || cp "$RESULTS" "$OUT/RESULTS.md"
+  say "appended to $RESULTS (copy in $OUT/RESULTS.md):"
+  cat "$SECTION"
+}
+
+if [ "$MODE" = grid ]; then
+  # shellcheck source=benchmarks/gpu_grid.sh
+  source benchmarks/gpu_grid.sh
+  finish
+  exit 0
+fi
 
 # ---------------------------------------------------------------- 4. pretraining
 LAST_B=${BATCHES##* }
@@ -149,9 +192,5 @@ say "linear probe: $PROBE"
        "optim.scheduler.warmup_epochs=$WARM_EPOCHS ${TINY[*]} ${COMPILE_SET[*]}\`): exit $PRETRAIN_RC," \
        "$EPOCHS epochs in ${PRETRAIN_WALL} s wall (start-up, data loading and checkpoints included)."
   echo "Linear probe (\`python evaluate.py pretrained=RUN eval=linear data=imagefolder ${EVAL_TINY[*]}\`): $PROBE."
-  echo "Whole script: $(elapsed) s."
 } >>"$SECTION"
-cat "$SECTION" >>"$RESULTS"
-[ "$RESULTS" = "$OUT/RESULTS.md" ] || cp "$RESULTS" "$OUT/RESULTS.md"
-say "appended to $RESULTS (copy in $OUT/RESULTS.md):"
-cat "$SECTION"
+finish

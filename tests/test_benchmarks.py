@@ -125,3 +125,53 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     assert "exit 0, 1 epochs" in results  # the pretraining ran
     assert (tmp_path / "work" / "pretrain" / "encoder.pt").exists()
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == repo_results  # smoke runs leave it alone
+
+
+def test_gpu_script_refuses_an_unknown_mode(tmp_path):
+    env = dict(os.environ, MODE="sweep", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "MODE must be single or grid" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gpu_grid_smoke_mode_appends_the_grid_table_for_both_losses_and_the_baseline(tmp_path):
+    """benchmarks/gpu_grid.sh (= MODE=grid gpu.sh) with SMOKE=1 on a tiny folder: throughput, the
+    classic + multi pretraining sweep with experiment=cifar10, kNN/linear/fine-tune on avgpool and
+    combined with the random-init baseline, the report's table appended after the throughput table."""
+    data = write_folder(tmp_path / "data", splits=("train", "test"))
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(work), BATCHES="4",
+               PEERS="ours", HOME=str(tmp_path / "home"), PYTHON=sys.executable)
+    env.pop("MODE", None)
+    repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_grid.sh")], env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = (out / "RESULTS.md").read_text()
+    assert results.startswith(repo_results)  # the repository's file, then the new section
+    section = results[len(repo_results):]
+    assert "SMOKE test (benchmarks/gpu.sh, MODE=grid)" in section
+    assert section.index("| cifar | ours |") < section.index("| loss | repr | eval | test acc |")
+    assert "python train.py -m experiment=cifar10 loss=classic,multi" in section
+    assert "exit 0, 1 epochs per run" in section
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line.split("|")[4].strip()
+            for line in section.splitlines() if line.startswith(("| classic |", "| multi |", "| random-init |"))}
+    for loss in ("classic", "multi", "random-init"):
+        for repr_ in ("avgpool", "combined"):
+            for protocol in ("linear", "finetune", "knn"):
+                accuracy = rows[(loss, repr_, protocol)]
+                assert 0 <= float(accuracy) <= 100, (loss, repr_, protocol, accuracy)
+    assert "All 8 expected cells have results." in section
+
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"RESULTS.md", "gpu.log", "bench_b4.json", "results.png"} <= set(files)
+    assert "results.png (" in section
+    for loss in ("classic", "multi"):
+        run = work / "grid" / "train" / loss
+        assert (run / "encoder.pt").exists()
+        if (run / "curves.png").exists():  # written by the pretraining job when it plots its curves
+            assert f"curves_{loss}.png" in files and f"curves_{loss}.png (" in section
+    assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == repo_results  # smoke runs leave it alone

@@ -1,4 +1,5 @@
-"""LARS against hand-computed steps, parameter grouping, and the learning-rate schedules."""
+"""LARS against hand-computed steps (with and without clip_lr), parameter grouping, the
+learning-rate schedules, and the GPU recipe's optimizer (experiment=cifar10)."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from byol.core.optim import LARS, constant, param_groups, warmup_cosine
+from byol.core.optim import LARS, build_optimizer, constant, param_groups, warmup_cosine
 
 LR, MOMENTUM, ETA, WD = 0.5, 0.9, 0.02, 0.1
 
@@ -58,6 +59,123 @@ def test_excluded_group_is_sgd_with_momentum_without_weight_decay():
         sgd.step()
     torch.testing.assert_close(net.bias.detach(), reference.bias.detach(), rtol=0, atol=1e-6)
     assert not torch.allclose(net.bias.detach(), start)  # it moved
+
+
+def _clip_example():
+    """Two weight tensors in one group: ratio 0.1 (||w|| 5, ||g|| 0.5) and ratio 0.02 (||w|| 1, ||g|| 0.9)."""
+    a = nn.Parameter(torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([[0.6, 0.0], [0.0, 0.8]], dtype=torch.float64))
+    ga = torch.tensor([[0.3, 0.0], [0.4, 0.0]], dtype=torch.float64)
+    gb = torch.tensor([[0.0, 0.9], [0.0, 0.0]], dtype=torch.float64)
+    return a, b, ga, gb
+
+
+@pytest.mark.parametrize("lr", [0.05, 0.5])
+def test_clip_lr_caps_each_tensors_rate_at_lr(lr):
+    """clip_lr (solo-learn's rule): scale = min(ratio / lr, 1), so the step is lr x min(ratio / lr, 1)
+    x (g + wd w) = min(ratio, lr) x (g + wd w): the ratio is the tensor's own rate, capped at lr (not
+    lr x ratio as without the option). Ratios by hand: a: 0.02 * 5 / (0.5 + 0.1 * 5) = 0.1;
+    b: 0.02 * 1 / (0.9 + 0.1 * 1) = 0.02. At lr 0.05 a is capped (rate 0.05), b is not (0.02); at
+    lr 0.5 neither is (rates 0.1 and 0.02)."""
+    a, b, ga, gb = _clip_example()
+    start_a, start_b = a.detach().clone(), b.detach().clone()
+    opt = LARS([a, b], lr=lr, momentum=MOMENTUM, weight_decay=WD, eta=ETA, eps=0.0, clip_lr=True)
+    a.grad, b.grad = ga.clone(), gb.clone()
+    opt.step()
+    rate_a, rate_b = {0.05: (0.05, 0.02), 0.5: (0.1, 0.02)}[lr]  # min(ratio, lr), written out
+    torch.testing.assert_close(a.detach(), start_a - rate_a * (ga + WD * start_a), rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.detach(), start_b - rate_b * (gb + WD * start_b), rtol=0, atol=1e-12)
+
+    # step 2: the buffer holds step 1's scaled update; the new one is scaled by the new norms' ratio
+    buf_a = (rate_a / lr) * (ga + WD * start_a)
+    w1 = a.detach().clone()
+    ratio2 = ETA * w1.norm().item() / (0.5 + WD * w1.norm().item())
+    a.grad, b.grad = ga.clone(), gb.clone()
+    opt.step()
+    buf_a = MOMENTUM * buf_a + min(ratio2 / lr, 1.0) * (ga + WD * w1)
+    torch.testing.assert_close(a.detach(), w1 - lr * buf_a, rtol=0, atol=1e-12)
+
+
+def test_clip_lr_off_is_the_unclipped_rule():
+    """Without clip_lr (the default) the rate is lr x ratio: 0.05 x 0.1 = 0.005 for a (clip_lr: 0.05)."""
+    a, b, ga, gb = _clip_example()
+    start = a.detach().clone()
+    opt = LARS([a, b], lr=0.05, momentum=MOMENTUM, weight_decay=WD, eta=ETA, eps=0.0)
+    assert opt.defaults["clip_lr"] is False
+    a.grad, b.grad = ga.clone(), gb.clone()
+    opt.step()
+    torch.testing.assert_close(a.detach(), start - 0.05 * 0.1 * (ga + WD * start), rtol=0, atol=1e-12)
+
+
+def test_clip_lr_leaves_excluded_groups_and_zero_norms_alone():
+    """Biases/norm parameters (lars_exclude) stay SGD with momentum; a zero-norm tensor gets the plain
+    lr step as without clip_lr; lr 0 (the end of a cosine) moves nothing and makes no NaN."""
+    torch.manual_seed(0)
+    net, reference = nn.Linear(3, 2), nn.Linear(3, 2)
+    reference.load_state_dict(net.state_dict())
+    lars = LARS(param_groups([net], weight_decay=0.5), lr=LR, momentum=MOMENTUM, weight_decay=0.5, eta=ETA,
+                clip_lr=True)
+    sgd = torch.optim.SGD([reference.bias], lr=LR, momentum=MOMENTUM)
+    for step in range(3):
+        grad = torch.randn(2, generator=torch.Generator().manual_seed(step))
+        net.bias.grad, reference.bias.grad = grad.clone(), grad.clone()
+        lars.step()
+        sgd.step()
+    torch.testing.assert_close(net.bias.detach(), reference.bias.detach(), rtol=0, atol=1e-6)
+
+    zero = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    zero.grad = torch.full((2, 2), 0.5, dtype=torch.float64)
+    LARS([zero], lr=LR, momentum=MOMENTUM, weight_decay=WD, eta=ETA, clip_lr=True).step()
+    torch.testing.assert_close(zero.detach(), torch.full((2, 2), -LR * 0.5, dtype=torch.float64))
+
+    a, _, ga, _ = _clip_example()
+    start = a.detach().clone()
+    opt = LARS([a], lr=0.0, momentum=MOMENTUM, weight_decay=WD, eta=ETA, clip_lr=True)
+    a.grad = ga.clone()
+    opt.step()
+    assert torch.equal(a.detach(), start)
+    assert torch.isfinite(opt.state[a]["momentum_buffer"]).all()
+
+
+def test_optimizer_state_saved_before_clip_lr_loads_unclipped():
+    """A checkpoint's optimizer state from before the option (no clip_lr key) steps as before."""
+    a, _, ga, _ = _clip_example()
+    start = a.detach().clone()
+    opt = LARS([a], lr=0.05, momentum=MOMENTUM, weight_decay=WD, eta=ETA, eps=0.0)
+    state = opt.state_dict()
+    del state["param_groups"][0]["clip_lr"]
+    opt.load_state_dict(state)
+    a.grad = ga.clone()
+    opt.step()
+    torch.testing.assert_close(a.detach(), start - 0.05 * 0.1 * (ga + WD * start), rtol=0, atol=1e-12)
+
+
+def test_cifar10_recipe_builds_lars_with_clip_lr(tmp_path):
+    """experiment=cifar10: solo-learn's BYOL CIFAR recipe, through the config and the builder."""
+    from conftest import compose_config, plain_config
+
+    from byol.jobs.config_check import check_config
+
+    cfg = plain_config(compose_config("train", ["experiment=cifar10", "loss=multi"], tmp_path))
+    check_config(cfg)
+    optim = cfg["optim"]
+    assert (optim["name"], optim["base_lr"], optim["scale_lr_with_batch"], optim["weight_decay"]) == (
+        "lars", 1.0, True, 1e-5)
+    assert optim["optimizer"] == {"momentum": 0.9, "eta": 0.02, "clip_lr": True}
+    assert optim["scheduler"] == {"name": "warmup_cosine", "warmup_epochs": 10}
+    assert (cfg["backbone"]["name"], cfg["backbone"]["stem"], cfg["data"]["batch_size"]) == ("resnet18", "cifar", 256)
+    head = cfg["head"]
+    assert (head["proj_hidden_dim"], head["proj_dim"], head["pred_hidden_dim"]) == (4096, 256, 4096)
+    assert (cfg["ema"]["tau_base"], cfg["ema"]["tau_schedule"]) == (0.99, "cosine")
+    assert cfg["augment"]["blur_p"] == 0.0
+    assert (cfg["augment"]["view1"]["solarize_p"], cfg["augment"]["view2"]["solarize_p"]) == (0.0, 0.2)
+    assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["trainer"]["max_epochs"] == 200
+    assert cfg["loss"]["taps"] == ["layer2.0", "layer3.0"]  # the loss stays a free axis
+    net = nn.Linear(3, 2)
+    opt = build_optimizer(optim["name"], param_groups([net], optim["weight_decay"]), 1.0, optim["optimizer"])
+    assert isinstance(opt, LARS)
+    assert [g["clip_lr"] for g in opt.param_groups] == [True, True]
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-5, 0.0]
 
 
 def test_param_groups_put_one_dimensional_params_in_the_excluded_group():

@@ -40,14 +40,35 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor is scaled by a trust ratio
     ``eta * ||w|| / (||g|| + wd * ||w||)`` (You et al., 2017). Groups with ``lars_exclude``
-    are plain SGD with momentum."""
+    are plain SGD with momentum.
+
+    ``clip_lr=True``: the scale is ``min(ratio / lr, 1)`` with ``lr`` the group's (scheduled) rate,
+    so a tensor's step is ``min(ratio, lr) x (g + wd w)``: the ratio is its own rate, never above
+    ``lr`` (without the option: ``lr x ratio``). This is the ``clip_lr`` option of solo-learn's LARS
+    (``solo/utils/lars.py``: ``lars_lr = min(lars_lr / lr, 1)``), which its CIFAR BYOL recipe sets.
+    """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001, eps: float = 1e-8):
+                 eta: float = 0.001, eps: float = 1e-8, clip_lr: bool = False):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      eps=eps, lars_exclude=False))
+                                      eps=eps, clip_lr=bool(clip_lr), lars_exclude=False))
+
+    @staticmethod
+    def _trust_ratios(group: dict, params: list, grads: list) -> list:
+        """Per tensor: the trust ratio, clipped to ``min(ratio / lr, 1)`` with ``clip_lr``; 1 where a
+        norm is 0. All tensors at once (one vector of norms), whatever their number."""
+        w = torch.stack(torch._foreach_norm(params))
+        g = torch.stack(torch._foreach_norm(grads))
+        lr, clip = group["lr"], group.get("clip_lr", False)  # states saved before the option lack it
+        if clip and lr <= 0:  # lr 0 (the end of a cosine): the limit of min(ratio / lr, 1), no 0/0
+            ratio = torch.ones_like(w)
+        else:
+            ratio = (group["eta"] / lr if clip else group["eta"]) * w / (g + group["weight_decay"] * w + group["eps"])
+            if clip:
+                ratio = ratio.clamp(max=1.0)
+        return list(torch.where((w > 0) & (g > 0), ratio, torch.ones_like(w)).unbind())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -62,13 +83,7 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             wd = group["weight_decay"]
             if not group["lars_exclude"]:  # trust ratio from the raw gradient's norm, as You et al. (2017)
-                w_norm = torch._foreach_norm(params)
-                g_norm = torch._foreach_norm(grads)
-                ratios = [
-                    torch.where((w > 0) & (g > 0), group["eta"] * w / (g + wd * w + group["eps"]),
-                                torch.ones_like(w))
-                    for w, g in zip(w_norm, g_norm, strict=True)
-                ]
+                ratios = self._trust_ratios(group, params, grads)
             if wd:
                 grads = torch._foreach_add(grads, params, alpha=wd)
             if not group["lars_exclude"]:
