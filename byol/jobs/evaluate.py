@@ -31,7 +31,7 @@ from byol.jobs.pretrained import (
     read_run_config,
     run_config_fields,
 )
-from byol.jobs.protocols import checked_protocol, run_protocol
+from byol.jobs.protocols import UNTRAINED, checked_protocol, run_protocol
 from byol.jobs.run_folder import (
     CONFIG_FILE,
     FAILED,
@@ -176,7 +176,7 @@ def _start_job(cfg, run_dir: Path) -> dict:
     OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
     protocol = checked_protocol(settings["eval"])
     representation_taps(settings["repr"]["name"], settings["repr"].get("taps") or [])
-    if protocol != "knn" and int(settings["eval"]["epochs"]) < 1:
+    if protocol not in UNTRAINED and int(settings["eval"]["epochs"]) < 1:
         raise ConfigError("eval.epochs must be at least 1")
     return settings
 
@@ -188,21 +188,29 @@ def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one
     architectures = {}
     for result in results:
         if result["backbone"]:
-            architectures.setdefault((result["backbone"], result["stem"]), {
-                "name": result["backbone"], "stem": result["stem"], "grids": result["grids"]})
+            architectures.setdefault(_architecture_key(result), {
+                "name": result["backbone"], "stem": result["stem"], "width": _architecture_key(result)[2],
+                "grids": result["grids"]})
     if not architectures:
         print("[eval] no run could be read: no architecture for a random-init baseline", flush=True)
     baselines = []
-    for (name, stem), backbone in architectures.items():
-        seeds = sorted({r["seed"] for r in results if (r.get("backbone"), r.get("stem")) == (name, stem)
+    for (name, stem, width), backbone in architectures.items():
+        seeds = sorted({r["seed"] for r in results if _architecture_key(r) == (name, stem, width)
                         and r.get("seed") is not None}) or [default_seed]
+        scaled = f"_x{width:g}" if width != 1 else ""
         for seed in seeds:
-            label = RANDOM_INIT_LABEL if len(architectures) == 1 else f"{RANDOM_INIT_LABEL}_{name}_{stem}"
+            label = RANDOM_INIT_LABEL if len(architectures) == 1 else f"{RANDOM_INIT_LABEL}_{name}{scaled}_{stem}"
             label += f"_seed{seed}" if len(seeds) > 1 else ""
-            print(f"[eval] baseline: {label} ({name}, {stem} stem, seed {seed})", flush=True)
+            print(f"[eval] baseline: {label} ({name}{scaled.replace('_', ' ')}, {stem} stem, seed {seed})",
+                  flush=True)
             model = random_model(backbone, seed, label)
             baselines.append(_print_failure(evaluate_one(model, out_dir=run_dir / label, label=label)))
     return baselines
+
+
+def _architecture_key(result: Mapping) -> tuple:
+    """A result's backbone name, stem and width (1.0 where not recorded: results and runs of earlier versions)."""
+    return result.get("backbone"), result.get("stem"), float(result.get("width") or 1.0)
 
 
 def _print_failure(result: dict) -> dict:
@@ -227,10 +235,11 @@ def _result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
     """The fields of a ``results.json`` known before any model is read: the evaluation's settings."""
     eval_cfg = cfg["eval"]
     return {"pretrained": pretrained, "label": label, "loss": None, "repr": cfg["repr"]["name"],
-            "eval": eval_cfg["name"], "backbone": None, "stem": None, "grids": None, "pretrain_epochs": None,
+            "eval": eval_cfg["name"], "backbone": None, "stem": None, "width": None, "grids": None,
+            "pretrain_epochs": None,
             "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
-            "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] != "knn" else 0, "seed": None,
-            "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
+            "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] not in UNTRAINED else 0,
+            "seed": None, "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
             "eval_data": {**data_fields(cfg["data"]), "split": cfg["split"]["name"],
                           "val_size": cfg["split"].get("val_size")},
             "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
@@ -240,7 +249,8 @@ def _result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
 def _model_fields(model: EncoderSource) -> dict:
     """The fields of a ``results.json`` that describe the model, once its weights are read."""
     return {"label": model.label, "loss": model.loss, "backbone": model.backbone["name"],
-            "stem": model.backbone["stem"], "grids": dict(model.backbone.get("grids") or {}),
+            "stem": model.backbone["stem"], "width": model.backbone.get("width", 1.0),
+            "grids": dict(model.backbone.get("grids") or {}),
             "pretrain_epochs": model.epochs, "seed": model.seed, "pretrain_epochs_planned": model.planned_epochs,
             "pretrain_status": model.pretrain_status,
             "pretrain_data": None if model.is_random else data_fields(model.data)}
@@ -287,9 +297,10 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
             _note_incomplete(model, result["allow_incomplete"])
         result.update(run_protocol(model, cfg, splits, num_classes, out_dir))
         result["status"] = "ok"
-        print(f"[eval] {model.label}: {cfg['eval']['name']} on {cfg['repr']['name']} -> val "
-              f"{result['val_acc']:.4f}, test {result['test_acc']:.4f} ({time.perf_counter() - start:.1f} s)",
-              flush=True)
+        scores = "no accuracy (eval=embed)" if result["test_acc"] is None else \
+            f"val {result['val_acc']:.4f}, test {result['test_acc']:.4f}"
+        print(f"[eval] {model.label}: {cfg['eval']['name']} on {cfg['repr']['name']} -> {scores} "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
     except Exception as exc:  # recorded per model; the job decides whether to stop
         message = str(exc) if isinstance(exc, ByolError) else f"{type(exc).__name__}: {exc}"
         result.update(status="failed", error=message)

@@ -5,7 +5,9 @@
   By default the features are extracted once and the classifier is trained on that cache
   (seconds); ``cached_features=false`` runs the standard protocol with crop + flip through
   the frozen encoder every epoch;
-* ``finetune``: encoder and classifier trained end to end with crop + flip.
+* ``finetune``: encoder and classifier trained end to end with crop + flip;
+* ``embed``: no classifier and no accuracy: the test-set features saved and drawn as t-SNE maps
+  coloured by class (:mod:`byol.jobs.embedding`).
 """
 
 from __future__ import annotations
@@ -26,18 +28,23 @@ from byol.core.knn import knn_accuracy
 from byol.core.linear_probe import MakeOptimizer, train_linear_probe
 from byol.core.optim import build_optimizer, build_schedule
 from byol.jobs.build import build_trainer, make_loggers
+from byol.jobs.embedding import check_embed_settings, embed_test_set
 from byol.jobs.pretrained import EncoderSource
 from byol.lightning.classifier import ClassifierModule
 
-PROTOCOLS = ("linear", "finetune", "knn")
+PROTOCOLS = ("linear", "finetune", "knn", "embed")
+UNTRAINED = ("knn", "embed")  # protocols that train nothing: no eval.epochs
 DEFAULT_OPTIMIZER = {"name": "sgd", "momentum": 0.9, "nesterov": True}
 DEFAULT_SCHEDULE = {"name": "warmup_cosine"}
 
 
 def checked_protocol(eval_cfg: Mapping) -> str:
-    """``eval.name``, refused unless it is one of :data:`PROTOCOLS`."""
+    """``eval.name``, refused unless it is one of :data:`PROTOCOLS`; for ``embed``, also refused before any
+    data is loaded when its optional packages are missing."""
     if eval_cfg["name"] not in PROTOCOLS:
         raise ConfigError(f"unknown eval.name '{eval_cfg['name']}'; choose one of: {', '.join(PROTOCOLS)}")
+    if eval_cfg["name"] == "embed":
+        check_embed_settings(eval_cfg)
     return eval_cfg["name"]
 
 
@@ -58,6 +65,9 @@ def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, o
             "split_sizes": {k: len(v) for k, v in splits.items()}}
     if cfg.get("channels_last", True):
         encoder.to(memory_format=torch.channels_last)
+    if protocol == "embed":
+        return {**embed_test_set(encoder, taps, splits["test"], num_classes, cfg, device, out_dir, model.label,
+                                 _describe(model)), **info}
     loggers = make_loggers(cfg.get("logger"), out_dir)
     if protocol == "knn" or (protocol == "linear" and eval_cfg.get("cached_features", True)):
         dtype = autocast_dtype(cfg["trainer"].get("precision", "32-true"))

@@ -22,6 +22,7 @@ EVALS = ("linear", "finetune")
 BASELINE = "random-init"
 EXPECTED = [(loss, r, e) for e in EVALS for r in REPRS for loss in LOSSES]
 CORE_DATA = ("name", "root", "subset", "image_size")  # what every results.json of this version records
+NO_ACCURACY = ("embed",)  # protocols that score nothing (t-SNE maps): listed under the table, not in it
 
 
 @dataclass
@@ -134,7 +135,8 @@ def _settings(r: dict) -> dict:
     if not isinstance(eval_data, dict) and isinstance(r.get("data"), str):
         eval_data = {"name": r["data"]}  # before eval_data: the dataset's name only
     incomplete = r.get("pretrain_status") == "incomplete"
-    return {"backbone": f"{r['backbone']}/{r.get('stem')}" if r.get("backbone") else None,
+    width = f" x{float(r['width']):g}" if r.get("width") not in (None, 1, 1.0) else ""  # absent: width 1
+    return {"backbone": f"{r['backbone']}{width}/{r.get('stem')}" if r.get("backbone") else None,
             "pretrain_data": _canonical(r.get("pretrain_data")), "eval_data": _canonical(eval_data),
             "pretrain_epochs": r.get("pretrain_epochs"),
             "planned_epochs": r.get("pretrain_epochs_planned") if incomplete else None,
@@ -208,7 +210,7 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
     as each results.json says (evaluate.py's ``allow_incomplete``). They stay in rows of their own.
     Failed and missing results join the row of their cell whose settings they match.
     """
-    results = list(results)
+    results = [r for r in results if r.get("eval") not in NO_ACCURACY]
     cells: dict[tuple, Cell] = {}
     for r in results:
         if result_status(r) == "ok":
@@ -224,6 +226,11 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
     return sorted(cells.values(), key=lambda c: (
         _order(c.eval, EVALS + ("knn",)), _order(c.repr, REPRS), _order(c.loss, LOSSES + (BASELINE,)),
         str(c.backbone), c.data, c.incomplete, str(c.pretrain_epochs), str(c.eval_epochs)))
+
+
+def unscored_results(results: Iterable[dict]) -> list[dict]:
+    """The results of protocols with no accuracy (``eval=embed``): never a row, never failed for lack of one."""
+    return [r for r in results if r.get("eval") in NO_ACCURACY]
 
 
 def _label_data(cells: Iterable[Cell]) -> None:
