@@ -1,12 +1,15 @@
-"""Encoder taps: raw shapes per stem, pooled dimensions, CIFAR stem layout, configuration errors."""
+"""Encoder taps: raw shapes per stem, pooled dimensions, CIFAR stem layout, the width multiplier,
+configuration errors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import models
 
-from byol.core.backbone import Encoder, build_resnet
-from byol.core.errors import ConfigError
+from byol.core.backbone import BASE_WIDTHS, Encoder, _rebuild_stages, build_resnet
+from byol.core.checkpoint import encoder_config, load_encoder, save_encoder
+from byol.core.errors import CheckpointError, ConfigError
 
 GRIDS = {"layer2.0": 4, "layer3.0": 2}
 TAPS = ["layer2.0", "layer3.0"]
@@ -85,7 +88,81 @@ def test_unknown_backbone_and_stem_raise_config_error():
 
 def test_config_records_what_built_the_encoder():
     enc = Encoder("resnet18", "imagenet", TAPS, GRIDS)
-    assert enc.config == {"name": "resnet18", "stem": "imagenet", "taps": TAPS, "grids": GRIDS}
+    assert enc.config == {"name": "resnet18", "stem": "imagenet", "width": 1.0, "taps": TAPS, "grids": GRIDS}
+    assert Encoder("resnet18", "imagenet", TAPS, GRIDS, width=0.5).config["width"] == 0.5
+
+
+# --------------------------------------------------------------------------- width multiplier
+
+
+def out_channels(enc: Encoder, module: str) -> int:
+    return enc.body.get_submodule(module).out_channels
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_half_width_halves_every_stage_of_resnet18(stem):
+    full, half = Encoder("resnet18", stem, TAPS, GRIDS), Encoder("resnet18", stem, TAPS, GRIDS, width=0.5)
+    # 32/64/128/256 channels instead of 64/128/256/512, down to the last block
+    assert [out_channels(half, m) for m in ("conv1", "layer1.0.conv2", "layer2.0.conv1", "layer3.1.conv2",
+                                            "layer4.1.conv2", "layer2.0.downsample.0")] == [32, 32, 64, 128, 256, 64]
+    assert [out_channels(full, m) for m in ("conv1", "layer4.1.conv2")] == [64, 512]
+    assert half.dims == {"avgpool": 256, "layer2.0": 64 * 4 * 4, "layer3.0": 128 * 2 * 2}
+    with torch.no_grad():
+        feats = half.eval()(torch.randn(2, 3, 32, 32))
+    assert {t: tuple(f.shape) for t, f in feats.items()} == {"avgpool": (2, 256), "layer2.0": (2, 1024),
+                                                             "layer3.0": (2, 512)}
+    # the same module names (taps like layer2.0 keep working), about a quarter of the weights
+    assert [n for n, _ in half.named_modules()] == [n for n, _ in full.named_modules()]
+    count = {e: sum(p.numel() for p in e.parameters()) for e in (full, half)}
+    assert (count[full], count[half]) == ((11_168_832, 2_795_040) if stem == "cifar" else (11_176_512, 2_798_880))
+
+
+def test_half_width_resnet50_keeps_its_bottleneck_expansion():
+    half = Encoder("resnet50", "cifar", TAPS, GRIDS, width=0.5)
+    assert [out_channels(half, m) for m in ("conv1", "layer1.0.conv1", "layer1.0.conv3", "layer4.2.conv3")] == [
+        32, 32, 128, 1024]
+    assert half.dims == {"avgpool": 1024, "layer2.0": 256 * 16, "layer3.0": 512 * 4}
+
+
+def test_rebuilt_stages_are_torchvisions_layout():
+    """At torchvision's own widths the rebuilt stages hold exactly torchvision's tensors, so a width
+    multiplier changes the channel counts and nothing else."""
+    for name in ("resnet18", "resnet50"):
+        reference, rebuilt = getattr(models, name)(weights=None), getattr(models, name)(weights=None)
+        _rebuild_stages(rebuilt, BASE_WIDTHS)
+        want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == want
+        conv = rebuilt.layer3[0].conv1.weight  # initialised as torchvision does: kaiming normal, fan out
+        fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+        assert conv.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("width", [0, -0.5, 0.001, float("nan"), float("inf")])
+def test_width_that_leaves_no_channel_is_refused(width):
+    with pytest.raises(ConfigError, match="backbone.width must be a positive number"):
+        Encoder("resnet18", "cifar", width=width)
+
+
+def test_width_export_round_trips(tmp_path):
+    torch.manual_seed(0)
+    half = Encoder("resnet18", "imagenet", TAPS, GRIDS, width=0.5).eval()
+    save_encoder(half, tmp_path / "encoder.pt", meta={"loss": "multi"})
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True)["backbone"]["width"] == 0.5
+    loaded, meta = load_encoder(tmp_path / "encoder.pt")
+    assert loaded.config == half.config and loaded.dims == half.dims and meta == {"loss": "multi"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, want = loaded.eval()(x), half(x)
+    assert all(torch.equal(got[t], want[t]) for t in want)
+
+
+def test_export_width_is_checked_and_defaults_to_one():
+    base = {"name": "resnet18", "stem": "cifar", "taps": [], "grids": {}}
+    assert encoder_config(base, "old.pt")["width"] == 1.0  # exports written before the width existed
+    assert encoder_config({**base, "width": 0.5}, "new.pt")["width"] == 0.5
+    for bad in ("0.5", True, -1.0, 0, float("nan"), [0.5]):
+        with pytest.raises(CheckpointError, match="backbone.width must be a positive number"):
+            encoder_config({**base, "width": bad}, "bad.pt")
 
 
 @pytest.mark.parametrize("grids", [{"avgpool": 2}, {"layer2.0": 0}, {"layer3.0": 1.5}])

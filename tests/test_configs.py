@@ -179,3 +179,18 @@ def test_smoke_experiment_is_tiny(tmp_path):
     cfg = compose_config("train", ["experiment=smoke"], tmp_path)
     assert cfg.data.name == "synthetic" and cfg.data.num_train <= 256
     assert cfg.head.proj_hidden_dim <= 256 and cfg.trainer.max_epochs <= 2
+
+
+@pytest.mark.parametrize("config_name", PRIMARY)
+def test_help_lists_this_entry_points_groups_and_their_options(config_name):
+    """``--help`` names the groups of this entry point's defaults list, each with every option in conf/,
+    and no group of the other entry point."""
+    template = yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text())["hydra"]["help"]["template"]
+    listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in template.splitlines()
+              if ": " in line and line.split(":")[0] in GROUPS}
+    assert listed == {g: options(g) for g in default_groups(config_name)}
+
+
+def test_trainer_strategy_devices_and_nodes_need_no_plus(tmp_path):
+    cfg = compose_config("train", ["trainer.strategy=ddp", "trainer.devices=2", "trainer.num_nodes=2"], tmp_path)
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == ("ddp", 2, 2)

@@ -223,7 +223,8 @@ def test_checkpoint_rebuilds_the_online_encoder_of_the_runs_architecture(smoke_c
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, online[k]), k
     assert not torch.equal(encoder.state_dict()["body.conv1.weight"], target["body.conv1.weight"])
-    assert pre.build(COMBINED).dims == {"avgpool": 512, "layer2.0": 2048, "layer3.0": 1024}
+    assert pre.build(COMBINED).dims == {"avgpool": 256, "layer2.0": 1024, "layer3.0": 512}  # smoke: half width
+    assert encoder.config["width"] == 0.5
 
 
 def test_encoder_export_is_rebuilt_with_its_meta(tmp_path):
@@ -327,8 +328,9 @@ def test_evaluate_random_knn_writes_results(tmp_path):
     assert saved["status"] == "ok" and result["test_acc"] == saved["test_acc"]
     assert (saved["pretrained"], saved["loss"], saved["repr"], saved["eval"]) == ("random", "random-init",
                                                                                     "combined", "knn")
-    assert (saved["backbone"], saved["stem"], saved["feature_dim"], saved["eval_epochs"]) == (
-        "resnet18", "imagenet", 3584, 0)
+    # preset=smoke: the smoke run's half-width architecture, 256 + 1024 + 512 features
+    assert (saved["backbone"], saved["stem"], saved["width"], saved["feature_dim"], saved["eval_epochs"]) == (
+        "resnet18", "imagenet", 0.5, 1792, 0)
     assert 0.0 <= saved["val_acc"] <= 1.0 and 0.0 <= saved["test_acc"] <= 1.0
     # the test accuracy is the kNN accuracy a fraction of the 64 test images
     assert saved["test_acc"] * 64 == pytest.approx(round(saved["test_acc"] * 64))
@@ -351,8 +353,8 @@ def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
     assert "corrupt" in bad["error"] and bad["test_acc"] is None
     # one baseline per pretraining seed (the failed run's seed too: it is known from its config.yaml)
     for base, seed in zip(bases, (2, 5), strict=True):
-        assert (base["status"], base["loss"], base["backbone"], base["stem"], base["seed"]) == (
-            "ok", "random-init", "resnet18", "imagenet", seed)
+        assert (base["status"], base["loss"], base["backbone"], base["stem"], base["width"], base["seed"]) == (
+            "ok", "random-init", "resnet18", "imagenet", 1.0, seed)  # the runs' width, not preset=smoke's
 
 
 def _killed_run(smoke_config, run_dir: Path, done: int, planned: int, name: str = "last.ckpt") -> Path:
@@ -526,13 +528,14 @@ def test_multi_resnet50_run_is_rebuilt_by_evaluate(tmp_path, monkeypatch):
     (encoder,) = built
     # the run's architecture, not evaluate's default backbone (resnet18)
     assert encoder.config["name"] == "resnet50" and encoder.config["stem"] == "imagenet"
-    ckpt = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
+    assert encoder.config["width"] == 0.5  # experiment=smoke's half width, rebuilt from the run
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, ckpt[f"model.online_encoder.{k}"]), k
     target = ckpt["model.target_encoder.body.conv1.weight"]
     assert not torch.equal(encoder.state_dict()["body.conv1.weight"], target)  # online, not the EMA target
     assert (result["backbone"], result["loss"], result["feature_dim"], result["pretrain_epochs"]) == (
-        "resnet50", "multi", 2048 + 8192 + 4096, 1)
+        "resnet50", "multi", 1024 + 4096 + 2048, 1)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -23,7 +23,8 @@ LEGACY = json.loads((ROOT / "tests" / "data" / "legacy_v1_checkpoint_layout.json
 def legacy_run(tmp_path):
     """A run folder whose last.ckpt and config.yaml have the old layout, stopped after epoch 1 of 2."""
     run = tmp_path / "run"
-    pretrain(compose_config("train", ["experiment=smoke", "trainer.max_epochs=1"], run), run)
+    # width 1.0: the old config below has no backbone.width, and its weights must be of that architecture
+    pretrain(compose_config("train", ["experiment=smoke", "trainer.max_epochs=1", "backbone.width=1.0"], run), run)
     last = run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     checkpoint["byol_config"] = json.loads(json.dumps(LEGACY["byol_config"]))
@@ -49,6 +50,7 @@ def test_an_old_checkpoint_resumes_and_evaluates(tmp_path):
     assert saved["augment"]["view2"]["solarize_p"] == 0.2 and len(saved["augment"]["view1"]) == 14
     encoder, meta = load_encoder(export)
     assert meta["loss"] == "classic" and meta["epochs"] == 2
+    assert encoder.config["width"] == 1.0 and encoder.dims["avgpool"] == 512  # the old config has no width
 
 
 def test_an_old_encoder_export_loads(tmp_path):
@@ -64,5 +66,6 @@ def test_an_old_encoder_export_loads(tmp_path):
     torch.save(blob, tmp_path / "encoder.pt")
     loaded, meta = load_encoder(tmp_path / "encoder.pt", taps=["layer2.0"])
     assert meta["epochs"] == 2 and loaded.taps == ["avgpool", "layer2.0"]
+    assert loaded.config["width"] == 1.0  # written before the width multiplier: torchvision's widths
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in encoder.state_dict().items())
     assert read_pretrained(tmp_path / "encoder.pt").loss == "classic"

@@ -40,8 +40,9 @@ def test_target_is_an_untrainable_copy_of_the_online_network():
     assert trainable == {"online_encoder", "online_projectors", "predictors"}
 
 
-@pytest.mark.parametrize(("name", "dims"), [("resnet18", (512, 2048, 1024)),
-                                            ("resnet50", (2048, 8192, 4096))])
+# experiment=smoke is half width: half of ResNet-18's 512 / 2048 / 1024 and ResNet-50's 2048 / 8192 / 4096
+@pytest.mark.parametrize(("name", "dims"), [("resnet18", (256, 1024, 512)),
+                                            ("resnet50", (1024, 4096, 2048))])
 def test_multi_loss_has_one_head_pair_per_tap(smoke_config, name, dims):
     cfg = smoke_config("loss=multi", f"backbone={name}")
     cfg["head"] = {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16}

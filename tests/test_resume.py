@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 from byol.core.checkpoint import TEMP_SUFFIX, safe_load
 from byol.core.data import IndexBatches, make_synthetic
 from byol.core.errors import CheckpointError
+from byol.jobs.build import architecture
 from byol.jobs.cli import command_line_keys, run_dir_of
-from byol.jobs.resume import find_resume, resume_config
+from byol.jobs.resume import epochs_trained, find_resume, resume_config
 from byol.lightning.callbacks import describe_step
 from byol.lightning.csv_logger import ContinuingCSVLogger
 
@@ -68,19 +69,20 @@ def wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float 
 
 
 def reference_run(tmp_path_factory) -> Path:
-    """The uninterrupted run of :data:`EXACT`, shared by this file and test_signals.py."""
+    """The uninterrupted run of :data:`EXACT`, shared by this file and test_signals.py; it keeps its
+    epoch-end checkpoints (``epoch0000.ckpt``...) for the tests that resume one."""
     run_dir = tmp_path_factory.getbasetemp() / "uninterrupted"
-    if not (run_dir / "checkpoints" / "final.ckpt").is_file():
-        result = train(*EXACT, f"hydra.run.dir={run_dir}")
+    if not (run_dir / "encoder.pt").is_file():
+        result = train(*EXACT, f"checkpoint.keep_last={EPOCHS}", f"hydra.run.dir={run_dir}")
         assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
 def assert_same_training_state(got_dir: Path, want_dir: Path) -> None:
     """Online and target networks (weights and BatchNorm buffers), optimizer and scheduler
-    states and step counters are bitwise equal."""
-    got = safe_load(got_dir / "checkpoints" / "final.ckpt")
-    want = safe_load(want_dir / "checkpoints" / "final.ckpt")
+    states and step counters of the finished runs' last.ckpt (their final state) are bitwise equal."""
+    got = safe_load(got_dir / "checkpoints" / "last.ckpt")
+    want = safe_load(want_dir / "checkpoints" / "last.ckpt")
     assert got["global_step"] == want["global_step"] == TOTAL_STEPS
     assert got["state_dict"].keys() == want["state_dict"].keys()
     assert any(k.startswith("model.target_encoder.") for k in want["state_dict"])
@@ -159,6 +161,24 @@ def test_resume_refuses_another_architecture():
         resume_config(SAVED, composed(), requested=None)
 
 
+def test_checkpoints_from_before_the_width_setting_are_width_one():
+    """SAVED has no backbone.width: it was trained at 1.0, so the same command (which now composes
+    width 1.0) continues it, and another width is refused like any other architecture change."""
+    same = composed(backbone__stem="imagenet", head__proj_dim=32, backbone__width=1.0)
+    cfg, changed = resume_config(SAVED, same, requested=[""])
+    assert architecture(cfg["backbone"])["width"] == 1.0 and not [c for c in changed if c.startswith("backbone")]
+    with pytest.raises(CheckpointError, match=r"backbone.width: 1.0 in the checkpoint, 0.5 now"):
+        resume_config(SAVED, {**same, "backbone": {**same["backbone"], "width": 0.5}}, requested=["backbone.width"])
+
+
+def test_epochs_trained_counts_finished_epochs(tmp_path):
+    path = tmp_path / "x.ckpt"
+    for progress, epoch, done in ((2, 1, 2), (1, 1, 1), (None, 3, 3)):  # epoch end, mid-epoch, no loop counters
+        loops = {"fit_loop": {"epoch_progress": {"current": {"processed": progress}}}} if progress else {}
+        torch.save({"epoch": epoch, "loops": loops}, path)
+        assert epochs_trained(path) == done
+
+
 def test_find_resume(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -235,7 +255,7 @@ def killed_and_requeued(tmp_path_factory):
     last = run_dir / "checkpoints" / "last.ckpt"
     killed_after, _, _ = signal_when(proc, lambda: wait_for_step(proc, last, kill_at), signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
-    assert not (run_dir / "checkpoints" / "final.ckpt").exists()
+    assert not (run_dir / "encoder.pt").exists()  # killed before the end
     resumed = train(*EXACT, f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return {"run_dir": run_dir, "reference": reference, "kill_at": kill_at, "killed_after": killed_after,
@@ -281,13 +301,23 @@ def test_no_temporary_files_left(killed_and_requeued):
 
 @pytest.mark.slow
 def test_finished_run_is_not_retrained(killed_and_requeued):
+    """last.ckpt is the final state: its epoch count says the run is finished (there is no final.ckpt)."""
     run_dir = killed_and_requeued["run_dir"]
-    final = run_dir / "checkpoints" / "final.ckpt"
-    stamp = final.stat().st_mtime_ns
+    last, export = run_dir / "checkpoints" / "last.ckpt", run_dir / "encoder.pt"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert epochs_trained(last) == EPOCHS and safe_load(last)["global_step"] == TOTAL_STEPS
+    stamps = {p: p.stat().st_mtime_ns for p in (last, export, run_dir / "metrics.csv")}
     result = train(*EXACT, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{run_dir} already finished its {EPOCHS} epochs" in result.stdout
-    assert "pretraining" not in result.stdout and final.stat().st_mtime_ns == stamp
+    assert (f"{run_dir} already finished its {EPOCHS} epochs ({last}, {export}); nothing to do"
+            in result.stdout)
+    assert "pretraining" not in result.stdout and "epoch 1/" not in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained, nothing rewritten
+    export.unlink()  # killed between its last checkpoint and the export: the export is written from last.ckpt
+    result = train(*EXACT, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0 and "already finished" in result.stdout, result.stderr[-2000:]
+    assert last.stat().st_mtime_ns == stamps[last]
+    assert safe_load(export)["meta"]["global_step"] == TOTAL_STEPS
 
 
 @pytest.mark.slow
@@ -311,4 +341,5 @@ def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {reference}/checkpoints/epoch0000.ckpt: {describe_step(4, 4)}" in result.stdout
     assert_same_training_state(run_dir, reference)
-    assert (reference / "checkpoints" / "final.ckpt").is_file()  # the source run is left alone
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [  # the source run is left alone
+        "epoch0000.ckpt", "epoch0001.ckpt", "epoch0002.ckpt", "last.ckpt"]

@@ -261,7 +261,9 @@ def test_lock_names_the_holder_and_a_killed_holder_does_not_block(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args", [("train.py", ["trainer.max_epochs=4"]),
-                                         ("evaluate.py", ["pretrained=random", "eval=finetune", "eval.epochs=20"])])
+                                         # full width: preset=smoke's half-width encoder fine-tunes too fast
+                                         ("evaluate.py", ["pretrained=random", "eval=finetune", "eval.epochs=20",
+                                                          "backbone.width=1.0"])])
 def test_second_process_in_the_same_folder_exits_1(tmp_path, script, args):
     folder = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -32,27 +32,82 @@ from byol.lightning.callbacks import RunCheckpoints, describe_step
 class FakeTrainer(SimpleNamespace):
     def save_checkpoint(self, path, weights_only=None):
         self.saved.append((Path(path).name, self.global_step))
+        if self.write_files:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(str(self.global_step))
 
 
 def fake_trainer(**kw) -> FakeTrainer:
     defaults = {"num_training_batches": 4, "accumulate_grad_batches": 1, "global_step": 0, "current_epoch": 0,
-                "saved": [], "_signal_connector": SimpleNamespace(received_sigterm=False)}
+                "saved": [], "_signal_connector": SimpleNamespace(received_sigterm=False), "is_global_zero": True,
+                "write_files": False}
     return FakeTrainer(**{**defaults, **kw})
+
+
+def train_epochs(cb: RunCheckpoints, t: FakeTrainer, epochs, batches: int = 4) -> None:
+    """The callback's hooks for ``epochs`` (epoch indices) of ``batches`` optimizer steps each."""
+    for epoch in epochs:
+        t.current_epoch = epoch
+        for batch in range(batches):
+            t.global_step += 1
+            cb.on_train_batch_end(t, None, None, None, batch)
+        cb.on_train_epoch_end(t, None)
 
 
 def test_periodic_and_step_checkpoints(tmp_path):
     cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, "python train.py resume=RUN", every_n_epochs=2,
-                        last_every_n_steps=2)
+                        last_every_n_steps=2, keep_last=3)
     t = fake_trainer()
-    for epoch in range(2):
-        t.current_epoch = epoch
-        for batch in range(4):
-            t.global_step += 1
-            cb.on_train_batch_end(t, None, None, None, batch)
-        cb.on_train_epoch_end(t, None)
+    train_epochs(cb, t, range(2))
     # every 2 steps inside an epoch, never on its last batch (the epoch end saves), epochNNNN every 2 epochs
     assert t.saved == [("last.ckpt", 2), ("last.ckpt", 4), ("last.ckpt", 6), ("last.ckpt", 8),
                        ("epoch0001.ckpt", 8)]
+    cb.on_fit_end(t, None)  # last.ckpt already holds the state training ended with: no second copy
+    assert len(t.saved) == 5
+
+
+def test_without_keep_last_only_last_ckpt_is_written(tmp_path):
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, "python train.py resume=RUN", every_n_epochs=1)
+    t = fake_trainer(write_files=True)
+    train_epochs(cb, t, range(3))
+    cb.on_fit_end(t, None)
+    assert t.saved == [("last.ckpt", 4), ("last.ckpt", 8), ("last.ckpt", 12)]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_keep_last_keeps_the_k_newest_epoch_checkpoints(tmp_path):
+    folder = tmp_path / "checkpoints"
+    cb = RunCheckpoints(folder, tmp_path, "python train.py resume=RUN", every_n_epochs=2, keep_last=2)
+    t = fake_trainer(write_files=True)
+    folder.mkdir()
+    (folder / "epoch0007-copy.ckpt").write_text("mine")  # not a name the callback writes: never deleted
+    train_epochs(cb, t, range(4))  # epoch0001 and epoch0003 written
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0001.ckpt", "epoch0003.ckpt", "epoch0007-copy.ckpt",
+                                                       "last.ckpt"]
+    train_epochs(cb, t, range(4, 10))  # epoch0005, 0007, 0009: each deletes the oldest once written
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0007-copy.ckpt", "epoch0007.ckpt", "epoch0009.ckpt",
+                                                       "last.ckpt"]
+    assert (folder / "epoch0009.ckpt").read_text() == "40" and (folder / "last.ckpt").read_text() == "40"
+
+
+def test_keep_last_leaves_checkpoints_of_later_epochs_alone(tmp_path):
+    """A run resumed from an earlier checkpoint in its own folder: the files of the epochs it went
+    further before are not counted among the newest and are not deleted."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for epoch in (1, 2, 5):
+        (folder / f"epoch{epoch:04d}.ckpt").write_text("before")
+    cb = RunCheckpoints(folder, tmp_path, "python train.py resume=RUN", every_n_epochs=1, keep_last=1)
+    t = fake_trainer(write_files=True, global_step=12)
+    train_epochs(cb, t, [3])
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0003.ckpt", "epoch0005.ckpt", "last.ckpt"]
+
+
+def test_fit_ending_outside_an_epoch_end_refreshes_last_ckpt(tmp_path):
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, "python train.py resume=RUN")
+    t = fake_trainer(global_step=12)  # e.g. resumed from a checkpoint with nothing left to train
+    cb.on_fit_end(t, None)
+    assert t.saved == [("last.ckpt", 12)]
 
 
 def test_signal_mid_epoch_saves_then_stops_at_next_batch(tmp_path):
@@ -69,7 +124,7 @@ def test_signal_mid_epoch_saves_then_stops_at_next_batch(tmp_path):
 
 
 def test_signal_on_last_batch_waits_for_the_epoch_end(tmp_path):
-    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path), every_n_epochs=1)
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path), every_n_epochs=1, keep_last=1)
     t = fake_trainer(global_step=4)
     cb.received = signal.SIGUSR1
     cb.on_train_batch_end(t, None, None, None, 3)
@@ -136,7 +191,7 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path_factory, sig):
     assert err.strip().splitlines()[-1] == (
         f"received {sig.name}: saved checkpoints/last.ckpt at {describe_step(step, STEPS_PER_EPOCH)}; resume "
         f"with: python train.py resume={run_dir}")
-    assert "Traceback" not in err and not (run_dir / "checkpoints" / "final.ckpt").exists()
+    assert "Traceback" not in err and not (run_dir / "encoder.pt").exists()  # stopped, not finished
 
     resumed = train(f"resume={run_dir}")  # exactly what the message says, nothing else
     assert resumed.returncode == 0, resumed.stderr[-3000:]

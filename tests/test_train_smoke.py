@@ -7,6 +7,7 @@ Each run is a real subprocess through Hydra, one epoch on the tiny synthetic dat
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from conftest import ROOT
 
 from byol.core.checkpoint import load_encoder, load_weights, safe_load
 from byol.jobs.build import build_encoder, loss_mode
+from byol.jobs.resume import epochs_trained
 
 pytestmark = pytest.mark.slow
 
@@ -53,17 +55,31 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth")
+SMOKE_FOLDER_LIMIT = 60 * 2**20  # bytes: the smoke run (half-width ResNet-18) writes less than this
+
+
 @pytest.mark.parametrize("loss", ["classic", "multi"])
 def test_run_folder_contents(runs, loss):
+    """One full training state (last.ckpt, which is the final one) and the export; no final.ckpt copy,
+    no periodic checkpoints unless asked for; the whole folder under 60 MB."""
     run_dir = runs[loss]
-    for name in ("checkpoints/last.ckpt", "checkpoints/final.ckpt", "encoder.pt", "metrics.csv",
-                 "config.yaml"):
+    for name in ("checkpoints/last.ckpt", "encoder.pt", "metrics.csv", "config.yaml"):
         assert (run_dir / name).is_file(), name
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    weights = sorted(str(p.relative_to(run_dir)) for p in files if p.suffix in WEIGHT_SUFFIXES)
+    assert weights == ["checkpoints/last.ckpt", "encoder.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    others = {str(p.relative_to(run_dir)): p.stat().st_size for p in files if p.suffix not in WEIGHT_SUFFIXES}
+    assert all(size < 2**20 for size in others.values()), others  # config, metrics, logs, plots: small
+    assert sum(p.stat().st_size for p in files) < SMOKE_FOLDER_LIMIT
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert loss_mode(cfg["loss"]) == loss and cfg["trainer"]["max_epochs"] == 1
+    assert cfg["backbone"]["width"] == 0.5 and cfg["checkpoint"]["keep_last"] is None
     assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
-    ckpt = safe_load(run_dir / "checkpoints" / "final.ckpt")
+    ckpt = safe_load(run_dir / "checkpoints" / "last.ckpt")
     assert loss_mode(ckpt["byol_config"]["loss"]) == loss and ckpt["global_step"] == STEPS
+    assert epochs_trained(run_dir / "checkpoints" / "last.ckpt") == 1  # the final state: the epoch is done
 
 
 @pytest.mark.parametrize("loss", ["classic", "multi"])
@@ -71,11 +87,12 @@ def test_encoder_export_reloads_to_identical_outputs(runs, loss):
     run_dir = runs[loss]
     exported, meta = load_encoder(run_dir / "encoder.pt")
     assert meta["loss"] == loss and meta["global_step"] == STEPS
+    assert exported.config["width"] == 0.5 and exported.dims["avgpool"] == 256  # the smoke run's half width
 
-    ckpt = safe_load(run_dir / "checkpoints" / "final.ckpt")
+    ckpt = safe_load(run_dir / "checkpoints" / "last.ckpt")
     rebuilt = build_encoder(ckpt["byol_config"])
     online = {k[len(ONLINE):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE)}
-    load_weights(rebuilt, online, "final.ckpt")
+    load_weights(rebuilt, online, "last.ckpt")
     assert exported.taps == rebuilt.taps
     # trained weights: the online encoder has moved away from its EMA target
     target = {k[len("model.target_encoder."):]: v for k, v in ckpt["state_dict"].items()
@@ -107,6 +124,37 @@ def test_metrics_have_one_column_per_head(runs, loss, heads):
         parts = [float(r[f"train/loss/{h}_step"]) for h in heads]
         assert all(0.0 <= p <= 8.0 for p in parts)
         assert float(r["train/loss_step"]) == pytest.approx(sum(parts), rel=1e-5)
+
+
+def test_keep_last_keeps_the_newest_epoch_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    train("trainer.max_epochs=3", "checkpoint.keep_last=2", f"hydra.run.dir={run_dir}")  # smoke: every epoch
+    folder = run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0001.ckpt", "epoch0002.ckpt", "last.ckpt"]
+    assert [safe_load(folder / f"epoch000{e}.ckpt")["global_step"] for e in (1, 2)] == [2 * STEPS, 3 * STEPS]
+    newest, last = safe_load(folder / "epoch0002.ckpt"), safe_load(folder / "last.ckpt")
+    assert all(torch.equal(v, last["state_dict"][k]) for k, v in newest["state_dict"].items())
+
+
+def test_a_warm_up_longer_than_the_run_is_capped_and_said_once(tmp_path):
+    """10 warm-up epochs in a 2-epoch run of 16 steps per epoch (batch 8): at most 10% of the 32
+    steps warm up (3), then the cosine decays to 0 over the other 29, instead of stopping at a
+    fraction of the peak rate."""
+    run_dir = tmp_path / "run"
+    result = train("trainer.max_epochs=2", "data.batch_size=8", "optim.scheduler.warmup_epochs=10",
+                   "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}")
+    line = ("[byol] optim.scheduler.warmup_epochs=10 (160 steps) is more than 10% of this run (2 epochs, 32 "
+            "steps), so the schedule cannot run as written: using a warm-up of 3 steps instead, then "
+            "warmup_cosine over the other 29 steps")
+    lines = result.stdout.splitlines()
+    assert lines.count(line) == 1, result.stdout[-3000:]
+    assert lines.index(line) < next(i for i, text in enumerate(lines) if text.startswith("[byol] epoch 1/2"))
+    peak, warmup, total = 8 / 256, 3, 32  # optim=lars: base_lr 1.0 x batch / 256
+    logged = {int(r["step"]): float(r["lr-LARS/pg1"]) for r in read_metrics(run_dir) if r.get("lr-LARS/pg1")}
+    expected = {k: peak * ((k + 1) / warmup if k < warmup else
+                           0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))) for k in range(total)}
+    assert len(logged) >= total - 1 and max(logged.values()) == pytest.approx(peak)
+    assert logged == pytest.approx({k: expected[k] for k in logged})
 
 
 def test_multirun_sweeps_both_losses(tmp_path):

@@ -4,40 +4,86 @@ BYOL's classic head reads the global average pool; the multi-loss variant and th
 ``combined`` representation also read intermediate blocks (``layer2.0``, ``layer3.0``).
 Pooling every tap to a configured grid makes its flattened size independent of the stem
 and the input resolution (128x4x4 = 2048 and 256x2x2 = 1024 for ResNet-18).
+
+A width multiplier scales the channels of every stage (0.5: 32/64/128/256 for ResNet-18), for
+small and fast runs whose checkpoints stay small; the module names, and so the taps, are unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models.resnet import conv1x1
 
 from byol.core.errors import ConfigError
 
 RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
 STEMS = ("cifar", "imagenet")
 AVGPOOL = "avgpool"
+BASE_WIDTHS = (64, 128, 256, 512)  # torchvision's channels per stage (before a Bottleneck's x4 expansion)
 
 
-def build_resnet(name: str, stem: str) -> nn.Module:
+def stage_widths(width: float) -> list[int]:
+    """The channels of the four stages at ``width`` x torchvision's (0.5 -> 32, 64, 128, 256)."""
+    if not (isinstance(width, int | float) and math.isfinite(width) and round(BASE_WIDTHS[0] * width) >= 1):
+        raise ConfigError(f"backbone.width must be a positive number that leaves the first stage at least one "
+                          f"of its {BASE_WIDTHS[0]} channels, not {width!r}")
+    return [round(base * width) for base in BASE_WIDTHS]
+
+
+def build_resnet(name: str, stem: str, width: float = 1.0) -> nn.Module:
     """A randomly initialised torchvision ResNet without its classifier.
 
     The CIFAR stem (3x3 stride-1 conv, no max-pool) keeps 32x32 inputs at full resolution;
-    the ImageNet stem is torchvision's own (what the original implementation used).
+    the ImageNet stem is torchvision's own (what the original implementation used). ``width``
+    scales every stage's channels (:func:`stage_widths`).
     """
     if name not in RESNETS:
         raise ConfigError(f"unknown backbone.name '{name}'; choose one of: {', '.join(RESNETS)}")
     if stem not in STEMS:
         raise ConfigError(f"unknown backbone.stem '{stem}'; choose one of: {', '.join(STEMS)}")
+    widths = stage_widths(width)
     net = RESNETS[name](weights=None)
+    if width != 1:  # width 1 keeps torchvision's network as it is, initialisation included
+        _rebuild_stages(net, widths)
     if stem == "cifar":
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
+
+
+def _rebuild_stages(net: models.ResNet, widths: Sequence[int]) -> None:
+    """Replace the stem's conv and BatchNorm and the four stages of ``net`` by ones with ``widths``
+    channels: the same blocks per stage, strides and module names as torchvision's ``ResNet``
+    (whose constructor has no width argument), initialised as it initialises them."""
+    block = type(net.layer1[0])
+    inplanes = widths[0]
+    net.conv1 = nn.Conv2d(3, inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(inplanes)
+    for index, planes in enumerate(widths):
+        name, stride = f"layer{index + 1}", 1 if index == 0 else 2
+        blocks = []
+        for position in range(len(getattr(net, name))):
+            step = stride if position == 0 else 1
+            downsample = None
+            if step != 1 or inplanes != planes * block.expansion:
+                downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, step),
+                                           nn.BatchNorm2d(planes * block.expansion))
+            blocks.append(block(inplanes, planes, step, downsample))
+            inplanes = planes * block.expansion
+        setattr(net, name, nn.Sequential(*blocks))
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.constant_(module.weight, 1)
+            nn.init.constant_(module.bias, 0)
 
 
 def tap_names(net: nn.Module) -> list[str]:
@@ -53,6 +99,7 @@ class Encoder(nn.Module):
         stem: ``cifar`` or ``imagenet``.
         taps: extra module names to expose besides ``avgpool``.
         grids: side of the adaptive-average-pool grid per tap (missing taps use 1).
+        width: channel multiplier of every stage (1.0: torchvision's ResNet).
     """
 
     def __init__(
@@ -61,9 +108,10 @@ class Encoder(nn.Module):
         stem: str = "cifar",
         taps: Sequence[str] = (),
         grids: Mapping[str, int] | None = None,
+        width: float = 1.0,
     ):
         super().__init__()
-        net = build_resnet(name, stem)
+        net = build_resnet(name, stem, width)
         valid = set(dict(net.named_modules()))
         unknown = [t for t in taps if t not in valid or not t]
         if unknown:
@@ -80,7 +128,8 @@ class Encoder(nn.Module):
                 "larger grid, add 'layer4' to the taps (loss.taps or repr.taps) and set "
                 "+backbone.grids.layer4=2"
             )
-        self.config = {"name": name, "stem": stem, "taps": list(taps), "grids": dict(grids or {})}
+        self.config = {"name": name, "stem": stem, "width": float(width), "taps": list(taps),
+                       "grids": dict(grids or {})}
         self.taps = [AVGPOOL] + [t for t in dict.fromkeys(taps) if t != AVGPOOL]
         self.body = create_feature_extractor(net, return_nodes={t: t for t in self.taps})
         grid = {t: int((grids or {}).get(t, 1)) for t in self.taps}

@@ -9,6 +9,7 @@ file intact.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import re
@@ -190,14 +191,17 @@ def load_encoder(path: str | os.PathLike, taps=None):
 
 def encoder_config(raw, source) -> dict:
     """The ``backbone`` description of an export as checked plain values: ``name``, ``stem``,
-    ``taps`` (list of str), ``grids`` ({str: int}). A file is data: anything else is refused."""
+    ``width`` (a positive number; 1.0 for exports written before it existed), ``taps`` (list of
+    str), ``grids`` ({str: int}). A file is data: anything else is refused."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"refusing '{source}': its backbone description is not a mapping")
-    unknown = sorted(str(k) for k in raw if k not in ("name", "stem", "taps", "grids"))
-    taps, grids = raw.get("taps") or [], raw.get("grids") or {}
+    unknown = sorted(str(k) for k in raw if k not in ("name", "stem", "width", "taps", "grids"))
+    taps, grids, width = raw.get("taps") or [], raw.get("grids") or {}, raw.get("width", 1.0)
     problem = (f"unknown key(s) {', '.join(unknown)}" if unknown
                else "backbone.name and backbone.stem must be strings" if not (
                    isinstance(raw.get("name"), str) and isinstance(raw.get("stem"), str))
+               else "backbone.width must be a positive number" if not (
+                   type(width) in (int, float) and math.isfinite(width) and width > 0)
                else "backbone.taps must be a list of strings" if not (
                    isinstance(taps, list) and all(isinstance(t, str) for t in taps))
                else "backbone.grids must map strings to whole numbers" if not (
@@ -207,7 +211,8 @@ def encoder_config(raw, source) -> dict:
     if problem:
         raise CheckpointError(f"refusing '{source}': {problem}; a file may only hold plain values, and this "
                               f"one was not written by this project")
-    return {"name": raw["name"], "stem": raw["stem"], "taps": list(taps), "grids": dict(grids)}
+    return {"name": raw["name"], "stem": raw["stem"], "width": float(width), "taps": list(taps),
+            "grids": dict(grids)}
 
 
 def load_weights(module: torch.nn.Module, state: dict, source) -> None:

@@ -20,6 +20,8 @@ import torch
 from byol.core.errors import DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# torchvision reads the names from stl10_binary/class_names.txt; these are its lines, for a copy without it.
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
 
 @dataclass
@@ -40,26 +42,68 @@ class ImageTensors:
         return ImageTensors(self.images.to(device), self.labels.to(device), self.classes)
 
 
-# --------------------------------------------------------------------------- CIFAR-10
+# --------------------------------------------------------------------------- torchvision datasets
+
+
+def _open_torchvision(dataset_class, title: str, root: str, download: bool, **kwargs):
+    """``dataset_class(root, ...)``, or a one-line DataError that says how to get the files
+    without a network: the first run on a cluster node often has none."""
+    try:
+        return dataset_class(root, download=download, **kwargs)
+    except Exception as e:  # no network, a damaged archive, missing files
+        folder = dataset_class.base_folder
+        files = [name for name, _ in dataset_class.train_list + dataset_class.test_list]
+        missing = [name for name in files if not (Path(root) / folder / name).is_file()]
+        if not download and not (Path(root) / folder).is_dir():
+            reason = f"no '{folder}' folder there"
+        elif not download and missing:
+            reason = f"'{folder}' lacks {', '.join(missing)}"
+        else:
+            reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
+        get = ("let the download run on a machine with internet access" if download
+               else "set data.download=true (needs internet access)")
+        raise DataError(
+            f"could not load {title} from '{Path(root).resolve()}' ({reason}). Either {get}, copy the "
+            f"extracted '{folder}' folder (from {dataset_class.url}) into that folder, or use an image "
+            f"folder instead: data=imagefolder data.root=DIR (DIR/train/<class>/*.png)"
+        ) from None
+
+
+def _cifar_tensors(ds, classes) -> ImageTensors:
+    """torchvision's CIFAR arrays (N, H, W, 3) as ImageTensors (N, 3, H, W)."""
+    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    return ImageTensors(images, torch.tensor(ds.targets, dtype=torch.long), tuple(classes))
 
 
 def load_cifar10(root: str, train: bool, download: bool = True) -> ImageTensors:
     """CIFAR-10 through torchvision (downloaded into ``root`` when missing)."""
     from torchvision.datasets import CIFAR10
 
-    try:
-        ds = CIFAR10(root, train=train, download=download)
-    except Exception as e:  # no network, or a damaged archive
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
-        get = ("let the download run on a machine with internet access" if download
-               else "set data.download=true (needs internet access)")
-        raise DataError(
-            f"could not load CIFAR-10 from '{Path(root).resolve()}' ({type(e).__name__}: {reason}). Either "
-            f"{get}, copy the extracted 'cifar-10-batches-py' folder into that folder, or use an image "
-            f"folder instead: data=imagefolder data.root=DIR (DIR/train/<class>/*.png)"
-        ) from None
-    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-    return ImageTensors(images, torch.tensor(ds.targets, dtype=torch.long), CIFAR10_CLASSES)
+    return _cifar_tensors(_open_torchvision(CIFAR10, "CIFAR-10", root, download, train=train), CIFAR10_CLASSES)
+
+
+def load_cifar100(root: str, train: bool, download: bool = True) -> ImageTensors:
+    """CIFAR-100 through torchvision: 100 classes (the fine labels), names from its ``meta`` file."""
+    from torchvision.datasets import CIFAR100
+
+    ds = _open_torchvision(CIFAR100, "CIFAR-100", root, download, train=train)
+    return _cifar_tensors(ds, ds.classes)
+
+
+STL10_SPLITS = ("train", "test", "unlabeled", "train+unlabeled")
+
+
+def load_stl10(root: str, split: str, download: bool = True) -> ImageTensors:
+    """STL-10 through torchvision: ``train`` (5,000 labelled 96x96 images), ``test`` (8,000),
+    ``unlabeled`` (100,000, label -1) or ``train+unlabeled`` (the images to pretrain on)."""
+    from torchvision.datasets import STL10
+
+    if split not in STL10_SPLITS:  # torchvision's own refusal would read as missing files
+        raise DataError(f"unknown STL-10 split '{split}'; choose one of: {', '.join(STL10_SPLITS)}")
+    ds = _open_torchvision(STL10, "STL-10", root, download, split=split)
+    images = torch.from_numpy(np.ascontiguousarray(ds.data))  # torchvision already made it (N, 3, H, W)
+    labels = torch.from_numpy(ds.labels.astype(np.int64))  # unlabelled images: -1
+    return ImageTensors(images, labels, tuple(getattr(ds, "classes", STL10_CLASSES)))
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -141,8 +141,11 @@ def run_job(fn, cfg, *args, **kwargs):
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"):
+        with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
+                console_copied_to(run_dir / f"{hc.job.name}.log"):
             (run_dir / FAILED).unlink(missing_ok=True)  # a job re-run in the same folder starts clean
+            overrides = " ".join(hc.overrides.task) or "none (the defaults)"
+            print(f"[{hc.job.name}] overrides: {overrides}", flush=True)
             return fn(cfg, run_dir, *args, **kwargs)
     except FolderBusyError as e:  # the folder is another process's: write nothing into it
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -167,6 +170,40 @@ def run_job(fn, cfg, *args, **kwargs):
         traceback.print_exc()
         (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n")
         return None
+
+
+class _CopyTo:
+    """A text stream that also appends what it writes to ``log`` (progress-bar redraws excepted)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if "\r" not in text:  # a progress bar redrawing its line: the console's business only
+            self.log.write(text)
+            self.log.flush()
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def console_copied_to(path: Path):
+    """The job's console lines (stdout, and stderr's error lines) also in ``path`` (Hydra's job log)."""
+    try:
+        log = open(path, "a", encoding="utf-8")
+    except OSError:  # an unwritable folder is reported by the job itself
+        yield
+        return
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _CopyTo(stdout, log), _CopyTo(stderr, log)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+        log.close()
 
 
 def _failed(run_dir: Path, multirun: bool, e: ByolError):

@@ -1,5 +1,5 @@
-"""The datasets a config describes: the ``data`` group picks CIFAR-10, an image folder or
-synthetic data, and the train / val / test splits for evaluation.
+"""The datasets a config describes: the ``data`` group picks CIFAR-10, CIFAR-100, STL-10, an image
+folder or synthetic data, and the train / val / test splits for evaluation.
 
 The only data code that reads the config; what it calls (``byol.core.data``,
 ``byol.core.image_folder``) takes plain arguments.
@@ -12,20 +12,37 @@ from pathlib import Path
 
 import torch
 
-from byol.core.data import ImageTensors, holdout, image_digests, load_cifar10, make_synthetic, seeded_subset
+from byol.core.data import (
+    ImageTensors,
+    holdout,
+    image_digests,
+    load_cifar10,
+    load_cifar100,
+    load_stl10,
+    make_synthetic,
+    seeded_subset,
+)
 from byol.core.errors import DataError
 from byol.core.image_folder import load_image_folder
 
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 
-def load_split(cfg, split: str) -> ImageTensors:
+
+def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
     """``split`` of the dataset described by ``cfg`` (the ``data`` config group).
 
     ``train`` and ``test`` are the dataset's own splits; see :func:`eval_splits` for
-    the validation split.
+    the validation split. ``train`` holds every image pretraining may use: for STL-10 its
+    100,000 unlabelled images too (label -1), unless ``unlabelled`` is False (evaluation).
     """
     name = cfg["name"]
+    download = cfg.get("download", True)
     if name == "cifar10":
-        return load_cifar10(cfg["root"], train=split == "train", download=cfg.get("download", True))
+        return load_cifar10(cfg["root"], train=split == "train", download=download)
+    if name == "cifar100":
+        return load_cifar100(cfg["root"], train=split == "train", download=download)
+    if name == "stl10":
+        return load_stl10(cfg["root"], "train+unlabeled" if split == "train" and unlabelled else split, download)
     if name == "imagefolder":
         root = Path(cfg["root"])
         if not root.exists():
@@ -42,7 +59,7 @@ def load_split(cfg, split: str) -> ImageTensors:
     if name == "synthetic":
         n = cfg["num_train"] if split == "train" else cfg["num_test"]
         return make_synthetic(n, cfg["image_size"], cfg["num_classes"], seed=0 if split == "train" else 1)
-    raise DataError(f"unknown data.name '{name}'; choose cifar10, imagefolder or synthetic")
+    raise DataError(f"unknown data.name '{name}'; choose one of: {', '.join(DATASETS)}")
 
 
 def _train_folder(cfg) -> str:
@@ -60,9 +77,10 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
     out as validation; identical images (same decoded pixels: copies of a file) are kept on
     one side of that split. ``split=seed_original``: the original project's split of the
     test set into two halves with seed 42 (val: first half, test: second half). Test images
-    identical to training images are counted in a warning.
+    identical to training images are counted in a warning. A dataset's separate unlabelled
+    images (STL-10's) are not loaded.
     """
-    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    train, test = load_split(cfg, "train", unlabelled=False), load_split(cfg, "test")
     if len(train.classes) and len(test.classes) and train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))

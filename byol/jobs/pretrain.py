@@ -116,14 +116,17 @@ def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModul
                       checkpoint_path=checkpoint_path)
 
 
-def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list) -> pl.Trainer:
+def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int) -> pl.Trainer:
     ckpt = config["checkpoint"]
     trainer = config["trainer"]
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
                                  ckpt["last_every_n_steps"], ckpt.get("keep_last"))
     callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), *monitors, EpochSummary(),
                  EpochHook(lambda: write_curves(run_dir))]
-    callbacks += progress_bar(trainer.get("enable_progress_bar", True), trainer.get("log_every_n_steps"))
+    callbacks += progress_bar(trainer.get("enable_progress_bar", True), trainer.get("log_every_n_steps"),
+                              steps_per_epoch)
+    # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
+    trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}
     return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
 
@@ -151,7 +154,9 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     monitors = build_monitors(config, module.model.online_encoder.dims)
     module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
     with quiet_lightning():
-        trainer = build_run_trainer(config, run_dir, loggers, monitors)
+        accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
+        steps_per_epoch = max(1, len(datamodule.batches) // accumulate)
+        trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
         announce(config, run_dir, trainer, start, datamodule.batches)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
         draw_curves(run_dir)

@@ -38,7 +38,7 @@ class EncoderSource:
 
     label: str
     origin: str                     # the weights file's path, or "random"
-    backbone: dict                  # name, stem, grids (from the run, never from evaluation defaults)
+    backbone: dict                  # name, stem, width, grids (from the run, never from evaluation defaults)
     loss: str
     seed: int | None = None
     epochs: int = 0
@@ -158,7 +158,7 @@ def run_config_fields(run_cfg: Mapping | None) -> dict:
     backbone = run_cfg.get("backbone") or {}
     loss = run_cfg.get("loss")
     fields = {"loss": loss_mode(loss) if isinstance(loss, Mapping) else None, "backbone": backbone.get("name"),
-              "stem": backbone.get("stem"), "seed": run_cfg.get("seed"),
+              "stem": backbone.get("stem"), "width": backbone.get("width"), "seed": run_cfg.get("seed"),
               "pretrain_data": data_fields(run_cfg.get("data")),
               "pretrain_epochs_planned": planned_epochs(run_cfg)}
     return {k: v for k, v in fields.items() if v is not None}

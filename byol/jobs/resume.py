@@ -23,6 +23,8 @@ from byol.jobs.run_folder import RUN_ID_KEY
 ARCHITECTURE_KEYS = ("backbone", "loss.taps", "head")
 # Never compared between a checkpoint and the command line.
 IGNORED_KEYS = ("resume",)
+# Architecture settings added after checkpoints were written: the value those checkpoints were trained with.
+ADDED_KEYS = {"backbone.width": 1.0}
 
 
 def find_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -76,7 +78,7 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
     other argument; with ``requested=None`` the composed config is taken whole. Either way a
     change of architecture (:data:`ARCHITECTURE_KEYS`) is refused: the weights would not fit.
     """
-    old, new = _flatten(saved), _flatten(composed)
+    old, new = {**ADDED_KEYS, **_flatten(saved)}, _flatten(composed)
     result = copy.deepcopy(saved) if requested is not None else copy.deepcopy(composed)
     changed = []
     for key in sorted(set(old) | set(new)):
@@ -122,13 +124,20 @@ def folder_run_id(run_dir: Path) -> str | None:
     return saved_run_id(raw, f"'{path}'")
 
 
-def checkpoint_epoch(path: Path) -> int:
-    return int(safe_load(path, mmap=True).get("epoch", -1))
+def epochs_trained(path: Path) -> int:
+    """The epochs a checkpoint has finished: Lightning's count of processed epochs (a checkpoint taken
+    at an epoch's end, or after the last one, counts it; one taken mid-epoch does not), else its
+    ``epoch`` (a file without loop counters)."""
+    ckpt = progress = safe_load(path, mmap=True)
+    for key in ("loops", "fit_loop", "epoch_progress", "current"):
+        progress = progress.get(key) if isinstance(progress, dict) else None
+    done = progress.get("processed") if isinstance(progress, dict) else None
+    return int(done if done is not None else ckpt.get("epoch", -1) if isinstance(ckpt, dict) else -1)
 
 
 def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
-    """Write ``encoder.pt`` from a Lightning checkpoint's online encoder (a run killed between
-    ``final.ckpt`` and its export)."""
+    """Write ``encoder.pt`` from a Lightning checkpoint's online encoder (a run killed between its
+    last ``last.ckpt`` and its export)."""
     encoder = build_encoder(cfg)
     load_weights(encoder, online_encoder_state(ckpt), path)
     save_encoder(encoder, path, meta={"loss": loss_mode(cfg["loss"]), "epochs": ckpt.get("epoch"),

@@ -28,8 +28,8 @@ METRICS_FILE = "metrics.csv"
 ENCODER_FILE = "encoder.pt"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_GLOB = "*.ckpt"
-FINAL_CHECKPOINT = "final.ckpt"
-LAST_CHECKPOINT = "last.ckpt"
+FINAL_CHECKPOINT = "final.ckpt"  # written by earlier versions at the end of a run (now last.ckpt is); still read
+LAST_CHECKPOINT = "last.ckpt"  # the run's one full training state, the final one once it has finished
 FAILED = "FAILED"  # a sweep job's failure, its first line the reason
 HYDRA_DIR = ".hydra"
 # what pretrained= may name besides a path
@@ -120,7 +120,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 def weights_file(run_dir: Path) -> Path:
-    """encoder.pt, else checkpoints/final.ckpt, else last.ckpt, else the newest checkpoint."""
+    """encoder.pt, else checkpoints/final.ckpt (run folders of earlier versions), else last.ckpt, else the
+    newest checkpoint."""
     checkpoints = run_dir / CHECKPOINTS_DIR
     for candidate in (run_dir / ENCODER_FILE, checkpoints / FINAL_CHECKPOINT, checkpoints / LAST_CHECKPOINT):
         if candidate.is_file():

@@ -177,9 +177,10 @@ class EpochSummary(pl.Callback):
         spread = {k[len("std/"):]: v for k, v in losses.items() if k.startswith("std/")}
         knn, knn_seconds = self.knn_text(trainer.callback_metrics)
         seconds = max(seconds - knn_seconds, 1e-9)
-        print(f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
-              f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.current_tau():.4f}, "
-              f"lr {lr:.3g}, {images / seconds:.1f} images/s ({seconds:.0f} s){knn}", flush=True)
+        line = (f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
+                f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.current_tau():.4f}, "
+                f"lr {lr:.3g}, {images / seconds:.1f} images/s ({seconds:.0f} s){knn}")
+        print_line(trainer, line)
         collapsed = {h: v for h, v in spread.items() if v < COLLAPSE_STD}
         if collapsed:
             found = ", ".join(f"std/{h} {v:.3f}" for h, v in collapsed.items())
@@ -208,7 +209,30 @@ class EpochHook(pl.Callback):
                   flush=True)
 
 
-def progress_bar(enabled: bool, refresh_every: int) -> list:
-    """A progress bar that refreshes every ``refresh_every`` batches: each refresh reads the
-    logged loss back from the device, and a per-step read would stall a GPU every step."""
-    return [TQDMProgressBar(refresh_rate=max(1, int(refresh_every or 1)))] if enabled else []
+def print_line(trainer, line: str) -> None:
+    """A console line on a line of its own, also while a progress bar is drawn (and in log files)."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is not None and hasattr(bar, "print"):
+        bar.print(line)
+    else:
+        print(line, flush=True)
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's bar, with epochs counted from 1 as in every other line a person reads."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
+def progress_bar(enabled: bool, refresh_every: int, steps_per_epoch: int | None = None) -> list:
+    """A progress bar that refreshes every ``refresh_every`` batches (each refresh reads the logged loss
+    back from the device, and a per-step read would stall a GPU every step), but at least 20 times an
+    epoch, so a short epoch shows progress too."""
+    if not enabled:
+        return []
+    rate = max(1, int(refresh_every or 1))
+    if steps_per_epoch:
+        rate = min(rate, max(1, steps_per_epoch // 20))
+    return [EpochProgressBar(refresh_rate=rate)]
