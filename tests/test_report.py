@@ -207,7 +207,7 @@ def test_results_of_different_settings_are_never_pooled(tmp_path):
     cifar = {"pretrain_data": CIFAR, "eval_data": EVAL_CIFAR, "pretrain_epochs": 8,
              "pretrain_status": "complete"}
     write(root, "a", "classic", "avgpool", "linear", 0.30, 0.30, **cifar)
-    write(root, "b", "classic", "avgpool", "linear", 0.32, 0.32, seed=1, **cifar)
+    write(root, "b", "classic", "avgpool", "linear", 0.32, 0.32, seed=1, width=1.0, **cifar)  # = no width
     # the tester's case: a smoke run (synthetic data, 2 epochs, 1 evaluation epoch) beside CIFAR runs
     write(root, "smoke", "classic", "avgpool", "linear", 1.00, 1.00, pretrain_data=SYNTHETIC,
           eval_data={**SYNTHETIC, "split": "holdout", "val_size": 32}, pretrain_epochs=2, eval_epochs=1)
@@ -217,6 +217,7 @@ def test_results_of_different_settings_are_never_pooled(tmp_path):
           **{**cifar, "pretrain_data": {**CIFAR, "subset": 10000}})
     write(root, "ft50", "classic", "avgpool", "linear", 0.25, 0.25, **{**cifar, "eval_epochs": 50})
     write(root, "long", "classic", "avgpool", "linear", 0.35, 0.35, **{**cifar, "pretrain_epochs": 16})
+    write(root, "half", "classic", "avgpool", "linear", 0.15, 0.15, **{**cifar, "width": 0.5})
     report([root], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
     # (test acc, runs, backbone, data, pretrain epochs, eval epochs): each setting its own row
@@ -228,9 +229,10 @@ def test_results_of_different_settings_are_never_pooled(tmp_path):
         ("20.00", "1", "resnet18/imagenet", "cifar10 subset=10000 → cifar10 subset=none", "8", "100"),
         ("25.00", "1", "resnet18/imagenet", "cifar10 subset=none", "8", "50"),
         ("35.00", "1", "resnet18/imagenet", "cifar10 subset=none", "16", "100"),
+        ("15.00", "1", "resnet18 x0.5/imagenet", "cifar10 subset=none", "8", "100"),
     ])
     assert len([r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))
-                if (r["loss"], r["repr"], r["eval"]) == ("classic", "avgpool", "linear")]) == 7
+                if (r["loss"], r["repr"], r["eval"]) == ("classic", "avgpool", "linear")]) == 8
     assert (tmp_path / "out" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the evaluation data's folder (or split) separates too, and the row says so
     other = tmp_path / "other"

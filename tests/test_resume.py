@@ -213,8 +213,9 @@ def test_command_line_keys(tmp_path):
 
 
 def test_describe_step():
-    assert describe_step(6, 4) == "step 6 (epoch 1, batch 2 of 4)"
-    assert describe_step(8, 4) == "step 8 (epoch 2, batch 0 of 4)"
+    assert describe_step(6, 4) == "step 6 (epoch 2, 2 of 4 batches done)"
+    assert describe_step(8, 4) == "step 8 (the end of epoch 2)"
+    assert describe_step(0, 4) == "step 0 (epoch 1, 0 of 4 batches done)"
 
 
 def test_metrics_csv_continues_without_repeated_steps(tmp_path):

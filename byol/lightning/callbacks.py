@@ -24,9 +24,12 @@ EPOCH_CHECKPOINT = re.compile(r"epoch(\d{4,})\.ckpt")  # the periodic checkpoint
 
 
 def describe_step(step: int, steps_per_epoch: int) -> str:
-    """``step 6 (epoch 1, batch 2 of 4)``: where training stands, counted from 0."""
+    """Where training stands after ``step`` optimizer steps, epochs counted from 1 as a person reads them:
+    ``step 6 (epoch 2, 2 of 4 batches done)``, ``step 8 (the end of epoch 2)``."""
     epoch, batch = divmod(int(step), max(1, steps_per_epoch))
-    return f"step {step} (epoch {epoch}, batch {batch} of {steps_per_epoch})"
+    if batch == 0 and epoch > 0:
+        return f"step {step} (the end of epoch {epoch})"
+    return f"step {step} (epoch {epoch + 1}, {batch} of {steps_per_epoch} batches done)"
 
 
 class RunCheckpoints(pl.Callback):
