@@ -179,10 +179,11 @@ def our_optimizer(cfg: dict, model):
 
 
 def peer_backbone(cfg: dict) -> torch.nn.Module:
-    """The same torchvision ResNet (name, stem) as ours, returning (N, 512) pooled features."""
+    """The same torchvision ResNet (name, stem, width) as ours, returning (N, 512 x width) pooled features."""
     from byol.core.backbone import build_resnet
 
-    return build_resnet(cfg["backbone"]["name"], cfg["backbone"]["stem"])
+    backbone = cfg["backbone"]
+    return build_resnet(backbone["name"], backbone["stem"], backbone.get("width", 1.0))
 
 
 # --------------------------------------------------------------------------- (a) ours

@@ -26,11 +26,13 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 
 @dataclass
 class ImageTensors:
-    """Images (N, 3, H, W) uint8 and labels (N,) int64 (-1 where unlabelled)."""
+    """Images (N, 3, H, W) uint8 and labels (N,) int64 (-1 where unlabelled). ``mapped``: the images
+    are a memory-mapped file (``byol.core.disk_images``), read by index rather than held in memory."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...] = ()
+    mapped: bool = False
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -182,6 +184,12 @@ class IndexBatches:
     given, returns ``(epoch, batches already done in it)`` from the trainer at the start of
     each pass, so a run resumed mid-epoch continues with exactly the batches the
     uninterrupted run would have seen, with no loader state to save.
+
+    Under data parallelism (:meth:`shard`, ``world_size`` > 1) each step takes the next
+    ``batch_size x world_size`` images of the epoch's permutation and rank ``r`` trains on the
+    ``r``-th ``batch_size`` of them: the ranks' batches are disjoint, every rank has the same number
+    of batches, and the images beyond the last full global batch (fewer than ``batch_size x
+    world_size``, different ones each epoch) are dropped, so ``drop_last`` must be true.
     """
 
     def __init__(self, data: ImageTensors, batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -192,15 +200,29 @@ class IndexBatches:
                             f"{len(data)} or use more images (a larger data.subset, or data.subset=null)")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.shuffle, self.drop_last, self.progress = shuffle, drop_last, progress
+        self.rank, self.world_size = 0, 1
         self._passes = 0
+
+    def shard(self, rank: int, world_size: int) -> IndexBatches:
+        """Take rank ``rank``'s share of every epoch (see the class notes); (0, 1): all of it."""
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in a world of {world_size} processes")
+        if world_size > 1 and not self.drop_last:
+            raise DataError("sharding across processes drops the last uneven batch: drop_last must be true")
+        if self.batch_size * world_size > len(self.data):
+            raise DataError(f"data.batch_size={self.batch_size} x {world_size} processes is more than the "
+                            f"dataset ({len(self.data)} images), so an epoch would have no full global batch; "
+                            f"lower data.batch_size or use more images")
+        self.rank, self.world_size = int(rank), int(world_size)
+        return self
 
     def to(self, device) -> IndexBatches:
         self.data = self.data.to(device)
         return self
 
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, step = len(self.data), self.batch_size * self.world_size
+        return n // step if self.drop_last else -(-n // step)
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -212,6 +234,7 @@ class IndexBatches:
         epoch, start = self.progress() if self.progress else (self._passes, 0)
         self._passes += 1
         order = self.order(epoch).to(self.data.images.device)
+        step, offset = self.batch_size * self.world_size, self.rank * self.batch_size
         for b in range(start, len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * step + offset:b * step + offset + self.batch_size]
             yield self.data.images[idx], self.data.labels[idx]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from byol.core.data import ImageTensors
+from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -269,14 +270,21 @@ def load_image_folder(
     cache_dir: str | os.PathLike | None = None,
     skip_bad_files: bool = False,
     workers: int = 8,
+    storage: str = "memory",
+    mmap_above: float = float("inf"),
 ) -> ImageTensors:
     """Decode every image of a folder once into a uint8 tensor, cached on disk.
 
     The cache file is keyed by the folder's content (paths, sizes, modification times) and
     the image size, so a changed folder is decoded again and an unchanged one loads in seconds.
+    ``storage="mmap"`` keeps the images in a ``.npy`` file in ``cache_dir`` instead, decoded into
+    it a chunk at a time, and returns a tensor backed by that file (see ``byol.core.disk_images``);
+    ``storage="auto"`` picks it when the decoded images would take more than ``mmap_above`` bytes.
     """
     folder = Path(folder)
     scan = _scan(folder)
+    if choose_storage(storage, decoded_bytes(len(scan.files), size), mmap_above) == "mmap":
+        return _load_mmap(folder, scan, size, cache_dir, skip_bad_files, workers)
     files, labels, classes = scan.files, scan.labels, scan.classes
     cache = None
     if cache_dir:
@@ -302,3 +310,45 @@ def load_image_folder(
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes)}, cache)
     return data
+
+
+def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: int = 4096):
+    """Each file's decoded array (None: skipped), a chunk at a time, in order."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for s in range(0, len(files), chunk):
+            yield from pool.map(lambda p: _decode(p, size, skip_bad), files[s:s + chunk])
+
+
+def _load_mmap(folder: Path, scan: _Scan, size: int, cache_dir, skip_bad: bool, workers: int) -> ImageTensors:
+    """The folder's images in the memory-mapped cache ``<name>-<key>.u8.npy`` (written when missing,
+    from the in-memory ``.pt`` cache when there is one, else by decoding), labels beside it."""
+    from byol.core.checkpoint import atomic_torch_save
+
+    if not cache_dir:
+        raise DataError("data.storage=mmap keeps the decoded images in a file in data.cache_dir; set "
+                        "data.cache_dir to a folder on a local disk")
+    key = _cache_key(folder, scan, size, skip_bad)
+    base = Path(cache_dir).expanduser() / f"{folder.name}-{key}"
+    npy, meta = base.with_name(base.name + ".u8.npy"), base.with_name(base.name + ".labels.pt")
+    if npy.exists() and meta.exists():
+        try:
+            d = torch.load(meta, weights_only=True)
+            return ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True)
+        except Exception:
+            warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    pt = base.with_name(base.name + ".pt")
+    if pt.exists():  # decoded before for the in-memory path: same pixels, copied once
+        d = torch.load(pt, weights_only=True)
+        arrays, n = (a.numpy() for a in d["images"]), len(d["images"])
+        labels = d["labels"].tolist()
+    else:
+        print(f"[data] decoding {len(scan.files)} images from {folder} into {npy} (once)", flush=True)
+        arrays, n, labels = _decoded(scan.files, size, skip_bad, workers), len(scan.files), scan.labels
+    kept = write_images(arrays, n, (3, size, size), npy)
+    if not kept:
+        npy.unlink()
+        raise DataError(f"none of the {n} images in '{folder}' could be read")
+    label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
+    atomic_torch_save({"labels": label_t, "classes": list(scan.classes)}, meta)
+    return ImageTensors(open_images(npy), label_t, scan.classes, mapped=True)

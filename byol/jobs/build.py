@@ -135,16 +135,21 @@ def warmup_steps(warmup_epochs: float, total_steps: int, epochs: int, schedule: 
                  f"over the other {total_steps - cap} steps")
 
 
+def scaled_lr(optim: Mapping, batch_size: int, accumulate: int = 1, world_size: int = 1) -> float:
+    """base_lr x global batch / 256 when ``scale_lr_with_batch`` (else base_lr); the global batch is
+    the per-device batch x accumulation x processes (devices x nodes)."""
+    batch = batch_size * max(1, accumulate) * max(1, world_size)
+    return optim["base_lr"] * (batch / 256 if optim.get("scale_lr_with_batch", True) else 1.0)
+
+
 def optimizer_factory(optim: Mapping, batch_size: int, accumulate: int = 1):
-    """``make(modules, total_steps, epochs) -> (optimizer, scheduler)`` for ``optim`` (the config group):
-    lr = base_lr x global batch / 256 when ``scale_lr_with_batch``; warm-up given in epochs, capped
-    by :func:`warmup_steps` (one line says so)."""
+    """``make(modules, total_steps, epochs, world_size=1) -> (optimizer, scheduler)`` for ``optim`` (the
+    config group): lr from :func:`scaled_lr` (the trainer gives the world size); warm-up given in
+    epochs, capped by :func:`warmup_steps` (one line says so)."""
     from byol.core.optim import build_optimizer, build_schedule, param_groups
 
-    batch = batch_size * max(1, accumulate)
-    lr = optim["base_lr"] * (batch / 256 if optim.get("scale_lr_with_batch", True) else 1.0)
-
-    def make(modules, total_steps: int, epochs: int):
+    def make(modules, total_steps: int, epochs: int, world_size: int = 1):
+        lr = scaled_lr(optim, batch_size, accumulate, world_size)
         optimizer = build_optimizer(optim["name"], param_groups(modules, optim["weight_decay"]), lr,
                                     optim.get("optimizer"))
         schedule = dict(optim["scheduler"])

@@ -34,6 +34,7 @@ QUIET_WARNINGS = (
     r"You.re resuming from a checkpoint that ended before",  # IndexBatches resumes mid-epoch itself
     r"Experiment logs directory .* exists and is not empty",  # metrics.csv beside config.yaml, on purpose
     r"Found \d+ module\(s\) in eval mode",  # a frozen encoder evaluates in eval mode on purpose
+    r"It is recommended to use `self.log\('monitor/knn",  # DDP: rank 0 alone scores kNN, on purpose
 )
 LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
 
@@ -128,6 +129,14 @@ def command_line_keys() -> list[str]:
     return keys
 
 
+def launched_rank() -> int:
+    """This process's global rank when a launcher started it (Lightning's DDP processes, torchrun,
+    SLURM: read from the environment by Lightning); 0 for a process started by hand."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def run_job(fn, cfg, *args, **kwargs):
     """Call ``fn(cfg, run_dir, ...)``; a :class:`ByolError` prints one line instead of a stack trace.
 
@@ -140,6 +149,8 @@ def run_job(fn, cfg, *args, **kwargs):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if launched_rank() != 0:  # another DDP process of rank 0's run: rank 0 holds the folder and its log
+        return fn(cfg, run_dir, *args, **kwargs)
     try:
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
                 console_copied_to(run_dir / f"{hc.job.name}.log"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from byol.core.disk_images import STORAGES
 from byol.core.errors import ConfigError
 from byol.core.optim import OPTIMIZERS, SCHEDULES
 
@@ -65,14 +66,14 @@ POSITIVE_INT = (
 NON_NEGATIVE = ("optim.weight_decay", "eval.weight_decay", "optim.scheduler.warmup_epochs",
                 "eval.scheduler.warmup_epochs", "split.val_size", "monitor.val_size", "trainer.gradient_clip_val")
 POSITIVE = ("backbone.width", "optim.base_lr", "eval.lr", "eval.encoder_lr", "eval.cached_lr", "eval.temperature",
-            "monitor.temperature", "monitor.probe_lr")
+            "monitor.temperature", "monitor.probe_lr", "data.mmap_above_gb")
 UNIT_INTERVAL = ("ema.tau_base", "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),
          "train.on_nonfinite": ("stop", "skip"), "split.name": ("holdout", "seed_original"),
          "logger.name": LOGGER_NAMES, "optim.name": tuple(OPTIMIZERS),
          "eval.optimizer.name": tuple(OPTIMIZERS), "optim.scheduler.name": tuple(SCHEDULES),
-         "eval.scheduler.name": tuple(SCHEDULES)}
+         "eval.scheduler.name": tuple(SCHEDULES), "data.storage": STORAGES}
 
 
 def _kind(value) -> str:

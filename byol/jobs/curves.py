@@ -77,7 +77,7 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]]) -> None:
                 ys = [100 * y for y in ys] if percent else ys
                 name = key[len(prefix):] or key
                 ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style,
-                        marker="o" if len(xs) < 30 and prefix.startswith("monitor") else None, markersize=3)
+                        marker="o" if len(xs) < 30 else None, markersize=3)  # a short run's points show
                 drawn = True
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")

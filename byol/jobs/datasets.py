@@ -7,6 +7,7 @@ The only data code that reads the config; what it calls (``byol.core.data``,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,12 +55,23 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
                 folder = root  # a plain folder of images or of class folders
             else:
                 raise DataError(f"no '{split}' folder in '{root}'; evaluation needs {root}/{split}/<class>/*")
-        return load_image_folder(folder, cfg["image_size"], cfg.get("cache_dir"),
-                                 cfg.get("skip_bad_files", False))
+        return load_image_folder(folder, cfg["image_size"], cfg.get("cache_dir"), cfg.get("skip_bad_files", False),
+                                 storage=cfg.get("storage", "memory"), mmap_above=mmap_limit(cfg))
     if name == "synthetic":
         n = cfg["num_train"] if split == "train" else cfg["num_test"]
         return make_synthetic(n, cfg["image_size"], cfg["num_classes"], seed=0 if split == "train" else 1)
     raise DataError(f"unknown data.name '{name}'; choose one of: {', '.join(DATASETS)}")
+
+
+def mmap_limit(cfg) -> float:
+    """Bytes of decoded images above which ``data.storage=auto`` memory-maps them: the smaller of
+    ``data.mmap_above_gb`` and half of the RAM available now (the run needs the rest)."""
+    limit = float(cfg.get("mmap_above_gb") or float("inf")) * 1e9
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return limit
+    return min(limit, available / 2)
 
 
 def _train_folder(cfg) -> str:

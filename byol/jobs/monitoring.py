@@ -16,6 +16,7 @@ from byol.core.backbone import AVGPOOL
 from byol.core.data import ImageTensors
 from byol.core.errors import DataError
 from byol.core.features import autocast_dtype
+from byol.jobs.cli import launched_rank
 from byol.jobs.datasets import load_eval_data
 from byol.lightning.monitors import OnlineKNN, OnlineProbes
 
@@ -54,9 +55,10 @@ def build_monitors(config: Mapping, encoder_dims: Mapping[str, int]) -> list:
                     monitor["k"], monitor["temperature"], monitor.get("batch_size", 512),
                     autocast_dtype(config["trainer"].get("precision", "32-true")))
     probes = OnlineProbes(named, encoder_dims, num_classes, monitor["probe_lr"], config["seed"])
-    print(f"[byol] online monitors: kNN of {len(queries)} test images against {len(bank)} training images every "
-          f"{monitor['every_n_epochs']} epoch(s), and a linear probe per representation "
-          f"({', '.join(named)})", flush=True)
+    if launched_rank() == 0:
+        print(f"[byol] online monitors: kNN of {len(queries)} test images against {len(bank)} training images every "
+              f"{monitor['every_n_epochs']} epoch(s), and a linear probe per representation "
+              f"({', '.join(named)})", flush=True)
     return [knn, probes]
 
 

@@ -20,9 +20,10 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, safe_load, save_encoder
 from byol.core.data import IndexBatches, seeded_subset
+from byol.core.disk_images import MmapBatches
 from byol.core.errors import CheckpointError
 from byol.jobs.build import build_augment, build_byol, build_trainer, loss_mode, make_loggers, optimizer_factory
-from byol.jobs.cli import command_arg, quiet_lightning, resume_hint
+from byol.jobs.cli import command_arg, launched_rank, quiet_lightning, resume_hint
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.curves import write_curves
 from byol.jobs.datasets import load_split
@@ -93,10 +94,11 @@ def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
 
 
 def build_datamodule(config: dict) -> TensorDataModule:
-    """The run's training images (decoded once, seeded subset) as device-resident index batches."""
+    """The run's training images (decoded once, seeded subset) as device-resident index batches, or
+    read from the memory-mapped cache (``data.storage``) a batch at a time."""
     data = config["data"]
     images = seeded_subset(load_split(data, "train"), data.get("subset"), config["seed"])
-    batches = IndexBatches(images, data["batch_size"], seed=config["seed"])
+    batches = (MmapBatches if images.mapped else IndexBatches)(images, data["batch_size"], seed=config["seed"])
     return TensorDataModule(batches, data.get("on_device", True))
 
 
@@ -127,8 +129,19 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
                               steps_per_epoch)
     # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
     trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}
+    if trainer.get("sync_batchnorm") and not on_gpu(trainer):
+        trainer["sync_batchnorm"] = False  # torch's DDP refuses SyncBatchNorm on CPU processes
+        if launched_rank() == 0:
+            print("[byol] note: trainer.sync_batchnorm needs GPUs; on CPU each process keeps its own BatchNorm "
+                  "statistics (rank 0's buffers are broadcast every step)", flush=True)
     return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
+
+
+def on_gpu(trainer_cfg: dict) -> bool:
+    """Whether the trainer will run on CUDA devices (``accelerator`` gpu/cuda, or auto with CUDA present)."""
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
@@ -145,8 +158,9 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     config = start.config
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / "config.yaml")
-    remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
+    if launched_rank() == 0:  # under DDP, rank 0 alone writes into the run folder
+        atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / "config.yaml")
+        remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
 
     loggers = make_loggers(config.get("logger"), run_dir, start.step)  # a missing package fails before the data
     datamodule = build_datamodule(config)  # data errors before the model is built
@@ -159,6 +173,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
         announce(config, run_dir, trainer, start, datamodule.batches)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
+        if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
+            return export
         draw_curves(run_dir)
     save_encoder(module.model.online_encoder, export,
                  meta={"loss": loss_mode(config["loss"]), "epochs": trainer.current_epoch,
@@ -177,13 +193,24 @@ def draw_curves(run_dir: Path) -> None:
 
 
 def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, batches: IndexBatches) -> None:
-    """The run's first lines: what trains on what, where it writes, where it resumes."""
+    """The run's first lines (rank 0's): what trains on what, where it writes, where it resumes."""
+    if launched_rank() != 0:  # the trainer knows its rank only once fitting starts
+        return
     backbone, trainer_cfg = config["backbone"], config["trainer"]
     width = f" x{backbone['width']:g} width" if backbone.get("width", 1) != 1 else ""
     print(f"[byol] pretraining {backbone['name']}{width} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
-          f"{len(batches.data)} images, batch {config['data']['batch_size']}, {trainer_cfg['max_epochs']} epochs, "
-          f"on {trainer.strategy.root_device} ({trainer_cfg['precision']})", flush=True)
+          f"{len(batches.data)} images, batch {config['data']['batch_size']}{processes(trainer, config['data']['batch_size'])}, "
+          f"{trainer_cfg['max_epochs']} epochs, on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
+          flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)
     if start.checkpoint is not None:
         steps_per_epoch = max(1, len(batches) // int(trainer_cfg.get("accumulate_grad_batches") or 1))
         print(f"[byol] resuming from {start.checkpoint}: {describe_step(start.step, steps_per_epoch)}", flush=True)
+
+
+def processes(trainer: pl.Trainer, batch: int) -> str:
+    """`` per process x 2 processes (global batch 64)`` under DDP; empty on one device."""
+    world = trainer.world_size
+    if world == 1:
+        return ""
+    return f" per process x {world} processes (global batch {batch * world * trainer.accumulate_grad_batches})"

@@ -171,8 +171,10 @@ class EpochSummary(pl.Callback):
         return f", kNN {' '.join(shown)} ({spent:.0f} s)", spent
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:  # under DDP: rank 0's line (its share of the images, its loss means)
+            return
         seconds = time.perf_counter() - self._start
-        images = self._images
+        images = self._images * trainer.world_size  # every rank trains on as many images as rank 0
         losses = {k: float(v) for k, v in pl_module.epoch_means().items()}
         heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")

@@ -13,6 +13,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     A run resumed mid-epoch continues with the batches the uninterrupted run would have seen:
     the batch order is a function of (seed, epoch) and the start is the trainer's own count.
+    Under DDP, ``setup`` gives the batches this process's rank and the world size.
     """
 
     def __init__(self, batches: IndexBatches, on_device: bool = True):
@@ -24,6 +25,8 @@ class TensorDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch, batches_done_this_epoch(self.trainer)
 
     def setup(self, stage: str) -> None:
+        # under DDP each process trains on its own disjoint share of every epoch (IndexBatches.shard)
+        self.batches.shard(self.trainer.global_rank, self.trainer.world_size)
         if self.on_device:
             self.batches.to(self.trainer.strategy.root_device)
 

@@ -75,7 +75,7 @@ class OnlineKNN(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         """The random-init encoder's scores, before the first step: where the curve starts."""
-        if trainer.global_step != 0:
+        if trainer.global_step != 0 or not trainer.is_global_zero:
             return
         self.initial = self.scores(pl_module.model.online_encoder)
         for logger in trainer.loggers:
@@ -84,14 +84,16 @@ class OnlineKNN(pl.Callback):
         print(f"[byol] kNN before training (random init): {shown}", flush=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if (trainer.current_epoch + 1) % self.every:
+        # Under DDP rank 0 alone scores (every rank holds the same online weights; eval mode, so
+        # SyncBatchNorm runs no collective) and logs; the other ranks go on to the next epoch.
+        if (trainer.current_epoch + 1) % self.every or not trainer.is_global_zero:
             return
         start = time.perf_counter()
         self.last = self.scores(pl_module.model.online_encoder)
         self.seconds = time.perf_counter() - start
         for name, accuracy in self.last.items():
-            pl_module.log(KNN_PREFIX + name, accuracy)
-        pl_module.log("monitor/knn_seconds", self.seconds)
+            pl_module.log(KNN_PREFIX + name, accuracy, rank_zero_only=True)
+        pl_module.log("monitor/knn_seconds", self.seconds, rank_zero_only=True)
 
 
 class OnlineProbes(pl.Callback):
@@ -147,7 +149,8 @@ class OnlineProbes(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         for name, correct in self._correct.items():
-            pl_module.log(PROBE_PREFIX + name, float(correct) / max(1, self._seen))
+            # under DDP each rank trains its own probe on its share: the mean of their accuracies
+            pl_module.log(PROBE_PREFIX + name, float(correct) / max(1, self._seen), sync_dist=True)
         self._correct, self._seen = {}, 0
 
     def state_dict(self) -> dict:

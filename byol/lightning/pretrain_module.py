@@ -19,8 +19,8 @@ from byol.core.errors import NonFiniteLossError
 from byol.core.model import BYOL
 from byol.core.rng import rng_state, set_rng_state, step_generator
 
-# (modules to optimise, total optimizer steps, epochs) -> (optimizer, per-step LR scheduler)
-OptimizerFactory = Callable[[Sequence[nn.Module], int, int], tuple]
+# (modules to optimise, total optimizer steps, epochs, world size) -> (optimizer, per-step LR scheduler)
+OptimizerFactory = Callable[[Sequence[nn.Module], int, int, int], tuple]
 
 
 class BYOLModule(pl.LightningModule):
@@ -55,7 +55,7 @@ class BYOLModule(pl.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
         images = batch[0]
-        self._generator = step_generator(self._generator, self.device, self.seed, self.current_epoch, batch_idx)
+        self._generator = step_generator(self._generator, self.device, *self.step_keys(batch_idx))
         view1, view2 = self.augment(images, self._generator)
         if self.skip_nonfinite:  # forward passes update BatchNorm statistics: keep a copy to undo a bad step
             buffers = list(self.model.buffers())
@@ -78,6 +78,13 @@ class BYOLModule(pl.LightningModule):
         for name, value in losses.items():
             self.log(f"train/{name}_step", value.detach(), prog_bar=name == "loss")
         return loss
+
+    def step_keys(self, batch_idx: int) -> tuple[int, ...]:
+        """What seeds a step's augmentation: (seed, epoch, batch), and the rank when several processes
+        train (each rank draws its own views, still a function of the keys: exact on resume)."""
+        keys = (self.seed, self.current_epoch, batch_idx)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return (*keys, self.global_rank) if world > 1 else keys
 
     def _record_first_bad_step(self, finite: torch.Tensor, device) -> None:
         """Kept on the device, checked without a per-step host sync."""
@@ -123,7 +130,7 @@ class BYOLModule(pl.LightningModule):
     def on_train_epoch_end(self):
         self.check_finite()
         for name, mean in self.epoch_means().items():
-            self.log(f"train/{name}_epoch", mean)
+            self.log(f"train/{name}_epoch", mean, sync_dist=True)  # under DDP: the mean over the ranks
 
     def _last_good(self) -> str:
         last = self.checkpoint_path
@@ -145,7 +152,9 @@ class BYOLModule(pl.LightningModule):
     def configure_optimizers(self):
         modules = [self.model.online_encoder, self.model.online_projectors, self.model.predictors]
         total = int(self.trainer.estimated_stepping_batches)
-        optimizer, scheduler = self.make_optimizer(modules, total, int(self.trainer.max_epochs or 1))
+        # the global batch (learning-rate scaling) counts every process: devices x nodes
+        optimizer, scheduler = self.make_optimizer(modules, total, int(self.trainer.max_epochs or 1),
+                                                   int(self.trainer.world_size))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints

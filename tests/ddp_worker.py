@@ -1,0 +1,45 @@
+"""Run by tests/test_ddp.py as ``python tests/ddp_worker.py OUT_DIR``: three optimizer steps of the smoke
+config on two CPU processes (Lightning's ``ddp`` strategy re-runs this script for rank 1), then each
+rank writes what it holds to ``OUT_DIR/rank<r>.pt``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from conftest import compose_config, plain_config
+from hydra.core.hydra_config import HydraConfig
+
+from byol.jobs.pretrain import build_datamodule, build_module
+
+
+class Record(pl.Callback):
+    def __init__(self):
+        self.first_batch: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_batch is None:
+            self.first_batch = batch[0].flatten(1).float().sum(1).cpu()  # one fingerprint per image
+
+
+def main(out: Path) -> None:
+    config = plain_config(compose_config("train", ["experiment=smoke"], out))
+    HydraConfig.instance().cfg = None  # else Lightning would relaunch rank 1 as a Hydra app
+    datamodule, module = build_datamodule(config), build_module(config)
+    record = Record()
+    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=3, precision="32-true",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[record])
+    trainer.fit(module, datamodule=datamodule)
+    model = module.model
+    torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "steps": trainer.global_step,
+                "batches": len(datamodule.batches), "first_batch": record.first_batch,
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "params": {name: p.detach().clone() for name, p in model.named_parameters()}},
+               out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

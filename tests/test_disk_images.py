@@ -1,0 +1,108 @@
+"""Data larger than memory: the memory-mapped cache gives the same batches as the in-memory path."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol.core.data import IndexBatches, make_synthetic
+from byol.core.disk_images import MmapBatches, choose_storage, open_images, write_images
+from byol.core.errors import DataError
+from byol.core.image_folder import load_image_folder
+
+
+def _mapped(tmp_path, n=103, size=8):
+    data = make_synthetic(n, size, num_classes=3)
+    path = tmp_path / "images.npy"
+    assert write_images((a.numpy() for a in data.images), n, (3, size, size), path) == list(range(n))
+    images = open_images(path)
+    return data, type(data)(images, data.labels, data.classes, mapped=True)
+
+
+def _all(batches):
+    return [(x.clone(), y.clone()) for x, y in batches]
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert xa.dtype == xb.dtype == torch.uint8
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("shuffle,drop_last", [(True, True), (False, False)])
+def test_mmap_batches_equal_in_memory_batches(tmp_path, shuffle, drop_last):
+    data, mapped = _mapped(tmp_path)
+    memory = IndexBatches(data, 16, seed=3, shuffle=shuffle, drop_last=drop_last)
+    disk = MmapBatches(mapped, 16, seed=3, shuffle=shuffle, drop_last=drop_last, prefetch=2)
+    assert len(memory) == len(disk)
+    for _ in range(3):  # epochs 0, 1, 2: a new order each
+        _same(_all(memory), _all(disk))
+
+
+def test_mmap_batches_resume_mid_epoch(tmp_path):
+    data, mapped = _mapped(tmp_path)
+    full = _all(IndexBatches(data, 10, seed=7, progress=lambda: (4, 0)))
+    for start in (0, 3, 9):
+        resumed = MmapBatches(mapped, 10, seed=7, progress=lambda s=start: (4, s))
+        _same(_all(resumed), full[start:])
+    assert _all(MmapBatches(mapped, 10, seed=7, progress=lambda: (4, 10))) == []  # epoch already done
+
+
+def test_mmap_batches_stop_early_and_errors(tmp_path):
+    _, mapped = _mapped(tmp_path)
+    batches = MmapBatches(mapped, 4, prefetch=1)
+    for i, _ in enumerate(batches):  # leaving the loop early ends the reader thread
+        if i == 2:
+            break
+    assert len(_all(batches)) == len(batches)
+    broken = MmapBatches(mapped, 4)
+    broken.images = mapped.images[:8]  # rows missing: the reader's error reaches the caller
+    with pytest.raises((IndexError, RuntimeError)):
+        _all(broken)
+
+
+def test_write_images_skips_unreadable(tmp_path):
+    arrays = [np.full((3, 2, 2), i, np.uint8) if i % 3 else None for i in range(7)]
+    kept = write_images(iter(arrays), 7, (3, 2, 2), tmp_path / "x.npy")
+    assert kept == [1, 2, 4, 5]
+    assert open_images(tmp_path / "x.npy")[:, 0, 0, 0].tolist() == kept
+
+
+def test_choose_storage():
+    assert choose_storage("auto", 10, 5) == "mmap" and choose_storage("auto", 5, 5) == "memory"
+    assert choose_storage("memory", 10, 5) == "memory" and choose_storage("mmap", 1, 5) == "mmap"
+    with pytest.raises(DataError):
+        choose_storage("disk", 1, 5)
+
+
+def _folder(root, n=12):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cls = root / f"c{i % 3}"
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("memory_first", [True, False])
+def test_image_folder_mmap_equals_memory(tmp_path, memory_first):
+    folder, cache = _folder(tmp_path / "imgs"), tmp_path / "cache"
+    order = ["memory", "mmap"] if memory_first else ["mmap", "memory"]  # mmap from the .pt cache, or decoded
+    loaded = {s: load_image_folder(folder, 8, cache, storage=s, workers=2) for s in order}
+    memory, mapped = loaded["memory"], loaded["mmap"]
+    assert mapped.mapped and not memory.mapped and mapped.classes == memory.classes
+    assert torch.equal(mapped.images, memory.images) and torch.equal(mapped.labels, memory.labels)
+    again = load_image_folder(folder, 8, cache, storage="auto", mmap_above=0)  # from the .npy cache
+    assert again.mapped and torch.equal(again.images, memory.images)
+    assert not load_image_folder(folder, 8, cache, storage="auto").mapped  # small: in memory
+    _same(_all(IndexBatches(memory, 5, seed=1)), _all(MmapBatches(mapped, 5, seed=1)))
+    with pytest.raises(DataError, match="cache_dir"):
+        load_image_folder(folder, 8, None, storage="mmap")
+
+
+def test_mmap_batches_sharded_like_index_batches(tmp_path):
+    data, mapped = _mapped(tmp_path)
+    for rank in range(2):
+        memory = IndexBatches(data, 8, seed=2).shard(rank, 2)
+        _same(_all(memory), _all(MmapBatches(mapped, 8, seed=2).shard(rank, 2)))
