@@ -176,3 +176,10 @@ def test_invalid_grids_are_refused_with_the_fix(grids):
 def test_avgpool_grid_of_one_is_accepted():
     enc = Encoder("resnet18", "imagenet", grids={"avgpool": 1})
     assert enc(torch.zeros(2, 3, 32, 32))["avgpool"].shape == (2, enc.dims["avgpool"]) == (2, 512)
+
+
+@pytest.mark.parametrize("name,dim", [("resnet34", 512), ("resnet101", 2048), ("resnet152", 2048)])
+def test_every_offered_resnet_builds_with_taps(name, dim):
+    encoder = Encoder(name, "cifar", ["layer2.0"], {"layer2.0": 2})
+    feats = encoder(torch.zeros(2, 3, 32, 32))
+    assert feats["avgpool"].shape == (2, dim) and feats["layer2.0"].shape[0] == 2

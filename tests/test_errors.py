@@ -416,7 +416,8 @@ def epoch_line(capsys, means: dict) -> str:
 
     module = SimpleNamespace(current_tau=lambda: 0.99,
                              epoch_means=lambda: {k: torch.tensor(v) for k, v in means.items()})
-    trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[], callback_metrics={})
+    trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[], callback_metrics={},
+                              is_global_zero=True, world_size=1)
     summary = EpochSummary()
     summary.on_train_batch_end(trainer, module, None, (torch.zeros(8, 3, 4, 4), torch.zeros(8)), 0)
     summary.on_train_epoch_end(trainer, module)

@@ -102,7 +102,8 @@ def metric_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
         rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
     keyed = {}
     for r in rows:
-        kind = "lr" if any(k.startswith("lr-") for k in r) else "epoch" if "train/loss_epoch" in r else "step"
+        kind = ("lr" if any(k.startswith("lr-") for k in r) else "epoch" if "train/loss_epoch" in r
+                else "before training" if all(k.startswith("monitor/") or k == "step" for k in r) else "step")
         key = (int(r["step"]), kind)
         assert key not in keyed, f"row logged twice: {key}"
         keyed[key] = r

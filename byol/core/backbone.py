@@ -22,7 +22,8 @@ from torchvision.models.resnet import conv1x1
 
 from byol.core.errors import ConfigError
 
-RESNETS = {"resnet18": models.resnet18, "resnet34": models.resnet34, "resnet50": models.resnet50}
+# torchvision's ResNets (the wide and ResNeXt variants change the blocks' inner widths: not offered)
+RESNETS = {name: getattr(models, name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")}
 STEMS = ("cifar", "imagenet")
 AVGPOOL = "avgpool"
 BASE_WIDTHS = (64, 128, 256, 512)  # torchvision's channels per stage (before a Bottleneck's x4 expansion)

@@ -163,10 +163,15 @@ def online_encoder_state(ckpt: dict) -> dict:
     return {k[len(ONLINE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE_PREFIX)}
 
 
-def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Export the online encoder with the config that built it; loadable without Lightning."""
+def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None, taps=None) -> None:
+    """Export the online encoder with the config that built it; loadable without Lightning.
+
+    ``taps``: the taps to record (default: the encoder's own), e.g. the loss's without those that
+    only the training monitors read; taps never change the weights.
+    """
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    atomic_torch_save({"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "backbone": encoder.config,
+    backbone = dict(encoder.config, taps=list(taps)) if taps is not None else encoder.config
+    atomic_torch_save({"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "backbone": backbone,
                        "state_dict": state, "meta": meta or {}}, path)
 
 

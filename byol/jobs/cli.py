@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
 import traceback
 import warnings
@@ -137,6 +138,18 @@ def launched_rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
+def hand_on_signal(signum: int) -> None:
+    """After a signal stopped the run and ``last.ckpt`` is saved, deliver it again to the handler that
+    was there before training, when that is Python code: a launcher's (submitit requeues the job on
+    ``SUBMITIT_PREEMPT_SIGNAL``, see conf/hydra/launcher/submitit_slurm.yaml). Otherwise nothing."""
+    try:
+        handler = signal.getsignal(signum)
+    except (ValueError, OSError):
+        return
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
+
+
 def run_job(fn, cfg, *args, **kwargs):
     """Call ``fn(cfg, run_dir, ...)``; a :class:`ByolError` prints one line instead of a stack trace.
 
@@ -173,6 +186,7 @@ def run_job(fn, cfg, *args, **kwargs):
     except ByolError as e:
         if isinstance(e, Interrupted):  # not a failure: the run continues when resumed
             print(str(e), file=sys.stderr, flush=True)
+            hand_on_signal(e.exit_code - 128)
             sys.exit(e.exit_code)
         return _failed(run_dir, multirun, e)
     except Exception as e:

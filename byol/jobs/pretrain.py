@@ -176,7 +176,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
             return export
         draw_curves(run_dir)
-    save_encoder(module.model.online_encoder, export,
+    save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
                  meta={"loss": loss_mode(config["loss"]), "epochs": trainer.current_epoch,
                        "global_step": trainer.global_step, "seed": config["seed"]})
     print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",

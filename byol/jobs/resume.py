@@ -86,6 +86,10 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             continue
         if key not in new:
             continue  # a setting this version no longer has
+        if key not in old:  # a setting the checkpoint predates: this version's value, not a change
+            if requested is not None:
+                _set(result, key, new[key])
+            continue
         if requested is not None and not _under(key, requested):
             continue  # not set on the command line: the run keeps its own value
         if requested is not None:

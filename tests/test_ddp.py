@@ -1,0 +1,114 @@
+"""Data-parallel training (trainer=ddp): per-rank shards, per-rank augmentation streams, the learning
+rate of the global batch, identical weights on every rank, one writer of the run folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT
+
+from byol.core.data import IndexBatches, make_synthetic
+from byol.core.errors import DataError
+from byol.core.rng import step_generator
+from byol.jobs.build import scaled_lr
+from byol.lightning.pretrain_module import BYOLModule
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def epoch_indices(n: int, batch: int, rank: int, world: int, epoch: int = 0) -> list[list[int]]:
+    data = make_synthetic(n, size=4)
+    data.images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()  # image i holds i
+    batches = IndexBatches(data, batch, seed=5).shard(rank, world)
+    batches.progress = lambda: (epoch, 0)
+    return [images[:, 0, 0, 0].tolist() for images, _ in batches]
+
+
+@pytest.mark.parametrize("n, batch, world", [(100, 8, 3), (128, 32, 2), (64, 32, 2), (10, 3, 1)])
+def test_shards_are_disjoint_and_cover_the_epoch(n, batch, world):
+    shards = [epoch_indices(n, batch, r, world) for r in range(world)]
+    steps = n // (batch * world)
+    assert all(len(s) == steps and all(len(b) == batch for b in s) for s in shards)  # same count on every rank
+    seen = [i for s in shards for b in s for i in b]
+    assert len(seen) == len(set(seen)) == steps * batch * world  # no image twice; only the uneven tail dropped
+    order = IndexBatches(make_synthetic(n, size=4), batch, seed=5).order(0).tolist()
+    assert set(seen) == set(order[:steps * batch * world])  # the first global batches of the permutation
+    for step in range(steps):  # step b takes the next batch x world images, rank r the r-th share
+        chunk = order[step * batch * world:(step + 1) * batch * world]
+        assert [shards[r][step] for r in range(world)] == [chunk[r * batch:(r + 1) * batch] for r in range(world)]
+
+
+def test_one_process_batches_are_unchanged_and_epochs_differ():
+    order = IndexBatches(make_synthetic(40, size=4), 8, seed=5).order(1).tolist()
+    assert epoch_indices(40, 8, 0, 1, epoch=1) == [order[i:i + 8] for i in range(0, 40, 8)]
+    assert epoch_indices(64, 8, 0, 2, epoch=0) != epoch_indices(64, 8, 0, 2, epoch=1)
+
+
+def test_shard_refusals():
+    batches = IndexBatches(make_synthetic(64, size=4), 16)
+    with pytest.raises(DataError, match="x 5 processes"):
+        batches.shard(0, 5)
+    with pytest.raises(DataError, match="rank 2"):
+        batches.shard(2, 2)
+    with pytest.raises(DataError, match="drop_last"):
+        IndexBatches(make_synthetic(64, size=4), 16, drop_last=False).shard(0, 2)
+    assert len(batches.shard(1, 2)) == 2 and len(batches.shard(0, 1)) == 4
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    lars = {"base_lr": 1.0, "scale_lr_with_batch": True}
+    assert scaled_lr(lars, 32) == 0.125
+    assert scaled_lr(lars, 32, accumulate=2, world_size=4) == 1.0  # 32 x 2 x 4 = 256
+    assert scaled_lr({"base_lr": 0.2, "scale_lr_with_batch": False}, 32, 2, 4) == 0.2
+
+
+def test_each_rank_draws_its_own_views():
+    module = BYOLModule(torch.nn.Identity(), None, None, tau_base=0.99, tau_schedule="cosine", seed=7)
+    keys = {}
+    for world, rank in ((1, 0), (2, 0), (2, 1)):
+        module._trainer = SimpleNamespace(world_size=world, global_rank=rank, current_epoch=3)
+        keys[world, rank] = module.step_keys(4)
+    assert keys[1, 0] == (7, 3, 4)  # one process: the streams of runs before DDP existed
+    assert keys[2, 0] == (7, 3, 4, 0) and keys[2, 1] == (7, 3, 4, 1)
+    draws = [torch.rand(4, generator=step_generator(None, "cpu", *k)) for k in keys.values()]
+    assert not torch.equal(draws[1], draws[2])
+    assert torch.equal(draws[2], torch.rand(4, generator=step_generator(None, "cpu", 7, 3, 4, 1)))  # a function of the keys
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_weights(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world"], r0["steps"], r1["steps"]) == (0, 1, 2, 3, 3)
+    assert r0["batches"] == r1["batches"] == 128 // (32 * 2)
+    assert not set(r0["first_batch"].tolist()) & set(r1["first_batch"].tolist())  # different images
+    assert r0["lr"] == r1["lr"]
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name  # online (all-reduced) and target (EMA on each rank)
+    online, target = r0["params"]["online_encoder.body.conv1.weight"], r0["params"]["target_encoder.body.conv1.weight"]
+    assert not torch.equal(online, target)  # the target moved by EMA, not a copy
+
+
+@pytest.mark.slow
+def test_train_py_with_ddp_on_two_cpu_processes(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", "experiment=smoke", "trainer=ddp", "trainer.devices=2",
+                             "trainer.accelerator=cpu", "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "batch 32 per process x 2 processes (global batch 64)" in result.stdout
+    assert result.stdout.count("[byol] done:") == 1  # rank 0 alone reports and writes
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 128 // (32 * 2)
+    assert checkpoint["byol_config"]["trainer"]["strategy"] == "ddp"
+    assert (run / "encoder.pt").is_file() and (run / "config.yaml").is_file()
+    scheduler = checkpoint["lr_schedulers"][0]
+    assert scheduler["base_lrs"][0] == pytest.approx(1.0 * 64 / 256)  # LARS base_lr 1.0 x global batch 64 / 256

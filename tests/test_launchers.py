@@ -1,0 +1,82 @@
+"""Sweeps through Hydra's launcher plugins (conf/hydra/launcher/): submitit (SLURM's launcher, run
+locally here) and joblib; and the hand-over of a preemption signal to submitit's requeue."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from byol.jobs.cli import hand_on_signal
+
+TINY = ["experiment=smoke", "data.num_train=64", "trainer.max_epochs=1"]
+
+
+def _sweep(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    (sweep,) = (tmp_path / "outputs" / "multirun" / "train").iterdir()
+    return proc, sweep
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_records_a_failed_job_and_requeues_into_the_same_folder(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cloudpickle = pytest.importorskip("cloudpickle")
+    proc, sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", *TINY, "data.batch_size=16,1000")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 job(s) of the sweep" in proc.stderr and "data.batch_size=1000 is larger" in proc.stderr
+    ok, bad = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert (ok / "encoder.pt").is_file() and (ok / "checkpoints" / "last.ckpt").is_file()
+    assert not (ok / "FAILED").exists() and "is larger than the dataset" in (bad / "FAILED").read_text()
+    # a requeued job runs its pickled submission again: it must resolve to this sweep folder (so that
+    # train.py finds its last.ckpt there), not to a new ${now:} folder
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    setup_globals()
+    for pkl in sweep.glob(".submitit/*/*_submitted.pkl"):
+        with open(pkl, "rb") as f:
+            launcher = cloudpickle.load(f).function
+        folder = tmp_path / OmegaConf.select(launcher.config, "hydra.sweep.dir")  # relative to the job's cwd
+        assert folder.resolve() == sweep.resolve()
+
+
+@pytest.mark.slow
+def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc, sweep = _sweep(tmp_path, "hydra/launcher=joblib", *TINY, "seed=0,1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list(sweep.glob("*/encoder.pt"))) == 2
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=4"],
+                      return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["max_num_timeout"] > 0
+    assert cfg.hydra.launcher.tasks_per_node == 4  # one process per GPU
+    assert cfg.hydra.launcher.additional_parameters.signal == "USR1@120"
+    assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in cfg.hydra.launcher.setup
+
+
+def test_a_signal_is_handed_on_to_a_python_handler_only():
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    try:
+        hand_on_signal(signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        hand_on_signal(signal.SIGUSR1)  # the default action would kill the process: not delivered
+        hand_on_signal(signal.SIGINT)  # Python's own Ctrl+C handler: not delivered
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
