@@ -96,13 +96,20 @@ def test_two_processes_hold_identical_weights(tmp_path):
     assert not torch.equal(online, target)  # the target moved by EMA, not a copy
 
 
+DDP_CPU = ["experiment=smoke", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+
+
+def train_ddp(*overrides: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "train.py", *DDP_CPU, *overrides],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_train_py_with_ddp_on_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "train.py", "experiment=smoke", "trainer=ddp", "trainer.devices=2",
-                             "trainer.accelerator=cpu", "trainer.max_epochs=1", f"hydra.run.dir={run}"],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = train_ddp("trainer.max_epochs=1", f"hydra.run.dir={run}")
     assert "batch 32 per process x 2 processes (global batch 64)" in result.stdout
     assert result.stdout.count("[byol] done:") == 1  # rank 0 alone reports and writes
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -112,3 +119,17 @@ def test_train_py_with_ddp_on_two_cpu_processes(tmp_path):
     assert (run / "encoder.pt").is_file() and (run / "config.yaml").is_file()
     scheduler = checkpoint["lr_schedulers"][0]
     assert scheduler["base_lrs"][0] == pytest.approx(1.0 * 64 / 256)  # LARS base_lr 1.0 x global batch 64 / 256
+
+
+@pytest.mark.slow
+def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train_ddp("checkpoint.keep_last=2", f"hydra.run.dir={whole}")  # 2 epochs of 2 steps
+    result = train_ddp("checkpoint.keep_last=2", f"resume={whole / 'checkpoints' / 'epoch0000.ckpt'}",
+                       f"hydra.run.dir={resumed}")
+    assert "step 2 (the end of epoch 1)" in result.stdout and "changed settings" not in result.stdout
+    a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+            for run in (whole, resumed))
+    assert a["global_step"] == b["global_step"] == 4
+    for name, value in a["state_dict"].items():  # online, target (EMA) and BatchNorm buffers, bit for bit
+        assert torch.equal(value, b["state_dict"][name]), name

@@ -106,3 +106,28 @@ def test_mmap_batches_sharded_like_index_batches(tmp_path):
     for rank in range(2):
         memory = IndexBatches(data, 8, seed=2).shard(rank, 2)
         _same(_all(memory), _all(MmapBatches(mapped, 8, seed=2).shard(rank, 2)))
+
+
+@pytest.mark.slow
+def test_training_on_the_mmap_cache_equals_training_in_memory(tmp_path):
+    """End to end: the same run, once from the in-memory tensor and once from the memory-mapped
+    cache, ends with bit-identical encoder weights (the steps received the same batches)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    folder = _folder(tmp_path / "imgs" / "train", n=48)
+    weights = {}
+    for storage in ("memory", "mmap"):
+        args = ["experiment=smoke", "data=imagefolder", f"data.root={folder.parent}", "data.batch_size=16",
+                f"data.cache_dir={tmp_path / 'cache'}", f"data.storage={storage}", "data.image_size=16",
+                "monitor=off", "trainer.max_epochs=2", "trainer.precision=32-true", "trainer.deterministic=true",
+                f"hydra.run.dir={tmp_path / storage}"]
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        weights[storage] = torch.load(tmp_path / storage / "encoder.pt", weights_only=False)
+    assert list((tmp_path / "cache").glob("*.u8.npy"))
+    memory, mapped = weights["memory"]["state_dict"], weights["mmap"]["state_dict"]
+    assert memory.keys() == mapped.keys() and all(torch.equal(memory[k], mapped[k]) for k in memory)

@@ -3,9 +3,11 @@ locally here) and joblib; and the hand-over of a preemption signal to submitit's
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,56 @@ def test_submitit_local_sweep_records_a_failed_job_and_requeues_into_the_same_fo
             launcher = cloudpickle.load(f).function
         folder = tmp_path / OmegaConf.select(launcher.config, "hydra.sweep.dir")  # relative to the job's cwd
         assert folder.resolve() == sweep.resolve()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _wait_for(condition, timeout: float = 300):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if result := condition():
+            return result
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process through /proc")
+def test_submitit_requeue_on_usr1_resumes_in_the_same_folder(tmp_path):
+    """SIGUSR1 (SLURM's --signal=USR1@120) to a submitit job: the run saves last.ckpt, hands the signal
+    to submitit, which requeues the job; it resumes mid-run in its folder and the sweep succeeds."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}  # what submitit_slurm.yaml's `setup` exports
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                             *TINY[:2], "trainer.max_epochs=8", "monitor=off"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = _wait_for(lambda: next(tmp_path.glob("outputs/multirun/train/*/0_*/train.log"), None))
+        _wait_for(lambda: "epoch 2/8" in log.read_text())
+        controller = _wait_for(lambda: [int(p.name) for p in log.parent.parent.glob(".submitit/[0-9]*")])[0]
+        (task,) = _children(controller)
+        os.kill(task, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    text = log.read_text()
+    assert "resuming from" in text and "epoch 8/8" in text and (log.parent / "encoder.pt").is_file()
+    assert len(list(log.parent.parent.glob(".submitit/[0-9]*"))) == 1  # the same job, requeued
+    (err_log,) = log.parent.parent.glob(".submitit/[0-9]*/*_log.err")
+    assert "the whole sweep: its command with hydra.sweep.dir=" in err_log.read_text()  # not _submit.py's
 
 
 @pytest.mark.slow

@@ -147,6 +147,7 @@ def optimizer_factory(optim: Mapping, batch_size: int, accumulate: int = 1):
     config group): lr from :func:`scaled_lr` (the trainer gives the world size); warm-up given in
     epochs, capped by :func:`warmup_steps` (one line says so)."""
     from byol.core.optim import build_optimizer, build_schedule, param_groups
+    from byol.jobs.cli import launched_rank
 
     def make(modules, total_steps: int, epochs: int, world_size: int = 1):
         lr = scaled_lr(optim, batch_size, accumulate, world_size)
@@ -155,7 +156,7 @@ def optimizer_factory(optim: Mapping, batch_size: int, accumulate: int = 1):
         schedule = dict(optim["scheduler"])
         name = schedule.pop("name")
         warmup, capped = warmup_steps(schedule.pop("warmup_epochs", 0), total_steps, epochs, name)
-        if capped:
+        if capped and launched_rank() == 0:  # under DDP every process builds one; one line says it
             print(capped, flush=True)
         return optimizer, build_schedule(name, optimizer, total_steps, warmup, schedule)
 

@@ -103,6 +103,10 @@ def resume_hint(run_dir: Path) -> str:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return hint
     sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+    entry = OmegaConf.select(HydraConfig.get(), "job.name", default=None) or Path(sys.argv[0]).stem
+    if Path(sys.argv[0]).name != f"{entry}.py":  # a launcher's process (submitit, joblib) runs the job
+        sweep = command_arg("hydra.sweep.dir", sweep_dir)
+        return f"{hint} (this job alone), or the whole sweep: its command with {sweep}"
     args = [shlex.quote(a) for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
     command = " ".join(["python", Path(sys.argv[0]).name, *args, command_arg("hydra.sweep.dir", sweep_dir)])
     return f"{hint} (this job alone), or the whole sweep: {command}"
@@ -131,8 +135,8 @@ def command_line_keys() -> list[str]:
 
 
 def launched_rank() -> int:
-    """This process's global rank when a launcher started it (Lightning's DDP processes, torchrun,
-    SLURM: read from the environment by Lightning); 0 for a process started by hand."""
+    """This process's global rank: set by a launcher (Lightning's DDP processes, torchrun, SLURM: read
+    from the environment by Lightning) or by Lightning once its processes start; 0 for a process alone."""
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     return int(getattr(rank_zero_only, "rank", 0) or 0)

@@ -69,7 +69,8 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     source = f"checkpoint '{checkpoint}'"
     saved = check_file_config(resumed["byol_config"], source)
     saved_id = saved_run_id(resumed["byol_config"], source)
-    same_run = check_resume_target(run_dir, checkpoint, saved_id, folder_id)
+    # under DDP rank 0 checked the folder and already wrote the resumed run's config.yaml into it
+    same_run = check_resume_target(run_dir, checkpoint, saved_id, folder_id) if launched_rank() == 0 else True
     config, changed = resume_config(saved, container, requested)
     check_config(config, source)
     if changed:
@@ -123,7 +124,8 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
     trainer = config["trainer"]
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
                                  ckpt["last_every_n_steps"], ckpt.get("keep_last"))
-    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step"), *monitors, EpochSummary(),
+    # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
+    callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(),
                  EpochHook(lambda: write_curves(run_dir))]
     callbacks += progress_bar(trainer.get("enable_progress_bar", True), trainer.get("log_every_n_steps"),
                               steps_per_epoch)
@@ -136,6 +138,16 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
                   "statistics (rank 0's buffers are broadcast every step)", flush=True)
     return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
+
+
+def planned_world(trainer_cfg: dict) -> int:
+    """The number of processes a DDP config asks for (devices x nodes; 1 when ``devices`` is not a count
+    or a list), known before the trainer starts them: for the steps of an epoch."""
+    devices = trainer_cfg.get("devices")
+    if "ddp" not in str(trainer_cfg.get("strategy") or ""):
+        return 1
+    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
+    return count * max(1, int(trainer_cfg.get("num_nodes") or 1))
 
 
 def on_gpu(trainer_cfg: dict) -> bool:
@@ -169,7 +181,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
     with quiet_lightning():
         accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
-        steps_per_epoch = max(1, len(datamodule.batches) // accumulate)
+        steps_per_epoch = max(1, len(datamodule.batches) // accumulate // planned_world(config["trainer"]))
         trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
         announce(config, run_dir, trainer, start, datamodule.batches)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
@@ -204,7 +216,8 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
           flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)
     if start.checkpoint is not None:
-        steps_per_epoch = max(1, len(batches) // int(trainer_cfg.get("accumulate_grad_batches") or 1))
+        steps_per_epoch = max(1, len(batches) // int(trainer_cfg.get("accumulate_grad_batches") or 1)
+                              // trainer.world_size)  # the batches are not sharded yet
         print(f"[byol] resuming from {start.checkpoint}: {describe_step(start.step, steps_per_epoch)}", flush=True)
 
 

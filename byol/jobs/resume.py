@@ -86,6 +86,8 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             continue
         if key not in new:
             continue  # a setting this version no longer has
+        if key not in old and any(k.startswith(key + ".") for k in old):
+            continue  # an empty section here (augment.view1: {}) that the checkpoint fills: keep its own
         if key not in old:  # a setting the checkpoint predates: this version's value, not a change
             if requested is not None:
                 _set(result, key, new[key])

@@ -142,7 +142,8 @@ class OnlineProbes(pl.Callback):
                 logits = self.heads[name.replace(".", "_")](x)
                 total = total + F.cross_entropy(logits, labels)
                 correct = (logits.detach().argmax(1) == labels).sum()
-                self._correct[name] = self._correct.get(name, 0) + correct
+                previous = self._correct.get(name)
+                self._correct[name] = correct if previous is None else previous.to(correct.device) + correct
             total.backward()
             self.optimizer.step()
         self._seen += labels.shape[0]
@@ -154,8 +155,14 @@ class OnlineProbes(pl.Callback):
         self._correct, self._seen = {}, 0
 
     def state_dict(self) -> dict:
-        return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Probe weights, optimizer and this epoch's counts: a run resumed mid-epoch reports what the
+        uninterrupted one would have."""
+        correct = {name: torch.as_tensor(value).cpu() for name, value in self._correct.items()}
+        return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "correct": correct, "seen": self._seen}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.heads.load_state_dict(state_dict["heads"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._correct = dict(state_dict.get("correct") or {})
+        self._seen = int(state_dict.get("seen") or 0)
