@@ -77,7 +77,17 @@ def test_each_rank_draws_its_own_views():
     assert keys[2, 0] == (7, 3, 4, 0) and keys[2, 1] == (7, 3, 4, 1)
     draws = [torch.rand(4, generator=step_generator(None, "cpu", *k)) for k in keys.values()]
     assert not torch.equal(draws[1], draws[2])
-    assert torch.equal(draws[2], torch.rand(4, generator=step_generator(None, "cpu", 7, 3, 4, 1)))  # a function of the keys
+    # a function of the keys alone
+    assert torch.equal(draws[2], torch.rand(4, generator=step_generator(None, "cpu", 7, 3, 4, 1)))
+
+
+def test_planned_world_counts_the_processes_of_a_ddp_config():
+    from byol.jobs.pretrain import planned_world
+
+    assert planned_world({"strategy": "ddp", "devices": 2, "num_nodes": 2}) == 4
+    assert planned_world({"strategy": "ddp_spawn", "devices": [0, 1, 2], "num_nodes": 1}) == 3
+    assert planned_world({"strategy": "auto", "devices": 4, "num_nodes": 1}) == 1
+    assert planned_world({"strategy": "ddp", "devices": "auto", "num_nodes": 1}) == 1
 
 
 @pytest.mark.slow

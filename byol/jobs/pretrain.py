@@ -210,8 +210,9 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
         return
     backbone, trainer_cfg = config["backbone"], config["trainer"]
     width = f" x{backbone['width']:g} width" if backbone.get("width", 1) != 1 else ""
+    batch = config["data"]["batch_size"]
     print(f"[byol] pretraining {backbone['name']}{width} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
-          f"{len(batches.data)} images, batch {config['data']['batch_size']}{processes(trainer, config['data']['batch_size'])}, "
+          f"{len(batches.data)} images, batch {batch}{processes(trainer, batch)}, "
           f"{trainer_cfg['max_epochs']} epochs, on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
           flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)

@@ -86,9 +86,9 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             continue
         if key not in new:
             continue  # a setting this version no longer has
-        if key not in old and any(k.startswith(key + ".") for k in old):
-            continue  # an empty section here (augment.view1: {}) that the checkpoint fills: keep its own
-        if key not in old:  # a setting the checkpoint predates: this version's value, not a change
+        if key not in old and key.split(".")[0] in saved:
+            continue  # a key of a section the run has (another option of its group): the run's own section
+        if key not in old:  # a section the checkpoint predates (e.g. monitor): this version's, not a change
             if requested is not None:
                 _set(result, key, new[key])
             continue
