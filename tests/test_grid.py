@@ -36,7 +36,8 @@ def test_smoke_sweep_of_all_eight_cells(tmp_path, capsys):
     (broken / "encoder.pt").write_bytes((sweep / runs[1] / "encoder.pt").read_bytes()[:5000])  # truncated
 
     # every job evaluates all models; the sweep then exits 1 because one model failed in each job
-    ev = _run("evaluate.py", ["-m", *tiny, "pretrained=latest_sweep", "repr=avgpool,combined",
+    # evaluate.py takes each run's own data settings: its smoke preset is only the short protocol
+    ev = _run("evaluate.py", ["-m", "preset=smoke", "pretrained=latest_sweep", "repr=avgpool,combined",
                               "eval=linear,finetune"], tmp_path, expected_rc=1)
     assert "error: 2_broken:" in ev.stderr and "encoder.pt" in ev.stderr
     assert "4 job(s) of the sweep" in ev.stderr
