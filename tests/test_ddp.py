@@ -135,7 +135,7 @@ def test_train_py_with_ddp_on_two_cpu_processes(tmp_path):
 def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train_ddp("checkpoint.keep_last=2", f"hydra.run.dir={whole}")  # 2 epochs of 2 steps
-    result = train_ddp("checkpoint.keep_last=2", f"resume={whole / 'checkpoints' / 'epoch0000.ckpt'}",
+    result = train_ddp("checkpoint.keep_last=2", f"resume={whole / 'checkpoints' / 'epoch0001.ckpt'}",
                        f"hydra.run.dir={resumed}")
     assert "step 2 (the end of epoch 1)" in result.stdout and "changed settings" not in result.stdout
     a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")

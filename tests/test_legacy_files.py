@@ -32,7 +32,7 @@ def legacy_run(tmp_path):
     assert set(LEGACY["top_level_keys"]) - set(checkpoint) <= {"hyper_parameters", "hparams_name"}
     torch.save(checkpoint, last)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(LEGACY["byol_config"])))
-    for name in ("final.ckpt", "epoch0000.ckpt"):
+    for name in ("final.ckpt", "epoch0000.ckpt", "epoch0001.ckpt"):
         (run / "checkpoints" / name).unlink(missing_ok=True)
     (run / "encoder.pt").unlink()
     return run

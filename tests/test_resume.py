@@ -70,7 +70,7 @@ def wait_for_step(proc: subprocess.Popen, last: Path, step: int, timeout: float 
 
 def reference_run(tmp_path_factory) -> Path:
     """The uninterrupted run of :data:`EXACT`, shared by this file and test_signals.py; it keeps its
-    epoch-end checkpoints (``epoch0000.ckpt``...) for the tests that resume one."""
+    epoch-end checkpoints (``epoch0001.ckpt``...) for the tests that resume one."""
     run_dir = tmp_path_factory.getbasetemp() / "uninterrupted"
     if not (run_dir / "encoder.pt").is_file():
         result = train(*EXACT, f"checkpoint.keep_last={EPOCHS}", f"hydra.run.dir={run_dir}")
@@ -337,12 +337,12 @@ def test_resume_with_another_architecture_fails_clearly(killed_and_requeued):
 @pytest.mark.slow
 def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
     """The other kind of checkpoint (written at an epoch end, here the uninterrupted run's
-    kept epoch0000.ckpt), continued in another folder: the rest of the run is the same."""
+    kept epoch0001.ckpt, after its first epoch), continued in another folder: the rest of the run is the same."""
     reference = reference_run(tmp_path_factory)
     run_dir = tmp_path_factory.mktemp("fork") / "run"
-    result = train(f"resume={reference}/checkpoints/epoch0000.ckpt", f"hydra.run.dir={run_dir}")
+    result = train(f"resume={reference}/checkpoints/epoch0001.ckpt", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {reference}/checkpoints/epoch0000.ckpt: {describe_step(4, 4)}" in result.stdout
+    assert f"resuming from {reference}/checkpoints/epoch0001.ckpt: {describe_step(4, 4)}" in result.stdout
     assert_same_training_state(run_dir, reference)
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [  # the source run is left alone
-        "epoch0000.ckpt", "epoch0001.ckpt", "epoch0002.ckpt", "last.ckpt"]
+        "epoch0001.ckpt", "epoch0002.ckpt", "epoch0003.ckpt", "last.ckpt"]

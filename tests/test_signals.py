@@ -61,7 +61,7 @@ def test_periodic_and_step_checkpoints(tmp_path):
     train_epochs(cb, t, range(2))
     # every 2 steps inside an epoch, never on its last batch (the epoch end saves), epochNNNN every 2 epochs
     assert t.saved == [("last.ckpt", 2), ("last.ckpt", 4), ("last.ckpt", 6), ("last.ckpt", 8),
-                       ("epoch0001.ckpt", 8)]
+                       ("epoch0002.ckpt", 8)]  # named by the epochs it holds
     cb.on_fit_end(t, None)  # last.ckpt already holds the state training ended with: no second copy
     assert len(t.saved) == 5
 
@@ -81,13 +81,13 @@ def test_keep_last_keeps_the_k_newest_epoch_checkpoints(tmp_path):
     t = fake_trainer(write_files=True)
     folder.mkdir()
     (folder / "epoch0007-copy.ckpt").write_text("mine")  # not a name the callback writes: never deleted
-    train_epochs(cb, t, range(4))  # epoch0001 and epoch0003 written
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch0001.ckpt", "epoch0003.ckpt", "epoch0007-copy.ckpt",
+    train_epochs(cb, t, range(4))  # epoch0002 and epoch0004 written (after 2 and 4 epochs)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0002.ckpt", "epoch0004.ckpt", "epoch0007-copy.ckpt",
                                                        "last.ckpt"]
-    train_epochs(cb, t, range(4, 10))  # epoch0005, 0007, 0009: each deletes the oldest once written
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch0007-copy.ckpt", "epoch0007.ckpt", "epoch0009.ckpt",
+    train_epochs(cb, t, range(4, 10))  # epoch0006, 0008, 0010: each deletes the oldest once written
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0007-copy.ckpt", "epoch0008.ckpt", "epoch0010.ckpt",
                                                        "last.ckpt"]
-    assert (folder / "epoch0009.ckpt").read_text() == "40" and (folder / "last.ckpt").read_text() == "40"
+    assert (folder / "epoch0010.ckpt").read_text() == "40" and (folder / "last.ckpt").read_text() == "40"
 
 
 def test_keep_last_leaves_checkpoints_of_later_epochs_alone(tmp_path):
@@ -100,7 +100,7 @@ def test_keep_last_leaves_checkpoints_of_later_epochs_alone(tmp_path):
     cb = RunCheckpoints(folder, tmp_path, "python train.py resume=RUN", every_n_epochs=1, keep_last=1)
     t = fake_trainer(write_files=True, global_step=12)
     train_epochs(cb, t, [3])
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch0003.ckpt", "epoch0005.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0004.ckpt", "epoch0005.ckpt", "last.ckpt"]
 
 
 def test_fit_ending_outside_an_epoch_end_refreshes_last_ckpt(tmp_path):
@@ -130,7 +130,7 @@ def test_signal_on_last_batch_waits_for_the_epoch_end(tmp_path):
     cb.on_train_batch_end(t, None, None, None, 3)
     assert t.saved == [] and cb.stop_message is None
     cb.on_train_epoch_end(t, None)
-    assert t.saved == [("last.ckpt", 4), ("epoch0000.ckpt", 4)]  # the periodic checkpoint is not lost
+    assert t.saved == [("last.ckpt", 4), ("epoch0001.ckpt", 4)]  # the periodic checkpoint is not lost
     with pytest.raises(Interrupted) as err:
         cb.on_train_batch_start(t, None, None, 0)
     assert err.value.exit_code == 138 and "received SIGUSR1" in str(err.value)

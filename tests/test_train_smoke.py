@@ -130,9 +130,10 @@ def test_keep_last_keeps_the_newest_epoch_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     train("trainer.max_epochs=3", "checkpoint.keep_last=2", f"hydra.run.dir={run_dir}")  # smoke: every epoch
     folder = run_dir / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch0001.ckpt", "epoch0002.ckpt", "last.ckpt"]
-    assert [safe_load(folder / f"epoch000{e}.ckpt")["global_step"] for e in (1, 2)] == [2 * STEPS, 3 * STEPS]
-    newest, last = safe_load(folder / "epoch0002.ckpt"), safe_load(folder / "last.ckpt")
+    # named by the epochs they hold: the 2 newest of epoch0001..epoch0003
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0002.ckpt", "epoch0003.ckpt", "last.ckpt"]
+    assert [safe_load(folder / f"epoch000{e}.ckpt")["global_step"] for e in (2, 3)] == [2 * STEPS, 3 * STEPS]
+    newest, last = safe_load(folder / "epoch0003.ckpt"), safe_load(folder / "last.ckpt")
     assert all(torch.equal(v, last["state_dict"][k]) for k, v in newest["state_dict"].items())
 
 

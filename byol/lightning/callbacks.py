@@ -126,11 +126,11 @@ class RunCheckpoints(pl.Callback):
             self._save_to_stop(trainer)  # stops at the next epoch's first batch, if there is one
         else:
             self._save(trainer, self.last)
-        epoch = trainer.current_epoch
-        if self.keep_last and self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
-            self._save(trainer, self.ckpt_dir / f"epoch{epoch:04d}.ckpt")
+        done = trainer.current_epoch + 1  # named by the epochs it holds, counted from 1 like every other line
+        if self.keep_last and self.every_n_epochs and done % self.every_n_epochs == 0:
+            self._save(trainer, self.ckpt_dir / f"epoch{done:04d}.ckpt")
             if trainer.is_global_zero:
-                self._delete_older(epoch)
+                self._delete_older(done)
 
     def _delete_older(self, epoch: int) -> None:
         """Delete the ``epochNNNN.ckpt`` older than the ``keep_last`` newest, once the new one is written.
