@@ -43,13 +43,15 @@ def test_lars_zero_weight_gets_plain_sgd_step():
     torch.testing.assert_close(w.detach(), torch.full((2, 2), -LR * 0.5, dtype=torch.float64))
 
 
-def test_excluded_group_is_sgd_with_momentum_without_weight_decay():
+def _bias_under_lars_and_sgd(**lars_options):
+    """Three steps of LARS (with ``lars_options``) and of plain SGD with momentum on the same bias
+    gradients: (LARS-trained net, SGD-trained reference, the bias before)."""
     torch.manual_seed(0)
-    net = nn.Linear(3, 2)
-    reference = nn.Linear(3, 2)
+    net, reference = nn.Linear(3, 2), nn.Linear(3, 2)
     reference.load_state_dict(net.state_dict())
     # LARS defaults carry a weight decay; the excluded group's own 0.0 must win
-    lars = LARS(param_groups([net], weight_decay=0.5), lr=LR, momentum=MOMENTUM, weight_decay=0.5, eta=ETA)
+    lars = LARS(param_groups([net], weight_decay=0.5), lr=LR, momentum=MOMENTUM, weight_decay=0.5, eta=ETA,
+                **lars_options)
     sgd = torch.optim.SGD([reference.bias], lr=LR, momentum=MOMENTUM)
     start = net.bias.detach().clone()
     for step in range(3):
@@ -57,6 +59,11 @@ def test_excluded_group_is_sgd_with_momentum_without_weight_decay():
         net.bias.grad, reference.bias.grad = grad.clone(), grad.clone()
         lars.step()
         sgd.step()
+    return net, reference, start
+
+
+def test_excluded_group_is_sgd_with_momentum_without_weight_decay():
+    net, reference, start = _bias_under_lars_and_sgd()
     torch.testing.assert_close(net.bias.detach(), reference.bias.detach(), rtol=0, atol=1e-6)
     assert not torch.allclose(net.bias.detach(), start)  # it moved
 
@@ -110,17 +117,7 @@ def test_clip_lr_off_is_the_unclipped_rule():
 def test_clip_lr_leaves_excluded_groups_and_zero_norms_alone():
     """Biases/norm parameters (lars_exclude) stay SGD with momentum; a zero-norm tensor gets the plain
     lr step as without clip_lr; lr 0 (the end of a cosine) moves nothing and makes no NaN."""
-    torch.manual_seed(0)
-    net, reference = nn.Linear(3, 2), nn.Linear(3, 2)
-    reference.load_state_dict(net.state_dict())
-    lars = LARS(param_groups([net], weight_decay=0.5), lr=LR, momentum=MOMENTUM, weight_decay=0.5, eta=ETA,
-                clip_lr=True)
-    sgd = torch.optim.SGD([reference.bias], lr=LR, momentum=MOMENTUM)
-    for step in range(3):
-        grad = torch.randn(2, generator=torch.Generator().manual_seed(step))
-        net.bias.grad, reference.bias.grad = grad.clone(), grad.clone()
-        lars.step()
-        sgd.step()
+    net, reference, _ = _bias_under_lars_and_sgd(clip_lr=True)
     torch.testing.assert_close(net.bias.detach(), reference.bias.detach(), rtol=0, atol=1e-6)
 
     zero = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
