@@ -22,10 +22,10 @@ from byol.core.checkpoint import (
     online_encoder_state,
     safe_load,
 )
-from byol.core.errors import CheckpointError
+from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
 from byol.jobs.config_check import check_file_config, check_plain
-from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, RANDOM, run_folder_of
+from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, RANDOM, raw_run_config, run_folder_of
 
 RANDOM_INIT_LABEL = "random-init"  # the loss column, and the label, of a random-init baseline
 # the data settings that make two results comparable; the evaluation's split too
@@ -122,16 +122,12 @@ def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None
 
 def read_run_config(folder: Path) -> dict | None:
     """A run folder's ``config.yaml`` as checked plain data (None when absent or unreadable)."""
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        return None
-    from omegaconf import OmegaConf
-
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:
+        raw = raw_run_config(folder)
+    except ConfigError:
         return None
-    return check_file_config(raw, f"'{path}'")  # data from whoever wrote the folder: refused if unsafe
+    # data from whoever wrote the folder: refused if unsafe
+    return None if raw is None else check_file_config(raw, f"'{folder / CONFIG_FILE}'")
 
 
 def planned_epochs(run_cfg: Mapping | None) -> int | None:

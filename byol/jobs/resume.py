@@ -11,13 +11,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from byol.core.checkpoint import load_weights, online_encoder_state, safe_load, save_encoder
 from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.build import build_encoder, loss_mode
 from byol.jobs.config_check import check_file_config
-from byol.jobs.run_folder import RUN_ID_KEY
+from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, raw_run_config
 
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.taps", "head")
@@ -118,16 +116,12 @@ def saved_run_id(raw_config: dict, source: str) -> str | None:
 
 def folder_run_id(run_dir: Path) -> str | None:
     """The id of the run whose config.yaml ``run_dir`` holds, checked as untrusted data."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
+    raw = raw_run_config(run_dir)
+    if raw is None:
         return None
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as e:
-        raise ConfigError(f"'{path}' is not a readable config ({type(e).__name__}: {e}); move it away or "
-                          f"use another folder (hydra.run.dir=NEW)") from None
-    check_file_config(raw, f"'{path}'")
-    return saved_run_id(raw, f"'{path}'")
+    source = f"'{Path(run_dir) / CONFIG_FILE}'"
+    check_file_config(raw, source)
+    return saved_run_id(raw, source)
 
 
 def epochs_trained(path: Path) -> int:

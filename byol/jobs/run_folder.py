@@ -18,7 +18,7 @@ import os
 import uuid
 from pathlib import Path
 
-from byol.core.errors import ByolError, CheckpointError
+from byol.core.errors import ByolError, CheckpointError, ConfigError
 
 LOCK_FILE = ".lock"
 RUN_ID_KEY = "run_id"
@@ -78,6 +78,21 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock; the file stays (unlinking it would race)
             self._fd = None
+
+
+def raw_run_config(folder: Path) -> dict | None:
+    """A run folder's ``config.yaml`` as written, unchecked and unresolved (None when absent); an
+    unreadable file is a ConfigError. Callers check it as untrusted data before using it."""
+    from omegaconf import OmegaConf
+
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:
+        raise ConfigError(f"'{path}' is not a readable config ({type(e).__name__}: {e}); move it away or "
+                          f"use another folder (hydra.run.dir=NEW)") from None
 
 
 def holds_run(folder: Path) -> bool:
