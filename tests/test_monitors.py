@@ -102,3 +102,15 @@ def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path):
     assert series["train/tau"] == [(1.0, 0.99), (2.0, 0.99)]  # step 3 and 7 of 4-step epochs: ends of 1 and 2
     assert report([sweep], tmp_path / "out") == []  # no evaluation yet: only the curves
     assert Image.open(tmp_path / "out" / "curves.png").size[0] > 1000
+
+
+def test_the_epoch_line_shows_knn_only_for_the_epoch_it_ran_in():
+    from types import SimpleNamespace
+
+    from byol.lightning.callbacks import EpochSummary
+
+    knn = SimpleNamespace(epoch=1, last={"avgpool": 0.412, "combined": 0.45}, seconds=3.0)
+    summary = EpochSummary(knn)
+    assert summary.knn_text(1) == (", kNN avgpool 41.2% combined 45.0% (3 s)", 3.0)
+    assert summary.knn_text(2) == ("", 0.0)  # monitor.every_n_epochs > 1: no stale scores, no time taken off
+    assert EpochSummary().knn_text(1) == ("", 0.0)

@@ -40,7 +40,7 @@ from byol.jobs.run_folder import CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_KEY, c
 from byol.lightning.callbacks import EpochHook, EpochSummary, RunCheckpoints, describe_step, progress_bar
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
-from byol.lightning.monitors import all_taps
+from byol.lightning.monitors import OnlineKNN, all_taps
 from byol.lightning.pretrain_module import BYOLModule
 
 
@@ -125,7 +125,8 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
                                  ckpt["last_every_n_steps"], ckpt.get("keep_last"))
     # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
-    callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(),
+    knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
+    callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(knn),
                  EpochHook(lambda: write_curves(run_dir))]
     callbacks += progress_bar(trainer.get("enable_progress_bar", True), trainer.get("log_every_n_steps"),
                               steps_per_epoch)

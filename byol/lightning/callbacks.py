@@ -151,7 +151,10 @@ class EpochSummary(pl.Callback):
     """One console line per epoch (loss per head, tau, lr, images/s): progress that reads well
     in log files too, at the cost of one host synchronisation per epoch."""
 
-    def __init__(self):
+    def __init__(self, knn=None):
+        """``knn``: the run's :class:`~byol.lightning.monitors.OnlineKNN`, whose scores of this epoch
+        (when it ran in this epoch) the line shows."""
+        self.knn = knn
         self._start, self._images = time.perf_counter(), 0  # also right for an epoch resumed midway
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -160,15 +163,14 @@ class EpochSummary(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += int(batch[0].shape[0])
 
-    @staticmethod
-    def knn_text(metrics) -> tuple[str, float]:
-        """``, kNN avgpool 41.2% combined 45.0% (3 s)`` from this epoch's monitor metrics, and those seconds."""
-        shown = [f"{name} {100 * float(metrics[key]):.1f}%" for name in ("avgpool", "combined")
-                 if (key := f"monitor/knn/{name}") in metrics]
-        if not shown or "monitor/knn_seconds" not in metrics:
+    def knn_text(self, epoch: int) -> tuple[str, float]:
+        """``, kNN avgpool 41.2% combined 45.0% (3 s)`` when the kNN monitor ran in ``epoch``, and its seconds
+        (an epoch without it shows no stale scores and loses no time to them)."""
+        if self.knn is None or self.knn.epoch != epoch:
             return "", 0.0
-        spent = float(metrics["monitor/knn_seconds"])
-        return f", kNN {' '.join(shown)} ({spent:.0f} s)", spent
+        shown = [f"{name} {100 * self.knn.last[name]:.1f}%" for name in ("avgpool", "combined")
+                 if name in self.knn.last]
+        return (f", kNN {' '.join(shown)} ({self.knn.seconds:.0f} s)", self.knn.seconds) if shown else ("", 0.0)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # under DDP: rank 0's line (its share of the images, its loss means)
@@ -180,7 +182,7 @@ class EpochSummary(pl.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         total = losses.get("loss", float("nan"))
         spread = {k[len("std/"):]: v for k, v in losses.items() if k.startswith("std/")}
-        knn, knn_seconds = self.knn_text(trainer.callback_metrics)
+        knn, knn_seconds = self.knn_text(trainer.current_epoch)
         seconds = max(seconds - knn_seconds, 1e-9)
         line = (f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
                 f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.current_tau():.4f}, "

@@ -53,6 +53,7 @@ class OnlineKNN(pl.Callback):
         self.mean, self.std, self.num_classes, self.every = mean, std, num_classes, max(1, every_n_epochs)
         self.k, self.temperature, self.batch_size, self.dtype = k, temperature, batch_size, dtype
         self.last: dict[str, float] = {}
+        self.epoch: int | None = None  # the epoch whose end ``last`` was measured at
         self.initial: dict[str, float] = {}
         self.seconds = 0.0
 
@@ -91,6 +92,7 @@ class OnlineKNN(pl.Callback):
         start = time.perf_counter()
         self.last = self.scores(pl_module.model.online_encoder)
         self.seconds = time.perf_counter() - start
+        self.epoch = trainer.current_epoch
         for name, accuracy in self.last.items():
             pl_module.log(KNN_PREFIX + name, accuracy, rank_zero_only=True)
         pl_module.log("monitor/knn_seconds", self.seconds, rank_zero_only=True)
