@@ -28,8 +28,9 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
 # What this project itself wrote into configs before it built objects from names (checkpoints of
 # that version stay loadable): path -> {value: the name it means now, or None}.
-_OPTIMS = ("byol.core.optim.LARS", "torch.optim.SGD", "torch.optim.Adam")
-_SCHEDULES = {"byol.core.optim.warmup_cosine": "warmup_cosine", "byol.core.optim.constant": "constant"}
+# (the module paths of that version: byol.optim, before byol/core/ existed)
+_OPTIMS = ("byol.optim.LARS", "torch.optim.SGD", "torch.optim.Adam")
+_SCHEDULES = {"byol.optim.warmup_cosine": "warmup_cosine", "byol.optim.constant": "constant"}
 _LOGGERS = {f"pytorch_lightning.loggers.{c}Logger": n for c, n in
             (("CSV", "csv"), ("TensorBoard", "tensorboard"), ("Wandb", "wandb"))}
 LEGACY_TARGETS = {
