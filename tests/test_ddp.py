@@ -4,18 +4,22 @@ rate of the global batch, identical weights on every rank, one writer of the run
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT
+from test_resume import saved_step, wait_for_step
 
 from byol.core.data import IndexBatches, make_synthetic
 from byol.core.errors import DataError
 from byol.core.rng import step_generator
 from byol.jobs.build import scaled_lr
+from byol.lightning.callbacks import describe_step
 from byol.lightning.pretrain_module import BYOLModule
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -143,3 +147,44 @@ def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(t
     assert a["global_step"] == b["global_step"] == 4
     for name, value in a["state_dict"].items():  # online, target (EMA) and BatchNorm buffers, bit for bit
         assert torch.equal(value, b["state_dict"][name]), name
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank-1 process through /proc")
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on_one_process(tmp_path):
+    """SLURM signals every task, but not at the same instant, and a terminal's Ctrl+C may reach one
+    process first: the ranks agree on the stop step, so neither waits forever for the other.
+    The stopped 2-process run then continues on one process (its global batch halves: README)."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "train.py", *DDP_CPU, "trainer.max_epochs=40", "checkpoint.last_every_n_steps=1",
+                             f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    try:
+        wait_for_step(proc, last, 2)
+        (rank1,) = child_pids(proc.pid)  # Lightning starts rank 1 as a child of rank 0
+        os.kill(rank1, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-3000:]
+    step = saved_step(last)
+    assert err.strip().splitlines()[-1] == (f"received SIGUSR1: saved checkpoints/last.ckpt at "
+                                            f"{describe_step(step, 2)}; resume with: python train.py resume={run}")
+    assert not (run / "encoder.pt").exists() and step < 80
+
+    resumed = subprocess.run([sys.executable, "train.py", f"resume={run}", "trainer=default",
+                              f"trainer.max_epochs={step // 2 + 1}"],  # to the end of the stopped epoch
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stdout and "1 process" not in resumed.stdout
+    assert "batch 32, " in resumed.stdout  # one process: the global batch is the per-device batch
+    final = torch.load(last, weights_only=True, map_location="cpu")
+    assert final["global_step"] > step and (run / "encoder.pt").is_file()

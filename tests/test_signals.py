@@ -9,12 +9,15 @@ import signal
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytorch_lightning as pl
 import pytest
-from conftest import signal_when
+import torch
+from conftest import compose_config, signal_when
 from test_resume import (
     EXACT,
     STEPS_PER_EPOCH,
     assert_same_training_state,
+    metric_rows,
     reference_run,
     saved_step,
     start,
@@ -22,9 +25,10 @@ from test_resume import (
     wait_for_step,
 )
 
+import byol.jobs.pretrain as pretrain_job
 from byol.core.errors import Interrupted
 from byol.jobs.cli import command_arg, resume_hint
-from byol.lightning.callbacks import RunCheckpoints, describe_step
+from byol.lightning.callbacks import RunCheckpoints, StepStopped, describe_step
 
 # --------------------------------------------------------------------------- the callback alone
 
@@ -175,6 +179,58 @@ def test_sigterm_caught_by_lightning_before_training_is_kept(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
+
+
+class CtrlCInsideStep(pl.Callback):
+    """Sends this process a real SIGINT inside optimizer step ``step`` (counted from 0): in the
+    forward pass (when the target network starts, after the online passes changed their BatchNorm
+    buffers) or when the backward pass starts."""
+
+    def __init__(self, step: int, where: str):
+        self.step, self.where, self.handle = step, where, None
+
+    def ctrl_c(self, *args) -> None:
+        if self.trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)  # handled in this thread before kill returns
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.trainer = trainer
+        if self.where == "forward":
+            self.handle = pl_module.model.target_encoder.register_forward_pre_hook(self.ctrl_c)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.where == "backward":
+            self.ctrl_c()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("step", "where"), [(5, "forward"), (8, "backward")])
+def test_ctrl_c_inside_a_step_stops_at_once_and_resumes_exactly(tmp_path_factory, monkeypatch, step, where):
+    """The step that was running is abandoned (its BatchNorm updates and loss sums undone), the checkpoint
+    holds the state after the previous step, and the resumed run ends bit for bit where an uninterrupted
+    one ends, with the same metrics.csv rows. Step 8 is the first of epoch 3."""
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp(f"ctrl_c_{where}") / "run"
+    trigger = CtrlCInsideStep(step, where)
+    build = pretrain_job.build_run_trainer
+    monkeypatch.setattr(pretrain_job, "build_run_trainer", lambda *a: (t := build(*a), t.callbacks.append(trigger))[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference run (OMP_NUM_THREADS=1): the same sums
+    try:
+        with pytest.raises(StepStopped) as stopped:
+            pretrain_job.pretrain(compose_config("train", [*EXACT, f"hydra.run.dir={run_dir}"], run_dir), run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    assert stopped.value.exit_code == 128 + signal.SIGINT == 130
+    assert str(stopped.value) == (f"received SIGINT: saved checkpoints/last.ckpt at {describe_step(step, 4)}; "
+                                  f"resume with: python train.py resume={run_dir}")
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == step  # the steps finished before the abandoned one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers and hooks removed
+
+    resumed = train(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(run_dir, reference)
+    assert metric_rows(run_dir) == metric_rows(reference)  # every step's row once, the same values
 
 
 @pytest.mark.slow

@@ -167,7 +167,13 @@ def run_job(fn, cfg, *args, **kwargs):
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     if launched_rank() != 0:  # another DDP process of rank 0's run: rank 0 holds the folder and its log
-        return fn(cfg, run_dir, *args, **kwargs)
+        try:
+            return fn(cfg, run_dir, *args, **kwargs)
+        except Interrupted as e:  # rank 0 says where the run was saved and how to resume it
+            sys.exit(e.exit_code)
+        except ByolError as e:
+            print(f"error (rank {launched_rank()}): {e}", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
     try:
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
                 console_copied_to(run_dir / f"{hc.job.name}.log"):

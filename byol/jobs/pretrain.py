@@ -122,8 +122,10 @@ def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModul
 def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int) -> pl.Trainer:
     ckpt = config["checkpoint"]
     trainer = config["trainer"]
+    # a signal stops a step midway, except where the layers' hooks would cost (compiled graphs)
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
-                                 ckpt["last_every_n_steps"], ckpt.get("keep_last"))
+                                 ckpt["last_every_n_steps"], ckpt.get("keep_last"),
+                                 stop_inside_steps=not config.get("compile"))
     # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
     knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
     callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(knn),

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+from torch import nn
 
 from byol.core.errors import Interrupted
-from byol.lightning.internals import take_over_sigterm
+from byol.lightning.internals import as_saved_before_the_batch, take_over_sigterm
 
 COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
 # Signals that stop a run cleanly: cluster preemption (SIGTERM, SLURM's --signal=USR1) and Ctrl+C.
@@ -32,6 +34,29 @@ def describe_step(step: int, steps_per_epoch: int) -> str:
     return f"step {step} (epoch {epoch + 1}, {batch} of {steps_per_epoch} batches done)"
 
 
+class StepStopped(Interrupted):
+    """Raised at a stop point inside a training step after a stop signal; the step is undone and its
+    message replaced by the saved checkpoint's once :class:`RunCheckpoints` has saved it."""
+
+
+def add_stop_points(model: nn.Module, check) -> list:
+    """Call ``check()`` before every convolution and linear layer runs, and when the gradient of each one's
+    output arrives in the backward pass: a signal is then answered within one layer's time (a step of
+    a ResNet-18 BYOL has several hundred such points), not after the whole step. Returns the hook handles."""
+    def before(module, args):
+        check()
+
+    def after(module, args, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: check())  # returns None: the gradient is left as it is
+
+    handles = []
+    for layer in model.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            handles += [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    return handles
+
+
 class RunCheckpoints(pl.Callback):
     """``last.ckpt`` and ``epochNNNN.ckpt``, and a clean stop on preemption signals.
 
@@ -45,15 +70,19 @@ class RunCheckpoints(pl.Callback):
     checkpoints that run then writes in the next epoch resume that epoch from its first batch
     (measured with Lightning 2.6), so that moment is avoided.
 
-    On SIGTERM, SIGUSR1 or Ctrl+C the run saves ``last.ckpt`` at the next batch boundary (the
-    epoch end for an epoch's last batch) and stops with :class:`~byol.core.errors.Interrupted`
-    (exit status 128 + signal number) when the next batch starts, after that step's metrics
-    reached metrics.csv. A second Ctrl+C stops at once.
+    On SIGTERM, SIGUSR1 or Ctrl+C the run stops with :class:`~byol.core.errors.Interrupted` (exit
+    status 128 + signal number) after saving ``last.ckpt``. With ``stop_inside_steps`` (one process,
+    no gradient accumulation, no torch.compile) a signal is answered within a layer's time: the
+    running step is abandoned before its optimizer step, what its forward passes changed (BatchNorm
+    buffers, loss sums) is undone, and the checkpoint holds the state after the previous step, which
+    a resumed run continues by training the abandoned batch again. Otherwise the run saves at the
+    next batch boundary (the epoch end for an epoch's last batch) and stops when the next batch
+    starts, after that step's metrics reached metrics.csv. A second Ctrl+C stops at once.
     """
 
     def __init__(self, ckpt_dir: Path, run_dir: Path, resume_command: str,
                  every_n_epochs: int | None = None, last_every_n_steps: int | None = None,
-                 keep_last: int | None = None):
+                 keep_last: int | None = None, stop_inside_steps: bool = False):
         self.ckpt_dir, self.run_dir, self.resume_command = Path(ckpt_dir), Path(run_dir), resume_command
         self.last = self.ckpt_dir / "last.ckpt"
         self.every_n_epochs, self.last_every_n_steps = every_n_epochs, last_every_n_steps
@@ -62,6 +91,10 @@ class RunCheckpoints(pl.Callback):
         self.received: int | None = None
         self.stop_message: str | None = None  # set once last.ckpt holds the state to stop at
         self._previous: dict = {}
+        self.stop_inside_steps = stop_inside_steps
+        self._in_step = False  # between a batch's start and its optimizer step
+        self._saving_inside_step = False
+        self._stop_points: list = []
 
     # -- signals
     def _on_signal(self, signum, frame) -> None:
@@ -79,17 +112,43 @@ class RunCheckpoints(pl.Callback):
                 self._previous[s] = signal.signal(s, self._on_signal)
         except ValueError:  # not the main thread: leave signals to the caller
             self._previous = {}
+        if self.stop_inside_steps and trainer.accumulate_grad_batches == 1 and trainer.world_size == 1:
+            pl_module.undoable = True
+            self._stop_points = add_stop_points(pl_module.model, self._stop_point)
+
+    def _stop_point(self) -> None:
+        if self.received is not None and self._in_step and self.stop_message is None:
+            self._in_step = False  # the backward hooks still queued must not raise again
+            raise StepStopped(f"received {signal.Signals(self.received).name} inside a step", self.received)
 
     def _restore_signals(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
+        for handle in self._stop_points:
+            handle.remove()
+        self._stop_points = []
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_signals()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_signals()
+        if isinstance(exception, StepStopped):
+            pl_module.undo_step()  # weights and optimizer are untouched: the optimizer step did not run
+            self._saving_inside_step = True
+            try:
+                self._save_to_stop(trainer)
+            finally:
+                self._saving_inside_step = False
+            exception.args = (self.stop_message,)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._saving_inside_step:
+            as_saved_before_the_batch(checkpoint)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._in_step = False  # from here on the step changes weights: it is finished, not undone
 
     # -- saving
     def _save(self, trainer, path: Path) -> None:
@@ -108,8 +167,22 @@ class RunCheckpoints(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.stop_message is not None:
             raise Interrupted(self.stop_message, self.received)
+        self._in_step = True
+
+    def _agree_on_stop(self, trainer) -> None:
+        """Under DDP all ranks stop at the same batch (saving is collective, and a rank that went on
+        alone would wait forever for the others): a signal any rank received counts for all of them.
+        One tiny all-reduce per step, as Lightning's own per-step SIGTERM check."""
+        if getattr(trainer, "world_size", 1) <= 1:
+            return
+        flag = torch.tensor([self.received or 0], device=trainer.strategy.root_device)
+        agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if agreed and self.received is None:
+            self.received = agreed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._in_step = False
+        self._agree_on_stop(trainer)
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch end saves
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -122,6 +195,7 @@ class RunCheckpoints(pl.Callback):
             self._save(trainer, self.last)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._agree_on_stop(trainer)
         if self.received is not None:
             self._save_to_stop(trainer)  # stops at the next epoch's first batch, if there is one
         else:

@@ -33,3 +33,12 @@ def install_csv_writer(logger, writer) -> None:
     its writer lazily in the ``experiment`` property, which deletes an existing metrics.csv."""
     logger._fs.makedirs(logger.root_dir, exist_ok=True)
     logger._experiment = writer
+
+
+def as_saved_before_the_batch(checkpoint: dict) -> None:
+    """Make a checkpoint saved inside a training step (before its optimizer step) resume like one saved
+    after the previous batch. Lightning's loop counters already say the running batch was started but
+    not completed, so a resumed run trains it again; only ``_batches_that_stepped`` (the step of logged
+    rows), which Lightning advances by one on such a resume, would run one ahead."""
+    state = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
+    state["_batches_that_stepped"] -= 1

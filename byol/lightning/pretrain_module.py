@@ -51,22 +51,22 @@ class BYOLModule(pl.LightningModule):
         self._epoch_sums: dict = {}  # see _accumulate_epoch_means
         self.skipped_steps = 0
         self.last_saved_step: int | None = None  # global step of the newest checkpoint written or loaded
+        self.undoable = False  # keep what a step changes before its optimizer step, to undo it (undo_step)
+        self._step_start: tuple | None = None
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
         images = batch[0]
         self._generator = step_generator(self._generator, self.device, *self.step_keys(batch_idx))
         view1, view2 = self.augment(images, self._generator)
-        if self.skip_nonfinite:  # forward passes update BatchNorm statistics: keep a copy to undo a bad step
-            buffers = list(self.model.buffers())
-            saved = [b.clone() for b in buffers]
+        if self.skip_nonfinite or self.undoable:
+            self._step_start = self.step_start_state()
         losses = self.model(view1, view2)
         loss = losses["loss"]
         finite = torch.isfinite(loss)
         self._skip_ema = False
         if self.skip_nonfinite and not finite:  # one host sync per step, the price of skipping
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
+            self.undo_step()
             self._skip_ema = True
             self.skipped_steps += 1
             self.print(f"[byol] non-finite loss at step {self.global_step}; skipping this step "
@@ -78,6 +78,21 @@ class BYOLModule(pl.LightningModule):
         for name, value in losses.items():
             self.log(f"train/{name}_step", value.detach(), prog_bar=name == "loss")
         return loss
+
+    def step_start_state(self) -> tuple:
+        """What a step changes before its optimizer step: the BatchNorm buffers (the forward passes
+        update them) and the epoch's loss sums. Weights and optimizer state change only at the step."""
+        buffers = [b.clone() for b in self.model.buffers()]
+        return buffers, {**self._epoch_sums, "sums": dict(self._epoch_sums.get("sums", {}))}
+
+    def undo_step(self) -> None:
+        """Back to the state before the current step's forward passes (a skipped non-finite step, or
+        a step stopped midway by a signal, whose checkpoint then holds the state after the previous step)."""
+        buffers, sums = self._step_start
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        self._epoch_sums = sums
 
     def step_keys(self, batch_idx: int) -> tuple[int, ...]:
         """What seeds a step's augmentation: (seed, epoch, batch), and the rank when several processes
