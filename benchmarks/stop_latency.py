@@ -31,7 +31,7 @@ DEFAULTS = ["data=synthetic", "data.num_train=20000", "data.image_size=32", "bac
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--signal", default="INT", choices=["INT", "TERM", "USR1"])
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps to let run before the signal")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps to let run before the signal (>= 2)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides after the defaults")
     args = parser.parse_args()
     sig = getattr(signal, f"SIG{args.signal}")
@@ -54,12 +54,20 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
     line = err.strip().splitlines()[-1] if err.strip() else "(no message)"
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"overrides: {' '.join(DEFAULTS + args.overrides)}")
-    print(f"one optimizer step: {step:.2f} s (mean of steps 2-{args.steps}, checkpoint writes included)")
+    print(f"one optimizer step: {step:.2f} s (mean of steps 2 to {args.steps}, checkpoint writes included)")
     print(f"SIG{args.signal} sent mid-step; process ended {ended - sent:.2f} s later with status {proc.returncode}")
     print(f"its last line: {line}")
     print(f"stop time / step time: {(ended - sent) / step:.2f}")
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def wait_for_steps(proc: subprocess.Popen, last: Path, steps: int, timeout: float = 1800) -> list[float]:

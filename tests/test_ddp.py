@@ -188,3 +188,17 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
     assert "batch 32, " in resumed.stdout  # one process: the global batch is the per-device batch
     final = torch.load(last, weights_only=True, map_location="cpu")
     assert final["global_step"] > step and (run / "encoder.pt").is_file()
+
+
+@pytest.mark.parametrize("overrides", [["trainer=ddp"], ["trainer.devices=2"], ["trainer.num_nodes=2"],
+                                       ["trainer.strategy=ddp_spawn"]])
+def test_evaluation_under_several_processes_is_refused_before_anything_runs(tmp_path, overrides):
+    from conftest import compose_config
+
+    from byol.core.errors import ConfigError
+    from byol.jobs.evaluate import evaluate
+
+    cfg = compose_config("evaluate", ["preset=smoke", "pretrained=random", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=r"^evaluate.py runs in one process on one device; .* trainer=default"):
+        evaluate(cfg, tmp_path / "eval", requested=overrides)
+    assert not (tmp_path / "eval" / "results.json").exists()

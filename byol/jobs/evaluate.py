@@ -91,6 +91,17 @@ def refuse_training_settings(given: Sequence[str]) -> None:
             raise ConfigError(f"{key} does not apply to evaluation; use {NOT_FOR_EVALUATION[key]}")
 
 
+def refuse_several_processes(trainer: Mapping) -> None:
+    """Evaluation runs in one process: under DDP every rank would run the whole job again and write
+    the same results (evaluation metrics are not gathered across ranks)."""
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+    if "ddp" in str(trainer.get("strategy") or "") or count > 1 or nodes > 1:
+        raise ConfigError("evaluate.py runs in one process on one device; trainer=ddp, trainer.devices > 1 and "
+                          "trainer.num_nodes > 1 are for pretraining. Evaluate with trainer=default (a run "
+                          "pretrained on several devices evaluates like any other)")
+
+
 def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[dict]:
     """The ``evaluate.py`` job: every model ``pretrained=`` names, under one repr and one protocol.
 
@@ -172,6 +183,7 @@ def _start_job(cfg, run_dir: Path) -> dict:
 
     settings = plain_config(cfg)
     check_config(settings, "the command line")
+    refuse_several_processes(settings["trainer"])
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
     protocol = checked_protocol(settings["eval"])
