@@ -65,17 +65,21 @@ PANELS = (  # (title, metric prefix, y label, as percent)
 )
 
 
-def _draw(axes, runs: Sequence[tuple[str, dict, dict]]) -> None:
-    """``runs``: (label, series, line style) for each run; one panel per entry of :data:`PANELS`."""
+def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True) -> None:
+    """``runs``: (label, series, line style) for each run; one panel per entry of :data:`PANELS`.
+    ``taps=False`` leaves out the curves of single intermediate blocks (``layer2.0``...): an overlay of
+    several runs stays readable with avgpool and combined alone."""
     for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
         drawn = False
         for label, series, style in runs:
             for key, points in series.items():
                 if not key.startswith(prefix) or "_step" in key or key.endswith("seconds"):
                     continue
+                name = key[len(prefix):] or key
+                if not taps and name.startswith("layer"):
+                    continue
                 xs, ys = zip(*points, strict=True)
                 ys = [100 * y for y in ys] if percent else ys
-                name = key[len(prefix):] or key
                 ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style,
                         marker="o" if len(xs) < 30 else None, markersize=3)  # a short run's points show
                 drawn = True
@@ -84,7 +88,7 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]]) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
 
@@ -134,8 +138,8 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
               {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seeds.index(seed) % len(styles)]})
              for loss, seed, folder in sorted(runs)]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-    _draw(axes, drawn)
-    fig.suptitle(title, fontsize=11)
+    _draw(axes, drawn, taps=False)
+    fig.suptitle(f"{title}; avgpool and combined (each run's own curves.png has every block)", fontsize=11)
     _save(fig, Path(path))
     plt.close(fig)
     return Path(path)
