@@ -83,6 +83,14 @@ def make_loggers(logger_cfg: Mapping | None, run_dir: Path, keep_before_step: in
     return loggers
 
 
+def requested_processes(trainer_cfg: Mapping) -> int:
+    """Devices x nodes a trainer config asks for, whatever the strategy (1 when ``devices`` is not a
+    positive count or a list: ``auto`` and the like are one device as far as the job can tell)."""
+    devices = trainer_cfg.get("devices")
+    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
+    return count * max(1, int(trainer_cfg.get("num_nodes") or 1))
+
+
 def build_trainer(trainer_cfg: Mapping, **fixed):
     """``pytorch_lightning.Trainer`` from plain arguments; ``fixed`` (logger, callbacks...) from the job."""
     import pytorch_lightning as pl

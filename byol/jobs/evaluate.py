@@ -19,6 +19,7 @@ from byol.core.checkpoint import atomic_write_bytes
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError
 from byol.core.features import representation_taps
+from byol.jobs.build import requested_processes
 from byol.jobs.cli import quiet_lightning
 from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.datasets import load_eval_data
@@ -94,9 +95,7 @@ def refuse_training_settings(given: Sequence[str]) -> None:
 def refuse_several_processes(trainer: Mapping) -> None:
     """Evaluation runs in one process: under DDP every rank would run the whole job again and write
     the same results (evaluation metrics are not gathered across ranks)."""
-    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
-    if "ddp" in str(trainer.get("strategy") or "") or count > 1 or nodes > 1:
+    if "ddp" in str(trainer.get("strategy") or "") or requested_processes(trainer) > 1:
         raise ConfigError("evaluate.py runs in one process on one device; trainer=ddp, trainer.devices > 1 and "
                           "trainer.num_nodes > 1 are for pretraining. Evaluate with trainer=default (a run "
                           "pretrained on several devices evaluates like any other)")

@@ -22,7 +22,15 @@ from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, sa
 from byol.core.data import IndexBatches, seeded_subset
 from byol.core.disk_images import MmapBatches
 from byol.core.errors import CheckpointError
-from byol.jobs.build import build_augment, build_byol, build_trainer, loss_mode, make_loggers, optimizer_factory
+from byol.jobs.build import (
+    build_augment,
+    build_byol,
+    build_trainer,
+    loss_mode,
+    make_loggers,
+    optimizer_factory,
+    requested_processes,
+)
 from byol.jobs.cli import command_arg, launched_rank, quiet_lightning, resume_hint
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.curves import write_curves
@@ -146,11 +154,7 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
 def planned_world(trainer_cfg: dict) -> int:
     """The number of processes a DDP config asks for (devices x nodes; 1 when ``devices`` is not a count
     or a list), known before the trainer starts them: for the steps of an epoch."""
-    devices = trainer_cfg.get("devices")
-    if "ddp" not in str(trainer_cfg.get("strategy") or ""):
-        return 1
-    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
-    return count * max(1, int(trainer_cfg.get("num_nodes") or 1))
+    return requested_processes(trainer_cfg) if "ddp" in str(trainer_cfg.get("strategy") or "") else 1
 
 
 def on_gpu(trainer_cfg: dict) -> bool:
