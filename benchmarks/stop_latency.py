@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps to let run before the signal (>= 2)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides after the defaults")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the step time is measured between steps)")
     sig = getattr(signal, f"SIG{args.signal}")
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"

@@ -2,7 +2,8 @@
 smoke config without augmentation (each view is the image itself, so both runs see the same inputs),
 either in one process on the global batch (MODE ``single``, batch 64) or on two DDP CPU processes with
 synchronised BatchNorm (MODE ``ddp``, batch 32 each). Each rank writes its per-step losses and final
-weights and buffers to ``OUT_DIR/<mode>_rank<r>.pt``. MODE ``ddp_local``: two processes, each normalising over its own 32 images.
+weights and buffers to ``OUT_DIR/<mode>_rank<r>.pt``. MODE ``ddp_local``: two processes, each normalising
+over its own 32 images.
 
 torch's ``SyncBatchNorm`` runs on GPUs only (its DDP wrapper refuses it in CPU processes), so here every
 BatchNorm of the encoders and heads is replaced by :class:`AllReducedBatchNorm`, which normalises with the

@@ -162,7 +162,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
     The stopped 2-process run then continues on one process (its global batch halves: README)."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "train.py", *DDP_CPU, "trainer.max_epochs=40", "checkpoint.last_every_n_steps=1",
+    proc = subprocess.Popen([sys.executable, "train.py", *DDP_CPU, "trainer.max_epochs=40",
+                             "checkpoint.last_every_n_steps=1",
                              f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -232,6 +233,6 @@ def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_glob
         synchronised = relative_difference(one["state"], r0["state"], network)
         assert synchronised < 1e-3, network  # measured: 3e-4 online encoder, 1e-4 heads, 1e-6 target
         assert relative_difference(one["state"], local["state"], network) > 10 * synchronised, network
-    local_losses = [(a + b) / 2 for a, b in zip(local["losses"], torch.load(tmp_path / "ddp_local_rank1.pt", weights_only=True)["losses"],
-                                                strict=True)]
+    local_rank1 = torch.load(tmp_path / "ddp_local_rank1.pt", weights_only=True)
+    local_losses = [(a + b) / 2 for a, b in zip(local["losses"], local_rank1["losses"], strict=True)]
     assert local_losses[0] != pytest.approx(one["losses"][0], rel=1e-3)  # per-process statistics: another loss

@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import compose_config, signal_when
 from test_resume import (
