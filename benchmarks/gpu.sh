@@ -12,7 +12,7 @@
 # MODE=grid (the study's grid with the GPU recipe, budgeted at GRID_S = 540 s from the start):
 #   1.-3. as above (the throughput with experiment=cifar10, ours and the floor only unless PEERS),
 #   4. pretrains loss=classic,multi with experiment=cifar10 (batch 256) in one sweep, each run for as
-#      many epochs as fit in what is left of GRID_S after EVAL_S (240 s) is kept for steps 5-6,
+#      many epochs as fit in what is left of GRID_S after EVAL_S (170 s) is kept for steps 5-6,
 #      sized from the step-3 figure at batch 256 (s/epoch x 1.35 for checkpoints and multi's heads),
 #   5. evaluates both runs and the random-init baseline: kNN and linear on avgpool and combined, then
 #      fine-tuning for FT_EPOCHS (2) epochs on both (the 8 cells + kNN), each sweep under a timeout,
@@ -25,7 +25,7 @@
 # only under $OUT: the way to test this script without a GPU.
 # Environment: MODE (single|grid), OUT (results folder), DATA (dataset root; default /tmp/cifar10,
 # extracted if missing), PYTHON (default python3), PRETRAIN_S (single: 240), BATCHES (default "256 512"),
-# PEERS, COMPILE=1, WORK (run folders); grid: GRID_S (540), EVAL_S (240), FT_EPOCHS (2), GRID_BATCH (256).
+# PEERS, COMPILE=1, WORK (run folders); grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -67,7 +67,7 @@ else
 fi
 BENCH_TIMEOUT=240
 if [ "$MODE" = grid ]; then
-  PEERS=${PEERS:-ours,floor}; BENCH_TIMEOUT=150
+  PEERS=${PEERS:-ours,ours_ddp,floor}; BENCH_TIMEOUT=150
   BENCH_SET+=(--set experiment=cifar10)  # the recipe's step (CLI batch and heads still win)
 fi
 COMPILE_ARGS=(); COMPILE_SET=()
@@ -115,6 +115,13 @@ for B in $BATCHES; do
     --data "$DATA" --peers "${PEERS:-ours,lightly,byol_pytorch,floor}" --json "$OUT/bench_b$B.json" --markdown "$SECTION" "${COMPILE_ARGS[@]}" "${BENCH_SET[@]}" \
     || say "throughput at batch $B failed or timed out (exit $?)"
 done
+
+if [ "$MODE" = grid ] && [ "$SMOKE" != 1 ] && ! "$PY" -c "import json, sys; sys.exit(not json.load(open(sys.argv[1]))['cifar']['ours'])" \
+     "$OUT/bench_b${BATCHES%% *}.json" 2>/dev/null; then
+  # our own step failed on this machine: the grid would fail the same way; stop while there is time to fix and rerun
+  say "our training step did not run at batch ${BATCHES%% *} (see above): grid not started"
+  exit 3
+fi
 
 finish() {  # append the section to RESULTS.md and copy it into $OUT
   echo "Whole script: $(elapsed) s." >>"$SECTION"

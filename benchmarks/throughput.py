@@ -52,7 +52,7 @@ ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 # The archive sits beside the checkout on development machines and inside it on the GPU machine.
 ARCHIVE_CANDIDATES = (REPO.parent / "shared" / "data" / ARCHIVE_NAME, REPO / "shared" / "data" / ARCHIVE_NAME)
 DEFAULT_CACHE = "~/.cache/byol/cifar10-jpeg"
-PEERS = ("ours", "lightly", "byol_pytorch", "floor", "floor_fp32")
+PEERS = ("ours", "lightly", "byol_pytorch", "floor", "floor_fp32", "ours_ddp")
 DEFAULT_PEERS = PEERS[:4]  # floor_fp32 only on request: it costs 3x a bf16 measurement
 STEMS = ("cifar", "imagenet")
 PEER_LR = 0.06  # lightly's example learning rate; the value does not change the speed
@@ -189,8 +189,14 @@ def peer_backbone(cfg: dict) -> torch.nn.Module:
 # --------------------------------------------------------------------------- (a) ours
 
 
-def bench_ours(cfg: dict, args, device) -> float:
-    """The real Lightning loop: TensorDataModule + BYOLModule, timed from a callback."""
+def bench_ours(cfg: dict, args, device, ddp: bool = False) -> float:
+    """The real Lightning loop: TensorDataModule + BYOLModule, timed from a callback.
+
+    ``ddp``: the same under Lightning's DDP strategy on one device (world size 1, SyncBatchNorm as
+    ``trainer=ddp`` sets it), so the strategy's own cost (gradient all-reduce hooks, the per-step
+    stop agreement) shows against the plain run.  SyncBatchNorm (GPU only in torch) at world size 1
+    falls back to plain BatchNorm, as it does under ``trainer=ddp``.
+    """
     import pytorch_lightning as pl
 
     from byol.jobs.pretrain import build_datamodule, build_module
@@ -224,6 +230,7 @@ def bench_ours(cfg: dict, args, device) -> float:
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1,
+        **({"strategy": "ddp", "sync_batchnorm": device.type == "cuda"} if ddp else {}),  # torch's SyncBN: GPU only
         precision=cfg["trainer"]["precision"], max_steps=args.warmup + args.steps, max_epochs=-1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         log_every_n_steps=cfg["trainer"]["log_every_n_steps"], num_sanity_val_steps=0, callbacks=[clock],
@@ -425,7 +432,12 @@ def release_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-BENCHES = {"ours": bench_ours, "floor": bench_floor, "floor_fp32": bench_floor_fp32, "lightly": bench_lightly,
+def bench_ours_ddp(cfg: dict, args, device) -> float:
+    return bench_ours(cfg, args, device, ddp=True)
+
+
+BENCHES = {"ours": bench_ours, "ours_ddp": bench_ours_ddp, "floor": bench_floor, "floor_fp32": bench_floor_fp32,
+           "lightly": bench_lightly,
            "byol_pytorch": bench_byol_pytorch}
 
 
@@ -467,7 +479,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=DEFAULT_CACHE, help="where the archive is extracted")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the peers")
     p.add_argument("--peers", default=",".join(DEFAULT_PEERS), help="comma-separated subset of "
-                   + ",".join(PEERS) + " (floor_fp32: the floor without bf16, the bound on any fp32 peer)")
+                   + ",".join(PEERS) + " (floor_fp32: the floor without bf16, the bound on any fp32 peer; "
+                   "ours_ddp: ours under Lightning's DDP strategy on one device)")
     p.add_argument("--compile", action="store_true", help="torch.compile our network (ours and floor)")
     p.add_argument("--peer-precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: the peers with bf16 autocast + channels_last like ours (fair); fp32: as their "
