@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py as ``python tests/ddp_worker.py OUT_DIR``: three optimizer steps of the smoke
-config on two CPU processes (Lightning's ``ddp`` strategy re-runs this script for rank 1), then each
-rank writes what it holds to ``OUT_DIR/rank<r>.pt``."""
+config on two CPU processes (Lightning's ``ddp`` strategy re-runs this script for rank 1), with the online
+linear probes attached, then each rank writes what it holds to ``OUT_DIR/rank<r>.pt``."""
 
 from __future__ import annotations
 
@@ -13,31 +13,41 @@ from conftest import compose_config, plain_config
 from hydra.core.hydra_config import HydraConfig
 
 from byol.jobs.pretrain import build_datamodule, build_module
+from byol.lightning.monitors import OnlineProbes
 
 
 class Record(pl.Callback):
-    def __init__(self):
+    def __init__(self, probes: OnlineProbes):
         self.first_batch: torch.Tensor | None = None
+        self.probes, self.probe_seen = probes, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.first_batch is None:
             self.first_batch = batch[0].flatten(1).float().sum(1).cpu()  # one fingerprint per image
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.probe_seen.append(self.probes._seen)  # images the probes counted so far this epoch
 
 
 def main(out: Path) -> None:
     config = plain_config(compose_config("train", ["experiment=smoke"], out))
     HydraConfig.instance().cfg = None  # else Lightning would relaunch rank 1 as a Hydra app
     datamodule, module = build_datamodule(config), build_module(config)
-    record = Record()
+    representations = {"avgpool": ["avgpool"], "layer3.0": ["layer3.0"]}
+    module.model.feature_taps = ["avgpool", "layer3.0"]
+    probes = OnlineProbes(representations, module.model.online_encoder.dims, num_classes=10, seed=0)
+    record = Record(probes)
     trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=3, precision="32-true",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[record])
+                         enable_model_summary=False, callbacks=[probes, record])
     trainer.fit(module, datamodule=datamodule)
     model = module.model
     torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "steps": trainer.global_step,
                 "batches": len(datamodule.batches), "first_batch": record.first_batch,
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                "params": {name: p.detach().clone() for name, p in model.named_parameters()}},
+                "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+                "probes": {name: p.detach().clone() for name, p in probes.heads.state_dict().items()},
+                "probe_seen": record.probe_seen},
                out / f"rank{trainer.global_rank}.pt")
 
 

@@ -20,6 +20,7 @@ from byol.core.errors import DataError
 from byol.core.rng import step_generator
 from byol.jobs.build import scaled_lr
 from byol.lightning.callbacks import describe_step
+from byol.lightning.monitors import OnlineProbes
 from byol.lightning.pretrain_module import BYOLModule
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -108,6 +109,13 @@ def test_two_processes_hold_identical_weights(tmp_path):
         assert torch.equal(p, r1["params"][name]), name  # online (all-reduced) and target (EMA on each rank)
     online, target = r0["params"]["online_encoder.body.conv1.weight"], r0["params"]["target_encoder.body.conv1.weight"]
     assert not torch.equal(online, target)  # the target moved by EMA, not a copy
+    # the online probes train on the gathered global batch: one probe, the same on both ranks, that saw
+    # the 64 images of each global batch (2 steps per epoch), and that moved from its (seeded) start
+    assert r0["probe_seen"] == r1["probe_seen"] == [64, 128, 64]
+    start = OnlineProbes({"avgpool": ["avgpool"]}, {"avgpool": r0["probes"]["avgpool.1.weight"].shape[1]}, 10)
+    assert not torch.equal(r0["probes"]["avgpool.1.weight"], start.heads["avgpool"][1].weight.detach())
+    for name, value in r0["probes"].items():
+        assert torch.equal(value, r1["probes"][name]), name
 
 
 DDP_CPU = ["experiment=smoke", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]

@@ -6,8 +6,8 @@ the accuracy of its representations over epochs. Both monitors see the **online*
 - :class:`OnlineKNN` embeds a bank of training images and held-out labelled queries in eval mode
   every ``every_n_epochs`` and scores weighted kNN (the offline ``eval=knn`` on the same images);
 - :class:`OnlineProbes` trains a linear classifier per representation on the detached features of
-  each training batch (view 1, as the network saw it), with its own optimizer: no gradient reaches
-  the encoder, and the global random stream is untouched.
+  each training batch (view 1, as the network saw it; under DDP the batch gathered from every rank),
+  with its own optimizer: no gradient reaches the encoder, and the global random stream is untouched.
 
 Representations are named lists of taps: ``{"avgpool": ["avgpool"], "combined": ["avgpool",
 "layer2.0", "layer3.0"], "layer2.0": ["layer2.0"], ...}``.
@@ -132,15 +132,26 @@ class OnlineProbes(pl.Callback):
                 if torch.is_tensor(value):
                     state[key] = value.to(pl_module.device)
 
+    @staticmethod
+    def _global_batch(trainer, pl_module, tensor: torch.Tensor) -> torch.Tensor:
+        """Under DDP the global batch (every rank's share, in rank order), so each rank's probe takes the
+        same step on the same data and all ranks hold one probe, as one process would on that batch."""
+        if getattr(trainer, "world_size", 1) <= 1:
+            return tensor
+        return pl_module.all_gather(tensor).flatten(0, 1)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         features, labels = pl_module.model.last_features, batch[1]
         if not features or outputs is None:  # a skipped (non-finite) step
             return
+        taps = all_taps(self.representations)
+        gathered = {t: self._global_batch(trainer, pl_module, features[t].detach().float()) for t in taps}
+        labels = self._global_batch(trainer, pl_module, labels)
         with torch.enable_grad(), torch.autocast(labels.device.type, enabled=False):
             self.optimizer.zero_grad(set_to_none=True)
             total = 0
             for name, taps in self.representations.items():
-                x = torch.cat([features[t] for t in taps], dim=1).float()
+                x = torch.cat([gathered[t] for t in taps], dim=1)
                 logits = self.heads[name.replace(".", "_")](x)
                 total = total + F.cross_entropy(logits, labels)
                 correct = (logits.detach().argmax(1) == labels).sum()
@@ -151,9 +162,8 @@ class OnlineProbes(pl.Callback):
         self._seen += labels.shape[0]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        for name, correct in self._correct.items():
-            # under DDP each rank trains its own probe on its share: the mean of their accuracies
-            pl_module.log(PROBE_PREFIX + name, float(correct) / max(1, self._seen), sync_dist=True)
+        for name, correct in self._correct.items():  # counted on the global batch: the same on every rank
+            pl_module.log(PROBE_PREFIX + name, float(correct) / max(1, self._seen), rank_zero_only=True)
         self._correct, self._seen = {}, 0
 
     def state_dict(self) -> dict:
