@@ -85,13 +85,13 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
     out, md = tmp_path / "bench.json", tmp_path / "results.md"
     monkeypatch.setattr(tp, "count_images", lambda folder: 16)  # fixed, to check the epoch arithmetic
     tp.main(["--stem", "imagenet", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",
-             "--data", str(data), "--peers", "ours,lightly,byol_pytorch,floor,floor_fp32",
+             "--data", str(data), "--peers", "ours,lightly,byol_pytorch,floor,floor_fp32,ours_ddp",
              "--workers", "0", "--device", "cpu", "--json", str(out), "--markdown", str(md),
              "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY_HEADS])
 
     report = json.loads(out.read_text())
     ips = report["imagenet"]
-    assert set(ips) == {"ours", "lightly", "byol_pytorch", "floor", "floor_fp32"} and "cifar" not in report
+    assert set(ips) == {"ours", "lightly", "byol_pytorch", "floor", "floor_fp32", "ours_ddp"} and "cifar" not in report
     for peer, value in ips.items():
         if peer in report["skipped"]:  # e.g. in CI, where the bench extra is not installed
             assert value is None and report["skipped"][peer] == "not installed"
@@ -104,7 +104,8 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
     assert report["settings"]["batch_size"] == 4 and report["settings"]["repeats"] == 2
     assert report["machine"]["device"] == "cpu" and report["machine"]["torch"]
     rows = [line for line in md.read_text().splitlines() if line.startswith("| imagenet |")]
-    assert [r.split("|")[2].strip() for r in rows] == [*tp.DEFAULT_PEERS, "floor_fp32"]
+    assert [r.split("|")[2].strip() for r in rows] == [*tp.DEFAULT_PEERS, "floor_fp32", "ours_ddp"]
+    assert report["ratios"]["imagenet"]["ours/ours_ddp"] == pytest.approx(ips["ours"] / ips["ours_ddp"])
     assert "(floor/floor_fp32)" in capsys.readouterr().out
 
 
