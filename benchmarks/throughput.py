@@ -193,9 +193,9 @@ def bench_ours(cfg: dict, args, device, ddp: bool = False) -> float:
     """The real Lightning loop: TensorDataModule + BYOLModule, timed from a callback.
 
     ``ddp``: the same under Lightning's DDP strategy on one device (world size 1, SyncBatchNorm as
-    ``trainer=ddp`` sets it), so the strategy's own cost (gradient all-reduce hooks, the per-step
-    stop agreement) shows against the plain run.  SyncBatchNorm (GPU only in torch) at world size 1
-    falls back to plain BatchNorm, as it does under ``trainer=ddp``.
+    ``trainer=ddp`` sets it), so the strategy's own cost (its wrapper and gradient all-reduce hooks)
+    shows against the plain run. At world size 1 SyncBatchNorm (GPU only in torch) falls back to plain
+    BatchNorm and the per-step stop agreement is skipped, as under ``trainer=ddp trainer.devices=1``.
     """
     import pytorch_lightning as pl
 
