@@ -13,7 +13,7 @@ from conftest import compose_config, plain_config
 from hydra.core.hydra_config import HydraConfig
 
 from byol.jobs.pretrain import build_datamodule, build_module
-from byol.lightning.monitors import OnlineProbes
+from byol.lightning.monitors import OnlineProbes, all_taps
 
 
 class Record(pl.Callback):
@@ -34,7 +34,7 @@ def main(out: Path) -> None:
     HydraConfig.instance().cfg = None  # else Lightning would relaunch rank 1 as a Hydra app
     datamodule, module = build_datamodule(config), build_module(config)
     representations = {"avgpool": ["avgpool"], "layer3.0": ["layer3.0"]}
-    module.model.feature_taps = ["avgpool", "layer3.0"]
+    module.model.feature_taps = all_taps(representations)
     probes = OnlineProbes(representations, module.model.online_encoder.dims, num_classes=10, seed=0)
     record = Record(probes)
     trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=3, precision="32-true",

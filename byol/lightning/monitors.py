@@ -144,14 +144,15 @@ class OnlineProbes(pl.Callback):
         features, labels = pl_module.model.last_features, batch[1]
         if not features or outputs is None:  # a skipped (non-finite) step
             return
-        taps = all_taps(self.representations)
-        gathered = {t: self._global_batch(trainer, pl_module, features[t].detach().float()) for t in taps}
+        taps = all_taps(self.representations)  # one all-gather for every tap's features under DDP
+        stacked = self._global_batch(trainer, pl_module, torch.cat([features[t].float() for t in taps], dim=1))
+        gathered = dict(zip(taps, stacked.split([features[t].shape[1] for t in taps], dim=1), strict=True))
         labels = self._global_batch(trainer, pl_module, labels)
         with torch.enable_grad(), torch.autocast(labels.device.type, enabled=False):
             self.optimizer.zero_grad(set_to_none=True)
             total = 0
-            for name, taps in self.representations.items():
-                x = torch.cat([gathered[t] for t in taps], dim=1)
+            for name, wanted in self.representations.items():
+                x = torch.cat([gathered[t] for t in wanted], dim=1)
                 logits = self.heads[name.replace(".", "_")](x)
                 total = total + F.cross_entropy(logits, labels)
                 correct = (logits.detach().argmax(1) == labels).sum()
