@@ -3,6 +3,7 @@ rate of the global batch, identical weights on every rank, one writer of the run
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,8 +61,8 @@ def test_shard_refusals():
         batches.shard(0, 5)
     with pytest.raises(DataError, match="rank 2"):
         batches.shard(2, 2)
-    with pytest.raises(DataError, match="drop_last"):
-        IndexBatches(make_synthetic(64, size=4), 16, drop_last=False).shard(0, 2)
+    # evaluation batches (drop_last=False) lose no image, so they shard even with fewer images than ranks
+    assert len(IndexBatches(make_synthetic(3, size=4), 16, drop_last=False).shard(0, 5)) == 1
     assert len(batches.shard(1, 2)) == 2 and len(batches.shard(0, 1)) == 4
 
 
@@ -87,7 +88,7 @@ def test_each_rank_draws_its_own_views():
 
 
 def test_planned_world_counts_the_processes_of_a_ddp_config():
-    from byol.jobs.pretrain import planned_world
+    from byol.jobs.build import planned_world
 
     assert planned_world({"strategy": "ddp", "devices": 2, "num_nodes": 2}) == 4
     assert planned_world({"strategy": "ddp_spawn", "devices": [0, 1, 2], "num_nodes": 1}) == 3
@@ -199,18 +200,81 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
     assert final["global_step"] > step and (run / "encoder.pt").is_file()
 
 
-@pytest.mark.parametrize("overrides", [["trainer=ddp"], ["trainer.devices=2"], ["trainer.num_nodes=2"],
-                                       ["trainer.strategy=ddp_spawn"]])
-def test_evaluation_under_several_processes_is_refused_before_anything_runs(tmp_path, overrides):
+def eval_shards(n: int, batch: int, world: int) -> list[list[tuple[int, int]]]:
+    """(image, label) of every rank's evaluation batches, image i holding i and labelled i % 10."""
+    data = make_synthetic(n, size=4)
+    data.images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()
+    data.labels = torch.arange(n) % 10
+    ranks = []
+    for rank in range(world):
+        batches = IndexBatches(data, batch, shuffle=False, drop_last=False).shard(rank, world, split_batch=True)
+        ranks.append([list(zip(images[:, 0, 0, 0].tolist(), labels.tolist(), strict=True))
+                      for images, labels in batches])
+    return ranks
+
+
+@pytest.mark.parametrize("n, batch, world", [(100, 8, 2), (64, 32, 2), (10, 6, 3), (7, 4, 2), (5, 4, 4)])
+def test_evaluation_shards_score_every_image_once(n, batch, world):
+    ranks = eval_shards(n, batch, world)
+    assert len({len(r) for r in ranks}) == 1  # the same number of batches on every rank: none waits alone
+    assert {len(b) for r in ranks for b in r} == {batch // world}  # the global batch, split evenly
+    counted = [image for r in ranks for b in r for image, label in b if label != -1]
+    assert sorted(counted) == list(range(n))  # every image once across ranks, none lost, none twice
+    padding = [(image, label) for r in ranks for b in r for image, label in b if label == -1]
+    assert len(padding) == len(ranks[0]) * batch - n
+    for r in ranks:
+        for b in r:
+            assert all(label == image % 10 for image, label in b if label != -1)  # images keep their labels
+
+
+def test_one_process_evaluation_batches_are_unchanged():
+    (only,) = eval_shards(10, 4, 1)
+    assert [[image for image, _ in b] for b in only] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused():
+    with pytest.raises(DataError, match="cannot be split evenly among 3 processes; choose a batch size divisible by 3"):
+        IndexBatches(make_synthetic(20, size=4), 8, drop_last=False).shard(0, 3, split_batch=True)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer=ddp", "trainer.strategy=ddp_spawn"], "not trainer.strategy=ddp_spawn"),
+    (["trainer.devices=2"], "need the DDP strategy: add trainer=ddp"),
+    (["trainer.num_nodes=2"], "need the DDP strategy: add trainer=ddp"),
+    (["trainer=ddp", "eval=finetune", "eval.batch_size=33"], "eval.batch_size=33 is the global batch, shared by 2"),
+])
+def test_evaluation_with_processes_it_cannot_use_is_refused_before_any_result(tmp_path, overrides, message):
     from conftest import compose_config
 
     from byol.core.errors import ConfigError
     from byol.jobs.evaluate import evaluate
 
     cfg = compose_config("evaluate", ["preset=smoke", "pretrained=random", *overrides], tmp_path)
-    with pytest.raises(ConfigError, match=r"^evaluate.py runs in one process on one device; .* trainer=default"):
+    with pytest.raises(ConfigError, match=message):
         evaluate(cfg, tmp_path / "eval", requested=overrides)
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_evaluation_sweep_on_two_processes_scores_every_image_once_in_one_sweep_folder(tmp_path):
+    """evaluate.py -m under trainer=ddp: Lightning re-runs the command, sweep included, in the second
+    process; both processes work in rank 0's sweep folder, fine-tuning is scored over both ranks'
+    shards (every test image once), kNN runs in rank 0 alone, and rank 0 alone writes and reports."""
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.max_epochs=1",
+                    f"hydra.run.dir={run}"], cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "-m", "preset=smoke", f"pretrained={run}",
+                             "eval=knn,finetune", *DDP_CPU[1:]], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun" / "eval").iterdir()  # one sweep folder, not one per process
+    knn, finetune = (json.loads(next(sweep.glob(f"{job}_eval={name},*/results.json")).read_text())
+                     for job, name in ((0, "knn"), (1, "finetune")))
+    sizes = finetune["split_sizes"]
+    assert (finetune["processes"], finetune["val_images"], finetune["test_images"]) == (2, sizes["val"], sizes["test"])
+    assert "processes" not in knn and knn["status"] == finetune["status"] == "ok"
+    assert result.stdout.count("finetune on avgpool -> ") == result.stdout.count("knn on avgpool -> ") == 1
+    assert "eval=knn trains nothing through Lightning, so it runs in this process alone" in result.stdout
 
 
 def relative_difference(a: dict, b: dict, prefix: str) -> float:

@@ -23,6 +23,9 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # torchvision reads the names from stl10_binary/class_names.txt; these are its lines, for a copy without it.
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
+# The label of an image that no metric counts: unlabelled, or the padding of an evaluation shard.
+NOT_COUNTED = -1
+
 
 @dataclass
 class ImageTensors:
@@ -189,7 +192,10 @@ class IndexBatches:
     ``batch_size x world_size`` images of the epoch's permutation and rank ``r`` trains on the
     ``r``-th ``batch_size`` of them: the ranks' batches are disjoint, every rank has the same number
     of batches, and the images beyond the last full global batch (fewer than ``batch_size x
-    world_size``, different ones each epoch) are dropped, so ``drop_last`` must be true.
+    world_size``, different ones each epoch) are dropped. Evaluation batches (``drop_last=False``)
+    instead lose no image: the last global batch is padded so that every rank has the same number of
+    batches (a rank that ran out would leave the others waiting), and the padding is labelled -1
+    (:data:`NOT_COUNTED`), which the metrics skip, so every image counts exactly once across ranks.
     """
 
     def __init__(self, data: ImageTensors, batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -203,13 +209,18 @@ class IndexBatches:
         self.rank, self.world_size = 0, 1
         self._passes = 0
 
-    def shard(self, rank: int, world_size: int) -> IndexBatches:
-        """Take rank ``rank``'s share of every epoch (see the class notes); (0, 1): all of it."""
+    def shard(self, rank: int, world_size: int, split_batch: bool = False) -> IndexBatches:
+        """Take rank ``rank``'s share of every epoch (see the class notes); (0, 1): all of it.
+        ``split_batch``: ``batch_size`` is the global batch, divided among the processes (evaluation
+        keeps its protocol's batch whatever the number of devices); otherwise it is per process."""
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in a world of {world_size} processes")
-        if world_size > 1 and not self.drop_last:
-            raise DataError("sharding across processes drops the last uneven batch: drop_last must be true")
-        if self.batch_size * world_size > len(self.data):
+        if split_batch and world_size > 1:
+            if self.batch_size % world_size:
+                raise DataError(f"a batch of {self.batch_size} images cannot be split evenly among {world_size} "
+                                f"processes; choose a batch size divisible by {world_size}")
+            self.batch_size //= world_size
+        if self.drop_last and self.batch_size * world_size > len(self.data):
             raise DataError(f"data.batch_size={self.batch_size} x {world_size} processes is more than the "
                             f"dataset ({len(self.data)} images), so an epoch would have no full global batch; "
                             f"lower data.batch_size or use more images")
@@ -235,6 +246,20 @@ class IndexBatches:
         self._passes += 1
         order = self.order(epoch).to(self.data.images.device)
         step, offset = self.batch_size * self.world_size, self.rank * self.batch_size
+        padded = self.world_size > 1 and not self.drop_last
         for b in range(start, len(self)):
-            idx = order[b * step + offset:b * step + offset + self.batch_size]
+            first = b * step + offset
+            if padded and first + self.batch_size > len(order):
+                yield self._padded(order, first)
+                continue
+            idx = order[first:first + self.batch_size]
             yield self.data.images[idx], self.data.labels[idx]
+
+    def _padded(self, order: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the last, short global batch, filled up to ``batch_size`` with copies
+        of image 0 labelled :data:`NOT_COUNTED` (see the class notes)."""
+        positions = torch.arange(first, first + self.batch_size, device=order.device)
+        real = positions < len(order)
+        idx = torch.where(real, order[positions.clamp(max=len(order) - 1)], order[0])
+        labels = torch.where(real, self.data.labels[idx], torch.full_like(self.data.labels[idx], NOT_COUNTED))
+        return self.data.images[idx], labels

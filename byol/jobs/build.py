@@ -91,6 +91,34 @@ def requested_processes(trainer_cfg: Mapping) -> int:
     return count * max(1, int(trainer_cfg.get("num_nodes") or 1))
 
 
+def planned_world(trainer_cfg: Mapping) -> int:
+    """The number of processes a DDP config asks for (devices x nodes; 1 when ``devices`` is not a count
+    or a list), known before the trainer starts them: for the steps of an epoch."""
+    return requested_processes(trainer_cfg) if "ddp" in str(trainer_cfg.get("strategy") or "") else 1
+
+
+def on_gpu(trainer_cfg: Mapping) -> bool:
+    """Whether the trainer will run on CUDA devices (``accelerator`` gpu/cuda, or auto with CUDA present)."""
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def sync_batchnorm_where_possible(trainer_cfg: Mapping, tag: str) -> dict:
+    """``trainer_cfg`` with ``sync_batchnorm`` off on CPU, where torch's DDP refuses SyncBatchNorm; rank 0
+    says so in one line (each process then keeps its own BatchNorm statistics)."""
+    from byol.jobs.cli import launched_rank
+
+    trainer = dict(trainer_cfg)
+    if trainer.get("sync_batchnorm") and not on_gpu(trainer):
+        trainer["sync_batchnorm"] = False
+        if launched_rank() == 0:
+            print(f"{tag} note: trainer.sync_batchnorm needs GPUs; on CPU each process keeps its own BatchNorm "
+                  "statistics (rank 0's buffers are broadcast every step)", flush=True)
+    return trainer
+
+
 def build_trainer(trainer_cfg: Mapping, **fixed):
     """``pytorch_lightning.Trainer`` from plain arguments; ``fixed`` (logger, callbacks...) from the job."""
     import pytorch_lightning as pl

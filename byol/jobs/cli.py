@@ -72,8 +72,19 @@ def run_dir_of(resume, default: str) -> str:
     return default
 
 
+# A sweep run with trainer=ddp: Lightning starts the other processes by re-running the command, sweep
+# included, and each would time-stamp a sweep folder of its own; rank 0 names its folder here first.
+SWEEP_DIR_ENV = "BYOL_DDP_SWEEP_DIR"
+
+
+def sweep_dir_of(default: str) -> str:
+    """``hydra.sweep.dir``: rank 0's sweep folder in the processes it started (:data:`SWEEP_DIR_ENV`)."""
+    return os.environ.get(SWEEP_DIR_ENV) or default
+
+
 if not OmegaConf.has_resolver("byol_run_dir"):
     OmegaConf.register_new_resolver("byol_run_dir", run_dir_of)
+    OmegaConf.register_new_resolver("byol_sweep_dir", sweep_dir_of)
 
 
 def command_arg(key: str, value) -> str:
@@ -166,6 +177,8 @@ def run_job(fn, cfg, *args, **kwargs):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and launched_rank() == 0 and _planned_world(cfg) > 1:  # the processes it starts join its sweep
+        os.environ[SWEEP_DIR_ENV] = str(Path(hc.sweep.dir).resolve())
     if launched_rank() != 0:  # another DDP process of rank 0's run: rank 0 holds the folder and its log
         try:
             return fn(cfg, run_dir, *args, **kwargs)
@@ -205,6 +218,12 @@ def run_job(fn, cfg, *args, **kwargs):
         traceback.print_exc()
         (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n")
         return None
+
+
+def _planned_world(cfg) -> int:
+    from byol.jobs.build import planned_world
+
+    return planned_world(cfg.get("trainer") or {})
 
 
 class _CopyTo:

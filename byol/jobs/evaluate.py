@@ -8,10 +8,12 @@ lists every model of a sweep, and a model that fails never stops the others.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext, redirect_stdout
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from byol.core.checkpoint import atomic_write_bytes
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError
 from byol.core.features import representation_taps
-from byol.jobs.build import requested_processes
-from byol.jobs.cli import quiet_lightning
+from byol.jobs.build import planned_world, requested_processes
+from byol.jobs.cli import launched_rank, quiet_lightning
 from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.datasets import load_eval_data
 from byol.jobs.pretrained import (
@@ -32,7 +34,7 @@ from byol.jobs.pretrained import (
     read_run_config,
     run_config_fields,
 )
-from byol.jobs.protocols import UNTRAINED, checked_protocol, run_protocol
+from byol.jobs.protocols import UNTRAINED, checked_protocol, run_protocol, uses_trainer
 from byol.jobs.run_folder import (
     CONFIG_FILE,
     FAILED,
@@ -92,13 +94,42 @@ def refuse_training_settings(given: Sequence[str]) -> None:
             raise ConfigError(f"{key} does not apply to evaluation; use {NOT_FOR_EVALUATION[key]}")
 
 
-def refuse_several_processes(trainer: Mapping) -> None:
-    """Evaluation runs in one process: under DDP every rank would run the whole job again and write
-    the same results (evaluation metrics are not gathered across ranks)."""
-    if "ddp" in str(trainer.get("strategy") or "") or requested_processes(trainer) > 1:
-        raise ConfigError("evaluate.py runs in one process on one device; trainer=ddp, trainer.devices > 1 and "
-                          "trainer.num_nodes > 1 are for pretraining. Evaluate with trainer=default (a run "
-                          "pretrained on several devices evaluates like any other)")
+# Strategies that start their processes themselves and hand the results back: the job's data and
+# results live in the process that started it, so evaluate.py refuses them (trainer=ddp does the job).
+SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
+
+
+def check_processes(settings: Mapping) -> None:
+    """Several processes only through the DDP strategy that re-runs the command (``trainer=ddp``), and
+    with a global ``eval.batch_size`` they can share evenly."""
+    trainer = settings["trainer"]
+    strategy = str(trainer.get("strategy") or "")
+    if any(word in strategy for word in SPAWNING_STRATEGIES):
+        raise ConfigError(f"evaluate.py runs several processes with trainer=ddp (trainer.strategy=ddp), not "
+                          f"trainer.strategy={strategy}")
+    if requested_processes(trainer) > 1 and "ddp" not in strategy:
+        raise ConfigError("several devices (trainer.devices / trainer.num_nodes) need the DDP strategy: add "
+                          "trainer=ddp")
+    world, batch = planned_world(trainer), settings["eval"].get("batch_size")
+    if uses_trainer(settings["eval"]) and batch and int(batch) % world:
+        raise ConfigError(f"eval.batch_size={batch} is the global batch, shared by {world} processes: choose a "
+                          f"multiple of {world}")
+
+
+def takes_part(settings: Mapping) -> bool:
+    """Whether this process runs the job. Under DDP fine-tuning and the augmented linear protocol run on
+    every process, each on its share of every split, with the metrics summed over all of them; rank 0
+    alone prints and writes. kNN, the cached linear probe and embed train nothing through Lightning:
+    rank 0 runs them alone on one device (one line says so), and other ranks a launcher started
+    have nothing to do."""
+    world = planned_world(settings["trainer"])
+    if uses_trainer(settings["eval"]) or world == 1:
+        return True
+    if launched_rank() == 0:
+        print(f"[eval] note: eval={settings['eval']['name']} trains nothing through Lightning, so it runs in "
+              f"this process alone, on one device ({world} processes were asked for): every split is scored "
+              f"whole here", flush=True)
+    return launched_rank() == 0
 
 
 def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[dict]:
@@ -113,13 +144,17 @@ def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[di
     missing`` and its reason, so the report lists it; it does not fail the evaluation. A run that did
     not finish its epochs is evaluated and marked ``pretrain_status: incomplete``.
     """
-    with quiet_lightning():
+    # under DDP the other processes print nothing (their errors still reach stderr): rank 0 speaks for all
+    with quiet_lightning(), (open(os.devnull, "w") if launched_rank() else nullcontext()) as silent, \
+            redirect_stdout(silent) if silent else nullcontext():
         return _evaluate(cfg, Path(run_dir), requested)
 
 
 def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
     refuse_training_settings(requested)
     settings = _start_job(cfg, run_dir)
+    if not takes_part(settings):
+        return []
     targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
     data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
     evaluate_one = partial(_evaluate_on_its_data, settings=settings, data=data)
@@ -182,9 +217,10 @@ def _start_job(cfg, run_dir: Path) -> dict:
 
     settings = plain_config(cfg)
     check_config(settings, "the command line")
-    refuse_several_processes(settings["trainer"])
+    check_processes(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
+    if launched_rank() == 0:
+        OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
     protocol = checked_protocol(settings["eval"])
     representation_taps(settings["repr"]["name"], settings["repr"].get("taps") or [])
     if protocol not in UNTRAINED and int(settings["eval"]["epochs"]) < 1:
@@ -238,7 +274,10 @@ def _print_failure(result: dict) -> dict:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    """Written atomically: the report never reads half a results.json of a killed job."""
+    """Written atomically: the report never reads half a results.json of a killed job. Under DDP by
+    rank 0 alone (every rank holds the same, gathered, results)."""
+    if launched_rank() != 0:
+        return
     atomic_write_bytes((json.dumps(obj, indent=2, default=str) + "\n").encode(), path)
 
 

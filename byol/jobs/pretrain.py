@@ -29,7 +29,8 @@ from byol.jobs.build import (
     loss_mode,
     make_loggers,
     optimizer_factory,
-    requested_processes,
+    planned_world,
+    sync_batchnorm_where_possible,
 )
 from byol.jobs.cli import command_arg, launched_rank, quiet_lightning, resume_hint
 from byol.jobs.config_check import check_config, check_file_config, plain_config
@@ -142,25 +143,9 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
                               steps_per_epoch)
     # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
     trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}
-    if trainer.get("sync_batchnorm") and not on_gpu(trainer):
-        trainer["sync_batchnorm"] = False  # torch's DDP refuses SyncBatchNorm on CPU processes
-        if launched_rank() == 0:
-            print("[byol] note: trainer.sync_batchnorm needs GPUs; on CPU each process keeps its own BatchNorm "
-                  "statistics (rank 0's buffers are broadcast every step)", flush=True)
+    trainer = sync_batchnorm_where_possible(trainer, "[byol]")
     return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
-
-
-def planned_world(trainer_cfg: dict) -> int:
-    """The number of processes a DDP config asks for (devices x nodes; 1 when ``devices`` is not a count
-    or a list), known before the trainer starts them: for the steps of an epoch."""
-    return requested_processes(trainer_cfg) if "ddp" in str(trainer_cfg.get("strategy") or "") else 1
-
-
-def on_gpu(trainer_cfg: dict) -> bool:
-    """Whether the trainer will run on CUDA devices (``accelerator`` gpu/cuda, or auto with CUDA present)."""
-    accelerator = str(trainer_cfg.get("accelerator") or "auto")
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:

@@ -27,10 +27,11 @@ from byol.core.features import autocast_dtype, extract_features, feature_dim, re
 from byol.core.knn import knn_accuracy
 from byol.core.linear_probe import MakeOptimizer, train_linear_probe
 from byol.core.optim import build_optimizer, build_schedule
-from byol.jobs.build import build_trainer, make_loggers
+from byol.jobs.build import build_trainer, make_loggers, planned_world, sync_batchnorm_where_possible
 from byol.jobs.embedding import check_embed_settings, embed_test_set
 from byol.jobs.pretrained import EncoderSource
 from byol.lightning.classifier import ClassifierModule
+from byol.lightning.data_module import SplitsDataModule
 
 PROTOCOLS = ("linear", "finetune", "knn", "embed")
 UNTRAINED = ("knn", "embed")  # protocols that train nothing: no eval.epochs
@@ -46,6 +47,14 @@ def checked_protocol(eval_cfg: Mapping) -> str:
     if eval_cfg["name"] == "embed":
         check_embed_settings(eval_cfg)
     return eval_cfg["name"]
+
+
+def uses_trainer(eval_cfg: Mapping) -> bool:
+    """Whether the protocol trains through a Lightning Trainer (and so runs on every DDP process):
+    fine-tuning and the augmented linear protocol. kNN, the cached linear probe and embed run in one
+    process: extracting features once and fitting a small classifier on them is seconds of work."""
+    return eval_cfg["name"] == "finetune" or (eval_cfg["name"] == "linear" and
+                                              not eval_cfg.get("cached_features", True))
 
 
 def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, out_dir: Path) -> dict:
@@ -177,18 +186,26 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
         encoder_lr=float(eval_cfg["encoder_lr"]) if finetune else None,
         weight_decay=float(eval_cfg.get("weight_decay", 0.0)), seed=cfg["seed"],
         channels_last=cfg.get("channels_last", True))
-    trainer_cfg = {k: v for k, v in cfg["trainer"].items() if k != "max_epochs"}
+    trainer_cfg = sync_batchnorm_where_possible({k: v for k, v in cfg["trainer"].items() if k != "max_epochs"},
+                                                "[eval]")
     trainer: pl.Trainer = build_trainer(trainer_cfg, max_epochs=int(eval_cfg["epochs"]), logger=loggers,
                                         callbacks=[], default_root_dir=str(out_dir), enable_checkpointing=False)
-    device = trainer.strategy.root_device
-    batch = min(int(eval_cfg["batch_size"]), len(splits["train"]))
-    train_batches = IndexBatches(splits["train"], batch, seed=cfg["seed"]).to(device)
-    val_batches = IndexBatches(splits["val"], batch, shuffle=False, drop_last=False).to(device)
-    test_batches = IndexBatches(splits["test"], batch, shuffle=False, drop_last=False).to(device)
+    batches = SplitsDataModule(*_protocol_batches(eval_cfg, splits, cfg["seed"], planned_world(trainer_cfg)))
     with warnings.catch_warnings():  # the frozen encoder is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
-    val_acc = float(trainer.callback_metrics["val/acc"])
-    (test,) = trainer.test(module, dataloaders=test_batches, verbose=False)
+        trainer.fit(module, datamodule=batches)
+    val_acc, val_images = (float(trainer.callback_metrics[f"val/{key}"]) for key in ("acc", "images"))
+    (test,) = trainer.test(module, datamodule=batches, verbose=False)
     _finish_loggers(loggers)
-    return {"val_acc": val_acc, "test_acc": float(test["test/acc"]), "cached_features": False}
+    return {"val_acc": val_acc, "test_acc": float(test["test/acc"]), "cached_features": False,
+            "val_images": int(val_images), "test_images": int(test["test/images"]),
+            "processes": trainer.world_size}
+
+
+def _protocol_batches(eval_cfg: Mapping, splits, seed: int, world: int) -> tuple[IndexBatches, ...]:
+    """Train / val / test batches of ``eval.batch_size`` images: the global batch, which the processes of
+    a DDP evaluation share (so the protocol is the same on any number of devices)."""
+    batch = min(int(eval_cfg["batch_size"]), len(splits["train"]) // world * world)  # a multiple of world
+    return (IndexBatches(splits["train"], batch, seed=seed),
+            IndexBatches(splits["val"], batch, shuffle=False, drop_last=False),
+            IndexBatches(splits["test"], batch, shuffle=False, drop_last=False))

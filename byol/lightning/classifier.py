@@ -12,9 +12,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric, SumMetric
 
 from byol.core.augment import CROP_ONLY, Normalize, ViewAugment
 from byol.core.backbone import Encoder
+from byol.core.data import NOT_COUNTED
 from byol.core.features import concat_features, feature_dim
 from byol.core.linear_probe import MakeOptimizer
 from byol.core.optim import param_groups
@@ -32,6 +34,10 @@ class ClassifierModule(pl.LightningModule):
     ``make_optimizer(param_groups, total_steps, steps_per_epoch)`` returns the optimizer and its
     per-step scheduler; each group carries its ``lr`` and ``weight_decay`` (none on biases and
     normalisation parameters).
+
+    Validation and test accuracy are torchmetrics that count correct predictions and images over
+    every batch, and under DDP over every rank, so a split is scored as one process would score it;
+    images labelled -1 (the padding of a rank's last batch) are not counted.
     """
 
     def __init__(self, encoder: Encoder, taps: Sequence[str], num_classes: int, mean: Sequence[float],
@@ -52,6 +58,9 @@ class ClassifierModule(pl.LightningModule):
         self.normalize = Normalize(mean, std)
         self.augment = ViewAugment([CROP_ONLY], mean, std)
         self._generator = None
+        # per split: the accuracy (a mean over the counted images) and how many images it counted
+        self.accuracy = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        self.counted = nn.ModuleDict({split: SumMetric() for split in ("val", "test")})
         self.encoder.requires_grad_(finetune)
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
@@ -85,16 +94,22 @@ class ClassifierModule(pl.LightningModule):
         logits = self(view)
         loss = F.cross_entropy(logits, labels)
         n = images.shape[0]
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        # under DDP: the mean over the ranks (all of them train on batches of the same size)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=n,
+                 sync_dist=True)
         self.log("train/acc", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True,
-                 batch_size=n)
+                 batch_size=n, sync_dist=True)
         return loss
 
     def _eval_step(self, batch, split: str):
         images, labels = batch
         x = self.normalize(images).contiguous(memory_format=torch.channels_last)
-        acc = (self(x).argmax(1) == labels).float().mean()
-        self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        counted = labels != NOT_COUNTED
+        correct = (self(x).argmax(1) == labels)[counted].float()
+        self.accuracy[split].update(correct)
+        self.counted[split].update(counted.sum())
+        self.log(f"{split}/acc", self.accuracy[split], on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/images", self.counted[split], on_step=False, on_epoch=True)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")

@@ -32,3 +32,31 @@ class TensorDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         return self.batches
+
+
+class SplitsDataModule(pl.LightningDataModule):
+    """An evaluation protocol's train / val / test batches, moved to the device and, under DDP, each
+    split shared among the processes (``IndexBatches.shard``): ``batch_size`` is the protocol's global
+    batch, divided among the ranks; training shards are disjoint, and val / test shards are padded so
+    that every image is scored once, whatever the number of processes."""
+
+    def __init__(self, train: IndexBatches, val: IndexBatches, test: IndexBatches):
+        super().__init__()
+        self.splits = {"train": train, "val": val, "test": test}
+
+    def setup(self, stage: str) -> None:
+        if getattr(self, "_placed", False):  # fit, then test: once
+            return
+        self._placed = True
+        for batches in self.splits.values():
+            batches.shard(self.trainer.global_rank, self.trainer.world_size, split_batch=True)
+            batches.to(self.trainer.strategy.root_device)
+
+    def train_dataloader(self):
+        return self.splits["train"]
+
+    def val_dataloader(self):
+        return self.splits["val"]
+
+    def test_dataloader(self):
+        return self.splits["test"]
