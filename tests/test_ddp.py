@@ -308,3 +308,32 @@ def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_glob
     local_rank1 = torch.load(tmp_path / "ddp_local_rank1.pt", weights_only=True)
     local_losses = [(a + b) / 2 for a, b in zip(local["losses"], local_rank1["losses"], strict=True)]
     assert local_losses[0] != pytest.approx(one["losses"][0], rel=1e-3)  # per-process statistics: another loss
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_by_torchrun_train_one_run(tmp_path):
+    """The README's several-node command on one machine: two torchrun launches, node ranks 0 and 1, one
+    process each (trainer.num_nodes=2): one run on the global batch, written by the first node alone."""
+    run, port = tmp_path / "run", free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "train.py", *DDP_CPU[:2], "trainer.devices=1", "trainer.num_nodes=2",
+                               "trainer.accelerator=cpu", "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-2000:] + err[-2000:] for out, err in outputs)
+    first, second = (out for out, _ in outputs)
+    assert "batch 32 per process x 2 processes (global batch 64)" in first
+    assert first.count("[byol] done:") == 1 and "[byol] done:" not in second
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 128 // 64  # the 128 images shared by the two nodes: 2 global batches
+    assert checkpoint["lr_schedulers"][0]["base_lrs"][0] == pytest.approx(1.0 * 64 / 256)
