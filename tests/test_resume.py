@@ -346,3 +346,26 @@ def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
     assert_same_training_state(run_dir, reference)
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [  # the source run is left alone
         "epoch0001.ckpt", "epoch0002.ckpt", "epoch0003.ckpt", "last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_early_on_a_longer_schedule_ends_where_the_longer_run_is_at_that_epoch(tmp_path_factory):
+    """schedule_epochs (experiment=cpu: 25 epochs of a 40-epoch schedule): 2 epochs of the 3-epoch
+    schedule end bit for bit in the 3-epoch run's state after its 2nd epoch (weights, target, optimizer,
+    learning-rate schedule), and tau and the learning rate were those of the longer run at every step."""
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("early") / "run"
+    result = train(*EXACT, "trainer.max_epochs=2", f"schedule_epochs={EPOCHS}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"2 epochs (of a {EPOCHS}-epoch learning-rate and tau schedule)" in result.stdout
+    got = safe_load(run_dir / "checkpoints" / "last.ckpt")
+    want = safe_load(reference / "checkpoints" / "epoch0002.ckpt")
+    assert got["global_step"] == want["global_step"] == 2 * STEPS_PER_EPOCH
+    different = [k for k, v in want["state_dict"].items() if not torch.equal(got["state_dict"][k], v)]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert got["lr_schedulers"] == want["lr_schedulers"]
+    early, full = metric_rows(run_dir), metric_rows(reference)
+    steps = [key for key in early if key[1] in ("step", "lr")]  # per-step rows: loss, tau, learning rate
+    assert len(steps) >= 2 * STEPS_PER_EPOCH and all(early[key] == full[key] for key in steps)
+    tau = [float(early[key]["train/tau"]) for key in steps if "train/tau" in early[key]]
+    assert tau and tau[-1] < 0.999  # the 2-epoch run's own cosine would have ended at 1

@@ -63,6 +63,7 @@ POSITIVE_INT = (
     "checkpoint.every_n_epochs", "checkpoint.last_every_n_steps", "checkpoint.keep_last", "eval.epochs",
     "eval.batch_size", "eval.cached_batch_size", "eval.k", "eval.chunk_size", "feature_batch_size",
     "monitor.every_n_epochs", "monitor.bank_size", "monitor.query_size", "monitor.k", "monitor.batch_size",
+    "schedule_epochs",
 )
 NON_NEGATIVE = ("optim.weight_decay", "eval.weight_decay", "optim.scheduler.warmup_epochs",
                 "eval.scheduler.warmup_epochs", "split.val_size", "monitor.val_size", "trainer.gradient_clip_val")

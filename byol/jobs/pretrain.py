@@ -125,7 +125,7 @@ def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModul
     return BYOLModule(model, build_augment(config), make_optimizer, tau_base=config["ema"]["tau_base"],
                       tau_schedule=config["ema"]["tau_schedule"], seed=config["seed"],
                       skip_nonfinite=config["train"]["on_nonfinite"] == "skip", run_config=config,
-                      checkpoint_path=checkpoint_path)
+                      checkpoint_path=checkpoint_path, schedule_epochs=config.get("schedule_epochs"))
 
 
 def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int) -> pl.Trainer:
@@ -202,10 +202,11 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
         return
     backbone, trainer_cfg = config["backbone"], config["trainer"]
     width = f" x{backbone['width']:g} width" if backbone.get("width", 1) != 1 else ""
-    batch = config["data"]["batch_size"]
+    batch, epochs, horizon = config["data"]["batch_size"], trainer_cfg["max_epochs"], config.get("schedule_epochs")
+    of_schedule = f" (of a {horizon}-epoch learning-rate and tau schedule)" if horizon and horizon > epochs else ""
     print(f"[byol] pretraining {backbone['name']}{width} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
           f"{len(batches.data)} images, batch {batch}{processes(trainer, batch)}, "
-          f"{trainer_cfg['max_epochs']} epochs, on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
+          f"{epochs} epochs{of_schedule}, on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
           flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)
     if start.checkpoint is not None:

@@ -33,14 +33,18 @@ class BYOLModule(pl.LightningModule):
         tau_base, tau_schedule: the EMA coefficient and its schedule (:func:`byol.core.ema.tau_at`).
         seed: augmentation randomness is a function of (seed, epoch, batch): exact on resume.
         skip_nonfinite: skip a step whose loss is NaN/inf instead of stopping.
+        schedule_epochs: the epochs the learning-rate and tau schedules span, when more than the run's
+            (:meth:`schedule_steps`).
         run_config: stored in every checkpoint so the run can be rebuilt from it; never read here.
         checkpoint_path: where ``last.ckpt`` is written, named in the non-finite error.
     """
 
     def __init__(self, model: BYOL, augment: ViewAugment, make_optimizer: OptimizerFactory, *,
                  tau_base: float, tau_schedule: str, seed: int, skip_nonfinite: bool = False,
-                 run_config: dict | None = None, checkpoint_path: Path | None = None):
+                 run_config: dict | None = None, checkpoint_path: Path | None = None,
+                 schedule_epochs: int | None = None):
         super().__init__()
+        self.schedule_epochs = schedule_epochs
         self.model, self.augment, self.make_optimizer = model, augment, make_optimizer
         self.tau_base, self.tau_schedule, self.seed = tau_base, tau_schedule, int(seed)
         self.skip_nonfinite, self.run_config = skip_nonfinite, run_config or {}
@@ -129,7 +133,19 @@ class BYOLModule(pl.LightningModule):
 
     def current_tau(self, step: int | None = None) -> float:
         step = self.global_step if step is None else step
-        return tau_at(step, self.trainer.estimated_stepping_batches - 1, self.tau_base, self.tau_schedule)
+        return tau_at(step, self.schedule_steps() - 1, self.tau_base, self.tau_schedule)
+
+    def schedule_epochs_and_steps(self) -> tuple[int, int]:
+        """The epochs and optimizer steps the learning-rate and tau schedules span: the run's, or
+        ``schedule_epochs``' worth when that is longer (the run then stops part-way along them, exactly
+        where the longer run is at that epoch)."""
+        total, epochs = int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs or 1)
+        if self.schedule_epochs and self.schedule_epochs > epochs:
+            return self.schedule_epochs, total // epochs * self.schedule_epochs
+        return epochs, total
+
+    def schedule_steps(self) -> int:
+        return self.schedule_epochs_and_steps()[1]
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
@@ -166,10 +182,9 @@ class BYOLModule(pl.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         modules = [self.model.online_encoder, self.model.online_projectors, self.model.predictors]
-        total = int(self.trainer.estimated_stepping_batches)
+        epochs, total = self.schedule_epochs_and_steps()
         # the global batch (learning-rate scaling) counts every process: devices x nodes
-        optimizer, scheduler = self.make_optimizer(modules, total, int(self.trainer.max_epochs or 1),
-                                                   int(self.trainer.world_size))
+        optimizer, scheduler = self.make_optimizer(modules, total, epochs, int(self.trainer.world_size))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints
