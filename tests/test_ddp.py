@@ -27,10 +27,16 @@ from byol.lightning.pretrain_module import BYOLModule
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def epoch_indices(n: int, batch: int, rank: int, world: int, epoch: int = 0) -> list[list[int]]:
+def numbered(n: int):
+    """n tiny images, image i holding the value i and labelled i % 10."""
     data = make_synthetic(n, size=4)
-    data.images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()  # image i holds i
-    batches = IndexBatches(data, batch, seed=5).shard(rank, world)
+    data.images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()
+    data.labels = torch.arange(n) % 10
+    return data
+
+
+def epoch_indices(n: int, batch: int, rank: int, world: int, epoch: int = 0) -> list[list[int]]:
+    batches = IndexBatches(numbered(n), batch, seed=5).shard(rank, world)
     batches.progress = lambda: (epoch, 0)
     return [images[:, 0, 0, 0].tolist() for images, _ in batches]
 
@@ -201,10 +207,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
 
 
 def eval_shards(n: int, batch: int, world: int) -> list[list[tuple[int, int]]]:
-    """(image, label) of every rank's evaluation batches, image i holding i and labelled i % 10."""
-    data = make_synthetic(n, size=4)
-    data.images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()
-    data.labels = torch.arange(n) % 10
+    """(image, label) of every rank's evaluation batches of :func:`numbered` images."""
+    data = numbered(n)
     ranks = []
     for rank in range(world):
         batches = IndexBatches(data, batch, shuffle=False, drop_last=False).shard(rank, world, split_batch=True)

@@ -78,7 +78,7 @@ def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, o
         return {**embed_test_set(encoder, taps, splits["test"], num_classes, cfg, device, out_dir, model.label,
                                  _describe(model)), **info}
     loggers = make_loggers(cfg.get("logger"), out_dir)
-    if protocol == "knn" or (protocol == "linear" and eval_cfg.get("cached_features", True)):
+    if not uses_trainer(eval_cfg):  # knn, or the linear probe on cached features
         dtype = autocast_dtype(cfg["trainer"].get("precision", "32-true"))
         start = time.perf_counter()
         encoder.to(device)

@@ -43,9 +43,10 @@ class SplitsDataModule(pl.LightningDataModule):
     def __init__(self, train: IndexBatches, val: IndexBatches, test: IndexBatches):
         super().__init__()
         self.splits = {"train": train, "val": val, "test": test}
+        self._placed = False
 
     def setup(self, stage: str) -> None:
-        if getattr(self, "_placed", False):  # fit, then test: once
+        if self._placed:  # fit, then test: once
             return
         self._placed = True
         for batches in self.splits.values():
