@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT
+from omegaconf import OmegaConf
 from test_resume import saved_step, wait_for_step
 
 from byol.core.data import IndexBatches, make_synthetic
@@ -272,6 +273,9 @@ def test_evaluation_sweep_on_two_processes_scores_every_image_once_in_one_sweep_
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multirun" / "eval").iterdir()  # one sweep folder, not one per process
+    record = OmegaConf.load(sweep / "multirun.yaml")  # rank 0's, not the second process's re-run of the sweep
+    assert list(record.hydra.overrides.task) == ["preset=smoke", f"pretrained={run}", "eval=knn,finetune", *DDP_CPU[1:]]
+    assert record.hydra.job.name == "evaluate"
     knn, finetune = (json.loads(next(sweep.glob(f"{job}_eval={name},*/results.json")).read_text())
                      for job, name in ((0, "knn"), (1, "finetune")))
     sizes = finetune["split_sizes"]

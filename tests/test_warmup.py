@@ -63,3 +63,19 @@ def test_a_capped_constant_schedule_warms_up_then_holds(capsys):
     rates = learning_rates(optim, total_steps=40, epochs=2)  # 100 configured steps, 4 used
     assert rates == pytest.approx([0.1, 0.2, 0.3, 0.4] + [0.4] * 36)
     assert capsys.readouterr().out.count("[byol] optim.scheduler.warmup_epochs=5 (100 steps)") == 1
+
+
+
+def test_schedule_epochs_stretch_an_epoch_bounded_run_and_leave_a_step_bounded_one_alone():
+    from byol.lightning.pretrain_module import schedule_span
+    # experiment=cpu: 30 epochs of 196 steps on a 40-epoch schedule
+    assert schedule_span(30 * 196, 30, 196, 40) == (40, 40 * 196)
+    assert schedule_span(30 * 196, 30, 196, None) == (30, 30 * 196)
+    assert schedule_span(30 * 196, 30, 196, 30) == (30, 30 * 196)  # not longer: the run's own
+    assert schedule_span(30 * 196, 30, 196, 20) == (30, 30 * 196)
+    # trainer.max_steps cuts the run short: the schedule still spans 40 whole epochs
+    assert schedule_span(100, 30, 196, 40) == (40, 40 * 196)
+    # max_epochs=-1 (a run of max_steps alone, as benchmarks/throughput.py runs it): its own 20 steps,
+    # never a negative count
+    assert schedule_span(20, -1, 196, 40) == (1, 20)
+    assert schedule_span(20, None, 196, None) == (1, 20)

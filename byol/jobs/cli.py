@@ -179,7 +179,8 @@ def run_job(fn, cfg, *args, **kwargs):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    if multirun and launched_rank() == 0 and _planned_world(cfg) > 1:  # the processes it starts join its sweep
+    ddp_sweep = multirun and launched_rank() == 0 and _planned_world(cfg) > 1
+    if ddp_sweep:  # the processes it starts join its sweep
         os.environ[SWEEP_DIR_ENV] = str(Path(hc.sweep.dir).resolve())
     if launched_rank() != 0:  # another DDP process of rank 0's run: rank 0 holds the folder and its log
         try:
@@ -191,7 +192,8 @@ def run_job(fn, cfg, *args, **kwargs):
             sys.exit(e.exit_code)
     try:
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
-                console_copied_to(run_dir / f"{hc.job.name}.log"):
+                console_copied_to(run_dir / f"{hc.job.name}.log"), \
+                sweep_record_kept(Path(hc.sweep.dir) / "multirun.yaml" if ddp_sweep else None):
             (run_dir / FAILED).unlink(missing_ok=True)  # a job re-run in the same folder starts clean
             overrides = " ".join(hc.overrides.task) or "none (the defaults)"
             print(f"[{hc.job.name}] overrides: {overrides}", flush=True)
@@ -226,6 +228,18 @@ def _planned_world(cfg) -> int:
     from byol.jobs.build import planned_world
 
     return planned_world(cfg.get("trainer") or {})
+
+
+@contextmanager
+def sweep_record_kept(record: Path | None):
+    """Keep rank 0's ``multirun.yaml`` through a job: the processes Lightning starts re-run the sweep,
+    and their sweeper saves its own copy (with Lightning's extra ``hydra.*`` overrides) over it."""
+    kept = record.read_bytes() if record is not None and record.is_file() else None
+    try:
+        yield
+    finally:
+        if kept is not None and (not record.is_file() or record.read_bytes() != kept):
+            record.write_bytes(kept)
 
 
 class _CopyTo:

@@ -6,6 +6,7 @@ those objects already built and connects them to Lightning's loop, logs and chec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -136,13 +137,12 @@ class BYOLModule(pl.LightningModule):
         return tau_at(step, self.schedule_steps() - 1, self.tau_base, self.tau_schedule)
 
     def schedule_epochs_and_steps(self) -> tuple[int, int]:
-        """The epochs and optimizer steps the learning-rate and tau schedules span: the run's, or
-        ``schedule_epochs``' worth when that is longer (the run then stops part-way along them, exactly
-        where the longer run is at that epoch)."""
-        total, epochs = int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs or 1)
-        if self.schedule_epochs and self.schedule_epochs > epochs:
-            return self.schedule_epochs, total // epochs * self.schedule_epochs
-        return epochs, total
+        """The epochs and optimizer steps the learning-rate and tau schedules span (:func:`schedule_span`)."""
+        trainer = self.trainer
+        run_steps = int(trainer.estimated_stepping_batches)  # first: it sets up the data, which counts the batches
+        batches = trainer.num_training_batches  # inf when max_steps alone bounds the run: no epochs then
+        epoch_steps = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else run_steps
+        return schedule_span(run_steps, trainer.max_epochs, epoch_steps, self.schedule_epochs)
 
     def schedule_steps(self) -> int:
         return self.schedule_epochs_and_steps()[1]
@@ -213,3 +213,17 @@ class BYOLModule(pl.LightningModule):
             set_rng_state(checkpoint["rng"])
         self.last_saved_step = checkpoint.get("global_step")
         self._epoch_sums = checkpoint.get("epoch_loss_sums") or {}
+
+
+def schedule_span(run_steps: int, max_epochs: int | None, epoch_steps: int,
+                  schedule_epochs: int | None) -> tuple[int, int]:
+    """(epochs, optimizer steps) that the learning-rate and tau schedules span: the run's own, or
+    ``schedule_epochs`` x ``epoch_steps`` when that is more epochs than ``max_epochs`` (the run then
+    stops part-way along them, exactly where the longer run is at that epoch). A run bounded by
+    ``trainer.max_steps`` alone (``max_epochs`` -1 or None) spans its ``run_steps``: it counts no epochs.
+    """
+    if max_epochs is None or max_epochs < 1:
+        return 1, run_steps
+    if schedule_epochs and schedule_epochs > max_epochs:
+        return schedule_epochs, epoch_steps * schedule_epochs
+    return max_epochs, run_steps
