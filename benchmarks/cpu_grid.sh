@@ -11,6 +11,8 @@
 # Environment (defaults): DATA (/tmp/cifar10, laid out as DATA/{train,test}/<class>/*.jpg),
 # EPOCHS (5, pretraining epochs; empty: experiment=cpu's 30), SEEDS (0,1,2), FT_EPOCHS (1), SUBSET (empty:
 # all 50,000 training images), OUT (outputs/cpu_grid), PYTHON (python), EXTRA (more train.py overrides).
+# The README's table was made when experiment=cpu ran ResNet-18 at width 0.5; to make it again:
+#   EXTRA=backbone.width=0.5 bash benchmarks/cpu_grid.sh
 # A quick check of the script itself (about 4 minutes on 2 cores):
 #   SUBSET=512 EPOCHS=1 SEEDS=0 FT_EPOCHS=1 OUT=/tmp/cpu_grid_check bash benchmarks/cpu_grid.sh
 set -euo pipefail

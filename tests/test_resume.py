@@ -350,7 +350,7 @@ def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_run_stopped_early_on_a_longer_schedule_ends_where_the_longer_run_is_at_that_epoch(tmp_path_factory):
-    """schedule_epochs (experiment=cpu: 30 epochs of a 40-epoch schedule): 2 epochs of the 3-epoch
+    """schedule_epochs (experiment=cpu: 25 epochs of a 40-epoch schedule): 2 epochs of the 3-epoch
     schedule end bit for bit in the 3-epoch run's state after its 2nd epoch (weights, target, optimizer,
     learning-rate schedule), and tau and the learning rate were those of the longer run at every step."""
     reference = reference_run(tmp_path_factory)

@@ -68,7 +68,7 @@ def test_a_capped_constant_schedule_warms_up_then_holds(capsys):
 
 def test_schedule_epochs_stretch_an_epoch_bounded_run_and_leave_a_step_bounded_one_alone():
     from byol.lightning.pretrain_module import schedule_span
-    # experiment=cpu: 30 epochs of 196 steps on a 40-epoch schedule
+    # 30 epochs of 196 steps on a 40-epoch schedule (experiment=cpu trains 25 of 40)
     assert schedule_span(30 * 196, 30, 196, 40) == (40, 40 * 196)
     assert schedule_span(30 * 196, 30, 196, None) == (30, 30 * 196)
     assert schedule_span(30 * 196, 30, 196, 30) == (30, 30 * 196)  # not longer: the run's own
