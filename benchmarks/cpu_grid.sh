@@ -9,7 +9,7 @@
 # Evaluation reads each run's own data settings (folder, image size, normalisation).
 #
 # Environment (defaults): DATA (/tmp/cifar10, laid out as DATA/{train,test}/<class>/*.jpg),
-# EPOCHS (5, pretraining epochs; empty: experiment=cpu's 30), SEEDS (0,1,2), FT_EPOCHS (1), SUBSET (empty:
+# EPOCHS (5, pretraining epochs; empty: experiment=cpu's 25), SEEDS (0,1,2), FT_EPOCHS (1), SUBSET (empty:
 # all 50,000 training images), OUT (outputs/cpu_grid), PYTHON (python), EXTRA (more train.py overrides).
 # The README's table was made when experiment=cpu ran ResNet-18 at width 0.5; to make it again:
 #   EXTRA=backbone.width=0.5 bash benchmarks/cpu_grid.sh
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DATA=${DATA:-/tmp/cifar10}
-EPOCHS=${EPOCHS-5}  # the README table's budget; empty (EPOCHS=): experiment=cpu's 30 of 40 (~38 min a run)
+EPOCHS=${EPOCHS-5}  # the README table's budget; empty (EPOCHS=): experiment=cpu's 25 of 40 (18-27 min a run)
 SEEDS=${SEEDS:-0,1,2}
 FT_EPOCHS=${FT_EPOCHS:-1}
 SUBSET=${SUBSET:-}
