@@ -503,9 +503,11 @@ def parse_args(argv=None):
 
 
 def quiet_libraries() -> None:
+    from byol.jobs.cli import QUIET_WARNINGS  # what train.py silences, e.g. ours_ddp's world-size-1 sync_dist notes
+
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*"):
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", *QUIET_WARNINGS):
         warnings.filterwarnings("ignore", pattern)
 
 

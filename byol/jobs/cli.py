@@ -35,8 +35,10 @@ QUIET_WARNINGS = (
     r"You.re resuming from a checkpoint that ended before",  # IndexBatches resumes mid-epoch itself
     r"Experiment logs directory .* exists and is not empty",  # metrics.csv beside config.yaml, on purpose
     r"Found \d+ module\(s\) in eval mode",  # a frozen encoder evaluates in eval mode on purpose
-    # DDP: rank 0 alone scores kNN, and the probes' accuracy is counted on the gathered global batch
-    r"It is recommended to use `self.log\('monitor/(knn|probe)",
+    # DDP: rank 0 alone scores kNN, and the probes' accuracy is counted on the gathered global batch;
+    # the train/* epoch means are logged with sync_dist=True; Lightning warns anyway under DDP at world size 1
+    # (benchmarks/throughput.py's ours_ddp peer)
+    r"It is recommended to use `self.log\('(monitor/(knn|probe)|train/)",
     r"torch.distributed.nn.functional.all_gather is deprecated",  # inside Lightning's all_gather (torch >= 2.10)
 )
 LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
