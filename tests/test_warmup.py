@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from byol.jobs.build import optimizer_factory, warmup_steps
+from byol.lightning.pretrain_module import schedule_span
 
 SGD = {"name": "sgd", "base_lr": 0.4, "scale_lr_with_batch": False, "weight_decay": 0.0,
        "optimizer": {"momentum": 0.9}, "scheduler": {"name": "warmup_cosine", "warmup_epochs": 10}}
@@ -65,9 +66,7 @@ def test_a_capped_constant_schedule_warms_up_then_holds(capsys):
     assert capsys.readouterr().out.count("[byol] optim.scheduler.warmup_epochs=5 (100 steps)") == 1
 
 
-
 def test_schedule_epochs_stretch_an_epoch_bounded_run_and_leave_a_step_bounded_one_alone():
-    from byol.lightning.pretrain_module import schedule_span
     # 30 epochs of 196 steps on a 40-epoch schedule (experiment=cpu trains 25 of 40)
     assert schedule_span(30 * 196, 30, 196, 40) == (40, 40 * 196)
     assert schedule_span(30 * 196, 30, 196, None) == (30, 30 * 196)
