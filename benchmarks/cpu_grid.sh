@@ -9,8 +9,10 @@
 # Evaluation reads each run's own data settings (folder, image size, normalisation).
 #
 # Environment (defaults): DATA (/tmp/cifar10, laid out as DATA/{train,test}/<class>/*.jpg),
-# EPOCHS (5, pretraining epochs; empty: experiment=cpu's 25), SEEDS (0,1,2), FT_EPOCHS (1), SUBSET (empty:
-# all 50,000 training images), OUT (outputs/cpu_grid), PYTHON (python), EXTRA (more train.py overrides).
+# EPOCHS (5, pretraining epochs; empty: experiment=cpu's 25), SCHEDULE_EPOCHS (empty: the learning rate
+# decays over the EPOCHS run; 40: over experiment=cpu's 40-epoch schedule, cut at EPOCHS), SEEDS (0,1,2),
+# FT_EPOCHS (1), SUBSET (empty: all 50,000 training images), OUT (outputs/cpu_grid), PYTHON (python),
+# EXTRA (more train.py overrides).
 # The README's table was made when experiment=cpu ran ResNet-18 at width 0.5; to make it again:
 #   EXTRA=backbone.width=0.5 bash benchmarks/cpu_grid.sh
 # A quick check of the script itself (about 4 minutes on 2 cores):
@@ -26,7 +28,8 @@ FT_EPOCHS=${FT_EPOCHS:-1}
 SUBSET=${SUBSET:-}
 OUT=${OUT:-outputs/cpu_grid}
 TRAIN_ARGS=(experiment=cpu data=imagefolder "data.root=$DATA")
-[[ -n "$EPOCHS" ]] && TRAIN_ARGS+=("trainer.max_epochs=$EPOCHS" "schedule_epochs=null")  # the schedule spans EPOCHS
+SCHEDULE_EPOCHS=${SCHEDULE_EPOCHS:-null}
+[[ -n "$EPOCHS" ]] && TRAIN_ARGS+=("trainer.max_epochs=$EPOCHS" "schedule_epochs=$SCHEDULE_EPOCHS")  # null: spans EPOCHS
 [[ -n "$SUBSET" ]] && TRAIN_ARGS+=("data.subset=$SUBSET")
 # shellcheck disable=SC2206
 [[ -n "${EXTRA:-}" ]] && TRAIN_ARGS+=($EXTRA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,12 @@ CONF_DIR = ROOT / "conf"
 # Tiny tensors on a small shared machine: one intra-op thread is ~10x faster than two threads
 # competing with other jobs (measured: 0.25 s vs 2-5 s for a ResNet-18 step at batch 4).
 torch.set_num_threads(1)
+
+
+def epochs_reported(stdout: str) -> list[int]:
+    """The epochs a training run reports finishing (its ``[byol] epoch N/M`` lines): a resumed run must
+    list only those after its checkpoint, which tells a real resume from a silent restart at step 0."""
+    return [int(n) for n in re.findall(r"^\[byol\] epoch (\d+)/", stdout, flags=re.MULTILINE)]
 
 
 def compose_config(config_name: str, overrides=(), output_dir: str | Path = "/tmp/byol-tests") -> DictConfig:

@@ -37,6 +37,7 @@ def main(out: Path) -> None:
     module.model.feature_taps = all_taps(representations)
     probes = OnlineProbes(representations, module.model.online_encoder.dims, num_classes=10, seed=0)
     record = Record(probes)
+    target_start = module.model.target_encoder.body.conv1.weight.detach().clone()
     trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=3, precision="32-true",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[probes, record])
@@ -46,6 +47,7 @@ def main(out: Path) -> None:
                 "batches": len(datamodule.batches), "first_batch": record.first_batch,
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
                 "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+                "target_start": target_start,
                 "probes": {name: p.detach().clone() for name, p in probes.heads.state_dict().items()},
                 "probe_seen": record.probe_seen},
                out / f"rank{trainer.global_rank}.pt")

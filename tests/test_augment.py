@@ -21,6 +21,7 @@ from byol.core.augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
+    apply_view,
     crop_and_flip,
     gaussian_blur,
     sample_view_params,
@@ -155,6 +156,15 @@ def test_jitter_factors_are_uniform_around_identity(default_views, name, strengt
     assert abs(jittered.mean().item() - identity) < 5 * se
 
 
+def test_a_jitter_stronger_than_one_keeps_factors_non_negative():
+    """ColorJitter(brightness=1.5) draws from U(0, 2.5), not U(-0.5, 2.5): the lower end is clamped at 0."""
+    p = sample_view_params(N, ViewConfig(jitter_p=1.0, brightness=1.5), torch.Generator().manual_seed(10), "cpu")
+    factors = p["brightness"]
+    assert factors.min() >= 0.0 and factors.min() < 0.01 and factors.max() > 2.49 and factors.max() <= 2.5
+    se = 2.5 / math.sqrt(12 * N)
+    assert abs(factors.mean().item() - 1.25) < 5 * se  # the centre of [0, 2.5], not the identity 1
+
+
 def test_colour_op_order_is_a_uniform_random_permutation(default_views):
     order = sample_view_params(N, default_views[0], torch.Generator().manual_seed(9), "cpu")["order"]
     assert torch.equal(order.sort(dim=1).values, torch.arange(4).expand(N, 4))
@@ -242,6 +252,31 @@ def test_full_crop_without_flip_is_identity_and_flip_mirrors():
     no, yes = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
     torch.testing.assert_close(crop_and_flip(x, full, no, 16), x, rtol=0, atol=1e-5)
     torch.testing.assert_close(crop_and_flip(x, full, yes, 16), x.flip(-1), rtol=0, atol=1e-5)
+    mixed = crop_and_flip(x, full, torch.tensor([True, False, True]), 16)  # each image its own flip
+    torch.testing.assert_close(mixed, torch.stack([x[0].flip(-1), x[1], x[2].flip(-1)]), rtol=0, atol=1e-5)
+
+
+def test_apply_view_greys_blurs_and_solarizes_only_the_images_drawn_for_it():
+    """The per-image masks inside a whole view, against torchvision image by image: grayscale, blur
+    (kernel about a tenth of the side, odd: 5 at 40 pixels; each image its own sigma), solarize."""
+    n, size = 4, 40
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(21))
+    cfg = ViewConfig(jitter_p=0.0, grayscale_p=0.5, blur_p=0.5, solarize_p=0.5)
+    params = {"crop": torch.tensor([[1.0, 1.0, 0.5, 0.5]]).expand(n, 4), "flip": torch.zeros(n, dtype=torch.bool),
+              "grayscale": torch.tensor([True, False, True, False]),
+              "blur": torch.tensor([True, True, False, False]), "sigma": torch.tensor([0.6, 1.7, 1.0, 1.0]),
+              "solarize": torch.tensor([False, True, True, False])}
+    out = apply_view(x, params, cfg, size)
+    for i in range(n):
+        expected = x[i]
+        if params["grayscale"][i]:
+            expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+        if params["blur"][i]:
+            expected = TF.gaussian_blur(expected, [5, 5], [float(params["sigma"][i])] * 2)
+        near_threshold = (expected - 0.5).abs() < 1e-3  # the full crop is exact to 1e-5 only
+        if params["solarize"][i]:
+            expected = TF.solarize(expected, 0.5)
+        torch.testing.assert_close(out[i][~near_threshold], expected[~near_threshold], rtol=0, atol=1e-4)
 
 
 def test_crop_geometry_selects_the_right_pixels():

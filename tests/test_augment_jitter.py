@@ -1,8 +1,12 @@
 """The batched colour jitter equals torchvision's ops applied image by image in each image's order."""
 
+import functools
+
+import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+import byol.core.augment as augment
 from byol.core.augment import ViewConfig, color_jitter, sample_view_params
 
 TORCHVISION_OPS = {
@@ -14,7 +18,11 @@ TORCHVISION_OPS = {
 NAMES = ("brightness", "contrast", "saturation", "hue")
 
 
-def test_color_jitter_matches_per_image_torchvision_in_random_order():
+@pytest.mark.parametrize("subset", [True, False], ids=["cpu-hue-on-the-chosen-images", "gpu-hue-where"])
+def test_color_jitter_matches_per_image_torchvision_in_random_order(subset, monkeypatch):
+    """Both ways of hue-rotating the chosen images: the CPU's (only those converted) and the one
+    accelerators take (the whole batch converted, then selected), both run here on the CPU."""
+    monkeypatch.setattr(augment, "_hue_where", functools.partial(augment._hue_where, subset=subset))
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(48, 3, 12, 12, generator=gen)
     params = sample_view_params(48, ViewConfig(jitter_p=0.8), gen, "cpu")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, epochs_reported
 from omegaconf import OmegaConf
 from test_resume import saved_step, wait_for_step
 
@@ -116,7 +116,8 @@ def test_two_processes_hold_identical_weights(tmp_path):
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name  # online (all-reduced) and target (EMA on each rank)
     online, target = r0["params"]["online_encoder.body.conv1.weight"], r0["params"]["target_encoder.body.conv1.weight"]
-    assert not torch.equal(online, target)  # the target moved by EMA, not a copy
+    assert not torch.equal(online, target)  # the target is not a copy of the online network ...
+    assert not torch.equal(target, r0["target_start"])  # ... and it moved from its start by EMA
     # the online probes train on the gathered global batch: one probe, the same on both ranks, that saw
     # the 64 images of each global batch (2 steps per epoch), and that moved from its (seeded) start
     assert r0["probe_seen"] == r1["probe_seen"] == [64, 128, 64]
@@ -158,6 +159,7 @@ def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(t
     result = train_ddp("checkpoint.keep_last=2", f"resume={whole / 'checkpoints' / 'epoch0001.ckpt'}",
                        f"hydra.run.dir={resumed}")
     assert "step 2 (the end of epoch 1)" in result.stdout and "changed settings" not in result.stdout
+    assert epochs_reported(result.stdout) == [2]  # rank 0 reports the one epoch left, trained once
     a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
             for run in (whole, resumed))
     assert a["global_step"] == b["global_step"] == 4

@@ -64,6 +64,23 @@ def test_representation_taps():
         representation_taps("concat", [])
 
 
+
+def test_features_are_the_eval_mode_encoder_on_normalised_images_taps_in_order():
+    """extract_features against the encoder called by hand: uint8 / 255, minus each channel's mean, over
+    its std, eval mode, taps concatenated in the order asked for (batches of 3 across 7 images)."""
+    encoder = tiny_encoder()
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    taps = ["layer3.0", "avgpool", "layer2.0"]
+    got = extract_features(encoder, images, taps, mean, std, batch_size=3)
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        by_tap = encoder.eval()(x, taps=taps)
+    expected = torch.cat([by_tap[t] for t in taps], dim=1)
+    assert got.shape == (7, 1024 + 512 + 2048)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,expected", [("resnet18", (512, 2048, 1024)), ("resnet50", (2048, 8192, 4096))])
 @pytest.mark.parametrize("stem", ["cifar", "imagenet"])
 def test_combined_dimension_is_sum_of_taps_and_classifier_follows(name, expected, stem):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, epochs_reported
 from omegaconf import OmegaConf
 
 from byol.core.checkpoint import load_encoder, safe_load
@@ -38,13 +38,15 @@ def legacy_run(tmp_path):
     return run
 
 
-def test_an_old_checkpoint_resumes_and_evaluates(tmp_path):
+def test_an_old_checkpoint_resumes_and_evaluates(tmp_path, capsys):
     run = legacy_run(tmp_path)
+    capsys.readouterr()
     old = read_pretrained(run / "checkpoints" / "last.ckpt")
     assert (old.loss, old.backbone["stem"], old.epochs, old.planned_epochs) == ("classic", "imagenet", 1, 2)
     export = pretrain(compose_config("train", [f"resume={run}"], run), run, requested=[])
     done = safe_load(run / "checkpoints" / "last.ckpt")
-    assert done["global_step"] == 8  # 2 epochs of 4 steps: the second one was trained
+    assert done["global_step"] == 8  # 2 epochs of 4 steps: the second one was trained ...
+    assert epochs_reported(capsys.readouterr().out) == [2]  # ... and only the second
     saved = done["byol_config"]
     assert "_target_" not in json.dumps(saved) and saved["optim"]["scheduler"]["name"] == "warmup_cosine"
     assert saved["augment"]["view2"]["solarize_p"] == 0.2 and len(saved["augment"]["view1"]) == 14

@@ -160,12 +160,17 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation(smoke_config, monke
 
     def counting_update(model, tau):
         online_now = [p.detach().clone() for p in model.online_encoder.parameters()][:3]
+        target_before = [p.detach().clone() for p in model.target_encoder.parameters()][:3]
         calls.append((tau, online_now))
         original(model, tau)
+        for t, before, online in zip(list(model.target_encoder.parameters())[:3], target_before, online_now,
+                                     strict=True):
+            torch.testing.assert_close(t, tau * before + (1 - tau) * online)
 
     monkeypatch.setattr(BYOL, "update_target", counting_update)
     torch.manual_seed(0)
     module = build_module(cfg)
+    initial = [p.detach().clone() for p in module.model.online_encoder.parameters()][:3]
     trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=2, accelerator="cpu", devices=1,
                          precision="32-true", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -175,8 +180,8 @@ def test_ema_runs_once_per_optimizer_step_under_accumulation(smoke_config, monke
     base = cfg["ema"]["tau_base"]
     assert [tau for tau, _ in calls] == pytest.approx([cosine_tau(k, 2, base) for k in range(3)], abs=1e-12)
     assert calls[0][0] == base and calls[-1][0] == 1.0
-    # each EMA call sees online weights changed by a new optimizer step
-    for (_, before), (_, after) in zip(calls, calls[1:], strict=False):
+    # each EMA call sees online weights changed by a new optimizer step, the first one included (after, not before it)
+    for (_, before), (_, after) in zip([(None, initial), *calls], calls, strict=False):
         assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 

@@ -116,16 +116,26 @@ def test_views_pass_separately_in_train_mode():
 
 
 def test_update_target_moves_target_towards_online():
+    """Encoder and projectors, weights and float buffers: target = tau x target + (1 - tau) x online."""
     model = tiny_multi()
     with torch.no_grad():
-        for p in model.online_projectors.parameters():
+        for p in [*model.online_encoder.parameters(), *model.online_projectors.parameters()]:
             p.add_(1.0)
-    t_before = {k: v.clone() for k, v in model.target_projectors.state_dict().items()}
+        for b in [*model.online_encoder.buffers(), *model.online_projectors.buffers()]:
+            if b.is_floating_point():
+                b.add_(0.5)  # BatchNorm running statistics follow the EMA too
+    pairs = {"encoder": (model.target_encoder, model.online_encoder),
+             "projectors": (model.target_projectors, model.online_projectors)}
+    before = {name: {k: v.clone() for k, v in target.state_dict().items()} for name, (target, _) in pairs.items()}
     model.update_target(0.75)
-    online = model.online_projectors.state_dict()
-    for k, v in model.target_projectors.state_dict().items():
-        if v.is_floating_point():
-            torch.testing.assert_close(v, 0.75 * t_before[k] + 0.25 * online[k])
+    for name, (target, online) in pairs.items():
+        online_state = online.state_dict()
+        for k, v in target.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, 0.75 * before[name][k] + 0.25 * online_state[k], msg=f"{name} {k}")
+                assert not torch.equal(v, before[name][k]), f"{name} {k} did not move"
+            else:  # BatchNorm's batch counter: copied
+                assert torch.equal(v, online_state[k])
 
 
 def test_heads_must_be_encoder_taps():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, signal_when
+from conftest import ROOT, compose_config, epochs_reported, signal_when
 from omegaconf import OmegaConf
 
 from byol.core.checkpoint import TEMP_SUFFIX, safe_load
@@ -112,6 +112,25 @@ def metric_rows(run_dir: Path) -> dict[tuple[str, str], dict]:
 
 
 # --------------------------------------------------------------------------- unit tests
+
+
+def test_global_rng_states_come_back_from_a_checkpoint_file(tmp_path):
+    """torch, Python and NumPy streams saved with rng_state, written and read as a checkpoint is
+    (weights_only), restored with set_rng_state: the same draws as straight after saving."""
+    import numpy as np
+
+    from byol.core.rng import rng_state, set_rng_state
+
+    def draws():
+        return torch.rand(5).tolist(), [random.random() for _ in range(5)], np.random.rand(5).tolist()
+
+    torch.manual_seed(3), random.seed(4), np.random.seed(5)
+    draws()  # somewhere along each stream, not at a seed
+    torch.save({"rng": rng_state()}, tmp_path / "state.ckpt")
+    expected = draws()
+    draws()  # move every stream on
+    set_rng_state(safe_load(tmp_path / "state.ckpt")["rng"])
+    assert draws() == expected
 
 
 SAVED = {"seed": 0, "backbone": {"name": "resnet18", "stem": "imagenet", "grids": {"layer2.0": 4}},
@@ -343,6 +362,7 @@ def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
     result = train(f"resume={reference}/checkpoints/epoch0001.ckpt", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {reference}/checkpoints/epoch0001.ckpt: {describe_step(4, 4)}" in result.stdout
+    assert epochs_reported(result.stdout) == [2, 3]  # it trained the rest, not the whole run again
     assert_same_training_state(run_dir, reference)
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [  # the source run is left alone
         "epoch0001.ckpt", "epoch0002.ckpt", "epoch0003.ckpt", "last.ckpt"]

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config, signal_when
+from conftest import compose_config, epochs_reported, signal_when
 from test_resume import (
+    EPOCHS,
     EXACT,
     STEPS_PER_EPOCH,
     assert_same_training_state,
@@ -254,6 +255,10 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path_factory, sig):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {last}: {describe_step(step, STEPS_PER_EPOCH)}" in resumed.stdout
     assert "changed settings" not in resumed.stdout
+    # it trained from its step on, not from 0: no epoch that ended before the step is reported again (one
+    # that ended at the step itself may be, as its epoch-end work may not have run when the signal came)
+    reported = epochs_reported(resumed.stdout)
+    assert reported == list(range(reported[0], EPOCHS + 1)) and reported[0] > (step - 1) // STEPS_PER_EPOCH
     assert_same_training_state(run_dir, reference)
 
 

@@ -180,14 +180,15 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")  # index = op id in params["order"]
 
 
-def _hue_where(x: torch.Tensor, shift: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+def _hue_where(x: torch.Tensor, shift: torch.Tensor, chosen: torch.Tensor,
+               subset: bool | None = None) -> torch.Tensor:
     """Hue-rotate only the chosen images.
 
     On the CPU dynamic shapes cost nothing, so only the chosen quarter of the batch is
-    converted; on accelerators the whole batch is converted and selected with a ``where``,
-    which avoids the host synchronisation that a data-dependent shape would force.
+    converted (``subset``, the default there); on accelerators the whole batch is converted and
+    selected with a ``where``, which avoids the host synchronisation that a data-dependent shape would force.
     """
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" if subset is None else subset:
         idx = chosen.nonzero().squeeze(1)
         if idx.numel() == 0:
             return x
