@@ -65,6 +65,9 @@ PANELS = (  # (title, metric prefix, y label, as percent)
 )
 
 
+MARKERS = {"avgpool": "o", "combined": "s"}  # the intermediate blocks: "^"; an overlay tells them apart by it
+
+
 def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True) -> None:
     """``runs``: (label, series, line style) for each run; one panel per entry of :data:`PANELS`.
     ``taps=False`` leaves out the curves of single intermediate blocks (``layer2.0``...): an overlay of
@@ -80,8 +83,10 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True) -> No
                     continue
                 xs, ys = zip(*points, strict=True)
                 ys = [100 * y for y in ys] if percent else ys
+                # markers on every point of a short run, on about 15 of a long one's
                 ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style,
-                        marker="o" if len(xs) < 30 else None, markersize=3)  # a short run's points show
+                        marker=MARKERS.get(name, "^" if name.startswith("layer") else "o"),
+                        markevery=max(1, len(xs) // 15), markersize=3.5)
                 drawn = True
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
@@ -139,7 +144,8 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
              for loss, seed, folder in sorted(runs)]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     _draw(axes, drawn, taps=False)
-    fig.suptitle(f"{title}; avgpool and combined (each run's own curves.png has every block)", fontsize=11)
+    fig.suptitle(f"{title}, marker: representation (circle avgpool, square combined; each run's own "
+                 f"curves.png has every block)", fontsize=11)
     _save(fig, Path(path))
     plt.close(fig)
     return Path(path)
