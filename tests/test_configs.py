@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationToMissingValueError
 from torch import nn
 
 from byol.core.optim import OPTIMIZERS, build_optimizer, build_schedule, param_groups
-from byol.jobs.build import LOGGERS, build_trainer, loss_mode, make_loggers
+from byol.jobs.build import LOGGERS, build_trainer, loss_mode, make_loggers, progress_bar_on
 from byol.jobs.config_check import check_config
 
 PRIMARY = [name for name in ("train", "evaluate") if (CONF_DIR / f"{name}.yaml").is_file()]
@@ -103,6 +103,35 @@ def test_trainer_builds(tmp_path, option):
     assert isinstance(trainer, pl.Trainer)
     assert trainer.max_epochs == 3
     assert trainer.accumulate_grad_batches == cfg["trainer"]["accumulate_grad_batches"]
+
+
+class _Console:
+    def __init__(self, terminal: bool):
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_by_default_only_in_a_terminal(tmp_path, monkeypatch, terminal):
+    """trainer.enable_progress_bar null (the default) draws the bar in a terminal and leaves log files, SLURM
+    output and pipes free of it; true and false are kept as given."""
+    monkeypatch.setattr("sys.stderr", _Console(terminal))
+    cfg = plain_config(compose_config("train", ["trainer.max_epochs=1"], tmp_path))
+    assert cfg["trainer"]["enable_progress_bar"] is None
+    trainer = build_trainer(cfg["trainer"], logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    assert (trainer.progress_bar_callback is not None) == terminal
+    assert progress_bar_on(None) == terminal and progress_bar_on(True) and not progress_bar_on(False)
+    forced = build_trainer({**cfg["trainer"], "enable_progress_bar": True}, logger=False, enable_checkpointing=False,
+                           default_root_dir=str(tmp_path))
+    assert forced.progress_bar_callback is not None
 
 
 @pytest.mark.parametrize("option", options("logger"))

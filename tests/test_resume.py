@@ -157,6 +157,17 @@ def test_bare_resume_keeps_the_runs_own_config():
     assert cfg == {**SAVED, "resume": "RUN"}
 
 
+def test_showing_a_progress_bar_or_not_is_no_change_to_the_run():
+    """A run started with the bar on, continued where output goes to a file (the default null): still an
+    exact continuation, in the run's own config or in the one composed now."""
+    saved = {**SAVED, "trainer": {**SAVED["trainer"], "enable_progress_bar": True}}
+    now = composed(trainer__max_epochs=2, trainer__enable_progress_bar=None)
+    for requested in ([], [""], None):
+        _, changed = resume_config(saved, {**now, "backbone": saved["backbone"], "head": saved["head"],
+                                           "data": saved["data"]}, requested=requested)
+        assert not [c for c in changed if "enable_progress_bar" in c], requested
+
+
 def test_resume_applies_only_requested_settings():
     cfg, changed = resume_config(SAVED, composed(trainer__max_epochs=5, optim__base_lr=0.5),
                                  requested=["trainer.max_epochs"])

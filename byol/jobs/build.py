@@ -7,6 +7,7 @@ a checkpoint someone else wrote (:mod:`byol.jobs.config_check`).
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -119,6 +120,12 @@ def sync_batchnorm_where_possible(trainer_cfg: Mapping, tag: str) -> dict:
     return trainer
 
 
+def progress_bar_on(setting) -> bool:
+    """``trainer.enable_progress_bar``; null (the default): on when the console is a terminal, off when the
+    output goes to a file (a sweep's log, SLURM's output, a pipe), which a redrawn bar would fill."""
+    return bool(setting) if setting is not None else sys.stderr.isatty()
+
+
 def build_trainer(trainer_cfg: Mapping, **fixed):
     """``pytorch_lightning.Trainer`` from plain arguments; ``fixed`` (logger, callbacks...) from the job."""
     import pytorch_lightning as pl
@@ -128,6 +135,8 @@ def build_trainer(trainer_cfg: Mapping, **fixed):
         if key in TRAINER_RESERVED or key not in trainer_parameters():
             raise ConfigError(f"trainer.{key} is not a Trainer argument this project passes on")
         kwargs[key] = value
+    if "enable_progress_bar" in kwargs:
+        kwargs["enable_progress_bar"] = progress_bar_on(kwargs["enable_progress_bar"])
     kwargs.update(fixed)
     return pl.Trainer(**kwargs)
 

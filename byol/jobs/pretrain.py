@@ -30,6 +30,7 @@ from byol.jobs.build import (
     make_loggers,
     optimizer_factory,
     planned_world,
+    progress_bar_on,
     sync_batchnorm_where_possible,
 )
 from byol.jobs.cli import command_arg, launched_rank, quiet_lightning, resume_hint
@@ -139,7 +140,7 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
     knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
     callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(knn),
                  EpochHook(lambda: write_curves(run_dir))]
-    callbacks += progress_bar(trainer.get("enable_progress_bar", True), trainer.get("log_every_n_steps"),
+    callbacks += progress_bar(progress_bar_on(trainer.get("enable_progress_bar")), trainer.get("log_every_n_steps"),
                               steps_per_epoch)
     # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
     trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}

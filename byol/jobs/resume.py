@@ -20,7 +20,7 @@ from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, raw_run_config
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.taps", "head")
 # Never compared between a checkpoint and the command line.
-IGNORED_KEYS = ("resume",)
+IGNORED_KEYS = ("resume", "trainer.enable_progress_bar")  # how a run is shown, not how it trains
 # Architecture settings added after checkpoints were written: the value those checkpoints were trained with.
 ADDED_KEYS = {"backbone.width": 1.0}
 
