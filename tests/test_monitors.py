@@ -14,6 +14,7 @@ from byol.jobs.curves import read_metrics
 from byol.jobs.evaluate import evaluate
 from byol.jobs.monitoring import representations
 from byol.jobs.pretrain import pretrain
+from byol.lightning.callbacks import EpochHook
 
 TINY = ["experiment=smoke", "trainer.precision=32-true", "data.num_train=64", "data.num_test=40",
         "data.batch_size=16", "trainer.max_epochs=2", "monitor.val_size=12"]
@@ -114,3 +115,35 @@ def test_the_epoch_line_shows_knn_only_for_the_epoch_it_ran_in():
     assert summary.knn_text(1) == (", kNN avgpool 41.2% combined 45.0% (3 s)", 3.0)
     assert summary.knn_text(2) == ("", 0.0)  # monitor.every_n_epochs > 1: no stale scores, no time taken off
     assert EpochSummary().knn_text(1) == ("", 0.0)
+
+
+def test_curves_are_redrawn_in_at_most_a_twentieth_of_the_time(monkeypatch):
+    """A 1 s redraw runs at most once per 20 s: every epoch of 40 s epochs, every 5th of 4 s epochs; never on
+    epoch 0 (nothing logged yet) nor on ranks other than 0; one failure stops the redraws, not the run."""
+    import types
+
+    import byol.lightning.callbacks as callbacks
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
+    for epoch_seconds, expected in ((40.0, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (4.0, [1, 6])):
+        calls, at = [], {"epoch": 0}
+
+        def draw(calls=calls, at=at):
+            calls.append(at["epoch"])
+            clock["now"] += 1.0  # the redraw's own second
+
+        hook = EpochHook(draw)
+        for epoch in range(10):
+            at["epoch"] = epoch
+            hook.on_train_epoch_start(types.SimpleNamespace(global_rank=0, current_epoch=epoch), None)
+            hook.on_train_epoch_start(types.SimpleNamespace(global_rank=1, current_epoch=epoch), None)
+            clock["now"] += epoch_seconds
+        assert calls == expected, epoch_seconds
+
+    def broken():
+        raise ValueError("no display")
+
+    hook = EpochHook(broken)
+    hook.on_train_epoch_start(types.SimpleNamespace(global_rank=0, current_epoch=1), None)
+    assert hook.failed

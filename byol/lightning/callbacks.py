@@ -273,14 +273,20 @@ class EpochSummary(pl.Callback):
 
 class EpochHook(pl.Callback):
     """Calls ``fn()`` once an epoch's metrics reached the loggers (at the next epoch's start; the job
-    calls it once more after training), e.g. to refresh the run's curves. A failure of ``fn`` is
+    calls it once more after training), e.g. to refresh the run's curves, in at most about ``share`` of
+    the run's time: after a call that took d seconds the next waits until d / share seconds have passed
+    (a 0.7 s plot: every epoch of 40 s CPU epochs, every 4th of 4 s GPU epochs). A failure of ``fn`` is
     reported once and never stops training."""
 
-    def __init__(self, fn):
-        self.fn, self.failed = fn, False
+    def __init__(self, fn, share: float = 0.05):
+        self.fn, self.failed, self.share = fn, False, share
+        self._next_call = float("-inf")  # time.monotonic() from which the next call may run
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.failed or trainer.global_rank != 0 or trainer.current_epoch == 0:
+            return
+        start = time.monotonic()
+        if start < self._next_call:
             return
         try:
             self.fn()
@@ -288,6 +294,7 @@ class EpochHook(pl.Callback):
             self.failed = True
             print(f"[byol] note: {type(e).__name__}: {e} (curves are not refreshed for the rest of this run)",
                   flush=True)
+        self._next_call = start + (time.monotonic() - start) / self.share
 
 
 def print_line(trainer, line: str) -> None:
