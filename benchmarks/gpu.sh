@@ -5,9 +5,13 @@
 #   1. installs hydra-core/omegaconf/antlr4 from the carried .whl/ folder (no network there),
 #   2. extracts the shared CIFAR-10 JPEGs,
 #   3. throughput of our training step (and the floor; lightly/byol-pytorch if importable) for the
-#      ResNet-18 CIFAR stem at batch 256 and 512: images/s, s/epoch, peak GPU memory,
-#   4. a BYOL pretraining for as many epochs as fit in PRETRAIN_S seconds at batch 512,
+#      ResNet-18 CIFAR stem at each of BATCHES (256 512; empty: none): images/s, s/epoch, peak GPU memory,
+#   4. a BYOL pretraining for as many epochs as fit in PRETRAIN_S seconds (EPOCHS: that many instead) at
+#      PRETRAIN_BATCH (the last of BATCHES, else 512), with TRAIN_EXTRA's overrides,
 #   5. the linear probe's test accuracy (evaluate.py; the benchmark part survives its failure).
+#   The GPU recipe's 100-epoch target (README: Results; about 9 minutes on an H200 at batch 512):
+#     OUT=$OUT WORK=outputs/gpu BATCHES= PRETRAIN_BATCH=512 EPOCHS=100 PRETRAIN_S=480 \
+#       TRAIN_EXTRA="experiment=cifar10 monitor=off" bash benchmarks/gpu.sh
 #
 # MODE=grid (the study's grid with the GPU recipe, budgeted at GRID_S = 540 s from the start):
 #   1.-3. as above (the throughput with experiment=cifar10, ours and the floor only unless PEERS),
@@ -25,7 +29,7 @@
 # only under $OUT: the way to test this script without a GPU.
 # Environment: MODE (single|grid), OUT (results folder), DATA (dataset root; default /tmp/cifar10,
 # extracted if missing), PYTHON (default python3), PRETRAIN_S (single: 240), BATCHES (default "256 512"),
-# PEERS, COMPILE=1, WORK (run folders); grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
+# PEERS, COMPILE=1, WORK (run folders); single: EPOCHS, PRETRAIN_BATCH, TRAIN_EXTRA; grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,6 +37,8 @@ REPO=$(pwd)
 PY=${PYTHON:-python3}
 SMOKE=${SMOKE:-0}
 MODE=${MODE:-single}
+FIXED_EPOCHS=${EPOCHS:-}  # single: pretrain this many epochs instead of what fits in PRETRAIN_S
+read -r -a TRAIN_EXTRA_ARGS <<<"${TRAIN_EXTRA:-}"
 case "$MODE" in single | grid) ;; *) echo "gpu.sh: MODE must be single or grid, not '$MODE'" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/byol-gpu-out}
 DATA=${DATA:-/tmp/cifar10}
@@ -60,7 +66,7 @@ if [ "$SMOKE" = 1 ]; then
   RESULTS="$OUT/RESULTS.md"  # never touch the repository's file in smoke mode
   [ -f "$RESULTS" ] || cp benchmarks/RESULTS.md "$RESULTS" 2>/dev/null || : >"$RESULTS"
 else
-  BATCHES=${BATCHES:-256 512}; PRETRAIN_S=${PRETRAIN_S:-240}; GRID_S=${GRID_S:-540}
+  BATCHES=${BATCHES-256 512}; PRETRAIN_S=${PRETRAIN_S:-240}; GRID_S=${GRID_S:-540}  # BATCHES= : no throughput
   if [ "$MODE" = grid ]; then STEPS=30; else STEPS=50; fi
   WARMUP=10; TINY=(); EVAL_TINY=(); GRID_TINY=(); BENCH_SET=()
   RESULTS="$REPO/benchmarks/RESULTS.md"
@@ -139,7 +145,9 @@ if [ "$MODE" = grid ]; then
 fi
 
 # ---------------------------------------------------------------- 4. pretraining
-LAST_B=${BATCHES##* }
+LAST_B=${PRETRAIN_BATCH:-${BATCHES##* }}
+LAST_B=${LAST_B:-512}
+if [ -n "$FIXED_EPOCHS" ]; then EPOCHS=$FIXED_EPOCHS; else
 EPOCHS=$("$PY" - "$OUT/bench_b$LAST_B.json" "$PRETRAIN_S" "$SMOKE" <<'EOF'
 import json, sys
 path, budget, smoke = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
@@ -154,6 +162,7 @@ else:  # ~30 s of start-up and data loading, 15% for checkpoints and epoch ends
     print(max(1, int((budget - 30) / (1.15 * n / ips))))
 EOF
 )
+fi
 WARM_EPOCHS=$(( EPOCHS >= 20 ? 10 : EPOCHS / 10 ))
 RUN="$WORK/pretrain"
 rm -rf "$RUN"
@@ -161,7 +170,7 @@ say "pretraining: $EPOCHS epochs (budget ${PRETRAIN_S}s) at batch $LAST_B -> $RU
 P0=$(date +%s)
 timeout $(( PRETRAIN_S + 120 )) "$PY" train.py data=imagefolder data.root="$DATA" data.batch_size="$LAST_B" \
   trainer.max_epochs="$EPOCHS" optim.scheduler.warmup_epochs="$WARM_EPOCHS" trainer.enable_progress_bar=false \
-  checkpoint.every_n_epochs=100000 hydra.run.dir="$RUN" "${COMPILE_SET[@]}" "${TINY[@]}"
+  checkpoint.every_n_epochs=100000 hydra.run.dir="$RUN" "${COMPILE_SET[@]}" "${TINY[@]}" "${TRAIN_EXTRA_ARGS[@]}"
 PRETRAIN_RC=$?
 PRETRAIN_WALL=$(( $(date +%s) - P0 ))
 say "pretraining exit $PRETRAIN_RC after ${PRETRAIN_WALL}s"
@@ -196,7 +205,7 @@ say "linear probe: $PROBE"
 {
   echo
   echo "Pretraining (\`python train.py data=imagefolder data.batch_size=$LAST_B trainer.max_epochs=$EPOCHS" \
-       "optim.scheduler.warmup_epochs=$WARM_EPOCHS ${TINY[*]} ${COMPILE_SET[*]}\`): exit $PRETRAIN_RC," \
+       "optim.scheduler.warmup_epochs=$WARM_EPOCHS ${TINY[*]} ${COMPILE_SET[*]} ${TRAIN_EXTRA_ARGS[*]}\`): exit $PRETRAIN_RC," \
        "$EPOCHS epochs in ${PRETRAIN_WALL} s wall (start-up, data loading and checkpoints included)."
   echo "Linear probe (\`python evaluate.py pretrained=RUN eval=linear data=imagefolder ${EVAL_TINY[*]}\`): $PROBE."
 } >>"$SECTION"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +114,10 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
 def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     data = write_folder(tmp_path / "data", splits=("train", "test"))
     out = tmp_path / "out"
+    # a fixed number of epochs with extra overrides: how the GPU recipe's 100-epoch target is run
     env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(tmp_path / "work"),
-               BATCHES="4", PEERS="ours,floor", HOME=str(tmp_path / "home"), PYTHON=sys.executable)
+               BATCHES="4", PEERS="ours,floor", HOME=str(tmp_path / "home"), PYTHON=sys.executable,
+               EPOCHS="2", TRAIN_EXTRA="monitor=off ema.tau_base=0.95")
     repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -123,8 +126,11 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     assert bench["cifar"]["ours"] > 0 and bench["cifar"]["floor"] > 0
     results = (out / "RESULTS.md").read_text()
     assert "SMOKE test (benchmarks/gpu.sh)" in results and "| cifar | ours |" in results
-    assert "exit 0, 1 epochs" in results  # the pretraining ran
+    assert "monitor=off ema.tau_base=0.95`): exit 0, 2 epochs" in results  # the pretraining ran, as asked
     assert (tmp_path / "work" / "pretrain" / "encoder.pt").exists()
+    config = yaml.safe_load((tmp_path / "work" / "pretrain" / "config.yaml").read_text())
+    assert config["trainer"]["max_epochs"] == 2 and config["monitor"]["enabled"] is False
+    assert config["ema"]["tau_base"] == 0.95
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == repo_results  # smoke runs leave it alone
 
 
