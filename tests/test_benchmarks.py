@@ -71,6 +71,20 @@ def test_missing_and_broken_peers_are_reported_not_raised(tmp_path, monkeypatch)
     assert tp.peer_missing("ours") is None and tp.peer_missing("floor") is None
 
 
+def test_augmentation_benchmark_prints_every_part_against_torchvision():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "augment.py"), "--batch-size", "4",
+                           "--size", "16", "--repeats", "1", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line[:24].strip(): line[24:].split() for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"draw the parameters", "crop + flip", "hue", "colour jitter (4 ops)", "whole view"}
+    for part, (ours, torchvision, ratio) in rows.items():
+        assert float(ours) > 0, part
+        if part != "draw the parameters":  # no torchvision counterpart: per-batch transforms draw one set
+            # the ratio of the unrounded times: equal to the printed ones' up to their rounding
+            assert float(ratio.removesuffix("x")) == pytest.approx(float(ours) / float(torchvision), rel=0.3), part
+
+
 def test_unknown_peer_is_refused():
     tp = load_throughput()
     with pytest.raises(SystemExit):

@@ -157,24 +157,23 @@ def adjust_saturation(x, f):
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image by ``shift`` (in turns, [-0.5, 0.5]) in HSV space."""
+    """Rotate the hue of each image by ``shift`` (in turns, [-0.5, 0.5]) in HSV space, as torchvision.
+
+    Written for few passes over the pixels (it is most of the augmentation's cost): the hue is kept in
+    sixths of a turn, and v x s is the max - min spread, so saturation is never formed.
+    """
     r, g, b = x.unbind(1)
     maxc, _ = x.max(dim=1)
     minc, _ = x.min(dim=1)
     delta = maxc - minc
-    sat = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    d = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(
-        maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d)
-    )
-    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    # HSV -> RGB: channel n takes v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    # hue in sixths: (g - b) / delta where red is the max, 2 + (b - r) / delta for green, 4 + (r - g) / delta
+    sector = torch.where(maxc == r, g - b, torch.where(maxc == g, 2 * delta + b - r, 4 * delta + r - g))
+    sixths = sector / torch.where(delta > 0, delta, torch.ones_like(delta)) + 6 * shift.view(-1, 1, 1)
+    # HSV -> RGB: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, and v s = delta
     n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
-    k = torch.remainder(n + 6.0 * hue.unsqueeze(1), 6.0)
+    k = torch.remainder(n + sixths.unsqueeze(1), 6.0)
     ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    v, s = maxc.unsqueeze(1), sat.unsqueeze(1)
-    return v - v * s * ramp
+    return maxc.unsqueeze(1) - delta.unsqueeze(1) * ramp
 
 
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")  # index = op id in params["order"]

@@ -1,0 +1,90 @@
+"""What per-image augmentation costs: our device augmentation (``byol.core.augment``, every image its own
+crop, colour order and factors) against torchvision's functional ops on the same batch tensor with one set
+of parameters for the whole batch (what applying torchvision's transforms to a batch does), in one run.
+
+Prints milliseconds per batch for each part and for a whole view, and ours / torchvision. The colour
+jitter's four ops run in each image's own order; torchvision's are timed in one fixed order.
+
+Usage: ``python benchmarks/augment.py [--batch-size 256] [--size 32] [--repeats 20] [--device cpu|cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from byol.core import augment as A
+
+
+def best_ms(fn, repeats: int, device: torch.device) -> float:
+    """The fastest of ``repeats`` calls, in ms (after one warm-up call): the figure least disturbed by load."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    n, size = args.batch_size, args.size
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(n, 3, size, size, generator=gen, device=device)
+    view = A.ViewConfig(crop_scale=(0.08, 1.0), jitter_p=0.8, grayscale_p=0.2, solarize_p=0.2)
+    params = A.sample_view_params(n, view, gen, device)
+    ours = {
+        "draw the parameters": lambda: A.sample_view_params(n, view, gen, device),
+        "crop + flip": lambda: A.crop_and_flip(x, params["crop"], params["flip"], size),
+        "hue": lambda: A.adjust_hue(x, params["hue"]),
+        "colour jitter (4 ops)": lambda: A.color_jitter(x, params),
+        "whole view": lambda: A.apply_view(x, params, view, size),
+    }
+
+    def torchvision_jitter(images):
+        images = TF.adjust_brightness(images, 1.2)
+        images = TF.adjust_contrast(images, 0.8)
+        images = TF.adjust_saturation(images, 1.1)
+        return TF.adjust_hue(images, 0.05)
+
+    def torchvision_view():
+        images = TF.resized_crop(x, 4, 4, size - 8, size - 8, [size, size], antialias=False)
+        images = TF.horizontal_flip(torchvision_jitter(images))
+        return TF.solarize(TF.rgb_to_grayscale(images, num_output_channels=3), 0.5)
+
+    theirs = {
+        "draw the parameters": None,
+        "crop + flip": lambda: TF.horizontal_flip(TF.resized_crop(x, 4, 4, size - 8, size - 8, [size, size],
+                                                                  antialias=False)),
+        "hue": lambda: TF.adjust_hue(x, 0.05),
+        "colour jitter (4 ops)": lambda: torchvision_jitter(x),
+        "whole view": torchvision_view,
+    }
+    threads = torch.get_num_threads()
+    print(f"[augment] {n} images of {size}x{size} on {device} ({platform.processor() or platform.machine()}, "
+          f"{threads} threads, torch {torch.__version__}); best of {args.repeats}, ms per batch")
+    print(f"{'part':24s} {'ours, per image':>16s} {'torchvision, per batch':>24s} {'ours / torchvision':>20s}")
+    for part, fn in ours.items():
+        mine = best_ms(fn, args.repeats, device)
+        other = best_ms(theirs[part], args.repeats, device) if theirs[part] else None
+        ratio = f"{mine / other:.2f}x" if other else "-"
+        print(f"{part:24s} {mine:16.2f} {other if other is not None else float('nan'):24.2f} {ratio:>20s}")
+
+
+if __name__ == "__main__":
+    main()
