@@ -159,7 +159,7 @@ def adjust_saturation(x, f):
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue of each image by ``shift`` (in turns, [-0.5, 0.5]) in HSV space, as torchvision.
 
-    Written for few passes over the pixels (it is most of the augmentation's cost): the hue is kept in
+    Written for few passes over the pixels (the costliest colour op here): the hue is kept in
     sixths of a turn, and v x s is the max - min spread, so saturation is never formed.
     """
     r, g, b = x.unbind(1)
