@@ -147,3 +147,25 @@ def test_curves_are_redrawn_in_at_most_a_twentieth_of_the_time(monkeypatch):
     hook = EpochHook(broken)
     hook.on_train_epoch_start(types.SimpleNamespace(global_rank=0, current_epoch=1), None)
     assert hook.failed
+
+
+def test_parameter_groups_on_one_schedule_draw_one_learning_rate_line():
+    """LARS's two groups (weights; biases and norms) follow one schedule: one line, not two on top of each
+    other; a group on another schedule keeps its line, and identical accuracies of two blocks keep theirs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from byol.jobs.curves import PANELS, _draw
+
+    rate = [(0.5, 0.1), (1.0, 0.05)]
+    series = {"lr-LARS/pg1": rate, "lr-LARS/pg2": list(rate), "lr-LARS/pg3": [(0.5, 0.2), (1.0, 0.1)],
+              "monitor/knn/layer2.0": [(1.0, 1.0)], "monitor/knn/layer3.0": [(1.0, 1.0)]}
+    fig, axes = plt.subplots(2, 3)
+    _draw(axes, [("", series, {})])
+    panels = {title: ax for ax, (title, *_) in zip(axes.flat, PANELS, strict=True)}
+    assert [line.get_label() for line in panels["learning rate"].get_lines()] == ["LARS/pg1", "LARS/pg3"]
+    knn = panels["online kNN accuracy (epoch 0: random init)"]
+    assert [line.get_label() for line in knn.get_lines()] == ["layer2.0", "layer3.0"]
+    plt.close(fig)

@@ -75,9 +75,14 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True) -> No
     for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
         drawn = False
         for label, series, style in runs:
+            rates = []  # a run's learning rates drawn so far: parameter groups on one schedule are drawn once
             for key, points in series.items():
                 if not key.startswith(prefix) or "_step" in key or key.endswith("seconds"):
                     continue
+                if prefix == "lr-":
+                    if points in rates:
+                        continue
+                    rates.append(points)
                 name = key[len(prefix):] or key
                 if not taps and name.startswith("layer"):
                     continue
