@@ -56,6 +56,9 @@ def main() -> None:
         "whole view": lambda: A.apply_view(x, params, view, size),
     }
 
+    def torchvision_crop_flip(images):
+        return TF.horizontal_flip(TF.resized_crop(images, 4, 4, size - 8, size - 8, [size, size], antialias=False))
+
     def torchvision_jitter(images):
         images = TF.adjust_brightness(images, 1.2)
         images = TF.adjust_contrast(images, 0.8)
@@ -63,14 +66,12 @@ def main() -> None:
         return TF.adjust_hue(images, 0.05)
 
     def torchvision_view():
-        images = TF.resized_crop(x, 4, 4, size - 8, size - 8, [size, size], antialias=False)
-        images = TF.horizontal_flip(torchvision_jitter(images))
+        images = torchvision_jitter(torchvision_crop_flip(x))
         return TF.solarize(TF.rgb_to_grayscale(images, num_output_channels=3), 0.5)
 
     theirs = {
         "draw the parameters": None,
-        "crop + flip": lambda: TF.horizontal_flip(TF.resized_crop(x, 4, 4, size - 8, size - 8, [size, size],
-                                                                  antialias=False)),
+        "crop + flip": lambda: torchvision_crop_flip(x),
         "hue": lambda: TF.adjust_hue(x, 0.05),
         "colour jitter (4 ops)": lambda: torchvision_jitter(x),
         "whole view": torchvision_view,

@@ -187,7 +187,9 @@ def _hue_where(x: torch.Tensor, shift: torch.Tensor, chosen: torch.Tensor,
     converted (``subset``, the default there); on accelerators the whole batch is converted and
     selected with a ``where``, which avoids the host synchronisation that a data-dependent shape would force.
     """
-    if x.device.type == "cpu" if subset is None else subset:
+    if subset is None:
+        subset = x.device.type == "cpu"
+    if subset:
         idx = chosen.nonzero().squeeze(1)
         if idx.numel() == 0:
             return x
