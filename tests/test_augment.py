@@ -287,3 +287,22 @@ def test_crop_geometry_selects_the_right_pixels():
     bottom_left = torch.tensor([[0.5, 0.5, 0.25, 0.75]])
     torch.testing.assert_close(crop_and_flip(x, top_right, no, 4), x[..., :4, 4:], rtol=0, atol=1e-5)
     torch.testing.assert_close(crop_and_flip(x, bottom_left, no, 4), x[..., 4:, :4], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- compiled views
+
+
+@pytest.mark.slow
+def test_compiled_views_equal_the_eager_ones(default_views):
+    """``compile=true`` compiles the view (fused kernels, the hue rotation by ``where`` instead of the
+    CPU's subset): same parameters from the same generator, same images up to float rounding."""
+    views = [*default_views, ViewConfig(blur_p=0.5, solarize_p=0.5)]  # every op of the view on
+    batch = random_image(16)
+    eager = ViewAugment(views, [0.5] * 3, [0.25] * 3)(batch, torch.Generator().manual_seed(8))
+    compiled_augment = ViewAugment(views, [0.5] * 3, [0.25] * 3, compile=True)
+    compiled = compiled_augment(batch, torch.Generator().manual_seed(8))
+    assert compiled_augment._view is not compiled_augment._one_view  # the compiled wrapper ran
+    for e, c in zip(eager, compiled, strict=True):
+        assert c.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(compiled[0], compiled[1])

@@ -187,8 +187,8 @@ def _hue_where(x: torch.Tensor, shift: torch.Tensor, chosen: torch.Tensor,
     converted (``subset``, the default there); on accelerators the whole batch is converted and
     selected with a ``where``, which avoids the host synchronisation that a data-dependent shape would force.
     """
-    if subset is None:
-        subset = x.device.type == "cpu"
+    if subset is None:  # a compiled graph fuses the where; a data-dependent shape would break it
+        subset = x.device.type == "cpu" and not torch.compiler.is_compiling()
     if subset:
         idx = chosen.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -276,14 +276,23 @@ class ViewAugment(torch.nn.Module):
     """Generates augmented, normalised views of a uint8 batch, one ``ViewConfig`` per view.
 
     Runs in float32 outside autocast (cheap next to the network) and returns channels_last
-    tensors ready for the encoder.
+    tensors ready for the encoder. ``compile``: ``torch.compile`` the view (not the sampling,
+    which reads the generator), fusing its few hundred small elementwise kernels into a few: on
+    an accelerator those launches, not the arithmetic, are the view's cost.
     """
 
-    def __init__(self, views: Sequence[ViewConfig], mean, std, size: int | None = None):
+    def __init__(self, views: Sequence[ViewConfig], mean, std, size: int | None = None,
+                 compile: bool = False):
         super().__init__()
         self.views = list(views)
         self.size = size
         self.normalize = Normalize(mean, std)
+        self._view = torch.compile(self._one_view, dynamic=False) if compile else self._one_view
+
+    def _one_view(self, x: torch.Tensor, params: dict[str, torch.Tensor], cfg: ViewConfig,
+                  size: int) -> torch.Tensor:
+        v = self.normalize(apply_view(x, params, cfg, size))
+        return v.contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
         with torch.autocast(images.device.type, enabled=False):
@@ -292,6 +301,5 @@ class ViewAugment(torch.nn.Module):
             out = []
             for cfg in self.views:
                 params = sample_view_params(x.shape[0], cfg, gen, x.device)
-                v = self.normalize(apply_view(x, params, cfg, size))
-                out.append(v.contiguous(memory_format=torch.channels_last))
+                out.append(self._view(x, params, cfg, size))
             return out

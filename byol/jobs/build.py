@@ -156,7 +156,7 @@ def build_augment(cfg: dict):
 
     data = cfg["data"]
     views = [ViewConfig.from_dict(view) for view in view_settings(cfg["augment"])]
-    return ViewAugment(views, data["mean"], data["std"], data.get("crop_size"))
+    return ViewAugment(views, data["mean"], data["std"], data.get("crop_size"), compile=bool(cfg.get("compile")))
 
 
 # The warm-up takes at most this fraction of a run's optimizer steps: a run shorter than its
