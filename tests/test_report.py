@@ -370,3 +370,71 @@ def test_results_json_with_test_acc_and_no_status_counts_as_finished(tmp_path):
     report([tmp_path], tmp_path / "out")
     assert rows_of((tmp_path / "out" / "results.md").read_text(), "classic")[0][3:7] == \
         ["25.00 ± 35.36", "20.00 ± 28.28", "2", "1"]
+
+
+# ----------------------------------------------------------------------------- paired by seed
+
+
+@pytest.fixture
+def seeded(tmp_path) -> Path:
+    """Three seeds of classic, multi and random init on avgpool/linear, the values chosen by hand."""
+    root = tmp_path / "seeded"
+    scores = {"classic": (0.50, 0.60, 0.70), "multi": (0.55, 0.62, 0.80), "random-init": (0.40, 0.42, 0.44)}
+    for loss, values in scores.items():
+        for seed, t in enumerate(values):
+            write(root, f"{loss}{seed}", loss, "avgpool", "linear", t, seed=seed,
+                  pretrain_epochs=0 if loss == "random-init" else 5)
+    return root
+
+
+def _pairs(folder: Path) -> dict:
+    from byol.jobs.report_paired import paired_comparisons
+
+    cells = build_cells(load_results(sorted(folder.rglob("results.json"))))
+    return {(p.a.loss, p.b.loss, p.a.repr, p.a.eval): p for p in paired_comparisons(cells)}
+
+
+def test_paired_differences_are_taken_seed_by_seed(seeded):
+    pairs = _pairs(seeded)
+    assert set(pairs) == {("multi", "classic", "avgpool", "linear"), ("classic", "random-init", "avgpool", "linear"),
+                          ("multi", "random-init", "avgpool", "linear")}
+    p = pairs[("multi", "classic", "avgpool", "linear")]
+    assert p.seeds == [0, 1, 2]
+    assert p.diffs == pytest.approx([0.05, 0.02, 0.10])
+    assert p.ahead == 3
+    # |0.6567 - 0.6| = 0.057 < std(multi) 0.129 + std(classic) 0.1: every seed ahead, but within the spread
+    assert not p.beyond_spread
+    q = pairs[("multi", "random-init", "avgpool", "linear")]
+    assert q.diffs == pytest.approx([0.15, 0.20, 0.36]) and q.beyond_spread  # 0.237 > 0.129 + 0.02
+
+
+def test_paired_rows_need_the_same_settings_and_two_shared_seeds(tmp_path):
+    root = tmp_path / "r"
+    for seed in (0, 1):
+        write(root, f"classic{seed}", "classic", "avgpool", "linear", 0.5 + seed / 10, seed=seed)
+        write(root, f"multi{seed}", "multi", "avgpool", "linear", 0.6, seed=seed, eval_epochs=50)  # other row
+        write(root, f"classicft{seed}", "classic", "avgpool", "finetune", 0.5, seed=seed)
+    write(root, "multift0", "multi", "avgpool", "finetune", 0.6, seed=0)  # one shared seed only
+    write(root, "multift2", "multi", "avgpool", "finetune", 0.6, seed=2)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1), ("d", 2)):  # seed 0 twice: which to pair? left out
+        write(root, f"multiknn_{name}", "multi", "avgpool", "knn", 0.6, seed=seed)
+        write(root, f"classicknn_{name}", "classic", "avgpool", "knn", 0.5, seed=seed)
+    pairs = _pairs(root)
+    assert list(pairs) == [("multi", "classic", "avgpool", "knn")]
+    assert pairs[("multi", "classic", "avgpool", "knn")].seeds == [1, 2]
+
+
+def test_report_writes_the_paired_section_and_csv(seeded, tmp_path, sweep):
+    out = tmp_path / "out"
+    report([seeded], out)
+    md = (out / "results.md").read_text()
+    assert "## Paired by seed" in md
+    assert "| avgpool | linear | multi − classic | +5.67 ± 4.04 | 3 of 3 | 65.67 ± 12.90 | 60.00 ± 10.00 | no |" in md
+    rows = list(csv.DictReader(open(out / "paired.csv")))
+    assert [(r["a"], r["b"], r["ahead"], r["beyond_spread"]) for r in rows] == [
+        ("multi", "classic", "3", "False"), ("classic", "random-init", "3", "True"),
+        ("multi", "random-init", "3", "True")]
+    assert rows[0]["seeds"] == "0 1 2" and rows[0]["diffs_pts"] == "5.0000 2.0000 10.0000"
+    report([sweep], tmp_path / "single")  # one seed per row: nothing to pair, no section, no file
+    assert "Paired" not in (tmp_path / "single" / "results.md").read_text()
+    assert not (tmp_path / "single" / "paired.csv").exists()

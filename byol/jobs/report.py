@@ -14,7 +14,9 @@ jobs with no model (``status: missing``) are listed by folder with their reason;
 pretraining runs that did not finish their epochs (``pretrain_status: incomplete``) get rows of
 their own, marked ``incomplete``, and enter no mean unless allowed (``--allow-incomplete``, or
 evaluate.py's ``allow_incomplete=true``). Results with no accuracy by design (``eval=embed``: t-SNE
-maps) are listed under the table with their maps, never counted as failed.
+maps) are listed under the table with their maps, never counted as failed. Rows with two or more
+seeds in common are compared seed by seed under the table and in ``paired.csv``
+(:mod:`byol.jobs.report_paired`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from byol.jobs.report_cells import (
     settings_text,
     unscored_results,
 )
+from byol.jobs.report_paired import markdown_lines as paired_lines
+from byol.jobs.report_paired import paired_comparisons
+from byol.jobs.report_paired import write_csv as write_paired_csv
 from byol.jobs.report_plot import plot
 
 MD_COLUMNS = ("loss", "repr", "eval", "test acc", "val acc", "runs", "failed", "backbone", "data",
@@ -144,13 +149,14 @@ def _unscored(results: Sequence[dict]) -> list[str]:
     return lines
 
 
-def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = ()) -> str:
+def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (), paired: Sequence = ()) -> str:
     intro = (f"{n_files} results.json files. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
              f"validation selected nothing (final epoch). Results whose settings differ (backbone, data, "
              f"pretraining or evaluation epochs) are in separate rows, never averaged together. A row "
              f"with no accuracy says why: missing (no result), failed (no run succeeded) or incomplete "
              f"(pretraining did not finish; not counted).")
-    return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells), *_unscored(unscored)]) + "\n"
+    return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells), *paired_lines(paired),
+                      *_unscored(unscored)]) + "\n"
 
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
@@ -185,12 +191,16 @@ def report(folders: Sequence[str | Path], out: str | Path,
     cells = build_cells(results, allow_incomplete)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(cells, len(paths), unscored_results(results))
+    paired = paired_comparisons(cells)
+    text = markdown(cells, len(paths), unscored_results(results), paired)
     (out / "results.md").write_text(text, encoding="utf-8")
     write_csv(cells, out / "results.csv")
+    if paired:
+        write_paired_csv(paired, out / "paired.csv")
     plotted = plot(cells, out / "results.png")
     print(text)
-    written = [out / "results.md", out / "results.csv"] + ([out / "results.png"] if plotted else [])
+    written = [out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []) + \
+        ([out / "results.png"] if plotted else [])
     print(f"[report] wrote {', '.join(map(str, written))}")
     return cells
 

@@ -47,6 +47,7 @@ class Cell:
     incomplete: bool = False            # the runs of this row did not finish their pretraining
     counted: bool = True
     test: list[float] = field(default_factory=list)
+    seeds: list = field(default_factory=list)  # the pretraining (or random-init) seed of each test accuracy
     val: list[float] = field(default_factory=list)
     num_classes: set[int] = field(default_factory=set)  # as its results record it: the chance level
     failed: int = 0
@@ -174,6 +175,7 @@ def _add_finished(cells: dict[tuple, Cell], r: dict, allow_incomplete: bool | No
     cell = cells.setdefault(cell.key, cell)
     cell.n_results += 1
     cell.test.append(float(r["test_acc"]))
+    cell.seeds.append(r.get("seed"))
     if r.get("val_acc") is not None:
         cell.val.append(float(r["val_acc"]))
     if isinstance(r.get("num_classes"), int) and r["num_classes"] > 0:

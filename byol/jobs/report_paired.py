@@ -1,0 +1,120 @@
+"""Paired comparisons for the results report: two rows compared seed by seed.
+
+A pretraining seed fixes a run's initial weights and its data order, and the random-init baseline of
+the same seed is that run's starting encoder; so the runs of one seed under two losses (or a loss and
+its starting point) differ only by what is compared. Differences taken seed by seed cancel the part
+of the spread that the seed causes, which is how the report can say whether a gap is steady.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from byol.jobs.report_cells import BASELINE, Cell, mean_std
+
+# (a, b): each line of the section reads "a - b"
+COMPARISONS = (("multi", "classic"), ("classic", BASELINE), ("multi", BASELINE))
+MIN_SEEDS = 2  # a spread needs two
+
+
+@dataclass
+class Paired:
+    """Row ``a`` against row ``b`` on the seeds both have (test accuracy, fractions)."""
+
+    a: Cell
+    b: Cell
+    seeds: list
+    a_values: list[float]
+    b_values: list[float]
+
+    @property
+    def diffs(self) -> list[float]:
+        return [x - y for x, y in zip(self.a_values, self.b_values, strict=True)]
+
+    @property
+    def ahead(self) -> int:
+        """Seeds on which ``a`` scores higher."""
+        return sum(d > 0 for d in self.diffs)
+
+    @property
+    def beyond_spread(self) -> bool:
+        """The difference of the means exceeds the two rows' standard deviations added (over the shared
+        seeds): a gap larger than the seed-to-seed variation of either row can explain."""
+        (ma, sa), (mb, sb) = mean_std(self.a_values), mean_std(self.b_values)
+        return abs(ma - mb) > sa + sb
+
+
+def _comparable(a: Cell, b: Cell) -> bool:
+    """Same representation, protocol, architecture, evaluation data and epochs; two pretrained rows
+    also need the same pretraining data and epochs (random init has none)."""
+    same = all(getattr(a, k) == getattr(b, k) for k in ("repr", "eval", "backbone", "eval_data", "eval_epochs"))
+    if BASELINE not in (a.loss, b.loss):
+        same = same and a.pretrain_data == b.pretrain_data and a.pretrain_epochs == b.pretrain_epochs
+    return same and a.counted and b.counted and not a.incomplete and not b.incomplete
+
+
+def _by_seed(cell: Cell) -> dict:
+    """Test accuracy by seed; a seed with more than one result in the row is left out (which to pair?)."""
+    counts = Counter(cell.seeds)
+    return {s: v for s, v in zip(cell.seeds, cell.test, strict=True) if s is not None and counts[s] == 1}
+
+
+def paired_comparisons(cells: Sequence[Cell]) -> list[Paired]:
+    """Every :data:`COMPARISONS` pair of comparable rows sharing at least :data:`MIN_SEEDS` seeds, in the
+    order of the table."""
+    found = []
+    for i, a in enumerate(cells):
+        for j, b in enumerate(cells):
+            if (a.loss, b.loss) not in COMPARISONS or not _comparable(a, b):
+                continue
+            va, vb = _by_seed(a), _by_seed(b)
+            seeds = sorted((s for s in va if s in vb), key=str)
+            if len(seeds) >= MIN_SEEDS:
+                found.append(((min(i, j), COMPARISONS.index((a.loss, b.loss))),
+                              Paired(a, b, seeds, [va[s] for s in seeds], [vb[s] for s in seeds])))
+    return [p for _, p in sorted(found, key=lambda f: f[0])]
+
+
+def _points(values: Sequence[float]) -> tuple[float, float]:
+    m, s = mean_std(values)
+    return 100 * m, 100 * s
+
+
+def _signed(m: float, s: float) -> str:
+    return f"{m:+.2f}" + ("" if math.isnan(s) else f" ± {s:.2f}")
+
+
+def markdown_lines(pairs: Sequence[Paired]) -> list[str]:
+    """The report's section: one line per comparison, in points (percentage points of test accuracy)."""
+    if not pairs:
+        return []
+    lines = ["", "## Paired by seed", "",
+             "Each line compares two rows of the table on the seeds both have (a seed fixes the initial weights "
+             "and the data order; the random-init baseline of a seed is that seed's starting encoder). "
+             "Δ: the per-seed differences a − b in points, mean ± sample std; ahead: the seeds on which a "
+             "scores higher; beyond the spread: |mean of a − mean of b| is larger than the two rows' standard "
+             "deviations added (same seeds).", "",
+             "| repr | eval | a − b | Δ (points) | ahead | a | b | beyond the spread |", "|" + "---|" * 8]
+    for p in pairs:
+        a, b = (f"{m:.2f} ± {s:.2f}" for m, s in (_points(p.a_values), _points(p.b_values)))
+        lines.append(f"| {p.a.repr} | {p.a.eval} | {p.a.loss} − {p.b.loss} | {_signed(*_points(p.diffs))} | "
+                     f"{p.ahead} of {len(p.seeds)} | {a} | {b} | {'yes' if p.beyond_spread else 'no'} |")
+    return lines
+
+
+def write_csv(pairs: Sequence[Paired], path: Path) -> None:
+    """``paired.csv``: the section's lines, with the seeds and the per-seed differences (points)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["repr", "eval", "a", "b", "seeds", "diff_mean_pts", "diff_std_pts", "ahead", "a_mean_pct",
+                    "b_mean_pct", "beyond_spread", "diffs_pts"])
+        for p in pairs:
+            (dm, ds), (am, _), (bm, _) = _points(p.diffs), _points(p.a_values), _points(p.b_values)
+            w.writerow([p.a.repr, p.a.eval, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)), f"{dm:.4f}",
+                        f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread,
+                        " ".join(f"{100 * d:.4f}" for d in p.diffs)])
