@@ -9,13 +9,15 @@
 # Evaluation reads each run's own data settings (folder, image size, normalisation).
 #
 # Environment (defaults): DATA (/tmp/cifar10, laid out as DATA/{train,test}/<class>/*.jpg),
-# EPOCHS (10, pretraining epochs; empty: experiment=cpu's 25), SCHEDULE_EPOCHS (empty: experiment=cpu's
+# EPOCHS (pretraining epochs; default: experiment=cpu's 25), SCHEDULE_EPOCHS (empty: experiment=cpu's
 # 40-epoch learning-rate schedule, cut at EPOCHS; null: the schedule spans the EPOCHS run), SEEDS (0,1,2),
 # FT_EPOCHS (1), SUBSET (empty: all 50,000 training images), OUT (outputs/cpu_grid), PYTHON (python),
 # EXTRA (more train.py overrides).
-# The defaults make the README's table (about an hour on 2 cores: 49 minutes of pretraining for the six
-# runs, 10 of evaluation). The earlier table, made when experiment=cpu ran ResNet-18 at width 0.5:
-#   EPOCHS=5 SCHEDULE_EPOCHS=null EXTRA=backbone.width=0.5 bash benchmarks/cpu_grid.sh
+# The defaults make the README's table at the recipe's budget (about 2.5 hours on 2 cores: 18-30 minutes
+# a pretraining run, 10-15 minutes of evaluation). Finished runs in OUT/train are skipped, an interrupted
+# one resumes, so the grid can be made over several sittings. The README's other tables:
+#   EPOCHS=10 bash benchmarks/cpu_grid.sh                 # 10 epochs of the same schedule: one hour
+#   EPOCHS=5 SCHEDULE_EPOCHS=null EXTRA=backbone.width=0.5 bash benchmarks/cpu_grid.sh   # width 0.5
 # A quick check of the script itself (about 4 minutes on 2 cores):
 #   SUBSET=512 EPOCHS=1 SEEDS=0 FT_EPOCHS=1 OUT=/tmp/cpu_grid_check bash benchmarks/cpu_grid.sh
 set -euo pipefail
@@ -23,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DATA=${DATA:-/tmp/cifar10}
-EPOCHS=${EPOCHS-10}  # the README table's budget; empty (EPOCHS=): experiment=cpu's 25 of 40 (18-27 min a run)
+EPOCHS=${EPOCHS:-}  # empty: experiment=cpu's 25 epochs of its 40-epoch schedule (18-30 min a run here)
 SEEDS=${SEEDS:-0,1,2}
 FT_EPOCHS=${FT_EPOCHS:-1}
 SUBSET=${SUBSET:-}
