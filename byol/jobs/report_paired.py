@@ -64,6 +64,11 @@ def _by_seed(cell: Cell) -> dict:
     return {s: v for s, v in zip(cell.seeds, cell.test, strict=True) if s is not None and counts[s] == 1}
 
 
+def _seed_order(seed) -> tuple:
+    """Integer seeds in numeric order (2 before 10), any others after them as text."""
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
 def paired_comparisons(cells: Sequence[Cell]) -> list[Paired]:
     """Every :data:`COMPARISONS` pair of comparable rows sharing at least :data:`MIN_SEEDS` seeds, in the
     order of the table."""
@@ -73,7 +78,7 @@ def paired_comparisons(cells: Sequence[Cell]) -> list[Paired]:
             if (a.loss, b.loss) not in COMPARISONS or not _comparable(a, b):
                 continue
             va, vb = _by_seed(a), _by_seed(b)
-            seeds = sorted((s for s in va if s in vb), key=str)
+            seeds = sorted((s for s in va if s in vb), key=_seed_order)
             if len(seeds) >= MIN_SEEDS:
                 found.append(((min(i, j), COMPARISONS.index((a.loss, b.loss))),
                               Paired(a, b, seeds, [va[s] for s in seeds], [vb[s] for s in seeds])))
