@@ -6,14 +6,18 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config, epochs_reported, signal_when
+from conftest import ROOT, compose_config, epochs_reported, signal_when
 from test_resume import (
+    ENV,
     EPOCHS,
     EXACT,
     STEPS_PER_EPOCH,
@@ -28,8 +32,8 @@ from test_resume import (
 
 import byol.jobs.pretrain as pretrain_job
 from byol.core.errors import Interrupted
-from byol.jobs.cli import command_arg, resume_hint
-from byol.lightning.callbacks import RunCheckpoints, StepStopped, describe_step
+from byol.jobs.cli import command_arg, resume_hint, run_job
+from byol.lightning.callbacks import RunCheckpoints, StepStopped, StopEvaluationOnSignal, describe_step
 
 # --------------------------------------------------------------------------- the callback alone
 
@@ -179,6 +183,53 @@ def test_sigterm_caught_by_lightning_before_training_is_kept(tmp_path):
     assert cb.received == signal.SIGTERM and t._signal_connector.received_sigterm is False
 
 
+def test_an_evaluation_that_trains_stops_after_the_batch_with_the_signal_status():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    cb = StopEvaluationOnSignal("fine-tuning")
+    t = fake_trainer(max_epochs=50, current_epoch=2)
+    cb.on_train_start(t, None)
+    cb.on_train_batch_end(t, None, None, None, 0)  # no signal: goes on
+    os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal: Lightning would end the process with status 0
+    with pytest.raises(Interrupted) as stopped:
+        cb.on_train_batch_end(t, None, None, None, 1)
+    cb.on_exception(t, None, stopped.value)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert str(stopped.value).startswith("received SIGTERM: fine-tuning stopped in epoch 3 of 50; no result written")
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_an_interrupted_evaluation_writes_no_result_and_stops_the_sweep(tmp_path, monkeypatch):
+    """evaluate_model records a model's failure and goes on; a stop signal is not one: it propagates."""
+    from byol.jobs import evaluate as evaluate_job
+    from byol.jobs.config_check import plain_config
+    from byol.jobs.pretrained import random_model
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("received SIGTERM: ...", signal.SIGTERM)
+
+    monkeypatch.setattr(evaluate_job, "run_protocol", interrupted)
+    cfg = plain_config(compose_config("evaluate", ["pretrained=random", "data=synthetic", "eval=finetune"], tmp_path))
+    model = random_model({"name": "resnet18", "stem": "cifar"}, 0, "random-init")
+    with pytest.raises(Interrupted):
+        evaluate_job.evaluate_model(model, cfg, {}, 10, tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    compose_config("evaluate", [], run)
+
+    def job(cfg, run_dir):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        run_job(job, None)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.count("\n") == 1  # "[<job name>] interrupted ...": no traceback
+    assert err.endswith("] interrupted (Ctrl+C); what was finished before is kept\n")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -300,3 +351,24 @@ def test_stop_message_inside_a_sweep_also_says_how_to_continue_the_whole_sweep(t
     *command, sweep_arg = shlex.split(whole)
     assert command == ["python", "train.py", "-m", "loss=classic,multi", "seed=0"]
     assert sweep_arg == f"hydra.sweep.dir={sweep}"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_fine_tuning_with_status_143_and_no_result(tmp_path):
+    """Lightning alone ends a fit on SIGTERM with status 0, so a scheduler or a script would take the
+    evaluation for finished; it must say that it stopped and write no result."""
+    run_dir = tmp_path / "eval"
+    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "eval=finetune",
+                             "eval.epochs=500", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def first_epoch_logged():
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.csv").is_file() or "val/acc" not in (run_dir / "metrics.csv").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch of fine-tuning ended"
+            time.sleep(0.1)
+
+    _, out, err = signal_when(proc, first_epoch_logged, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "received SIGTERM: fine-tuning stopped in epoch" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err and not (run_dir / "results.json").exists()

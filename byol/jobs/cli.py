@@ -218,6 +218,10 @@ def run_job(fn, cfg, *args, **kwargs):
             hand_on_signal(e.exit_code - 128)
             sys.exit(e.exit_code)
         return _failed(run_dir, multirun, e)
+    except KeyboardInterrupt:  # Ctrl+C outside training (which stops cleanly itself): no traceback
+        print(f"[{hc.job.name}] interrupted (Ctrl+C); what was finished before is kept", file=sys.stderr,
+              flush=True)
+        sys.exit(128 + signal.SIGINT)
     except Exception as e:
         if not multirun:
             raise

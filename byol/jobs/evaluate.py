@@ -19,7 +19,7 @@ from pathlib import Path
 
 from byol.core.checkpoint import atomic_write_bytes
 from byol.core.data import ImageTensors
-from byol.core.errors import ByolError, ConfigError
+from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
 from byol.jobs.build import planned_world, requested_processes
 from byol.jobs.cli import launched_rank, quiet_lightning
@@ -351,6 +351,8 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
             f"val {result['val_acc']:.4f}, test {result['test_acc']:.4f}"
         print(f"[eval] {model.label}: {cfg['eval']['name']} on {cfg['repr']['name']} -> {scores} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
+    except Interrupted:  # a stop signal: not this model's failure, and the sweep stops too
+        raise
     except Exception as exc:  # recorded per model; the job decides whether to stop
         message = str(exc) if isinstance(exc, ByolError) else f"{type(exc).__name__}: {exc}"
         result.update(status="failed", error=message)

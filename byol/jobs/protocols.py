@@ -30,6 +30,7 @@ from byol.core.optim import build_optimizer, build_schedule
 from byol.jobs.build import build_trainer, make_loggers, planned_world, sync_batchnorm_where_possible
 from byol.jobs.embedding import check_embed_settings, embed_test_set
 from byol.jobs.pretrained import EncoderSource
+from byol.lightning.callbacks import StopEvaluationOnSignal
 from byol.lightning.classifier import ClassifierModule
 from byol.lightning.data_module import SplitsDataModule
 
@@ -188,8 +189,9 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
         channels_last=cfg.get("channels_last", True))
     trainer_cfg = sync_batchnorm_where_possible({k: v for k, v in cfg["trainer"].items() if k != "max_epochs"},
                                                 "[eval]")
+    stop = StopEvaluationOnSignal("fine-tuning" if finetune else "the linear protocol")
     trainer: pl.Trainer = build_trainer(trainer_cfg, max_epochs=int(eval_cfg["epochs"]), logger=loggers,
-                                        callbacks=[], default_root_dir=str(out_dir), enable_checkpointing=False)
+                                        callbacks=[stop], default_root_dir=str(out_dir), enable_checkpointing=False)
     batches = SplitsDataModule(*_protocol_batches(eval_cfg, splits, cfg["seed"], planned_world(trainer_cfg)))
     with warnings.catch_warnings():  # the frozen encoder is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

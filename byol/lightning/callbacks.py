@@ -1,4 +1,4 @@
-"""Lightning callbacks of a pretraining run: checkpoints and clean stops on signals, the epoch line.
+"""Lightning callbacks: a pretraining run's checkpoints, clean stops on signals (an evaluation's too), the epoch line.
 
 They receive plain values (folders, intervals, the resume command to print) and never read a config.
 """
@@ -57,7 +57,75 @@ def add_stop_points(model: nn.Module, check) -> list:
     return handles
 
 
-class RunCheckpoints(pl.Callback):
+class CatchStopSignals(pl.Callback):
+    """Records SIGTERM, SIGUSR1 and Ctrl+C during fitting instead of dying of them (or, for SIGTERM,
+    letting Lightning end the process with status 0 as if it had finished), so that the subclass
+    stops at a point of its choosing; a second Ctrl+C stops at once. Under DDP a signal any rank
+    received counts for all of them (:meth:`_agree_on_stop`)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl+C: stop now
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Replaces Lightning's SIGTERM handler (installed just before), which would stop after the
+        # batch without saving; a SIGTERM it already caught is taken over.
+        if take_over_sigterm(trainer):
+            self.received = signal.SIGTERM
+        try:
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread: leave signals to the caller
+            self._previous = {}
+
+    def _restore_signals(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_signals()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_signals()
+
+    def _agree_on_stop(self, trainer) -> None:
+        """Under DDP all ranks stop at the same batch (saving is collective, and a rank that went on
+        alone would wait forever for the others): a signal any rank received counts for all of them.
+        One tiny all-reduce per step, as Lightning's own per-step SIGTERM check."""
+        if getattr(trainer, "world_size", 1) <= 1:
+            return
+        flag = torch.tensor([self.received or 0], device=trainer.strategy.root_device)
+        agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if agreed and self.received is None:
+            self.received = agreed
+
+
+class StopEvaluationOnSignal(CatchStopSignals):
+    """An evaluation that trains (fine-tuning, the augmented linear protocol) stops after the running
+    batch on a stop signal, with :class:`~byol.core.errors.Interrupted` (status 128 + signal) and a
+    message: it writes no result, since a result is only what a finished evaluation measured."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._agree_on_stop(trainer)
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            raise Interrupted(
+                f"received {name}: {self.what} stopped in epoch {trainer.current_epoch + 1} of "
+                f"{trainer.max_epochs}; no result written for it (results.json is written only when an "
+                f"evaluation finishes). Run the same command again to evaluate from the start", self.received)
+
+
+class RunCheckpoints(CatchStopSignals):
     """``last.ckpt`` and ``epochNNNN.ckpt``, and a clean stop on preemption signals.
 
     ``last.ckpt`` is the run's one full training state: written at every epoch end and every
@@ -83,35 +151,21 @@ class RunCheckpoints(pl.Callback):
     def __init__(self, ckpt_dir: Path, run_dir: Path, resume_command: str,
                  every_n_epochs: int | None = None, last_every_n_steps: int | None = None,
                  keep_last: int | None = None, stop_inside_steps: bool = False):
+        super().__init__()
         self.ckpt_dir, self.run_dir, self.resume_command = Path(ckpt_dir), Path(run_dir), resume_command
         self.last = self.ckpt_dir / "last.ckpt"
         self.every_n_epochs, self.last_every_n_steps = every_n_epochs, last_every_n_steps
         self.keep_last = keep_last
         self._last_step: int | None = None  # the optimizer step last.ckpt was last written at
-        self.received: int | None = None
         self.stop_message: str | None = None  # set once last.ckpt holds the state to stop at
-        self._previous: dict = {}
         self.stop_inside_steps = stop_inside_steps
         self._in_step = False  # between a batch's start and its optimizer step
         self._saving_inside_step = False
         self._stop_points: list = []
 
     # -- signals
-    def _on_signal(self, signum, frame) -> None:
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl+C: stop now
-        self.received = signum
-
     def on_train_start(self, trainer, pl_module) -> None:
-        # Replaces Lightning's SIGTERM handler (installed just before), which would stop after the
-        # batch without saving; a SIGTERM it already caught is taken over.
-        if take_over_sigterm(trainer):
-            self.received = signal.SIGTERM
-        try:
-            for s in STOP_SIGNALS:
-                self._previous[s] = signal.signal(s, self._on_signal)
-        except ValueError:  # not the main thread: leave signals to the caller
-            self._previous = {}
+        super().on_train_start(trainer, pl_module)
         if self.stop_inside_steps and trainer.accumulate_grad_batches == 1 and trainer.world_size == 1:
             pl_module.undoable = True
             self._stop_points = add_stop_points(pl_module.model, self._stop_point)
@@ -122,15 +176,10 @@ class RunCheckpoints(pl.Callback):
             raise StepStopped(f"received {signal.Signals(self.received).name} inside a step", self.received)
 
     def _restore_signals(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
+        super()._restore_signals()
         for handle in self._stop_points:
             handle.remove()
         self._stop_points = []
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore_signals()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_signals()
@@ -168,17 +217,6 @@ class RunCheckpoints(pl.Callback):
         if self.stop_message is not None:
             raise Interrupted(self.stop_message, self.received)
         self._in_step = True
-
-    def _agree_on_stop(self, trainer) -> None:
-        """Under DDP all ranks stop at the same batch (saving is collective, and a rank that went on
-        alone would wait forever for the others): a signal any rank received counts for all of them.
-        One tiny all-reduce per step, as Lightning's own per-step SIGTERM check."""
-        if getattr(trainer, "world_size", 1) <= 1:
-            return
-        flag = torch.tensor([self.received or 0], device=trainer.strategy.root_device)
-        agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
-        if agreed and self.received is None:
-            self.received = agreed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._in_step = False
