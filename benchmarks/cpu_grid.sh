@@ -13,9 +13,11 @@
 # 40-epoch learning-rate schedule, cut at EPOCHS; null: the schedule spans the EPOCHS run), SEEDS (0,1,2),
 # FT_EPOCHS (1), SUBSET (empty: all 50,000 training images), OUT (outputs/cpu_grid), PYTHON (python),
 # EXTRA (more train.py overrides).
-# The defaults make the README's table at the recipe's budget (about 2.5 hours on 2 cores: 18-30 minutes
+# The defaults make the README's table at the recipe's budget (1.5-2.5 hours on 2 cores: 11-30 minutes
 # a pretraining run, 10-15 minutes of evaluation). Finished runs in OUT/train are skipped, an interrupted
-# one resumes, so the grid can be made over several sittings. The README's other tables:
+# one resumes, so the grid can be made over several sittings; SEEDS=3,4 with the same OUT adds seeds (the
+# evaluation then covers every run in OUT/train: 5 seeds in the README). The earlier tables
+# (benchmarks/CPU_HISTORY.md):
 #   EPOCHS=10 bash benchmarks/cpu_grid.sh                 # 10 epochs of the same schedule: one hour
 #   EPOCHS=5 SCHEDULE_EPOCHS=null EXTRA=backbone.width=0.5 bash benchmarks/cpu_grid.sh   # width 0.5
 # A quick check of the script itself (about 4 minutes on 2 cores):
@@ -25,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DATA=${DATA:-/tmp/cifar10}
-EPOCHS=${EPOCHS:-}  # empty: experiment=cpu's 25 epochs of its 40-epoch schedule (18-30 min a run here)
+EPOCHS=${EPOCHS:-}  # empty: experiment=cpu's 25 epochs of its 40-epoch schedule (11-30 min a run here)
 SEEDS=${SEEDS:-0,1,2}
 FT_EPOCHS=${FT_EPOCHS:-1}
 SUBSET=${SUBSET:-}

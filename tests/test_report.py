@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -408,6 +409,39 @@ def test_paired_differences_are_taken_seed_by_seed(seeded):
     assert q.diffs == pytest.approx([0.15, 0.20, 0.36]) and q.beyond_spread  # 0.237 > 0.129 + 0.02
 
 
+# Student's t: two-sided critical values at p = 0.05 and 0.01 (printed tables), by degrees of freedom
+T_TABLE = {1: (12.706, 63.657), 2: (4.303, 9.925), 3: (3.182, 5.841), 4: (2.776, 4.604), 5: (2.571, 4.032),
+           9: (2.262, 3.250), 20: (2.086, 2.845)}
+
+
+def differences_with_t(t: float, n: int) -> list[float]:
+    """n differences whose mean / (sample std / sqrt n) is ``t``."""
+    spread = [(-1) ** i for i in range(n - n % 2)] + [0.0] * (n % 2)
+    std = (sum(x * x for x in spread) / (n - 1)) ** 0.5
+    return [x + t * std / n ** 0.5 for x in spread]
+
+
+@pytest.mark.parametrize("dof", sorted(T_TABLE))
+def test_paired_t_test_p_values_match_the_tables(dof):
+    from byol.jobs.report_paired import t_test_p
+
+    for t, p in zip(T_TABLE[dof], (0.05, 0.01), strict=True):
+        assert t_test_p(differences_with_t(t, dof + 1)) == pytest.approx(p, abs=2e-4)
+        assert t_test_p([-d for d in differences_with_t(t, dof + 1)]) == pytest.approx(p, abs=2e-4)  # two-sided
+    assert t_test_p(differences_with_t(0.0, dof + 1)) == pytest.approx(1.0)
+
+
+def test_paired_t_test_edge_cases_and_scipy():
+    from byol.jobs.report_paired import t_test_p
+
+    assert math.isnan(t_test_p([0.1])) and t_test_p([0.1, 0.1]) == 0.0 and t_test_p([0.0, 0.0]) == 1.0
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(0)
+    for n in range(2, 12):
+        diffs = [rng.gauss(0.02, 0.03) for _ in range(n)]
+        assert t_test_p(diffs) == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-9, abs=1e-12)
+
+
 def test_paired_rows_need_the_same_settings_and_two_shared_seeds(tmp_path):
     root = tmp_path / "r"
     for seed in (0, 1):
@@ -429,12 +463,14 @@ def test_report_writes_the_paired_section_and_csv(seeded, tmp_path, sweep):
     report([seeded], out)
     md = (out / "results.md").read_text()
     assert "## Paired by seed" in md
-    assert "| avgpool | linear | multi − classic | +5.67 ± 4.04 | 3 of 3 | 65.67 ± 12.90 | 60.00 ± 10.00 | no |" in md
+    assert ("| avgpool | linear | multi − classic | +5.67 ± 4.04 | 3 of 3 | 65.67 ± 12.90 | 60.00 ± 10.00 | no "
+            "| 0.136 |") in md  # t = 5.67 / (4.04 / sqrt 3) = 2.43, 2 degrees of freedom: p = 1 - t / sqrt(2 + t^2)
     rows = list(csv.DictReader(open(out / "paired.csv")))
     assert [(r["a"], r["b"], r["ahead"], r["beyond_spread"]) for r in rows] == [
         ("multi", "classic", "3", "False"), ("classic", "random-init", "3", "True"),
         ("multi", "random-init", "3", "True")]
     assert rows[0]["seeds"] == "0 1 2" and rows[0]["diffs_pts"] == "5.0000 2.0000 10.0000"
+    assert rows[0]["p_paired_t"] == "0.1358"  # 4 significant digits
     report([sweep], tmp_path / "single")  # one seed per row: nothing to pair, no section, no file
     assert "Paired" not in (tmp_path / "single" / "results.md").read_text()
     assert not (tmp_path / "single" / "paired.csv").exists()

@@ -48,6 +48,38 @@ class Paired:
         (ma, sa), (mb, sb) = mean_std(self.a_values), mean_std(self.b_values)
         return abs(ma - mb) > sa + sb
 
+    @property
+    def p_value(self) -> float:
+        """The paired t-test's two-sided p-value for the per-seed differences (:func:`t_test_p`)."""
+        return t_test_p(self.diffs)
+
+
+def t_test_p(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test: is the mean per-seed difference non-zero? t = mean / (std /
+    sqrt(n)) with n - 1 degrees of freedom (Student's t distribution, in the closed form that integer
+    degrees of freedom allow: Abramowitz & Stegun 26.7.3-4). NaN for fewer than two differences; with
+    differences all equal, 0 (or 1 if they are all 0)."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean, std = mean_std(diffs)
+    if std == 0:
+        return 1.0 if mean == 0 else 0.0
+    dof = n - 1
+    theta = math.atan(abs(mean) / (std / math.sqrt(n)) / math.sqrt(dof))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if dof % 2:  # odd: (2 / pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), dof - 2 terms in all
+        for k in range(1, (dof - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * c2
+            total += term
+        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if dof > 1 else 0.0))
+    else:  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        for k in range(1, dof // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        inside = math.sin(theta) * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
 
 def _comparable(a: Cell, b: Cell) -> bool:
     """Same representation, protocol, architecture, evaluation data and epochs; two pretrained rows
@@ -103,13 +135,19 @@ def markdown_lines(pairs: Sequence[Paired]) -> list[str]:
              "and the data order; the random-init baseline of a seed is that seed's starting encoder). "
              "Δ: the per-seed differences a − b in points, mean ± sample std; ahead: the seeds on which a "
              "scores higher; beyond the spread: |mean of a − mean of b| is larger than the two rows' standard "
-             "deviations added (same seeds).", "",
-             "| repr | eval | a − b | Δ (points) | ahead | a | b | beyond the spread |", "|" + "---|" * 8]
+             "deviations added (same seeds); p: two-sided paired t-test of the differences (n − 1 degrees "
+             "of freedom; few seeds give large p even for steady gaps).", "",
+             "| repr | eval | a − b | Δ (points) | ahead | a | b | beyond the spread | p |", "|" + "---|" * 9]
     for p in pairs:
         a, b = (f"{m:.2f} ± {s:.2f}" for m, s in (_points(p.a_values), _points(p.b_values)))
         lines.append(f"| {p.a.repr} | {p.a.eval} | {p.a.loss} − {p.b.loss} | {_signed(*_points(p.diffs))} | "
-                     f"{p.ahead} of {len(p.seeds)} | {a} | {b} | {'yes' if p.beyond_spread else 'no'} |")
+                     f"{p.ahead} of {len(p.seeds)} | {a} | {b} | {'yes' if p.beyond_spread else 'no'} | "
+                     f"{_p_text(p.p_value)} |")
     return lines
+
+
+def _p_text(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def write_csv(pairs: Sequence[Paired], path: Path) -> None:
@@ -117,9 +155,9 @@ def write_csv(pairs: Sequence[Paired], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["repr", "eval", "a", "b", "seeds", "diff_mean_pts", "diff_std_pts", "ahead", "a_mean_pct",
-                    "b_mean_pct", "beyond_spread", "diffs_pts"])
+                    "b_mean_pct", "beyond_spread", "p_paired_t", "diffs_pts"])
         for p in pairs:
             (dm, ds), (am, _), (bm, _) = _points(p.diffs), _points(p.a_values), _points(p.b_values)
             w.writerow([p.a.repr, p.a.eval, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)), f"{dm:.4f}",
-                        f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread,
+                        f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread, f"{p.p_value:.4g}",
                         " ".join(f"{100 * d:.4f}" for d in p.diffs)])
