@@ -14,6 +14,7 @@ import pytest
 
 from byol.jobs.report import main, report
 from byol.jobs.report_cells import build_cells, load_results, mean_std
+from byol.jobs.report_paired import paired_comparisons
 
 
 def write(folder: Path, name: str, loss: str, repr_name: str, protocol: str, test=None, val=None,
@@ -458,12 +459,47 @@ def test_paired_rows_need_the_same_settings_and_two_shared_seeds(tmp_path):
     assert pairs[("multi", "classic", "avgpool", "knn")].seeds == [2, 10]  # in numeric order
 
 
+def test_rows_of_two_evaluation_lengths_are_paired_apart_and_listed_group_by_group(tmp_path):
+    from byol.jobs.report_paired import markdown_lines
+
+    root = tmp_path / "ft"
+    for epochs in (1, 5):
+        for seed in (0, 1):
+            for loss, base in (("classic", 0.40), ("multi", 0.45), ("random-init", 0.30)):
+                write(root, f"{loss}{seed}_ep{epochs}", loss, "avgpool", "finetune", base + epochs / 100 + seed / 100,
+                      seed=seed, eval_epochs=epochs, pretrain_epochs=0 if loss == "random-init" else 5)
+    cells = build_cells(load_results(sorted(root.rglob("results.json"))))
+    lines = markdown_lines(paired_comparisons(cells))
+    rows = [line.split(" | ")[2:4] for line in lines if line.startswith("| avgpool")]
+    assert rows == [["1", "multi − classic"], ["1", "classic − random-init"], ["1", "multi − random-init"],
+                    ["5", "multi − classic"], ["5", "classic − random-init"], ["5", "multi − random-init"]]
+
+
+def test_a_protocol_run_for_two_lengths_gets_a_group_per_length_and_colours_stay_losses(tmp_path):
+    pytest.importorskip("matplotlib")
+    from byol.jobs.report_plot import figure
+
+    for epochs in (1, 5):
+        for loss in ("classic", "multi"):
+            write(tmp_path, f"{loss}_ft{epochs}", loss, "avgpool", "finetune", 0.4 + epochs / 100, eval_epochs=epochs)
+    write(tmp_path, "classic_knn", "classic", "avgpool", "knn", 0.3)
+    ax = figure(build_cells(load_results(sorted(tmp_path.rglob("results.json"))))).axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]  # with the study's empty cells (linear, combined)
+    assert [t for t in ticks if t.endswith("avgpool")] == [
+        "linear\navgpool", "finetune, 1 epoch\navgpool", "finetune, 5 epochs\navgpool", "knn\navgpool"]
+    assert "finetune\ncombined" in ticks  # no length there: one group, with its empty places
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:2] == ["classic", "multi"]  # not "classic (eval epochs 1)", "classic (eval epochs 5)", ...
+    assert sorted(round(p.get_height(), 6) for p in ax.patches) == [30.0, 41.0, 41.0, 45.0, 45.0]
+    assert "multi: missing" in [t.get_text() for t in ax.texts]  # multi's knn
+
+
 def test_report_writes_the_paired_section_and_csv(seeded, tmp_path, sweep):
     out = tmp_path / "out"
     report([seeded], out)
     md = (out / "results.md").read_text()
     assert "## Paired by seed" in md
-    assert ("| avgpool | linear | multi − classic | +5.67 ± 4.04 | 3 of 3 | 65.67 ± 12.90 | 60.00 ± 10.00 | no "
+    assert ("| avgpool | linear | 100 | multi − classic | +5.67 ± 4.04 | 3 of 3 | 65.67 ± 12.90 | 60.00 ± 10.00 | no "
             "| 0.136 |") in md  # t = 5.67 / (4.04 / sqrt 3) = 2.43, 2 degrees of freedom: p = 1 - t / sqrt(2 + t^2)
     rows = list(csv.DictReader(open(out / "paired.csv")))
     assert [(r["a"], r["b"], r["ahead"], r["beyond_spread"]) for r in rows] == [

@@ -101,18 +101,26 @@ def _seed_order(seed) -> tuple:
     return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
 
 
+def _group(cell: Cell) -> tuple:
+    """The cells one comparison may join: same representation, protocol and its settings."""
+    return cell.repr, cell.eval, cell.eval_epochs, str(cell.backbone), str(cell.eval_data)
+
+
 def paired_comparisons(cells: Sequence[Cell]) -> list[Paired]:
     """Every :data:`COMPARISONS` pair of comparable rows sharing at least :data:`MIN_SEEDS` seeds, in the
-    order of the table."""
+    order of the table, one group of rows (e.g. fine-tuning for 5 epochs on avgpool) after another."""
+    first_row: dict = {}
+    for i, cell in enumerate(cells):
+        first_row.setdefault(_group(cell), i)
     found = []
-    for i, a in enumerate(cells):
-        for j, b in enumerate(cells):
+    for a in cells:
+        for b in cells:
             if (a.loss, b.loss) not in COMPARISONS or not _comparable(a, b):
                 continue
             va, vb = _by_seed(a), _by_seed(b)
             seeds = sorted((s for s in va if s in vb), key=_seed_order)
             if len(seeds) >= MIN_SEEDS:
-                found.append(((min(i, j), COMPARISONS.index((a.loss, b.loss))),
+                found.append(((first_row[_group(a)], COMPARISONS.index((a.loss, b.loss))),
                               Paired(a, b, seeds, [va[s] for s in seeds], [vb[s] for s in seeds])))
     return [p for _, p in sorted(found, key=lambda f: f[0])]
 
@@ -137,10 +145,12 @@ def markdown_lines(pairs: Sequence[Paired]) -> list[str]:
              "scores higher; beyond the spread: |mean of a − mean of b| is larger than the two rows' standard "
              "deviations added (same seeds); p: two-sided paired t-test of the differences (n − 1 degrees "
              "of freedom; few seeds give large p even for steady gaps).", "",
-             "| repr | eval | a − b | Δ (points) | ahead | a | b | beyond the spread | p |", "|" + "---|" * 9]
+             "| repr | eval | eval epochs | a − b | Δ (points) | ahead | a | b | beyond the spread | p |",
+             "|" + "---|" * 10]
     for p in pairs:
         a, b = (f"{m:.2f} ± {s:.2f}" for m, s in (_points(p.a_values), _points(p.b_values)))
-        lines.append(f"| {p.a.repr} | {p.a.eval} | {p.a.loss} − {p.b.loss} | {_signed(*_points(p.diffs))} | "
+        lines.append(f"| {p.a.repr} | {p.a.eval} | {p.a.eval_epochs} | {p.a.loss} − {p.b.loss} | "
+                     f"{_signed(*_points(p.diffs))} | "
                      f"{p.ahead} of {len(p.seeds)} | {a} | {b} | {'yes' if p.beyond_spread else 'no'} | "
                      f"{_p_text(p.p_value)} |")
     return lines
@@ -154,10 +164,10 @@ def write_csv(pairs: Sequence[Paired], path: Path) -> None:
     """``paired.csv``: the section's lines, with the seeds and the per-seed differences (points)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["repr", "eval", "a", "b", "seeds", "diff_mean_pts", "diff_std_pts", "ahead", "a_mean_pct",
-                    "b_mean_pct", "beyond_spread", "p_paired_t", "diffs_pts"])
+        w.writerow(["repr", "eval", "eval_epochs", "a", "b", "seeds", "diff_mean_pts", "diff_std_pts", "ahead",
+                    "a_mean_pct", "b_mean_pct", "beyond_spread", "p_paired_t", "diffs_pts"])
         for p in pairs:
             (dm, ds), (am, _), (bm, _) = _points(p.diffs), _points(p.a_values), _points(p.b_values)
-            w.writerow([p.a.repr, p.a.eval, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)), f"{dm:.4f}",
-                        f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread, f"{p.p_value:.4g}",
-                        " ".join(f"{100 * d:.4f}" for d in p.diffs)])
+            w.writerow([p.a.repr, p.a.eval, p.a.eval_epochs, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)),
+                        f"{dm:.4f}", f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread,
+                        f"{p.p_value:.4g}", " ".join(f"{100 * d:.4f}" for d in p.diffs)])

@@ -1,7 +1,8 @@
 """The figure of the results report (``results.png``): the test accuracy of each cell as grouped bars.
 
-One group per (evaluation protocol, representation), one bar per pretraining loss (and per setting
-where the rows of a cell differ), error bars = sample std over runs. A cell of the study with no
+One group per (evaluation protocol, representation), and per number of evaluation epochs where a
+protocol was run for several (fine-tuning for 1 and 5 epochs: two groups); one bar per pretraining loss
+(and per setting where the rows of a cell differ), error bars = sample std over runs. A cell of the study with no
 accuracy keeps its place, left empty and labelled with the loss and the reason (``multi: missing``,
 ``failed``, ``incomplete``): a zero-height bar would read as 0 %. The title says what was measured
 (datasets, pretraining epochs, runs per bar), a dashed line marks chance (100 / number of classes)
@@ -25,11 +26,11 @@ SLOT_SPAN = 0.8  # of the 1.0 between groups
 
 @dataclass
 class Series:
-    """The bars of one colour: the rows of one loss under one set of settings, by (eval, repr) group."""
+    """The bars of one colour: the rows of one loss under one set of settings, by group (:func:`group_of`)."""
 
     name: str
     loss: str
-    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
+    cells: dict[tuple[str, str, str], Cell] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,20 +46,33 @@ class Slot:
     width: float = 0.0
 
 
-def _series(cells: Sequence[Cell]) -> list[Series]:
-    """The series of the chart; the settings that tell rows of one cell apart are added to their names.
+def split_protocols(cells: Sequence[Cell]) -> set[str]:
+    """Protocols run for several numbers of epochs: each length gets its own groups of bars, so that the
+    colours keep meaning the pretraining loss."""
+    shown = [c for c in cells if c.runs]
+    return {e for e in {c.eval for c in shown} if len({settings_text(c)[2] for c in shown if c.eval == e}) > 1}
+
+
+def group_of(cell: Cell, split: set[str]) -> tuple[str, str, str]:
+    """(eval, repr, eval epochs where the protocol is split, else "")."""
+    return cell.eval, cell.repr, settings_text(cell)[2] if cell.eval in split else ""
+
+
+def _series(cells: Sequence[Cell], split: set[str]) -> list[Series]:
+    """The series of the chart; the settings that tell rows of one group apart are added to their names.
     A loss with no accuracy anywhere still gets a series, so that its empty slots are labelled."""
     shown = [c for c in cells if c.runs]
     texts = {id(c): dict(zip(("backbone", "pretrain epochs", "eval epochs"), settings_text(c), strict=True),
                          data=c.data) for c in shown}
-    triples = {c.triple for c in shown}
+    keys = {(c.loss, *group_of(c, split)) for c in shown}
     varying = [k for k in SETTINGS
-               if any(len({texts[id(c)][k] for c in shown if c.triple == t}) > 1 for t in triples)]
+               if any(len({texts[id(c)][k] for c in shown if (c.loss, *group_of(c, split)) == key}) > 1
+                      for key in keys)]
     series: dict[str, Series] = {}
     for c in shown:
         extra = ", ".join(f"{k} {texts[id(c)][k]}" for k in varying)
         name = f"{c.loss} ({extra})" if extra else c.loss
-        series.setdefault(name, Series(name, c.loss)).cells[(c.eval, c.repr)] = c
+        series.setdefault(name, Series(name, c.loss)).cells[group_of(c, split)] = c
     for c in cells:
         if not any(s.loss == c.loss for s in series.values()):
             series[c.loss] = Series(c.loss, c.loss)
@@ -107,16 +121,16 @@ def y_limits(points: Sequence[float], chance: Sequence[float] = ()) -> tuple[flo
     return bottom, top
 
 
-def slots(series: Sequence[Series], groups: Sequence[tuple[str, str]], cells: Sequence[Cell]) -> list[Slot]:
+def slots(series: Sequence[Series], groups: Sequence[tuple[str, str, str]], cells: Sequence[Cell]) -> list[Slot]:
     """The places of each group, centred on it: a bar where a series has an accuracy, a labelled empty
     place where the study's cell has none (missing, failed, incomplete). A series with nothing to say
     in a group (the baseline beside finetune, say) takes no place there."""
     states = cell_states(cells)
     places: list[list[Slot]] = []
-    for e, r in groups:
+    for e, r, epochs in groups:
         places.append([])
         for i, s in enumerate(series):
-            cell, state = s.cells.get((e, r)), states.get((s.loss, r, e))
+            cell, state = s.cells.get((e, r, epochs)), states.get((s.loss, r, e))
             if cell is not None:
                 m, sd = mean_std(cell.test)
                 places[-1].append(Slot(i, 100 * m, 0.0 if math.isnan(sd) else 100 * sd, cell.runs))
@@ -167,8 +181,11 @@ def figure(cells: Sequence[Cell]):
     plt = _pyplot()
     if plt is None:
         return None
-    series = _series(cells)
-    groups = list(dict.fromkeys((c.eval, c.repr) for c in cells))
+    split = split_protocols(cells)
+    series = _series(cells, split)
+    groups = list(dict.fromkeys(group_of(c, split) for c in cells))
+    lengths = {(e, r) for e, r, epochs in groups if epochs}  # a cell with no result has no length: shown in those
+    groups = [g for g in groups if g[2] or g[:2] not in lengths]
     placed = slots(series, groups, cells)
     chance = chance_levels(cells)
     widest = round(SLOT_SPAN / placed[0].width) if placed else 1  # places in the fullest group
@@ -181,7 +198,7 @@ def figure(cells: Sequence[Cell]):
     _draw_slots(ax, placed, colors)
     _legend(ax, series, colors, chance)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{e}\n{r}" for e, r in groups])
+    ax.set_xticklabels([f"{e}" + (f", {n} epoch{'s' * (n != '1')}" if n else "") + f"\n{r}" for e, r, n in groups])
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xlabel("evaluation protocol / representation")
     low = ax.get_ylim()[0]
