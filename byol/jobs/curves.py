@@ -143,7 +143,8 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
 
     colours = {"classic": "tab:blue", "multi": "tab:orange"}
     seeds = sorted({seed for _, seed, _ in runs})
-    styles = ["-", "--", ":", "-."]
+    # seven distinguishable dash patterns: solid, dashed, dotted, dash-dot, long dash, dash-dot-dot, dense dots
+    styles = ["-", "--", ":", "-.", (0, (8, 2)), (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
     drawn = [(f"{loss} {seed} ", read_metrics(folder / "metrics.csv"),
               {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seeds.index(seed) % len(styles)]})
              for loss, seed, folder in sorted(runs)]
