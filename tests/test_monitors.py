@@ -105,6 +105,24 @@ def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path):
     assert Image.open(tmp_path / "out" / "curves.png").size[0] > 1000
 
 
+def test_an_overlay_has_one_key_below_its_panels_instead_of_a_legend_per_curve(tmp_path, monkeypatch):
+    import byol.jobs.curves as curves
+
+    sweep = tmp_path / "sweep"
+    for seed in range(5):
+        for loss, taps in (("classic", "[]"), ("multi", "[layer2.0, layer3.0]")):
+            fake_training_run(sweep / f"{loss}{seed}", taps, seed, [0.30, 0.35, 0.42])
+    figures = []
+    monkeypatch.setattr(curves, "_save", lambda fig, path: figures.append(fig))
+    runs = [(loss, f"seed {seed}", sweep / f"{loss}{seed}") for seed in range(5) for loss in ("classic", "multi")]
+    curves.overlay_curves(runs, tmp_path / "curves.png", "ten runs")
+    (fig,) = figures
+    assert all(ax.get_legend() is None for ax in fig.axes)  # 20 entries a panel would hide the curves
+    (key,) = fig.legends
+    assert [t.get_text() for t in key.get_texts()] == [
+        "loss=classic", "loss=multi", "seed 0", "seed 1", "seed 2", "seed 3", "seed 4", "avgpool", "combined"]
+
+
 def test_the_epoch_line_shows_knn_only_for_the_epoch_it_ran_in():
     from types import SimpleNamespace
 

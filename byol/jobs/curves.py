@@ -68,10 +68,11 @@ PANELS = (  # (title, metric prefix, y label, as percent)
 MARKERS = {"avgpool": "o", "combined": "s"}  # the intermediate blocks: "^"; an overlay tells them apart by it
 
 
-def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True) -> None:
+def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legends: bool = True) -> None:
     """``runs``: (label, series, line style) for each run; one panel per entry of :data:`PANELS`.
     ``taps=False`` leaves out the curves of single intermediate blocks (``layer2.0``...): an overlay of
-    several runs stays readable with avgpool and combined alone."""
+    several runs stays readable with avgpool and combined alone. ``legends=False``: no legend in the
+    panels (an overlay has one for the whole figure)."""
     for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
         drawn = False
         for label, series, style in runs:
@@ -97,10 +98,23 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True) -> No
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if drawn:
+        if drawn and legends:
             ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
-        else:
+        elif not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _key_legend(fig, colours: dict[str, str], seeds: Sequence[str], styles: Sequence) -> None:
+    """One legend for an overlay, below the panels: colour = loss, line style = seed, marker =
+    representation (20 entries per panel for 10 runs would cover the curves)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, linewidth=3, label=f"loss={loss}") for loss, colour in colours.items()]
+    handles += [Line2D([], [], color="black", linestyle=styles[i % len(styles)], label=seed)
+                for i, seed in enumerate(seeds)]
+    handles += [Line2D([], [], color="black", marker=marker, linestyle="none", label=name)
+                for name, marker in MARKERS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
 
 
 def _save(fig, path: Path) -> None:
@@ -149,9 +163,9 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
               {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seeds.index(seed) % len(styles)]})
              for loss, seed, folder in sorted(runs)]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-    _draw(axes, drawn, taps=False)
-    fig.suptitle(f"{title}, marker: representation (circle avgpool, square combined; each run's own "
-                 f"curves.png has every block)", fontsize=11)
+    _draw(axes, drawn, taps=False, legends=False)
+    fig.suptitle(f"{title} (each run's own curves.png also has every intermediate block)", fontsize=11)
+    _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _ in sorted(runs)}, seeds, styles)
     _save(fig, Path(path))
     plt.close(fig)
     return Path(path)
