@@ -104,14 +104,13 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
-def _key_legend(fig, colours: dict[str, str], seeds: Sequence[str], styles: Sequence) -> None:
+def _key_legend(fig, colours: dict[str, str], styles: dict[str, object]) -> None:
     """One legend for an overlay, below the panels: colour = loss, line style = seed, marker =
     representation (20 entries per panel for 10 runs would cover the curves)."""
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colour, linewidth=3, label=f"loss={loss}") for loss, colour in colours.items()]
-    handles += [Line2D([], [], color="black", linestyle=styles[i % len(styles)], label=seed)
-                for i, seed in enumerate(seeds)]
+    handles += [Line2D([], [], color="black", linestyle=style, label=seed) for seed, style in styles.items()]
     handles += [Line2D([], [], color="black", marker=marker, linestyle="none", label=name)
                 for name, marker in MARKERS.items()]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
@@ -156,16 +155,16 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
     import matplotlib.pyplot as plt
 
     colours = {"classic": "tab:blue", "multi": "tab:orange"}
-    seeds = sorted({seed for _, seed, _ in runs})
     # seven distinguishable dash patterns: solid, dashed, dotted, dash-dot, long dash, dash-dot-dot, dense dots
-    styles = ["-", "--", ":", "-.", (0, (8, 2)), (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
+    dashes = ["-", "--", ":", "-.", (0, (8, 2)), (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
+    styles = {seed: dashes[i % len(dashes)] for i, seed in enumerate(sorted({seed for _, seed, _ in runs}))}
     drawn = [(f"{loss} {seed} ", read_metrics(folder / "metrics.csv"),
-              {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seeds.index(seed) % len(styles)]})
+              {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seed]})
              for loss, seed, folder in sorted(runs)]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     _draw(axes, drawn, taps=False, legends=False)
     fig.suptitle(f"{title} (each run's own curves.png also has every intermediate block)", fontsize=11)
-    _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _ in sorted(runs)}, seeds, styles)
+    _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _ in sorted(runs)}, styles)
     _save(fig, Path(path))
     plt.close(fig)
     return Path(path)

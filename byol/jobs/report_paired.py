@@ -20,6 +20,8 @@ from byol.jobs.report_cells import BASELINE, Cell, mean_std
 # (a, b): each line of the section reads "a - b"
 COMPARISONS = (("multi", "classic"), ("classic", BASELINE), ("multi", BASELINE))
 MIN_SEEDS = 2  # a spread needs two
+# what two rows must share to be compared; it also groups the section's lines
+SAME_EVALUATION = ("repr", "eval", "eval_epochs", "backbone", "eval_data")
 
 
 @dataclass
@@ -84,7 +86,7 @@ def t_test_p(diffs: Sequence[float]) -> float:
 def _comparable(a: Cell, b: Cell) -> bool:
     """Same representation, protocol, architecture, evaluation data and epochs; two pretrained rows
     also need the same pretraining data and epochs (random init has none)."""
-    same = all(getattr(a, k) == getattr(b, k) for k in ("repr", "eval", "backbone", "eval_data", "eval_epochs"))
+    same = all(getattr(a, k) == getattr(b, k) for k in SAME_EVALUATION)
     if BASELINE not in (a.loss, b.loss):
         same = same and a.pretrain_data == b.pretrain_data and a.pretrain_epochs == b.pretrain_epochs
     return same and a.counted and b.counted and not a.incomplete and not b.incomplete
@@ -102,8 +104,8 @@ def _seed_order(seed) -> tuple:
 
 
 def _group(cell: Cell) -> tuple:
-    """The cells one comparison may join: same representation, protocol and its settings."""
-    return cell.repr, cell.eval, cell.eval_epochs, str(cell.backbone), str(cell.eval_data)
+    """The cells one comparison may join (:data:`SAME_EVALUATION`, as text: eval_data is a dict)."""
+    return tuple(str(getattr(cell, k)) for k in SAME_EVALUATION)
 
 
 def paired_comparisons(cells: Sequence[Cell]) -> list[Paired]:

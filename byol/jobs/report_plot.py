@@ -64,10 +64,9 @@ def _series(cells: Sequence[Cell], split: set[str]) -> list[Series]:
     shown = [c for c in cells if c.runs]
     texts = {id(c): dict(zip(("backbone", "pretrain epochs", "eval epochs"), settings_text(c), strict=True),
                          data=c.data) for c in shown}
-    keys = {(c.loss, *group_of(c, split)) for c in shown}
+    key = {id(c): (c.loss, *group_of(c, split)) for c in shown}  # the rows that share one place
     varying = [k for k in SETTINGS
-               if any(len({texts[id(c)][k] for c in shown if (c.loss, *group_of(c, split)) == key}) > 1
-                      for key in keys)]
+               if any(len({texts[id(c)][k] for c in shown if key[id(c)] == place}) > 1 for place in set(key.values()))]
     series: dict[str, Series] = {}
     for c in shown:
         extra = ", ".join(f"{k} {texts[id(c)][k]}" for k in varying)
