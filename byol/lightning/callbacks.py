@@ -22,6 +22,7 @@ COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisat
 # Signals that stop a run cleanly: cluster preemption (SIGTERM, SLURM's --signal=USR1) and Ctrl+C.
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
                                  signal.SIGINT) if s is not None)
+STEP_LOSS = "train/loss_step"  # what BYOLModule logs each step
 EPOCH_CHECKPOINT = re.compile(r"epoch(\d{4,})\.ckpt")  # the periodic checkpoints RunCheckpoints writes (and deletes)
 
 
@@ -345,11 +346,20 @@ def print_line(trainer, line: str) -> None:
 
 
 class EpochProgressBar(TQDMProgressBar):
-    """Lightning's bar, with epochs counted from 1 as in every other line a person reads."""
+    """Lightning's bar, with epochs counted from 1 as in every other line a person reads, showing the
+    newest step's loss. The loss is read from the device here, at a refresh: logged to the bar
+    (``prog_bar=True``) Lightning would read it back after every step, a host sync that stalls a GPU."""
 
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get(STEP_LOSS)
+        if loss is not None and trainer.training:
+            items["loss"] = f"{float(loss):.4g}"
+        return items
 
 
 def progress_bar(enabled: bool, refresh_every: int, steps_per_epoch: int | None = None) -> list:
