@@ -178,14 +178,18 @@ def main(argv=None) -> dict:
     T.quiet_libraries()
     from byol.core import augment
 
-    augment._hue_where.__defaults__ = (args.hue_path == "subset",)  # `subset`: the CPU path, else the GPU's
     data_root = T.resolve_data(args)
     cfg = T.compose_config(data_root, args.stem, args.batch_size, False,
                            [f"data.subset={args.batch_size * (args.warmup + args.steps + 1)}", *args.overrides])
     print(f"[host_ops] {args.stem} stem, batch {args.batch_size}, {args.steps} steps after {args.warmup}; "
           f"hue path: {args.hue_path}; overrides: {args.overrides or 'none'}; torch {torch.__version__}", flush=True)
-    results = {"run": ops_ours(cfg, args, "run"), "ours": ops_ours(cfg, args, "module"),
-               "ours_per_view": ops_ours(cfg, args, "per_view"), "floor": ops_floor(cfg, args)}
+    defaults = augment._hue_where.__defaults__
+    augment._hue_where.__defaults__ = (args.hue_path == "subset",)  # `subset`: the CPU path, else the GPU's
+    try:
+        results = {"run": ops_ours(cfg, args, "run"), "ours": ops_ours(cfg, args, "module"),
+                   "ours_per_view": ops_ours(cfg, args, "per_view"), "floor": ops_floor(cfg, args)}
+    finally:
+        augment._hue_where.__defaults__ = defaults
     names = list(results)
     parts = sorted({k for r, _ in results.values() for k in r}, key=lambda k: -results["ours_per_view"][0].get(k, 0))
     print(f"\ntop-level operators per optimizer step\n{'part':28s}" + "".join(f"{n:>15s}" for n in names))

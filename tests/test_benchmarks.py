@@ -196,3 +196,26 @@ def test_gpu_grid_smoke_mode_appends_the_grid_table_for_both_losses_and_the_base
         if (run / "curves.png").exists():  # written by the pretraining job when it plots its curves
             assert f"curves_{loss}.png" in files and f"curves_{loss}.png (" in section
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == repo_results  # smoke runs leave it alone
+
+
+def test_host_ops_counts_the_operators_of_each_contender_by_part(tmp_path):
+    """benchmarks/host_ops.py on a tiny folder: every part counted, the joined views fewer operators than
+    one pass per view, nothing read back in a step, the floor without augmentation or Lightning."""
+    spec = importlib.util.spec_from_file_location("bench_host_ops", ROOT / "benchmarks" / "host_ops.py")
+    host_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_ops)
+    data = write_folder(tmp_path / "data", splits=("train", "test"))
+    result = host_ops.main(["--batch-size", "4", "--steps", "2", "--warmup", "1", "--data", str(data),
+                            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "backbone.width=0.25",
+                            "--set", "monitor.val_size=4", *TINY_HEADS])
+    totals, parts = result["totals"], result["parts"]
+    assert set(totals) == {"run", "ours", "ours_per_view", "floor"}
+    assert totals["ours"] < totals["ours_per_view"] and totals["floor"] < totals["ours"]
+    assert parts["ours"]["augmentation"] < parts["ours_per_view"]["augmentation"]
+    assert parts["ours"]["network forward"] == parts["floor"]["network forward"] > 0
+    assert parts["run"]["online monitors"] > 0 and "online monitors" not in parts["ours"]
+    assert "augmentation" not in parts["floor"] and "Lightning" not in parts["floor"]
+    assert all(sum(s.values()) == 0 for s in result["syncs"].values())
+    assert totals["ours"] == pytest.approx(sum(parts["ours"].values()))
+    from byol.core import augment
+    assert augment._hue_where.__defaults__ == (None,)  # the CPU's own path back for what runs next
