@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,6 +208,32 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
     assert "batch 32, " in resumed.stdout  # one process: the global batch is the per-device batch
     final = torch.load(last, weights_only=True, map_location="cpu")
     assert final["global_step"] > step and (run / "encoder.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank-1 process through /proc")
+def test_a_signal_to_one_rank_stops_a_two_process_fine_tuning_with_no_result(tmp_path):
+    """As in training, the ranks of a fine-tuning agree on the batch to stop after, whichever got the
+    signal: both stop (none waits forever in a collective), the command says so with status 128 + signal,
+    and no results.json is written."""
+    run_dir = tmp_path / "eval"
+    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "eval=finetune",
+                             "eval.epochs=500", *DDP_CPU[1:], f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.csv").is_file() or "val/acc" not in (run_dir / "metrics.csv").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch of fine-tuning ended"
+            time.sleep(0.1)
+        (rank1,) = child_pids(proc.pid)
+        os.kill(rank1, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-3000:]
+    assert "received SIGUSR1: fine-tuning stopped in epoch" in err, err[-3000:]
+    assert "Traceback" not in err and not (run_dir / "results.json").exists()
 
 
 def eval_shards(n: int, batch: int, world: int) -> list[list[tuple[int, int]]]:
