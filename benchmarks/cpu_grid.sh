@@ -16,7 +16,8 @@
 # The defaults make the README's table at the recipe's budget (1.5-2.5 hours on 2 cores: 11-30 minutes
 # a pretraining run, 10-15 minutes of evaluation). Finished runs in OUT/train are skipped, an interrupted
 # one resumes, so the grid can be made over several sittings; SEEDS=3,4 with the same OUT adds seeds (the
-# evaluation then covers every run in OUT/train: 5 seeds in the README). The earlier tables
+# evaluation then covers every run in OUT/train), or with OUT=DIR/s56 keeps them apart (the README's seeds 5
+# and 6; byol.report takes both folders' evaluations). The earlier tables
 # (benchmarks/CPU_HISTORY.md):
 #   EPOCHS=10 bash benchmarks/cpu_grid.sh                 # 10 epochs of the same schedule: one hour
 #   EPOCHS=5 SCHEDULE_EPOCHS=null EXTRA=backbone.width=0.5 bash benchmarks/cpu_grid.sh   # width 0.5
