@@ -173,6 +173,19 @@ def child_pids(pid: int) -> list[int]:
     return [int(p) for p in children.read_text().split()] if children.exists() else []
 
 
+def signal_rank1_when(proc: subprocess.Popen, ready, sig: int = signal.SIGUSR1) -> tuple[str, str]:
+    """Once ``ready()`` returns, ``sig`` to rank 1 alone (Lightning starts it as a child of rank 0);
+    the command's (stdout, stderr) when it ends."""
+    try:
+        ready()
+        (rank1,) = child_pids(proc.pid)
+        os.kill(rank1, sig)
+        return proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank-1 process through /proc")
 def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on_one_process(tmp_path):
@@ -186,14 +199,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
                              f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    try:
-        wait_for_step(proc, last, 2)
-        (rank1,) = child_pids(proc.pid)  # Lightning starts rank 1 as a child of rank 0
-        os.kill(rank1, signal.SIGUSR1)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = signal_rank1_when(proc, lambda: wait_for_step(proc, last, 2))
     assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-3000:]
     step = saved_step(last)
     assert err.strip().splitlines()[-1] == (f"received SIGUSR1: saved checkpoints/last.ckpt at "
@@ -220,17 +226,14 @@ def test_a_signal_to_one_rank_stops_a_two_process_fine_tuning_with_no_result(tmp
     proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "eval=finetune",
                              "eval.epochs=500", *DDP_CPU[1:], f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+
+    def first_epoch_logged():
         deadline = time.monotonic() + 300
         while not (run_dir / "metrics.csv").is_file() or "val/acc" not in (run_dir / "metrics.csv").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, "no epoch of fine-tuning ended"
             time.sleep(0.1)
-        (rank1,) = child_pids(proc.pid)
-        os.kill(rank1, signal.SIGUSR1)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    out, err = signal_rank1_when(proc, first_epoch_logged)
     assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-3000:]
     assert "received SIGUSR1: fine-tuning stopped in epoch" in err, err[-3000:]
     assert "Traceback" not in err and not (run_dir / "results.json").exists()
