@@ -11,8 +11,8 @@ Counted: top-level ATen operators (those not called from inside another operator
 Python code dispatches) over ``--steps`` optimizer steps of the real Lightning loop (as
 ``benchmarks/throughput.py``'s ``ours``), and of the floor (same network, LARS, EMA on ready
 tensors), attributed to the innermost project or Lightning source file on the Python stack; the
-backward pass's own operators are counted apart. Host synchronisations (``item``, ``nonzero``:
-operators that make the CPU wait for the GPU) are counted too.
+backward pass's own operators are counted apart. Host synchronisations (``item``, ``nonzero``,
+``torch.tensor`` of a Python value: operators that make the CPU wait for the GPU) are counted too.
 
 Contenders: ``run`` (the training step in train.py's trainer: online probes, checkpoint and signal
 hooks, learning-rate monitor, metrics.csv), ``ours`` (the step alone in a bare trainer, as
@@ -47,7 +47,9 @@ PARTS = {  # source file on the stack -> part of the step
     "callbacks.py": "checkpoint and signal hooks",
 }
 BACKWARD = "network backward"
-SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+# the host waits for the device after these: item / bool of a tensor, nonzero, and torch.tensor(<Python
+# value>) (lift_fresh), a blocking host-to-device copy on a GPU
+SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::lift_fresh")
 
 
 def part_of(event) -> str:
