@@ -83,17 +83,9 @@ def count(events, steps: int) -> tuple[dict[str, float], dict[str, float]]:
     return {k: v / steps for k, v in parts.items()}, {k: v / steps for k, v in syncs.items()}
 
 
-class Profiled:
-    """A profiler with Python stacks, started and stopped from a step callback."""
-
-    def __init__(self):
-        self.prof = profile(activities=[ProfilerActivity.CPU], with_stack=True)
-
-    def start(self):
-        self.prof.__enter__()
-
-    def stop(self):
-        self.prof.__exit__(None, None, None)
+def stack_profiler():
+    """A CPU profiler that records the Python stack of each operator (for :func:`part_of`)."""
+    return profile(activities=[ProfilerActivity.CPU], with_stack=True)
 
 
 def ops_ours(cfg: dict, args, variant: str) -> tuple[dict, dict]:
@@ -107,7 +99,7 @@ def ops_ours(cfg: dict, args, variant: str) -> tuple[dict, dict]:
     from byol.jobs.pretrain import build_datamodule, build_module, build_run_trainer
     from byol.lightning.monitors import all_taps
 
-    prof = Profiled()
+    prof = stack_profiler()
 
     class Window(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -128,39 +120,21 @@ def ops_ours(cfg: dict, args, variant: str) -> tuple[dict, dict]:
                                         len(datamodule.batches))
             trainer.callbacks.append(Window())
         else:
-            trainer = pl.Trainer(accelerator="cpu", devices=1, precision=cfg["trainer"]["precision"],
-                                 max_steps=args.warmup + args.steps, max_epochs=-1, logger=False,
-                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                 log_every_n_steps=cfg["trainer"]["log_every_n_steps"], num_sanity_val_steps=0,
-                                 callbacks=[Window()])
+            trainer = T.bare_trainer(cfg, torch.device("cpu"), args.warmup + args.steps, [Window()])
         trainer.fit(module, datamodule=datamodule)
-    return count(prof.prof.events(), args.steps)
+    return count(prof.events(), args.steps)
 
 
-def ops_floor(cfg: dict, args) -> tuple[dict, float]:
-    from byol.jobs.build import build_byol
-
-    model = build_byol(cfg).to(memory_format=torch.channels_last)
-    optimizer = T.our_optimizer(cfg, model)
-    b, size = cfg["data"]["batch_size"], cfg["data"]["image_size"]
-    views = [torch.randn(b, 3, size, size).contiguous(memory_format=torch.channels_last) for _ in range(2)]
-
-    def step():
-        with T.autocast(torch.device("cpu")):
-            loss = model(*views)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_target(cfg["ema"]["tau_base"])
-
+def ops_floor(cfg: dict, args) -> tuple[dict, dict]:
+    step = T.floor_step(cfg, torch.device("cpu"))
     for _ in range(args.warmup):
         step()
-    prof = Profiled()
+    prof = stack_profiler()
     prof.start()
     for _ in range(args.steps):
         step()
     prof.stop()
-    return count(prof.prof.events(), args.steps)
+    return count(prof.events(), args.steps)
 
 
 def main(argv=None) -> dict:

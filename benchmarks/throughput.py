@@ -189,6 +189,21 @@ def peer_backbone(cfg: dict) -> torch.nn.Module:
 # --------------------------------------------------------------------------- (a) ours
 
 
+def bare_trainer(cfg: dict, device, max_steps: int, callbacks: list, ddp: bool = False):
+    """A Lightning ``Trainer`` that runs ``max_steps`` training steps on ``device`` and nothing else (no
+    logger, checkpoints, progress bar or sanity check): the loop around our step that ``ours`` times."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        **({"strategy": "ddp", "sync_batchnorm": device.type == "cuda"} if ddp else {}),  # torch's SyncBN: GPU only
+        precision=cfg["trainer"]["precision"], max_steps=max_steps, max_epochs=-1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=cfg["trainer"]["log_every_n_steps"], num_sanity_val_steps=0, callbacks=callbacks,
+    )
+
+
 def bench_ours(cfg: dict, args, device, ddp: bool = False) -> float:
     """The real Lightning loop: TensorDataModule + BYOLModule, timed from a callback.
 
@@ -227,14 +242,7 @@ def bench_ours(cfg: dict, args, device, ddp: bool = False) -> float:
     print(f"[bench] ours: {n} images as a uint8 tensor in {time.perf_counter() - start:.1f} s "
           f"(decoded once, then cached; not timed)", flush=True)
     clock = StepClock()
-    trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else 1,
-        **({"strategy": "ddp", "sync_batchnorm": device.type == "cuda"} if ddp else {}),  # torch's SyncBN: GPU only
-        precision=cfg["trainer"]["precision"], max_steps=args.warmup + args.steps, max_epochs=-1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=cfg["trainer"]["log_every_n_steps"], num_sanity_val_steps=0, callbacks=[clock],
-    )
+    trainer = bare_trainer(cfg, device, args.warmup + args.steps, [clock], ddp)
     trainer.fit(build_module(cfg), datamodule=datamodule)
     if clock.t0 is None or clock.t1 is None:
         raise RuntimeError("the Lightning run stopped before the timed steps ended (dataset too small?)")
@@ -244,8 +252,8 @@ def bench_ours(cfg: dict, args, device, ddp: bool = False) -> float:
 # --------------------------------------------------------------------------- (d) the floor
 
 
-def bench_floor(cfg: dict, args, device, bf16: bool = True) -> float:
-    """Same network, optimizer and EMA as ours on random views already on the device."""
+def floor_step(cfg: dict, device, bf16: bool = True) -> Callable[[], None]:
+    """One step of the floor: our network, optimizer and EMA on random views already on the device."""
     from byol.jobs.build import build_byol
 
     fmt = memory_format(bf16)
@@ -265,7 +273,12 @@ def bench_floor(cfg: dict, args, device, bf16: bool = True) -> float:
         optimizer.zero_grad(set_to_none=True)
         model.update_target(tau)
 
-    return time_steps(step, args.warmup, args.steps, b, device)
+    return step
+
+
+def bench_floor(cfg: dict, args, device, bf16: bool = True) -> float:
+    """Same network, optimizer and EMA as ours on random views already on the device."""
+    return time_steps(floor_step(cfg, device, bf16), args.warmup, args.steps, cfg["data"]["batch_size"], device)
 
 
 def bench_floor_fp32(cfg: dict, args, device) -> float:

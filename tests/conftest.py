@@ -70,3 +70,11 @@ def signal_when(proc: subprocess.Popen, ready: Callable[[], object], sig: int, t
         if proc.poll() is None:
             proc.kill()
     return result, out, err
+
+
+def add_run_callback(monkeypatch, callback) -> None:
+    """``callback`` joins the callbacks of the trainer that ``byol.jobs.pretrain`` builds for a run."""
+    import byol.jobs.pretrain as pretrain_job
+
+    build = pretrain_job.build_run_trainer
+    monkeypatch.setattr(pretrain_job, "build_run_trainer", lambda *a: (t := build(*a), t.callbacks.append(callback))[0])

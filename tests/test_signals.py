@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, compose_config, epochs_reported, signal_when
+from conftest import ROOT, add_run_callback, compose_config, epochs_reported, signal_when
 from test_resume import (
     ENV,
     EPOCHS,
@@ -264,8 +264,7 @@ def test_ctrl_c_inside_a_step_stops_at_once_and_resumes_exactly(tmp_path_factory
     reference = reference_run(tmp_path_factory)
     run_dir = tmp_path_factory.mktemp(f"ctrl_c_{where}") / "run"
     trigger = CtrlCInsideStep(step, where)
-    build = pretrain_job.build_run_trainer
-    monkeypatch.setattr(pretrain_job, "build_run_trainer", lambda *a: (t := build(*a), t.callbacks.append(trigger))[0])
+    add_run_callback(monkeypatch, trigger)
     threads, sigint = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
     torch.set_num_threads(1)  # as the reference run (OMP_NUM_THREADS=1): the same sums
     try:

@@ -10,7 +10,7 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config
+from conftest import add_run_callback, compose_config
 from torch.profiler import ProfilerActivity, profile
 
 import byol.jobs.pretrain as pretrain_job
@@ -32,15 +32,14 @@ class ProfileSteps(pl.Callback):
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.first:
-            self.prof.__enter__()
+            self.prof.start()
         elif trainer.global_step == self.last:
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             self.names = [e.name for e in self.prof.events()]
 
 
 def run_with(callback, tmp_path, monkeypatch, *overrides: str):
-    build = pretrain_job.build_run_trainer
-    monkeypatch.setattr(pretrain_job, "build_run_trainer", lambda *a: (t := build(*a), t.callbacks.append(callback))[0])
+    add_run_callback(monkeypatch, callback)
     run_dir = tmp_path / "run"
     # 8 steps an epoch, metrics written at the 8th only: steps 2-4 are plain steps
     cfg = compose_config("train", ["experiment=smoke", "trainer.max_epochs=1", "data.num_train=256",
