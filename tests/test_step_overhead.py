@@ -5,6 +5,7 @@ stalls the GPU until it has caught up), and the views are augmented in one pass,
 
 from __future__ import annotations
 
+import csv
 import functools
 
 import pytest
@@ -16,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 import byol.jobs.pretrain as pretrain_job
 from byol.core import augment
 from byol.core.augment import ViewAugment, ViewConfig, joint_config
+from byol.lightning.pretrain_module import BYOLModule
 
 # operators after which the host waits for the device: item / float / bool of a tensor, nonzero; and
 # torch.tensor(<Python value>) (lift_fresh), which on a GPU is a blocking copy, a wait for the stream
@@ -72,6 +74,40 @@ def test_the_progress_bar_shows_the_step_loss(tmp_path, monkeypatch, capfd):
     run_with(pl.Callback(), tmp_path, monkeypatch, "trainer.enable_progress_bar=true")
     bar = capfd.readouterr().out  # Lightning's bar writes to stdout
     assert "Epoch 1/1" in bar and "loss=" in bar
+
+
+class StepLosses(pl.Callback):
+    """Each optimizer step's loss, by the step's index (counted from 0)."""
+
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step - 1] = float(outputs["loss"])
+
+
+@pytest.mark.slow
+def test_step_losses_are_logged_only_on_the_steps_whose_metrics_are_written(tmp_path, monkeypatch):
+    """Lightning writes step metrics every log_every_n_steps steps; each self.log call costs dozens of
+    operators, so the step losses are logged on those steps only, and metrics.csv holds the same rows."""
+    logged = []
+    log = BYOLModule.log
+
+    def spy(module, name, *args, **kwargs):
+        if name.startswith("train/") and name.endswith("_step"):
+            logged.append((module.global_step, name))
+        return log(module, name, *args, **kwargs)
+
+    monkeypatch.setattr(BYOLModule, "log", spy)
+    losses = StepLosses()
+    run_with(losses, tmp_path, monkeypatch, "trainer.log_every_n_steps=3", "loss=multi")
+    assert sorted(losses.losses) == list(range(8))  # one epoch of 8 steps
+    assert sorted({step for step, _ in logged}) == [2, 5]  # the 3rd and 6th steps
+    assert {name for _, name in logged} >= {"train/loss_step", "train/loss/avgpool_step", "train/loss/layer3.0_step"}
+    rows = [row for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if row["train/loss_step"]]
+    assert [int(row["step"]) for row in rows] == [2, 5]
+    for row in rows:
+        assert float(row["train/loss_step"]) == pytest.approx(losses.losses[int(row["step"])], rel=1e-6)
 
 
 VIEW_PAIRS = {

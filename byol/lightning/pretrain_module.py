@@ -19,6 +19,7 @@ from byol.core.ema import tau_at
 from byol.core.errors import NonFiniteLossError
 from byol.core.model import BYOL
 from byol.core.rng import rng_state, set_rng_state, step_generator
+from byol.lightning.internals import logs_this_step
 
 # (modules to optimise, total optimizer steps, epochs, world size) -> (optimizer, per-step LR scheduler)
 OptimizerFactory = Callable[[Sequence[nn.Module], int, int, int], tuple]
@@ -81,8 +82,9 @@ class BYOLModule(pl.LightningModule):
         if not self.skip_nonfinite:
             self._record_first_bad_step(finite, loss.device)
         self._accumulate_epoch_means(losses, images.shape[0])
-        for name, value in losses.items():
-            self.log(f"train/{name}_step", value.detach())  # not prog_bar: Lightning would read it back every step
+        if self._trainer is None or logs_this_step(self.trainer):  # other steps' values are never written
+            for name, value in losses.items():
+                self.log(f"train/{name}_step", value.detach())  # not prog_bar: Lightning would read it back every step
         return loss
 
     def step_start_state(self) -> tuple:
