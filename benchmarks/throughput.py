@@ -516,10 +516,11 @@ def parse_args(argv=None):
 
 
 def quiet_libraries() -> None:
-    from byol.jobs.cli import QUIET_WARNINGS  # what train.py silences, e.g. ours_ddp's world-size-1 sync_dist notes
+    # what train.py silences, e.g. ours_ddp's world-size-1 sync_dist notes and Lightning's tips
+    from byol.jobs.cli import LIGHTNING_LOGGERS, QUIET_WARNINGS
 
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in ("pytorch_lightning", "lightning.pytorch", *LIGHTNING_LOGGERS):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", *QUIET_WARNINGS):
         warnings.filterwarnings("ignore", pattern)
 
