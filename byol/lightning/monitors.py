@@ -121,8 +121,9 @@ class OnlineProbes(pl.Callback):
                 linear.bias.zero_()
             self.heads[name.replace(".", "_")] = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False),
                                                                linear)
-        self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=lr, momentum=0.9)
-        self._correct: dict[str, torch.Tensor] = {}
+        # foreach: the update of all probes in a few fused operations (the default on GPUs only)
+        self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=lr, momentum=0.9, foreach=True)
+        self._correct: torch.Tensor | None = None  # this epoch's correct predictions, one count per representation
         self._seen = 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -150,32 +151,40 @@ class OnlineProbes(pl.Callback):
         labels = self._global_batch(trainer, pl_module, labels)
         with torch.enable_grad(), torch.autocast(labels.device.type, enabled=False):
             self.optimizer.zero_grad(set_to_none=True)
-            total = 0
+            total, logits = 0, []
             for name, wanted in self.representations.items():
                 x = torch.cat([gathered[t] for t in wanted], dim=1)
-                logits = self.heads[name.replace(".", "_")](x)
-                total = total + F.cross_entropy(logits, labels)
-                correct = (logits.detach().argmax(1) == labels).sum()
-                previous = self._correct.get(name)
-                self._correct[name] = correct if previous is None else previous.to(correct.device) + correct
+                logits.append(self.heads[name.replace(".", "_")](x))
+                total = total + F.cross_entropy(logits[-1], labels)
             total.backward()
             self.optimizer.step()
+        with torch.no_grad():  # counted for all probes at once (a few operations, not a few per probe)
+            correct = (torch.stack(logits).argmax(2) == labels).sum(1)
+            self._correct = correct if self._correct is None else self._correct.to(correct.device) + correct
         self._seen += labels.shape[0]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        for name, correct in self._correct.items():  # counted on the global batch: the same on every rank
+        for name, correct in self.correct_counts().items():  # counted on the global batch: the same on every rank
             pl_module.log(PROBE_PREFIX + name, float(correct) / max(1, self._seen), rank_zero_only=True)
-        self._correct, self._seen = {}, 0
+        self._correct, self._seen = None, 0
+
+    def correct_counts(self) -> dict[str, torch.Tensor]:
+        """This epoch's correct predictions so far, by representation."""
+        if self._correct is None:
+            return {}
+        return dict(zip(self.representations, self._correct.cpu().unbind(), strict=True))
 
     def state_dict(self) -> dict:
         """Probe weights, optimizer and this epoch's counts: a run resumed mid-epoch reports what the
         uninterrupted one would have."""
-        correct = {name: torch.as_tensor(value).cpu() for name, value in self._correct.items()}
         return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "correct": correct, "seen": self._seen}
+                "correct": self.correct_counts(), "seen": self._seen}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.heads.load_state_dict(state_dict["heads"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._correct = dict(state_dict.get("correct") or {})
-        self._seen = int(state_dict.get("seen") or 0)
+        correct = state_dict.get("correct") or {}
+        # a checkpoint saved before the epoch's first step, or by an earlier version with other probes, counts none
+        known = set(correct) == set(self.representations)
+        self._correct = torch.stack([torch.as_tensor(correct[n]) for n in self.representations]) if known else None
+        self._seen = int(state_dict.get("seen") or 0) if known else 0
