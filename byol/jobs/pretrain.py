@@ -207,7 +207,8 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
     of_schedule = f" (of a {horizon}-epoch learning-rate and tau schedule)" if horizon and horizon > epochs else ""
     print(f"[byol] pretraining {backbone['name']}{width} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
           f"{len(batches.data)} images, batch {batch}{processes(trainer, batch)}, "
-          f"{epochs} epoch{'s' * (epochs != 1)}{of_schedule}, on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
+          f"{epochs} epoch{'s' * (epochs != 1)}{of_schedule}, "
+          f"on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
           flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)
     if start.checkpoint is not None:
