@@ -187,3 +187,41 @@ def test_parameter_groups_on_one_schedule_draw_one_learning_rate_line():
     knn = panels["online kNN accuracy (epoch 0: random init)"]
     assert [line.get_label() for line in knn.get_lines()] == ["layer2.0", "layer3.0"]
     plt.close(fig)
+
+
+def test_online_probes_count_each_representations_correct_predictions_and_keep_them_in_their_state():
+    """The probes' accuracy: per representation, the predictions of its probe before the step that equal
+    the labels, counted over the epoch's batches; a state saved mid-epoch carries the counts on."""
+    from types import SimpleNamespace
+
+    from byol.lightning.monitors import OnlineProbes
+
+    dims = {"avgpool": 8, "layer2.0": 4}
+    reps = {"avgpool": ["avgpool"], "layer2.0": ["layer2.0"], "combined": ["avgpool", "layer2.0"]}
+    probes = OnlineProbes(reps, dims, num_classes=3, seed=0)
+    module = SimpleNamespace(model=SimpleNamespace())
+    trainer = SimpleNamespace(world_size=1)
+    gen = torch.Generator().manual_seed(2)
+    expected = dict.fromkeys(reps, 0)
+    for step in range(4):
+        features = {tap: torch.randn(16, d, generator=gen) for tap, d in dims.items()}
+        labels = torch.randint(0, 3, (16,), generator=gen)
+        for name, taps in reps.items():  # what each probe predicts before its step, on the same batch
+            head = probes.heads[name.replace(".", "_")]
+            before = head.training
+            head.train()  # the probe's BatchNorm standardises with the batch's statistics, as in its step
+            with torch.no_grad():
+                running = [b.clone() for b in head.buffers()]
+                predicted = head(torch.cat([features[t] for t in taps], dim=1)).argmax(1)
+                for b, saved in zip(head.buffers(), running, strict=True):
+                    b.copy_(saved)
+            head.train(before)
+            expected[name] += int((predicted == labels).sum())
+        module.model.last_features = features
+        probes.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, (None, labels), step)
+    assert {name: int(count) for name, count in probes.correct_counts().items()} == expected
+    assert len(set(expected.values())) == len(expected)  # distinct counts: none can stand in for another
+
+    resumed = OnlineProbes(reps, dims, num_classes=3, seed=1)
+    resumed.load_state_dict(probes.state_dict())
+    assert {name: int(c) for name, c in resumed.correct_counts().items()} == expected and resumed._seen == 64
