@@ -132,6 +132,8 @@ class OnlineProbes(pl.Callback):
             for key, value in state.items():
                 if torch.is_tensor(value):
                     state[key] = value.to(pl_module.device)
+        if self._correct is not None:  # ... and so do a mid-epoch state's counts (not moved in every step)
+            self._correct = self._correct.to(pl_module.device)
 
     @staticmethod
     def _global_batch(trainer, pl_module, tensor: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,7 @@ class OnlineProbes(pl.Callback):
             self.optimizer.step()
         with torch.no_grad():  # counted for all probes at once (a few operations, not a few per probe)
             correct = (torch.stack(logits).argmax(2) == labels).sum(1)
-            self._correct = correct if self._correct is None else self._correct.to(correct.device) + correct
+            self._correct = correct if self._correct is None else self._correct + correct
         self._seen += labels.shape[0]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
