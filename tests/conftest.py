@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,12 +61,17 @@ def smoke_config(tmp_path):
     return make
 
 
-def signal_when(proc: subprocess.Popen, ready: Callable[[], object], sig: int, timeout: float = 60):
-    """Send ``sig`` to ``proc`` once ``ready()`` returns, then wait for it to end; whatever fails on
-    the way, no process is left behind. Returns ``(ready's result, stdout, stderr)``."""
+def signal_when(proc: subprocess.Popen, ready: Callable[[], object], sig: int, timeout: float = 60,
+                pid: Callable[[], int] | None = None):
+    """Send ``sig`` to ``proc`` (or to the process ``pid()`` names, e.g. one of its children) once ``ready()``
+    returns, then wait for ``proc`` to end; whatever fails on the way, no process is left behind. Returns
+    ``(ready's result, stdout, stderr)``."""
     try:
         result = ready()
-        proc.send_signal(sig)
+        if pid is None:
+            proc.send_signal(sig)
+        else:
+            os.kill(pid(), sig)
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
@@ -78,3 +85,12 @@ def add_run_callback(monkeypatch, callback) -> None:
 
     build = pretrain_job.build_run_trainer
     monkeypatch.setattr(pretrain_job, "build_run_trainer", lambda *a: (t := build(*a), t.callbacks.append(callback))[0])
+
+
+def wait_for_fine_tuning_epoch(proc: subprocess.Popen, run_dir: Path, timeout: float) -> None:
+    """Until the first fine-tuning epoch's validation accuracy is in ``run_dir``'s metrics.csv."""
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.csv"
+    while not metrics.is_file() or "val/acc" not in metrics.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "no epoch of fine-tuning ended"
+        time.sleep(0.1)

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, epochs_reported
+from conftest import ROOT, epochs_reported, signal_when, wait_for_fine_tuning_epoch
 from omegaconf import OmegaConf
 from test_resume import saved_step, wait_for_step
 
@@ -176,14 +175,12 @@ def child_pids(pid: int) -> list[int]:
 def signal_rank1_when(proc: subprocess.Popen, ready, sig: int = signal.SIGUSR1) -> tuple[str, str]:
     """Once ``ready()`` returns, ``sig`` to rank 1 alone (Lightning starts it as a child of rank 0);
     the command's (stdout, stderr) when it ends."""
-    try:
-        ready()
-        (rank1,) = child_pids(proc.pid)
-        os.kill(rank1, sig)
-        return proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    def rank1() -> int:
+        (pid,) = child_pids(proc.pid)
+        return pid
+
+    _, out, err = signal_when(proc, ready, sig, timeout=300, pid=rank1)
+    return out, err
 
 
 @pytest.mark.slow
@@ -226,14 +223,7 @@ def test_a_signal_to_one_rank_stops_a_two_process_fine_tuning_with_no_result(tmp
     proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "eval=finetune",
                              "eval.epochs=500", *DDP_CPU[1:], f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def first_epoch_logged():
-        deadline = time.monotonic() + 300
-        while not (run_dir / "metrics.csv").is_file() or "val/acc" not in (run_dir / "metrics.csv").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, "no epoch of fine-tuning ended"
-            time.sleep(0.1)
-
-    out, err = signal_rank1_when(proc, first_epoch_logged)
+    out, err = signal_rank1_when(proc, lambda: wait_for_fine_tuning_epoch(proc, run_dir, timeout=300))
     assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-3000:]
     assert "received SIGUSR1: fine-tuning stopped in epoch" in err, err[-3000:]
     assert "Traceback" not in err and not (run_dir / "results.json").exists()

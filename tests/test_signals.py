@@ -8,14 +8,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, add_run_callback, compose_config, epochs_reported, signal_when
+from conftest import ROOT, add_run_callback, compose_config, epochs_reported, signal_when, wait_for_fine_tuning_epoch
 from test_resume import (
     ENV,
     EPOCHS,
@@ -360,14 +359,7 @@ def test_sigterm_stops_a_fine_tuning_with_status_143_and_no_result(tmp_path):
     proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "eval=finetune",
                              "eval.epochs=500", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def first_epoch_logged():
-        deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.csv").is_file() or "val/acc" not in (run_dir / "metrics.csv").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, "no epoch of fine-tuning ended"
-            time.sleep(0.1)
-
-    _, out, err = signal_when(proc, first_epoch_logged, signal.SIGTERM)
+    _, out, err = signal_when(proc, lambda: wait_for_fine_tuning_epoch(proc, run_dir, timeout=120), signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "received SIGTERM: fine-tuning stopped in epoch" in err.strip().splitlines()[-1]
     assert "Traceback" not in err and not (run_dir / "results.json").exists()
