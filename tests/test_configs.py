@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationToMissingValueError
 from torch import nn
 
 from byol.core.optim import OPTIMIZERS, build_optimizer, build_schedule, param_groups
-from byol.jobs.build import LOGGERS, build_trainer, loss_mode, make_loggers, progress_bar_on
+from byol.jobs.build import LOGGERS, build_byol, build_trainer, loss_mode, make_loggers, progress_bar_on
 from byol.jobs.config_check import check_config
 
 PRIMARY = [name for name in ("train", "evaluate") if (CONF_DIR / f"{name}.yaml").is_file()]
@@ -191,7 +191,10 @@ def test_loss_options_name_their_taps(tmp_path):
     multi = compose_config("train", ["loss=multi"], tmp_path).loss
     assert list(classic.taps) == [] and loss_mode(classic) == "classic"
     assert list(multi.taps) == ["layer2.0", "layer3.0"] and loss_mode(multi) == "multi"
-    assert dict(multi.weights) == {"avgpool": 1.0, "layer2.0": 1.0, "layer3.0": 1.0}
+    # every head weighs 1.0 unless given: no default weight names a head, so other taps need no other weights
+    assert dict(multi.weights) == {} == dict(classic.weights)
+    other_taps = compose_config("train", ["loss=multi", "loss.taps=[layer3.0]"], tmp_path)
+    assert build_byol(OmegaConf.to_container(other_taps)).heads == ["avgpool", "layer3.0"]
 
 
 def test_original_experiment_is_the_original_implementation(tmp_path):

@@ -303,6 +303,18 @@ CLI_CASES = {
     "batch too large": (["data.batch_size=1000"], "error: data.batch_size=1000 is larger than the dataset"),
     "unknown tap": (["loss=multi", "loss.taps=[layer9.0]"], "error: unknown tap 'layer9.0' for resnet18"),
     "unknown backbone": (["backbone.name=resnet9"], "error: unknown backbone.name 'resnet9'"),
+    # names that would otherwise be ignored without a word (a misspelt head keeps weight 1.0, a grid
+    # for no module pools nothing); braces doubled: these strings are str.format-ted
+    "misspelt loss weight": (["loss=multi", "+loss.weights={{layer2: 0.5}}"],
+                             "error: loss.weights names 'layer2', which is not a head of this run (heads: "
+                             "avgpool, layer2.0, layer3.0)"),
+    "weight of a head not trained": (["loss=classic", "+loss.weights={{layer2.0: 0.5}}"],
+                                     "error: loss.weights names 'layer2.0', which is not a head"),
+    "grid of no module": (["+backbone.grids={{layer9: 2}}"],
+                          "error: backbone.grids names 'layer9', which is no module of resnet18"),
+    "dotted name split": (["+backbone.grids.layer4.0=2"],
+                          "error: refusing the command line: backbone.grids.layer4 = {{'0': 2}} must be a "
+                          "number; a dotted module name goes inside braces: '+backbone.grids={{layer4.0: ...}}'"),
     # lr 1e30: huge (finite) weights after step 0, a NaN loss at step 1 (or NaN weights, when they overflow)
     "nan loss": (["optim.base_lr=1e30", "trainer.precision=32-true", "checkpoint.last_every_n_steps=1"],
                  ("error: loss became NaN/inf at optimizer step 1 (counted from 0); the last good checkpoint "

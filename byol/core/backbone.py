@@ -120,6 +120,14 @@ class Encoder(nn.Module):
                 f"unknown tap {', '.join(repr(t) for t in unknown)} for {name}; valid names include: "
                 f"{', '.join(tap_names(net))} (or any deeper module name)"
             )
+        stray = [t for t in (grids or {}) if t not in valid or not t]
+        if stray:
+            raise ConfigError(
+                f"backbone.grids names {', '.join(repr(t) for t in stray)}, which is no module of {name}; "
+                f"valid names include: {', '.join(tap_names(net))}. A grid applies to a tap of that name "
+                "(loss.taps or repr.taps); on the command line a dotted name goes inside braces: "
+                "'+backbone.grids={layer4.0: 2}'"
+            )
         bad_grids = {t: g for t, g in (grids or {}).items() if not isinstance(g, int) or g < 1
                      or (t == AVGPOOL and g != 1)}
         if bad_grids:

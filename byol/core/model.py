@@ -10,6 +10,7 @@ from torch import nn
 
 from byol.core.backbone import AVGPOOL, Encoder, _key
 from byol.core.ema import ema_update
+from byol.core.errors import ConfigError
 from byol.core.heads import mlp
 from byol.core.losses import normalized_std, symmetric_loss, weighted_sum
 
@@ -46,6 +47,13 @@ class BYOL(nn.Module):
             raise ValueError(f"heads {missing} are not taps of the encoder ({encoder.taps})")
         self.heads = list(heads)
         self.weights = dict(weights or {})
+        stray = [w for w in self.weights if w not in self.heads]
+        if stray:  # a misspelt head would otherwise keep weight 1.0 without a word
+            raise ConfigError(
+                f"loss.weights names {', '.join(repr(w) for w in stray)}, which {'is' if len(stray) == 1 else 'are'} "
+                f"not a head of this run (heads: {', '.join(self.heads)}); add the layer to loss.taps or "
+                "drop its weight (a dotted name goes inside braces: '+loss.weights={layer2.0: 0.5}')"
+            )
         self.online_encoder = encoder
         self.online_projectors = nn.ModuleDict(
             {_key(h): mlp(encoder.dims[h], proj_hidden_dim, proj_dim) for h in self.heads}

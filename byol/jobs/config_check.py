@@ -188,6 +188,10 @@ def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) 
     for key, value in node.items():
         sub = (*path, key)
         if path in OPEN_DICTS:
+            if _kind(value) == "dict":  # the command line split a module name such as layer4.0 at its dot
+                name = f"{key}.{next(iter(value), '0')}"
+                raise _refuse(source, sub, value, "must be a number; a dotted module name goes inside braces: "
+                              f"'+{_dotted(path)}={{{name}: ...}}'")
             if _kind(value) != "number":
                 raise _refuse(source, sub, value, "must be a number")
             out[key] = value
