@@ -86,6 +86,21 @@ def test_empty_dataset_folder(tmp_path):
         load_split(folder_cfg(image_tree(tmp_path)), "test")
 
 
+@pytest.mark.parametrize("present", [(), ("test",), ("train",)])
+def test_evaluation_folder_without_train_or_test_is_refused_before_decoding(tmp_path, present, capsys):
+    """Pretraining takes a plain folder of class folders as its training set; evaluation must not (test/
+    would become a class), and says so before decoding the images it will not use."""
+    for split in present:
+        image_tree(tmp_path, split=split)
+    if not present:  # class folders at the top: a training set for pretraining
+        image_tree(tmp_path, split=".")
+    missing = [s for s in ("train", "test") if s not in present]
+    with pytest.raises(DataError) as err:
+        eval_splits(folder_cfg(tmp_path), {"name": "holdout", "val_size": 2})
+    assert str(err.value).startswith(f"no {' and no '.join(repr(m) for m in missing)} folder in '{tmp_path}'")
+    assert "decoding" not in capsys.readouterr().out
+
+
 def test_corrupt_image_is_named_or_skipped(tmp_path):
     image_tree(tmp_path)
     bad = tmp_path / "train" / "dog" / "broken.png"

@@ -610,3 +610,26 @@ def test_evaluation_takes_the_runs_own_data_unless_given(tmp_path, capsys):
     assert (saved["eval_data"]["name"], saved["eval_data"]["num_train"], saved["eval_data"]["subset"]) == (
         "synthetic", 96, 40)
     assert "from the run's own settings; data.subset from the command line" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override", ["backbone.name=resnet50", "backbone=resnet50", "backbone.width=0.5"])
+def test_architecture_settings_are_refused_for_a_trained_encoder(tmp_path, override):
+    """A trained encoder is rebuilt as it was trained: a backbone setting would be ignored without a word."""
+    from byol.jobs.cli import command_line_keys
+
+    save_encoder(Encoder("resnet18", "imagenet", width=0.25), tmp_path / "encoder.pt", meta={"loss": "classic"})
+    cfg = compose_config("evaluate", ["preset=smoke", "data=synthetic", f"pretrained={tmp_path / 'encoder.pt'}",
+                                      "eval=knn", override], tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]} on the command line does not apply to a "
+                                          r"trained encoder.*pretrained=random only$"):
+        evaluate(cfg, tmp_path / "run", requested=command_line_keys())
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_architecture_settings_choose_the_random_init_network(tmp_path):
+    from byol.jobs.cli import command_line_keys
+
+    cfg = compose_config("evaluate", ["preset=smoke", "data=synthetic", "pretrained=random", "eval=knn",
+                                      "backbone.width=0.25", "backbone.stem=imagenet"], tmp_path / "run")
+    (result,) = evaluate(cfg, tmp_path / "run", requested=command_line_keys())
+    assert (result["backbone"], result["stem"], result["width"]) == ("resnet18", "imagenet", 0.25)

@@ -82,6 +82,18 @@ def _train_folder(cfg) -> str:
     return f"'{root / 'train' if (root / 'train').is_dir() else root}'"
 
 
+def check_eval_folders(cfg) -> None:
+    """An image folder to evaluate on needs train/ and test/: said before any image is decoded (pretraining
+    may take a plain folder as its training set; an evaluation that did would score the wrong images)."""
+    if cfg["name"] != "imagefolder":
+        return
+    root = Path(cfg["root"])
+    missing = [split for split in ("train", "test") if not (root / split).is_dir()]
+    if root.exists() and missing:
+        raise DataError(f"no {' and no '.join(repr(m) for m in missing)} folder in '{root}'; evaluation needs "
+                        f"{root}/train/<class>/* and {root}/test/<class>/* (the same class folders in both)")
+
+
 def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensors]:
     """train / val / test for evaluation, without leaking the test set into validation.
 
@@ -92,6 +104,7 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
     identical to training images are counted in a warning. A dataset's separate unlabelled
     images (STL-10's) are not loaded.
     """
+    check_eval_folders(cfg)
     train, test = load_split(cfg, "train", unlabelled=False), load_split(cfg, "test")
     if len(train.classes) and len(test.classes) and train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))

@@ -94,6 +94,16 @@ def refuse_training_settings(given: Sequence[str]) -> None:
             raise ConfigError(f"{key} does not apply to evaluation; use {NOT_FOR_EVALUATION[key]}")
 
 
+def refuse_architecture_settings(given: Sequence[str]) -> None:
+    """A trained encoder is rebuilt from its own architecture: a ``backbone`` setting on the command line
+    would be ignored (and the user would believe they measured another network), so it is refused."""
+    keys = [k for k in given if k == "backbone" or k.startswith("backbone.")]
+    if keys:
+        raise ConfigError(f"{', '.join(keys)} on the command line does not apply to a trained encoder: it is "
+                          f"evaluated with the architecture it was trained with (its run's config.yaml); "
+                          f"backbone settings choose the network of pretrained=random only")
+
+
 # Strategies that start their processes themselves and hand the results back: the job's data and
 # results live in the process that started it, so evaluate.py refuses them (trainer=ddp does the job).
 SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
@@ -156,6 +166,8 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
     if not takes_part(settings):
         return []
     targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
+    if targets != RANDOM:
+        refuse_architecture_settings(requested)
     data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
     evaluate_one = partial(_evaluate_on_its_data, settings=settings, data=data)
     if sweep is None:  # one model
