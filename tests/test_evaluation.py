@@ -633,3 +633,18 @@ def test_architecture_settings_choose_the_random_init_network(tmp_path):
                                       "backbone.width=0.25", "backbone.stem=imagenet"], tmp_path / "run")
     (result,) = evaluate(cfg, tmp_path / "run", requested=command_line_keys())
     assert (result["backbone"], result["stem"], result["width"]) == ("resnet18", "imagenet", 0.25)
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 cut short", b"a: yaml file\n"])
+def test_a_file_that_is_no_encoder_fails_before_any_data_is_read(tmp_path, content):
+    """The weights are read first: a corrupt or foreign file is reported as what it is, without first
+    loading (or, for CIFAR-10, downloading) a dataset; here the data could not even be found."""
+    from byol.jobs.cli import command_line_keys
+
+    (tmp_path / "model.ckpt").write_bytes(content)
+    cfg = compose_config("evaluate", ["preset=smoke", "data=imagefolder", f"data.root={tmp_path / 'nowhere'}",
+                                      f"pretrained={tmp_path / 'model.ckpt'}", "eval=knn"], tmp_path / "run")
+    with pytest.raises(CheckpointError, match="model.ckpt"):
+        evaluate(cfg, tmp_path / "run", requested=command_line_keys())
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["status"] == "failed" and "model.ckpt" in result["error"]

@@ -182,18 +182,19 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
 def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: EvaluationData, out_dir: Path,
                           label: str | None = None) -> dict:
     """:func:`evaluate_model` on the data of the run that trained ``model`` (see :class:`EvaluationData`);
-    a random-init baseline of a sweep uses the data of the sweep's runs."""
+    a random-init baseline of a sweep uses the data of the sweep's runs. The weights are read first: a
+    corrupt, unsafe or foreign file is recorded as failed before any image is loaded."""
     if not isinstance(model, EncoderSource):
         try:
-            run_config = read_run_config(run_folder_of(Path(model)))
-        except ByolError:
-            run_config = None  # refused as unsafe: evaluate_model reports it for this model
-    else:
-        run_config = {"data": data.runs_data if model.is_random else model.data}
-    if run_config and not (isinstance(model, EncoderSource) and model.is_random):
-        data.runs_data = data.runs_data or run_config.get("data")
-    name = label or (model.label if isinstance(model, EncoderSource) else Path(model).name)
-    chosen = data.settings(run_config, name)
+            model = read_pretrained(model, label)
+        except Interrupted:
+            raise
+        except Exception:  # evaluate_model reads it again and records the failure, without data
+            return evaluate_model(model, settings, {}, 0, out_dir, label)
+    run_config = {"data": data.runs_data if model.is_random else model.data}
+    if run_config["data"] and not model.is_random:
+        data.runs_data = data.runs_data or run_config["data"]
+    chosen = data.settings(run_config, label or model.label)
     splits, num_classes = data.load(chosen)
     return evaluate_model(model, dict(settings, data=chosen), splits, num_classes, out_dir, label)
 
