@@ -325,6 +325,8 @@ CLI_CASES = {
                              "avgpool, layer2.0, layer3.0)"),
     "weight of a head not trained": (["loss=classic", "+loss.weights={{layer2.0: 0.5}}"],
                                      "error: loss.weights names 'layer2.0', which is not a head"),
+    "negative loss weight": (["loss=multi", "+loss.weights={{layer2.0: -0.5}}"],
+                             "error: loss.weights {{'layer2.0': -0.5}}: each weight must be a finite number >= 0"),
     "grid of no module": (["+backbone.grids={{layer9: 2}}"],
                           "error: backbone.grids names 'layer9', which is no module of resnet18"),
     "dotted name split": (["+backbone.grids.layer4.0=2"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -54,6 +55,10 @@ class BYOL(nn.Module):
                 f"not a head of this run (heads: {', '.join(self.heads)}); add the layer to loss.taps or "
                 "drop its weight (a dotted name goes inside braces: '+loss.weights={layer2.0: 0.5}')"
             )
+        bad = {h: w for h, w in self.weights.items() if not math.isfinite(w) or w < 0}
+        if bad:  # a negative weight would push that head's predictions away from its targets
+            raise ConfigError(f"loss.weights {bad}: each weight must be a finite number >= 0 (0 turns a head's "
+                              f"loss off)")
         self.online_encoder = encoder
         self.online_projectors = nn.ModuleDict(
             {_key(h): mlp(encoder.dims[h], proj_hidden_dim, proj_dim) for h in self.heads}
