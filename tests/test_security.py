@@ -350,6 +350,18 @@ BAD_VALUES = {
     "trainer.max_epochs=1.5": "trainer.max_epochs must be a positive whole number",
     "ema.tau_base=1.5": "ema.tau_base must lie between 0 and 1",
     "augment.view2.solarize_p=2": "augment.view2.solarize_p must lie between 0 and 1",
+    "augment.hue=0.7": "augment.hue must lie between 0 and 0.5, not 0.7",
+    "augment.brightness=-0.1": "augment.brightness must be zero or more, not -0.1",
+    "+augment.view1.saturation=-1": "augment.view1.saturation must be zero or more",
+    "augment.crop_scale=[0.9,0.1]": "augment.crop_scale must be [min, max] with 0 < min <= max <= 1, not [0.9, 0.1]",
+    "augment.crop_scale=[0,1]": "augment.crop_scale must be [min, max] with 0 < min <= max <= 1",
+    "augment.crop_scale=[0.08]": "augment.crop_scale must be [min, max]",
+    "+augment.view2.crop_ratio=[2,1]": "augment.view2.crop_ratio must be [min, max] with 0 < min <= max, not [2, 1]",
+    "augment.blur_sigma=[2.0,0.1]": "augment.blur_sigma must be [min, max] with 0 < min <= max",
+    "augment.blur_kernel_size=4": "augment.blur_kernel_size must be odd (or 0",
+    "augment.solarize_threshold=2": "augment.solarize_threshold must lie between 0 and 1",
+    "optim.optimizer.momentum=1.5": "optim.optimizer.momentum must lie in [0, 1), not 1.5",
+    "optim.optimizer.momentum=1": "optim.optimizer.momentum must lie in [0, 1), not 1",
     "ema.tau_schedule=linear": "unknown ema.tau_schedule 'linear'; choose one of: cosine, constant",
     "optim.name=rmsprop": "unknown optim.name 'rmsprop'; choose one of: lars, sgd, adam, adamw",
     "optim.scheduler.name=step": "unknown optim.scheduler.name 'step'; choose one of: warmup_cosine, constant",
@@ -372,7 +384,8 @@ def test_invalid_values_are_one_line_and_exit_1(tmp_path, capsys, override):
 
 def test_invalid_evaluation_values_are_refused():
     for override, expected in (("eval.epochs=0", "eval.epochs must be a positive whole number"),
-                               ("eval.optimizer.name=lbfgs", "unknown eval.optimizer.name 'lbfgs'")):
+                               ("eval.optimizer.name=lbfgs", "unknown eval.optimizer.name 'lbfgs'"),
+                               ("eval.optimizer.momentum=-0.1", "eval.optimizer.momentum must lie in \\[0, 1\\)")):
         cfg = plain_config(compose_config("evaluate", ["preset=smoke", override]))
         with pytest.raises(ConfigError, match=expected):
             check_config(cfg)

@@ -70,6 +70,11 @@ NON_NEGATIVE = ("optim.weight_decay", "eval.weight_decay", "optim.scheduler.warm
 POSITIVE = ("backbone.width", "optim.base_lr", "eval.lr", "eval.encoder_lr", "eval.cached_lr", "eval.temperature",
             "monitor.temperature", "monitor.probe_lr", "data.mmap_above_gb")
 UNIT_INTERVAL = ("ema.tau_base", "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
+# augmentation settings (shared and per view): closed range of each number, and of each [min, max] pair
+AUGMENT_RANGES = {"brightness": (0, math.inf), "contrast": (0, math.inf), "saturation": (0, math.inf),
+                  "hue": (0, 0.5), "solarize_threshold": (0, 1), "blur_kernel_size": (0, math.inf)}
+AUGMENT_PAIRS = {"crop_scale": (0, 1), "crop_ratio": (0, math.inf), "blur_sigma": (0, math.inf)}
+MOMENTUM = ("optim.optimizer.momentum", "eval.optimizer.momentum")  # [0, 1): 1 never forgets, more diverges
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),
          "train.on_nonfinite": ("stop", "skip"), "split.name": ("holdout", "seed_original"),
@@ -291,7 +296,36 @@ def check_config(container: Mapping, source: str = "the config") -> None:
             value = _number_at(container, key)
             if value is not None and not 0 <= value <= 1:
                 raise ConfigError(f"{key} must lie between 0 and 1, not {value!r} ({source})")
+    _check_augment_ranges(container, source)
+    for key in MOMENTUM:
+        value = _number_at(container, key)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"{key} must lie in [0, 1), not {value!r} ({source})")
     for key, names in NAMED.items():
         value = _number_at(container, key)
         if value is not None and value not in names:
             raise ConfigError(f"unknown {key} '{value}'; choose one of: {', '.join(names)} ({source})")
+
+
+def _check_augment_ranges(container: Mapping, source: str) -> None:
+    """Augmentation numbers within the ranges that mean something (hue shifts past half a turn wrap
+    around; a [min, max] pair given as [max, min] would sample outside what was meant)."""
+    for leaf, (low, high) in AUGMENT_RANGES.items():
+        for key in _augment_paths(container, leaf):
+            value = _number_at(container, key)
+            if value is not None and not low <= value <= high:
+                bound = "be zero or more" if high == math.inf else f"lie between {low} and {high}"
+                raise ConfigError(f"{key} must {bound}, not {value!r} ({source})")
+            if leaf == "blur_kernel_size" and value and value % 2 == 0:
+                raise ConfigError(f"{key} must be odd (or 0: about a tenth of the image side), not {value!r} "
+                                  f"({source})")
+    for leaf, (low, high) in AUGMENT_PAIRS.items():
+        for key in _augment_paths(container, leaf):
+            pair = _number_at(container, key)
+            if pair is None:
+                continue
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(_kind(v) == "number" for v in pair)
+                    and low < pair[0] <= pair[1] <= high):
+                top = "" if high == math.inf else f" <= {high}"
+                raise ConfigError(f"{key} must be [min, max] with {low} < min <= max{top}, not {pair!r} ({source})")

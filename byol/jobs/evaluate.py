@@ -189,8 +189,13 @@ def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: Eva
             model = read_pretrained(model, label)
         except Interrupted:
             raise
-        except Exception:  # evaluate_model reads it again and records the failure, without data
-            return evaluate_model(model, settings, {}, 0, out_dir, label)
+        except Exception:  # evaluate_model reads it again and records the failure, under the run's data
+            try:
+                run_config = read_run_config(run_folder_of(Path(model)))
+            except ByolError:
+                run_config = None  # refused as unsafe
+            chosen = data.settings(run_config, label or Path(model).name)
+            return evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label)
     run_config = {"data": data.runs_data if model.is_random else model.data}
     if run_config["data"] and not model.is_random:
         data.runs_data = data.runs_data or run_config["data"]
