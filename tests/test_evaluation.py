@@ -338,9 +338,10 @@ def _job_config(tmp_path, *overrides):
                                        *overrides], tmp_path)
 
 
-def test_evaluate_random_knn_writes_results(tmp_path):
+def test_evaluate_random_knn_writes_results(tmp_path, capsys):
     cfg = _job_config(tmp_path, "pretrained=random", "eval=knn", "repr=combined")
     (result,) = evaluate(cfg, tmp_path / "run")
+    assert "[eval] note: eval.k" not in capsys.readouterr().out  # k=200 against a larger training split
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["status"] == "ok" and result["test_acc"] == saved["test_acc"]
     assert (saved["pretrained"], saved["loss"], saved["repr"], saved["eval"]) == ("random", "random-init",
@@ -352,6 +353,14 @@ def test_evaluate_random_knn_writes_results(tmp_path):
     # the test accuracy is the kNN accuracy a fraction of the 64 test images
     assert saved["test_acc"] * 64 == pytest.approx(round(saved["test_acc"] * 64))
     assert (tmp_path / "run" / "metrics.csv").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_a_k_larger_than_the_training_split_is_said(tmp_path, capsys):
+    cfg = _job_config(tmp_path, "pretrained=random", "eval=knn", "eval.k=100000")
+    (result,) = evaluate(cfg, tmp_path / "run")
+    bank = result["split_sizes"]["train"]
+    assert f"[eval] note: eval.k=100000 is more than the {bank} training images; kNN votes with all {bank}" \
+        in capsys.readouterr().out
 
 
 def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):

@@ -143,6 +143,10 @@ def _knn(features, labels, num_classes: int, eval_cfg: Mapping, loggers) -> dict
     """kNN accuracies of val and test against the training features: no training at all."""
     options = {"k": eval_cfg.get("k", 200), "temperature": eval_cfg.get("temperature", 0.1),
                "chunk_size": eval_cfg.get("chunk_size", 1024)}
+    bank = len(features["train"])
+    if options["k"] > bank:  # knn_accuracy votes with the whole bank then: say so, the result is not the asked k
+        print(f"[eval] note: eval.k={options['k']} is more than the {bank} training images; kNN votes with "
+              f"all {bank}", flush=True)
     accuracy = {split: knn_accuracy(features["train"], labels["train"], features[split], labels[split],
                                     num_classes, **options) for split in ("val", "test")}
     for logger in loggers:
