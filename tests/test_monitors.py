@@ -39,7 +39,10 @@ def test_online_knn_is_the_offline_knn_of_the_same_weights(tmp_path, capsys):
     pretrain(compose_config("train", TINY, run), run)
     online = last_row_values(run / "metrics.csv", "monitor/knn/")
     assert set(online) == {"avgpool", "layer2.0", "layer3.0", "combined"}
-    assert "kNN before training (random init)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kNN before training (random init)" in out
+    # k=200 against the 52 training images left after the 12 held out: the whole bank votes, and it says so
+    assert "against 52 training images (monitor.k=200: all 52 vote)" in out
     for repr_name in ("avgpool", "combined"):
         cfg = compose_config("evaluate", ["preset=smoke", f"pretrained={run}", "eval=knn", f"repr={repr_name}",
                                           "split.val_size=12", "trainer.precision=32-true"], tmp_path)

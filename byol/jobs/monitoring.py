@@ -56,8 +56,9 @@ def build_monitors(config: Mapping, encoder_dims: Mapping[str, int]) -> list:
                     autocast_dtype(config["trainer"].get("precision", "32-true")))
     probes = OnlineProbes(named, encoder_dims, num_classes, monitor["probe_lr"], config["seed"])
     if launched_rank() == 0:
-        print(f"[byol] online monitors: kNN of {len(queries)} test images against {len(bank)} training images every "
-              f"{monitor['every_n_epochs']} epoch(s), and a linear probe per representation "
+        capped = f" (monitor.k={monitor['k']}: all {len(bank)} vote)" if monitor["k"] > len(bank) else ""
+        print(f"[byol] online monitors: kNN of {len(queries)} test images against {len(bank)} training images{capped} "
+              f"every {monitor['every_n_epochs']} epoch(s), and a linear probe per representation "
               f"({', '.join(named)})", flush=True)
     return [knn, probes]
 
