@@ -195,6 +195,17 @@ def test_byte_identical_images_stay_on_one_side_of_the_split(tmp_path, val_size)
     assert sorted(rows(train) + rows(val)) == sorted(rows(full))
 
 
+def test_a_validation_split_larger_than_a_fifth_is_capped_and_said(tmp_path, capsys):
+    tree(tmp_path / "train", ("cat", "dog"), n=10)
+    tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)
+    splits = eval_splits(cfg(tmp_path), holdout(1000))
+    assert (len(splits["val"]), len(splits["train"])) == (4, 16)  # 20 training images: a fifth held out
+    assert "[data] note: 1000 validation images asked, 4 held out (at most a fifth of the 20 training images)" \
+        in capsys.readouterr().out
+    eval_splits(cfg(tmp_path), holdout(4))
+    assert "validation images asked" not in capsys.readouterr().out
+
+
 def test_without_copies_the_split_is_the_seeded_one_of_before(tmp_path):
     tree(tmp_path / "train", ("cat", "dog"), n=10)
     tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)

@@ -323,7 +323,7 @@ def test_evaluate_configs_compose(repr_name, protocol, tmp_path):
     cfg = compose_config("evaluate", [f"repr={repr_name}", f"eval={protocol}"], tmp_path)
     assert (cfg.repr.name, cfg.eval.name, cfg.pretrained) == (repr_name, protocol, "latest")
     smoke = compose_config("evaluate", [f"repr={repr_name}", f"eval={protocol}", "preset=smoke"], tmp_path)
-    assert smoke.split.val_size == 32 and smoke.feature_batch_size == 64
+    assert smoke.split.val_size == 25 and smoke.feature_batch_size == 64
     if protocol != "knn":
         assert cfg.eval.epochs > 1 and smoke.eval.epochs == 1
 
@@ -430,7 +430,7 @@ def test_unfinished_run_is_evaluated_and_marked_incomplete(smoke_config, tmp_pat
     # the settings the report keeps apart are recorded
     assert saved["pretrain_data"] == {"name": "synthetic", "root": None, "subset": None, "image_size": 32,
                                       "num_train": 128, "num_test": 64}
-    assert saved["eval_data"] == {**saved["pretrain_data"], "split": "holdout", "val_size": 32}
+    assert saved["eval_data"] == {**saved["pretrain_data"], "split": "holdout", "val_size": 25}
     assert (saved["backbone"], saved["stem"], saved["eval_epochs"]) == ("resnet18", "imagenet", 0)
 
     report_main([str(tmp_path / "ev")])

@@ -127,7 +127,11 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
                 "test": test.subset(perm[half:])}
     if split != "holdout":
         raise DataError(f"unknown split '{split}'; choose split=holdout or split=seed_original")
-    val_size = min(int(split_cfg.get("val_size", 0)), len(train) // 5)
+    asked = int(split_cfg.get("val_size", 0))
+    val_size = min(asked, len(train) // 5)
+    if val_size < asked:  # the training split keeps at least four fifths of the images
+        print(f"[data] note: {asked} validation images asked, {val_size} held out (at most a fifth of the "
+              f"{len(train)} training images)", flush=True)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
     if len(known) < len(train):
         n = len(train) - len(known)
