@@ -355,6 +355,15 @@ def test_evaluate_random_knn_writes_results(tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.csv").is_file() and (tmp_path / "run" / "config.yaml").is_file()
 
 
+def test_results_name_the_weights_file_by_its_absolute_path(tmp_path, monkeypatch):
+    save_encoder(tiny_encoder([]), tmp_path / "encoder.pt", meta={"loss": "classic", "epochs": 1, "seed": 0})
+    monkeypatch.chdir(tmp_path)
+    cfg = _job_config(tmp_path, "pretrained=encoder.pt", "eval=knn")
+    (result,) = evaluate(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["pretrained"] == result["pretrained"] == str((tmp_path / "encoder.pt").resolve())
+
+
 def test_a_k_larger_than_the_training_split_is_said(tmp_path, capsys):
     cfg = _job_config(tmp_path, "pretrained=random", "eval=knn", "eval.k=100000")
     (result,) = evaluate(cfg, tmp_path / "run")

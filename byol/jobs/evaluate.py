@@ -352,8 +352,10 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     known = isinstance(model, EncoderSource)
-    result = _result_fields(model.origin if known else str(Path(model).resolve()),
-                            label or (model.label if known else None), cfg)
+    origin = model.origin if known else str(model)
+    # a weights file as an absolute path, whether it comes as a path or already read (the report finds runs by it)
+    pretrained = origin if known and model.is_random else str(Path(origin).resolve())
+    result = _result_fields(pretrained, label or (model.label if known else None), cfg)
     if not known:  # until the weights are read: what the run folder's config says
         result.update(run_config_fields(read_run_config(run_folder_of(Path(model)))))
     start = time.perf_counter()
