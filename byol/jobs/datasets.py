@@ -8,7 +8,7 @@ The only data code that reads the config; what it calls (``byol.core.data``,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
             if split == "train":
                 folder = root  # a plain folder of images or of class folders
             else:
-                raise DataError(f"no '{split}' folder in '{root}'; evaluation needs {root}/{split}/<class>/*")
+                raise missing_split_folders(root, [split])
         return load_image_folder(folder, cfg["image_size"], cfg.get("cache_dir"), cfg.get("skip_bad_files", False),
                                  storage=cfg.get("storage", "memory"), mmap_above=mmap_limit(cfg))
     if name == "synthetic":
@@ -90,8 +90,12 @@ def check_eval_folders(cfg) -> None:
     root = Path(cfg["root"])
     missing = [split for split in ("train", "test") if not (root / split).is_dir()]
     if root.exists() and missing:
-        raise DataError(f"no {' and no '.join(repr(m) for m in missing)} folder in '{root}'; evaluation needs "
-                        f"{root}/train/<class>/* and {root}/test/<class>/* (the same class folders in both)")
+        raise missing_split_folders(root, missing)
+
+
+def missing_split_folders(root: Path, missing: Sequence[str]) -> DataError:
+    return DataError(f"no {' and no '.join(repr(m) for m in missing)} folder in '{root}'; evaluation needs "
+                     f"{root}/train/<class>/* and {root}/test/<class>/* (the same class folders in both)")
 
 
 def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensors]:
