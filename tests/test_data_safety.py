@@ -206,6 +206,35 @@ def test_a_validation_split_larger_than_a_fifth_is_capped_and_said(tmp_path, cap
     assert "validation images asked" not in capsys.readouterr().out
 
 
+def test_a_subset_larger_than_the_data_uses_all_of_it_and_says_so(tmp_path, capsys):
+    tree(tmp_path / "train", ("cat", "dog"), n=10)
+    tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)
+    splits = eval_splits(cfg(tmp_path, subset=500), holdout(4))
+    assert len(splits["train"]) == 16
+    assert "[data] note: data.subset=500 is more than the 16 training images left after the validation split; " \
+           "all of them are used" in capsys.readouterr().out
+    assert len(eval_splits(cfg(tmp_path, subset=16), holdout(4))["train"]) == 16
+    assert len(eval_splits(cfg(tmp_path, subset=10), holdout(4))["train"]) == 10
+    assert "data.subset" not in capsys.readouterr().out
+
+
+def test_num_classes_below_the_labels_is_refused_and_above_them_noted(tmp_path, capsys):
+    """Fewer classes than the labels made kNN score 100% on synthetic-like data and crashed the
+    classifier with an index error; more leave outputs unused, which is said."""
+    tree(tmp_path / "train", ("ant", "bee", "cat"), n=5)
+    tree(tmp_path / "test", ("ant", "bee", "cat"), n=2, start=100)
+    with pytest.raises(DataError, match=r"data.num_classes=2, but the data has 3 classes \(ant, bee, cat\); "
+                                        r"set data.num_classes=3, or data.num_classes=null"):
+        load_eval_data(cfg(tmp_path, num_classes=2), holdout(3), seed=0)
+    _, num_classes = load_eval_data(cfg(tmp_path, num_classes=5), holdout(3), seed=0)
+    assert num_classes == 5
+    assert "[data] note: data.num_classes=5, but the data has 3 classes (ant, bee, cat); 2 classifier outputs " \
+           "stay unused" in capsys.readouterr().out
+    for given in (None, 3):
+        assert load_eval_data(cfg(tmp_path, num_classes=given), holdout(3), seed=0)[1] == 3
+        assert "note" not in capsys.readouterr().out
+
+
 def test_without_copies_the_split_is_the_seeded_one_of_before(tmp_path):
     tree(tmp_path / "train", ("cat", "dog"), n=10)
     tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)

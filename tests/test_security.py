@@ -366,7 +366,16 @@ BAD_VALUES = {
     "optim.name=rmsprop": "unknown optim.name 'rmsprop'; choose one of: lars, sgd, adam, adamw",
     "optim.scheduler.name=step": "unknown optim.scheduler.name 'step'; choose one of: warmup_cosine, constant",
     "+trainer.callbacks=x": "trainer.callbacks = 'x' is not a Trainer argument this project passes on",
+    "data.std=[0,0,0]": "data.std must be in (0, 1], of pixels scaled to [0, 1], not [0, 0, 0]",
+    "data.std=[62,62,66]": "not [62, 62, 66] (given on the 0-255 scale? divide by 255)",
+    "data.mean=[0.5,0.5]": "data.mean must be 3 numbers, one per RGB channel, not [0.5, 0.5]",
+    "data.mean=[0.5,nan,0.5]": "data.mean must be in [0, 1], of pixels scaled to [0, 1]",
+    "data.mean=[a,b,c]": "data.mean must be 3 numbers",
+    "trainer.precision=17": "unknown trainer.precision '17'; choose one of: bf16-mixed, 16-mixed, 32-true",
 }
+if not torch.cuda.is_available():
+    BAD_VALUES["trainer.accelerator=gpu"] = ("trainer.accelerator=gpu but no CUDA device is available; use "
+                                             "trainer.accelerator=cpu")
 
 
 @pytest.mark.parametrize("override", BAD_VALUES)
@@ -382,13 +391,46 @@ def test_invalid_values_are_one_line_and_exit_1(tmp_path, capsys, override):
     assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.strategy=foo", "strategy=foo, precision=bf16-mixed): You selected an invalid strategy name"),
+    ("trainer.devices=0", "devices=0, num_nodes=1, strategy=auto, precision=bf16-mixed): `Trainer(devices=0)`"),
+])
+def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, override, expected):
+    """Lightning checks its own arguments when the Trainer is built; what it refuses is one line naming
+    the hardware settings, not a traceback."""
+    cfg = compose_config("train", ["experiment=smoke", override], tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run_job(pretrain, cfg, requested=command_line_keys())
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: Lightning refused the trainer settings (accelerator=") and expected in err, err
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_invalid_evaluation_values_are_refused():
     for override, expected in (("eval.epochs=0", "eval.epochs must be a positive whole number"),
                                ("eval.optimizer.name=lbfgs", "unknown eval.optimizer.name 'lbfgs'"),
-                               ("eval.optimizer.momentum=-0.1", "eval.optimizer.momentum must lie in \\[0, 1\\)")):
+                               ("eval.optimizer.momentum=-0.1", "eval.optimizer.momentum must lie in \\[0, 1\\)"),
+                               ("trainer.precision=transformer-engine", "unknown trainer.precision"),
+                               ("data.std=[0.2,0.2,0]", "data.std must be in \\(0, 1\\]")):
         cfg = plain_config(compose_config("evaluate", ["preset=smoke", override]))
         with pytest.raises(ConfigError, match=expected):
             check_config(cfg)
+
+
+def test_a_run_config_edited_to_a_zero_std_is_refused_by_evaluation():
+    """A run's data settings come from its config.yaml or checkpoint, not the checked command line: a
+    std of 0 there divided every pixel by zero and scored NaN features."""
+    from byol.jobs.evaluate import EvaluationData
+
+    composed = plain_config(compose_config("evaluate", ["preset=smoke"]))["data"]
+    data = EvaluationData(composed, given=[], seed=0, split={"name": "holdout", "val_size": 8})
+    assert data.settings({"data": composed}, "run")["std"] == composed["std"]
+    with pytest.raises(ConfigError, match=r"data.std must be in \(0, 1\].*\(the run's own settings\)"):
+        data.settings({"data": {**composed, "std": [0.0, 0.0, 0.0]}}, "run")
+    # given on the command line, the std replaces the run's
+    fixed = EvaluationData({**composed, "std": [0.5] * 3}, given=["data.std"], seed=0, split={})
+    assert fixed.settings({"data": {**composed, "std": [0.0] * 3}}, "run")["std"] == [0.5] * 3
 
 
 def test_truncated_checkpoint_message_is_whole_and_names_the_others(tmp_path):

@@ -126,6 +126,10 @@ def progress_bar_on(setting) -> bool:
     return bool(setting) if setting is not None else sys.stderr.isatty()
 
 
+# The Trainer arguments that pick hardware and numerics: named in the message when Lightning refuses them.
+TRAINER_CHOICES = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
 def build_trainer(trainer_cfg: Mapping, **fixed):
     """``pytorch_lightning.Trainer`` from plain arguments; ``fixed`` (logger, callbacks...) from the job."""
     import pytorch_lightning as pl
@@ -138,7 +142,13 @@ def build_trainer(trainer_cfg: Mapping, **fixed):
     if "enable_progress_bar" in kwargs:
         kwargs["enable_progress_bar"] = progress_bar_on(kwargs["enable_progress_bar"])
     kwargs.update(fixed)
-    return pl.Trainer(**kwargs)
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(**kwargs)
+    except (ValueError, ImportError, MisconfigurationException) as e:  # strategy=foo, accelerator=tpu without torch_xla
+        given = ", ".join(f"{k}={v}" for k, v in trainer_cfg.items() if k in TRAINER_CHOICES)
+        raise ConfigError(f"Lightning refused the trainer settings ({given}): {e}") from None
 
 
 VIEWS = ("view1", "view2")

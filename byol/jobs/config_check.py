@@ -76,6 +76,8 @@ AUGMENT_RANGES = {"brightness": (0, math.inf), "contrast": (0, math.inf), "satur
 AUGMENT_PAIRS = {"crop_scale": (0, 1), "crop_ratio": (0, math.inf), "blur_sigma": (0, math.inf)}
 MOMENTUM = ("optim.optimizer.momentum", "eval.optimizer.momentum")  # [0, 1): 1 never forgets, more diverges
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
+# Lightning's precision settings that the jobs' own feature extraction also follows (features.autocast_dtype)
+PRECISIONS = ("bf16-mixed", "16-mixed", "32-true", "bf16-true", "16-true", "64-true", "bf16", "16", "32", "64")
 NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),
          "train.on_nonfinite": ("stop", "skip"), "split.name": ("holdout", "seed_original"),
          "logger.name": LOGGER_NAMES, "optim.name": tuple(OPTIMIZERS),
@@ -305,6 +307,29 @@ def check_config(container: Mapping, source: str = "the config") -> None:
         value = _number_at(container, key)
         if value is not None and value not in names:
             raise ConfigError(f"unknown {key} '{value}'; choose one of: {', '.join(names)} ({source})")
+    precision = _number_at(container, "trainer.precision")
+    if precision is not None and str(precision) not in PRECISIONS:
+        raise ConfigError(f"unknown trainer.precision '{precision}'; choose one of: {', '.join(PRECISIONS)} "
+                          f"({source})")
+    if isinstance(container.get("data"), Mapping):
+        check_normalization(container["data"], source)
+
+
+def check_normalization(data: Mapping, source: str) -> None:
+    """``data.mean`` / ``data.std``: one number per RGB channel, of pixels scaled to [0, 1] (images are
+    divided by 255 first), and a std above 0 (a zero divides every pixel by it)."""
+    for key, low, high in (("mean", 0, 1), ("std", 0, 1)):
+        value = data.get(key)
+        if value is None:
+            continue
+        numbers = isinstance(value, (list, tuple)) and all(_kind(v) == "number" for v in value)
+        if not numbers or len(value) != 3:
+            raise ConfigError(f"data.{key} must be 3 numbers, one per RGB channel, not {value!r} ({source})")
+        if not all(low <= v <= high for v in value) or (key == "std" and min(value) == 0):
+            scale = " (given on the 0-255 scale? divide by 255)" if max(value) > 1 else ""
+            bound = "in [0, 1]" if key == "mean" else "in (0, 1]"
+            raise ConfigError(f"data.{key} must be {bound}, of pixels scaled to [0, 1], not {value!r}{scale} "
+                              f"({source})")
 
 
 def _check_augment_ranges(container: Mapping, source: str) -> None:

@@ -127,7 +127,7 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
     if split == "seed_original":
         perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(42))
         half = len(test) // 2
-        return {"train": seeded_subset(train, cfg.get("subset"), seed), "val": test.subset(perm[:half]),
+        return {"train": subset_of(train, cfg, seed, "training images"), "val": test.subset(perm[:half]),
                 "test": test.subset(perm[half:])}
     if split != "holdout":
         raise DataError(f"unknown split '{split}'; choose split=holdout or split=seed_original")
@@ -144,7 +144,17 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
               f"train/val split", flush=True)
     held, rest = holdout(perm, digests, val_size)
     val, rest = train.subset(held), train.subset(rest)
-    return {"train": seeded_subset(rest, cfg.get("subset"), seed), "val": val, "test": test}
+    return {"train": subset_of(rest, cfg, seed, "training images left after the validation split"), "val": val,
+            "test": test}
+
+
+def subset_of(images: ImageTensors, cfg: Mapping, seed: int, what: str) -> ImageTensors:
+    """``data.subset`` images of ``images`` (seeded); all of them, said in a note, when it asks for more."""
+    asked = cfg.get("subset")
+    if asked and asked > len(images):
+        print(f"[data] note: data.subset={asked} is more than the {len(images)} {what}; all of them "
+              f"are used", flush=True)
+    return seeded_subset(images, asked, seed)
 
 
 def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[dict[str, ImageTensors], int]:
@@ -165,6 +175,19 @@ def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[di
                         f"({found}), so any encoder would score 100%; add class folders with images "
                         f"(DIR/train/<class>/*, DIR/test/<class>/*, at least 2 classes) or point data.root "
                         f"at a dataset with several classes")
-    num_classes = data_cfg.get("num_classes") or len(splits["train"].classes) or \
-        int(max(int(s.labels.max()) for s in splits.values())) + 1
-    return splits, int(num_classes)
+    found = max(int(s.labels.max()) for s in splits.values()) + 1
+    num_classes = int(data_cfg.get("num_classes") or len(splits["train"].classes) or found)
+    check_num_classes(num_classes, found, splits["train"].classes)
+    return splits, num_classes
+
+
+def check_num_classes(num_classes: int, found: int, names: Sequence[str]) -> None:
+    """``data.num_classes`` against the labels: fewer would crash the classifier or let kNN score labels
+    it cannot name; more only leaves classifier outputs unused (a note)."""
+    listed = f" ({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})" if names else ""
+    if num_classes < found:
+        raise DataError(f"data.num_classes={num_classes}, but the data has {found} classes{listed}; set "
+                        f"data.num_classes={found}, or data.num_classes=null to count the class folders")
+    if num_classes > found:
+        print(f"[data] note: data.num_classes={num_classes}, but the data has {found} classes{listed}; "
+              f"{num_classes - found} classifier outputs stay unused", flush=True)

@@ -23,7 +23,7 @@ from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
 from byol.jobs.build import planned_world, requested_processes
 from byol.jobs.cli import launched_rank, quiet_lightning
-from byol.jobs.config_check import check_config, plain_config
+from byol.jobs.config_check import check_config, check_normalization, plain_config
 from byol.jobs.datasets import load_eval_data
 from byol.jobs.pretrained import (
     RANDOM_INIT_LABEL,
@@ -77,6 +77,7 @@ class EvaluationData:
             source = f"the run's own settings{given}"
         described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
         print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
+        check_normalization(chosen, source)  # a run folder's config.yaml may have been edited by hand
         return chosen
 
     def load(self, data: Mapping) -> tuple[dict[str, ImageTensors], int]:

@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, safe_load, save_encoder
-from byol.core.data import IndexBatches, seeded_subset
+from byol.core.data import IndexBatches
 from byol.core.disk_images import MmapBatches
 from byol.core.errors import CheckpointError
+from byol.core.features import resolve_device
 from byol.jobs.build import (
     build_augment,
     build_byol,
@@ -36,7 +37,7 @@ from byol.jobs.build import (
 from byol.jobs.cli import command_arg, launched_rank, quiet_lightning, resume_hint
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.curves import write_curves
-from byol.jobs.datasets import load_split
+from byol.jobs.datasets import load_split, subset_of
 from byol.jobs.monitoring import build_monitors, monitor_taps, representations
 from byol.jobs.resume import (
     epochs_trained,
@@ -67,6 +68,7 @@ class RunStart:
 def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     """Check the command line's config, then find and check the checkpoint to continue from."""
     check_config(container, "the command line")
+    resolve_device(container["trainer"].get("accelerator", "auto"))  # a GPU asked for where there is none
     folder_id = folder_run_id(run_dir)
     checkpoint = find_resume(container.get("resume"), run_dir)
     if checkpoint is None:
@@ -108,7 +110,7 @@ def build_datamodule(config: dict) -> TensorDataModule:
     """The run's training images (decoded once, seeded subset) as device-resident index batches, or
     read from the memory-mapped cache (``data.storage``) a batch at a time."""
     data = config["data"]
-    images = seeded_subset(load_split(data, "train"), data.get("subset"), config["seed"])
+    images = subset_of(load_split(data, "train"), data, config["seed"], "training images")
     batches = (MmapBatches if images.mapped else IndexBatches)(images, data["batch_size"], seed=config["seed"])
     return TensorDataModule(batches, data.get("on_device", True))
 
