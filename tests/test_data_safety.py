@@ -206,6 +206,19 @@ def test_a_validation_split_larger_than_a_fifth_is_capped_and_said(tmp_path, cap
     assert "validation images asked" not in capsys.readouterr().out
 
 
+def test_val_size_0_keeps_every_training_image_and_an_empty_split_asked_for_is_refused(tmp_path):
+    tree(tmp_path / "train", ("cat", "dog"), n=10)
+    tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)
+    splits, num_classes = load_eval_data(cfg(tmp_path), holdout(0), seed=0)
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"]), num_classes) == (20, 0, 4, 2)
+    assert sorted(rows(splits["train"])) == sorted(rows(load_image_folder(tmp_path / "train", SIZE)))
+    small = tmp_path / "small"
+    tree(small / "train", ("cat", "dog"), n=2)
+    tree(small / "test", ("cat", "dog"), n=1, start=100)
+    with pytest.raises(DataError, match="the val split is empty"):  # 3 asked, a fifth of 4 images is 0
+        load_eval_data(cfg(small), holdout(3), seed=0)
+
+
 def test_a_subset_larger_than_the_data_uses_all_of_it_and_says_so(tmp_path, capsys):
     tree(tmp_path / "train", ("cat", "dog"), n=10)
     tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)

@@ -372,6 +372,22 @@ def test_a_k_larger_than_the_training_split_is_said(tmp_path, capsys):
         in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("protocol", [["eval=knn"], ["eval=linear"], ["eval=linear", "eval.cached_features=false"],
+                                      ["eval=finetune"]], ids=["knn", "linear-cached", "linear-augmented", "finetune"])
+def test_val_size_0_trains_on_all_training_images_and_reports_no_val_accuracy(tmp_path, capsys, protocol):
+    """The published protocols fit on the whole training set: split.val_size=0 does so, and the validation
+    accuracy is null (not 0 from an empty split) in results.json, the log and metrics.csv."""
+    cfg = _job_config(tmp_path, "pretrained=random", "split.val_size=0", *protocol)
+    (result,) = evaluate(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["split_sizes"] == {"train": 256, "val": 0, "test": 128}  # data=synthetic: 256 / 128 images
+    assert saved["status"] == "ok" and saved["val_acc"] is None and 0 < saved["test_acc"] <= 1
+    assert "-> no val split, test " in capsys.readouterr().out
+    assert "val/acc" not in (tmp_path / "run" / "metrics.csv").read_text()
+    held_out = evaluate(_job_config(tmp_path, "pretrained=random", "split.val_size=16", *protocol), tmp_path / "r2")
+    assert held_out[0]["split_sizes"]["train"] == 240 and held_out[0]["val_acc"] is not None
+
+
 def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
     sweep = tmp_path / "sweep"
     _export(sweep / "0_good", "multi", seed=2)

@@ -95,6 +95,11 @@ def linear_accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, chunk: in
     return correct / max(1, x.shape[0])
 
 
+def scored(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """:func:`linear_accuracy`, or None for a split without images (``split.val_size=0``: no validation)."""
+    return linear_accuracy(head, x, y) if x.shape[0] else None
+
+
 @dataclass
 class ProbeResult:
     """The trained classifier (applied to ``(x - mean) / std``) and its accuracies."""
@@ -102,7 +107,7 @@ class ProbeResult:
     head: nn.Linear
     mean: torch.Tensor
     std: torch.Tensor
-    val_acc: float
+    val_acc: float | None  # None without validation images
     test_acc: float
     history: list[dict] = field(default_factory=list)
 
@@ -151,10 +156,10 @@ def train_linear_probe(
         history = []
         for epoch in range(epochs):
             losses = _train_epoch(head, features, labels, batch_size, optimizer, scheduler, generator)
-            history.append({"epoch": epoch, **losses, "val/acc": linear_accuracy(head, val_features, val[1])})
+            history.append({"epoch": epoch, **losses, "val/acc": scored(head, val_features, val[1])})
             if on_epoch_end is not None:
                 on_epoch_end(history[-1])
-        val_acc = history[-1]["val/acc"] if history else linear_accuracy(head, val_features, val[1])
+        val_acc = history[-1]["val/acc"] if history else scored(head, val_features, val[1])
         return ProbeResult(head, mean, std, val_acc, linear_accuracy(head, test_features, test[1]), history)
 
 

@@ -161,8 +161,9 @@ def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[di
     """train / val / test splits (:func:`eval_splits`) and the number of classes, refusing
     splits that would make the scores meaningless: empty, unlabelled, or a single class."""
     splits = eval_splits(data_cfg, split_cfg, seed=seed)
+    no_validation = split_cfg.get("name", "holdout") == "holdout" and int(split_cfg.get("val_size", 1)) == 0
     for name, split in splits.items():
-        if len(split) == 0:
+        if len(split) == 0 and not (name == "val" and no_validation):  # val_size=0: train on all, no val_acc
             raise DataError(f"the {name} split is empty; use more data or a smaller split.val_size")
         if bool((split.labels < 0).any()):
             raise DataError(f"the {name} split has unlabelled images; evaluation needs class folders "
@@ -175,7 +176,7 @@ def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[di
                         f"({found}), so any encoder would score 100%; add class folders with images "
                         f"(DIR/train/<class>/*, DIR/test/<class>/*, at least 2 classes) or point data.root "
                         f"at a dataset with several classes")
-    found = max(int(s.labels.max()) for s in splits.values()) + 1
+    found = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
     num_classes = int(data_cfg.get("num_classes") or len(splits["train"].classes) or found)
     check_num_classes(num_classes, found, splits["train"].classes)
     return splits, num_classes

@@ -368,8 +368,9 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
             _note_incomplete(model, result["allow_incomplete"])
         result.update(run_protocol(model, cfg, splits, num_classes, out_dir))
         result["status"] = "ok"
+        val = "no val split" if result["val_acc"] is None else f"val {result['val_acc']:.4f}"
         scores = "no accuracy (eval=embed)" if result["test_acc"] is None else \
-            f"val {result['val_acc']:.4f}, test {result['test_acc']:.4f}"
+            f"{val}, test {result['test_acc']:.4f}"
         print(f"[eval] {model.label}: {cfg['eval']['name']} on {cfg['repr']['name']} -> {scores} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
     except Interrupted:  # a stop signal: not this model's failure, and the sweep stops too

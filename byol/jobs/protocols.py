@@ -85,7 +85,8 @@ def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, o
         encoder.to(device)
         features = {k: extract_features(encoder, v.images, taps, data_cfg["mean"], data_cfg["std"],
                                         cfg.get("feature_batch_size", 512), dtype, device)
-                    for k, v in splits.items()}
+                    for k, v in splits.items() if len(v)}
+        features.setdefault("val", features["train"][:0])  # split.val_size=0: no validation images
         labels = {k: v.labels.to(device) for k, v in splits.items()}
         info["extract_seconds"] = round(time.perf_counter() - start, 2)
         if protocol == "knn":
@@ -148,11 +149,11 @@ def _knn(features, labels, num_classes: int, eval_cfg: Mapping, loggers) -> dict
         print(f"[eval] note: eval.k={options['k']} is more than the {bank} training images; kNN votes with "
               f"all {bank}", flush=True)
     accuracy = {split: knn_accuracy(features["train"], labels["train"], features[split], labels[split],
-                                    num_classes, **options) for split in ("val", "test")}
+                                    num_classes, **options) for split in ("val", "test") if len(labels[split])}
     for logger in loggers:
-        logger.log_metrics({"val/acc": accuracy["val"], "test/acc": accuracy["test"]}, step=0)
+        logger.log_metrics({f"{split}/acc": value for split, value in accuracy.items()}, step=0)
     _finish_loggers(loggers)
-    return {"val_acc": accuracy["val"], "test_acc": accuracy["test"]}
+    return {"val_acc": accuracy.get("val"), "test_acc": accuracy["test"]}
 
 
 def _cached_linear(features, labels, num_classes: int, eval_cfg: Mapping, seed: int, dtype, loggers) -> dict:
@@ -162,11 +163,12 @@ def _cached_linear(features, labels, num_classes: int, eval_cfg: Mapping, seed: 
     every = max(1, epochs // 10)
 
     def on_epoch_end(row):
+        row = {k: v for k, v in row.items() if v is not None}  # no val/acc without validation images
         for logger in loggers:
             logger.log_metrics(row, step=row["epoch"])
         if (row["epoch"] + 1) % every == 0 or row["epoch"] + 1 == epochs:
-            print(f"[eval] epoch {row['epoch'] + 1}/{epochs}: train/loss {row['train/loss']:.4f}, train/acc "
-                  f"{row['train/acc']:.4f}, val/acc {row['val/acc']:.4f}", flush=True)
+            parts = [f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/acc") if k in row]
+            print(f"[eval] epoch {row['epoch'] + 1}/{epochs}: {', '.join(parts)}", flush=True)
 
     result = train_linear_probe(
         (features["train"], labels["train"]), (features["val"], labels["val"]),
@@ -194,13 +196,16 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
     trainer_cfg = sync_batchnorm_where_possible({k: v for k, v in cfg["trainer"].items() if k != "max_epochs"},
                                                 "[eval]")
     stop = StopEvaluationOnSignal("fine-tuning" if finetune else "the linear protocol")
+    validated = len(splits["val"]) > 0  # split.val_size=0: no validation loop, val_acc None
     trainer: pl.Trainer = build_trainer(trainer_cfg, max_epochs=int(eval_cfg["epochs"]), logger=loggers,
-                                        callbacks=[stop], default_root_dir=str(out_dir), enable_checkpointing=False)
+                                        callbacks=[stop], default_root_dir=str(out_dir), enable_checkpointing=False,
+                                        **({} if validated else {"limit_val_batches": 0}))
     batches = SplitsDataModule(*_protocol_batches(eval_cfg, splits, cfg["seed"], planned_world(trainer_cfg)))
     with warnings.catch_warnings():  # the frozen encoder is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         trainer.fit(module, datamodule=batches)
-    val_acc, val_images = (float(trainer.callback_metrics[f"val/{key}"]) for key in ("acc", "images"))
+    val_acc, val_images = ((float(trainer.callback_metrics[f"val/{key}"]) for key in ("acc", "images"))
+                           if validated else (None, 0))
     (test,) = trainer.test(module, datamodule=batches, verbose=False)
     _finish_loggers(loggers)
     return {"val_acc": val_acc, "test_acc": float(test["test/acc"]), "cached_features": False,
