@@ -388,6 +388,24 @@ def test_val_size_0_trains_on_all_training_images_and_reports_no_val_accuracy(tm
     assert held_out[0]["split_sizes"]["train"] == 240 and held_out[0]["val_acc"] is not None
 
 
+def test_an_evaluation_run_again_into_its_folder_keeps_the_earlier_result(tmp_path, capsys):
+    """A finished result is never lost: the same hydra.run.dir evaluated again (twice within a second
+    here) keeps the earlier results.json and metrics.csv under names the report does not read."""
+    run = tmp_path / "run"
+    first = evaluate(_job_config(tmp_path, "pretrained=random", "eval=knn"), run)[0]
+    first_json = (run / "results.json").read_text()
+    for _ in range(2):
+        evaluate(_job_config(tmp_path, "pretrained=random", "eval=knn", "repr=combined"), run)
+    kept = sorted(p.name for p in run.glob("results.replaced-*.json"))
+    assert len(kept) == 2 and len(list(run.glob("metrics.replaced-*.csv"))) == 2
+    assert first_json in [(run / name).read_text() for name in kept]
+    assert json.loads((run / "results.json").read_text())["repr"] == "combined"
+    assert json.loads(first_json)["test_acc"] == first["test_acc"]
+    out = capsys.readouterr().out
+    assert out.count(f"[eval] note: {run} already held an evaluation; kept as results.replaced-") == 2
+    assert [p.name for p in run.rglob("results.json")] == ["results.json"]  # the report reads one
+
+
 def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
     sweep = tmp_path / "sweep"
     _export(sweep / "0_good", "multi", seed=2)

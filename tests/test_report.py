@@ -94,6 +94,31 @@ def test_report_writes_markdown_csv_and_plot(sweep, tmp_path, capsys):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("test_acc", "abc", "test_acc is 'abc', not an accuracy in [0, 1]"),
+    ("test_acc", 87.5, "test_acc is 87.5, not an accuracy in [0, 1]"),  # percent where a fraction belongs
+    ("val_acc", [0.5], "val_acc is [0.5], not an accuracy in [0, 1]"),
+    ("seed", "0", "seed is '0', not a whole number"),
+    ("pretrain_epochs", 2.5, "pretrain_epochs is 2.5, not a whole number"),
+    ("width", True, "width is True, not a number"),
+    ("loss", {"a": 1}, "loss is {'a': 1}, not a str"),
+    ("eval_data", "cifar10", "eval_data is 'cifar10', not a dict"),
+])
+def test_a_results_json_with_a_field_of_the_wrong_kind_is_skipped_and_named(sweep, tmp_path, capsys, field,
+                                                                            value, said):
+    """results.json files are data from whoever wrote them: one edited by hand is skipped with the field
+    named (it was a traceback), and the rest of the sweep is still reported."""
+    given = {"loss": "classic", "repr_name": "avgpool", "protocol": "linear", "test": 0.9, "val": 0.9, "seed": 7}
+    write(sweep / "job3", "edited", **{**given, {"test_acc": "test", "val_acc": "val"}.get(field, field): value})
+    out = tmp_path / "out"
+    report([sweep], out)
+    captured = capsys.readouterr()
+    assert f"[report] skipping {(sweep / 'job3' / 'edited' / 'results.json').resolve()}: {said}" in captured.err
+    md = (out / "results.md").read_text()
+    assert md.split("\n")[2].startswith("9 results.json files (1 unreadable, skipped). ")
+    assert "| classic | avgpool | linear | 60.00 ± 10.00 | 60.00 ± 26.46 | 3 | 0 |" in md  # as without it
+
+
 def test_complete_grid_has_no_missing_cells(tmp_path):
     for loss in ("classic", "multi"):
         for r in ("avgpool", "combined"):

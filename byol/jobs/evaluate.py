@@ -41,6 +41,7 @@ from byol.jobs.run_folder import (
     HYDRA_DIR,
     RANDOM,
     failed_jobs,
+    keep_replaced,
     resolve_pretrained,
     run_folder_of,
     run_label,
@@ -352,6 +353,9 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
     returned and written with ``status: failed`` and the error, so a sweep can go on.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    kept = keep_replaced(out_dir, (RESULTS_FILE, "metrics.csv")) if launched_rank() == 0 else []
+    if kept:  # evaluated again into its folder: the earlier result is kept, under names the report skips
+        print(f"[eval] note: {out_dir} already held an evaluation; kept as {' and '.join(kept)}", flush=True)
     known = isinstance(model, EncoderSource)
     origin = model.origin if known else str(model)
     # a weights file as an absolute path, whether it comes as a path or already read (the report finds runs by it)

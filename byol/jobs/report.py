@@ -149,8 +149,11 @@ def _unscored(results: Sequence[dict]) -> list[str]:
     return lines
 
 
-def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (), paired: Sequence = ()) -> str:
-    intro = (f"{n_files} results.json files. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
+def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (), paired: Sequence = (),
+             n_read: int | None = None) -> str:
+    skipped = n_files - n_read if n_read is not None else 0
+    counted = f"{n_files} results.json files" + (f" ({skipped} unreadable, skipped)" if skipped else "")
+    intro = (f"{counted}. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
              f"validation selected nothing (final epoch). Results whose settings differ (backbone, data, "
              f"pretraining or evaluation epochs) are in separate rows, never averaged together. A row "
              f"with no accuracy says why: missing (no result), failed (no run succeeded) or incomplete "
@@ -192,7 +195,7 @@ def report(folders: Sequence[str | Path], out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paired = paired_comparisons(cells)
-    text = markdown(cells, len(paths), unscored_results(results), paired)
+    text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results))
     (out / "results.md").write_text(text, encoding="utf-8")
     write_csv(cells, out / "results.csv")
     if paired:

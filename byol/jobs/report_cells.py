@@ -96,6 +96,36 @@ def find_results(folders: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+# The kind of each results.json field the report reads (null is always allowed): a file edited by hand
+# or written by something else is skipped with the field named, not a traceback halfway through.
+RESULT_FIELDS = {
+    **dict.fromkeys(("test_acc", "val_acc"), "accuracy"),
+    **dict.fromkeys(("seed", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs", "num_classes"), "int"),
+    "width": "number", "allow_incomplete": "bool",
+    **dict.fromkeys(("status", "loss", "repr", "eval", "backbone", "stem", "label", "pretrain_status", "data",
+                     "pretrained"), "str"),
+    **dict.fromkeys(("eval_data", "pretrain_data"), "dict"),
+}
+_KINDS = {"int": (int,), "number": (int, float), "accuracy": (int, float), "bool": (bool,), "str": (str,),
+          "dict": (dict,)}
+
+
+def field_problem(r: dict) -> str | None:
+    """What makes ``r`` unusable as a results object (a field of the wrong kind), or None."""
+    for key, kind in RESULT_FIELDS.items():
+        value = r.get(key)
+        if value is None:
+            continue
+        wrong = not isinstance(value, _KINDS[kind]) or (isinstance(value, bool) and kind != "bool")
+        if not wrong and kind in ("number", "accuracy"):
+            wrong = not math.isfinite(value) or (kind == "accuracy" and not 0 <= value <= 1)
+        if wrong:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            what = "an accuracy in [0, 1]" if kind == "accuracy" else f"a {'whole number' if kind == 'int' else kind}"
+            return f"{key} is {shown}, not {what}"
+    return None
+
+
 def load_results(paths: Iterable[Path]) -> list[dict]:
     """The readable results objects, each with its ``_path``; the others are skipped with a message,
     so one broken file does not hide a whole sweep."""
@@ -108,6 +138,10 @@ def load_results(paths: Iterable[Path]) -> list[dict]:
             continue
         if not isinstance(r, dict):
             print(f"[report] skipping {path}: not a results object", file=sys.stderr)
+            continue
+        problem = field_problem(r)
+        if problem:
+            print(f"[report] skipping {path}: {problem}", file=sys.stderr)
             continue
         r["_path"] = str(path)
         results.append(r)

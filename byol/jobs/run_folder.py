@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from byol.core.errors import ByolError, CheckpointError, ConfigError
@@ -266,3 +268,22 @@ def _sweep_targets(sweep: Path) -> list[Path]:
         raise CheckpointError(f"no run of the sweep '{sweep}' can be evaluated: its {len(failed)} job(s) "
                               f"have no model ({detail}{'; ...' if len(failed) > 5 else ''})")
     return [weights_file(r) for r in runs]
+
+
+def keep_replaced(folder: Path, names: Sequence[str]) -> list[str]:
+    """When ``folder`` holds ``names[0]`` (a finished result about to be rewritten), rename each of
+    ``names`` there to ``<stem>.replaced-<its time><suffix>`` so nothing finished is lost; the new names."""
+    first = folder / names[0]
+    if not first.is_file():
+        return []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(first.stat().st_mtime))
+    kept = []
+    for path in (folder / name for name in names):
+        if path.is_file():
+            target, n = path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}"), 1
+            while target.exists():  # replaced twice within a second
+                n += 1
+                target = path.with_name(f"{path.stem}.replaced-{stamp}-{n}{path.suffix}")
+            path.replace(target)
+            kept.append(target.name)
+    return kept
