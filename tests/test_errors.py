@@ -75,6 +75,13 @@ def test_missing_dataset_folder(tmp_path):
     assert "DIR/train/<class>/*" in str(err.value)
 
 
+@pytest.mark.parametrize("root", ["???", None, ""])
+def test_imagefolder_without_a_root_asks_for_one(root):
+    """data=imagefolder's root is the placeholder ??? until given: say what to give, not that '???' is missing."""
+    with pytest.raises(DataError, match=r"^data=imagefolder needs its folder: data.root=DIR, laid out as "):
+        load_split({"name": "imagefolder", "root": root}, "train")
+
+
 def test_empty_dataset_folder(tmp_path):
     with pytest.raises(DataError, match=f"no images found in '{tmp_path}'"):
         load_split(folder_cfg(tmp_path), "train")

@@ -119,6 +119,14 @@ def test_a_results_json_with_a_field_of_the_wrong_kind_is_skipped_and_named(swee
     assert "| classic | avgpool | linear | 60.00 ± 10.00 | 60.00 ± 26.46 | 3 | 0 |" in md  # as without it
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line(sweep, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(sweep), "--out", str(tmp_path / "a_file" / "report")])
+    assert str(exit_.value) == (f"error: cannot write the report into '{tmp_path / 'a_file' / 'report'}' (Not a "
+                                f"directory); choose another folder with --out DIR")
+
+
 def test_complete_grid_has_no_missing_cells(tmp_path):
     for loss in ("classic", "multi"):
         for r in ("avgpool", "combined"):

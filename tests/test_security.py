@@ -372,6 +372,9 @@ BAD_VALUES = {
     "data.mean=[0.5,nan,0.5]": "data.mean must be in [0, 1], of pixels scaled to [0, 1]",
     "data.mean=[a,b,c]": "data.mean must be 3 numbers",
     "trainer.precision=17": "unknown trainer.precision '17'; choose one of: bf16-mixed, 16-mixed, 32-true",
+    "loss.taps=layer2.0": "loss.taps must be a list, in brackets: loss.taps=[layer2.0] (got the str 'layer2.0')",
+    "augment.crop_scale=0.5": "augment.crop_scale must be a list, in brackets: augment.crop_scale=[min, max] (got "
+                              "the number 0.5)",
 }
 if not torch.cuda.is_available():
     BAD_VALUES["trainer.accelerator=gpu"] = ("trainer.accelerator=gpu but no CUDA device is available; use "

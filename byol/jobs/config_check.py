@@ -185,6 +185,9 @@ def _type_error(path: tuple, value, kinds: frozenset) -> str | None:
         return f"must be a number (got the string {value!r}; give it without quotes)"
     if "str" in kinds and kind in ("number", "bool"):
         return None  # e.g. trainer.precision=32
+    if kinds == frozenset({"list"}) and kind in ("str", "number"):
+        shape = "[min, max]" if path[-1] in AUGMENT_PAIRS else f"[{value}]"
+        return f"must be a list, in brackets: {_dotted(path)}={shape} (got the {kind} {value!r})"
     wanted = " or ".join(sorted(k if k != "none" else "null" for k in kinds))
     return f"must be a {wanted}, not a {kind}"
 

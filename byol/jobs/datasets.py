@@ -45,6 +45,9 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
     if name == "stl10":
         return load_stl10(cfg["root"], "train+unlabeled" if split == "train" and unlabelled else split, download)
     if name == "imagefolder":
+        if cfg.get("root") in (None, "", "???"):  # the config's placeholder: nothing was given
+            raise DataError("data=imagefolder needs its folder: data.root=DIR, laid out as DIR/train/<class>/* "
+                            "(and DIR/test/<class>/* for evaluation), or a flat folder of images to pretrain on")
         root = Path(cfg["root"])
         if not root.exists():
             raise DataError(f"data.root '{root}' does not exist; point data.root at a folder laid out as "

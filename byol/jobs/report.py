@@ -263,4 +263,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[report] newest evaluation sweep: {newest}")
         folders = [newest]
     first = Path(folders[0])
-    report(folders, args.out or (first if first.is_dir() else first.parent), args.allow_incomplete)
+    out = args.out or (first if first.is_dir() else first.parent)
+    try:
+        report(folders, out, args.allow_incomplete)
+    except OSError as e:  # an unwritable or full output folder: one line, like the jobs
+        raise SystemExit(f"error: cannot write the report into '{out}' ({e.strerror or e}); choose another "
+                         f"folder with --out DIR") from None
