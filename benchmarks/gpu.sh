@@ -29,7 +29,8 @@
 # only under $OUT: the way to test this script without a GPU.
 # Environment: MODE (single|grid), OUT (results folder), DATA (dataset root; default /tmp/cifar10,
 # extracted if missing), PYTHON (default python3), PRETRAIN_S (single: 240), BATCHES (default "256 512"),
-# PEERS, COMPILE=1, WORK (run folders); single: EPOCHS, PRETRAIN_BATCH, TRAIN_EXTRA; grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
+# PEERS, COMPILE=1, WORK (run folders); single: EPOCHS, PRETRAIN_BATCH, TRAIN_EXTRA, EVAL_EXTRA
+# (evaluate.py overrides of the probe: split.val_size=0 fits on all 50,000 images, as solo-learn); grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -39,6 +40,7 @@ SMOKE=${SMOKE:-0}
 MODE=${MODE:-single}
 FIXED_EPOCHS=${EPOCHS:-}  # single: pretrain this many epochs instead of what fits in PRETRAIN_S
 read -r -a TRAIN_EXTRA_ARGS <<<"${TRAIN_EXTRA:-}"
+read -r -a EVAL_EXTRA_ARGS <<<"${EVAL_EXTRA:-}"  # single: evaluate.py overrides for the linear probe
 case "$MODE" in single | grid) ;; *) echo "gpu.sh: MODE must be single or grid, not '$MODE'" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/byol-gpu-out}
 DATA=${DATA:-/tmp/cifar10}
@@ -186,11 +188,12 @@ else
   say "linear probe"
   rm -rf "$WORK/linear"
   if timeout 240 "$PY" evaluate.py pretrained="$RUN" eval=linear data=imagefolder data.root="$DATA" \
-       hydra.run.dir="$WORK/linear" "${EVAL_TINY[@]}"; then
+       hydra.run.dir="$WORK/linear" "${EVAL_TINY[@]}" "${EVAL_EXTRA_ARGS[@]}"; then
     if [ -f "$WORK/linear/results.json" ]; then
       cp "$WORK/linear/results.json" "$OUT/linear_results.json"
       PROBE=$("$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); \
-print(f\"test accuracy {100*r['test_acc']:.2f}% (val {100*r['val_acc']:.2f}%), repr {r.get('repr')}\")" \
+v=r.get('val_acc'); val='no val split' if v is None else f'val {100*v:.2f}%'; \
+print(f\"test accuracy {100*r['test_acc']:.2f}% ({val}), repr {r.get('repr')}\")" \
         "$WORK/linear/results.json" 2>/dev/null || echo "finished; results.json unreadable")
     else
       PROBE="finished, but no results.json in $WORK/linear"
@@ -207,6 +210,6 @@ say "linear probe: $PROBE"
   echo "Pretraining (\`python train.py data=imagefolder data.batch_size=$LAST_B trainer.max_epochs=$EPOCHS" \
        "optim.scheduler.warmup_epochs=$WARM_EPOCHS ${TINY[*]} ${COMPILE_SET[*]} ${TRAIN_EXTRA_ARGS[*]}\`): exit $PRETRAIN_RC," \
        "$EPOCHS epochs in ${PRETRAIN_WALL} s wall (start-up, data loading and checkpoints included)."
-  echo "Linear probe (\`python evaluate.py pretrained=RUN eval=linear data=imagefolder ${EVAL_TINY[*]}\`): $PROBE."
+  echo "Linear probe (\`python evaluate.py pretrained=RUN eval=linear data=imagefolder ${EVAL_TINY[*]} ${EVAL_EXTRA_ARGS[*]}\`): $PROBE."
 } >>"$SECTION"
 finish

@@ -131,7 +131,7 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     # a fixed number of epochs with extra overrides: how the GPU recipe's 100-epoch target is run
     env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(tmp_path / "work"),
                BATCHES="4", PEERS="ours,floor", HOME=str(tmp_path / "home"), PYTHON=sys.executable,
-               EPOCHS="2", TRAIN_EXTRA="monitor=off ema.tau_base=0.95")
+               EPOCHS="2", TRAIN_EXTRA="monitor=off ema.tau_base=0.95", EVAL_EXTRA="split.val_size=0")
     repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -142,6 +142,10 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     assert "SMOKE test (benchmarks/gpu.sh)" in results and "| cifar | ours |" in results
     assert "monitor=off ema.tau_base=0.95`): exit 0, 2 epochs" in results  # the pretraining ran, as asked
     assert (tmp_path / "work" / "pretrain" / "encoder.pt").exists()
+    # the probe as the published protocols fit it: on every training image, so no validation accuracy
+    assert "split.val_size=0`): test accuracy " in results and "% (no val split), repr avgpool." in results
+    probe = json.loads((out / "linear_results.json").read_text())
+    assert probe["val_acc"] is None and probe["split_sizes"]["val"] == 0 and probe["eval_data"]["val_size"] == 0
     config = yaml.safe_load((tmp_path / "work" / "pretrain" / "config.yaml").read_text())
     assert config["trainer"]["max_epochs"] == 2 and config["monitor"]["enabled"] is False
     assert config["ema"]["tau_base"] == 0.95

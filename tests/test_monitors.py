@@ -56,6 +56,15 @@ def test_online_knn_is_the_offline_knn_of_the_same_weights(tmp_path, capsys):
     assert "OnlineProbes" in safe_load(run / "checkpoints" / "last.ckpt")["callbacks"]  # resumed with the run
 
 
+def test_knn_runs_every_n_epochs_and_at_the_last_epoch(tmp_path):
+    """monitor.every_n_epochs=2 over 3 epochs scores after epochs 2 and 3: without the last one a run
+    whose epochs are not a multiple of n ended without a final score (none at all when n > epochs)."""
+    run = tmp_path / "run"
+    pretrain(compose_config("train", [*TINY, "trainer.max_epochs=3", "monitor.every_n_epochs=2"], run), run)
+    curves = read_metrics(run / "metrics.csv")
+    assert [x for x, _ in curves["monitor/knn/avgpool"]] == [0.0, 2.0, 3.0]
+
+
 @pytest.mark.slow
 def test_monitors_do_not_change_the_encoders_training(tmp_path):
     weights = {}

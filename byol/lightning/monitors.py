@@ -87,7 +87,8 @@ class OnlineKNN(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Under DDP rank 0 alone scores (every rank holds the same online weights; eval mode, so
         # SyncBatchNorm runs no collective) and logs; the other ranks go on to the next epoch.
-        if (trainer.current_epoch + 1) % self.every or not trainer.is_global_zero:
+        final = trainer.current_epoch + 1 == trainer.max_epochs  # a run's curve always ends with a score
+        if ((trainer.current_epoch + 1) % self.every and not final) or not trainer.is_global_zero:
             return
         start = time.perf_counter()
         self.last = self.scores(pl_module.model.online_encoder)
