@@ -372,6 +372,9 @@ BAD_VALUES = {
     "data.mean=[0.5,nan,0.5]": "data.mean must be in [0, 1], of pixels scaled to [0, 1]",
     "data.mean=[a,b,c]": "data.mean must be 3 numbers",
     "trainer.precision=17": "unknown trainer.precision '17'; choose one of: bf16-mixed, 16-mixed, 32-true",
+    "seed=-1": "seed must be a whole number from 0 to 4294967295, not -1",
+    "seed=4294967296": "seed must be a whole number from 0 to 4294967295, not 4294967296",
+    "seed=1.5": "seed must be a whole number from 0 to 4294967295, not 1.5",
     "loss.taps=layer2.0": "loss.taps must be a list, in brackets: loss.taps=[layer2.0] (got the str 'layer2.0')",
     "augment.crop_scale=0.5": "augment.crop_scale must be a list, in brackets: augment.crop_scale=[min, max] (got "
                               "the number 0.5)",
@@ -415,6 +418,7 @@ def test_invalid_evaluation_values_are_refused():
                                ("eval.optimizer.name=lbfgs", "unknown eval.optimizer.name 'lbfgs'"),
                                ("eval.optimizer.momentum=-0.1", "eval.optimizer.momentum must lie in \\[0, 1\\)"),
                                ("trainer.precision=transformer-engine", "unknown trainer.precision"),
+                               ("seed=-3", "seed must be a whole number from 0"),
                                ("data.std=[0.2,0.2,0]", "data.std must be in \\(0, 1\\]")):
         cfg = plain_config(compose_config("evaluate", ["preset=smoke", override]))
         with pytest.raises(ConfigError, match=expected):

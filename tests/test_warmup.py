@@ -78,3 +78,18 @@ def test_schedule_epochs_stretch_an_epoch_bounded_run_and_leave_a_step_bounded_o
     # never a negative count
     assert schedule_span(20, -1, 196, 40) == (1, 20)
     assert schedule_span(20, None, 196, None) == (1, 20)
+
+
+def test_a_schedule_shorter_than_the_run_is_said_and_the_run_keeps_its_own(tmp_path, capsys):
+    """schedule_epochs only lengthens the schedules; a smaller value was ignored without a word."""
+    from conftest import compose_config
+
+    from byol.jobs.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(compose_config("train", ["experiment=smoke", "trainer.max_epochs=2", "schedule_epochs=1",
+                                      "monitor=off", "data.num_train=64"], run), run)
+    out = capsys.readouterr().out
+    assert ("[byol] note: schedule_epochs=1 is fewer than the run's 2 epochs; the learning-rate and tau "
+            "schedules span the run's 2 (schedule_epochs only lengthens them)") in out
+    assert "epoch 2/2:" in out and ", lr 0, " in out.split("epoch 2/2:")[1]  # the run's own cosine, ended

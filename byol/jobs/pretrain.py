@@ -213,6 +213,9 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
           f"on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
           flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)
+    if horizon and horizon < epochs:
+        print(f"[byol] note: schedule_epochs={horizon} is fewer than the run's {epochs} epochs; the learning-rate "
+              f"and tau schedules span the run's {epochs} (schedule_epochs only lengthens them)", flush=True)
     if start.checkpoint is not None:
         steps_per_epoch = max(1, len(batches) // int(trainer_cfg.get("accumulate_grad_batches") or 1)
                               // trainer.world_size)  # the batches are not sharded yet
