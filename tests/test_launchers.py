@@ -121,6 +121,29 @@ def test_slurm_launcher_config_composes():
     assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in cfg.hydra.launcher.setup
 
 
+def test_a_slurm_sweep_without_slurm_is_one_line_before_anything_is_launched(tmp_path, monkeypatch, capsys):
+    """submitit refuses a machine without SLURM with a traceback from inside the launcher; the sweep's
+    start callback says it in one line naming the launchers that do run here. With sbatch present: no word."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from byol.jobs.cli import WritableOutput
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=submitit_slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                      return_hydra_config=True)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_:
+        WritableOutput().on_multirun_start(cfg)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("error: hydra/launcher=submitit_slurm submits to SLURM, but this machine has no sbatch "
+                          "or srun; ") and "hydra/launcher=submitit_local" in err
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}" if name == "sbatch" else None)
+    WritableOutput().on_multirun_start(cfg)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_signal_is_handed_on_to_a_python_handler_only():
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import traceback
@@ -295,8 +296,8 @@ def _failed(run_dir: Path, multirun: bool, e: ByolError):
 
 
 class WritableOutput(Callback):
-    """Hydra callback: before Hydra writes into the run (or sweep) folder, check that it can; else one
-    line and exit status 1 instead of a logging-configuration traceback."""
+    """Hydra callback: before Hydra writes into the run (or sweep) folder, check that it can, and before a
+    SLURM sweep, that there is SLURM; else one line and exit status 1 instead of a traceback."""
 
     @staticmethod
     def _check(folder: str, key: str) -> None:
@@ -316,6 +317,13 @@ class WritableOutput(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        if target.endswith("SlurmLauncher") and not (shutil.which("sbatch") or shutil.which("srun")):
+            # submitit's own refusal is a traceback from inside the launcher
+            print("error: hydra/launcher=submitit_slurm submits to SLURM, but this machine has no sbatch or srun; "
+                  "run the command on the cluster's login node, or use hydra/launcher=submitit_local (the same "
+                  "launcher on this machine) or hydra/launcher=joblib", file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 class SweepSummary(Callback):
