@@ -324,14 +324,14 @@ def check_config(container: Mapping, source: str = "the config") -> None:
 def check_normalization(data: Mapping, source: str) -> None:
     """``data.mean`` / ``data.std``: one number per RGB channel, of pixels scaled to [0, 1] (images are
     divided by 255 first), and a std above 0 (a zero divides every pixel by it)."""
-    for key, low, high in (("mean", 0, 1), ("std", 0, 1)):
+    for key in ("mean", "std"):
         value = data.get(key)
         if value is None:
             continue
         numbers = isinstance(value, (list, tuple)) and all(_kind(v) == "number" for v in value)
         if not numbers or len(value) != 3:
             raise ConfigError(f"data.{key} must be 3 numbers, one per RGB channel, not {value!r} ({source})")
-        if not all(low <= v <= high for v in value) or (key == "std" and min(value) == 0):
+        if not all(0 <= v <= 1 for v in value) or (key == "std" and min(value) == 0):
             scale = " (given on the 0-255 scale? divide by 255)" if max(value) > 1 else ""
             bound = "in [0, 1]" if key == "mean" else "in (0, 1]"
             raise ConfigError(f"data.{key} must be {bound}, of pixels scaled to [0, 1], not {value!r}{scale} "
