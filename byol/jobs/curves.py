@@ -73,6 +73,8 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
     ``taps=False`` leaves out the curves of single intermediate blocks (``layer2.0``...): an overlay of
     several runs stays readable with avgpool and combined alone. ``legends=False``: no legend in the
     panels (an overlay has one for the whole figure)."""
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
         drawn = False
         for label, series, style in runs:
@@ -96,6 +98,7 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
                 drawn = True
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2, 1.4 on a short run
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn and legends:
@@ -135,7 +138,9 @@ def write_curves(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    # fixed margins: a constrained layout would double the time of each refresh during training (0.6 s -> 0.3 s)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.92, bottom=0.07, wspace=0.22, hspace=0.3)
     _draw(axes, [("", read_metrics(metrics), {})])
     fig.suptitle(f"{run_dir.name}: learning curves (metrics.csv)", fontsize=11)
     _save(fig, run_dir / CURVES_FILE)

@@ -314,12 +314,16 @@ class EpochHook(pl.Callback):
     """Calls ``fn()`` once an epoch's metrics reached the loggers (at the next epoch's start; the job
     calls it once more after training), e.g. to refresh the run's curves, in at most about ``share`` of
     the run's time: after a call that took d seconds the next waits until d / share seconds have passed
-    (a 0.7 s plot: every epoch of 40 s CPU epochs, every 4th of 4 s GPU epochs). A failure of ``fn`` is
-    reported once and never stops training."""
+    (a 0.7 s plot: every epoch of 40 s CPU epochs, every 4th of 4 s GPU epochs). The first call waits
+    for ``first_cost`` / ``share`` seconds of training (20 s: a run shorter than that is drawn once, at
+    its end). A failure of ``fn`` is reported once and never stops training."""
 
-    def __init__(self, fn, share: float = 0.05):
-        self.fn, self.failed, self.share = fn, False, share
+    def __init__(self, fn, share: float = 0.05, first_cost: float = 1.0):
+        self.fn, self.failed, self.share, self.first_cost = fn, False, share, first_cost
         self._next_call = float("-inf")  # time.monotonic() from which the next call may run
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._next_call = time.monotonic() + self.first_cost / self.share
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.failed or trainer.global_rank != 0 or trainer.current_epoch == 0:
