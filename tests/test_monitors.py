@@ -115,6 +115,13 @@ def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path):
     assert series["train/tau"] == [(1.0, 0.99), (2.0, 0.99)]  # step 3 and 7 of 4-step epochs: ends of 1 and 2
     assert report([sweep], tmp_path / "out") == []  # no evaluation yet: only the curves
     assert Image.open(tmp_path / "out" / "curves.png").size[0] > 1000
+    # a report written into a run folder (python -m byol.report RUN [RUN2]) keeps the run's own curves.png
+    run = sweep / "0_classic"
+    (run / "encoder.pt").write_bytes(b"weights")
+    (run / "curves.png").write_bytes(b"the run's own figure")
+    assert report([run, sweep / "1_multi"], run) == []
+    assert (run / "curves.png").read_bytes() == b"the run's own figure"
+    assert Image.open(run / "curves_overlay.png").size[0] > 1000
 
 
 def test_an_overlay_has_one_key_below_its_panels_instead_of_a_legend_per_curve(tmp_path, monkeypatch):

@@ -148,8 +148,25 @@ def test_cli_defaults_to_the_newest_evaluation_sweep(sweep, tmp_path, monkeypatc
     assert (new / "results.md").is_file() and not (old / "results.md").exists()
     main([str(sweep), "--out", str(tmp_path / "elsewhere")])
     assert (tmp_path / "elsewhere" / "results.csv").is_file()
+    (tmp_path / "elsewhere" / "nothing").mkdir()
     with pytest.raises(SystemExit, match="no results.json"):
         main([str(tmp_path / "elsewhere" / "nothing")])
+
+
+def test_a_folder_that_does_not_exist_or_a_file_of_another_kind_is_refused_before_writing(sweep, tmp_path):
+    """A typo among the folders left its runs out of the table without a word."""
+    typo = tmp_path / "swep"
+    with pytest.raises(SystemExit) as exit_:
+        main([str(sweep), str(typo)])
+    assert str(exit_.value) == (f"error: '{typo}' does not exist; name evaluation or training folders (or "
+                                f"results.json files) to report on")
+    assert not (sweep / "results.md").exists()
+    other = sweep / "job2" / "notes.txt"
+    with pytest.raises(SystemExit, match=f"'{other}' is a file, not a folder or a results.json; name the folder "
+                                         f"that holds it"):
+        main([str(other)])
+    main([str(sweep / "job2" / "classic0" / "results.json"), "--out", str(tmp_path / "one")])  # a results.json
+    assert (tmp_path / "one" / "results.md").is_file()
 
 
 # ------------------------------------------------------------------------ unfinished, failed, other settings

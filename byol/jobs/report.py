@@ -212,9 +212,9 @@ def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out:
     """``curves.png`` in ``out``: the learning curves of the training runs in ``folders`` and of the runs the
     results evaluated, overlaid (colour: loss mode, line style: seed)."""
     from byol.jobs.build import loss_mode
-    from byol.jobs.curves import overlay_curves
+    from byol.jobs.curves import CURVES_FILE, overlay_curves
     from byol.jobs.pretrained import read_run_config
-    from byol.jobs.run_folder import find_runs, run_folder_of
+    from byol.jobs.run_folder import find_runs, is_run_dir, run_folder_of
 
     runs = {run.resolve() for folder in folders for run in find_runs(Path(folder))}
     runs |= {run_folder_of(Path(r["pretrained"])).resolve() for r in results
@@ -231,10 +231,28 @@ def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out:
         return None
     out.mkdir(parents=True, exist_ok=True)
     title = f"learning curves of {len(described)} pretraining runs (colour: loss, line style: seed)"
-    path = overlay_curves(described, out / "curves.png", title)
+    # a report written into a run folder keeps that run's own curves.png
+    name = OVERLAY_IN_A_RUN if is_run_dir(out) else CURVES_FILE
+    path = overlay_curves(described, out / name, title)
     if path:
         print(f"[report] wrote {path}")
     return path
+
+
+OVERLAY_IN_A_RUN = "curves_overlay.png"  # the overlay's name where curves.png is a run's own figure
+
+
+def checked_folders(folders: Sequence[str]) -> list[Path]:
+    """The folders (or results.json files) to scan; a name that does not exist, or a file of another kind,
+    is refused: a typo would otherwise leave its runs out of the table without a word."""
+    for folder in map(Path, folders):
+        if not folder.exists():
+            raise SystemExit(f"error: '{folder}' does not exist; name evaluation or training folders (or "
+                             f"results.json files) to report on")
+        if folder.is_file() and folder.name != "results.json":
+            raise SystemExit(f"error: '{folder}' is a file, not a folder or a results.json; name the folder "
+                             f"that holds it ('{folder.parent}')")
+    return [Path(f) for f in folders]
 
 
 def newest_eval_sweep(outputs: Path = Path("outputs")) -> Path | None:
@@ -255,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "that did not finish their epochs in the means, in rows of their own (default: as "
                         "each results.json says, i.e. evaluate.py's allow_incomplete)")
     args = parser.parse_args(argv)
-    folders = args.folders
+    folders = checked_folders(args.folders)
     if not folders:
         newest = newest_eval_sweep()
         if newest is None:
