@@ -248,6 +248,26 @@ def test_num_classes_below_the_labels_is_refused_and_above_them_noted(tmp_path, 
         assert "note" not in capsys.readouterr().out
 
 
+def test_a_class_folder_without_images_is_named_and_counted_once(tmp_path, capsys):
+    """An empty class folder (first in sorted order here) made the labels' count and the folders' count
+    differ: "data.num_classes=3, but the data has 2 classes (ant, bee, cat)"."""
+    tree(tmp_path / "train", ("bee", "cat"), n=5)
+    tree(tmp_path / "test", ("bee", "cat"), n=2, start=100)
+    for split in ("train", "test"):
+        (tmp_path / split / "ant").mkdir()
+    splits, num_classes = load_eval_data(cfg(tmp_path), holdout(2), seed=0)
+    out = capsys.readouterr().out
+    assert num_classes == 3 and splits["train"].classes == ("ant", "bee", "cat")
+    assert out.count("[data] note:") == 1, out
+    assert "[data] note: class folders without images: 'ant' (training and test); they stay classes (all 3 " \
+           "folders count): remove empty folders" in out
+    assert load_eval_data(cfg(tmp_path, num_classes=3), holdout(2), seed=0)[1] == 3  # no contradiction
+    assert "data.num_classes" not in capsys.readouterr().out
+    (tmp_path / "test" / "ant").rmdir()
+    with pytest.raises(DataError, match=r"only in train: \['ant'\]; only in test: none\) \('ant' holds no images\)"):
+        load_eval_data(cfg(tmp_path), holdout(2), seed=0)
+
+
 def test_without_copies_the_split_is_the_seeded_one_of_before(tmp_path):
     tree(tmp_path / "train", ("cat", "dog"), n=10)
     tree(tmp_path / "test", ("cat", "dog"), n=2, start=100)

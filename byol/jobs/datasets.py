@@ -116,8 +116,11 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
     if len(train.classes) and len(test.classes) and train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
+        empty = [name for name, split in [(n, train) for n in only_train] + [(n, test) for n in only_test]
+                 if not bool((split.labels == split.classes.index(name)).any())]
+        hint = f" ({', '.join(map(repr, empty))} {'holds' if len(empty) == 1 else 'hold'} no images)" if empty else ""
         raise DataError(f"train and test class folders differ (only in train: {only_train or 'none'}; "
-                        f"only in test: {only_test or 'none'}); both splits need the same <class> "
+                        f"only in test: {only_test or 'none'}){hint}; both splits need the same <class> "
                         f"subfolders: add, rename or remove folders")
     digests = image_digests(train)
     known = set(digests)
@@ -179,12 +182,26 @@ def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[di
                         f"({found}), so any encoder would score 100%; add class folders with images "
                         f"(DIR/train/<class>/*, DIR/test/<class>/*, at least 2 classes) or point data.root "
                         f"at a dataset with several classes")
-    found = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
-    num_classes = int(data_cfg.get("num_classes") or len(splits["train"].classes) or found)
-    check_num_classes(num_classes, found, splits["train"].classes)
+    names = splits["train"].classes
+    note_empty_classes(names, splits)
+    found = len(names) or max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
+    num_classes = int(data_cfg.get("num_classes") or found)
+    check_num_classes(num_classes, found, names)
     return splits, num_classes
 
 
+def note_empty_classes(names: Sequence[str], splits: Mapping[str, ImageTensors]) -> None:
+    """A note for class folders without images (a leftover or misplaced folder): they stay classes, with a
+    classifier output no image has, and a class missing from the test split is never scored."""
+    sides = {"training": torch.cat([splits["train"].labels, splits["val"].labels]), "test": splits["test"].labels}
+    present = {side: set(labels.tolist()) for side, labels in sides.items()}
+    empty = {names[k]: [side for side in sides if k not in present[side]] for k in range(len(names))}
+    empty = {name: where for name, where in empty.items() if where}
+    if empty:
+        listed = [f"'{name}' ({' and '.join(where)})" for name, where in list(empty.items())[:12]]
+        print(f"[data] note: class folders without images: {', '.join(listed)}{', ...' if len(empty) > 12 else ''}; "
+              f"they stay classes (all {len(names)} folders count): remove empty folders that are not meant as "
+              f"classes", flush=True)
 def check_num_classes(num_classes: int, found: int, names: Sequence[str]) -> None:
     """``data.num_classes`` against the labels: fewer would crash the classifier or let kNN score labels
     it cannot name; more only leaves classifier outputs unused (a note)."""
