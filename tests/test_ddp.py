@@ -269,6 +269,14 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused():
     (["trainer.devices=2"], "need the DDP strategy: add trainer=ddp"),
     (["trainer.num_nodes=2"], "need the DDP strategy: add trainer=ddp"),
     (["trainer=ddp", "eval=finetune", "eval.batch_size=33"], "eval.batch_size=33 is the global batch, shared by 2"),
+    # BatchNorm (the classifier's, the encoder's when fine-tuned) needs 2 images a batch: a traceback before
+    (["data=synthetic", "eval=finetune", "eval.batch_size=1"],
+     r"eval.batch_size=1 leaves 1 image per batch on each of 1 process\(es\); BatchNorm needs at least 2: set "
+     r"eval.batch_size to at least 2"),
+    (["data=synthetic", "eval=linear", "eval.cached_features=false", "eval.batch_size=1"],
+     "BatchNorm needs at least 2"),
+    (["data=synthetic", "trainer=ddp", "eval=finetune", "eval.batch_size=2"],
+     r"leaves 1 image per batch on each of 2 process\(es\)"),
 ])
 def test_evaluation_with_processes_it_cannot_use_is_refused_before_any_result(tmp_path, overrides, message):
     from conftest import compose_config

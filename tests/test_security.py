@@ -344,6 +344,7 @@ def test_unwritable_output_folder_is_one_line_before_hydra_writes(tmp_path, monk
 BAD_VALUES = {
     "data.batch_size=0": "data.batch_size must be a positive whole number, not 0",
     "data.batch_size=-1": "data.batch_size must be a positive whole number, not -1",
+    "data.batch_size=1": "data.batch_size must be at least 2, not 1: BatchNorm normalises over the images of a batch",
     "optim.base_lr=abc": "optim.base_lr must be a number",
     "optim.base_lr='0.1'": "optim.base_lr must be a number (got the string '0.1'; give it without quotes)",
     "optim.base_lr=-0.5": "optim.base_lr must be positive",

@@ -289,6 +289,9 @@ def check_config(container: Mapping, source: str = "the config") -> None:
         value = _number_at(container, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{key} must be a positive whole number, not {value!r} ({source})")
+    if _number_at(container, "data.batch_size") == 1:  # a BatchNorm traceback at the first step
+        raise ConfigError(f"data.batch_size must be at least 2, not 1: BatchNorm normalises over the images of a "
+                          f"batch (of each process under DDP), and one image has no spread ({source})")
     seed = container.get("seed")  # torch, numpy and Lightning take 0 ... 2**32 - 1
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32):
         raise ConfigError(f"seed must be a whole number from 0 to {2 ** 32 - 1}, not {seed!r} ({source})")

@@ -126,6 +126,10 @@ def check_processes(settings: Mapping) -> None:
     if uses_trainer(settings["eval"]) and batch and int(batch) % world:
         raise ConfigError(f"eval.batch_size={batch} is the global batch, shared by {world} processes: choose a "
                           f"multiple of {world}")
+    if uses_trainer(settings["eval"]) and batch and int(batch) // world < 2:  # else a BatchNorm traceback
+        raise ConfigError(f"eval.batch_size={batch} leaves {int(batch) // world} image per batch on each of "
+                          f"{world} process(es); BatchNorm needs at least 2: set eval.batch_size to at least "
+                          f"{2 * world}")
 
 
 def takes_part(settings: Mapping) -> bool:

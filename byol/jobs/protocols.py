@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from byol.core.data import IndexBatches
-from byol.core.errors import ConfigError
+from byol.core.errors import ConfigError, DataError
 from byol.core.features import autocast_dtype, extract_features, feature_dim, representation_taps, resolve_device
 from byol.core.knn import knn_accuracy
 from byol.core.linear_probe import MakeOptimizer, train_linear_probe
@@ -217,6 +217,10 @@ def _protocol_batches(eval_cfg: Mapping, splits, seed: int, world: int) -> tuple
     """Train / val / test batches of ``eval.batch_size`` images: the global batch, which the processes of
     a DDP evaluation share (so the protocol is the same on any number of devices)."""
     batch = min(int(eval_cfg["batch_size"]), len(splits["train"]) // world * world)  # a multiple of world
+    if batch // world < 2:  # eval.batch_size itself is checked before any model (evaluate.check_processes)
+        raise DataError(f"{len(splits['train'])} training images cap eval.batch_size={eval_cfg['batch_size']} at "
+                        f"{batch // world} image per batch on each of {world} process(es); BatchNorm needs at "
+                        f"least 2: use more training images (data.subset, split.val_size)")
     return (IndexBatches(splits["train"], batch, seed=seed),
             IndexBatches(splits["val"], batch, shuffle=False, drop_last=False),
             IndexBatches(splits["test"], batch, shuffle=False, drop_last=False))
