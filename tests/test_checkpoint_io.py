@@ -214,9 +214,18 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:500])  # truncated, as by a copy cut short
     with pytest.raises(CheckpointError, match="corrupt, truncated or not a PyTorch file"):
         safe_load(path)
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CheckpointError, match="corrupt, truncated or not a PyTorch file"):
+    # a file of another kind handed over by mistake (pretrained=RUN/config.yaml): said so, with what lies beside
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(CheckpointError) as error:
+        safe_load(tmp_path / "config.yaml")
+    assert str(error.value) == (f"'{tmp_path / 'config.yaml'}' is not a PyTorch file (a checkpoint or an encoder "
+                                f"export); PyTorch files beside it: {path}")
+    (tmp_path / "notes.txt").write_text("")  # empty
+    with pytest.raises(CheckpointError, match="is not a PyTorch file"):
         safe_load(tmp_path / "notes.txt")
+    (tmp_path / "damaged.ckpt").write_text("hello")  # a checkpoint by its name: damaged, not misnamed
+    with pytest.raises(CheckpointError, match="corrupt, truncated or not a PyTorch file"):
+        safe_load(tmp_path / "damaged.ckpt")
     with pytest.raises(CheckpointError, match="does not exist"):
         safe_load(tmp_path / "nope.ckpt")
     with pytest.raises(CheckpointError, match="is a folder"):

@@ -142,9 +142,21 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -
     except Exception as e:  # truncated or damaged files fail in many ways
         if mmap and isinstance(e, RuntimeError):  # old (non-zip) serialisation cannot be mapped: read it
             return safe_load(path, map_location)
+        if path.suffix not in (".ckpt", ".pt", ".pth") and not _starts_like_torch(path):  # a config.yaml...
+            beside = sorted(q for glob in ("*.pt", "*.ckpt", "checkpoints/*.ckpt") for q in path.parent.glob(glob))
+            listed = f"; PyTorch files beside it: {', '.join(map(str, beside))}" if beside else ""
+            raise CheckpointError(f"'{path}' is not a PyTorch file (a checkpoint or an encoder export){listed}") \
+                from None
         detail = " ".join(str(e).split())
         raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
                               f"({type(e).__name__}: {detail}).{_alternatives(path)}") from None
+
+
+def _starts_like_torch(path: Path) -> bool:
+    """Whether the file begins as torch.save writes: a zip archive, or a pickle (the legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def _alternatives(path: Path) -> str:
