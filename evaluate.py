@@ -5,10 +5,12 @@ eval=finetune pretrained=RUN_DIR``, ``python evaluate.py -m pretrained=latest_sw
 repr=avgpool,combined eval=linear,finetune``. See README.md and conf/evaluate.yaml.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from byol.jobs.cli import command_line_keys, run_job
+from byol.jobs.cli import command_line_keys, refuse_misspelt_keys, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -20,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_misspelt_keys(sys.argv[1:], "evaluate")
     main()

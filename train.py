@@ -5,10 +5,12 @@ Examples: ``python train.py loss=multi``, ``python train.py -m loss=classic,mult
 See README.md and conf/train.yaml.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from byol.jobs.cli import command_line_keys, run_job
+from byol.jobs.cli import command_line_keys, refuse_misspelt_keys, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -20,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_misspelt_keys(sys.argv[1:], "train")
     main()

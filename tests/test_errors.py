@@ -385,11 +385,42 @@ def test_command_line_errors_are_one_line(tmp_path, case):
 
 
 @pytest.mark.slow
-def test_unknown_config_key_is_hydras_message():
+def test_unknown_config_key_is_hydras_message_and_a_misspelt_one_gets_the_setting_it_resembles():
     result = cli("experiment=smoke", "data.bogus=1")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "Could not override 'data.bogus'" in result.stderr
     assert "Key 'bogus' is not in struct" in result.stderr
+    # Hydra's advice for a typo is to append it ("+data.bach_size=64"), which the job then refuses
+    assert error_line(cli("experiment=smoke", "data.bach_size=64")) == (
+        "error: data.bach_size is not a setting; did you mean data.batch_size? (python train.py --cfg job prints "
+        "every setting)")
+    assert error_line(cli("-m", "pretrained=random", "split.val_sise=0", script="evaluate.py")).startswith(
+        "error: split.val_sise is not a setting; did you mean split.val_size?")
+
+
+@pytest.mark.parametrize("argv, config_name, suggested", [
+    (["data.bach_size=64"], "train", "data.batch_size"),
+    (["seed=1", "optim.optimizer.momentun=0.9"], "train", "optim.optimizer.momentum"),
+    (["dat.batch_size=3"], "train", "data.batch_size"),
+    (["-m", "eval.lrr=0.1,0.2"], "evaluate", "eval.lr"),
+    (["eval.lrr=0.1"], "train", None),  # train.py has no eval settings: Hydra's message
+    (["data.bogus=1"], "train", None),  # nothing close
+    (["+data.bach_size=1"], "train", None),  # appended on purpose: the job's own check names it
+    (["++head.proj_dimm=1", "~ema.tau_bas"], "train", None),
+    (["data.batch_size=64", "loss=multi", "hydra/launcher=joblib", "hydra.run.dir=/tmp/x"], "train", None),
+    (["+loss.weights={layer2.0: 0.5}", "+augment.view1.saturation=0.2", "augment.view1.saturaton=0.2"],
+     "train", None),  # keys under the per-view and per-tap dicts are the user's (Hydra advises +)
+    (["data.batch_size=[unclosed"], "train", None),  # a syntax error: Hydra's message
+])
+def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name, suggested):
+    from byol.jobs.cli import misspelt_key
+
+    message = misspelt_key(argv, config_name)
+    if suggested is None:
+        assert message is None, message
+    else:
+        assert message is not None and f"did you mean {suggested}?" in message
+        assert f"(python {config_name}.py --cfg job prints every setting)" in message
 
 
 @pytest.mark.slow

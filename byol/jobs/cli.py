@@ -12,6 +12,7 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,6 +149,49 @@ def command_line_keys() -> list[str]:
         else:
             keys.append(key)
     return keys
+
+
+def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
+    """The error line for a command-line key that is no setting of ``conf/<config_name>.yaml`` but close to
+    one (``data.bach_size=64``), where Hydra would suggest appending it with ``+``; None otherwise (Hydra
+    reports what else is wrong)."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from byol.jobs.config_check import CONF_DIR, OPEN_DICTS, VIEW_OVERRIDES, config_schema
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+        top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml"))
+    except Exception:
+        return None
+    groups = {next(iter(d)) for d in top.pop("defaults", []) if isinstance(d, dict)}
+    known = {".".join(path) for path in config_schema() if path and path[0] in set(top) | groups}
+    free = tuple(".".join(path) + "." for path in OPEN_DICTS | VIEW_OVERRIDES)  # keys of the user's choosing
+    for o in parsed:
+        key = o.key_or_group
+        if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None or key in known
+                or (CONF_DIR / key).is_dir() or key.split(".")[0] == "hydra" or key.startswith(free)):
+            continue
+        parent, _, last = key.rpartition(".")
+        if parent in known:  # a sibling's name, else the whole key
+            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+            close = [f"{parent}.{name}" for name in difflib.get_close_matches(last, siblings, n=2, cutoff=0.7)]
+        else:
+            close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.85)
+        if close:
+            return (f"error: {key} is not a setting; did you mean {' or '.join(close)}? (python {config_name}.py "
+                    f"--cfg job prints every setting)")
+    return None
+
+
+def refuse_misspelt_keys(argv: Sequence[str], config_name: str) -> None:
+    """Exit with :func:`misspelt_key`'s line before Hydra composes anything."""
+    message = misspelt_key(argv, config_name)
+    if message:
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def launched_rank() -> int:
