@@ -10,7 +10,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from byol.jobs.cli import command_line_keys, refuse_misspelt_keys, run_job
+from byol.jobs.cli import command_line_keys, run_job
+from byol.jobs.command_line import check_command_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -22,5 +23,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_misspelt_keys(sys.argv[1:], "evaluate")
+    check_command_line(sys.argv[1:], "evaluate")
     main()

@@ -413,7 +413,7 @@ def test_unknown_config_key_is_hydras_message_and_a_misspelt_one_gets_the_settin
     (["data.batch_size=[unclosed"], "train", None),  # a syntax error: Hydra's message
 ])
 def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name, suggested):
-    from byol.jobs.cli import misspelt_key
+    from byol.jobs.command_line import misspelt_key
 
     message = misspelt_key(argv, config_name)
     if suggested is None:

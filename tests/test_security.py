@@ -259,6 +259,69 @@ def test_lock_names_the_holder_and_a_killed_holder_does_not_block(tmp_path):
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
 
 
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_job_refuses_the_folder_of_the_other_kind_of_job_and_writes_nothing_into_it(tmp_path, capsys):
+    """`python evaluate.py pretrained=RUN hydra.run.dir=RUN` rewrote the run's config.yaml with the evaluation's
+    (the run could then not be evaluated on its own data: CIFAR-10 was looked for instead) and wrote FAILED
+    into it; pretraining into an evaluation's folder replaced its metrics.csv."""
+    from byol.jobs.evaluate import evaluate
+
+    run, evaluation, mixed = tmp_path / "run", tmp_path / "eval", tmp_path / "mixed"
+    for folder, files in ((run, {"config.yaml": "loss: {taps: []}\n", "metrics.csv": "epoch\n0\n",
+                                 "encoder.pt": "weights"}),
+                          (evaluation, {"config.yaml": "eval: {name: linear}\n", "metrics.csv": "epoch\n0\n",
+                                        "results.json": "{}"}),
+                          (mixed, {"results.json": "{}", "checkpoints/last.ckpt": "state"})):
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+    for job, fn, folder, kind in (("evaluate", evaluate, run, "a pretraining run"),
+                                  ("train", pretrain, evaluation, "an evaluation")):
+        before = folder_contents(folder)
+        (folder / f"{job}.log").write_text("")  # as Hydra's log handler leaves it before the job starts
+        cfg = compose_config(job if job == "evaluate" else "train",
+                             ["preset=smoke" if job == "evaluate" else "experiment=smoke", f"hydra.job.name={job}"],
+                             folder)
+        with pytest.raises(SystemExit) as exit_:
+            run_job(fn, cfg, requested=[])
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err == (f"error: '{folder}' holds {kind}, whose config.yaml and metrics.csv the "
+                                           f"{'evaluation' if job == 'evaluate' else 'run'} would overwrite; write "
+                                           f"into another folder (hydra.run.dir=NEW, or leave hydra.run.dir out for "
+                                           f"a new one under outputs/)\n")
+        assert folder_contents(folder) == before  # no FAILED, no lock, no log: nothing written
+    # a run's folder that an earlier version evaluated into still continues (results.json beside checkpoints)
+    from byol.jobs.run_folder import check_job_folder
+
+    check_job_folder(mixed, "train")
+    with pytest.raises(FolderBusyError, match="holds a pretraining run"):
+        check_job_folder(mixed, "evaluate")
+    check_job_folder(tmp_path / "new", "train"), check_job_folder(tmp_path / "new", "evaluate")
+
+
+@pytest.mark.slow
+def test_the_folder_check_comes_before_hydra_writes_its_own_files(tmp_path):
+    """Given as hydra.run.dir, a run's folder is refused before Hydra rewrites its .hydra/ record and log;
+    a sweep's job folders are checked by the job (above)."""
+    from byol.jobs.command_line import given_run_dir
+
+    run = tmp_path / "run"
+    files = {"encoder.pt": "weights", ".hydra/overrides.yaml": "- loss=multi\n", "train.log": "[byol]\n"}
+    for name, text in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    before = folder_contents(run)
+    result = subprocess.run([sys.executable, "evaluate.py", "pretrained=random", f"hydra.run.dir={run}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: '{run}' holds a pretraining run"), result.stderr
+    assert folder_contents(run) == before
+    assert given_run_dir(["seed=1", "hydra.run.dir='/a b'", "hydra.run.dir=/c"]) == Path("/c")
+    assert given_run_dir(["-m", "hydra.run.dir=/c"]) is None and given_run_dir(["hydra.run.dir=${now:%H}"]) is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args", [("train.py", ["trainer.max_epochs=1000"]),
                                          ("evaluate.py", ["pretrained=random", "eval=finetune", "eval.epochs=1000"])])

@@ -12,7 +12,6 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock
+from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
@@ -151,49 +150,6 @@ def command_line_keys() -> list[str]:
     return keys
 
 
-def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
-    """The error line for a command-line key that is no setting of ``conf/<config_name>.yaml`` but close to
-    one (``data.bach_size=64``), where Hydra would suggest appending it with ``+``; None otherwise (Hydra
-    reports what else is wrong)."""
-    import difflib
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from byol.jobs.config_check import CONF_DIR, OPEN_DICTS, VIEW_OVERRIDES, config_schema
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
-        top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml"))
-    except Exception:
-        return None
-    groups = {next(iter(d)) for d in top.pop("defaults", []) if isinstance(d, dict)}
-    known = {".".join(path) for path in config_schema() if path and path[0] in set(top) | groups}
-    free = tuple(".".join(path) + "." for path in OPEN_DICTS | VIEW_OVERRIDES)  # keys of the user's choosing
-    for o in parsed:
-        key = o.key_or_group
-        if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None or key in known
-                or (CONF_DIR / key).is_dir() or key.split(".")[0] == "hydra" or key.startswith(free)):
-            continue
-        parent, _, last = key.rpartition(".")
-        if parent in known:  # a sibling's name, else the whole key
-            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-            close = [f"{parent}.{name}" for name in difflib.get_close_matches(last, siblings, n=2, cutoff=0.7)]
-        else:
-            close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.85)
-        if close:
-            return (f"error: {key} is not a setting; did you mean {' or '.join(close)}? (python {config_name}.py "
-                    f"--cfg job prints every setting)")
-    return None
-
-
-def refuse_misspelt_keys(argv: Sequence[str], config_name: str) -> None:
-    """Exit with :func:`misspelt_key`'s line before Hydra composes anything."""
-    message = misspelt_key(argv, config_name)
-    if message:
-        print(message, file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
 def launched_rank() -> int:
     """This process's global rank: set by a launcher (Lightning's DDP processes, torchrun, SLURM: read
     from the environment by Lightning) or by Lightning once its processes start; 0 for a process alone."""
@@ -238,6 +194,7 @@ def run_job(fn, cfg, *args, **kwargs):
             print(f"error (rank {launched_rank()}): {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
     try:
+        check_job_folder(run_dir, hc.job.name)  # before the lock, the log or FAILED is written into it
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
                 console_copied_to(run_dir / f"{hc.job.name}.log"), \
                 sweep_record_kept(Path(hc.sweep.dir) / "multirun.yaml" if ddp_sweep else None):
@@ -245,7 +202,7 @@ def run_job(fn, cfg, *args, **kwargs):
             overrides = " ".join(hc.overrides.task) or "none (the defaults)"
             print(f"[{hc.job.name}] overrides: {overrides}", flush=True)
             return fn(cfg, run_dir, *args, **kwargs)
-    except FolderBusyError as e:  # the folder is another process's: write nothing into it
+    except FolderBusyError as e:  # the folder is another process's or job's: write nothing into it
         print(f"error: {e}", file=sys.stderr, flush=True)
         if multirun:
             return None

@@ -44,6 +44,34 @@ class FolderBusyError(ByolError):
     """Another live process holds the folder's lock."""
 
 
+class FolderTakenError(FolderBusyError):
+    """The folder holds the other kind of job's output (a pretraining run's, an evaluation's)."""
+
+
+def check_job_folder(folder: Path, job: str) -> None:
+    """Refuse to run ``job`` (train or evaluate) in a folder that holds the other kind of job's output:
+    evaluating into a pretraining run's folder rewrote its config.yaml, after which the run could not
+    be evaluated on its own data, and added to its metrics.csv; pretraining into an evaluation's folder
+    replaced that evaluation's metrics.csv. (Log files tell nothing: Hydra creates one before any job.)"""
+    folder = Path(folder)
+    try:
+        keys = set(raw_run_config(folder) or {})
+    except ConfigError:  # an unreadable config.yaml: the job itself says so
+        keys = set()
+    run = is_run_dir(folder) or "loss" in keys
+    if job == "evaluate" and run:
+        held = "a pretraining run, whose config.yaml and metrics.csv the evaluation would overwrite"
+    elif job == "train" and not run and ((folder / "results.json").is_file() or "eval" in keys):
+        held = "an evaluation, whose config.yaml and metrics.csv the run would overwrite"
+    else:
+        return
+    hydras_log = folder / f"{job}.log"  # created empty by Hydra before the job started: leave nothing behind
+    if hydras_log.is_file() and not hydras_log.stat().st_size:
+        hydras_log.unlink()
+    raise FolderTakenError(f"'{folder}' holds {held}; write into another folder (hydra.run.dir=NEW, or leave "
+                           f"hydra.run.dir out for a new one under outputs/)")
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
