@@ -300,6 +300,10 @@ def test_a_job_refuses_the_folder_of_the_other_kind_of_job_and_writes_nothing_in
     with pytest.raises(FolderBusyError, match="holds a pretraining run"):
         check_job_folder(mixed, "evaluate")
     check_job_folder(tmp_path / "new", "train"), check_job_folder(tmp_path / "new", "evaluate")
+    odd = tmp_path / "odd"  # a config.yaml of another shape (a list of mappings): no traceback, not a run
+    odd.mkdir()
+    (odd / "config.yaml").write_text("- {a: 1}\n- b\n")
+    check_job_folder(odd, "train"), check_job_folder(odd, "evaluate")
 
 
 @pytest.mark.slow

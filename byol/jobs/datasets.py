@@ -202,6 +202,8 @@ def note_empty_classes(names: Sequence[str], splits: Mapping[str, ImageTensors])
         print(f"[data] note: class folders without images: {', '.join(listed)}{', ...' if len(empty) > 12 else ''}; "
               f"they stay classes (all {len(names)} folders count): remove empty folders that are not meant as "
               f"classes", flush=True)
+
+
 def check_num_classes(num_classes: int, found: int, names: Sequence[str]) -> None:
     """``data.num_classes`` against the labels: fewer would crash the classifier or let kNN score labels
     it cannot name; more only leaves classifier outputs unused (a note)."""

@@ -55,9 +55,10 @@ def check_job_folder(folder: Path, job: str) -> None:
     replaced that evaluation's metrics.csv. (Log files tell nothing: Hydra creates one before any job.)"""
     folder = Path(folder)
     try:
-        keys = set(raw_run_config(folder) or {})
+        raw = raw_run_config(folder)
     except ConfigError:  # an unreadable config.yaml: the job itself says so
-        keys = set()
+        raw = None
+    keys = set(raw) if isinstance(raw, dict) else set()  # a file of any shape: it is not ours to trust
     run = is_run_dir(folder) or "loss" in keys
     if job == "evaluate" and run:
         held = "a pretraining run, whose config.yaml and metrics.csv the evaluation would overwrite"
