@@ -15,6 +15,9 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
     """The error line for a command-line key that is no setting of ``conf/<config_name>.yaml`` but close to
     one (``data.bach_size=64``), where Hydra would suggest appending it with ``+``; None otherwise (Hydra
     reports what else is wrong)."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    if not overrides:  # --help, --cfg, the defaults: nothing to check (and no schema to load)
+        return None
     import difflib
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -22,7 +25,7 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
     from byol.jobs.config_check import CONF_DIR, OPEN_DICTS, VIEW_OVERRIDES, config_schema
 
     try:
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+        parsed = OverridesParser.create().parse_overrides(overrides)
         top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml"))
     except Exception:
         return None
@@ -63,7 +66,7 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     run_dir = given_run_dir(argv)
     if not message and run_dir is not None:
         try:
-            check_job_folder(run_dir, "train" if config_name == "train" else "evaluate")
+            check_job_folder(run_dir, config_name)  # the job's name is its config's: train, evaluate
         except FolderTakenError as e:
             message = f"error: {e}"
     if message:

@@ -116,8 +116,8 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
     if len(train.classes) and len(test.classes) and train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
-        empty = [name for name, split in [(n, train) for n in only_train] + [(n, test) for n in only_test]
-                 if not bool((split.labels == split.classes.index(name)).any())]
+        empty = [name for name in only_train if name in classes_without_images(train)] + \
+                [name for name in only_test if name in classes_without_images(test)]
         hint = f" ({', '.join(map(repr, empty))} {'holds' if len(empty) == 1 else 'hold'} no images)" if empty else ""
         raise DataError(f"train and test class folders differ (only in train: {only_train or 'none'}; "
                         f"only in test: {only_test or 'none'}){hint}; both splits need the same <class> "
@@ -190,12 +190,18 @@ def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[di
     return splits, num_classes
 
 
+def classes_without_images(images: ImageTensors) -> set[str]:
+    """The class folders of ``images`` that no image is labelled with."""
+    present = set(images.labels.tolist())
+    return {name for k, name in enumerate(images.classes) if k not in present}
+
+
 def note_empty_classes(names: Sequence[str], splits: Mapping[str, ImageTensors]) -> None:
     """A note for class folders without images (a leftover or misplaced folder): they stay classes, with a
     classifier output no image has, and a class missing from the test split is never scored."""
-    sides = {"training": torch.cat([splits["train"].labels, splits["val"].labels]), "test": splits["test"].labels}
-    present = {side: set(labels.tolist()) for side, labels in sides.items()}
-    empty = {names[k]: [side for side in sides if k not in present[side]] for k in range(len(names))}
+    sides = {"training": classes_without_images(splits["train"]) & classes_without_images(splits["val"]),
+             "test": classes_without_images(splits["test"])}
+    empty = {name: [side for side, missing in sides.items() if name in missing] for name in names}
     empty = {name: where for name, where in empty.items() if where}
     if empty:
         listed = [f"'{name}' ({' and '.join(where)})" for name, where in list(empty.items())[:12]]

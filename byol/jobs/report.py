@@ -208,6 +208,9 @@ def report(folders: Sequence[str | Path], out: str | Path,
     return cells
 
 
+OVERLAY_IN_A_RUN = "curves_overlay.png"  # the overlay's name where curves.png is a run's own figure
+
+
 def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out: Path) -> Path | None:
     """``curves.png`` in ``out``: the learning curves of the training runs in ``folders`` and of the runs the
     results evaluated, overlaid (colour: loss mode, line style: seed)."""
@@ -237,9 +240,6 @@ def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out:
     if path:
         print(f"[report] wrote {path}")
     return path
-
-
-OVERLAY_IN_A_RUN = "curves_overlay.png"  # the overlay's name where curves.png is a run's own figure
 
 
 def checked_folders(folders: Sequence[str]) -> list[Path]:
