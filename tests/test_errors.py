@@ -396,6 +396,10 @@ def test_unknown_config_key_is_hydras_message_and_a_misspelt_one_gets_the_settin
         "every setting)")
     assert error_line(cli("-m", "pretrained=random", "split.val_sise=0", script="evaluate.py")).startswith(
         "error: split.val_sise is not a setting; did you mean split.val_size?")
+    # a setting of another option of its group: Hydra would advise appending it, and the job would ignore it
+    assert error_line(cli("-m", "pretrained=random", "eval=linear,knn", "eval.epochs=5", script="evaluate.py")) == (
+        "error: eval.epochs is a setting of eval=finetune or eval=linear, not of eval=knn (the sweep's job with "
+        "eval=knn); choose eval=finetune or eval=linear, or leave eval.epochs out")
 
 
 @pytest.mark.parametrize("argv, config_name, suggested", [
@@ -421,6 +425,38 @@ def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name
     else:
         assert message is not None and f"did you mean {suggested}?" in message
         assert f"(python {config_name}.py --cfg job prints every setting)" in message
+
+
+@pytest.mark.parametrize("argv, config_name, expected", [
+    (["eval=knn", "eval.epochs=5"], "evaluate",
+     "error: eval.epochs is a setting of eval=finetune or eval=linear, not of eval=knn; choose eval=finetune or "
+     "eval=linear, or leave eval.epochs out"),
+    (["eval.k=3"], "evaluate", "error: eval.k is a setting of eval=knn, not of eval=linear;"),
+    # appended, it would be accepted and ignored (or handed to an optimizer that has no such argument)
+    (["optim=adam", "+optim.optimizer.eta=0.1"], "train",
+     "error: optim.optimizer.eta is a setting of optim=lars, not of optim=adam;"),
+    # a sweep is checked job by job before the first one runs
+    (["-m", "eval=linear,knn", "repr=avgpool,combined", "eval.epochs=5"], "evaluate",
+     "error: eval.epochs is a setting of eval=finetune or eval=linear, not of eval=knn (the sweep's job with "
+     "eval=knn repr=avgpool);"),
+    (["monitor=off", "monitor.k=50"], "train", "error: monitor.k is a setting of monitor=default, not of monitor=off;"),
+    (["data.cache_dir=/c"], "train", "error: data.cache_dir is a setting of data=imagefolder, not of data=cifar10;"),
+    (["eval=knn", "eval.k=3"], "evaluate", None),
+    (["data=imagefolder", "data.cache_dir=/c"], "train", None),
+    (["experiment=smoke", "data.num_train=64"], "train", None),  # the experiment chose data=synthetic
+    (["data.cache_dir=/c"], "evaluate", None),  # evaluate.py's data.* keys apply to each run's own data group
+    (["monitor.k=3"], "evaluate", None),  # no monitor group there: Hydra's message
+    (["eval=bogus", "eval.k=3"], "evaluate", None),  # an unknown option: Hydra's message
+    (["-m", "eval=linear,finetune", "eval.epochs=5", "seed=range(0,3)"], "evaluate", None),
+])
+def test_a_setting_of_another_option_is_named_with_the_options_that_have_it(argv, config_name, expected):
+    from byol.jobs.command_line import setting_of_another_option
+
+    message = setting_of_another_option(argv, config_name)
+    if expected is None:
+        assert message is None, message
+    else:
+        assert message is not None and message.startswith(expected), message
 
 
 @pytest.mark.slow
