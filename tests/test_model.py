@@ -85,9 +85,14 @@ def reference_head_losses(model: BYOL, v1, v2) -> dict:
 
 def test_loss_is_the_weighted_sum_of_head_losses():
     model = tiny_multi(WEIGHTS).train()
-    reference = copy.deepcopy(model)
+    with torch.no_grad():  # a target unlike the online network: the targets must come from the target side
+        for p in [*model.target_encoder.parameters(), *model.target_projectors.parameters()]:
+            p.add_(0.5 * torch.randn_like(p))
+    reference, online_targets = copy.deepcopy(model), copy.deepcopy(model)
+    online_targets.update_target(0.0)  # its target a copy of its online network
     v1, v2 = views()
     out = model(v1, v2)
+    assert not torch.allclose(out["loss"], online_targets(v1, v2)["loss"])  # the check below is sensitive
     assert set(out) == {"loss"} | {f"{kind}/{h}" for h in HEADS for kind in ("loss", "std")}
     expected = reference_head_losses(reference, v1, v2)
     for h in HEADS:

@@ -22,6 +22,7 @@ from byol.core.data import IndexBatches, make_synthetic
 from byol.core.errors import CheckpointError
 from byol.jobs.build import architecture
 from byol.jobs.cli import command_line_keys, run_dir_of
+from byol.jobs.pretrained import read_pretrained
 from byol.jobs.resume import epochs_trained, find_resume, resume_config
 from byol.lightning.callbacks import describe_step
 from byol.lightning.csv_logger import ContinuingCSVLogger
@@ -351,6 +352,9 @@ def test_finished_run_is_not_retrained(killed_and_requeued):
     assert result.returncode == 0 and "already finished" in result.stdout, result.stderr[-2000:]
     assert last.stat().st_mtime_ns == stamps[last]
     assert safe_load(export)["meta"]["global_step"] == TOTAL_STEPS
+    # all its epochs (last.ckpt's 0-based `epoch` is one less): evaluation must not call the run incomplete
+    assert safe_load(export)["meta"]["epochs"] == EPOCHS
+    assert read_pretrained(str(export)).pretrain_status == "complete"
 
 
 @pytest.mark.slow

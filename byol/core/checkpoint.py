@@ -175,6 +175,19 @@ def online_encoder_state(ckpt: dict) -> dict:
     return {k[len(ONLINE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE_PREFIX)}
 
 
+def epochs_done(ckpt: dict) -> int:
+    """Epochs a train.py Lightning checkpoint has finished: Lightning's count of processed epochs (a
+    checkpoint taken at an epoch's end, or after the last one, counts it; one taken mid-epoch does not).
+    Its ``epoch`` field is the 0-based epoch it was taken in, one less than that after the last epoch;
+    only a file without loop counters falls back to it. -1 when neither is a whole number."""
+    progress = ckpt
+    for key in ("loops", "fit_loop", "epoch_progress", "current"):
+        progress = progress.get(key) if isinstance(progress, dict) else None
+    done = progress.get("processed") if isinstance(progress, dict) else None
+    value = done if done is not None else ckpt.get("epoch", -1)
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
 def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None, taps=None) -> None:
     """Export the online encoder with the config that built it; loadable without Lightning.
 

@@ -18,6 +18,7 @@ from byol.core.checkpoint import (
     ENCODER_FORMAT,
     ONLINE_PREFIX,
     encoder_config,
+    epochs_done,
     load_weights,
     online_encoder_state,
     safe_load,
@@ -111,13 +112,11 @@ def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None
         raise CheckpointError(f"'{path}' has no online encoder weights ({ONLINE_PREFIX}*); it is not a "
                               f"BYOL pretraining checkpoint")
     cfg = check_file_config(blob["byol_config"], f"checkpoint '{path}'")
-    progress = blob.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    epochs = progress.get("processed", blob.get("epoch", 0))  # epochs finished, also mid-epoch
     # the run folder's config.yaml is rewritten by a resume with more epochs; the checkpoint's is not
     in_run = path.parent.name == CHECKPOINTS_DIR and run_cfg
     planned = planned_epochs(run_cfg) if in_run else planned_epochs(cfg)
     return EncoderSource(label, str(path), architecture(cfg["backbone"]), loss_mode(cfg["loss"]), cfg.get("seed"),
-                         int(epochs or 0), state, cfg.get("data"), planned)
+                         max(epochs_done(blob), 0), state, cfg.get("data"), planned)
 
 
 def read_run_config(folder: Path) -> dict | None:

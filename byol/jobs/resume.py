@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from byol.core.checkpoint import load_weights, online_encoder_state, safe_load, save_encoder
+from byol.core.checkpoint import epochs_done, load_weights, online_encoder_state, safe_load, save_encoder
 from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.build import build_encoder, loss_mode
 from byol.jobs.config_check import check_file_config
@@ -125,14 +125,9 @@ def folder_run_id(run_dir: Path) -> str | None:
 
 
 def epochs_trained(path: Path) -> int:
-    """The epochs a checkpoint has finished: Lightning's count of processed epochs (a checkpoint taken
-    at an epoch's end, or after the last one, counts it; one taken mid-epoch does not), else its
-    ``epoch`` (a file without loop counters)."""
-    ckpt = progress = safe_load(path, mmap=True)
-    for key in ("loops", "fit_loop", "epoch_progress", "current"):
-        progress = progress.get(key) if isinstance(progress, dict) else None
-    done = progress.get("processed") if isinstance(progress, dict) else None
-    return int(done if done is not None else ckpt.get("epoch", -1) if isinstance(ckpt, dict) else -1)
+    """The epochs the checkpoint at ``path`` has finished (-1: not a checkpoint dict)."""
+    ckpt = safe_load(path, mmap=True)
+    return epochs_done(ckpt) if isinstance(ckpt, dict) else -1
 
 
 def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
@@ -140,5 +135,5 @@ def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
     last ``last.ckpt`` and its export)."""
     encoder = build_encoder(cfg)
     load_weights(encoder, online_encoder_state(ckpt), path)
-    save_encoder(encoder, path, meta={"loss": loss_mode(cfg["loss"]), "epochs": ckpt.get("epoch"),
+    save_encoder(encoder, path, meta={"loss": loss_mode(cfg["loss"]), "epochs": epochs_done(ckpt),
                                       "global_step": ckpt.get("global_step"), "seed": cfg["seed"]})
