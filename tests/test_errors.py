@@ -517,7 +517,7 @@ def epoch_line(capsys, means: dict) -> str:
 
     from byol.lightning.callbacks import EpochSummary
 
-    module = SimpleNamespace(current_tau=lambda: 0.99,
+    module = SimpleNamespace(last_tau=lambda: 0.99,
                              epoch_means=lambda: {k: torch.tensor(v) for k, v in means.items()})
     trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[], callback_metrics={},
                               is_global_zero=True, world_size=1)

@@ -126,6 +126,16 @@ def test_metrics_have_one_column_per_head(runs, loss, heads):
         assert float(r["train/loss_step"]) == pytest.approx(sum(parts), rel=1e-5)
 
 
+def test_logged_tau_is_the_one_the_logged_step_used(runs):
+    """A row's tau is the EMA rate of the optimizer step in its ``step`` column (cosine 0.99 -> 1 over the
+    run's steps: the last step's is 1), not the next step's."""
+    from byol.core.ema import tau_at
+
+    logged = [(int(r["step"]), float(r["train/tau"])) for r in read_metrics(runs["classic"]) if r.get("train/tau")]
+    assert [s for s, _ in logged] == [1, 3]  # logged every 2 steps
+    assert [t for _, t in logged] == pytest.approx([tau_at(s, STEPS - 1, 0.99) for s, _ in logged], abs=1e-7)
+
+
 def test_keep_last_keeps_the_newest_epoch_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     train("trainer.max_epochs=3", "checkpoint.keep_last=2", f"hydra.run.dir={run_dir}")  # smoke: every epoch

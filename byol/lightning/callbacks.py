@@ -298,7 +298,7 @@ class EpochSummary(pl.Callback):
         knn, knn_seconds = self.knn_text(trainer.current_epoch)
         seconds = max(seconds - knn_seconds, 1e-9)
         line = (f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
-                f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.current_tau():.4f}, "
+                f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.last_tau():.4f}, "
                 f"lr {lr:.3g}, {images / seconds:.1f} images/s ({seconds:.0f} s){knn}")
         print_line(trainer, line)
         collapsed = {h: v for h, v in spread.items() if v < COLLAPSE_STD}

@@ -147,6 +147,10 @@ class BYOLModule(pl.LightningModule):
         step = self.global_step if step is None else step
         return tau_at(step, self.schedule_steps() - 1, self.tau_base, self.tau_schedule)
 
+    def last_tau(self) -> float:
+        """The tau of the latest optimizer step's EMA update (logged after that step has been counted)."""
+        return self.current_tau(max(self.global_step - 1, 0))
+
     def schedule_epochs_and_steps(self) -> tuple[int, int]:
         """The epochs and optimizer steps the learning-rate and tau schedules span (:func:`schedule_span`)."""
         trainer = self.trainer
@@ -161,7 +165,7 @@ class BYOLModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.check_finite()
-            self.log("train/tau", self.current_tau(), on_step=True, on_epoch=False)
+            self.log("train/tau", self.last_tau(), on_step=True, on_epoch=False)
 
     def epoch_means(self) -> dict[str, torch.Tensor]:
         """Mean of each loss (``loss``, ``loss/<tap>``) over the current epoch so far."""
