@@ -160,6 +160,23 @@ def test_linear_probe_learns_separable_features():
     assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
 
 
+def test_cached_linear_probe_decays_the_weights_but_not_the_bias():
+    """As the classifier of the augmented and fine-tuning protocols (byol.core.optim.param_groups)."""
+    from byol.core.linear_probe import nesterov_cosine
+
+    seen = []
+
+    def recording(groups, total_steps, steps_per_epoch):
+        seen.extend(groups)
+        return nesterov_cosine(groups, total_steps, steps_per_epoch)
+
+    split = (torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    result = train_linear_probe(split, split, split, 3, epochs=1, batch_size=16, lr=0.1, weight_decay=0.5,
+                                make_optimizer=recording)
+    decay = {id(p): g["weight_decay"] for g in seen for p in g["params"]}
+    assert decay == {id(result.head.weight): 0.5, id(result.head.bias): 0.0}
+
+
 def test_cached_linear_probe_leaves_encoder_bit_identical():
     encoder = tiny_encoder()
     data = make_synthetic(64, num_classes=4)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from byol.core.errors import DataError
-from byol.core.optim import warmup_cosine
+from byol.core.optim import param_groups, warmup_cosine
 
 # make_optimizer(param_groups, total_steps, steps_per_epoch) -> (optimizer, per-step scheduler);
 # every group carries its own lr and weight_decay
@@ -136,7 +136,8 @@ def train_linear_probe(
     3,584 CIFAR-10 features). Metrics reach the host once per epoch.
 
     ``make_optimizer(param_groups, total_steps, steps_per_epoch)`` returns the optimizer and its
-    per-step scheduler for the one group (``lr``, ``weight_decay``); by default
+    per-step scheduler for the head's groups (``lr``, ``weight_decay``; none on the bias, as the classifier of
+    the other protocols); by default
     :func:`nesterov_cosine`.
     """
     features, labels = train
@@ -151,8 +152,8 @@ def train_linear_probe(
         head = _seeded_head(features.shape[1], num_classes, generator).to(features.device)
         batch_size = min(batch_size, features.shape[0])
         steps = -(-features.shape[0] // batch_size)
-        optimizer, scheduler = (make_optimizer or nesterov_cosine)(
-            [{"params": list(head.parameters()), "lr": lr, "weight_decay": weight_decay}], epochs * steps, steps)
+        groups = [dict(g, lr=lr) for g in param_groups([head], weight_decay)]  # no decay on the bias, as the
+        optimizer, scheduler = (make_optimizer or nesterov_cosine)(groups, epochs * steps, steps)  # other probes
         history = []
         for epoch in range(epochs):
             losses = _train_epoch(head, features, labels, batch_size, optimizer, scheduler, generator)
