@@ -36,7 +36,7 @@ IDENTITY_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # keep outputs in [0, 1] to 
 def default_views() -> tuple[ViewConfig, ViewConfig]:
     """View 1 and view 2 exactly as conf/train.yaml configures them."""
     aug = plain_config(compose_config("train"))["augment"]
-    view1, view2 = view_settings(aug)
+    view1, view2 = view_settings(aug, 32)
     return ViewConfig.from_dict(view1), ViewConfig.from_dict(view2)
 
 
@@ -59,6 +59,27 @@ def all_pairs_differ(images: torch.Tensor, min_diff: float = 1e-3) -> bool:
 
 
 # ----------------------------------------------------------------------------- per-sample randomness
+
+
+@pytest.mark.parametrize(("augment", "side", "expected"), [
+    ({"blur_p": "auto"}, 32, (0.0, 0.0)),  # CIFAR practice: no blur at 32 px
+    ({"blur_p": "auto"}, 96, (1.0, 0.1)),  # the paper's asymmetric blur on larger crops (STL-10, image folders)
+    ({"blur_p": "auto", "view2": {"blur_p": 0.5}}, 96, (1.0, 0.5)),  # a view's own number wins
+    ({"blur_p": 0.3}, 96, (0.3, 0.3)),  # a number is used as given, at any size
+    ({"blur_p": 0.0, "view1": {"blur_p": "auto"}}, 64, (1.0, 0.0)),
+])
+def test_blur_auto_is_the_papers_per_view_above_32_pixels(augment, side, expected):
+    views = view_settings(augment, side)
+    assert tuple(v["blur_p"] for v in views) == expected
+
+
+def test_default_config_blurs_stl10_views_as_the_paper_and_cifar_not(default_views):
+    from byol.jobs.build import build_augment
+
+    for data, expected in (("stl10", (1.0, 0.1)), ("cifar10", (0.0, 0.0))):
+        augment = build_augment(plain_config(compose_config("train", [f"data={data}"])))
+        assert tuple(v.blur_p for v in augment.views) == expected, data
+    assert (default_views[0].blur_p, default_views[1].blur_p) == (0.0, 0.0)
 
 
 def test_identical_images_get_different_views(default_views):

@@ -427,6 +427,9 @@ BAD_VALUES = {
     "+augment.view2.crop_ratio=[2,1]": "augment.view2.crop_ratio must be [min, max] with 0 < min <= max, not [2, 1]",
     "augment.blur_sigma=[2.0,0.1]": "augment.blur_sigma must be [min, max] with 0 < min <= max",
     "augment.blur_kernel_size=4": "augment.blur_kernel_size must be odd (or 0",
+    "augment.blur_p=yes": "augment.blur_p must lie between 0 and 1 (or auto: BYOL's blur on crops above 32 px), "
+                          "not 'yes'",
+    "+augment.view1.blur_p=1.5": "augment.view1.blur_p must lie between 0 and 1 (or auto",
     "augment.solarize_threshold=2": "augment.solarize_threshold must lie between 0 and 1",
     "optim.optimizer.momentum=1.5": "optim.optimizer.momentum must lie in [0, 1), not 1.5",
     "optim.optimizer.momentum=1": "optim.optimizer.momentum must lie in [0, 1), not 1",

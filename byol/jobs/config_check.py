@@ -305,8 +305,11 @@ def check_config(container: Mapping, source: str = "the config") -> None:
     for leaf in UNIT_INTERVAL:
         for key in _augment_paths(container, leaf) if "." not in leaf else [leaf]:
             value = _number_at(container, key)
-            if value is not None and not 0 <= value <= 1:
-                raise ConfigError(f"{key} must lie between 0 and 1, not {value!r} ({source})")
+            if leaf == "blur_p" and value == "auto":  # the paper's per view on crops above 32 px, else none
+                continue
+            if value is not None and (isinstance(value, str) or not 0 <= value <= 1):
+                auto = " (or auto: BYOL's blur on crops above 32 px)" if leaf == "blur_p" else ""
+                raise ConfigError(f"{key} must lie between 0 and 1{auto}, not {value!r} ({source})")
     _check_augment_ranges(container, source)
     for key in MOMENTUM:
         value = _number_at(container, key)
