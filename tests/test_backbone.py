@@ -77,6 +77,14 @@ def test_unknown_tap_lists_valid_names():
     for valid in ("layer2.0", "layer3.0", "layer4.1", "avgpool"):
         assert valid in message
     assert "\n" not in message  # one line for the user, no dump
+    assert "fc" not in message.split("valid names include: ")[1].split(", ")  # no feature map there
+
+
+@pytest.mark.parametrize("tap", ["fc", "avgpool.0"])
+def test_a_tap_after_the_global_pool_is_refused_at_build_not_at_the_first_step(tap):
+    """fc (an identity after the pool) gave a shape error inside the first training step."""
+    with pytest.raises(ConfigError, match=r"gives no feature map|unknown tap"):
+        Encoder("resnet18", "imagenet", [tap])
 
 
 def test_unknown_backbone_and_stem_raise_config_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import pickle
@@ -266,3 +267,38 @@ def test_pickle_module_errors_are_not_swallowed(tmp_path):
     with pytest.raises(CheckpointError, match=str(path)):
         safe_load(path)
     assert not (tmp_path / "x").exists()
+
+
+def test_optimizer_and_schedule_states_are_checked_against_what_is_built_and_a_trial_changes_nothing():
+    """The checks a resumed state passes before Lightning loads it (byol.core.state_check): a state of the
+    optimizer it is compared with passes, and trying it leaves that optimizer as it was; a group without one of
+    its options (LARS reads each at its step), a state of a parameter no group holds, or a scheduler key that
+    would replace one of its methods is named."""
+    from byol.core.optim import LARS, param_groups, warmup_cosine
+    from byol.core.state_check import optimizer_problem, scheduler_problem
+
+    def built():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        optimizer = LARS(param_groups([net], 1e-4), lr=0.1)
+        return net, optimizer, warmup_cosine(optimizer, 10, 2)
+
+    net, optimizer, schedule = built()
+    net(torch.randn(8, 3)).square().sum().backward()
+    optimizer.step()
+    schedule.step()
+    saved, saved_schedule = optimizer.state_dict(), schedule.state_dict()
+    _, fresh, fresh_schedule = built()
+    assert optimizer_problem(saved, fresh, "o") is None
+    assert scheduler_problem(saved_schedule, fresh_schedule, "s") is None
+    assert not fresh.state and fresh.param_groups[0]["lr"] == fresh_schedule.get_last_lr()[0]  # untouched
+    no_eta = copy.deepcopy(saved)
+    del no_eta["param_groups"][0]["eta"]
+    assert optimizer_problem(no_eta, fresh, "o") == "o.param_groups[0] lacks 'eta'"
+    stray = copy.deepcopy(saved)
+    stray["state"][99] = stray["state"].pop(0)
+    assert optimizer_problem(stray, fresh, "o") == "o.state holds parameter 99, which no parameter group holds"
+    assert scheduler_problem({**saved_schedule, "step": 1}, fresh_schedule, "s") == \
+        "s holds 'step', which would replace the scheduler's own attribute"
+    assert scheduler_problem({**saved_schedule, "_last_lr": [0.1]}, fresh_schedule, "s") == \
+        "s._last_lr is [0.1], not a list of 2"

@@ -412,8 +412,10 @@ def test_unknown_config_key_is_hydras_message_and_a_misspelt_one_gets_the_settin
     (["+data.bach_size=1"], "train", None),  # appended on purpose: the job's own check names it
     (["++head.proj_dimm=1", "~ema.tau_bas"], "train", None),
     (["data.batch_size=64", "loss=multi", "hydra/launcher=joblib", "hydra.run.dir=/tmp/x"], "train", None),
-    (["+loss.weights={layer2.0: 0.5}", "+augment.view1.saturation=0.2", "augment.view1.saturaton=0.2"],
+    (["+loss.weights={layer2.0: 0.5}", "+augment.view1.saturation=0.2"],
      "train", None),  # keys under the per-view and per-tap dicts are the user's (Hydra advises +)
+    (["augment.view2.solarise_p=0.3"], "train", "augment.view2.solarize_p"),  # a view takes the augment keys
+    (["+augment.view1.saturaton=0.2"], "train", "augment.view1.saturation"),
     (["data.batch_size=[unclosed"], "train", None),  # a syntax error: Hydra's message
 ])
 def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name, suggested):
@@ -425,6 +427,38 @@ def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name
     else:
         assert message is not None and f"did you mean {suggested}?" in message
         assert f"(python {config_name}.py --cfg job prints every setting)" in message
+
+
+@pytest.mark.parametrize("argv, config_name, expected", [
+    (["loss=mult"], "train", "error: loss=mult is not an option of loss (did you mean loss=multi?); choose one of: "
+                             "classic, multi"),
+    (["-m", "loss=classic,mult", "seed=0,1"], "train", "error: loss=mult is not an option of loss"),
+    (["logger=null"], "train", "error: logger=null is not an option of logger; choose one of: csv, tensorboard, "
+                               "wandb ('~logger' removes it)"),
+    (["experiment=seed"], "train", "error: experiment=seed is not an option of experiment (experiment=seed is now "
+                                   "experiment=original)"),
+    (["backbone=resnet34"], "train", "error: backbone=resnet34 is not an option of backbone (any torchvision "
+                                     "ResNet is backbone.name=resnet34)"),
+    # Hydra's own advice for experiment= in evaluate.py; it brought training settings into the evaluation
+    (["+experiment=smoke"], "evaluate", "error: experiment=... does not apply here: experiments are pretraining "
+                                        "settings"),
+    (["eval=knn"], "train", "error: eval=... does not apply here: evaluation settings belong to evaluate.py"),
+    (["experiment=null", "logger=[csv,tensorboard]", "'~logger'", "hydra/launcher=joblib", "loss=multi"], "train",
+     None),
+    (["-m", "eval=linear,finetune", "repr=avgpool,combined", "preset=smoke"], "evaluate", None),
+])
+def test_an_unknown_option_or_a_group_of_the_other_script_is_one_line(argv, config_name, expected):
+    from byol.jobs.command_line import unknown_option
+
+    check_line(unknown_option(argv, config_name), expected)
+
+
+def check_line(message: str | None, expected: str | None) -> None:
+    """``message`` is None where nothing is expected, else starts with ``expected``."""
+    if expected is None:
+        assert message is None, message
+    else:
+        assert message is not None and message.startswith(expected), message
 
 
 @pytest.mark.parametrize("argv, config_name, expected", [
@@ -452,11 +486,7 @@ def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name
 def test_a_setting_of_another_option_is_named_with_the_options_that_have_it(argv, config_name, expected):
     from byol.jobs.command_line import setting_of_another_option
 
-    message = setting_of_another_option(argv, config_name)
-    if expected is None:
-        assert message is None, message
-    else:
-        assert message is not None and message.startswith(expected), message
+    check_line(setting_of_another_option(argv, config_name), expected)
 
 
 @pytest.mark.slow

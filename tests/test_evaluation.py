@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from conftest import ROOT, compose_config, plain_config
 from omegaconf import OmegaConf
 
@@ -305,6 +306,9 @@ def test_resolve_pretrained(tmp_path, capsys):
         resolve_pretrained("latest", outputs)
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_pretrained(str(tmp_path / "nowhere"), outputs)
+    for empty in ("", " "):  # pretrained=$RUN with RUN unset evaluated every run below the current folder
+        with pytest.raises(CheckpointError, match="pretrained= is empty"):
+            resolve_pretrained(empty, outputs)
     old = _export(outputs / "train" / "old")
     sweep = outputs / "multirun" / "train" / "2026"
     a, b = _export(sweep / "0_loss=classic"), _export(sweep / "1_loss=multi", "multi")
@@ -391,11 +395,14 @@ def test_a_k_larger_than_the_training_split_is_said(tmp_path, capsys):
 
 @pytest.mark.parametrize("protocol", [["eval=knn"], ["eval=linear"], ["eval=linear", "eval.cached_features=false"],
                                       ["eval=finetune"]], ids=["knn", "linear-cached", "linear-augmented", "finetune"])
-def test_val_size_0_trains_on_all_training_images_and_reports_no_val_accuracy(tmp_path, capsys, protocol):
+def test_val_size_0_trains_on_all_training_images_and_reports_no_val_accuracy(tmp_path, capsys, recwarn,
+                                                                                protocol):
     """The published protocols fit on the whole training set: split.val_size=0 does so, and the validation
     accuracy is null (not 0 from an empty split) in results.json, the log and metrics.csv."""
     cfg = _job_config(tmp_path, "pretrained=random", "split.val_size=0", *protocol)
     (result,) = evaluate(cfg, tmp_path / "run")
+    # an epoch of fewer batches than Lightning's logging interval: still a row per epoch, and no warning
+    assert not [w for w in recwarn if "logging interval" in str(w.message)]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["split_sizes"] == {"train": 256, "val": 0, "test": 128}  # data=synthetic: 256 / 128 images
     assert saved["status"] == "ok" and saved["val_acc"] is None and 0 < saved["test_acc"] <= 1
@@ -421,6 +428,33 @@ def test_an_evaluation_run_again_into_its_folder_keeps_the_earlier_result(tmp_pa
     out = capsys.readouterr().out
     assert out.count(f"[eval] note: {run} already held an evaluation; kept as results.replaced-") == 2
     assert [p.name for p in run.rglob("results.json")] == ["results.json"]  # the report reads one
+    configs = [yaml.safe_load((run / n.replace("results.", "config.").replace(".json", ".yaml")).read_text())
+               for n in kept]  # each kept result beside the config that made it
+    assert sorted(c["repr"]["name"] for c in configs) == ["avgpool", "combined"]
+
+
+def test_keeping_an_earlier_evaluation_keeps_its_files_and_leaves_its_result_until_replaced(tmp_path):
+    """Every output of the earlier evaluation is kept under a replaced- name (the kept results.json naming the
+    kept maps and embeddings); its results.json stays readable where it was until the new one replaces it,
+    so an evaluation stopped half-way loses nothing."""
+    from byol.jobs.replaced import keep_earlier_evaluation
+
+    folder = tmp_path / "ev"
+    folder.mkdir()
+    earlier = {"status": "ok", "test_acc": None, "embeddings": "embeddings.pt",
+               "maps": {"avgpool": "tsne_avgpool.png", "layer2.0": "tsne_layer2.0.png"}}
+    (folder / "results.json").write_text(json.dumps(earlier))
+    for name in ("metrics.csv", "config.yaml", "embeddings.pt", "tsne_avgpool.png", "tsne_layer2.0.png", "eval.log"):
+        (folder / name).write_text(name)
+    kept = keep_earlier_evaluation(folder)
+    assert json.loads((folder / "results.json").read_text()) == earlier  # still there, as it was
+    assert sorted(p.name for p in folder.iterdir() if ".replaced-" not in p.name) == ["eval.log", "results.json"]
+    (results,) = [n for n in kept if n.startswith("results.replaced-")]
+    saved = json.loads((folder / results).read_text())
+    for name in [saved["embeddings"], *saved["maps"].values()]:
+        assert ".replaced-" in name and (folder / name).read_text().startswith(name.split(".replaced-")[0])
+    assert len(kept) == 6 and all((folder / n).is_file() for n in kept)
+    assert keep_earlier_evaluation(tmp_path / "empty_or_absent") == []
 
 
 def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
@@ -547,6 +581,13 @@ def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
                 saved["pretrained"], saved["test_acc"]) == ("missing", status, why, "multi", seed, str(job),
                                                             None)
     assert not (tmp_path / "ev" / "notes").exists()
+    # a job that failed after an earlier training of it was evaluated: the earlier result is kept, not lost
+    finished = {"status": "ok", "test_acc": 0.5}
+    (tmp_path / "ev2" / failed.name).mkdir(parents=True)
+    (tmp_path / "ev2" / failed.name / "results.json").write_text(json.dumps(finished))
+    evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn", "baseline=false"), tmp_path / "ev2")
+    (kept,) = (tmp_path / "ev2" / failed.name).glob("results.replaced-*.json")
+    assert json.loads(kept.read_text()) == finished
 
     report_main([str(tmp_path / "ev")])
     md = (tmp_path / "ev" / "results.md").read_text()

@@ -246,3 +246,25 @@ def test_online_probes_count_each_representations_correct_predictions_and_keep_t
     resumed = OnlineProbes(reps, dims, num_classes=3, seed=1)
     resumed.load_state_dict(probes.state_dict())
     assert {name: int(c) for name, c in resumed.correct_counts().items()} == expected and resumed._seen == 64
+
+
+def test_probe_state_that_does_not_fit_the_probes_is_not_loaded_and_said(capsys):
+    """The probes of other monitor settings (resume=RUN monitor.taps=[...]), or a damaged state: the probes
+    start again from their initialisation with a note, instead of a traceback; they are not what the run trains."""
+    from byol.lightning.monitors import OnlineProbes
+
+    reps = {"avgpool": ["avgpool"]}
+    probes = OnlineProbes(reps, {"avgpool": 8}, num_classes=3, seed=0)
+    initial = {k: v.clone() for k, v in probes.heads.state_dict().items()}
+    other = OnlineProbes(reps, {"avgpool": 16}, num_classes=3, seed=1).state_dict()
+    damaged = dict(probes.state_dict(), seen="many")
+    for state, problem in ((other, "3 tensors of another shape"), (damaged, "seen is 'many'"),
+                           ({"heads": {"avgpool.1.weight": "x"}, "optimizer": {}}, "heads['avgpool.1.weight'] is 'x'"),
+                           ([], "it is [], not a mapping")):
+        probes.load_state_dict(state)
+        out = capsys.readouterr().out
+        assert out.startswith("[byol] note: the online probes' state does not fit these probes (") and problem in out
+        assert all(torch.equal(v, initial[k]) for k, v in probes.heads.state_dict().items())
+    probes.load_state_dict(OnlineProbes(reps, {"avgpool": 8}, num_classes=3, seed=1).state_dict())  # fits: loads
+    assert capsys.readouterr().out == "" and not torch.equal(probes.heads.state_dict()["avgpool.1.weight"],
+                                                             initial["avgpool.1.weight"])

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from byol.jobs.report import main, report
-from byol.jobs.report_cells import build_cells, load_results, mean_std
+from byol.jobs.report_cells import build_cells, mean_std
+from byol.jobs.report_files import load_results
 from byol.jobs.report_paired import paired_comparisons
 
 
@@ -113,7 +114,7 @@ def test_a_results_json_with_a_field_of_the_wrong_kind_is_skipped_and_named(swee
     out = tmp_path / "out"
     report([sweep], out)
     captured = capsys.readouterr()
-    assert f"[report] skipping {(sweep / 'job3' / 'edited' / 'results.json').resolve()}: {said}" in captured.err
+    assert f"[report] note: skipping {(sweep / 'job3' / 'edited' / 'results.json').resolve()}: {said}" in captured.err
     md = (out / "results.md").read_text()
     assert md.split("\n")[2].startswith("9 results.json files (1 unreadable, skipped). ")
     assert "| classic | avgpool | linear | 60.00 ± 10.00 | 60.00 ± 26.46 | 3 | 0 |" in md  # as without it
@@ -226,6 +227,19 @@ def test_unfinished_run_gets_a_row_of_its_own_and_enters_no_mean(tmp_path, capsy
     assert refused[1][3:6] == ["incomplete", "incomplete", "0"]
 
 
+def test_a_protocol_nobody_ran_is_no_missing_cell(tmp_path):
+    """knn alone, or linear without finetune: the gaps named are those of the protocols run."""
+    write(tmp_path / "ev", "a", "multi", "avgpool", "knn", 0.5, 0.5)
+    report([tmp_path / "ev"], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Missing cells" not in md and "expected cells" not in md and "finetune" not in md
+    write(tmp_path / "ev", "b", "classic", "combined", "linear", 0.5, 0.5)
+    report([tmp_path / "ev"], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Missing cells (3 of 4 expected): classic/avgpool/linear, multi/avgpool/linear, multi/combined/linear." in md
+    assert "finetune" not in md
+
+
 def test_failed_training_jobs_are_listed_as_missing(tmp_path):
     root = tmp_path / "ev"
     write(root, "0_loss=multi,seed=0", "multi", "avgpool", "linear", 0.80, 0.70)
@@ -243,7 +257,7 @@ def test_failed_training_jobs_are_listed_as_missing(tmp_path):
     assert rows_of(md, "classic") == [["classic", "avgpool", "linear", "missing", "missing", "0", "0",
                                        "resnet18/imagenet", "?", "?", "100",
                                        "**missing**: no model (2_loss=classic,seed=0)"]]
-    assert "Missing cells (7 of 8 expected): classic/avgpool/linear," in md
+    assert "Missing cells (3 of 4 expected): classic/avgpool/linear," in md  # linear only was run
     assert ("Missing pretraining runs (2, not evaluated):\n"
             "- /train/sw/1_loss=multi,seed=1: training failed: non-finite loss at step 3\n"
             "- /train/sw/2_loss=classic,seed=0: no weights: no encoder.pt and no checkpoints/*.ckpt") in md
@@ -345,11 +359,10 @@ def test_missing_cells_are_written_missing_in_the_table_the_csv_and_the_figure(t
     # one bar, the only cell with an accuracy: no zero-height bar (nor its error caps) for the others
     assert [round(p.get_height(), 6) for p in ax.patches] == [55.0]
     assert all(0 not in line.get_ydata() for line in ax.lines)  # the error caps: 55 ± 7.07
-    # each group (x = 0, 1, 2, 3) holds a classic and a multi place (x - 0.2, x + 0.2): the empty ones say why
+    # each group (x = 0, 1: linear on avgpool, combined; no finetune was run) holds a classic and a multi
+    # place (x - 0.2, x + 0.2): the empty ones say why
     labels = sorted((round(t.get_position()[0], 6), t.get_text()) for t in ax.texts)
-    assert labels == [(-0.2, "55.0"), (0.2, "multi: missing"), (0.8, "classic: failed"), (1.2, "multi: missing"),
-                      (1.8, "classic: missing"), (2.2, "multi: missing"), (2.8, "classic: missing"),
-                      (3.2, "multi: missing")]
+    assert labels == [(-0.2, "55.0"), (0.2, "multi: missing"), (0.8, "classic: failed"), (1.2, "multi: missing")]
     assert ax.patches[0].get_x() + ax.patches[0].get_width() / 2 == pytest.approx(-0.2)
 
 
@@ -534,9 +547,9 @@ def test_a_protocol_run_for_two_lengths_gets_a_group_per_length_and_colours_stay
             write(tmp_path, f"{loss}_ft{epochs}", loss, "avgpool", "finetune", 0.4 + epochs / 100, eval_epochs=epochs)
     write(tmp_path, "classic_knn", "classic", "avgpool", "knn", 0.3)
     ax = figure(build_cells(load_results(sorted(tmp_path.rglob("results.json"))))).axes[0]
-    ticks = [t.get_text() for t in ax.get_xticklabels()]  # with the study's empty cells (linear, combined)
+    ticks = [t.get_text() for t in ax.get_xticklabels()]  # with the empty cells of finetune (combined)
     assert [t for t in ticks if t.endswith("avgpool")] == [
-        "linear\navgpool", "finetune, 1 epoch\navgpool", "finetune, 5 epochs\navgpool", "knn\navgpool"]
+        "finetune, 1 epoch\navgpool", "finetune, 5 epochs\navgpool", "knn\navgpool"]
     assert "finetune\ncombined" in ticks  # no length there: one group, with its empty places
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend[:2] == ["classic", "multi"]  # not "classic (eval epochs 1)", "classic (eval epochs 5)", ...
@@ -560,3 +573,128 @@ def test_report_writes_the_paired_section_and_csv(seeded, tmp_path, sweep):
     report([sweep], tmp_path / "single")  # one seed per row: nothing to pair, no section, no file
     assert "Paired" not in (tmp_path / "single" / "results.md").read_text()
     assert not (tmp_path / "single" / "paired.csv").exists()
+
+
+# ------------------------------------------------------------- files handed to us are data, not instructions
+
+def training_run(folder: Path, seed=0, loss_taps: str = "[]") -> Path:
+    """A pretraining run folder as the report finds it: config.yaml, encoder.pt and a 2-epoch metrics.csv."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"seed: {json.dumps(seed)}\nloss:\n  taps: {loss_taps}\n")
+    (folder / "encoder.pt").write_bytes(b"")
+    (folder / "metrics.csv").write_text("epoch,step,monitor/knn/avgpool,train/loss_epoch,train/tau\n,0,0.3,,\n"
+                                        "0,3,0.35,2.0,0.99\n1,7,0.42,1.5,0.99\n")
+    return folder
+
+
+def test_the_reports_files_replace_symbolic_links_and_never_write_through_them(seeded, tmp_path, capsys):
+    """A folder from elsewhere can hold results.csv (results.md, paired.csv, results.png, curves.png) as a link
+    to any file: the report wrote through it. Each file is now a new file in its place, the targets untouched."""
+    training_run(seeded / "run")  # a training run: curves.png too
+    victims = {}
+    for name in ("results.md", "results.csv", "paired.csv", "results.png", "curves.png"):
+        victims[name] = tmp_path / f"victim_{name}"
+        victims[name].write_text(f"not the report's {name}")
+        (seeded / name).symlink_to(victims[name])
+    report([seeded], seeded)
+    err = capsys.readouterr().err
+    for name, victim in victims.items():
+        assert victim.read_text() == f"not the report's {name}"
+        assert (seeded / name).is_file() and not (seeded / name).is_symlink()
+        assert f"[report] note: {seeded / name} was a symbolic link (to {victim}); replaced by the report's file" in err
+    assert (seeded / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Paired by seed" in (seeded / "results.md").read_text()
+    assert next(csv.reader(open(seeded / "paired.csv")))[0] == "repr"
+
+
+def test_figures_replace_symbolic_links_and_a_place_that_cannot_be_replaced_is_one_line(sweep, tmp_path):
+    """A run's own curves.png (drawn during training) and the t-SNE maps replace a link too; a report file
+    that cannot be replaced (a folder in its place) is one error line naming it."""
+    from byol.jobs.curves import CURVES_FILE, write_curves
+
+    run = training_run(tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.write_text("kept")
+    (run / CURVES_FILE).symlink_to(victim)
+    write_curves(run)
+    assert victim.read_text() == "kept" and not (run / CURVES_FILE).is_symlink()
+    import torch
+
+    from byol.jobs.embedding import draw_map
+
+    (tmp_path / "tsne.png").symlink_to(victim)
+    draw_map(torch.randn(6, 2), torch.tensor([0, 1, 0, 1, 0, 1]), ["a", "b"], "map", tmp_path / "tsne.png")
+    assert victim.read_text() == "kept" and (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "out" / "results.csv").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(sweep), "--out", str(tmp_path / "out")])
+    assert str(exit_.value).startswith(f"error: could not write '{tmp_path / 'out' / 'results.csv'}' (Is a directory)")
+    assert "\n" not in str(exit_.value)
+
+
+@pytest.mark.parametrize("text, said", [
+    ('{"x": 1}', "no repr and no eval field (not a results.json of evaluate.py)"),
+    ('{"repr": "avgpool", "eval": "embed", "status": "ok", "maps": ["a.png"]}',
+     "maps is ['a.png'], not a dict of map names to file names"),  # AttributeError: 'list' ... 'values'
+    ('{"repr": "avgpool", "eval": "embed", "status": "ok", "maps": {"avgpool": 1}}',
+     "maps is {'avgpool': 1}, not a dict of map names to file names"),  # TypeError in str.join
+    ('{"repr": "avgpool", "eval": "linear", "eval_data": {"name": ["x"]}}',
+     "eval_data is {'name': ['x']}, not a dict of plain values (text, numbers) with a text name"),
+    ('{"repr": "avgpool", "eval": "linear", "status": "failed", "error": {"a": 1}}', "error is {'a': 1}, not a str"),
+    ('{"repr": "avgpool", "eval": "linear", "width": 1' + "0" * 400 + "}",
+     "width is 1000000000000000000000000000000000000..., not a number"),  # OverflowError in math.isfinite
+    ('{"repr": "avgpool", "eval": "linear", "pretrained": "/runs/a\\u0000b"}',
+     "pretrained is '/runs/a\\x00b', not a str"),
+    ("[" * 100_000 + "]" * 100_000, "not JSON the report reads (nested too deep)"),  # RecursionError
+    ("[1, 2]", "not a results object (a JSON array)"),
+], ids=["not-a-result", "maps-list", "maps-int", "data-name-list", "error-dict", "huge-int", "nul", "deep", "array"])
+def test_a_malformed_results_json_is_one_note_and_the_rest_is_reported(sweep, tmp_path, capsys, text, said):
+    """Each was a traceback (or a row of None/None/None): now one note naming the file, and the report of the
+    others; when no file is left, one error line."""
+    bad = sweep / "job9" / "bad" / "results.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(text)
+    report([sweep], tmp_path / "out")
+    captured = capsys.readouterr()
+    assert f"[report] note: skipping {bad.resolve()}: {said}\n" in captured.err
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.split("\n")[2].startswith("9 results.json files (1 unreadable, skipped). ") and "None" not in md
+    assert "| classic | avgpool | linear | 60.00 ± 10.00 | 60.00 ± 26.46 | 3 | 0 |" in md
+    with pytest.raises(SystemExit) as exit_:
+        main([str(bad.parent), "--out", str(tmp_path / "alone")])
+    assert str(exit_.value) == (f"error: none of the 1 results.json file(s) under {bad.parent} could be used (each "
+                                f"named above); no results table written")
+    assert not (tmp_path / "alone" / "results.md").exists()
+
+
+def test_text_from_files_is_drawn_literally_in_every_figure(tmp_path, monkeypatch):
+    """A loss (label, data name, seed, metric, folder or class name) such as "$\\foo$" stopped matplotlib's
+    mathtext parser (ParseFatalException, no results.png); with text.usetex set it would go to LaTeX."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    from PIL import Image
+
+    from byol.jobs.curves import overlay_curves, write_curves
+    from byol.jobs.report_plot import figure
+
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # a user's matplotlibrc: still never LaTeX
+    dollar = "$\\foo$"
+    root = tmp_path / "ev"
+    write(root, "a", dollar, "avgpool", "linear", 0.5, 0.5, eval_data={"name": "$x^$"}, pretrain_data={"name": "$x^$"})
+    write(root, "b", "classic", "avgpool", "linear", 0.6, 0.6, label="$\\bar{$")
+    report([root], tmp_path / "out")
+    assert Image.open(tmp_path / "out" / "results.png").size[0] > 500
+    ax = figure(build_cells(load_results(sorted(root.rglob("results.json"))))).axes[0]
+    assert dollar in [t.get_text() for t in ax.get_legend().get_texts()] and "$x^$" in ax.get_title()
+    run = training_run(tmp_path / "$\\run{", seed="$\\seed$")  # the folder's name is the figure's title
+    metrics = (run / "metrics.csv").read_text()
+    (run / "metrics.csv").write_text(metrics.replace("train/tau", "train/tau$\\x$"))  # a metric's name: a label
+    assert Image.open(write_curves(run)).size[0] > 1000
+    assert Image.open(overlay_curves([(dollar, "seed $\\s$", run)], tmp_path / "overlay.png", "$\\t$")).size[0] > 1000
+    import torch
+
+    from byol.jobs.embedding import draw_map
+
+    draw_map(torch.randn(6, 2), torch.tensor([0, 1, 0, 1, 0, 1]), [dollar, "$^"], dollar, tmp_path / "map.png")
+    assert Image.open(tmp_path / "map.png").size[0] > 500
+    assert matplotlib.rcParams["text.parse_math"] and matplotlib.rcParams["text.usetex"]  # restored afterwards

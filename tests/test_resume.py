@@ -265,6 +265,34 @@ def test_metrics_csv_continues_without_repeated_steps(tmp_path):
     assert fresh.experiment is not None and not path.exists()
 
 
+@pytest.mark.parametrize("content", [
+    b"epoch,step,train/loss\n0,0,0.1\n,abc,\n0,1,0.2\n",  # the audit's: int(float('abc')) stopped the resume
+    b"epoch,step,train/loss\n0,1.5,0.1\n",
+    b"epoch,step,train/loss\n0,nan,0.1\n",
+    b"epoch,step,train/loss\n0,-1,0.1\n",
+    b"epoch,step,train/loss\n0,1,0.1,surplus\n",  # more values than the header
+    b"epoch,step,train/loss\n0,1,\xff\xfe\n",  # not UTF-8
+], ids=["text step", "fraction", "nan", "negative", "surplus value", "not utf-8"])
+def test_a_metrics_csv_that_cannot_be_continued_is_kept_aside_and_a_new_one_started(tmp_path, capsys, content):
+    """A resumed run continues metrics.csv; one it cannot read as metrics stopped the resume with a traceback.
+    The file is kept beside it, as it was, under a name that says so; the run goes on with a new one."""
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(content)
+    logger = ContinuingCSVLogger(tmp_path, keep_before_step=3)
+    logger.log_metrics({"train/loss": 0.33}, step=3)
+    logger.save()
+    (kept,) = tmp_path.glob("metrics.unreadable-*.csv")
+    assert kept.read_bytes() == content
+    with open(path, newline="") as f:
+        assert list(csv.DictReader(f)) == [{"step": "3", "train/loss": "0.33"}]
+    out = capsys.readouterr().out
+    assert out.startswith(f"[byol] note: {path} cannot be continued (") and out.count("\n") == 1
+    assert out.endswith(f"it is kept as {kept.name} beside it, and this run writes a new metrics.csv\n")
+    path.write_bytes(content)  # a second time: kept under another name, the first one untouched
+    assert ContinuingCSVLogger(tmp_path, keep_before_step=3).experiment is not None
+    assert len(list(tmp_path.glob("metrics.unreadable-*.csv"))) == 2 and kept.read_bytes() == content
+
+
 def test_index_batches_resume_mid_epoch():
     """Batches after a resume at (epoch, batch) are those the uninterrupted pass yields there."""
     data = make_synthetic(40, size=8)

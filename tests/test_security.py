@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def run_config(tmp_path, *overrides) -> dict:
 
 
 def with_payload(config: dict, place: tuple, node) -> dict:
+    """A copy of ``config`` with ``node`` at ``place`` (a path of keys and list indices)."""
     config = copy.deepcopy(config)
     parent = config
     for key in place[:-1]:
@@ -565,3 +567,199 @@ def test_training_settings_given_to_evaluation_are_refused_naming_the_right_key(
                          tmp_path)
     with pytest.raises(ConfigError, match=r"^trainer.max_epochs does not apply to evaluation; use eval.epochs$"):
         evaluate(cfg, tmp_path / "run", requested=command_line_keys())
+
+
+# --------------------------------------------------------------------------- what a checkpoint holds
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run (one epoch of two steps, in this process) and its last.ckpt as read from the file."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    pretrain(compose_config("train", ["experiment=smoke", "data.num_train=32", "data.batch_size=16",
+                                      "trainer.max_epochs=1", "trainer.precision=32-true"], run), run)
+    return run, torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+# Each: where in last.ckpt, what is put there, what the error line says. The smoke run is 0.5 wide.
+CRAFTED_CHECKPOINTS = {
+    "config width": (("byol_config", "backbone", "width"), 1.0,
+                     "its weights do not match the architecture its own config describes; 202 tensors of another "
+                     "shape (e.g. model.online_encoder.body.conv1.weight: (32, 3, 7, 7) in the file, (64, 3, 7, 7) "
+                     "expected)"),
+    "parameter groups": (("optimizer_states", 0, "param_groups"), [],
+                         "optimizer_states[0] has 0 parameter groups, the optimizer 2"),
+    "global_step": (("global_step",), "x", "global_step is 'x', not a whole number of 0 or more"),
+    "epoch": (("epoch",), -1, "epoch is -1, not a whole number of 0 or more"),
+    "loop counter": (("loops", "fit_loop", "epoch_progress", "current", "processed"), "1",
+                     "loops.fit_loop.epoch_progress.current.processed is '1', not a whole number"),
+    "loop attribute": (("loops", "fit_loop", "epoch_progress", "total", "increment_ready"), 1,
+                       "loops.fit_loop.epoch_progress.total holds 'increment_ready', which it never holds"),
+    "momentum shape": (("optimizer_states", 0, "state", 0, "momentum_buffer"), torch.zeros(2),
+                       "optimizer_states[0].state[0].momentum_buffer has shape (2,), its parameter (32, 3, 7, 7)"),
+    "learning rate": (("optimizer_states", 0, "param_groups", 0, "lr"), "0.1",
+                      "optimizer_states[0].param_groups[0].lr is '0.1', not a number"),
+    "scheduler attribute": (("lr_schedulers", 0, "optimizer"), {},
+                            "lr_schedulers[0] holds 'optimizer', which would replace the scheduler's own attribute"),
+    "scheduler counter": (("lr_schedulers", 0, "last_epoch"), 1.5,
+                          "lr_schedulers[0].last_epoch is 1.5, not a whole number"),
+    "random state": (("rng", "torch"), torch.zeros(3, dtype=torch.uint8),
+                     "rng is not a saved random-number state (RuntimeError: "),
+    "weights": (("state_dict", "model.online_encoder.body.conv1.weight"), "x",
+                "state_dict['model.online_encoder.body.conv1.weight'] is 'x', not a tensor"),
+    "version": (("pytorch-lightning_version",), "two", "pytorch-lightning_version is 'two', not a version number"),
+    "loss sums": (("epoch_loss_sums", "images"), "x", "epoch_loss_sums.epoch and .images must be whole numbers"),
+    "callbacks": (("callbacks",), [], "callbacks is [], not a mapping of callback names to their states"),
+    "gradient scaler": (("MixedPrecision",), {"scale": 1.0}, "MixedPrecision lacks 'growth_factor'"),
+}
+
+
+@pytest.mark.parametrize("change", CRAFTED_CHECKPOINTS)
+def test_a_checkpoint_whose_state_does_not_fit_is_one_line_before_anything_is_written(tmp_path, finished_run, change):
+    """`resume=RUN` of a finished run whose last.ckpt was edited: a 237-line size-mismatch dump (its config's width
+    against its weights), torch's ValueError on the parameter groups, int('x') on the step... Now every part that
+    Lightning or the job loads is checked first, against a model built on the meta device, and refused in one
+    line naming the file, before the run's config.yaml, metrics.csv or export are touched."""
+    source, checkpoint = finished_run
+    keys, value, expected = CRAFTED_CHECKPOINTS[change]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.csv", "encoder.pt"):
+        (run / name).write_bytes((source / name).read_bytes())
+    last = run / "checkpoints" / "last.ckpt"
+    torch.save(with_payload(checkpoint, keys, value), last)
+    before = folder_contents(run)
+    cfg = compose_config("train", ["experiment=smoke", f"resume={run}", "trainer.max_epochs=2"], run)
+    with pytest.raises(CheckpointError) as err:
+        pretrain(cfg, run, requested=["trainer.max_epochs"])
+    message = str(err.value)
+    assert message.startswith(f"checkpoint '{last}' is damaged or was edited, and cannot be resumed: {expected}"), \
+        message
+    assert "\n" not in message and message.endswith("or train into another folder (hydra.run.dir=NEW)")
+    assert folder_contents(run) == before  # the finished run as it was: its config still says 1 epoch
+
+
+def test_lightning_loading_a_checkpoint_checks_it_too(finished_run):
+    """What Lightning calls before it loads anything (``on_load_checkpoint``) refuses the same files, before the
+    random states are set: a checkpoint handed to the Trainer some other way is checked all the same."""
+    from byol.core.rng import rng_state, set_rng_state
+    from byol.jobs.pretrain import build_module
+
+    run, checkpoint = finished_run
+    module = build_module(checkpoint["byol_config"])
+    before = rng_state()
+    module.on_load_checkpoint(copy.deepcopy(checkpoint))  # the run's own: loads (and sets the random states)
+    set_rng_state(before)
+    state = torch.get_rng_state()
+    for change in ("config width", "parameter groups", "loop attribute"):
+        keys, value, expected = CRAFTED_CHECKPOINTS[change]
+        if keys[0] == "byol_config":  # the module is built from the config: its weights are the other kind
+            bad = with_payload(checkpoint, ("state_dict", "model.online_encoder.body.conv1.weight"), torch.zeros(1))
+            expected = "its weights do not match the architecture its own config describes; 1 tensor of another"
+        else:
+            bad = with_payload(checkpoint, keys, value)
+        bad["rng"]["torch"] = torch.zeros_like(state)
+        with pytest.raises(CheckpointError, match=re.escape(expected)):
+            module.on_load_checkpoint(bad)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.slow
+def test_crafted_checkpoint_and_export_are_one_error_line_end_to_end(tmp_path, finished_run):
+    """The audit's commands: `train.py resume=RUN trainer.max_epochs=3` with last.ckpt's config edited to another
+    width, and `evaluate.py pretrained=RUN` with a string among encoder.pt's weights: one `error:` line each."""
+    source, checkpoint = finished_run
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.csv"):
+        (run / name).write_bytes((source / name).read_bytes())
+    torch.save(with_payload(checkpoint, ("byol_config", "backbone", "width"), 1.0), run / "checkpoints" / "last.ckpt")
+    export = safe_load(source / "encoder.pt")
+    torch.save(with_payload(export, ("state_dict", "body.conv1.weight"), "notatensor"), run / "encoder.pt")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for script, args, expected in (
+            ("train.py", [f"resume={run}", "trainer.max_epochs=3"], "its weights do not match the architecture its "
+                                                                     "own config describes"),
+            ("evaluate.py", [f"pretrained={run}", "eval=knn", "preset=smoke", f"hydra.run.dir={tmp_path / 'eval'}"],
+             "its state_dict['body.conv1.weight'] is 'notatensor', not a tensor")):
+        result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+        assert expected in line, line
+
+
+# --------------------------------------------------------------------------- what an encoder export holds
+
+
+def tiny_export(path: Path, **meta) -> Path:
+    from byol.core.backbone import Encoder
+    from byol.core.checkpoint import save_encoder
+
+    save_encoder(Encoder("resnet18", "cifar", ["layer2.0"], width=0.125), path,
+                 meta={"loss": "multi", "epochs": 2, "global_step": 8, "seed": 0, **meta})
+    return path
+
+
+@pytest.mark.parametrize("keys,value,expected", [
+    (("state_dict", "body.conv1.weight"), "notatensor", "its state_dict['body.conv1.weight'] is 'notatensor', not a "
+                                                         "tensor"),
+    (("state_dict",), [1, 2], "its state_dict is [1, 2], not a mapping of names to tensors"),
+    (("meta", "epochs"), "two", "meta.epochs is 'two', not a whole number of 0 or more"),
+    (("meta", "global_step"), 1.5, "meta.global_step is 1.5, not a whole number of 0 or more"),
+    (("meta", "seed"), -1, "meta.seed is -1, not a whole number from 0 to 4294967295"),
+    (("meta", "loss"), "../x", "meta.loss is '../x', not classic or multi"),
+    (("meta",), ["x"], "its meta is ['x'], not a mapping"),
+], ids=["weight", "weights", "epochs", "global_step", "seed", "loss", "meta"])
+def test_an_export_holding_values_of_another_kind_is_one_line(tmp_path, keys, value, expected):
+    """`evaluate.py pretrained=RUN` on an encoder.pt with a string among its weights (AttributeError: 'str' object
+    has no attribute 'shape') or `meta.epochs: two` (int('two')): refused when the file is read, naming it."""
+    from byol.core.checkpoint import load_encoder
+    from byol.jobs.pretrained import read_pretrained
+
+    good = tiny_export(tmp_path / "encoder.pt")
+    assert read_pretrained(good).epochs == 2
+    path = tmp_path / "bad.pt"
+    torch.save(with_payload(safe_load(good), keys, value), path)
+    readers = [read_pretrained, load_encoder] if keys[0] == "state_dict" else [read_pretrained]
+    for read in readers:
+        with pytest.raises(CheckpointError) as err:
+            read(path)
+        message = str(err.value)
+        assert message.startswith(f"refusing '{path}': {expected}; "), message
+        assert "\n" not in message and message.endswith("(move the file away, then python train.py resume=RUN)")
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"stem": "imagenet/../../../x"}, "backbone.stem 'imagenet/../../../x' is not one of the stems (cifar, imagenet)"),
+    ({"name": "resnet18/../x"}, "backbone.name 'resnet18/../x' is none of the networks this project builds"),
+    ({"name": "resnet19"}, "backbone.name 'resnet19' is none of the networks this project builds (resnet18, "),
+    ({"taps": ["layer2.0", "../x"]}, "backbone.taps names '../x', no module of resnet18"),
+    ({"grids": {"layer9": 2}}, "backbone.grids must map module names to positive whole numbers"),
+    ({"grids": {"avgpool": 2}}, "backbone.grids must map module names to positive whole numbers (avgpool: 1)"),
+    ({"width": 0.001}, "backbone.width must be a positive number"),
+], ids=["stem path", "name path", "name", "tap", "grid", "avgpool grid", "width"])
+def test_the_backbone_a_file_names_is_one_this_project_builds(tmp_path, change, expected):
+    """An encoder.pt whose stem was `imagenet/../../../x` got into an evaluation folder's path: name, stem, taps and
+    grids of an export (and of a checkpoint's config) are checked against what the project builds, not only for
+    being strings; a run folder's config.yaml names nothing that is not."""
+    from byol.core.checkpoint import load_encoder
+    from byol.jobs.pretrained import read_pretrained, run_config_fields
+
+    export = safe_load(tiny_export(tmp_path / "encoder.pt"))
+    path = tmp_path / "bad.pt"
+    torch.save(dict(export, backbone={**export["backbone"], **change}), path)
+    for read in (read_pretrained, load_encoder):
+        with pytest.raises(CheckpointError) as err:
+            read(path)
+        assert str(err.value).startswith(f"refusing '{path}': {expected}") and "\n" not in str(err.value), err.value
+    if "taps" not in change:  # a checkpoint's config holds no backbone taps
+        config = run_config(tmp_path)
+        config["backbone"].update(change)
+        last = fake_run(tmp_path / "run", config)
+        with pytest.raises(CheckpointError) as err:
+            read_pretrained(last)
+        assert str(err.value).startswith(f"refusing '{last}': {expected}"), err.value
+        assert str(err.value).endswith("Evaluate the run's encoder.pt or another of its checkpoints")
+    fields = run_config_fields({"backbone": {"name": "resnet18/../x", "stem": "../x"}, "seed": "1", "loss": {}})
+    assert fields == {"loss": "classic"}

@@ -11,6 +11,7 @@ small and fast runs whose checkpoints stay small; the module names, and so the t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -87,9 +88,18 @@ def _rebuild_stages(net: models.ResNet, widths: Sequence[int]) -> None:
             nn.init.constant_(module.bias, 0)
 
 
+@functools.cache
+def module_names(name: str) -> frozenset[str]:
+    """Every module name of the ResNet ``name`` (a key of :data:`RESNETS`), the names a tap or a grid may
+    use: the same for both stems and every width. Built on the meta device: no memory, no randomness."""
+    with torch.device("meta"):
+        net = build_resnet(name, STEMS[0])
+    return frozenset(n for n, _ in net.named_modules() if n)
+
+
 def tap_names(net: nn.Module) -> list[str]:
     """Module names a user may tap, listed down to residual blocks (``layer2.0``)."""
-    return [name for name, _ in net.named_modules() if name and name.count(".") <= 1]
+    return [name for name, _ in net.named_modules() if name and name.count(".") <= 1 and name != "fc"]
 
 
 class Encoder(nn.Module):
@@ -153,6 +163,11 @@ class Encoder(nn.Module):
         with torch.no_grad():
             out = self.body(torch.zeros(1, 3, 64, 64))
         self.body.train(was_training)
+        flat = [t for t in self.taps if t != AVGPOOL and out[t].dim() != 4]
+        if flat:  # e.g. fc (an identity after the global pool): no feature map to pool to a grid
+            raise ConfigError(f"tap {', '.join(repr(t) for t in flat)} gives no feature map (its output is "
+                              f"{out[flat[0]].dim()}-D); a tap is a block or layer before the global pool, e.g. "
+                              f"layer2.0 or layer3 ('avgpool' is always included)")
         return {t: out[t].shape[1] * grid[t] ** 2 for t in self.taps}
 
     def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

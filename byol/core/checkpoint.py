@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import torch
 
 from byol.core.errors import CheckpointError
+from byol.core.state_check import tensors_problem, weights_problem, whole
 
 ENCODER_FORMAT = "byol-encoder"
 ONLINE_PREFIX = "model.online_encoder."  # where BYOLModule keeps the online encoder in its state_dict
@@ -149,7 +150,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -
                 from None
         detail = " ".join(str(e).split())
         raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
-                              f"({type(e).__name__}: {detail}).{_alternatives(path)}") from None
+                              f"({type(e).__name__}: {detail}).{alternatives(path)}") from None
 
 
 def _starts_like_torch(path: Path) -> bool:
@@ -159,7 +160,7 @@ def _starts_like_torch(path: Path) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
-def _alternatives(path: Path) -> str:
+def alternatives(path: Path) -> str:
     """The other checkpoints beside ``path`` (final, last, then the latest epochs first), as a sentence."""
     rank = {"final.ckpt": 0, "last.ckpt": 1}
     others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name),
@@ -212,55 +213,69 @@ def load_encoder(path: str | os.PathLike, taps=None):
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
         raise CheckpointError(f"'{path}' is not a byol encoder export (expected format '{ENCODER_FORMAT}')")
     cfg = encoder_config(blob.get("backbone"), path)
+    state = checked_state_dict(blob.get("state_dict"), path)
     if taps is not None:
         cfg["taps"] = list(taps)
     encoder = Encoder(**cfg)
-    load_weights(encoder, blob["state_dict"], path)
+    load_weights(encoder, state, path)
     return encoder, blob.get("meta", {})
 
 
-def encoder_config(raw, source) -> dict:
-    """The ``backbone`` description of an export as checked plain values: ``name``, ``stem``,
-    ``width`` (a positive number; 1.0 for exports written before it existed), ``taps`` (list of
-    str), ``grids`` ({str: int}). A file is data: anything else is refused."""
+# what fixes an export that is not what this project writes
+REWRITE_EXPORT = ("evaluate the run's checkpoints/last.ckpt instead, or write the export again from it (move the "
+                  "file away, then python train.py resume=RUN)")
+
+
+def encoder_config(raw, source, fix: str = f"For a run's encoder.pt: {REWRITE_EXPORT}") -> dict:
+    """The ``backbone`` description of an export as checked plain values: ``name`` (a ResNet this project
+    builds), ``stem`` (cifar or imagenet), ``width`` (a positive number; 1.0 for exports written before it
+    existed), ``taps`` (module names of that network), ``grids`` ({module name: positive whole number}).
+    A file is data: anything else is refused, before any of it is used (a name, a path...)."""
+    from byol.core.backbone import AVGPOOL, RESNETS, STEMS, module_names
+
     if not isinstance(raw, dict):
         raise CheckpointError(f"refusing '{source}': its backbone description is not a mapping")
     unknown = sorted(str(k) for k in raw if k not in ("name", "stem", "width", "taps", "grids"))
     taps, grids, width = raw.get("taps") or [], raw.get("grids") or {}, raw.get("width", 1.0)
+    name, stem = raw.get("name"), raw.get("stem")
+    names = module_names(name) if isinstance(name, str) and name in RESNETS else frozenset()
     problem = (f"unknown key(s) {', '.join(unknown)}" if unknown
                else "backbone.name and backbone.stem must be strings" if not (
-                   isinstance(raw.get("name"), str) and isinstance(raw.get("stem"), str))
-               else "backbone.width must be a positive number" if not (
-                   type(width) in (int, float) and math.isfinite(width) and width > 0)
+                   isinstance(name, str) and isinstance(stem, str))
+               else f"backbone.name {name[:40]!r} is none of the networks this project builds "
+                    f"({', '.join(RESNETS)})" if name not in RESNETS
+               else f"backbone.stem {stem[:40]!r} is not one of the stems ({', '.join(STEMS)})" if stem not in STEMS
+               else "backbone.width must be a positive number that leaves the first stage a channel" if not (
+                   type(width) in (int, float) and math.isfinite(width) and round(64 * width) >= 1)
                else "backbone.taps must be a list of strings" if not (
                    isinstance(taps, list) and all(isinstance(t, str) for t in taps))
-               else "backbone.grids must map strings to whole numbers" if not (
-                   isinstance(grids, dict) and all(isinstance(k, str) and type(v) is int
-                                                   for k, v in grids.items()))
+               else f"backbone.taps names {next(t for t in taps if t not in names)[:40]!r}, no module of {name}"
+               if any(t not in names for t in taps)
+               else "backbone.grids must map module names to positive whole numbers (avgpool: 1)" if not (
+                   isinstance(grids, dict) and all(isinstance(k, str) and k in names and whole(v, 1)
+                                                   and (k != AVGPOOL or v == 1) for k, v in grids.items()))
                else None)
     if problem:
-        raise CheckpointError(f"refusing '{source}': {problem}; a file may only hold plain values, and this "
-                              f"one was not written by this project")
-    return {"name": raw["name"], "stem": raw["stem"], "width": float(width), "taps": list(taps),
-            "grids": dict(grids)}
+        raise CheckpointError(f"refusing '{source}': {problem}; a file may only hold what this project writes, "
+                              f"and this one was edited or not written by it. {fix}")
+    return {"name": name, "stem": stem, "width": float(width), "taps": list(taps), "grids": dict(grids)}
+
+
+def checked_state_dict(state, source, fix: str = f"For a run's encoder.pt: {REWRITE_EXPORT}") -> dict:
+    """``state`` if it is a state_dict (names mapped to tensors); else a one-line error naming ``source``."""
+    problem = tensors_problem(state, "its state_dict")
+    if problem:
+        raise CheckpointError(f"refusing '{source}': {problem}; the file is damaged or was not written by this "
+                              f"project. {fix}")
+    return state
 
 
 def load_weights(module: torch.nn.Module, state: dict, source) -> None:
-    """``load_state_dict`` with an error that says what does not match, instead of a 60-line dump."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or wrong:
-        detail = []
-        if wrong:
-            k = wrong[0]
-            detail.append(f"{len(wrong)} tensor{'s' * (len(wrong) > 1)} of another shape (e.g. {k}: "
-                          f"{tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} expected)")
-        if missing:
-            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise CheckpointError(f"'{source}' holds weights of another architecture: {'; '.join(detail)}. "
+    """``load_state_dict`` with an error that says what does not match, instead of a 60-line dump (and a
+    state that is not names mapped to tensors refused, instead of a traceback)."""
+    problem = weights_problem(checked_state_dict(state, source), module.state_dict(), "the checkpoint",
+                              extra_ok=True)
+    if problem:
+        raise CheckpointError(f"'{source}' holds weights of another architecture: {problem}. "
                               f"Evaluate it with the backbone it was trained with (its run folder's config)")
-    module.load_state_dict({k: state[k] for k in own}, strict=True)
+    module.load_state_dict({k: state[k] for k in module.state_dict()}, strict=True)

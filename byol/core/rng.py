@@ -38,3 +38,21 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_state_problem(state) -> str | None:
+    """What is wrong with a saved :func:`rng_state` (None: it loads), tried on generators of its own so
+    that a bad one changes no global state."""
+    if not isinstance(state, dict) or not {"torch", "python", "numpy"} <= set(state):
+        return "rng is not a saved random-number state (a mapping of 'torch', 'python' and 'numpy')"
+    try:
+        torch.Generator().set_state(state["torch"])
+        random.Random().setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+        name, keys, *rest = state["numpy"]
+        np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), *rest))
+        cuda = state.get("cuda", [])
+        if not isinstance(cuda, list | tuple) or not all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in cuda):
+            raise TypeError("the CUDA states are not byte tensors")
+    except (TypeError, ValueError, RuntimeError, AttributeError, OverflowError, IndexError) as e:
+        return f"rng is not a saved random-number state ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+    return None

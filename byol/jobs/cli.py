@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder
+from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
@@ -77,19 +77,51 @@ def run_dir_of(resume, default: str) -> str:
     return default
 
 
+_CLAIMED: dict[str, str] = {}
+
+
+def new_folder(stamped: str) -> str:
+    """A new folder for this process: ``stamped`` (a time-stamped path), created here, or ``stamped-2``,
+    ``-3``... when another job started in the same second took it (two jobs in one folder: the second
+    failed on the folder's lock after Hydra had rewritten the first one's ``.hydra/`` record). The same
+    answer on every call of a process."""
+    if stamped not in _CLAIMED:
+        base = candidate = Path(stamped)
+        for number in range(2, 1000):
+            try:
+                candidate.parent.mkdir(parents=True, exist_ok=True)
+                candidate.mkdir()
+                break
+            except FileExistsError:
+                candidate = base.with_name(f"{base.name}-{number}")
+            except OSError:  # a read-only or full disk: Hydra's attempt reports it (WritableOutput)
+                candidate = base
+                break
+        _CLAIMED[stamped] = str(candidate)
+    return _CLAIMED[stamped]
+
+
+def new_run_dir_of(resume, stamped: str) -> str:
+    """:func:`run_dir_of`, with a new time-stamped folder claimed (:func:`new_folder`) when it starts a run."""
+    folder = run_dir_of(resume, stamped)
+    return new_folder(stamped) if folder == stamped else folder
+
+
 # A sweep run with trainer=ddp: Lightning starts the other processes by re-running the command, sweep
 # included, and each would time-stamp a sweep folder of its own; rank 0 names its folder here first.
 SWEEP_DIR_ENV = "BYOL_DDP_SWEEP_DIR"
 
 
 def sweep_dir_of(default: str) -> str:
-    """``hydra.sweep.dir``: rank 0's sweep folder in the processes it started (:data:`SWEEP_DIR_ENV`)."""
+    """``hydra.sweep.dir``: rank 0's sweep folder in the processes it started (:data:`SWEEP_DIR_ENV`). (Not
+    claimed as :func:`new_folder` does: a launcher's job processes resolve it again, to the same folder.)"""
     return os.environ.get(SWEEP_DIR_ENV) or default
 
 
 if not OmegaConf.has_resolver("byol_run_dir"):
-    OmegaConf.register_new_resolver("byol_run_dir", run_dir_of)
+    OmegaConf.register_new_resolver("byol_run_dir", new_run_dir_of)
     OmegaConf.register_new_resolver("byol_sweep_dir", sweep_dir_of)
+    OmegaConf.register_new_resolver("byol_new_dir", new_folder)
 
 
 def command_arg(key: str, value) -> str:
@@ -186,19 +218,16 @@ def run_job(fn, cfg, *args, **kwargs):
     if ddp_sweep:  # the processes it starts join its sweep
         os.environ[SWEEP_DIR_ENV] = str(Path(hc.sweep.dir).resolve())
     if launched_rank() != 0:  # another DDP process of rank 0's run: rank 0 holds the folder and its log
-        try:
-            return fn(cfg, run_dir, *args, **kwargs)
-        except Interrupted as e:  # rank 0 says where the run was saved and how to resume it
-            sys.exit(e.exit_code)
-        except ByolError as e:
-            print(f"error (rank {launched_rank()}): {e}", file=sys.stderr, flush=True)
-            sys.exit(e.exit_code)
+        return _run_on_another_rank(fn, cfg, run_dir, *args, **kwargs)
+    earlier_failure = None  # the FAILED file a re-run job found (see _failed)
     try:
         check_job_folder(run_dir, hc.job.name)  # before the lock, the log or FAILED is written into it
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
                 console_copied_to(run_dir / f"{hc.job.name}.log"), \
                 sweep_record_kept(Path(hc.sweep.dir) / "multirun.yaml" if ddp_sweep else None):
-            (run_dir / FAILED).unlink(missing_ok=True)  # a job re-run in the same folder starts clean
+            failed = run_dir / FAILED  # a job re-run in the same folder starts clean
+            earlier_failure = failed.read_text(errors="replace") if failed.is_file() else None
+            failed.unlink(missing_ok=True)
             overrides = " ".join(hc.overrides.task) or "none (the defaults)"
             print(f"[{hc.job.name}] overrides: {overrides}", flush=True)
             return fn(cfg, run_dir, *args, **kwargs)
@@ -219,7 +248,7 @@ def run_job(fn, cfg, *args, **kwargs):
             print(str(e), file=sys.stderr, flush=True)
             hand_on_signal(e.exit_code - 128)
             sys.exit(e.exit_code)
-        return _failed(run_dir, multirun, e)
+        return _failed(run_dir, multirun, e, earlier_failure)
     except KeyboardInterrupt:  # Ctrl+C outside training (which stops cleanly itself): no traceback
         print(f"[{hc.job.name}] interrupted (Ctrl+C); what was finished before is kept", file=sys.stderr,
               flush=True)
@@ -230,6 +259,17 @@ def run_job(fn, cfg, *args, **kwargs):
         traceback.print_exc()
         (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n")
         return None
+
+
+def _run_on_another_rank(fn, cfg, run_dir: Path, *args, **kwargs):
+    """``fn`` in a DDP process of rank 0's job: its errors are one line, and rank 0 says the rest."""
+    try:
+        return fn(cfg, run_dir, *args, **kwargs)
+    except Interrupted as e:  # rank 0 says where the run was saved and how to resume it
+        sys.exit(e.exit_code)
+    except ByolError as e:
+        print(f"error (rank {launched_rank()}): {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def _planned_world(cfg) -> int:
@@ -284,13 +324,19 @@ def console_copied_to(path: Path):
         log.close()
 
 
-def _failed(run_dir: Path, multirun: bool, e: ByolError):
-    """Print the one-line error; in a sweep, record it in the job's FAILED file and go on."""
+def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | None = None):
+    """Print the one-line error and record it in the job's FAILED file (a sweep goes on with its other jobs).
+    A job that stopped before training, in a folder holding a run, leaves the run's state as it was: no
+    FAILED for a finished run, the earlier one for a failed run."""
     print(f"error: {e}", file=sys.stderr, flush=True)
-    try:
-        (run_dir / FAILED).write_text(f"{e}\n")
-    except OSError:
-        pass  # the folder itself cannot be written: the line above is all there is
+    if getattr(e, "nothing_trained", False) and is_run_dir(run_dir):
+        if earlier_failure is not None:
+            (run_dir / FAILED).write_text(earlier_failure)
+    else:
+        try:
+            (run_dir / FAILED).write_text(f"{e}\n")
+        except OSError:
+            pass  # the folder itself cannot be written: the line above is all there is
     if multirun:
         return None
     sys.exit(e.exit_code)

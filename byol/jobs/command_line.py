@@ -50,8 +50,16 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
     top, groups = _top_config(config_name)
     known = {".".join(path) for path in config_schema() if path and path[0] in set(top) | groups}
     free = tuple(".".join(path) + "." for path in OPEN_DICTS | VIEW_OVERRIDES)  # keys of the user's choosing
+    views = tuple(".".join(path) + "." for path in VIEW_OVERRIDES)
+    shared = sorted(k[len("augment."):] for k in known if k.startswith("augment.") and k.count(".") == 1)
     for o in parsed:
         key = o.key_or_group
+        view, _, leaf = key.rpartition(".")
+        if key.startswith(views) and "." not in leaf and leaf not in shared and not o.is_delete():
+            close = difflib.get_close_matches(leaf, shared, n=1, cutoff=0.7)
+            mean = f"; did you mean {view}.{close[0]}?" if close else f"; {view} takes the augment.* keys"
+            return (f"error: {key} is not a setting{mean}; one view's own value: +{view}.KEY=VALUE "
+                    f"(python {config_name}.py --cfg job prints every setting)")
         if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None or key in known
                 or (CONF_DIR / key).is_dir() or key.split(".")[0] == "hydra" or key.startswith(free)):
             continue
@@ -64,6 +72,66 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
         if close:
             return (f"error: {key} is not a setting; did you mean {' or '.join(close)}? (python {config_name}.py "
                     f"--cfg job prints every setting)")
+    return None
+
+
+# group options that were renamed or live in the other script: the line that says where they went
+MOVED_OPTIONS = {("train", "experiment", "seed"): "experiment=seed is now experiment=original"}
+OTHER_SCRIPTS_GROUPS = {("evaluate", "experiment"): "experiments are pretraining settings (python train.py "
+                                                    "experiment=...); evaluate.py takes preset=smoke or "
+                                                    "preset=original",
+                        ("evaluate", "monitor"): "the online monitors run during pretraining (train.py)",
+                        ("evaluate", "loss"): "the loss is a pretraining setting (train.py); the evaluation "
+                                              "reads each run's own",
+                        ("evaluate", "optim"): "optim is a pretraining setting (train.py); the evaluation's "
+                                               "optimizer is eval.optimizer",
+                        ("train", "eval"): "evaluation settings belong to evaluate.py",
+                        ("train", "repr"): "representations are chosen at evaluation (evaluate.py repr=...)",
+                        ("train", "split"): "splits are chosen at evaluation (evaluate.py split=...)",
+                        ("train", "preset"): "presets are evaluate.py's; train.py takes experiment=..."}
+
+
+def unknown_option(argv: Sequence[str], config_name: str) -> str | None:
+    """The error line for a group option that does not exist (``loss=mult``), a group of the other script
+    (``evaluate.py +experiment=smoke``, which Hydra advises and which would then bring training settings
+    into an evaluation), or ``GROUP=null`` for a group that must have an option; None otherwise."""
+    parsed = _parsed_overrides(argv)
+    if parsed is None:
+        return None
+    import difflib
+
+    from byol.jobs.config_check import CONF_DIR
+
+    top, groups = _top_config(config_name)
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml")).get("defaults", [])
+    optional = {next(iter(d)) for d in defaults if isinstance(d, dict) and next(iter(d.values())) is None}
+    for o in parsed:
+        group = o.key_or_group
+        if o.is_delete() or "/" in group or not (CONF_DIR / group).is_dir():
+            continue
+        if group not in groups:
+            why = OTHER_SCRIPTS_GROUPS.get((config_name, group), f"{config_name}.py has no {group} group")
+            return f"error: {group}=... does not apply here: {why} (python {config_name}.py --help lists its groups)"
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        try:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        except Exception:  # a range or glob: Hydra checks it
+            continue
+        for value in (v for item in values for v in (item if isinstance(item, list) else [item])):
+            if value is None and group in optional:
+                continue
+            if isinstance(value, str) and value in options:
+                continue
+            if value is not None and not isinstance(value, str):
+                value = str(value)
+            moved = MOVED_OPTIONS.get((config_name, group, value))
+            close = difflib.get_close_matches(value, options, n=1, cutoff=0.6) if value else []
+            if group == "backbone" and str(value).startswith("resnet"):
+                moved = f"any torchvision ResNet is backbone.name={value}"
+            hint = f" ({moved})" if moved else f" (did you mean {group}={close[0]}?)" if close else ""
+            removal = f" ('~{group}' removes it)" if group == "logger" else ""
+            return (f"error: {group}={value if value is not None else 'null'} is not an option of {group}{hint}; "
+                    f"choose one of: {', '.join(options)}{removal}")
     return None
 
 
@@ -139,26 +207,87 @@ def _has(cfg, key: str) -> bool:
     return node is not None and OmegaConf.is_dict(node) and last in node
 
 
-def given_run_dir(argv: Sequence[str]) -> Path | None:
-    """The folder ``hydra.run.dir=DIR`` names for a single run (None for a sweep, an interpolation or none)."""
+def _last_value(argv: Sequence[str], keys: Sequence[str]) -> str | None:
+    """The last plain value the command line gives one of ``keys`` (None: none, or an interpolation)."""
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in keys]
+    return values[-1].strip("'\"") if values and "${" not in values[-1] else None
+
+
+def given_run_dir(argv: Sequence[str], config_name: str = "evaluate") -> Path | None:
+    """The folder a single run writes into, when the command line says: ``hydra.run.dir=DIR``, else for
+    train.py the folder of ``resume=`` (None for a sweep, an interpolation or a new timestamped folder)."""
     if any(a in ("-m", "--multirun") for a in argv):
         return None
-    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in ("hydra.run.dir", "++hydra.run.dir")]
-    return Path(values[-1].strip("'\"")) if values and "${" not in values[-1] else None
+    given = _last_value(argv, ("hydra.run.dir", "++hydra.run.dir"))
+    if given is not None:
+        return Path(given)
+    resume = _last_value(argv, ("resume", "++resume")) if config_name == "train" else None
+    if resume in (None, "", "null", "None"):
+        return None
+    from byol.jobs.cli import run_dir_of
+
+    folder = run_dir_of(resume, "")
+    return Path(folder) if folder else None
+
+
+def given_sweep_folders(argv: Sequence[str]) -> list[Path]:
+    """The sweep folder ``hydra.sweep.dir=DIR`` names for a sweep, and the job folders already in it."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return []
+    given = _last_value(argv, ("hydra.sweep.dir", "++hydra.sweep.dir"))
+    if given is None or not Path(given).is_dir():
+        return []
+    return [Path(given), *sorted(p for p in Path(given).iterdir() if p.is_dir() and not p.is_symlink())]
+
+
+def _start_problem(resume: str | None, run_dir: Path | None) -> str | None:
+    """train.py's start, checked before Hydra writes its record and log into the folder: ``resume=`` names
+    something to continue, an earlier checkpoint is not continued over its run's later state, and a new run
+    does not start over a run's weights (the job checks all of it again; this only comes first)."""
+    from byol.core.checkpoint import safe_load
+    from byol.core.errors import ByolError
+    from byol.jobs.resume import find_resume
+    from byol.jobs.run_folder import CHECKPOINTS_DIR, check_new_run_folder, check_not_behind
+
+    try:
+        if resume in (None, "", "null", "None"):
+            if run_dir is not None:
+                check_new_run_folder(run_dir)
+            return None
+        checkpoint = find_resume(resume, Path("."))
+        if run_dir is not None and checkpoint.resolve().parent == (run_dir / CHECKPOINTS_DIR).resolve():
+            step = safe_load(checkpoint, mmap=True).get("global_step")
+            if isinstance(step, int):
+                check_not_behind(run_dir, checkpoint, step)
+    except ByolError as e:
+        return f"error: {e}"
+    except (AttributeError, OSError):  # a file of another kind: the job says what is wrong with it
+        return None
+    return None
 
 
 def check_command_line(argv: Sequence[str], config_name: str) -> None:
-    """Exit with one ``error:`` line for a misspelt key or a run folder of the other kind of job, before Hydra
-    composes anything."""
-    from byol.jobs.run_folder import FolderTakenError, check_job_folder
+    """Exit with one ``error:`` line for a misspelt key, a setting of another option, a run folder of the
+    other kind of job or one with links where jobs write, before Hydra composes anything (or writes its
+    ``.hydra/`` record and log into the folder)."""
+    from byol.jobs.run_folder import FolderTakenError, check_job_folder, links_in
 
-    message = misspelt_key(argv, config_name) or setting_of_another_option(argv, config_name)
-    run_dir = given_run_dir(argv)
+    message = (unknown_option(argv, config_name) or misspelt_key(argv, config_name)
+               or setting_of_another_option(argv, config_name))
+    run_dir = given_run_dir(argv, config_name)
     if not message and run_dir is not None:
         try:
             check_job_folder(run_dir, config_name)  # the job's name is its config's: train, evaluate
         except FolderTakenError as e:
             message = f"error: {e}"
+    if not message and config_name == "train" and not any(a in ("-m", "--multirun") for a in argv):
+        message = _start_problem(_last_value(argv, ("resume", "++resume")), run_dir)
+    for folder in given_sweep_folders(argv) if not message else []:
+        links = links_in(folder)
+        if links:
+            message = (f"error: '{links[0]}' is a symbolic link in the sweep folder; jobs never write through "
+                       f"links: replace it by the file or folder itself, or sweep into another folder")
+            break
     if message:
         print(message, file=sys.stderr, flush=True)
         sys.exit(1)

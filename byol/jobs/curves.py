@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from byol.core.checkpoint import atomic_write
+from byol.jobs.figures import literal_text, pyplot, save_png
 
 CURVES_FILE = "curves.png"
 
@@ -120,11 +120,7 @@ def _key_legend(fig, colours: dict[str, str], styles: dict[str, object]) -> None
 
 
 def _save(fig, path: Path) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))  # a reader never sees half a PNG
+    save_png(fig, path, dpi=110)  # atomic: a reader never sees half a PNG; a link at path is replaced
 
 
 def write_curves(run_dir: Path) -> Path | None:
@@ -133,18 +129,19 @@ def write_curves(run_dir: Path) -> Path | None:
     metrics = run_dir / "metrics.csv"
     if not metrics.is_file():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # fixed margins: a constrained layout would double the time of each refresh during training (0.6 s -> 0.3 s)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    fig.subplots_adjust(left=0.05, right=0.98, top=0.92, bottom=0.07, wspace=0.22, hspace=0.3)
-    _draw(axes, [("", read_metrics(metrics), {})])
-    fig.suptitle(f"{run_dir.name}: learning curves (metrics.csv)", fontsize=11)
-    _save(fig, run_dir / CURVES_FILE)
-    plt.close(fig)
+    plt = pyplot()
+    # the folder's name and the metrics' names are drawn as written ("$" is no mathtext); the PNG replaces
+    # a link at curves.png, never writes through it
+    with literal_text():
+        # fixed margins: a constrained layout would double the time of each refresh during training (0.6 s -> 0.3 s)
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+        try:
+            fig.subplots_adjust(left=0.05, right=0.98, top=0.92, bottom=0.07, wspace=0.22, hspace=0.3)
+            _draw(axes, [("", read_metrics(metrics), {})])
+            fig.suptitle(f"{run_dir.name}: learning curves (metrics.csv)", fontsize=11)
+            _save(fig, run_dir / CURVES_FILE)
+        finally:
+            plt.close(fig)
     return run_dir / CURVES_FILE
 
 
@@ -154,11 +151,7 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
     runs = [(loss, seed, Path(folder)) for loss, seed, folder in runs if (Path(folder) / "metrics.csv").is_file()]
     if not runs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colours = {"classic": "tab:blue", "multi": "tab:orange"}
     # seven distinguishable dash patterns: solid, dashed, dotted, dash-dot, long dash, dash-dot-dot, dense dots
     dashes = ["-", "--", ":", "-.", (0, (8, 2)), (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
@@ -166,10 +159,13 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
     drawn = [(f"{loss} {seed} ", read_metrics(folder / "metrics.csv"),
               {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seed]})
              for loss, seed, folder in sorted(runs)]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-    _draw(axes, drawn, taps=False, legends=False)
-    fig.suptitle(f"{title} (each run's own curves.png also has every intermediate block)", fontsize=11)
-    _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _ in sorted(runs)}, styles)
-    _save(fig, Path(path))
-    plt.close(fig)
+    with literal_text():  # seeds and losses come from the runs' files: drawn as written
+        fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+        try:
+            _draw(axes, drawn, taps=False, legends=False)
+            fig.suptitle(f"{title} (each run's own curves.png also has every intermediate block)", fontsize=11)
+            _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _ in sorted(runs)}, styles)
+            _save(fig, Path(path))
+        finally:
+            plt.close(fig)
     return Path(path)

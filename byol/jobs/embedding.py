@@ -25,6 +25,7 @@ from byol.core.checkpoint import atomic_torch_save
 from byol.core.data import ImageTensors
 from byol.core.errors import ConfigError, DataError
 from byol.core.features import COMBINED, autocast_dtype, extract_features
+from byol.jobs.figures import literal_text, pyplot, save_png
 
 EMBEDDINGS_FILE = "embeddings.pt"
 EMBEDDINGS_FORMAT = "byol-embeddings-v1"
@@ -108,32 +109,32 @@ def class_colors(num_classes: int) -> list:
 
 def draw_map(coords: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], title: str, path: Path) -> None:
     """The map as a PNG: one dot per image coloured by its class, a legend with the class names and
-    counts (up to :data:`MAX_LEGEND_CLASSES` classes), no axis ticks (t-SNE coordinates have no unit)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    counts (up to :data:`MAX_LEGEND_CLASSES` classes), no axis ticks (t-SNE coordinates have no unit).
+    Class names (an image folder's) and the title are drawn as written, never as mathtext or LaTeX; the
+    PNG replaces a link at ``path``, never writes through it."""
     from matplotlib.lines import Line2D
 
+    plt = pyplot()
     colors = class_colors(len(class_names))
     size = max(3.0, min(30.0, 20000.0 / max(1, len(labels))))
-    fig, ax = plt.subplots(figsize=(8.5, 6.5))
-    try:
-        ax.scatter(coords[:, 0].numpy(), coords[:, 1].numpy(), s=size, c=[colors[k] for k in labels.tolist()],
-                   alpha=0.75, linewidths=0)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("t-SNE keeps neighbours, not distances or cluster sizes", fontsize=8, color="0.4")
-        ax.set_title(title, fontsize=10, loc="left")
-        if len(class_names) <= MAX_LEGEND_CLASSES:
-            counts = torch.bincount(labels, minlength=len(class_names)).tolist()
-            handles = [Line2D([], [], marker="o", linestyle="", color=colors[k], markersize=7,
-                              label=f"{name} ({counts[k]})") for k, name in enumerate(class_names)]
-            ax.legend(handles=handles, title="class (points)", loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                      frameon=False, fontsize=9)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    with literal_text():
+        fig, ax = plt.subplots(figsize=(8.5, 6.5))
+        try:
+            ax.scatter(coords[:, 0].numpy(), coords[:, 1].numpy(), s=size, c=[colors[k] for k in labels.tolist()],
+                       alpha=0.75, linewidths=0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("t-SNE keeps neighbours, not distances or cluster sizes", fontsize=8, color="0.4")
+            ax.set_title(title, fontsize=10, loc="left")
+            if len(class_names) <= MAX_LEGEND_CLASSES:
+                counts = torch.bincount(labels, minlength=len(class_names)).tolist()
+                handles = [Line2D([], [], marker="o", linestyle="", color=colors[k], markersize=7,
+                                  label=f"{name} ({counts[k]})") for k, name in enumerate(class_names)]
+                ax.legend(handles=handles, title="class (points)", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                          frameon=False, fontsize=9)
+            save_png(fig, path, dpi=120, bbox_inches="tight")
+        finally:
+            plt.close(fig)
 
 
 def features_of_test_set(encoder, taps: Sequence[str], test: ImageTensors, cfg: Mapping, device) -> torch.Tensor:

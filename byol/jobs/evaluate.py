@@ -17,7 +17,6 @@ from contextlib import nullcontext, redirect_stdout
 from functools import partial
 from pathlib import Path
 
-from byol.core.checkpoint import atomic_write_bytes
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
@@ -28,27 +27,28 @@ from byol.jobs.datasets import load_eval_data
 from byol.jobs.pretrained import (
     RANDOM_INIT_LABEL,
     EncoderSource,
-    data_fields,
     random_model,
     read_pretrained,
     read_run_config,
     run_config_fields,
 )
 from byol.jobs.protocols import UNTRAINED, checked_protocol, run_protocol, uses_trainer
+from byol.jobs.results_json import (
+    RESULTS_FILE,
+    keep_earlier_result,
+    missing_result,
+    model_fields,
+    result_fields,
+    write_json,
+)
 from byol.jobs.run_folder import (
     CONFIG_FILE,
-    FAILED,
-    HYDRA_DIR,
     RANDOM,
     failed_jobs,
-    keep_replaced,
     resolve_pretrained,
     run_folder_of,
     run_label,
 )
-
-RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
-
 
 # Settings of training that do nothing in an evaluation, and what does there.
 NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size or feature_batch_size",
@@ -178,7 +178,8 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
     evaluate_one = partial(_evaluate_on_its_data, settings=settings, data=data)
     if sweep is None:  # one model
         model = random_model(settings["backbone"], settings["seed"]) if targets == RANDOM else targets[0]
-        result = evaluate_one(model, out_dir=run_dir, label=None if targets == RANDOM else run_label(targets[0]))
+        result = evaluate_one(model, out_dir=run_dir, label=None if targets == RANDOM else run_label(targets[0]),
+                              keep_earlier=False)  # kept by _start_job
         if result["status"] != "ok":
             raise result["exception"]
         return [result]
@@ -186,7 +187,7 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
 
 
 def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: EvaluationData, out_dir: Path,
-                          label: str | None = None) -> dict:
+                          label: str | None = None, keep_earlier: bool = True) -> dict:
     """:func:`evaluate_model` on the data of the run that trained ``model`` (see :class:`EvaluationData`);
     a random-init baseline of a sweep uses the data of the sweep's runs. The weights are read first: a
     corrupt, unsafe or foreign file is recorded as failed before any image is loaded."""
@@ -201,13 +202,13 @@ def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: Eva
             except ByolError:
                 run_config = None  # refused as unsafe
             chosen = data.settings(run_config, label or Path(model).name)
-            return evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label)
+            return evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier)
     run_config = {"data": data.runs_data if model.is_random else model.data}
     if run_config["data"] and not model.is_random:
         data.runs_data = data.runs_data or run_config["data"]
     chosen = data.settings(run_config, label or model.label)
     splits, num_classes = data.load(chosen)
-    return evaluate_model(model, dict(settings, data=chosen), splits, num_classes, out_dir, label)
+    return evaluate_model(model, dict(settings, data=chosen), splits, num_classes, out_dir, label, keep_earlier)
 
 
 def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evaluate_one: Callable,
@@ -219,12 +220,12 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
           flush=True)
     for job, reason in failed_jobs(sweep):  # nothing to evaluate: recorded so that the report lists it
         print(f"[eval] missing: {job.name}: {reason} ({job}); listed as missing in the report", flush=True)
-        missing_result(job, reason, settings, run_dir / job.name, job.name)
+        missing_result(job, reason, settings, _result_folder(run_dir, job.name), job.name)
     results = []
     for number, path in enumerate(targets, 1):
         label = run_label(path, sweep)
         print(f"[eval] ({number}/{len(targets)}) {label}", flush=True)
-        results.append(_print_failure(evaluate_one(path, out_dir=run_dir / label, label=label)))
+        results.append(_print_failure(evaluate_one(path, out_dir=_result_folder(run_dir, label), label=label)))
     if baseline:
         results += _evaluate_baselines(results, settings["seed"], evaluate_one, run_dir)
     failed = [r for r in results if r["status"] != "ok"]
@@ -235,6 +236,16 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
     return results
 
 
+def _result_folder(run_dir: Path, label: str) -> Path:
+    """The folder of one model's results, ``run_dir/<label>``; a label (built from names read in the models'
+    files) that would lead out of ``run_dir`` is refused."""
+    folder = run_dir / label
+    if Path(label).is_absolute() or ".." in Path(label).parts or not folder.resolve().is_relative_to(run_dir.resolve()):
+        raise ByolError(f"refusing to write the results of '{label}' outside '{run_dir}': the name comes from a "
+                        f"model's files and leads elsewhere (a crafted or corrupt file?)")
+    return folder
+
+
 def _start_job(cfg, run_dir: Path) -> dict:
     """The job's plain config, saved in ``run_dir`` and checked before any data or model is read."""
     from omegaconf import OmegaConf
@@ -243,6 +254,7 @@ def _start_job(cfg, run_dir: Path) -> dict:
     check_config(settings, "the command line")
     check_processes(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_earlier_result(run_dir)  # before its config.yaml is rewritten
     if launched_rank() == 0:
         OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
     protocol = checked_protocol(settings["eval"])
@@ -275,7 +287,7 @@ def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one
             print(f"[eval] baseline: {label} ({name}{scaled.replace('_', ' ')}, {stem} stem, seed {seed})",
                   flush=True)
             model = random_model(backbone, seed, label)
-            baselines.append(_print_failure(evaluate_one(model, out_dir=run_dir / label, label=label)))
+            baselines.append(_print_failure(evaluate_one(model, out_dir=_result_folder(run_dir, label), label=label)))
     return baselines
 
 
@@ -294,84 +306,33 @@ def _print_failure(result: dict) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------- results.json
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    """Written atomically: the report never reads half a results.json of a killed job. Under DDP by
-    rank 0 alone (every rank holds the same, gathered, results)."""
-    if launched_rank() != 0:
-        return
-    atomic_write_bytes((json.dumps(obj, indent=2, default=str) + "\n").encode(), path)
-
-
-def _result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
-    """The fields of a ``results.json`` known before any model is read: the evaluation's settings."""
-    eval_cfg = cfg["eval"]
-    return {"pretrained": pretrained, "label": label, "loss": None, "repr": cfg["repr"]["name"],
-            "eval": eval_cfg["name"], "backbone": None, "stem": None, "width": None, "grids": None,
-            "pretrain_epochs": None,
-            "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
-            "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] not in UNTRAINED else 0,
-            "seed": None, "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
-            "eval_data": {**data_fields(cfg["data"]), "split": cfg["split"]["name"],
-                          "val_size": cfg["split"].get("val_size")},
-            "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
-            "status": "running"}
-
-
-def _model_fields(model: EncoderSource) -> dict:
-    """The fields of a ``results.json`` that describe the model, once its weights are read."""
-    return {"label": model.label, "loss": model.loss, "backbone": model.backbone["name"],
-            "stem": model.backbone["stem"], "width": model.backbone.get("width", 1.0),
-            "grids": dict(model.backbone.get("grids") or {}),
-            "pretrain_epochs": model.epochs, "seed": model.seed, "pretrain_epochs_planned": model.planned_epochs,
-            "pretrain_status": model.pretrain_status,
-            "pretrain_data": None if model.is_random else data_fields(model.data)}
-
-
-def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: str) -> dict:
-    """Write the ``results.json`` of a training job with no model (failed, or no weights): ``status:
-    missing``, so that the report lists it, under the loss / backbone / seed of its config.yaml."""
-    result = _result_fields(str(Path(job).resolve()), label, cfg)
-    try:
-        result.update(run_config_fields(read_run_config(Path(job)) or read_run_config(Path(job) / HYDRA_DIR)))
-    except ByolError:  # a config refused as unsafe: the job is listed all the same
-        pass
-    status = "failed" if (Path(job) / FAILED).is_file() else "no weights"
-    result.update(status="missing", pretrain_status=status, error=reason)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(result, out_dir / RESULTS_FILE)
-    return result
-
-
 # --------------------------------------------------------------------------- one model
 
 
 def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[str, ImageTensors],
-                   num_classes: int, out_dir: Path, label: str | None = None) -> dict:
+                   num_classes: int, out_dir: Path, label: str | None = None, keep_earlier: bool = True) -> dict:
     """Evaluate one encoder (an :class:`EncoderSource` or the path of its weights) under ``cfg['eval']``.
 
-    Writes ``results.json`` and ``metrics.csv`` in ``out_dir``. Never raises for a problem of
+    Writes ``results.json`` and ``metrics.csv`` in ``out_dir`` (an earlier evaluation there is kept first,
+    unless ``keep_earlier`` is false: the job already kept it). Never raises for a problem of
     this model (unreadable file, other architecture, diverged training...): the failure is
     returned and written with ``status: failed`` and the error, so a sweep can go on.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept = keep_replaced(out_dir, (RESULTS_FILE, "metrics.csv")) if launched_rank() == 0 else []
-    if kept:  # evaluated again into its folder: the earlier result is kept, under names the report skips
-        print(f"[eval] note: {out_dir} already held an evaluation; kept as {' and '.join(kept)}", flush=True)
+    if keep_earlier:
+        keep_earlier_result(out_dir)
     known = isinstance(model, EncoderSource)
     origin = model.origin if known else str(model)
     # a weights file as an absolute path, whether it comes as a path or already read (the report finds runs by it)
     pretrained = origin if known and model.is_random else str(Path(origin).resolve())
-    result = _result_fields(pretrained, label or (model.label if known else None), cfg)
+    result = result_fields(pretrained, label or (model.label if known else None), cfg)
     if not known:  # until the weights are read: what the run folder's config says
         result.update(run_config_fields(read_run_config(run_folder_of(Path(model)))))
     start = time.perf_counter()
     try:
         if not known:
             model = read_pretrained(model, label)
-        result.update(_model_fields(model))
+        result.update(model_fields(model))
         if model.pretrain_status == "incomplete":
             _note_incomplete(model, result["allow_incomplete"])
         result.update(run_protocol(model, cfg, splits, num_classes, out_dir))
@@ -388,7 +349,7 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
         result.update(status="failed", error=message)
         result["exception"] = exc
     result["seconds"] = round(time.perf_counter() - start, 2)
-    _write_json({k: v for k, v in result.items() if k != "exception"}, out_dir / RESULTS_FILE)
+    write_json({k: v for k, v in result.items() if k != "exception"}, out_dir / RESULTS_FILE)
     return result
 
 

@@ -10,6 +10,7 @@ needed for a resumed run to be the run it would have been.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, safe_load, save_encoder
 from byol.core.data import IndexBatches
 from byol.core.disk_images import MmapBatches
-from byol.core.errors import CheckpointError
+from byol.core.errors import ByolError, CheckpointError
 from byol.core.features import resolve_device
 from byol.jobs.build import (
     build_augment,
@@ -47,8 +48,24 @@ from byol.jobs.resume import (
     resume_config,
     saved_run_id,
 )
-from byol.jobs.run_folder import CHECKPOINTS_DIR, LAST_CHECKPOINT, RUN_ID_KEY, check_resume_target, new_run_id
-from byol.lightning.callbacks import EpochHook, EpochSummary, RunCheckpoints, describe_step, progress_bar
+from byol.jobs.run_folder import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    RUN_ID_KEY,
+    check_new_run_folder,
+    check_not_behind,
+    check_resume_target,
+    new_run_id,
+)
+from byol.lightning.callbacks import (
+    EpochHook,
+    EpochSummary,
+    OnTrainStart,
+    RunCheckpoints,
+    describe_step,
+    progress_bar,
+)
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
 from byol.lightning.monitors import OnlineKNN, all_taps
@@ -72,6 +89,8 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     folder_id = folder_run_id(run_dir)
     checkpoint = find_resume(container.get("resume"), run_dir)
     if checkpoint is None:
+        if launched_rank() == 0:
+            check_new_run_folder(run_dir)  # a finished run's weights without its last.ckpt: never overwritten
         container[RUN_ID_KEY] = new_run_id()
         return RunStart(container)
     resumed = safe_load(checkpoint, mmap=True)  # refuses unsafe files before Lightning reads it
@@ -89,9 +108,21 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
         print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
               flush=True)
     config[RUN_ID_KEY] = (saved_id or folder_id) if same_run and (saved_id or folder_id) else new_run_id()
+    check_resumable(resumed, config, checkpoint)  # before anything is written into the run folder
+    if same_run and launched_rank() == 0:
+        check_not_behind(run_dir, checkpoint, int(resumed["global_step"]))
     last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT  # at the end of a run: its final state
     finished = last.is_file() and epochs_trained(last) >= int(config["trainer"]["max_epochs"])
     return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
+
+
+def check_resumable(checkpoint: dict, config: dict, path: Path) -> None:
+    """The checkpoint's whole training state fits what ``config`` builds (weights, optimizer, schedule, loop
+    counters, random states: :meth:`BYOLModule.check_checkpoint`), or one line naming the file. The module
+    is built on the meta device: no memory, no randomness drawn, in a fraction of a second."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        module = build_module({**config, "compile": False})
+    module.check_checkpoint(checkpoint, path)
 
 
 def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
@@ -131,6 +162,13 @@ def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModul
                       checkpoint_path=checkpoint_path, schedule_epochs=config.get("schedule_epochs"))
 
 
+def save_run_config(config: dict, run_dir: Path) -> None:
+    """The run's config.yaml, written once training starts (:class:`OnTrainStart`): a resume refused or
+    failed before (a checkpoint that does not load, a logger package missing) leaves the run's own as it was,
+    so a finished run is never turned into an unfinished one by a command that trained nothing."""
+    atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / CONFIG_FILE)
+
+
 def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int) -> pl.Trainer:
     ckpt = config["checkpoint"]
     trainer = config["trainer"]
@@ -141,7 +179,7 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
     # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
     knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
     callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(knn),
-                 EpochHook(lambda: write_curves(run_dir))]
+                 EpochHook(lambda: write_curves(run_dir)), OnTrainStart(lambda: save_run_config(config, run_dir))]
     callbacks += progress_bar(progress_bar_on(trainer.get("enable_progress_bar")), trainer.get("log_every_n_steps"),
                               steps_per_epoch)
     # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
@@ -159,29 +197,30 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     """
     run_dir = Path(run_dir)
     ckpt_dir, export = run_dir / "checkpoints", run_dir / "encoder.pt"
-    start = run_start(plain_config(cfg), run_dir, requested)
-    if start.finished:
-        return report_finished(start, run_dir, export)
-    config = start.config
-    pl.seed_everything(config["seed"], workers=True, verbose=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if launched_rank() == 0:  # under DDP, rank 0 alone writes into the run folder
-        atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / "config.yaml")
-        remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
-
-    loggers = make_loggers(config.get("logger"), run_dir, start.step)  # a missing package fails before the data
-    datamodule = build_datamodule(config)  # data errors before the model is built
-    module = build_module(config, ckpt_dir / "last.ckpt")
-    monitors = build_monitors(config, module.model.online_encoder.dims)
-    module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
+    with before_training():
+        start = run_start(plain_config(cfg), run_dir, requested)
+        if start.finished:
+            return report_finished(start, run_dir, export)
+        config = start.config
+        pl.seed_everything(config["seed"], workers=True, verbose=False)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if launched_rank() == 0:  # under DDP, rank 0 alone writes into the run folder
+            remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
+        loggers = make_loggers(config.get("logger"), run_dir, start.step)  # a missing package: before the data
+        datamodule = build_datamodule(config)  # data errors before the model is built
+        module = build_module(config, ckpt_dir / "last.ckpt")
+        monitors = build_monitors(config, module.model.online_encoder.dims)
+        module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
     with quiet_lightning():
-        accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
-        steps_per_epoch = max(1, len(datamodule.batches) // accumulate // planned_world(config["trainer"]))
-        trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
-        announce(config, run_dir, trainer, start, datamodule.batches)
+        with before_training():
+            accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
+            steps_per_epoch = max(1, len(datamodule.batches) // accumulate // planned_world(config["trainer"]))
+            trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
+            announce(config, run_dir, trainer, start, datamodule.batches)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
         if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
             return export
+        save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training
         draw_curves(run_dir)
     save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
                  meta={"loss": loss_mode(config["loss"]), "epochs": trainer.current_epoch,
@@ -189,6 +228,18 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
           flush=True)
     return export
+
+
+@contextmanager
+def before_training():
+    """Tag a :class:`ByolError` raised in the block as ``nothing_trained``: the job stopped before training
+    (a refused resume, a missing logger package, bad data), so a run already in the folder is as it was
+    and gets no ``FAILED`` file (a sweep's evaluation would then list a finished run as failed)."""
+    try:
+        yield
+    except ByolError as e:
+        e.nothing_trained = True
+        raise
 
 
 def draw_curves(run_dir: Path) -> None:
@@ -210,9 +261,12 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
     print(f"[byol] pretraining {backbone['name']}{width} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
           f"{len(batches.data)} images, batch {batch}{processes(trainer, batch)}, "
           f"{epochs} epoch{'s' * (epochs != 1)}{of_schedule}, "
-          f"on {trainer.strategy.root_device} ({trainer_cfg['precision']})",
+          f"on {trainer.strategy.root_device} ({trainer.precision})",
           flush=True)
     print(f"[byol] run folder: {run_dir}", flush=True)
+    if str(trainer.precision).split("-")[0] != str(trainer_cfg["precision"]).split("-")[0]:  # 16 on a CPU: bf16
+        print(f"[byol] note: trainer.precision={trainer_cfg['precision']} runs as {trainer.precision} on "
+              f"{trainer.strategy.root_device.type}", flush=True)
     if horizon and horizon < epochs:
         print(f"[byol] note: schedule_epochs={horizon} is fewer than the run's {epochs} epochs; the learning-rate "
               f"and tau schedules span the run's {epochs} (schedule_epochs only lengthens them)", flush=True)

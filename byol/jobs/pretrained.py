@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
-from byol.core.backbone import Encoder
+from byol.core.backbone import RESNETS, STEMS, Encoder
 from byol.core.checkpoint import (
     ENCODER_FORMAT,
     ONLINE_PREFIX,
+    REWRITE_EXPORT,
+    checked_state_dict,
     encoder_config,
     epochs_done,
     load_weights,
@@ -24,6 +26,7 @@ from byol.core.checkpoint import (
     safe_load,
 )
 from byol.core.errors import CheckpointError, ConfigError
+from byol.core.state_check import shown, whole
 from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
 from byol.jobs.config_check import check_file_config, check_plain
 from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, RANDOM, raw_run_config, run_folder_of
@@ -94,29 +97,61 @@ def read_pretrained(path: str | Path, label: str | None = None) -> EncoderSource
 
 
 def _from_export(blob: dict, path: Path, label: str, run_cfg: Mapping | None) -> EncoderSource:
-    """An ``encoder.pt``: its backbone and meta (loss, seed, epochs), checked as plain values."""
-    meta = blob.get("meta") or {}
-    epochs = int(meta.get("epochs") or 0)
+    """An ``encoder.pt``: its backbone, weights and meta (loss, seed, epochs), each checked for what it is."""
+    backbone = architecture(encoder_config(blob.get("backbone"), path))
+    state = checked_state_dict(blob.get("state_dict"), path)
+    meta = export_meta(blob.get("meta"), path)
+    epochs = meta.get("epochs") or 0
     # an export is written when training ends: without a run config, it planned what it did
     planned = planned_epochs(run_cfg) if run_cfg else epochs
-    meta = check_plain(meta, f"'{path}'") if isinstance(meta, Mapping) else {}
-    backbone = architecture(encoder_config(blob.get("backbone"), path))
     return EncoderSource(label, str(path), backbone, meta.get("loss", "unknown"), meta.get("seed"), epochs,
-                         blob["state_dict"], (run_cfg or {}).get("data"), planned)
+                         state, (run_cfg or {}).get("data"), planned)
+
+
+SEED_RANGE = 2 ** 32  # torch, numpy and Lightning take seeds 0 ... 2**32 - 1
+# the fields of an export's meta that are read, each with its test and what it must be (any may be absent)
+META_FIELDS = {"epochs": (whole, "a whole number of 0 or more"),
+               "global_step": (whole, "a whole number of 0 or more"),
+               "seed": (lambda v: whole(v) and v < SEED_RANGE, f"a whole number from 0 to {SEED_RANGE - 1}"),
+               "loss": (lambda v: v in ("classic", "multi"), "classic or multi")}
+
+
+def export_meta(raw, path: Path) -> dict:
+    """An export's ``meta`` (what trained it): plain values, each field read of its kind; else one line."""
+    if raw is None:
+        return {}
+    problem = None if isinstance(raw, Mapping) else f"its meta is {shown(raw)}, not a mapping"
+    meta = check_plain(raw, f"'{path}'") if problem is None else {}
+    for key, (ok, what) in META_FIELDS.items():
+        if problem is None and meta.get(key) is not None and not ok(meta[key]):
+            problem = f"meta.{key} is {shown(meta[key])}, not {what}"
+    if problem:
+        raise CheckpointError(f"refusing '{path}': {problem}; the file was edited or not written by this project. "
+                              f"For a run's encoder.pt: {REWRITE_EXPORT}")
+    return meta
 
 
 def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None) -> EncoderSource:
     """A train.py checkpoint: the online encoder (never the EMA target) and the config it holds."""
+    fix = "Evaluate the run's encoder.pt or another of its checkpoints"
+    checked_state_dict(blob["state_dict"], path, fix)
     state = online_encoder_state(blob)
     if not state:
         raise CheckpointError(f"'{path}' has no online encoder weights ({ONLINE_PREFIX}*); it is not a "
                               f"BYOL pretraining checkpoint")
     cfg = check_file_config(blob["byol_config"], f"checkpoint '{path}'")
+    backbone = architecture(encoder_config(cfg.get("backbone"), path, fix))
+    loss, seed = cfg.get("loss"), cfg.get("seed")
+    if not isinstance(loss, Mapping) or not (seed is None or (whole(seed) and seed < SEED_RANGE)):
+        what = f"loss is {shown(loss)}, not a mapping" if not isinstance(loss, Mapping) else \
+            f"seed is {shown(seed)}, not a whole number from 0 to {SEED_RANGE - 1}"
+        raise CheckpointError(f"refusing '{path}': its config's {what}; the file was edited or not written by this "
+                              f"project. {fix}")
     # the run folder's config.yaml is rewritten by a resume with more epochs; the checkpoint's is not
     in_run = path.parent.name == CHECKPOINTS_DIR and run_cfg
     planned = planned_epochs(run_cfg) if in_run else planned_epochs(cfg)
-    return EncoderSource(label, str(path), architecture(cfg["backbone"]), loss_mode(cfg["loss"]), cfg.get("seed"),
-                         max(epochs_done(blob), 0), state, cfg.get("data"), planned)
+    return EncoderSource(label, str(path), backbone, loss_mode(loss), seed, max(epochs_done(blob), 0), state,
+                         cfg.get("data"), planned)
 
 
 def read_run_config(folder: Path) -> dict | None:
@@ -151,9 +186,12 @@ def run_config_fields(run_cfg: Mapping | None) -> dict:
     if not run_cfg:
         return {}
     backbone = run_cfg.get("backbone") or {}
-    loss = run_cfg.get("loss")
-    fields = {"loss": loss_mode(loss) if isinstance(loss, Mapping) else None, "backbone": backbone.get("name"),
-              "stem": backbone.get("stem"), "width": backbone.get("width"), "seed": run_cfg.get("seed"),
+    loss, seed, name, stem = run_cfg.get("loss"), run_cfg.get("seed"), backbone.get("name"), backbone.get("stem")
+    # names this project builds, a seed it takes: a crafted file's other values name nothing (nor a folder)
+    fields = {"loss": loss_mode(loss) if isinstance(loss, Mapping) else None,
+              "backbone": name if isinstance(name, str) and name in RESNETS else None,
+              "stem": stem if isinstance(stem, str) and stem in STEMS else None,
+              "width": backbone.get("width"), "seed": seed if whole(seed) and seed < SEED_RANGE else None,
               "pretrain_data": data_fields(run_cfg.get("data")),
               "pretrain_epochs_planned": planned_epochs(run_cfg)}
     return {k: v for k, v in fields.items() if v is not None}

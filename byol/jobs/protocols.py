@@ -197,10 +197,13 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
                                                 "[eval]")
     stop = StopEvaluationOnSignal("fine-tuning" if finetune else "the linear protocol")
     validated = len(splits["val"]) > 0  # split.val_size=0: no validation loop, val_acc None
+    train, val, test = _protocol_batches(eval_cfg, splits, cfg["seed"], planned_world(trainer_cfg))
+    # a step row at least once per epoch, however few the batches (and no Lightning warning about it)
+    trainer_cfg["log_every_n_steps"] = max(1, min(int(trainer_cfg.get("log_every_n_steps") or 50), len(train)))
     trainer: pl.Trainer = build_trainer(trainer_cfg, max_epochs=int(eval_cfg["epochs"]), logger=loggers,
                                         callbacks=[stop], default_root_dir=str(out_dir), enable_checkpointing=False,
                                         **({} if validated else {"limit_val_batches": 0}))
-    batches = SplitsDataModule(*_protocol_batches(eval_cfg, splits, cfg["seed"], planned_world(trainer_cfg)))
+    batches = SplitsDataModule(train, val, test)
     with warnings.catch_warnings():  # the frozen encoder is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         trainer.fit(module, datamodule=batches)

@@ -17,28 +17,38 @@ evaluate.py's ``allow_incomplete=true``). Results with no accuracy by design (``
 maps) are listed under the table with their maps, never counted as failed. Rows with two or more
 seeds in common are compared seed by seed under the table and in ``paired.csv``
 (:mod:`byol.jobs.report_paired`).
+
+The folders scanned are data from whoever wrote them: a malformed ``results.json`` is skipped with one
+``[report] note:`` line naming it (:func:`byol.jobs.report_files.load_results`); every file the report
+writes is a new file in its place (temporary file, then a rename), so a symbolic link there is replaced,
+never written through; text from the files is drawn as written in the figures (no mathtext, no LaTeX).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import io
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from byol.core.checkpoint import atomic_write_bytes
+from byol.core.errors import ByolError
 from byol.jobs.report_cells import (
     BASELINE,
-    EXPECTED,
     Cell,
     accuracy_text,
     build_cells,
     cell_states,
-    find_results,
-    load_results,
+    expected_cells,
     or_unknown,
     settings_text,
     unscored_results,
 )
+from byol.jobs.report_files import find_results, load_results
 from byol.jobs.report_paired import markdown_lines as paired_lines
 from byol.jobs.report_paired import paired_comparisons
 from byol.jobs.report_paired import write_csv as write_paired_csv
@@ -104,20 +114,21 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
     """The sentences under the table naming the cells with no result, and the runs that are missing or
     did not finish pretraining."""
     states = cell_states(cells)
-    missing = [t for t in EXPECTED if states.get(t) == "missing"]
+    expected = expected_cells(c.eval for c in cells)
+    missing = [t for t in expected if states.get(t) == "missing"]
     failed = [t for t, s in states.items() if s == "failed"]
     only_incomplete = [t for t, s in states.items() if s == "incomplete"]
     lines = []
     if missing:
-        lines.append(f"Missing cells ({len(missing)} of {len(EXPECTED)} expected): "
+        lines.append(f"Missing cells ({len(missing)} of {len(expected)} expected): "
                      + ", ".join("/".join(t) for t in missing) + ".")
     if failed:
         lines.append("Failed cells (no successful run): " + ", ".join("/".join(t) for t in failed) + ".")
     if only_incomplete:
         lines.append("Cells with only unfinished pretraining runs (not in any mean): "
                      + ", ".join("/".join(t) for t in only_incomplete) + ".")
-    if not missing and not failed and not only_incomplete:
-        lines.append(f"All {len(EXPECTED)} expected cells have results.")
+    if expected and not missing and not failed and not only_incomplete:
+        lines.append(f"All {len(expected)} expected cells have results.")
     absent = _unique_runs(cells, "missing_runs")
     if absent:
         lines += ["", f"Missing pretraining runs ({len(absent)}, not evaluated):"]
@@ -164,16 +175,50 @@ def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (),
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
     """One line per row of the table; accuracies in %, like the markdown table, and the same words
-    (``missing``, ``failed``, ``incomplete``) where a row has none."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_FIELDS)
-        for c in cells:
-            stats = [*accuracy_text(c, c.test, digits=4), *accuracy_text(c, c.val, digits=4)]
-            backbone, _, eval_epochs = settings_text(c)
-            epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
-            w.writerow([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
-                        c.status, *stats, backbone, c.data, *epochs, eval_epochs])
+    (``missing``, ``failed``, ``incomplete``) where a row has none. Written atomically (:func:`write_file`)."""
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(CSV_FIELDS)
+    for c in cells:
+        stats = [*accuracy_text(c, c.test, digits=4), *accuracy_text(c, c.val, digits=4)]
+        backbone, _, eval_epochs = settings_text(c)
+        epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
+        w.writerow([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
+                    c.status, *stats, backbone, c.data, *epochs, eval_epochs])
+    write_file(path, f.getvalue())
+
+
+def write_file(path: Path, text: str) -> None:
+    """``text`` into ``path`` as a new file (temporary file beside it, then a rename): a symbolic link at
+    ``path`` is replaced, its target never written, and a reader never sees half a file."""
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def note_links(paths: Sequence[Path]) -> None:
+    """One line for each of the report's files that is a symbolic link: the report replaces the link with
+    its own file and leaves the target as it was (a run folder from elsewhere could point them anywhere)."""
+    for path in paths:
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            print(f"[report] note: {path} was a symbolic link (to {target}); replaced by the report's file, "
+                  f"the link's target left as it was", file=sys.stderr)
+
+
+def _plot(cells: Sequence[Cell], path: Path) -> bool:
+    """results.png; a figure that cannot be drawn is a note, the table and the CSV are written all the same.
+    A file that cannot be written is an error (the caller's one line)."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        note_links([path])
+    try:
+        return plot(cells, path)
+    except (OSError, ByolError):
+        raise
+    except Exception as e:
+        print(f"[report] note: {path.name} not drawn ({type(e).__name__}: {str(e).strip()[:200]})", file=sys.stderr)
+        return False
 
 
 def report(folders: Sequence[str | Path], out: str | Path,
@@ -186,21 +231,27 @@ def report(folders: Sequence[str | Path], out: str | Path,
     paths = find_results(folders)
     results = load_results(paths) if paths else []
     curves = training_curves(folders, results, Path(out))
+    where = ", ".join(map(str, folders))
     if not paths:
         if curves:
             return []
-        raise SystemExit(f"error: no results.json and no training run under {', '.join(map(str, folders))}; "
-                         f"run train.py / evaluate.py first")
+        raise SystemExit(f"error: no results.json and no training run under {where}; run train.py / evaluate.py "
+                         f"first")
+    if not results:
+        drawn = f"; only the learning curves were drawn ({curves})" if curves else ""
+        raise SystemExit(f"error: none of the {len(paths)} results.json file(s) under {where} could be used (each "
+                         f"named above); no results table written{drawn}")
     cells = build_cells(results, allow_incomplete)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paired = paired_comparisons(cells)
     text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results))
-    (out / "results.md").write_text(text, encoding="utf-8")
+    note_links([out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []))
+    write_file(out / "results.md", text)
     write_csv(cells, out / "results.csv")
     if paired:
         write_paired_csv(paired, out / "paired.csv")
-    plotted = plot(cells, out / "results.png")
+    plotted = _plot(cells, out / "results.png")
     print(text)
     written = [out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []) + \
         ([out / "results.png"] if plotted else [])
@@ -220,8 +271,14 @@ def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out:
     from byol.jobs.run_folder import find_runs, is_run_dir, run_folder_of
 
     runs = {run.resolve() for folder in folders for run in find_runs(Path(folder))}
-    runs |= {run_folder_of(Path(r["pretrained"])).resolve() for r in results
-             if r.get("pretrained") and r.get("pretrained") != "random" and Path(str(r["pretrained"])).exists()}
+    for r in results:
+        if r.get("pretrained") in (None, "", "random"):
+            continue
+        try:  # a path from a results.json: too long, a link loop... leaves that run's curves out
+            if Path(r["pretrained"]).exists():
+                runs.add(run_folder_of(Path(r["pretrained"])).resolve())
+        except (OSError, ValueError, RuntimeError):
+            continue
     described = []
     for run in sorted(runs):
         try:
@@ -236,7 +293,14 @@ def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out:
     title = f"learning curves of {len(described)} pretraining runs (colour: loss, line style: seed)"
     # a report written into a run folder keeps that run's own curves.png
     name = OVERLAY_IN_A_RUN if is_run_dir(out) else CURVES_FILE
-    path = overlay_curves(described, out / name, title)
+    note_links([out / name])
+    try:
+        path = overlay_curves(described, out / name, title)
+    except (OSError, ByolError):
+        raise
+    except Exception as e:  # the runs' files drew something matplotlib refused: a note, the table still comes
+        print(f"[report] note: {name} not drawn ({type(e).__name__}: {str(e).strip()[:200]})", file=sys.stderr)
+        return None
     if path:
         print(f"[report] wrote {path}")
     return path
@@ -287,3 +351,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as e:  # an unwritable or full output folder: one line, like the jobs
         raise SystemExit(f"error: cannot write the report into '{out}' ({e.strerror or e}); choose another "
                          f"folder with --out DIR") from None
+    except ByolError as e:  # a file of the report that could not be replaced (names it, says why)
+        raise SystemExit(f"error: {e}") from None

@@ -2,8 +2,9 @@
 
 A cell is one (loss, repr, eval) combination under one set of settings (backbone and stem,
 pretraining and evaluation data, pretraining and evaluation epochs): results whose settings differ
-are never averaged together. The 8 cells of the study are always present, empty when no result
-exists, so that a gap in a sweep shows up in the table and the figure.
+are never averaged together. The study's cells under each grid protocol the results hold (linear,
+finetune) are always present, empty when no result exists, so that a gap in a sweep shows up in the
+table and the figure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,69 +83,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def find_results(folders: Iterable[str | Path]) -> list[Path]:
-    found = set()
-    for folder in folders:
-        folder = Path(folder)
-        if folder.is_file() and folder.name == "results.json":
-            found.add(folder.resolve())
-        elif folder.is_dir():
-            found |= {p.resolve() for p in folder.rglob("results.json")}
-    return sorted(found)
-
-
-# The kind of each results.json field the report reads (null is always allowed): a file edited by hand
-# or written by something else is skipped with the field named, not a traceback halfway through.
-RESULT_FIELDS = {
-    **dict.fromkeys(("test_acc", "val_acc"), "accuracy"),
-    **dict.fromkeys(("seed", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs", "num_classes"), "int"),
-    "width": "number", "allow_incomplete": "bool",
-    **dict.fromkeys(("status", "loss", "repr", "eval", "backbone", "stem", "label", "pretrain_status", "data",
-                     "pretrained"), "str"),
-    **dict.fromkeys(("eval_data", "pretrain_data"), "dict"),
-}
-_KINDS = {"int": (int,), "number": (int, float), "accuracy": (int, float), "bool": (bool,), "str": (str,),
-          "dict": (dict,)}
-
-
-def field_problem(r: dict) -> str | None:
-    """What makes ``r`` unusable as a results object (a field of the wrong kind), or None."""
-    for key, kind in RESULT_FIELDS.items():
-        value = r.get(key)
-        if value is None:
-            continue
-        wrong = not isinstance(value, _KINDS[kind]) or (isinstance(value, bool) and kind != "bool")
-        if not wrong and kind in ("number", "accuracy"):
-            wrong = not math.isfinite(value) or (kind == "accuracy" and not 0 <= value <= 1)
-        if wrong:
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            what = "an accuracy in [0, 1]" if kind == "accuracy" else f"a {'whole number' if kind == 'int' else kind}"
-            return f"{key} is {shown}, not {what}"
-    return None
-
-
-def load_results(paths: Iterable[Path]) -> list[dict]:
-    """The readable results objects, each with its ``_path``; the others are skipped with a message,
-    so one broken file does not hide a whole sweep."""
-    results = []
-    for path in paths:
-        try:
-            r = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"[report] skipping unreadable {path}: {e}", file=sys.stderr)
-            continue
-        if not isinstance(r, dict):
-            print(f"[report] skipping {path}: not a results object", file=sys.stderr)
-            continue
-        problem = field_problem(r)
-        if problem:
-            print(f"[report] skipping {path}: {problem}", file=sys.stderr)
-            continue
-        r["_path"] = str(path)
-        results.append(r)
-    return results
 
 
 def _order(value: str, known: Sequence[str]) -> tuple[int, str]:
@@ -239,8 +176,16 @@ def _add_unfinished(cells: dict[tuple, Cell], r: dict, status: str) -> None:
         cell.errors.append(str(r.get("error", "no error recorded")))
 
 
+def expected_cells(evals: Iterable) -> list[tuple]:
+    """The cells of the grid a report expects: both losses x both representations under each of the grid's
+    protocols (linear, finetune) that the results hold; a protocol nobody ran is not a gap."""
+    evals = set(evals)
+    return [t for t in EXPECTED if t[2] in evals]
+
+
 def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -> list[Cell]:
-    """Rows keyed by (loss, repr, eval) and settings: the 8 expected cells first, then baselines and others.
+    """Rows keyed by (loss, repr, eval) and settings: the expected cells first (:func:`expected_cells`),
+    then baselines and others.
 
     ``allow_incomplete``: whether the results of unfinished pretraining runs enter the means; None:
     as each results.json says (evaluate.py's ``allow_incomplete``). They stay in rows of their own.
@@ -255,7 +200,7 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
         if result_status(r) != "ok":
             _add_unfinished(cells, r, result_status(r))
     present = {c.triple for c in cells.values()}
-    for triple in EXPECTED:
+    for triple in expected_cells({r.get("eval") for r in results}):
         if triple not in present:
             cells[triple] = Cell(*triple)
     _label_data(cells.values())

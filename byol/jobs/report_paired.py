@@ -9,12 +9,14 @@ of the spread that the seed causes, which is how the report can say whether a ga
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from byol.core.checkpoint import atomic_write_bytes
 from byol.jobs.report_cells import BASELINE, Cell, mean_std
 
 # (a, b): each line of the section reads "a - b"
@@ -164,12 +166,14 @@ def _p_text(p: float) -> str:
 
 def write_csv(pairs: Sequence[Paired], path: Path) -> None:
     """``paired.csv``: the section's lines, with the seeds and the per-seed differences (points)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["repr", "eval", "eval_epochs", "a", "b", "seeds", "diff_mean_pts", "diff_std_pts", "ahead",
-                    "a_mean_pct", "b_mean_pct", "beyond_spread", "p_paired_t", "diffs_pts"])
-        for p in pairs:
-            (dm, ds), (am, _), (bm, _) = _points(p.diffs), _points(p.a_values), _points(p.b_values)
-            w.writerow([p.a.repr, p.a.eval, p.a.eval_epochs, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)),
-                        f"{dm:.4f}", f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread,
-                        f"{p.p_value:.4g}", " ".join(f"{100 * d:.4f}" for d in p.diffs)])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["repr", "eval", "eval_epochs", "a", "b", "seeds", "diff_mean_pts", "diff_std_pts", "ahead",
+                "a_mean_pct", "b_mean_pct", "beyond_spread", "p_paired_t", "diffs_pts"])
+    for p in pairs:
+        (dm, ds), (am, _), (bm, _) = _points(p.diffs), _points(p.a_values), _points(p.b_values)
+        w.writerow([p.a.repr, p.a.eval, p.a.eval_epochs, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)),
+                    f"{dm:.4f}", f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread,
+                    f"{p.p_value:.4g}", " ".join(f"{100 * d:.4f}" for d in p.diffs)])
+    # temporary file + rename: a symbolic link at paired.csv is replaced, never written through
+    atomic_write_bytes(f.getvalue().encode("utf-8"), path)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from byol.jobs.figures import literal_text, pyplot, save_png
 from byol.jobs.report_cells import BASELINE, LOSSES, Cell, cell_states, dataset_names, mean_std, settings_text
 
 SETTINGS = ("backbone", "data", "pretrain epochs", "eval epochs")
@@ -176,10 +177,17 @@ def _legend(ax, series, colors, chance) -> None:
 
 
 def figure(cells: Sequence[Cell]):
-    """The chart as a matplotlib Figure (the caller closes it); None without matplotlib."""
+    """The chart as a matplotlib Figure (the caller closes it); None without matplotlib. Its texts are made
+    with mathtext and LaTeX off (the labels come from results.json files); save it inside
+    :func:`byol.jobs.figures.literal_text` too, as :func:`plot` does, for the tick labels made when drawn."""
     plt = _pyplot()
     if plt is None:
         return None
+    with literal_text():  # each text made here keeps parse_math / usetex off, wherever it is drawn
+        return _chart(plt, cells)
+
+
+def _chart(plt, cells: Sequence[Cell]):
     split = split_protocols(cells)
     series = _series(cells, split)
     groups = list(dict.fromkeys(group_of(c, split) for c in cells))
@@ -211,21 +219,22 @@ def figure(cells: Sequence[Cell]):
 
 def _pyplot():
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return pyplot()
     except ImportError:
         print("[report] no results.png: matplotlib is missing (pip install 'byol[plot]')", file=sys.stderr)
         return None
-    return plt
 
 
 def plot(cells: Sequence[Cell], path: Path) -> bool:
-    """Write the chart to ``path``; False (and a message) without matplotlib."""
-    fig = figure(cells)
-    if fig is None:
+    """Write the chart to ``path``; False (and a message) without matplotlib. Its text (losses, labels,
+    data names from the results.json files) is drawn as written, never as mathtext or LaTeX; the PNG
+    replaces a link at ``path``, never writes through it."""
+    if _pyplot() is None:
         return False
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    with literal_text():
+        fig = figure(cells)
+        try:
+            save_png(fig, path, dpi=120, bbox_inches="tight")
+        finally:
+            _pyplot().close(fig)
     return True

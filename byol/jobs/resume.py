@@ -15,7 +15,7 @@ from byol.core.checkpoint import epochs_done, load_weights, online_encoder_state
 from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.build import build_encoder, loss_mode
 from byol.jobs.config_check import check_file_config
-from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, raw_run_config
+from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, raw_run_config, sweep_jobs
 
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.taps", "head")
@@ -32,6 +32,11 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
         path = Path(resume).expanduser()
         if path.is_dir():
             last = path / "checkpoints" / "last.ckpt"
+            if not last.is_file() and sweep_jobs(path):
+                raise CheckpointError(
+                    f"resume='{resume}' is a sweep folder; continue a sweep by running its command again with -m "
+                    f"hydra.sweep.dir={path} (finished jobs are skipped, the others resumed), or resume one of "
+                    f"its runs: resume={sweep_jobs(path)[0]}")
             if not last.is_file():
                 raise CheckpointError(
                     f"resume='{resume}': no checkpoints/last.ckpt in that folder (the run stopped before its "

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 from byol.core.errors import ByolError, CheckpointError, ConfigError
@@ -54,6 +52,14 @@ def check_job_folder(folder: Path, job: str) -> None:
     be evaluated on its own data, and added to its metrics.csv; pretraining into an evaluation's folder
     replaced that evaluation's metrics.csv. (Log files tell nothing: Hydra creates one before any job.)"""
     folder = Path(folder)
+    links = links_in(folder)
+    if links:
+        shown = ", ".join(f"'{link}' -> '{os.readlink(link)}'" for link in links[:3])
+        raise FolderTakenError(
+            f"'{folder}' holds symbolic links where jobs write ({shown}{', ...' if len(links) > 3 else ''}); a job "
+            f"writes only into its own folder, never through a link to another place: replace each link by the "
+            f"file or folder itself, or write into another folder (hydra.run.dir=NEW). To keep a run on another "
+            f"disk, link the whole run folder instead")
     try:
         raw = raw_run_config(folder)
     except ConfigError:  # an unreadable config.yaml: the job itself says so
@@ -73,6 +79,20 @@ def check_job_folder(folder: Path, job: str) -> None:
                            f"hydra.run.dir out for a new one under outputs/)")
 
 
+def links_in(folder: Path) -> list[Path]:
+    """Symbolic links where jobs (and Hydra) write: the folder's entries and those of its ``.hydra/`` and
+    ``checkpoints/``. Writing through one would change a file elsewhere (another run's checkpoint, any file
+    the link names), outside the folder's lock. The folder itself may be a link."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_symlink()]
+    for inner in (folder / HYDRA_DIR, folder / CHECKPOINTS_DIR):
+        if inner.is_dir() and not inner.is_symlink():
+            found += [p for p in inner.iterdir() if p.is_symlink()]
+    return sorted(found)
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -89,7 +109,13 @@ class FolderLock:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: truncating it would wipe the file it names
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise FolderTakenError(f"'{path}' is a symbolic link; remove it (the lock file holds only a process "
+                                   f"id) or write into another folder (hydra.run.dir=NEW)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -120,10 +146,28 @@ def raw_run_config(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path.stat().st_size:,} bytes, more than any run's config ({MAX_CONFIG_BYTES:,})")
+        text = path.read_text()
+        _refuse_yaml_aliases(text)
+        return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except Exception as e:
         raise ConfigError(f"'{path}' is not a readable config ({type(e).__name__}: {e}); move it away or "
                           f"use another folder (hydra.run.dir=NEW)") from None
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml takes a few kB
+
+
+def _refuse_yaml_aliases(text: str) -> None:
+    """Configs the jobs write hold no YAML anchors or aliases; a handed file with them could expand a few
+    hundred bytes into billions of nodes (an alias bomb) when read, so they are refused before reading."""
+    import yaml
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ValueError("it holds YAML anchors or aliases (&name / *name), which config files written by "
+                             "the jobs never hold")
 
 
 def holds_run(folder: Path) -> bool:
@@ -155,6 +199,42 @@ def check_resume_target(run_dir: Path, checkpoint: Path, checkpoint_run_id: str 
             f"config, metrics and weights would be overwritten. Continue it in a new or empty folder "
             f"(hydra.run.dir=NEW) or in its own run folder")
     return True
+
+
+def check_new_run_folder(run_dir: Path) -> None:
+    """A new run (nothing to continue from: no ``checkpoints/last.ckpt``) in a folder that holds a run's
+    weights would overwrite them (a finished run whose last.ckpt was deleted to save space, a run that
+    kept only ``epochNNNN.ckpt`` files): refused, naming what is there."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT).is_file():
+        return  # continued from there (a requeued or re-run job), not started anew
+    kept = sorted((run_dir / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB), key=lambda p: p.name)
+    weights = [p for p in (run_dir / ENCODER_FILE, *kept) if p.is_file()]
+    if not weights:
+        return
+    names = ", ".join(p.name for p in weights[:4]) + (", ..." if len(weights) > 4 else "")
+    hint = f"; or continue its newest checkpoint there: python train.py resume={kept[-1]}" if kept else ""
+    raise CheckpointError(f"'{run_dir}' holds a run's weights ({names}) and no {CHECKPOINTS_DIR}/{LAST_CHECKPOINT} "
+                          f"to continue from; a new run there would overwrite them: write into another folder "
+                          f"(hydra.run.dir=NEW, or leave hydra.run.dir out){hint}")
+
+
+def check_not_behind(run_dir: Path, checkpoint: Path, step: int) -> None:
+    """Continuing an earlier checkpoint of a run in the run's own folder would overwrite the later state
+    (its last.ckpt, encoder.pt and metrics) with another branch: refused, pointing to a new folder."""
+    from byol.core.checkpoint import safe_load
+
+    last = Path(run_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT
+    if not last.is_file() or Path(checkpoint).resolve() == last.resolve():
+        return
+    try:
+        later = safe_load(last, mmap=True).get("global_step")
+    except (ByolError, AttributeError):
+        return  # an unreadable last.ckpt holds nothing to protect; resuming from the other file replaces it
+    if isinstance(later, int) and later > step:
+        raise CheckpointError(f"'{checkpoint}' (step {step}) is behind its run's {last} (step {later}); continued in "
+                              f"'{run_dir}' it would overwrite that later state and the run's encoder.pt and "
+                              f"metrics: continue it in a new folder (add hydra.run.dir=NEW)")
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -236,6 +316,9 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
     """What ``pretrained=`` names: ``("random", None)``, ``([weights file], None)`` for one model, or
     ``([weights files...], sweep folder)`` for every run of a sweep."""
     spec = str(spec)
+    if not spec.strip():  # pretrained=$RUN with RUN unset: never every run under the current folder
+        raise CheckpointError("pretrained= is empty; give a run folder, a sweep folder, a .ckpt, an "
+                              f"{ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
     if spec == RANDOM:
         return RANDOM, None
     if spec == LATEST:
@@ -297,22 +380,3 @@ def _sweep_targets(sweep: Path) -> list[Path]:
         raise CheckpointError(f"no run of the sweep '{sweep}' can be evaluated: its {len(failed)} job(s) "
                               f"have no model ({detail}{'; ...' if len(failed) > 5 else ''})")
     return [weights_file(r) for r in runs]
-
-
-def keep_replaced(folder: Path, names: Sequence[str]) -> list[str]:
-    """When ``folder`` holds ``names[0]`` (a finished result about to be rewritten), rename each of
-    ``names`` there to ``<stem>.replaced-<its time><suffix>`` so nothing finished is lost; the new names."""
-    first = folder / names[0]
-    if not first.is_file():
-        return []
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(first.stat().st_mtime))
-    kept = []
-    for path in (folder / name for name in names):
-        if path.is_file():
-            target, n = path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}"), 1
-            while target.exists():  # replaced twice within a second
-                n += 1
-                target = path.with_name(f"{path.stem}.replaced-{stamp}-{n}{path.suffix}")
-            path.replace(target)
-            kept.append(target.name)
-    return kept

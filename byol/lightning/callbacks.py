@@ -340,6 +340,19 @@ class EpochHook(pl.Callback):
         self._next_call = start + (time.monotonic() - start) / self.share
 
 
+class OnTrainStart(pl.Callback):
+    """Calls ``fn()`` on rank 0 once training starts: the loggers, the data and the model are ready and a
+    resumed checkpoint restored, so a job that fails before (a missing logger package, a checkpoint that
+    does not load) has not yet changed what ``fn`` writes, e.g. the run's config.yaml."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            self.fn()
+
+
 def print_line(trainer, line: str) -> None:
     """A console line on a line of its own, also while a progress bar is drawn (and in log files)."""
     bar = getattr(trainer, "progress_bar_callback", None)

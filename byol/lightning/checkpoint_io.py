@@ -1,10 +1,23 @@
-"""Lightning's checkpoint I/O with this project's atomic writes and ``weights_only`` reads."""
+"""Lightning's checkpoint I/O with this project's atomic writes and ``weights_only`` reads, and the check
+of the fields Lightning itself reads back from a checkpoint (its loop counters, version, precision state)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from byol.core.checkpoint import atomic_torch_save, safe_load
+from byol.core.checkpoint import alternatives, atomic_torch_save, safe_load
+from byol.core.errors import CheckpointError
+from byol.core.state_check import shown, structure_problem, value_problem, whole
+from byol.lightning.internals import fit_loop_state_template
+
+# torch's GradScaler state (16-mixed precision), under the precision plugin's name or Lightning 1.x's
+SCALER_STATE = {"scale": 0.0, "growth_factor": 0.0, "backoff_factor": 0.0, "growth_interval": 0,
+                "_growth_tracker": 0}
+SCALER_KEYS = ("MixedPrecision", "native_amp_scaling_state")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -15,3 +28,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return safe_load(path, map_location=map_location or "cpu")
+
+
+def damaged_checkpoint(path, problem: str) -> CheckpointError:
+    """The one-line error for a training checkpoint whose contents cannot be resumed, with what to do."""
+    others = alternatives(Path(path))
+    if others.startswith(" No other"):
+        others += (": move it away to train the run again from its start, or train into another folder "
+                   "(hydra.run.dir=NEW)")
+    return CheckpointError(f"checkpoint '{path}' is damaged or was edited, and cannot be resumed: {problem}."
+                           f"{others}")
+
+
+def _fit_loop_problem(saved) -> str | None:
+    """The fit loop's counters against this Lightning's layout: each part it reads (a part of an older
+    layout that it skips may be missing), nothing more inside a part, whole numbers and bools in place."""
+    template = fit_loop_state_template()
+    if not isinstance(saved, Mapping):
+        return f"loops.fit_loop is {shown(saved)}, not a mapping"
+    return next((p for p in (value_problem(saved[k], template[k], f"loops.fit_loop.{k}")
+                             for k in template if k in saved) if p), None)
+
+
+def lightning_fields_problem(checkpoint: Mapping) -> str | None:
+    """What is wrong with the parts of a training checkpoint that Lightning and the jobs read besides the
+    model's own state (None: nothing): step and epoch, the version, the loop counters, the callbacks'
+    states, the optimizer and scheduler lists, a gradient scaler's state."""
+    for key in ("global_step", "epoch"):
+        if (key in checkpoint or key == "global_step") and not whole(checkpoint.get(key)):
+            return f"{key} is {shown(checkpoint.get(key))}, not a whole number of 0 or more"
+    version = checkpoint.get("pytorch-lightning_version")
+    try:
+        Version(version)
+    except (InvalidVersion, TypeError):
+        return f"pytorch-lightning_version is {shown(version)}, not a version number"
+    loops = checkpoint.get("loops")
+    if loops is not None:
+        if not isinstance(loops, Mapping) or "fit_loop" not in loops:
+            return f"loops is {shown(loops)}, not a mapping that holds 'fit_loop'"
+        problem = _fit_loop_problem(loops["fit_loop"])
+        if problem:
+            return problem
+    callbacks = checkpoint.get("callbacks")
+    if callbacks is not None and not (isinstance(callbacks, Mapping) and all(
+            isinstance(k, str) and isinstance(v, Mapping) for k, v in callbacks.items())):
+        return f"callbacks is {shown(callbacks)}, not a mapping of callback names to their states"
+    for key in ("optimizer_states", "lr_schedulers"):
+        if not isinstance(checkpoint.get(key), list):
+            return f"{key} is {shown(checkpoint.get(key))}, not a list"
+    for key in SCALER_KEYS:
+        if key in checkpoint:
+            problem = structure_problem(checkpoint[key], SCALER_STATE, key)
+            if problem:
+                return problem
+    return None

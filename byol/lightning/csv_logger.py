@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import time
 from pathlib import Path
 
 from pytorch_lightning.loggers import CSVLogger
@@ -17,7 +19,9 @@ class _ContinuingWriter(ExperimentWriter):
     """metrics.csv writer that continues an existing file instead of deleting it.
 
     Rows logged at or after ``keep_before_step`` (steps the resumed run will repeat, written
-    before the previous process was killed) are dropped, so the file reads as one run.
+    before the previous process was killed) are dropped, so the file reads as one run. A file
+    it cannot read as metrics (not CSV, a step that is no whole number, more values than its header)
+    is kept aside, named in a note, and the run starts a new metrics.csv: never lost, never a stop.
     """
 
     def __init__(self, log_dir: str, keep_before_step: int | None):
@@ -31,17 +35,55 @@ class _ContinuingWriter(ExperimentWriter):
         if self.keep_before_step is None:  # a fresh run: an old file is stale
             path.unlink()
             return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = [r for r in reader
-                    if r.get("step") in (None, "") or int(float(r["step"])) < self.keep_before_step]
+        try:
+            header, rows = kept_rows(path, self.keep_before_step)
+        except (csv.Error, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            aside = set_aside(path)
+            print(f"[byol] note: {path} cannot be continued ({' '.join(str(e).split())[:200]}); it is kept as "
+                  f"{aside.name} beside it, and this run writes a new {path.name}", flush=True)
+            return
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(out.getvalue().encode(), path)
         self.metrics_keys = header
+
+
+def kept_rows(path: Path, before_step: int) -> tuple[list[str], list[dict]]:
+    """The header of the metrics file ``path`` and its rows of steps before ``before_step`` (and rows
+    without a step); a ValueError or csv.Error says where it is not such a file."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = []
+        for row in reader:
+            if None in row:
+                raise ValueError(f"line {reader.line_num} has more values than the header")
+            step = row.get("step")
+            if step in (None, ""):
+                rows.append(row)
+                continue
+            try:
+                number = float(step)
+            except ValueError:
+                number = math.nan
+            if not number.is_integer() or number < 0:
+                raise ValueError(f"line {reader.line_num}: step {step[:40]!r} is not a whole number")
+            if number < before_step:
+                rows.append(row)
+    return header, rows
+
+
+def set_aside(path: Path) -> Path:
+    """Move ``path`` to ``<stem>.unreadable-<time><suffix>`` beside it (numbered when taken); the new name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.stem}.unreadable-{stamp}{path.suffix}"), 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = path.with_name(f"{path.stem}.unreadable-{stamp}-{n}{path.suffix}")
+    path.replace(target)
+    return target
 
 
 class ContinuingCSVLogger(CSVLogger):

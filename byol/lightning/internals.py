@@ -52,3 +52,13 @@ def logs_this_step(trainer) -> bool:
     same question of its logger connector, which has no public accessor; the answer is the same in the
     training step as when the metrics are written after it (the counter it reads moves on after both)."""
     return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
+def fit_loop_state_template() -> dict:
+    """The layout of ``checkpoint["loops"]["fit_loop"]`` that this Lightning writes and reads back: the
+    state of a fit loop that has not run. Lightning loads each progress counter of a checkpoint with
+    ``__dict__.update``, so a checkpoint is compared with this layout before it is loaded; the fit
+    loop class has no public constructor, and it needs no trainer to say its state."""
+    from pytorch_lightning.loops.fit_loop import _FitLoop
+
+    return _FitLoop(None).state_dict()

@@ -26,6 +26,7 @@ from torch import nn
 from byol.core.data import ImageTensors
 from byol.core.features import extract_features
 from byol.core.knn import knn_accuracy
+from byol.core.state_check import optimizer_problem, shown, tensors_problem, weights_problem, whole
 
 KNN_PREFIX, PROBE_PREFIX = "monitor/knn/", "monitor/probe/"
 
@@ -183,7 +184,21 @@ class OnlineProbes(pl.Callback):
         return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "correct": self.correct_counts(), "seen": self._seen}
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._loading = trainer  # named in the note when the probes' state does not fit them
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """The probes' state from a checkpoint. One that does not fit them (the probes of other monitor
+        settings, or a damaged file) is not loaded: they start again from their initialisation, with a
+        note. They measure the run; they are not part of what it trains."""
+        problem = self.state_problem(state_dict)
+        if problem:
+            trainer = getattr(self, "_loading", None)
+            if trainer is None or trainer.is_global_zero:
+                where = f" in {trainer.ckpt_path}" if trainer is not None else ""
+                print(f"[byol] note: the online probes' state{where} does not fit these probes ({problem}); they "
+                      f"start again from their initialisation", flush=True)
+            return
         self.heads.load_state_dict(state_dict["heads"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         correct = state_dict.get("correct") or {}
@@ -191,3 +206,19 @@ class OnlineProbes(pl.Callback):
         known = set(correct) == set(self.representations)
         self._correct = torch.stack([torch.as_tensor(correct[n]) for n in self.representations]) if known else None
         self._seen = int(state_dict.get("seen") or 0) if known else 0
+
+    def state_problem(self, state) -> str | None:
+        """What keeps a saved state from loading into these probes (None: it loads)."""
+        if not isinstance(state, Mapping) or not {"heads", "optimizer"} <= set(state):
+            return f"it is {shown(state)}, not a mapping of 'heads' and 'optimizer'"
+        problem = tensors_problem(state["heads"], "heads") or \
+            weights_problem(state["heads"], self.heads.state_dict(), "the checkpoint") or \
+            optimizer_problem(state["optimizer"], self.optimizer, "optimizer")
+        if problem:
+            return problem
+        correct, seen = state.get("correct") or {}, state.get("seen") or 0
+        if not (isinstance(correct, Mapping) and all(
+                isinstance(k, str) and (whole(v) or (torch.is_tensor(v) and v.dim() == 0))
+                for k, v in correct.items())):
+            return f"correct is {shown(correct)}, not a count per representation"
+        return None if whole(seen) else f"seen is {shown(seen)}, not a whole number of 0 or more"

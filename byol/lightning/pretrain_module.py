@@ -6,8 +6,10 @@ those objects already built and connects them to Lightning's loop, logs and chec
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,7 +20,9 @@ from byol.core.augment import ViewAugment
 from byol.core.ema import tau_at
 from byol.core.errors import NonFiniteLossError
 from byol.core.model import BYOL
-from byol.core.rng import rng_state, set_rng_state, step_generator
+from byol.core.rng import rng_state, rng_state_problem, set_rng_state, step_generator
+from byol.core.state_check import optimizer_problem, scheduler_problem, shown, tensors_problem, weights_problem, whole
+from byol.lightning.checkpoint_io import damaged_checkpoint, lightning_fields_problem
 from byol.lightning.internals import logs_this_step
 
 # (modules to optimise, total optimizer steps, epochs, world size) -> (optimizer, per-step LR scheduler)
@@ -195,11 +199,14 @@ class BYOLModule(pl.LightningModule):
                 f"train.on_nonfinite=skip to skip such steps")
 
     # ---------------------------------------------------------------- optimisation
+    def optimized_modules(self) -> list[nn.Module]:
+        return [self.model.online_encoder, self.model.online_projectors, self.model.predictors]
+
     def configure_optimizers(self):
-        modules = [self.model.online_encoder, self.model.online_projectors, self.model.predictors]
         epochs, total = self.schedule_epochs_and_steps()
         # the global batch (learning-rate scaling) counts every process: devices x nodes
-        optimizer, scheduler = self.make_optimizer(modules, total, epochs, int(self.trainer.world_size))
+        world = int(self.trainer.world_size)
+        optimizer, scheduler = self.make_optimizer(self.optimized_modules(), total, epochs, world)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints
@@ -223,11 +230,60 @@ class BYOLModule(pl.LightningModule):
         checkpoint["epoch_loss_sums"] = {**self._epoch_sums, "sums": sums}
         self.last_saved_step = int(checkpoint.get("global_step", self.global_step))
 
+    def check_checkpoint(self, checkpoint: dict, path) -> None:
+        """Refuse, in one line naming ``path``, a checkpoint whose training state does not fit this module:
+        Lightning's fields (:func:`~byol.lightning.checkpoint_io.lightning_fields_problem`), the weights
+        (names and shapes), the optimizer and schedule states, the random states and the epoch's loss sums.
+        Called before Lightning loads any of it (also on a module built on the meta device, before a
+        resumed run writes anything)."""
+        problem = lightning_fields_problem(checkpoint) or self._state_problem(checkpoint)
+        if problem:
+            raise damaged_checkpoint(path, problem)
+
+    def _state_problem(self, checkpoint: dict) -> str | None:
+        if not isinstance(checkpoint.get("byol_config"), dict):
+            return f"byol_config is {shown(checkpoint.get('byol_config'))}, not a mapping"
+        state = checkpoint.get("state_dict")
+        problem = tensors_problem(state, "state_dict")
+        if problem:
+            return problem
+        mismatch = weights_problem(state, self.state_dict())
+        if mismatch:
+            return f"its weights do not match the architecture its own config describes; {mismatch}"
+        with contextlib.redirect_stdout(io.StringIO()):  # a note on the warm-up, for the run to print
+            optimizer, scheduler = self.make_optimizer(self.optimized_modules(), 1, 1, 1)
+        for key, template, problem_of in (("optimizer_states", optimizer, optimizer_problem),
+                                          ("lr_schedulers", scheduler, scheduler_problem)):
+            saved = checkpoint[key]
+            if len(saved) != 1:
+                return f"{key} holds {len(saved)} states, not the one of its optimizer"
+            problem = problem_of(saved[0], template, f"{key}[0]")
+            if problem:
+                return problem
+        return (rng_state_problem(checkpoint["rng"]) if "rng" in checkpoint else None) or \
+            _loss_sums_problem(checkpoint.get("epoch_loss_sums"))
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint, self.trainer.ckpt_path if self._trainer is not None else "the checkpoint")
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
         self.last_saved_step = checkpoint.get("global_step")
         self._epoch_sums = checkpoint.get("epoch_loss_sums") or {}
+
+
+def _loss_sums_problem(sums) -> str | None:
+    """Whether ``sums`` is an ``epoch_loss_sums`` as :meth:`BYOLModule.on_save_checkpoint` writes it
+    (``{"sums": {}}`` before the run's first step; absent from files written before it existed)."""
+    if sums is None or (isinstance(sums, Mapping) and set(sums) <= {"sums"} and sums.get("sums", {}) == {}):
+        return None
+    if not isinstance(sums, Mapping) or set(sums) != {"epoch", "images", "sums"}:
+        return f"epoch_loss_sums is {shown(sums)}, not a mapping of 'epoch', 'images' and 'sums'"
+    if not whole(sums["epoch"]) or not whole(sums["images"]):
+        return "epoch_loss_sums.epoch and .images must be whole numbers of 0 or more"
+    problem = tensors_problem(sums["sums"], "epoch_loss_sums.sums")
+    if problem or any(v.numel() != 1 for v in sums["sums"].values()):
+        return problem or "epoch_loss_sums.sums must hold one number per loss"
+    return None
 
 
 def schedule_span(run_steps: int, max_epochs: int | None, epoch_steps: int,

@@ -1,0 +1,143 @@
+"""The report's input: the ``results.json`` files found under the folders given, each read as untrusted
+data (whatever wrote it) and checked field by field; a file that cannot be used is one note, never a
+traceback halfway through the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import stat
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def find_results(folders: Iterable[str | Path]) -> list[Path]:
+    """The results.json files named or found under ``folders``, each once (links resolved); a link that
+    leads nowhere readable (a loop) is skipped with a note."""
+    found = set()
+    for folder in folders:
+        folder = Path(folder)
+        candidates = [folder] if folder.is_file() and folder.name == "results.json" else \
+            folder.rglob("results.json") if folder.is_dir() else []
+        for path in candidates:
+            try:
+                found.add(path.resolve())
+            except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop
+                skip_note(path, f"unreadable ({getattr(e, 'strerror', None) or e})")
+    return sorted(found)
+
+
+# The kind of each results.json field the report reads (null is always allowed): a file edited by hand
+# or written by something else is skipped with the field named, not a traceback halfway through.
+RESULT_FIELDS = {
+    **dict.fromkeys(("test_acc", "val_acc"), "accuracy"),
+    **dict.fromkeys(("seed", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs", "num_classes"), "int"),
+    "width": "number", "allow_incomplete": "bool",
+    **dict.fromkeys(("status", "loss", "repr", "eval", "backbone", "stem", "label", "pretrain_status", "data",
+                     "pretrained", "error"), "str"),
+    **dict.fromkeys(("eval_data", "pretrain_data"), "settings"),
+    "maps": "maps",
+}
+REQUIRED_FIELDS = ("repr", "eval")  # every results.json evaluate.py has written names both
+_KINDS = {"int": (int,), "number": (int, float), "accuracy": (int, float), "bool": (bool,), "str": (str,),
+          "settings": (dict,), "maps": (dict,)}
+_WHAT = {"accuracy": "an accuracy in [0, 1]", "int": "a whole number", "number": "a number", "bool": "a bool",
+         "str": "a str", "settings": "a dict of plain values (text, numbers) with a text name",
+         "maps": "a dict of map names to file names"}
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "true/false",
+               type(None): "null"}
+MAX_RESULTS_BYTES = 16 * 2**20  # a results.json is a few kB; a larger file is not one
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _wrong(value, kind: str) -> bool:
+    if not isinstance(value, _KINDS[kind]) or (isinstance(value, bool) and kind != "bool"):
+        return True
+    if kind in ("number", "accuracy"):
+        return not _finite(value) or (kind == "accuracy" and not 0 <= value <= 1)
+    if kind == "str":
+        return "\x00" in value  # no path, name or label holds a NUL (it stops every file call)
+    if kind == "settings":  # shown in the table and compared: plain values only
+        plain = all(isinstance(v, (str, int, float, bool, type(None))) for v in value.values())
+        return not plain or not isinstance(value.get("name", ""), str)
+    if kind == "maps":
+        return not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    return False
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def field_problem(r: dict) -> str | None:
+    """What makes ``r`` unusable as a results object (a field missing or of the wrong kind), or None."""
+    absent = [key for key in REQUIRED_FIELDS if not r.get(key)]
+    if absent:
+        return f"no {' and no '.join(absent)} field (not a results.json of evaluate.py)"
+    for key, kind in RESULT_FIELDS.items():
+        value = r.get(key)
+        if value is not None and _wrong(value, kind):
+            return f"{key} is {_shown(value)}, not {_WHAT[kind]}"
+    return None
+
+
+def _read_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a results.json (not a regular file: a FIFO would block; too large), or None."""
+    try:
+        info = Path(path).stat()
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size > MAX_RESULTS_BYTES:
+        return f"{info.st_size} bytes, too large for a results.json"
+    return None
+
+
+def _unreadable(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return f"unreadable ({e.strerror or e})"
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(e, RecursionError):
+        return "not JSON the report reads (nested too deep)"
+    return f"not JSON ({str(e)[:200]})"  # json.JSONDecodeError; a ValueError for a number of 4300+ digits
+
+
+def skip_note(path, why: str) -> None:
+    """The one line that says a results.json is left out, and why."""
+    print(f"[report] note: skipping {path}: {why}", file=sys.stderr)
+
+
+def load_results(paths: Iterable[Path]) -> list[dict]:
+    """The readable results objects, each with its ``_path``; the others are skipped with one line each
+    (:func:`skip_note`), so one broken file does not hide a whole sweep."""
+    results = []
+    for path in paths:
+        problem = _read_problem(path)
+        if problem:
+            skip_note(path, problem)
+            continue
+        try:
+            r = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+            skip_note(path, _unreadable(e))
+            continue
+        if not isinstance(r, dict):
+            skip_note(path, f"not a results object (a JSON {_JSON_KINDS.get(type(r), type(r).__name__)})")
+            continue
+        problem = field_problem(r)
+        if problem:
+            skip_note(path, problem)
+            continue
+        r["_path"] = str(path)
+        results.append(r)
+    return results

@@ -1,0 +1,74 @@
+"""The ``results.json`` of each evaluated model (read by the report): its fields, the file of a training
+job with no model (``status: missing``), and the earlier evaluation of a folder kept before a new one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from byol.core.checkpoint import atomic_write_bytes
+from byol.core.errors import ByolError
+from byol.jobs.cli import launched_rank
+from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields
+from byol.jobs.protocols import UNTRAINED
+from byol.jobs.replaced import keep_earlier_evaluation
+from byol.jobs.run_folder import FAILED, HYDRA_DIR
+
+RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
+
+
+def keep_earlier_result(folder: Path) -> None:
+    """An evaluation already in ``folder`` is kept under names the report skips, and the user told (rank 0)."""
+    kept = keep_earlier_evaluation(folder, RESULTS_FILE) if launched_rank() == 0 else []
+    if kept:
+        print(f"[eval] note: {folder} already held an evaluation; kept as {', '.join(kept)}", flush=True)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Written atomically: the report never reads half a results.json of a killed job. Under DDP by
+    rank 0 alone (every rank holds the same, gathered, results)."""
+    if launched_rank() != 0:
+        return
+    atomic_write_bytes((json.dumps(obj, indent=2, default=str) + "\n").encode(), path)
+
+
+def result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
+    """The fields of a ``results.json`` known before any model is read: the evaluation's settings."""
+    eval_cfg = cfg["eval"]
+    return {"pretrained": pretrained, "label": label, "loss": None, "repr": cfg["repr"]["name"],
+            "eval": eval_cfg["name"], "backbone": None, "stem": None, "width": None, "grids": None,
+            "pretrain_epochs": None,
+            "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
+            "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] not in UNTRAINED else 0,
+            "seed": None, "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
+            "eval_data": {**data_fields(cfg["data"]), "split": cfg["split"]["name"],
+                          "val_size": cfg["split"].get("val_size")},
+            "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
+            "status": "running"}
+
+
+def model_fields(model: EncoderSource) -> dict:
+    """The fields of a ``results.json`` that describe the model, once its weights are read."""
+    return {"label": model.label, "loss": model.loss, "backbone": model.backbone["name"],
+            "stem": model.backbone["stem"], "width": model.backbone.get("width", 1.0),
+            "grids": dict(model.backbone.get("grids") or {}),
+            "pretrain_epochs": model.epochs, "seed": model.seed, "pretrain_epochs_planned": model.planned_epochs,
+            "pretrain_status": model.pretrain_status,
+            "pretrain_data": None if model.is_random else data_fields(model.data)}
+
+
+def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: str) -> dict:
+    """Write the ``results.json`` of a training job with no model (failed, or no weights): ``status:
+    missing``, so that the report lists it, under the loss / backbone / seed of its config.yaml."""
+    result = result_fields(str(Path(job).resolve()), label, cfg)
+    try:
+        result.update(run_config_fields(read_run_config(Path(job)) or read_run_config(Path(job) / HYDRA_DIR)))
+    except ByolError:  # a config refused as unsafe: the job is listed all the same
+        pass
+    status = "failed" if (Path(job) / FAILED).is_file() else "no weights"
+    result.update(status="missing", pretrain_status=status, error=reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep_earlier_result(out_dir)
+    write_json(result, out_dir / RESULTS_FILE)
+    return result

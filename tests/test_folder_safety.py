@@ -1,0 +1,183 @@
+"""What a job writes stays in its own folder, and nothing finished is lost: symbolic links where jobs write
+are refused (they would carry writes to any file they name), a crafted config.yaml cannot stall a job, two
+jobs started in the same second get two folders, and an evaluation run again keeps the earlier one whole."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from byol.core.errors import ByolError, ConfigError
+from byol.jobs.cli import new_folder, new_run_dir_of
+from byol.jobs.command_line import given_run_dir
+from byol.jobs.run_folder import FolderLock, FolderTakenError, check_job_folder, links_in, raw_run_config
+
+
+def _run_folder(folder: Path) -> Path:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / ".hydra").mkdir()
+    (folder / "config.yaml").write_text("seed: 0\nloss:\n  taps: []\n")
+    (folder / "encoder.pt").write_bytes(b"weights")
+    return folder
+
+
+@pytest.mark.parametrize("link", [".lock", "train.log", "metrics.csv", ".hydra/overrides.yaml",
+                                  "checkpoints/last.ckpt", "checkpoints", ".hydra"])
+def test_a_folder_with_a_link_where_jobs_write_is_refused_and_the_linked_file_untouched(tmp_path, link):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("precious data")
+    run = _run_folder(tmp_path / "run")
+    target = victim if link in ("checkpoints", ".hydra") else victim / "precious.txt"
+    path = run / link
+    if path.is_dir():
+        path.rmdir()
+    path.symlink_to(target)
+    assert links_in(run) == [path]
+    with pytest.raises(FolderTakenError, match=r"holds symbolic links where jobs write .*" + link.split("/")[-1]):
+        check_job_folder(run, "train")
+    assert (victim / "precious.txt").read_text() == "precious data"
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+
+
+def test_the_lock_never_truncates_the_file_a_link_names(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious data")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    with pytest.raises(FolderTakenError, match=r"\.lock' is a symbolic link"), FolderLock(tmp_path / "run"):
+        pass
+    assert victim.read_text() == "precious data"
+
+
+def test_a_whole_run_folder_may_be_a_link(tmp_path):
+    """Keeping a run on another disk: link the folder itself, which jobs then write into as usual."""
+    real = _run_folder(tmp_path / "disk" / "run")
+    (tmp_path / "run").symlink_to(real)
+    assert links_in(tmp_path / "run") == []
+    check_job_folder(tmp_path / "run", "train")
+
+
+@pytest.mark.slow
+def test_resume_of_a_folder_with_links_stops_before_hydra_writes_through_them(tmp_path):
+    """train.py resume=RUN writes Hydra's record and log into RUN: the links there are refused first."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious data")
+    run = _run_folder(tmp_path / "run")
+    (run / ".hydra" / "overrides.yaml").symlink_to(victim)
+    (run / "train.log").symlink_to(victim)
+    result = subprocess.run([sys.executable, "train.py", f"resume={run}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: '{run}' holds symbolic links"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert victim.read_text() == "precious data"
+    assert given_run_dir([f"resume={run}/checkpoints/epoch0001.ckpt"], "train") == run
+    assert given_run_dir([f"resume={run}"], "evaluate") is None and given_run_dir(["resume=null"], "train") is None
+
+
+def test_a_config_yaml_with_yaml_aliases_is_refused_at_once(tmp_path):
+    """A few hundred bytes of nested aliases took OmegaConf minutes to expand: refused before reading."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp_path / "config.yaml").write_text("\n".join(lines) + "\nseed: 0\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="holds YAML anchors or aliases"):
+        raw_run_config(tmp_path)
+    assert time.perf_counter() - start < 5  # a bound far above the refusal's milliseconds: a hang fails here
+    (tmp_path / "config.yaml").write_bytes(b"seed: 0\n" + b"#" * (2 << 20))
+    with pytest.raises(ConfigError, match="more than any run's config"):
+        raw_run_config(tmp_path)
+
+
+def test_jobs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr("byol.jobs.cli._CLAIMED", {})
+    stamped = str(tmp_path / "outputs" / "train" / "2026-11-29_21-00-00")
+    Path(stamped).mkdir(parents=True)  # the other job's
+    (Path(stamped).parent / "2026-11-29_21-00-00-2").mkdir()  # and a third's
+    mine = new_folder(stamped)
+    assert mine == stamped + "-3" and Path(mine).is_dir()
+    assert new_folder(stamped) == mine  # the same answer each time Hydra asks
+    run = tmp_path / "run"
+    run.mkdir()
+    assert new_run_dir_of(str(run), stamped + "_b") == str(run)  # resume: the run's folder, nothing claimed
+    assert not Path(stamped + "_b").exists()
+
+
+@pytest.mark.parametrize("label", ["../elsewhere", "random-init_resnet18_imagenet/../../x", "/abs/olute"])
+def test_results_are_never_written_outside_the_evaluation_folder(tmp_path, label):
+    from byol.jobs.evaluate import _result_folder
+
+    with pytest.raises(ByolError, match="refusing to write the results of"):
+        _result_folder(tmp_path / "ev", label)
+    assert _result_folder(tmp_path / "ev", "0_loss=multi/run") == tmp_path / "ev" / "0_loss=multi" / "run"
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _contents(folder: Path) -> dict:
+    """Every file below ``folder`` but the logs and Hydra's record of the last command, byte for byte."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix != ".log" and ".hydra" not in p.parts and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 2-epoch smoke run that kept its epoch checkpoints."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    result = _train("experiment=smoke", "monitor=off", "checkpoint.keep_last=2", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run
+
+
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to, symlinks=True))
+
+
+@pytest.mark.slow
+def test_a_new_run_never_replaces_a_runs_weights(finished_run, tmp_path):
+    """last.ckpt deleted to save space: the same command again started a new run over encoder.pt."""
+    run = _copy(finished_run, tmp_path / "run")
+    (run / "checkpoints" / "last.ckpt").unlink()
+    before = _contents(run)
+    result = _train("experiment=smoke", "monitor=off", "seed=5", f"hydra.run.dir={run}")
+    assert result.returncode == 1 and result.stderr.startswith(f"error: '{run}' holds a run's weights"), result.stderr
+    assert f"resume={run}/checkpoints/epoch0002.ckpt" in result.stderr and "Traceback" not in result.stderr
+    assert _contents(run) == before
+
+
+@pytest.mark.slow
+def test_an_earlier_checkpoint_is_not_continued_over_its_runs_later_state(finished_run, tmp_path):
+    run = _copy(finished_run, tmp_path / "run")
+    before = _contents(run)
+    result = _train(f"resume={run}/checkpoints/epoch0001.ckpt", "trainer.max_epochs=3")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: '{run}/checkpoints/epoch0001.ckpt' (step 4) is behind its run's "
+                                    f"{run}/checkpoints/last.ckpt (step 8)"), result.stderr
+    assert _contents(run) == before
+    branch = tmp_path / "branch"  # the way the message points to: a new folder
+    result = _train(f"resume={run}/checkpoints/epoch0001.ckpt", f"hydra.run.dir={branch}")
+    assert result.returncode == 0 and (branch / "encoder.pt").is_file(), result.stderr[-2000:]
+    assert _contents(run) == before
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_a_finished_run_as_it_was(finished_run, tmp_path):
+    """A resume refused before training (another architecture, a logger package missing) marked the finished
+    run FAILED and rewrote its config.yaml: a sweep's evaluation then listed it as failed or unfinished."""
+    run = _copy(finished_run, tmp_path / "run")
+    before = _contents(run)
+    result = _train(f"resume={run}", "trainer.max_epochs=3", "loss=multi")
+    assert result.returncode == 1 and "cannot resume" in result.stderr, result.stderr[-2000:]
+    assert _contents(run) == before and not (run / "FAILED").exists()
+    (run / "FAILED").write_text("non-finite loss at step 3\n")  # a run whose training failed stays failed
+    result = _train(f"resume={run}", "loss=multi")
+    assert result.returncode == 1 and (run / "FAILED").read_text() == "non-finite loss at step 3\n"
