@@ -429,6 +429,29 @@ def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name
         assert f"(python {config_name}.py --cfg job prints every setting)" in message
 
 
+def test_a_sweep_jobs_folder_given_unquoted_gets_the_quoted_word():
+    """Hydra read the '=' and ',' of ``0_loss=multi,seed=0`` as its own syntax: "mismatched input '='"."""
+    from byol.jobs.command_line import unquoted_path
+
+    job = "/o/multirun/train/t/0_loss=multi,seed=0"
+    assert unquoted_path([f"resume={job}"]) == (
+        f"error: Hydra cannot read resume={job} as written (a sweep job's folder holds '=' and ',', its own "
+        f"syntax); quote it: \"resume='{job}'\"")
+    assert unquoted_path([f"pretrained={job}", "eval=knn"]).endswith(f"quote it: \"pretrained='{job}'\"")
+    assert unquoted_path([f"resume='{job}'"]) is None  # quoted: fine
+    assert unquoted_path(["-m", "pretrained=/o/a,/o/b", "seed=0"]) is None  # a sweep over two folders
+
+
+def test_an_empty_pretrained_stops_before_any_folder_is_made(tmp_path, capsys):
+    """pretrained=$RUN with RUN unset evaluated every run below the current folder."""
+    from byol.jobs.command_line import check_command_line
+
+    with pytest.raises(SystemExit) as stop:
+        check_command_line(["preset=smoke", "pretrained=", f"hydra.run.dir={tmp_path / 'ev'}"], "evaluate")
+    assert stop.value.code == 1 and not (tmp_path / "ev").exists()
+    assert capsys.readouterr().err.startswith("error: pretrained= is empty (an unset shell variable?)")
+
+
 @pytest.mark.parametrize("argv, config_name, expected", [
     (["loss=mult"], "train", "error: loss=mult is not an option of loss (did you mean loss=multi?); choose one of: "
                              "classic, multi"),

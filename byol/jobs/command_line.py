@@ -266,14 +266,39 @@ def _start_problem(resume: str | None, run_dir: Path | None) -> str | None:
     return None
 
 
+PATH_KEYS = ("resume", "pretrained", "hydra.run.dir", "hydra.sweep.dir", "data.root", "data.cache_dir")
+
+
+def unquoted_path(argv: Sequence[str]) -> str | None:
+    """The error line for a path that Hydra cannot read as written: a sweep job's folder
+    (``0_loss=multi,seed=0``) holds ``=`` and ``,``, Hydra's own syntax; the line gives the quoted word."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from byol.jobs.cli import command_arg
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") not in PATH_KEYS or not value:
+            continue
+        try:
+            OverridesParser.create().parse_override(arg)
+        except Exception:
+            return (f"error: Hydra cannot read {key}={value} as written (a sweep job's folder holds '=' and ',', "
+                    f"its own syntax); quote it: {command_arg(key.lstrip('+'), value)}")
+    return None
+
+
 def check_command_line(argv: Sequence[str], config_name: str) -> None:
     """Exit with one ``error:`` line for a misspelt key, a setting of another option, a run folder of the
     other kind of job or one with links where jobs write, before Hydra composes anything (or writes its
     ``.hydra/`` record and log into the folder)."""
     from byol.jobs.run_folder import FolderTakenError, check_job_folder, links_in
 
-    message = (unknown_option(argv, config_name) or misspelt_key(argv, config_name)
+    message = (unquoted_path(argv) or unknown_option(argv, config_name) or misspelt_key(argv, config_name)
                or setting_of_another_option(argv, config_name))
+    if not message and config_name == "evaluate" and _last_value(argv, ("pretrained", "++pretrained")) == "":
+        message = "error: pretrained= is empty (an unset shell variable?); give a run folder, a sweep folder, a "\
+                  ".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random"
     run_dir = given_run_dir(argv, config_name)
     if not message and run_dir is not None:
         try:
