@@ -498,6 +498,10 @@ def check_line(message: str | None, expected: str | None) -> None:
      "eval=knn repr=avgpool);"),
     (["monitor=off", "monitor.k=50"], "train", "error: monitor.k is a setting of monitor=default, not of monitor=off;"),
     (["data.cache_dir=/c"], "train", "error: data.cache_dir is a setting of data=imagefolder, not of data=cifar10;"),
+    # a preset adding eval.epochs does not make it a setting of knn
+    (["preset=smoke", "eval=knn", "eval.epochs=3"], "evaluate", "error: eval.epochs is a setting of eval=finetune or "
+                                                                "eval=linear, not of eval=knn;"),
+    (["logger=[csv,wandb]", "logger.project=x"], "train", None),
     (["eval=knn", "eval.k=3"], "evaluate", None),
     (["data=imagefolder", "data.cache_dir=/c"], "train", None),
     (["experiment=smoke", "data.num_train=64"], "train", None),  # the experiment chose data=synthetic

@@ -191,20 +191,17 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
             except Exception:  # an unknown option and the like: Hydra's own message
                 return None
             for key, having in suspects.items():
-                if not _has(cfg, key):
-                    group = key.split(".")[0]
+                group = key.split(".")[0]
+                chosen = cfg.hydra.runtime.choices.get(group)
+                if not isinstance(chosen, str):  # several options at once (logger=[csv,wandb]): Hydra decides
+                    continue
+                # the chosen option's own keys: one a preset adds (preset=smoke's eval.epochs) does nothing there
+                if key not in option_keys(group).get(chosen, ()):
                     options = " or ".join(f"{group}={option}" for option in having)
                     job = f" (the sweep's job with {' '.join(combination)})" if any(len(v) > 1 for v in values) else ""
-                    return (f"error: {key} is a setting of {options}, not of {group}="
-                            f"{cfg.hydra.runtime.choices.get(group)}{job}; choose {options}, or leave {key} out")
+                    return (f"error: {key} is a setting of {options}, not of {group}={chosen}{job}; choose "
+                            f"{options}, or leave {key} out")
     return None
-
-
-def _has(cfg, key: str) -> bool:
-    """Whether the dotted ``key`` exists in ``cfg`` (its value may be null or missing)."""
-    parent, _, last = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False) if parent else cfg
-    return node is not None and OmegaConf.is_dict(node) and last in node
 
 
 def _last_value(argv: Sequence[str], keys: Sequence[str]) -> str | None:
