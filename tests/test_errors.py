@@ -502,6 +502,7 @@ def check_line(message: str | None, expected: str | None) -> None:
     (["preset=smoke", "eval=knn", "eval.epochs=3"], "evaluate", "error: eval.epochs is a setting of eval=finetune or "
                                                                 "eval=linear, not of eval=knn;"),
     (["logger=[csv,wandb]", "logger.project=x"], "train", None),
+    (["trainer=ddp", "trainer.accelerator=cpu"], "train", None),  # ddp builds on trainer=default's keys
     (["eval=knn", "eval.k=3"], "evaluate", None),
     (["data=imagefolder", "data.cache_dir=/c"], "train", None),
     (["experiment=smoke", "data.num_train=64"], "train", None),  # the experiment chose data=synthetic

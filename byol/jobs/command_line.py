@@ -137,7 +137,8 @@ def unknown_option(argv: Sequence[str], config_name: str) -> str | None:
 
 @functools.cache
 def option_keys(group: str) -> dict[str, set[str]]:
-    """``{option: its dotted keys}`` for a packaged group, e.g. ``{"knn": {"eval.k", ...}, ...}``."""
+    """``{option: its dotted keys}`` for a packaged group, e.g. ``{"knn": {"eval.k", ...}, ...}``, with the
+    keys of the options of the same group it builds on (``trainer=ddp``'s defaults list names ``default``)."""
     from byol.jobs.config_check import CONF_DIR
 
     def dotted(node, prefix: str):
@@ -147,8 +148,17 @@ def option_keys(group: str) -> dict[str, set[str]]:
                 if isinstance(value, dict):
                     yield from dotted(value, f"{prefix}.{key}")
 
-    return {path.stem: set(dotted(OmegaConf.to_container(OmegaConf.load(path)), group))
-            for path in sorted((CONF_DIR / group).glob("*.yaml"))}
+    nodes = {path.stem: OmegaConf.to_container(OmegaConf.load(path)) for path in (CONF_DIR / group).glob("*.yaml")}
+
+    def keys(option: str, seen: frozenset = frozenset()) -> set[str]:
+        node = nodes[option]
+        own = set(dotted(node, group))
+        for base in node.get("defaults") or []:
+            if isinstance(base, str) and base in nodes and base not in seen | {option}:
+                own |= keys(base, seen | {option})
+        return own
+
+    return {option: keys(option) for option in sorted(nodes)}
 
 
 def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | None:
