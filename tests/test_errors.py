@@ -594,3 +594,25 @@ def test_collapse_is_reported_beside_a_low_loss(capsys):
     warning = next(line for line in out.splitlines() if "warning" in line)
     assert "collapsed (std/avgpool 0.004;" in warning and "layer2.0" not in warning
     assert "Adam" in warning and "optim.base_lr" in warning
+
+
+def test_a_precision_lightning_changes_is_said_in_one_line(tmp_path, capsys):
+    """trainer.precision=16 on a CPU runs as bf16-mixed: the run's first lines said "(16)"."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from byol.jobs.pretrain import RunStart, announce
+
+    config = {"backbone": {"name": "resnet18", "stem": "imagenet", "width": 1.0}, "loss": {"taps": []},
+              "data": {"batch_size": 32}, "trainer": {"max_epochs": 1, "precision": 16}}
+    trainer = SimpleNamespace(world_size=1, precision="bf16-mixed", accumulate_grad_batches=1,
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    batches = SimpleNamespace(data=[0] * 64)
+    announce(config, tmp_path, trainer, RunStart(config), batches)
+    out = capsys.readouterr().out
+    assert "on cpu (bf16-mixed)" in out
+    assert "[byol] note: trainer.precision=16 runs as bf16-mixed on cpu" in out
+    announce({**config, "trainer": {"max_epochs": 1, "precision": "bf16-mixed"}}, tmp_path, trainer,
+             RunStart(config), batches)
+    assert "note: trainer.precision" not in capsys.readouterr().out

@@ -181,3 +181,20 @@ def test_a_refused_resume_leaves_a_finished_run_as_it_was(finished_run, tmp_path
     (run / "FAILED").write_text("non-finite loss at step 3\n")  # a run whose training failed stays failed
     result = _train(f"resume={run}", "loss=multi")
     assert result.returncode == 1 and (run / "FAILED").read_text() == "non-finite loss at step 3\n"
+
+
+@pytest.mark.slow
+def test_resume_of_a_sweep_folder_says_how_to_continue_a_sweep(tmp_path):
+    """It said "start it again without resume=", and the job wrote FAILED, a lock and a log into the sweep."""
+    from byol.core.errors import CheckpointError
+    from byol.jobs.resume import find_resume
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0_loss=classic" / ".hydra").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=rf"is a sweep folder; continue a sweep by running its command again "
+                                              rf"with -m hydra.sweep.dir={sweep} .*resume={sweep}/0_loss=classic"):
+        find_resume(str(sweep), tmp_path)
+    result = subprocess.run([sys.executable, "train.py", f"resume={sweep}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "is a sweep folder" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_loss=classic"]  # nothing written into it
