@@ -16,7 +16,12 @@ from omegaconf import OmegaConf
 
 def _parsed_overrides(argv: Sequence[str]) -> list | None:
     """Hydra's parse of the command line's overrides; None when there are none or they do not parse (Hydra
-    then reports what is wrong)."""
+    then reports what is wrong). Parsed once for all the checks (:func:`_parse`)."""
+    return _parse(tuple(argv))
+
+
+@functools.cache
+def _parse(argv: tuple[str, ...]) -> list | None:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     if not overrides:  # --help, --cfg, the defaults: nothing to check (and no schema to load)
         return None
@@ -28,12 +33,26 @@ def _parsed_overrides(argv: Sequence[str]) -> list | None:
         return None
 
 
-def _top_config(config_name: str) -> tuple[dict, set[str]]:
-    """``conf/<config_name>.yaml`` without its defaults list, and the groups that list names."""
+@functools.cache
+def _top_config(config_name: str) -> tuple[dict, set[str], set[str]]:
+    """``conf/<config_name>.yaml`` without its defaults list, the groups that list names, and those of them
+    with no option by default (``experiment: null``)."""
     from byol.jobs.config_check import CONF_DIR
 
     top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml"))
-    return top, {next(iter(d)) for d in top.pop("defaults", []) if isinstance(d, dict)}
+    defaults = [d for d in top.pop("defaults", []) if isinstance(d, dict)]
+    return top, {next(iter(d)) for d in defaults}, {next(iter(d)) for d in defaults if next(iter(d.values())) is None}
+
+
+def _free_prefixes() -> tuple[str, ...]:
+    """Key prefixes under which the keys are the user's choosing (per-tap weights and grids, per-view settings)."""
+    from byol.jobs.config_check import OPEN_DICTS, VIEW_OVERRIDES
+
+    return tuple(".".join(path) + "." for path in OPEN_DICTS | VIEW_OVERRIDES)
+
+
+def _is_sweep(argv: Sequence[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
 
 
 def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
@@ -45,12 +64,11 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
         return None
     import difflib
 
-    from byol.jobs.config_check import CONF_DIR, OPEN_DICTS, VIEW_OVERRIDES, config_schema
+    from byol.jobs.config_check import CONF_DIR, VIEW_OVERRIDES, config_schema
 
-    top, groups = _top_config(config_name)
+    top, groups, _ = _top_config(config_name)
     known = {".".join(path) for path in config_schema() if path and path[0] in set(top) | groups}
-    free = tuple(".".join(path) + "." for path in OPEN_DICTS | VIEW_OVERRIDES)  # keys of the user's choosing
-    views = tuple(".".join(path) + "." for path in VIEW_OVERRIDES)
+    free, views = _free_prefixes(), tuple(".".join(path) + "." for path in VIEW_OVERRIDES)
     shared = sorted(k[len("augment."):] for k in known if k.startswith("augment.") and k.count(".") == 1)
     for o in parsed:
         key = o.key_or_group
@@ -102,9 +120,7 @@ def unknown_option(argv: Sequence[str], config_name: str) -> str | None:
 
     from byol.jobs.config_check import CONF_DIR
 
-    top, groups = _top_config(config_name)
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name}.yaml")).get("defaults", [])
-    optional = {next(iter(d)) for d in defaults if isinstance(d, dict) and next(iter(d.values())) is None}
+    _, groups, optional = _top_config(config_name)
     for o in parsed:
         group = o.key_or_group
         if o.is_delete() or "/" in group or not (CONF_DIR / group).is_dir():
@@ -165,16 +181,16 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
     """The error line for a setting that only other options of its group have (``eval.epochs`` with
     ``eval=knn``): Hydra would advise appending it with ``+``, and an appended one would be ignored by the
     chosen option. Every combination a sweep makes of the group choices is checked, so a sweep does not stop
-    half-way. None when each such setting exists in the composed config (or the command line does not parse:
-    Hydra reports that)."""
+    half-way. None when each such setting is one of the chosen option's own (or the command line does not
+    parse: Hydra reports that)."""
     parsed = _parsed_overrides(argv)
     if parsed is None:
         return None
-    from byol.jobs.config_check import CONF_DIR, OPEN_DICTS, PACKAGED_GROUPS, VIEW_OVERRIDES
+    from byol.jobs.config_check import CONF_DIR, PACKAGED_GROUPS
 
     # evaluate.py applies data.* keys to each run's own data settings, whatever their group: not checked there
     groups = _top_config(config_name)[1] & set(PACKAGED_GROUPS) - ({"data"} if config_name == "evaluate" else set())
-    free = tuple(".".join(path) + "." for path in OPEN_DICTS | VIEW_OVERRIDES)
+    free = _free_prefixes()
     suspects = {}  # key -> the options of its group that have it, where some options do not
     for o in parsed:
         key = o.key_or_group
@@ -223,7 +239,7 @@ def _last_value(argv: Sequence[str], keys: Sequence[str]) -> str | None:
 def given_run_dir(argv: Sequence[str], config_name: str = "evaluate") -> Path | None:
     """The folder a single run writes into, when the command line says: ``hydra.run.dir=DIR``, else for
     train.py the folder of ``resume=`` (None for a sweep, an interpolation or a new timestamped folder)."""
-    if any(a in ("-m", "--multirun") for a in argv):
+    if _is_sweep(argv):
         return None
     given = _last_value(argv, ("hydra.run.dir", "++hydra.run.dir"))
     if given is not None:
@@ -239,7 +255,7 @@ def given_run_dir(argv: Sequence[str], config_name: str = "evaluate") -> Path | 
 
 def given_sweep_folders(argv: Sequence[str]) -> list[Path]:
     """The sweep folder ``hydra.sweep.dir=DIR`` names for a sweep, and the job folders already in it."""
-    if not any(a in ("-m", "--multirun") for a in argv):
+    if not _is_sweep(argv):
         return []
     given = _last_value(argv, ("hydra.sweep.dir", "++hydra.sweep.dir"))
     if given is None or not Path(given).is_dir():
@@ -312,7 +328,7 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
             check_job_folder(run_dir, config_name)  # the job's name is its config's: train, evaluate
         except FolderTakenError as e:
             message = f"error: {e}"
-    if not message and config_name == "train" and not any(a in ("-m", "--multirun") for a in argv):
+    if not message and config_name == "train" and not _is_sweep(argv):
         message = _start_problem(_last_value(argv, ("resume", "++resume")), run_dir)
     for folder in given_sweep_folders(argv) if not message else []:
         links = links_in(folder)

@@ -165,8 +165,11 @@ def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModul
 def save_run_config(config: dict, run_dir: Path) -> None:
     """The run's config.yaml, written once training starts (:class:`OnTrainStart`): a resume refused or
     failed before (a checkpoint that does not load, a logger package missing) leaves the run's own as it was,
-    so a finished run is never turned into an unfinished one by a command that trained nothing."""
-    atomic_write_bytes(OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / CONFIG_FILE)
+    so a finished run is never turned into an unfinished one by a command that trained nothing. Called again
+    after fitting (a fit with no epoch left never starts training): a file already holding it is left alone."""
+    data, path = OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / CONFIG_FILE
+    if not (path.is_file() and path.read_bytes() == data):
+        atomic_write_bytes(data, path)
 
 
 def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int) -> pl.Trainer:
