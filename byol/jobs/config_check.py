@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from byol.core.disk_images import STORAGES
 from byol.core.errors import ConfigError
 from byol.core.optim import OPTIMIZERS, SCHEDULES
+from byol.core.state_check import whole
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Keys by which Hydra's instantiate imports and calls code.
@@ -282,6 +283,14 @@ def _augment_paths(container: Mapping, leaf: str) -> list[str]:
     return ([f"augment.{leaf}"] if leaf in augment else []) + views
 
 
+SEED_RANGE = 2 ** 32  # torch, numpy and Lightning take seeds 0 ... 2**32 - 1
+SEED_TEXT = f"a whole number from 0 to {SEED_RANGE - 1}"
+
+
+def valid_seed(value) -> bool:
+    return whole(value) and value < SEED_RANGE
+
+
 def check_config(container: Mapping, source: str = "the config") -> None:
     """Every value of a composed config has its type and range, or a one-line ConfigError."""
     _check_types(container, (), config_schema(), source, strict=True)
@@ -292,9 +301,9 @@ def check_config(container: Mapping, source: str = "the config") -> None:
     if _number_at(container, "data.batch_size") == 1:  # a BatchNorm traceback at the first step
         raise ConfigError(f"data.batch_size must be at least 2, not 1: BatchNorm normalises over the images of a "
                           f"batch (of each process under DDP), and one image has no spread ({source})")
-    seed = container.get("seed")  # torch, numpy and Lightning take 0 ... 2**32 - 1
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32):
-        raise ConfigError(f"seed must be a whole number from 0 to {2 ** 32 - 1}, not {seed!r} ({source})")
+    seed = container.get("seed")
+    if seed is not None and not valid_seed(seed):
+        raise ConfigError(f"seed must be {SEED_TEXT}, not {seed!r} ({source})")
     for key in NON_NEGATIVE + POSITIVE:
         value = _number_at(container, key)
         if value is None:

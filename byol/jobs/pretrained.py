@@ -28,7 +28,7 @@ from byol.core.checkpoint import (
 from byol.core.errors import CheckpointError, ConfigError
 from byol.core.state_check import shown, whole
 from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
-from byol.jobs.config_check import check_file_config, check_plain
+from byol.jobs.config_check import SEED_TEXT, check_file_config, check_plain, valid_seed
 from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, RANDOM, raw_run_config, run_folder_of
 
 RANDOM_INIT_LABEL = "random-init"  # the loss column, and the label, of a random-init baseline
@@ -108,11 +108,10 @@ def _from_export(blob: dict, path: Path, label: str, run_cfg: Mapping | None) ->
                          state, (run_cfg or {}).get("data"), planned)
 
 
-SEED_RANGE = 2 ** 32  # torch, numpy and Lightning take seeds 0 ... 2**32 - 1
 # the fields of an export's meta that are read, each with its test and what it must be (any may be absent)
 META_FIELDS = {"epochs": (whole, "a whole number of 0 or more"),
                "global_step": (whole, "a whole number of 0 or more"),
-               "seed": (lambda v: whole(v) and v < SEED_RANGE, f"a whole number from 0 to {SEED_RANGE - 1}"),
+               "seed": (valid_seed, SEED_TEXT),
                "loss": (lambda v: v in ("classic", "multi"), "classic or multi")}
 
 
@@ -142,9 +141,9 @@ def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None
     cfg = check_file_config(blob["byol_config"], f"checkpoint '{path}'")
     backbone = architecture(encoder_config(cfg.get("backbone"), path, fix))
     loss, seed = cfg.get("loss"), cfg.get("seed")
-    if not isinstance(loss, Mapping) or not (seed is None or (whole(seed) and seed < SEED_RANGE)):
+    if not isinstance(loss, Mapping) or not (seed is None or valid_seed(seed)):
         what = f"loss is {shown(loss)}, not a mapping" if not isinstance(loss, Mapping) else \
-            f"seed is {shown(seed)}, not a whole number from 0 to {SEED_RANGE - 1}"
+            f"seed is {shown(seed)}, not {SEED_TEXT}"
         raise CheckpointError(f"refusing '{path}': its config's {what}; the file was edited or not written by this "
                               f"project. {fix}")
     # the run folder's config.yaml is rewritten by a resume with more epochs; the checkpoint's is not
@@ -191,7 +190,7 @@ def run_config_fields(run_cfg: Mapping | None) -> dict:
     fields = {"loss": loss_mode(loss) if isinstance(loss, Mapping) else None,
               "backbone": name if isinstance(name, str) and name in RESNETS else None,
               "stem": stem if isinstance(stem, str) and stem in STEMS else None,
-              "width": backbone.get("width"), "seed": seed if whole(seed) and seed < SEED_RANGE else None,
+              "width": backbone.get("width"), "seed": seed if valid_seed(seed) else None,
               "pretrain_data": data_fields(run_cfg.get("data")),
               "pretrain_epochs_planned": planned_epochs(run_cfg)}
     return {k: v for k, v in fields.items() if v is not None}
