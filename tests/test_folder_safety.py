@@ -108,6 +108,22 @@ def test_jobs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
     assert not Path(stamped + "_b").exists()
 
 
+def test_a_claimed_folder_goes_at_exit_only_while_empty(tmp_path, monkeypatch):
+    """A process that resolves ``hydra.run.dir`` and runs no job there (a test composing the config, a
+    refused command) leaves no empty time-stamped folder behind."""
+    monkeypatch.setattr("byol.jobs.cli._CLAIMED", {})
+    at_exit = []
+    monkeypatch.setattr("byol.jobs.cli.atexit.register", lambda function, *args: at_exit.append((function, args)))
+    used, unused = new_folder(str(tmp_path / "used")), new_folder(str(tmp_path / "unused"))
+    (Path(used) / "train.log").write_text("a job ran here")
+    (tmp_path / "taken").mkdir()  # another job's, from the same second, still empty
+    new_folder(str(tmp_path / "taken"))
+    for function, args in at_exit:
+        function(*args)
+    assert (Path(used) / "train.log").is_file() and not Path(unused).exists()
+    assert (tmp_path / "taken").is_dir()  # only folders this process made are removed
+
+
 @pytest.mark.parametrize("label", ["../elsewhere", "random-init_resnet18_imagenet/../../x", "/abs/olute"])
 def test_results_are_never_written_outside_the_evaluation_folder(tmp_path, label):
     from byol.jobs.evaluate import _result_folder

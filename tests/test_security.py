@@ -730,6 +730,27 @@ def test_an_export_holding_values_of_another_kind_is_one_line(tmp_path, keys, va
         assert "\n" not in message and message.endswith("(move the file away, then python train.py resume=RUN)")
 
 
+def test_an_export_naming_a_huge_network_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """An encoder.pt of width 0.125 whose description says width 8 (a ResNet-18 of ~0.7 billion weights; 64 would
+    be 45 billion): its weights are compared with a meta-device build, so no memory is spent on that network."""
+    from byol.core import checkpoint
+    from byol.jobs.pretrained import read_pretrained
+
+    export = safe_load(tiny_export(tmp_path / "encoder.pt"))
+    path = tmp_path / "huge.pt"
+    torch.save(dict(export, backbone={**export["backbone"], "width": 8.0}), path)
+    built_for_real = []
+    real_load = checkpoint.load_weights
+    monkeypatch.setattr(checkpoint, "load_weights", lambda module, *a: built_for_real.append(module) or
+                        real_load(module, *a))
+    for build in (lambda: read_pretrained(path).build(["layer2.0"]), lambda: checkpoint.load_encoder(path)):
+        with pytest.raises(CheckpointError, match="holds weights of another architecture"):
+            build()
+    assert not built_for_real  # refused on the meta device, before a real network was made
+    encoder, _ = checkpoint.load_encoder(tmp_path / "encoder.pt")
+    assert built_for_real == [encoder] and next(encoder.parameters()).device.type == "cpu"
+
+
 @pytest.mark.parametrize("change,expected", [
     ({"stem": "imagenet/../../../x"}, "backbone.stem 'imagenet/../../../x' is not one of the stems (cifar, imagenet)"),
     ({"name": "resnet18/../x"}, "backbone.name 'resnet18/../x' is none of the networks this project builds"),

@@ -216,9 +216,7 @@ def load_encoder(path: str | os.PathLike, taps=None):
     state = checked_state_dict(blob.get("state_dict"), path)
     if taps is not None:
         cfg["taps"] = list(taps)
-    encoder = Encoder(**cfg)
-    load_weights(encoder, state, path)
-    return encoder, blob.get("meta", {})
+    return built_with_weights(lambda: Encoder(**cfg), state, path), blob.get("meta", {})
 
 
 # what fixes an export that is not what this project writes
@@ -273,9 +271,24 @@ def checked_state_dict(state, source, fix: str = f"For a run's encoder.pt: {REWR
 def load_weights(module: torch.nn.Module, state: dict, source) -> None:
     """``load_state_dict`` with an error that says what does not match, instead of a 60-line dump (and a
     state that is not names mapped to tensors refused, instead of a traceback)."""
+    check_weights(module, state, source)
+    module.load_state_dict({k: state[k] for k in module.state_dict()}, strict=True)
+
+
+def built_with_weights(build, state, source) -> torch.nn.Module:
+    """``build()`` holding ``state``. The weights are compared with a meta-device build first, so a file whose
+    description names a huge network is refused before memory is spent on it."""
+    with torch.device("meta"):
+        check_weights(build(), state, source)
+    module = build()
+    load_weights(module, state, source)
+    return module
+
+
+def check_weights(module: torch.nn.Module, state, source) -> None:
+    """What :func:`load_weights` checks, alone (``module`` may live on the meta device)."""
     problem = weights_problem(checked_state_dict(state, source), module.state_dict(), "the checkpoint",
                               extra_ok=True)
     if problem:
         raise CheckpointError(f"'{source}' holds weights of another architecture: {problem}. "
                               f"Evaluate it with the backbone it was trained with (its run folder's config)")
-    module.load_state_dict({k: state[k] for k in module.state_dict()}, strict=True)

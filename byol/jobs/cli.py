@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -87,18 +88,31 @@ def new_folder(stamped: str) -> str:
     answer on every call of a process."""
     if stamped not in _CLAIMED:
         base = candidate = Path(stamped)
+        created = False
         for number in range(2, 1000):
             try:
                 candidate.parent.mkdir(parents=True, exist_ok=True)
                 candidate.mkdir()
+                created = True
                 break
             except FileExistsError:
                 candidate = base.with_name(f"{base.name}-{number}")
             except OSError:  # a read-only or full disk: Hydra's attempt reports it (WritableOutput)
-                candidate = base
                 break
+        if not created:
+            candidate = base
+        else:
+            atexit.register(_remove_if_empty, candidate)
         _CLAIMED[stamped] = str(candidate)
     return _CLAIMED[stamped]
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A claimed folder no job wrote into (``--cfg``, ``--help``, a refused command line) is not left behind."""
+    try:
+        folder.rmdir()  # only an empty folder goes
+    except OSError:
+        pass
 
 
 def new_run_dir_of(resume, stamped: str) -> str:

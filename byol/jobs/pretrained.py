@@ -18,10 +18,10 @@ from byol.core.checkpoint import (
     ENCODER_FORMAT,
     ONLINE_PREFIX,
     REWRITE_EXPORT,
+    built_with_weights,
     checked_state_dict,
     encoder_config,
     epochs_done,
-    load_weights,
     online_encoder_state,
     safe_load,
 )
@@ -65,15 +65,14 @@ class EncoderSource:
 
     def build(self, taps: Sequence[str]) -> Encoder:
         """The encoder exposing ``taps``, with the run's architecture and its online weights."""
+        if not self.is_random:
+            return built_with_weights(lambda: encoder_from_backbone(self.backbone, taps), self.state_dict, self.origin)
         # a random encoder is a function of its own seed alone (one baseline per pretraining seed),
         # and drawing it leaves the evaluation's random stream as it was
-        with torch.random.fork_rng(devices=[], enabled=self.is_random):
-            if self.is_random and self.seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            if self.seed is not None:
                 torch.manual_seed(self.seed)
-            encoder = encoder_from_backbone(self.backbone, taps)
-        if not self.is_random:
-            load_weights(encoder, self.state_dict, self.origin)
-        return encoder
+            return encoder_from_backbone(self.backbone, taps)
 
 
 def random_model(backbone: Mapping, seed: int, label: str = RANDOM_INIT_LABEL) -> EncoderSource:
