@@ -204,6 +204,21 @@ def test_checkpoints_from_before_the_width_setting_are_width_one():
         resume_config(SAVED, {**same, "backbone": {**same["backbone"], "width": 0.5}}, requested=["backbone.width"])
 
 
+@pytest.mark.parametrize("image_size,is_change", [(32, False), (96, True)])
+def test_a_blur_setting_is_a_change_only_where_it_changes_the_views(image_size, is_change):
+    """A run saved with ``blur_p: 0.0`` (before ``auto`` existed) continued under today's ``auto``: at 32 px
+    auto is no blur, the same views, so not "no longer an exact continuation"; at 96 px it is blur."""
+    augment = {"blur_p": 0.0, "view1": {}, "view2": {}}
+    data = {"name": "folder", "image_size": image_size}
+    saved = {**SAVED, "augment": augment, "data": data}
+    now = {**saved, "augment": {**augment, "blur_p": "auto"}, "resume": "RUN"}
+    for requested in ([""], None):
+        _, changed = resume_config(saved, now, requested=requested)
+        assert changed == (["augment.blur_p: 0.0 -> 'auto'"] if is_change else []), requested
+    _, changed = resume_config(saved, {**now, "augment": {**augment, "blur_p": 0.5}}, requested=None)
+    assert changed == ["augment.blur_p: 0.0 -> 0.5"]  # a number is a change at any size
+
+
 def test_epochs_trained_counts_finished_epochs(tmp_path):
     path = tmp_path / "x.ckpt"
     for progress, epoch, done in ((2, 1, 2), (1, 1, 1), (None, 3, 3)):  # epoch end, mid-epoch, no loop counters

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from byol.core.checkpoint import epochs_done, load_weights, online_encoder_state, safe_load, save_encoder
 from byol.core.errors import CheckpointError, ConfigError
-from byol.jobs.build import build_encoder, loss_mode
+from byol.jobs.build import build_encoder, crop_side, loss_mode, view_settings
 from byol.jobs.config_check import check_file_config
 from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, raw_run_config, sweep_jobs
 
@@ -84,8 +84,10 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
     old, new = {**ADDED_KEYS, **_flatten(saved)}, _flatten(composed)
     result = copy.deepcopy(saved) if requested is not None else copy.deepcopy(composed)
     changed = []
+    views = _views(saved)
+    same_views = views is not None and views == _views(composed)  # blur_p 0.0 -> auto at 32 px: the same views
     for key in sorted(set(old) | set(new)):
-        if _under(key, IGNORED_KEYS) or old.get(key) == new.get(key):
+        if _under(key, IGNORED_KEYS) or old.get(key) == new.get(key) or (same_views and _under(key, ["augment"])):
             continue
         if key not in new:
             continue  # a setting this version no longer has
@@ -109,6 +111,14 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             f"or start a new run")
     result["resume"] = composed.get("resume")
     return result, [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def _views(config: dict) -> list[dict] | None:
+    """The two views' settings a config trains with (what its ``augment`` keys come to at its crop size)."""
+    try:
+        return view_settings(config["augment"], crop_side(config["data"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def saved_run_id(raw_config: dict, source: str) -> str | None:
