@@ -51,3 +51,38 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert install == install2 == 'pip install -e ".[dev]"' and job.startswith("python train.py")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert f"python -m {install}" in ci and f"{tests} -q" in ci, "CI installs and tests as the README says"
+
+
+def tables(text: str) -> list[list[str]]:
+    """The Markdown tables of ``text``: runs of lines starting with ``|``."""
+    found, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line.rstrip())
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+@pytest.mark.parametrize("doc", [*DOCS, ROOT / "ARCHITECTURE.md"], ids=lambda p: p.name)
+def test_every_table_renders_as_one(doc):
+    """A table needs its `|---|` row under the header, and rows as wide as the header; the README's results
+    tables once lost theirs and showed as a paragraph of pipes."""
+    for table in tables(doc.read_text(encoding="utf-8")):
+        width = table[0].count("|")
+        assert len(table) >= 2 and re.fullmatch(r"\|(\s*:?-{3,}:?\s*\|)+", table[1]), table[0]
+        assert all(row.replace("\\|", "").count("|") == width for row in table), table[0]
+
+
+def test_the_readme_results_tables_are_the_reports_own():
+    """The README shows the report's tables as `python -m byol.report` wrote them (its files are kept in
+    benchmarks/results/, benchmarks/gpu.sh's in benchmarks/RESULTS.md): each README table with a report's
+    header is, row for row, one of those."""
+    reports = [*sorted((ROOT / "benchmarks" / "results").glob("*/results.md")), ROOT / "benchmarks" / "RESULTS.md"]
+    written = [table for md in reports for table in tables(md.read_text(encoding="utf-8"))]
+    headers = {table[0] for table in written}
+    shown = [table for table in tables((ROOT / "README.md").read_text(encoding="utf-8")) if table[0] in headers]
+    assert len(shown) >= 2  # the results table and the paired comparisons
+    for table in shown:
+        assert table in written, f"a README table differs from every report's: {table[0]}"

@@ -116,7 +116,8 @@ def test_a_results_json_with_a_field_of_the_wrong_kind_is_skipped_and_named(swee
     captured = capsys.readouterr()
     assert f"[report] note: skipping {(sweep / 'job3' / 'edited' / 'results.json').resolve()}: {said}" in captured.err
     md = (out / "results.md").read_text()
-    assert md.split("\n")[2].startswith("9 results.json files (1 unreadable, skipped). ")
+    assert md.split("\n")[2].startswith("9 results.json files (1 skipped, listed below). ")
+    assert f"\n- {(sweep / 'job3' / 'edited' / 'results.json').resolve()}: {said}" in md  # in the file, not only said
     assert "| classic | avgpool | linear | 60.00 ± 10.00 | 60.00 ± 26.46 | 3 | 0 |" in md  # as without it
 
 
@@ -498,7 +499,8 @@ def test_paired_t_test_p_values_match_the_tables(dof):
 def test_paired_t_test_edge_cases_and_scipy():
     from byol.jobs.report_paired import t_test_p
 
-    assert math.isnan(t_test_p([0.1])) and t_test_p([0.1, 0.1]) == 0.0 and t_test_p([0.0, 0.0]) == 1.0
+    # one difference, or differences all equal: no spread, no test (not p = 0, "<0.001"; see test_report_stats.py)
+    assert all(math.isnan(t_test_p(d)) for d in ([0.1], [0.1, 0.1], [0.0, 0.0]))
     stats = pytest.importorskip("scipy.stats")
     rng = random.Random(0)
     for n in range(2, 12):
@@ -514,12 +516,14 @@ def test_paired_rows_need_the_same_settings_and_two_shared_seeds(tmp_path):
         write(root, f"classicft{seed}", "classic", "avgpool", "finetune", 0.5, seed=seed)
     write(root, "multift0", "multi", "avgpool", "finetune", 0.6, seed=0)  # one shared seed only
     write(root, "multift2", "multi", "avgpool", "finetune", 0.6, seed=2)
-    for name, seed in (("a", 0), ("b", 0), ("c", 2), ("d", 10)):  # seed 0 twice: which to pair? left out
-        write(root, f"multiknn_{name}", "multi", "avgpool", "knn", 0.6, seed=seed)
+    for name, seed, acc in (("a", 0, 0.6), ("b", 0, 0.8), ("c", 2, 0.6), ("d", 10, 0.6)):  # seed 0 twice
+        write(root, f"multiknn_{name}", "multi", "avgpool", "knn", acc, seed=seed)
         write(root, f"classicknn_{name}", "classic", "avgpool", "knn", 0.5, seed=seed)
     pairs = _pairs(root)
     assert list(pairs) == [("multi", "classic", "avgpool", "knn")]
-    assert pairs[("multi", "classic", "avgpool", "knn")].seeds == [2, 10]  # in numeric order
+    knn = pairs[("multi", "classic", "avgpool", "knn")]
+    assert knn.seeds == [0, 2, 10]  # in numeric order
+    assert knn.a_values == pytest.approx([0.7, 0.6, 0.6])  # seed 0's two results averaged, as the table does
 
 
 def test_rows_of_two_evaluation_lengths_are_paired_apart_and_listed_group_by_group(tmp_path):
@@ -658,7 +662,8 @@ def test_a_malformed_results_json_is_one_note_and_the_rest_is_reported(sweep, tm
     captured = capsys.readouterr()
     assert f"[report] note: skipping {bad.resolve()}: {said}\n" in captured.err
     md = (tmp_path / "out" / "results.md").read_text()
-    assert md.split("\n")[2].startswith("9 results.json files (1 unreadable, skipped). ") and "None" not in md
+    assert md.split("\n")[2].startswith("9 results.json files (1 skipped, listed below). ") and "None" not in md
+    assert f"Skipped results.json files (1, in no row):\n- {bad.resolve()}: {said}\n" in md
     assert "| classic | avgpool | linear | 60.00 ± 10.00 | 60.00 ± 26.46 | 3 | 0 |" in md
     with pytest.raises(SystemExit) as exit_:
         main([str(bad.parent), "--out", str(tmp_path / "alone")])

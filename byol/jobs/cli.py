@@ -87,23 +87,18 @@ def new_folder(stamped: str) -> str:
     failed on the folder's lock after Hydra had rewritten the first one's ``.hydra/`` record). The same
     answer on every call of a process."""
     if stamped not in _CLAIMED:
-        base = candidate = Path(stamped)
-        created = False
-        for number in range(2, 1000):
+        _CLAIMED[stamped] = stamped  # a read-only or full disk: Hydra's attempt reports it (WritableOutput)
+        for candidate in [Path(stamped), *(Path(f"{stamped}-{n}") for n in range(2, 1000))]:
             try:
                 candidate.parent.mkdir(parents=True, exist_ok=True)
                 candidate.mkdir()
-                created = True
-                break
             except FileExistsError:
-                candidate = base.with_name(f"{base.name}-{number}")
-            except OSError:  # a read-only or full disk: Hydra's attempt reports it (WritableOutput)
+                continue
+            except OSError:
                 break
-        if not created:
-            candidate = base
-        else:
+            _CLAIMED[stamped] = str(candidate)
             atexit.register(_remove_if_empty, candidate)
-        _CLAIMED[stamped] = str(candidate)
+            break
     return _CLAIMED[stamped]
 
 

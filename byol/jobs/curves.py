@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,6 +146,11 @@ def write_curves(run_dir: Path) -> Path | None:
     return run_dir / CURVES_FILE
 
 
+def natural_order(text: str) -> list:
+    """A sort key that reads the numbers in ``text`` as numbers: "seed 2" before "seed 10"."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
 def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str) -> Path | None:
     """One figure with every run's curves: ``runs`` are (loss mode, seed label, run folder); colour by
     loss mode, line style by seed."""
@@ -155,10 +161,11 @@ def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str
     colours = {"classic": "tab:blue", "multi": "tab:orange"}
     # seven distinguishable dash patterns: solid, dashed, dotted, dash-dot, long dash, dash-dot-dot, dense dots
     dashes = ["-", "--", ":", "-.", (0, (8, 2)), (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
-    styles = {seed: dashes[i % len(dashes)] for i, seed in enumerate(sorted({seed for _, seed, _ in runs}))}
+    seeds = sorted({seed for _, seed, _ in runs}, key=natural_order)
+    styles = {seed: dashes[i % len(dashes)] for i, seed in enumerate(seeds)}
     drawn = [(f"{loss} {seed} ", read_metrics(folder / "metrics.csv"),
               {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seed]})
-             for loss, seed, folder in sorted(runs)]
+             for loss, seed, folder in sorted(runs, key=lambda run: (run[0], natural_order(run[1]), run[2]))]
     with literal_text():  # seeds and losses come from the runs' files: drawn as written
         fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
         try:

@@ -200,22 +200,21 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     """
     run_dir = Path(run_dir)
     ckpt_dir, export = run_dir / "checkpoints", run_dir / "encoder.pt"
-    with before_training():
-        start = run_start(plain_config(cfg), run_dir, requested)
-        if start.finished:
-            return report_finished(start, run_dir, export)
-        config = start.config
-        pl.seed_everything(config["seed"], workers=True, verbose=False)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if launched_rank() == 0:  # under DDP, rank 0 alone writes into the run folder
-            remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
-        loggers = make_loggers(config.get("logger"), run_dir, start.step)  # a missing package: before the data
-        datamodule = build_datamodule(config)  # data errors before the model is built
-        module = build_module(config, ckpt_dir / "last.ckpt")
-        monitors = build_monitors(config, module.model.online_encoder.dims)
-        module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
     with quiet_lightning():
         with before_training():
+            start = run_start(plain_config(cfg), run_dir, requested)
+            if start.finished:
+                return report_finished(start, run_dir, export)
+            config = start.config
+            pl.seed_everything(config["seed"], workers=True, verbose=False)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if launched_rank() == 0:  # under DDP, rank 0 alone writes into the run folder
+                remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
+            loggers = make_loggers(config.get("logger"), run_dir, start.step)  # a missing package: before the data
+            datamodule = build_datamodule(config)  # data errors before the model is built
+            module = build_module(config, ckpt_dir / "last.ckpt")
+            monitors = build_monitors(config, module.model.online_encoder.dims)
+            module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
             accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
             steps_per_epoch = max(1, len(datamodule.batches) // accumulate // planned_world(config["trainer"]))
             trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)

@@ -44,6 +44,7 @@ from byol.jobs.report_cells import (
     build_cells,
     cell_states,
     expected_cells,
+    md_cell,
     or_unknown,
     settings_text,
     unscored_results,
@@ -87,6 +88,9 @@ def _note(cell: Cell) -> str:
         notes.append(f"{cell.failed} failed")
     if cell.missing_runs and cell.status != "missing":
         notes.append(f"{len(cell.missing_runs)} missing ({_names(cell.missing_runs)})")
+    if cell.repeated_seeds:
+        seeds = ", ".join(f"seed {s} ({n} results)" for s, n in cell.repeated_seeds.items())
+        notes.append(f"**repeated seeds**: {seeds}, each averaged into one run")
     if cell.loss == BASELINE and cell.status == "ok":
         notes.append("baseline")
     return "; ".join(notes)
@@ -104,9 +108,9 @@ def _table(cells: Sequence[Cell]) -> list[str]:
     lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     for c in cells:
         backbone, pretrain_epochs, eval_epochs = settings_text(c)
-        row = [c.loss, c.repr, c.eval, _pct(c, c.test), _pct(c, c.val), c.runs, c.failed, backbone, c.data,
-               pretrain_epochs, eval_epochs, _note(c)]
-        lines.append("| " + " | ".join(map(str, row)) + " |")
+        row = [c.loss, c.repr, c.eval, _pct(c, c.test_by_seed), _pct(c, c.val_by_seed), c.runs, c.failed, backbone,
+               c.data, pretrain_epochs, eval_epochs, _note(c)]
+        lines.append("| " + " | ".join(map(md_cell, row)) + " |")  # a | or a line break in a name: escaped
     return lines
 
 
@@ -121,18 +125,18 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
     lines = []
     if missing:
         lines.append(f"Missing cells ({len(missing)} of {len(expected)} expected): "
-                     + ", ".join("/".join(t) for t in missing) + ".")
+                     + ", ".join(md_cell("/".join(t)) for t in missing) + ".")
     if failed:
-        lines.append("Failed cells (no successful run): " + ", ".join("/".join(t) for t in failed) + ".")
+        lines.append("Failed cells (no successful run): " + ", ".join(md_cell("/".join(t)) for t in failed) + ".")
     if only_incomplete:
         lines.append("Cells with only unfinished pretraining runs (not in any mean): "
-                     + ", ".join("/".join(t) for t in only_incomplete) + ".")
+                     + ", ".join(md_cell("/".join(t)) for t in only_incomplete) + ".")
     if expected and not missing and not failed and not only_incomplete:
         lines.append(f"All {len(expected)} expected cells have results.")
     absent = _unique_runs(cells, "missing_runs")
     if absent:
         lines += ["", f"Missing pretraining runs ({len(absent)}, not evaluated):"]
-        lines += [f"- {r['path']}: {r['reason']}" for r in absent]
+        lines += [md_cell(f"- {r['path']}: {r['reason']}") for r in absent]
     for counted in (False, True):
         unfinished = _unique_runs([c for c in cells if c.counted == counted], "incomplete_runs")
         if not unfinished:
@@ -141,7 +145,7 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
                   + ("counted in the means of their own rows (allow_incomplete):" if counted else
                      "not in any mean (count them with allow_incomplete=true in evaluate.py, or "
                      "python -m byol.report --allow-incomplete):")]
-        lines += [f"- {r['name']}: {or_unknown(r['done'])} of {or_unknown(r['planned'])} epochs ({r['path']})"
+        lines += [md_cell(f"- {r['name']}: {or_unknown(r['done'])} of {or_unknown(r['planned'])} epochs ({r['path']})")
                   for r in unfinished]
     return lines
 
@@ -156,21 +160,32 @@ def _unscored(results: Sequence[dict]) -> list[str]:
         folder = Path(str(r.get("_path"))).parent
         done = f"maps {', '.join((r.get('maps') or {}).values()) or 'none'}" if r.get("status") == "ok" else \
             f"**{r.get('status')}**: {str(r.get('error', 'no error recorded'))[:120]}"
-        lines.append(f"- {r.get('label') or folder.name} ({r.get('loss')}, repr={r.get('repr')}): {done} ({folder})")
+        lines.append(md_cell(f"- {r.get('label') or folder.name} ({r.get('loss')}, repr={r.get('repr')}): {done} "
+                             f"({folder})"))
     return lines
 
 
+def _skipped(skipped: Sequence[tuple]) -> list[str]:
+    """The lines under the table naming each results.json left out, and why (a NaN accuracy, not JSON...)."""
+    if not skipped:
+        return []
+    return ["", f"Skipped results.json files ({len(skipped)}, in no row):", *(md_cell(f"- {path}: {why}")
+                                                                             for path, why in skipped)]
+
+
 def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (), paired: Sequence = (),
-             n_read: int | None = None) -> str:
-    skipped = n_files - n_read if n_read is not None else 0
-    counted = f"{n_files} results.json files" + (f" ({skipped} unreadable, skipped)" if skipped else "")
+             n_read: int | None = None, skipped: Sequence[tuple] = ()) -> str:
+    """results.md; ``skipped``: (path, why) for each results.json that could not be used."""
+    n_skipped = len(skipped) or (n_files - n_read if n_read is not None else 0)
+    counted = f"{n_files} results.json files" + (f" ({n_skipped} skipped, listed below)" if skipped else
+                                                 f" ({n_skipped} skipped)" if n_skipped else "")
     intro = (f"{counted}. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
              f"validation selected nothing (final epoch). Results whose settings differ (backbone, data, "
              f"pretraining or evaluation epochs) are in separate rows, never averaged together. A row "
              f"with no accuracy says why: missing (no result), failed (no run succeeded) or incomplete "
              f"(pretraining did not finish; not counted).")
     return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells), *paired_lines(paired),
-                      *_unscored(unscored)]) + "\n"
+                      *_unscored(unscored), *_skipped(skipped)]) + "\n"
 
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
@@ -180,7 +195,7 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
     w = csv.writer(f)
     w.writerow(CSV_FIELDS)
     for c in cells:
-        stats = [*accuracy_text(c, c.test, digits=4), *accuracy_text(c, c.val, digits=4)]
+        stats = [*accuracy_text(c, c.test_by_seed, digits=4), *accuracy_text(c, c.val_by_seed, digits=4)]
         backbone, _, eval_epochs = settings_text(c)
         epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
         w.writerow([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
@@ -229,7 +244,8 @@ def report(folders: Sequence[str | Path], out: str | Path,
     their own); None: as each results.json says (evaluate.py's ``allow_incomplete``).
     """
     paths = find_results(folders)
-    results = load_results(paths) if paths else []
+    skipped: list[tuple] = []  # (path, why) of each results.json left out
+    results = load_results(paths, skipped) if paths else []
     curves = training_curves(folders, results, Path(out))
     where = ", ".join(map(str, folders))
     if not paths:
@@ -245,7 +261,7 @@ def report(folders: Sequence[str | Path], out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paired = paired_comparisons(cells)
-    text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results))
+    text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results), skipped=skipped)
     note_links([out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []))
     write_file(out / "results.md", text)
     write_csv(cells, out / "results.csv")

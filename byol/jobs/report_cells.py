@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ class Cell:
     test: list[float] = field(default_factory=list)
     seeds: list = field(default_factory=list)  # the pretraining (or random-init) seed of each test accuracy
     val: list[float] = field(default_factory=list)
+    val_seeds: list = field(default_factory=list)  # the seed of each validation accuracy
     num_classes: set[int] = field(default_factory=set)  # as its results record it: the chance level
     failed: int = 0
     errors: list[str] = field(default_factory=list)
@@ -67,9 +70,24 @@ class Cell:
         return self.loss, self.repr, self.eval
 
     @property
+    def test_by_seed(self) -> list[float]:
+        """The test accuracies the mean and std are taken over: one per seed (:func:`seed_means`)."""
+        return seed_means(self.test, self.seeds)
+
+    @property
+    def val_by_seed(self) -> list[float]:
+        return seed_means(self.val, self.val_seeds)
+
+    @property
+    def repeated_seeds(self) -> dict:
+        """Seed -> number of results, for the seeds with more than one result in this row."""
+        counts = Counter(s for s in self.seeds if s is not None)
+        return {s: n for s, n in sorted(counts.items(), key=lambda item: seed_order(item[0])) if n > 1}
+
+    @property
     def runs(self) -> int:
-        """Runs in the means."""
-        return len(self.test) if self.counted else 0
+        """Runs in the means: one per seed (two results of one seed are one run)."""
+        return len(self.test_by_seed) if self.counted else 0
 
     @property
     def status(self) -> str:
@@ -83,6 +101,34 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def seed_means(values: Sequence[float], seeds: Sequence) -> list[float]:
+    """One value per seed, in order of appearance: the results of one seed averaged. The spread is the seed-to-seed
+    spread, and a seed evaluated twice (two sweeps over the same runs) is one run, not two samples of it; a
+    result with no seed recorded counts as a run of its own."""
+    groups: dict = {}
+    for i, (value, seed) in enumerate(zip(values, seeds, strict=True)):
+        groups.setdefault(("seed", seed) if seed is not None else ("unknown", i), []).append(value)
+    return [statistics.fmean(g) for g in groups.values()]
+
+
+def seed_order(seed) -> tuple:
+    """Integer seeds in numeric order (2 before 10), any others after them as text."""
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
+def _number_order(value) -> tuple:
+    """Epochs in numeric order (5 before 10), unknown (None) last."""
+    return (0, value) if isinstance(value, int | float) else (1, 0)
+
+
+def md_cell(value) -> str:
+    """``value`` as the text of one markdown table cell or list line: a line break would end the row, a ``|``
+    would start a new column (escaped as ``\\|``, with any backslashes before it doubled so that the escape
+    holds)."""
+    text = " ".join(str(value).splitlines())
+    return re.sub(r"(\\*)\|", lambda m: m.group(1) * 2 + "\\|", text)
 
 
 def _order(value: str, known: Sequence[str]) -> tuple[int, str]:
@@ -149,6 +195,7 @@ def _add_finished(cells: dict[tuple, Cell], r: dict, allow_incomplete: bool | No
     cell.seeds.append(r.get("seed"))
     if r.get("val_acc") is not None:
         cell.val.append(float(r["val_acc"]))
+        cell.val_seeds.append(r.get("seed"))
     if isinstance(r.get("num_classes"), int) and r["num_classes"] > 0:
         cell.num_classes.add(r["num_classes"])
     if cell.incomplete:
@@ -206,7 +253,7 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
     _label_data(cells.values())
     return sorted(cells.values(), key=lambda c: (
         _order(c.eval, EVALS + ("knn",)), _order(c.repr, REPRS), _order(c.loss, LOSSES + (BASELINE,)),
-        str(c.backbone), c.data, c.incomplete, str(c.pretrain_epochs), str(c.eval_epochs)))
+        str(c.backbone), c.data, c.incomplete, _number_order(c.pretrain_epochs), _number_order(c.eval_epochs)))
 
 
 def unscored_results(results: Iterable[dict]) -> list[dict]:
@@ -296,7 +343,8 @@ def settings_text(c: Cell) -> tuple[str, str, str]:
 
 
 def accuracy_text(cell: Cell, values: Sequence[float], digits: int) -> tuple[str, str]:
-    """Mean and sample std in percent, as text (std blank for one run). A row with no run in the means
+    """Mean and sample std in percent of ``values`` (one per seed: :attr:`Cell.test_by_seed`), as text (std
+    blank for one run). A row with no run in the means
     says why in place of the mean, so that no blank can be misread: ``missing``, ``failed`` or
     ``incomplete``; ``not recorded`` where runs exist but this accuracy was not saved."""
     if not cell.runs:

@@ -117,27 +117,32 @@ def skip_note(path, why: str) -> None:
     print(f"[report] note: skipping {path}: {why}", file=sys.stderr)
 
 
-def load_results(paths: Iterable[Path]) -> list[dict]:
+def load_results(paths: Iterable[Path], skipped: list | None = None) -> list[dict]:
     """The readable results objects, each with its ``_path``; the others are skipped with one line each
-    (:func:`skip_note`), so one broken file does not hide a whole sweep."""
+    (:func:`skip_note`), so one broken file does not hide a whole sweep, and added to ``skipped`` as
+    (path, why) when it is given (results.md lists them)."""
     results = []
     for path in paths:
-        problem = _read_problem(path)
-        if problem:
-            skip_note(path, problem)
-            continue
-        try:
-            r = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
-            skip_note(path, _unreadable(e))
-            continue
-        if not isinstance(r, dict):
-            skip_note(path, f"not a results object (a JSON {_JSON_KINDS.get(type(r), type(r).__name__)})")
-            continue
-        problem = field_problem(r)
-        if problem:
-            skip_note(path, problem)
+        r = _read_result(path)
+        if isinstance(r, str):  # why it cannot be used
+            skip_note(path, r)
+            if skipped is not None:
+                skipped.append((str(path), r))
             continue
         r["_path"] = str(path)
         results.append(r)
     return results
+
+
+def _read_result(path: Path) -> dict | str:
+    """The results object in ``path``, or (text) why it cannot be used."""
+    problem = _read_problem(path)
+    if problem:
+        return problem
+    try:
+        r = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+        return _unreadable(e)
+    if not isinstance(r, dict):
+        return f"not a results object (a JSON {_JSON_KINDS.get(type(r), type(r).__name__)})"
+    return field_problem(r) or r

@@ -132,7 +132,7 @@ def slots(series: Sequence[Series], groups: Sequence[tuple[str, str, str]], cell
         for i, s in enumerate(series):
             cell, state = s.cells.get((e, r, epochs)), states.get((s.loss, r, e))
             if cell is not None:
-                m, sd = mean_std(cell.test)
+                m, sd = mean_std(cell.test_by_seed)
                 places[-1].append(Slot(i, 100 * m, 0.0 if math.isnan(sd) else 100 * sd, cell.runs))
             elif state in EMPTY_REASONS:
                 places[-1].append(Slot(i, label=f"{s.loss}: {state}"))
