@@ -106,7 +106,7 @@ class Encoder(nn.Module):
     """ResNet returning ``{tap name: (N, D) features}``; ``avgpool`` is always included.
 
     Args:
-        name: ``resnet18``, ``resnet34`` or ``resnet50``.
+        name: one of :data:`RESNETS` (``resnet18`` to ``resnet152``).
         stem: ``cifar`` or ``imagenet``.
         taps: extra module names to expose besides ``avgpool``.
         grids: side of the adaptive-average-pool grid per tap (missing taps use 1).

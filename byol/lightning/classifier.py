@@ -83,10 +83,14 @@ class ClassifierModule(pl.LightningModule):
         return self.head(features.float())
 
     def _generator_for(self, batch_idx: int) -> torch.Generator:
-        """The augmentation's generator, seeded by (seed, epoch, batch): a run's crops are reproducible."""
+        """The augmentation's generator, seeded by (seed, epoch, batch), and the rank when several processes
+        train (else every rank drew the same crops for its batch): a run's crops are reproducible."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
-        return self._generator.manual_seed(hash((self.seed, self.current_epoch, batch_idx)) & (2**63 - 1))
+        keys = (self.seed, self.current_epoch, batch_idx)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            keys = (*keys, self.global_rank)
+        return self._generator.manual_seed(hash(keys) & (2**63 - 1))
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
