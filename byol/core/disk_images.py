@@ -48,6 +48,20 @@ def write_images(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, 
     """Write up to ``n`` arrays of ``shape`` (None: skipped) to the ``.npy`` file ``path``, one at a time
     (never all in memory), atomically; return the positions of the arrays written."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp2 = path.with_name(path.name + f".tmp{os.getpid()}b")
+    try:
+        kept = _write_rows(arrays, n, shape, tmp, tmp2)
+    except BaseException:  # an interrupted decode (Ctrl+C, a bad image): no dataset-sized file left behind
+        for leftover in (tmp, tmp2):
+            leftover.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return kept
+
+
+def _write_rows(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, ...], tmp: Path,
+                tmp2: Path) -> list[int]:
+    """:func:`write_images` into ``tmp`` (``tmp2``: the shortened copy when arrays were skipped)."""
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
     kept = []
     for i, a in enumerate(arrays):
@@ -58,14 +72,12 @@ def write_images(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, 
     del out
     if len(kept) < n:  # unreadable files skipped: copy the rows written into a file of the right length
         src = np.load(tmp, mmap_mode="r")
-        tmp2 = path.with_name(path.name + f".tmp{os.getpid()}b")
         dst = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(kept), *shape))
         for s in range(0, len(kept), 4096):
             dst[s:s + 4096] = src[s:min(s + 4096, len(kept))]
         dst.flush()
         del dst, src
         os.replace(tmp2, tmp)
-    os.replace(tmp, path)
     return kept
 
 

@@ -319,6 +319,19 @@ def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: 
             yield from pool.map(lambda p: _decode(p, size, skip_bad), files[s:s + chunk])
 
 
+def _readable_cache(pt: Path) -> dict | None:
+    """An in-memory ``.pt`` cache's contents (images, labels, classes), or None with a warning when the file is
+    damaged or not what this project writes (it is then decoded again)."""
+    try:
+        d = torch.load(pt, weights_only=True)
+        if len(d["images"]) != len(d["labels"]) or not isinstance(d["images"], torch.Tensor):
+            raise ValueError("images and labels differ")
+        return d
+    except Exception:
+        warnings.warn(f"ignoring unreadable cache {pt}; decoding again", stacklevel=3)
+        return None
+
+
 def _load_mmap(folder: Path, scan: _Scan, size: int, cache_dir, skip_bad: bool, workers: int) -> ImageTensors:
     """The folder's images in the memory-mapped cache ``<name>-<key>.u8.npy`` (written when missing,
     from the in-memory ``.pt`` cache when there is one, else by decoding), labels beside it."""
@@ -338,8 +351,8 @@ def _load_mmap(folder: Path, scan: _Scan, size: int, cache_dir, skip_bad: bool, 
             warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
     npy.parent.mkdir(parents=True, exist_ok=True)
     pt = base.with_name(base.name + ".pt")
-    if pt.exists():  # decoded before for the in-memory path: same pixels, copied once
-        d = torch.load(pt, weights_only=True)
+    d = _readable_cache(pt) if pt.exists() else None  # decoded before for the in-memory path: copied once
+    if d is not None:
         arrays, n = (a.numpy() for a in d["images"]), len(d["images"])
         labels = d["labels"].tolist()
     else:

@@ -1,0 +1,113 @@
+"""The decoded-image cache: a changed folder (an image rewritten in place, another size, another
+skip_bad_files) is decoded again, and a cache file is data: a pickle in it runs nothing."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol.core.errors import DataError
+from byol.core.image_folder import load_image_folder
+
+
+class Payload:
+    """Unpickling this creates ``target``: what a crafted cache file would do."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def pixels(seed: int, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def folder(root: Path) -> Path:
+    for k, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(pixels(10 * k + i)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_an_image_rewritten_in_place_is_decoded_again(tmp_path):
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    first = load_image_folder(data, 8, cache_dir=cache, workers=1)
+    assert torch.equal(first.images[0], torch.from_numpy(pixels(0)).permute(2, 0, 1))
+    path = data / "cat" / "0.png"
+    mtime = path.stat().st_mtime_ns
+    Image.fromarray(pixels(99)).save(path)  # same path, same format: another picture
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    second = load_image_folder(data, 8, cache_dir=cache, workers=1)
+    assert torch.equal(second.images[0], torch.from_numpy(pixels(99)).permute(2, 0, 1))
+    assert torch.equal(second.images[1:], first.images[1:])
+
+
+def test_another_image_size_is_decoded_again(tmp_path):
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    assert load_image_folder(data, 8, cache_dir=cache, workers=1).images.shape == (4, 3, 8, 8)
+    assert load_image_folder(data, 4, cache_dir=cache, workers=1).images.shape == (4, 3, 4, 4)
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_a_cache_made_skipping_bad_files_does_not_hide_them_later(tmp_path):
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    bad = data / "dog" / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert len(load_image_folder(data, 8, cache_dir=cache, skip_bad_files=True, workers=1)) == 4
+    with pytest.raises(DataError, match=f"cannot read image '{bad}'"):
+        load_image_folder(data, 8, cache_dir=cache, skip_bad_files=False, workers=1)
+
+
+def test_a_pickle_in_the_in_memory_cache_runs_nothing_and_the_folder_is_decoded_again(tmp_path):
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    clean = load_image_folder(data, 8, cache_dir=cache, workers=1)
+    (file,) = cache.iterdir()
+    marker = tmp_path / "pwned"
+    torch.save({"images": Payload(marker), "labels": clean.labels, "classes": ["cat", "dog"]}, file)
+    with pytest.warns(UserWarning, match="ignoring unreadable cache"):
+        again = load_image_folder(data, 8, cache_dir=cache, workers=1)
+    assert not marker.exists()
+    assert torch.equal(again.images, clean.images) and again.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_pickle_in_the_mapped_caches_labels_runs_nothing(tmp_path):
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    clean = load_image_folder(data, 8, cache_dir=cache, storage="mmap", workers=1)
+    (labels,) = cache.glob("*.labels.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"labels": Payload(marker), "classes": ["cat", "dog"]}, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = load_image_folder(data, 8, cache_dir=cache, storage="mmap", workers=1)
+    assert not marker.exists()
+    assert again.mapped and torch.equal(again.images, clean.images) and again.labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "wrong contents"])
+def test_a_damaged_in_memory_cache_is_decoded_again_for_the_mapped_path(tmp_path, damage):
+    """data.storage=mmap copies the in-memory path's .pt cache when there is one: a damaged one (a traceback
+    from torch.load before) is a warning and the folder is decoded again, as on the in-memory path."""
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    clean = load_image_folder(data, 8, cache_dir=cache, storage="memory", workers=1)
+    (pt,) = cache.glob("*.pt")
+    marker = tmp_path / "pwned"
+    if damage == "truncated":
+        pt.write_bytes(pt.read_bytes()[:100])
+    elif damage == "pickle":
+        torch.save({"images": Payload(marker), "labels": torch.zeros(4), "classes": ["cat", "dog"]}, pt)
+    else:
+        torch.save({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "labels": torch.zeros(4)}, pt)
+    with pytest.warns(UserWarning, match="ignoring unreadable cache"):
+        mapped = load_image_folder(data, 8, cache_dir=cache, storage="mmap", workers=1)
+    assert not marker.exists()
+    assert mapped.mapped and torch.equal(mapped.images, clean.images) and mapped.labels.tolist() == [0, 0, 1, 1]

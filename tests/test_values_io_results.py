@@ -1,0 +1,77 @@
+"""An earlier evaluation kept whole when a folder is evaluated again (its results.json left in place until
+replaced, named by its own time, never overwritten nor renamed twice), and the epochs a checkpoint's run
+planned read from the run folder's config.yaml (a resume with more epochs rewrites it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from byol.jobs.pretrained import read_pretrained
+from byol.jobs.replaced import keep_earlier_evaluation
+
+
+def stamped(path, when: tuple) -> str:
+    """Give ``path`` the local time ``when`` (year, month, day, hour, minute, second) as mtime; that time's stamp."""
+    t = time.mktime((*when, 0, 0, -1))
+    os.utime(path, (t, t))
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t))
+
+
+def test_an_earlier_result_stays_in_place_and_is_kept_under_its_own_time(tmp_path):
+    (tmp_path / "results.json").write_text('{"status": "ok", "test_acc": 0.5}\n')
+    (tmp_path / "metrics.csv").write_text("step,val/acc\n0,0.5\n")
+    stamp = stamped(tmp_path / "results.json", (2021, 3, 4, 5, 6, 7))
+    kept = keep_earlier_evaluation(tmp_path)
+    assert stamp == "20210304-050607"
+    assert kept == ["results.replaced-20210304-050607.json", f"metrics.replaced-{stamp}.csv"]
+    assert (tmp_path / "results.json").read_text() == '{"status": "ok", "test_acc": 0.5}\n'  # until replaced
+    assert (tmp_path / kept[0]).read_text() == '{"status": "ok", "test_acc": 0.5}\n'
+    assert not (tmp_path / "metrics.csv").exists() and (tmp_path / kept[1]).read_text() == "step,val/acc\n0,0.5\n"
+
+
+def test_two_results_of_the_same_second_are_both_kept(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text('{"run": 1}')
+    stamp = stamped(results, (2021, 3, 4, 5, 6, 7))
+    first = keep_earlier_evaluation(tmp_path)
+    results.write_text('{"run": 2}')
+    stamped(results, (2021, 3, 4, 5, 6, 7))
+    second = keep_earlier_evaluation(tmp_path)
+    assert first == [f"results.replaced-{stamp}.json"] and second == [f"results.replaced-{stamp}-2.json"]
+    assert json.loads((tmp_path / first[0]).read_text()) == {"run": 1}
+    assert json.loads((tmp_path / second[0]).read_text()) == {"run": 2}
+
+
+def test_maps_kept_before_are_not_renamed_again(tmp_path):
+    old_map = tmp_path / "tsne_avgpool.replaced-20200101-000000.png"
+    old_map.write_text("first map")
+    (tmp_path / "tsne_avgpool.png").write_text("second map")
+    (tmp_path / "results.json").write_text(json.dumps({"maps": {"avgpool": "tsne_avgpool.png"}}))
+    stamp = stamped(tmp_path / "results.json", (2021, 3, 4, 5, 6, 7))
+    kept = keep_earlier_evaluation(tmp_path)
+    assert sorted(kept) == [f"results.replaced-{stamp}.json", f"tsne_avgpool.replaced-{stamp}.png"]
+    assert old_map.read_text() == "first map"  # the earlier kept results still name it
+    assert json.loads((tmp_path / kept[0]).read_text())["maps"] == {"avgpool": f"tsne_avgpool.replaced-{stamp}.png"}
+
+
+def test_a_checkpoints_planned_epochs_come_from_its_run_folder(smoke_config, tmp_path):
+    """A run resumed with more epochs rewrites its config.yaml, not its earlier checkpoints: a checkpoint in
+    RUN/checkpoints of 3 epochs, whose run now plans 5, is incomplete; the same file elsewhere is complete."""
+    blob = {"byol_config": smoke_config("trainer.max_epochs=3"), "epoch": 2, "global_step": 12,
+            "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 3}}}},
+            "state_dict": {"model.online_encoder.body.conv1.weight": torch.zeros(1)}}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(blob, run / "checkpoints" / "epoch0003.ckpt")
+    OmegaConf.save(OmegaConf.create(smoke_config("trainer.max_epochs=5")), run / "config.yaml")
+    inside = read_pretrained(run / "checkpoints" / "epoch0003.ckpt")
+    assert (inside.epochs, inside.planned_epochs, inside.pretrain_status) == (3, 5, "incomplete")
+    (tmp_path / "elsewhere").mkdir()
+    torch.save(blob, tmp_path / "elsewhere" / "epoch0003.ckpt")
+    alone = read_pretrained(tmp_path / "elsewhere" / "epoch0003.ckpt")
+    assert (alone.epochs, alone.planned_epochs, alone.pretrain_status) == (3, 3, "complete")
