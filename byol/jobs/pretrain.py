@@ -64,6 +64,7 @@ from byol.lightning.callbacks import (
     OnTrainStart,
     RunCheckpoints,
     describe_step,
+    optimizer_steps_per_epoch,
     progress_bar,
 )
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
@@ -216,7 +217,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
             monitors = build_monitors(config, module.model.online_encoder.dims)
             module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
             accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
-            steps_per_epoch = max(1, len(datamodule.batches) // accumulate // planned_world(config["trainer"]))
+            steps_per_epoch = optimizer_steps_per_epoch(len(datamodule.batches) // planned_world(config["trainer"]),
+                                                        accumulate)
             trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
             announce(config, run_dir, trainer, start, datamodule.batches)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
@@ -273,8 +275,8 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
         print(f"[byol] note: schedule_epochs={horizon} is fewer than the run's {epochs} epochs; the learning-rate "
               f"and tau schedules span the run's {epochs} (schedule_epochs only lengthens them)", flush=True)
     if start.checkpoint is not None:
-        steps_per_epoch = max(1, len(batches) // int(trainer_cfg.get("accumulate_grad_batches") or 1)
-                              // trainer.world_size)  # the batches are not sharded yet
+        steps_per_epoch = optimizer_steps_per_epoch(  # the batches are not sharded yet: each rank's share
+            len(batches) // trainer.world_size, int(trainer_cfg.get("accumulate_grad_batches") or 1))
         print(f"[byol] resuming from {start.checkpoint}: {describe_step(start.step, steps_per_epoch)}", flush=True)
 
 

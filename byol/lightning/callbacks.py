@@ -5,6 +5,7 @@ They receive plain values (folders, intervals, the resume command to print) and 
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import time
@@ -24,6 +25,12 @@ STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signa
                                  signal.SIGINT) if s is not None)
 STEP_LOSS = "train/loss_step"  # what BYOLModule logs each step
 EPOCH_CHECKPOINT = re.compile(r"epoch(\d{4,})\.ckpt")  # the periodic checkpoints RunCheckpoints writes (and deletes)
+
+
+def optimizer_steps_per_epoch(batches: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of ``batches`` (one process's): Lightning also steps on an epoch's last,
+    incomplete accumulation (5 batches, accumulating 2: 3 steps)."""
+    return max(1, math.ceil(batches / max(1, accumulate)))
 
 
 def describe_step(step: int, steps_per_epoch: int) -> str:
@@ -208,7 +215,7 @@ class RunCheckpoints(CatchStopSignals):
 
     def _save_to_stop(self, trainer) -> None:
         self._save(trainer, self.last)
-        steps = max(1, trainer.num_training_batches // max(1, trainer.accumulate_grad_batches))
+        steps = optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
         where = describe_step(trainer.global_step, steps)
         name = signal.Signals(self.received).name
         self.stop_message = (f"received {name}: saved {self.last.relative_to(self.run_dir)} at {where}; "

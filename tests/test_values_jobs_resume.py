@@ -1,0 +1,142 @@
+"""The pretraining job's guards, in this process on one tiny finished run: a finished run is not retrained and
+its missing export comes back with all its epochs; an earlier checkpoint is not continued over the run's later
+state, a new run does not start over a run's weights, and a checkpoint's config is range-checked like the
+command line's. Each refusal leaves the run as it was and is tagged as nothing trained (no FAILED for it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+
+from byol.core.checkpoint import atomic_torch_save, safe_load
+from byol.core.errors import CheckpointError, ConfigError
+from byol.jobs.config_check import plain_config
+from byol.jobs.pretrain import pretrain
+from byol.jobs.resume import find_resume, saved_run_id
+
+EPOCHS = 2
+TINY = ["experiment=smoke", "monitor=off", "trainer.precision=32-true", "data.num_train=32", "data.batch_size=16",
+        f"trainer.max_epochs={EPOCHS}", "backbone.width=0.125", "head.proj_hidden_dim=16", "head.proj_dim=8",
+        "head.pred_hidden_dim=16", f"checkpoint.keep_last={EPOCHS}"]  # 2 steps an epoch; epoch0001/0002.ckpt kept
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    pretrain(compose_config("train", TINY, run), run)
+    return run
+
+
+def copy_of(run: Path, to: Path) -> Path:
+    return Path(shutil.copytree(run, to))
+
+
+def contents(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_tiny_run_is_what_the_tests_below_assume(finished):
+    assert safe_load(finished / "checkpoints" / "last.ckpt")["global_step"] == 2 * EPOCHS
+    assert safe_load(finished / "checkpoints" / "epoch0001.ckpt")["global_step"] == 2
+    assert safe_load(finished / "encoder.pt")["meta"]["epochs"] == EPOCHS
+
+
+def test_a_finished_run_is_not_retrained_and_its_missing_export_comes_back_whole(finished, tmp_path, capsys):
+    run = copy_of(finished, tmp_path / "run")
+    before = contents(run)
+    capsys.readouterr()
+    assert pretrain(compose_config("train", TINY, run), run) == run / "encoder.pt"
+    out = capsys.readouterr().out
+    assert f"{run} already finished its {EPOCHS} epochs" in out and "nothing to do" in out
+    assert contents(run) == before  # not even the export is rewritten
+    (run / "encoder.pt").unlink()  # killed between its last checkpoint and its export
+    pretrain(compose_config("train", TINY, run), run)
+    meta = safe_load(run / "encoder.pt")["meta"]
+    assert (meta["epochs"], meta["global_step"]) == (EPOCHS, 2 * EPOCHS)  # all its epochs: "complete"
+    assert {k: v for k, v in contents(run).items() if k.name != "encoder.pt"} == \
+           {k: v for k, v in before.items() if k.name != "encoder.pt"}
+
+
+def test_an_earlier_checkpoint_is_not_continued_over_its_runs_later_state(finished, tmp_path):
+    """pretrain() itself refuses (a sweep or a launcher's requeue never passes the command-line check)."""
+    run = copy_of(finished, tmp_path / "run")
+    before = contents(run)
+    earlier = run / "checkpoints" / "epoch0001.ckpt"
+    cfg = compose_config("train", [*TINY, f"resume={earlier}", "trainer.max_epochs=3"], run)
+    with pytest.raises(CheckpointError) as err:
+        pretrain(cfg, run, requested=["trainer.max_epochs"])
+    assert str(err.value).startswith(f"'{earlier}' (step 2) is behind its run's {run}/checkpoints/last.ckpt "
+                                     f"(step 4)")
+    assert "hydra.run.dir=NEW" in str(err.value)
+    assert err.value.nothing_trained is True  # run_job then writes no FAILED into the finished run
+    assert contents(run) == before
+
+
+def test_a_new_run_never_starts_over_a_runs_weights(finished, tmp_path):
+    run = copy_of(finished, tmp_path / "run")
+    (run / "checkpoints" / "last.ckpt").unlink()  # deleted to save space
+    before = contents(run)
+    with pytest.raises(CheckpointError) as err:
+        pretrain(compose_config("train", [*TINY, "seed=5"], run), run)
+    assert str(err.value).startswith(f"'{run}' holds a run's weights (encoder.pt, epoch0001.ckpt, epoch0002.ckpt)")
+    assert str(err.value).endswith(f"resume={run}/checkpoints/epoch0002.ckpt")  # the newest one
+    assert err.value.nothing_trained is True
+    assert contents(run) == before
+
+
+def test_a_checkpoints_config_is_range_checked_before_it_is_used(tmp_path):
+    """check_file_config checks types only; the ranges of what a resumed run keeps are checked again, naming
+    the checkpoint (here a batch of 0 and a negative seed, which a hand-edited file can hold)."""
+    for key, value, expected in (("data", {"batch_size": 0}, "data.batch_size must be a positive whole number, not 0"),
+                                 ("seed", -1, "seed must be a whole number from 0 to 4294967295, not -1")):
+        saved = plain_config(compose_config("train", TINY, tmp_path))
+        if isinstance(value, dict):
+            saved[key].update(value)
+        else:
+            saved[key] = value
+        run = tmp_path / key
+        (run / "checkpoints").mkdir(parents=True)
+        last = run / "checkpoints" / "last.ckpt"
+        atomic_torch_save({"byol_config": saved, "global_step": 2, "epoch": 0, "state_dict": {}}, last)
+        with pytest.raises(ConfigError) as err:
+            pretrain(compose_config("train", [*TINY, f"resume={run}"], run), run, requested=[])
+        assert str(err.value) == f"{expected} (checkpoint '{last}')"
+
+
+def test_resume_of_a_sweep_folder_says_how_to_continue_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    for job in ("0_loss=classic", "1_loss=multi"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+    with pytest.raises(CheckpointError) as err:
+        find_resume(str(sweep), tmp_path)
+    assert str(err.value) == (f"resume='{sweep}' is a sweep folder; continue a sweep by running its command again "
+                              f"with -m hydra.sweep.dir={sweep} (finished jobs are skipped, the others resumed), or "
+                              f"resume one of its runs: resume={sweep}/0_loss=classic")
+    (tmp_path / "plain").mkdir()  # not a sweep: the other message
+    with pytest.raises(CheckpointError, match="no checkpoints/last.ckpt in that folder"):
+        find_resume(str(tmp_path / "plain"), tmp_path)
+
+
+@pytest.mark.parametrize("run_id", ["../../x", "a b", "a\nb", "x" * 65, 7, ["a"]])
+def test_a_run_id_read_from_a_file_is_a_short_alphanumeric_word(run_id):
+    with pytest.raises(ConfigError, match=r"refusing src: run_id = .* is not a run id"):
+        saved_run_id({"run_id": run_id}, "src")
+
+
+def test_run_ids_that_are_ids_pass():
+    assert saved_run_id({"run_id": "0123abcdef89"}, "src") == "0123abcdef89"
+    assert saved_run_id({"run_id": "x" * 64}, "src") == "x" * 64
+    assert saved_run_id({}, "src") is None  # written before run ids
+
+
+def test_run_start_keeps_the_id_of_its_own_run(finished, tmp_path):
+    """A requeue (the same folder, no resume=) continues under the run's own id."""
+    run = copy_of(finished, tmp_path / "run")
+    from byol.jobs.pretrain import run_start
+
+    start = run_start(plain_config(compose_config("train", TINY, run)), run, None)
+    assert start.finished is True and start.step == 2 * EPOCHS
+    assert start.config["run_id"] == safe_load(run / "checkpoints" / "last.ckpt")["byol_config"]["run_id"]
