@@ -290,12 +290,9 @@ def load_image_folder(
     if cache_dir:
         key = _cache_key(folder, scan, size, skip_bad_files)
         cache = Path(cache_dir).expanduser() / f"{folder.name}-{key}.pt"
-        if cache.exists():
-            try:
-                d = torch.load(cache, weights_only=True)
-                return ImageTensors(d["images"], d["labels"], tuple(d["classes"]))
-            except Exception:
-                warnings.warn(f"ignoring unreadable cache {cache}; decoding again", stacklevel=2)
+        cached = _cached_images(cache) if cache.exists() else None
+        if cached is not None:
+            return cached
     print(f"[data] decoding {len(files)} images from {folder} (once; cached afterwards)", flush=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = list(pool.map(lambda p: _decode(p, size, skip_bad_files), files))
@@ -319,14 +316,15 @@ def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: 
             yield from pool.map(lambda p: _decode(p, size, skip_bad), files[s:s + chunk])
 
 
-def _readable_cache(pt: Path) -> dict | None:
-    """An in-memory ``.pt`` cache's contents (images, labels, classes), or None with a warning when the file is
-    damaged or not what this project writes (it is then decoded again)."""
+def _cached_images(pt: Path) -> ImageTensors | None:
+    """The images an in-memory ``.pt`` cache holds, or None with a warning when the file is damaged or not
+    what this project writes (the folder is then decoded again)."""
     try:
         d = torch.load(pt, weights_only=True)
-        if len(d["images"]) != len(d["labels"]) or not isinstance(d["images"], torch.Tensor):
+        data = ImageTensors(d["images"], d["labels"], tuple(d["classes"]))
+        if not isinstance(data.images, torch.Tensor) or len(data.images) != len(data.labels):
             raise ValueError("images and labels differ")
-        return d
+        return data
     except Exception:
         warnings.warn(f"ignoring unreadable cache {pt}; decoding again", stacklevel=3)
         return None
@@ -351,10 +349,10 @@ def _load_mmap(folder: Path, scan: _Scan, size: int, cache_dir, skip_bad: bool, 
             warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
     npy.parent.mkdir(parents=True, exist_ok=True)
     pt = base.with_name(base.name + ".pt")
-    d = _readable_cache(pt) if pt.exists() else None  # decoded before for the in-memory path: copied once
-    if d is not None:
-        arrays, n = (a.numpy() for a in d["images"]), len(d["images"])
-        labels = d["labels"].tolist()
+    cached = _cached_images(pt) if pt.exists() else None  # decoded before for the in-memory path: copied once
+    if cached is not None:
+        arrays, n = (a.numpy() for a in cached.images), len(cached.images)
+        labels = cached.labels.tolist()
     else:
         print(f"[data] decoding {len(scan.files)} images from {folder} into {npy} (once)", flush=True)
         arrays, n, labels = _decoded(scan.files, size, skip_bad, workers), len(scan.files), scan.labels

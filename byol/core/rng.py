@@ -21,6 +21,13 @@ def step_generator(generator: torch.Generator | None, device, *keys: int) -> tor
     return generator.manual_seed(hash(tuple(int(k) for k in keys)) & (2**63 - 1))
 
 
+def process_keys(seed: int, epoch: int, batch: int, rank: int = 0, world: int = 1) -> tuple[int, ...]:
+    """What seeds a step's augmentation: (seed, epoch, batch), and the rank when several processes train
+    (each rank draws its own views, still a function of the keys: exact on resume; one process keeps the
+    stream it had before ranks existed)."""
+    return (seed, epoch, batch, rank) if world > 1 else (seed, epoch, batch)
+
+
 def rng_state() -> dict:
     """Every global RNG as tensors/plain types (loadable with ``weights_only=True``)."""
     np_state = np.random.get_state()

@@ -107,10 +107,19 @@ def seed_means(values: Sequence[float], seeds: Sequence) -> list[float]:
     """One value per seed, in order of appearance: the results of one seed averaged. The spread is the seed-to-seed
     spread, and a seed evaluated twice (two sweeps over the same runs) is one run, not two samples of it; a
     result with no seed recorded counts as a run of its own."""
+    return [statistics.fmean(g) for g in _seed_groups(values, seeds).values()]
+
+
+def by_seed(values: Sequence[float], seeds: Sequence) -> dict:
+    """{seed: the mean of its values} for the values whose seed is recorded, as :func:`seed_means` counts them."""
+    return {key: statistics.fmean(g) for (kind, key), g in _seed_groups(values, seeds).items() if kind == "seed"}
+
+
+def _seed_groups(values: Sequence[float], seeds: Sequence) -> dict:
     groups: dict = {}
     for i, (value, seed) in enumerate(zip(values, seeds, strict=True)):
         groups.setdefault(("seed", seed) if seed is not None else ("unknown", i), []).append(value)
-    return [statistics.fmean(g) for g in groups.values()]
+    return groups
 
 
 def seed_order(seed) -> tuple:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from byol.core.checkpoint import atomic_write_bytes
-from byol.jobs.report_cells import BASELINE, Cell, md_cell, mean_std, seed_order
+from byol.jobs.report_cells import BASELINE, Cell, by_seed, md_cell, mean_std, seed_order
 
 # (a, b): each line of the section reads "a - b"
 COMPARISONS = (("multi", "classic"), ("classic", BASELINE), ("multi", BASELINE))
@@ -110,15 +109,6 @@ def _comparable(a: Cell, b: Cell) -> bool:
     return same and a.counted and b.counted and not a.incomplete and not b.incomplete
 
 
-def _by_seed(cell: Cell) -> dict:
-    """Test accuracy by seed, a seed with several results in the row averaged, as the table's row counts it."""
-    results: dict = {}
-    for seed, value in zip(cell.seeds, cell.test, strict=True):
-        if seed is not None:
-            results.setdefault(seed, []).append(value)
-    return {seed: statistics.fmean(values) for seed, values in results.items()}
-
-
 def _group(cell: Cell) -> tuple:
     """The cells one comparison may join (:data:`SAME_EVALUATION`, as text: eval_data is a dict)."""
     return tuple(str(getattr(cell, k)) for k in SAME_EVALUATION)
@@ -135,7 +125,7 @@ def paired_comparisons(cells: Sequence[Cell]) -> list[Paired]:
         for b in cells:
             if (a.loss, b.loss) not in COMPARISONS or not _comparable(a, b):
                 continue
-            va, vb = _by_seed(a), _by_seed(b)
+            va, vb = by_seed(a.test, a.seeds), by_seed(b.test, b.seeds)
             seeds = sorted((s for s in va if s in vb), key=seed_order)
             if len(seeds) >= MIN_SEEDS:
                 found.append(((first_row[_group(a)], COMPARISONS.index((a.loss, b.loss))),

@@ -20,6 +20,7 @@ from byol.core.data import NOT_COUNTED
 from byol.core.features import concat_features, feature_dim
 from byol.core.linear_probe import MakeOptimizer
 from byol.core.optim import param_groups
+from byol.core.rng import process_keys, step_generator
 
 
 class ClassifierModule(pl.LightningModule):
@@ -83,14 +84,12 @@ class ClassifierModule(pl.LightningModule):
         return self.head(features.float())
 
     def _generator_for(self, batch_idx: int) -> torch.Generator:
-        """The augmentation's generator, seeded by (seed, epoch, batch), and the rank when several processes
-        train (else every rank drew the same crops for its batch): a run's crops are reproducible."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-        keys = (self.seed, self.current_epoch, batch_idx)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            keys = (*keys, self.global_rank)
-        return self._generator.manual_seed(hash(keys) & (2**63 - 1))
+        """The augmentation's generator, seeded by :func:`~byol.core.rng.process_keys` (with the rank under DDP,
+        else every rank drew the same crops for its batch): a run's crops are reproducible."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        keys = process_keys(self.seed, self.current_epoch, batch_idx, self.global_rank, world)
+        self._generator = step_generator(self._generator, self.device, *keys)
+        return self._generator
 
     def training_step(self, batch, batch_idx):
         images, labels = batch

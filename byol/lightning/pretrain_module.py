@@ -20,7 +20,7 @@ from byol.core.augment import ViewAugment
 from byol.core.ema import tau_at
 from byol.core.errors import NonFiniteLossError
 from byol.core.model import BYOL
-from byol.core.rng import rng_state, rng_state_problem, set_rng_state, step_generator
+from byol.core.rng import process_keys, rng_state, rng_state_problem, set_rng_state, step_generator
 from byol.core.state_check import optimizer_problem, scheduler_problem, shown, tensors_problem, weights_problem, whole
 from byol.lightning.checkpoint_io import damaged_checkpoint, lightning_fields_problem
 from byol.lightning.internals import logs_this_step
@@ -115,11 +115,9 @@ class BYOLModule(pl.LightningModule):
         self._epoch_sums = sums
 
     def step_keys(self, batch_idx: int) -> tuple[int, ...]:
-        """What seeds a step's augmentation: (seed, epoch, batch), and the rank when several processes
-        train (each rank draws its own views, still a function of the keys: exact on resume)."""
-        keys = (self.seed, self.current_epoch, batch_idx)
+        """:func:`~byol.core.rng.process_keys` of this step and process."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        return (*keys, self.global_rank) if world > 1 else keys
+        return process_keys(self.seed, self.current_epoch, batch_idx, self.global_rank, world)
 
     def _record_first_bad_step(self, finite: torch.Tensor, device) -> None:
         """Kept on the device, checked without a per-step host sync."""
