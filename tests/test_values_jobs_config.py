@@ -96,3 +96,15 @@ def test_a_files_config_is_a_mapping(raw, kind):
     with pytest.raises(ConfigError) as err:
         check_file_config(raw, "src")
     assert str(err.value) == f"refusing src: its config is a {kind}, not a mapping"
+
+
+@pytest.mark.parametrize(("repr_name", "taps", "noted"), [("avgpool", ["layer1.0"], True), ("avgpool", [], False),
+                                                            ("avgpool", ["avgpool"], False),
+                                                            ("combined", ["layer1.0"], False)])
+def test_taps_given_to_the_avgpool_representation_are_noted_as_unused(tmp_path, capsys, repr_name, taps, noted):
+    from byol.jobs.evaluate import _start_job
+
+    cfg = compose_config("evaluate", ["preset=smoke", f"repr={repr_name}", f"repr.taps=[{','.join(taps)}]"],
+                         tmp_path)
+    _start_job(cfg, tmp_path / "job")
+    assert ("repr=avgpool is the global average pool alone" in capsys.readouterr().out) is noted

@@ -30,10 +30,11 @@ ENCODER_VERSION = 1
 TEMP_SUFFIX = ".tmp"
 
 
-def _umask() -> int:
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give a file made by ``mkstemp`` (private, 0600) the permissions of any other new file (umask)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -54,7 +55,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,16 +48,27 @@ def open_images(path: str | os.PathLike) -> torch.Tensor:
 def write_images(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, ...], path: Path) -> list[int]:
     """Write up to ``n`` arrays of ``shape`` (None: skipped) to the ``.npy`` file ``path``, one at a time
     (never all in memory), atomically; return the positions of the arrays written."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp2 = path.with_name(path.name + f".tmp{os.getpid()}b")
+    from byol.core.checkpoint import usual_permissions
+
+    tmp, tmp2 = _new_temp_file(path), _new_temp_file(path)
     try:
         kept = _write_rows(arrays, n, shape, tmp, tmp2)
+        usual_permissions(tmp)
+        os.replace(tmp, path)
     except BaseException:  # an interrupted decode (Ctrl+C, a bad image): no dataset-sized file left behind
         for leftover in (tmp, tmp2):
             leftover.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+    tmp2.unlink(missing_ok=True)
     return kept
+
+
+def _new_temp_file(path: Path) -> Path:
+    """A new, empty file beside ``path`` under a name nobody can guess (created exclusively): a link
+    planted under a predictable name would have had the images written through it, over another file."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
 
 
 def _write_rows(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, ...], tmp: Path,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,9 +22,12 @@ import torch
 
 from byol.core.data import ImageTensors
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
-from byol.core.errors import DataError
+from byol.core.errors import CheckpointError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# The decoders Pillow may use, whatever a file's name: Pillow picks the decoder from the content, and some
+# (EPS runs Ghostscript on the file) must never see a file handed to us. JPEG includes cameras' MPO files.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF")
 
 
 # --------------------------------------------------------------------------- scanning
@@ -229,7 +234,7 @@ def _decode(path: Path, size: int, skip_bad: bool) -> np.ndarray | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             im = _to_rgb(im)
             if im.size != (size, size):
                 im = _resize_center(im, size)
@@ -293,7 +298,14 @@ def load_image_folder(
         cached = _cached_images(cache) if cache.exists() else None
         if cached is not None:
             return cached
-    print(f"[data] decoding {len(files)} images from {folder} (once; cached afterwards)", flush=True)
+        problem = cache_folder_problem(cache.parent, decoded_bytes(len(files), size))
+        if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
+            warnings.warn(f"data.cache_dir '{cache.parent}' {problem}: decoding without keeping the images, so "
+                          f"every run decodes them again; set data.cache_dir to a writable folder with room "
+                          f"(data.cache_dir=null: no cache, no warning)", stacklevel=2)
+            cache = None
+    kept = "once; cached afterwards" if cache is not None else "not cached"
+    print(f"[data] decoding {len(files)} images from {folder} ({kept})", flush=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = list(pool.map(lambda p: _decode(p, size, skip_bad_files), files))
     keep = [i for i, a in enumerate(arrays) if a is not None]
@@ -303,10 +315,26 @@ def load_image_folder(
     data = ImageTensors(images, torch.tensor([labels[i] for i in keep], dtype=torch.long), classes)
     if cache is not None:
         from byol.core.checkpoint import atomic_torch_save
-
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes)}, cache)
+        try:
+            atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes)}, cache)
+        except CheckpointError as e:  # the disk filled up while decoding: the images are decoded all the same
+            warnings.warn(f"the decoded images were not cached: {e}", stacklevel=2)
     return data
+
+
+def cache_folder_problem(folder: Path, size: int) -> str | None:
+    """Why ``folder`` cannot take a cache file of ``size`` bytes (None: it can): found before the decode,
+    which takes minutes on a large folder and would otherwise end in a traceback."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        return f"cannot be written ({e.strerror or e})"
+    if size > free:
+        return f"has {free / 1e9:.2f} GB free, the decoded images need {size / 1e9:.2f} GB"
+    return None
 
 
 def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: int = 4096):
@@ -347,7 +375,10 @@ def _load_mmap(folder: Path, scan: _Scan, size: int, cache_dir, skip_bad: bool, 
             return ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True)
         except Exception:
             warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
-    npy.parent.mkdir(parents=True, exist_ok=True)
+    problem = cache_folder_problem(npy.parent, decoded_bytes(len(scan.files), size))
+    if problem:
+        raise DataError(f"data.storage=mmap keeps the decoded images in a file in data.cache_dir, but "
+                        f"'{npy.parent}' {problem}: set data.cache_dir to a folder on a local disk with room")
     pt = base.with_name(base.name + ".pt")
     cached = _cached_images(pt) if pt.exists() else None  # decoded before for the in-memory path: copied once
     if cached is not None:

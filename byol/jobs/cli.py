@@ -14,6 +14,7 @@ import sys
 import traceback
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from byol.core.errors import ByolError, Interrupted
 from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # byol/
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
@@ -51,17 +53,27 @@ def quiet_lightning():
     """Lightning's banner, tips and known warnings off for the ``with`` block; the [byol] lines say
     what matters. Warning filters and logger levels are restored afterwards."""
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
-    levels = [logger.level for logger in loggers]
+    levels, plain_format = [logger.level for logger in loggers], warnings.formatwarning
     with warnings.catch_warnings():
         for pattern in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
         for logger in loggers:
             logger.setLevel(logging.WARNING)
+        warnings.formatwarning = partial(_one_line_warning, plain_format)
         try:
             yield
         finally:
+            warnings.formatwarning = plain_format
             for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
+
+
+def _one_line_warning(plain_format, message, category, filename, lineno, line=None) -> str:
+    """The project's own warnings as one ``warning:`` line (they say what to do; the line of source code
+    Python prints under a warning would not); other libraries' warnings as Python formats them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return plain_format(message, category, filename, lineno, line)
 
 
 def run_dir_of(resume, default: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -127,15 +128,29 @@ def _dotted(path: tuple) -> str:
     return ".".join(path)
 
 
+_SHOWN = reprlib.Repr()  # bounded, however large or nested the value
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 60
+# A saved config has a few hundred values. A crafted file can hold one list inside itself over and over
+# (x = [x, x] sixty times: a few bytes, 2**60 values to walk), or nest without end: refused at these.
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 100_000, 32
+
+
 def _refuse(source: str, path: tuple, value, why: str) -> ConfigError:
-    shown = repr(value)
+    shown = _SHOWN.repr(value)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     return ConfigError(f"refusing {source}: {_dotted(path) or 'the config'} = {shown} {why}")
 
 
-def _strip_instantiate_keys(node, path: tuple, source: str):
+def _strip_instantiate_keys(node, path: tuple, source: str, walked: list | None = None):
     """A copy of ``node`` without the ``_target_`` keys the project itself used to write; any other
-    ``_target_``-like key, an interpolation or a non-plain value is refused."""
+    ``_target_``-like key, an interpolation or a non-plain value is refused, and so is a config too
+    large or too deep to be one."""
+    walked = [0] if walked is None else walked
+    walked[0] += 1
+    if walked[0] > MAX_CONFIG_VALUES or len(path) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"refusing {source}: its config holds more than {MAX_CONFIG_VALUES} values or "
+                          f"nests deeper than {MAX_CONFIG_DEPTH} levels (at {_dotted(path[:8])}...); a config "
+                          f"this project wrote holds a few hundred. Nothing was read from it")
     if isinstance(node, Mapping):
         out = {}
         legacy = LEGACY_TARGETS.get(path)
@@ -155,10 +170,10 @@ def _strip_instantiate_keys(node, path: tuple, source: str):
                               "written by this project")
             if path == ("logger",) and "_target_" in node and key in LEGACY_LOGGER_KEYS + ("name",):
                 continue  # the old Lightning-logger arguments; `name` now comes from `_target_`
-            out[key] = _strip_instantiate_keys(value, (*path, key), source)
+            out[key] = _strip_instantiate_keys(value, (*path, key), source, walked)
         return out
     if isinstance(node, list | tuple):
-        return [_strip_instantiate_keys(v, (*path, str(i)), source) for i, v in enumerate(node)]
+        return [_strip_instantiate_keys(v, (*path, str(i)), source, walked) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
         raise _refuse(source, path, node, "is an interpolation; a saved config holds resolved values only. "
                                           "Nothing was resolved")

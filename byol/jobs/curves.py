@@ -66,6 +66,9 @@ PANELS = (  # (title, metric prefix, y label, as percent)
 )
 
 
+# lines of one run in a panel at most: a run has a head per tap and block (18 for every block of a ResNet-50);
+# a metrics.csv with thousands of columns (damaged, or crafted) would take minutes to draw at every epoch
+MAX_LINES = 24
 MARKERS = {"avgpool": "o", "combined": "s"}  # the intermediate blocks: "^"; an overlay tells them apart by it
 
 
@@ -77,12 +80,13 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
     from matplotlib.ticker import MaxNLocator
 
     for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
-        drawn = False
+        drawn, left_out = False, 0
         for label, series, style in runs:
             rates = []  # a run's learning rates drawn so far: parameter groups on one schedule are drawn once
-            for key, points in series.items():
-                if not key.startswith(prefix) or "_step" in key or key.endswith("seconds"):
-                    continue
+            keys = [k for k in series if k.startswith(prefix) and "_step" not in k and not k.endswith("seconds")]
+            left_out += max(0, len(keys) - MAX_LINES)
+            for key in keys[:MAX_LINES]:
+                points = series[key]
                 if prefix == "lr-":
                     if points in rates:
                         continue
@@ -97,7 +101,7 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
                         marker=MARKERS.get(name, "^" if name.startswith("layer") else "o"),
                         markevery=max(1, len(xs) // 15), markersize=3.5)
                 drawn = True
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + (f" ({left_out} more not drawn)" if left_out else ""), fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2, 1.4 on a short run
         ax.set_ylabel(ylabel)

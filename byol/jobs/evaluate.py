@@ -17,13 +17,14 @@ from contextlib import nullcontext, redirect_stdout
 from functools import partial
 from pathlib import Path
 
+from byol.core.backbone import AVGPOOL
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
 from byol.jobs.build import planned_world, requested_processes
 from byol.jobs.cli import launched_rank, quiet_lightning
 from byol.jobs.config_check import check_config, check_normalization, plain_config
-from byol.jobs.datasets import load_eval_data
+from byol.jobs.datasets import DATASETS, load_eval_data
 from byol.jobs.pretrained import (
     RANDOM_INIT_LABEL,
     EncoderSource,
@@ -55,6 +56,22 @@ NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "e
                       "trainer.accumulate_grad_batches": "eval.batch_size"}
 
 
+# data settings that belong to the machine running the evaluation, not to the data a run was trained on
+MACHINE_DATA_KEYS = ("cache_dir", "storage", "mmap_above_gb", "download")
+
+
+def data_group_defaults(name) -> dict:
+    """The settings of ``conf/data/<name>.yaml`` ({} for a name this project does not have)."""
+    from omegaconf import OmegaConf
+
+    from byol.jobs.config_check import CONF_DIR
+
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    if not isinstance(name, str) or name not in DATASETS or not path.is_file():
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
 class EvaluationData:
     """The data each model is evaluated on: the settings of the run that trained it (group, root,
     image size, normalisation...), except the ``data`` keys given on the command line; each distinct
@@ -74,12 +91,28 @@ class EvaluationData:
             chosen = self.composed
         else:
             chosen = {**run_data, **{k: self.composed[k] for k in self.keys if k in self.composed}}
+            chosen.update(self._machine_settings(run_data, label))
             given = f"; {', '.join('data.' + k for k in self.keys)} from the command line" if self.keys else ""
             source = f"the run's own settings{given}"
         described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
         print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
         check_normalization(chosen, source)  # a run folder's config.yaml may have been edited by hand
         return chosen
+
+    def _machine_settings(self, run_data: Mapping, label: str) -> dict:
+        """Where this machine keeps decoded images and whether it may download: this evaluation's settings
+        (the command line, else this installation's defaults for the run's dataset), never the run's. A run
+        trained elsewhere names folders of that machine; a handed config.yaml could name any folder, to
+        write decoded images (copies of any images this user can read) or a download into."""
+        defaults = data_group_defaults(run_data.get("name"))
+        given = {k: self.composed[k] for k in self.keys if k in self.composed}
+        local = {k: given.get(k, defaults[k]) for k in MACHINE_DATA_KEYS if k in defaults}
+        differs = [k for k in local if k in run_data and run_data[k] != local[k]]
+        if differs:
+            print(f"[eval] {label}: note: {', '.join(f'data.{k}={local[k]}' for k in differs)} (this machine's "
+                  f"setting; the run had {', '.join(str(run_data[k]) for k in differs)}: give data.KEY=VALUE "
+                  f"to choose)", flush=True)
+        return local
 
     def load(self, data: Mapping) -> tuple[dict[str, ImageTensors], int]:
         key = json.dumps(data, sort_keys=True, default=str)
@@ -258,7 +291,10 @@ def _start_job(cfg, run_dir: Path) -> dict:
     if launched_rank() == 0:
         OmegaConf.save(OmegaConf.create(settings), run_dir / CONFIG_FILE)
     protocol = checked_protocol(settings["eval"])
-    representation_taps(settings["repr"]["name"], settings["repr"].get("taps") or [])
+    repr_name, repr_taps = settings["repr"]["name"], settings["repr"].get("taps") or []
+    if representation_taps(repr_name, repr_taps) == [AVGPOOL] and set(repr_taps) - {AVGPOOL}:
+        print(f"[eval] note: repr=avgpool is the global average pool alone; repr.taps={list(repr_taps)} "
+              f"applies to repr=combined only", flush=True)
     if protocol not in UNTRAINED and int(settings["eval"]["epochs"]) < 1:
         raise ConfigError("eval.epochs must be at least 1")
     return settings
@@ -269,8 +305,8 @@ def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one
     """A random-init encoder per architecture of the runs and per pretraining seed, so the baseline's
     row has a spread too."""
     architectures = {}
-    for result in results:
-        if result["backbone"]:
+    for result in results:  # only an architecture whose weights were read: a config.yaml alone could name any
+        if result["backbone"] and result.get("pretrain_status") is not None:
             architectures.setdefault(_architecture_key(result), {
                 "name": result["backbone"], "stem": result["stem"], "width": _architecture_key(result)[2],
                 "grids": result["grids"]})
@@ -326,8 +362,11 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
     # a weights file as an absolute path, whether it comes as a path or already read (the report finds runs by it)
     pretrained = origin if known and model.is_random else str(Path(origin).resolve())
     result = result_fields(pretrained, label or (model.label if known else None), cfg)
-    if not known:  # until the weights are read: what the run folder's config says
-        result.update(run_config_fields(read_run_config(run_folder_of(Path(model)))))
+    if not known:  # until the weights are read: what the run folder's config says, when it is safe to read
+        try:
+            result.update(run_config_fields(read_run_config(run_folder_of(Path(model)))))
+        except ByolError:
+            pass  # a refused config.yaml: reading the weights fails too, and says why, below
     start = time.perf_counter()
     try:
         if not known:

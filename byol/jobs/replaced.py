@@ -17,7 +17,7 @@ def keep_earlier_evaluation(folder: Path, results_file: str = "results.json") ->
     The earlier ``results_file`` itself stays until the new one replaces it in one atomic write, so an
     evaluation stopped half-way leaves the earlier result readable. Returns the kept names."""
     results = Path(folder) / results_file
-    if not results.is_file():
+    if not results.is_file() or results.is_symlink():  # a link's target is not this folder's to copy
         return []
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(results.stat().st_mtime))
     outputs = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.is_symlink()

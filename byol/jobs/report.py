@@ -43,6 +43,7 @@ from byol.jobs.report_cells import (
     accuracy_text,
     build_cells,
     cell_states,
+    csv_row,
     expected_cells,
     md_cell,
     or_unknown,
@@ -198,8 +199,8 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
         stats = [*accuracy_text(c, c.test_by_seed, digits=4), *accuracy_text(c, c.val_by_seed, digits=4)]
         backbone, _, eval_epochs = settings_text(c)
         epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
-        w.writerow([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
-                    c.status, *stats, backbone, c.data, *epochs, eval_epochs])
+        w.writerow(csv_row([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
+                    c.status, *stats, backbone, c.data, *epochs, eval_epochs]))
     write_file(path, f.getvalue())
 
 

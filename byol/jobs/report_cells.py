@@ -135,9 +135,29 @@ def _number_order(value) -> tuple:
 def md_cell(value) -> str:
     """``value`` as the text of one markdown table cell or list line: a line break would end the row, a ``|``
     would start a new column (escaped as ``\\|``, with any backslashes before it doubled so that the escape
-    holds)."""
+    holds), and a ``<`` that opens an HTML tag (a name from a handed results.json) would be rendered as one."""
     text = " ".join(str(value).splitlines())
+    text = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
     return re.sub(r"(\\*)\|", lambda m: m.group(1) * 2 + "\\|", text)
+
+
+def csv_row(values) -> list:
+    """``values`` as a CSV row that a spreadsheet reads as data: text starting like a formula (``=``, ``+``,
+    ``-``, ``@``, a tab, a carriage return: a name from a handed results.json) gets a leading ``'``;
+    numbers, and text made of numbers (``-0.5000``, ``-1.2 0.4``), are kept."""
+    return [f"'{v}" if isinstance(v, str) and v[:1] in FORMULA_STARTS and not _numbers(v) else v for v in values]
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _numbers(text: str) -> bool:
+    words = text.split()
+    try:
+        [float(w) for w in words]
+    except ValueError:
+        return False
+    return bool(words)
 
 
 def _order(value: str, known: Sequence[str]) -> tuple[int, str]:

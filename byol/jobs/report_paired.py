@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from byol.core.checkpoint import atomic_write_bytes
-from byol.jobs.report_cells import BASELINE, Cell, by_seed, md_cell, mean_std, seed_order
+from byol.jobs.report_cells import BASELINE, Cell, by_seed, csv_row, md_cell, mean_std, seed_order
 
 # (a, b): each line of the section reads "a - b"
 COMPARISONS = (("multi", "classic"), ("classic", BASELINE), ("multi", BASELINE))
@@ -209,8 +209,8 @@ def write_csv(pairs: Sequence[Paired], path: Path) -> None:
                 "pretrain_epochs"])
     for p in pairs:
         (dm, ds), (am, _), (bm, _) = _points(p.diffs), _points(p.a_values), _points(p.b_values)
-        w.writerow([p.a.repr, p.a.eval, p.a.eval_epochs, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)),
+        w.writerow(csv_row([p.a.repr, p.a.eval, p.a.eval_epochs, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)),
                     f"{dm:.4f}", f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread,
-                    f"{p.p_value:.4g}", " ".join(f"{100 * d:.4f}" for d in p.diffs), *_settings(p).values()])
+                    f"{p.p_value:.4g}", " ".join(f"{100 * d:.4f}" for d in p.diffs), *_settings(p).values()]))
     # temporary file + rename: a symbolic link at paired.csv is replaced, never written through
     atomic_write_bytes(f.getvalue().encode("utf-8"), path)

@@ -80,17 +80,29 @@ def check_job_folder(folder: Path, job: str) -> None:
 
 
 def links_in(folder: Path) -> list[Path]:
-    """Symbolic links where jobs (and Hydra) write: the folder's entries and those of its ``.hydra/`` and
-    ``checkpoints/``. Writing through one would change a file elsewhere (another run's checkpoint, any file
-    the link names), outside the folder's lock. The folder itself may be a link."""
+    """Symbolic links where jobs (and Hydra) write: any among the folder's entries and those of its
+    ``.hydra/`` and ``checkpoints/``, and deeper (a logger's folder, the folders of a sweep's evaluated
+    models) any that leads out of the folder. Writing through one would change a file elsewhere (another
+    run's checkpoint, any file the link names), outside the folder's lock. The folder itself may be a link;
+    a link that stays inside it (wandb's ``latest-run``) is harmless."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_symlink()]
-    for inner in (folder / HYDRA_DIR, folder / CHECKPOINTS_DIR):
-        if inner.is_dir() and not inner.is_symlink():
-            found += [p for p in inner.iterdir() if p.is_symlink()]
+    top = {folder, folder / HYDRA_DIR, folder / CHECKPOINTS_DIR}
+    inside, found = folder.resolve(), []
+    for parent, dirs, files in os.walk(folder):  # never into a linked folder
+        for name in dirs + files:
+            path = Path(parent, name)
+            if path.is_symlink() and (Path(parent) in top or not _leads_into(path, inside)):
+                found.append(path)
     return sorted(found)
+
+
+def _leads_into(link: Path, folder: Path) -> bool:
+    try:
+        return link.resolve().is_relative_to(folder)
+    except (OSError, RuntimeError):  # a loop of links
+        return False
 
 
 def new_run_id() -> str:

@@ -30,6 +30,8 @@ class _ContinuingWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
+        if path.is_symlink():  # never written through (the job's folder check refuses one before this)
+            path.unlink()
         if not path.is_file():
             return
         if self.keep_before_step is None:  # a fresh run: an old file is stale

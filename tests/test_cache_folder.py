@@ -1,0 +1,92 @@
+"""A cache folder that cannot take the decoded images: the in-memory path decodes anyway and says so,
+the memory-mapped path (which cannot work without it) stops before decoding with a line naming
+data.cache_dir; the project's own warnings print as one line during a job."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import byol.core.image_folder as image_folder
+from byol.core.errors import CheckpointError, DataError
+from byol.core.image_folder import cache_folder_problem, load_image_folder
+from byol.jobs.cli import quiet_lightning
+
+
+def folder(root: Path) -> Path:
+    for k, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.random.default_rng(10 * k + i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def images(tmp_path):
+    data = folder(tmp_path / "train")
+    return data, load_image_folder(data, 8, workers=1)
+
+
+def test_a_cache_folder_under_a_file_gives_the_same_images_and_a_warning(tmp_path, images, capsys):
+    data, plain = images
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match=r"data.cache_dir '.*not_a_folder/cache' cannot be written"):
+        loaded = load_image_folder(data, 8, cache_dir=blocker / "cache", workers=1)
+    assert torch.equal(loaded.images, plain.images) and torch.equal(loaded.labels, plain.labels)
+    assert "not cached" in capsys.readouterr().out
+    assert blocker.read_text() == "x"
+
+
+def test_the_memory_mapped_path_stops_before_decoding(tmp_path, images, capsys):
+    data, _ = images
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match=r"data.storage=mmap .* cannot be written.*set data.cache_dir"):
+        load_image_folder(data, 8, cache_dir=blocker / "cache", workers=1, storage="mmap")
+    assert "decoding" not in capsys.readouterr().out
+
+
+def test_too_little_free_space_is_found_before_the_decode(tmp_path, images, monkeypatch):
+    data, plain = images
+    need = 6 * 3 * 8 * 8  # six decoded 8x8 images
+    usage = type("Usage", (), {"free": need - 1})
+    monkeypatch.setattr(image_folder.shutil, "disk_usage", lambda _: usage)
+    assert "GB free" in cache_folder_problem(tmp_path / "c", need)
+    with pytest.raises(DataError, match="GB free"):
+        load_image_folder(data, 8, cache_dir=tmp_path / "mm", workers=1, storage="mmap")
+    assert not list((tmp_path / "mm").iterdir())  # nothing half-written
+    with pytest.warns(UserWarning, match="GB free"):
+        loaded = load_image_folder(data, 8, cache_dir=tmp_path / "c", workers=1)
+    assert torch.equal(loaded.images, plain.images)
+    assert not list((tmp_path / "c").iterdir())
+    usage.free = need
+    assert cache_folder_problem(tmp_path / "c", need) is None
+
+
+def test_a_cache_write_that_fails_midway_keeps_the_decoded_images(tmp_path, images, monkeypatch):
+    data, plain = images
+
+    def full_disk(obj, path):
+        raise CheckpointError(f"could not write '{path}' (No space left on device)")
+
+    monkeypatch.setattr("byol.core.checkpoint.atomic_torch_save", full_disk)
+    with pytest.warns(UserWarning, match="not cached: could not write"):
+        loaded = load_image_folder(data, 8, cache_dir=tmp_path / "cache", workers=1)
+    assert torch.equal(loaded.images, plain.images)
+
+
+def test_the_projects_warnings_are_one_line_during_a_job():
+    before = warnings.formatwarning
+    with quiet_lightning():
+        ours = warnings.formatwarning("data.cache_dir 'x' cannot be written", UserWarning, image_folder.__file__, 1)
+        theirs = warnings.formatwarning("some library says", UserWarning, "/elsewhere/lib.py", 7)
+    assert ours == "warning: data.cache_dir 'x' cannot be written\n"
+    assert theirs.startswith("/elsewhere/lib.py:7: UserWarning: some library says")
+    assert warnings.formatwarning is before  # restored

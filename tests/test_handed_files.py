@@ -1,0 +1,271 @@
+"""Files and folders handed to us stay data, whatever is planted in them: an image in a format whose
+decoder runs a program, links where a job writes (under predictable names, deep in a folder), a config
+that repeats itself into 2**64 values, text that a spreadsheet runs or a markdown viewer renders, and
+machine settings (cache folder, download) named by a run made elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, plain_config
+from PIL import Image
+
+from byol.core.checkpoint import save_encoder
+from byol.core.errors import ByolError, ConfigError, DataError
+from byol.core.image_folder import load_image_folder
+from byol.jobs.config_check import check_file_config, check_plain
+from byol.jobs.evaluate import EvaluationData, data_group_defaults, evaluate
+from byol.jobs.replaced import keep_earlier_evaluation
+from byol.jobs.report_cells import csv_row, md_cell
+from byol.jobs.run_folder import FolderTakenError, check_job_folder, links_in
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+       b"newpath 0 0 moveto 8 0 lineto 8 8 lineto closepath fill showpage\n")
+
+
+def image_folder(root: Path, n: int = 3) -> Path:
+    for k, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            pixels = np.random.default_rng(10 * k + i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_an_image_whose_content_is_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
+    import PIL.EpsImagePlugin as eps
+
+    marker = tmp_path / "ghostscript_ran"
+    fake_gs = tmp_path / "gs"
+    fake_gs.write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
+    fake_gs.chmod(fake_gs.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(eps, "gs_binary", str(fake_gs))  # as if Ghostscript were installed
+    data = image_folder(tmp_path / "train")
+    (data / "cat" / "zz_evil.png").write_bytes(EPS)  # named .png; Pillow picks a decoder by content
+    with pytest.raises(DataError, match=r"cannot read image '.*zz_evil.png'.*data.skip_bad_files"):
+        load_image_folder(data, 8, workers=1)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        kept = load_image_folder(data, 8, workers=1, skip_bad_files=True)
+    assert len(kept.images) == 6 and not marker.exists()
+
+
+def test_the_memory_mapped_cache_is_never_written_through_a_planted_link(tmp_path):
+    data, cache, victim = image_folder(tmp_path / "train"), tmp_path / "cache", tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cache.mkdir()
+    first = load_image_folder(data, 8, cache_dir=cache, workers=1, storage="mmap")
+    npy = next(cache.glob("*.u8.npy"))
+    for p in cache.iterdir():
+        p.unlink()
+    # links under every name a writer of this cache used or might use: the temporary names, the file itself
+    for name in (f"{npy.name}.tmp{os.getpid()}", f"{npy.name}.tmp{os.getpid()}b", npy.name):
+        (cache / name).symlink_to(victim)
+    again = load_image_folder(data, 8, cache_dir=cache, workers=1, storage="mmap")
+    assert victim.read_text() == "precious"
+    assert torch.equal(again.images, first.images) and not npy.is_symlink()
+    assert oct(npy.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the usual permissions, not mkstemp's
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------- links in folders
+
+
+def test_a_link_deep_in_a_run_folder_that_leads_out_is_refused(tmp_path):
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    (run / "tb").mkdir(parents=True)
+    (run / "0_job" / "deeper").mkdir(parents=True)
+    (run / "tb" / "hparams.yaml").symlink_to(outside / "created.yaml")  # dangling: writing would create it
+    (run / "0_job" / "deeper" / "metrics.csv").symlink_to(outside / "metrics.csv")
+    (run / "wandb").mkdir()
+    (run / "wandb" / "run-1").mkdir()
+    (run / "wandb" / "latest-run").symlink_to("run-1")  # wandb's own link, inside the folder
+    assert links_in(run) == [run / "0_job" / "deeper" / "metrics.csv", run / "tb" / "hparams.yaml"]
+    with pytest.raises(FolderTakenError, match="symbolic links where jobs write.*hparams.yaml"):
+        check_job_folder(run, "train")
+    for link in links_in(run):
+        link.unlink()
+    check_job_folder(run, "train")  # the link that stays inside is fine
+    assert not outside.exists()
+
+
+def test_a_loop_of_links_in_a_subfolder_is_refused_not_followed(tmp_path):
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "a").symlink_to(run / "logs" / "b")
+    (run / "logs" / "b").symlink_to(run / "logs" / "a")
+    assert links_in(run) == [run / "logs" / "a", run / "logs" / "b"]
+
+
+def test_metrics_csv_as_a_link_is_replaced_not_written_through(tmp_path):
+    from byol.lightning.csv_logger import ContinuingCSVLogger
+
+    target = tmp_path / "elsewhere.csv"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").symlink_to(target)  # dangling: Lightning would create it
+    logger = ContinuingCSVLogger(tmp_path / "run")
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.save()
+    assert not target.exists() and not (tmp_path / "run" / "metrics.csv").is_symlink()
+    assert "train/loss" in (tmp_path / "run" / "metrics.csv").read_text()
+
+
+def test_an_earlier_result_that_is_a_link_is_not_copied(tmp_path):
+    secret, folder = tmp_path / "secret.txt", tmp_path / "ev"
+    secret.write_text("not for the report")
+    folder.mkdir()
+    (folder / "results.json").symlink_to(secret)
+    assert keep_earlier_evaluation(folder) == []
+    assert not any("not for the report" in p.read_text() for p in folder.iterdir() if not p.is_symlink())
+
+
+# --------------------------------------------------------------------------- configs in files
+
+
+def bomb(levels: int = 64) -> list:
+    """A few hundred bytes pickled, 2**levels values when walked: every level holds the one below twice."""
+    x: list = []
+    for _ in range(levels):
+        x = [x, x]
+    return x
+
+
+@pytest.mark.parametrize("check", [lambda v: check_file_config({"seed": 0, "zz": v}, "f"),
+                                   lambda v: check_plain({"epochs": 1, "meta": v}, "m")])
+def test_a_config_that_repeats_itself_is_refused_at_once(check):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="holds more than 100000 values or nests deeper than 32"):
+        check(bomb())
+    assert time.perf_counter() - start < 5  # not 2**64 steps (a hang); generous for a loaded machine
+
+
+def test_a_config_nested_without_end_is_refused_and_a_real_one_passes(tmp_path):
+    deep: dict = {}
+    node = deep
+    for _ in range(40):
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(ConfigError, match="nests deeper"):
+        check_plain(deep, "deep")
+    real = plain_config(compose_config("train", ["experiment=smoke", "loss=multi"], tmp_path))
+    assert check_file_config(real, "run")["loss"]["taps"] == real["loss"]["taps"]
+
+
+def test_a_refusal_shows_a_bounded_piece_of_a_huge_value():
+    with pytest.raises(ConfigError) as raised:
+        check_plain({"_target_": bomb()}, "file")
+    assert len(str(raised.value)) < 400 and "names code to run" in str(raised.value)
+
+
+def test_an_export_whose_meta_repeats_itself_is_refused(tmp_path):
+    from test_evaluation import tiny_encoder
+
+    from byol.jobs.pretrained import read_pretrained
+
+    path = tmp_path / "run" / "encoder.pt"
+    path.parent.mkdir()
+    save_encoder(tiny_encoder([]), path, meta={"loss": "classic", "epochs": 1, "seed": 0, "zz": bomb()})
+    start = time.perf_counter()
+    with pytest.raises(ByolError, match="holds more than"):
+        read_pretrained(path)
+    assert time.perf_counter() - start < 30
+
+
+def test_a_sweep_job_whose_config_is_refused_does_not_stop_the_others(tmp_path):
+    from test_evaluation import _export, _job_config
+
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_bad", "classic", seed=1)
+    (sweep / "0_bad" / "config.yaml").write_text("seed: 1\noptim:\n  _target_: os.system\n")
+    _export(sweep / "1_good", "multi", seed=2)
+    with pytest.raises(ByolError, match="evaluations failed"):
+        evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn", "baseline=false"), tmp_path / "ev")
+    bad = json.loads((tmp_path / "ev" / "0_bad" / "results.json").read_text())
+    good = json.loads((tmp_path / "ev" / "1_good" / "results.json").read_text())
+    assert good["status"] == "ok" and bad["status"] == "failed"
+
+
+def test_a_baseline_is_built_only_for_an_architecture_whose_weights_were_read(tmp_path):
+    from test_evaluation import _export, _job_config
+
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_good", "classic", seed=1)
+    _export(sweep / "1_corrupt", "multi", seed=2)
+    (sweep / "1_corrupt" / "encoder.pt").write_bytes(b"truncated")
+    with open(sweep / "1_corrupt" / "config.yaml", "a") as f:
+        f.write("  width: 6.0\n")  # a 36 times larger network, named by a config.yaml alone
+    with pytest.raises(ByolError, match="evaluations failed"):
+        evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn"), tmp_path / "ev")
+    baselines = [json.loads(p.read_text()) for p in (tmp_path / "ev").glob("random-init*/results.json")]
+    assert [(b["width"], b["seed"]) for b in baselines] == [(1.0, 1)]
+
+
+# --------------------------------------------------------------------------- the report's files
+
+
+def test_text_a_spreadsheet_would_run_is_quoted_and_numbers_are_kept():
+    row = ["=HYPERLINK(\"http://x\")", "@SUM(A1)", "+1+2", "-cmd|' /C calc'!A0", "\tx", "-0.5000", "-1.2 0.4",
+           "classic", 3, None, -2.5]
+    assert csv_row(row) == ["'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "'+1+2", "'-cmd|' /C calc'!A0", "'\tx",
+                            "-0.5000", "-1.2 0.4", "classic", 3, None, -2.5]
+
+
+def test_markup_in_a_name_is_shown_as_text_in_the_markdown():
+    assert md_cell("<script>alert(1)</script>") == "&lt;script>alert(1)&lt;/script>"
+    assert md_cell("<img src=x onerror=y>") == "&lt;img src=x onerror=y>"
+    assert md_cell("<0.001") == "<0.001" and md_cell("a < b") == "a < b"
+
+
+# --------------------------------------------------------------------------- machine settings
+
+
+def test_a_runs_cache_folder_and_download_setting_are_not_this_machines(tmp_path, capsys):
+    composed = plain_config(compose_config("evaluate", ["preset=smoke"], tmp_path))
+    run_data = {**data_group_defaults("imagefolder"), "root": "/data/imgs", "cache_dir": "/elsewhere/cache",
+                "storage": "mmap", "mmap_above_gb": 0.001}
+    chosen = EvaluationData(composed["data"], [], 0, composed["split"]).settings({"data": run_data}, "run")
+    defaults = data_group_defaults("imagefolder")
+    assert (chosen["cache_dir"], chosen["storage"], chosen["mmap_above_gb"]) == (
+        defaults["cache_dir"], defaults["storage"], defaults["mmap_above_gb"])
+    assert chosen["root"] == "/data/imgs"  # where the data is: the run's
+    out = capsys.readouterr().out
+    assert "note: data.cache_dir=~/.cache/byol/images" in out and "/elsewhere/cache" in out
+    given = compose_config("evaluate", ["preset=smoke", "++data.cache_dir=/mine", "data.root=/other"], tmp_path)
+    mine = EvaluationData(plain_config(given)["data"], ["data.cache_dir", "data.root"], 0, composed["split"])
+    chosen = mine.settings({"data": run_data}, "run")
+    assert (chosen["cache_dir"], chosen["root"], chosen["storage"]) == ("/mine", "/other", defaults["storage"])
+    cifar = {**data_group_defaults("cifar10"), "root": "/x", "download": False}
+    assert EvaluationData(composed["data"], [], 0, composed["split"]).settings({"data": cifar}, "c")["download"] \
+        is data_group_defaults("cifar10")["download"]
+
+
+def test_a_metrics_csv_with_thousands_of_heads_draws_a_bounded_number_of_lines():
+    from byol.jobs.curves import MAX_LINES, PANELS, _draw
+    from byol.jobs.figures import pyplot
+
+    series = {f"train/loss/head{i}": [(1.0, 1.0), (2.0, 0.5)] for i in range(300)}
+    series["monitor/knn/avgpool"] = [(1.0, 0.3)]
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3)
+    try:
+        _draw(axes, [("", series, {})])
+        loss_panel, knn_panel = axes.flat[0], axes.flat[1]
+        assert len(loss_panel.lines) == MAX_LINES and len(knn_panel.lines) == 1
+        assert loss_panel.get_title() == f"{PANELS[0][0]} ({300 - MAX_LINES} more not drawn)"
+        assert knn_panel.get_title() == PANELS[1][0]
+    finally:
+        plt.close(fig)
