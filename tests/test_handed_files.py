@@ -269,3 +269,27 @@ def test_a_metrics_csv_with_thousands_of_heads_draws_a_bounded_number_of_lines()
         assert knn_panel.get_title() == PANELS[1][0]
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("value", [1, -2.5, True, None, "a'b", b"x", [], (), (1,), [1, (2, "x")], {"a": [None, 1.5]},
+                                   {"k": {}}, "x" * 100, list(range(30))])
+def test_repr_prefix_is_repr_or_its_beginning(value):
+    from byol.core.state_check import repr_prefix
+
+    for limit in (5, 40, 500):
+        assert repr_prefix(value, limit) == repr(value)[: limit + 1]
+
+
+def test_a_checkpoint_part_that_repeats_itself_is_named_at_once():
+    from byol.core.state_check import repr_prefix, shown
+    from byol.lightning.checkpoint_io import lightning_fields_problem
+
+    start = time.perf_counter()
+    assert shown(bomb()) == "a list" and len(repr_prefix(bomb(), 80)) == 81
+    cycle: list = []
+    cycle.append(cycle)  # a list holding itself: repr prints [[...]], a walk without a bound never ends
+    assert len(repr_prefix(cycle, 30)) == 31
+    problem = lightning_fields_problem({"pytorch-lightning_version": "2.5.0", "callbacks": bomb(), "epoch": 0,
+                                        "global_step": 0, "optimizer_states": [], "lr_schedulers": []})
+    assert problem == "callbacks is a list, not a mapping of callback names to their states"
+    assert time.perf_counter() - start < 5

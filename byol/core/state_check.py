@@ -44,8 +44,47 @@ def shown(value) -> str:
     """``value`` for a message: short, whatever it is."""
     if torch.is_tensor(value):
         return f"a tensor of shape {tuple(value.shape)}"
-    text = repr(value)
+    text = repr_prefix(value, 40)
     return text if len(text) <= 40 else f"a {kind(value)}"
+
+
+def repr_prefix(value, limit: int) -> str:
+    """``repr(value)``, or its first ``limit + 1`` characters when it is longer: found in time bounded by
+    ``limit``, however large the value or however often it holds the same list (a list holding the one
+    below it twice, 64 levels deep, is a few hundred bytes in a file and 2**64 items for ``repr``)."""
+    out: list[str] = []
+    size = 0
+
+    def put(text: str) -> bool:  # True once past the limit: every caller stops
+        nonlocal size
+        out.append(text[: limit + 1 - size])
+        size += len(text)
+        return size > limit
+
+    def walk(v) -> bool:
+        if isinstance(v, Mapping):
+            name = "" if type(v) is dict else f"{type(v).__name__}("
+            if put(name + "{"):
+                return True
+            for i, (key, item) in enumerate(v.items()):
+                if (i and put(", ")) or walk(key) or put(": ") or walk(item):
+                    return True
+            return put("}" + (")" if name else ""))
+        if isinstance(v, list | tuple):
+            is_list = isinstance(v, list)
+            if put("[" if is_list else "("):
+                return True
+            for i, item in enumerate(v):
+                if (i and put(", ")) or walk(item):
+                    return True
+            return put("]" if is_list else ",)" if len(v) == 1 else ")")
+        try:
+            return put(repr(v) if not isinstance(v, str | bytes) or len(v) <= limit else repr(v[: limit + 1]))
+        except Exception:  # an int of more digits than Python prints, a repr that fails
+            return put(f"<{type(v).__name__}>")
+
+    walk(value)
+    return "".join(out)
 
 
 def value_problem(value, like, where: str) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from omegaconf import OmegaConf
 from byol.core.disk_images import STORAGES
 from byol.core.errors import ConfigError
 from byol.core.optim import OPTIMIZERS, SCHEDULES
-from byol.core.state_check import whole
+from byol.core.state_check import repr_prefix, whole
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Keys by which Hydra's instantiate imports and calls code.
@@ -128,15 +127,13 @@ def _dotted(path: tuple) -> str:
     return ".".join(path)
 
 
-_SHOWN = reprlib.Repr()  # bounded, however large or nested the value
-_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 60
 # A saved config has a few hundred values. A crafted file can hold one list inside itself over and over
 # (x = [x, x] sixty times: a few bytes, 2**60 values to walk), or nest without end: refused at these.
 MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 100_000, 32
 
 
 def _refuse(source: str, path: tuple, value, why: str) -> ConfigError:
-    shown = _SHOWN.repr(value)
+    shown = repr_prefix(value, 80)  # bounded, however large or nested the value
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     return ConfigError(f"refusing {source}: {_dotted(path) or 'the config'} = {shown} {why}")
 
