@@ -517,7 +517,7 @@ def parse_args(argv=None):
 
 def quiet_libraries() -> None:
     # what train.py silences, e.g. ours_ddp's world-size-1 sync_dist notes and Lightning's tips
-    from byol.jobs.cli import LIGHTNING_LOGGERS, QUIET_WARNINGS
+    from byol.jobs.console import LIGHTNING_LOGGERS, QUIET_WARNINGS
 
     for name in ("pytorch_lightning", "lightning.pytorch", *LIGHTNING_LOGGERS):
         logging.getLogger(name).setLevel(logging.WARNING)

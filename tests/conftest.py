@@ -33,6 +33,19 @@ def epochs_reported(stdout: str) -> list[int]:
     return [int(n) for n in re.findall(r"^\[byol\] epoch (\d+)/", stdout, flags=re.MULTILINE)]
 
 
+def class_folders(root: Path, per_class: int = 2, size: int = 8, classes=("cat", "dog")) -> Path:
+    """``root/<class>/<i>.png``: small random RGB images, the same for the same arguments."""
+    import numpy as np
+    from PIL import Image
+
+    for k, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.random.default_rng(10 * k + i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root
+
+
 def compose_config(config_name: str, overrides=(), output_dir: str | Path = "/tmp/byol-tests") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``@hydra.main`` would, with ``${hydra:...}`` resolvable.
 

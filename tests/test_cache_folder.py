@@ -5,31 +5,20 @@ data.cache_dir; the project's own warnings print as one line during a job."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import class_folders
 
 import byol.core.image_folder as image_folder
 from byol.core.errors import CheckpointError, DataError
 from byol.core.image_folder import cache_folder_problem, load_image_folder
-from byol.jobs.cli import quiet_lightning
-
-
-def folder(root: Path) -> Path:
-    for k, cls in enumerate(("cat", "dog")):
-        (root / cls).mkdir(parents=True)
-        for i in range(3):
-            pixels = np.random.default_rng(10 * k + i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / cls / f"{i}.png")
-    return root
+from byol.jobs.console import quiet_lightning
 
 
 @pytest.fixture
 def images(tmp_path):
-    data = folder(tmp_path / "train")
+    data = class_folders(tmp_path / "train", 3)
     return data, load_image_folder(data, 8, workers=1)
 
 

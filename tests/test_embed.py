@@ -101,7 +101,7 @@ def test_missing_sklearn_stops_the_job_in_one_line_before_any_data_is_read(tmp_p
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded before the missing package was reported")
 
-    monkeypatch.setattr("byol.jobs.evaluate.load_eval_data", no_data)
+    monkeypatch.setattr("byol.jobs.evaluation_data.load_eval_data", no_data)
     with pytest.raises(ConfigError) as error:
         evaluate(_embed_config(tmp_path, "pretrained=random"), tmp_path / "run")
     message = str(error.value)

@@ -573,7 +573,7 @@ def test_evaluate_a_checkpoint_of_another_architecture(tmp_path):
 def epoch_line(capsys, means: dict) -> str:
     from types import SimpleNamespace
 
-    from byol.lightning.callbacks import EpochSummary
+    from byol.lightning.epoch_output import EpochSummary
 
     module = SimpleNamespace(last_tau=lambda: 0.99,
                              epoch_means=lambda: {k: torch.tensor(v) for k, v in means.items()})

@@ -9,19 +9,17 @@ import json
 import os
 import stat
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import compose_config, plain_config
-from PIL import Image
+from conftest import class_folders, compose_config, plain_config
 
 from byol.core.checkpoint import save_encoder
 from byol.core.errors import ByolError, ConfigError, DataError
 from byol.core.image_folder import load_image_folder
 from byol.jobs.config_check import check_file_config, check_plain
-from byol.jobs.evaluate import EvaluationData, data_group_defaults, evaluate
+from byol.jobs.evaluate import evaluate
+from byol.jobs.evaluation_data import EvaluationData, data_group_defaults
 from byol.jobs.replaced import keep_earlier_evaluation
 from byol.jobs.report_cells import csv_row, md_cell
 from byol.jobs.run_folder import FolderTakenError, check_job_folder, links_in
@@ -30,13 +28,6 @@ EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
        b"newpath 0 0 moveto 8 0 lineto 8 8 lineto closepath fill showpage\n")
 
 
-def image_folder(root: Path, n: int = 3) -> Path:
-    for k, cls in enumerate(("cat", "dog")):
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            pixels = np.random.default_rng(10 * k + i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / cls / f"{i}.png")
-    return root
 
 
 # --------------------------------------------------------------------------- images
@@ -50,7 +41,7 @@ def test_an_image_whose_content_is_postscript_never_reaches_ghostscript(tmp_path
     fake_gs.write_text(f"#!/bin/sh\ntouch '{marker}'\nexit 1\n")
     fake_gs.chmod(fake_gs.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(eps, "gs_binary", str(fake_gs))  # as if Ghostscript were installed
-    data = image_folder(tmp_path / "train")
+    data = class_folders(tmp_path / "train", 3)
     (data / "cat" / "zz_evil.png").write_bytes(EPS)  # named .png; Pillow picks a decoder by content
     with pytest.raises(DataError, match=r"cannot read image '.*zz_evil.png'.*data.skip_bad_files"):
         load_image_folder(data, 8, workers=1)
@@ -60,7 +51,7 @@ def test_an_image_whose_content_is_postscript_never_reaches_ghostscript(tmp_path
 
 
 def test_the_memory_mapped_cache_is_never_written_through_a_planted_link(tmp_path):
-    data, cache, victim = image_folder(tmp_path / "train"), tmp_path / "cache", tmp_path / "victim.txt"
+    data, cache, victim = class_folders(tmp_path / "train", 3), tmp_path / "cache", tmp_path / "victim.txt"
     victim.write_text("precious")
     cache.mkdir()
     first = load_image_folder(data, 8, cache_dir=cache, workers=1, storage="mmap")
@@ -293,3 +284,24 @@ def test_a_checkpoint_part_that_repeats_itself_is_named_at_once():
                                         "global_step": 0, "optimizer_states": [], "lr_schedulers": []})
     assert problem == "callbacks is a list, not a mapping of callback names to their states"
     assert time.perf_counter() - start < 5
+
+
+def test_a_run_whose_data_cannot_be_loaded_fails_alone_in_a_sweep(tmp_path, capsys):
+    import yaml
+    from test_evaluation import _export
+
+    sweep = tmp_path / "sweep"
+    for job, data in (("0_moved", {**data_group_defaults("imagefolder"), "root": str(tmp_path / "gone")}),
+                      ("1_good", data_group_defaults("synthetic"))):
+        _export(sweep / job, "classic", seed=int(job[0]))
+        config = yaml.safe_load((sweep / job / "config.yaml").read_text())
+        config.update(data=data, loss={"taps": [], "weights": {}})  # a training run's config: loss.taps
+        (sweep / job / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = compose_config("evaluate", ["preset=smoke", f"pretrained={sweep}", "eval=knn", "baseline=false"], tmp_path)
+    with pytest.raises(ByolError, match="1 of 2 evaluations failed"):
+        evaluate(cfg, tmp_path / "ev")
+    moved = json.loads((tmp_path / "ev" / "0_moved" / "results.json").read_text())
+    good = json.loads((tmp_path / "ev" / "1_good" / "results.json").read_text())
+    assert moved["status"] == "failed" and "gone' does not exist" in moved["error"]
+    assert (moved["loss"], moved["seed"]) == ("classic", 0)  # its cell: the weights were read first
+    assert good["status"] == "ok" and good["test_acc"] is not None

@@ -14,7 +14,7 @@ from byol.jobs.curves import read_metrics
 from byol.jobs.evaluate import evaluate
 from byol.jobs.monitoring import representations
 from byol.jobs.pretrain import pretrain
-from byol.lightning.callbacks import EpochHook
+from byol.lightning.epoch_output import EpochHook
 
 TINY = ["experiment=smoke", "trainer.precision=32-true", "data.num_train=64", "data.num_test=40",
         "data.batch_size=16", "trainer.max_epochs=2", "monitor.val_size=12"]
@@ -145,7 +145,7 @@ def test_an_overlay_has_one_key_below_its_panels_instead_of_a_legend_per_curve(t
 def test_the_epoch_line_shows_knn_only_for_the_epoch_it_ran_in():
     from types import SimpleNamespace
 
-    from byol.lightning.callbacks import EpochSummary
+    from byol.lightning.epoch_output import EpochSummary
 
     knn = SimpleNamespace(epoch=1, last={"avgpool": 0.412, "combined": 0.45}, seconds=3.0)
     summary = EpochSummary(knn)
@@ -160,7 +160,7 @@ def test_curves_are_redrawn_in_at_most_a_twentieth_of_the_time(monkeypatch):
     yet) nor on ranks other than 0; one failure stops the redraws, not the run."""
     import types
 
-    import byol.lightning.callbacks as callbacks
+    import byol.lightning.epoch_output as callbacks
 
     clock = {"now": 0.0}
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])

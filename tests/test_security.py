@@ -501,7 +501,7 @@ def test_invalid_evaluation_values_are_refused():
 def test_a_run_config_edited_to_a_zero_std_is_refused_by_evaluation():
     """A run's data settings come from its config.yaml or checkpoint, not the checked command line: a
     std of 0 there divided every pixel by zero and scored NaN features."""
-    from byol.jobs.evaluate import EvaluationData
+    from byol.jobs.evaluation_data import EvaluationData
 
     composed = plain_config(compose_config("evaluate", ["preset=smoke"]))["data"]
     data = EvaluationData(composed, given=[], seed=0, split={"name": "holdout", "val_size": 8})

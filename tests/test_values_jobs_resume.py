@@ -140,3 +140,25 @@ def test_run_start_keeps_the_id_of_its_own_run(finished, tmp_path):
     start = run_start(plain_config(compose_config("train", TINY, run)), run, None)
     assert start.finished is True and start.step == 2 * EPOCHS
     assert start.config["run_id"] == safe_load(run / "checkpoints" / "last.ckpt")["byol_config"]["run_id"]
+
+
+@pytest.mark.parametrize("override", ["data.num_train=48", "seed=5", "optim.base_lr=0.1", "augment.flip_p=0.1",
+                                      f"trainer.max_epochs={EPOCHS - 1}"])
+def test_a_finished_run_met_with_other_trained_settings_is_refused_not_called_done(finished, tmp_path, override):
+    run = copy_of(finished, tmp_path / "run")
+    before = contents(run)
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"holds a finished run trained with other settings \({key}: .*nothing "
+                                          r"was trained.*hydra.sweep.dir=NEW"):
+        pretrain(compose_config("train", [*TINY, override], run), run, requested=[key])
+    assert contents(run) == before
+
+
+@pytest.mark.parametrize("override", ["trainer.enable_progress_bar=false", "monitor=default", "checkpoint.keep_last=1",
+                                      "logger=csv"])
+def test_a_finished_run_met_with_other_machine_or_display_settings_is_still_done(finished, tmp_path, capsys,
+                                                                                 override):
+    run = copy_of(finished, tmp_path / "run")
+    capsys.readouterr()
+    pretrain(compose_config("train", [*TINY, override], run), run, requested=[override.split("=")[0]])
+    assert "nothing to do" in capsys.readouterr().out

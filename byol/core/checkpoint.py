@@ -122,10 +122,11 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> Any:
+def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, job: str = "train") -> Any:
     """``torch.load`` restricted to tensors and plain containers; clear errors otherwise.
 
-    ``mmap=True`` maps the file instead of reading it (cheap when only metadata is needed).
+    ``mmap=True`` maps the file instead of reading it (cheap when only metadata is needed). ``job`` (train or
+    evaluate) is the job that reads it: a corrupt file's error says how that job takes another checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -143,7 +144,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -
             f"checkpoints written by this project, or re-save the weights as a plain state_dict") from None
     except Exception as e:  # truncated or damaged files fail in many ways
         if mmap and isinstance(e, RuntimeError):  # old (non-zip) serialisation cannot be mapped: read it
-            return safe_load(path, map_location)
+            return safe_load(path, map_location, job=job)
         if path.suffix not in (".ckpt", ".pt", ".pth") and not _starts_like_torch(path):  # a config.yaml...
             beside = sorted(q for glob in ("*.pt", "*.ckpt", "checkpoints/*.ckpt") for q in path.parent.glob(glob))
             listed = f"; PyTorch files beside it: {', '.join(map(str, beside))}" if beside else ""
@@ -151,7 +152,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -
                 from None
         detail = " ".join(str(e).split())
         raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
-                              f"({type(e).__name__}: {detail}).{alternatives(path)}") from None
+                              f"({type(e).__name__}: {detail}).{alternatives(path, job)}") from None
 
 
 def _starts_like_torch(path: Path) -> bool:
@@ -161,15 +162,23 @@ def _starts_like_torch(path: Path) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
-def alternatives(path: Path) -> str:
-    """The other checkpoints beside ``path`` (final, last, then the latest epochs first), as a sentence."""
+# how each job takes another checkpoint in place of one it cannot read
+TAKE_INSTEAD = {"train": "e.g. python train.py resume={}", "evaluate": "evaluate one instead: pretrained={}"}
+
+
+def alternatives(path: Path, job: str = "train") -> str:
+    """The other checkpoints that could stand in for ``path`` (final, last, then the latest epochs first) and
+    how ``job`` (train or evaluate) takes one, as a sentence: those beside it, and for a file outside a
+    ``checkpoints/`` folder (a run's encoder.pt) also those in the ``checkpoints/`` folder beside it."""
     rank = {"final.ckpt": 0, "last.ckpt": 1}
-    others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name),
+    folders = [path.parent] if path.parent.name == "checkpoints" else [path.parent, path.parent / "checkpoints"]
+    where = "beside it" if len(folders) == 1 else "beside it or in checkpoints/ beside it"
+    others = sorted((p for folder in folders for p in folder.glob("*.ckpt") if p != path),
                     key=lambda p: (rank.get(p.name, 2), [-ord(c) for c in p.name]))
     if not others:
-        return " No other checkpoint lies beside it"
+        return f" No other checkpoint lies {where}"
     names = ", ".join(str(p) for p in others)
-    return f" Other checkpoints beside it, latest first: {names}; e.g. python train.py resume={others[0]}"
+    return f" Other checkpoints {where}, latest first: {names}; {TAKE_INSTEAD[job].format(others[0])}"
 
 
 def online_encoder_state(ckpt: dict) -> dict:

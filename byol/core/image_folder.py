@@ -25,6 +25,8 @@ from byol.core.disk_images import choose_storage, decoded_bytes, open_images, wr
 from byol.core.errors import CheckpointError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Folders that archivers add beside the images (macOS zips: resource forks of every file): never a class
+SKIPPED_FOLDERS = ("__MACOSX",)
 # The decoders Pillow may use, whatever a file's name: Pillow picks the decoder from the content, and some
 # (EPS runs Ghostscript on the file) must never see a file handed to us. JPEG includes cameras' MPO files.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF")
@@ -94,7 +96,7 @@ class _Scanner:
         """
         subfolders = []
         for e in self.entries(path, top):
-            if e.name.startswith("."):
+            if e.name.startswith(".") or e.name in SKIPPED_FOLDERS:
                 continue
             p = Path(e.path)
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import logging
 import os
 import re
 import shlex
@@ -12,9 +11,7 @@ import shutil
 import signal
 import sys
 import traceback
-import warnings
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -23,57 +20,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
+from byol.jobs.console import console_copied_to
 from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]  # byol/
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
 PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split", "monitor")
-
-
-# Lightning messages with nothing for a user to act on, silenced during a run (and restored after)
-QUIET_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\)",  # Lightning-internal deprecation (torch >= 2.10)
-    r"`training_step` returned `None`",  # train.on_nonfinite=skip skips steps on purpose, and says so
-    r"You.re resuming from a checkpoint that ended before",  # IndexBatches resumes mid-epoch itself
-    r"Experiment logs directory .* exists and is not empty",  # metrics.csv beside config.yaml, on purpose
-    r"Found \d+ module\(s\) in eval mode",  # a frozen encoder evaluates in eval mode on purpose
-    # DDP: rank 0 alone scores kNN, and the probes' accuracy is counted on the gathered global batch;
-    # the train/* epoch means are logged with sync_dist=True; Lightning warns anyway under DDP at world size 1
-    # (benchmarks/throughput.py's ours_ddp peer)
-    r"It is recommended to use `self.log\('(monitor/(knn|probe)|train/)",
-    r"torch.distributed.nn.functional.all_gather is deprecated",  # inside Lightning's all_gather (torch >= 2.10)
-)
-LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
-
-
-@contextmanager
-def quiet_lightning():
-    """Lightning's banner, tips and known warnings off for the ``with`` block; the [byol] lines say
-    what matters. Warning filters and logger levels are restored afterwards."""
-    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
-    levels, plain_format = [logger.level for logger in loggers], warnings.formatwarning
-    with warnings.catch_warnings():
-        for pattern in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        warnings.formatwarning = partial(_one_line_warning, plain_format)
-        try:
-            yield
-        finally:
-            warnings.formatwarning = plain_format
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
-
-
-def _one_line_warning(plain_format, message, category, filename, lineno, line=None) -> str:
-    """The project's own warnings as one ``warning:`` line (they say what to do; the line of source code
-    Python prints under a warning would not); other libraries' warnings as Python formats them."""
-    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
-        return f"warning: {message}\n"
-    return plain_format(message, category, filename, lineno, line)
 
 
 def run_dir_of(resume, default: str) -> str:
@@ -260,10 +213,8 @@ def run_job(fn, cfg, *args, **kwargs):
     except OSError as e:  # a full disk or a read-only folder met outside the checkpoint writer
         if e.errno not in STORAGE_ERRORS:
             raise
-        where = f" ('{e.filename}')" if e.filename else ""
-        return _failed(run_dir, multirun, ByolError(
-            f"{e.strerror or e}{where}; free space or choose a writable output folder (hydra.run.dir=DIR). "
-            f"Checkpoints already written are intact"))
+        own = [run_dir, Path(hc.sweep.dir)] if multirun else [run_dir]
+        return _failed(run_dir, multirun, ByolError(storage_error(e, own)))
     except ByolError as e:
         if isinstance(e, Interrupted):  # not a failure: the run continues when resumed
             print(str(e), file=sys.stderr, flush=True)
@@ -280,6 +231,28 @@ def run_job(fn, cfg, *args, **kwargs):
         traceback.print_exc()
         (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n")
         return None
+
+
+def storage_error(e: OSError, own: list[Path]) -> str:
+    """One line for a storage error: on a path in the job's own folders (or none named), the output folder's
+    advice; on any other path (an input: pretrained=, data.root...), that it lies outside them and what to check."""
+    path = os.fsdecode(e.filename) if isinstance(e.filename, str | bytes) else None
+    if not path or any(_within(Path(path), folder) for folder in own):
+        where = f" ('{path}')" if path else ""
+        return (f"{e.strerror or e}{where}; free space or choose a writable output folder (hydra.run.dir=DIR). "
+                f"Checkpoints already written are intact")
+    fix = ("this job cannot read or access that path; check its permissions and those of the folders above it"
+           if e.errno in (errno.EACCES, errno.EPERM) else "check that path's disk (full, read-only or failing)")
+    return f"{e.strerror or e} ('{path}'), outside this job's output folder: {fix}"
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder``, as written or with links resolved (a run folder may be a link)."""
+    try:
+        resolved = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        resolved = False
+    return resolved or path.absolute().is_relative_to(folder.absolute())
 
 
 def _run_on_another_rank(fn, cfg, run_dir: Path, *args, **kwargs):
@@ -309,40 +282,6 @@ def sweep_record_kept(record: Path | None):
     finally:
         if kept is not None and (not record.is_file() or record.read_bytes() != kept):
             record.write_bytes(kept)
-
-
-class _CopyTo:
-    """A text stream that also appends what it writes to ``log`` (progress-bar redraws excepted)."""
-
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        if "\r" not in text:  # a progress bar redrawing its line: the console's business only
-            self.log.write(text)
-            self.log.flush()
-        return len(text)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-@contextmanager
-def console_copied_to(path: Path):
-    """The job's console lines (stdout, and stderr's error lines) also in ``path`` (Hydra's job log)."""
-    try:
-        log = open(path, "a", encoding="utf-8")
-    except OSError:  # an unwritable folder is reported by the job itself
-        yield
-        return
-    stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _CopyTo(stdout, log), _CopyTo(stderr, log)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = stdout, stderr
-        log.close()
 
 
 def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | None = None):

@@ -306,8 +306,11 @@ def unquoted_path(argv: Sequence[str]) -> str | None:
         try:
             OverridesParser.create().parse_override(arg)
         except Exception:
-            return (f"error: Hydra cannot read {key}={value} as written (a sweep job's folder holds '=' and ',', "
-                    f"its own syntax); quote it: {command_arg(key.lstrip('+'), value)}")
+            why = ("a sweep job's folder holds '=' and ',', its own syntax" if "=" in value or "," in value
+                   else "the shell leaves a '~' after '=' as it is, and Hydra cannot read it; quoted, it is your "
+                        "home folder" if "~" in value else "it holds characters of Hydra's own syntax")
+            return f"error: Hydra cannot read {key}={value} as written ({why}); quote it: " \
+                   f"{command_arg(key.lstrip('+'), value)}"
     return None
 
 

@@ -77,8 +77,12 @@ AUGMENT_RANGES = {"brightness": (0, math.inf), "contrast": (0, math.inf), "satur
 AUGMENT_PAIRS = {"crop_scale": (0, 1), "crop_ratio": (0, math.inf), "blur_sigma": (0, math.inf)}
 MOMENTUM = ("optim.optimizer.momentum", "eval.optimizer.momentum")  # [0, 1): 1 never forgets, more diverges
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
-# Lightning's precision settings that the jobs' own feature extraction also follows (features.autocast_dtype)
-PRECISIONS = ("bf16-mixed", "16-mixed", "32-true", "bf16-true", "16-true", "64-true", "bf16", "16", "32", "64")
+# Lightning's precision settings that the jobs' own feature extraction also follows (features.autocast_dtype).
+# Not the "-true" half and double ones: they cast the networks, while the images the augmentation makes on the
+# device, the monitors' and the features' inputs stay float32 (a dtype-mismatch traceback at the first step);
+# BYOL's EMA in half precision would also lose the target's small updates.
+PRECISIONS = ("bf16-mixed", "16-mixed", "32-true", "bf16", "16", "32")
+UNSUPPORTED_PRECISIONS = ("bf16-true", "16-true", "64-true", "64")
 NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),
          "train.on_nonfinite": ("stop", "skip"), "split.name": ("holdout", "seed_original"),
          "logger.name": LOGGER_NAMES, "optim.name": tuple(OPTIMIZERS),
@@ -341,6 +345,10 @@ def check_config(container: Mapping, source: str = "the config") -> None:
         if value is not None and value not in names:
             raise ConfigError(f"unknown {key} '{value}'; choose one of: {', '.join(names)} ({source})")
     precision = _number_at(container, "trainer.precision")
+    if precision is not None and str(precision) in UNSUPPORTED_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} is not supported: it casts the whole network, and BYOL "
+                          f"trains it with float32 inputs and a float32 EMA; use 32-true (full precision), "
+                          f"bf16-mixed or 16-mixed ({source})")
     if precision is not None and str(precision) not in PRECISIONS:
         raise ConfigError(f"unknown trainer.precision '{precision}'; choose one of: {', '.join(PRECISIONS)} "
                           f"({source})")

@@ -27,6 +27,9 @@ from byol.core.errors import DataError
 from byol.core.image_folder import load_image_folder
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+# data settings of the machine a job runs on, not of the data: where decoded images are cached, how they
+# are held, whether a dataset may be downloaded
+MACHINE_DATA_KEYS = ("cache_dir", "storage", "mmap_above_gb", "download")
 
 
 def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
@@ -38,17 +41,19 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
     """
     name = cfg["name"]
     download = cfg.get("download", True)
+    root = cfg.get("root")
+    root = os.path.expanduser(root) if isinstance(root, str) else root  # a quoted '~/data' reaches us as it is
     if name == "cifar10":
-        return load_cifar10(cfg["root"], train=split == "train", download=download)
+        return load_cifar10(root, train=split == "train", download=download)
     if name == "cifar100":
-        return load_cifar100(cfg["root"], train=split == "train", download=download)
+        return load_cifar100(root, train=split == "train", download=download)
     if name == "stl10":
-        return load_stl10(cfg["root"], "train+unlabeled" if split == "train" and unlabelled else split, download)
+        return load_stl10(root, "train+unlabeled" if split == "train" and unlabelled else split, download)
     if name == "imagefolder":
-        if cfg.get("root") in (None, "", "???"):  # the config's placeholder: nothing was given
+        if root in (None, "", "???"):  # the config's placeholder: nothing was given
             raise DataError("data=imagefolder needs its folder: data.root=DIR, laid out as DIR/train/<class>/* "
                             "(and DIR/test/<class>/* for evaluation), or a flat folder of images to pretrain on")
-        root = Path(cfg["root"])
+        root = Path(root)
         if not root.exists():
             raise DataError(f"data.root '{root}' does not exist; point data.root at a folder laid out as "
                             f"DIR/train/<class>/* (and DIR/test/<class>/* for evaluation)")
@@ -81,7 +86,7 @@ def _train_folder(cfg) -> str:
     """Where the training images are, for messages about them."""
     if cfg["name"] != "imagefolder":
         return "the training set"
-    root = Path(cfg["root"])
+    root = Path(cfg["root"]).expanduser()
     return f"'{root / 'train' if (root / 'train').is_dir() else root}'"
 
 
@@ -90,7 +95,7 @@ def check_eval_folders(cfg) -> None:
     may take a plain folder as its training set; an evaluation that did would score the wrong images)."""
     if cfg["name"] != "imagefolder":
         return
-    root = Path(cfg["root"])
+    root = Path(cfg["root"]).expanduser()
     missing = [split for split in ("train", "test") if not (root / split).is_dir()]
     if root.exists() and missing:
         raise missing_split_folders(root, missing)

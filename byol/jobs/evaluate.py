@@ -7,7 +7,6 @@ lists every model of a sweep, and a model that fails never stops the others.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,9 +21,10 @@ from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
 from byol.jobs.build import planned_world, requested_processes
-from byol.jobs.cli import launched_rank, quiet_lightning
-from byol.jobs.config_check import check_config, check_normalization, plain_config
-from byol.jobs.datasets import DATASETS, load_eval_data
+from byol.jobs.cli import launched_rank
+from byol.jobs.config_check import check_config, plain_config
+from byol.jobs.console import quiet_lightning
+from byol.jobs.evaluation_data import EvaluationData
 from byol.jobs.pretrained import (
     RANDOM_INIT_LABEL,
     EncoderSource,
@@ -54,71 +54,6 @@ from byol.jobs.run_folder import (
 # Settings of training that do nothing in an evaluation, and what does there.
 NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size or feature_batch_size",
                       "trainer.accumulate_grad_batches": "eval.batch_size"}
-
-
-# data settings that belong to the machine running the evaluation, not to the data a run was trained on
-MACHINE_DATA_KEYS = ("cache_dir", "storage", "mmap_above_gb", "download")
-
-
-def data_group_defaults(name) -> dict:
-    """The settings of ``conf/data/<name>.yaml`` ({} for a name this project does not have)."""
-    from omegaconf import OmegaConf
-
-    from byol.jobs.config_check import CONF_DIR
-
-    path = CONF_DIR / "data" / f"{name}.yaml"
-    if not isinstance(name, str) or name not in DATASETS or not path.is_file():
-        return {}
-    return OmegaConf.to_container(OmegaConf.load(path))
-
-
-class EvaluationData:
-    """The data each model is evaluated on: the settings of the run that trained it (group, root,
-    image size, normalisation...), except the ``data`` keys given on the command line; each distinct
-    setting is loaded once."""
-
-    def __init__(self, composed: dict, given: Sequence[str], seed: int, split: Mapping):
-        self.composed, self.seed, self.split = composed, seed, split
-        self.whole = "data" in given  # data=GROUP: the command line's data settings, whole
-        self.keys = [k[len("data."):] for k in given if k.startswith("data.")]
-        self._loaded: dict[str, tuple] = {}
-        self.runs_data: Mapping | None = None  # the first run's data: the baselines of a sweep use it
-
-    def settings(self, run_config: Mapping | None, label: str) -> dict:
-        run_data = (run_config or {}).get("data")
-        if self.whole or not isinstance(run_data, Mapping):
-            source = "the command line" if self.whole else "this evaluation's config (no run data)"
-            chosen = self.composed
-        else:
-            chosen = {**run_data, **{k: self.composed[k] for k in self.keys if k in self.composed}}
-            chosen.update(self._machine_settings(run_data, label))
-            given = f"; {', '.join('data.' + k for k in self.keys)} from the command line" if self.keys else ""
-            source = f"the run's own settings{given}"
-        described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
-        print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
-        check_normalization(chosen, source)  # a run folder's config.yaml may have been edited by hand
-        return chosen
-
-    def _machine_settings(self, run_data: Mapping, label: str) -> dict:
-        """Where this machine keeps decoded images and whether it may download: this evaluation's settings
-        (the command line, else this installation's defaults for the run's dataset), never the run's. A run
-        trained elsewhere names folders of that machine; a handed config.yaml could name any folder, to
-        write decoded images (copies of any images this user can read) or a download into."""
-        defaults = data_group_defaults(run_data.get("name"))
-        given = {k: self.composed[k] for k in self.keys if k in self.composed}
-        local = {k: given.get(k, defaults[k]) for k in MACHINE_DATA_KEYS if k in defaults}
-        differs = [k for k in local if k in run_data and run_data[k] != local[k]]
-        if differs:
-            print(f"[eval] {label}: note: {', '.join(f'data.{k}={local[k]}' for k in differs)} (this machine's "
-                  f"setting; the run had {', '.join(str(run_data[k]) for k in differs)}: give data.KEY=VALUE "
-                  f"to choose)", flush=True)
-        return local
-
-    def load(self, data: Mapping) -> tuple[dict[str, ImageTensors], int]:
-        key = json.dumps(data, sort_keys=True, default=str)
-        if key not in self._loaded:
-            self._loaded[key] = load_eval_data(data, self.split, self.seed)
-        return self._loaded[key]
 
 
 def refuse_training_settings(given: Sequence[str]) -> None:
@@ -216,7 +151,7 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
         if result["status"] != "ok":
             raise result["exception"]
         return [result]
-    return _evaluate_sweep(targets, sweep, settings, evaluate_one, run_dir)
+    return _evaluate_sweep(targets, sweep, settings, evaluate_one, run_dir, data)
 
 
 def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: EvaluationData, out_dir: Path,
@@ -240,20 +175,23 @@ def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: Eva
     if run_config["data"] and not model.is_random:
         data.runs_data = data.runs_data or run_config["data"]
     chosen = data.settings(run_config, label or model.label)
-    splits, num_classes = data.load(chosen)
-    return evaluate_model(model, dict(settings, data=chosen), splits, num_classes, out_dir, label, keep_earlier)
+    # loaded inside evaluate_model: data this run names that cannot be loaded is this model's failure (recorded;
+    # the sweep goes on), not the job's
+    return evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier,
+                          load_data=lambda: data.load(chosen))
 
 
 def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evaluate_one: Callable,
-                    run_dir: Path) -> list[dict]:
+                    run_dir: Path, data: EvaluationData) -> list[dict]:
     """Every run of ``sweep`` (and the random-init baselines), each in its own folder; then one error
-    that names the models that failed."""
+    that names the models that failed. A job with no model is recorded under the data ``data`` chooses
+    for its run, as its weights would have been: the report counts it in the row of the others."""
     baseline = settings.get("baseline", True)
     print(f"[eval] {len(targets)} runs in {sweep}" + (" + a random-init baseline" if baseline else ""),
           flush=True)
     for job, reason in failed_jobs(sweep):  # nothing to evaluate: recorded so that the report lists it
         print(f"[eval] missing: {job.name}: {reason} ({job}); listed as missing in the report", flush=True)
-        missing_result(job, reason, settings, _result_folder(run_dir, job.name), job.name)
+        missing_result(job, reason, settings, _result_folder(run_dir, job.name), job.name, data.settings)
     results = []
     for number, path in enumerate(targets, 1):
         label = run_label(path, sweep)
@@ -346,13 +284,16 @@ def _print_failure(result: dict) -> dict:
 
 
 def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[str, ImageTensors],
-                   num_classes: int, out_dir: Path, label: str | None = None, keep_earlier: bool = True) -> dict:
+                   num_classes: int, out_dir: Path, label: str | None = None, keep_earlier: bool = True,
+                   load_data: Callable[[], tuple] | None = None) -> dict:
     """Evaluate one encoder (an :class:`EncoderSource` or the path of its weights) under ``cfg['eval']``.
 
     Writes ``results.json`` and ``metrics.csv`` in ``out_dir`` (an earlier evaluation there is kept first,
     unless ``keep_earlier`` is false: the job already kept it). Never raises for a problem of
     this model (unreadable file, other architecture, diverged training...): the failure is
-    returned and written with ``status: failed`` and the error, so a sweep can go on.
+    returned and written with ``status: failed`` and the error, so a sweep can go on. ``load_data``
+    gives ``(splits, num_classes)`` once the weights are read: data that a run names and that cannot be
+    loaded (a folder since moved) is that model's failure too.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if keep_earlier:
@@ -374,6 +315,8 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
         result.update(model_fields(model))
         if model.pretrain_status == "incomplete":
             _note_incomplete(model, result["allow_incomplete"])
+        if load_data is not None:  # (splits, num_classes), after the weights: a bad file fails before any image
+            splits, num_classes = load_data()
         result.update(run_protocol(model, cfg, splits, num_classes, out_dir))
         result["status"] = "ok"
         val = "no val split" if result["val_acc"] is None else f"val {result['val_acc']:.4f}"

@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, safe_load, save_encoder
 from byol.core.data import IndexBatches
 from byol.core.disk_images import MmapBatches
-from byol.core.errors import ByolError, CheckpointError
+from byol.core.errors import ByolError, CheckpointError, ConfigError
 from byol.core.features import resolve_device
 from byol.jobs.build import (
     build_augment,
@@ -35,10 +35,11 @@ from byol.jobs.build import (
     progress_bar_on,
     sync_batchnorm_where_possible,
 )
-from byol.jobs.cli import command_arg, launched_rank, quiet_lightning, resume_hint
+from byol.jobs.cli import command_arg, launched_rank, resume_hint
 from byol.jobs.config_check import check_config, check_file_config, plain_config
+from byol.jobs.console import quiet_lightning
 from byol.jobs.curves import write_curves
-from byol.jobs.datasets import load_split, subset_of
+from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, subset_of
 from byol.jobs.monitoring import build_monitors, monitor_taps, representations
 from byol.jobs.resume import (
     epochs_trained,
@@ -58,17 +59,10 @@ from byol.jobs.run_folder import (
     check_resume_target,
     new_run_id,
 )
-from byol.lightning.callbacks import (
-    EpochHook,
-    EpochSummary,
-    OnTrainStart,
-    RunCheckpoints,
-    describe_step,
-    optimizer_steps_per_epoch,
-    progress_bar,
-)
+from byol.lightning.callbacks import RunCheckpoints, describe_step, optimizer_steps_per_epoch
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
+from byol.lightning.epoch_output import EpochHook, EpochSummary, OnTrainStart, progress_bar
 from byol.lightning.monitors import OnlineKNN, all_taps
 from byol.lightning.pretrain_module import BYOLModule
 
@@ -114,7 +108,31 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
         check_not_behind(run_dir, checkpoint, int(resumed["global_step"]))
     last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT  # at the end of a run: its final state
     finished = last.is_file() and epochs_trained(last) >= int(config["trainer"]["max_epochs"])
+    if finished and same_run:
+        refuse_other_settings(changed, run_dir)
     return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
+
+
+# The settings that make a trained model what it is. A finished run met again with other values of these
+# (a sweep re-run into its folder with another data.root per job) trained nothing and said "nothing to do":
+# the new settings were never trained. Devices, loggers, monitors, checkpoints and the machine's data
+# settings may differ.
+TRAINED_KEYS = ("backbone", "loss", "data", "optim", "head", "ema", "augment", "seed", "schedule_epochs",
+                "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+                "trainer.precision")
+
+
+def refuse_other_settings(changed: list[str], run_dir: Path) -> None:
+    """One line when the finished run in ``run_dir`` was trained with other :data:`TRAINED_KEYS` than asked."""
+    machine = {f"data.{key}" for key in (*MACHINE_DATA_KEYS, "on_device")}
+    keys = [(c, c.split(": ", 1)[0]) for c in changed]  # "data.root: 'a' -> 'b'"
+    trained = [c for c, key in keys if key not in machine and any(key == k or key.startswith(k + ".")
+                                                                  for k in TRAINED_KEYS)]
+    if trained:
+        raise ConfigError(f"'{run_dir}' holds a finished run trained with other settings ({'; '.join(trained)}); "
+                          f"nothing was trained. Train these settings into a folder of their own "
+                          f"(hydra.run.dir=NEW; a sweep: hydra.sweep.dir=NEW), or leave these overrides out to "
+                          f"keep the finished run as it is")
 
 
 def check_resumable(checkpoint: dict, config: dict, path: Path) -> None:

@@ -83,7 +83,7 @@ def random_model(backbone: Mapping, seed: int, label: str = RANDOM_INIT_LABEL) -
 def read_pretrained(path: str | Path, label: str | None = None) -> EncoderSource:
     """Read an encoder export or a Lightning checkpoint of a pretraining run (``weights_only``)."""
     path = Path(path)
-    blob = safe_load(path)
+    blob = safe_load(path, job="evaluate")  # a corrupt file's error names the pretrained= to take instead
     label = label or path.stem
     run_cfg = read_run_config(run_folder_of(path))
     run_cfg = run_cfg if run_cfg and run_cfg.get("loss") else None  # a training run's config, not another

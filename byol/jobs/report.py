@@ -10,13 +10,14 @@ runs. The 8 cells of the study (classic/multi x avgpool/combined x linear/finetu
 listed, their accuracy written ``missing`` when no result exists (``failed`` / ``incomplete``
 when no run counts), in the table, the CSV and the figure, so a gap in a sweep cannot go
 unnoticed; the random-init baseline and other protocols (kNN) are listed when present. Training
-jobs with no model (``status: missing``) are listed by folder with their reason; results of
-pretraining runs that did not finish their epochs (``pretrain_status: incomplete``) get rows of
-their own, marked ``incomplete``, and enter no mean unless allowed (``--allow-incomplete``, or
-evaluate.py's ``allow_incomplete=true``). Results with no accuracy by design (``eval=embed``: t-SNE
-maps) are listed under the table with their maps, never counted as failed. Rows with two or more
-seeds in common are compared seed by seed under the table and in ``paired.csv``
-(:mod:`byol.jobs.report_paired`).
+jobs with no model (``status: missing``) are listed by folder with their reason, and evaluations
+that have not written their result (``status: running``: in progress, or killed) by folder, in no
+mean and not counted as failed; results of pretraining runs that did not finish their epochs
+(``pretrain_status: incomplete``) get rows of their own, marked ``incomplete``, and enter no mean
+unless allowed (``--allow-incomplete``, or evaluate.py's ``allow_incomplete=true``). Results with
+no accuracy by design (``eval=embed``: t-SNE maps) are listed under the table with their maps, never
+counted as failed. Rows with two or more seeds in common are compared seed by seed under the table
+and in ``paired.csv`` (:mod:`byol.jobs.report_paired`).
 
 The folders scanned are data from whoever wrote them: a malformed ``results.json`` is skipped with one
 ``[report] note:`` line naming it (:func:`byol.jobs.report_files.load_results`); every file the report
@@ -39,6 +40,8 @@ from byol.core.checkpoint import atomic_write_bytes
 from byol.core.errors import ByolError
 from byol.jobs.report_cells import (
     BASELINE,
+    RUNNING,
+    RUNNING_TEXT,
     Cell,
     accuracy_text,
     build_cells,
@@ -58,7 +61,7 @@ from byol.jobs.report_plot import plot
 
 MD_COLUMNS = ("loss", "repr", "eval", "test acc", "val acc", "runs", "failed", "backbone", "data",
               "pretrain epochs", "eval epochs", "note")
-CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "incomplete", "missing", "status",
+CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "incomplete", "missing", "running", "status",
               "test_acc_mean_pct", "test_acc_std_pct", "val_acc_mean_pct", "val_acc_std_pct",
               "backbone", "data", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs"]
 
@@ -72,11 +75,17 @@ def _names(runs: Sequence[dict]) -> str:
     return ", ".join(dict.fromkeys(r["name"] for r in runs))
 
 
+def _running(cell: Cell) -> str:
+    """The evaluations of a row that have no result yet, named as such (not as failures)."""
+    return f"{len(cell.running_runs)} {RUNNING_TEXT} ({_names(cell.running_runs)})"
+
+
 def _note(cell: Cell) -> str:
     notes = []
     if cell.status == "missing":
-        runs = f": no model ({_names(cell.missing_runs)})" if cell.missing_runs else ""
-        notes.append(f"**missing**{runs}")
+        why = [f"no model ({_names(cell.missing_runs)})"] * bool(cell.missing_runs) + \
+            [_running(cell)] * bool(cell.running_runs)
+        notes.append("**missing**" + (f": {'; '.join(why)}" if why else ""))
     elif cell.status == "failed":
         notes.append(f"**failed**: {cell.errors[0][:120]}")
     elif cell.status == "incomplete":
@@ -89,6 +98,8 @@ def _note(cell: Cell) -> str:
         notes.append(f"{cell.failed} failed")
     if cell.missing_runs and cell.status != "missing":
         notes.append(f"{len(cell.missing_runs)} missing ({_names(cell.missing_runs)})")
+    if cell.running_runs and cell.status != "missing":
+        notes.append(_running(cell))
     if cell.repeated_seeds:
         seeds = ", ".join(f"seed {s} ({n} results)" for s, n in cell.repeated_seeds.items())
         notes.append(f"**repeated seeds**: {seeds}, each averaged into one run")
@@ -116,8 +127,8 @@ def _table(cells: Sequence[Cell]) -> list[str]:
 
 
 def _gaps(cells: Sequence[Cell]) -> list[str]:
-    """The sentences under the table naming the cells with no result, and the runs that are missing or
-    did not finish pretraining."""
+    """The sentences under the table naming the cells with no result, the runs that are missing or did not
+    finish pretraining, and the evaluations that have not written their result."""
     states = cell_states(cells)
     expected = expected_cells(c.eval for c in cells)
     missing = [t for t in expected if states.get(t) == "missing"]
@@ -138,6 +149,10 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
     if absent:
         lines += ["", f"Missing pretraining runs ({len(absent)}, not evaluated):"]
         lines += [md_cell(f"- {r['path']}: {r['reason']}") for r in absent]
+    running = _unique_runs(cells, "running_runs")
+    if running:
+        lines += ["", f"Evaluations {RUNNING_TEXT} ({len(running)}, in no mean, not counted as failed):"]
+        lines += [md_cell(f"- {r['name']} ({r['path']})") for r in running]
     for counted in (False, True):
         unfinished = _unique_runs([c for c in cells if c.counted == counted], "incomplete_runs")
         if not unfinished:
@@ -160,6 +175,7 @@ def _unscored(results: Sequence[dict]) -> list[str]:
     for r in sorted(results, key=lambda r: str(r.get("_path"))):
         folder = Path(str(r.get("_path"))).parent
         done = f"maps {', '.join((r.get('maps') or {}).values()) or 'none'}" if r.get("status") == "ok" else \
+            RUNNING_TEXT if r.get("status") == RUNNING else \
             f"**{r.get('status')}**: {str(r.get('error', 'no error recorded'))[:120]}"
         lines.append(md_cell(f"- {r.get('label') or folder.name} ({r.get('loss')}, repr={r.get('repr')}): {done} "
                              f"({folder})"))
@@ -200,7 +216,7 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
         backbone, _, eval_epochs = settings_text(c)
         epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
         w.writerow(csv_row([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
-                    c.status, *stats, backbone, c.data, *epochs, eval_epochs]))
+                    len(c.running_runs), c.status, *stats, backbone, c.data, *epochs, eval_epochs]))
     write_file(path, f.getvalue())
 
 

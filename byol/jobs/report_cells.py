@@ -25,6 +25,9 @@ BASELINE = "random-init"
 EXPECTED = [(loss, r, e) for e in EVALS for r in REPRS for loss in LOSSES]
 CORE_DATA = ("name", "root", "subset", "image_size")  # what every results.json of this version records
 NO_ACCURACY = ("embed",)  # protocols that score nothing (t-SNE maps): listed under the table, not in it
+# status of a results.json written before its model was evaluated: still running, or killed before the end
+RUNNING = "running"
+RUNNING_TEXT = "running or stopped before writing a result"
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Cell:
     errors: list[str] = field(default_factory=list)
     incomplete_runs: list[dict] = field(default_factory=list)
     missing_runs: list[dict] = field(default_factory=list)
+    running_runs: list[dict] = field(default_factory=list)  # evaluations with no result yet: not failures
     n_results: int = 0                  # results.json files in this row (0: an expected cell with none)
     data: str = ""                      # how the data settings read in the table (set by build_cells)
 
@@ -93,7 +97,7 @@ class Cell:
     def status(self) -> str:
         if self.test:
             return "incomplete" if self.incomplete else "ok"
-        return "failed" if self.failed else "missing"
+        return "failed" if self.failed else "missing"  # running evaluations alone: no result yet, missing
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -165,8 +169,9 @@ def _order(value: str, known: Sequence[str]) -> tuple[int, str]:
 
 
 def result_status(r: dict) -> str:
-    """``ok``, ``failed`` or ``missing`` (a training job with no model). A results.json written before
-    ``status`` existed is finished when it has a test accuracy."""
+    """``ok``, ``failed``, ``missing`` (a training job with no model) or ``running`` (an evaluation that has
+    not written its result: in progress, or killed). A results.json written before ``status`` existed is
+    finished when it has a test accuracy."""
     status = r.get("status") or ("ok" if r.get("test_acc") is not None else "failed")
     return "failed" if status == "ok" and r.get("test_acc") is None else status
 
@@ -233,8 +238,9 @@ def _add_finished(cells: dict[tuple, Cell], r: dict, allow_incomplete: bool | No
 
 
 def _add_unfinished(cells: dict[tuple, Cell], r: dict, status: str) -> None:
-    """Count a failed or missing result in the row whose settings it matches (preferring finished runs'
-    rows), else in a row of its own."""
+    """Count a failed, missing or running result in the row whose settings it matches (preferring finished
+    runs' rows), else in a row of its own. A running one is listed, never counted as failed: its evaluation
+    has not ended (or was killed), which says nothing of the method."""
     triple, settings = _triple(r), _settings(r)
     candidates = sorted((c for c in cells.values() if _matches(c, triple, settings)), key=lambda c: c.incomplete)
     if candidates:
@@ -247,6 +253,9 @@ def _add_unfinished(cells: dict[tuple, Cell], r: dict, status: str) -> None:
     if status == "missing":
         cell.missing_runs.append({"name": _run_name(r), "path": r.get("pretrained"),
                                   "reason": str(r.get("error", "no model"))})
+    elif status == RUNNING:
+        folder = Path(r["_path"]).parent if r.get("_path") else r.get("pretrained")  # where it writes
+        cell.running_runs.append({"name": _run_name(r), "path": str(folder)})
     else:
         cell.failed += 1
         cell.errors.append(str(r.get("error", "no error recorded")))
@@ -265,7 +274,7 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
 
     ``allow_incomplete``: whether the results of unfinished pretraining runs enter the means; None:
     as each results.json says (evaluate.py's ``allow_incomplete``). They stay in rows of their own.
-    Failed and missing results join the row of their cell whose settings they match.
+    Failed, missing and running results join the row of their cell whose settings they match.
     """
     results = [r for r in results if r.get("eval") not in NO_ACCURACY]
     cells: dict[tuple, Cell] = {}

@@ -4,7 +4,7 @@ job with no model (``status: missing``), and the earlier evaluation of a folder 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from byol.core.checkpoint import atomic_write_bytes
@@ -58,13 +58,28 @@ def model_fields(model: EncoderSource) -> dict:
             "pretrain_data": None if model.is_random else data_fields(model.data)}
 
 
-def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: str) -> dict:
+def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: str,
+                   choose_data: Callable[[Mapping | None, str], Mapping] | None = None) -> dict:
     """Write the ``results.json`` of a training job with no model (failed, or no weights): ``status:
-    missing``, so that the report lists it, under the loss / backbone / seed of its config.yaml."""
-    result = result_fields(str(Path(job).resolve()), label, cfg)
+    missing``, so that the report lists it, under the loss / backbone / seed of its config.yaml.
+
+    ``choose_data`` (the evaluation's :meth:`EvaluationData.settings`): the data the evaluation would have
+    used for this run, from its config; without it the report would put the job under ``cfg``'s data (the
+    evaluation's default, not what the sweep's other runs are evaluated on) in a row of its own."""
     try:
-        result.update(run_config_fields(read_run_config(Path(job)) or read_run_config(Path(job) / HYDRA_DIR)))
+        run_config = read_run_config(Path(job)) or read_run_config(Path(job) / HYDRA_DIR)
     except ByolError:  # a config refused as unsafe: the job is listed all the same
+        run_config = None
+    data = cfg["data"]
+    if choose_data is not None:
+        try:
+            data = choose_data(run_config, label)
+        except ByolError as e:  # e.g. a hand-edited normalisation: listed, under the evaluation's own data
+            print(f"[eval] note: {label}: {e}; listed under this evaluation's data settings", flush=True)
+    result = result_fields(str(Path(job).resolve()), label, {**cfg, "data": data})
+    try:
+        result.update(run_config_fields(run_config))
+    except ByolError:
         pass
     status = "failed" if (Path(job) / FAILED).is_file() else "no weights"
     result.update(status="missing", pretrain_status=status, error=reason)

@@ -1,0 +1,91 @@
+"""What a job prints: Lightning's known noise silenced, the project's own warnings as one line, and the
+console copied into the job's log file."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # byol/
+
+
+# Lightning messages with nothing for a user to act on, silenced during a run (and restored after)
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning-internal deprecation (torch >= 2.10)
+    r"`training_step` returned `None`",  # train.on_nonfinite=skip skips steps on purpose, and says so
+    r"You.re resuming from a checkpoint that ended before",  # IndexBatches resumes mid-epoch itself
+    r"Experiment logs directory .* exists and is not empty",  # metrics.csv beside config.yaml, on purpose
+    r"Found \d+ module\(s\) in eval mode",  # a frozen encoder evaluates in eval mode on purpose
+    # DDP: rank 0 alone scores kNN, and the probes' accuracy is counted on the gathered global batch;
+    # the train/* epoch means are logged with sync_dist=True; Lightning warns anyway under DDP at world size 1
+    # (benchmarks/throughput.py's ours_ddp peer)
+    r"It is recommended to use `self.log\('(monitor/(knn|probe)|train/)",
+    r"torch.distributed.nn.functional.all_gather is deprecated",  # inside Lightning's all_gather (torch >= 2.10)
+)
+LIGHTNING_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's banner, tips and known warnings off for the ``with`` block; the [byol] lines say
+    what matters. Warning filters and logger levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    levels, plain_format = [logger.level for logger in loggers], warnings.formatwarning
+    with warnings.catch_warnings():
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        warnings.formatwarning = partial(_one_line_warning, plain_format)
+        try:
+            yield
+        finally:
+            warnings.formatwarning = plain_format
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _one_line_warning(plain_format, message, category, filename, lineno, line=None) -> str:
+    """The project's own warnings as one ``warning:`` line (they say what to do; the line of source code
+    Python prints under a warning would not); other libraries' warnings as Python formats them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return plain_format(message, category, filename, lineno, line)
+
+
+class _CopyTo:
+    """A text stream that also appends what it writes to ``log`` (progress-bar redraws excepted)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if "\r" not in text:  # a progress bar redrawing its line: the console's business only
+            self.log.write(text)
+            self.log.flush()
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def console_copied_to(path: Path):
+    """The job's console lines (stdout, and stderr's error lines) also in ``path`` (Hydra's job log)."""
+    try:
+        log = open(path, "a", encoding="utf-8")
+    except OSError:  # an unwritable folder is reported by the job itself
+        yield
+        return
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _CopyTo(stdout, log), _CopyTo(stderr, log)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+        log.close()

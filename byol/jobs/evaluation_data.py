@@ -1,0 +1,72 @@
+"""The data each model is evaluated on: the run's own data settings, the command line's ``data`` keys
+over them, and this machine's settings (cache folder, storage, download) over both."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from byol.core.data import ImageTensors
+from byol.jobs.config_check import check_normalization
+from byol.jobs.datasets import DATASETS, MACHINE_DATA_KEYS, load_eval_data
+
+
+def data_group_defaults(name) -> dict:
+    """The settings of ``conf/data/<name>.yaml`` ({} for a name this project does not have)."""
+    from omegaconf import OmegaConf
+
+    from byol.jobs.config_check import CONF_DIR
+
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    if not isinstance(name, str) or name not in DATASETS or not path.is_file():
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+class EvaluationData:
+    """The data each model is evaluated on: the settings of the run that trained it (group, root,
+    image size, normalisation...), except the ``data`` keys given on the command line; each distinct
+    setting is loaded once."""
+
+    def __init__(self, composed: dict, given: Sequence[str], seed: int, split: Mapping):
+        self.composed, self.seed, self.split = composed, seed, split
+        self.whole = "data" in given  # data=GROUP: the command line's data settings, whole
+        self.keys = [k[len("data."):] for k in given if k.startswith("data.")]
+        self._loaded: dict[str, tuple] = {}
+        self.runs_data: Mapping | None = None  # the first run's data: the baselines of a sweep use it
+
+    def settings(self, run_config: Mapping | None, label: str) -> dict:
+        run_data = (run_config or {}).get("data")
+        if self.whole or not isinstance(run_data, Mapping):
+            source = "the command line" if self.whole else "this evaluation's config (no run data)"
+            chosen = self.composed
+        else:
+            chosen = {**run_data, **{k: self.composed[k] for k in self.keys if k in self.composed}}
+            chosen.update(self._machine_settings(run_data, label))
+            given = f"; {', '.join('data.' + k for k in self.keys)} from the command line" if self.keys else ""
+            source = f"the run's own settings{given}"
+        described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
+        print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
+        check_normalization(chosen, source)  # a run folder's config.yaml may have been edited by hand
+        return chosen
+
+    def _machine_settings(self, run_data: Mapping, label: str) -> dict:
+        """Where this machine keeps decoded images and whether it may download: this evaluation's settings
+        (the command line, else this installation's defaults for the run's dataset), never the run's. A run
+        trained elsewhere names folders of that machine; a handed config.yaml could name any folder, to
+        write decoded images (copies of any images this user can read) or a download into."""
+        defaults = data_group_defaults(run_data.get("name"))
+        given = {k: self.composed[k] for k in self.keys if k in self.composed}
+        local = {k: given.get(k, defaults[k]) for k in MACHINE_DATA_KEYS if k in defaults}
+        differs = [k for k in local if k in run_data and run_data[k] != local[k]]
+        if differs:
+            print(f"[eval] {label}: note: {', '.join(f'data.{k}={local[k]}' for k in differs)} (this machine's "
+                  f"setting; the run had {', '.join(str(run_data[k]) for k in differs)}: give data.KEY=VALUE "
+                  f"to choose)", flush=True)
+        return local
+
+    def load(self, data: Mapping) -> tuple[dict[str, ImageTensors], int]:
+        key = json.dumps(data, sort_keys=True, default=str)
+        if key not in self._loaded:
+            self._loaded[key] = load_eval_data(data, self.split, self.seed)
+        return self._loaded[key]

@@ -1,0 +1,88 @@
+"""Everyday mistakes and accidents get one line that names the fix: a precision the jobs cannot train
+in, a quoted '~/data', an archive's __MACOSX folder, a second Ctrl+C (while a checkpoint is written,
+it waits for the file)."""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import class_folders, compose_config, plain_config
+from PIL import Image
+
+from byol.core.errors import ConfigError
+from byol.core.image_folder import load_image_folder
+from byol.jobs.config_check import check_config
+from byol.jobs.datasets import load_split
+from byol.lightning.callbacks import RunCheckpoints, StopEvaluationOnSignal
+
+
+@pytest.mark.parametrize("precision", ["64", "64-true", "16-true", "bf16-true"])
+def test_a_precision_that_casts_the_network_is_refused_in_one_line(tmp_path, precision):
+    config = plain_config(compose_config("train", ["experiment=smoke", f"trainer.precision={precision}"], tmp_path))
+    with pytest.raises(ConfigError, match=rf"trainer.precision={precision} is not supported.*use 32-true"):
+        check_config(config)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "32"])
+def test_the_precisions_the_jobs_train_in_pass(tmp_path, precision):
+    check_config(plain_config(compose_config("train", ["experiment=smoke", f"trainer.precision={precision}"],
+                                             tmp_path)))
+
+
+
+
+def test_a_quoted_home_folder_in_data_root_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    class_folders(tmp_path / "imgs" / "train", 2)
+    data = load_split({"name": "imagefolder", "root": "~/imgs", "image_size": 8, "cache_dir": None}, "train")
+    assert data.classes == ("cat", "dog") and len(data.images) == 4
+
+
+def test_a_macos_archive_folder_is_not_a_class(tmp_path):
+    root = class_folders(tmp_path / "train", 2)
+    (root / "__MACOSX" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "__MACOSX" / "cat" / "._0.png")
+    Image.new("RGB", (8, 8)).save(root / "__MACOSX" / "x.png")
+    assert load_image_folder(root, 8, workers=1).classes == ("cat", "dog")
+
+
+def _checkpoints(tmp_path) -> RunCheckpoints:
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, "python train.py resume=RUN")
+    cb.last.parent.mkdir()
+    return cb
+
+
+def test_a_second_ctrl_c_says_what_is_kept(tmp_path, capsys):
+    cb = _checkpoints(tmp_path)
+    cb._on_signal(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        cb._on_signal(signal.SIGINT, None)
+    assert "second Ctrl+C: stopped at once; no checkpoint was saved yet" in capsys.readouterr().err
+    torch.save({}, cb.last)
+    with pytest.raises(KeyboardInterrupt):
+        cb._on_signal(signal.SIGINT, None)
+    assert f"the last checkpoint saved is kept ({cb.last}); resume with: python train.py resume=RUN" in \
+        capsys.readouterr().err
+    evaluation = StopEvaluationOnSignal("fine-tuning")
+    evaluation._on_signal(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation._on_signal(signal.SIGINT, None)
+    assert "no result written for it" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_while_a_checkpoint_is_written_waits_for_the_file(tmp_path, capsys):
+    cb = _checkpoints(tmp_path)
+    cb._on_signal(signal.SIGINT, None)
+
+    def save_checkpoint(path, weights_only):
+        cb._on_signal(signal.SIGINT, None)  # arrives halfway: must not break the write
+        torch.save({"whole": True}, path)
+
+    trainer = SimpleNamespace(save_checkpoint=save_checkpoint, global_step=7)
+    with pytest.raises(KeyboardInterrupt):
+        cb._save(trainer, cb.last)
+    assert torch.load(cb.last)["whole"] and cb._last_step == 7
+    assert "second Ctrl+C: stopped at once; the last checkpoint saved is kept" in capsys.readouterr().err
