@@ -79,3 +79,27 @@ def test_the_projects_warnings_are_one_line_during_a_job():
     assert ours == "warning: data.cache_dir 'x' cannot be written\n"
     assert theirs.startswith("/elsewhere/lib.py:7: UserWarning: some library says")
     assert warnings.formatwarning is before  # restored
+
+
+def test_a_killed_decodes_unfinished_cache_file_is_removed_and_a_live_ones_kept(tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data, cache = class_folders(tmp_path / "train", 3), tmp_path / "cache"
+    load_image_folder(data, 8, cache_dir=cache, workers=1, storage="mmap")
+    npy = next(cache.glob("*.u8.npy"))
+    npy.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left = cache / f".{npy.name}.{host}-{int(dead.stdout)}.abc123.tmp"  # SIGKILL'd while decoding
+    live = cache / f".{npy.name}.{host}-{os.getpid()}.def456.tmp"  # another job decoding right now
+    elsewhere = cache / f".{npy.name}.other-node-{int(dead.stdout)}.ghi789.tmp"  # a process of another machine
+    for f in (left, live, elsewhere):
+        f.write_bytes(b"\0" * 64)
+    again = load_image_folder(data, 8, cache_dir=cache, workers=1, storage="mmap")
+    assert len(again.images) == 6
+    assert not left.exists() and live.exists() and elsewhere.exists()
+    assert "removed 1 unfinished cache file(s)" in capsys.readouterr().out
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp") and p not in (live, elsewhere)]

@@ -12,7 +12,7 @@ import torch
 from conftest import class_folders, compose_config, plain_config
 from PIL import Image
 
-from byol.core.errors import ConfigError
+from byol.core.errors import ConfigError, DataError
 from byol.core.image_folder import load_image_folder
 from byol.jobs.config_check import check_config
 from byol.jobs.datasets import load_split
@@ -86,3 +86,27 @@ def test_a_second_ctrl_c_while_a_checkpoint_is_written_waits_for_the_file(tmp_pa
         cb._save(trainer, cb.last)
     assert torch.load(cb.last)["whole"] and cb._last_step == 7
     assert "second Ctrl+C: stopped at once; the last checkpoint saved is kept" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "refused"), [
+    (["data.image_size=8"], "data.image_size=8 is too small for the imagenet stem: at least 16 px"),
+    (["data.crop_size=12"], "data.crop_size=12 is too small for the imagenet stem"),
+    (["data.image_size=8", "backbone.stem=cifar"], None), (["data.image_size=16"], None),
+    (["data.crop_size=4", "backbone.stem=cifar"], "data.crop_size=4 is too small for the cifar stem: at least 8")])
+def test_images_too_small_for_the_stem_are_refused_before_a_nan(tmp_path, overrides, refused):
+    config = plain_config(compose_config("train", ["experiment=smoke", *overrides], tmp_path))
+    if refused is None:
+        check_config(config)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_config(config)
+
+
+def test_synthetic_data_too_large_for_memory_is_one_line(monkeypatch):
+    import byol.jobs.datasets as datasets
+
+    cfg = {"name": "synthetic", "num_train": 10, "num_test": 5, "image_size": 100, "num_classes": 2}
+    monkeypatch.setattr(datasets, "mmap_limit", lambda _: 16 * 10 * 3 * 100 * 100 - 1)
+    with pytest.raises(DataError, match=r"synthetic data of 10 images of 100 px needs about .* lower data.image_size"):
+        load_split(cfg, "train")
+    assert len(load_split(cfg, "test")) == 5  # 5 images fit

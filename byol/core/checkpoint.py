@@ -9,11 +9,13 @@ file intact.
 from __future__ import annotations
 
 import errno
+import glob
 import math
 import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +49,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        fd, tmp = new_temp_file(path)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
@@ -111,6 +113,38 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` straight into the temporary file (no second copy of the checkpoint in memory)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def new_temp_file(path: Path) -> tuple[int, str]:
+    """A new, empty file beside ``path`` (descriptor, name), created exclusively under a name nobody can
+    guess (a link planted under a predictable one would be written through), that says which process of
+    which machine writes it: :func:`remove_dead_writers_files` can then tell a killed writer's file."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{socket.gethostname()}-{os.getpid()}.",
+                            suffix=TEMP_SUFFIX)
+
+
+def remove_dead_writers_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files for ``path`` that a process of this machine, no longer running, left (a decode
+    killed by SIGTERM or SIGKILL leaves one the size of the dataset), removed. Files of live processes
+    (another job decoding the same folder) and of other machines (a shared disk) are left alone."""
+    path, removed = Path(path), []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+        writer = tmp.name[len(path.name) + 2:-len(TEMP_SUFFIX)].rpartition(".")[0]  # "<host>-<pid>"
+        host, _, pid = writer.rpartition("-")
+        if host == socket.gethostname() and pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,9 +63,10 @@ def write_images(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, 
 
 
 def _new_temp_file(path: Path) -> Path:
-    """A new, empty file beside ``path`` under a name nobody can guess (created exclusively): a link
-    planted under a predictable name would have had the images written through it, over another file."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A new, empty file beside ``path`` (see :func:`byol.core.checkpoint.new_temp_file`)."""
+    from byol.core.checkpoint import new_temp_file
+
+    fd, name = new_temp_file(path)
     os.close(fd)
     return Path(name)
 

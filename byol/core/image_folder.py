@@ -300,6 +300,7 @@ def load_image_folder(
         cached = _cached_images(cache) if cache.exists() else None
         if cached is not None:
             return cached
+        _remove_unfinished(cache)
         problem = cache_folder_problem(cache.parent, decoded_bytes(len(files), size))
         if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
             warnings.warn(f"data.cache_dir '{cache.parent}' {problem}: decoding without keeping the images, so "
@@ -322,6 +323,16 @@ def load_image_folder(
         except CheckpointError as e:  # the disk filled up while decoding: the images are decoded all the same
             warnings.warn(f"the decoded images were not cached: {e}", stacklevel=2)
     return data
+
+
+def _remove_unfinished(cache: Path) -> None:
+    """Cache files that a stopped decode of this folder left half-written (before counting the free space)."""
+    from byol.core.checkpoint import remove_dead_writers_files
+
+    removed = remove_dead_writers_files(cache) if cache.parent.is_dir() else []
+    if removed:
+        print(f"[data] removed {len(removed)} unfinished cache file(s) that a stopped process left beside {cache}",
+              flush=True)
 
 
 def cache_folder_problem(folder: Path, size: int) -> str | None:
@@ -377,6 +388,7 @@ def _load_mmap(folder: Path, scan: _Scan, size: int, cache_dir, skip_bad: bool, 
             return ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True)
         except Exception:
             warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
+    _remove_unfinished(npy)
     problem = cache_folder_problem(npy.parent, decoded_bytes(len(scan.files), size))
     if problem:
         raise DataError(f"data.storage=mmap keeps the decoded images in a file in data.cache_dir, but "

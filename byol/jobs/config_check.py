@@ -354,6 +354,22 @@ def check_config(container: Mapping, source: str = "the config") -> None:
                           f"({source})")
     if isinstance(container.get("data"), Mapping):
         check_normalization(container["data"], source)
+        _check_image_side(container, source)
+
+
+# the smallest crop each stem trains on: the ImageNet stem halves the image five times (at 8 px its last
+# blocks see 1x1 maps and the first steps diverge), the CIFAR stem three times
+SMALLEST_SIDE = {"imagenet": 16, "cifar": 8}
+
+
+def _check_image_side(container: Mapping, source: str) -> None:
+    data, stem = container["data"], (container.get("backbone") or {}).get("stem")
+    for key in ("image_size", "crop_size"):
+        side, least = data.get(key), SMALLEST_SIDE.get(stem, 8)
+        if isinstance(side, int) and not isinstance(side, bool) and side < least:
+            other = " (the cifar stem takes 8 px and up: backbone.stem=cifar)" if stem == "imagenet" else ""
+            raise ConfigError(f"data.{key}={side} is too small for the {stem or 'ResNet'} stem: at least {least} px"
+                              f"{other} ({source})")
 
 
 def check_normalization(data: Mapping, source: str) -> None:

@@ -23,6 +23,7 @@ from byol.core.data import (
     make_synthetic,
     seeded_subset,
 )
+from byol.core.disk_images import decoded_bytes
 from byol.core.errors import DataError
 from byol.core.image_folder import load_image_folder
 
@@ -67,6 +68,11 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
                                  storage=cfg.get("storage", "memory"), mmap_above=mmap_limit(cfg))
     if name == "synthetic":
         n = cfg["num_train"] if split == "train" else cfg["num_test"]
+        need, room = 16 * decoded_bytes(n, cfg["image_size"]), mmap_limit({})  # float32 while drawn, 4 of them
+        if need > room:  # else the kernel ends the process with no message
+            raise DataError(f"synthetic data of {n} images of {cfg['image_size']} px needs about {need / 1e9:.1f} GB "
+                            f"of memory while it is drawn, more than half of what is free ({2 * room / 1e9:.1f} GB): "
+                            f"lower data.image_size or data.num_train / data.num_test")
         return make_synthetic(n, cfg["image_size"], cfg["num_classes"], seed=0 if split == "train" else 1)
     raise DataError(f"unknown data.name '{name}'; choose one of: {', '.join(DATASETS)}")
 
