@@ -102,7 +102,7 @@ def resolve_data(args) -> Path:
 
 
 def count_images(folder: Path) -> int:
-    from byol.core.image_folder import IMAGE_EXTENSIONS
+    from byol.core.folder_scan import IMAGE_EXTENSIONS
 
     return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from byol.core.errors import DataError
-from byol.core.image_folder import load_image_folder, scan_folder
+from byol.core.folder_scan import scan_folder
+from byol.core.image_folder import load_image_folder
 from byol.jobs.datasets import eval_splits, load_eval_data
 
 SIZE = 8

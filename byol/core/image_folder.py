@@ -1,8 +1,6 @@
-"""Image folders decoded once into ``ImageTensors``: scanning, decoding, resizing, and the cache.
-
-A folder is ``<class>/**`` (or a flat folder of images for pretraining). The scan is careful
-because a folder can silently mislead: symlinks that reach the same images twice or loop back
-to the dataset, and hidden files (macOS '._*' resource forks, '.DS_Store') that are not images.
+"""Image folders decoded once into ``ImageTensors``: decoding, resizing, and the cache (in memory, or a
+memory-mapped file for folders larger than memory). What the folder holds is found by
+:mod:`byol.core.folder_scan`.
 """
 
 from __future__ import annotations
@@ -13,9 +11,7 @@ import shutil
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,194 +19,11 @@ import torch
 from byol.core.data import ImageTensors
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import CheckpointError, DataError
+from byol.core.folder_scan import FolderScan, scan_images
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-# Folders that archivers add beside the images (macOS zips: resource forks of every file): never a class
-SKIPPED_FOLDERS = ("__MACOSX",)
 # The decoders Pillow may use, whatever a file's name: Pillow picks the decoder from the content, and some
 # (EPS runs Ghostscript on the file) must never see a file handed to us. JPEG includes cameras' MPO files.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF")
-
-
-# --------------------------------------------------------------------------- scanning
-
-
-@dataclass
-class _Scan:
-    """An image folder's files, each counted once, with their labels and real paths."""
-
-    files: list[Path]
-    labels: list[int]
-    classes: tuple[str, ...]
-    real: list[str]  # each file's resolved path (symlinks followed)
-
-
-def _contains(outer: str, inner: str) -> bool:
-    """Whether real path ``inner`` is ``outer`` or below it."""
-    return os.path.commonpath([outer, inner]) == outer
-
-
-class _Found(NamedTuple):
-    """An image met on the walk: its class (None at the top of a flat folder), the path it was
-    reached by, its real path, and whether that path is a file symlink."""
-
-    cls: str | None
-    path: Path
-    real: str
-    link: bool
-
-
-class _Scanner:
-    """One walk of an image folder, and what it has seen so far.
-
-    The walk reads each real folder once (``scanned``), records the images it meets
-    (``found``) and defers the symlinked folders met below the top (``nested``) until the
-    plain folders are read, so that a link to a folder of the dataset is the one skipped.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.root = os.path.realpath(folder)
-        self.scanned = {self.root}  # real paths of the folders walked
-        self.found: list[_Found] = []
-        self.nested: list[tuple[Path, str | None]] = []  # symlinked folders met on the way, followed last
-        self.skipped: list[str] = []  # symlinked folders not followed, for the "no images" message
-
-    def entries(self, path: Path, top: bool) -> list[os.DirEntry]:
-        """The entries of ``path`` by name; unreadable is an error at the top, a skipped folder below."""
-        try:
-            with os.scandir(path) as it:
-                return sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            if top:
-                raise DataError(f"cannot read image folder '{path}' ({e.strerror}); check its permissions "
-                                f"or point data.root elsewhere") from None
-            print(f"[data] skipping unreadable folder '{path}' ({e.strerror})", flush=True)
-            return []
-
-    def walk(self, path: Path, real: str, cls: str | None, top: bool = False) -> list[tuple[Path, str]]:
-        """Record the images below ``path`` (whose real path is ``real``) as class ``cls``.
-
-        At the top, subfolders are classes and are returned rather than walked, as
-        ``(path, real path)``, with "" as the real path of a symlinked one.
-        """
-        subfolders = []
-        for e in self.entries(path, top):
-            if e.name.startswith(".") or e.name in SKIPPED_FOLDERS:
-                continue
-            p = Path(e.path)
-            try:
-                link, is_dir = e.is_symlink(), e.is_dir()
-            except OSError:
-                continue
-            if is_dir and link:
-                if not top:
-                    self.nested.append((p, cls))
-                else:
-                    subfolders.append((p, ""))
-            elif is_dir:
-                sub = os.path.join(real, e.name)
-                if top:
-                    subfolders.append((p, sub))
-                elif sub not in self.scanned:
-                    self.scanned.add(sub)
-                    self.walk(p, sub, cls)
-            elif p.suffix.lower() in IMAGE_EXTENSIONS and e.is_file():
-                self.found.append(_Found(cls, p, os.path.realpath(p) if link else os.path.join(real, e.name), link))
-        return subfolders
-
-    def follow(self, link: Path) -> str | None:
-        """The real path of a symlinked folder to walk, or None (skipped, with a line)."""
-        target = os.path.realpath(link)
-        if _contains(target, self.root):
-            why = ("it is the dataset folder or a folder above it (a link cycle); its images would be "
-                   "counted twice")
-        elif target in self.scanned:
-            why = "that folder is already part of the dataset; its images are counted once"
-        else:
-            self.scanned.add(target)
-            return target
-        print(f"[data] skipping symlinked folder '{link}' -> '{target}': {why}", flush=True)
-        self.skipped.append(str(link.relative_to(self.folder)))
-        return None
-
-    def walk_all(self) -> list[str]:
-        """Walk the whole folder and return its class names, in the order met."""
-        top = self.walk(self.folder, self.root, None, top=True)
-        classes = []
-        for path, real in top:  # plain class folders first: a link to one of them is the duplicate
-            if real:
-                self.scanned.add(real)
-                classes.append(path.name)
-                self.walk(path, real, path.name)
-        for path, real in top:
-            if not real and (target := self.follow(path)) is not None:
-                classes.append(path.name)
-                self.walk(path, target, path.name)
-        i = 0
-        while i < len(self.nested):  # walking a linked folder may meet further links
-            path, cls = self.nested[i]
-            if (target := self.follow(path)) is not None:
-                self.walk(path, target, cls)
-            i += 1
-        return classes
-
-    def collect(self, classes: list[str]) -> _Scan:
-        """The images found, each real file once, labelled by the sorted ``classes``.
-
-        Images in class folders win over loose ones at the top; a file reached through several
-        paths is kept at its own place when it has one in the dataset, else at its first path.
-        """
-        classes = sorted(classes)
-        label = {c: k for k, c in enumerate(classes)}
-        in_classes = [f for f in self.found if f.cls is not None]
-        chosen = in_classes or [f for f in self.found if f.cls is None]
-        chosen.sort(key=lambda f: (label.get(f.cls, -1), f.path))
-        own = {f.real for f in chosen if not f.link}
-        files, labels, reals, seen = [], [], [], set()
-        for f in chosen:
-            if f.real in seen or (f.link and f.real in own):
-                continue
-            seen.add(f.real)
-            files.append(f.path)
-            labels.append(label[f.cls] if f.cls is not None else -1)
-            reals.append(f.real)
-        if len(chosen) > len(files):
-            n = len(chosen) - len(files)
-            print(f"[data] {n} {'file' if n == 1 else 'files'} reached through more than one path (symlinks) "
-                  f"{'is' if n == 1 else 'are'} counted once", flush=True)
-        if not files:
-            note = f"; symlinked folders skipped: {', '.join(self.skipped)}" if self.skipped else ""
-            raise DataError(f"no images found in '{self.folder}' (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                            f"files in class subfolders or directly inside it{note})")
-        return _Scan(files, labels, tuple(classes) if in_classes else (), reals)
-
-
-def _scan(folder: Path) -> _Scan:
-    """Walk ``folder/<class>/**`` (or a flat folder of images) once, following symlinks safely.
-
-    Hidden files and folders (names starting with '.', such as macOS '._*' resource forks and
-    '.DS_Store') are skipped everywhere. A symlinked folder is followed unless it resolves to
-    the dataset folder or a folder above it (a link cycle: every image again) or to a folder
-    already scanned (images counted twice); those are skipped with one printed line each. A
-    file reached through several paths (file symlinks) is counted once, at its own place when
-    it has one in the dataset, else at its first path in sorted order.
-    """
-    if not folder.is_dir():
-        raise DataError(f"image folder '{folder}' does not exist; set data.root to a folder laid out as "
-                        f"DIR/train/<class>/*.jpg (or a flat folder of images for pretraining)")
-    scanner = _Scanner(folder)
-    return scanner.collect(scanner.walk_all())
-
-
-def scan_folder(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
-    """Files and labels of ``folder/<class>/*``; a flat folder of images gives label -1.
-
-    Each image is counted once however many symlinks lead to it; hidden files and folders are
-    skipped (see :func:`_scan`).
-    """
-    scan = _scan(folder)
-    return scan.files, scan.labels, scan.classes
 
 
 # --------------------------------------------------------------------------- decoding
@@ -261,7 +74,7 @@ def _resize_center(im, size: int):
     return im.crop((left, top, left + size, top + size))
 
 
-def _cache_key(folder: Path, scan: _Scan, size: int, skip_bad: bool) -> str:
+def _cache_key(folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> str:
     """What the decoded tensors depend on: the class list (an empty class folder shifts the
     labels), and per file its path, label, real path (where a symlink leads), size and mtime."""
     h = hashlib.sha256(f"{folder.resolve()}|{size}|{skip_bad}|v2|{list(scan.classes)}\n".encode())
@@ -289,7 +102,7 @@ def load_image_folder(
     ``storage="auto"`` picks it when the decoded images would take more than ``mmap_above`` bytes.
     """
     folder = Path(folder)
-    scan = _scan(folder)
+    scan = scan_images(folder)
     if choose_storage(storage, decoded_bytes(len(scan.files), size), mmap_above) == "mmap":
         return _load_mmap(folder, scan, size, cache_dir, skip_bad_files, workers)
     files, labels, classes = scan.files, scan.labels, scan.classes
@@ -371,7 +184,7 @@ def _cached_images(pt: Path) -> ImageTensors | None:
         return None
 
 
-def _load_mmap(folder: Path, scan: _Scan, size: int, cache_dir, skip_bad: bool, workers: int) -> ImageTensors:
+def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: bool, workers: int) -> ImageTensors:
     """The folder's images in the memory-mapped cache ``<name>-<key>.u8.npy`` (written when missing,
     from the in-memory ``.pt`` cache when there is one, else by decoding), labels beside it."""
     from byol.core.checkpoint import atomic_torch_save

@@ -23,6 +23,14 @@ from byol.core.disk_images import STORAGES
 from byol.core.errors import ConfigError
 from byol.core.optim import OPTIMIZERS, SCHEDULES
 from byol.core.state_check import repr_prefix, whole
+from byol.jobs.value_ranges import (
+    AUGMENT_PAIRS,
+    augment_paths,
+    check_augment_ranges,
+    check_image_side,
+    check_normalization,
+    number_at,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Keys by which Hydra's instantiate imports and calls code.
@@ -72,9 +80,6 @@ POSITIVE = ("backbone.width", "optim.base_lr", "eval.lr", "eval.encoder_lr", "ev
             "monitor.temperature", "monitor.probe_lr", "data.mmap_above_gb")
 UNIT_INTERVAL = ("ema.tau_base", "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 # augmentation settings (shared and per view): closed range of each number, and of each [min, max] pair
-AUGMENT_RANGES = {"brightness": (0, math.inf), "contrast": (0, math.inf), "saturation": (0, math.inf),
-                  "hue": (0, 0.5), "solarize_threshold": (0, 1), "blur_kernel_size": (0, math.inf)}
-AUGMENT_PAIRS = {"crop_scale": (0, 1), "crop_ratio": (0, math.inf), "blur_sigma": (0, math.inf)}
 MOMENTUM = ("optim.optimizer.momentum", "eval.optimizer.momentum")  # [0, 1): 1 never forgets, more diverges
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 # Lightning's precision settings that the jobs' own feature extraction also follows (features.autocast_dtype).
@@ -284,21 +289,6 @@ def check_file_config(raw, source: str) -> dict:
     return _check_types(clean, (), config_schema(), source, strict=False)
 
 
-def _number_at(container: Mapping, dotted: str):
-    node = container
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _augment_paths(container: Mapping, leaf: str) -> list[str]:
-    augment = container.get("augment") or {}
-    views = [f"augment.{v}.{leaf}" for v in augment if isinstance(augment[v], Mapping) and leaf in augment[v]]
-    return ([f"augment.{leaf}"] if leaf in augment else []) + views
-
-
 SEED_RANGE = 2 ** 32  # torch, numpy and Lightning take seeds 0 ... 2**32 - 1
 SEED_TEXT = f"a whole number from 0 to {SEED_RANGE - 1}"
 
@@ -311,40 +301,40 @@ def check_config(container: Mapping, source: str = "the config") -> None:
     """Every value of a composed config has its type and range, or a one-line ConfigError."""
     _check_types(container, (), config_schema(), source, strict=True)
     for key in POSITIVE_INT:
-        value = _number_at(container, key)
+        value = number_at(container, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{key} must be a positive whole number, not {value!r} ({source})")
-    if _number_at(container, "data.batch_size") == 1:  # a BatchNorm traceback at the first step
+    if number_at(container, "data.batch_size") == 1:  # a BatchNorm traceback at the first step
         raise ConfigError(f"data.batch_size must be at least 2, not 1: BatchNorm normalises over the images of a "
                           f"batch (of each process under DDP), and one image has no spread ({source})")
     seed = container.get("seed")
     if seed is not None and not valid_seed(seed):
         raise ConfigError(f"seed must be {SEED_TEXT}, not {seed!r} ({source})")
     for key in NON_NEGATIVE + POSITIVE:
-        value = _number_at(container, key)
+        value = number_at(container, key)
         if value is None:
             continue
         if not math.isfinite(value) or value < 0 or (key in POSITIVE and value == 0):
             bound = "positive" if key in POSITIVE else "zero or more"
             raise ConfigError(f"{key} must be {bound}, not {value!r} ({source})")
     for leaf in UNIT_INTERVAL:
-        for key in _augment_paths(container, leaf) if "." not in leaf else [leaf]:
-            value = _number_at(container, key)
+        for key in augment_paths(container, leaf) if "." not in leaf else [leaf]:
+            value = number_at(container, key)
             if leaf == "blur_p" and value == "auto":  # the paper's per view on crops above 32 px, else none
                 continue
             if value is not None and (isinstance(value, str) or not 0 <= value <= 1):
                 auto = " (or auto: BYOL's blur on crops above 32 px)" if leaf == "blur_p" else ""
                 raise ConfigError(f"{key} must lie between 0 and 1{auto}, not {value!r} ({source})")
-    _check_augment_ranges(container, source)
+    check_augment_ranges(container, source)
     for key in MOMENTUM:
-        value = _number_at(container, key)
+        value = number_at(container, key)
         if value is not None and not 0 <= value < 1:
             raise ConfigError(f"{key} must lie in [0, 1), not {value!r} ({source})")
     for key, names in NAMED.items():
-        value = _number_at(container, key)
+        value = number_at(container, key)
         if value is not None and value not in names:
             raise ConfigError(f"unknown {key} '{value}'; choose one of: {', '.join(names)} ({source})")
-    precision = _number_at(container, "trainer.precision")
+    precision = number_at(container, "trainer.precision")
     if precision is not None and str(precision) in UNSUPPORTED_PRECISIONS:
         raise ConfigError(f"trainer.precision={precision} is not supported: it casts the whole network, and BYOL "
                           f"trains it with float32 inputs and a float32 EMA; use 32-true (full precision), "
@@ -354,60 +344,4 @@ def check_config(container: Mapping, source: str = "the config") -> None:
                           f"({source})")
     if isinstance(container.get("data"), Mapping):
         check_normalization(container["data"], source)
-        _check_image_side(container, source)
-
-
-# the smallest crop each stem trains on: the ImageNet stem halves the image five times (at 8 px its last
-# blocks see 1x1 maps and the first steps diverge), the CIFAR stem three times
-SMALLEST_SIDE = {"imagenet": 16, "cifar": 8}
-
-
-def _check_image_side(container: Mapping, source: str) -> None:
-    data, stem = container["data"], (container.get("backbone") or {}).get("stem")
-    for key in ("image_size", "crop_size"):
-        side, least = data.get(key), SMALLEST_SIDE.get(stem, 8)
-        if isinstance(side, int) and not isinstance(side, bool) and side < least:
-            other = " (the cifar stem takes 8 px and up: backbone.stem=cifar)" if stem == "imagenet" else ""
-            raise ConfigError(f"data.{key}={side} is too small for the {stem or 'ResNet'} stem: at least {least} px"
-                              f"{other} ({source})")
-
-
-def check_normalization(data: Mapping, source: str) -> None:
-    """``data.mean`` / ``data.std``: one number per RGB channel, of pixels scaled to [0, 1] (images are
-    divided by 255 first), and a std above 0 (a zero divides every pixel by it)."""
-    for key in ("mean", "std"):
-        value = data.get(key)
-        if value is None:
-            continue
-        numbers = isinstance(value, (list, tuple)) and all(_kind(v) == "number" for v in value)
-        if not numbers or len(value) != 3:
-            raise ConfigError(f"data.{key} must be 3 numbers, one per RGB channel, not {value!r} ({source})")
-        if not all(0 <= v <= 1 for v in value) or (key == "std" and min(value) == 0):
-            scale = " (given on the 0-255 scale? divide by 255)" if max(value) > 1 else ""
-            bound = "in [0, 1]" if key == "mean" else "in (0, 1]"
-            raise ConfigError(f"data.{key} must be {bound}, of pixels scaled to [0, 1], not {value!r}{scale} "
-                              f"({source})")
-
-
-def _check_augment_ranges(container: Mapping, source: str) -> None:
-    """Augmentation numbers within the ranges that mean something (hue shifts past half a turn wrap
-    around; a [min, max] pair given as [max, min] would sample outside what was meant)."""
-    for leaf, (low, high) in AUGMENT_RANGES.items():
-        for key in _augment_paths(container, leaf):
-            value = _number_at(container, key)
-            if value is not None and not low <= value <= high:
-                bound = "be zero or more" if high == math.inf else f"lie between {low} and {high}"
-                raise ConfigError(f"{key} must {bound}, not {value!r} ({source})")
-            if leaf == "blur_kernel_size" and value and value % 2 == 0:
-                raise ConfigError(f"{key} must be odd (or 0: about a tenth of the image side), not {value!r} "
-                                  f"({source})")
-    for leaf, (low, high) in AUGMENT_PAIRS.items():
-        for key in _augment_paths(container, leaf):
-            pair = _number_at(container, key)
-            if pair is None:
-                continue
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                    and all(_kind(v) == "number" for v in pair)
-                    and low < pair[0] <= pair[1] <= high):
-                top = "" if high == math.inf else f" <= {high}"
-                raise ConfigError(f"{key} must be [min, max] with {low} < min <= max{top}, not {pair!r} ({source})")
+        check_image_side(container, source)

@@ -7,8 +7,8 @@ import json
 from collections.abc import Mapping, Sequence
 
 from byol.core.data import ImageTensors
-from byol.jobs.config_check import check_normalization
 from byol.jobs.datasets import DATASETS, MACHINE_DATA_KEYS, load_eval_data
+from byol.jobs.value_ranges import check_normalization
 
 
 def data_group_defaults(name) -> dict:
