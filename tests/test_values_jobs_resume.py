@@ -162,3 +162,21 @@ def test_a_finished_run_met_with_other_machine_or_display_settings_is_still_done
     capsys.readouterr()
     pretrain(compose_config("train", [*TINY, override], run), run, requested=[override.split("=")[0]])
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("before", "after", "requested", "weights"), [
+    (["+loss.weights={layer2.0: 0.5}"], ["+loss.weights={layer2.0: 1.0}"], ["loss.weights"], {"layer2.0": 1.0}),
+    ([], ["+loss.weights={avgpool: 0.5}"], ["loss.weights"], {"avgpool": 0.5}),
+    ([], ["++loss.weights.avgpool=0.5"], ["loss.weights.avgpool"], {"avgpool": 0.5}),
+    (["+loss.weights={avgpool: 0.5}"], [], ["loss.weights"], {}),
+    (["+loss.weights={layer2.0: 0.5}"], ["+loss.weights={layer2.0: 1.0}"], ["seed"], {"layer2.0": 0.5})])
+def test_per_head_loss_weights_are_resumed_whole(tmp_path, before, after, requested, weights):
+    """A head's weight is named like its module ("layer2.0"): a changed one was set at loss.weights.layer2."0"
+    and a new one dropped without a word."""
+    from byol.jobs.resume import resume_config
+
+    saved = plain_config(compose_config("train", ["experiment=smoke", "loss=multi", *before], tmp_path))
+    asked = plain_config(compose_config("train", ["experiment=smoke", "loss=multi", *after], tmp_path))
+    config, changed = resume_config(saved, asked, requested)
+    assert config["loss"]["weights"] == weights
+    assert bool(changed) == (weights != saved["loss"]["weights"])

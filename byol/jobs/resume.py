@@ -21,6 +21,9 @@ from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, raw_run_config, sweep_
 ARCHITECTURE_KEYS = ("backbone", "loss.taps", "head")
 # Never compared between a checkpoint and the command line.
 IGNORED_KEYS = ("resume", "trainer.enable_progress_bar")  # how a run is shown, not how it trains
+# Mappings whose keys the user chooses (a weight per head, named like "layer2.0"): compared and set whole. Taken
+# apart, a new head's weight was dropped without a word and a changed one was set at loss.weights.layer2."0"
+FREE_FORM_KEYS = ("loss.weights",)
 # Architecture settings added after checkpoints were written: the value those checkpoints were trained with.
 ADDED_KEYS = {"backbone.width": 1.0}
 
@@ -54,7 +57,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict) and v and key not in FREE_FORM_KEYS:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -70,6 +73,11 @@ def _set(d: dict, dotted: str, value) -> None:
 
 def _under(key: str, prefixes) -> bool:
     return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _under_any(keys, prefix: str) -> bool:
+    """Whether one of ``keys`` lies at or under ``prefix`` (``loss.weights.avgpool`` under ``loss.weights``)."""
+    return any(_under(k, [prefix]) for k in keys)
 
 
 def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, list[str]]:
@@ -97,7 +105,8 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             if requested is not None:
                 _set(result, key, new[key])
             continue
-        if requested is not None and not _under(key, requested):
+        asked = _under(key, requested or []) or (key in FREE_FORM_KEYS and _under_any(requested or [], key))
+        if requested is not None and not asked:
             continue  # not set on the command line: the run keeps its own value
         if requested is not None:
             _set(result, key, new[key])
