@@ -110,3 +110,21 @@ def test_synthetic_data_too_large_for_memory_is_one_line(monkeypatch):
     with pytest.raises(DataError, match=r"synthetic data of 10 images of 100 px needs about .* lower data.image_size"):
         load_split(cfg, "train")
     assert len(load_split(cfg, "test")) == 5  # 5 images fit
+
+
+@pytest.mark.parametrize(("last_step", "noted"), [(6, True), (4, False), (None, False)])
+def test_an_export_older_than_its_runs_last_checkpoint_is_noted(tmp_path, capsys, last_step, noted):
+    from test_evaluation import tiny_encoder
+
+    from byol.core.checkpoint import save_encoder
+    from byol.jobs.pretrained import read_pretrained
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_encoder(tiny_encoder([]), run / "encoder.pt", meta={"loss": "classic", "epochs": 2, "global_step": 4})
+    if last_step is not None:
+        torch.save({"global_step": last_step}, run / "checkpoints" / "last.ckpt")
+    assert read_pretrained(run / "encoder.pt").epochs == 2  # the export is what is evaluated
+    out = capsys.readouterr().out
+    assert ("is further on (optimizer step 6) than encoder.pt (step 4)" in out) is noted
+    assert (f"pretrained={run / 'checkpoints' / 'last.ckpt'} evaluates the later state" in out) is noted

@@ -100,11 +100,29 @@ def _from_export(blob: dict, path: Path, label: str, run_cfg: Mapping | None) ->
     backbone = architecture(encoder_config(blob.get("backbone"), path))
     state = checked_state_dict(blob.get("state_dict"), path)
     meta = export_meta(blob.get("meta"), path)
+    note_later_checkpoint(path, meta.get("global_step"), label)
     epochs = meta.get("epochs") or 0
     # an export is written when training ends: without a run config, it planned what it did
     planned = planned_epochs(run_cfg) if run_cfg else epochs
     return EncoderSource(label, str(path), backbone, meta.get("loss", "unknown"), meta.get("seed"), epochs,
                          state, (run_cfg or {}).get("data"), planned)
+
+
+def note_later_checkpoint(export: Path, export_step, label: str) -> None:
+    """Say so when the run's ``last.ckpt`` is further on than its ``encoder.pt``: a finished run continued
+    with more epochs and stopped before its new export. The export is what is evaluated (it is what
+    ``pretrained=RUN`` names); the line says how to evaluate the later state instead."""
+    last = export.parent / CHECKPOINTS_DIR / "last.ckpt"
+    if export.name != ENCODER_FILE or not whole(export_step) or not last.is_file():
+        return
+    try:
+        step = safe_load(last, mmap=True, job="evaluate").get("global_step")
+    except (CheckpointError, AttributeError):
+        return  # a damaged last.ckpt: nothing to compare with
+    if whole(step) and step > export_step:
+        print(f"[eval] note: {label}: {last} is further on (optimizer step {step}) than {export.name} (step "
+              f"{export_step}): the run was continued and stopped before its next export. This evaluates "
+              f"{export.name}; pretrained={last} evaluates the later state", flush=True)
 
 
 # the fields of an export's meta that are read, each with its test and what it must be (any may be absent)
