@@ -128,3 +128,22 @@ def test_an_export_older_than_its_runs_last_checkpoint_is_noted(tmp_path, capsys
     out = capsys.readouterr().out
     assert ("is further on (optimizer step 6) than encoder.pt (step 4)" in out) is noted
     assert (f"pretrained={run / 'checkpoints' / 'last.ckpt'} evaluates the later state" in out) is noted
+
+
+def test_the_report_on_a_run_whose_curves_cannot_be_drawn_does_not_say_there_is_no_run(tmp_path, capsys):
+    import yaml
+
+    from byol.jobs.report import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "encoder.pt").write_bytes(b"weights")  # a run folder, as the report finds them
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "loss": {"taps": [], "weights": {}}}))
+    (run / "metrics.csv").write_bytes(bytes(range(256)) * 4)  # not text
+    with pytest.raises(SystemExit, match=r"no results.json under .*, and the learning curves of its 1 training "
+                                         r"run\(s\) could not be drawn"):
+        report([run], tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "[report] note: curves" in err and "not drawn (UnicodeDecodeError" in err
+    with pytest.raises(SystemExit, match="no results.json and no training run under"):
+        report([tmp_path / "out"], tmp_path / "out2")

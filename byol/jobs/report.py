@@ -268,6 +268,13 @@ def report(folders: Sequence[str | Path], out: str | Path,
     if not paths:
         if curves:
             return []
+        from byol.jobs.run_folder import find_runs
+
+        runs = [run for folder in folders for run in find_runs(Path(folder))]
+        if runs:  # there are runs: their metrics.csv could not be drawn (a note above says why)
+            raise SystemExit(f"error: no results.json under {where}, and the learning curves of its {len(runs)} "
+                             f"training run(s) could not be drawn (see above); evaluate them with evaluate.py "
+                             f"pretrained=... first")
         raise SystemExit(f"error: no results.json and no training run under {where}; run train.py / evaluate.py "
                          f"first")
     if not results:
