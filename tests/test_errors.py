@@ -466,6 +466,12 @@ def test_an_empty_pretrained_stops_before_any_folder_is_made(tmp_path, capsys):
     (["+experiment=smoke"], "evaluate", "error: experiment=... does not apply here: experiments are pretraining "
                                         "settings"),
     (["eval=knn"], "train", "error: eval=... does not apply here: evaluation settings belong to evaluate.py"),
+    # a key of the other script's group: Hydra's "Key 'repr' is not in struct" and its advice to append it
+    (["repr.taps=[layer1.0]"], "train", "error: repr.taps=... does not apply here: representations are chosen at "
+                                        "evaluation"),
+    (["+optim.base_lr=3"], "evaluate", "error: optim.base_lr=... does not apply here: optim is a pretraining"),
+    (["loss.taps=[]"], "evaluate", "error: loss.taps=... does not apply here: the loss is a pretraining setting"),
+    (["hydra.run.dir=/tmp/x", "hydra.job.chdir=false", "data.root=/d", "eval.epochs=2"], "evaluate", None),
     (["experiment=null", "logger=[csv,tensorboard]", "'~logger'", "hydra/launcher=joblib", "loss=multi"], "train",
      None),
     (["-m", "eval=linear,finetune", "repr=avgpool,combined", "preset=smoke"], "evaluate", None),

@@ -123,6 +123,10 @@ def unknown_option(argv: Sequence[str], config_name: str) -> str | None:
     _, groups, optional = _top_config(config_name)
     for o in parsed:
         group = o.key_or_group
+        head = group.split(".")[0]
+        if "." in group and head != "hydra" and (CONF_DIR / head).is_dir() and head not in groups:  # repr.taps
+            why = OTHER_SCRIPTS_GROUPS.get((config_name, head), f"{config_name}.py has no {head} group")
+            return f"error: {group}=... does not apply here: {why} (python {config_name}.py --help lists its groups)"
         if o.is_delete() or "/" in group or not (CONF_DIR / group).is_dir():
             continue
         if group not in groups:
