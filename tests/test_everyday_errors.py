@@ -147,3 +147,12 @@ def test_the_report_on_a_run_whose_curves_cannot_be_drawn_does_not_say_there_is_
     assert "[report] note: curves" in err and "not drawn (UnicodeDecodeError" in err
     with pytest.raises(SystemExit, match="no results.json and no training run under"):
         report([tmp_path / "out"], tmp_path / "out2")
+
+
+def test_an_image_larger_than_pillow_decodes_says_to_save_a_smaller_copy(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    root = class_folders(tmp_path / "train", 2, size=40)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # 40x40 is then more than twice the limit
+    with pytest.raises(DataError, match=r"is larger than Pillow decodes .*save a smaller copy"):
+        load_image_folder(root, 8, workers=1)

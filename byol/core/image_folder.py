@@ -58,6 +58,10 @@ def _decode(path: Path, size: int, skip_bad: bool) -> np.ndarray | None:
         if skip_bad:
             warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
             return None
+        if type(e).__name__ == "DecompressionBombError":  # a real image can be that large (a slide, a satellite)
+            raise DataError(f"image '{path}' is larger than Pillow decodes ({e}); save a smaller copy of it (a few "
+                            f"thousand pixels a side is far more than data.image_size needs), or set "
+                            f"data.skip_bad_files=true to skip it with a warning") from None
         raise DataError(f"cannot read image '{path}' ({e}). Remove or replace the file, or set "
                         f"data.skip_bad_files=true to skip unreadable files with a warning") from None
 
