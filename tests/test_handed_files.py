@@ -228,13 +228,16 @@ def test_a_runs_cache_folder_and_download_setting_are_not_this_machines(tmp_path
     composed = plain_config(compose_config("evaluate", ["preset=smoke"], tmp_path))
     run_data = {**data_group_defaults("imagefolder"), "root": "/data/imgs", "cache_dir": "/elsewhere/cache",
                 "storage": "mmap", "mmap_above_gb": 0.001}
-    chosen = EvaluationData(composed["data"], [], 0, composed["split"]).settings({"data": run_data}, "run")
+    data = EvaluationData(composed["data"], [], 0, composed["split"])
+    chosen = data.settings({"data": run_data}, "run")
     defaults = data_group_defaults("imagefolder")
     assert (chosen["cache_dir"], chosen["storage"], chosen["mmap_above_gb"]) == (
         defaults["cache_dir"], defaults["storage"], defaults["mmap_above_gb"])
     assert chosen["root"] == "/data/imgs"  # where the data is: the run's
     out = capsys.readouterr().out
     assert "note: data.cache_dir=~/.cache/byol/images" in out and "/elsewhere/cache" in out
+    data.settings({"data": run_data}, "another run of the sweep")
+    assert "note:" not in capsys.readouterr().out  # said once
     given = compose_config("evaluate", ["preset=smoke", "++data.cache_dir=/mine", "data.root=/other"], tmp_path)
     mine = EvaluationData(plain_config(given)["data"], ["data.cache_dir", "data.root"], 0, composed["split"])
     chosen = mine.settings({"data": run_data}, "run")

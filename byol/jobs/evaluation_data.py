@@ -25,8 +25,8 @@ def data_group_defaults(name) -> dict:
 
 class EvaluationData:
     """The data each model is evaluated on: the settings of the run that trained it (group, root,
-    image size, normalisation...), except the ``data`` keys given on the command line; each distinct
-    setting is loaded once."""
+    image size, normalisation...), except the ``data`` keys given on the command line and the machine's
+    own settings (:data:`~byol.jobs.datasets.MACHINE_DATA_KEYS`); each distinct setting is loaded once."""
 
     def __init__(self, composed: dict, given: Sequence[str], seed: int, split: Mapping):
         self.composed, self.seed, self.split = composed, seed, split
@@ -34,6 +34,7 @@ class EvaluationData:
         self.keys = [k[len("data."):] for k in given if k.startswith("data.")]
         self._loaded: dict[str, tuple] = {}
         self.runs_data: Mapping | None = None  # the first run's data: the baselines of a sweep use it
+        self._noted: set[str] = set()  # machine settings the runs had otherwise, said once each
 
     def settings(self, run_config: Mapping | None, label: str) -> dict:
         run_data = (run_config or {}).get("data")
@@ -59,10 +60,11 @@ class EvaluationData:
         given = {k: self.composed[k] for k in self.keys if k in self.composed}
         local = {k: given.get(k, defaults[k]) for k in MACHINE_DATA_KEYS if k in defaults}
         differs = [k for k in local if k in run_data and run_data[k] != local[k]]
-        if differs:
-            print(f"[eval] {label}: note: {', '.join(f'data.{k}={local[k]}' for k in differs)} (this machine's "
-                  f"setting; the run had {', '.join(str(run_data[k]) for k in differs)}: give data.KEY=VALUE "
-                  f"to choose)", flush=True)
+        said = ", ".join(f"data.{k}={local[k]}" for k in differs)
+        if differs and said not in self._noted:
+            self._noted.add(said)
+            print(f"[eval] {label}: note: {said} (this machine's setting; the run had "
+                  f"{', '.join(str(run_data[k]) for k in differs)}: give data.KEY=VALUE to choose)", flush=True)
         return local
 
     def load(self, data: Mapping) -> tuple[dict[str, ImageTensors], int]:
