@@ -156,3 +156,25 @@ def test_an_image_larger_than_pillow_decodes_says_to_save_a_smaller_copy(tmp_pat
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # 40x40 is then more than twice the limit
     with pytest.raises(DataError, match=r"is larger than Pillow decodes .*save a smaller copy"):
         load_image_folder(root, 8, workers=1)
+
+
+@pytest.mark.parametrize(("export_run", "folder_run", "planned", "noted"), [
+    ("aaa111", "bbb222", 1, True), ("aaa111", "aaa111", 5, False), (None, "bbb222", 5, False)])
+def test_an_export_copied_from_another_run_keeps_its_own_epochs(tmp_path, capsys, export_run, folder_run, planned,
+                                                                noted):
+    import yaml
+    from test_evaluation import tiny_encoder
+
+    from byol.core.checkpoint import save_encoder
+    from byol.jobs.pretrained import read_pretrained
+
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = {"loss": "classic", "epochs": 1, **({"run_id": export_run} if export_run else {})}
+    save_encoder(tiny_encoder([]), run / "encoder.pt", meta=meta)
+    (run / "config.yaml").write_text(yaml.safe_dump({"run_id": folder_run, "loss": {"taps": [], "weights": {}},
+                                                     "trainer": {"max_epochs": 5}}))
+    source = read_pretrained(run / "encoder.pt")
+    assert (source.epochs, source.planned_epochs) == (1, planned)
+    assert ("written by run aaa111, not by the run of the config.yaml beside it (bbb222)" in
+            capsys.readouterr().out) is noted

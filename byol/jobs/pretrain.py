@@ -44,6 +44,7 @@ from byol.jobs.monitoring import build_monitors, monitor_taps, representations
 from byol.jobs.resume import (
     epochs_trained,
     export_from_checkpoint,
+    export_meta_fields,
     find_resume,
     folder_run_id,
     resume_config,
@@ -245,8 +246,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training
         draw_curves(run_dir)
     save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
-                 meta={"loss": loss_mode(config["loss"]), "epochs": trainer.current_epoch,
-                       "global_step": trainer.global_step, "seed": config["seed"]})
+                 meta=export_meta_fields(config, trainer.current_epoch, trainer.global_step))
     print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
           flush=True)
     return export

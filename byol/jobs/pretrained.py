@@ -29,7 +29,15 @@ from byol.core.errors import CheckpointError, ConfigError
 from byol.core.state_check import shown, whole
 from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
 from byol.jobs.config_check import SEED_TEXT, check_file_config, check_plain, valid_seed
-from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, RANDOM, raw_run_config, run_folder_of
+from byol.jobs.run_folder import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    ENCODER_FILE,
+    RANDOM,
+    RUN_ID_KEY,
+    raw_run_config,
+    run_folder_of,
+)
 
 RANDOM_INIT_LABEL = "random-init"  # the loss column, and the label, of a random-init baseline
 # the data settings that make two results comparable; the evaluation's split too
@@ -101,11 +109,27 @@ def _from_export(blob: dict, path: Path, label: str, run_cfg: Mapping | None) ->
     state = checked_state_dict(blob.get("state_dict"), path)
     meta = export_meta(blob.get("meta"), path)
     note_later_checkpoint(path, meta.get("global_step"), label)
+    folder_id = _folder_run_id(path) if run_cfg and meta.get(RUN_ID_KEY) else None
+    foreign = folder_id not in (None, meta.get(RUN_ID_KEY))
+    if foreign:
+        print(f"[eval] note: {label}: {path.name} was written by run {meta[RUN_ID_KEY]}, not by the run of the "
+              f"config.yaml beside it ({folder_id}): a copy from another run, whose epochs are its own "
+              f"(that config.yaml's trainer.max_epochs does not apply); the data are that config.yaml's", flush=True)
     epochs = meta.get("epochs") or 0
     # an export is written when training ends: without a run config, it planned what it did
-    planned = planned_epochs(run_cfg) if run_cfg else epochs
+    planned = planned_epochs(run_cfg) if run_cfg and not foreign else epochs
     return EncoderSource(label, str(path), backbone, meta.get("loss", "unknown"), meta.get("seed"), epochs,
                          state, (run_cfg or {}).get("data"), planned)
+
+
+def _folder_run_id(export: Path) -> str | None:
+    """The run id in the config.yaml beside an export (None: none, or not one)."""
+    from byol.jobs.resume import folder_run_id
+
+    try:
+        return folder_run_id(export.parent)
+    except ConfigError:
+        return None
 
 
 def note_later_checkpoint(export: Path, export_step, label: str) -> None:
@@ -129,7 +153,8 @@ def note_later_checkpoint(export: Path, export_step, label: str) -> None:
 META_FIELDS = {"epochs": (whole, "a whole number of 0 or more"),
                "global_step": (whole, "a whole number of 0 or more"),
                "seed": (valid_seed, SEED_TEXT),
-               "loss": (lambda v: v in ("classic", "multi"), "classic or multi")}
+               "loss": (lambda v: v in ("classic", "multi"), "classic or multi"),
+               RUN_ID_KEY: (lambda v: isinstance(v, str) and v.isalnum() and len(v) <= 64, "a run id")}
 
 
 def export_meta(raw, path: Path) -> dict:

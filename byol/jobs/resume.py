@@ -159,5 +159,11 @@ def export_from_checkpoint(ckpt: dict, cfg: dict, path: Path) -> None:
     last ``last.ckpt`` and its export)."""
     encoder = build_encoder(cfg)
     load_weights(encoder, online_encoder_state(ckpt), path)
-    save_encoder(encoder, path, meta={"loss": loss_mode(cfg["loss"]), "epochs": epochs_done(ckpt),
-                                      "global_step": ckpt.get("global_step"), "seed": cfg["seed"]})
+    save_encoder(encoder, path, meta=export_meta_fields(cfg, epochs_done(ckpt), ckpt.get("global_step")))
+
+
+def export_meta_fields(cfg: dict, epochs: int, step) -> dict:
+    """What an ``encoder.pt`` says about the run that wrote it (read back, checked, by
+    :func:`byol.jobs.pretrained.export_meta`): the run id tells a copy from another run's folder."""
+    meta = {"loss": loss_mode(cfg["loss"]), "epochs": epochs, "global_step": step, "seed": cfg["seed"]}
+    return {**meta, RUN_ID_KEY: cfg[RUN_ID_KEY]} if cfg.get(RUN_ID_KEY) else meta
