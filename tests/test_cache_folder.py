@@ -65,7 +65,7 @@ def test_a_cache_write_that_fails_midway_keeps_the_decoded_images(tmp_path, imag
     def full_disk(obj, path):
         raise CheckpointError(f"could not write '{path}' (No space left on device)")
 
-    monkeypatch.setattr("byol.core.checkpoint.atomic_torch_save", full_disk)
+    monkeypatch.setattr(image_folder, "atomic_torch_save", full_disk)  # the name image_folder calls
     with pytest.warns(UserWarning, match="not cached: could not write"):
         loaded = load_image_folder(data, 8, cache_dir=tmp_path / "cache", workers=1)
     assert torch.equal(loaded.images, plain.images)

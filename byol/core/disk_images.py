@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from byol.core.checkpoint import new_temp_file, usual_permissions
 from byol.core.data import ImageTensors, IndexBatches
 from byol.core.errors import DataError
 
@@ -47,8 +48,6 @@ def open_images(path: str | os.PathLike) -> torch.Tensor:
 def write_images(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, ...], path: Path) -> list[int]:
     """Write up to ``n`` arrays of ``shape`` (None: skipped) to the ``.npy`` file ``path``, one at a time
     (never all in memory), atomically; return the positions of the arrays written."""
-    from byol.core.checkpoint import usual_permissions
-
     tmp, tmp2 = _new_temp_file(path), _new_temp_file(path)
     try:
         kept = _write_rows(arrays, n, shape, tmp, tmp2)
@@ -64,8 +63,6 @@ def write_images(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, 
 
 def _new_temp_file(path: Path) -> Path:
     """A new, empty file beside ``path`` (see :func:`byol.core.checkpoint.new_temp_file`)."""
-    from byol.core.checkpoint import new_temp_file
-
     fd, name = new_temp_file(path)
     os.close(fd)
     return Path(name)

@@ -193,7 +193,7 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
     """Files and labels of ``folder/<class>/*``; a flat folder of images gives label -1.
 
     Each image is counted once however many symlinks lead to it; hidden files and folders are
-    skipped (see :func:`_scan`).
+    skipped (see :func:`scan_images`).
     """
     scan = scan_images(folder)
     return scan.files, scan.labels, scan.classes

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from byol.core.checkpoint import atomic_torch_save, remove_dead_writers_files
 from byol.core.data import ImageTensors
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import CheckpointError, DataError
@@ -134,7 +135,6 @@ def load_image_folder(
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     data = ImageTensors(images, torch.tensor([labels[i] for i in keep], dtype=torch.long), classes)
     if cache is not None:
-        from byol.core.checkpoint import atomic_torch_save
         try:
             atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes)}, cache)
         except CheckpointError as e:  # the disk filled up while decoding: the images are decoded all the same
@@ -144,8 +144,6 @@ def load_image_folder(
 
 def _remove_unfinished(cache: Path) -> None:
     """Cache files that a stopped decode of this folder left half-written (before counting the free space)."""
-    from byol.core.checkpoint import remove_dead_writers_files
-
     removed = remove_dead_writers_files(cache) if cache.parent.is_dir() else []
     if removed:
         print(f"[data] removed {len(removed)} unfinished cache file(s) that a stopped process left beside {cache}",
@@ -191,8 +189,6 @@ def _cached_images(pt: Path) -> ImageTensors | None:
 def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: bool, workers: int) -> ImageTensors:
     """The folder's images in the memory-mapped cache ``<name>-<key>.u8.npy`` (written when missing,
     from the in-memory ``.pt`` cache when there is one, else by decoding), labels beside it."""
-    from byol.core.checkpoint import atomic_torch_save
-
     if not cache_dir:
         raise DataError("data.storage=mmap keeps the decoded images in a file in data.cache_dir; set "
                         "data.cache_dir to a folder on a local disk")

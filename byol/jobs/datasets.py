@@ -42,8 +42,7 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
     """
     name = cfg["name"]
     download = cfg.get("download", True)
-    root = cfg.get("root")
-    root = os.path.expanduser(root) if isinstance(root, str) else root  # a quoted '~/data' reaches us as it is
+    root = data_root(cfg)
     if name == "cifar10":
         return load_cifar10(root, train=split == "train", download=download)
     if name == "cifar100":
@@ -77,6 +76,12 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
     raise DataError(f"unknown data.name '{name}'; choose one of: {', '.join(DATASETS)}")
 
 
+def data_root(cfg):
+    """``data.root`` with ``~`` expanded (a quoted '~/data' reaches us as it is), else as it is (None, '???')."""
+    root = cfg.get("root")
+    return os.path.expanduser(root) if isinstance(root, str) else root
+
+
 def mmap_limit(cfg) -> float:
     """Bytes of decoded images above which ``data.storage=auto`` memory-maps them: the smaller of
     ``data.mmap_above_gb`` and half of the RAM available now (the run needs the rest)."""
@@ -92,7 +97,7 @@ def _train_folder(cfg) -> str:
     """Where the training images are, for messages about them."""
     if cfg["name"] != "imagefolder":
         return "the training set"
-    root = Path(cfg["root"]).expanduser()
+    root = Path(data_root(cfg))
     return f"'{root / 'train' if (root / 'train').is_dir() else root}'"
 
 
@@ -101,7 +106,7 @@ def check_eval_folders(cfg) -> None:
     may take a plain folder as its training set; an evaluation that did would score the wrong images)."""
     if cfg["name"] != "imagefolder":
         return
-    root = Path(cfg["root"]).expanduser()
+    root = Path(data_root(cfg))
     missing = [split for split in ("train", "test") if not (root / split).is_dir()]
     if root.exists() and missing:
         raise missing_split_folders(root, missing)

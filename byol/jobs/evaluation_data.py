@@ -3,6 +3,7 @@ over them, and this machine's settings (cache folder, storage, download) over bo
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 
@@ -11,8 +12,10 @@ from byol.jobs.datasets import DATASETS, MACHINE_DATA_KEYS, load_eval_data
 from byol.jobs.value_ranges import check_normalization
 
 
+@functools.cache
 def data_group_defaults(name) -> dict:
-    """The settings of ``conf/data/<name>.yaml`` ({} for a name this project does not have)."""
+    """The settings of ``conf/data/<name>.yaml`` ({} for a name this project does not have); read once per
+    name (a sweep asks for each of its models). Not to be changed by the caller."""
     from omegaconf import OmegaConf
 
     from byol.jobs.config_check import CONF_DIR

@@ -29,10 +29,12 @@ from byol.core.errors import CheckpointError, ConfigError
 from byol.core.state_check import shown, whole
 from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
 from byol.jobs.config_check import SEED_TEXT, check_file_config, check_plain, valid_seed
+from byol.jobs.resume import folder_run_id
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     ENCODER_FILE,
+    LAST_CHECKPOINT,
     RANDOM,
     RUN_ID_KEY,
     raw_run_config,
@@ -124,8 +126,6 @@ def _from_export(blob: dict, path: Path, label: str, run_cfg: Mapping | None) ->
 
 def _folder_run_id(export: Path) -> str | None:
     """The run id in the config.yaml beside an export (None: none, or not one)."""
-    from byol.jobs.resume import folder_run_id
-
     try:
         return folder_run_id(export.parent)
     except ConfigError:
@@ -136,7 +136,7 @@ def note_later_checkpoint(export: Path, export_step, label: str) -> None:
     """Say so when the run's ``last.ckpt`` is further on than its ``encoder.pt``: a finished run continued
     with more epochs and stopped before its new export. The export is what is evaluated (it is what
     ``pretrained=RUN`` names); the line says how to evaluate the later state instead."""
-    last = export.parent / CHECKPOINTS_DIR / "last.ckpt"
+    last = export.parent / CHECKPOINTS_DIR / LAST_CHECKPOINT
     if export.name != ENCODER_FILE or not whole(export_step) or not last.is_file():
         return
     try:
