@@ -285,6 +285,29 @@ def test_nan_loss_skip_leaves_the_step_out(tmp_path, nan_at, monkeypatch, capsys
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bad", [2, 3])  # the first or the last micro-batch of the second window
+def test_nan_loss_skip_with_accumulation_leaves_the_whole_window_out(tmp_path, nan_at, monkeypatch, capsys, bad):
+    """With trainer.accumulate_grad_batches=2, a skipped micro-batch skips its window's optimizer step and
+    EMA: stepping on the other micro-batch's gradient alone was half a step (its loss is halved)."""
+    nan_at(bad, only=True)
+    seen = []
+    step = BYOL.forward
+
+    def watch(self, view1, view2):  # the weights (online and target) before each forward pass
+        seen.append({k: v.detach().clone() for k, v in self.named_parameters()})
+        return step(self, view1, view2)
+
+    monkeypatch.setattr(BYOL, "forward", watch)
+    run = tmp_path / "run"
+    pretrain(smoke_cfg(tmp_path, "train.on_nonfinite=skip", "trainer.accumulate_grad_batches=2"), run)
+    assert "skipping this step (1 skipped so far)" in capsys.readouterr().out
+    unchanged = [all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(seen, seen[1:])]
+    # within a window nothing changes; at the end of windows 1, 3 and 4 the weights change; window 2 applied nothing
+    assert unchanged == [True, False, True, True, True, False, True]
+    assert safe_load(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+@pytest.mark.slow
 def test_disk_full_during_training_keeps_last_checkpoint(tmp_path, monkeypatch):
     write, saves = ckpt.atomic_write, []
 

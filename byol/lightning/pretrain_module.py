@@ -57,7 +57,7 @@ class BYOLModule(pl.LightningModule):
         self.checkpoint_path = checkpoint_path
         self._generator: torch.Generator | None = None
         self._first_bad_step: torch.Tensor | None = None
-        self._skip_ema = False
+        self._window_skipped = False  # a micro-batch since the last optimizer step was skipped (non-finite)
         self._epoch_sums: dict = {}  # see _accumulate_epoch_means
         self.skipped_steps = 0
         self.last_saved_step: int | None = None  # global step of the newest checkpoint written or loaded
@@ -75,10 +75,9 @@ class BYOLModule(pl.LightningModule):
         losses = self.model(view1, view2)
         loss = losses["loss"]
         finite = torch.isfinite(loss)
-        self._skip_ema = False
         if self.skip_nonfinite and not finite:  # one host sync per step, the price of skipping
             self.undo_step()
-            self._skip_ema = True
+            self._window_skipped = True
             self.skipped_steps += 1
             self.print(f"[byol] non-finite loss at step {self.global_step}; skipping this step "
                        f"({self.skipped_steps} skipped so far)")
@@ -138,12 +137,25 @@ class BYOLModule(pl.LightningModule):
             sums[name] = sums[name].to(total.device) + total if name in sums else total  # .to: after a load
         self._epoch_sums["images"] += n
 
-    def optimizer_step(self, *args, **kwargs):
-        """EMA right after each real optimizer step (so never on accumulation micro-batches)."""
-        super().optimizer_step(*args, **kwargs)
-        if not self._skip_ema:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """EMA right after each real optimizer step (so never on accumulation micro-batches).
+
+        A non-finite micro-batch skipped (``train.on_nonfinite=skip``) skips its whole accumulation window:
+        the optimizer step, on the other micro-batches' gradients alone, would be a fraction of a step (each
+        loss is divided by the window's length), and the EMA after it. The closure then returns None, which
+        Lightning's gradient scaler reads as "no step", and leaves no gradient for the optimizer to apply."""
+        def closure():
+            result = optimizer_closure() if optimizer_closure is not None else None
+            if self._window_skipped:
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            return result
+
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        if not self._window_skipped:
             # Lightning counts this step in global_step only after this hook returns
             self.model.update_target(self.current_tau(self.global_step))
+        self._window_skipped = False
 
     def current_tau(self, step: int | None = None) -> float:
         step = self.global_step if step is None else step
