@@ -178,3 +178,27 @@ def test_an_export_copied_from_another_run_keeps_its_own_epochs(tmp_path, capsys
     assert (source.epochs, source.planned_epochs) == (1, planned)
     assert ("written by run aaa111, not by the run of the config.yaml beside it (bbb222)" in
             capsys.readouterr().out) is noted
+
+
+def test_an_unreadable_class_folder_is_an_error_unless_bad_files_are_skipped(tmp_path, monkeypatch, capsys):
+    """A class folder that cannot be read (permissions) was skipped with a line: its class then had no
+    images, and evaluation said "needs at least 2 classes" or scored that class's test images on a
+    classifier that never saw one. Now one line naming the folder; data.skip_bad_files=true skips it."""
+    import os
+
+    root = class_folders(tmp_path / "imgs", classes=("cat", "dog", "eel"))
+    scandir = os.scandir
+
+    def denied(path):  # the tests run as root, whom chmod does not stop
+        if str(path).endswith("dog"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(DataError) as err:
+        load_image_folder(root, size=8)
+    assert f"cannot read folder '{root / 'dog'}' (Permission denied)" in str(err.value)
+    assert "data.skip_bad_files=true" in str(err.value)
+    data = load_image_folder(root, size=8, skip_bad_files=True)
+    assert len(data) == 4 and data.classes == ("cat", "dog", "eel")
+    assert "warning: skipping unreadable folder" in capsys.readouterr().out

@@ -54,8 +54,8 @@ class _Scanner:
     plain folders are read, so that a link to a folder of the dataset is the one skipped.
     """
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, skip_unreadable: bool = False):
+        self.folder, self.skip_unreadable = folder, skip_unreadable
         self.root = os.path.realpath(folder)
         self.scanned = {self.root}  # real paths of the folders walked
         self.found: list[_Found] = []
@@ -63,7 +63,9 @@ class _Scanner:
         self.skipped: list[str] = []  # symlinked folders not followed, for the "no images" message
 
     def entries(self, path: Path, top: bool) -> list[os.DirEntry]:
-        """The entries of ``path`` by name; unreadable is an error at the top, a skipped folder below."""
+        """The entries of ``path`` by name. Unreadable is an error at the top; below, too (its images would be
+        left out without a word: a class with none, scored on its test images all the same), unless
+        ``skip_unreadable`` (``data.skip_bad_files``), which skips it with a line."""
         try:
             with os.scandir(path) as it:
                 return sorted(it, key=lambda e: e.name)
@@ -71,7 +73,11 @@ class _Scanner:
             if top:
                 raise DataError(f"cannot read image folder '{path}' ({e.strerror}); check its permissions "
                                 f"or point data.root elsewhere") from None
-            print(f"[data] skipping unreadable folder '{path}' ({e.strerror})", flush=True)
+            if not self.skip_unreadable:
+                raise DataError(f"cannot read folder '{path}' ({e.strerror}) in image folder '{self.folder}': its "
+                                f"images would be left out; check its permissions, or set "
+                                f"data.skip_bad_files=true to skip it with a warning") from None
+            print(f"[data] warning: skipping unreadable folder '{path}' ({e.strerror})", flush=True)
             return []
 
     def walk(self, path: Path, real: str, cls: str | None, top: bool = False) -> list[tuple[Path, str]]:
@@ -172,7 +178,7 @@ class _Scanner:
         return FolderScan(files, labels, tuple(classes) if in_classes else (), reals)
 
 
-def scan_images(folder: Path) -> FolderScan:
+def scan_images(folder: Path, skip_unreadable: bool = False) -> FolderScan:
     """Walk ``folder/<class>/**`` (or a flat folder of images) once, following symlinks safely.
 
     Hidden files and folders (names starting with '.', such as macOS '._*' resource forks and
@@ -180,12 +186,13 @@ def scan_images(folder: Path) -> FolderScan:
     the dataset folder or a folder above it (a link cycle: every image again) or to a folder
     already scanned (images counted twice); those are skipped with one printed line each. A
     file reached through several paths (file symlinks) is counted once, at its own place when
-    it has one in the dataset, else at its first path in sorted order.
+    it has one in the dataset, else at its first path in sorted order. A folder below that cannot be read
+    is an error, or skipped with a line when ``skip_unreadable``.
     """
     if not folder.is_dir():
         raise DataError(f"image folder '{folder}' does not exist; set data.root to a folder laid out as "
                         f"DIR/train/<class>/*.jpg (or a flat folder of images for pretraining)")
-    scanner = _Scanner(folder)
+    scanner = _Scanner(folder, skip_unreadable)
     return scanner.collect(scanner.walk_all())
 
 

@@ -107,7 +107,7 @@ def load_image_folder(
     ``storage="auto"`` picks it when the decoded images would take more than ``mmap_above`` bytes.
     """
     folder = Path(folder)
-    scan = scan_images(folder)
+    scan = scan_images(folder, skip_unreadable=skip_bad_files)
     if choose_storage(storage, decoded_bytes(len(scan.files), size), mmap_above) == "mmap":
         return _load_mmap(folder, scan, size, cache_dir, skip_bad_files, workers)
     files, labels, classes = scan.files, scan.labels, scan.classes
