@@ -108,3 +108,16 @@ def test_a_resume_counts_the_last_incomplete_accumulation_as_a_step(capsys, tmp_
     start = RunStart({}, Path("ck/last.ckpt"), 3)
     out = announced(capsys, tmp_path, accumulate=2, start=start, batches=5)
     assert "resuming from ck/last.ckpt: step 3 (the end of epoch 1)" in out
+
+
+def test_more_cpu_processes_than_cores_get_one_note(monkeypatch, capsys):
+    """A run trained on 8 GPUs and resumed on a 2-core machine started 8 DDP processes there without a word."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    sync_batchnorm_where_possible({"strategy": "ddp", "devices": 8, "num_nodes": 2, "accelerator": "cpu"}, "[byol]")
+    assert "[byol] note: trainer.devices=8 starts 8 processes on the 2 cores of this machine" in capsys.readouterr().out
+    for fits in ({"strategy": "ddp", "devices": 2, "num_nodes": 4, "accelerator": "cpu"},  # 2 per node
+                 {"strategy": "auto", "devices": 1, "accelerator": "cpu"}):
+        sync_batchnorm_where_possible(fits, "[byol]")
+        assert "cores" not in capsys.readouterr().out

@@ -7,6 +7,7 @@ a checkpoint someone else wrote (:mod:`byol.jobs.config_check`).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -106,11 +107,25 @@ def on_gpu(trainer_cfg: Mapping) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def sync_batchnorm_where_possible(trainer_cfg: Mapping, tag: str) -> dict:
-    """``trainer_cfg`` with ``sync_batchnorm`` off on CPU, where torch's DDP refuses SyncBatchNorm; rank 0
-    says so in one line (each process then keeps its own BatchNorm statistics)."""
+def note_crowded_cpu(trainer_cfg: Mapping, tag: str) -> None:
+    """One line (rank 0) when DDP on CPU starts more processes on this machine than it has cores: each gets a
+    fraction of one (a run trained on 8 GPUs resumed on a laptop started 8 processes on its cores)."""
     from byol.jobs.cli import launched_rank
 
+    here = requested_processes({**trainer_cfg, "num_nodes": 1})  # the processes of one node
+    cores = os.cpu_count() or 1
+    if planned_world(trainer_cfg) > 1 and not on_gpu(trainer_cfg) and here > cores and launched_rank() == 0:
+        print(f"{tag} note: trainer.devices={here} starts {here} processes on the {cores} cores of this machine, "
+              f"each with a fraction of a core; trainer.devices={cores} (or fewer) runs faster", flush=True)
+
+
+def sync_batchnorm_where_possible(trainer_cfg: Mapping, tag: str) -> dict:
+    """``trainer_cfg`` with ``sync_batchnorm`` off on CPU, where torch's DDP refuses SyncBatchNorm; rank 0
+    says so in one line (each process then keeps its own BatchNorm statistics), and notes more CPU processes
+    than cores (:func:`note_crowded_cpu`)."""
+    from byol.jobs.cli import launched_rank
+
+    note_crowded_cpu(trainer_cfg, tag)
     trainer = dict(trainer_cfg)
     if trainer.get("sync_batchnorm") and not on_gpu(trainer):
         trainer["sync_batchnorm"] = False
