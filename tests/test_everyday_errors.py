@@ -202,3 +202,19 @@ def test_an_unreadable_class_folder_is_an_error_unless_bad_files_are_skipped(tmp
     data = load_image_folder(root, size=8, skip_bad_files=True)
     assert len(data) == 4 and data.classes == ("cat", "dog", "eel")
     assert "warning: skipping unreadable folder" in capsys.readouterr().out
+
+
+def test_a_tap_the_run_has_no_grid_for_is_said_to_be_pooled_to_one_pixel(capsys):
+    """repr.taps=[layer2.1] on a run whose backbone.grids names layer2.0 and layer3.0 was pooled to 1x1
+    without a word (the README says taps are pooled to the run's grids)."""
+    from byol.jobs.protocols import _describe, _note_taps_without_grid
+    from byol.jobs.pretrained import EncoderSource
+
+    model = EncoderSource("run", "/runs/run/encoder.pt", {"name": "resnet18", "stem": "cifar", "width": 0.5,
+                                                          "grids": {"layer2.0": 4, "layer3.0": 2}}, "multi")
+    _note_taps_without_grid(model, ["avgpool", "layer2.0", "layer2.1"])
+    out = capsys.readouterr().out
+    assert "note: run: layer2.1 is pooled to 1x1" in out and "layer2.0: 4x4, layer3.0: 2x2" in out
+    _note_taps_without_grid(model, ["avgpool", "layer2.0", "layer3.0"])
+    assert capsys.readouterr().out == ""
+    assert "resnet18 x0.5 (cifar stem)" in _describe(model)  # the width, as the baseline's line

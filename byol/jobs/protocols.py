@@ -21,6 +21,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from byol.core.backbone import AVGPOOL
 from byol.core.data import IndexBatches
 from byol.core.errors import ConfigError, DataError
 from byol.core.features import autocast_dtype, extract_features, feature_dim, representation_taps, resolve_device
@@ -66,6 +67,7 @@ def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, o
     taps = representation_taps(repr_cfg["name"], repr_cfg.get("taps") or [])
     encoder = model.build(taps)
     dim = feature_dim(encoder, taps)
+    _note_taps_without_grid(model, taps)
     device = resolve_device(cfg["trainer"].get("accelerator", "auto"))
     _warn_normalisation(model, data_cfg)
     sizes = "/".join(str(len(splits[k])) for k in ("train", "val", "test"))
@@ -97,10 +99,23 @@ def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, o
 
 def _describe(model: EncoderSource) -> str:
     """What is being evaluated, for the log: architecture, loss and epochs."""
-    arch = f"{model.backbone.get('name')} ({model.backbone.get('stem')} stem)"
+    width = model.backbone.get("width", 1.0)
+    arch = f"{model.backbone.get('name')}{'' if width in (None, 1, 1.0) else f' x{float(width):g}'} " \
+           f"({model.backbone.get('stem')} stem)"
     if model.is_random:
         return f"random-init {arch}"
     return f"{arch} pretrained with loss={model.loss} for {model.epochs} epoch(s)"
+
+
+def _note_taps_without_grid(model: EncoderSource, taps: Sequence[str]) -> None:
+    """A note for taps the run's ``backbone.grids`` has no grid for: pooled to 1x1 (a trained encoder's grids
+    are its own; evaluation cannot give them others)."""
+    grids = model.backbone.get("grids") or {}
+    pooled = [t for t in taps if t != AVGPOOL and t not in grids]
+    if pooled:
+        named = ", ".join(f"{k}: {v}x{v}" for k, v in grids.items()) or "none"
+        print(f"[eval] note: {model.label}: {', '.join(pooled)} {'is' if len(pooled) == 1 else 'are'} pooled to 1x1 "
+              f"(global average): the run's backbone.grids names a grid for other blocks only ({named})", flush=True)
 
 
 def _warn_normalisation(model: EncoderSource, data_cfg: Mapping) -> None:
