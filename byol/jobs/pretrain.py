@@ -42,6 +42,7 @@ from byol.jobs.curves import write_curves
 from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, subset_of
 from byol.jobs.monitoring import build_monitors, monitor_taps, representations
 from byol.jobs.resume import (
+    TRAINED_KEYS,
     epochs_trained,
     export_from_checkpoint,
     export_meta_fields,
@@ -114,17 +115,10 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
 
 
-# The settings that make a trained model what it is. A finished run met again with other values of these
-# (a sweep re-run into its folder with another data.root per job) trained nothing and said "nothing to do":
-# the new settings were never trained. Devices, loggers, monitors, checkpoints and the machine's data
-# settings may differ.
-TRAINED_KEYS = ("backbone", "loss", "data", "optim", "head", "ema", "augment", "seed", "schedule_epochs",
-                "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-                "trainer.precision")
-
-
 def refuse_other_settings(changed: list[str], run_dir: Path) -> None:
-    """One line when the finished run in ``run_dir`` was trained with other :data:`TRAINED_KEYS` than asked."""
+    """One line when the finished run in ``run_dir`` was trained with other
+    :data:`~byol.jobs.resume.TRAINED_KEYS` than asked: it trained nothing and said "nothing to do" (a sweep
+    re-run into its folder with another data.root per job), and the new settings were never trained."""
     machine = {f"data.{key}" for key in (*MACHINE_DATA_KEYS, "on_device")}
     keys = [(c, c.split(": ", 1)[0]) for c in changed]  # "data.root: 'a' -> 'b'"
     trained = [c for c, key in keys if key not in machine and any(key == k or key.startswith(k + ".")

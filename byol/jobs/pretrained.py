@@ -29,7 +29,8 @@ from byol.core.errors import CheckpointError, ConfigError
 from byol.core.state_check import shown, whole
 from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
 from byol.jobs.config_check import SEED_TEXT, check_file_config, check_plain, valid_seed
-from byol.jobs.resume import folder_run_id
+from byol.jobs.datasets import MACHINE_DATA_KEYS
+from byol.jobs.resume import FREE_FORM_KEYS, TRAINED_KEYS, folder_run_id
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -44,6 +45,10 @@ from byol.jobs.run_folder import (
 RANDOM_INIT_LABEL = "random-init"  # the loss column, and the label, of a random-init baseline
 # the data settings that make two results comparable; the evaluation's split too
 DATA_FIELDS = ("name", "root", "subset", "image_size", "num_train", "num_test")
+# Trained settings the results table shows in columns of their own (loss mode, architecture, data, epochs) or
+# across its runs (seed), and data settings of the machine: not part of :func:`trained_settings`.
+SHOWN_APART = ("seed", "trainer.max_epochs", "backbone.name", "backbone.stem", "backbone.width", "data.on_device",
+               "data.skip_bad_files", *(f"data.{k}" for k in (*DATA_FIELDS, *MACHINE_DATA_KEYS)))
 
 
 @dataclass
@@ -59,6 +64,7 @@ class EncoderSource:
     state_dict: dict | None = None
     data: dict | None = None        # the pretraining data config, when known
     planned_epochs: int | None = None  # the run's trainer.max_epochs (its config.yaml, else the checkpoint's)
+    config: dict | None = None      # the training config, when known: :func:`trained_settings`
 
     @property
     def is_random(self) -> bool:
@@ -121,7 +127,7 @@ def _from_export(blob: dict, path: Path, label: str, run_cfg: Mapping | None) ->
     # an export is written when training ends: without a run config, it planned what it did
     planned = planned_epochs(run_cfg) if run_cfg and not foreign else epochs
     return EncoderSource(label, str(path), backbone, meta.get("loss", "unknown"), meta.get("seed"), epochs,
-                         state, (run_cfg or {}).get("data"), planned)
+                         state, (run_cfg or {}).get("data"), planned, None if foreign else run_cfg)
 
 
 def _folder_run_id(export: Path) -> str | None:
@@ -192,7 +198,7 @@ def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None
     in_run = path.parent.name == CHECKPOINTS_DIR and run_cfg
     planned = planned_epochs(run_cfg) if in_run else planned_epochs(cfg)
     return EncoderSource(label, str(path), backbone, loss_mode(loss), seed, max(epochs_done(blob), 0), state,
-                         cfg.get("data"), planned)
+                         cfg.get("data"), planned, cfg)
 
 
 def read_run_config(folder: Path) -> dict | None:
@@ -221,6 +227,31 @@ def data_fields(data: Mapping | None, keys: Sequence[str] = DATA_FIELDS) -> dict
     return {k: data[k] for k in keys if k in data}
 
 
+def trained_settings(run_cfg: Mapping | None) -> dict | None:
+    """What a run learned with beyond what the results table shows apart (:data:`SHOWN_APART`), as dotted keys:
+    optimizer, heads, EMA, augmentation, the loss's taps and weights, batch size, precision... Two runs that
+    differ in one of these are two models, never two seeds of one. None when the config is not known."""
+    if not isinstance(run_cfg, Mapping):
+        return None
+    flat: dict = {}
+
+    def add(key: str, value) -> None:
+        if isinstance(value, Mapping) and value and key not in FREE_FORM_KEYS:
+            for k, v in value.items():
+                add(f"{key}.{k}", v)
+        elif key not in SHOWN_APART:
+            flat[key] = value
+
+    for key in TRAINED_KEYS:
+        group, _, inner = key.partition(".")
+        value = run_cfg.get(group)
+        if inner:
+            value = value.get(inner) if isinstance(value, Mapping) else None
+        if value is not None:
+            add(key, value)
+    return dict(sorted(flat.items()))
+
+
 def run_config_fields(run_cfg: Mapping | None) -> dict:
     """loss / backbone / stem / seed / pretraining data and planned epochs from a run's config.yaml, so
     a run whose weights cannot be read still lands in its cell of the results table (as failed)."""
@@ -234,5 +265,5 @@ def run_config_fields(run_cfg: Mapping | None) -> dict:
               "stem": stem if isinstance(stem, str) and stem in STEMS else None,
               "width": backbone.get("width"), "seed": seed if valid_seed(seed) else None,
               "pretrain_data": data_fields(run_cfg.get("data")),
-              "pretrain_epochs_planned": planned_epochs(run_cfg)}
+              "pretrain_epochs_planned": planned_epochs(run_cfg), "trained": trained_settings(run_cfg)}
     return {k: v for k, v in fields.items() if v is not None}

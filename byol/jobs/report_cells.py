@@ -18,12 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from byol.jobs.report_labels import BASELINE, label_data, label_variants
+
 LOSSES = ("classic", "multi")
 REPRS = ("avgpool", "combined")
 EVALS = ("linear", "finetune")
-BASELINE = "random-init"
 EXPECTED = [(loss, r, e) for e in EVALS for r in REPRS for loss in LOSSES]
-CORE_DATA = ("name", "root", "subset", "image_size")  # what every results.json of this version records
 NO_ACCURACY = ("embed",)  # protocols that score nothing (t-SNE maps): listed under the table, not in it
 # status of a results.json written before its model was evaluated: still running, or killed before the end
 RUNNING = "running"
@@ -63,11 +63,18 @@ class Cell:
     running_runs: list[dict] = field(default_factory=list)  # evaluations with no result yet: not failures
     n_results: int = 0                  # results.json files in this row (0: an expected cell with none)
     data: str = ""                      # how the data settings read in the table (set by build_cells)
+    # canonical JSON (None: unknown): the run's other trained settings (optimizer, heads...), the protocol's
+    # settings (probe lr, cached features, k...) and the representation's taps
+    trained: str | None = None
+    eval_settings: str | None = None
+    taps: str | None = None
+    variant: str = ""                   # those of them that differ between rows, as text (set by build_cells)
 
     @property
     def key(self) -> tuple:
         return (self.loss, self.repr, self.eval, self.backbone, self.pretrain_data, self.eval_data,
-                self.pretrain_epochs, self.planned_epochs, self.eval_epochs, self.incomplete, self.counted)
+                self.pretrain_epochs, self.planned_epochs, self.eval_epochs, self.incomplete, self.counted,
+                self.trained, self.eval_settings, self.taps)
 
     @property
     def triple(self) -> tuple[str, str, str]:
@@ -192,7 +199,9 @@ def _settings(r: dict) -> dict:
             "pretrain_data": _canonical(r.get("pretrain_data")), "eval_data": _canonical(eval_data),
             "pretrain_epochs": r.get("pretrain_epochs"),
             "planned_epochs": r.get("pretrain_epochs_planned") if incomplete else None,
-            "eval_epochs": r.get("eval_epochs"), "incomplete": incomplete}
+            "eval_epochs": r.get("eval_epochs"), "incomplete": incomplete,
+            "trained": _canonical(r.get("trained")), "eval_settings": _canonical(r.get("eval_settings")),
+            "taps": json.dumps(r["taps"]) if isinstance(r.get("taps"), list) else None}
 
 
 def _run_name(r: dict) -> str:
@@ -288,7 +297,8 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
     for triple in expected_cells({r.get("eval") for r in results}):
         if triple not in present:
             cells[triple] = Cell(*triple)
-    _label_data(cells.values())
+    label_data(cells.values())
+    label_variants(cells.values())
     return sorted(cells.values(), key=lambda c: (
         _order(c.eval, EVALS + ("knn",)), _order(c.repr, REPRS), _order(c.loss, LOSSES + (BASELINE,)),
         str(c.backbone), c.data, c.incomplete, _number_order(c.pretrain_epochs), _number_order(c.eval_epochs)))
@@ -297,54 +307,6 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
 def unscored_results(results: Iterable[dict]) -> list[dict]:
     """The results of protocols with no accuracy (``eval=embed``): never a row, never failed for lack of one."""
     return [r for r in results if r.get("eval") in NO_ACCURACY]
-
-
-def _label_data(cells: Iterable[Cell]) -> None:
-    """``cell.data``: the dataset's name, plus each data setting whose value differs between results
-    of that dataset in this report (``cifar10 subset=10000``); ``A → B`` when pretraining and
-    evaluation data differ; ``(settings unknown)`` for an older results.json that records only the
-    dataset's name, ``?`` when nothing is known."""
-    cells = list(cells)
-    found = {s for c in cells for s in (c.pretrain_data, c.eval_data) if s is not None}
-    dicts = {s: json.loads(s) for s in found}
-    values: dict = {}  # (dataset name, setting) -> the values recorded for it
-    for d in dicts.values():
-        for k, v in d.items():
-            values.setdefault((str(d.get("name")), k), set()).add(json.dumps(v))
-
-    def parts(s: str | None) -> list[str]:
-        if s is None:
-            return ["?"]
-        d = dicts[s]
-        name = str(d.get("name"))
-        out = [f"{k}={'none' if v is None else v}" for k, v in sorted(d.items())
-               if k != "name" and len(values[(name, k)]) > 1]
-        return [str(d.get("name", "?"))] + out + (["(settings unknown)"] * any(k not in d for k in CORE_DATA))
-
-    for c in cells:
-        if not c.n_results:
-            continue
-        e = parts(c.eval_data)
-        if c.loss == BASELINE and c.pretrain_data is None:  # no pretraining
-            c.data = " ".join(e)
-            continue
-        p = parts(c.pretrain_data)
-        # the settings only evaluation has (split, val_size) do not make the data differ
-        pretrain_keys = {x.split("=")[0] for x in p[1:]}
-        comparable = [x for x in e if "=" not in x or x.split("=")[0] in pretrain_keys or
-                      x.split("=")[0] in CORE_DATA]
-        c.data = " ".join(e) if p == comparable else f"{' '.join(p)} → {' '.join(e)}"
-
-
-def dataset_names(cells: Iterable[Cell]) -> list[str]:
-    """The names of the datasets the rows were pretrained and evaluated on, in order of appearance."""
-    names = {}
-    for c in cells:
-        for s in (c.pretrain_data, c.eval_data):
-            name = json.loads(s).get("name") if s is not None else None
-            if name:
-                names.setdefault(str(name), None)
-    return list(names)
 
 
 def cell_states(cells: Sequence[Cell]) -> dict[tuple, str]:

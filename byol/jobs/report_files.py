@@ -37,14 +37,17 @@ RESULT_FIELDS = {
     **dict.fromkeys(("status", "loss", "repr", "eval", "backbone", "stem", "label", "pretrain_status", "data",
                      "pretrained", "error"), "str"),
     **dict.fromkeys(("eval_data", "pretrain_data"), "settings"),
-    "maps": "maps",
+    **dict.fromkeys(("trained", "eval_settings"), "options"),
+    "maps": "maps", "taps": "names",
 }
 REQUIRED_FIELDS = ("repr", "eval")  # every results.json evaluate.py has written names both
 _KINDS = {"int": (int,), "number": (int, float), "accuracy": (int, float), "bool": (bool,), "str": (str,),
-          "settings": (dict,), "maps": (dict,)}
+          "settings": (dict,), "maps": (dict,), "options": (dict,), "names": (list,)}
 _WHAT = {"accuracy": "an accuracy in [0, 1]", "int": "a whole number", "number": "a number", "bool": "a bool",
          "str": "a str", "settings": "a dict of plain values (text, numbers) with a text name",
-         "maps": "a dict of map names to file names"}
+         "maps": "a dict of map names to file names",
+         "options": "a dict of settings to plain values (or lists and dicts of them)", "names": "a list of names"}
+_PLAIN = (str, int, float, bool, type(None))
 _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "true/false",
                type(None): "null"}
 MAX_RESULTS_BYTES = 16 * 2**20  # a results.json is a few kB; a larger file is not one
@@ -69,6 +72,13 @@ def _wrong(value, kind: str) -> bool:
         return not plain or not isinstance(value.get("name", ""), str)
     if kind == "maps":
         return not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if kind == "options":  # compared and named in the table: one level of lists or dicts at most
+        inner = [x for v in value.values() if isinstance(v, (list, dict))
+                 for x in (v.values() if isinstance(v, dict) else v)]
+        return not all(isinstance(v, (*_PLAIN, list, dict)) for v in value.values()) or \
+            not all(isinstance(x, _PLAIN) for x in inner)
+    if kind == "names":
+        return not all(isinstance(x, str) for x in value)
     return False
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ MIN_SEEDS = 2  # a spread needs two
 # test sets of far fewer than 10^9 images, so two equal differences can differ only in their last bits
 NO_SPREAD = 1e-9
 # what two rows must share to be compared; it also groups the section's lines
-SAME_EVALUATION = ("repr", "eval", "eval_epochs", "backbone", "eval_data")
+SAME_EVALUATION = ("repr", "eval", "eval_epochs", "backbone", "eval_data", "eval_settings", "taps")
 
 
 @dataclass
@@ -105,8 +106,16 @@ def _comparable(a: Cell, b: Cell) -> bool:
     also need the same pretraining data and epochs (random init has none)."""
     same = all(getattr(a, k) == getattr(b, k) for k in SAME_EVALUATION)
     if BASELINE not in (a.loss, b.loss):
-        same = same and a.pretrain_data == b.pretrain_data and a.pretrain_epochs == b.pretrain_epochs
+        same = same and a.pretrain_data == b.pretrain_data and a.pretrain_epochs == b.pretrain_epochs and \
+            _beside_the_loss(a.trained) == _beside_the_loss(b.trained)
     return same and a.counted and b.counted and not a.incomplete and not b.incomplete
+
+
+def _beside_the_loss(trained: str | None) -> dict | None:
+    """A row's trained settings other than the loss's (its taps and weights are what two losses differ in)."""
+    if trained is None:
+        return None
+    return {k: v for k, v in json.loads(trained).items() if not k.startswith("loss.")}
 
 
 def _group(cell: Cell) -> tuple:
@@ -163,7 +172,8 @@ def _intro(pairs: Sequence[Paired]) -> str:
 
 def _settings(p: Paired) -> dict:
     """The settings a line's rows may differ in from another line of the same cell and comparison."""
-    return {"backbone": p.a.backbone, "data": p.a.data, "pretrain epochs": p.a.pretrain_epochs}
+    return {"backbone": p.a.backbone, "data": p.a.data, "pretrain epochs": p.a.pretrain_epochs,
+            "settings": p.a.variant}
 
 
 def _labels(pairs: Sequence[Paired]) -> list[str]:

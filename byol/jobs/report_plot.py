@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from byol.jobs.figures import literal_text, pyplot, save_png
-from byol.jobs.report_cells import BASELINE, LOSSES, Cell, cell_states, dataset_names, mean_std, settings_text
+from byol.jobs.report_cells import BASELINE, LOSSES, Cell, cell_states, mean_std, settings_text
+from byol.jobs.report_labels import dataset_names
 
-SETTINGS = ("backbone", "data", "pretrain epochs", "eval epochs")
+SETTINGS = ("backbone", "data", "pretrain epochs", "eval epochs", "settings")
 EMPTY_REASONS = ("missing", "failed", "incomplete")  # a cell's state that explains an empty slot
 SLOT_SPAN = 0.8  # of the 1.0 between groups
 
@@ -64,7 +65,7 @@ def _series(cells: Sequence[Cell], split: set[str]) -> list[Series]:
     A loss with no accuracy anywhere still gets a series, so that its empty slots are labelled."""
     shown = [c for c in cells if c.runs]
     texts = {id(c): dict(zip(("backbone", "pretrain epochs", "eval epochs"), settings_text(c), strict=True),
-                         data=c.data) for c in shown}
+                         data=c.data, settings=c.variant) for c in shown}
     key = {id(c): (c.loss, *group_of(c, split)) for c in shown}  # the rows that share one place
     varying = [k for k in SETTINGS
                if any(len({texts[id(c)][k] for c in shown if key[id(c)] == place}) > 1 for place in set(key.values()))]
@@ -107,9 +108,10 @@ def chance_levels(cells: Sequence[Cell]) -> list[tuple[int, float]]:
 
 
 def y_limits(points: Sequence[float], chance: Sequence[float] = ()) -> tuple[float, float]:
-    """The y-axis in %: fitted to ``points`` (the bars' mean ± std) in steps of 5 within 0-100, room
-    above for the value labels; widened to a chance level that lies within one spread of the values
-    (further away, it would squash the bars)."""
+    """The y-axis in %: fitted to ``points`` (the bars' mean ± std) in steps of 5 from 0, room above for
+    the value labels (up to 110: a bar at 100% keeps its label below the title; no tick is drawn above
+    100); widened to a chance level that lies within one spread of the values (further away, it would
+    squash the bars)."""
     if not points:
         return 0.0, 100.0
     low, high = min(points), max(points)
@@ -117,7 +119,7 @@ def y_limits(points: Sequence[float], chance: Sequence[float] = ()) -> tuple[flo
     near = [c for c in chance if low - spread <= c <= high + spread]
     low, high = min([low, *near]), max([high, *near])
     bottom = max(0.0, 5 * math.floor((low - max(2.0, 0.1 * (high - low))) / 5))
-    top = min(100.0, 5 * math.ceil((high + max(3.0, 0.08 * (high - low))) / 5))
+    top = min(110.0, 5 * math.ceil((high + max(3.0, 0.08 * (high - low))) / 5))
     return bottom, top
 
 
@@ -208,7 +210,8 @@ def _chart(plt, cells: Sequence[Cell]):
     ax.set_xticklabels([f"{e}" + (f", {n} epoch{'s' * (n != '1')}" if n else "") + f"\n{r}" for e, r, n in groups])
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xlabel("evaluation protocol / representation")
-    low = ax.get_ylim()[0]
+    low, high = ax.get_ylim()
+    ax.set_yticks([t for t in ax.get_yticks() if low <= t <= min(high, 100.0)])  # no accuracy above 100%
     ax.set_ylabel("test accuracy (%)" + (f"\naxis starts at {low:.0f}%, not 0" if low > 0 else ""))
     ax.set_title(figure_title(cells), fontsize=10)
     ax.grid(axis="y", alpha=0.3)

@@ -10,12 +10,15 @@ from pathlib import Path
 from byol.core.checkpoint import atomic_write_bytes
 from byol.core.errors import ByolError
 from byol.jobs.cli import launched_rank
-from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields
+from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields, trained_settings
 from byol.jobs.protocols import UNTRAINED
 from byol.jobs.replaced import keep_earlier_evaluation
 from byol.jobs.run_folder import FAILED, HYDRA_DIR
 
 RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
+# eval settings that are not in ``eval_settings``: shown apart (the protocol's name, its epochs) or deciding how
+# a score is computed, not what it is (the kNN's similarity block)
+APART_FROM_SETTINGS = ("name", "epochs", "chunk_size")
 
 
 def keep_earlier_result(folder: Path) -> None:
@@ -41,6 +44,7 @@ def result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
             "pretrain_epochs": None,
             "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
             "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] not in UNTRAINED else 0,
+            "eval_settings": {k: v for k, v in eval_cfg.items() if k not in APART_FROM_SETTINGS},
             "seed": None, "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
             "eval_data": {**data_fields(cfg["data"]), "split": cfg["split"]["name"],
                           "val_size": cfg["split"].get("val_size")},
@@ -55,7 +59,8 @@ def model_fields(model: EncoderSource) -> dict:
             "grids": dict(model.backbone.get("grids") or {}),
             "pretrain_epochs": model.epochs, "seed": model.seed, "pretrain_epochs_planned": model.planned_epochs,
             "pretrain_status": model.pretrain_status,
-            "pretrain_data": None if model.is_random else data_fields(model.data)}
+            "pretrain_data": None if model.is_random else data_fields(model.data),
+            "trained": None if model.is_random else trained_settings(model.config)}
 
 
 def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: str,

@@ -24,6 +24,11 @@ IGNORED_KEYS = ("resume", "trainer.enable_progress_bar")  # how a run is shown, 
 # Mappings whose keys the user chooses (a weight per head, named like "layer2.0"): compared and set whole. Taken
 # apart, a new head's weight was dropped without a word and a changed one was set at loss.weights.layer2."0"
 FREE_FORM_KEYS = ("loss.weights",)
+# The settings that make a trained model what it is; devices, loggers, monitors, checkpoints and the machine's
+# data settings may differ between two runs of one model.
+TRAINED_KEYS = ("backbone", "loss", "data", "optim", "head", "ema", "augment", "seed", "schedule_epochs",
+                "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+                "trainer.precision")
 # Architecture settings added after checkpoints were written: the value those checkpoints were trained with.
 ADDED_KEYS = {"backbone.width": 1.0}
 

@@ -1,0 +1,92 @@
+"""How the results table names its rows where its columns alone cannot tell them apart: the data settings
+that differ between rows of one dataset (``cifar10 subset=10000``), and the trained, protocol and
+representation settings that differ between rows of one loss, protocol or representation
+(``optim.base_lr=5.0``). Works on :class:`~byol.jobs.report_cells.Cell` rows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+BASELINE = "random-init"
+CORE_DATA = ("name", "root", "subset", "image_size")  # what every results.json of this version records
+
+
+def label_data(cells: Iterable) -> None:
+    """``cell.data``: the dataset's name, plus each data setting whose value differs between results
+    of that dataset in this report (``cifar10 subset=10000``); ``A → B`` when pretraining and
+    evaluation data differ; ``(settings unknown)`` for an older results.json that records only the
+    dataset's name, ``?`` when nothing is known."""
+    cells = list(cells)
+    found = {s for c in cells for s in (c.pretrain_data, c.eval_data) if s is not None}
+    dicts = {s: json.loads(s) for s in found}
+    values: dict = {}  # (dataset name, setting) -> the values recorded for it
+    for d in dicts.values():
+        for k, v in d.items():
+            values.setdefault((str(d.get("name")), k), set()).add(json.dumps(v))
+
+    def parts(s: str | None) -> list[str]:
+        if s is None:
+            return ["?"]
+        d = dicts[s]
+        name = str(d.get("name"))
+        out = [f"{k}={'none' if v is None else v}" for k, v in sorted(d.items())
+               if k != "name" and len(values[(name, k)]) > 1]
+        return [str(d.get("name", "?"))] + out + (["(settings unknown)"] * any(k not in d for k in CORE_DATA))
+
+    for c in cells:
+        if not c.n_results:
+            continue
+        e = parts(c.eval_data)
+        if c.loss == BASELINE and c.pretrain_data is None:  # no pretraining
+            c.data = " ".join(e)
+            continue
+        p = parts(c.pretrain_data)
+        # the settings only evaluation has (split, val_size) do not make the data differ
+        pretrain_keys = {x.split("=")[0] for x in p[1:]}
+        comparable = [x for x in e if "=" not in x or x.split("=")[0] in pretrain_keys or
+                      x.split("=")[0] in CORE_DATA]
+        c.data = " ".join(e) if p == comparable else f"{' '.join(p)} → {' '.join(e)}"
+
+
+def label_variants(cells: Iterable) -> None:
+    """``cell.variant``: the trained settings that differ between rows of one loss, the protocol settings that
+    differ between rows of one protocol, and the taps that differ between rows of one representation
+    (``optim.base_lr=5.0``), so that rows the columns cannot tell apart are named."""
+    cells = [c for c in cells if c.n_results]
+    for c in cells:
+        c.variant = ""
+    for field_name, group, prefix in (("trained", "loss", ""), ("eval_settings", "eval", "eval."),
+                                      ("taps", "repr", "taps")):
+        groups: dict = {}
+        for c in cells:
+            groups.setdefault(getattr(c, group), []).append(c)
+        for members in groups.values():
+            known = [(c, _as_dict(getattr(c, field_name))) for c in members if getattr(c, field_name) is not None]
+            varying = sorted({k for _, d in known for k in d if len({json.dumps(o.get(k)) for _, o in known}) > 1})
+            for c, d in known:
+                parts = [f"{prefix}{k}={_short(d.get(k))}" if k else f"{prefix}={_short(d.get(k))}" for k in varying]
+                c.variant = " ".join(x for x in (c.variant, *parts) if x)
+
+
+def _as_dict(canonical: str) -> dict:
+    value = json.loads(canonical)
+    return value if isinstance(value, dict) else {"": value}
+
+
+def _short(value) -> str:
+    """A setting's value as the command line writes it: lists without quotes (``[layer2.0,layer3.0]``)."""
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "none" if value is None else json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def dataset_names(cells: Iterable) -> list[str]:
+    """The names of the datasets the rows were pretrained and evaluated on, in order of appearance."""
+    names = {}
+    for c in cells:
+        for s in (c.pretrain_data, c.eval_data):
+            name = json.loads(s).get("name") if s is not None else None
+            if name:
+                names.setdefault(str(name), None)
+    return list(names)
