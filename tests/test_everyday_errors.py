@@ -207,8 +207,8 @@ def test_an_unreadable_class_folder_is_an_error_unless_bad_files_are_skipped(tmp
 def test_a_tap_the_run_has_no_grid_for_is_said_to_be_pooled_to_one_pixel(capsys):
     """repr.taps=[layer2.1] on a run whose backbone.grids names layer2.0 and layer3.0 was pooled to 1x1
     without a word (the README says taps are pooled to the run's grids)."""
-    from byol.jobs.protocols import _describe, _note_taps_without_grid
     from byol.jobs.pretrained import EncoderSource
+    from byol.jobs.protocols import _describe, _note_taps_without_grid
 
     model = EncoderSource("run", "/runs/run/encoder.pt", {"name": "resnet18", "stem": "cifar", "width": 0.5,
                                                           "grids": {"layer2.0": 4, "layer3.0": 2}}, "multi")

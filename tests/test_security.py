@@ -783,4 +783,5 @@ def test_the_backbone_a_file_names_is_one_this_project_builds(tmp_path, change, 
         assert str(err.value).startswith(f"refusing '{last}': {expected}"), err.value
         assert str(err.value).endswith("Evaluate the run's encoder.pt or another of its checkpoints")
     fields = run_config_fields({"backbone": {"name": "resnet18/../x", "stem": "../x"}, "seed": "1", "loss": {}})
+    assert fields.pop("trained") == {"loss": {}}  # compared and shown escaped; no name, stem or seed among them
     assert fields == {"loss": "classic"}

@@ -7,6 +7,7 @@ lists every model of a sweep, and a model that fails never stops the others.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from byol.jobs.build import planned_world, requested_processes
 from byol.jobs.cli import launched_rank
 from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.console import quiet_lightning
-from byol.jobs.evaluation_data import EvaluationData
+from byol.jobs.evaluation_data import EvaluationData, data_tags
 from byol.jobs.pretrained import (
     RANDOM_INIT_LABEL,
     EncoderSource,
@@ -62,6 +63,30 @@ def refuse_training_settings(given: Sequence[str]) -> None:
     for key in given:
         if key in NOT_FOR_EVALUATION:
             raise ConfigError(f"{key} does not apply to evaluation; use {NOT_FOR_EVALUATION[key]}")
+
+
+# eval=linear's two protocols each have their own learning rate and batch: {augmented protocol's: cached probe's}
+AUGMENTED_TO_CACHED = {"eval.lr": "eval.cached_lr", "eval.batch_size": "eval.cached_batch_size"}
+
+
+def refuse_other_protocol_settings(given: Sequence[str], eval_cfg: Mapping) -> None:
+    """eval=linear reads the cached probe's lr and batch or the augmented protocol's, never both: one given
+    on the command line for the protocol not run would be accepted and ignored (a preset may set both)."""
+    if eval_cfg.get("name") != "linear":
+        return
+    cached = bool(eval_cfg.get("cached_features", True))
+    pairs = AUGMENTED_TO_CACHED.items() if cached else [(c, a) for a, c in AUGMENTED_TO_CACHED.items()]
+    unused = {key: used for key, used in pairs if key in given}
+    if not unused:
+        return
+    keys, used, verb = " and ".join(unused), " and ".join(unused.values()), "applies" if len(unused) == 1 else "apply"
+    if cached:
+        raise ConfigError(f"{keys} {verb} to the augmented linear protocol only (eval.cached_features=false); the "
+                          f"cached probe run here (eval.cached_features=true) uses {used}: set {used}, or add "
+                          f"eval.cached_features=false")
+    raise ConfigError(f"{keys} {verb} to the cached linear probe only (eval.cached_features=true); the augmented "
+                      f"protocol run here (eval.cached_features=false) uses {used}: set {used}, or leave "
+                      f"eval.cached_features at true")
 
 
 def refuse_architecture_settings(given: Sequence[str]) -> None:
@@ -136,6 +161,7 @@ def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[di
 
 def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
     refuse_training_settings(requested)
+    refuse_other_protocol_settings(requested, cfg["eval"])
     settings = _start_job(cfg, run_dir)
     if not takes_part(settings):
         return []
@@ -155,10 +181,12 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
 
 
 def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: EvaluationData, out_dir: Path,
-                          label: str | None = None, keep_earlier: bool = True) -> dict:
+                          label: str | None = None, keep_earlier: bool = True, runs_data: Mapping | None = None
+                          ) -> dict:
     """:func:`evaluate_model` on the data of the run that trained ``model`` (see :class:`EvaluationData`);
-    a random-init baseline of a sweep uses the data of the sweep's runs. The weights are read first: a
-    corrupt, unsafe or foreign file is recorded as failed before any image is loaded."""
+    a random-init baseline of a sweep uses ``runs_data``, that of the runs it stands beside. The weights are
+    read first: a corrupt, unsafe or foreign file is recorded as failed before any image is loaded. The result
+    carries the data settings used (``data_settings``, not in results.json): the baselines are built on them."""
     if not isinstance(model, EncoderSource):
         try:
             model = read_pretrained(model, label)
@@ -170,15 +198,13 @@ def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: Eva
             except ByolError:
                 run_config = None  # refused as unsafe
             chosen = data.settings(run_config, label or Path(model).name)
-            return evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier)
-    run_config = {"data": data.runs_data if model.is_random else model.data}
-    if run_config["data"] and not model.is_random:
-        data.runs_data = data.runs_data or run_config["data"]
-    chosen = data.settings(run_config, label or model.label)
+            return {**evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier),
+                    "data_settings": chosen}
+    chosen = data.settings({"data": runs_data if model.is_random else model.data}, label or model.label)
     # loaded inside evaluate_model: data this run names that cannot be loaded is this model's failure (recorded;
     # the sweep goes on), not the job's
-    return evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier,
-                          load_data=lambda: data.load(chosen))
+    return {**evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier,
+                             load_data=lambda: data.load(chosen)), "data_settings": chosen}
 
 
 def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evaluate_one: Callable,
@@ -233,41 +259,65 @@ def _start_job(cfg, run_dir: Path) -> dict:
     if representation_taps(repr_name, repr_taps) == [AVGPOOL] and set(repr_taps) - {AVGPOOL}:
         print(f"[eval] note: repr=avgpool is the global average pool alone; repr.taps={list(repr_taps)} "
               f"applies to repr=combined only", flush=True)
+    if protocol in UNTRAINED:
+        _note_preset_training(settings["eval"])
     if protocol not in UNTRAINED and int(settings["eval"]["epochs"]) < 1:
         raise ConfigError("eval.epochs must be at least 1")
     return settings
 
 
+def _note_preset_training(eval_cfg: Mapping) -> None:
+    """A preset's training settings (preset=original's 300 epochs) land in eval=knn's settings too, where
+    nothing reads them: said, so that no one takes the result for the preset's protocol."""
+    from byol.jobs.command_line import option_keys
+
+    own = option_keys("eval").get(eval_cfg["name"], set())
+    foreign = [f"eval.{key}={value}" for key, value in eval_cfg.items() if f"eval.{key}" not in own]
+    if foreign:
+        print(f"[eval] note: eval={eval_cfg['name']} trains nothing; the preset's {', '.join(foreign)} "
+              f"{'does' if len(foreign) == 1 else 'do'} not apply", flush=True)
+
+
 def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one: Callable,
                         run_dir: Path) -> list[dict]:
-    """A random-init encoder per architecture of the runs and per pretraining seed, so the baseline's
-    row has a spread too."""
-    architectures = {}
+    """A random-init encoder per architecture of the runs, per data they are evaluated on (each row of runs
+    has its baseline beside it) and per pretraining seed, so the baseline's row has a spread too."""
+    groups = {}  # (architecture, data) -> (backbone, data settings)
     for result in results:  # only an architecture whose weights were read: a config.yaml alone could name any
         if result["backbone"] and result.get("pretrain_status") is not None:
-            architectures.setdefault(_architecture_key(result), {
+            groups.setdefault(_baseline_key(result), ({
                 "name": result["backbone"], "stem": result["stem"], "width": _architecture_key(result)[2],
-                "grids": result["grids"]})
-    if not architectures:
+                "grids": result["grids"]}, result.get("data_settings")))
+    if not groups:
         print("[eval] no run could be read: no architecture for a random-init baseline", flush=True)
+    architectures = {arch for arch, _ in groups}
+    data = {data_key: runs_data or {} for (_, data_key), (_, runs_data) in groups.items()}
+    tags = dict(zip(data, data_tags(list(data.values())), strict=True))  # "" for the runs' one data setting
     baselines = []
-    for (name, stem, width), backbone in architectures.items():
-        seeds = sorted({r["seed"] for r in results if _architecture_key(r) == (name, stem, width)
-                        and r.get("seed") is not None}) or [default_seed]
+    for key, (backbone, runs_data) in groups.items():
+        (name, stem, width), _ = key
+        seeds = sorted({r["seed"] for r in results if _baseline_key(r) == key and r.get("seed") is not None}) \
+            or [default_seed]
         scaled = f"_x{width:g}" if width != 1 else ""
         for seed in seeds:
             label = RANDOM_INIT_LABEL if len(architectures) == 1 else f"{RANDOM_INIT_LABEL}_{name}{scaled}_{stem}"
-            label += f"_seed{seed}" if len(seeds) > 1 else ""
+            label += tags[key[1]] + (f"_seed{seed}" if len(seeds) > 1 else "")
             print(f"[eval] baseline: {label} ({name}{scaled.replace('_', ' ')}, {stem} stem, seed {seed})",
                   flush=True)
             model = random_model(backbone, seed, label)
-            baselines.append(_print_failure(evaluate_one(model, out_dir=_result_folder(run_dir, label), label=label)))
+            baselines.append(_print_failure(evaluate_one(model, out_dir=_result_folder(run_dir, label), label=label,
+                                                         runs_data=runs_data)))
     return baselines
 
 
 def _architecture_key(result: Mapping) -> tuple:
     """A result's backbone name, stem and width (1.0 where not recorded: results and runs of earlier versions)."""
     return result.get("backbone"), result.get("stem"), float(result.get("width") or 1.0)
+
+
+def _baseline_key(result: Mapping) -> tuple:
+    """A result's architecture and the data it was evaluated on: one baseline (per seed) for each."""
+    return _architecture_key(result), json.dumps(result.get("data_settings"), sort_keys=True, default=str)
 
 
 def _print_failure(result: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 
 from byol.core.data import ImageTensors
@@ -26,6 +27,20 @@ def data_group_defaults(name) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
+def data_tags(settings: Sequence[Mapping]) -> list[str]:
+    """A short folder tag for each of several data settings (a sweep's baselines): the values that tell it from
+    the others (``_subset64``, ``_cifar100``), else its number (``_data2``); "" for one setting alone."""
+    if len(settings) < 2:
+        return [""] * len(settings)
+    text = [{k: json.dumps(v, sort_keys=True, default=str).strip('"') for k, v in s.items()} for s in settings]
+    differing = sorted({k for s in text for k in s if len({t.get(k) for t in text}) > 1})
+    tags = ["".join("_" + re.sub(r"[^A-Za-z0-9.]+", "-", ("" if k == "name" else k) + t.get(k, "none")).strip("-")
+                    for k in differing) for t in text]
+    if len(set(tags)) < len(tags) or max(map(len, tags)) > 40:
+        return [f"_data{n}" for n in range(1, len(settings) + 1)]
+    return tags
+
+
 class EvaluationData:
     """The data each model is evaluated on: the settings of the run that trained it (group, root,
     image size, normalisation...), except the ``data`` keys given on the command line and the machine's
@@ -36,7 +51,6 @@ class EvaluationData:
         self.whole = "data" in given  # data=GROUP: the command line's data settings, whole
         self.keys = [k[len("data."):] for k in given if k.startswith("data.")]
         self._loaded: dict[str, tuple] = {}
-        self.runs_data: Mapping | None = None  # the first run's data: the baselines of a sweep use it
         self._noted: set[str] = set()  # machine settings the runs had otherwise, said once each
 
     def settings(self, run_config: Mapping | None, label: str) -> dict:

@@ -63,7 +63,7 @@ MD_COLUMNS = ("loss", "repr", "eval", "test acc", "val acc", "runs", "failed", "
               "pretrain epochs", "eval epochs", "note")
 CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "incomplete", "missing", "running", "status",
               "test_acc_mean_pct", "test_acc_std_pct", "val_acc_mean_pct", "val_acc_std_pct",
-              "backbone", "data", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs"]
+              "backbone", "data", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs", "settings"]
 
 
 def _pct(cell: Cell, values: Sequence[float]) -> str:
@@ -81,7 +81,7 @@ def _running(cell: Cell) -> str:
 
 
 def _note(cell: Cell) -> str:
-    notes = []
+    notes = [f"settings: {cell.variant}"] if cell.variant else []  # what tells this row from others of its loss
     if cell.status == "missing":
         why = [f"no model ({_names(cell.missing_runs)})"] * bool(cell.missing_runs) + \
             [_running(cell)] * bool(cell.running_runs)
@@ -198,7 +198,8 @@ def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (),
                                                  f" ({n_skipped} skipped)" if n_skipped else "")
     intro = (f"{counted}. Accuracy in %, mean ± sample std (n - 1) over runs (seeds); "
              f"validation selected nothing (final epoch). Results whose settings differ (backbone, data, "
-             f"pretraining or evaluation epochs) are in separate rows, never averaged together. A row "
+             f"pretraining or evaluation epochs; other training, protocol or representation settings, named "
+             f"in the notes) are in separate rows, never averaged together. A row "
              f"with no accuracy says why: missing (no result), failed (no run succeeded) or incomplete "
              f"(pretraining did not finish; not counted).")
     return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells), *paired_lines(paired),
@@ -216,7 +217,7 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
         backbone, _, eval_epochs = settings_text(c)
         epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
         w.writerow(csv_row([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
-                    len(c.running_runs), c.status, *stats, backbone, c.data, *epochs, eval_epochs]))
+                    len(c.running_runs), c.status, *stats, backbone, c.data, *epochs, eval_epochs, c.variant]))
     write_file(path, f.getvalue())
 
 
@@ -360,11 +361,13 @@ def checked_folders(folders: Sequence[str]) -> list[Path]:
 
 
 def newest_eval_sweep(outputs: Path = Path("outputs")) -> Path | None:
+    """By newest results.json, not folder time (a report written into a sweep moves it), then by name (its time)."""
     root = outputs / "multirun" / "eval"
     if not root.is_dir():
         return None
     sweeps = [d for d in root.iterdir() if d.is_dir() and any(d.rglob("results.json"))]
-    return max(sweeps, key=lambda d: d.stat().st_mtime) if sweeps else None
+    newest = {d: max((f.stat().st_mtime for f in d.rglob("results.json") if f.is_file()), default=0.0) for d in sweeps}
+    return max(sweeps, key=lambda d: (newest[d], d.name)) if sweeps else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -74,11 +74,14 @@ def _as_dict(canonical: str) -> dict:
     return value if isinstance(value, dict) else {"": value}
 
 
-def _short(value) -> str:
-    """A setting's value as the command line writes it: lists without quotes (``[layer2.0,layer3.0]``)."""
+def _short(value, limit: int = 60) -> str:
+    """A setting's value as the command line writes it: lists without quotes (``[layer2.0,layer3.0]``); cut
+    at ``limit`` characters (a results.json is anyone's file: a long value would fill the note column)."""
     if isinstance(value, list):
-        return "[" + ",".join(map(str, value)) + "]"
-    return "none" if value is None else json.dumps(value) if isinstance(value, dict) else str(value)
+        text = "[" + ",".join(map(str, value)) + "]"
+    else:
+        text = "none" if value is None else json.dumps(value) if isinstance(value, dict) else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def dataset_names(cells: Iterable) -> list[str]:
