@@ -38,7 +38,7 @@ def _eval(*overrides: str) -> dict:
 ])
 def test_a_setting_of_the_linear_protocol_not_run_is_refused(given, overrides, expected):
     """eval.lr=50 under the default cached probe gave the accuracy of the default lr, without a word."""
-    from byol.jobs.evaluate import refuse_other_protocol_settings
+    from byol.jobs.evaluation_checks import refuse_other_protocol_settings
 
     with pytest.raises(ConfigError) as refused:
         refuse_other_protocol_settings(given, _eval(*overrides))
@@ -53,7 +53,7 @@ def test_a_setting_of_the_linear_protocol_not_run_is_refused(given, overrides, e
     (["eval", "eval.lr", "eval.batch_size"], ["eval=finetune"]),  # fine-tuning's own lr and batch
 ])
 def test_the_settings_of_the_protocol_run_and_a_presets_settings_are_accepted(given, overrides):
-    from byol.jobs.evaluate import refuse_other_protocol_settings
+    from byol.jobs.evaluation_checks import refuse_other_protocol_settings
 
     refuse_other_protocol_settings(given, _eval(*overrides))
 

@@ -760,3 +760,23 @@ def test_a_file_that_is_no_encoder_fails_before_any_data_is_read(tmp_path, conte
         evaluate(cfg, tmp_path / "run", requested=command_line_keys())
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["status"] == "failed" and "model.ckpt" in result["error"]
+
+
+def test_an_earlier_evaluations_baselines_this_one_does_not_make_are_set_aside(tmp_path, capsys):
+    """A sweep evaluated with one seed (baseline folder `random-init`), then again into the same folder after
+    a second seed was trained (`random-init_seed0`, `_seed1`): the old `random-init` was read by the report as
+    a repeated seed 0. It is kept aside under the .replaced- name, out of the report."""
+    from byol.jobs.report_cells import build_cells
+    from byol.jobs.report_files import load_results
+
+    sweep, out = tmp_path / "sweep", tmp_path / "ev"
+    _export(sweep / "0", seed=0)
+    evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn"), out)
+    assert (out / "random-init" / "results.json").is_file()
+    _export(sweep / "1", seed=1)
+    evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn"), out)
+    assert "[eval] note: random-init, a baseline of an earlier evaluation here" in capsys.readouterr().out
+    assert not (out / "random-init" / "results.json").exists()
+    assert len(list((out / "random-init").glob("results.replaced-*.json"))) == 1
+    (baseline,) = [c for c in build_cells(load_results(sorted(out.rglob("results.json")))) if c.loss == "random-init"]
+    assert baseline.runs == 2 and not baseline.repeated_seeds and sorted(baseline.seeds) == [0, 1]

@@ -21,10 +21,17 @@ from byol.core.backbone import AVGPOOL
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
-from byol.jobs.build import planned_world, requested_processes
+from byol.jobs.build import planned_world
 from byol.jobs.cli import launched_rank
 from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.console import quiet_lightning
+from byol.jobs.evaluation_checks import (
+    check_processes,
+    note_preset_training,
+    refuse_architecture_settings,
+    refuse_other_protocol_settings,
+    refuse_training_settings,
+)
 from byol.jobs.evaluation_data import EvaluationData, data_tags
 from byol.jobs.pretrained import (
     RANDOM_INIT_LABEL,
@@ -35,6 +42,7 @@ from byol.jobs.pretrained import (
     run_config_fields,
 )
 from byol.jobs.protocols import UNTRAINED, checked_protocol, run_protocol, uses_trainer
+from byol.jobs.replaced import set_aside_evaluation
 from byol.jobs.results_json import (
     RESULTS_FILE,
     keep_earlier_result,
@@ -51,78 +59,6 @@ from byol.jobs.run_folder import (
     run_folder_of,
     run_label,
 )
-
-# Settings of training that do nothing in an evaluation, and what does there.
-NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size or feature_batch_size",
-                      "trainer.accumulate_grad_batches": "eval.batch_size"}
-
-
-def refuse_training_settings(given: Sequence[str]) -> None:
-    """A training setting given to evaluate.py would be accepted and ignored: refuse it, naming the key
-    that does the job in an evaluation."""
-    for key in given:
-        if key in NOT_FOR_EVALUATION:
-            raise ConfigError(f"{key} does not apply to evaluation; use {NOT_FOR_EVALUATION[key]}")
-
-
-# eval=linear's two protocols each have their own learning rate and batch: {augmented protocol's: cached probe's}
-AUGMENTED_TO_CACHED = {"eval.lr": "eval.cached_lr", "eval.batch_size": "eval.cached_batch_size"}
-
-
-def refuse_other_protocol_settings(given: Sequence[str], eval_cfg: Mapping) -> None:
-    """eval=linear reads the cached probe's lr and batch or the augmented protocol's, never both: one given
-    on the command line for the protocol not run would be accepted and ignored (a preset may set both)."""
-    if eval_cfg.get("name") != "linear":
-        return
-    cached = bool(eval_cfg.get("cached_features", True))
-    pairs = AUGMENTED_TO_CACHED.items() if cached else [(c, a) for a, c in AUGMENTED_TO_CACHED.items()]
-    unused = {key: used for key, used in pairs if key in given}
-    if not unused:
-        return
-    keys, used, verb = " and ".join(unused), " and ".join(unused.values()), "applies" if len(unused) == 1 else "apply"
-    if cached:
-        raise ConfigError(f"{keys} {verb} to the augmented linear protocol only (eval.cached_features=false); the "
-                          f"cached probe run here (eval.cached_features=true) uses {used}: set {used}, or add "
-                          f"eval.cached_features=false")
-    raise ConfigError(f"{keys} {verb} to the cached linear probe only (eval.cached_features=true); the augmented "
-                      f"protocol run here (eval.cached_features=false) uses {used}: set {used}, or leave "
-                      f"eval.cached_features at true")
-
-
-def refuse_architecture_settings(given: Sequence[str]) -> None:
-    """A trained encoder is rebuilt from its own architecture: a ``backbone`` setting on the command line
-    would be ignored (and the user would believe they measured another network), so it is refused."""
-    keys = [k for k in given if k == "backbone" or k.startswith("backbone.")]
-    if keys:
-        raise ConfigError(f"{', '.join(keys)} on the command line does not apply to a trained encoder: it is "
-                          f"evaluated with the architecture it was trained with (its run's config.yaml); "
-                          f"backbone settings choose the network of pretrained=random only")
-
-
-# Strategies that start their processes themselves and hand the results back: the job's data and
-# results live in the process that started it, so evaluate.py refuses them (trainer=ddp does the job).
-SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
-
-
-def check_processes(settings: Mapping) -> None:
-    """Several processes only through the DDP strategy that re-runs the command (``trainer=ddp``), and
-    with a global ``eval.batch_size`` they can share evenly."""
-    trainer = settings["trainer"]
-    strategy = str(trainer.get("strategy") or "")
-    if any(word in strategy for word in SPAWNING_STRATEGIES):
-        raise ConfigError(f"evaluate.py runs several processes with trainer=ddp (trainer.strategy=ddp), not "
-                          f"trainer.strategy={strategy}")
-    if requested_processes(trainer) > 1 and "ddp" not in strategy:
-        raise ConfigError("several devices (trainer.devices / trainer.num_nodes) need the DDP strategy: add "
-                          "trainer=ddp")
-    world, batch = planned_world(trainer), settings["eval"].get("batch_size")
-    if uses_trainer(settings["eval"]) and batch and int(batch) % world:
-        raise ConfigError(f"eval.batch_size={batch} is the global batch, shared by {world} processes: choose a "
-                          f"multiple of {world}")
-    if uses_trainer(settings["eval"]) and batch and int(batch) // world < 2:  # else a BatchNorm traceback
-        raise ConfigError(f"eval.batch_size={batch} leaves {int(batch) // world} image per batch on each of "
-                          f"{world} process(es); BatchNorm needs at least 2: set eval.batch_size to at least "
-                          f"{2 * world}")
 
 
 def takes_part(settings: Mapping) -> bool:
@@ -260,22 +196,10 @@ def _start_job(cfg, run_dir: Path) -> dict:
         print(f"[eval] note: repr=avgpool is the global average pool alone; repr.taps={list(repr_taps)} "
               f"applies to repr=combined only", flush=True)
     if protocol in UNTRAINED:
-        _note_preset_training(settings["eval"])
+        note_preset_training(settings["eval"])
     if protocol not in UNTRAINED and int(settings["eval"]["epochs"]) < 1:
         raise ConfigError("eval.epochs must be at least 1")
     return settings
-
-
-def _note_preset_training(eval_cfg: Mapping) -> None:
-    """A preset's training settings (preset=original's 300 epochs) land in eval=knn's settings too, where
-    nothing reads them: said, so that no one takes the result for the preset's protocol."""
-    from byol.jobs.command_line import option_keys
-
-    own = option_keys("eval").get(eval_cfg["name"], set())
-    foreign = [f"eval.{key}={value}" for key, value in eval_cfg.items() if f"eval.{key}" not in own]
-    if foreign:
-        print(f"[eval] note: eval={eval_cfg['name']} trains nothing; the preset's {', '.join(foreign)} "
-              f"{'does' if len(foreign) == 1 else 'do'} not apply", flush=True)
 
 
 def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one: Callable,
@@ -293,7 +217,7 @@ def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one
     architectures = {arch for arch, _ in groups}
     data = {data_key: runs_data or {} for (_, data_key), (_, runs_data) in groups.items()}
     tags = dict(zip(data, data_tags(list(data.values())), strict=True))  # "" for the runs' one data setting
-    baselines = []
+    planned = []  # (label, backbone, seed, data, what)
     for key, (backbone, runs_data) in groups.items():
         (name, stem, width), _ = key
         seeds = sorted({r["seed"] for r in results if _baseline_key(r) == key and r.get("seed") is not None}) \
@@ -302,12 +226,29 @@ def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one
         for seed in seeds:
             label = RANDOM_INIT_LABEL if len(architectures) == 1 else f"{RANDOM_INIT_LABEL}_{name}{scaled}_{stem}"
             label += tags[key[1]] + (f"_seed{seed}" if len(seeds) > 1 else "")
-            print(f"[eval] baseline: {label} ({name}{scaled.replace('_', ' ')}, {stem} stem, seed {seed})",
-                  flush=True)
-            model = random_model(backbone, seed, label)
-            baselines.append(_print_failure(evaluate_one(model, out_dir=_result_folder(run_dir, label), label=label,
-                                                         runs_data=runs_data)))
+            planned.append((label, backbone, seed, runs_data, f"{name}{scaled.replace('_', ' ')}, {stem} stem"))
+    _set_aside_other_baselines(run_dir, {label for label, *_ in planned})
+    baselines = []
+    for label, backbone, seed, runs_data, what in planned:
+        print(f"[eval] baseline: {label} ({what}, seed {seed})", flush=True)
+        model = random_model(backbone, seed, label)
+        baselines.append(_print_failure(evaluate_one(model, out_dir=_result_folder(run_dir, label), label=label,
+                                                     runs_data=runs_data)))
     return baselines
+
+
+def _set_aside_other_baselines(run_dir: Path, labels: set[str]) -> None:
+    """An earlier evaluation's baselines that this one does not rewrite (other seeds or data: ``random-init``
+    of one seed, then ``random-init_seed0`` and ``_seed1`` of two) are kept aside, out of the report: it
+    counted them again as repeated seeds."""
+    if launched_rank() != 0 or not run_dir.is_dir():
+        return
+    for folder in sorted(run_dir.glob(f"{RANDOM_INIT_LABEL}*")):
+        if folder.name not in labels and folder.is_dir() and not folder.is_symlink():
+            kept = set_aside_evaluation(folder, RESULTS_FILE)
+            if kept:
+                print(f"[eval] note: {folder.name}, a baseline of an earlier evaluation here that this one does not "
+                      f"make, is kept as {folder.name}/{kept[0]}, out of the report", flush=True)
 
 
 def _architecture_key(result: Mapping) -> tuple:

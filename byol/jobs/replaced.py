@@ -41,6 +41,15 @@ def keep_earlier_evaluation(folder: Path, results_file: str = "results.json") ->
     return [kept.name, *renamed.values()]
 
 
+def set_aside_evaluation(folder: Path, results_file: str = "results.json") -> list[str]:
+    """:func:`keep_earlier_evaluation` for a folder that no new evaluation will fill: its result is kept under
+    the ``.replaced-`` name only, so that the report no longer reads it. Returns the kept names."""
+    kept = keep_earlier_evaluation(folder, results_file)
+    if kept:
+        (Path(folder) / results_file).unlink()
+    return kept
+
+
 EVALUATION_OUTPUTS = (METRICS_FILE, CONFIG_FILE, "embeddings.pt")
 MAP_PREFIX = "tsne_"  # the maps of eval=embed: tsne_<part>.png
 

@@ -1,0 +1,95 @@
+"""The evaluation's settings checked before any model is read: training settings that do nothing there,
+the linear protocol's settings for the protocol that does not run, architecture settings for a trained
+encoder, and how its processes are started. Each is refused in one line naming what applies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from byol.core.errors import ConfigError
+from byol.jobs.build import planned_world, requested_processes
+from byol.jobs.protocols import uses_trainer
+
+# Settings of training that do nothing in an evaluation, and what does there.
+NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size or feature_batch_size",
+                      "trainer.accumulate_grad_batches": "eval.batch_size"}
+
+
+def refuse_training_settings(given: Sequence[str]) -> None:
+    """A training setting given to evaluate.py would be accepted and ignored: refuse it, naming the key
+    that does the job in an evaluation."""
+    for key in given:
+        if key in NOT_FOR_EVALUATION:
+            raise ConfigError(f"{key} does not apply to evaluation; use {NOT_FOR_EVALUATION[key]}")
+
+
+# eval=linear's two protocols each have their own learning rate and batch: {augmented protocol's: cached probe's}
+AUGMENTED_TO_CACHED = {"eval.lr": "eval.cached_lr", "eval.batch_size": "eval.cached_batch_size"}
+
+
+def refuse_other_protocol_settings(given: Sequence[str], eval_cfg: Mapping) -> None:
+    """eval=linear reads the cached probe's lr and batch or the augmented protocol's, never both: one given
+    on the command line for the protocol not run would be accepted and ignored (a preset may set both)."""
+    if eval_cfg.get("name") != "linear":
+        return
+    cached = bool(eval_cfg.get("cached_features", True))
+    pairs = AUGMENTED_TO_CACHED.items() if cached else [(c, a) for a, c in AUGMENTED_TO_CACHED.items()]
+    unused = {key: used for key, used in pairs if key in given}
+    if not unused:
+        return
+    keys, used, verb = " and ".join(unused), " and ".join(unused.values()), "applies" if len(unused) == 1 else "apply"
+    if cached:
+        raise ConfigError(f"{keys} {verb} to the augmented linear protocol only (eval.cached_features=false); the "
+                          f"cached probe run here (eval.cached_features=true) uses {used}: set {used}, or add "
+                          f"eval.cached_features=false")
+    raise ConfigError(f"{keys} {verb} to the cached linear probe only (eval.cached_features=true); the augmented "
+                      f"protocol run here (eval.cached_features=false) uses {used}: set {used}, or leave "
+                      f"eval.cached_features at true")
+
+
+def refuse_architecture_settings(given: Sequence[str]) -> None:
+    """A trained encoder is rebuilt from its own architecture: a ``backbone`` setting on the command line
+    would be ignored (and the user would believe they measured another network), so it is refused."""
+    keys = [k for k in given if k == "backbone" or k.startswith("backbone.")]
+    if keys:
+        raise ConfigError(f"{', '.join(keys)} on the command line does not apply to a trained encoder: it is "
+                          f"evaluated with the architecture it was trained with (its run's config.yaml); "
+                          f"backbone settings choose the network of pretrained=random only")
+
+
+# Strategies that start their processes themselves and hand the results back: the job's data and
+# results live in the process that started it, so evaluate.py refuses them (trainer=ddp does the job).
+SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
+
+
+def check_processes(settings: Mapping) -> None:
+    """Several processes only through the DDP strategy that re-runs the command (``trainer=ddp``), and
+    with a global ``eval.batch_size`` they can share evenly."""
+    trainer = settings["trainer"]
+    strategy = str(trainer.get("strategy") or "")
+    if any(word in strategy for word in SPAWNING_STRATEGIES):
+        raise ConfigError(f"evaluate.py runs several processes with trainer=ddp (trainer.strategy=ddp), not "
+                          f"trainer.strategy={strategy}")
+    if requested_processes(trainer) > 1 and "ddp" not in strategy:
+        raise ConfigError("several devices (trainer.devices / trainer.num_nodes) need the DDP strategy: add "
+                          "trainer=ddp")
+    world, batch = planned_world(trainer), settings["eval"].get("batch_size")
+    if uses_trainer(settings["eval"]) and batch and int(batch) % world:
+        raise ConfigError(f"eval.batch_size={batch} is the global batch, shared by {world} processes: choose a "
+                          f"multiple of {world}")
+    if uses_trainer(settings["eval"]) and batch and int(batch) // world < 2:  # else a BatchNorm traceback
+        raise ConfigError(f"eval.batch_size={batch} leaves {int(batch) // world} image per batch on each of "
+                          f"{world} process(es); BatchNorm needs at least 2: set eval.batch_size to at least "
+                          f"{2 * world}")
+
+
+def note_preset_training(eval_cfg: Mapping) -> None:
+    """A preset's training settings (preset=original's 300 epochs) land in eval=knn's settings too, where
+    nothing reads them: said, so that no one takes the result for the preset's protocol."""
+    from byol.jobs.command_line import option_keys
+
+    own = option_keys("eval").get(eval_cfg["name"], set())
+    foreign = [f"eval.{key}={value}" for key, value in eval_cfg.items() if f"eval.{key}" not in own]
+    if foreign:
+        print(f"[eval] note: eval={eval_cfg['name']} trains nothing; the preset's {', '.join(foreign)} "
+              f"{'does' if len(foreign) == 1 else 'do'} not apply", flush=True)
