@@ -218,3 +218,48 @@ def test_a_tap_the_run_has_no_grid_for_is_said_to_be_pooled_to_one_pixel(capsys)
     _note_taps_without_grid(model, ["avgpool", "layer2.0", "layer3.0"])
     assert capsys.readouterr().out == ""
     assert "resnet18 x0.5 (cifar stem)" in _describe(model)  # the width, as the baseline's line
+
+
+def test_stop_signals_are_held_while_a_checkpoint_is_written_and_delivered_after(tmp_path, capsys):
+    """A second Ctrl+C that landed in the checkpoint writer's system call cut the write short: a resumable run
+    was marked FAILED with a message blaming the disk. Now the signal waits for the file, then stops the run."""
+    import os
+
+    from byol.lightning.callbacks import STOPPED_AT_ONCE
+
+    cb = _checkpoints(tmp_path)
+    cb.on_train_start(SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False)), None)
+    try:
+        cb._on_signal(signal.SIGINT, None)  # the first Ctrl+C: stop at the next boundary
+
+        def save_checkpoint(path, weights_only):
+            os.kill(os.getpid(), signal.SIGINT)  # held: not delivered inside the write
+            assert signal.SIGINT in signal.sigpending()
+            torch.save({"whole": True}, path)
+
+        with pytest.raises(KeyboardInterrupt):  # delivered once the file is whole
+            cb._save(SimpleNamespace(save_checkpoint=save_checkpoint, global_step=3), cb.last)
+        assert torch.load(cb.last)["whole"] and cb._last_step == 3 and STOPPED_AT_ONCE.is_set()
+    finally:
+        cb.on_train_end(None, None)
+    assert "second Ctrl+C: stopped at once; the last checkpoint saved is kept" in capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_after_a_stop_inside_a_step_keeps_the_handlers_until_it_is_whole(tmp_path):
+    """A signal inside a step ends it with StepStopped, and the checkpoint is saved in on_exception. Python's
+    own Ctrl+C handler was put back before that save: a second Ctrl+C then raised KeyboardInterrupt inside the
+    writer ("write failed"), and a resumable run was marked FAILED. The handlers now go after the save."""
+    from byol.lightning.callbacks import StepStopped
+
+    cb = _checkpoints(tmp_path)
+    cb.on_train_start(SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False),
+                                      accumulate_grad_batches=1, world_size=1), None)
+    ours = signal.getsignal(signal.SIGINT)
+    seen = []
+    trainer = SimpleNamespace(save_checkpoint=lambda path, weights_only: (seen.append(signal.getsignal(signal.SIGINT)),
+                                                                          torch.save({}, path)),
+                              global_step=2, num_training_batches=4, accumulate_grad_batches=1, current_epoch=0,
+                              world_size=1, is_global_zero=True)
+    cb.received = signal.SIGINT
+    cb.on_exception(trainer, SimpleNamespace(undo_step=lambda: None), StepStopped("inside a step", signal.SIGINT))
+    assert seen == [ours] and signal.getsignal(signal.SIGINT) is not ours  # restored once saved

@@ -194,11 +194,13 @@ def run_job(fn, cfg, *args, **kwargs):
     if launched_rank() != 0:  # another DDP process of rank 0's run: rank 0 holds the folder and its log
         return _run_on_another_rank(fn, cfg, run_dir, *args, **kwargs)
     earlier_failure = None  # the FAILED file a re-run job found (see _failed)
+    log = None  # the job's log, once this job holds its folder: its last line (stopped, failed) goes there too
     try:
         check_job_folder(run_dir, hc.job.name)  # before the lock, the log or FAILED is written into it
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
                 console_copied_to(run_dir / f"{hc.job.name}.log"), \
                 sweep_record_kept(Path(hc.sweep.dir) / "multirun.yaml" if ddp_sweep else None):
+            log = run_dir / f"{hc.job.name}.log"
             failed = run_dir / FAILED  # a job re-run in the same folder starts clean
             earlier_failure = failed.read_text(errors="replace") if failed.is_file() else None
             failed.unlink(missing_ok=True)
@@ -214,16 +216,20 @@ def run_job(fn, cfg, *args, **kwargs):
         if e.errno not in STORAGE_ERRORS:
             raise
         own = [run_dir, Path(hc.sweep.dir)] if multirun else [run_dir]
-        return _failed(run_dir, multirun, ByolError(storage_error(e, own)))
+        return _failed(run_dir, multirun, ByolError(storage_error(e, own)), log=log)
     except ByolError as e:
         if isinstance(e, Interrupted):  # not a failure: the run continues when resumed
-            print(str(e), file=sys.stderr, flush=True)
+            _say(str(e), log)
             hand_on_signal(e.exit_code - 128)
             sys.exit(e.exit_code)
-        return _failed(run_dir, multirun, e, earlier_failure)
+        return _failed(run_dir, multirun, e, earlier_failure, log)
+    except SystemExit as e:  # Lightning ends a fit stopped by a second Ctrl+C with status 1: the job's is 130
+        if _stopped_at_once() and e.code not in (0, None):
+            sys.exit(128 + signal.SIGINT)
+        raise
     except KeyboardInterrupt:  # Ctrl+C outside training (which stops cleanly itself): no traceback
-        print(f"[{hc.job.name}] interrupted (Ctrl+C); what was finished before is kept", file=sys.stderr,
-              flush=True)
+        if not _stopped_at_once():  # a second Ctrl+C in training said what is kept
+            _say(f"[{hc.job.name}] interrupted (Ctrl+C); what was finished before is kept", log)
         sys.exit(128 + signal.SIGINT)
     except Exception as e:
         if not multirun:
@@ -284,11 +290,31 @@ def sweep_record_kept(record: Path | None):
             record.write_bytes(kept)
 
 
-def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | None = None):
-    """Print the one-line error and record it in the job's FAILED file (a sweep goes on with its other jobs).
-    A job that stopped before training, in a folder holding a run, leaves the run's state as it was: no
-    FAILED for a finished run, the earlier one for a failed run."""
-    print(f"error: {e}", file=sys.stderr, flush=True)
+def _stopped_at_once() -> bool:
+    """Whether a second Ctrl+C ended training (read without importing Lightning, which a Ctrl+C during the
+    imports would wait for)."""
+    callbacks = sys.modules.get("byol.lightning.callbacks")
+    return callbacks is not None and callbacks.STOPPED_AT_ONCE.is_set()
+
+
+def _say(line: str, log: Path | None) -> None:
+    """A job's last line (stopped, failed) on stderr and at the end of its log: it is printed after the log's
+    copy of the console has closed, and a run read from its log alone looked as if it were still running."""
+    print(line, file=sys.stderr, flush=True)
+    if log is not None and log.is_file() and not log.is_symlink():
+        try:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # the folder cannot be written: the console has the line
+
+
+def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | None = None,
+            log: Path | None = None):
+    """Print the one-line error (and add it to the job's log) and record it in the job's FAILED file (a sweep
+    goes on with its other jobs). A job that stopped before training, in a folder holding a run, leaves the
+    run's state as it was: no FAILED for a finished run, the earlier one for a failed run."""
+    _say(f"error: {e}", log)
     if getattr(e, "nothing_trained", False) and is_run_dir(run_dir):
         if earlier_failure is not None:
             (run_dir / FAILED).write_text(earlier_failure)

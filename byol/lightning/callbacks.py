@@ -10,6 +10,8 @@ import math
 import re
 import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -63,6 +65,27 @@ def add_stop_points(model: nn.Module, check) -> list:
     return handles
 
 
+# Set when a second Ctrl+C ended a job: Lightning ends the process on it with status 1, the job with 130.
+STOPPED_AT_ONCE = threading.Event()
+
+
+@contextmanager
+def stop_signals_held():
+    """The stop signals held back from this thread while a checkpoint is written, delivered when it is whole:
+    one landing in the writer's system call could cut the write short, and a resumable run was marked FAILED
+    with a message blaming the disk. A handler that Python runs meanwhile (a signal taken by another thread)
+    only records it (``_writing``)."""
+    held = getattr(signal, "pthread_sigmask", None)
+    if held is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = held(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        held(signal.SIG_SETMASK, before)
+
+
 class CatchStopSignals(pl.Callback):
     """Records SIGTERM, SIGUSR1 and Ctrl+C during fitting instead of dying of them (or, for SIGTERM,
     letting Lightning end the process with status 0 as if it had finished), so that the subclass
@@ -86,6 +109,7 @@ class CatchStopSignals(pl.Callback):
         # said here: Lightning ends the process on the KeyboardInterrupt with a line that is silenced
         print(f"[byol] second Ctrl+C: stopped at once; {self.after_second_interrupt()}", file=sys.stderr,
               flush=True)
+        STOPPED_AT_ONCE.set()
         raise KeyboardInterrupt
 
     def after_second_interrupt(self) -> str:
@@ -95,6 +119,7 @@ class CatchStopSignals(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Replaces Lightning's SIGTERM handler (installed just before), which would stop after the
         # batch without saving; a SIGTERM it already caught is taken over.
+        STOPPED_AT_ONCE.clear()
         if take_over_sigterm(trainer):
             self.received = signal.SIGTERM
         try:
@@ -206,15 +231,19 @@ class RunCheckpoints(CatchStopSignals):
         self._stop_points = []
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore_signals()
-        if isinstance(exception, StepStopped):
-            pl_module.undo_step()  # weights and optimizer are untouched: the optimizer step did not run
-            self._saving_inside_step = True
-            try:
-                self._save_to_stop(trainer)
-            finally:
-                self._saving_inside_step = False
-            exception.args = (self.stop_message,)
+        # the signal handlers stay until the checkpoint is saved: with Python's own back, a second Ctrl+C
+        # raised KeyboardInterrupt inside the writer, and the resumable run was marked FAILED (write failed)
+        try:
+            if isinstance(exception, StepStopped):
+                pl_module.undo_step()  # weights and optimizer are untouched: the optimizer step did not run
+                self._saving_inside_step = True
+                try:
+                    self._save_to_stop(trainer)
+                finally:
+                    self._saving_inside_step = False
+                exception.args = (self.stop_message,)
+        finally:
+            self._restore_signals()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self._saving_inside_step:
@@ -232,11 +261,13 @@ class RunCheckpoints(CatchStopSignals):
     def _save(self, trainer, path: Path) -> None:
         self._writing = True
         try:
-            trainer.save_checkpoint(path, weights_only=False)
+            with stop_signals_held():
+                trainer.save_checkpoint(path, weights_only=False)
+                if path == self.last:
+                    self._last_step = trainer.global_step
+                self._writing = False  # a held second Ctrl+C, delivered as the block ends, stops at once
         finally:
             self._writing = False
-        if path == self.last:
-            self._last_step = trainer.global_step
         if self._stop_after_write:
             self._stop_at_once()
 
