@@ -13,9 +13,13 @@
 # 40-epoch learning-rate schedule, cut at EPOCHS; null: the schedule spans the EPOCHS run), SEEDS (0,1,2),
 # FT_EPOCHS (1), SUBSET (empty: all 50,000 training images), OUT (outputs/cpu_grid), PYTHON (python),
 # EXTRA (more train.py overrides).
-# The defaults make the README's table at the recipe's budget (1.5-2.5 hours on 2 cores: 11-30 minutes
-# a pretraining run, 10-15 minutes of evaluation). Finished runs in OUT/train are skipped, an interrupted
-# one resumes, so the grid can be made over several sittings; SEEDS=3,4 with the same OUT adds seeds (the
+# The defaults make the README's table at the recipe's budget: six pretraining runs (2 losses x 3 seeds)
+# one after the other, plus the evaluation of those 6 models and 3 random-init baselines. On the 2-core
+# Intel Xeon (README: Results) a run took 11.4-14.5 minutes alone on the machine (seeds 3-4, 2026-11-29)
+# and 22-34.5 minutes on slower or shared sittings (seeds 0-2: classic 23.7-34.5, multi 22.0-26.8), and
+# kNN + linear took 23 minutes for 15 models (about 14 for these 9) and fine-tuning 4 minutes for one epoch:
+# in all about 1.5 hours on a quiet machine, up to about 4 hours on a slow or shared one.
+# Finished runs in OUT/train are skipped, an interrupted one resumes, so the grid can be made over several sittings; SEEDS=3,4 with the same OUT adds seeds (the
 # evaluation then covers every run in OUT/train), or with OUT=DIR/s56 keeps them apart (the README's seeds 5
 # and 6; byol.report takes both folders' evaluations). The earlier tables
 # (benchmarks/CPU_HISTORY.md):

@@ -11,7 +11,7 @@
 #   5. the linear probe's test accuracy (evaluate.py; the benchmark part survives its failure).
 #   The GPU recipe's 100-epoch target (README: Results; about 9 minutes on an H200 at batch 512):
 #     OUT=$OUT WORK=outputs/gpu BATCHES= PRETRAIN_BATCH=512 EPOCHS=100 PRETRAIN_S=480 \
-#       TRAIN_EXTRA="experiment=cifar10 monitor=off" bash benchmarks/gpu.sh
+#       TRAIN_EXTRA="experiment=cifar10 monitor=off" EVAL_EXTRA="split.val_size=0" bash benchmarks/gpu.sh
 #
 # MODE=grid (the study's grid with the GPU recipe, budgeted at GRID_S = 540 s from the start):
 #   1.-3. as above (the throughput with experiment=cifar10, ours and the floor only unless PEERS),
@@ -23,10 +23,14 @@
 #   6. python -m byol.report on both sweeps; results.md/.csv/.png and the runs' curves PNGs into $OUT.
 #
 # Both append a dated section naming the card to benchmarks/RESULTS.md (copied to $OUT, since only
-# $OUT comes back from the GPU machine; at most 8 files are kept there).
+# $OUT comes back from the GPU machine; at most 8 files are kept there). The train.py/evaluate.py
+# commands the section records are abbreviated: data.root, hydra.run.dir/sweep.dir (and the grid's
+# sweep.subdir) and, in single mode, trainer.enable_progress_bar=false checkpoint.every_n_epochs=100000
+# are passed but not written (the throughput lines record the whole command).
 #
-# SMOKE=1 runs the same steps with tiny settings on whatever device there is (CPU here) and writes
-# only under $OUT: the way to test this script without a GPU.
+# SMOKE=1 runs the same steps with tiny settings on whatever device there is (CPU here): its results
+# go only under $OUT, never into the repository's RESULTS.md, its run folders under WORK (default
+# /tmp/byol-gpu-runs) and a missing DATA is extracted; the way to test this script without a GPU.
 # Environment: MODE (single|grid), OUT (results folder), DATA (dataset root; default /tmp/cifar10,
 # extracted if missing), PYTHON (default python3), PRETRAIN_S (single: 240), BATCHES (default "256 512"),
 # PEERS, COMPILE=1, WORK (run folders); single: EPOCHS, PRETRAIN_BATCH, TRAIN_EXTRA, EVAL_EXTRA

@@ -3,7 +3,7 @@
 Why count them: on an H100/H200 a BYOL step on 32x32 images is bound by the host, not the GPU. Each
 operator the step dispatches costs the CPU some microseconds (Python, the dispatcher, a kernel launch)
 whether it moves 4 KB or 4 MB, and at batch 256 those microseconds add up to more than the GPU's
-arithmetic: on the H200 of benchmarks/RESULTS.md the floor's 886 operators a step took 24 ms at
+arithmetic: on the H200 of benchmarks/RESULTS.md the floor's 893 operators a step took 24.4 ms at
 batch 256 and 29 ms at batch 512, ours (about twice as many) 50 and 43 ms. Operator counts do not
 depend on the device or on the load, so they can be measured here, on a CPU, for a GPU.
 

@@ -5,6 +5,10 @@ signal mid-step, and prints the seconds from the signal to the "saved ... resume
 the process's exit, beside the seconds one step takes in the same run (from its first steps). The
 slowest configuration per step is the interesting one: the CIFAR stem on a CPU.
 
+The steps are seen by polling ``last.ckpt``'s size and modification time (a ``stat``, nearly free);
+the checkpoint is loaded only when it changed, to read its step: loading it at every poll would take
+a good part of a core from the run being measured.
+
     python benchmarks/stop_latency.py                       # CIFAR stem, batch 256, synthetic data
     python benchmarks/stop_latency.py --signal TERM -- backbone.stem=imagenet data.batch_size=512
 """
@@ -18,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,24 +49,63 @@ def main() -> None:
                    f"hydra.run.dir={run}"]
         proc = subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        output = Lines(proc)
         try:
-            times = wait_for_steps(proc, last, args.steps)
+            times = wait_for_steps(proc, last, args.steps, output)
             step = (times[-1] - times[0]) / (len(times) - 1)
             time.sleep(step / 2)  # into the middle of the next step
             sent = time.perf_counter()
             proc.send_signal(sig)
-            out, err = proc.communicate(timeout=max(600, 10 * step))
+            proc.wait(timeout=max(600, 10 * step))
             ended = time.perf_counter()
+            output.join()
         finally:
             if proc.poll() is None:
                 proc.kill()
-    line = err.strip().splitlines()[-1] if err.strip() else "(no message)"
+    saved = output.first("resume with", after=sent)
+    last_line = output.lines[-1][1] if output.lines else "(no message)"
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"overrides: {' '.join(DEFAULTS + args.overrides)}")
     print(f"one optimizer step: {step:.2f} s (mean of steps 2 to {args.steps}, checkpoint writes included)")
-    print(f"SIG{args.signal} sent mid-step; process ended {ended - sent:.2f} s later with status {proc.returncode}")
-    print(f"its last line: {line}")
-    print(f"stop time / step time: {(ended - sent) / step:.2f}")
+    if saved is None:
+        print(f"SIG{args.signal} sent mid-step; no 'resume with' line came")
+    else:
+        print(f"SIG{args.signal} sent mid-step; the 'saved ... resume with' line came {saved[0] - sent:.2f} s later")
+    print(f"the process ended {ended - sent:.2f} s after the signal, with status {proc.returncode}")
+    print(f"its last line: {last_line}")
+    if saved is not None:
+        print(f"line time / step time: {(saved[0] - sent) / step:.2f}")
+    print(f"exit time / step time: {(ended - sent) / step:.2f}")
+
+
+class Lines:
+    """Every line of the child's stdout and stderr with the time it arrived, read as it comes (so that the
+    time of the "resume with" line is known, and a full pipe never holds the child up)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._read, args=(stream,), daemon=True)
+                         for stream in (proc.stdout, proc.stderr)]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines.append((time.perf_counter(), line.rstrip("\n")))
+
+    def join(self, timeout: float = 30) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def first(self, text: str, after: float) -> tuple[float, str] | None:
+        with self._lock:
+            return next(((t, line) for t, line in self.lines if t >= after and text in line), None)
+
+    def tail(self, n: int = 40) -> str:
+        with self._lock:
+            return "\n".join(line for _, line in self.lines[-n:])
 
 
 def cpu_name() -> str:
@@ -72,20 +116,38 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def wait_for_steps(proc: subprocess.Popen, last: Path, steps: int, timeout: float = 1800) -> list[float]:
-    """The times at which ``last.ckpt`` first held steps 1..``steps`` (it is rewritten after every step)."""
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of ``path``, None if it does not exist: changes when the file is rewritten
+    (checkpoints are written beside it and renamed over it, so a new version is a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def wait_for_steps(proc: subprocess.Popen, last: Path, steps: int, output: Lines,
+                   timeout: float = 1800) -> list[float]:
+    """The times at which ``last.ckpt`` first held steps 1..``steps`` (it is rewritten after every step).
+    Polled by ``stat`` every 20 ms; loaded (to read its step) only when it changed."""
     seen: dict[int, float] = {}
+    loaded = None  # the version of the file last read
     deadline = time.monotonic() + timeout
     while len(seen) < steps:
         if proc.poll() is not None:
-            raise SystemExit(f"train.py ended early:\n{proc.stderr.read()[-3000:]}")
+            output.join()
+            raise SystemExit(f"train.py ended early:\n{output.tail()[-3000:]}")
         if time.monotonic() > deadline:
             raise SystemExit(f"no checkpoint of step {steps} after {timeout} s")
-        try:
-            step = int(torch.load(last, weights_only=True, mmap=True)["global_step"])
-            seen.setdefault(step, time.perf_counter())
-        except (FileNotFoundError, RuntimeError, KeyError, EOFError):
-            pass
+        version = file_version(last)
+        if version is not None and version != loaded:
+            changed = time.perf_counter()  # when the new version was seen, not when its load ended
+            try:
+                step = int(torch.load(last, weights_only=True, mmap=True)["global_step"])
+                seen.setdefault(step, changed)
+                loaded = version
+            except (FileNotFoundError, RuntimeError, KeyError, EOFError):
+                pass  # replaced while read: read again at the next poll
         time.sleep(0.02)
     return [seen[s] for s in sorted(seen) if s >= 1]
 

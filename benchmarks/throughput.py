@@ -21,9 +21,11 @@ paper's head sizes (4096 hidden, 256 out) and ``ImageFolder`` decoding inside th
 Peers are optional (``pip install -e ".[bench]"``); a missing one is reported and skipped.
 
 Usage: ``python benchmarks/throughput.py [--stem cifar|imagenet|both] [--batch-size 128]
-[--steps 20] [--warmup 5] [--repeats 1] [--json FILE]``. With ``--repeats N`` every contender is
-measured N times, interleaved, and the best figure kept: on a shared machine the others' load
-otherwise swings single figures by several times. Without ``--data`` the shared archive
+[--steps 20] [--warmup 5] [--repeats 1] [--threads N] [--json FILE]``. With ``--repeats N`` every
+contender is measured N times, interleaved (ours, then each peer, then ours again...), and the best
+figure kept: on a shared machine the others' load otherwise swings single figures by several times.
+``--threads 1`` is steadier on a shared CPU (a second thread waits on cores other jobs hold); the
+default leaves torch's own thread count. Without ``--data`` the shared archive
 ``../shared/data/cifar10-jpeg.tar.gz`` is extracted once into ``~/.cache/byol/cifar10-jpeg``.
 """
 
@@ -179,11 +181,27 @@ def our_optimizer(cfg: dict, model):
 
 
 def peer_backbone(cfg: dict) -> torch.nn.Module:
-    """The same torchvision ResNet (name, stem, width) as ours, returning (N, 512 x width) pooled features."""
+    """The same torchvision ResNet (name, stem, width) as ours, returning pooled features (N, D)."""
     from byol.core.backbone import build_resnet
 
     backbone = cfg["backbone"]
     return build_resnet(backbone["name"], backbone["stem"], backbone.get("width", 1.0))
+
+
+def feature_dim(backbone: torch.nn.Module, image_size: int) -> int:
+    """D of a backbone's (N, D) features, read from one forward pass (as byol-pytorch finds its own).
+
+    Why not a constant: D is 512 x width for ResNet-18/34 but 2048 x width for ResNet-50, so a
+    projection head sized 512 fails at width 0.25 (128) or on ResNet-50."""
+    was_training = backbone.training
+    backbone.eval()  # no BatchNorm statistics touched by the probe
+    try:
+        with torch.no_grad():
+            param = next(backbone.parameters())
+            x = torch.zeros(1, 3, image_size, image_size, device=param.device)
+            return backbone(x).flatten(start_dim=1).shape[1]
+    finally:
+        backbone.train(was_training)
 
 
 # --------------------------------------------------------------------------- (a) ours
@@ -304,7 +322,7 @@ def bench_lightly(cfg: dict, args, device, data_root: Path) -> float:
 
     h, size, bf16 = cfg["head"], cfg["data"]["image_size"], args.peer_precision == "bf16"
     backbone = peer_backbone(cfg)
-    projection_head = BYOLProjectionHead(512, h["proj_hidden_dim"], h["proj_dim"])
+    projection_head = BYOLProjectionHead(feature_dim(backbone, size), h["proj_hidden_dim"], h["proj_dim"])
     prediction_head = BYOLPredictionHead(h["proj_dim"], h["pred_hidden_dim"], h["proj_dim"])
     backbone_momentum, projection_head_momentum = copy.deepcopy(backbone), copy.deepcopy(projection_head)
     deactivate_requires_grad(backbone_momentum)
@@ -360,7 +378,7 @@ def bench_byol_pytorch(cfg: dict, args, device, data_root: Path) -> float:
     h, size, bf16 = cfg["head"], cfg["data"]["image_size"], args.peer_precision == "bf16"
     net = peer_backbone(cfg).to(device, memory_format=memory_format(bf16))
     # Simplicial embeddings (on by default in 0.9.1) would change the projector; the paper's
-    # projector (Linear 512 -> 4096 -> 256) keeps the network the same as the others.
+    # projector (Linear D -> 4096 -> 256, D found by its own forward pass) keeps the network the same as the others.
     learner = LucidrainsBYOL(net, image_size=size, hidden_layer="avgpool", projection_size=h["proj_dim"],
                              projection_hidden_size=h["proj_hidden_dim"], use_simplicial_embeddings=False)
     learner.to(memory_format=memory_format(bf16))
@@ -459,6 +477,8 @@ def run_peer(peer: str, cfg: dict, args, device, data_root: Path) -> tuple[float
     if device.type == "cuda":
         release_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
+    if args.threads:  # again before each measurement: nothing a contender set may carry over to the next
+        torch.set_num_threads(args.threads)
     try:
         bench = BENCHES[peer]
         ips = bench(cfg, args, device, data_root) if peer in PEER_MODULES else bench(cfg, args, device)
@@ -501,6 +521,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every contender this many times, interleaved, and keep the best (the figure "
                    "least disturbed by other processes on a shared machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every contender (default: torch's own, usually one per core); "
+                   "1 is steadier on a shared machine, where another thread waits on a core others hold")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override of the training config, e.g. --set loss=multi (repeatable)")
     p.add_argument("--json", default=None, help="write the figures (images/s) to this file")
@@ -510,8 +533,9 @@ def parse_args(argv=None):
     unknown = sorted(set(args.peers) - set(PEERS))
     if unknown:
         p.error(f"unknown peers {unknown}; choose from {', '.join(PEERS)}")
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.repeats < 1:
-        p.error("need --steps >= 1, --warmup >= 0, --batch-size >= 2 and --repeats >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 2 or args.repeats < 1 \
+            or (args.threads is not None and args.threads < 1):
+        p.error("need --steps >= 1, --warmup >= 0, --batch-size >= 2, --repeats >= 1 and --threads >= 1")
     return args
 
 
@@ -525,9 +549,23 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", pattern)
 
 
+def set_threads(n: int | None) -> None:
+    """Fix torch's CPU threads at ``n`` (None: leave torch's default). OMP_NUM_THREADS is set too, because
+    Lightning's DDP launcher (``ours_ddp``) resets the thread count to the cores when that variable is unset."""
+    if n:
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def threads_text(args) -> str:
+    n = torch.get_num_threads()
+    return f"{n} torch thread{'' if n == 1 else 's'}" + (" (--threads)" if args.threads else " (torch's default)")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
+    set_threads(args.threads)
     quiet_libraries()
     device = pick_device(args.device)
     data_root = resolve_data(args)
@@ -535,11 +573,10 @@ def main(argv=None) -> dict:
               "skipped": {p: why for p in args.peers if (why := peer_missing(p))}}
     stems = STEMS if args.stem == "both" else (args.stem,)
     info = report["machine"]
-    print(f"[bench] machine: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch "
-          f"threads), torch {info['torch']}, torchvision {info['torchvision']}, device {info['device_name']}",
-          flush=True)
+    print(f"[bench] machine: {info['cpu']}, {info['cpu_cores']} cores ({threads_text(args)}), torch {info['torch']}, "
+          f"torchvision {info['torchvision']}, device {info['device_name']}", flush=True)
     print(f"[bench] data: {data_root}/train ({report['n_images']} images); batch {args.batch_size}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats} (interleaved); "
           f"{precision_text(args)}; peer DataLoaders with {args.workers} workers", flush=True)
     print("[bench] ours = pytorch_lightning.Trainer running byol.lightning.pretrain_module.BYOLModule.training_step "
           "(Lightning overhead counted); floor = the same network, LARS and EMA on random device tensors", flush=True)
@@ -602,6 +639,7 @@ def write_json(args, report: dict, data_root: Path) -> None:
     out["machine"] = report["machine"]
     out["settings"] = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                        "repeats": args.repeats, "statistic": "best of repeats", "workers": args.workers,
+                       "threads": report["machine"]["torch_threads"], "threads_set": args.threads,
                        "precision": precision_text(args),
                        "compile": args.compile, "overrides": args.overrides, "data": str(data_root),
                        "epoch_images": report["n_images"],
@@ -620,7 +658,7 @@ def text_table(args, report: dict) -> list[str]:
     ips, n = report["images_per_s"], report["n_images"]
     shown = [p for p in PEERS if p in args.peers]
     lines = [f"BYOL pretraining throughput, images/s (higher is better): ResNet-18, batch {args.batch_size}, "
-             f"{precision_text(args)}, {report['machine']['device_name']}",
+             f"{precision_text(args)}, {report['machine']['device_name']}, {threads_text(args)}",
              f"{'stem':<9}" + "".join(f"{p:>14}" for p in shown)
              + "".join(f"{'ours/' + p:>20}" for p in shown if p != "ours")]
     for stem, v in ips.items():
@@ -649,7 +687,7 @@ def markdown_table(args, report: dict) -> list[str]:
     command = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
     lines = ["", f"Batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up (best of "
              f"{args.repeats}), {precision_text(args)}, {info['device_name']} ({info['cpu']}, "
-             f"{info['cpu_cores']} cores), torch {info['torch']}: `{command}`", "",
+             f"{info['cpu_cores']} cores, {threads_text(args)}), torch {info['torch']}: `{command}`", "",
              "| stem | peer | images/s | s/epoch | ours/peer |"
              + (" peak GPU GiB (alloc/reserved) |" if gpu else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if gpu else "")]

@@ -76,7 +76,10 @@ def test_augmentation_benchmark_prints_every_part_against_torchvision():
                            "--size", "16", "--repeats", "1", "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line[:24].strip(): line[24:].split() for line in proc.stdout.splitlines()[2:]}
+    lines = proc.stdout.splitlines()
+    assert "equal work: colour jitter on every image for both" in proc.stdout  # --jitter-p 1 by default
+    header = next(i for i, line in enumerate(lines) if line.startswith("part"))
+    rows = {line[:24].strip(): line[24:].split() for line in lines[header + 1:]}
     assert set(rows) == {"draw the parameters", "crop + flip", "hue", "colour jitter (4 ops)", "whole view"}
     for part, (ours, torchvision, ratio) in rows.items():
         assert float(ours) > 0, part
@@ -91,6 +94,23 @@ def test_unknown_peer_is_refused():
         tp.parse_args(["--peers", "ours,simclr"])
 
 
+def test_threads_default_to_torchs_own_and_must_be_positive():
+    tp = load_throughput()
+    assert tp.parse_args([]).threads is None and tp.parse_args(["--threads", "1"]).threads == 1
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--threads", "0"])
+
+
+@pytest.mark.parametrize(("name", "stem", "width", "dim"), [
+    ("resnet18", "cifar", 0.25, 128), ("resnet18", "imagenet", 1.0, 512), ("resnet50", "cifar", 0.25, 512)])
+def test_peer_projection_input_is_the_backbones_feature_size(name, stem, width, dim):
+    """lightly's projection head is sized from the peer backbone's output (was 512 whatever the network)."""
+    tp = load_throughput()
+    backbone = tp.peer_backbone({"backbone": {"name": name, "stem": stem, "width": width}})
+    assert tp.feature_dim(backbone, 16) == dim
+    assert backbone.training  # left as it was found
+
+
 @pytest.mark.slow
 def test_benchmark_measures_every_available_contender_and_writes_consistent_json(
     tmp_path, monkeypatch, capsys
@@ -99,10 +119,15 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
     data = write_folder(tmp_path / "data")
     out, md = tmp_path / "bench.json", tmp_path / "results.md"
     monkeypatch.setattr(tp, "count_images", lambda folder: 16)  # fixed, to check the epoch arithmetic
-    tp.main(["--stem", "imagenet", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",
-             "--data", str(data), "--peers", "ours,lightly,byol_pytorch,floor,floor_fp32,ours_ddp",
-             "--workers", "0", "--device", "cpu", "--json", str(out), "--markdown", str(md),
-             "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY_HEADS])
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # --threads sets it: restored after
+    threads = tp.torch.get_num_threads()
+    try:
+        tp.main(["--stem", "imagenet", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",
+                 "--data", str(data), "--peers", "ours,lightly,byol_pytorch,floor,floor_fp32,ours_ddp",
+                 "--workers", "0", "--device", "cpu", "--json", str(out), "--markdown", str(md), "--threads", "1",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY_HEADS])
+    finally:
+        tp.torch.set_num_threads(threads)
 
     report = json.loads(out.read_text())
     ips = report["imagenet"]
@@ -117,11 +142,16 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
     assert report["ratios"]["imagenet"]["ours/floor_fp32"] == pytest.approx(ips["ours"] / ips["floor_fp32"])
     assert report["seconds_per_epoch"]["imagenet"]["ours"] == pytest.approx(16 / ips["ours"])
     assert report["settings"]["batch_size"] == 4 and report["settings"]["repeats"] == 2
+    assert report["settings"]["threads"] == 1 and report["settings"]["threads_set"] == 1
     assert report["machine"]["device"] == "cpu" and report["machine"]["torch"]
     rows = [line for line in md.read_text().splitlines() if line.startswith("| imagenet |")]
     assert [r.split("|")[2].strip() for r in rows] == [*tp.DEFAULT_PEERS, "floor_fp32", "ours_ddp"]
     assert report["ratios"]["imagenet"]["ours/ours_ddp"] == pytest.approx(ips["ours"] / ips["ours_ddp"])
-    assert "(floor/floor_fp32)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(floor/floor_fp32)" in printed and "(1 torch thread (--threads))" in printed
+    # interleaved: every contender's first sample before any contender's second
+    order = [line.split(", ")[1].split(":")[0] for line in printed.splitlines() if "(repeat " in line]
+    assert order.index("ours", 1) > max(order.index(p) for p in set(order))
 
 
 @pytest.mark.slow
