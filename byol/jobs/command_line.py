@@ -56,9 +56,9 @@ def _is_sweep(argv: Sequence[str]) -> bool:
 
 
 def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
-    """The error line for a command-line key that is no setting of ``conf/<config_name>.yaml`` but close to
-    one (``data.bach_size=64``), where Hydra would suggest appending it with ``+``; None otherwise (Hydra
-    reports what else is wrong)."""
+    """The error line for a command-line key that is no setting of ``conf/<config_name>.yaml`` (``data.bach_size=64``,
+    ``expriment=smoke``: with the setting or group it resembles, if any), where Hydra would suggest appending it
+    with ``+``, which the project then refuses; None otherwise (Hydra reports what else is wrong)."""
     parsed = _parsed_overrides(argv)
     if parsed is None:
         return None
@@ -77,9 +77,11 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
             close = difflib.get_close_matches(leaf, shared, n=1, cutoff=0.7)
             mean = f"; did you mean {view}.{close[0]}?" if close else f"; {view} takes the augment.* keys"
             return (f"error: {key} is not a setting{mean}; one view's own value: +{view}.KEY=VALUE "
-                    f"(python {config_name}.py --cfg job prints every setting)")
+                    f"(python {config_name}.py --cfg job prints every setting, --help the groups)")
+        head = key.split(".")[0]
         if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None or key in known
-                or (CONF_DIR / key).is_dir() or key.split(".")[0] == "hydra" or key.startswith(free)):
+                or (CONF_DIR / key).is_dir() or head == "hydra" or key.startswith(free)
+                or ((CONF_DIR / head).is_dir() and head not in groups)):  # the other script's: unknown_option
             continue
         parent, _, last = key.rpartition(".")
         if parent in known:  # a sibling's name, else the whole key
@@ -87,9 +89,13 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
             close = [f"{parent}.{name}" for name in difflib.get_close_matches(last, siblings, n=2, cutoff=0.7)]
         else:
             close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.85)
-        if close:
-            return (f"error: {key} is not a setting; did you mean {' or '.join(close)}? (python {config_name}.py "
-                    f"--cfg job prints every setting)")
+        if not close and not parent:  # a misspelt group or top-level key: expriment=smoke
+            close = difflib.get_close_matches(key, sorted(set(top) | groups), n=2, cutoff=0.6)
+        mean = f"; did you mean {' or '.join(close)}?" if close else \
+            f"; another Trainer argument: +{key}=VALUE" if parent == "trainer" else ""
+        # no close match either: one line, not Hydra's advice to append it with +, which is then refused
+        return (f"error: {key} is not a setting{mean} (python {config_name}.py --cfg job prints every setting, "
+                f"--help the groups)")
     return None
 
 
