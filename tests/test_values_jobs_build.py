@@ -121,3 +121,13 @@ def test_more_cpu_processes_than_cores_get_one_note(monkeypatch, capsys):
                  {"strategy": "auto", "devices": 1, "accelerator": "cpu"}):
         sync_batchnorm_where_possible(fits, "[byol]")
         assert "cores" not in capsys.readouterr().out
+
+
+def test_float16_mixed_precision_on_cpu_is_bf16_without_lightnings_warning(capsys):
+    """Lightning fell back to bf16-mixed itself, with a warning of several lines naming its own source file
+    (training's announcement already said so in one line)."""
+    for asked in ("16-mixed", "16"):
+        assert sync_batchnorm_where_possible({"precision": asked, "accelerator": "cpu"}, "[byol]")["precision"] == \
+            "bf16-mixed"
+    assert sync_batchnorm_where_possible({"precision": "32-true", "accelerator": "cpu"}, "[byol]")["precision"] == \
+        "32-true"

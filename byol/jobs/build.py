@@ -120,13 +120,17 @@ def note_crowded_cpu(trainer_cfg: Mapping, tag: str) -> None:
 
 
 def sync_batchnorm_where_possible(trainer_cfg: Mapping, tag: str) -> dict:
-    """``trainer_cfg`` with ``sync_batchnorm`` off on CPU, where torch's DDP refuses SyncBatchNorm; rank 0
-    says so in one line (each process then keeps its own BatchNorm statistics), and notes more CPU processes
-    than cores (:func:`note_crowded_cpu`)."""
+    """``trainer_cfg`` with ``sync_batchnorm`` off on CPU, where torch's DDP refuses SyncBatchNorm, and float16
+    mixed precision as bf16 there (Lightning's own fallback); rank 0 says the first in one line (each process then
+    keeps its own BatchNorm statistics), and notes more CPU processes than cores (:func:`note_crowded_cpu`)."""
     from byol.jobs.cli import launched_rank
 
     note_crowded_cpu(trainer_cfg, tag)
     trainer = dict(trainer_cfg)
+    if str(trainer.get("precision")) in ("16-mixed", "16") and not on_gpu(trainer):
+        # what Lightning falls back to, with a warning of several lines naming its source file; training's
+        # announcement says so in one line
+        trainer["precision"] = "bf16-mixed"
     if trainer.get("sync_batchnorm") and not on_gpu(trainer):
         trainer["sync_batchnorm"] = False
         if launched_rank() == 0:
