@@ -21,12 +21,17 @@ class EpochSummary(pl.Callback):
         (when it ran in this epoch) the line shows."""
         self.knn = knn
         self._start, self._images = time.perf_counter(), 0  # also right for an epoch resumed midway
+        self._lr: float | None = None  # the rate of the epoch's last optimizer step
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._images = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += int(batch[0].shape[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # the rate this step uses: the optimizer's after the epoch is the next step's (0 after the last)
+        self._lr = optimizer.param_groups[0]["lr"]
 
     def knn_text(self, epoch: int) -> tuple[str, float]:
         """``, kNN avgpool 41.2% combined 45.0% (3 s)`` when the kNN monitor ran in ``epoch``, and its seconds
@@ -44,7 +49,7 @@ class EpochSummary(pl.Callback):
         images = self._images * trainer.world_size  # every rank trains on as many images as rank 0
         losses = {k: float(v) for k, v in pl_module.epoch_means().items()}
         heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        lr = self._lr if self._lr is not None else float("nan")  # as tau: the value the last step used
         total = losses.get("loss", float("nan"))
         spread = {k[len("std/"):]: v for k, v in losses.items() if k.startswith("std/")}
         knn, knn_seconds = self.knn_text(trainer.current_epoch)
