@@ -144,14 +144,17 @@ def test_run_start_keeps_the_id_of_its_own_run(finished, tmp_path):
 
 @pytest.mark.parametrize("override", ["data.num_train=48", "seed=5", "optim.base_lr=0.1", "augment.flip_p=0.1",
                                       f"trainer.max_epochs={EPOCHS - 1}"])
-def test_a_finished_run_met_with_other_trained_settings_is_refused_not_called_done(finished, tmp_path, override):
+def test_a_finished_run_met_with_other_trained_settings_is_refused_not_called_done(finished, tmp_path, capsys,
+                                                                                   override):
     run = copy_of(finished, tmp_path / "run")
     before = contents(run)
     key = override.split("=")[0]
+    capsys.readouterr()
     with pytest.raises(ConfigError, match=rf"holds a finished run trained with other settings \({key}: .*nothing "
                                           r"was trained.*hydra.sweep.dir=NEW"):
         pretrain(compose_config("train", [*TINY, override], run), run, requested=[key])
     assert contents(run) == before
+    assert "resuming with changed settings" not in capsys.readouterr().out  # it resumed nothing
 
 
 @pytest.mark.parametrize("override", ["trainer.enable_progress_bar=false", "monitor=default", "checkpoint.keep_last=1",

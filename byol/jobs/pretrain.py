@@ -101,9 +101,6 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     same_run = check_resume_target(run_dir, checkpoint, saved_id, folder_id) if launched_rank() == 0 else True
     config, changed = resume_config(saved, container, requested)
     check_config(config, source)
-    if changed:
-        print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
-              flush=True)
     config[RUN_ID_KEY] = (saved_id or folder_id) if same_run and (saved_id or folder_id) else new_run_id()
     check_resumable(resumed, config, checkpoint)  # before anything is written into the run folder
     if same_run and launched_rank() == 0:
@@ -112,6 +109,9 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     finished = last.is_file() and epochs_trained(last) >= int(config["trainer"]["max_epochs"])
     if finished and same_run:
         refuse_other_settings(changed, run_dir)
+    if changed and not finished:  # after the refusals: a finished run resumes nothing
+        print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
+              flush=True)
     return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
 
 
