@@ -218,7 +218,7 @@ def warmup_steps(warmup_epochs: float, total_steps: int, epochs: int, schedule: 
     cap = int(MAX_WARMUP_FRACTION * total_steps)
     if configured <= cap:
         return configured, None
-    instead = f"a warm-up of {cap} steps" if cap else "no warm-up"
+    instead = f"a warm-up of {cap} step{'s' * (cap != 1)}" if cap else "no warm-up"
     return cap, (f"[byol] optim.scheduler.warmup_epochs={warmup_epochs:g} ({configured} steps) is more than "
                  f"{MAX_WARMUP_FRACTION:.0%} of this run ({epochs} epoch{'s' * (epochs != 1)}, {total_steps} "
                  f"steps), so the schedule cannot run as written: using {instead} instead, then {schedule} "

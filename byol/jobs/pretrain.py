@@ -145,7 +145,8 @@ def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
     if not export.is_file():
         export_from_checkpoint(safe_load(last), start.config, export)
     epochs = start.config["trainer"]["max_epochs"]
-    print(f"[byol] {run_dir} already finished its {epochs} epochs ({last}, {export}); nothing to do. To "
+    epochs_text = f"{epochs} epoch{'s' * (epochs != 1)}"
+    print(f"[byol] {run_dir} already finished its {epochs_text} ({last}, {export}); nothing to do. To "
           f"train longer: python train.py {command_arg('resume', run_dir)} trainer.max_epochs=N; to redo part "
           f"of it, resume a checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
     return export
