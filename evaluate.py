@@ -23,5 +23,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:], "evaluate")
-    main()
+    try:
+        check_command_line(sys.argv[1:], "evaluate")
+        main()
+    except KeyboardInterrupt:  # while the libraries load, before the job (which says what it kept) started
+        print("[evaluate] interrupted (Ctrl+C) while starting; nothing was evaluated", file=sys.stderr)
+        sys.exit(130)

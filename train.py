@@ -23,5 +23,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:], "train")
-    main()
+    try:
+        check_command_line(sys.argv[1:], "train")
+        main()
+    except KeyboardInterrupt:  # while the libraries load, before the job (which says what it kept) started
+        print("[train] interrupted (Ctrl+C) while starting; nothing was trained", file=sys.stderr)
+        sys.exit(130)
