@@ -142,6 +142,25 @@ def test_an_overlay_has_one_key_below_its_panels_instead_of_a_legend_per_curve(t
         "loss=classic", "loss=multi", "seed 0", "seed 1", "seed 2", "seed 3", "seed 4", "avgpool", "combined"]
 
 
+def test_a_one_epoch_run_draws_its_logged_steps_not_a_dot(tmp_path, monkeypatch):
+    """The README's quick look (trainer.max_epochs=1) showed the loss as one dot on axes ticked 0.945 ... 1.050:
+    a run of fewer than 3 epochs draws its per-step values where it logged them, and a lone point sits on 0-1."""
+    import byol.jobs.curves as curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = ["epoch,step,train/loss/avgpool_step,train/loss/avgpool_epoch,monitor/probe/avgpool",
+            ",0,3.9,,", ",1,3.7,,", ",2,3.5,,", "0,3,3.3,3.6,0.4"]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    figures = []
+    monkeypatch.setattr(curves, "_save", lambda fig, path: figures.append(fig))
+    curves.write_curves(run)
+    loss, _, probe = figures[0].axes[:3]
+    (line,) = loss.get_lines()
+    assert list(line.get_xdata()) == [0.25, 0.5, 0.75, 1.0] and list(line.get_ydata()) == [3.9, 3.7, 3.5, 3.3]
+    assert probe.get_xlim() == (0.0, 1.5)
+
+
 def test_the_epoch_line_shows_knn_only_for_the_epoch_it_ran_in():
     from types import SimpleNamespace
 

@@ -80,13 +80,15 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
     from matplotlib.ticker import MaxNLocator
 
     for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
-        drawn, left_out = False, 0
+        drawn, left_out, at = False, 0, set()
         for label, series, style in runs:
             rates = []  # a run's learning rates drawn so far: parameter groups on one schedule are drawn once
             keys = [k for k in series if k.startswith(prefix) and "_step" not in k and not k.endswith("seconds")]
             left_out += max(0, len(keys) - MAX_LINES)
             for key in keys[:MAX_LINES]:
                 points = series[key]
+                if len(points) < 3 and len(series.get(key + "_step", ())) > len(points):
+                    points = series[key + "_step"]  # a run of one or two epochs: its logged steps, not a dot
                 if prefix == "lr-":
                     if points in rates:
                         continue
@@ -95,6 +97,7 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
                 if not taps and name.startswith("layer"):
                     continue
                 xs, ys = zip(*points, strict=True)
+                at.update(xs)
                 ys = [100 * y for y in ys] if percent else ys
                 # markers on every point of a short run, on about 15 of a long one's
                 ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style,
@@ -104,6 +107,8 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
         ax.set_title(title + (f" ({left_out} more not drawn)" if left_out else ""), fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2, 1.4 on a short run
+        if len(at) == 1:  # one epoch's value: matplotlib would centre it on ticks 0.945 ... 1.050
+            ax.set_xlim(0, max(at) + 0.5)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn and legends:
