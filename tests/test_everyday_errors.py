@@ -221,8 +221,8 @@ def test_a_tap_the_run_has_no_grid_for_is_said_to_be_pooled_to_one_pixel(capsys)
 
 
 def test_stop_signals_are_held_while_a_checkpoint_is_written_and_delivered_after(tmp_path, capsys):
-    """A second Ctrl+C that landed in the checkpoint writer's system call cut the write short: a resumable run
-    was marked FAILED with a message blaming the disk. Now the signal waits for the file, then stops the run."""
+    """A second Ctrl+C during a checkpoint write waits for the file, then stops the run (status 130 through
+    STOPPED_AT_ONCE): held back from the writer's thread, it cannot cut a system call of the write short."""
     import os
 
     from byol.lightning.callbacks import STOPPED_AT_ONCE
@@ -233,8 +233,8 @@ def test_stop_signals_are_held_while_a_checkpoint_is_written_and_delivered_after
         cb._on_signal(signal.SIGINT, None)  # the first Ctrl+C: stop at the next boundary
 
         def save_checkpoint(path, weights_only):
-            os.kill(os.getpid(), signal.SIGINT)  # held: not delivered inside the write
-            assert signal.SIGINT in signal.sigpending()
+            # held from this thread (a thread of the test runner may still take it: then it is recorded only)
+            os.kill(os.getpid(), signal.SIGINT)
             torch.save({"whole": True}, path)
 
         with pytest.raises(KeyboardInterrupt):  # delivered once the file is whole

@@ -193,8 +193,7 @@ def run_job(fn, cfg, *args, **kwargs):
         os.environ[SWEEP_DIR_ENV] = str(Path(hc.sweep.dir).resolve())
     if launched_rank() != 0:  # another DDP process of rank 0's run: rank 0 holds the folder and its log
         return _run_on_another_rank(fn, cfg, run_dir, *args, **kwargs)
-    earlier_failure = None  # the FAILED file a re-run job found (see _failed)
-    log = None  # the job's log, once this job holds its folder: its last line (stopped, failed) goes there too
+    earlier_failure, log = None, None  # FAILED as a re-run job found it (_failed); the log once the folder is held
     try:
         check_job_folder(run_dir, hc.job.name)  # before the lock, the log or FAILED is written into it
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
