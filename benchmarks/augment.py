@@ -17,7 +17,6 @@ Usage: ``python benchmarks/augment.py [--batch-size 256] [--size 32] [--repeats 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's byol, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import cpu_name  # noqa: E402  (the machine's name, as every benchmark prints it)
+
 from byol.core import augment as A  # noqa: E402
 
 
@@ -102,14 +104,6 @@ def main() -> None:
         ratio = f"{mine / other:.2f}x" if other else "-"
         print(f"{part:24s} {mine:16.2f} {other if other is not None else float('nan'):24.2f} {ratio:>20s}")
 
-
-def cpu_name() -> str:
-    """The CPU's model name (the machine a figure was measured on), not just the architecture."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

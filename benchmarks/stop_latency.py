@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -27,6 +26,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import cpu_name  # noqa: E402  (the machine's name, as every benchmark prints it)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["data=synthetic", "data.num_train=20000", "data.image_size=32", "backbone.stem=cifar",
@@ -107,13 +109,6 @@ class Lines:
         with self._lock:
             return "\n".join(line for _, line in self.lines[-n:])
 
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def file_version(path: Path) -> tuple[int, int, int] | None:
