@@ -5,13 +5,12 @@ eval=finetune pretrained=RUN_DIR``, ``python evaluate.py -m pretrained=latest_sw
 repr=avgpool,combined eval=linear,finetune``. See README.md and conf/evaluate.yaml.
 """
 
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from byol.jobs.cli import command_line_keys, run_job
-from byol.jobs.command_line import check_command_line
+from byol.jobs.command_line import run_script
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -23,9 +22,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        check_command_line(sys.argv[1:], "evaluate")
-        main()
-    except KeyboardInterrupt:  # while the libraries load, before the job (which says what it kept) started
-        print("[evaluate] interrupted (Ctrl+C) while starting; nothing was evaluated", file=sys.stderr)
-        sys.exit(130)
+    run_script(main, "evaluate")

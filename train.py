@@ -5,13 +5,12 @@ Examples: ``python train.py loss=multi``, ``python train.py -m loss=classic,mult
 See README.md and conf/train.yaml.
 """
 
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from byol.jobs.cli import command_line_keys, run_job
-from byol.jobs.command_line import check_command_line
+from byol.jobs.command_line import run_script
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -23,9 +22,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        check_command_line(sys.argv[1:], "train")
-        main()
-    except KeyboardInterrupt:  # while the libraries load, before the job (which says what it kept) started
-        print("[train] interrupted (Ctrl+C) while starting; nothing was trained", file=sys.stderr)
-        sys.exit(130)
+    run_script(main, "train")

@@ -352,3 +352,16 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     if message:
         print(message, file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def run_script(main, config_name: str) -> None:
+    """An entry script's start (``python train.py`` / ``evaluate.py``): the command line checked
+    (:func:`check_command_line`), then Hydra's ``main``. A Ctrl+C while the libraries load, before the job
+    (which says what it kept) started, is one line and status 130 instead of a KeyboardInterrupt traceback."""
+    try:
+        check_command_line(sys.argv[1:], config_name)
+        main()
+    except KeyboardInterrupt:
+        done = "trained" if config_name == "train" else "evaluated"
+        print(f"[{config_name}] interrupted (Ctrl+C) while starting; nothing was {done}", file=sys.stderr)
+        sys.exit(130)
