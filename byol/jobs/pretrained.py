@@ -30,7 +30,7 @@ from byol.core.state_check import shown, whole
 from byol.jobs.build import architecture, encoder_from_backbone, loss_mode
 from byol.jobs.config_check import SEED_TEXT, check_file_config, check_plain, valid_seed
 from byol.jobs.datasets import MACHINE_DATA_KEYS
-from byol.jobs.resume import FREE_FORM_KEYS, TRAINED_KEYS, folder_run_id
+from byol.jobs.resume import TRAINED_KEYS, flatten_config, folder_run_id
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -233,23 +233,15 @@ def trained_settings(run_cfg: Mapping | None) -> dict | None:
     differ in one of these are two models, never two seeds of one. None when the config is not known."""
     if not isinstance(run_cfg, Mapping):
         return None
-    flat: dict = {}
-
-    def add(key: str, value) -> None:
-        if isinstance(value, Mapping) and value and key not in FREE_FORM_KEYS:
-            for k, v in value.items():
-                add(f"{key}.{k}", v)
-        elif key not in SHOWN_APART:
-            flat[key] = value
-
+    chosen = {}
     for key in TRAINED_KEYS:
         group, _, inner = key.partition(".")
         value = run_cfg.get(group)
         if inner:
             value = value.get(inner) if isinstance(value, Mapping) else None
         if value is not None:
-            add(key, value)
-    return dict(sorted(flat.items()))
+            chosen[key] = value
+    return {k: v for k, v in sorted(flatten_config(chosen).items()) if k not in SHOWN_APART}
 
 
 def run_config_fields(run_cfg: Mapping | None) -> dict:

@@ -365,9 +365,10 @@ def newest_eval_sweep(outputs: Path = Path("outputs")) -> Path | None:
     root = outputs / "multirun" / "eval"
     if not root.is_dir():
         return None
-    sweeps = [d for d in root.iterdir() if d.is_dir() and any(d.rglob("results.json"))]
-    newest = {d: max((f.stat().st_mtime for f in d.rglob("results.json") if f.is_file()), default=0.0) for d in sweeps}
-    return max(sweeps, key=lambda d: (newest[d], d.name)) if sweeps else None
+    found = {d: list(d.rglob("results.json")) for d in root.iterdir() if d.is_dir()}  # each sweep walked once
+    newest = {d: max((f.stat().st_mtime for f in files if f.is_file()), default=0.0) for d, files in found.items()
+              if files}
+    return max(newest, key=lambda d: (newest[d], d.name)) if newest else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

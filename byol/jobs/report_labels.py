@@ -63,9 +63,10 @@ def label_variants(cells: Iterable) -> None:
             groups.setdefault(getattr(c, group), []).append(c)
         for members in groups.values():
             known = [(c, _as_dict(getattr(c, field_name))) for c in members if getattr(c, field_name) is not None]
-            varying = sorted({k for _, d in known for k in d if len({json.dumps(o.get(k)) for _, o in known}) > 1})
+            keys = {k for _, d in known for k in d}
+            varying = sorted(k for k in keys if len({json.dumps(d.get(k)) for _, d in known}) > 1)
             for c, d in known:
-                parts = [f"{prefix}{k}={_short(d.get(k))}" if k else f"{prefix}={_short(d.get(k))}" for k in varying]
+                parts = [f"{prefix}{k}={_short(d.get(k))}" for k in varying]
                 c.variant = " ".join(x for x in (c.variant, *parts) if x)
 
 

@@ -58,12 +58,13 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """A config as dotted keys (``optim.base_lr``); the :data:`FREE_FORM_KEYS` mappings and empty ones whole."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v and key not in FREE_FORM_KEYS:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
     return out
@@ -94,7 +95,7 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
     other argument; with ``requested=None`` the composed config is taken whole. Either way a
     change of architecture (:data:`ARCHITECTURE_KEYS`) is refused: the weights would not fit.
     """
-    old, new = {**ADDED_KEYS, **_flatten(saved)}, _flatten(composed)
+    old, new = {**ADDED_KEYS, **flatten_config(saved)}, flatten_config(composed)
     result = copy.deepcopy(saved) if requested is not None else copy.deepcopy(composed)
     changed = []
     views = _views(saved)
