@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import compose_config, plain_config
 
-from byol.jobs.build import _logger_kwargs, crop_side, scaled_lr, sync_batchnorm_where_possible, view_settings
+from byol.jobs.build import _logger_kwargs, crop_side, scaled_lr, trainer_for_this_machine, view_settings
 from byol.jobs.pretrain import RunStart, announce, build_module
 
 
@@ -52,11 +52,11 @@ def test_wandb_stays_offline_unless_told_otherwise(tmp_path):
 
 
 def test_sync_batchnorm_is_turned_off_on_cpu_only(capsys):
-    cpu = sync_batchnorm_where_possible({"sync_batchnorm": True, "accelerator": "cpu"}, "[t]")
+    cpu = trainer_for_this_machine({"sync_batchnorm": True, "accelerator": "cpu"}, "[t]")
     assert cpu == {"sync_batchnorm": False, "accelerator": "cpu"}
     assert capsys.readouterr().out.startswith("[t] note: trainer.sync_batchnorm needs GPUs")
     gpu = {"sync_batchnorm": True, "accelerator": "gpu"}
-    assert sync_batchnorm_where_possible(gpu, "[t]") == gpu and capsys.readouterr().out == ""
+    assert trainer_for_this_machine(gpu, "[t]") == gpu and capsys.readouterr().out == ""
 
 
 class Batches(list):
@@ -115,11 +115,11 @@ def test_more_cpu_processes_than_cores_get_one_note(monkeypatch, capsys):
     import os
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    sync_batchnorm_where_possible({"strategy": "ddp", "devices": 8, "num_nodes": 2, "accelerator": "cpu"}, "[byol]")
+    trainer_for_this_machine({"strategy": "ddp", "devices": 8, "num_nodes": 2, "accelerator": "cpu"}, "[byol]")
     assert "[byol] note: trainer.devices=8 starts 8 processes on the 2 cores of this machine" in capsys.readouterr().out
     for fits in ({"strategy": "ddp", "devices": 2, "num_nodes": 4, "accelerator": "cpu"},  # 2 per node
                  {"strategy": "auto", "devices": 1, "accelerator": "cpu"}):
-        sync_batchnorm_where_possible(fits, "[byol]")
+        trainer_for_this_machine(fits, "[byol]")
         assert "cores" not in capsys.readouterr().out
 
 
@@ -127,7 +127,7 @@ def test_float16_mixed_precision_on_cpu_is_bf16_without_lightnings_warning(capsy
     """Lightning fell back to bf16-mixed itself, with a warning of several lines naming its own source file
     (training's announcement already said so in one line)."""
     for asked in ("16-mixed", "16"):
-        assert sync_batchnorm_where_possible({"precision": asked, "accelerator": "cpu"}, "[byol]")["precision"] == \
+        assert trainer_for_this_machine({"precision": asked, "accelerator": "cpu"}, "[byol]")["precision"] == \
             "bf16-mixed"
-    assert sync_batchnorm_where_possible({"precision": "32-true", "accelerator": "cpu"}, "[byol]")["precision"] == \
+    assert trainer_for_this_machine({"precision": "32-true", "accelerator": "cpu"}, "[byol]")["precision"] == \
         "32-true"

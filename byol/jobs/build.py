@@ -119,7 +119,7 @@ def note_crowded_cpu(trainer_cfg: Mapping, tag: str) -> None:
               f"each with a fraction of a core; trainer.devices={cores} (or fewer) runs faster", flush=True)
 
 
-def sync_batchnorm_where_possible(trainer_cfg: Mapping, tag: str) -> dict:
+def trainer_for_this_machine(trainer_cfg: Mapping, tag: str) -> dict:
     """``trainer_cfg`` with ``sync_batchnorm`` off on CPU, where torch's DDP refuses SyncBatchNorm, and float16
     mixed precision as bf16 there (Lightning's own fallback); rank 0 says the first in one line (each process then
     keeps its own BatchNorm statistics), and notes more CPU processes than cores (:func:`note_crowded_cpu`)."""

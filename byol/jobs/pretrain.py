@@ -33,7 +33,7 @@ from byol.jobs.build import (
     optimizer_factory,
     planned_world,
     progress_bar_on,
-    sync_batchnorm_where_possible,
+    trainer_for_this_machine,
 )
 from byol.jobs.cli import command_arg, launched_rank, resume_hint
 from byol.jobs.config_check import check_config, check_file_config, plain_config
@@ -202,7 +202,7 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
                               steps_per_epoch)
     # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
     trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}
-    trainer = sync_batchnorm_where_possible(trainer, "[byol]")
+    trainer = trainer_for_this_machine(trainer, "[byol]")
     return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
                          enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
 

@@ -28,7 +28,7 @@ from byol.core.features import autocast_dtype, extract_features, feature_dim, re
 from byol.core.knn import knn_accuracy
 from byol.core.linear_probe import MakeOptimizer, train_linear_probe
 from byol.core.optim import build_optimizer, build_schedule
-from byol.jobs.build import build_trainer, make_loggers, planned_world, sync_batchnorm_where_possible
+from byol.jobs.build import build_trainer, make_loggers, planned_world, trainer_for_this_machine
 from byol.jobs.embedding import check_embed_settings, embed_test_set
 from byol.jobs.pretrained import EncoderSource
 from byol.lightning.callbacks import StopEvaluationOnSignal
@@ -208,7 +208,7 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
         encoder_lr=float(eval_cfg["encoder_lr"]) if finetune else None,
         weight_decay=float(eval_cfg.get("weight_decay", 0.0)), seed=cfg["seed"],
         channels_last=cfg.get("channels_last", True))
-    trainer_cfg = sync_batchnorm_where_possible({k: v for k, v in cfg["trainer"].items() if k != "max_epochs"},
+    trainer_cfg = trainer_for_this_machine({k: v for k, v in cfg["trainer"].items() if k != "max_epochs"},
                                                 "[eval]")
     stop = StopEvaluationOnSignal("fine-tuning" if finetune else "the linear protocol")
     validated = len(splits["val"]) > 0  # split.val_size=0: no validation loop, val_acc None
