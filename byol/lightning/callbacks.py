@@ -259,15 +259,14 @@ class RunCheckpoints(CatchStopSignals):
 
     # -- saving
     def _save(self, trainer, path: Path) -> None:
-        self._writing = True
+        self._writing = True  # a second Ctrl+C meanwhile (held, or taken by another thread) stops once it is saved
         try:
             with stop_signals_held():
                 trainer.save_checkpoint(path, weights_only=False)
-                if path == self.last:
-                    self._last_step = trainer.global_step
-                self._writing = False  # a held second Ctrl+C, delivered as the block ends, stops at once
         finally:
             self._writing = False
+        if path == self.last:
+            self._last_step = trainer.global_step
         if self._stop_after_write:
             self._stop_at_once()
 
