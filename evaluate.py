@@ -9,16 +9,14 @@ repr=avgpool,combined eval=linear,finetune``. See README.md and conf/evaluate.ya
 import hydra
 from omegaconf import DictConfig
 
-from byol.jobs.cli import command_line_keys, run_job
+from byol.jobs.cli import command_line_keys, job_named, run_job
 from byol.jobs.command_line import run_script
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from byol.jobs.evaluate import evaluate
-
     # The run's own data settings are used except the data keys given on this command line.
-    run_job(evaluate, cfg, requested=command_line_keys())
+    run_job(job_named("byol.jobs.evaluate", "evaluate"), cfg, requested=command_line_keys())
 
 
 if __name__ == "__main__":

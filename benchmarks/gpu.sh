@@ -64,7 +64,7 @@ keep() {  # keep SRC as $OUT/NAME unless $OUT already holds MAX_OUT_FILES files
 }
 
 if [ "$SMOKE" = 1 ]; then
-  BATCHES=${BATCHES:-16}; STEPS=1; WARMUP=1; PRETRAIN_S=${PRETRAIN_S:-60}; GRID_S=${GRID_S:-3600}
+  BATCHES=${BATCHES-16}; STEPS=1; WARMUP=1; PRETRAIN_S=${PRETRAIN_S:-60}; GRID_S=${GRID_S:-3600}
   TINY=(data.subset=64 head.proj_hidden_dim=64 head.pred_hidden_dim=64 head.proj_dim=32)
   EVAL_TINY=(data.subset=64 eval.epochs=1)
   GRID_TINY=(data.batch_size=16 "${TINY[@]}")

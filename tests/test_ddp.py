@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, epochs_reported, signal_when, wait_for_fine_tuning_epoch
+from conftest import ROOT, compose_config, epochs_reported, signal_when, wait_for_fine_tuning_epoch
 from omegaconf import OmegaConf
 from test_resume import saved_step, wait_for_step
 
@@ -138,31 +138,29 @@ def train_ddp(*overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_train_py_with_ddp_on_two_cpu_processes(tmp_path):
-    run = tmp_path / "run"
-    result = train_ddp("trainer.max_epochs=1", f"hydra.run.dir={run}")
+def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(tmp_path):
+    """``python train.py experiment=smoke trainer=ddp trainer.devices=2 trainer.accelerator=cpu`` (keeping its
+    epoch checkpoints) trains one run on the global batch, written by rank 0 alone; resumed from its first
+    epoch's checkpoint, it ends where the uninterrupted run ended, bit for bit."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    result = train_ddp("checkpoint.keep_last=2", f"hydra.run.dir={whole}")  # 2 epochs of 2 steps
     assert "batch 32 per process x 2 processes (global batch 64)" in result.stdout
     assert result.stdout.count("[byol] done:") == 1  # rank 0 alone reports and writes
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert checkpoint["global_step"] == 128 // (32 * 2)
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["epoch0001.ckpt", "epoch0002.ckpt",
+                                                                         "last.ckpt"]
+    assert (whole / "encoder.pt").is_file() and (whole / "config.yaml").is_file()
+    checkpoint = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["byol_config"]["trainer"]["strategy"] == "ddp"
-    assert (run / "encoder.pt").is_file() and (run / "config.yaml").is_file()
     scheduler = checkpoint["lr_schedulers"][0]
     assert scheduler["base_lrs"][0] == pytest.approx(1.0 * 64 / 256)  # LARS base_lr 1.0 x global batch 64 / 256
 
-
-@pytest.mark.slow
-def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(tmp_path):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train_ddp("checkpoint.keep_last=2", f"hydra.run.dir={whole}")  # 2 epochs of 2 steps
     result = train_ddp("checkpoint.keep_last=2", f"resume={whole / 'checkpoints' / 'epoch0001.ckpt'}",
                        f"hydra.run.dir={resumed}")
     assert "step 2 (the end of epoch 1)" in result.stdout and "changed settings" not in result.stdout
     assert epochs_reported(result.stdout) == [2]  # rank 0 reports the one epoch left, trained once
     a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
             for run in (whole, resumed))
-    assert a["global_step"] == b["global_step"] == 4
+    assert a["global_step"] == b["global_step"] == 128 // (32 * 2) * 2
     for name, value in a["state_dict"].items():  # online, target (EMA) and BatchNorm buffers, bit for bit
         assert torch.equal(value, b["state_dict"][name]), name
 
@@ -295,9 +293,10 @@ def test_evaluation_sweep_on_two_processes_scores_every_image_once_in_one_sweep_
     """evaluate.py -m under trainer=ddp: Lightning re-runs the command, sweep included, in the second
     process; both processes work in rank 0's sweep folder, fine-tuning is scored over both ranks'
     shards (every test image once), kNN runs in rank 0 alone, and rank 0 alone writes and reports."""
+    from byol.jobs.pretrain import pretrain
+
     run = tmp_path / "run"
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "trainer.max_epochs=1",
-                    f"hydra.run.dir={run}"], cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=600)
+    pretrain(compose_config("train", ["experiment=smoke", "trainer.max_epochs=1"], run), run)  # in this process
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "-m", "preset=smoke", f"pretrained={run}",
                              "eval=knn,finetune", *DDP_CPU[1:]], cwd=tmp_path, env=ENV, capture_output=True,
                             text=True, timeout=600)

@@ -117,17 +117,18 @@ def test_training_on_the_mmap_cache_equals_training_in_memory(tmp_path):
 
     from conftest import ROOT
 
+    import yaml
+
     folder = _folder(tmp_path / "imgs" / "train", n=48)
-    weights = {}
-    for storage in ("memory", "mmap"):
-        args = ["experiment=smoke", "data=imagefolder", f"data.root={folder.parent}", "data.batch_size=16",
-                f"data.cache_dir={tmp_path / 'cache'}", f"data.storage={storage}", "data.image_size=16",
-                "monitor=off", "trainer.max_epochs=2", "trainer.precision=32-true", "trainer.deterministic=true",
-                f"hydra.run.dir={tmp_path / storage}"]
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        weights[storage] = torch.load(tmp_path / storage / "encoder.pt", weights_only=False)
+    args = ["-m", "experiment=smoke", "data=imagefolder", f"data.root={folder.parent}", "data.batch_size=16",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.storage=memory,mmap", "data.image_size=16",
+            "monitor=off", "trainer.max_epochs=2", "trainer.precision=32-true", "trainer.deterministic=true",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # one sweep: the two runs in one process, one after the other
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    weights = {yaml.safe_load((run / "config.yaml").read_text())["data"]["storage"]:
+               torch.load(run / "encoder.pt", weights_only=False) for run in (tmp_path / "sweep").glob("*_*")}
     assert list((tmp_path / "cache").glob("*.u8.npy"))
     memory, mapped = weights["memory"]["state_dict"], weights["mmap"]["state_dict"]
     assert memory.keys() == mapped.keys() and all(torch.equal(memory[k], mapped[k]) for k in memory)

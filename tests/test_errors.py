@@ -56,6 +56,20 @@ def cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def checked_line(argv: list[str], config_name: str) -> str:
+    """The one line and status 1 of the command-line check the scripts make before Hydra starts, in this process."""
+    import contextlib
+    import io
+
+    from byol.jobs.command_line import check_command_line
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+        check_command_line(argv, config_name)
+    assert exit_.value.code == 1 and stderr.getvalue().count("\n") == 1, stderr.getvalue()
+    return stderr.getvalue().strip()
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The process failed with status 1 and one ``error:`` line on stderr, without a traceback."""
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
@@ -415,12 +429,15 @@ def test_an_unknown_config_key_is_one_line_and_a_misspelt_one_gets_the_setting_i
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Could not override" not in result.stderr
     assert error_line(result) == ("error: data.bogus is not a setting (python train.py --cfg job prints every "
                                   "setting, --help the groups)")
-    assert error_line(cli("experiment=smoke", "data.bach_size=64")) == (
+    # the same check as the scripts make it before Hydra starts (two of them end to end, above and below)
+    assert checked_line(["experiment=smoke", "data.bach_size=64"], "train") == (
         "error: data.bach_size is not a setting; did you mean data.batch_size? (python train.py --cfg job prints "
         "every setting, --help the groups)")
-    assert error_line(cli("expriment=smoke")).startswith("error: expriment is not a setting; did you mean experiment?")
-    assert "another Trainer argument: +trainer.detect_anomaly=VALUE" in error_line(cli("trainer.detect_anomaly=true"))
-    assert error_line(cli("-m", "pretrained=random", "split.val_sise=0", script="evaluate.py")).startswith(
+    assert checked_line(["expriment=smoke"], "train").startswith(
+        "error: expriment is not a setting; did you mean experiment?")
+    assert "another Trainer argument: +trainer.detect_anomaly=VALUE" in checked_line(["trainer.detect_anomaly=true"],
+                                                                                      "train")
+    assert checked_line(["-m", "pretrained=random", "split.val_sise=0"], "evaluate").startswith(
         "error: split.val_sise is not a setting; did you mean split.val_size?")
     # a setting of another option of its group: Hydra would advise appending it, and the job would ignore it
     assert error_line(cli("-m", "pretrained=random", "eval=linear,knn", "eval.epochs=5", script="evaluate.py")) == (
@@ -585,6 +602,7 @@ def test_evaluate_without_pretraining_runs(tmp_path):
                  script="evaluate.py")
     line = error_line(result)
     assert f"no pretraining runs found under '{tmp_path}'" in line and "python train.py" in line
+    assert "pretrained=random" in line  # the way to evaluate without one
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""End to end: ``python train.py experiment=smoke`` for both losses, and a multirun sweep of both.
+"""End to end: ``python train.py -m experiment=smoke loss=classic,multi`` (one sweep trains both losses) and
+single runs of other settings.
 
-Each run is a real subprocess through Hydra, one epoch on the tiny synthetic dataset
+Each command is a real subprocess through Hydra, one epoch on the tiny synthetic dataset
 (128 images, batch 32: 4 optimizer steps).
 """
 
@@ -40,13 +41,18 @@ def train(*overrides: str, multirun: bool = False) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Both losses trained by one sweep, ``python train.py -m loss=classic,multi``: its folder and output."""
+    folder = tmp_path_factory.mktemp("smoke") / "sweep"
+    return folder, train("loss=classic,multi", f"hydra.sweep.dir={folder}", multirun=True)
+
+
+@pytest.fixture(scope="module")
+def runs(sweep) -> dict[str, Path]:
+    """The sweep's run folders by loss."""
     folders = {}
-    for loss in ("classic", "multi"):
-        run_dir = tmp_path_factory.mktemp(f"smoke_{loss}") / "run"
-        result = train(f"loss={loss}", f"hydra.run.dir={run_dir}")
-        assert str(run_dir) in result.stdout  # the user is told where the run folder is
-        folders[loss] = run_dir
+    for run_dir in (p for p in sweep[0].iterdir() if p.is_dir()):
+        folders[loss_mode(yaml.safe_load((run_dir / "config.yaml").read_text())["loss"])] = run_dir
     return folders
 
 
@@ -168,17 +174,13 @@ def test_a_warm_up_longer_than_the_run_is_capped_and_said_once(tmp_path):
     assert logged == pytest.approx({k: expected[k] for k in logged})
 
 
-def test_multirun_sweeps_both_losses(tmp_path):
-    sweep = tmp_path / "sweep"
-    train("loss=classic,multi", f"hydra.sweep.dir={sweep}", multirun=True)
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(runs) == 2
-    losses = []
-    for run_dir in runs:
-        assert (run_dir / "encoder.pt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        losses.append(loss_mode(yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]))
-        assert f"loss={losses[-1]}" in run_dir.name
-    assert sorted(losses) == ["classic", "multi"]
+def test_multirun_sweeps_both_losses(sweep, runs):
+    folder, result = sweep
+    assert sorted(runs) == ["classic", "multi"] and len([p for p in folder.iterdir() if p.is_dir()]) == 2
+    for loss, run_dir in runs.items():
+        assert f"loss={loss}" in run_dir.name and (run_dir / "encoder.pt").is_file()
+        assert str(run_dir) in result.stdout  # the user is told where each run folder is
+    assert (folder / "multirun.yaml").is_file()
 
 
 def test_tensorboard_logger_records_the_same_losses_as_metrics_csv(tmp_path):

@@ -56,3 +56,23 @@ def test_the_sweep_record_is_kept_through_a_job(tmp_path):
     with sweep_record_kept(absent):
         pass
     assert not absent.exists()
+
+
+@pytest.mark.parametrize("environment", [{}, {"SLURM_PROCID": "3"}, {"LOCAL_RANK": "1", "SLURM_PROCID": "3"},
+                                         {"RANK": "2", "LOCAL_RANK": "1"}, {"JSM_NAMESPACE_RANK": "5"}])
+def test_the_rank_before_lightning_is_loaded_is_the_one_lightning_reads(monkeypatch, environment):
+    """A job's folder is held before the job loads Lightning: the rank is then read from the environment,
+    in Lightning's order (SLURM sets SLURM_PROCID also for processes it does not start)."""
+    import sys
+
+    from lightning_fabric.utilities.rank_zero import _get_rank
+
+    from byol.jobs.cli import RANK_VARIABLES, job_named, launched_rank
+
+    for key in RANK_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delitem(sys.modules, "pytorch_lightning.utilities.rank_zero", raising=False)
+    assert launched_rank() == (_get_rank() or 0) == int(next(iter(environment.values()), 0))
+    assert job_named("os.path", "join")("a", "b") == "a/b"  # imported when called

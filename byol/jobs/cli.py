@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import importlib
 import os
 import re
 import shlex
@@ -156,12 +157,20 @@ def command_line_keys() -> list[str]:
     return keys
 
 
+# where Lightning reads a launched process's rank at import, in its order (LOCAL_RANK before SLURM_PROCID: SLURM
+# sets that also for a job whose processes it does not start)
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
 def launched_rank() -> int:
     """This process's global rank: set by a launcher (Lightning's DDP processes, torchrun, SLURM: read
-    from the environment by Lightning) or by Lightning once its processes start; 0 for a process alone."""
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
+    from the environment by Lightning) or by Lightning once its processes start; 0 for a process alone. Read
+    from the environment as Lightning does while Lightning is not loaded: a job's folder is checked and held
+    before the job loads it (:func:`job_named`)."""
+    rank_zero = sys.modules.get("pytorch_lightning.utilities.rank_zero")
+    if rank_zero is not None:
+        return int(getattr(rank_zero.rank_zero_only, "rank", 0) or 0)
+    return next((int(os.environ[key]) for key in RANK_VARIABLES if os.environ.get(key) is not None), 0)
 
 
 def hand_on_signal(signum: int) -> None:
@@ -174,6 +183,14 @@ def hand_on_signal(signum: int) -> None:
         return
     if callable(handler) and handler is not signal.default_int_handler:
         handler(signum, None)
+
+
+def job_named(module: str, name: str):
+    """The job function ``module.name``, imported when :func:`run_job` calls it, once the job's folder is held:
+    a folder in use or refused is then said before torch, torchvision and Lightning load (seconds)."""
+    def job(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return job
 
 
 def run_job(fn, cfg, *args, **kwargs):

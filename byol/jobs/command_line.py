@@ -277,9 +277,7 @@ def _start_problem(resume: str | None, run_dir: Path | None) -> str | None:
     """train.py's start, checked before Hydra writes its record and log into the folder: ``resume=`` names
     something to continue, an earlier checkpoint is not continued over its run's later state, and a new run
     does not start over a run's weights (the job checks all of it again; this only comes first)."""
-    from byol.core.checkpoint import safe_load
     from byol.core.errors import ByolError
-    from byol.jobs.resume import find_resume
     from byol.jobs.run_folder import CHECKPOINTS_DIR, check_new_run_folder, check_not_behind
 
     try:
@@ -287,6 +285,9 @@ def _start_problem(resume: str | None, run_dir: Path | None) -> str | None:
             if run_dir is not None:
                 check_new_run_folder(run_dir)
             return None
+        from byol.core.checkpoint import safe_load  # torch and torchvision: only to check a resume=
+        from byol.jobs.resume import find_resume
+
         checkpoint = find_resume(resume, Path("."))
         if run_dir is not None and checkpoint.resolve().parent == (run_dir / CHECKPOINTS_DIR).resolve():
             step = safe_load(checkpoint, mmap=True).get("global_step")
