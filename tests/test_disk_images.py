@@ -115,9 +115,8 @@ def test_training_on_the_mmap_cache_equals_training_in_memory(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
-
     import yaml
+    from conftest import ROOT
 
     folder = _folder(tmp_path / "imgs" / "train", n=48)
     args = ["-m", "experiment=smoke", "data=imagefolder", f"data.root={folder.parent}", "data.batch_size=16",
