@@ -231,8 +231,8 @@ def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) 
         kinds = schema.get(sub)
         if kinds is None and path in VIEW_OVERRIDES:  # a view may change any shared augment key
             kinds = schema.get(("augment", key))
-        if path == ("trainer",):
-            _trainer_argument(key, value, source, sub)
+        if path == ("trainer",):  # a key of conf/trainer/ is one by construction: Lightning loads for the others
+            _trainer_argument(key, value, source, sub, known=kinds is not None)
         if path in KWARGS_DICTS:
             kinds = frozenset({"none"})  # any plain value
         if kinds is None:
@@ -246,8 +246,8 @@ def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) 
     return out
 
 
-def _trainer_argument(key: str, value, source: str, path: tuple) -> None:
-    if key in TRAINER_RESERVED or key not in trainer_parameters():
+def _trainer_argument(key: str, value, source: str, path: tuple, known: bool) -> None:
+    if key in TRAINER_RESERVED or not (known or key in trainer_parameters()):
         raise _refuse(source, path, value, "is not a Trainer argument this project passes on")
 
 

@@ -26,11 +26,14 @@ from byol.jobs.cli import launched_rank
 from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.console import quiet_lightning
 from byol.jobs.evaluation_checks import (
+    UNTRAINED,
     check_processes,
+    checked_protocol,
     note_preset_training,
     refuse_architecture_settings,
     refuse_other_protocol_settings,
     refuse_training_settings,
+    uses_trainer,
 )
 from byol.jobs.evaluation_data import EvaluationData, data_tags
 from byol.jobs.pretrained import (
@@ -41,7 +44,6 @@ from byol.jobs.pretrained import (
     read_run_config,
     run_config_fields,
 )
-from byol.jobs.protocols import UNTRAINED, checked_protocol, run_protocol, uses_trainer
 from byol.jobs.replaced import set_aside_evaluation
 from byol.jobs.results_json import (
     RESULTS_FILE,
@@ -308,6 +310,8 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
             _note_incomplete(model, result["allow_incomplete"])
         if load_data is not None:  # (splits, num_classes), after the weights: a bad file fails before any image
             splits, num_classes = load_data()
+        from byol.jobs.protocols import run_protocol  # Lightning: once the settings and the weights are checked
+
         result.update(run_protocol(model, cfg, splits, num_classes, out_dir))
         result["status"] = "ok"
         val = "no val split" if result["val_acc"] is None else f"val {result['val_acc']:.4f}"

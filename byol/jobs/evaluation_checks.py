@@ -1,6 +1,7 @@
-"""The evaluation's settings checked before any model is read: training settings that do nothing there,
-the linear protocol's settings for the protocol that does not run, architecture settings for a trained
-encoder, and how its processes are started. Each is refused in one line naming what applies."""
+"""The evaluation's settings checked before any model is read (and before Lightning loads): the protocol,
+training settings that do nothing there, the linear protocol's settings for the protocol that does not run,
+architecture settings for a trained encoder, and how its processes are started. Each is refused in one line
+naming what applies."""
 
 from __future__ import annotations
 
@@ -8,7 +9,29 @@ from collections.abc import Mapping, Sequence
 
 from byol.core.errors import ConfigError
 from byol.jobs.build import planned_world, requested_processes
-from byol.jobs.protocols import uses_trainer
+from byol.jobs.embedding import check_embed_settings
+
+PROTOCOLS = ("linear", "finetune", "knn", "embed")
+UNTRAINED = ("knn", "embed")  # protocols that train nothing: no eval.epochs
+
+
+def checked_protocol(eval_cfg: Mapping) -> str:
+    """``eval.name``, refused unless it is one of :data:`PROTOCOLS`; for ``embed``, also refused before any
+    data is loaded when its optional packages are missing."""
+    if eval_cfg["name"] not in PROTOCOLS:
+        raise ConfigError(f"unknown eval.name '{eval_cfg['name']}'; choose one of: {', '.join(PROTOCOLS)}")
+    if eval_cfg["name"] == "embed":
+        check_embed_settings(eval_cfg)
+    return eval_cfg["name"]
+
+
+def uses_trainer(eval_cfg: Mapping) -> bool:
+    """Whether the protocol trains through a Lightning Trainer (and so runs on every DDP process):
+    fine-tuning and the augmented linear protocol. kNN, the cached linear probe and embed run in one
+    process: extracting features once and fitting a small classifier on them is seconds of work."""
+    return eval_cfg["name"] == "finetune" or (eval_cfg["name"] == "linear" and
+                                              not eval_cfg.get("cached_features", True))
+
 
 # Settings of training that do nothing in an evaluation, and what does there.
 NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size or feature_batch_size",

@@ -23,40 +23,21 @@ import torch
 
 from byol.core.backbone import AVGPOOL
 from byol.core.data import IndexBatches
-from byol.core.errors import ConfigError, DataError
+from byol.core.errors import DataError
 from byol.core.features import autocast_dtype, extract_features, feature_dim, representation_taps, resolve_device
 from byol.core.knn import knn_accuracy
 from byol.core.linear_probe import MakeOptimizer, train_linear_probe
 from byol.core.optim import build_optimizer, build_schedule
 from byol.jobs.build import build_trainer, make_loggers, planned_world, trainer_for_this_machine
-from byol.jobs.embedding import check_embed_settings, embed_test_set
+from byol.jobs.embedding import embed_test_set
+from byol.jobs.evaluation_checks import checked_protocol, uses_trainer
 from byol.jobs.pretrained import EncoderSource
 from byol.lightning.callbacks import StopEvaluationOnSignal
 from byol.lightning.classifier import ClassifierModule
 from byol.lightning.data_module import SplitsDataModule
 
-PROTOCOLS = ("linear", "finetune", "knn", "embed")
-UNTRAINED = ("knn", "embed")  # protocols that train nothing: no eval.epochs
 DEFAULT_OPTIMIZER = {"name": "sgd", "momentum": 0.9, "nesterov": True}
 DEFAULT_SCHEDULE = {"name": "warmup_cosine"}
-
-
-def checked_protocol(eval_cfg: Mapping) -> str:
-    """``eval.name``, refused unless it is one of :data:`PROTOCOLS`; for ``embed``, also refused before any
-    data is loaded when its optional packages are missing."""
-    if eval_cfg["name"] not in PROTOCOLS:
-        raise ConfigError(f"unknown eval.name '{eval_cfg['name']}'; choose one of: {', '.join(PROTOCOLS)}")
-    if eval_cfg["name"] == "embed":
-        check_embed_settings(eval_cfg)
-    return eval_cfg["name"]
-
-
-def uses_trainer(eval_cfg: Mapping) -> bool:
-    """Whether the protocol trains through a Lightning Trainer (and so runs on every DDP process):
-    fine-tuning and the augmented linear protocol. kNN, the cached linear probe and embed run in one
-    process: extracting features once and fitting a small classifier on them is seconds of work."""
-    return eval_cfg["name"] == "finetune" or (eval_cfg["name"] == "linear" and
-                                              not eval_cfg.get("cached_features", True))
 
 
 def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, out_dir: Path) -> dict:

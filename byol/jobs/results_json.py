@@ -10,8 +10,8 @@ from pathlib import Path
 from byol.core.checkpoint import atomic_write_bytes
 from byol.core.errors import ByolError
 from byol.jobs.cli import launched_rank
+from byol.jobs.evaluation_checks import UNTRAINED
 from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields, trained_settings
-from byol.jobs.protocols import UNTRAINED
 from byol.jobs.replaced import keep_earlier_evaluation
 from byol.jobs.run_folder import FAILED, HYDRA_DIR
 
