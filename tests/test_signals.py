@@ -200,13 +200,14 @@ def test_an_evaluation_that_trains_stops_after_the_batch_with_the_signal_status(
 def test_an_interrupted_evaluation_writes_no_result_and_stops_the_sweep(tmp_path, monkeypatch):
     """evaluate_model records a model's failure and goes on; a stop signal is not one: it propagates."""
     from byol.jobs import evaluate as evaluate_job
+    from byol.jobs import protocols
     from byol.jobs.config_check import plain_config
     from byol.jobs.pretrained import random_model
 
     def interrupted(*args, **kwargs):
         raise Interrupted("received SIGTERM: ...", signal.SIGTERM)
 
-    monkeypatch.setattr(evaluate_job, "run_protocol", interrupted)
+    monkeypatch.setattr(protocols, "run_protocol", interrupted)  # imported by evaluate_model when it runs one
     cfg = plain_config(compose_config("evaluate", ["pretrained=random", "data=synthetic", "eval=finetune"], tmp_path))
     model = random_model({"name": "resnet18", "stem": "cifar"}, 0, "random-init")
     with pytest.raises(Interrupted):
