@@ -5,7 +5,6 @@ eval=finetune pretrained=RUN_DIR``, ``python evaluate.py -m pretrained=latest_sw
 repr=avgpool,combined eval=linear,finetune``. See README.md and conf/evaluate.yaml.
 """
 
-
 import hydra
 from omegaconf import DictConfig
 

@@ -5,7 +5,6 @@ Examples: ``python train.py loss=multi``, ``python train.py -m loss=classic,mult
 See README.md and conf/train.yaml.
 """
 
-
 import hydra
 from omegaconf import DictConfig
 

@@ -105,6 +105,5 @@ def main() -> None:
         print(f"{part:24s} {mine:16.2f} {other if other is not None else float('nan'):24.2f} {ratio:>20s}")
 
 
-
 if __name__ == "__main__":
     main()

@@ -110,7 +110,6 @@ class Lines:
             return "\n".join(line for _, line in self.lines[-n:])
 
 
-
 def file_version(path: Path) -> tuple[int, int, int] | None:
     """(inode, size, mtime in ns) of ``path``, None if it does not exist: changes when the file is rewritten
     (checkpoints are written beside it and renamed over it, so a new version is a new inode)."""

@@ -189,8 +189,7 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
         encoder_lr=float(eval_cfg["encoder_lr"]) if finetune else None,
         weight_decay=float(eval_cfg.get("weight_decay", 0.0)), seed=cfg["seed"],
         channels_last=cfg.get("channels_last", True))
-    trainer_cfg = trainer_for_this_machine({k: v for k, v in cfg["trainer"].items() if k != "max_epochs"},
-                                                "[eval]")
+    trainer_cfg = trainer_for_this_machine({k: v for k, v in cfg["trainer"].items() if k != "max_epochs"}, "[eval]")
     stop = StopEvaluationOnSignal("fine-tuning" if finetune else "the linear protocol")
     validated = len(splits["val"]) > 0  # split.val_size=0: no validation loop, val_acc None
     train, val, test = _protocol_batches(eval_cfg, splits, cfg["seed"], planned_world(trainer_cfg))
