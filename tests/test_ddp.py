@@ -325,9 +325,13 @@ def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_glob
     """Sharding, gradient averaging, the global-batch learning rate, EMA and BatchNorm over the global
     batch together: two processes of batch 32 end where one process of batch 64 ends, three steps on.
     The views are the images themselves (no augmentation: the ranks' streams differ from one process's
-    by design). Tolerance 1e-3 (relative, losses and weights): a different BatchNorm kernel and float32
-    sums in another order move a few ReLUs across zero. Two processes without synchronised statistics
-    end 20-170x further apart than with them."""
+    by design). The first step starts from the same weights, so its loss must agree to float32 rounding
+    (1e-5; per-process statistics miss by 3%). Later steps amplify rounding: a different BatchNorm kernel
+    and float32 sums in another order move a few ReLUs across zero, so the tolerance there is 5e-3
+    (relative, losses and weights), set against the float noise of one process alone: the single run
+    on 2 threads instead of 1 ends 1.5e-3 from itself (encoder weights and third loss, AMD EPYC, 2026-11-30).
+    Two processes without synchronised statistics end 20-170x further apart than with them (at least
+    10x is asserted)."""
     for mode in ("single", "ddp", "ddp_local"):
         result = subprocess.run([sys.executable, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path), mode],
                                 cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -336,15 +340,16 @@ def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_glob
                           for name in ("single_rank0", "ddp_rank0", "ddp_rank1", "ddp_local_rank0"))
     assert one["steps"] == r0["steps"] == 3 and one["lr"] == pytest.approx(r0["lr"])
     mean_of_ranks = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"], strict=True)]
-    assert mean_of_ranks == pytest.approx(one["losses"], rel=1e-3)
+    assert mean_of_ranks[0] == pytest.approx(one["losses"][0], rel=1e-5)
+    assert mean_of_ranks == pytest.approx(one["losses"], rel=5e-3)
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])  # every rank holds the same
     for network in ("online_encoder", "target_encoder", "online_projectors", "predictors"):
         synchronised = relative_difference(one["state"], r0["state"], network)
-        assert synchronised < 1e-3, network  # measured: 3e-4 online encoder, 1e-4 heads, 1e-6 target
+        assert synchronised < 5e-3, network  # measured: 3-7e-4 online encoder, 1-2e-4 heads, 2e-6 target
         assert relative_difference(one["state"], local["state"], network) > 10 * synchronised, network
     local_rank1 = torch.load(tmp_path / "ddp_local_rank1.pt", weights_only=True)
     local_losses = [(a + b) / 2 for a, b in zip(local["losses"], local_rank1["losses"], strict=True)]
-    assert local_losses[0] != pytest.approx(one["losses"][0], rel=1e-3)  # per-process statistics: another loss
+    assert local_losses[0] != pytest.approx(one["losses"][0], rel=1e-2)  # per-process statistics: another loss
 
 
 def free_port() -> int:
