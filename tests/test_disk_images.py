@@ -5,10 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from byol.core.data import IndexBatches, make_synthetic
-from byol.core.disk_images import MmapBatches, choose_storage, open_images, write_images
+from byol.core.backbone import Encoder
+from byol.core.data import IndexBatches, image_digests, make_synthetic
+from byol.core.disk_images import MmapBatches, batches_of, choose_storage, open_images, write_images
 from byol.core.errors import DataError
+from byol.core.features import extract_features
 from byol.core.image_folder import load_image_folder
+from byol.jobs.datasets import load_eval_data
 
 
 def _mapped(tmp_path, n=103, size=8):
@@ -108,26 +111,80 @@ def test_mmap_batches_sharded_like_index_batches(tmp_path):
         _same(_all(memory), _all(MmapBatches(mapped, 8, seed=2).shard(rank, 2)))
 
 
+def test_a_subset_of_mapped_images_stays_mapped_and_reads_the_same_images(tmp_path):
+    """Splits and subsets of a dataset larger than memory must not copy it into memory: they keep row
+    numbers into the file, and read the same images the in-memory dataset's subsets hold."""
+    data, mapped = _mapped(tmp_path)
+    first = torch.randperm(103, generator=torch.Generator().manual_seed(0))[:60]
+    second = torch.tensor([59, 0, 7, 7, 31])
+    sub = mapped.subset(first).subset(second)
+    assert sub.mapped and sub.images is mapped.images and len(sub) == 5  # nothing read, the file kept
+    assert torch.equal(sub.row_numbers(), first[second])
+    expected = data.subset(first).subset(second)
+    assert torch.equal(sub.pixels(), expected.images) and torch.equal(sub.labels, expected.labels)
+    assert torch.equal(sub.pixels(slice(1, 3)), expected.images[1:3])
+    moved = sub.to("cpu")  # a sample moved to the device is read into memory
+    assert not moved.mapped and torch.equal(moved.images, expected.images)
+    assert image_digests(sub) == image_digests(expected)
+    for rank in range(2):  # training batches of the subset, also sharded, read from the file
+        _same(_all(IndexBatches(data.subset(first), 8, seed=2).shard(rank, 2)),
+              _all(MmapBatches(mapped.subset(first), 8, seed=2).shard(rank, 2)))
+    _same(_all(IndexBatches(data.subset(first), 7, shuffle=False, drop_last=False)),
+          _all(batches_of(mapped.subset(first), 7, shuffle=False, drop_last=False)))
+    torch.manual_seed(0)
+    encoder = Encoder("resnet18", "imagenet", width=0.25)
+    for images, dataset in ((expected.images, sub), (data.images[first], mapped.subset(first))):
+        assert torch.equal(extract_features(encoder, images, ["avgpool"], [0.5] * 3, [0.25] * 3, batch_size=4),
+                           extract_features(encoder, dataset, ["avgpool"], [0.5] * 3, [0.25] * 3, batch_size=4))
+
+
+def test_evaluation_splits_of_a_mapped_folder_stay_mapped_and_equal_the_in_memory_ones(tmp_path):
+    """The online monitors and evaluate.py split the training folder: with data.storage=mmap the splits
+    (and data.subset) are row numbers into the file, holding the images the in-memory splits hold."""
+    root = tmp_path / "data"
+    _folder(root / "train", n=30)
+    _folder(root / "test", n=9)
+    splits = {}
+    for storage in ("memory", "mmap"):
+        cfg = {"name": "imagefolder", "root": str(root), "image_size": 8, "cache_dir": str(tmp_path / "cache"),
+               "storage": storage, "subset": 20}
+        splits[storage], _ = load_eval_data(cfg, {"name": "holdout", "val_size": 5}, seed=3)
+    for name in ("train", "val", "test"):
+        memory, mapped = splits["memory"][name], splits["mmap"][name]
+        assert mapped.mapped and not memory.mapped and len(mapped) == len(memory) > 0
+        assert torch.equal(mapped.pixels(), memory.images) and torch.equal(mapped.labels, memory.labels)
+    assert len(splits["mmap"]["train"]) == 20
+
+
 @pytest.mark.slow
 def test_training_on_the_mmap_cache_equals_training_in_memory(tmp_path):
     """End to end: the same run, once from the in-memory tensor and once from the memory-mapped
-    cache, ends with bit-identical encoder weights (the steps received the same batches)."""
+    cache, ends with bit-identical encoder weights (the steps received the same batches) and the same
+    online kNN scores; data.subset and the monitors' splits of the mapped folder stay on disk."""
+    import csv
     import subprocess
     import sys
 
     import yaml
     from conftest import ROOT
 
-    folder = _folder(tmp_path / "imgs" / "train", n=48)
+    folder = _folder(tmp_path / "imgs" / "train", n=60)
+    _folder(tmp_path / "imgs" / "test", n=12)
     args = ["-m", "experiment=smoke", "data=imagefolder", f"data.root={folder.parent}", "data.batch_size=16",
             f"data.cache_dir={tmp_path / 'cache'}", "data.storage=memory,mmap", "data.image_size=16",
-            "monitor=off", "trainer.max_epochs=2", "trainer.precision=32-true", "trainer.deterministic=true",
+            "data.subset=40", "trainer.max_epochs=2", "trainer.precision=32-true", "trainer.deterministic=true",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # one sweep: the two runs in one process, one after the other
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    weights = {yaml.safe_load((run / "config.yaml").read_text())["data"]["storage"]:
-               torch.load(run / "encoder.pt", weights_only=False) for run in (tmp_path / "sweep").glob("*_*")}
-    assert list((tmp_path / "cache").glob("*.u8.npy"))
+    runs = {yaml.safe_load((run / "config.yaml").read_text())["data"]["storage"]: run
+            for run in (tmp_path / "sweep").glob("*_*")}
+    weights = {storage: torch.load(run / "encoder.pt", weights_only=False) for storage, run in runs.items()}
+    assert len(list((tmp_path / "cache").glob("*.u8.npy"))) == 2  # train and test
     memory, mapped = weights["memory"]["state_dict"], weights["mmap"]["state_dict"]
     assert memory.keys() == mapped.keys() and all(torch.equal(memory[k], mapped[k]) for k in memory)
+    knn = {storage: [row for row in csv.DictReader((run / "metrics.csv").open()) if row.get("monitor/knn/avgpool")]
+           for storage, run in runs.items()}
+    assert len(knn["memory"]) == 3  # before the first step, and after each epoch
+    assert [r["monitor/knn/avgpool"] for r in knn["memory"]] == [r["monitor/knn/avgpool"] for r in knn["mmap"]]
+    assert proc.stdout.count("[byol] online monitors: kNN of 12 test images against 40 training images") == 2

@@ -88,6 +88,40 @@ def _rebuild_stages(net: models.ResNet, widths: Sequence[int]) -> None:
             nn.init.constant_(module.bias, 0)
 
 
+class CentreTapConv2d(nn.Conv2d):
+    """A strided, zero-padded convolution that, on a 1x1 input, computes with its kernel's centre alone.
+
+    With 'same' padding (odd kernel, padding kernel // 2) a 1x1 input meets only the centre tap, so the
+    result is the same and the other taps' weight gradient is zero, as it must be. Why: PyTorch's CPU
+    bfloat16 convolution (torch 2.14, AMD EPYC with avx512_bf16) returns uninitialised memory as those
+    taps' gradient for a stride-2 3x3 convolution of a 1x1 input (values up to 1e37, often NaN): ResNet's
+    layer4 sees 1x1 inputs at 16 px with the ImageNet stem, and runs ended in 'weights became NaN/inf'.
+    Stride 1 is left to the library, whose result there is right.
+    """
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[-2:] == (1, 1):
+            kh, kw = self.kernel_size
+            centre = weight[:, :, kh // 2:kh // 2 + 1, kw // 2:kw // 2 + 1]
+            return nn.functional.conv2d(x, centre, bias, 1, 0, 1, self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
+def guard_strided_convs(net: nn.Module) -> None:
+    """Make every strided, zero-'same'-padded convolution of ``net`` a :class:`CentreTapConv2d` (in place:
+    the same parameters and state_dict)."""
+    for module in net.modules():
+        if type(module) is nn.Conv2d and _centre_tap_applies(module):
+            module.__class__ = CentreTapConv2d
+
+
+def _centre_tap_applies(conv: nn.Conv2d) -> bool:
+    """Whether a 1x1 input meets only the centre of ``conv``'s kernel, and the convolution is strided."""
+    return (conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and conv.stride != (1, 1)
+            and conv.dilation == (1, 1) and all(k % 2 == 1 and p == k // 2
+                                                for k, p in zip(conv.kernel_size, conv.padding, strict=True)))
+
+
 @functools.cache
 def module_names(name: str) -> frozenset[str]:
     """Every module name of the ResNet ``name`` (a key of :data:`RESNETS`), the names a tap or a grid may
@@ -151,6 +185,7 @@ class Encoder(nn.Module):
                        "grids": dict(grids or {})}
         self.taps = [AVGPOOL] + [t for t in dict.fromkeys(taps) if t != AVGPOOL]
         self.body = create_feature_extractor(net, return_nodes={t: t for t in self.taps})
+        guard_strided_convs(self.body)  # after tracing: the traced graph calls each convolution as a module
         grid = {t: int((grids or {}).get(t, 1)) for t in self.taps}
         self.pools = nn.ModuleDict(
             {_key(t): nn.AdaptiveAvgPool2d(grid[t]) for t in self.taps if t != AVGPOOL}

@@ -29,22 +29,40 @@ NOT_COUNTED = -1
 
 @dataclass
 class ImageTensors:
-    """Images (N, 3, H, W) uint8 and labels (N,) int64 (-1 where unlabelled). ``mapped``: the images
-    are a memory-mapped file (``byol.core.disk_images``), read by index rather than held in memory."""
+    """Images (N, 3, H, W) uint8 and labels (N,) int64 (-1 where unlabelled).
+
+    ``mapped``: ``images`` is a memory-mapped file (``byol.core.disk_images``), read by index rather than
+    held in memory, and this dataset is its ``rows`` (None: every row). A subset of mapped images stays
+    mapped, so the splits of a dataset larger than memory are too; :meth:`pixels` reads images.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...] = ()
     mapped: bool = False
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[0] if self.rows is None else self.rows.shape[0]
 
     def subset(self, index: torch.Tensor) -> ImageTensors:
+        if self.mapped:  # row numbers only: nothing is read
+            return ImageTensors(self.images, self.labels[index], self.classes, True, self.row_numbers()[index])
         return ImageTensors(self.images[index], self.labels[index], self.classes)
 
+    def row_numbers(self) -> torch.Tensor:
+        """The rows of ``images`` this dataset holds, in its order."""
+        return torch.arange(self.images.shape[0]) if self.rows is None else self.rows
+
+    def pixels(self, index: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """The uint8 images at ``index`` (positions in this dataset); of mapped images only those rows are read."""
+        if self.rows is None:
+            return self.images[index]
+        return self.images[self.rows[index].to(self.images.device)]
+
     def to(self, device) -> ImageTensors:
-        return ImageTensors(self.images.to(device), self.labels.to(device), self.classes)
+        """The dataset in memory on ``device`` (mapped images are read: for samples of them, not the whole)."""
+        return ImageTensors(self.pixels().to(device), self.labels.to(device), self.classes)
 
 
 # --------------------------------------------------------------------------- torchvision datasets
@@ -147,8 +165,11 @@ def image_digests(data: ImageTensors) -> list[bytes]:
     """The SHA-256 of each image's decoded uint8 pixels: equal for byte-identical files (and for
     any two files that decode to the same pixels), distinct otherwise. About 0.3 s for the
     50,000 CIFAR-10 training images on one core (decoding them takes about 15 s)."""
-    rows = data.images.reshape(len(data), -1).cpu().contiguous().numpy()
-    return [hashlib.sha256(row).digest() for row in rows]
+    digests = []
+    for start in range(0, len(data), 4096):  # a chunk at a time: mapped images are read, never all held
+        rows = data.pixels(slice(start, start + 4096)).reshape(-1, data.images[0].numel())
+        digests += [hashlib.sha256(row).digest() for row in rows.cpu().contiguous().numpy()]
+    return digests
 
 
 def holdout(perm: torch.Tensor, digests: list[bytes], size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +265,7 @@ class IndexBatches:
     def __iter__(self):
         epoch, start = self.progress() if self.progress else (self._passes, 0)
         self._passes += 1
-        order = self.order(epoch).to(self.data.images.device)
+        order = self.order(epoch).to(self.data.labels.device)
         step, offset = self.batch_size * self.world_size, self.rank * self.batch_size
         padded = self.world_size > 1 and not self.drop_last
         for b in range(start, len(self)):
@@ -253,7 +274,7 @@ class IndexBatches:
                 yield self._padded(order, first)
                 continue
             idx = order[first:first + self.batch_size]
-            yield self.data.images[idx], self.data.labels[idx]
+            yield self.data.pixels(idx), self.data.labels[idx]
 
     def _padded(self, order: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of the last, short global batch, filled up to ``batch_size`` with copies
@@ -262,4 +283,4 @@ class IndexBatches:
         real = positions < len(order)
         idx = torch.where(real, order[positions.clamp(max=len(order) - 1)], order[0])
         labels = torch.where(real, self.data.labels[idx], torch.full_like(self.data.labels[idx], NOT_COUNTED))
-        return self.data.images[idx], labels
+        return self.data.pixels(idx), labels

@@ -99,7 +99,7 @@ class MmapBatches(IndexBatches):
 
     def __init__(self, data: ImageTensors, batch_size: int, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, progress=None, prefetch: int = 3):
-        index = ImageTensors(torch.arange(len(data)), data.labels, data.classes)
+        index = ImageTensors(data.row_numbers(), data.labels, data.classes)  # batches of row numbers
         super().__init__(index, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last, progress=progress)
         self.images, self.prefetch, self.device = data.images, max(1, prefetch), torch.device("cpu")
 
@@ -167,3 +167,8 @@ class MmapBatches(IndexBatches):
         finally:
             stop.set()
             worker.join()
+
+
+def batches_of(data: ImageTensors, batch_size: int, **kwargs) -> IndexBatches:
+    """Index batches of ``data``: read from the file a batch at a time when it is memory-mapped."""
+    return (MmapBatches if data.mapped else IndexBatches)(data, batch_size, **kwargs)

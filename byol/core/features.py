@@ -13,6 +13,7 @@ import torch
 
 from byol.core.augment import Normalize
 from byol.core.backbone import AVGPOOL, Encoder
+from byol.core.data import ImageTensors
 from byol.core.errors import ConfigError, DataError
 
 COMBINED = "combined"
@@ -68,7 +69,7 @@ def autocast_dtype(precision) -> torch.dtype | None:
 @torch.no_grad()
 def extract_features(
     encoder: Encoder,
-    images: torch.Tensor,
+    images: torch.Tensor | ImageTensors,
     taps: Sequence[str],
     mean: Sequence[float],
     std: Sequence[float],
@@ -77,6 +78,7 @@ def extract_features(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Features ``(N, D)`` of uint8 ``images`` through the encoder in eval mode, without augmentation.
+    A dataset (``ImageTensors``) is read a batch at a time, so a memory-mapped one stays on disk.
 
     Runs under autocast ``dtype`` (bf16 on CPU and GPU) with channels_last inputs; the
     result has that dtype (float32 without autocast) and lives on ``device``.
@@ -87,13 +89,14 @@ def extract_features(
     encoder.eval()
     out = None
     try:
-        for start in range(0, images.shape[0], batch_size):
-            batch = normalize(images[start:start + batch_size].to(device, non_blocking=True))
+        read = images.pixels if isinstance(images, ImageTensors) else images.__getitem__
+        for start in range(0, len(images), batch_size):
+            batch = normalize(read(slice(start, start + batch_size)).to(device, non_blocking=True))
             batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 features = concat_features(encoder(batch, taps=taps), taps)
             if out is None:
-                out = torch.empty(images.shape[0], features.shape[1], dtype=features.dtype, device=device)
+                out = torch.empty(len(images), features.shape[1], dtype=features.dtype, device=device)
             out[start:start + features.shape[0]] = features
     finally:
         encoder.train(was_training)

@@ -140,7 +140,7 @@ def draw_map(coords: torch.Tensor, labels: torch.Tensor, class_names: Sequence[s
 def features_of_test_set(encoder, taps: Sequence[str], test: ImageTensors, cfg: Mapping, device) -> torch.Tensor:
     """The test-set features as the kNN and cached linear protocols extract them, as float32 on the CPU."""
     dtype = autocast_dtype(cfg["trainer"].get("precision", "32-true"))
-    features = extract_features(encoder.to(device), test.images, taps, cfg["data"]["mean"], cfg["data"]["std"],
+    features = extract_features(encoder.to(device), test, taps, cfg["data"]["mean"], cfg["data"]["std"],
                                 cfg.get("feature_batch_size", 512), dtype, device)
     features = features.float().cpu()
     if not bool(torch.isfinite(features).all()):

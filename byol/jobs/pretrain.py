@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, safe_load, save_encoder
 from byol.core.data import IndexBatches
-from byol.core.disk_images import MmapBatches
+from byol.core.disk_images import batches_of
 from byol.core.errors import ByolError, CheckpointError, ConfigError
 from byol.core.features import resolve_device
 from byol.jobs.build import (
@@ -157,7 +157,7 @@ def build_datamodule(config: dict) -> TensorDataModule:
     read from the memory-mapped cache (``data.storage``) a batch at a time."""
     data = config["data"]
     images = subset_of(load_split(data, "train"), data, config["seed"], "training images")
-    batches = (MmapBatches if images.mapped else IndexBatches)(images, data["batch_size"], seed=config["seed"])
+    batches = batches_of(images, data["batch_size"], seed=config["seed"])
     return TensorDataModule(batches, data.get("on_device", True))
 
 

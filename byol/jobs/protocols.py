@@ -23,6 +23,7 @@ import torch
 
 from byol.core.backbone import AVGPOOL
 from byol.core.data import IndexBatches
+from byol.core.disk_images import batches_of
 from byol.core.errors import DataError
 from byol.core.features import autocast_dtype, extract_features, feature_dim, representation_taps, resolve_device
 from byol.core.knn import knn_accuracy
@@ -66,7 +67,7 @@ def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, o
         dtype = autocast_dtype(cfg["trainer"].get("precision", "32-true"))
         start = time.perf_counter()
         encoder.to(device)
-        features = {k: extract_features(encoder, v.images, taps, data_cfg["mean"], data_cfg["std"],
+        features = {k: extract_features(encoder, v, taps, data_cfg["mean"], data_cfg["std"],
                                         cfg.get("feature_batch_size", 512), dtype, device)
                     for k, v in splits.items() if len(v)}
         features.setdefault("val", features["train"][:0])  # split.val_size=0: no validation images
@@ -219,6 +220,6 @@ def _protocol_batches(eval_cfg: Mapping, splits, seed: int, world: int) -> tuple
         raise DataError(f"{len(splits['train'])} training images cap eval.batch_size={eval_cfg['batch_size']} at "
                         f"{batch // world} image per batch on each of {world} process(es); BatchNorm needs at "
                         f"least 2: use more training images (data.subset, split.val_size)")
-    return (IndexBatches(splits["train"], batch, seed=seed),
-            IndexBatches(splits["val"], batch, shuffle=False, drop_last=False),
-            IndexBatches(splits["test"], batch, shuffle=False, drop_last=False))
+    return (batches_of(splits["train"], batch, seed=seed),
+            batches_of(splits["val"], batch, shuffle=False, drop_last=False),
+            batches_of(splits["test"], batch, shuffle=False, drop_last=False))
