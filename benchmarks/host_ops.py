@@ -96,7 +96,7 @@ def ops_ours(cfg: dict, args, variant: str) -> tuple[dict, dict]:
 
     from byol.jobs.build import make_loggers
     from byol.jobs.monitoring import build_monitors, monitor_taps, representations
-    from byol.jobs.pretrain import build_datamodule, build_module, build_run_trainer
+    from byol.jobs.pretrain_fit import build_datamodule, build_module, build_run_trainer
     from byol.lightning.monitors import all_taps
 
     prof = stack_profiler()

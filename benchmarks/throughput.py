@@ -232,7 +232,7 @@ def bench_ours(cfg: dict, args, device, ddp: bool = False) -> float:
     """
     import pytorch_lightning as pl
 
-    from byol.jobs.pretrain import build_datamodule, build_module
+    from byol.jobs.pretrain_fit import build_datamodule, build_module
 
     class StepClock(pl.Callback):
         """Clock read (after a device sync) at the end of optimizer step ``warmup`` and the last one."""

@@ -97,11 +97,11 @@ def signal_when(proc: subprocess.Popen, ready: Callable[[], object], sig: int, t
 
 
 def add_run_callback(monkeypatch, callback) -> None:
-    """``callback`` joins the callbacks of the trainer that ``byol.jobs.pretrain`` builds for a run."""
-    import byol.jobs.pretrain as pretrain_job
+    """``callback`` joins the callbacks of the trainer that ``byol.jobs.pretrain_fit`` builds for a run."""
+    import byol.jobs.pretrain_fit as fit
 
-    build = pretrain_job.build_run_trainer
-    monkeypatch.setattr(pretrain_job, "build_run_trainer", lambda *a: (t := build(*a), t.callbacks.append(callback))[0])
+    build = fit.build_run_trainer
+    monkeypatch.setattr(fit, "build_run_trainer", lambda *a: (t := build(*a), t.callbacks.append(callback))[0])
 
 
 def wait_for_fine_tuning_epoch(proc: subprocess.Popen, run_dir: Path, timeout: float) -> None:
@@ -111,3 +111,11 @@ def wait_for_fine_tuning_epoch(proc: subprocess.Popen, run_dir: Path, timeout: f
     while not metrics.is_file() or "val/acc" not in metrics.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, "no epoch of fine-tuning ended"
         time.sleep(0.1)
+
+
+def imported(importtime_stderr: str, package: str) -> bool:
+    """Whether a process run with ``python -X importtime`` imported ``package`` (at any depth: a nested import's
+    name is indented in that report)."""
+    import re
+
+    return re.search(rf"^import time:[^|]*\|[^|]*\|\s*{re.escape(package)}$", importtime_stderr, re.M) is not None

@@ -12,7 +12,7 @@ import torch
 from conftest import compose_config, plain_config
 from hydra.core.hydra_config import HydraConfig
 
-from byol.jobs.pretrain import build_datamodule, build_module
+from byol.jobs.pretrain_fit import build_datamodule, build_module
 from byol.lightning.monitors import OnlineProbes, all_taps
 
 

@@ -22,7 +22,7 @@ from conftest import compose_config, plain_config
 from hydra.core.hydra_config import HydraConfig
 from torch import nn
 
-from byol.jobs.pretrain import build_datamodule, build_module
+from byol.jobs.pretrain_fit import build_datamodule, build_module
 
 NO_AUGMENTATION = ["augment.crop_scale=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]", "augment.flip_p=0",
                    "augment.jitter_p=0", "augment.grayscale_p=0", "augment.view2.solarize_p=0",

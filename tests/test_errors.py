@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, imported
 from PIL import Image
 
 import byol.core.checkpoint as ckpt
@@ -217,15 +217,32 @@ class _Missing:
 
 
 def test_logger_without_its_package_names_the_extra_and_the_fallback(tmp_path, monkeypatch):
+    """A package not installed is found before the data is decoded (looked for, not imported); one Lightning
+    finds too old when it starts the logger, before training."""
+    import importlib.util
+
     import pytorch_lightning.loggers.wandb as lightning_wandb
 
-    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", _Missing())
+    from byol.jobs import pretrain as job
+
+    find_spec = importlib.util.find_spec
+    installed = {"wandb": None}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: installed.get(name, find_spec(name, *a)))
+    monkeypatch.setattr(job, "training_batches", lambda config: pytest.fail("the data was read"))
     cfg = compose_config("train", ["experiment=smoke", "logger=wandb"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        pretrain(cfg, tmp_path / "run")
+    assert str(err.value) == ("WandbLogger cannot start (No module named 'wandb'); "
+                              'pip install -e ".[wandb]", or log to metrics.csv only with logger=csv')
+    monkeypatch.undo()
+    installed = {"wandb": find_spec("json")}  # there, but not the version Lightning asks for
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: installed.get(name, find_spec(name, *a)))
+    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", _Missing())
     with pytest.raises(ConfigError) as err:
         pretrain(cfg, tmp_path / "run")
     assert str(err.value) == ("WandbLogger cannot start (Requirement 'wandb>=0.12.10' not met.); "
                               'pip install -e ".[wandb]", or log to metrics.csv only with logger=csv')
-    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any data or training
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
 
 
 # --------------------------------------------------------------------------- errors inside a run
@@ -414,7 +431,10 @@ def test_command_line_errors_are_one_line(tmp_path, case):
     make_inputs(tmp_path)
     overrides, expected = CLI_CASES[case]
     run = tmp_path / "run"
-    result = cli("experiment=smoke", *(o.format(tmp=tmp_path) for o in overrides), f"hydra.run.dir={run}")
+    result = cli("-X", "importtime", "train.py", "experiment=smoke", *(o.format(tmp=tmp_path) for o in overrides),
+                 f"hydra.run.dir={run}", script="")
+    # the training images are checked before Lightning loads (seconds on a slow day); a NaN needs training
+    assert imported(result.stderr, "pytorch_lightning") == (case == "nan loss")
     expected = (expected,) if isinstance(expected, str) else expected
     assert error_line(result).startswith(tuple(e.format(tmp=tmp_path) for e in expected))
     assert (run / "FAILED").read_text().strip() == error_line(result)[len("error: "):]
@@ -600,7 +620,7 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path):
 def test_evaluate_without_pretraining_runs(tmp_path):
     result = cli("-X", "importtime", "evaluate.py", f"outputs_dir={tmp_path}", "data=synthetic",
                  f"hydra.run.dir={tmp_path / 'eval'}", script="")
-    assert "| pytorch_lightning\n" not in result.stderr  # said before Lightning loads, as every settings check
+    assert not imported(result.stderr, "pytorch_lightning")  # said before Lightning loads, as every settings check
     result.stderr = "\n".join(x for x in result.stderr.splitlines() if not x.startswith("import time:"))
     line = error_line(result)
     assert f"no pretraining runs found under '{tmp_path}'" in line and "python train.py" in line
@@ -654,7 +674,8 @@ def test_a_precision_lightning_changes_is_said_in_one_line(tmp_path, capsys):
 
     import torch
 
-    from byol.jobs.pretrain import RunStart, announce
+    from byol.jobs.pretrain import RunStart
+    from byol.jobs.pretrain_fit import announce
 
     config = {"backbone": {"name": "resnet18", "stem": "imagenet", "width": 1.0}, "loss": {"taps": []},
               "data": {"batch_size": 32}, "trainer": {"max_epochs": 1, "precision": 16}}

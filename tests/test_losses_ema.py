@@ -12,7 +12,7 @@ from byol.core.ema import cosine_tau, ema_update, tau_at
 from byol.core.errors import ConfigError
 from byol.core.losses import normalized_std, regression_loss, symmetric_loss, weighted_sum
 from byol.core.model import BYOL
-from byol.jobs.pretrain import build_datamodule, build_module
+from byol.jobs.pretrain_fit import build_datamodule, build_module
 
 # ----------------------------------------------------------------------------- loss
 

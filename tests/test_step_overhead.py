@@ -15,6 +15,7 @@ from conftest import add_run_callback, compose_config
 from torch.profiler import ProfilerActivity, profile
 
 import byol.jobs.pretrain as pretrain_job
+import byol.jobs.pretrain_fit as pretrain_fit
 from byol.core import augment
 from byol.core.augment import ViewAugment, ViewConfig, joint_config
 from byol.lightning.pretrain_module import BYOLModule
@@ -58,8 +59,8 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch,
     accelerators' path: views joined, the hue rotation a where over the batch (the CPU's picks the chosen
     images with nonzero)."""
     monkeypatch.setattr(augment, "_hue_where", functools.partial(augment._hue_where, subset=False))
-    build = pretrain_job.build_augment
-    monkeypatch.setattr(pretrain_job, "build_augment", lambda *a: (v := build(*a), setattr(v, "join_views", True))[0])
+    build = pretrain_fit.build_augment
+    monkeypatch.setattr(pretrain_fit, "build_augment", lambda *a: (v := build(*a), setattr(v, "join_views", True))[0])
     steps = ProfileSteps(first=1, last=4)
     run_with(steps, tmp_path, monkeypatch, f"loss={loss}")
     assert "aten::convolution" in steps.names  # the window held training steps

@@ -12,7 +12,8 @@ import torch
 from conftest import compose_config, plain_config
 
 from byol.jobs.build import _logger_kwargs, crop_side, scaled_lr, trainer_for_this_machine, view_settings
-from byol.jobs.pretrain import RunStart, announce, build_module
+from byol.jobs.pretrain import RunStart
+from byol.jobs.pretrain_fit import announce, build_module
 
 
 def test_lr_is_not_scaled_where_the_optimizer_says_so():

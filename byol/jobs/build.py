@@ -7,6 +7,7 @@ a checkpoint someone else wrote (:mod:`byol.jobs.config_check`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Mapping
@@ -65,6 +66,29 @@ def _logger_kwargs(name: str, options: Mapping, run_dir: Path) -> dict:
             "offline": bool(options.get("offline", True))}
 
 
+# the packages each logger needs, any one of them (Lightning's TensorBoardLogger also takes tensorboardX)
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_logger_package(logger_cfg: Mapping | None) -> None:
+    """The logger's package, looked for (not imported) before the data is decoded; :func:`make_loggers`, with
+    Lightning loaded, also checks its version."""
+    name = (logger_cfg or {}).get("name", "csv")
+    if name == "csv":
+        return
+    if name not in LOGGERS:
+        raise ConfigError(f"unknown logger '{name}'; choose one of: {', '.join(LOGGER_NAMES)}")
+    packages = LOGGER_PACKAGES[name]
+    if all(importlib.util.find_spec(package) is None for package in packages):
+        raise _logger_missing(name, f"No module named '{packages[0]}'")
+
+
+def _logger_missing(name: str, reason: str) -> ConfigError:
+    _, cls, extra = LOGGERS[name]
+    return ConfigError(f"{cls} cannot start ({reason}); pip install -e \".[{extra}]\", or log to metrics.csv only "
+                       f"with logger=csv")
+
+
 def make_loggers(logger_cfg: Mapping | None, run_dir: Path, keep_before_step: int | None = None) -> list:
     """Always metrics.csv in the run folder, plus the logger ``logger_cfg['name']`` names."""
     from byol.lightning.csv_logger import ContinuingCSVLogger
@@ -75,13 +99,12 @@ def make_loggers(logger_cfg: Mapping | None, run_dir: Path, keep_before_step: in
         return loggers
     if name not in LOGGERS:
         raise ConfigError(f"unknown logger '{name}'; choose one of: {', '.join(LOGGER_NAMES)}")
-    module, cls, extra = LOGGERS[name]
+    module, cls, _ = LOGGERS[name]
     try:
         logger_class = getattr(importlib.import_module(module), cls)
         loggers.append(logger_class(**_logger_kwargs(name, logger_cfg, run_dir)))
     except (ImportError, ModuleNotFoundError) as e:
-        raise ConfigError(f"{cls} cannot start ({str(e).splitlines()[0]}); pip install -e \".[{extra}]\", "
-                          f"or log to metrics.csv only with logger=csv") from None
+        raise _logger_missing(name, str(e).splitlines()[0]) from None
     return loggers
 
 

@@ -1,0 +1,170 @@
+"""The pretraining job's Lightning half: the model, monitors and trainer that :func:`byol.jobs.pretrain.pretrain`
+fits once the config, folder, checkpoint and training images have passed its checks (before Lightning loads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
+
+from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, save_encoder
+from byol.core.data import IndexBatches
+from byol.jobs.build import (
+    build_augment,
+    build_byol,
+    build_trainer,
+    loss_mode,
+    make_loggers,
+    optimizer_factory,
+    planned_world,
+    progress_bar_on,
+    trainer_for_this_machine,
+)
+from byol.jobs.cli import launched_rank, resume_hint
+from byol.jobs.curves import write_curves
+from byol.jobs.monitoring import build_monitors, monitor_taps, representations
+from byol.jobs.pretrain import RunStart, before_training, training_batches
+from byol.jobs.resume import export_meta_fields
+from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT
+from byol.lightning.callbacks import RunCheckpoints, describe_step, optimizer_steps_per_epoch
+from byol.lightning.checkpoint_io import AtomicCheckpointIO
+from byol.lightning.data_module import TensorDataModule
+from byol.lightning.epoch_output import EpochHook, EpochSummary, OnTrainStart, progress_bar
+from byol.lightning.monitors import OnlineKNN, all_taps
+from byol.lightning.pretrain_module import BYOLModule
+
+
+def fit_run(start: RunStart, batches: IndexBatches, run_dir: Path) -> Path:
+    """Build the model, monitors and trainer for ``start`` and fit on ``batches``; write the export."""
+    config, ckpt_dir, export = start.config, run_dir / CHECKPOINTS_DIR, run_dir / "encoder.pt"
+    with before_training():
+        pl.seed_everything(config["seed"], workers=True, verbose=False)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if launched_rank() == 0:  # under DDP, rank 0 alone writes into the run folder
+            remove_stale_temp_files(ckpt_dir)  # left by a process killed while writing
+        loggers = make_loggers(config.get("logger"), run_dir, start.step)
+        datamodule = build_datamodule(config, batches)
+        module = build_module(config, ckpt_dir / LAST_CHECKPOINT)
+        monitors = build_monitors(config, module.model.online_encoder.dims)
+        module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
+        accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
+        steps_per_epoch = optimizer_steps_per_epoch(len(datamodule.batches) // planned_world(config["trainer"]),
+                                                    accumulate)
+        trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
+        announce(config, run_dir, trainer, start, datamodule.batches)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
+    if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
+        return export
+    save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training
+    draw_curves(run_dir)
+    save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
+                 meta=export_meta_fields(config, trainer.current_epoch, trainer.global_step))
+    print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
+          flush=True)
+    return export
+
+
+def check_resumable(checkpoint: dict, config: dict, path: Path) -> None:
+    """The checkpoint's whole training state fits what ``config`` builds (weights, optimizer, schedule, loop
+    counters, random states: :meth:`BYOLModule.check_checkpoint`), or one line naming the file. The module
+    is built on the meta device: no memory, no randomness drawn, in a fraction of a second."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        module = build_module({**config, "compile": False})
+    module.check_checkpoint(checkpoint, path)
+
+
+def build_datamodule(config: dict, batches: IndexBatches | None = None) -> TensorDataModule:
+    """The run's training batches (:func:`byol.jobs.pretrain.training_batches`, made here when not given)
+    for Lightning, moved to the device when ``data.on_device``."""
+    return TensorDataModule(batches or training_batches(config), config["data"].get("on_device", True))
+
+
+def build_module(config: dict, checkpoint_path: Path | None = None) -> BYOLModule:
+    """The BYOL model, augmentation and optimizer of ``config``, in the Lightning adapter."""
+    model = build_byol(config, extra_taps=monitor_taps(config))
+    if config.get("channels_last", True):
+        model.to(memory_format=torch.channels_last)
+    if config.get("compile"):
+        model.compile()
+    trainer = config["trainer"]
+    make_optimizer = optimizer_factory(config["optim"], config["data"]["batch_size"],
+                                       int(trainer.get("accumulate_grad_batches") or 1))
+    return BYOLModule(model, build_augment(config), make_optimizer, tau_base=config["ema"]["tau_base"],
+                      tau_schedule=config["ema"]["tau_schedule"], seed=config["seed"],
+                      skip_nonfinite=config["train"]["on_nonfinite"] == "skip", run_config=config,
+                      checkpoint_path=checkpoint_path, schedule_epochs=config.get("schedule_epochs"))
+
+
+def save_run_config(config: dict, run_dir: Path) -> None:
+    """The run's config.yaml, written once training starts (:class:`OnTrainStart`): a resume refused or
+    failed before (a checkpoint that does not load, a logger package missing) leaves the run's own as it was,
+    so a finished run is never turned into an unfinished one by a command that trained nothing. Called again
+    after fitting (a fit with no epoch left never starts training): a file already holding it is left alone."""
+    data, path = OmegaConf.to_yaml(OmegaConf.create(config)).encode(), run_dir / CONFIG_FILE
+    if not (path.is_file() and path.read_bytes() == data):
+        atomic_write_bytes(data, path)
+
+
+def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int) -> pl.Trainer:
+    ckpt = config["checkpoint"]
+    trainer = config["trainer"]
+    # a signal stops a step midway, except where the layers' hooks would cost (compiled graphs)
+    checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
+                                 ckpt["last_every_n_steps"], ckpt.get("keep_last"),
+                                 stop_inside_steps=not config.get("compile"))
+    # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
+    knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
+    callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(knn),
+                 EpochHook(lambda: write_curves(run_dir)), OnTrainStart(lambda: save_run_config(config, run_dir))]
+    callbacks += progress_bar(progress_bar_on(trainer.get("enable_progress_bar")), trainer.get("log_every_n_steps"),
+                              steps_per_epoch)
+    # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
+    trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}
+    trainer = trainer_for_this_machine(trainer, "[byol]")
+    return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
+                         enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
+
+
+def draw_curves(run_dir: Path) -> None:
+    """The run's final curves.png; a plotting problem is a note, never a failed run."""
+    try:
+        write_curves(run_dir)
+    except Exception as e:
+        print(f"[byol] note: curves.png not drawn ({type(e).__name__}: {e})", flush=True)
+
+
+def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, batches: IndexBatches) -> None:
+    """The run's first lines (rank 0's): what trains on what, where it writes, where it resumes."""
+    if launched_rank() != 0:  # the trainer knows its rank only once fitting starts
+        return
+    backbone, trainer_cfg = config["backbone"], config["trainer"]
+    width = f" x{backbone['width']:g} width" if backbone.get("width", 1) != 1 else ""
+    batch, epochs, horizon = config["data"]["batch_size"], trainer_cfg["max_epochs"], config.get("schedule_epochs")
+    of_schedule = f" (of a {horizon}-epoch learning-rate and tau schedule)" if horizon and horizon > epochs else ""
+    print(f"[byol] pretraining {backbone['name']}{width} ({backbone['stem']} stem), loss={loss_mode(config['loss'])}, "
+          f"{len(batches.data)} images, batch {batch}{processes(trainer, batch)}, "
+          f"{epochs} epoch{'s' * (epochs != 1)}{of_schedule}, "
+          f"on {trainer.strategy.root_device} ({trainer.precision})",
+          flush=True)
+    print(f"[byol] run folder: {run_dir}", flush=True)
+    if str(trainer.precision).split("-")[0] != str(trainer_cfg["precision"]).split("-")[0]:  # 16 on a CPU: bf16
+        print(f"[byol] note: trainer.precision={trainer_cfg['precision']} runs as {trainer.precision} on "
+              f"{trainer.strategy.root_device.type}", flush=True)
+    if horizon and horizon < epochs:
+        print(f"[byol] note: schedule_epochs={horizon} is fewer than the run's {epochs} epochs; the learning-rate "
+              f"and tau schedules span the run's {epochs} (schedule_epochs only lengthens them)", flush=True)
+    if start.checkpoint is not None:
+        steps_per_epoch = optimizer_steps_per_epoch(  # the batches are not sharded yet: each rank's share
+            len(batches) // trainer.world_size, int(trainer_cfg.get("accumulate_grad_batches") or 1))
+        print(f"[byol] resuming from {start.checkpoint}: {describe_step(start.step, steps_per_epoch)}", flush=True)
+
+
+def processes(trainer: pl.Trainer, batch: int) -> str:
+    """`` per process x 2 processes (global batch 64)`` under DDP; empty on one device."""
+    world = trainer.world_size
+    if world == 1:
+        return ""
+    return f" per process x {world} processes (global batch {batch * world * trainer.accumulate_grad_batches})"
