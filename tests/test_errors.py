@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -243,6 +244,23 @@ def test_logger_without_its_package_names_the_extra_and_the_fallback(tmp_path, m
     assert str(err.value) == ("WandbLogger cannot start (Requirement 'wandb>=0.12.10' not met.); "
                               'pip install -e ".[wandb]", or log to metrics.csv only with logger=csv')
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["loss=multi", "loss.taps=[layer9.0]"], "unknown tap 'layer9.0' for resnet18"),
+    (["monitor.taps=[layer2.9]"], "unknown tap 'layer2.9' for resnet18"),
+    (["backbone.name=resnet9"], "unknown backbone.name 'resnet9'"),
+    (["+backbone.grids={layer9: 2}"], "backbone.grids names 'layer9', which is no module of resnet18")])
+def test_a_misspelt_network_setting_is_refused_before_the_training_images_are_read(tmp_path, monkeypatch,
+                                                                                  overrides, expected):
+    """The first decode of a large folder takes minutes: a typo in a tap or the backbone is said before it
+    (the networks are built on the meta device first), not after."""
+    from byol.jobs import pretrain as job
+
+    monkeypatch.setattr(job, "training_batches", lambda config: pytest.fail("the data was read"))
+    cfg = compose_config("train", ["experiment=smoke", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        pretrain(cfg, tmp_path / "run")
 
 
 # --------------------------------------------------------------------------- errors inside a run

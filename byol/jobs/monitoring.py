@@ -18,7 +18,6 @@ from byol.core.errors import DataError
 from byol.core.features import autocast_dtype
 from byol.jobs.cli import launched_rank
 from byol.jobs.datasets import load_eval_data
-from byol.lightning.monitors import OnlineKNN, OnlineProbes
 
 
 def representations(taps) -> dict[str, list[str]]:
@@ -38,6 +37,7 @@ def _sample(data: ImageTensors, size: int, seed: int) -> ImageTensors:
 
 def build_monitors(config: Mapping, encoder_dims: Mapping[str, int]) -> list:
     """The kNN and probe callbacks, or none (with one line saying why) when the data has no labels."""
+    from byol.lightning.monitors import OnlineKNN, OnlineProbes  # Lightning: the job's checks come before it
     monitor = config.get("monitor") or {}
     if not monitor.get("enabled", True):
         return []

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from byol.core.checkpoint import safe_load
@@ -25,11 +26,12 @@ from byol.core.data import IndexBatches
 from byol.core.disk_images import batches_of
 from byol.core.errors import ByolError, CheckpointError, ConfigError
 from byol.core.features import resolve_device
-from byol.jobs.build import check_logger_package
+from byol.jobs.build import build_byol, check_logger_package
 from byol.jobs.cli import command_arg, launched_rank
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning
 from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, subset_of
+from byol.jobs.monitoring import monitor_taps
 from byol.jobs.resume import (
     TRAINED_KEYS,
     epochs_trained,
@@ -126,6 +128,14 @@ def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
     return export
 
 
+def check_networks(config: dict) -> None:
+    """Build the networks ``config`` describes on the meta device (no memory, no randomness, under a second),
+    so that an unknown tap, backbone or grid is refused before the training images are decoded (minutes, the
+    first time, for a large folder)."""
+    with torch.device("meta"):
+        build_byol(config, extra_taps=monitor_taps(config))
+
+
 def training_batches(config: dict) -> IndexBatches:
     """The run's training images (decoded once, seeded subset) as index batches, read from the memory-mapped
     cache a batch at a time when ``data.storage`` keeps them there."""
@@ -147,6 +157,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
             if start.finished:
                 return report_finished(start, run_dir, run_dir / "encoder.pt")
             check_logger_package(start.config.get("logger"))  # a missing package: before the data
+            check_networks(start.config)  # a misspelt tap or backbone: before the data too
             batches = training_batches(start.config)  # data errors: before Lightning loads
         from byol.jobs.pretrain_fit import fit_run
 
