@@ -95,7 +95,7 @@ def ops_ours(cfg: dict, args, variant: str) -> tuple[dict, dict]:
     import pytorch_lightning as pl
 
     from byol.jobs.build import make_loggers
-    from byol.jobs.monitoring import build_monitors, monitor_taps, representations
+    from byol.jobs.monitoring import build_monitors, monitor_samples, monitor_taps, representations
     from byol.jobs.pretrain_fit import build_datamodule, build_module, build_run_trainer
     from byol.lightning.monitors import all_taps
 
@@ -112,7 +112,7 @@ def ops_ours(cfg: dict, args, variant: str) -> tuple[dict, dict]:
     module.augment.join_views = variant != "per_view"  # as on an accelerator, or one pass per view (the CPU's)
     with tempfile.TemporaryDirectory() as run_dir:
         if variant == "run":
-            monitors = build_monitors(cfg, module.model.online_encoder.dims)
+            monitors = build_monitors(cfg, module.model.online_encoder.dims, monitor_samples(cfg))
             module.model.feature_taps = all_taps(representations(monitor_taps(cfg))) if monitors else []
             trainer = build_run_trainer({**cfg, "trainer": {**cfg["trainer"], "max_steps": args.warmup + args.steps,
                                                             "max_epochs": -1, "enable_progress_bar": False}},

@@ -229,7 +229,7 @@ def test_logger_without_its_package_names_the_extra_and_the_fallback(tmp_path, m
     find_spec = importlib.util.find_spec
     installed = {"wandb": None}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: installed.get(name, find_spec(name, *a)))
-    monkeypatch.setattr(job, "training_batches", lambda config: pytest.fail("the data was read"))
+    monkeypatch.setattr(job, "training_data", lambda config: pytest.fail("the data was read"))
     cfg = compose_config("train", ["experiment=smoke", "logger=wandb"], tmp_path)
     with pytest.raises(ConfigError) as err:
         pretrain(cfg, tmp_path / "run")
@@ -257,7 +257,7 @@ def test_a_misspelt_network_setting_is_refused_before_the_training_images_are_re
     (the networks are built on the meta device first), not after."""
     from byol.jobs import pretrain as job
 
-    monkeypatch.setattr(job, "training_batches", lambda config: pytest.fail("the data was read"))
+    monkeypatch.setattr(job, "training_data", lambda config: pytest.fail("the data was read"))
     cfg = compose_config("train", ["experiment=smoke", *overrides], tmp_path)
     with pytest.raises(ConfigError, match=re.escape(expected)):
         pretrain(cfg, tmp_path / "run")

@@ -287,3 +287,43 @@ def test_probe_state_that_does_not_fit_the_probes_is_not_loaded_and_said(capsys)
     probes.load_state_dict(OnlineProbes(reps, {"avgpool": 8}, num_classes=3, seed=1).state_dict())  # fits: loads
     assert capsys.readouterr().out == "" and not torch.equal(probes.heads.state_dict()["avgpool.1.weight"],
                                                              initial["avgpool.1.weight"])
+
+
+def test_the_monitors_take_their_samples_from_the_loaded_training_images_without_copying_them(tmp_path, monkeypatch):
+    """The bank and queries are the ones drawn from evaluation's own splits (load_eval_data, seeded samples), taken
+    from the training images the job has loaded already: no second load, and the splits hold row numbers, so only
+    the samples are copied (a folder that fills half the memory fit once, not three times)."""
+    from conftest import class_folders, plain_config
+
+    from byol.core.data import ImageTensors, seeded_subset
+    from byol.jobs import datasets, monitoring
+    from byol.jobs.datasets import load_eval_data, load_split
+    from byol.jobs.monitoring import monitor_samples
+
+    class_folders(tmp_path / "data" / "train", per_class=20, classes=("a", "b", "c"))
+    class_folders(tmp_path / "data" / "test", per_class=6, classes=("a", "b", "c"))
+    config = plain_config(compose_config("train", [
+        "experiment=smoke", "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.cache_dir=null",
+        "data.image_size=8", "data.subset=30", "monitor.bank_size=25", "monitor.query_size=10", "monitor.val_size=6"],
+        tmp_path))
+    splits, num_classes = load_eval_data(config["data"], {"name": "holdout", "val_size": 6}, config["seed"])
+    expected = (seeded_subset(splits["train"], 25, config["seed"]),
+                seeded_subset(splits["test"], 10, config["seed"] + 1))
+    train = load_split(config["data"], "train")
+    copies = []
+    subset = ImageTensors.subset
+    monkeypatch.setattr(ImageTensors, "subset", lambda self, index: (copies.append(len(index) * (not self.mapped)),
+                                                                      subset(self, index))[1])
+    loads = []
+    monkeypatch.setattr(monitoring, "load_split", lambda *a, **k: (loads.append(a[1]), load_split(*a, **k))[1])
+    monkeypatch.setattr(datasets, "load_split", lambda *a, **k: (loads.append(a[1]), load_split(*a, **k))[1])
+    samples = monitor_samples(config, train)
+    assert loads == ["test"]  # the training images are the job's own
+    assert max([n for n in copies if n], default=0) <= 10  # the test split's queries; training rows: references
+    assert samples.num_classes == num_classes == 3 and not samples.bank.mapped and not samples.queries.mapped
+    for got, want in zip((samples.bank, samples.queries), expected, strict=True):
+        assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+    monkeypatch.undo()
+    again = monitor_samples(config)  # loading the images itself: the same samples
+    assert torch.equal(again.bank.images, samples.bank.images) and torch.equal(again.queries.images,
+                                                                               samples.queries.images)

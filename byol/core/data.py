@@ -31,9 +31,10 @@ NOT_COUNTED = -1
 class ImageTensors:
     """Images (N, 3, H, W) uint8 and labels (N,) int64 (-1 where unlabelled).
 
-    ``mapped``: ``images`` is a memory-mapped file (``byol.core.disk_images``), read by index rather than
-    held in memory, and this dataset is its ``rows`` (None: every row). A subset of mapped images stays
-    mapped, so the splits of a dataset larger than memory are too; :meth:`pixels` reads images.
+    ``mapped``: ``images`` is read by index rather than held as this dataset's own tensor (a memory-mapped
+    file, ``byol.core.disk_images``, or another dataset's tensor: :meth:`by_reference`), and this dataset is
+    its ``rows`` (None: every row). A subset of mapped images stays mapped, so the splits of a dataset larger
+    than memory are too; :meth:`pixels` reads images.
     """
 
     images: torch.Tensor
@@ -49,6 +50,11 @@ class ImageTensors:
         if self.mapped:  # row numbers only: nothing is read
             return ImageTensors(self.images, self.labels[index], self.classes, True, self.row_numbers()[index])
         return ImageTensors(self.images[index], self.labels[index], self.classes)
+
+    def by_reference(self) -> ImageTensors:
+        """This dataset, with subsets that keep row numbers instead of copies (as mapped images do): for splits
+        of which only samples are read (the online monitors' kNN bank and queries)."""
+        return ImageTensors(self.images, self.labels, self.classes, True, self.rows)
 
     def row_numbers(self) -> torch.Tensor:
         """The rows of ``images`` this dataset holds, in its order."""

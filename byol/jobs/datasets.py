@@ -117,7 +117,12 @@ def missing_split_folders(root: Path, missing: Sequence[str]) -> DataError:
                      f"{root}/train/<class>/* and {root}/test/<class>/* (the same class folders in both)")
 
 
-def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensors]:
+def pretraining_split_is_evaluations(cfg) -> bool:
+    """Whether pretraining's training split is evaluation's (STL-10's adds its unlabelled images)."""
+    return cfg["name"] != "stl10"
+
+
+def eval_splits(cfg, split_cfg: Mapping, seed: int = 0, train: ImageTensors | None = None) -> dict[str, ImageTensors]:
     """train / val / test for evaluation, without leaking the test set into validation.
 
     ``split=holdout`` (default): ``split.val_size`` training images (seeded) are held
@@ -125,10 +130,11 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0) -> dict[str, ImageTensor
     one side of that split. ``split=seed_original``: the original project's split of the
     test set into two halves with seed 42 (val: first half, test: second half). Test images
     identical to training images are counted in a warning. A dataset's separate unlabelled
-    images (STL-10's) are not loaded.
+    images (STL-10's) are not loaded. ``train``: the training images, loaded already.
     """
     check_eval_folders(cfg)
-    train, test = load_split(cfg, "train", unlabelled=False), load_split(cfg, "test")
+    train = train if train is not None else load_split(cfg, "train", unlabelled=False)
+    test = load_split(cfg, "test")
     if len(train.classes) and len(test.classes) and train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
@@ -179,10 +185,11 @@ def subset_of(images: ImageTensors, cfg: Mapping, seed: int, what: str) -> Image
     return seeded_subset(images, asked, seed)
 
 
-def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int) -> tuple[dict[str, ImageTensors], int]:
+def load_eval_data(data_cfg: Mapping, split_cfg: Mapping, seed: int,
+                   train: ImageTensors | None = None) -> tuple[dict[str, ImageTensors], int]:
     """train / val / test splits (:func:`eval_splits`) and the number of classes, refusing
     splits that would make the scores meaningless: empty, unlabelled, or a single class."""
-    splits = eval_splits(data_cfg, split_cfg, seed=seed)
+    splits = eval_splits(data_cfg, split_cfg, seed=seed, train=train)
     no_validation = split_cfg.get("name", "holdout") == "holdout" and int(split_cfg.get("val_size", 1)) == 0
     for name, split in splits.items():
         if len(split) == 0 and not (name == "val" and no_validation):  # val_size=0: train on all, no val_acc

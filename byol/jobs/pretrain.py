@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from byol.core.checkpoint import safe_load
-from byol.core.data import IndexBatches
+from byol.core.data import ImageTensors, IndexBatches
 from byol.core.disk_images import batches_of
 from byol.core.errors import ByolError, CheckpointError, ConfigError
 from byol.core.features import resolve_device
@@ -31,7 +31,7 @@ from byol.jobs.cli import command_arg, launched_rank
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning
 from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, subset_of
-from byol.jobs.monitoring import monitor_taps
+from byol.jobs.monitoring import MonitorSamples, monitor_samples, monitor_taps
 from byol.jobs.resume import (
     TRAINED_KEYS,
     epochs_trained,
@@ -136,12 +136,21 @@ def check_networks(config: dict) -> None:
         build_byol(config, extra_taps=monitor_taps(config))
 
 
-def training_batches(config: dict) -> IndexBatches:
-    """The run's training images (decoded once, seeded subset) as index batches, read from the memory-mapped
-    cache a batch at a time when ``data.storage`` keeps them there."""
+def training_batches(config: dict, images: ImageTensors | None = None) -> IndexBatches:
+    """The run's training images as index batches: ``images`` (the whole training split, loaded once) or a
+    seeded subset of it (``data.subset``), read from the memory-mapped cache a batch at a time when
+    ``data.storage`` keeps them there."""
     data = config["data"]
-    images = subset_of(load_split(data, "train"), data, config["seed"], "training images")
+    images = images if images is not None else load_split(data, "train")
+    images = subset_of(images, data, config["seed"], "training images")
     return batches_of(images, data["batch_size"], seed=config["seed"])
+
+
+def training_data(config: dict) -> tuple[IndexBatches, MonitorSamples | None]:
+    """The training batches and the online monitors' samples, from one load of the training images: what
+    the batches do not use is dropped when this returns."""
+    images = load_split(config["data"], "train")
+    return training_batches(config, images), monitor_samples(config, images)
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
@@ -158,10 +167,10 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
                 return report_finished(start, run_dir, run_dir / "encoder.pt")
             check_logger_package(start.config.get("logger"))  # a missing package: before the data
             check_networks(start.config)  # a misspelt tap or backbone: before the data too
-            batches = training_batches(start.config)  # data errors: before Lightning loads
+            batches, samples = training_data(start.config)  # data errors: before Lightning loads
         from byol.jobs.pretrain_fit import fit_run
 
-        return fit_run(start, batches, run_dir)
+        return fit_run(start, batches, samples, run_dir)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from byol.jobs.build import (
 )
 from byol.jobs.cli import launched_rank, resume_hint
 from byol.jobs.curves import write_curves
-from byol.jobs.monitoring import build_monitors, monitor_taps, representations
+from byol.jobs.monitoring import MonitorSamples, build_monitors, monitor_taps, representations
 from byol.jobs.pretrain import RunStart, before_training, training_batches
 from byol.jobs.resume import export_meta_fields
 from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT
@@ -37,8 +37,9 @@ from byol.lightning.monitors import OnlineKNN, all_taps
 from byol.lightning.pretrain_module import BYOLModule
 
 
-def fit_run(start: RunStart, batches: IndexBatches, run_dir: Path) -> Path:
-    """Build the model, monitors and trainer for ``start`` and fit on ``batches``; write the export."""
+def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | None, run_dir: Path) -> Path:
+    """Build the model, monitors (on ``samples``) and trainer for ``start`` and fit on ``batches``; write the
+    export."""
     config, ckpt_dir, export = start.config, run_dir / CHECKPOINTS_DIR, run_dir / "encoder.pt"
     with before_training():
         pl.seed_everything(config["seed"], workers=True, verbose=False)
@@ -48,7 +49,7 @@ def fit_run(start: RunStart, batches: IndexBatches, run_dir: Path) -> Path:
         loggers = make_loggers(config.get("logger"), run_dir, start.step)
         datamodule = build_datamodule(config, batches)
         module = build_module(config, ckpt_dir / LAST_CHECKPOINT)
-        monitors = build_monitors(config, module.model.online_encoder.dims)
+        monitors = build_monitors(config, module.model.online_encoder.dims, samples)
         module.model.feature_taps = all_taps(representations(monitor_taps(config))) if monitors else []
         accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
         steps_per_epoch = optimizer_steps_per_epoch(len(datamodule.batches) // planned_world(config["trainer"]),
