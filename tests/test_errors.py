@@ -483,6 +483,24 @@ def test_an_unknown_config_key_is_one_line_and_a_misspelt_one_gets_the_setting_i
         "eval=knn); choose eval=finetune or eval=linear, or leave eval.epochs out")
 
 
+def test_a_data_setting_of_another_data_option_on_evaluate_says_how_to_set_it_over_the_runs_data(tmp_path):
+    """evaluate.py composes data=cifar10 (for pretrained=random) and applies data.* keys to each run's own data
+    settings: data.cache_dir (an image folder's) was Hydra's multi-line 'Could not override' error. One line,
+    naming the ++ form that works; the ++ and + forms themselves, and data=imagefolder, pass."""
+    from byol.jobs.command_line import check_command_line
+
+    run = str(tmp_path / "run")
+    assert checked_line([f"pretrained={run}", f"data.cache_dir={tmp_path}"], "evaluate") == (
+        f"error: data.cache_dir is a setting of data=imagefolder, not of evaluate.py's default data=cifar10; to set "
+        f"it over the runs' own data settings write ++data.cache_dir={tmp_path}, or choose data=imagefolder")
+    for argv in ([f"pretrained={run}", f"++data.cache_dir={tmp_path}"],
+                 [f"pretrained={run}", f"+data.cache_dir={tmp_path}"],
+                 ["pretrained=random", "data=imagefolder", f"data.root={tmp_path}", f"data.cache_dir={tmp_path}"]):
+        check_command_line(argv, "evaluate")  # no exit
+    assert checked_line([f"data.cache_dir={tmp_path}"], "train").startswith(  # train.py: choose the option
+        "error: data.cache_dir is a setting of data=imagefolder, not of data=cifar10; choose data=imagefolder")
+
+
 @pytest.mark.parametrize("argv, config_name, suggested", [
     (["data.bach_size=64"], "train", "data.batch_size"),
     (["seed=1", "optim.optimizer.momentun=0.9"], "train", "optim.optimizer.momentum"),
@@ -593,7 +611,11 @@ def check_line(message: str | None, expected: str | None) -> None:
     (["eval=knn", "eval.k=3"], "evaluate", None),
     (["data=imagefolder", "data.cache_dir=/c"], "train", None),
     (["experiment=smoke", "data.num_train=64"], "train", None),  # the experiment chose data=synthetic
-    (["data.cache_dir=/c"], "evaluate", None),  # evaluate.py's data.* keys apply to each run's own data group
+    # evaluate.py's data.* keys apply to each run's own data settings, but Hydra composes data=cifar10 first
+    (["data.cache_dir=/c"], "evaluate", "error: data.cache_dir is a setting of data=imagefolder, not of evaluate.py's "
+                                        "default data=cifar10; to set it over the runs' own data settings write "
+                                        "++data.cache_dir=/c, or choose data=imagefolder"),
+    (["++data.cache_dir=/c"], "evaluate", None),
     (["monitor.k=3"], "evaluate", None),  # no monitor group there: Hydra's message
     (["eval=bogus", "eval.k=3"], "evaluate", None),  # an unknown option: Hydra's message
     (["-m", "eval=linear,finetune", "eval.epochs=5", "seed=range(0,3)"], "evaluate", None),

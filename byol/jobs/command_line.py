@@ -198,8 +198,7 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
         return None
     from byol.jobs.config_check import CONF_DIR, PACKAGED_GROUPS
 
-    # evaluate.py applies data.* keys to each run's own data settings, whatever their group: not checked there
-    groups = _top_config(config_name)[1] & set(PACKAGED_GROUPS) - ({"data"} if config_name == "evaluate" else set())
+    groups = _top_config(config_name)[1] & set(PACKAGED_GROUPS)
     free = _free_prefixes()
     suspects = {}  # key -> the options of its group that have it, where some options do not
     for o in parsed:
@@ -207,6 +206,8 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
         group = key.split(".")[0]
         if "." not in key or group not in groups or o.is_delete() or o.package is not None or key.startswith(free):
             continue
+        if config_name == "evaluate" and group == "data" and (o.is_add() or o.is_force_add()):
+            continue  # appended on purpose: applied to each run's own data settings
         having = sorted(option for option, keys in option_keys(group).items() if key in keys)
         if having and len(having) < len(option_keys(group)):
             suspects[key] = having
@@ -235,6 +236,10 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
                 if key not in option_keys(group).get(chosen, ()):
                     options = " or ".join(f"{group}={option}" for option in having)
                     job = f" (the sweep's job with {' '.join(combination)})" if any(len(v) > 1 for v in values) else ""
+                    if config_name == "evaluate" and group == "data":  # applied to each run's own data settings
+                        return (f"error: {key} is a setting of {options}, not of evaluate.py's default "
+                                f"{group}={chosen}{job}; to set it over the runs' own data settings write "
+                                f"++{key}={_last_value(argv, (key,)) or 'VALUE'}, or choose {options}")
                     return (f"error: {key} is a setting of {options}, not of {group}={chosen}{job}; choose "
                             f"{options}, or leave {key} out")
     return None
