@@ -70,14 +70,20 @@ def _logger_kwargs(name: str, options: Mapping, run_dir: Path) -> dict:
 LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
+def _chosen_logger(logger_cfg: Mapping | None) -> str:
+    """The logger ``logger_cfg`` names besides metrics.csv (``csv``: none), refused when unknown."""
+    name = (logger_cfg or {}).get("name", "csv")
+    if name != "csv" and name not in LOGGERS:
+        raise ConfigError(f"unknown logger '{name}'; choose one of: {', '.join(LOGGER_NAMES)}")
+    return name
+
+
 def check_logger_package(logger_cfg: Mapping | None) -> None:
     """The logger's package, looked for (not imported) before the data is decoded; :func:`make_loggers`, with
     Lightning loaded, also checks its version."""
-    name = (logger_cfg or {}).get("name", "csv")
+    name = _chosen_logger(logger_cfg)
     if name == "csv":
         return
-    if name not in LOGGERS:
-        raise ConfigError(f"unknown logger '{name}'; choose one of: {', '.join(LOGGER_NAMES)}")
     packages = LOGGER_PACKAGES[name]
     if all(importlib.util.find_spec(package) is None for package in packages):
         raise _logger_missing(name, f"No module named '{packages[0]}'")
@@ -94,11 +100,9 @@ def make_loggers(logger_cfg: Mapping | None, run_dir: Path, keep_before_step: in
     from byol.lightning.csv_logger import ContinuingCSVLogger
 
     loggers = [ContinuingCSVLogger(str(run_dir), keep_before_step)]
-    name = (logger_cfg or {}).get("name", "csv")
+    name = _chosen_logger(logger_cfg)
     if name == "csv":
         return loggers
-    if name not in LOGGERS:
-        raise ConfigError(f"unknown logger '{name}'; choose one of: {', '.join(LOGGER_NAMES)}")
     module, cls, _ = LOGGERS[name]
     try:
         logger_class = getattr(importlib.import_module(module), cls)

@@ -43,6 +43,7 @@ from byol.jobs.resume import (
 )
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
+    ENCODER_FILE,
     LAST_CHECKPOINT,
     RUN_ID_KEY,
     check_new_run_folder,
@@ -164,7 +165,7 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         with before_training():
             start = run_start(plain_config(cfg), run_dir, requested)
             if start.finished:
-                return report_finished(start, run_dir, run_dir / "encoder.pt")
+                return report_finished(start, run_dir, run_dir / ENCODER_FILE)
             check_logger_package(start.config.get("logger"))  # a missing package: before the data
             check_networks(start.config)  # a misspelt tap or backbone: before the data too
             batches, samples = training_data(start.config)  # data errors: before Lightning loads

@@ -28,7 +28,7 @@ from byol.jobs.curves import write_curves
 from byol.jobs.monitoring import MonitorSamples, build_monitors, monitor_taps, representations
 from byol.jobs.pretrain import RunStart, before_training, training_batches
 from byol.jobs.resume import export_meta_fields
-from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT
+from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT
 from byol.lightning.callbacks import RunCheckpoints, describe_step, optimizer_steps_per_epoch
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
@@ -40,7 +40,7 @@ from byol.lightning.pretrain_module import BYOLModule
 def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | None, run_dir: Path) -> Path:
     """Build the model, monitors (on ``samples``) and trainer for ``start`` and fit on ``batches``; write the
     export."""
-    config, ckpt_dir, export = start.config, run_dir / CHECKPOINTS_DIR, run_dir / "encoder.pt"
+    config, ckpt_dir, export = start.config, run_dir / CHECKPOINTS_DIR, run_dir / ENCODER_FILE
     with before_training():
         pl.seed_everything(config["seed"], workers=True, verbose=False)
         run_dir.mkdir(parents=True, exist_ok=True)
