@@ -220,3 +220,23 @@ def test_warmup_cosine_without_warmup_starts_at_full_rate():
 def test_constant_schedule_after_warmup():
     lrs = learning_rates(lambda o: constant(o, total_steps=10, warmup_steps=4), 10)
     assert lrs == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 8)
+
+
+@pytest.mark.parametrize("clip_lr", [False, True])
+def test_lars_leaves_a_tensor_without_gradient_undecayed(clip_lr):
+    """A zero gradient (a head whose loss weight is 0) gets no weight decay: the tensor keeps its values over
+    many steps, while one with a gradient in the same group is decayed (g + wd w, scaled by its ratio)."""
+    idle = nn.Parameter(torch.full((3, 3), 2.0, dtype=torch.float64))
+    busy = nn.Parameter(torch.full((3, 3), 2.0, dtype=torch.float64))
+    opt = LARS([idle, busy], lr=LR, momentum=MOMENTUM, weight_decay=WD, eta=ETA, eps=0.0, clip_lr=clip_lr)
+    idle.grad = torch.zeros(3, 3, dtype=torch.float64)
+    busy.grad = torch.full((3, 3), 0.1, dtype=torch.float64)
+    w, g = busy.detach().clone(), busy.grad.clone()
+    ratio = ETA * w.norm() / (g.norm() + WD * w.norm())
+    expected = w - LR * (min(ratio / LR, 1.0) if clip_lr else ratio) * (g + WD * w)
+    opt.step()
+    torch.testing.assert_close(busy.detach(), expected, rtol=0, atol=1e-12)
+    for _ in range(200):
+        idle.grad = torch.zeros(3, 3, dtype=torch.float64)
+        opt.step()
+    assert torch.equal(idle.detach(), torch.full((3, 3), 2.0, dtype=torch.float64))

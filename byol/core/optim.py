@@ -40,7 +40,8 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor is scaled by a trust ratio
     ``eta * ||w|| / (||g|| + wd * ||w||)`` (You et al., 2017). Groups with ``lars_exclude``
-    are plain SGD with momentum.
+    are plain SGD with momentum. A tensor whose gradient is exactly zero (the heads of a tap whose
+    ``loss.weights`` entry is 0) is not decayed either, as in solo-learn's LARS: it stays as it is.
 
     ``clip_lr=True``: the scale is ``min(ratio / lr, 1)`` with ``lr`` the group's (scheduled) rate,
     so a tensor's step is ``min(ratio, lr) x (g + wd w)``: the ratio is its own rate, never above
@@ -57,8 +58,8 @@ class LARS(torch.optim.Optimizer):
 
     @staticmethod
     def _trust_ratios(group: dict, params: list, grads: list) -> list:
-        """Per tensor: the trust ratio, clipped to ``min(ratio / lr, 1)`` with ``clip_lr``; 1 where a
-        norm is 0. All tensors at once (one vector of norms), whatever their number."""
+        """Per tensor: the trust ratio, clipped to ``min(ratio / lr, 1)`` with ``clip_lr``, 1 where a norm
+        is 0; and 1 where the gradient is non-zero, else 0 (weight decay's factor). All tensors at once."""
         w = torch.stack(torch._foreach_norm(params))
         g = torch.stack(torch._foreach_norm(grads))
         lr, clip = group["lr"], group.get("clip_lr", False)  # states saved before the option lack it
@@ -68,7 +69,8 @@ class LARS(torch.optim.Optimizer):
             ratio = (group["eta"] / lr if clip else group["eta"]) * w / (g + group["weight_decay"] * w + group["eps"])
             if clip:
                 ratio = ratio.clamp(max=1.0)
-        return list(torch.where((w > 0) & (g > 0), ratio, torch.ones_like(w)).unbind())
+        ratios = torch.where((w > 0) & (g > 0), ratio, torch.ones_like(w))
+        return list(ratios.unbind()), list((g > 0).to(w.dtype).unbind())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,11 +85,12 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             wd = group["weight_decay"]
             if not group["lars_exclude"]:  # trust ratio from the raw gradient's norm, as You et al. (2017)
-                ratios = self._trust_ratios(group, params, grads)
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            if not group["lars_exclude"]:
+                ratios, has_grad = self._trust_ratios(group, params, grads)
+                if wd:
+                    grads = torch._foreach_add(grads, torch._foreach_mul(params, has_grad), alpha=wd)
                 grads = torch._foreach_mul(grads, ratios)
+            elif wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
             bufs = []
             for p in params:
                 state = self.state[p]
