@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -441,6 +442,45 @@ def test_job_errors_are_one_line(tmp_path, case, capsys):
     assert err.count("error: ") == 1 and "Traceback" not in err
     assert err.startswith(expected.format(tmp=tmp_path))
     assert (run / "FAILED").read_text().strip() == err.strip()[len("error: "):]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_file_name_that_is_not_utf8_is_named_escaped_on_a_strict_console(tmp_path, monkeypatch, skip):
+    """A file whose name's bytes are not UTF-8 (Python holds them as lone surrogates) is named with its bytes
+    escaped, on the console, in the log and in FAILED: on a console with strict errors (a UTF-8 locale) the
+    error line itself, and with data.skip_bad_files the skip warning, raised UnicodeEncodeError."""
+    import io
+
+    image_tree(tmp_path / "bad")
+    bad = tmp_path / "bad" / "train" / "dog" / os.fsdecode(b"broken\xff.png")
+    bad.write_bytes(b"not a png")
+    consoles = [io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict") for _ in range(2)]
+    monkeypatch.setattr(sys, "stdout", consoles[0])
+    monkeypatch.setattr(sys, "stderr", consoles[1])
+    run = tmp_path / "run"
+    run.mkdir()
+    overrides = ["experiment=smoke", "data=imagefolder", f"data.root={tmp_path / 'bad'}", "data.cache_dir=null",
+                 f"data.skip_bad_files={str(skip).lower()}", "data.batch_size=2", "trainer.max_epochs=1",
+                 "monitor=off"]
+    cfg = compose_config("train", overrides, run)
+    if skip:  # the warning printed as outside pytest, which records warnings instead
+        monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, file=None,
+                            line=None: sys.stderr.write(warnings.formatwarning(message, category, filename, lineno)))
+        run_job(pretrain, cfg, requested=command_line_keys())
+        consoles[1].flush()
+        assert "warning: skipping unreadable image " in consoles[1].buffer.getvalue().decode()
+        assert "broken\\udcff.png" in consoles[1].buffer.getvalue().decode()
+        assert (run / "encoder.pt").is_file()
+        return
+    with pytest.raises(SystemExit) as exit_:
+        run_job(pretrain, cfg, requested=command_line_keys())
+    assert exit_.value.code == 1
+    consoles[1].flush()
+    err = consoles[1].buffer.getvalue().decode()
+    line = f"error: cannot read image '{tmp_path}/bad/train/dog/broken\\udcff.png'"
+    assert line in err and "Traceback" not in err
+    assert [line in log.read_text() for log in run.glob("*.log")] == [True]  # the job's log
+    assert (run / "FAILED").read_text().startswith(line[len("error: "):])
 
 
 @pytest.mark.slow

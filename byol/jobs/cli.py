@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.console import console_copied_to
+from byol.jobs.console import console_copied_to, names_printable
 from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
@@ -203,6 +203,7 @@ def run_job(fn, cfg, *args, **kwargs):
     job stops the whole sweep: the scheduler wants the process gone.
     """
     hc = HydraConfig.get()
+    names_printable()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     ddp_sweep = multirun and launched_rank() == 0 and _planned_world(cfg) > 1
@@ -251,7 +252,7 @@ def run_job(fn, cfg, *args, **kwargs):
         if not multirun:
             raise
         traceback.print_exc()
-        (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n")
+        (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n", errors="backslashreplace")
         return None
 
 
@@ -319,7 +320,7 @@ def _say(line: str, log: Path | None) -> None:
     print(line, file=sys.stderr, flush=True)
     if log is not None and log.is_file() and not log.is_symlink():
         try:
-            with open(log, "a", encoding="utf-8") as f:
+            with open(log, "a", encoding="utf-8", errors="backslashreplace") as f:
                 f.write(line + "\n")
         except OSError:
             pass  # the folder cannot be written: the console has the line
@@ -333,10 +334,10 @@ def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | 
     _say(f"error: {e}", log)
     if getattr(e, "nothing_trained", False) and is_run_dir(run_dir):
         if earlier_failure is not None:
-            (run_dir / FAILED).write_text(earlier_failure)
+            (run_dir / FAILED).write_text(earlier_failure, errors="backslashreplace")
     else:
         try:
-            (run_dir / FAILED).write_text(f"{e}\n")
+            (run_dir / FAILED).write_text(f"{e}\n", errors="backslashreplace")
         except OSError:
             pass  # the folder itself cannot be written: the line above is all there is
     if multirun:

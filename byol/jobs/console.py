@@ -74,11 +74,20 @@ class _CopyTo:
         return getattr(self.stream, name)
 
 
+def names_printable() -> None:
+    """File and folder names that are not valid UTF-8 (Python holds their bytes as lone surrogates) printed
+    with their bytes escaped: on a console with strict errors (a UTF-8 locale) the line naming a bad image
+    raised UnicodeEncodeError instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 @contextmanager
 def console_copied_to(path: Path):
     """The job's console lines (stdout, and stderr's error lines) also in ``path`` (Hydra's job log)."""
     try:
-        log = open(path, "a", encoding="utf-8")
+        log = open(path, "a", encoding="utf-8", errors="backslashreplace")
     except OSError:  # an unwritable folder is reported by the job itself
         yield
         return
