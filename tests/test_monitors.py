@@ -161,6 +161,32 @@ def test_a_one_epoch_run_draws_its_logged_steps_not_a_dot(tmp_path, monkeypatch)
     assert probe.get_xlim() == (0.0, 1.5)
 
 
+def test_a_runs_own_curves_leave_out_values_too_large_to_draw_and_escape_its_folder_name(tmp_path, monkeypatch):
+    """Training redraws curves.png from metrics.csv at every epoch: a loss that blew up to 1e308 beside
+    -1e308 ("arange: cannot compute length"), an epoch of -1 (a division by 0) or a folder named with a
+    byte that is not UTF-8 (matplotlib's font code refused it) stopped the figure for the rest of the run.
+    The values it can draw are drawn, the others left out, the folder's name escaped."""
+    import os
+
+    import byol.jobs.curves as curves
+
+    run = tmp_path / os.fsdecode(b"run\xff")
+    run.mkdir()
+    rows = ["epoch,step,train/loss/avgpool_epoch,monitor/knn/avgpool", ",0,,0.3", "0,3,2.0,0.35", "1,7,1e308,inf",
+            "2,11,-1e308,0.5", "3,15,1.0,0.6", "-1,19,,"]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    figures, save = [], curves._save
+    monkeypatch.setattr(curves, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
+    assert curves.write_curves(run) == run / "curves.png"
+    assert Image.open(run / "curves.png").size[0] > 1000
+    (fig,) = figures
+    (loss,), (knn,) = fig.axes[0].get_lines(), fig.axes[1].get_lines()
+    assert (list(loss.get_xdata()), list(loss.get_ydata())) == ([1.0, 4.0], [2.0, 1.0])
+    assert list(knn.get_xdata()) == [0.0, 1.0, 3.0, 4.0]
+    assert list(knn.get_ydata()) == pytest.approx([30.0, 35.0, 50.0, 60.0])
+    assert fig._suptitle.get_text() == "run\\xff: learning curves (metrics.csv)"
+
+
 def test_the_epoch_line_shows_knn_only_for_the_epoch_it_ran_in():
     from types import SimpleNamespace
 

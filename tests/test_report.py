@@ -703,3 +703,62 @@ def test_text_from_files_is_drawn_literally_in_every_figure(tmp_path, monkeypatc
     draw_map(torch.randn(6, 2), torch.tensor([0, 1, 0, 1, 0, 1]), [dollar, "$^"], dollar, tmp_path / "map.png")
     assert Image.open(tmp_path / "map.png").size[0] > 500
     assert matplotlib.rcParams["text.parse_math"] and matplotlib.rcParams["text.usetex"]  # restored afterwards
+
+
+@pytest.mark.parametrize("damage, why", [
+    (b"step,epoch,train/loss/avgpool\n0,0,\xff\xfe\n", "not UTF-8 text: byte 0xff at position 34"),
+    (b"step,epoch,train/loss/avgpool\n0,0," + b"1" * 200_000 + b"\n",
+     "not CSV the report reads: field larger than field limit (131072)"),
+    (b"step,epoch,train/loss/avgpool\n0,0,-1e308\n1,0,1e308\n",  # "arange: cannot compute length": no figure
+     "train/loss/avgpool = -1e+308 at epoch 0.5, beyond the ±1e+300 a figure can draw"),
+], ids=["not-utf8", "field-limit", "1e308"])
+def test_a_run_whose_metrics_csv_cannot_be_read_or_drawn_is_left_out_and_the_others_drawn(
+        sweep, tmp_path, capsys, monkeypatch, damage, why):
+    """One such metrics.csv cost every run's curves, with a note that named no file: now that run is one
+    note naming its metrics.csv, and the other runs are drawn."""
+    import byol.jobs.curves as curves
+
+    training_run(tmp_path / "runs" / "good", seed=0)
+    bad = training_run(tmp_path / "runs" / "bad", seed=1)
+    (bad / "metrics.csv").write_bytes(damage)
+    figures, save = [], curves._save
+    monkeypatch.setattr(curves, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
+    report([sweep, tmp_path / "runs"], tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"[report] note: {(bad / 'metrics.csv').resolve()} left out of curves.png ({why})\n" in err
+    assert "not drawn" not in err
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    knn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[1].get_lines()}
+    assert knn.keys() == {"classic seed 0 avgpool"}  # the good run, alone
+    assert knn["classic seed 0 avgpool"] == ([0.0, 1.0, 2.0], pytest.approx([30.0, 35.0, 42.0]))
+
+
+def test_a_name_that_is_not_utf8_is_written_escaped_and_the_report_completes(seeded, tmp_path, capsys):
+    """A run folder named with a byte that is not UTF-8 (``mkdir $(printf 'e\\xff1')``; Python holds it as
+    "\\udcff") stopped the report with a UnicodeEncodeError before results.md was written; a "\\udcff" in a
+    results.json did the same. Each is written escaped, as ``ls -b`` shows it, in every file and line."""
+    odd = os.fsdecode(b"e\xff1")
+    (seeded / odd).mkdir()
+    (seeded / odd / "results.json").write_text(json.dumps({"repr": "avgpool", "eval": "linear", "test_acc": "bad"}))
+    for seed, acc in enumerate((0.5, 0.6, 0.7)):
+        write(seeded, f"odd{seed}", "lo\udcffss", "avgpool", "linear", acc, acc, seed=seed)
+    write(seeded, "gone", "lo\udcffss", "avgpool", "linear", status="missing", pretrained="/runs/r\udcff9",
+          error="no encoder.pt in /runs/r\udcff9")
+    for loss, seed in ((loss, seed) for loss in ("classic", "multi") for seed in (0, 1)):  # paired: a tick label
+        write(seeded, f"{loss}-odd{seed}", loss, "av\udcffg", "linear", 0.5 + seed / 10, seed=seed)
+    out = tmp_path / "out"
+    report([seeded], out)
+    captured = capsys.readouterr()  # pytest's capture is strict UTF-8, like a terminal that is not C.UTF-8
+    skipped = f"{seeded.resolve()}/e\\xff1/results.json: test_acc is 'bad', not an accuracy in [0, 1]"
+    assert f"[report] note: skipping {skipped}\n" in captured.err
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert captured.out.startswith(md)
+    assert f"- {skipped}\n" in md
+    assert "| lo\\xffss | avgpool | linear | 60.00 ± 10.00 | 60.00 ± 10.00 | 3 | 0 |" in md
+    assert "- /runs/r\\xff9: no encoder.pt in /runs/r\\xff9\n" in md
+    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    assert [(r["runs"], r["missing"]) for r in rows if r["loss"] == "lo\\xffss"] == [("3", "1")]
+    paired = [(r["repr"], r["a"], r["b"]) for r in csv.DictReader(open(out / "paired.csv", encoding="utf-8"))]
+    assert ("av\\xffg", "multi", "classic") in paired
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and "not drawn" not in captured.err

@@ -11,19 +11,23 @@ from __future__ import annotations
 import csv
 import math
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from byol.jobs.figures import literal_text, pyplot, save_png
+from byol.jobs.figures import escaped, literal_text, pyplot, save_png
 
 CURVES_FILE = "curves.png"
+# the largest value (or epoch) a figure draws: beyond it an axis' span or its ticks overflow a float
+# (-1e308 and 1e308 on one axis: "arange: cannot compute length"), and an accuracy in % (x 100) is inf
+MAX_DRAWN = 1e300
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
     """``{metric: [(epoch, value), ...]}``: epoch-end values at their epoch (1 = after the first),
     per-step values at their fraction of an epoch, the random-init kNN at 0."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     steps_per_epoch = _steps_per_epoch(rows)
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -52,7 +56,8 @@ def _number(text) -> float | None:
 def _steps_per_epoch(rows: list[dict]) -> float:
     """Optimizer steps per epoch, from the rows that carry both (the last step of an epoch gives it)."""
     pairs = [(_number(r.get("epoch")), _number(r.get("step"))) for r in rows]
-    ratios = [(step + 1) / (epoch + 1) for epoch, step in pairs if epoch is not None and step is not None]
+    ratios = [(step + 1) / (epoch + 1) for epoch, step in pairs if epoch is not None and step is not None
+              and epoch + 1 > 0]  # an epoch of -1 (a hand-edited file) would divide by 0
     return max([1.0, *ratios])
 
 
@@ -70,6 +75,30 @@ PANELS = (  # (title, metric prefix, y label, as percent)
 # a metrics.csv with thousands of columns (damaged, or crafted) would take minutes to draw at every epoch
 MAX_LINES = 24
 MARKERS = {"avgpool": "o", "combined": "s"}  # the intermediate blocks: "^"; an overlay tells them apart by it
+
+
+def _fits(point: tuple[float, float]) -> bool:
+    return abs(point[0]) <= MAX_DRAWN and abs(point[1]) <= MAX_DRAWN
+
+
+def undrawable(series: dict[str, list[tuple[float, float]]]) -> str | None:
+    """Why ``series`` cannot be drawn (the first value of a panel's metric beyond :data:`MAX_DRAWN`, named),
+    or None; a column no panel draws does not count."""
+    drawn = tuple(prefix for _, prefix, _, _ in PANELS)
+    for key, points in series.items():
+        if not key.startswith(drawn):
+            continue
+        for x, y in points:
+            if not _fits((x, y)):
+                return f"{key} = {y:g} at epoch {x:g}, beyond the ±{MAX_DRAWN:g} a figure can draw"
+    return None
+
+
+def drawable(series: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    """``series`` without the points a figure cannot draw (:data:`MAX_DRAWN`): a run's own curves.png
+    shows the rest (a loss that blew up to 1e308 stopped the figure, refreshed at every epoch)."""
+    kept = {key: [p for p in points if _fits(p)] for key, points in series.items()}
+    return {key: points for key, points in kept.items() if points}
 
 
 def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legends: bool = True) -> None:
@@ -147,8 +176,8 @@ def write_curves(run_dir: Path) -> Path | None:
         fig, axes = plt.subplots(2, 3, figsize=(15, 8))
         try:
             fig.subplots_adjust(left=0.05, right=0.98, top=0.92, bottom=0.07, wspace=0.22, hspace=0.3)
-            _draw(axes, [("", read_metrics(metrics), {})])
-            fig.suptitle(f"{run_dir.name}: learning curves (metrics.csv)", fontsize=11)
+            _draw(axes, [("", drawable(read_metrics(metrics)), {})])
+            fig.suptitle(f"{escaped(run_dir.name)}: learning curves (metrics.csv)", fontsize=11)
             _save(fig, run_dir / CURVES_FILE)
         finally:
             plt.close(fig)
@@ -162,26 +191,56 @@ def natural_order(text: str) -> list:
 
 def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str) -> Path | None:
     """One figure with every run's curves: ``runs`` are (loss mode, seed label, run folder); colour by
-    loss mode, line style by seed."""
-    runs = [(loss, seed, Path(folder)) for loss, seed, folder in runs if (Path(folder) / "metrics.csv").is_file()]
+    loss mode, line style by seed. A run whose metrics.csv cannot be read or drawn is left out with one
+    note naming it (:func:`readable_runs`): one damaged file no longer costs the curves of every run."""
+    runs = readable_runs(runs, Path(path).name)
     if not runs:
         return None
     plt = pyplot()
     colours = {"classic": "tab:blue", "multi": "tab:orange"}
     # seven distinguishable dash patterns: solid, dashed, dotted, dash-dot, long dash, dash-dot-dot, dense dots
     dashes = ["-", "--", ":", "-.", (0, (8, 2)), (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
-    seeds = sorted({seed for _, seed, _ in runs}, key=natural_order)
+    seeds = sorted({seed for _, seed, _, _ in runs}, key=natural_order)
     styles = {seed: dashes[i % len(dashes)] for i, seed in enumerate(seeds)}
-    drawn = [(f"{loss} {seed} ", read_metrics(folder / "metrics.csv"),
-              {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seed]})
-             for loss, seed, folder in sorted(runs, key=lambda run: (run[0], natural_order(run[1]), run[2]))]
+    drawn = [(f"{loss} {seed} ", series, {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seed]})
+             for loss, seed, folder, series in sorted(runs, key=lambda run: (run[0], natural_order(run[1]), run[2]))]
     with literal_text():  # seeds and losses come from the runs' files: drawn as written
         fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
         try:
             _draw(axes, drawn, taps=False, legends=False)
             fig.suptitle(f"{title} (each run's own curves.png also has every intermediate block)", fontsize=11)
-            _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _ in sorted(runs)}, styles)
+            _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _, _ in sorted(runs)}, styles)
             _save(fig, Path(path))
         finally:
             plt.close(fig)
     return Path(path)
+
+
+def readable_runs(runs: Sequence[tuple[str, str, Path]], figure: str) -> list[tuple[str, str, Path, dict]]:
+    """(loss, seed, folder, series) of each run whose metrics.csv reads and can be drawn; each other run is
+    one ``[report] note:`` naming its metrics.csv and why (not UTF-8, not CSV, a value too large to draw)."""
+    read = []
+    for loss, seed, folder in runs:
+        metrics = Path(folder) / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        try:
+            series = read_metrics(metrics)
+            why = undrawable(series)
+        except Exception as e:  # the file is data from whoever wrote it: any failure leaves this run out
+            series, why = {}, _unreadable(e)
+        if why is None:
+            read.append((loss, seed, Path(folder), series))
+        else:
+            print(escaped(f"[report] note: {metrics} left out of {figure} ({why})"), file=sys.stderr)
+    return read
+
+
+def _unreadable(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at position {e.start}"
+    if isinstance(e, OSError):
+        return f"unreadable: {e.strerror or e}"
+    if isinstance(e, csv.Error):
+        return f"not CSV the report reads: {e}"
+    return f"{type(e).__name__}: {str(e).strip()[:200]}"

@@ -6,7 +6,9 @@ mathtext (``"$\\foo$"`` stopped the report with a ParseFatalException) and, with
 them to LaTeX. Inside :func:`literal_text` neither happens: every string is drawn as it is. A figure is
 saved by :func:`save_png`: into memory, then atomically beside its path (temporary file + rename), so
 that a symbolic link at that path is replaced, never written through, and a reader never sees half a
-PNG. matplotlib is imported only when a figure is drawn.
+PNG. A text that is not valid UTF-8 (a folder name of other bytes, a ``\\udcff`` in a JSON file) is
+drawn escaped (:func:`escaped`): matplotlib's font code refuses it. matplotlib is imported only when a
+figure is drawn.
 """
 
 from __future__ import annotations
@@ -42,9 +44,36 @@ def literal_text() -> Iterator[None]:
         yield
 
 
+def escaped(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode written as escapes, so that it can be drawn, printed and
+    written: a file name's byte that is not UTF-8 (held by Python as a surrogate, ``e\\udcff1``) as
+    ``e\\xff1``, as ``ls -b`` shows it; any other lone surrogate as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (from a JSON "\\ud800")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def escape_texts(fig) -> None:
+    """Every text in ``fig`` made drawable (:func:`escaped`); call it before a layout or a save measures
+    them. Tick labels given as text are made again when drawn: pass those through :func:`escaped` instead."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        shown = escaped(text.get_text())
+        if shown != text.get_text():
+            text.set_text(shown)
+
+
 def save_png(fig, path: str | Path, **savefig) -> Path:
     """Save ``fig`` as a PNG at ``path`` atomically: a link at ``path`` is replaced, its target untouched.
     A write that fails raises :class:`byol.core.errors.CheckpointError` (one line: the file and why)."""
+    escape_texts(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", **savefig)
     atomic_write_bytes(buffer.getvalue(), path)

@@ -31,13 +31,12 @@ import argparse
 import csv
 import importlib.util
 import io
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from byol.core.checkpoint import atomic_write_bytes
 from byol.core.errors import ByolError
+from byol.jobs.figures import escaped
 from byol.jobs.report_cells import (
     BASELINE,
     RUNNING,
@@ -53,7 +52,7 @@ from byol.jobs.report_cells import (
     settings_text,
     unscored_results,
 )
-from byol.jobs.report_files import find_results, load_results
+from byol.jobs.report_files import find_results, load_results, note_links, write_file
 from byol.jobs.report_paired import markdown_lines as paired_lines
 from byol.jobs.report_paired import paired_comparisons
 from byol.jobs.report_paired import write_csv as write_paired_csv
@@ -221,25 +220,6 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
     write_file(path, f.getvalue())
 
 
-def write_file(path: Path, text: str) -> None:
-    """``text`` into ``path`` as a new file (temporary file beside it, then a rename): a symbolic link at
-    ``path`` is replaced, its target never written, and a reader never sees half a file."""
-    atomic_write_bytes(text.encode("utf-8"), path)
-
-
-def note_links(paths: Sequence[Path]) -> None:
-    """One line for each of the report's files that is a symbolic link: the report replaces the link with
-    its own file and leaves the target as it was (a run folder from elsewhere could point them anywhere)."""
-    for path in paths:
-        if path.is_symlink():
-            try:
-                target = os.readlink(path)
-            except OSError:
-                target = "?"
-            print(f"[report] note: {path} was a symbolic link (to {target}); replaced by the report's file, "
-                  f"the link's target left as it was", file=sys.stderr)
-
-
 def _plot(cells: Sequence[Cell], path: Path) -> bool:
     """results.png; a figure that cannot be drawn is a note, the table and the CSV are written all the same.
     A file that cannot be written is an error (the caller's one line)."""
@@ -250,7 +230,8 @@ def _plot(cells: Sequence[Cell], path: Path) -> bool:
     except (OSError, ByolError):
         raise
     except Exception as e:
-        print(f"[report] note: {path.name} not drawn ({type(e).__name__}: {str(e).strip()[:200]})", file=sys.stderr)
+        print(escaped(f"[report] note: {path.name} not drawn ({type(e).__name__}: {str(e).strip()[:200]})"),
+              file=sys.stderr)
         return False
 
 
@@ -293,10 +274,10 @@ def report(folders: Sequence[str | Path], out: str | Path,
     if paired:
         write_paired_csv(paired, out / "paired.csv")
     plotted = _plot(cells, out / "results.png")
-    print(text)
+    print(escaped(text))  # a name that is not UTF-8: escaped, as in the files (a strict stdout would refuse it)
     written = [out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []) + \
         ([out / "results.png"] if plotted else [])
-    print(f"[report] wrote {', '.join(map(str, written))}")
+    print(escaped(f"[report] wrote {', '.join(map(str, written))}"))
     return cells
 
 
@@ -340,10 +321,10 @@ def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out:
     except (OSError, ByolError):
         raise
     except Exception as e:  # the runs' files drew something matplotlib refused: a note, the table still comes
-        print(f"[report] note: {name} not drawn ({type(e).__name__}: {str(e).strip()[:200]})", file=sys.stderr)
+        print(escaped(f"[report] note: {name} not drawn ({type(e).__name__}: {str(e).strip()[:200]})"), file=sys.stderr)
         return None
     if path:
-        print(f"[report] wrote {path}")
+        print(escaped(f"[report] wrote {path}"))
     return path
 
 
@@ -386,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         newest = newest_eval_sweep()
         if newest is None:
             raise SystemExit("error: no evaluation sweep under outputs/multirun/eval; name folders to scan")
-        print(f"[report] newest evaluation sweep: {newest}")
+        print(escaped(f"[report] newest evaluation sweep: {newest}"))
         folders = [newest]
     first = Path(folders[0])
     out = args.out or (first if first.is_dir() else first.parent)

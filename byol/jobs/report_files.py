@@ -1,15 +1,20 @@
-"""The report's input: the ``results.json`` files found under the folders given, each read as untrusted
-data (whatever wrote it) and checked field by field; a file that cannot be used is one note, never a
-traceback halfway through the report."""
+"""The report's files. Its input: the ``results.json`` files found under the folders given, each read as
+untrusted data (whatever wrote it) and checked field by field; a file that cannot be used is one note, never
+a traceback halfway through the report. Its output: each file written as a new file in its place, with a
+name that is not UTF-8 (a folder's bytes, a ``\\udcff`` in a results.json) escaped, never a traceback."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from byol.core.checkpoint import atomic_write_bytes
+from byol.jobs.figures import escaped
 
 
 def find_results(folders: Iterable[str | Path]) -> list[Path]:
@@ -124,7 +129,7 @@ def _unreadable(e: Exception) -> str:
 
 def skip_note(path, why: str) -> None:
     """The one line that says a results.json is left out, and why."""
-    print(f"[report] note: skipping {path}: {why}", file=sys.stderr)
+    print(escaped(f"[report] note: skipping {path}: {why}"), file=sys.stderr)
 
 
 def load_results(paths: Iterable[Path], skipped: list | None = None) -> list[dict]:
@@ -156,3 +161,23 @@ def _read_result(path: Path) -> dict | str:
     if not isinstance(r, dict):
         return f"not a results object (a JSON {_JSON_KINDS.get(type(r), type(r).__name__)})"
     return field_problem(r) or r
+
+
+def write_file(path: Path, text: str) -> None:
+    """``text`` into ``path`` as a new file (temporary file beside it, then a rename): a symbolic link at
+    ``path`` is replaced, its target never written, and a reader never sees half a file. A name that is
+    not UTF-8 (a run folder ``e\\xff1``) is written escaped: UTF-8 refused it, and nothing was written."""
+    atomic_write_bytes(escaped(text).encode("utf-8"), path)
+
+
+def note_links(paths: Sequence[Path]) -> None:
+    """One line for each of the report's files that is a symbolic link: the report replaces the link with
+    its own file and leaves the target as it was (a run folder from elsewhere could point them anywhere)."""
+    for path in paths:
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            print(escaped(f"[report] note: {path} was a symbolic link (to {target}); replaced by the report's "
+                          f"file, the link's target left as it was"), file=sys.stderr)

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from byol.core.checkpoint import atomic_write_bytes
 from byol.jobs.report_cells import BASELINE, Cell, by_seed, csv_row, md_cell, mean_std, seed_order
+from byol.jobs.report_files import write_file
 
 # (a, b): each line of the section reads "a - b"
 COMPARISONS = (("multi", "classic"), ("classic", BASELINE), ("multi", BASELINE))
@@ -223,4 +223,4 @@ def write_csv(pairs: Sequence[Paired], path: Path) -> None:
                     f"{dm:.4f}", f"{ds:.4f}", p.ahead, f"{am:.4f}", f"{bm:.4f}", p.beyond_spread,
                     f"{p.p_value:.4g}", " ".join(f"{100 * d:.4f}" for d in p.diffs), *_settings(p).values()]))
     # temporary file + rename: a symbolic link at paired.csv is replaced, never written through
-    atomic_write_bytes(f.getvalue().encode("utf-8"), path)
+    write_file(path, f.getvalue())

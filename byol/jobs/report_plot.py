@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from byol.jobs.figures import literal_text, pyplot, save_png
+from byol.jobs.figures import escape_texts, escaped, literal_text, pyplot, save_png
 from byol.jobs.report_cells import BASELINE, LOSSES, Cell, cell_states, mean_std, settings_text
 from byol.jobs.report_labels import dataset_names
 
@@ -207,7 +207,8 @@ def _chart(plt, cells: Sequence[Cell]):
     _draw_slots(ax, placed, colors)
     _legend(ax, series, colors, chance)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{e}" + (f", {n} epoch{'s' * (n != '1')}" if n else "") + f"\n{r}" for e, r, n in groups])
+    ax.set_xticklabels([escaped(f"{e}" + (f", {n} epoch{'s' * (n != '1')}" if n else "") + f"\n{r}")
+                        for e, r, n in groups])
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xlabel("evaluation protocol / representation")
     low, high = ax.get_ylim()
@@ -216,6 +217,7 @@ def _chart(plt, cells: Sequence[Cell]):
     ax.set_title(figure_title(cells), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+    escape_texts(fig)  # a name that is not UTF-8 (a "\\udcff" in a results.json) stopped the layout
     fig.tight_layout()
     return fig
 
