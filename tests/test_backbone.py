@@ -145,8 +145,9 @@ def test_rebuilt_stages_are_torchvisions_layout():
         assert conv.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
 
 
-@pytest.mark.parametrize("width", [0, -0.5, 0.001, float("nan"), float("inf")])
-def test_width_that_leaves_no_channel_is_refused(width):
+@pytest.mark.parametrize("width", [0, -0.5, 0.001, float("nan"), float("inf"), 16.5, 1e6])
+def test_width_that_leaves_no_channel_or_is_beyond_any_machine_is_refused(width):
+    """Up to 16 (ResNet-50 x16: 6 billion weights); a file naming width 1e6 was an allocation traceback."""
     with pytest.raises(ConfigError, match="backbone.width must be a positive number"):
         Encoder("resnet18", "cifar", width=width)
 

@@ -205,6 +205,72 @@ def test_a_baseline_is_built_only_for_an_architecture_whose_weights_were_read(tm
     assert [(b["width"], b["seed"]) for b in baselines] == [(1.0, 1)]
 
 
+def test_a_baseline_is_not_built_for_an_architecture_whose_weights_do_not_fit(tmp_path):
+    """An export whose description names a network 36 times larger than its weights: refused, and no baseline of
+    that network is built (it was, at the named size: gigabytes for a width of 8, a traceback for 1e6)."""
+    from test_evaluation import _export, _job_config
+
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_good", "classic", seed=1)
+    export = _export(sweep / "1_foreign", "multi", seed=2)
+    blob = torch.load(export, weights_only=True)
+    blob["backbone"]["width"] = 6.0
+    torch.save(blob, export)
+    with pytest.raises(ByolError, match="evaluations failed"):
+        evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn"), tmp_path / "ev")
+    foreign = json.loads((tmp_path / "ev" / "1_foreign" / "results.json").read_text())
+    assert foreign["status"] == "failed" and "holds weights of another architecture" in foreign["error"]
+    baselines = [json.loads(p.read_text()) for p in (tmp_path / "ev").glob("random-init*/results.json")]
+    assert [(b["width"], b["seed"]) for b in baselines] == [(1.0, 1)]
+
+
+UNREADABLE_CONFIGS = {
+    "aliases": b"data: &d {name: cifar10}\nextra: *d\n",
+    "python tag": b"data: !!python/object/apply:os.system [echo]\n",
+    "duplicate key": b"seed: 1\nseed: 2\n",
+    "not utf-8": b"seed: 1\nname: \xff\xfe\n",
+}
+
+
+@pytest.mark.parametrize("case", [*UNREADABLE_CONFIGS, "a device"])
+def test_a_run_config_that_cannot_be_read_is_refused_not_ignored(tmp_path, case):
+    """Evaluation read an unreadable config.yaml as none, and evaluated the weights beside it on its own default
+    data (CIFAR-10, downloaded) with status ok: another experiment's score under the run's name."""
+    from test_evaluation import _export, _job_config
+
+    export = _export(tmp_path / "run", "classic", seed=1)
+    config = tmp_path / "run" / "config.yaml"
+    config.unlink()
+    if case == "a device":
+        config.symlink_to("/dev/zero")
+    else:
+        config.write_bytes(UNREADABLE_CONFIGS[case])
+    with pytest.raises(ConfigError, match=rf"'{config}' is not a readable config \(.*\); repair it, or move it "
+                                          rf"away to evaluate the weights beside it on this evaluation's data"):
+        evaluate(_job_config(tmp_path, f"pretrained={export}", "eval=knn", "baseline=false"), tmp_path / "ev")
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(("data", "refusal"), [
+    ("image_size: -3", "data.image_size must be a positive whole number, not -3"),
+    ("image_size: 32.5", "data.image_size must be a positive whole number, not 32.5"),
+    ("subset: -5", "data.subset must be a positive whole number, not -5"),  # evaluated on 98 of 103 images, ok
+    ("num_classes: 10000000", "data.num_classes=10000000 is more than data.num_train=256"),  # ran out of memory
+    ("num_train: 1000000000", "data.num_train=1000000000 is more than synthetic data offers"),
+])
+def test_data_settings_from_a_run_config_are_range_checked(tmp_path, data, refusal):
+    """The ranges the command line's settings are held to hold for a run's own (they had their types checked
+    only: tracebacks, a silently smaller training split, memory exhausted)."""
+    from test_evaluation import _export, _job_config
+
+    export = _export(tmp_path / "run", "classic", seed=1)
+    sizes = "" if data.startswith("num_train") else "  num_train: 256\n"
+    (tmp_path / "run" / "config.yaml").write_text(f"seed: 1\nloss: {{taps: [], weights: {{}}}}\ndata:\n  name: "
+                                                  f"synthetic\n{sizes}  {data}\n")
+    with pytest.raises(ConfigError, match=rf"{refusal}.* \(run: data from the run's own settings\)"):
+        evaluate(_job_config(tmp_path, f"pretrained={export}", "eval=knn", "baseline=false"), tmp_path / "ev")
+
+
 # --------------------------------------------------------------------------- the report's files
 
 

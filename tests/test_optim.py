@@ -2,12 +2,14 @@
 learning-rate schedules, and the GPU recipe's optimizer (experiment=cifar10)."""
 
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from byol.core.optim import LARS, build_optimizer, constant, param_groups, warmup_cosine
+from byol.core.errors import ConfigError
+from byol.core.optim import LARS, build_optimizer, check_optimizer_options, constant, param_groups, warmup_cosine
 
 LR, MOMENTUM, ETA, WD = 0.5, 0.9, 0.02, 0.1
 
@@ -240,3 +242,38 @@ def test_lars_leaves_a_tensor_without_gradient_undecayed(clip_lr):
         idle.grad = torch.zeros(3, 3, dtype=torch.float64)
         opt.step()
     assert torch.equal(idle.detach(), torch.full((3, 3), 2.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("name", "options", "refusal"), [
+    ("lars", {"eta": "abc"}, "option 'eta' must be a number, not 'abc'"),  # failed inside the first step
+    ("lars", {"clip_lr": "abc"}, "option 'clip_lr' must be true or false, not 'abc'"),  # was bool("abc"): on
+    ("lars", {"clip_lr": 1}, "option 'clip_lr' must be true or false, not 1"),
+    ("sgd", {"nesterov": "yes"}, "option 'nesterov' must be true or false"),
+    ("adam", {"betas": [0.9]}, "option 'betas' must be a list of 2 numbers, not [0.9]"),
+    ("adam", {"eps": True}, "option 'eps' must be a number, not True"),
+])
+def test_an_optimizer_option_of_the_wrong_kind_is_refused(name, options, refusal):
+    net = nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        build_optimizer(name, param_groups([net], 0.0), 0.1, options)
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        check_optimizer_options(name, options)
+    fine = {"eta": 0.02, "clip_lr": True, "nesterov": False, "betas": [0.9, 0.99], "eps": 1e-6}
+    build_optimizer(name, param_groups([net], 0.0), 0.1, {k: fine[k] for k in options})  # the right kinds pass
+
+
+@pytest.mark.parametrize(("override", "refusal"), [
+    ("optim.optimizer.momentum=abc", "optim.optimizer.momentum must lie in [0, 1), not 'abc' (the test)"),
+    ("optim.optimizer.eta=abc", "optim.optimizer: optimizer 'lars' option 'eta' must be a number, not 'abc' (the "
+                                "test)"),
+])
+def test_the_config_check_refuses_optimizer_options_of_the_wrong_kind(tmp_path, override, refusal):
+    """In the config's check, before the run folder is made (a string momentum was a TypeError traceback there,
+    from a checkpoint's config on resume as from the command line)."""
+    from conftest import compose_config, plain_config
+
+    from byol.jobs.config_check import check_config
+
+    container = plain_config(compose_config("train", ["experiment=smoke", override], tmp_path))
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        check_config(container, "the test")

@@ -131,12 +131,39 @@ def _checked_options(factory, options: Mapping, fixed: set[str], what: str) -> d
     if unknown:
         raise ConfigError(f"{what} takes no option {', '.join(map(repr, unknown))}; it takes: "
                           f"{', '.join(sorted(accepted))}")
+    defaults = {k: v.default for k, v in inspect.signature(factory).parameters.items()}
     for key, value in options.items():
         plain = value is None or isinstance(value, bool | int | float | str) or (
             isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value))
         if not plain:
             raise ConfigError(f"{what} option {key!r} must be a plain value, not {type(value).__name__}")
+        expected = _kind_of_default(defaults[key], value)
+        if expected:
+            raise ConfigError(f"{what} option {key!r} must be {expected}, not {value!r}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def _kind_of_default(default, value) -> str | None:
+    """What ``value`` must be for a parameter whose default is ``default`` (None: it is that, or the default
+    says nothing): a flag stays a flag (``clip_lr="abc"`` was True), a number a number (``eta="abc"`` failed
+    inside the first step), a pair of numbers a pair."""
+    def number(v):
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if number(default):
+        return None if number(value) else "a number"
+    if isinstance(default, tuple) and all(number(v) for v in default):
+        fits = isinstance(value, list | tuple) and len(value) == len(default) and all(number(v) for v in value)
+        return None if fits else f"a list of {len(default)} numbers"
+    return None
+
+
+def check_optimizer_options(name: str, options: Mapping | None) -> None:
+    """What :func:`build_optimizer` checks of its config, before anything is built (the config's check)."""
+    if name in OPTIMIZERS:
+        _checked_options(OPTIMIZERS[name], dict(options or {}), {"self", "params", "lr"}, f"optimizer '{name}'")
 
 
 def build_optimizer(name: str, param_groups: list[dict], lr: float, options: Mapping | None = None):

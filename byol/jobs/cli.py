@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.console import console_copied_to, names_printable
+from byol.jobs.console import console_copied_to
 from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
@@ -203,7 +203,6 @@ def run_job(fn, cfg, *args, **kwargs):
     job stops the whole sweep: the scheduler wants the process gone.
     """
     hc = HydraConfig.get()
-    names_printable()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     ddp_sweep = multirun and launched_rank() == 0 and _planned_world(cfg) > 1

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from byol.core.disk_images import STORAGES
 from byol.core.errors import ConfigError
-from byol.core.optim import OPTIMIZERS, SCHEDULES
+from byol.core.optim import OPTIMIZERS, SCHEDULES, check_optimizer_options
 from byol.core.state_check import repr_prefix, whole
 from byol.jobs.value_ranges import (
     AUGMENT_PAIRS,
@@ -29,6 +29,7 @@ from byol.jobs.value_ranges import (
     check_augment_ranges,
     check_image_side,
     check_normalization,
+    check_synthetic_size,
     number_at,
 )
 
@@ -297,6 +298,19 @@ def valid_seed(value) -> bool:
     return whole(value) and value < SEED_RANGE
 
 
+def _check_optimizers(container: Mapping, source: str) -> None:
+    """The optimizers' keyword arguments (names and kinds of value), before the run folder is made."""
+    optim, protocol = container.get("optim"), (container.get("eval") or {}).get("optimizer")
+    chosen = [(optim.get("name"), optim.get("optimizer"), "optim.optimizer")] if isinstance(optim, Mapping) else []
+    if isinstance(protocol, Mapping):
+        chosen.append((protocol.get("name"), {k: v for k, v in protocol.items() if k != "name"}, "eval.optimizer"))
+    for name, options, key in chosen:
+        try:
+            check_optimizer_options(name, options)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e} ({source})") from None
+
+
 def check_config(container: Mapping, source: str = "the config") -> None:
     """Every value of a composed config has its type and range, or a one-line ConfigError."""
     _check_types(container, (), config_schema(), source, strict=True)
@@ -328,12 +342,13 @@ def check_config(container: Mapping, source: str = "the config") -> None:
     check_augment_ranges(container, source)
     for key in MOMENTUM:
         value = number_at(container, key)
-        if value is not None and not 0 <= value < 1:
+        if value is not None and (isinstance(value, bool | str) or not 0 <= value < 1):
             raise ConfigError(f"{key} must lie in [0, 1), not {value!r} ({source})")
     for key, names in NAMED.items():
         value = number_at(container, key)
         if value is not None and value not in names:
             raise ConfigError(f"unknown {key} '{value}'; choose one of: {', '.join(names)} ({source})")
+    _check_optimizers(container, source)
     precision = number_at(container, "trainer.precision")
     if precision is not None and str(precision) in UNSUPPORTED_PRECISIONS:
         raise ConfigError(f"trainer.precision={precision} is not supported: it casts the whole network, and BYOL "
@@ -345,3 +360,4 @@ def check_config(container: Mapping, source: str = "the config") -> None:
     if isinstance(container.get("data"), Mapping):
         check_normalization(container["data"], source)
         check_image_side(container, source)
+        check_synthetic_size(container["data"], source)

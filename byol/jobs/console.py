@@ -86,6 +86,7 @@ def names_printable() -> None:
 @contextmanager
 def console_copied_to(path: Path):
     """The job's console lines (stdout, and stderr's error lines) also in ``path`` (Hydra's job log)."""
+    names_printable()
     try:
         log = open(path, "a", encoding="utf-8", errors="backslashreplace")
     except OSError:  # an unwritable folder is reported by the job itself

@@ -209,13 +209,13 @@ def _evaluate_baselines(results: Sequence[dict], default_seed: int, evaluate_one
     """A random-init encoder per architecture of the runs, per data they are evaluated on (each row of runs
     has its baseline beside it) and per pretraining seed, so the baseline's row has a spread too."""
     groups = {}  # (architecture, data) -> (backbone, data settings)
-    for result in results:  # only an architecture whose weights were read: a config.yaml alone could name any
-        if result["backbone"] and result.get("pretrain_status") is not None:
+    for result in results:  # only an architecture whose weights were read and fit: a file's description alone
+        if result["backbone"] and result.get("status") == "ok":  # (config.yaml, export) could name any network
             groups.setdefault(_baseline_key(result), ({
                 "name": result["backbone"], "stem": result["stem"], "width": _architecture_key(result)[2],
                 "grids": result["grids"]}, result.get("data_settings")))
     if not groups:
-        print("[eval] no run could be read: no architecture for a random-init baseline", flush=True)
+        print("[eval] no run was evaluated: no architecture for a random-init baseline", flush=True)
     architectures = {arch for arch, _ in groups}
     data = {data_key: runs_data or {} for (_, data_key), (_, runs_data) in groups.items()}
     tags = dict(zip(data, data_tags(list(data.values())), strict=True))  # "" for the runs' one data setting

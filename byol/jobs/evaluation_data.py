@@ -9,8 +9,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 from byol.core.data import ImageTensors
+from byol.jobs.config_check import check_config
 from byol.jobs.datasets import DATASETS, MACHINE_DATA_KEYS, load_eval_data
-from byol.jobs.value_ranges import check_normalization
 
 
 @functools.cache
@@ -65,7 +65,8 @@ class EvaluationData:
             source = f"the run's own settings{given}"
         described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
         print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
-        check_normalization(chosen, source)  # a run folder's config.yaml may have been edited by hand
+        # a run folder's config.yaml may have been edited by hand: its types were checked, here its ranges
+        check_config({"data": chosen}, f"{label}: data from {source}")
         return chosen
 
     def _machine_settings(self, run_data: Mapping, label: str) -> dict:

@@ -202,11 +202,10 @@ def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None
 
 
 def read_run_config(folder: Path) -> dict | None:
-    """A run folder's ``config.yaml`` as checked plain data (None when absent or unreadable)."""
-    try:
-        raw = raw_run_config(folder)
-    except ConfigError:
-        return None
+    """A run folder's ``config.yaml`` as checked plain data (None when absent). An unreadable or unsafe one is
+    refused (ConfigError): ignoring it evaluated the run on this evaluation's data instead of its own."""
+    raw = raw_run_config(folder, fix="repair it, or move it away to evaluate the weights beside it on this "
+                                     "evaluation's data settings")
     # data from whoever wrote the folder: refused if unsafe
     return None if raw is None else check_file_config(raw, f"'{folder / CONFIG_FILE}'")
 

@@ -149,14 +149,17 @@ class FolderLock:
             self._fd = None
 
 
-def raw_run_config(folder: Path) -> dict | None:
+def raw_run_config(folder: Path, fix: str = "move it away or use another folder (hydra.run.dir=NEW)") -> dict | None:
     """A run folder's ``config.yaml`` as written, unchecked and unresolved (None when absent); an
-    unreadable file is a ConfigError. Callers check it as untrusted data before using it."""
+    unreadable file is a ConfigError that ends with ``fix``. Callers check it as untrusted data before using it."""
     from omegaconf import OmegaConf
 
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        return None
+        if not (path.exists() or path.is_symlink()):
+            return None
+        raise ConfigError(f"'{path}' is not a readable config (not a regular file: a device, a pipe, a folder or a "
+                          f"link to none); {fix}")
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ValueError(f"{path.stat().st_size:,} bytes, more than any run's config ({MAX_CONFIG_BYTES:,})")
@@ -164,8 +167,8 @@ def raw_run_config(folder: Path) -> dict | None:
         _refuse_yaml_aliases(text)
         return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except Exception as e:
-        raise ConfigError(f"'{path}' is not a readable config ({type(e).__name__}: {e}); move it away or "
-                          f"use another folder (hydra.run.dir=NEW)") from None
+        detail = " ".join(str(e).split())  # YAML's errors span lines, with a caret under the place
+        raise ConfigError(f"'{path}' is not a readable config ({type(e).__name__}: {detail[:300]}); {fix}") from None
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml takes a few kB

@@ -89,3 +89,22 @@ def check_augment_ranges(container: Mapping, source: str) -> None:
 
 def _number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+SYNTHETIC_MOST = 100_000  # generated images per split: a demo's size (100,000 at 32 px: 300 MB)
+
+
+def check_synthetic_size(data: Mapping, source: str) -> None:
+    """``data=synthetic``'s sizes: each class needs a training image, and a handed run config naming billions
+    of images (or classes: the kNN's votes are a matrix of them) must not take the machine's memory."""
+    if data.get("name") != "synthetic":
+        return
+    for key in ("num_train", "num_test"):
+        n = data.get(key)
+        if isinstance(n, int) and n > SYNTHETIC_MOST:
+            raise ConfigError(f"data.{key}={n} is more than synthetic data offers ({SYNTHETIC_MOST:,} images); "
+                              f"use an image folder for more ({source})")
+    classes, train = data.get("num_classes"), data.get("num_train")
+    if isinstance(classes, int) and isinstance(train, int) and classes > train:
+        raise ConfigError(f"data.num_classes={classes} is more than data.num_train={train}: each class needs a "
+                          f"training image ({source})")
