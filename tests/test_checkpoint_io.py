@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import errno
 import os
 import pickle
@@ -233,6 +234,53 @@ def test_corrupt_and_missing_files_are_clear_errors(tmp_path):
         safe_load(tmp_path)
 
 
+class BlockedGlobal:
+    """Unpickled, it would call os.getcwd (harmless): a global of a module torch blocks (posix)."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_a_refusal_names_what_was_blocked_and_never_quotes_torchs_advice(tmp_path):
+    """torch 2.14's refusal begins with a banner that ends, 200 characters in, on the advice to re-run with
+    weights_only=False: the error named neither the blocked global nor the risk. It now names the global torch
+    gives (its 2.14 wording for a blocked module, and the other for a global not allowed) in its own words."""
+    blocked = ((BlockedGlobal(), f"{os.getcwd.__module__}.getcwd"), (datetime.date(2020, 1, 1), "datetime.date"))
+    for obj, name in blocked:
+        path = tmp_path / "encoder.pt"
+        torch.save({"meta": obj}, path)
+        with pytest.raises(CheckpointError) as err:
+            safe_load(path)
+        assert str(err.value) == (
+            f"refusing to load '{path}': it refers to {name} (a Python function or class), not only to tensors and "
+            f"plain containers, so unpickling it could run code (or the file is damaged). Nothing was executed. "
+            f"Only load checkpoints written by this project, or re-save the weights as a plain state_dict")
+    older = pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+                                   "`False` will likely succeed.\n WeightsUnpickler error: Unsupported global: GLOBAL "
+                                   "builtins.exec was not an allowed global by default. Please use ...")
+    assert ckpt.blocked(older) == \
+        "it refers to builtins.exec (a Python function or class), not only to tensors and plain containers"
+    unnamed = pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+                                     "`False` will likely succeed.\n\nUnsupported operand 149")
+    assert ckpt.blocked(unnamed) == \
+        "it holds more than tensors and plain containers (torch's refusal does not name what)"
+
+
+def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path):
+    """A zero-byte file read `is corrupt, truncated or not a PyTorch file (EOFError: ).`"""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    atomic_torch_save({"w": torch.ones(1)}, folder / "epoch0001.ckpt")
+    (folder / "last.ckpt").write_bytes(b"")
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError) as err:
+            safe_load(folder / "last.ckpt", mmap=mmap, job="evaluate")
+        assert str(err.value) == (f"checkpoint '{folder / 'last.ckpt'}' is empty (0 bytes), e.g. a copy or download "
+                                  f"that never finished. Other checkpoints beside it, latest first: "
+                                  f"{folder / 'epoch0001.ckpt'}; evaluate one instead: "
+                                  f"pretrained={folder / 'epoch0001.ckpt'}")
+
+
 def test_old_pickle_format_loads_with_mmap_requested(tmp_path):
     path = tmp_path / "legacy.pt"
     torch.save({"w": torch.arange(4)}, path, _use_new_zipfile_serialization=False)
@@ -256,6 +304,95 @@ def test_encoder_of_another_architecture_is_refused(tmp_path):
     torch.save(blob, path)
     with pytest.raises(CheckpointError, match="another architecture"):
         load_encoder(path)
+
+
+def small_export(path: Path) -> dict:
+    """A ResNet-18 export of width 0.125 (conv1: 8 x 3 x 3 x 3), as read back from its file."""
+    save_encoder(Encoder("resnet18", "cifar", width=0.125), path)
+    return torch.load(path, weights_only=True)
+
+
+def with_weights(blob: dict, change) -> dict:
+    return dict(blob, state_dict={k: change(k, v) for k, v in blob["state_dict"].items()})
+
+
+def one_nan(key, value, name="body.conv1.weight"):
+    if key == name:
+        value = value.clone()
+        value.view(-1)[5] = float("nan")
+    return value
+
+
+def as_kind(dtype):
+    return lambda key, value: value.to(dtype) if value.is_floating_point() else value
+
+
+REFUSED_WEIGHTS = {  # what is changed in an export, what the error says about it
+    "one NaN": (one_nan, "its state_dict['body.conv1.weight'] holds NaN or infinite values (1 of 216)"),
+    "inf buffer": (lambda k, v: torch.full_like(v, float("inf")) if k == "body.bn1.running_var" else v,
+                   "its state_dict['body.bn1.running_var'] holds NaN or infinite values (8 of 8)"),
+    "integers": (as_kind(torch.int64), "its state_dict holds 100 tensors of another kind of number (e.g. "
+                                       "body.conv1.weight: integer (torch.int64) in the file, floating-point "
+                                       "(torch.float32) expected)"),
+    "complex": (as_kind(torch.complex64), "its state_dict holds 100 tensors of another kind of number (e.g. "
+                                          "body.conv1.weight: complex (torch.complex64) in the file, floating-point "
+                                          "(torch.float32) expected)"),
+    "bools": (as_kind(torch.bool), "its state_dict holds 100 tensors of another kind of number (e.g. "
+                                   "body.conv1.weight: bool (torch.bool) in the file, floating-point (torch.float32) "
+                                   "expected)"),
+    "float counter": (lambda k, v: v.float() if k.endswith("num_batches_tracked") else v,
+                      "its state_dict holds 20 tensors of another kind of number (e.g. body.bn1.num_batches_tracked: "
+                      "floating-point (torch.float32) in the file, integer (torch.int64) expected)"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_WEIGHTS)
+def test_weights_of_nan_or_of_another_kind_of_number_are_refused_naming_the_tensor(tmp_path, case):
+    """Exports with NaN weights, or integer / complex / bool ones (cast without a word by load_state_dict) were
+    evaluated at chance accuracy with status ok. Loading one is now refused in one line: the file, the first
+    tensor at fault, what is wrong and what to do, both by load_encoder and by the evaluation's reader."""
+    from byol.jobs.pretrained import read_pretrained
+
+    change, expected = REFUSED_WEIGHTS[case]
+    path = tmp_path / "encoder.pt"
+    torch.save(with_weights(small_export(tmp_path / "good.pt"), change), path)
+    for load in (load_encoder, lambda p: read_pretrained(p).build(["avgpool"])):
+        with pytest.raises(CheckpointError) as err:
+            load(path)
+        assert str(err.value) == (f"refusing '{path}': {expected}; the file is damaged or was not written by this "
+                                  f"project. For a run's encoder.pt: {ckpt.REWRITE_EXPORT}")
+
+
+def test_weights_of_another_precision_load_cast_to_the_modules(tmp_path):
+    """float64, float16 and bfloat16 weights are another precision, not damage: they load, cast to float32, and
+    BatchNorm's integer counters load as they are."""
+    blob = small_export(tmp_path / "good.pt")
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        path = tmp_path / f"{dtype}.pt"
+        torch.save(with_weights(blob, as_kind(dtype)), path)
+        encoder, _ = load_encoder(path)
+        for key, value in encoder.state_dict().items():
+            saved = blob["state_dict"][key]
+            assert value.dtype == saved.dtype, key
+            assert torch.equal(value, saved.to(dtype).to(saved.dtype) if saved.is_floating_point() else saved), key
+
+
+def test_weights_of_a_checkpoint_that_do_not_load_name_the_checkpoints_to_take_instead(tmp_path):
+    """Weights from a .ckpt: the fix is another checkpoint of the run, named; nothing is loaded."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    atomic_torch_save({"w": torch.ones(1)}, folder / "epoch0002.ckpt")
+    encoder = Encoder("resnet18", "cifar", width=0.125)
+    before = copy.deepcopy(encoder.state_dict())
+    state = {k: v.to(torch.complex64) if v.is_floating_point() else v for k, v in before.items()}
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_weights(encoder, state, folder / "last.ckpt")
+    assert str(err.value).startswith(f"refusing '{folder / 'last.ckpt'}': its state_dict holds 100 tensors of "
+                                     f"another kind of number (e.g. body.conv1.weight: complex (torch.complex64)")
+    assert str(err.value).endswith(f"Use another checkpoint of the run. Other checkpoints beside it, latest first: "
+                                   f"{folder / 'epoch0002.ckpt'}; evaluate one instead: "
+                                   f"pretrained={folder / 'epoch0002.ckpt'}")
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -84,6 +84,7 @@ def test_a_jpeg_of_the_training_size_is_decoded_exactly(tmp_path):
     assert np.array_equal(_decode(tmp_path / "a.jpg", 32, skip_bad=False), exact)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, expected
 def test_an_image_above_pillows_warning_threshold_is_refused_not_decoded(tmp_path, monkeypatch):
     """Pillow only warns between its threshold and twice it (89 to 179 million pixels: gigabytes each, eight
     decoding at once); such a file is refused in one line, or skipped with data.skip_bad_files."""
@@ -99,6 +100,7 @@ def test_an_image_above_pillows_warning_threshold_is_refused_not_decoded(tmp_pat
     assert len(data) == 1
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, expected
 def test_a_large_jpeg_under_the_threshold_after_reduction_is_decoded(tmp_path, monkeypatch):
     """The threshold applies to what is decoded: a JPEG read at 1/8 scale counts at that size."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)

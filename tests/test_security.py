@@ -509,7 +509,7 @@ def test_a_run_config_edited_to_a_zero_std_is_refused_by_evaluation():
     composed = plain_config(compose_config("evaluate", ["preset=smoke"]))["data"]
     data = EvaluationData(composed, given=[], seed=0, split={"name": "holdout", "val_size": 8})
     assert data.settings({"data": composed}, "run")["std"] == composed["std"]
-    with pytest.raises(ConfigError, match=r"data.std must be in \(0, 1\].*\(the run's own settings\)"):
+    with pytest.raises(ConfigError, match=r"data.std must be in \(0, 1\].*\(run: data from the run's own settings\)"):
         data.settings({"data": {**composed, "std": [0.0, 0.0, 0.0]}}, "run")
     # given on the command line, the std replaces the run's
     fixed = EvaluationData({**composed, "std": [0.5] * 3}, given=["data.std"], seed=0, split={})
@@ -613,6 +613,17 @@ CRAFTED_CHECKPOINTS = {
     "loss sums": (("epoch_loss_sums", "images"), "x", "epoch_loss_sums.epoch and .images must be whole numbers"),
     "callbacks": (("callbacks",), [], "callbacks is [], not a mapping of callback names to their states"),
     "gradient scaler": (("MixedPrecision",), {"scale": 1.0}, "MixedPrecision lacks 'growth_factor'"),
+    # resumed, NaN weights stopped the run at its first step with "the last good checkpoint is <this one>"
+    "NaN weights": (("state_dict", "model.online_encoder.body.conv1.weight"), torch.full((32, 3, 7, 7), float("nan")),
+                    "state_dict['model.online_encoder.body.conv1.weight'] holds NaN or infinite values (4704 of 4704)"),
+    "inf target": (("state_dict", "model.target_encoder.body.bn1.running_var"), torch.full((32,), float("inf")),
+                   "state_dict['model.target_encoder.body.bn1.running_var'] holds NaN or infinite values (32 of 32)"),
+    "integer weights": (("state_dict", "model.predictors.avgpool.0.weight"), torch.zeros(128, 32, dtype=torch.int64),
+                        "its weights do not match the architecture its own config describes; 1 tensor of another kind "
+                        "of number (e.g. model.predictors.avgpool.0.weight: integer (torch.int64) in the file, "
+                        "floating-point (torch.float32) expected)"),
+    "NaN momentum": (("optimizer_states", 0, "state", 0, "momentum_buffer"), torch.full((32, 3, 7, 7), float("nan")),
+                     "optimizer_states[0].state[0].momentum_buffer holds NaN or infinite values (4704 of 4704)"),
 }
 
 
@@ -712,7 +723,9 @@ def tiny_export(path: Path, **meta) -> Path:
     (("meta", "seed"), -1, "meta.seed is -1, not a whole number from 0 to 4294967295"),
     (("meta", "loss"), "../x", "meta.loss is '../x', not classic or multi"),
     (("meta",), ["x"], "its meta is ['x'], not a mapping"),
-], ids=["weight", "weights", "epochs", "global_step", "seed", "loss", "meta"])
+    (("state_dict", "body.conv1.weight"), torch.full((8, 3, 3, 3), float("nan")),
+     "its state_dict['body.conv1.weight'] holds NaN or infinite values (216 of 216)"),
+], ids=["weight", "weights", "epochs", "global_step", "seed", "loss", "meta", "NaN weight"])
 def test_an_export_holding_values_of_another_kind_is_one_line(tmp_path, keys, value, expected):
     """`evaluate.py pretrained=RUN` on an encoder.pt with a string among its weights (AttributeError: 'str' object
     has no attribute 'shape') or `meta.epochs: two` (int('two')): refused when the file is read, naming it."""

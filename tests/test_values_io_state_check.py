@@ -61,3 +61,64 @@ def test_a_checkpoint_without_global_step_is_refused():
     assert lightning_fields_problem(fields) is None
     del fields["global_step"]
     assert lightning_fields_problem(fields) == "global_step is None, not a whole number of 0 or more"
+
+
+def test_non_finite_weights_are_named_with_how_many():
+    """A diverged run's NaN weights evaluated at chance with status ok: any NaN or inf, in any floating dtype
+    (or complex), is named; integers, empty and meta tensors have none to find."""
+    bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64):
+        assert tensors_problem({"ok": torch.ones(2), "w": bad.to(dtype)}, "its state_dict") == \
+            "its state_dict['w'] holds NaN or infinite values (3 of 4)", dtype
+    one = torch.zeros(3, 4)
+    one[2, 1] = float("nan")
+    assert tensors_problem({"w": one}, "s") == "s['w'] holds NaN or infinite values (1 of 12)"
+    assert tensors_problem({"w": torch.full((2,), 3.0e38) * 10}, "s") == "s['w'] holds NaN or infinite values (2 of 2)"
+    assert tensors_problem({"w": torch.full((2,), 3.0e38), "n": torch.tensor(5), "e": torch.zeros(0),
+                            "m": torch.empty(3, device="meta")}, "s") is None
+
+
+def test_weights_of_another_kind_of_number_are_named_and_another_precision_is_not():
+    """load_state_dict casts integer weights, drops the imaginary part of complex ones and reads bools as 0 and 1,
+    without a word: another kind of number than the module's is named. Another precision (float16, bfloat16,
+    float64 for float32) is what the cast is for, and BatchNorm's integer counter is integer in both."""
+    own = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "num_batches_tracked": torch.tensor(0)}
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        state = {"w": torch.ones(2, 3, dtype=dtype), "b": torch.ones(3, dtype=dtype),
+                 "num_batches_tracked": torch.tensor(7, dtype=torch.int32)}
+        assert weights_problem(state, own) is None, dtype
+    ints = {"w": torch.ones(2, 3, dtype=torch.int64), "b": torch.ones(3, dtype=torch.int64),
+            "num_batches_tracked": torch.tensor(7)}
+    assert weights_problem(ints, own) == \
+        "2 tensors of another kind of number (e.g. w: integer (torch.int64) in the file, floating-point " \
+        "(torch.float32) expected)"
+    assert weights_problem(ints, own, kinds=False) is None  # the shapes alone fit
+    assert weights_problem({"w": torch.ones(2, 3, dtype=torch.complex64), "b": torch.ones(3, dtype=torch.bool),
+                            "num_batches_tracked": torch.tensor(1.0)}, own, "the checkpoint") == \
+        "3 tensors of another kind of number (e.g. w: complex (torch.complex64) in the checkpoint, floating-point " \
+        "(torch.float32) expected)"
+    assert weights_problem({**own, "num_batches_tracked": torch.tensor(True)}, own) == \
+        "1 tensor of another kind of number (e.g. num_batches_tracked: bool (torch.bool) in the file, integer " \
+        "(torch.int64) expected)"
+    # a shape that does not fit is named first: it is the bigger difference
+    assert weights_problem({**ints, "w": torch.ones(3, 2)}, own).startswith("1 tensor of another shape (e.g. w: ")
+
+
+def test_an_optimizer_state_of_nan_or_of_another_kind_of_number_is_refused():
+    """A momentum buffer of NaN makes the first resumed step NaN; an integer one is cast without a word."""
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    assert optimizer_problem(saved, optimizer, "o") is None
+    nan = copy.deepcopy(saved)
+    nan["state"][1]["momentum_buffer"][0] = float("nan")
+    assert optimizer_problem(nan, optimizer, "o") == "o.state[1].momentum_buffer holds NaN or infinite values (1 of 2)"
+    ints = copy.deepcopy(saved)
+    ints["state"][0]["momentum_buffer"] = torch.zeros(2, 3, dtype=torch.int64)
+    assert optimizer_problem(ints, optimizer, "o") == \
+        "o.state[0].momentum_buffer is integer (torch.int64), its parameter floating-point (torch.float32)"
+    halves = copy.deepcopy(saved)
+    halves["state"][0]["momentum_buffer"] = halves["state"][0]["momentum_buffer"].half()
+    assert optimizer_problem(halves, optimizer, "o") is None

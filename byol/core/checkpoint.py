@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import torch
 
 from byol.core.errors import CheckpointError
-from byol.core.state_check import tensors_problem, weights_problem, whole
+from byol.core.state_check import kinds_problem, tensors_problem, weights_problem, whole
 
 ENCODER_FORMAT = "byol-encoder"
 ONLINE_PREFIX = "model.online_encoder."  # where BYOLModule keeps the online encoder in its state_dict
@@ -169,13 +169,10 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only met something that is not a tensor or a container
-        pattern = r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please|\n\n|$)"
-        found = re.search(pattern, str(e), re.DOTALL)
-        detail = " ".join(found.group(1).split())[:200] if found else str(e).splitlines()[0][:200]
         raise CheckpointError(
-            f"refusing to load '{path}': it holds more than tensors and plain containers ({detail}), so "
-            f"unpickling it could run code (or the file is damaged). Nothing was executed. Only load "
-            f"checkpoints written by this project, or re-save the weights as a plain state_dict") from None
+            f"refusing to load '{path}': {blocked(e)}, so unpickling it could run code (or the file is "
+            f"damaged). Nothing was executed. Only load checkpoints written by this project, or re-save the "
+            f"weights as a plain state_dict") from None
     except Exception as e:  # truncated or damaged files fail in many ways
         if mmap and isinstance(e, RuntimeError):  # old (non-zip) serialisation cannot be mapped: read it
             return safe_load(path, map_location, job=job)
@@ -184,9 +181,34 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
             listed = f"; PyTorch files beside it: {', '.join(map(str, beside))}" if beside else ""
             raise CheckpointError(f"'{path}' is not a PyTorch file (a checkpoint or an encoder export){listed}") \
                 from None
+        if _empty(path):
+            raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes), e.g. a copy or download that never "
+                                  f"finished.{alternatives(path, job)}") from None
         detail = " ".join(str(e).split())
         raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
                               f"({type(e).__name__}: {detail}).{alternatives(path, job)}") from None
+
+
+# the global torch's weights_only unpickler names when it refuses a file (torch 2.14: "Trying to load
+# unsupported GLOBAL posix.system whose module posix is blocked"; earlier, and for modules it does not block:
+# "Unsupported global: GLOBAL datetime.date was not an allowed global")
+BLOCKED_NAME = re.compile(r"\bGLOBAL ([\w.]{1,120})")
+
+
+def blocked(error: pickle.UnpicklingError) -> str:
+    """What a refused file holds, in our words: the blocked name torch gives, never torch's own text (its
+    banner advises loading the file with weights_only=False, which would run the code)."""
+    found = BLOCKED_NAME.search(str(error))
+    if found:
+        return f"it refers to {found.group(1)} (a Python function or class), not only to tensors and plain containers"
+    return "it holds more than tensors and plain containers (torch's refusal does not name what)"
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _starts_like_torch(path: Path) -> bool:
@@ -273,7 +295,7 @@ def encoder_config(raw, source, fix: str = f"For a run's encoder.pt: {REWRITE_EX
     builds), ``stem`` (cifar or imagenet), ``width`` (a positive number; 1.0 for exports written before it
     existed), ``taps`` (module names of that network), ``grids`` ({module name: positive whole number}).
     A file is data: anything else is refused, before any of it is used (a name, a path...)."""
-    from byol.core.backbone import AVGPOOL, RESNETS, STEMS, module_names
+    from byol.core.backbone import AVGPOOL, MAX_WIDTH, RESNETS, STEMS, module_names
 
     if not isinstance(raw, dict):
         raise CheckpointError(f"refusing '{source}': its backbone description is not a mapping")
@@ -287,8 +309,9 @@ def encoder_config(raw, source, fix: str = f"For a run's encoder.pt: {REWRITE_EX
                else f"backbone.name {name[:40]!r} is none of the networks this project builds "
                     f"({', '.join(RESNETS)})" if name not in RESNETS
                else f"backbone.stem {stem[:40]!r} is not one of the stems ({', '.join(STEMS)})" if stem not in STEMS
-               else "backbone.width must be a positive number that leaves the first stage a channel" if not (
-                   type(width) in (int, float) and math.isfinite(width) and round(64 * width) >= 1)
+               else f"backbone.width must be a positive number up to {MAX_WIDTH} that leaves the first stage a "
+                    f"channel" if not (type(width) in (int, float) and math.isfinite(width) and round(64 * width) >= 1
+                                       and width <= MAX_WIDTH)
                else "backbone.taps must be a list of strings" if not (
                    isinstance(taps, list) and all(isinstance(t, str) for t in taps))
                else f"backbone.taps names {next(t for t in taps if t not in names)[:40]!r}, no module of {name}"
@@ -304,7 +327,8 @@ def encoder_config(raw, source, fix: str = f"For a run's encoder.pt: {REWRITE_EX
 
 
 def checked_state_dict(state, source, fix: str = f"For a run's encoder.pt: {REWRITE_EXPORT}") -> dict:
-    """``state`` if it is a state_dict (names mapped to tensors); else a one-line error naming ``source``."""
+    """``state`` if it is a state_dict (names mapped to tensors of finite numbers); else a one-line error naming
+    ``source``."""
     problem = tensors_problem(state, "its state_dict")
     if problem:
         raise CheckpointError(f"refusing '{source}': {problem}; the file is damaged or was not written by this "
@@ -312,10 +336,10 @@ def checked_state_dict(state, source, fix: str = f"For a run's encoder.pt: {REWR
     return state
 
 
-def load_weights(module: torch.nn.Module, state: dict, source) -> None:
+def load_weights(module: torch.nn.Module, state: dict, source, job: str = "evaluate") -> None:
     """``load_state_dict`` with an error that says what does not match, instead of a 60-line dump (and a
-    state that is not names mapped to tensors refused, instead of a traceback)."""
-    check_weights(module, state, source)
+    state that is not names mapped to tensors refused, instead of a traceback). ``job``: see :func:`safe_load`."""
+    check_weights(module, state, source, job)
     module.load_state_dict({k: state[k] for k in module.state_dict()}, strict=True)
 
 
@@ -329,10 +353,27 @@ def built_with_weights(build, state, source) -> torch.nn.Module:
     return module
 
 
-def check_weights(module: torch.nn.Module, state, source) -> None:
-    """What :func:`load_weights` checks, alone (``module`` may live on the meta device)."""
-    problem = weights_problem(checked_state_dict(state, source), module.state_dict(), "the checkpoint",
-                              extra_ok=True)
+def check_weights(module: torch.nn.Module, state, source, job: str = "evaluate") -> None:
+    """What :func:`load_weights` checks, alone (``module`` may live on the meta device): names, shapes, kinds
+    of number (load_state_dict would cast integer or complex weights silently) and finite values (a diverged
+    run's NaN weights score chance accuracy with no error)."""
+    fix = weights_fix(source, job)
+    state = checked_state_dict(state, source, fix)
+    own = module.state_dict()
+    problem = weights_problem(state, own, "the checkpoint", extra_ok=True, kinds=False)
     if problem:
         raise CheckpointError(f"'{source}' holds weights of another architecture: {problem}. "
                               f"Evaluate it with the backbone it was trained with (its run folder's config)")
+    problem = kinds_problem(state, own, "the file")
+    if problem:
+        raise CheckpointError(f"refusing '{source}': its state_dict holds {problem}; the file is damaged or was "
+                              f"not written by this project. {fix}")
+
+
+def weights_fix(source, job: str = "evaluate") -> str:
+    """How to get good weights instead of those of ``source``: another checkpoint of the run (named, with how
+    ``job`` takes it) for a .ckpt; the run's checkpoint or a new export for an encoder.pt."""
+    path = Path(str(source))
+    if path.suffix == ".ckpt":
+        return f"Use another checkpoint of the run.{alternatives(path, job)}"
+    return f"For a run's encoder.pt: {REWRITE_EXPORT}"

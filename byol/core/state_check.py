@@ -1,8 +1,9 @@
 """State read from a file, compared with the objects it is about to be loaded into.
 
 A checkpoint is data from whoever wrote it. Before any part of it is loaded, it is compared with
-what this code builds: the keys, the kinds of the values and the shapes of the tensors. Each check
-returns what is wrong, in words, or None; the caller names the file and the fix in one line
+what this code builds: the keys, the kinds of the values, the shapes and kinds of number of the
+tensors, and that their numbers are finite (NaN weights evaluate at chance without an error). Each
+check returns what is wrong, in words, or None; the caller names the file and the fix in one line
 (:class:`~byol.core.errors.CheckpointError`), instead of torch or Lightning failing with a traceback
 halfway through loading it.
 """
@@ -128,7 +129,7 @@ def structure_problem(saved, template: Mapping, where: str) -> str | None:
 
 
 def tensors_problem(state, where: str) -> str | None:
-    """Whether ``state`` is a state_dict: names mapped to (dense) tensors."""
+    """Whether ``state`` is a state_dict: names mapped to (dense) tensors of finite numbers."""
     if not isinstance(state, Mapping):
         return f"{where} is {shown(state)}, not a mapping of names to tensors"
     for key, value in state.items():
@@ -138,18 +139,62 @@ def tensors_problem(state, where: str) -> str | None:
             return f"{where}[{key!r}] is {shown(value)}, not a tensor"
         if value.layout != torch.strided:
             return f"{where}[{key!r}] is a {value.layout} tensor, not a dense one"
+        problem = nonfinite_problem(value, f"{where}[{key!r}]")
+        if problem:
+            return problem
     return None
 
 
-def weights_problem(state: Mapping, own: Mapping, where: str = "the file", extra_ok: bool = False) -> str | None:
+def nonfinite_problem(value: torch.Tensor, where: str) -> str | None:
+    """Whether ``value`` holds NaN or inf: the weights of a diverged run, which evaluate at chance and train
+    nothing. ``aminmax`` propagates NaN: one pass over the numbers, without a tensor of flags."""
+    if value.is_meta or value.numel() == 0 or not (value.is_floating_point() or value.is_complex()):
+        return None
+    try:
+        finite = bool(torch.isfinite(torch.stack(torch.aminmax(value))).all())
+    except (RuntimeError, NotImplementedError):  # complex numbers, or a dtype aminmax does not take (float8)
+        value = value if value.is_complex() else value.float()
+        finite = bool(torch.isfinite(value).all())
+    if finite:
+        return None
+    return f"{where} holds NaN or infinite values ({int((~torch.isfinite(value)).sum())} of {value.numel()})"
+
+
+def number_kind(tensor: torch.Tensor) -> str:
+    """What a tensor's numbers are. ``load_state_dict`` casts within a kind (a float16 or float64 weight into a
+    float32 parameter) and, silently, across kinds too: weights truncated to integers, the imaginary part
+    dropped, booleans as 0 and 1. Those are damaged weights, not another precision."""
+    if tensor.is_quantized:
+        return "quantized"
+    if tensor.dtype == torch.bool:
+        return "bool"
+    if tensor.is_complex():
+        return "complex"
+    return "floating-point" if tensor.is_floating_point() else "integer"
+
+
+def kinds_problem(state: Mapping, own: Mapping, where: str = "the file") -> str | None:
+    """The tensors of ``state`` whose :func:`number_kind` differs from that of the module's own (an integer
+    buffer such as BatchNorm's ``num_batches_tracked`` is integer in both)."""
+    wrong = [k for k in own if k in state and number_kind(state[k]) != number_kind(own[k])]
+    if not wrong:
+        return None
+    k = wrong[0]
+    return (f"{len(wrong)} tensor{'s' * (len(wrong) > 1)} of another kind of number (e.g. {k}: "
+            f"{number_kind(state[k])} ({state[k].dtype}) in {where}, {number_kind(own[k])} ({own[k].dtype}) "
+            f"expected)")
+
+
+def weights_problem(state: Mapping, own: Mapping, where: str = "the file", extra_ok: bool = False,
+                    kinds: bool = True) -> str | None:
     """What differs between the tensors ``state`` (checked by :func:`tensors_problem`) and a module's own
     ``own`` state_dict: tensors of another shape, missing, unexpected (named, but no problem alone, when
-    ``extra_ok``: a part of a larger state)."""
+    ``extra_ok``: a part of a larger state), then (with ``kinds``) of another kind of number."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if not (missing or wrong or (unexpected and not extra_ok)):
-        return None
+        return kinds_problem(state, own, where) if kinds else None
     detail = []
     if wrong:
         k = wrong[0]
@@ -207,12 +252,10 @@ def optimizer_problem(saved, optimizer: torch.optim.Optimizer, where: str) -> st
             return f"{where}.state holds parameter {shown(key)}, which no parameter group holds"
         if not isinstance(entry, Mapping) or not all(isinstance(name, str) for name in entry):
             return f"{where}.state[{key}] is {shown(entry)}, not a mapping of names to values"
-        shape = tuple(params[key].shape)
         for name, value in entry.items():
-            if torch.is_tensor(value) and tuple(value.shape) not in (shape, ()):
-                return f"{where}.state[{key}].{name} has shape {tuple(value.shape)}, its parameter {shape}"
-            if not torch.is_tensor(value) and value_problem(value, 0.0, f"{where}.state[{key}].{name}"):
-                return f"{where}.state[{key}].{name} is {shown(value)}, not a tensor or a number"
+            problem = _optimizer_value_problem(value, params[key], f"{where}.state[{key}].{name}")
+            if problem:
+                return problem
     trial = copy.copy(optimizer)  # load_state_dict replaces the copy's state and groups, not the optimizer's
     try:
         trial.load_state_dict(saved)
@@ -223,6 +266,19 @@ def optimizer_problem(saved, optimizer: torch.optim.Optimizer, where: str) -> st
         if missing:
             return f"{where}.param_groups[{i}] lacks {missing[0]!r}"
     return None
+
+
+def _optimizer_value_problem(value, param: torch.Tensor, where: str) -> str | None:
+    """One value of a parameter's optimizer state (a momentum buffer, a step count): a number, or a finite
+    tensor of the parameter's shape and kind of number (``load_state_dict`` would cast it), or a scalar."""
+    shape = tuple(param.shape)
+    if not torch.is_tensor(value):
+        return f"{where} is {shown(value)}, not a tensor or a number" if value_problem(value, 0.0, where) else None
+    if tuple(value.shape) not in (shape, ()):
+        return f"{where} has shape {tuple(value.shape)}, its parameter {shape}"
+    if value.dim() and number_kind(value) != number_kind(param):  # a scalar is a count (step)
+        return f"{where} is {number_kind(value)} ({value.dtype}), its parameter {number_kind(param)} ({param.dtype})"
+    return nonfinite_problem(value, where)
 
 
 def scheduler_problem(saved, scheduler, where: str) -> str | None:
