@@ -313,6 +313,31 @@ def test_a_runs_cache_folder_and_download_setting_are_not_this_machines(tmp_path
         is data_group_defaults("cifar10")["download"]
 
 
+def test_a_runs_data_root_is_recorded_absolute_and_an_earlier_relative_one_is_said(tmp_path, monkeypatch, capsys):
+    """A run kept data.root as typed (`cifar10`); evaluated or resumed from another folder, that read another
+    folder's images, or none, without a word. A run now records the folder it read; a relative root in an
+    earlier run's config is read from this folder with a note that says so and how to name another."""
+    from byol.jobs.pretrain import run_start
+
+    monkeypatch.chdir(tmp_path)
+    class_folders(tmp_path / "imgs" / "train", 2, size=8)
+    config = plain_config(compose_config("train", ["experiment=smoke", "data=imagefolder", "data.root=imgs"],
+                                         tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    start = run_start(config, tmp_path / "run", requested=None)
+    assert start.config["data"]["root"] == str(tmp_path / "imgs")
+    composed = plain_config(compose_config("evaluate", ["preset=smoke"], tmp_path))
+    run_data = {**data_group_defaults("imagefolder"), "root": "imgs"}
+    chosen = EvaluationData(composed["data"], [], 0, composed["split"]).settings({"data": run_data}, "run")
+    assert chosen["root"] == str(tmp_path / "imgs") and run_data["root"] == "imgs"  # the run's config untouched
+    assert (f"[data] note: run's run config names data.root 'imgs', relative to the folder the run was started "
+            f"from: read as '{tmp_path / 'imgs'}'; if it was started elsewhere, give data.root=ABSOLUTE_PATH"
+            ) in capsys.readouterr().out
+    given = plain_config(compose_config("evaluate", ["preset=smoke", "data.root=other"], tmp_path))["data"]
+    chosen = EvaluationData(given, ["data.root"], 0, composed["split"]).settings({"data": run_data}, "run")
+    assert chosen["root"] == str(tmp_path / "other") and "note: run's run config" not in capsys.readouterr().out
+
+
 def test_a_metrics_csv_with_thousands_of_heads_draws_a_bounded_number_of_lines():
     from byol.jobs.curves import MAX_LINES, PANELS, _draw
     from byol.jobs.figures import pyplot

@@ -82,6 +82,20 @@ def data_root(cfg):
     return os.path.expanduser(root) if isinstance(root, str) else root
 
 
+def make_root_absolute(data: dict, source: str | None = None) -> None:
+    """``data.root`` made absolute, in place, so that a run's config names the folder it read: a relative root,
+    read from another folder by evaluation or resume, was other images without a word. ``source``: the file a
+    relative root comes from (a run of an earlier version, which kept it as typed), said in a note; None: the
+    command line, relative to this folder."""
+    root = data.get("root")
+    if not isinstance(root, str) or root in ("", "???") or os.path.isabs(os.path.expanduser(root)):
+        return
+    data["root"] = os.path.abspath(os.path.expanduser(root))
+    if source:
+        print(f"[data] note: {source} names data.root '{root}', relative to the folder the run was started "
+              f"from: read as '{data['root']}'; if it was started elsewhere, give data.root=ABSOLUTE_PATH", flush=True)
+
+
 def mmap_limit(cfg) -> float:
     """Bytes of decoded images above which ``data.storage=auto`` memory-maps them: the smaller of
     ``data.mmap_above_gb`` and half of the RAM available now (the run needs the rest)."""

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from byol.core.data import ImageTensors
 from byol.jobs.config_check import check_config
-from byol.jobs.datasets import DATASETS, MACHINE_DATA_KEYS, load_eval_data
+from byol.jobs.datasets import DATASETS, MACHINE_DATA_KEYS, load_eval_data, make_root_absolute
 
 
 @functools.cache
@@ -63,6 +63,9 @@ class EvaluationData:
             chosen.update(self._machine_settings(run_data, label))
             given = f"; {', '.join('data.' + k for k in self.keys)} from the command line" if self.keys else ""
             source = f"the run's own settings{given}"
+        chosen = dict(chosen)
+        from_run = not self.whole and isinstance(run_data, Mapping) and "root" not in self.keys
+        make_root_absolute(chosen, f"{label}'s run config" if from_run else None)
         described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
         print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
         # a run folder's config.yaml may have been edited by hand: its types were checked, here its ranges

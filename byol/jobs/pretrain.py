@@ -30,7 +30,7 @@ from byol.jobs.build import build_byol, check_logger_package
 from byol.jobs.cli import command_arg, launched_rank
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning
-from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, subset_of
+from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, make_root_absolute, subset_of
 from byol.jobs.monitoring import MonitorSamples, monitor_samples, monitor_taps
 from byol.jobs.resume import (
     TRAINED_KEYS,
@@ -66,6 +66,7 @@ class RunStart:
 def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     """Check the command line's config, then find and check the checkpoint to continue from."""
     check_config(container, "the command line")
+    make_root_absolute(container["data"])  # the run's config names the folder, wherever it is read from
     resolve_device(container["trainer"].get("accelerator", "auto"))  # a GPU asked for where there is none
     folder_id = folder_run_id(run_dir)
     checkpoint = find_resume(container.get("resume"), run_dir)
@@ -85,6 +86,7 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     same_run = check_resume_target(run_dir, checkpoint, saved_id, folder_id) if launched_rank() == 0 else True
     config, changed = resume_config(saved, container, requested)
     check_config(config, source)
+    make_root_absolute(config["data"], source)  # a run of an earlier version kept it as typed
     config[RUN_ID_KEY] = (saved_id or folder_id) if same_run and (saved_id or folder_id) else new_run_id()
     from byol.jobs.pretrain_fit import check_resumable  # Lightning: a resume needs it anyway
 
