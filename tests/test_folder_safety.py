@@ -209,8 +209,9 @@ def test_resume_of_a_sweep_folder_says_how_to_continue_a_sweep(tmp_path):
 
     sweep = tmp_path / "sweep"
     (sweep / "0_loss=classic" / ".hydra").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match=rf"is a sweep folder; continue a sweep by running its command again "
-                                              rf"with -m hydra.sweep.dir={sweep} .*resume={sweep}/0_loss=classic"):
+    with pytest.raises(CheckpointError, match=rf"is a sweep folder; continue a sweep by running its command "
+                                              rf"again with -m hydra.sweep.dir={sweep} .*"
+                                              rf"\"resume='{sweep}/0_loss=classic'\""):
         find_resume(str(sweep), tmp_path)
     result = subprocess.run([sys.executable, "train.py", f"resume={sweep}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

@@ -426,6 +426,20 @@ def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
         "epoch0001.ckpt", "epoch0002.ckpt", "epoch0003.ckpt", "last.ckpt"]
 
 
+def test_a_checkpoint_past_the_asked_epochs_is_refused_in_a_new_folder_too(tmp_path_factory):
+    """Continued into a new folder with fewer epochs than it holds, a checkpoint trained nothing and the job said
+    "done" (the folder's config planning 2 epochs, its weights holding 3); in its own folder this was refused."""
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("fewer") / "run"
+    result = train(f"resume={reference}/checkpoints/last.ckpt", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: '{reference}/checkpoints/last.ckpt' has trained {EPOCHS} epochs, more than trainer.max_epochs=2: "
+        f"nothing would be trained. Ask for more (trainer.max_epochs above {EPOCHS}), or evaluate that checkpoint "
+        f"as it is: python evaluate.py pretrained={reference}/checkpoints/last.ckpt")
+    assert not (run_dir / "encoder.pt").exists() and not (run_dir / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_a_run_stopped_early_on_a_longer_schedule_ends_where_the_longer_run_is_at_that_epoch(tmp_path_factory):
     """schedule_epochs (experiment=cpu: 25 epochs of a 40-epoch schedule): 2 epochs of the 3-epoch

@@ -114,7 +114,7 @@ def test_resume_of_a_sweep_folder_says_how_to_continue_the_sweep(tmp_path):
         find_resume(str(sweep), tmp_path)
     assert str(err.value) == (f"resume='{sweep}' is a sweep folder; continue a sweep by running its command again "
                               f"with -m hydra.sweep.dir={sweep} (finished jobs are skipped, the others resumed), or "
-                              f"resume one of its runs: resume={sweep}/0_loss=classic")
+                              f"resume one of its runs: \"resume='{sweep}/0_loss=classic'\"")  # as Hydra reads it
     (tmp_path / "plain").mkdir()  # not a sweep: the other message
     with pytest.raises(CheckpointError, match="no checkpoints/last.ckpt in that folder"):
         find_resume(str(tmp_path / "plain"), tmp_path)

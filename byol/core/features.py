@@ -15,6 +15,7 @@ from byol.core.augment import Normalize
 from byol.core.backbone import AVGPOOL, Encoder
 from byol.core.data import ImageTensors
 from byol.core.errors import ConfigError, DataError
+from byol.core.progress import Progress
 
 COMBINED = "combined"
 
@@ -78,7 +79,8 @@ def extract_features(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Features ``(N, D)`` of uint8 ``images`` through the encoder in eval mode, without augmentation.
-    A dataset (``ImageTensors``) is read a batch at a time, so a memory-mapped one stays on disk.
+    A dataset (``ImageTensors``) is read a batch at a time, so a memory-mapped one stays on disk. Work longer
+    than 30 s says how far it is every 30 s (:class:`byol.core.progress.Progress`).
 
     Runs under autocast ``dtype`` (bf16 on CPU and GPU) with channels_last inputs; the
     result has that dtype (float32 without autocast) and lives on ``device``.
@@ -90,6 +92,7 @@ def extract_features(
     out = None
     try:
         read = images.pixels if isinstance(images, ImageTensors) else images.__getitem__
+        progress = Progress(len(images), "embedding", tag="features")  # minutes for a large set on a CPU
         for start in range(0, len(images), batch_size):
             batch = normalize(read(slice(start, start + batch_size)).to(device, non_blocking=True))
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -98,6 +101,7 @@ def extract_features(
             if out is None:
                 out = torch.empty(len(images), features.shape[1], dtype=features.dtype, device=device)
             out[start:start + features.shape[0]] = features
+            progress.update(start + features.shape[0])
     finally:
         encoder.train(was_training)
     if out is None:

@@ -9,7 +9,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from byol.core.data import ImageTensors
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import CheckpointError, DataError
 from byol.core.folder_scan import FolderScan, scan_images
+from byol.core.progress import Progress
 
 # The decoders Pillow may use, whatever a file's name: Pillow picks the decoder from the content, and some
 # (EPS runs Ghostscript on the file) must never see a file handed to us. JPEG includes cameras' MPO files.
@@ -174,45 +174,14 @@ def cache_folder_problem(folder: Path, size: int) -> str | None:
 
 
 def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: int = 4096,
-             progress: DecodeProgress | None = None):
+             progress: Progress | None = None):
     """Each file's decoded array (None: skipped), a chunk at a time, in order; a progress line now and then
     (a large folder decodes for hours, once)."""
-    progress = progress or DecodeProgress(len(files))
+    progress = progress or Progress(len(files))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for s in range(0, len(files), chunk):
             yield from pool.map(lambda p: _decode(p, size, skip_bad), files[s:s + chunk])
             progress.update(min(s + chunk, len(files)))
-
-
-class DecodeProgress:
-    """Lines saying how far a decode is, at most one every ``every`` seconds (none for a shorter decode), and
-    how long it took when it said anything."""
-
-    def __init__(self, total: int, every: float = 30.0, clock=time.monotonic):
-        self.total, self.every, self.clock = total, every, clock
-        self.start = self.last = clock()
-        self.said = False
-
-    def update(self, done: int) -> None:
-        now = self.clock()
-        elapsed, rate = now - self.start, done / max(now - self.start, 1e-9)
-        if done >= self.total:
-            if self.said:
-                print(f"[data] decoding done: {done:,} images in {_duration(elapsed)} ({rate:,.0f} images/s)",
-                      flush=True)
-        elif now - self.last >= self.every:
-            self.last, self.said = now, True
-            print(f"[data] decoding: {done:,} of {self.total:,} images ({100 * done / self.total:.0f}%), "
-                  f"{rate:,.0f} images/s, about {_duration((self.total - done) / rate)} left", flush=True)
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``13 min``, ``2.5 h``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _cached_images(pt: Path) -> ImageTensors | None:

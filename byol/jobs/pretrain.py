@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from byol.core.checkpoint import safe_load
+from byol.core.checkpoint import epochs_done, safe_load
 from byol.core.data import ImageTensors, IndexBatches
 from byol.core.disk_images import batches_of
 from byol.core.errors import ByolError, CheckpointError, ConfigError
@@ -97,10 +97,21 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     finished = last.is_file() and epochs_trained(last) >= int(config["trainer"]["max_epochs"])
     if finished and same_run:
         refuse_other_settings(changed, run_dir)
+    refuse_a_checkpoint_past_the_end(resumed, int(config["trainer"]["max_epochs"]), checkpoint, finished)
     if changed and not finished:  # after the refusals: a finished run resumes nothing
         print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
               flush=True)
     return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
+
+
+def refuse_a_checkpoint_past_the_end(resumed: dict, max_epochs: int, checkpoint: Path, finished: bool) -> None:
+    """One line when the checkpoint has trained more epochs than the run asks for: Lightning would train nothing
+    and the job end with "done", its folder's config planning fewer epochs than its weights hold."""
+    done = epochs_done(resumed)
+    if done > max_epochs and not finished:
+        raise ConfigError(f"'{checkpoint}' has trained {done} epochs, more than trainer.max_epochs={max_epochs}: "
+                          f"nothing would be trained. Ask for more (trainer.max_epochs above {done}), or evaluate "
+                          f"that checkpoint as it is: python evaluate.py {command_arg('pretrained', checkpoint)}")
 
 
 def refuse_other_settings(changed: list[str], run_dir: Path) -> None:

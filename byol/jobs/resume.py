@@ -41,10 +41,12 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
         if path.is_dir():
             last = path / "checkpoints" / "last.ckpt"
             if not last.is_file() and sweep_jobs(path):
+                from byol.jobs.cli import command_arg  # a job's folder name (1_loss=multi,seed=0) quoted for Hydra
+
                 raise CheckpointError(
                     f"resume='{resume}' is a sweep folder; continue a sweep by running its command again with -m "
-                    f"hydra.sweep.dir={path} (finished jobs are skipped, the others resumed), or resume one of "
-                    f"its runs: resume={sweep_jobs(path)[0]}")
+                    f"{command_arg('hydra.sweep.dir', path)} (finished jobs are skipped, the others resumed), or "
+                    f"resume one of its runs: {command_arg('resume', sweep_jobs(path)[0])}")
             if not last.is_file():
                 raise CheckpointError(
                     f"resume='{resume}': no checkpoints/last.ckpt in that folder (the run stopped before its "
