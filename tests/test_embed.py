@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,16 @@ def test_report_lists_embed_results_under_the_table_and_never_as_failed(tmp_path
     assert "- broken (classic, repr=combined): **failed**: ValueError: no points" in text
     csv_text = (tmp_path / "out" / "results.csv").read_text()
     assert "embed" not in csv_text and ",knn," in csv_text
+
+
+def test_a_report_of_embed_results_alone_writes_no_empty_figure(tmp_path, capsys):
+    """Maps alone: the table is empty, so results.png is not drawn (it was an empty chart, after a raw
+    matplotlib warning about identical axis limits); the maps are listed and the files written."""
+    root = tmp_path / "sweep"
+    _result(root, "map", "embed", maps={"avgpool": "tsne_avgpool.png"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a library's warning reaching the user fails here
+        assert report([root], tmp_path / "out") == []
+    assert not (tmp_path / "out" / "results.png").exists()
+    assert "[report] note: results.png not drawn: no accuracy to draw" in capsys.readouterr().err
+    assert "- map (classic, repr=combined): maps tsne_avgpool.png" in (tmp_path / "out" / "results.md").read_text()

@@ -515,6 +515,11 @@ def test_an_unknown_config_key_is_one_line_and_a_misspelt_one_gets_the_setting_i
         "error: expriment is not a setting; did you mean experiment?")
     assert "another Trainer argument: +trainer.detect_anomaly=VALUE" in checked_line(["trainer.detect_anomaly=true"],
                                                                                       "train")
+    # a name Lightning's Trainer does not take: not advised with + (a second refusal followed), its likeness named
+    assert checked_line(["trainer.foo=1"], "train").startswith(
+        "error: trainer.foo is not a setting; nor is it an argument of Lightning's Trainer")
+    assert checked_line(["trainer.detect_anomly=true"], "train").startswith(
+        "error: trainer.detect_anomly is not a setting; did you mean trainer.detect_anomaly?")
     assert checked_line(["-m", "pretrained=random", "split.val_sise=0"], "evaluate").startswith(
         "error: split.val_sise is not a setting; did you mean split.val_size?")
     # a setting of another option of its group: Hydra would advise appending it, and the job would ignore it

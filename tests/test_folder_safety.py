@@ -217,3 +217,25 @@ def test_resume_of_a_sweep_folder_says_how_to_continue_a_sweep(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 1 and "is a sweep folder" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in sweep.iterdir()) == ["0_loss=classic"]  # nothing written into it
+
+
+def test_a_single_job_into_a_sweeps_folder_is_refused_before_anything_is_written(tmp_path):
+    """evaluate.py hydra.run.dir=<a training sweep> rewrote the sweep's multirun.yaml and its folder read as one
+    of the sweep's jobs (every later evaluation of the sweep listed a missing job); any single job is refused
+    there, before Hydra writes its record. Re-evaluating into an evaluation's own folder stays allowed."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0_loss=classic" / ".hydra").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    for job in ("train", "evaluate"):
+        with pytest.raises(FolderTakenError, match=rf"'{sweep}' holds a sweep \(multirun.yaml, its jobs' folders\)"):
+            check_job_folder(sweep, job)
+    result = subprocess.run([sys.executable, "evaluate.py", "preset=smoke", "data=synthetic", "pretrained=random",
+                             "eval=knn", f"hydra.run.dir={sweep}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "holds a sweep" in result.stderr and "Traceback" not in result.stderr
+    assert (sweep / "multirun.yaml").read_text() == "hydra:\n  mode: MULTIRUN\n"
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_loss=classic", "multirun.yaml"]
+    evaluation = tmp_path / "evaluation"  # an evaluation of a sweep: result folders, no multirun.yaml
+    (evaluation / "0_loss=classic").mkdir(parents=True)
+    (evaluation / "0_loss=classic" / "config.yaml").write_text("eval:\n  name: knn\n")
+    check_job_folder(evaluation, "evaluate")

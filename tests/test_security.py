@@ -442,6 +442,8 @@ BAD_VALUES = {
     "optim.name=rmsprop": "unknown optim.name 'rmsprop'; choose one of: lars, sgd, adam, adamw",
     "optim.scheduler.name=step": "unknown optim.scheduler.name 'step'; choose one of: warmup_cosine, constant",
     "+trainer.callbacks=x": "trainer.callbacks = 'x' is not a Trainer argument this project passes on",
+    "+trainer.max_epoch=3": "trainer.max_epoch = 3 is not a Trainer argument this project passes on (did you mean "
+                            "trainer.max_epochs?)",
     "data.std=[0,0,0]": "data.std must be in (0, 1], of pixels scaled to [0, 1], not [0, 0, 0]",
     "data.std=[62,62,66]": "not [62, 62, 66] (given on the 0-255 scale? divide by 255)",
     "data.mean=[0.5,0.5]": "data.mean must be 3 numbers, one per RGB channel, not [0.5, 0.5]",

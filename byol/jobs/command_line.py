@@ -14,6 +14,20 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 
+def _trainer_hint(name: str) -> str:
+    """For ``trainer.NAME`` not in the config: how to pass it if Lightning's Trainer takes it, else the argument it
+    resembles (advising ``+trainer.NAME`` for any name led to a second refusal). Lightning is imported here only."""
+    import difflib
+
+    from byol.jobs.config_check import TRAINER_RESERVED, trainer_parameters
+
+    arguments = sorted(trainer_parameters() - set(TRAINER_RESERVED))
+    if name in arguments:
+        return f"; another Trainer argument: +trainer.{name}=VALUE"
+    close = difflib.get_close_matches(name, arguments, n=1, cutoff=0.7)
+    return f"; did you mean trainer.{close[0]}?" if close else "; nor is it an argument of Lightning's Trainer"
+
+
 def _parsed_overrides(argv: Sequence[str]) -> list | None:
     """Hydra's parse of the command line's overrides; None when there are none or they do not parse (Hydra
     then reports what is wrong). Parsed once for all the checks (:func:`_parse`)."""
@@ -92,7 +106,7 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
         if not close and not parent:  # a misspelt group or top-level key: expriment=smoke
             close = difflib.get_close_matches(key, sorted(set(top) | groups), n=2, cutoff=0.6)
         mean = f"; did you mean {' or '.join(close)}?" if close else \
-            f"; another Trainer argument: +{key}=VALUE" if parent == "trainer" else ""
+            _trainer_hint(last) if parent == "trainer" else ""
         # no close match either: one line, not Hydra's advice to append it with +, which is then refused
         return (f"error: {key} is not a setting{mean} (python {config_name}.py --cfg job prints every setting, "
                 f"--help the groups)")

@@ -249,7 +249,11 @@ def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) 
 
 def _trainer_argument(key: str, value, source: str, path: tuple, known: bool) -> None:
     if key in TRAINER_RESERVED or not (known or key in trainer_parameters()):
-        raise _refuse(source, path, value, "is not a Trainer argument this project passes on")
+        import difflib
+
+        close = difflib.get_close_matches(key, sorted(trainer_parameters() - set(TRAINER_RESERVED)), n=1, cutoff=0.7)
+        mean = f" (did you mean trainer.{close[0]}?)" if close and key not in TRAINER_RESERVED else ""
+        raise _refuse(source, path, value, f"is not a Trainer argument this project passes on{mean}")
 
 
 @functools.cache

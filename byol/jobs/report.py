@@ -222,7 +222,10 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
 
 def _plot(cells: Sequence[Cell], path: Path) -> bool:
     """results.png; a figure that cannot be drawn is a note, the table and the CSV are written all the same.
-    A file that cannot be written is an error (the caller's one line)."""
+    A file that cannot be written is an error (the caller's one line). No cell, no figure (eval=embed alone)."""
+    if not cells:
+        print(f"[report] note: {path.name} not drawn: no accuracy to draw (the results hold none)", file=sys.stderr)
+        return False
     if importlib.util.find_spec("matplotlib") is not None:
         note_links([path])
     try:

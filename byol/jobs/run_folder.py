@@ -66,7 +66,10 @@ def check_job_folder(folder: Path, job: str) -> None:
         raw = None
     keys = set(raw) if isinstance(raw, dict) else set()  # a file of any shape: it is not ours to trust
     run = is_run_dir(folder) or "loss" in keys
-    if job == "evaluate" and run:
+    if (folder / "multirun.yaml").is_file():  # Hydra's record of a sweep (-m), in the sweep's folder only
+        held = (f"a sweep (multirun.yaml, its jobs' folders): a single {'run' if job == 'train' else 'evaluation'} "
+                f"there would overwrite the sweep's record and read as one of its jobs")
+    elif job == "evaluate" and run:
         held = "a pretraining run, whose config.yaml and metrics.csv the evaluation would overwrite"
     elif job == "train" and not run and ((folder / "results.json").is_file() or "eval" in keys):
         held = "an evaluation, whose config.yaml and metrics.csv the run would overwrite"
