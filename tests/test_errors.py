@@ -753,6 +753,29 @@ def test_collapse_is_reported_beside_a_low_loss(capsys):
     assert "Adam" in warning and "optim.base_lr" in warning
 
 
+def test_an_epoch_says_how_far_it_is_every_two_minutes_where_no_bar_is_drawn(capsys):
+    """In a log file (a sweep, SLURM, a pipe) no progress bar is drawn, and a CPU epoch of the recipe took
+    minutes without a line: a line every heartbeat seconds inside an epoch, none with a bar (heartbeat=None)."""
+    from types import SimpleNamespace
+
+    from byol.lightning.epoch_output import EpochSummary
+
+    batch = (torch.zeros(8, 3, 4, 4), torch.zeros(8))
+    trainer = SimpleNamespace(current_epoch=2, max_epochs=10, is_global_zero=True, world_size=2,
+                              num_training_batches=100)
+    times = iter([0.0, 0.0, 50.0, 130.0, 200.0, 260.0])  # start, epoch start, then one read per batch
+    summary = EpochSummary(heartbeat=120.0, clock=lambda: next(times))
+    summary.on_train_epoch_start(trainer, None)
+    for idx in range(4):  # batches at 50, 130, 200 and 260 s
+        summary.on_train_batch_end(trainer, None, None, batch, idx)
+    assert capsys.readouterr().out.splitlines() == [
+        "[byol] epoch 3/10: step 2 of 100 (2%), 0.2 images/s, about 1.8 h left in the epoch",
+        "[byol] epoch 3/10: step 4 of 100 (4%), 0.2 images/s, about 1.7 h left in the epoch"]
+    quiet = EpochSummary(clock=lambda: 1e6)  # a bar is drawn: the summary adds nothing inside the epoch
+    quiet.on_train_batch_end(trainer, None, None, batch, 0)
+    assert capsys.readouterr().out == ""
+
+
 def test_a_precision_lightning_changes_is_said_in_one_line(tmp_path, capsys):
     """trainer.precision=16 on a CPU runs as bf16-mixed: the run's first lines said "(16)"."""
     from types import SimpleNamespace

@@ -36,6 +36,9 @@ from byol.lightning.epoch_output import EpochHook, EpochSummary, OnTrainStart, p
 from byol.lightning.monitors import OnlineKNN, all_taps
 from byol.lightning.pretrain_module import BYOLModule
 
+# seconds between lines inside an epoch where no progress bar is drawn (a log file: a CPU epoch takes minutes)
+HEARTBEAT_SECONDS = 120.0
+
 
 def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | None, run_dir: Path) -> Path:
     """Build the model, monitors (on ``samples``) and trainer for ``start`` and fit on ``batches``; write the
@@ -118,10 +121,11 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
                                  stop_inside_steps=not config.get("compile"))
     # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
     knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
-    callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"), EpochSummary(knn),
+    bar = progress_bar_on(trainer.get("enable_progress_bar"))
+    callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"),
+                 EpochSummary(knn, heartbeat=None if bar else HEARTBEAT_SECONDS),
                  EpochHook(lambda: write_curves(run_dir)), OnTrainStart(lambda: save_run_config(config, run_dir))]
-    callbacks += progress_bar(progress_bar_on(trainer.get("enable_progress_bar")), trainer.get("log_every_n_steps"),
-                              steps_per_epoch)
+    callbacks += progress_bar(bar, trainer.get("log_every_n_steps"), steps_per_epoch)
     # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
     trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}
     trainer = trainer_for_this_machine(trainer, "[byol]")

@@ -8,6 +8,8 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 
+from byol.core.progress import duration
+
 COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
 STEP_LOSS = "train/loss_step"  # what BYOLModule logs each step
 
@@ -16,18 +18,31 @@ class EpochSummary(pl.Callback):
     """One console line per epoch (loss per head, tau, lr, images/s): progress that reads well
     in log files too, at the cost of one host synchronisation per epoch."""
 
-    def __init__(self, knn=None):
+    def __init__(self, knn=None, heartbeat: float | None = None, clock=time.perf_counter):
         """``knn``: the run's :class:`~byol.lightning.monitors.OnlineKNN`, whose scores of this epoch
-        (when it ran in this epoch) the line shows."""
-        self.knn = knn
-        self._start, self._images = time.perf_counter(), 0  # also right for an epoch resumed midway
+        (when it ran in this epoch) the line shows. ``heartbeat``: seconds between lines inside an epoch
+        (None: none; where no progress bar is drawn, a CPU epoch is minutes without a word otherwise)."""
+        self.knn, self.heartbeat, self.clock = knn, heartbeat, clock
+        self._start, self._images, self._steps = clock(), 0, 0  # also right for an epoch resumed midway
+        self._said = self._start
         self._lr: float | None = None  # the rate of the epoch's last optimizer step
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._images = time.perf_counter(), 0
+        self._start, self._images, self._steps = self.clock(), 0, 0
+        self._said = self._start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += int(batch[0].shape[0])
+        self._images, self._steps = self._images + int(batch[0].shape[0]), self._steps + 1
+        if self.heartbeat is None or not trainer.is_global_zero:
+            return
+        now = self.clock()  # a clock read, no device sync: the rate counts steps queued, close enough
+        if now - self._said >= self.heartbeat:
+            self._said, total, done = now, trainer.num_training_batches, batch_idx + 1
+            rate = self._images * trainer.world_size / max(now - self._start, 1e-9)
+            left = duration((now - self._start) / self._steps * (total - done))
+            print_line(trainer, f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: step {done} of "
+                                f"{total} ({100 * done / total:.0f}%), {rate:.1f} images/s, about {left} left "
+                                f"in the epoch")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # the rate this step uses: the optimizer's after the epoch is the next step's (0 after the last)
@@ -45,7 +60,7 @@ class EpochSummary(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:  # under DDP: rank 0's line (its share of the images, its loss means)
             return
-        seconds = time.perf_counter() - self._start
+        seconds = self.clock() - self._start
         images = self._images * trainer.world_size  # every rank trains on as many images as rank 0
         losses = {k: float(v) for k, v in pl_module.epoch_means().items()}
         heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
