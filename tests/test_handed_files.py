@@ -338,6 +338,18 @@ def test_a_runs_data_root_is_recorded_absolute_and_an_earlier_relative_one_is_sa
     assert chosen["root"] == str(tmp_path / "other") and "note: run's run config" not in capsys.readouterr().out
 
 
+def test_a_runs_training_batch_size_does_not_stop_its_evaluation_data(tmp_path):
+    """A sweep job that failed on data.batch_size=2.5 was listed under evaluate.py's default data (cifar10), not
+    its own: the range check of a run's data skips pretraining's batch size, which evaluation does not use."""
+    composed = plain_config(compose_config("evaluate", ["preset=smoke"], tmp_path))
+    run_data = {**data_group_defaults("synthetic"), "batch_size": 2.5}
+    chosen = EvaluationData(composed["data"], [], 0, composed["split"]).settings({"data": run_data}, "run")
+    assert chosen["name"] == "synthetic"
+    with pytest.raises(ConfigError, match="data.image_size must be a positive whole number"):
+        EvaluationData(composed["data"], [], 0, composed["split"]).settings(
+            {"data": {**run_data, "image_size": 0}}, "run")
+
+
 def test_a_metrics_csv_with_thousands_of_heads_draws_a_bounded_number_of_lines():
     from byol.jobs.curves import MAX_LINES, PANELS, _draw
     from byol.jobs.figures import pyplot

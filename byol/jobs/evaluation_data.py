@@ -69,7 +69,8 @@ class EvaluationData:
         described = ", ".join(f"{k}={chosen[k]}" for k in ("root", "image_size", "subset") if chosen.get(k))
         print(f"[eval] {label}: data {chosen.get('name')} ({described or 'defaults'}), from {source}", flush=True)
         # a run folder's config.yaml may have been edited by hand: its types were checked, here its ranges
-        check_config({"data": chosen}, f"{label}: data from {source}")
+        # (data.batch_size is pretraining's: a run that failed on it is still listed under its own data)
+        check_config({"data": {k: v for k, v in chosen.items() if k != "batch_size"}}, f"{label}: data from {source}")
         return chosen
 
     def _machine_settings(self, run_data: Mapping, label: str) -> dict:
