@@ -84,9 +84,10 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     saved_id = saved_run_id(resumed["byol_config"], source)
     # under DDP rank 0 checked the folder and already wrote the resumed run's config.yaml into it
     same_run = check_resume_target(run_dir, checkpoint, saved_id, folder_id) if launched_rank() == 0 else True
+    if isinstance(saved.get("data"), dict):  # a run of an earlier version kept it as typed: compared absolute
+        make_root_absolute(saved["data"], source)
     config, changed = resume_config(saved, container, requested)
     check_config(config, source)
-    make_root_absolute(config["data"], source)  # a run of an earlier version kept it as typed
     config[RUN_ID_KEY] = (saved_id or folder_id) if same_run and (saved_id or folder_id) else new_run_id()
     from byol.jobs.pretrain_fit import check_resumable  # Lightning: a resume needs it anyway
 
