@@ -183,3 +183,26 @@ def test_per_head_loss_weights_are_resumed_whole(tmp_path, before, after, reques
     config, changed = resume_config(saved, asked, requested)
     assert config["loss"]["weights"] == weights
     assert bool(changed) == (weights != saved["loss"]["weights"])
+
+
+def test_an_earlier_runs_relative_data_root_is_compared_absolute_on_resume(tmp_path, monkeypatch, capsys):
+    """A run of an earlier version kept data.root as typed ('imgs'); requeued with the same relative root, it
+    read that root as a changed setting (relative against absolute). The saved root is made absolute, from the
+    current folder with a note, before the settings are compared."""
+    import byol.jobs.pretrain_fit as pretrain_fit
+    from byol.jobs.pretrain import run_start
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pretrain_fit, "check_resumable", lambda *args: None)  # a checkpoint without weights here
+    overrides = ["experiment=smoke", "data=imagefolder", "data.root=imgs"]
+    saved = plain_config(compose_config("train", overrides, tmp_path))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    atomic_torch_save({"byol_config": saved, "global_step": 2, "epoch": 0, "state_dict": {}},
+                      run / "checkpoints" / "last.ckpt")
+    container = plain_config(compose_config("train", [*overrides, f"resume={run}"], tmp_path))
+    start = run_start(container, run, requested=["data.root", "resume"])
+    out = capsys.readouterr().out
+    assert start.config["data"]["root"] == str(tmp_path / "imgs")
+    assert "resuming with changed settings" not in out
+    assert "names data.root 'imgs', relative to the folder the run was started from" in out
