@@ -438,6 +438,7 @@ BAD_VALUES = {
     "augment.solarize_threshold=2": "augment.solarize_threshold must lie between 0 and 1",
     "optim.optimizer.momentum=1.5": "optim.optimizer.momentum must lie in [0, 1), not 1.5",
     "optim.optimizer.momentum=1": "optim.optimizer.momentum must lie in [0, 1), not 1",
+    "optim.optimizer.momentum=[0.1]": "optim.optimizer.momentum must lie in [0, 1), not [0.1]",  # was a TypeError
     "ema.tau_schedule=linear": "unknown ema.tau_schedule 'linear'; choose one of: cosine, constant",
     "optim.name=rmsprop": "unknown optim.name 'rmsprop'; choose one of: lars, sgd, adam, adamw",
     "optim.scheduler.name=step": "unknown optim.scheduler.name 'step'; choose one of: warmup_cosine, constant",
@@ -757,8 +758,8 @@ def test_an_export_naming_a_huge_network_is_refused_before_it_is_built(tmp_path,
     path = tmp_path / "huge.pt"
     torch.save(dict(export, backbone={**export["backbone"], "width": 8.0}), path)
     built_for_real = []
-    real_load = checkpoint.load_weights
-    monkeypatch.setattr(checkpoint, "load_weights", lambda module, *a: built_for_real.append(module) or
+    real_load = checkpoint._load_checked  # where a real network receives the weights the meta build checked
+    monkeypatch.setattr(checkpoint, "_load_checked", lambda module, *a: built_for_real.append(module) or
                         real_load(module, *a))
     for build in (lambda: read_pretrained(path).build(["layer2.0"]), lambda: checkpoint.load_encoder(path)):
         with pytest.raises(CheckpointError, match="holds weights of another architecture"):

@@ -33,10 +33,15 @@ BASE_WIDTHS = (64, 128, 256, 512)  # torchvision's channels per stage (before a 
 MAX_WIDTH = 16  # ResNet-50 x16: 6 billion weights; a file naming width 1e6 asked for a 37 GB first layer
 
 
+def width_fits(width: float) -> bool:
+    """Whether a numeric ``width`` is finite, leaves the first stage at least one channel, and is at most
+    :data:`MAX_WIDTH` (the rule for a config's width and for an export's alike)."""
+    return math.isfinite(width) and round(BASE_WIDTHS[0] * width) >= 1 and width <= MAX_WIDTH
+
+
 def stage_widths(width: float) -> list[int]:
     """The channels of the four stages at ``width`` x torchvision's (0.5 -> 32, 64, 128, 256)."""
-    if not (isinstance(width, int | float) and math.isfinite(width) and round(BASE_WIDTHS[0] * width) >= 1
-            and width <= MAX_WIDTH):
+    if not (isinstance(width, int | float) and width_fits(width)):
         raise ConfigError(f"backbone.width must be a positive number up to {MAX_WIDTH} that leaves the first stage "
                           f"at least one of its {BASE_WIDTHS[0]} channels, not {width!r}")
     return [round(base * width) for base in BASE_WIDTHS]

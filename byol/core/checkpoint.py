@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import math
 import os
 import pickle
 import re
@@ -295,7 +294,7 @@ def encoder_config(raw, source, fix: str = f"For a run's encoder.pt: {REWRITE_EX
     builds), ``stem`` (cifar or imagenet), ``width`` (a positive number; 1.0 for exports written before it
     existed), ``taps`` (module names of that network), ``grids`` ({module name: positive whole number}).
     A file is data: anything else is refused, before any of it is used (a name, a path...)."""
-    from byol.core.backbone import AVGPOOL, MAX_WIDTH, RESNETS, STEMS, module_names
+    from byol.core.backbone import AVGPOOL, MAX_WIDTH, RESNETS, STEMS, module_names, width_fits
 
     if not isinstance(raw, dict):
         raise CheckpointError(f"refusing '{source}': its backbone description is not a mapping")
@@ -310,8 +309,7 @@ def encoder_config(raw, source, fix: str = f"For a run's encoder.pt: {REWRITE_EX
                     f"({', '.join(RESNETS)})" if name not in RESNETS
                else f"backbone.stem {stem[:40]!r} is not one of the stems ({', '.join(STEMS)})" if stem not in STEMS
                else f"backbone.width must be a positive number up to {MAX_WIDTH} that leaves the first stage a "
-                    f"channel" if not (type(width) in (int, float) and math.isfinite(width) and round(64 * width) >= 1
-                                       and width <= MAX_WIDTH)
+                    f"channel" if not (type(width) in (int, float) and width_fits(width))
                else "backbone.taps must be a list of strings" if not (
                    isinstance(taps, list) and all(isinstance(t, str) for t in taps))
                else f"backbone.taps names {next(t for t in taps if t not in names)[:40]!r}, no module of {name}"
@@ -340,6 +338,10 @@ def load_weights(module: torch.nn.Module, state: dict, source, job: str = "evalu
     """``load_state_dict`` with an error that says what does not match, instead of a 60-line dump (and a
     state that is not names mapped to tensors refused, instead of a traceback). ``job``: see :func:`safe_load`."""
     check_weights(module, state, source, job)
+    _load_checked(module, state)
+
+
+def _load_checked(module: torch.nn.Module, state: dict) -> None:
     module.load_state_dict({k: state[k] for k in module.state_dict()}, strict=True)
 
 
@@ -347,9 +349,9 @@ def built_with_weights(build, state, source) -> torch.nn.Module:
     """``build()`` holding ``state``. The weights are compared with a meta-device build first, so a file whose
     description names a huge network is refused before memory is spent on it."""
     with torch.device("meta"):
-        check_weights(build(), state, source)
+        check_weights(build(), state, source)  # names, shapes, kinds of number and the file's values: all of it
     module = build()
-    load_weights(module, state, source)
+    _load_checked(module, state)  # the same architecture as checked: not scanned again
     return module
 
 

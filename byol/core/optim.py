@@ -57,7 +57,7 @@ class LARS(torch.optim.Optimizer):
                                       eps=eps, clip_lr=bool(clip_lr), lars_exclude=False))
 
     @staticmethod
-    def _trust_ratios(group: dict, params: list, grads: list) -> list:
+    def _trust_ratios(group: dict, params: list, grads: list) -> tuple[list, list]:
         """Per tensor: the trust ratio, clipped to ``min(ratio / lr, 1)`` with ``clip_lr``, 1 where a norm
         is 0; and 1 where the gradient is non-zero, else 0 (weight decay's factor). All tensors at once."""
         w = torch.stack(torch._foreach_norm(params))

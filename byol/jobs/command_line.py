@@ -17,15 +17,12 @@ from omegaconf import OmegaConf
 def _trainer_hint(name: str) -> str:
     """For ``trainer.NAME`` not in the config: how to pass it if Lightning's Trainer takes it, else the argument it
     resembles (advising ``+trainer.NAME`` for any name led to a second refusal). Lightning is imported here only."""
-    import difflib
+    from byol.jobs.config_check import TRAINER_RESERVED, closest_trainer_argument, trainer_parameters
 
-    from byol.jobs.config_check import TRAINER_RESERVED, trainer_parameters
-
-    arguments = sorted(trainer_parameters() - set(TRAINER_RESERVED))
-    if name in arguments:
+    if name in trainer_parameters() - set(TRAINER_RESERVED):
         return f"; another Trainer argument: +trainer.{name}=VALUE"
-    close = difflib.get_close_matches(name, arguments, n=1, cutoff=0.7)
-    return f"; did you mean trainer.{close[0]}?" if close else "; nor is it an argument of Lightning's Trainer"
+    close = closest_trainer_argument(name)
+    return f"; did you mean trainer.{close}?" if close else "; nor is it an argument of Lightning's Trainer"
 
 
 def _parsed_overrides(argv: Sequence[str]) -> list | None:

@@ -30,6 +30,7 @@ from byol.jobs.value_ranges import (
     check_image_side,
     check_normalization,
     check_synthetic_size,
+    is_number,
     number_at,
 )
 
@@ -249,11 +250,17 @@ def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) 
 
 def _trainer_argument(key: str, value, source: str, path: tuple, known: bool) -> None:
     if key in TRAINER_RESERVED or not (known or key in trainer_parameters()):
-        import difflib
-
-        close = difflib.get_close_matches(key, sorted(trainer_parameters() - set(TRAINER_RESERVED)), n=1, cutoff=0.7)
-        mean = f" (did you mean trainer.{close[0]}?)" if close and key not in TRAINER_RESERVED else ""
+        close = closest_trainer_argument(key) if key not in TRAINER_RESERVED else None
+        mean = f" (did you mean trainer.{close}?)" if close else ""
         raise _refuse(source, path, value, f"is not a Trainer argument this project passes on{mean}")
+
+
+def closest_trainer_argument(name: str) -> str | None:
+    """The Trainer argument this project passes on that ``name`` resembles (a typo's fix), if any."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(trainer_parameters() - set(TRAINER_RESERVED)), n=1, cutoff=0.7)
+    return close[0] if close else None
 
 
 @functools.cache
@@ -346,7 +353,7 @@ def check_config(container: Mapping, source: str = "the config") -> None:
     check_augment_ranges(container, source)
     for key in MOMENTUM:
         value = number_at(container, key)
-        if value is not None and (isinstance(value, bool | str) or not 0 <= value < 1):
+        if value is not None and (not is_number(value) or not 0 <= value < 1):
             raise ConfigError(f"{key} must lie in [0, 1), not {value!r} ({source})")
     for key, names in NAMED.items():
         value = number_at(container, key)

@@ -53,7 +53,7 @@ def check_normalization(data: Mapping, source: str) -> None:
         value = data.get(key)
         if value is None:
             continue
-        numbers = isinstance(value, (list, tuple)) and all(_number(v) for v in value)
+        numbers = isinstance(value, (list, tuple)) and all(is_number(v) for v in value)
         if not numbers or len(value) != 3:
             raise ConfigError(f"data.{key} must be 3 numbers, one per RGB channel, not {value!r} ({source})")
         if not all(0 <= v <= 1 for v in value) or (key == "std" and min(value) == 0):
@@ -81,13 +81,13 @@ def check_augment_ranges(container: Mapping, source: str) -> None:
             if pair is None:
                 continue
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                    and all(_number(v) for v in pair)
+                    and all(is_number(v) for v in pair)
                     and low < pair[0] <= pair[1] <= high):
                 top = "" if high == math.inf else f" <= {high}"
                 raise ConfigError(f"{key} must be [min, max] with {low} < min <= max{top}, not {pair!r} ({source})")
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
