@@ -25,9 +25,9 @@ from byol.core.knn import knn_accuracy, knn_predict
 from byol.core.linear_probe import standardize, train_linear_probe
 from byol.jobs.build import build_byol
 from byol.jobs.evaluate import evaluate
-from byol.jobs.pretrained import random_model, read_pretrained
+from byol.jobs.pretrained import random_model, read_pretrained, resolve_pretrained
 from byol.jobs.protocols import optimizer_maker
-from byol.jobs.run_folder import find_runs, resolve_pretrained, weights_file
+from byol.jobs.run_folder import find_runs, weights_file
 from byol.lightning.classifier import ClassifierModule
 
 GRIDS = {"layer2.0": 4, "layer3.0": 2}

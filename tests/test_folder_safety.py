@@ -239,3 +239,34 @@ def test_a_single_job_into_a_sweeps_folder_is_refused_before_anything_is_written
     (evaluation / "0_loss=classic").mkdir(parents=True)
     (evaluation / "0_loss=classic" / "config.yaml").write_text("eval:\n  name: knn\n")
     check_job_folder(evaluation, "evaluate")
+
+
+def test_a_sweep_into_a_folder_of_another_kind_of_job_is_refused_before_anything_is_written(tmp_path, capsys):
+    """evaluate.py -m hydra.sweep.dir=<a training sweep> replaced the training sweep's multirun.yaml and put
+    evaluation jobs among its runs; a sweep into a single job's folder did the same to that job. Both are
+    refused in one line before Hydra writes; a sweep into a sweep of its own kind (a resumed or re-evaluated
+    sweep) and into a new or empty folder go on."""
+    from byol.jobs.command_line import check_command_line
+
+    training = tmp_path / "training"
+    _run_folder(training / "0_loss=classic")
+    (training / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    evaluations = tmp_path / "evaluations"
+    (evaluations / "0_eval=knn").mkdir(parents=True)
+    (evaluations / "0_eval=knn" / "config.yaml").write_text("eval:\n  name: knn\n")
+    refused = [("evaluate", training, "a pretraining sweep (its job '0_loss=classic'); an evaluation sweep"),
+               ("train", evaluations, "an evaluation sweep (its job '0_eval=knn'); a pretraining sweep"),
+               ("evaluate", training / "0_loss=classic", "a single pretraining job's output"),
+               ("train", evaluations / "0_eval=knn", "a single evaluation job's output")]
+    for job, folder, held in refused:
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        with pytest.raises(SystemExit) as stop:
+            check_command_line(["-m", f"hydra.sweep.dir='{folder}'"], job)
+        error = capsys.readouterr().err
+        assert stop.value.code == 1 and error.startswith(f"error: '{folder}' holds {held}"), error
+        assert "hydra.sweep.dir=NEW" in error and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    (tmp_path / "empty").mkdir()
+    for job, folder in [("train", training), ("evaluate", evaluations), ("train", tmp_path / "empty"),
+                        ("evaluate", tmp_path / "new")]:
+        check_command_line(["-m", f"hydra.sweep.dir='{folder}'"], job)  # no exit
+    assert (training / "multirun.yaml").read_text() == "hydra:\n  mode: MULTIRUN\n"

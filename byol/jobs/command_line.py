@@ -345,7 +345,7 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     """Exit with one ``error:`` line for a misspelt key, a setting of another option, a run folder of the
     other kind of job or one with links where jobs write, before Hydra composes anything (or writes its
     ``.hydra/`` record and log into the folder)."""
-    from byol.jobs.run_folder import FolderTakenError, check_job_folder, links_in
+    from byol.jobs.run_folder import FolderTakenError, check_job_folder, check_sweep_folder, links_in
 
     message = (unquoted_path(argv) or unknown_option(argv, config_name) or misspelt_key(argv, config_name)
                or setting_of_another_option(argv, config_name))
@@ -360,7 +360,13 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
             message = f"error: {e}"
     if not message and config_name == "train" and not _is_sweep(argv):
         message = _start_problem(_last_value(argv, ("resume", "++resume")), run_dir)
-    for folder in given_sweep_folders(argv) if not message else []:
+    sweep_folders = given_sweep_folders(argv) if not message else []
+    if sweep_folders:
+        try:
+            check_sweep_folder(sweep_folders[0], config_name)
+        except FolderTakenError as e:
+            message = f"error: {e}"
+    for folder in sweep_folders if not message else []:
         links = links_in(folder)
         if links:
             message = (f"error: '{links[0]}' is a symbolic link in the sweep folder; jobs never write through "

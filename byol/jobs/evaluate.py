@@ -42,6 +42,7 @@ from byol.jobs.pretrained import (
     random_model,
     read_pretrained,
     read_run_config,
+    resolve_pretrained,
     run_config_fields,
 )
 from byol.jobs.replaced import set_aside_evaluation
@@ -57,7 +58,6 @@ from byol.jobs.run_folder import (
     CONFIG_FILE,
     RANDOM,
     failed_jobs,
-    resolve_pretrained,
     run_folder_of,
     run_label,
 )

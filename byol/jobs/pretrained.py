@@ -1,4 +1,5 @@
-"""The encoders an evaluation measures: a pretraining run's online encoder, or a random initialisation.
+"""The encoders an evaluation measures (what ``pretrained=`` names): a pretraining run's online encoder, or a
+random initialisation.
 
 BYOL keeps only the online encoder; it is rebuilt from the pretraining run's own saved config
 (never from evaluation defaults, so a multi-loss ResNet-50 run is evaluated as what it is).
@@ -32,14 +33,23 @@ from byol.jobs.config_check import SEED_TEXT, check_file_config, check_plain, va
 from byol.jobs.datasets import MACHINE_DATA_KEYS
 from byol.jobs.resume import TRAINED_KEYS, flatten_config, folder_run_id
 from byol.jobs.run_folder import (
+    CHECKPOINT_GLOB,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     ENCODER_FILE,
     LAST_CHECKPOINT,
+    LATEST,
+    LATEST_SWEEP,
     RANDOM,
     RUN_ID_KEY,
+    failed_jobs,
+    find_runs,
+    is_run_dir,
     raw_run_config,
     run_folder_of,
+    sweep_jobs,
+    sweep_runs,
+    weights_file,
 )
 
 RANDOM_INIT_LABEL = "random-init"  # the loss column, and the label, of a random-init baseline
@@ -258,3 +268,76 @@ def run_config_fields(run_cfg: Mapping | None) -> dict:
               "pretrain_data": data_fields(run_cfg.get("data")),
               "pretrain_epochs_planned": planned_epochs(run_cfg), "trained": trained_settings(run_cfg)}
     return {k: v for k, v in fields.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- what pretrained= names
+
+
+def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
+    """What ``pretrained=`` names: ``("random", None)``, ``([weights file], None)`` for one model, or
+    ``([weights files...], sweep folder)`` for every run of a sweep."""
+    spec = str(spec)
+    if not spec.strip():  # pretrained=$RUN with RUN unset: never every run under the current folder
+        raise CheckpointError("pretrained= is empty; give a run folder, a sweep folder, a .ckpt, an "
+                              f"{ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
+    if spec == RANDOM:
+        return RANDOM, None
+    if spec == LATEST:
+        return [weights_file(_latest_run(Path(outputs_dir)))], None
+    if spec == LATEST_SWEEP:
+        sweep = _latest_sweep(Path(outputs_dir))
+        return _sweep_targets(sweep), sweep
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"pretrained='{spec}' does not exist; give a run folder, a sweep folder, a "
+                              f".ckpt, an {ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
+    if path.is_file():
+        return [path], None
+    if is_run_dir(path):
+        return [weights_file(path)], None
+    if not find_runs(path) and not sweep_jobs(path):
+        raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds {ENCODER_FILE} or "
+                              f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}); create one with `python train.py` or use "
+                              f"pretrained=random")
+    return _sweep_targets(path), path
+
+
+def _latest_run(outputs: Path) -> Path:
+    """The run under ``outputs`` whose weights were written last."""
+    runs = find_runs(outputs)
+    if not runs:
+        raise CheckpointError(
+            f"no pretraining runs found under '{outputs}' (a run folder holds {ENCODER_FILE} or "
+            f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}). Create one with `python train.py` (`python train.py "
+            f"experiment=smoke` takes seconds), name one with pretrained=PATH, or evaluate a random-init "
+            f"encoder with pretrained=random")
+    run = max(runs, key=lambda p: weights_file(p).stat().st_mtime)
+    print(f"[eval] pretrained=latest: {run} (newest of {len(runs)} runs under {outputs})", flush=True)
+    return run
+
+
+def _latest_sweep(outputs: Path) -> Path:
+    """The newest training sweep, by its newest weights or job folder: a sweep whose jobs all failed
+    is still the newest (and then an error names them, never an older sweep instead)."""
+    root = outputs / "multirun" / "train"
+    sweeps = [d for d in sorted(root.iterdir()) if d.is_dir() and (find_runs(d) or sweep_jobs(d))] \
+        if root.is_dir() else []
+    if not sweeps:
+        raise CheckpointError(
+            f"no pretraining sweep found under '{root}'. Create one with `python train.py -m "
+            f"loss=classic,multi seed=0,1,2` or name a folder with pretrained=PATH")
+    sweep = max(sweeps, key=lambda d: max([weights_file(r).stat().st_mtime for r in find_runs(d)]
+                                          + [j.stat().st_mtime for j in sweep_jobs(d)]))
+    print(f"[eval] pretrained=latest_sweep: {sweep}", flush=True)
+    return sweep
+
+
+def _sweep_targets(sweep: Path) -> list[Path]:
+    """The weights of every run of ``sweep`` that can be evaluated; an error when there is none."""
+    runs = sweep_runs(sweep)
+    if not runs:
+        failed = failed_jobs(sweep)
+        detail = "; ".join(f"{job.name}: {reason}" for job, reason in failed[:5])
+        raise CheckpointError(f"no run of the sweep '{sweep}' can be evaluated: its {len(failed)} job(s) "
+                              f"have no model ({detail}{'; ...' if len(failed) > 5 else ''})")
+    return [weights_file(r) for r in runs]

@@ -8,7 +8,7 @@ releases it when the holder dies, so a killed run never blocks the next one.
 
 It is also the one home of the run-folder layout (the file names below) and of the lookups
 built on it: which folders are runs, which file holds a run's weights, which jobs of a sweep
-failed, and what ``pretrained=`` names.
+failed, which kind of job a folder holds.
 """
 
 from __future__ import annotations
@@ -60,18 +60,13 @@ def check_job_folder(folder: Path, job: str) -> None:
             f"writes only into its own folder, never through a link to another place: replace each link by the "
             f"file or folder itself, or write into another folder (hydra.run.dir=NEW). To keep a run on another "
             f"disk, link the whole run folder instead")
-    try:
-        raw = raw_run_config(folder)
-    except ConfigError:  # an unreadable config.yaml: the job itself says so
-        raw = None
-    keys = set(raw) if isinstance(raw, dict) else set()  # a file of any shape: it is not ours to trust
-    run = is_run_dir(folder) or "loss" in keys
+    kind = job_kind(folder)
     if (folder / "multirun.yaml").is_file():  # Hydra's record of a sweep (-m), in the sweep's folder only
         held = (f"a sweep (multirun.yaml, its jobs' folders): a single {'run' if job == 'train' else 'evaluation'} "
                 f"there would overwrite the sweep's record and read as one of its jobs")
-    elif job == "evaluate" and run:
+    elif job == "evaluate" and kind == "train":
         held = "a pretraining run, whose config.yaml and metrics.csv the evaluation would overwrite"
-    elif job == "train" and not run and ((folder / "results.json").is_file() or "eval" in keys):
+    elif job == "train" and kind == "evaluate":
         held = "an evaluation, whose config.yaml and metrics.csv the run would overwrite"
     else:
         return
@@ -80,6 +75,44 @@ def check_job_folder(folder: Path, job: str) -> None:
         hydras_log.unlink()
     raise FolderTakenError(f"'{folder}' holds {held}; write into another folder (hydra.run.dir=NEW, or leave "
                            f"hydra.run.dir out for a new one under outputs/)")
+
+
+def job_kind(folder: Path) -> str | None:
+    """Which kind of job's output ``folder`` holds: "train" (a pretraining run: weights, or a config with a
+    loss), "evaluate" (results.json, or a config with an eval), None (neither, or nothing yet)."""
+    folder = Path(folder)
+    try:
+        raw = raw_run_config(folder)
+    except ConfigError:  # an unreadable config.yaml: the job itself says so
+        raw = None
+    keys = set(raw) if isinstance(raw, dict) else set()  # a file of any shape: it is not ours to trust
+    if is_run_dir(folder) or "loss" in keys:
+        return "train"
+    if (folder / "results.json").is_file() or "eval" in keys:
+        return "evaluate"
+    return None
+
+
+def check_sweep_folder(sweep: Path, job: str) -> None:
+    """Refuse a sweep (``-m``) of ``job`` into a folder that holds a single job's output or another kind of
+    sweep: Hydra would replace that sweep's multirun.yaml with this one's, and its folder would mix runs and
+    evaluations (a report of it, ``pretrained=`` of it, would read both). A sweep of the same kind is
+    fine: that is how a sweep is resumed or re-evaluated."""
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        return
+    what = {"train": "pretraining", "evaluate": "evaluation"}
+    a_sweep = {"train": "a pretraining sweep", "evaluate": "an evaluation sweep"}
+    if job_kind(sweep) is not None:
+        held = f"a single {what[job_kind(sweep)]} job's output (its config.yaml, metrics, weights or results)"
+    else:
+        other = next((j for j in sweep_jobs(sweep) if job_kind(j) not in (None, job)), None)
+        if other is None:
+            return
+        held = (f"{a_sweep[job_kind(other)]} (its job '{other.name}'); {a_sweep[job]} there would replace its "
+                f"multirun.yaml and mix its folders with these")
+    raise FolderTakenError(f"'{sweep}' holds {held}; sweep into another folder (hydra.sweep.dir=NEW, or leave "
+                           f"hydra.sweep.dir out for a new one under outputs/multirun/)")
 
 
 def links_in(folder: Path) -> list[Path]:
@@ -325,76 +358,3 @@ def run_label(weights: Path, sweep: Path | None = None) -> str:
     if sweep is not None and run != sweep and run.is_relative_to(sweep):
         return str(run.relative_to(sweep))
     return run.name if is_run_dir(run) else weights.stem
-
-
-# --------------------------------------------------------------------------- what pretrained= names
-
-
-def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
-    """What ``pretrained=`` names: ``("random", None)``, ``([weights file], None)`` for one model, or
-    ``([weights files...], sweep folder)`` for every run of a sweep."""
-    spec = str(spec)
-    if not spec.strip():  # pretrained=$RUN with RUN unset: never every run under the current folder
-        raise CheckpointError("pretrained= is empty; give a run folder, a sweep folder, a .ckpt, an "
-                              f"{ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
-    if spec == RANDOM:
-        return RANDOM, None
-    if spec == LATEST:
-        return [weights_file(_latest_run(Path(outputs_dir)))], None
-    if spec == LATEST_SWEEP:
-        sweep = _latest_sweep(Path(outputs_dir))
-        return _sweep_targets(sweep), sweep
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"pretrained='{spec}' does not exist; give a run folder, a sweep folder, a "
-                              f".ckpt, an {ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
-    if path.is_file():
-        return [path], None
-    if is_run_dir(path):
-        return [weights_file(path)], None
-    if not find_runs(path) and not sweep_jobs(path):
-        raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds {ENCODER_FILE} or "
-                              f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}); create one with `python train.py` or use "
-                              f"pretrained=random")
-    return _sweep_targets(path), path
-
-
-def _latest_run(outputs: Path) -> Path:
-    """The run under ``outputs`` whose weights were written last."""
-    runs = find_runs(outputs)
-    if not runs:
-        raise CheckpointError(
-            f"no pretraining runs found under '{outputs}' (a run folder holds {ENCODER_FILE} or "
-            f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}). Create one with `python train.py` (`python train.py "
-            f"experiment=smoke` takes seconds), name one with pretrained=PATH, or evaluate a random-init "
-            f"encoder with pretrained=random")
-    run = max(runs, key=lambda p: weights_file(p).stat().st_mtime)
-    print(f"[eval] pretrained=latest: {run} (newest of {len(runs)} runs under {outputs})", flush=True)
-    return run
-
-
-def _latest_sweep(outputs: Path) -> Path:
-    """The newest training sweep, by its newest weights or job folder: a sweep whose jobs all failed
-    is still the newest (and then an error names them, never an older sweep instead)."""
-    root = outputs / "multirun" / "train"
-    sweeps = [d for d in sorted(root.iterdir()) if d.is_dir() and (find_runs(d) or sweep_jobs(d))] \
-        if root.is_dir() else []
-    if not sweeps:
-        raise CheckpointError(
-            f"no pretraining sweep found under '{root}'. Create one with `python train.py -m "
-            f"loss=classic,multi seed=0,1,2` or name a folder with pretrained=PATH")
-    sweep = max(sweeps, key=lambda d: max([weights_file(r).stat().st_mtime for r in find_runs(d)]
-                                          + [j.stat().st_mtime for j in sweep_jobs(d)]))
-    print(f"[eval] pretrained=latest_sweep: {sweep}", flush=True)
-    return sweep
-
-
-def _sweep_targets(sweep: Path) -> list[Path]:
-    """The weights of every run of ``sweep`` that can be evaluated; an error when there is none."""
-    runs = sweep_runs(sweep)
-    if not runs:
-        failed = failed_jobs(sweep)
-        detail = "; ".join(f"{job.name}: {reason}" for job, reason in failed[:5])
-        raise CheckpointError(f"no run of the sweep '{sweep}' can be evaluated: its {len(failed)} job(s) "
-                              f"have no model ({detail}{'; ...' if len(failed) > 5 else ''})")
-    return [weights_file(r) for r in runs]
