@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from byol.core.data import ImageTensors, image_digests, make_synthetic, seeded_subset
+from byol.core.data import ImageTensors, holdout, image_digests, make_synthetic, seeded_subset, split_in_place
 from byol.core.errors import DataError
 from byol.jobs.datasets import eval_splits, load_eval_data
 
@@ -70,3 +70,52 @@ def test_unlabelled_training_images_are_refused_for_evaluation(tmp_path):
     cfg = {"name": "imagefolder", "root": str(tmp_path), "image_size": 8, "cache_dir": None}
     with pytest.raises(DataError, match="the train split has unlabelled images; evaluation needs class folders"):
         load_eval_data(cfg, {"name": "holdout", "val_size": 2}, seed=0)
+
+
+def test_the_holdout_split_is_taken_in_place_and_equals_the_copying_one(monkeypatch):
+    """The evaluation's training split is reordered in place (it held the training set twice while the
+    validation images were taken out): the same images, labels and order as two copies, with copies of an
+    image kept on one side and with a subset on top; the training images a caller hands in stay as they were."""
+    import byol.jobs.datasets as datasets
+
+    train = make_synthetic(50, 8, 4, seed=0)
+    train.images[7] = train.images[3]  # two files with the same pixels: the holdout keeps them together
+    loaded = []
+    real_load = datasets.load_split
+
+    def load(cfg, split, unlabelled=True):
+        if split != "train":
+            return real_load(cfg, split, unlabelled)
+        loaded.append(ImageTensors(train.images.clone(), train.labels.clone(), train.classes))
+        return loaded[-1]
+
+    monkeypatch.setattr(datasets, "load_split", load)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(12345))
+    held, rest = holdout(perm, image_digests(train), 9)
+    assert len(held) == 9 and (3 in held.tolist()) == (7 in held.tolist())
+    for subset in (None, 12):
+        config = {**SYNTHETIC, "num_train": 50, "subset": subset}
+        splits = eval_splits(config, {"name": "holdout", "val_size": 9}, seed=5)
+        kept = seeded_subset(train.subset(rest), subset, seed=5)
+        assert torch.equal(splits["val"].images, train.images[held])
+        assert torch.equal(splits["val"].labels, train.labels[held])
+        assert torch.equal(splits["train"].images, kept.images) and torch.equal(splits["train"].labels, kept.labels)
+        if subset is None:  # views of the loaded tensor, not copies
+            assert splits["train"].images.untyped_storage().data_ptr() == loaded[-1].images.untyped_storage().data_ptr()
+    handed = ImageTensors(train.images.clone(), train.labels.clone(), train.classes)
+    splits = eval_splits({**SYNTHETIC, "num_train": 50}, {"name": "holdout", "val_size": 9}, seed=5, train=handed)
+    assert torch.equal(handed.images, train.images) and torch.equal(splits["val"].images, train.images[held])
+
+
+def test_split_in_place_reorders_the_rows_along_every_cycle():
+    for n in (1, 2, 7, 300):
+        generator = torch.Generator().manual_seed(n)
+        images = torch.randint(0, 256, (n, 3, 2, 2), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 5, (n,), generator=generator)
+        perm, k = torch.randperm(n, generator=generator), n // 3
+        data = ImageTensors(images.clone(), labels.clone(), ("a",))
+        first, second = split_in_place(data, perm[:k], perm[k:])
+        assert torch.equal(first.images, images[perm[:k]]) and torch.equal(second.images, images[perm[k:]])
+        assert torch.equal(first.labels, labels[perm[:k]]) and torch.equal(second.labels, labels[perm[k:]])
+        assert second.images.untyped_storage().data_ptr() == data.images.untyped_storage().data_ptr()  # no copy
+        assert first.classes == second.classes == ("a",)

@@ -204,6 +204,32 @@ def holdout(perm: torch.Tensor, digests: list[bytes], size: int) -> tuple[torch.
     return perm[mask], perm[~mask]
 
 
+def split_in_place(data: ImageTensors, first: torch.Tensor, second: torch.Tensor) -> tuple[ImageTensors, ImageTensors]:
+    """``(data.subset(first), data.subset(second))`` for in-memory images, without a copy: ``data``'s rows are
+    reordered in place (one cycle of the permutation at a time, one row held aside), and the two parts are
+    views of its tensor. ``data`` itself is used up: its rows are no longer where its labels say. An
+    evaluation's training split held the whole set twice while its validation images were taken out."""
+    order = torch.cat([first, second])
+    if data.mapped or len(order) != len(data) or len(data) == 0:  # nothing to gain, or not a permutation
+        return data.subset(first), data.subset(second)
+    rows, source = data.images.numpy(), order.tolist()
+    done = bytearray(len(source))
+    for start in range(len(source)):
+        if done[start] or source[start] == start:
+            continue
+        aside, at = rows[start].copy(), start
+        while True:  # row at <- row source[at], along the cycle back to start
+            done[at] = 1
+            if source[at] == start:
+                rows[at] = aside
+                break
+            rows[at] = rows[source[at]]
+            at = source[at]
+    images, labels, n = data.images, data.labels[order], len(first)
+    return (ImageTensors(images[:n], labels[:n], data.classes),
+            ImageTensors(images[n:], labels[n:], data.classes))
+
+
 # --------------------------------------------------------------------------- batching
 
 

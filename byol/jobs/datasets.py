@@ -22,6 +22,7 @@ from byol.core.data import (
     load_stl10,
     make_synthetic,
     seeded_subset,
+    split_in_place,
 )
 from byol.core.disk_images import decoded_bytes
 from byol.core.errors import DataError
@@ -147,6 +148,7 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0, train: ImageTensors | No
     images (STL-10's) are not loaded. ``train``: the training images, loaded already.
     """
     check_eval_folders(cfg)
+    ours = train is None  # loaded here: its rows may be reordered in place
     train = train if train is not None else load_split(cfg, "train", unlabelled=False)
     test = load_split(cfg, "test")
     if len(train.classes) and len(test.classes) and train.classes != test.classes:
@@ -185,7 +187,7 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0, train: ImageTensors | No
         print(f"[data] {n} training {copies} (same pixels); each set of copies stays on one side of the "
               f"train/val split", flush=True)
     held, rest = holdout(perm, digests, val_size)
-    val, rest = train.subset(held), train.subset(rest)
+    val, rest = split_in_place(train, held, rest) if ours else (train.subset(held), train.subset(rest))
     return {"train": subset_of(rest, cfg, seed, "training images left after the validation split"), "val": val,
             "test": test}
 
