@@ -140,6 +140,8 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     assert len(data) == 4 and data.labels.tolist() == [0, 0, 1, 1]
     skipped = sorted(str(w.message).split(":")[0] for w in caught if "skipping unreadable" in str(w.message))
     assert skipped == [f"skipping unreadable image {truncated}", f"skipping unreadable image {bad}"]
+    bad.unlink(), truncated.unlink()  # the images kept are those of the folder without the two files
+    assert torch.equal(data.images, load_image_folder(tmp_path / "train").images) and data.images.shape[0] == 4
 
 
 def test_odd_images_are_converted(tmp_path):

@@ -136,12 +136,16 @@ def load_image_folder(
             cache = None
     kept = "once; cached afterwards" if cache is not None else "not cached"
     print(f"[data] decoding {len(files)} images from {folder} ({kept})", flush=True)
-    arrays = list(_decoded(files, size, skip_bad_files, workers))
-    keep = [i for i, a in enumerate(arrays) if a is not None]
+    images, keep = np.empty((len(files), 3, size, size), np.uint8), []  # filled as decoded: one copy in memory
+    for i, array in enumerate(_decoded(files, size, skip_bad_files, workers)):
+        if array is not None:
+            images[len(keep)] = array
+            keep.append(i)
     if not keep:
         raise DataError(f"none of the {len(files)} images in '{folder}' could be read")
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
-    data = ImageTensors(images, torch.tensor([labels[i] for i in keep], dtype=torch.long), classes)
+    if len(keep) < len(files):  # skipped files: the rows left over are given back, in place where it can
+        images.resize((len(keep), 3, size, size), refcheck=False)
+    data = ImageTensors(torch.from_numpy(images), torch.tensor([labels[i] for i in keep], dtype=torch.long), classes)
     if cache is not None:
         try:
             atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes)}, cache)
