@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.console import console_copied_to
+from byol.jobs.console import ESCAPED_NAMES, console_copied_to
 from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
@@ -251,7 +251,7 @@ def run_job(fn, cfg, *args, **kwargs):
         if not multirun:
             raise
         traceback.print_exc()
-        (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n", errors="backslashreplace")
+        (run_dir / FAILED).write_text(f"{type(e).__name__}: {e}\n", "utf-8", ESCAPED_NAMES)
         return None
 
 
@@ -319,7 +319,7 @@ def _say(line: str, log: Path | None) -> None:
     print(line, file=sys.stderr, flush=True)
     if log is not None and log.is_file() and not log.is_symlink():
         try:
-            with open(log, "a", encoding="utf-8", errors="backslashreplace") as f:
+            with open(log, "a", encoding="utf-8", errors=ESCAPED_NAMES) as f:
                 f.write(line + "\n")
         except OSError:
             pass  # the folder cannot be written: the console has the line
@@ -333,10 +333,10 @@ def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | 
     _say(f"error: {e}", log)
     if getattr(e, "nothing_trained", False) and is_run_dir(run_dir):
         if earlier_failure is not None:
-            (run_dir / FAILED).write_text(earlier_failure, errors="backslashreplace")
+            (run_dir / FAILED).write_text(earlier_failure, "utf-8", ESCAPED_NAMES)
     else:
         try:
-            (run_dir / FAILED).write_text(f"{e}\n", errors="backslashreplace")
+            (run_dir / FAILED).write_text(f"{e}\n", "utf-8", ESCAPED_NAMES)
         except OSError:
             pass  # the folder itself cannot be written: the line above is all there is
     if multirun:

@@ -3,6 +3,7 @@ console copied into the job's log file."""
 
 from __future__ import annotations
 
+import codecs
 import logging
 import sys
 import warnings
@@ -11,6 +12,22 @@ from functools import partial
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # byol/
+# the encoding error handler of everything a job or the report writes: a file name's byte that is not UTF-8
+# (Python holds it as a lone surrogate, "e\udcff1") written as "e\xff1", as `ls -b` shows it; any other
+# character the stream cannot encode as Python's backslashreplace writes it
+ESCAPED_NAMES = "byol.escaped-names"
+
+
+def _escape_bytes(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    bad = error.object[error.start:error.end]
+    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                    else c.encode("ascii", "backslashreplace").decode("ascii") for c in bad)
+    return shown, error.end
+
+
+codecs.register_error(ESCAPED_NAMES, _escape_bytes)
 
 
 # Lightning messages with nothing for a user to act on, silenced during a run (and restored after)
@@ -80,7 +97,7 @@ def names_printable() -> None:
     raised UnicodeEncodeError instead."""
     for stream in (sys.stdout, sys.stderr):
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors=ESCAPED_NAMES)
 
 
 @contextmanager
@@ -88,7 +105,7 @@ def console_copied_to(path: Path):
     """The job's console lines (stdout, and stderr's error lines) also in ``path`` (Hydra's job log)."""
     names_printable()
     try:
-        log = open(path, "a", encoding="utf-8", errors="backslashreplace")
+        log = open(path, "a", encoding="utf-8", errors=ESCAPED_NAMES)
     except OSError:  # an unwritable folder is reported by the job itself
         yield
         return

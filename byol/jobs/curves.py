@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from byol.jobs.figures import escaped, literal_text, pyplot, save_png
+from byol.jobs.report_files import why_unreadable
 
 CURVES_FILE = "curves.png"
 # the largest value (or epoch) a figure draws: beyond it an axis' span or its ticks overflow a float
@@ -228,19 +229,9 @@ def readable_runs(runs: Sequence[tuple[str, str, Path]], figure: str) -> list[tu
             series = read_metrics(metrics)
             why = undrawable(series)
         except Exception as e:  # the file is data from whoever wrote it: any failure leaves this run out
-            series, why = {}, _unreadable(e)
+            series, why = {}, why_unreadable(e, "CSV")
         if why is None:
             read.append((loss, seed, Path(folder), series))
         else:
             print(escaped(f"[report] note: {metrics} left out of {figure} ({why})"), file=sys.stderr)
     return read
-
-
-def _unreadable(e: Exception) -> str:
-    if isinstance(e, UnicodeDecodeError):
-        return f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at position {e.start}"
-    if isinstance(e, OSError):
-        return f"unreadable: {e.strerror or e}"
-    if isinstance(e, csv.Error):
-        return f"not CSV the report reads: {e}"
-    return f"{type(e).__name__}: {str(e).strip()[:200]}"

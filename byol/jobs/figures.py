@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from byol.core.checkpoint import atomic_write_bytes
+from byol.jobs.console import ESCAPED_NAMES
 
 # text.parse_math: "$" is a dollar sign, not mathtext; text.usetex: never LaTeX
 LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
@@ -48,15 +49,7 @@ def escaped(text: str) -> str:
     """``text`` with what UTF-8 cannot encode written as escapes, so that it can be drawn, printed and
     written: a file name's byte that is not UTF-8 (held by Python as a surrogate, ``e\\udcff1``) as
     ``e\\xff1``, as ``ls -b`` shows it; any other lone surrogate as ``\\udXXX``."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that stands for no byte (from a JSON "\\ud800")
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.encode("utf-8", ESCAPED_NAMES).decode("utf-8")
 
 
 def escape_texts(fig) -> None:

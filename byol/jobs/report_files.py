@@ -5,6 +5,7 @@ name that is not UTF-8 (a folder's bytes, a ``\\udcff`` in a results.json) escap
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -117,14 +118,17 @@ def _read_problem(path: Path) -> str | None:
     return None
 
 
-def _unreadable(e: Exception) -> str:
-    if isinstance(e, OSError):
-        return f"unreadable ({e.strerror or e})"
+def why_unreadable(e: Exception, kind: str) -> str:
+    """Why a file of ``kind`` (JSON, CSV) handed to the report could not be read, in one phrase."""
     if isinstance(e, UnicodeDecodeError):
-        return "not UTF-8 text"
+        return f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at position {e.start}"
+    if isinstance(e, OSError):
+        return f"cannot be read: {e.strerror or e}"
     if isinstance(e, RecursionError):
-        return "not JSON the report reads (nested too deep)"
-    return f"not JSON ({str(e)[:200]})"  # json.JSONDecodeError; a ValueError for a number of 4300+ digits
+        return f"not {kind} the report reads (nested too deep)"
+    if isinstance(e, ValueError | csv.Error):  # JSONDecodeError; a number of 4300+ digits; a CSV field too long
+        return f"not {kind} the report reads: {str(e).strip()[:200]}"
+    return f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
 def skip_note(path, why: str) -> None:
@@ -157,7 +161,7 @@ def _read_result(path: Path) -> dict | str:
     try:
         r = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
-        return _unreadable(e)
+        return why_unreadable(e, "JSON")
     if not isinstance(r, dict):
         return f"not a results object (a JSON {_JSON_KINDS.get(type(r), type(r).__name__)})"
     return field_problem(r) or r
