@@ -111,3 +111,35 @@ def test_a_damaged_in_memory_cache_is_decoded_again_for_the_mapped_path(tmp_path
         mapped = load_image_folder(data, 8, cache_dir=cache, storage="mmap", workers=1)
     assert not marker.exists()
     assert mapped.mapped and torch.equal(mapped.images, clean.images) and mapped.labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+def test_the_cache_keeps_each_images_digest_and_a_later_load_reads_no_pixels_for_them(tmp_path, storage, monkeypatch):
+    """The pixel digests that keep copies of an image on one side of the train/val split were computed by every
+    evaluation and every run's monitors, reading the whole folder (hours of reads for a folder larger than
+    memory); they are kept with the decoded cache, follow subsets and splits, and a cache of an earlier
+    version (none kept) or with digests of the wrong shape is hashed as before."""
+    from byol.core.data import ImageTensors, image_digests, split_in_place
+
+    root = folder(tmp_path / "images")
+    Image.fromarray(pixels(0)).save(root / "dog" / "copy.png")  # a copy of cat/0.png
+    first = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
+    hashed = image_digests(ImageTensors(first.pixels(), first.labels))  # from the pixels themselves
+    assert first.digests is not None and image_digests(first) == hashed and len(set(hashed)) == 4
+    monkeypatch.setattr(ImageTensors, "pixels", lambda *a: pytest.fail("pixels read for the digests"))
+    again = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
+    assert image_digests(again) == hashed
+    index = torch.tensor([4, 0, 2])
+    assert image_digests(again.subset(index)) == [hashed[i] for i in index.tolist()]
+    assert image_digests(again.by_reference().subset(index)) == [hashed[i] for i in index.tolist()]
+    monkeypatch.undo()
+    if storage == "memory":
+        held, rest = split_in_place(again, torch.tensor([3, 1]), torch.tensor([0, 2, 4]))
+        assert image_digests(held) == [hashed[3], hashed[1]] and image_digests(rest) == [hashed[i] for i in (0, 2, 4)]
+    kept_in = ".labels.pt" if storage == "mmap" else ".pt"
+    meta = next(p for p in (tmp_path / "cache").iterdir() if p.name.endswith(kept_in))
+    saved = torch.load(meta, weights_only=True)
+    for digests in (None, saved["digests"][:2]):  # an earlier version's cache; a damaged one
+        torch.save({**saved, "digests": digests}, meta)
+        older = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
+        assert older.digests is None and image_digests(older) == hashed

@@ -23,6 +23,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # torchvision reads the names from stl10_binary/class_names.txt; these are its lines, for a copy without it.
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
+DIGEST_BYTES = 32  # SHA-256
 # The label of an image that no metric counts: unlabelled, or the padding of an evaluation shard.
 NOT_COUNTED = -1
 
@@ -34,7 +35,8 @@ class ImageTensors:
     ``mapped``: ``images`` is read by index rather than held as this dataset's own tensor (a memory-mapped
     file, ``byol.core.disk_images``, or another dataset's tensor: :meth:`by_reference`), and this dataset is
     its ``rows`` (None: every row). A subset of mapped images stays mapped, so the splits of a dataset larger
-    than memory are too; :meth:`pixels` reads images.
+    than memory are too; :meth:`pixels` reads images. ``digests``: each image's :func:`image_digests`, (N, 32)
+    uint8, when known (kept with a folder's decoded cache: hashing a folder larger than memory reads all of it).
     """
 
     images: torch.Tensor
@@ -42,19 +44,21 @@ class ImageTensors:
     classes: tuple[str, ...] = ()
     mapped: bool = False
     rows: torch.Tensor | None = None
+    digests: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0] if self.rows is None else self.rows.shape[0]
 
     def subset(self, index: torch.Tensor) -> ImageTensors:
+        digests = None if self.digests is None else self.digests[index]
         if self.mapped:  # row numbers only: nothing is read
-            return ImageTensors(self.images, self.labels[index], self.classes, True, self.row_numbers()[index])
-        return ImageTensors(self.images[index], self.labels[index], self.classes)
+            return ImageTensors(self.images, self.labels[index], self.classes, True, self.row_numbers()[index], digests)
+        return ImageTensors(self.images[index], self.labels[index], self.classes, digests=digests)
 
     def by_reference(self) -> ImageTensors:
         """This dataset, with subsets that keep row numbers instead of copies (as mapped images do): for splits
         of which only samples are read (the online monitors' kNN bank and queries)."""
-        return ImageTensors(self.images, self.labels, self.classes, True, self.rows)
+        return ImageTensors(self.images, self.labels, self.classes, True, self.rows, self.digests)
 
     def row_numbers(self) -> torch.Tensor:
         """The rows of ``images`` this dataset holds, in its order."""
@@ -68,7 +72,7 @@ class ImageTensors:
 
     def to(self, device) -> ImageTensors:
         """The dataset in memory on ``device`` (mapped images are read: for samples of them, not the whole)."""
-        return ImageTensors(self.pixels().to(device), self.labels.to(device), self.classes)
+        return ImageTensors(self.pixels().to(device), self.labels.to(device), self.classes, digests=self.digests)
 
 
 # --------------------------------------------------------------------------- torchvision datasets
@@ -167,10 +171,19 @@ def seeded_subset(data: ImageTensors, n: int | None, seed: int) -> ImageTensors:
     return data.subset(perm[:n])
 
 
+def digest_tensor(data: ImageTensors) -> torch.Tensor:
+    """:func:`image_digests` as an (N, 32) uint8 tensor, to keep beside the images."""
+    joined = np.frombuffer(b"".join(image_digests(data)), dtype=np.uint8)
+    return torch.from_numpy(joined.copy()).reshape(-1, DIGEST_BYTES)
+
+
 def image_digests(data: ImageTensors) -> list[bytes]:
     """The SHA-256 of each image's decoded uint8 pixels: equal for byte-identical files (and for
     any two files that decode to the same pixels), distinct otherwise. About 0.3 s for the
-    50,000 CIFAR-10 training images on one core (decoding them takes about 15 s)."""
+    50,000 CIFAR-10 training images on one core (decoding them takes about 15 s); those ``data`` holds
+    already (a folder's cache keeps them) are not computed again."""
+    if data.digests is not None and data.digests.shape == (len(data), DIGEST_BYTES):
+        return [bytes(row) for row in data.digests.numpy()]
     digests = []
     for start in range(0, len(data), 4096):  # a chunk at a time: mapped images are read, never all held
         rows = data.pixels(slice(start, start + 4096)).reshape(-1, data.images[0].numel())
@@ -226,8 +239,9 @@ def split_in_place(data: ImageTensors, first: torch.Tensor, second: torch.Tensor
             rows[at] = rows[source[at]]
             at = source[at]
     images, labels, n = data.images, data.labels[order], len(first)
-    return (ImageTensors(images[:n], labels[:n], data.classes),
-            ImageTensors(images[n:], labels[n:], data.classes))
+    digests = None if data.digests is None else data.digests[order]
+    return (ImageTensors(images[:n], labels[:n], data.classes, digests=None if digests is None else digests[:n]),
+            ImageTensors(images[n:], labels[n:], data.classes, digests=None if digests is None else digests[n:]))
 
 
 # --------------------------------------------------------------------------- batching

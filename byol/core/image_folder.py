@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from byol.core.checkpoint import atomic_torch_save, remove_dead_writers_files
-from byol.core.data import ImageTensors
+from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import CheckpointError, DataError
 from byol.core.folder_scan import FolderScan, scan_images
@@ -146,9 +146,11 @@ def load_image_folder(
     if len(keep) < len(files):  # skipped files: the rows left over are given back, in place where it can
         images.resize((len(keep), 3, size, size), refcheck=False)
     data = ImageTensors(torch.from_numpy(images), torch.tensor([labels[i] for i in keep], dtype=torch.long), classes)
+    data.digests = digest_tensor(data)
     if cache is not None:
         try:
-            atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes)}, cache)
+            atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes),
+                               "digests": data.digests}, cache)
         except CheckpointError as e:  # the disk filled up while decoding: the images are decoded all the same
             warnings.warn(f"the decoded images were not cached: {e}", stacklevel=2)
     return data
@@ -193,7 +195,7 @@ def _cached_images(pt: Path) -> ImageTensors | None:
     what this project writes (the folder is then decoded again)."""
     try:
         d = torch.load(pt, weights_only=True)
-        data = ImageTensors(d["images"], d["labels"], tuple(d["classes"]))
+        data = ImageTensors(d["images"], d["labels"], tuple(d["classes"]), digests=_kept_digests(d, len(d["labels"])))
         if not isinstance(data.images, torch.Tensor) or len(data.images) != len(data.labels):
             raise ValueError("images and labels differ")
         return data
@@ -214,7 +216,8 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     if npy.exists() and meta.exists():
         try:
             d = torch.load(meta, weights_only=True)
-            return ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True)
+            return ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
+                                digests=_kept_digests(d, len(d["labels"])))
         except Exception:
             warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
     _remove_unfinished(npy)
@@ -235,5 +238,16 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
         npy.unlink()
         raise DataError(f"none of the {n} images in '{folder}' could be read")
     label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
-    atomic_torch_save({"labels": label_t, "classes": list(scan.classes)}, meta)
-    return ImageTensors(open_images(npy), label_t, scan.classes, mapped=True)
+    data = ImageTensors(open_images(npy), label_t, scan.classes, mapped=True)
+    from_pt = cached is not None and cached.digests is not None and len(kept) == len(cached.digests)
+    data.digests = cached.digests[kept] if from_pt else digest_tensor(data)  # read once here, never per job
+    atomic_torch_save({"labels": label_t, "classes": list(scan.classes), "digests": data.digests}, meta)
+    return data
+
+
+def _kept_digests(saved: dict, n: int) -> torch.Tensor | None:
+    """The image digests a cache file keeps, if they are what this project writes (else None: computed when
+    needed; caches of earlier versions have none)."""
+    digests = saved.get("digests")
+    ok = isinstance(digests, torch.Tensor) and digests.dtype == torch.uint8 and digests.shape == (n, DIGEST_BYTES)
+    return digests if ok else None
