@@ -142,6 +142,24 @@ def test_logged_tau_is_the_one_the_logged_step_used(runs):
     assert [t for _, t in logged] == pytest.approx([tau_at(s, STEPS - 1, 0.99) for s, _ in logged], abs=1e-7)
 
 
+def test_tau_and_the_learning_rate_are_logged_at_each_epochs_last_step(tmp_path):
+    """Logged every 3 steps of 4-step epochs, the tau and learning-rate curves ended a step short of each
+    epoch, and of the values the epoch line shows (tau 1 after the run's last step); each epoch's last step
+    is logged too, with the values that step used."""
+    from byol.core.ema import tau_at
+
+    run_dir = tmp_path / "run"
+    result = train("trainer.max_epochs=2", "trainer.log_every_n_steps=3", "monitor=off", f"hydra.run.dir={run_dir}")
+    rows = read_metrics(run_dir)
+    tau = {int(r["step"]): float(r["train/tau"]) for r in rows if r.get("train/tau")}
+    assert sorted(tau) == [2, 3, 5, 7]  # every 3rd step, and the last of each epoch
+    assert tau == pytest.approx({s: tau_at(s, 2 * STEPS - 1, 0.99) for s in tau}, abs=1e-7) and tau[7] == 1.0
+    rates = {int(r["step"]): float(r["lr-LARS/pg1"]) for r in rows if r.get("lr-LARS/pg1")}
+    assert sorted(rates) == [2, 3, 5, 7]
+    last_line = [line for line in result.stdout.splitlines() if line.startswith("[byol] epoch 2/2")][0]
+    assert f"tau 1.0000, lr {rates[7]:.3g}," in last_line
+
+
 def test_keep_last_keeps_the_newest_epoch_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     train("trainer.max_epochs=3", "checkpoint.keep_last=2", f"hydra.run.dir={run_dir}")  # smoke: every epoch

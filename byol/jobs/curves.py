@@ -140,6 +140,8 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
         if len(at) == 1:  # one epoch's value: matplotlib would centre it on ticks 0.945 ... 1.050
             ax.set_xlim(0, max(at) + 0.5)
         ax.set_ylabel(ylabel)
+        # ticks in steps of 1, 2 or 5 (not 2.5: "0.8375" pushed the axis label out of the figure)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
         ax.grid(alpha=0.3)
         if drawn and legends:
             ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
@@ -176,7 +178,7 @@ def write_curves(run_dir: Path) -> Path | None:
         # fixed margins: a constrained layout would double the time of each refresh during training (0.6 s -> 0.3 s)
         fig, axes = plt.subplots(2, 3, figsize=(15, 8))
         try:
-            fig.subplots_adjust(left=0.05, right=0.98, top=0.92, bottom=0.07, wspace=0.22, hspace=0.3)
+            fig.subplots_adjust(left=0.06, right=0.98, top=0.92, bottom=0.07, wspace=0.24, hspace=0.3)
             _draw(axes, [("", drawable(read_metrics(metrics)), {})])
             fig.suptitle(f"{escaped(run_dir.name)}: learning curves (metrics.csv)", fontsize=11)
             _save(fig, run_dir / CURVES_FILE)

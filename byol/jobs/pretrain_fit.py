@@ -8,7 +8,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor
 
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, save_encoder
 from byol.core.data import IndexBatches
@@ -32,7 +31,7 @@ from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, LAS
 from byol.lightning.callbacks import RunCheckpoints, describe_step, optimizer_steps_per_epoch
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
-from byol.lightning.epoch_output import EpochHook, EpochSummary, OnTrainStart, progress_bar
+from byol.lightning.epoch_output import EpochHook, EpochSummary, OnTrainStart, StepRates, progress_bar
 from byol.lightning.monitors import OnlineKNN, all_taps
 from byol.lightning.pretrain_module import BYOLModule
 
@@ -122,7 +121,7 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
     # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
     knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
     bar = progress_bar_on(trainer.get("enable_progress_bar"))
-    callbacks = [*monitors, checkpoints, LearningRateMonitor(logging_interval="step"),
+    callbacks = [*monitors, checkpoints, StepRates(),
                  EpochSummary(knn, heartbeat=None if bar else HEARTBEAT_SECONDS),
                  EpochHook(lambda: write_curves(run_dir)), OnTrainStart(lambda: save_run_config(config, run_dir))]
     callbacks += progress_bar(bar, trainer.get("log_every_n_steps"), steps_per_epoch)

@@ -6,12 +6,26 @@ from __future__ import annotations
 import time
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 
 from byol.core.progress import duration
+from byol.lightning.internals import is_last_batch, logs_this_step, write_step_row
 
 COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
 STEP_LOSS = "train/loss_step"  # what BYOLModule logs each step
+
+
+class StepRates(LearningRateMonitor):
+    """Lightning's learning rates every ``log_every_n_steps`` steps, and those of each epoch's last step: the
+    curve stopped short of the epoch's end when the interval does not divide the epoch."""
+
+    def __init__(self):
+        super().__init__(logging_interval="step")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if not logs_this_step(trainer) and is_last_batch(trainer, batch_idx):
+            write_step_row(trainer, self._extract_stats(trainer, "step"))
 
 
 class EpochSummary(pl.Callback):

@@ -54,6 +54,20 @@ def logs_this_step(trainer) -> bool:
     return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
 
 
+def write_step_row(trainer, metrics: dict) -> None:
+    """Write ``metrics`` to the loggers as a row of the running step, as Lightning writes the metrics of a
+    logging step (the same step number, the epoch column). For an epoch's last step, which logging every
+    ``log_every_n_steps`` steps leaves out when that does not divide the epoch: the tau and learning-rate
+    curves stopped short of the values the epoch line shows. Lightning writes a row only through its logger
+    connector, which has no public accessor."""
+    trainer._logger_connector.log_metrics(metrics)
+
+
+def is_last_batch(trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last batch of the epoch (never, when only max_steps bounds the run)."""
+    return batch_idx + 1 == trainer.num_training_batches
+
+
 def fit_loop_state_template() -> dict:
     """The layout of ``checkpoint["loops"]["fit_loop"]`` that this Lightning writes and reads back: the
     state of a fit loop that has not run. Lightning loads each progress counter of a checkpoint with

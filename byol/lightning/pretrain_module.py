@@ -23,7 +23,7 @@ from byol.core.model import BYOL
 from byol.core.rng import process_keys, rng_state, rng_state_problem, set_rng_state, step_generator
 from byol.core.state_check import optimizer_problem, scheduler_problem, shown, tensors_problem, weights_problem, whole
 from byol.lightning.checkpoint_io import damaged_checkpoint, lightning_fields_problem
-from byol.lightning.internals import logs_this_step
+from byol.lightning.internals import is_last_batch, logs_this_step, write_step_row
 
 # (modules to optimise, total optimizer steps, epochs, world size) -> (optimizer, per-step LR scheduler)
 OptimizerFactory = Callable[[Sequence[nn.Module], int, int, int], tuple]
@@ -180,6 +180,8 @@ class BYOLModule(pl.LightningModule):
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.check_finite()
             self.log("train/tau", self.last_tau(), on_step=True, on_epoch=False)
+        elif is_last_batch(self.trainer, batch_idx) and not logs_this_step(self.trainer):
+            write_step_row(self.trainer, {"train/tau": self.last_tau()})  # the curve ends where the epoch does
 
     def epoch_means(self) -> dict[str, torch.Tensor]:
         """Mean of each loss (``loss``, ``loss/<tap>``) over the current epoch so far."""
