@@ -201,12 +201,13 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
                                             f"{describe_step(step, 2)}; resume with: python train.py resume={run}")
     assert not (run / "encoder.pt").exists() and step < 80
 
-    resumed = subprocess.run([sys.executable, "train.py", f"resume={run}", "trainer=default",
+    # mid-epoch, on one process with the same global batch (2 x 32): the rest of the epoch is cut the same
+    resumed = subprocess.run([sys.executable, "train.py", f"resume={run}", "trainer=default", "data.batch_size=64",
                               f"trainer.max_epochs={step // 2 + 1}"],  # to the end of the stopped epoch
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"resuming from {last}" in resumed.stdout and "1 process" not in resumed.stdout
-    assert "batch 32, " in resumed.stdout  # one process: the global batch is the per-device batch
+    assert "batch 64, " in resumed.stdout  # one process: the global batch is the per-device batch
     final = torch.load(last, weights_only=True, map_location="cpu")
     assert final["global_step"] > step and (run / "encoder.pt").is_file()
 

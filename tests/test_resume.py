@@ -4,6 +4,7 @@ SIGKILL at a random step and requeued ends bit for bit where an uninterrupted ru
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from byol.core.checkpoint import TEMP_SUFFIX, safe_load
 from byol.core.data import IndexBatches, make_synthetic
-from byol.core.errors import CheckpointError
+from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.build import architecture
 from byol.jobs.cli import command_line_keys, run_dir_of
 from byol.jobs.pretrained import read_pretrained
@@ -260,6 +261,28 @@ def test_command_line_keys(tmp_path):
     assert command_line_keys() == ["", "trainer.max_epochs", "optim"]
 
 
+def test_a_trainer_group_on_resume_chooses_the_machine_and_keeps_the_runs_training(tmp_path):
+    """`resume=RUN trainer=default` (the README's way back to one process) took every key of the option: the
+    run's 2 epochs became 200 and its precision bf16; `trainer=ddp` the same the other way. A trainer group
+    now chooses the machine (strategy, devices, nodes, accelerator, SyncBatchNorm); the run keeps the rest
+    unless given as trainer.KEY=VALUE."""
+    from conftest import plain_config
+
+    ddp_run = ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
+               "trainer.log_every_n_steps=3"]
+    saved = plain_config(compose_config("train", ddp_run, tmp_path))
+    composed = plain_config(compose_config("train", ["trainer=default", "trainer.accumulate_grad_batches=2"], tmp_path))
+    requested = command_line_keys()
+    machine = ("strategy", "devices", "num_nodes", "accelerator", "sync_batchnorm")
+    assert requested == [f"trainer.{k}" for k in machine] + ["trainer.accumulate_grad_batches"]
+    resumed, changed = resume_config(saved, composed, requested)
+    trainer = resumed["trainer"]
+    assert (trainer["strategy"], trainer["devices"], trainer["accelerator"]) == ("auto", 1, "auto")
+    assert (trainer["max_epochs"], trainer["precision"], trainer["log_every_n_steps"]) == (2, "32-true", 3)
+    assert trainer["accumulate_grad_batches"] == 2  # given as a key: changed
+    assert not any(line.startswith(("trainer.max_epochs", "trainer.precision")) for line in changed)
+
+
 def test_describe_step():
     assert describe_step(6, 4) == "step 6 (epoch 2, 2 of 4 batches done)"
     assert describe_step(8, 4) == "step 8 (the end of epoch 2)"
@@ -424,6 +447,48 @@ def test_resume_from_an_epoch_end_checkpoint_in_a_new_folder(tmp_path_factory):
     assert_same_training_state(run_dir, reference)
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [  # the source run is left alone
         "epoch0001.ckpt", "epoch0002.ckpt", "epoch0003.ckpt", "last.ckpt"]
+
+
+def test_a_run_continued_with_its_epochs_cut_into_other_steps_goes_on_with_its_schedules(tmp_path_factory):
+    """Continued with twice the batch (as on twice the processes: 2 steps an epoch instead of 4), the run's
+    epoch-1 checkpoint stood at step 4 of a schedule now 6 steps long: epochs 2 and 3 trained at tau 1 and a
+    learning rate of 0. The schedules now go on from the end of epoch 1 (read at step - 2 of 6), ending where
+    the run ends; the resume line names the checkpoint's own epoch; the offset is kept in its checkpoints."""
+    from byol.core.ema import tau_at
+
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("recut") / "run"
+    result = train(f"resume={reference}/checkpoints/epoch0001.ckpt", "data.batch_size=32", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {reference}/checkpoints/epoch0001.ckpt: step 4 (the end of epoch 1)" in result.stdout
+    assert epochs_reported(result.stdout) == [2, 3]
+    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r["step"] and int(r["step"]) >= 4]
+    tau = {int(r["step"]): float(r["train/tau"]) for r in rows if r.get("train/tau")}
+    assert sorted(tau) == [4, 5, 6, 7] and tau == pytest.approx({s: tau_at(s - 2, 5, 0.99) for s in tau}, abs=1e-7)
+    rate = {int(r["step"]): float(r["lr-LARS/pg1"]) for r in rows if r.get("lr-LARS/pg1")}
+    factor = {s: 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in rate}  # warmup_cosine, no warm-up
+    assert sorted(rate) == [4, 5, 6, 7] and rate[4] > 0
+    assert {s: rate[s] / rate[4] for s in rate} == pytest.approx({s: factor[s] / factor[4] for s in rate})
+    layout = safe_load(run_dir / "checkpoints" / "last.ckpt")["byol_layout"]
+    assert layout == {"epoch_steps": 2, "world_size": 1, "step_offset": 2, "mid_epoch": False}
+
+
+def test_a_mid_epoch_checkpoint_is_not_continued_under_another_cut_of_its_epoch(tmp_path):
+    """Its batches done are counted in its own cut: under another global batch or accumulation the rest of its
+    epoch skipped some images and repeated others. Refused in one line; the same global batch goes on, also on
+    another number of processes."""
+    from byol.jobs.pretrain import refuse_a_mid_epoch_checkpoint_on_another_layout as refuse
+
+    saved = {"data": {"batch_size": 16}, "trainer": {"strategy": "ddp", "devices": 2, "accumulate_grad_batches": 1}}
+    layout = {"epoch_steps": 4, "world_size": 2, "step_offset": 0, "mid_epoch": True}
+    refuse(layout, saved, saved, tmp_path / "last.ckpt", 6)
+    refuse(layout, saved, {**saved, "data": {"batch_size": 32}, "trainer": {}}, tmp_path / "last.ckpt", 6)  # 1 x 32
+    refuse({**layout, "mid_epoch": False}, saved, {**saved, "trainer": {"devices": 1}}, tmp_path / "last.ckpt", 8)
+    for other in ({**saved, "trainer": {"devices": 1}}, {**saved, "data": {"batch_size": 32}},
+                  {**saved, "trainer": {**saved["trainer"], "accumulate_grad_batches": 2}}):
+        with pytest.raises(ConfigError, match=r"saved in the middle of an epoch \(step 6\) on 2 process\(es\) x "
+                                              r"batch 16, accumulating 1; continued on .* skip some images"):
+            refuse(layout, saved, other, tmp_path / "last.ckpt", 6)
 
 
 def test_a_checkpoint_past_the_asked_epochs_is_refused_in_a_new_folder_too(tmp_path_factory):

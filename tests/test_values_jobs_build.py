@@ -53,9 +53,11 @@ def test_wandb_stays_offline_unless_told_otherwise(tmp_path):
 
 
 def test_sync_batchnorm_is_turned_off_on_cpu_only(capsys):
-    cpu = trainer_for_this_machine({"sync_batchnorm": True, "accelerator": "cpu"}, "[t]")
-    assert cpu == {"sync_batchnorm": False, "accelerator": "cpu"}
+    ddp = {"sync_batchnorm": True, "accelerator": "cpu", "strategy": "ddp", "devices": 2}
+    assert trainer_for_this_machine(ddp, "[t]") == {**ddp, "sync_batchnorm": False}
     assert capsys.readouterr().out.startswith("[t] note: trainer.sync_batchnorm needs GPUs")
+    alone = trainer_for_this_machine({"sync_batchnorm": True, "accelerator": "cpu"}, "[t]")  # a DDP run resumed on one
+    assert alone == {"sync_batchnorm": False, "accelerator": "cpu"} and capsys.readouterr().out == ""  # nothing to say
     gpu = {"sync_batchnorm": True, "accelerator": "gpu"}
     assert trainer_for_this_machine(gpu, "[t]") == gpu and capsys.readouterr().out == ""
 

@@ -120,6 +120,14 @@ def constant(optimizer, total_steps: int = 0, warmup_steps: int = 0) -> LambdaLR
     return LambdaLR(optimizer, lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0)
 
 
+def read_schedule_at_offset(scheduler: LambdaLR, offset: int) -> None:
+    """Make ``scheduler`` give at step ``s`` what it gave at ``s - offset``: a run resumed with its epochs cut into
+    another number of steps continues its schedule from where it stands in its epochs
+    (:meth:`byol.lightning.pretrain_module.BYOLModule.step_offset`)."""
+    if offset:
+        scheduler.lr_lambdas = [lambda step, f=f: f(step - offset) for f in scheduler.lr_lambdas]
+
+
 OPTIMIZERS = {"lars": LARS, "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULES = {"warmup_cosine": warmup_cosine, "constant": constant}
 

@@ -148,8 +148,9 @@ def note_crowded_cpu(trainer_cfg: Mapping, tag: str) -> None:
 
 def trainer_for_this_machine(trainer_cfg: Mapping, tag: str) -> dict:
     """``trainer_cfg`` with ``sync_batchnorm`` off on CPU, where torch's DDP refuses SyncBatchNorm, and float16
-    mixed precision as bf16 there (Lightning's own fallback); rank 0 says the first in one line (each process then
-    keeps its own BatchNorm statistics), and notes more CPU processes than cores (:func:`note_crowded_cpu`)."""
+    mixed precision as bf16 there (Lightning's own fallback); rank 0 says the first in one line under DDP (each
+    process then keeps its own BatchNorm statistics), and notes more CPU processes than cores
+    (:func:`note_crowded_cpu`)."""
     from byol.jobs.cli import launched_rank
 
     note_crowded_cpu(trainer_cfg, tag)
@@ -160,10 +161,70 @@ def trainer_for_this_machine(trainer_cfg: Mapping, tag: str) -> dict:
         trainer["precision"] = "bf16-mixed"
     if trainer.get("sync_batchnorm") and not on_gpu(trainer):
         trainer["sync_batchnorm"] = False
-        if launched_rank() == 0:
+        if launched_rank() == 0 and planned_world(trainer) > 1:  # one process has no statistics to share
             print(f"{tag} note: trainer.sync_batchnorm needs GPUs; on CPU each process keeps its own BatchNorm "
                   "statistics (rank 0's buffers are broadcast every step)", flush=True)
     return trainer
+
+
+# Strategies that start their processes themselves and hand them the job by pickling (ddp_spawn, ddp_fork,
+# ddp_notebook): the jobs' closures do not pickle, and a job's data and results live in the process that
+# started it. trainer=ddp re-runs the command in each process instead.
+SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
+
+
+def check_strategy(trainer_cfg: Mapping) -> None:
+    """Several processes only through the DDP strategy that re-runs the command (``trainer=ddp``): a spawning
+    strategy fails to pickle the job, and Lightning's ``auto`` would pick DDP for several devices without the
+    SyncBatchNorm and the steps per epoch that ``trainer=ddp`` plans (:func:`planned_world`)."""
+    strategy = str(trainer_cfg.get("strategy") or "")
+    if any(word in strategy for word in SPAWNING_STRATEGIES):
+        raise ConfigError(f"trainer.strategy={strategy} hands the job to processes it starts itself, which this "
+                          f"project does not support: run several processes with trainer=ddp "
+                          f"(trainer.strategy=ddp), not trainer.strategy={strategy}")
+    if requested_processes(trainer_cfg) > 1 and "ddp" not in strategy:
+        raise ConfigError("several devices (trainer.devices / trainer.num_nodes) need the DDP strategy: add "
+                          "trainer=ddp")
+
+
+# Variables a person sets by hand to join nodes without a launcher (Lightning's LightningEnvironment reads them)
+HAND_SET_NODE_VARIABLES = ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+LSF_VARIABLES = ("LSB_JOBID", "LSB_DJOB_RANKFILE", "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_SIZE")
+
+
+def started_by_launcher() -> bool:
+    """Whether a launcher started this process as one of the run's, so that Lightning takes the ranks from the
+    environment rather than starting its node's other processes itself: what Lightning's cluster environments
+    detect (srun outside an interactive allocation, torchrun, jsrun, mpirun with mpi4py, LOCAL_RANK set),
+    read here without loading Lightning."""
+    env = os.environ
+    slurm = "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")) and importlib.util.find_spec("mpi4py")
+    return bool(slurm or mpi or all(k in env for k in LSF_VARIABLES) or "TORCHELASTIC_RUN_ID" in env
+                or "LOCAL_RANK" in env)
+
+
+def check_launcher(trainer_cfg: Mapping) -> None:
+    """Processes that could never meet are refused in one line: inside a submitit job, devices whose tasks
+    submitit did not start (Lightning would re-run submitit's own command: a traceback), and several nodes
+    with none of a launcher's variables (rank 0 would wait 30 minutes for nodes that never come)."""
+    world = planned_world(trainer_cfg)
+    if world == 1:
+        return
+    here, nodes = requested_processes({**trainer_cfg, "num_nodes": 1}), max(1, int(trainer_cfg.get("num_nodes") or 1))
+    executor, tasks = os.environ.get("SUBMITIT_EXECUTOR"), os.environ.get("SLURM_NTASKS_PER_NODE")
+    if executor and not (started_by_launcher() and tasks in (None, str(here))):
+        asked = f"trainer.devices={here}" + (f" x trainer.num_nodes={nodes}" if nodes > 1 else "")
+        on_nodes = f" hydra.launcher.nodes={nodes}" if nodes > 1 else ""
+        raise ConfigError(f"{asked} in a submitit_{executor} job: Lightning cannot start the other processes "
+                          f"inside it, submitit must start one task per device (on SLURM: "
+                          f"hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node={here}{on_nodes}); or run "
+                          f"the sweep with Hydra's basic launcher (leave out hydra/launcher=)")
+    if nodes > 1 and not started_by_launcher() and not any(k in os.environ for k in HAND_SET_NODE_VARIABLES):
+        raise ConfigError(f"trainer.num_nodes={nodes} needs the same command on every node, started by srun or "
+                          f"torchrun (or with NODE_RANK, MASTER_ADDR and MASTER_PORT set on each); none is set "
+                          f"here, so this process would wait 30 minutes for nodes that never come (README: "
+                          f"Scaling out)")
 
 
 def progress_bar_on(setting) -> bool:
@@ -177,9 +238,13 @@ TRAINER_CHOICES = ("accelerator", "devices", "num_nodes", "strategy", "precision
 
 
 def build_trainer(trainer_cfg: Mapping, **fixed):
-    """``pytorch_lightning.Trainer`` from plain arguments; ``fixed`` (logger, callbacks...) from the job."""
+    """``pytorch_lightning.Trainer`` from plain arguments; ``fixed`` (logger, callbacks...) from the job. How its
+    processes start is checked first (:func:`check_strategy`, :func:`check_launcher`): Lightning would fail
+    later, in a traceback or a 30-minute wait."""
     import pytorch_lightning as pl
 
+    check_strategy(trainer_cfg)
+    check_launcher(trainer_cfg)
     kwargs = {}
     for key, value in trainer_cfg.items():
         if key in TRAINER_RESERVED or key not in trainer_parameters():
@@ -190,9 +255,9 @@ def build_trainer(trainer_cfg: Mapping, **fixed):
     kwargs.update(fixed)
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    try:
+    try:  # strategy=foo, accelerator=tpu without torch_xla; devices=-1 on CPU (lightning_fabric's TypeError)
         return pl.Trainer(**kwargs)
-    except (ValueError, ImportError, MisconfigurationException) as e:  # strategy=foo, accelerator=tpu without torch_xla
+    except (ValueError, TypeError, ImportError, MisconfigurationException) as e:
         given = ", ".join(f"{k}={v}" for k, v in trainer_cfg.items() if k in TRAINER_CHOICES)
         raise ConfigError(f"Lightning refused the trainer settings ({given}): {e}") from None
 

@@ -26,8 +26,6 @@ from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, Folde
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
-# Config groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only).
-PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split", "monitor")
 
 
 def run_dir_of(resume, default: str) -> str:
@@ -139,9 +137,13 @@ def command_line_keys() -> list[str]:
     """Config keys this invocation set on the command line, as prefixes for ``resume_config``.
 
     ``loss.taps=[...]`` gives ``loss.taps``; a group choice gives its package (``optim=sgd``:
-    ``optim``); an experiment (a global package) may touch any key and gives ``""``.
+    ``optim``), except ``trainer=...``, which chooses the machine a run continues on
+    (:data:`~byol.jobs.config_check.TRAINER_MACHINE_KEYS`): ``resume=RUN trainer=default`` took the option's
+    200 epochs and its precision too. An experiment (a global package) may touch any key and gives ``""``.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from byol.jobs.config_check import PACKAGED_GROUPS, TRAINER_MACHINE_KEYS
 
     hc = HydraConfig.get()
     groups = set(hc.runtime.choices)
@@ -150,7 +152,9 @@ def command_line_keys() -> list[str]:
         key = o.key_or_group
         if key == "resume" or key.split(".")[0] == "hydra":
             continue
-        if key in groups:
+        if key == "trainer":
+            keys += [f"trainer.{name}" for name in TRAINER_MACHINE_KEYS]
+        elif key in groups:
             keys.append(key if key in PACKAGED_GROUPS else "")
         else:
             keys.append(key)

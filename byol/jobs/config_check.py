@@ -62,8 +62,12 @@ VIEW_OVERRIDES = {("augment", "view1"), ("augment", "view2")}
 # builders check the names against the signature).
 KWARGS_DICTS = {("optim", "optimizer"), ("optim", "scheduler"), ("eval", "optimizer"), ("eval", "scheduler"),
                 ("trainer",), ("logger",)}
-# Groups whose options sit under their own key; `experiment*` options are global.
+# Groups whose options sit under their own key (``optim=sgd`` changes ``optim.*`` only); `experiment*` options
+# are global.
 PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "repr", "eval", "split", "monitor")
+# The trainer settings of the machine a run continues on: what ``trainer=GROUP`` changes on resume (the others,
+# epochs, precision, accumulation, clipping, logging interval, stay the run's unless given as trainer.KEY=VALUE)
+TRAINER_MACHINE_KEYS = ("strategy", "devices", "num_nodes", "accelerator", "sync_batchnorm")
 # Trainer arguments the jobs set themselves.
 TRAINER_RESERVED = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from byol.core.errors import ConfigError
-from byol.jobs.build import planned_world, requested_processes
+from byol.jobs.build import check_launcher, check_strategy, planned_world
 from byol.jobs.embedding import check_embed_settings
 
 PROTOCOLS = ("linear", "finetune", "knn", "embed")
@@ -80,22 +80,14 @@ def refuse_architecture_settings(given: Sequence[str]) -> None:
                           f"backbone settings choose the network of pretrained=random only")
 
 
-# Strategies that start their processes themselves and hand the results back: the job's data and
-# results live in the process that started it, so evaluate.py refuses them (trainer=ddp does the job).
-SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
-
-
 def check_processes(settings: Mapping) -> None:
-    """Several processes only through the DDP strategy that re-runs the command (``trainer=ddp``), and
-    with a global ``eval.batch_size`` they can share evenly."""
+    """Several processes only as training takes them (:func:`check_strategy`: the DDP strategy that re-runs
+    the command, ``trainer=ddp``), started where they can meet when a protocol trains through Lightning
+    (:func:`check_launcher`), and with a global ``eval.batch_size`` they can share evenly."""
     trainer = settings["trainer"]
-    strategy = str(trainer.get("strategy") or "")
-    if any(word in strategy for word in SPAWNING_STRATEGIES):
-        raise ConfigError(f"evaluate.py runs several processes with trainer=ddp (trainer.strategy=ddp), not "
-                          f"trainer.strategy={strategy}")
-    if requested_processes(trainer) > 1 and "ddp" not in strategy:
-        raise ConfigError("several devices (trainer.devices / trainer.num_nodes) need the DDP strategy: add "
-                          "trainer=ddp")
+    check_strategy(trainer)
+    if uses_trainer(settings["eval"]):  # the others run in rank 0 alone
+        check_launcher(trainer)
     world, batch = planned_world(trainer), settings["eval"].get("batch_size")
     if uses_trainer(settings["eval"]) and batch and int(batch) % world:
         raise ConfigError(f"eval.batch_size={batch} is the global batch, shared by {world} processes: choose a "

@@ -15,7 +15,7 @@ builds the model and trainer and fits.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from byol.core.data import ImageTensors, IndexBatches
 from byol.core.disk_images import batches_of
 from byol.core.errors import ByolError, CheckpointError, ConfigError
 from byol.core.features import resolve_device
-from byol.jobs.build import build_byol, check_logger_package
+from byol.jobs.build import build_byol, check_launcher, check_logger_package, check_strategy, planned_world
 from byol.jobs.cli import command_arg, launched_rank
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning
@@ -61,6 +61,7 @@ class RunStart:
     checkpoint: Path | None = None
     step: int | None = None
     finished: bool = False
+    layout: dict = field(default_factory=dict)  # the checkpoint's byol_layout (BYOLModule.layout); {} if none
 
 
 def run_start(container: dict, run_dir: Path, requested) -> RunStart:
@@ -102,7 +103,34 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     if changed and not finished:  # after the refusals: a finished run resumes nothing
         print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
               flush=True)
-    return RunStart(config, checkpoint, int(resumed["global_step"]), finished)
+    layout = resumed.get("byol_layout") or {}
+    refuse_a_mid_epoch_checkpoint_on_another_layout(layout, saved, config, checkpoint, int(resumed["global_step"]))
+    return RunStart(config, checkpoint, int(resumed["global_step"]), finished, layout)
+
+
+def refuse_a_mid_epoch_checkpoint_on_another_layout(layout: dict, saved: dict, config: dict, checkpoint: Path,
+                                                    step: int) -> None:
+    """One line when a checkpoint saved mid-epoch would continue with its epoch cut otherwise: another global
+    batch (per-process batch x processes: each step takes the next that many images of the epoch's order, and
+    the batches done are counted in the old cut, so some images would be skipped and others seen twice) or
+    another accumulation (its steps done would not match its batches). An epoch-end checkpoint continues under
+    any; the same global batch on another number of processes continues mid-epoch too."""
+    if not layout.get("mid_epoch"):
+        return
+    old, new = _cut(saved, layout["world_size"]), _cut(config, planned_world(config["trainer"]))
+    if (old[0] * old[1], old[2]) == (new[0] * new[1], new[2]):
+        return
+    said = "{} process(es) x batch {}, accumulating {}"
+    raise ConfigError(f"'{checkpoint}' was saved in the middle of an epoch (step {step}) on {said.format(*old)}; "
+                      f"continued on {said.format(*new)}, the rest of that epoch would skip some images and repeat "
+                      f"others. Resume it with the same global batch (data.batch_size x trainer.devices x "
+                      f"trainer.num_nodes = {old[0] * old[1]}) and trainer.accumulate_grad_batches={old[2]}, or "
+                      f"continue an epoch-end checkpoint of the run (RUN/checkpoints/epochNNNN.ckpt, kept by "
+                      f"checkpoint.keep_last) under the new settings")
+
+
+def _cut(config: dict, world: int) -> tuple:
+    return world, config["data"]["batch_size"], int(config["trainer"].get("accumulate_grad_batches") or 1)
 
 
 def refuse_a_checkpoint_past_the_end(resumed: dict, max_epochs: int, checkpoint: Path, finished: bool) -> None:
@@ -181,6 +209,8 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
             if start.finished:
                 return report_finished(start, run_dir, run_dir / ENCODER_FILE)
             check_logger_package(start.config.get("logger"))  # a missing package: before the data
+            check_strategy(start.config["trainer"])  # processes that could not start or meet: before it too
+            check_launcher(start.config["trainer"])
             check_networks(start.config)  # a misspelt tap or backbone: before the data too
             batches, samples = training_data(start.config)  # data errors: before Lightning loads
         from byol.jobs.pretrain_fit import fit_run

@@ -160,10 +160,11 @@ def announce(config: dict, run_dir: Path, trainer: pl.Trainer, start: RunStart, 
     if horizon and horizon < epochs:
         print(f"[byol] note: schedule_epochs={horizon} is fewer than the run's {epochs} epochs; the learning-rate "
               f"and tau schedules span the run's {epochs} (schedule_epochs only lengthens them)", flush=True)
-    if start.checkpoint is not None:
-        steps_per_epoch = optimizer_steps_per_epoch(  # the batches are not sharded yet: each rank's share
+    if start.checkpoint is not None:  # where the checkpoint stands in its own epochs (its layout, if it says)
+        steps_per_epoch = start.layout.get("epoch_steps") or optimizer_steps_per_epoch(  # else each rank's share
             len(batches) // trainer.world_size, int(trainer_cfg.get("accumulate_grad_batches") or 1))
-        print(f"[byol] resuming from {start.checkpoint}: {describe_step(start.step, steps_per_epoch)}", flush=True)
+        where = describe_step(start.step, steps_per_epoch, start.layout.get("step_offset", 0))
+        print(f"[byol] resuming from {start.checkpoint}: {where}", flush=True)
 
 
 def processes(trainer: pl.Trainer, batch: int) -> str:

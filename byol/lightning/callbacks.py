@@ -33,10 +33,11 @@ def optimizer_steps_per_epoch(batches: int, accumulate: int) -> int:
     return max(1, math.ceil(batches / max(1, accumulate)))
 
 
-def describe_step(step: int, steps_per_epoch: int) -> str:
+def describe_step(step: int, steps_per_epoch: int, offset: int = 0) -> str:
     """Where training stands after ``step`` optimizer steps, epochs counted from 1 as a person reads them:
-    ``step 6 (epoch 2, 2 of 4 batches done)``, ``step 8 (the end of epoch 2)``."""
-    epoch, batch = divmod(int(step), max(1, steps_per_epoch))
+    ``step 6 (epoch 2, 2 of 4 batches done)``, ``step 8 (the end of epoch 2)``. ``offset``: the steps by which
+    the run's count differs from its epochs x ``steps_per_epoch`` (:meth:`BYOLModule.step_offset`)."""
+    epoch, batch = divmod(int(step) - int(offset), max(1, steps_per_epoch))
     if batch == 0 and epoch > 0:
         return f"step {step} (the end of epoch {epoch})"
     return f"step {step} (epoch {epoch + 1}, {batch} of {steps_per_epoch} batches done)"
@@ -273,7 +274,7 @@ class RunCheckpoints(CatchStopSignals):
     def _save_to_stop(self, trainer) -> None:
         self._save(trainer, self.last)
         steps = optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
-        where = describe_step(trainer.global_step, steps)
+        where = describe_step(trainer.global_step, steps, trainer.lightning_module.step_offset())
         name = signal.Signals(self.received).name
         self.stop_message = (f"received {name}: saved {self.last.relative_to(self.run_dir)} at {where}; "
                              f"resume with: {self.resume_command}")

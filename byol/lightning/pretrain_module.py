@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 from byol.core.augment import ViewAugment
+from byol.core.checkpoint import epochs_done
 from byol.core.ema import tau_at
 from byol.core.errors import NonFiniteLossError
 from byol.core.model import BYOL
+from byol.core.optim import read_schedule_at_offset
 from byol.core.rng import process_keys, rng_state, rng_state_problem, set_rng_state, step_generator
 from byol.core.state_check import optimizer_problem, scheduler_problem, shown, tensors_problem, weights_problem, whole
 from byol.lightning.checkpoint_io import damaged_checkpoint, lightning_fields_problem
-from byol.lightning.internals import is_last_batch, logs_this_step, write_step_row
+from byol.lightning.internals import batches_done_this_epoch, is_last_batch, logs_this_step, write_step_row
 
 # (modules to optimise, total optimizer steps, epochs, world size) -> (optimizer, per-step LR scheduler)
 OptimizerFactory = Callable[[Sequence[nn.Module], int, int, int], tuple]
@@ -64,6 +66,7 @@ class BYOLModule(pl.LightningModule):
         self.undoable = False  # keep what a step changes before its optimizer step, to undo it (undo_step)
         self._step_start: tuple | None = None
         self._kept_buffers: list[torch.Tensor] | None = None  # step_start_state's copies of the buffers
+        self._resumed: tuple[int, int, dict] | None = None  # (step, epochs done, byol_layout) of a checkpoint
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
@@ -159,19 +162,46 @@ class BYOLModule(pl.LightningModule):
 
     def current_tau(self, step: int | None = None) -> float:
         step = self.global_step if step is None else step
-        return tau_at(step, self.schedule_steps() - 1, self.tau_base, self.tau_schedule)
+        return tau_at(step - self.step_offset(), self.schedule_steps() - 1, self.tau_base, self.tau_schedule)
 
     def last_tau(self) -> float:
         """The tau of the latest optimizer step's EMA update (logged after that step has been counted)."""
         return self.current_tau(max(self.global_step - 1, 0))
 
     def schedule_epochs_and_steps(self) -> tuple[int, int]:
-        """The epochs and optimizer steps the learning-rate and tau schedules span (:func:`schedule_span`)."""
+        """The epochs and optimizer steps the learning-rate and tau schedules span (:func:`schedule_span`);
+        they are read at the step count less :meth:`step_offset`."""
         trainer = self.trainer
         run_steps = int(trainer.estimated_stepping_batches)  # first: it sets up the data, which counts the batches
-        batches = trainer.num_training_batches  # inf when max_steps alone bounds the run: no epochs then
-        epoch_steps = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else run_steps
-        return schedule_span(run_steps, trainer.max_epochs, epoch_steps, self.schedule_epochs)
+        return schedule_span(run_steps, trainer.max_epochs, self.epoch_steps(), self.schedule_epochs)
+
+    def epoch_steps(self) -> int:
+        """Optimizer steps in an epoch (the run's steps when max_steps alone bounds it: no epochs then)."""
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            return int(self.trainer.estimated_stepping_batches)
+        return math.ceil(batches / self.trainer.accumulate_grad_batches)
+
+    def step_offset(self) -> int:
+        """Steps by which this run's step count differs from its epochs x :meth:`epoch_steps`: 0, unless it
+        continues a checkpoint whose epochs were cut into another number of steps (another world size,
+        batch or accumulation). Its steps done, less what its finished epochs come to now: the schedules go
+        on from where the run stands in its epochs (read at step - offset). Counted in steps alone, a run
+        continued on twice the processes stood at its schedules' end already (lr 0 and tau 1 for the rest)."""
+        if self._resumed is None or (self.trainer.max_epochs or 0) < 1:
+            return 0
+        step, epochs, layout = self._resumed
+        if not layout or layout["epoch_steps"] == self.epoch_steps():
+            return layout.get("step_offset", 0) if layout else 0
+        return step - epochs * self.epoch_steps()
+
+    def layout(self) -> dict:
+        """How this run cuts its epochs into steps, kept in each checkpoint (``byol_layout``) for
+        :meth:`step_offset` and for the refusal of a mid-epoch checkpoint resumed under another one."""
+        trainer = self.trainer
+        done = batches_done_this_epoch(trainer)
+        return {"epoch_steps": self.epoch_steps(), "world_size": int(trainer.world_size),
+                "step_offset": self.step_offset(), "mid_epoch": bool(0 < done < trainer.num_training_batches)}
 
     def schedule_steps(self) -> int:
         return self.schedule_epochs_and_steps()[1]
@@ -219,6 +249,7 @@ class BYOLModule(pl.LightningModule):
         # the global batch (learning-rate scaling) counts every process: devices x nodes
         world = int(self.trainer.world_size)
         optimizer, scheduler = self.make_optimizer(self.optimized_modules(), total, epochs, world)
+        read_schedule_at_offset(scheduler, self.step_offset())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints
@@ -240,6 +271,7 @@ class BYOLModule(pl.LightningModule):
         checkpoint["rng"] = rng_state()
         sums = {k: v.cpu() for k, v in self._epoch_sums.get("sums", {}).items()}
         checkpoint["epoch_loss_sums"] = {**self._epoch_sums, "sums": sums}
+        checkpoint["byol_layout"] = self.layout()
         self.last_saved_step = int(checkpoint.get("global_step", self.global_step))
 
     def check_checkpoint(self, checkpoint: dict, path) -> None:
@@ -273,7 +305,7 @@ class BYOLModule(pl.LightningModule):
             if problem:
                 return problem
         return (rng_state_problem(checkpoint["rng"]) if "rng" in checkpoint else None) or \
-            _loss_sums_problem(checkpoint.get("epoch_loss_sums"))
+            _loss_sums_problem(checkpoint.get("epoch_loss_sums")) or layout_problem(checkpoint.get("byol_layout"))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint, self.trainer.ckpt_path if self._trainer is not None else "the checkpoint")
@@ -281,6 +313,22 @@ class BYOLModule(pl.LightningModule):
             set_rng_state(checkpoint["rng"])
         self.last_saved_step = checkpoint.get("global_step")
         self._epoch_sums = checkpoint.get("epoch_loss_sums") or {}
+        self._resumed = (int(checkpoint["global_step"]), epochs_done(checkpoint), checkpoint.get("byol_layout") or {})
+
+
+def layout_problem(layout) -> str | None:
+    """Whether ``layout`` is a ``byol_layout`` as :meth:`BYOLModule.layout` writes it (absent from files
+    written before it existed)."""
+    if layout is None:
+        return None
+    fields = {"epoch_steps": 1, "world_size": 1, "step_offset": None, "mid_epoch": None}
+    if not isinstance(layout, Mapping) or set(layout) != set(fields):
+        return f"byol_layout is {shown(layout)}, not a mapping of {', '.join(repr(k) for k in fields)}"
+    numbers_ok = all(isinstance(layout[k], int) and not isinstance(layout[k], bool) and layout[k] >= 1
+                     for k in ("epoch_steps", "world_size")) and isinstance(layout["step_offset"], int)
+    if not numbers_ok or not isinstance(layout["mid_epoch"], bool):
+        return "byol_layout.epoch_steps and .world_size must be whole numbers of 1 or more, .mid_epoch true or false"
+    return None
 
 
 def _loss_sums_problem(sums) -> str | None:
