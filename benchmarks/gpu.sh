@@ -56,9 +56,10 @@ T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[gpu.sh +$(elapsed)s] $*"; }
 MAX_OUT_FILES=8  # what comes back from the GPU machine
-keep() {  # keep SRC as $OUT/NAME unless $OUT already holds MAX_OUT_FILES files
+keep() {  # keep SRC as $OUT/NAME unless $OUT is full (MAX_OUT_FILES, one kept for RESULTS.md, copied last)
   local n
   n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  [ -e "$OUT/RESULTS.md" ] || n=$((n + 1))
   if [ -e "$OUT/$2" ] || [ "$n" -lt "$MAX_OUT_FILES" ]; then cp "$1" "$OUT/$2" && return 0; fi
   say "not copied to \$OUT (already $n files): $1"; return 1
 }

@@ -86,8 +86,10 @@ if [ "${#SCANNED[@]}" -gt 0 ]; then
   timeout 120 "$PY" -m byol.report "${SCANNED[@]}" --out "$REPORT"
   REPORT_RC="exit $?"
 fi
-FIGURES=()
+FIGURES=()  # by what they tell: the table's chart, the two runs' curves overlaid, then each run's own
 [ -f "$REPORT/results.png" ] && keep "$REPORT/results.png" results.png && FIGURES+=("results.png ($REPORT/results.png)")
+[ -f "$REPORT/curves.png" ] && keep "$REPORT/curves.png" curves_overlay.png &&
+  FIGURES+=("curves_overlay.png, classic and multi overlaid ($REPORT/curves.png)")
 for loss in "${LOSSES[@]}"; do
   for png in "$TRAIN_SWEEP/$loss"/*.png; do
     [ -f "$png" ] || continue

@@ -227,6 +227,8 @@ def test_gpu_grid_smoke_mode_appends_the_grid_table_for_both_losses_and_the_base
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"RESULTS.md", "gpu.log", "bench_b4.json", "results.png"} <= set(files)
     assert "results.png (" in section
+    assert (work / "grid" / "report" / "curves.png").exists()  # the report overlays the runs' curves
+    assert "curves_overlay.png" in files and "curves_overlay.png, classic and multi overlaid (" in section
     for loss in ("classic", "multi"):
         run = work / "grid" / "train" / loss
         assert (run / "encoder.pt").exists()

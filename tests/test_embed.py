@@ -153,8 +153,9 @@ def test_report_lists_embed_results_under_the_table_and_never_as_failed(tmp_path
 
 
 def test_a_report_of_embed_results_alone_writes_no_empty_figure(tmp_path, capsys):
-    """Maps alone: the table is empty, so results.png is not drawn (it was an empty chart, after a raw
-    matplotlib warning about identical axis limits); the maps are listed and the files written."""
+    """Maps alone: no accuracy, so neither results.png (it was an empty chart, after a raw matplotlib warning
+    about identical axis limits) nor a table (it was a header without rows under a paragraph on accuracies);
+    the maps are listed and the files written."""
     root = tmp_path / "sweep"
     _result(root, "map", "embed", maps={"avgpool": "tsne_avgpool.png"})
     with warnings.catch_warnings():
@@ -162,4 +163,7 @@ def test_a_report_of_embed_results_alone_writes_no_empty_figure(tmp_path, capsys
         assert report([root], tmp_path / "out") == []
     assert not (tmp_path / "out" / "results.png").exists()
     assert "[report] note: results.png not drawn: no accuracy to draw" in capsys.readouterr().err
-    assert "- map (classic, repr=combined): maps tsne_avgpool.png" in (tmp_path / "out" / "results.md").read_text()
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "- map (classic, repr=combined): maps tsne_avgpool.png" in text
+    assert "1 results.json files. None holds an accuracy (no table)." in text  # no header without rows
+    assert "| loss |" not in text and "mean ± sample std" not in text

@@ -250,8 +250,8 @@ def test_logger_without_its_package_names_the_extra_and_the_fallback(tmp_path, m
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["loss=multi", "loss.taps=[layer9.0]"], "unknown tap 'layer9.0' for resnet18"),
-    (["monitor.taps=[layer2.9]"], "unknown tap 'layer2.9' for resnet18"),
+    (["loss=multi", "loss.taps=[layer9.0]"], "loss.taps: unknown tap 'layer9.0' for resnet18"),
+    (["monitor.taps=[layer2.9]"], "monitor.taps: unknown tap 'layer2.9' for resnet18"),  # the setting named
     (["backbone.name=resnet9"], "unknown backbone.name 'resnet9'"),
     (["+backbone.grids={layer9: 2}"], "backbone.grids names 'layer9', which is no module of resnet18")])
 def test_a_misspelt_network_setting_is_refused_before_the_training_images_are_read(tmp_path, monkeypatch,
@@ -398,7 +398,7 @@ CLI_CASES = {
     "cifar10 not there": (["data=cifar10", "data.root={tmp}/cifar", "data.download=false"],
                           "error: could not load CIFAR-10 from '{tmp}/cifar'"),
     "batch too large": (["data.batch_size=1000"], "error: data.batch_size=1000 is larger than the dataset"),
-    "unknown tap": (["loss=multi", "loss.taps=[layer9.0]"], "error: unknown tap 'layer9.0' for resnet18"),
+    "unknown tap": (["loss=multi", "loss.taps=[layer9.0]"], "error: loss.taps: unknown tap 'layer9.0' for resnet18"),
     "unknown backbone": (["backbone.name=resnet9"], "error: unknown backbone.name 'resnet9'"),
     # names that would otherwise be ignored without a word (a misspelt head keeps weight 1.0, a grid
     # for no module pools nothing); braces doubled: these strings are str.format-ted
@@ -693,11 +693,11 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     bad, good = sorted(sweep.glob("*_*"))
     assert bad.name.startswith("0_") and "layer9.0" in bad.name
-    assert (bad / "FAILED").read_text().startswith("unknown tap 'layer9.0'")
+    assert (bad / "FAILED").read_text().startswith("loss.taps: unknown tap 'layer9.0'")
     assert (good / "encoder.pt").is_file() and (good / "checkpoints" / "last.ckpt").is_file()
     assert not (good / "FAILED").exists()
     assert f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):" in result.stderr
-    assert f"  {bad.name}: unknown tap 'layer9.0'" in result.stderr
+    assert f"  {bad.name}: loss.taps: unknown tap 'layer9.0'" in result.stderr
 
 
 # --------------------------------------------------------------------------- evaluation side
@@ -799,3 +799,15 @@ def test_a_precision_lightning_changes_is_said_in_one_line(tmp_path, capsys):
     announce({**config, "trainer": {"max_epochs": 1, "precision": "bf16-mixed"}}, tmp_path, trainer,
              RunStart(config), batches)
     assert "note: trainer.precision" not in capsys.readouterr().out
+
+
+def test_an_unknown_representation_tap_names_repr_taps(tmp_path):
+    """loss.taps, monitor.taps and repr.taps all reach the encoder; its refusal now names the setting."""
+    from byol.jobs.pretrained import random_model
+    from byol.jobs.protocols import run_protocol
+
+    model = random_model({"name": "resnet18", "stem": "cifar", "width": 0.25}, seed=0)
+    cfg = {"eval": {"name": "knn"}, "repr": {"name": "combined", "taps": ["layer2.0", "layer9"]}, "data": {},
+           "seed": 0, "trainer": {}}
+    with pytest.raises(ConfigError, match=r"^repr\.taps: unknown tap 'layer9' for resnet18"):
+        run_protocol(model, cfg, splits=None, num_classes=2, out_dir=tmp_path)

@@ -26,7 +26,14 @@ from byol.core.data import ImageTensors, IndexBatches
 from byol.core.disk_images import batches_of
 from byol.core.errors import ByolError, CheckpointError, ConfigError
 from byol.core.features import resolve_device
-from byol.jobs.build import build_byol, check_launcher, check_logger_package, check_strategy, planned_world
+from byol.jobs.build import (
+    build_byol,
+    build_encoder,
+    check_launcher,
+    check_logger_package,
+    check_strategy,
+    planned_world,
+)
 from byol.jobs.cli import command_arg, launched_rank
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning
@@ -176,6 +183,11 @@ def check_networks(config: dict) -> None:
     so that an unknown tap, backbone or grid is refused before the training images are decoded (minutes, the
     first time, for a large folder)."""
     with torch.device("meta"):
+        for setting, taps in (("loss.taps", config["loss"]["taps"]), ("monitor.taps", monitor_taps(config))):
+            try:  # each setting's taps alone first: the error names the setting that holds an unknown one
+                build_encoder(config, taps=taps)
+            except ConfigError as e:
+                raise ConfigError(f"{setting}: {e}") from None
         build_byol(config, extra_taps=monitor_taps(config))
 
 

@@ -201,8 +201,12 @@ def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (),
              f"in the notes) are in separate rows, never averaged together. A row "
              f"with no accuracy says why: missing (no result), failed (no run succeeded) or incomplete "
              f"(pretraining did not finish; not counted).")
-    return "\n".join(["# Results", "", intro, "", *_table(cells), "", *_gaps(cells), *paired_lines(paired),
-                      *_unscored(unscored), *_skipped(skipped)]) + "\n"
+    if not cells:  # eval=embed alone: no accuracy, so no table to explain (it was a header without rows)
+        intro, table = f"{counted}. None holds an accuracy (no table).", []
+    else:
+        table = [*_table(cells), "", *_gaps(cells)]
+    return "\n".join(["# Results", "", intro, "", *table, *paired_lines(paired), *_unscored(unscored),
+                      *_skipped(skipped)]) + "\n"
 
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
