@@ -14,8 +14,7 @@ from conftest import compose_config
 from byol.core.checkpoint import atomic_torch_save, safe_load
 from byol.core.errors import CheckpointError
 from byol.jobs.cli import run_job
-from byol.jobs.pretrained import read_pretrained
-from byol.jobs.run_folder import resolve_pretrained
+from byol.jobs.pretrained import read_pretrained, resolve_pretrained
 
 
 def _run_folder(root: Path, names=("epoch0001.ckpt", "epoch0002.ckpt", "last.ckpt")) -> Path:

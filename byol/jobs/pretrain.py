@@ -187,6 +187,8 @@ def check_networks(config: dict) -> None:
             try:  # each setting's taps alone first: the error names the setting that holds an unknown one
                 build_encoder(config, taps=taps)
             except ConfigError as e:
+                if not str(e).startswith("unknown tap"):
+                    raise
                 raise ConfigError(f"{setting}: {e}") from None
         build_byol(config, extra_taps=monitor_taps(config))
 

@@ -274,7 +274,8 @@ class RunCheckpoints(CatchStopSignals):
     def _save_to_stop(self, trainer) -> None:
         self._save(trainer, self.last)
         steps = optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
-        where = describe_step(trainer.global_step, steps, trainer.lightning_module.step_offset())
+        offset = getattr(getattr(trainer, "lightning_module", None), "step_offset", lambda: 0)()  # BYOLModule's
+        where = describe_step(trainer.global_step, steps, offset)
         name = signal.Signals(self.received).name
         self.stop_message = (f"received {name}: saved {self.last.relative_to(self.run_dir)} at {where}; "
                              f"resume with: {self.resume_command}")

@@ -321,7 +321,7 @@ def layout_problem(layout) -> str | None:
     written before it existed)."""
     if layout is None:
         return None
-    fields = {"epoch_steps": 1, "world_size": 1, "step_offset": None, "mid_epoch": None}
+    fields = ("epoch_steps", "world_size", "step_offset", "mid_epoch")
     if not isinstance(layout, Mapping) or set(layout) != set(fields):
         return f"byol_layout is {shown(layout)}, not a mapping of {', '.join(repr(k) for k in fields)}"
     numbers_ok = all(isinstance(layout[k], int) and not isinstance(layout[k], bool) and layout[k] >= 1
