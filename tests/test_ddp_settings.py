@@ -157,3 +157,21 @@ def test_the_cpu_syncbatchnorm_note_is_for_several_processes_only(no_launcher, c
     two = trainer_for_this_machine({**DDP, "sync_batchnorm": True}, "[t]")
     assert two["sync_batchnorm"] is False
     assert capsys.readouterr().out.startswith("[t] note: trainer.sync_batchnorm needs GPUs")
+
+
+def test_the_processes_asked_for_are_counted_as_lightning_reads_devices(monkeypatch):
+    """``trainer.devices=-1`` (every GPU) or a string of ids counted as one process: a DDP sweep on all GPUs lost
+    its shared sweep folder and the steps of an epoch were planned for one process."""
+    import torch
+
+    from byol.jobs.build import planned_world, requested_processes
+
+    cases = {2: 2, "3": 3, "0,1": 2, "0,": 1, (0, 1, 2): 3, 0: 1, -1: 1, "auto": 1}
+    for devices, count in cases.items():
+        devices = list(devices) if isinstance(devices, tuple) else devices
+        assert requested_processes({"devices": devices, "accelerator": "cpu"}) == count, devices
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for devices in (-1, "-1", "auto"):
+        assert requested_processes({"devices": devices, "accelerator": "gpu", "num_nodes": 2}) == 8
+        assert planned_world({"devices": devices, "accelerator": "auto", "strategy": "ddp"}) == 4

@@ -113,10 +113,20 @@ def make_loggers(logger_cfg: Mapping | None, run_dir: Path, keep_before_step: in
 
 
 def requested_processes(trainer_cfg: Mapping) -> int:
-    """Devices x nodes a trainer config asks for, whatever the strategy (1 when ``devices`` is not a
-    positive count or a list: ``auto`` and the like are one device as far as the job can tell)."""
-    devices = trainer_cfg.get("devices")
-    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
+    """Devices x nodes a trainer config asks for, whatever the strategy, read as Lightning reads ``devices``:
+    a count, a list of ids, a string of either ("4", "0,1"); -1 or "auto" is every GPU of this machine on a
+    GPU run (one device otherwise). Counted as 1 there, a DDP sweep on all GPUs lost its shared folder."""
+    devices, count = trainer_cfg.get("devices"), 1
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, list) or (isinstance(devices, str) and "," in devices):
+        count = len(devices) if isinstance(devices, list) else len([d for d in devices.split(",") if d.strip()])
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        count = devices
+    elif devices in (-1, "auto", None) and on_gpu(trainer_cfg):
+        import torch
+
+        count = max(1, torch.cuda.device_count())
     return count * max(1, int(trainer_cfg.get("num_nodes") or 1))
 
 
