@@ -281,6 +281,14 @@ def test_a_trainer_group_on_resume_chooses_the_machine_and_keeps_the_runs_traini
     assert (trainer["max_epochs"], trainer["precision"], trainer["log_every_n_steps"]) == (2, "32-true", 3)
     assert trainer["accumulate_grad_batches"] == 2  # given as a key: changed
     assert not any(line.startswith(("trainer.max_epochs", "trainer.precision")) for line in changed)
+    # the other way: a one-process run (no sync_batchnorm key) continued with trainer=ddp gets the option's
+    one = plain_config(compose_config("train", ["experiment=smoke", "trainer.precision=32-true"], tmp_path))
+    composed = plain_config(compose_config("train", ["trainer=ddp", "trainer.accelerator=cpu"], tmp_path))
+    assert "sync_batchnorm" not in one["trainer"]
+    resumed, _ = resume_config(one, composed, command_line_keys())
+    trainer = resumed["trainer"]
+    assert (trainer["strategy"], trainer["devices"], trainer["sync_batchnorm"]) == ("ddp", 2, True)
+    assert (trainer["max_epochs"], trainer["precision"]) == (2, "32-true")
 
 
 def test_describe_step():
@@ -470,25 +478,31 @@ def test_a_run_continued_with_its_epochs_cut_into_other_steps_goes_on_with_its_s
     assert sorted(rate) == [4, 5, 6, 7] and rate[4] > 0
     assert {s: rate[s] / rate[4] for s in rate} == pytest.approx({s: factor[s] / factor[4] for s in rate})
     layout = safe_load(run_dir / "checkpoints" / "last.ckpt")["byol_layout"]
-    assert layout == {"epoch_steps": 2, "world_size": 1, "step_offset": 2, "mid_epoch": False}
+    assert layout == {"epoch_steps": 2, "world_size": 1, "step_offset": 2}
 
 
 def test_a_mid_epoch_checkpoint_is_not_continued_under_another_cut_of_its_epoch(tmp_path):
     """Its batches done are counted in its own cut: under another global batch or accumulation the rest of its
     epoch skipped some images and repeated others. Refused in one line; the same global batch goes on, also on
-    another number of processes."""
-    from byol.jobs.pretrain import refuse_a_mid_epoch_checkpoint_on_another_layout as refuse
+    another number of processes. Mid-epoch is read from the file's loop counters (also of earlier versions):
+    a stop during an epoch's first batch resumes at its start, one during its last is inside it."""
+    from byol.core.checkpoint import mid_epoch
+    from byol.jobs.pretrain import refuse_another_cut_of_an_epoch as refuse
 
+    def loops(epoch_ready, epoch_done, batches_done):
+        return {"loops": {"fit_loop": {"epoch_progress": {"current": {"ready": epoch_ready, "processed": epoch_done}},
+                                       "epoch_loop.batch_progress": {"current": {"processed": batches_done}}}}}
+
+    assert mid_epoch(loops(3, 2, 5)) and mid_epoch(loops(3, 2, 3))  # 5 of 8 batches; the last batch running
+    assert not mid_epoch(loops(2, 2, 8)) and not mid_epoch(loops(3, 2, 0)) and not mid_epoch({})
     saved = {"data": {"batch_size": 16}, "trainer": {"strategy": "ddp", "devices": 2, "accumulate_grad_batches": 1}}
-    layout = {"epoch_steps": 4, "world_size": 2, "step_offset": 0, "mid_epoch": True}
-    refuse(layout, saved, saved, tmp_path / "last.ckpt", 6)
-    refuse(layout, saved, {**saved, "data": {"batch_size": 32}, "trainer": {}}, tmp_path / "last.ckpt", 6)  # 1 x 32
-    refuse({**layout, "mid_epoch": False}, saved, {**saved, "trainer": {"devices": 1}}, tmp_path / "last.ckpt", 8)
+    refuse(2, saved, saved, tmp_path / "last.ckpt", 6)
+    refuse(2, saved, {**saved, "data": {"batch_size": 32}, "trainer": {}}, tmp_path / "last.ckpt", 6)  # 1 x 32
     for other in ({**saved, "trainer": {"devices": 1}}, {**saved, "data": {"batch_size": 32}},
                   {**saved, "trainer": {**saved["trainer"], "accumulate_grad_batches": 2}}):
         with pytest.raises(ConfigError, match=r"saved in the middle of an epoch \(step 6\) on 2 process\(es\) x "
                                               r"batch 16, accumulating 1; continued on .* skip some images"):
-            refuse(layout, saved, other, tmp_path / "last.ckpt", 6)
+            refuse(2, saved, other, tmp_path / "last.ckpt", 6)
 
 
 def test_a_checkpoint_past_the_asked_epochs_is_refused_in_a_new_folder_too(tmp_path_factory):
@@ -526,3 +540,25 @@ def test_a_run_stopped_early_on_a_longer_schedule_ends_where_the_longer_run_is_a
     assert len(steps) >= 2 * STEPS_PER_EPOCH and all(early[key] == full[key] for key in steps)
     tau = [float(early[key]["train/tau"]) for key in steps if "train/tau" in early[key]]
     assert tau and tau[-1] < 0.999  # the 2-epoch run's own cosine would have ended at 1
+
+
+def test_the_step_offset_of_each_kind_of_resumed_checkpoint():
+    """Read off the module's rule: same cut (its saved offset, 0 for an exact resume), another cut at an epoch
+    end (steps done less the finished epochs in the new cut), a file of an earlier version without a layout
+    (the same, at an epoch end; none inside one), a run bounded by max_steps (steps, not epochs: none)."""
+    from types import SimpleNamespace
+
+    from byol.lightning.pretrain_module import BYOLModule
+
+    def offset(resumed, epoch_steps=2, max_epochs=4, max_steps=-1):
+        module = SimpleNamespace(_resumed=resumed, epoch_steps=lambda: epoch_steps,
+                                 trainer=SimpleNamespace(max_epochs=max_epochs, max_steps=max_steps))
+        return BYOLModule.step_offset(module)
+
+    layout = {"epoch_steps": 4, "world_size": 1, "step_offset": 0}
+    assert offset(None) == 0
+    assert offset((8, 2, layout, False), epoch_steps=4) == 0 and offset((8, 2, {**layout, "step_offset": 3}, False),
+                                                                         epoch_steps=4) == 3
+    assert offset((8, 2, layout, False)) == 4  # 8 steps done, 2 epochs of 2 now
+    assert offset((8, 2, {}, False)) == 4 and offset((9, 2, {}, True)) == 0  # an earlier version's file
+    assert offset((8, 2, layout, False), max_steps=100) == 0 and offset((8, 2, layout, False), max_epochs=-1) == 0

@@ -21,7 +21,7 @@ from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import conv1x1
 
-from byol.core.errors import ConfigError
+from byol.core.errors import ConfigError, UnknownTap
 
 # torchvision's ResNets (the wide and ResNeXt variants change the blocks' inner widths: not offered)
 RESNETS = {name: getattr(models, name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")}
@@ -169,7 +169,7 @@ class Encoder(nn.Module):
         valid = set(dict(net.named_modules()))
         unknown = [t for t in taps if t not in valid or not t]
         if unknown:
-            raise ConfigError(
+            raise UnknownTap(
                 f"unknown tap {', '.join(repr(t) for t in unknown)} for {name}; valid names include: "
                 f"{', '.join(tap_names(net))} (or any deeper module name)"
             )

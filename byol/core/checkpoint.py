@@ -241,17 +241,32 @@ def online_encoder_state(ckpt: dict) -> dict:
     return {k[len(ONLINE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(ONLINE_PREFIX)}
 
 
+def _loop_counter(ckpt: dict, progress: str, counter: str):
+    """A counter of a Lightning checkpoint's fit loop (``epoch_progress`` / ``epoch_loop.batch_progress``,
+    its ``current`` ``ready`` / ``processed``...), or None."""
+    value = ckpt
+    for key in ("loops", "fit_loop", progress, "current", counter):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def epochs_done(ckpt: dict) -> int:
     """Epochs a train.py Lightning checkpoint has finished: Lightning's count of processed epochs (a
     checkpoint taken at an epoch's end, or after the last one, counts it; one taken mid-epoch does not).
     Its ``epoch`` field is the 0-based epoch it was taken in, one less than that after the last epoch;
     only a file without loop counters falls back to it. -1 when neither is a whole number."""
-    progress = ckpt
-    for key in ("loops", "fit_loop", "epoch_progress", "current"):
-        progress = progress.get(key) if isinstance(progress, dict) else None
-    done = progress.get("processed") if isinstance(progress, dict) else None
+    done = _loop_counter(ckpt, "epoch_progress", "processed")
     value = done if done is not None else ckpt.get("epoch", -1)
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def mid_epoch(ckpt: dict) -> bool:
+    """Whether a train.py checkpoint was taken inside an epoch after some of its batches: the epoch started
+    (``ready``) but not processed, and batches of it processed. One taken during an epoch's first batch resumes
+    at the epoch's start, and one at an epoch's end has processed it."""
+    started, done = _loop_counter(ckpt, "epoch_progress", "ready"), _loop_counter(ckpt, "epoch_progress", "processed")
+    batches = _loop_counter(ckpt, "epoch_loop.batch_progress", "processed")
+    return started is not None and done is not None and started > done and bool(batches)
 
 
 def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None, taps=None) -> None:

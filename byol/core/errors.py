@@ -14,6 +14,10 @@ class ConfigError(ByolError):
     """An invalid configuration value (unknown tap, backbone, option...)."""
 
 
+class UnknownTap(ConfigError):
+    """A tap that is no module of the network: the jobs say which setting (loss, monitor, repr) names it."""
+
+
 class DataError(ByolError):
     """A missing, empty or unreadable dataset."""
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from byol.core.checkpoint import epochs_done, safe_load
+from byol.core.checkpoint import epochs_done, mid_epoch, safe_load
 from byol.core.data import ImageTensors, IndexBatches
 from byol.core.disk_images import batches_of
-from byol.core.errors import ByolError, CheckpointError, ConfigError
+from byol.core.errors import ByolError, CheckpointError, ConfigError, UnknownTap
 from byol.core.features import resolve_device
 from byol.jobs.build import (
     build_byol,
@@ -111,20 +111,19 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
         print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
               flush=True)
     layout = resumed.get("byol_layout") or {}
-    refuse_a_mid_epoch_checkpoint_on_another_layout(layout, saved, config, checkpoint, int(resumed["global_step"]))
+    if mid_epoch(resumed):  # an earlier version's checkpoint keeps no layout: its config says the world
+        world = layout.get("world_size") or planned_world(saved.get("trainer") or {})
+        refuse_another_cut_of_an_epoch(world, saved, config, checkpoint, int(resumed["global_step"]))
     return RunStart(config, checkpoint, int(resumed["global_step"]), finished, layout)
 
 
-def refuse_a_mid_epoch_checkpoint_on_another_layout(layout: dict, saved: dict, config: dict, checkpoint: Path,
-                                                    step: int) -> None:
-    """One line when a checkpoint saved mid-epoch would continue with its epoch cut otherwise: another global
-    batch (per-process batch x processes: each step takes the next that many images of the epoch's order, and
-    the batches done are counted in the old cut, so some images would be skipped and others seen twice) or
-    another accumulation (its steps done would not match its batches). An epoch-end checkpoint continues under
-    any; the same global batch on another number of processes continues mid-epoch too."""
-    if not layout.get("mid_epoch"):
-        return
-    old, new = _cut(saved, layout["world_size"]), _cut(config, planned_world(config["trainer"]))
+def refuse_another_cut_of_an_epoch(world: int, saved: dict, config: dict, checkpoint: Path, step: int) -> None:
+    """One line when a checkpoint saved mid-epoch (on ``world`` processes) would continue with its epoch cut
+    otherwise: another global batch (per-process batch x processes: each step takes the next that many images
+    of the epoch's order, and the batches done are counted in the old cut, so some images would be skipped
+    and others seen twice) or another accumulation (its steps done would not match its batches). An epoch-end
+    checkpoint continues under any; the same global batch on another number of processes continues too."""
+    old, new = _cut(saved, world), _cut(config, planned_world(config["trainer"]))
     if (old[0] * old[1], old[2]) == (new[0] * new[1], new[2]):
         return
     said = "{} process(es) x batch {}, accumulating {}"
@@ -186,10 +185,8 @@ def check_networks(config: dict) -> None:
         for setting, taps in (("loss.taps", config["loss"]["taps"]), ("monitor.taps", monitor_taps(config))):
             try:  # each setting's taps alone first: the error names the setting that holds an unknown one
                 build_encoder(config, taps=taps)
-            except ConfigError as e:
-                if not str(e).startswith("unknown tap"):
-                    raise
-                raise ConfigError(f"{setting}: {e}") from None
+            except UnknownTap as e:
+                raise UnknownTap(f"{setting}: {e}") from None
         build_byol(config, extra_taps=monitor_taps(config))
 
 

@@ -24,7 +24,7 @@ import torch
 from byol.core.backbone import AVGPOOL
 from byol.core.data import IndexBatches
 from byol.core.disk_images import batches_of
-from byol.core.errors import ConfigError, DataError
+from byol.core.errors import DataError, UnknownTap
 from byol.core.features import autocast_dtype, extract_features, feature_dim, representation_taps, resolve_device
 from byol.core.knn import knn_accuracy
 from byol.core.linear_probe import MakeOptimizer, train_linear_probe
@@ -49,10 +49,8 @@ def run_protocol(model: EncoderSource, cfg: Mapping, splits, num_classes: int, o
     taps = representation_taps(repr_cfg["name"], repr_cfg.get("taps") or [])
     try:
         encoder = model.build(taps)
-    except ConfigError as e:  # a tap this model's network lacks: the setting that names it, named
-        if not str(e).startswith("unknown tap"):
-            raise
-        raise ConfigError(f"repr.taps: {e}") from None
+    except UnknownTap as e:  # a tap this model's network lacks: the setting that names it, named
+        raise UnknownTap(f"repr.taps: {e}") from None
     dim = feature_dim(encoder, taps)
     _note_taps_without_grid(model, taps)
     device = resolve_device(cfg["trainer"].get("accelerator", "auto"))

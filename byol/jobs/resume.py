@@ -107,7 +107,8 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             continue
         if key not in new:
             continue  # a setting this version no longer has
-        if key not in old and key.split(".")[0] in saved:
+        named = any(prefix and _under(key, [prefix]) for prefix in requested or [])  # on the command line by name
+        if key not in old and key.split(".")[0] in saved and not named:
             continue  # a key of a section the run has (another option of its group): the run's own section
         if key not in old:  # a section the checkpoint predates (e.g. monitor): this version's, not a change
             if requested is not None:

@@ -64,7 +64,7 @@ def write_step_row(trainer, metrics: dict) -> None:
 
 
 def is_last_batch(trainer, batch_idx: int) -> bool:
-    """Whether ``batch_idx`` is the last batch of the epoch (never, when only max_steps bounds the run)."""
+    """Whether ``batch_idx`` is the last batch of the epoch (never for training data without a length)."""
     return batch_idx + 1 == trainer.num_training_batches
 
 

@@ -17,15 +17,16 @@ import torch
 from torch import nn
 
 from byol.core.augment import ViewAugment
-from byol.core.checkpoint import epochs_done
+from byol.core.checkpoint import epochs_done, mid_epoch
 from byol.core.ema import tau_at
 from byol.core.errors import NonFiniteLossError
 from byol.core.model import BYOL
 from byol.core.optim import read_schedule_at_offset
 from byol.core.rng import process_keys, rng_state, rng_state_problem, set_rng_state, step_generator
 from byol.core.state_check import optimizer_problem, scheduler_problem, shown, tensors_problem, weights_problem, whole
+from byol.lightning.callbacks import optimizer_steps_per_epoch
 from byol.lightning.checkpoint_io import damaged_checkpoint, lightning_fields_problem
-from byol.lightning.internals import batches_done_this_epoch, is_last_batch, logs_this_step, write_step_row
+from byol.lightning.internals import is_last_batch, logs_this_step, write_step_row
 
 # (modules to optimise, total optimizer steps, epochs, world size) -> (optimizer, per-step LR scheduler)
 OptimizerFactory = Callable[[Sequence[nn.Module], int, int, int], tuple]
@@ -66,7 +67,7 @@ class BYOLModule(pl.LightningModule):
         self.undoable = False  # keep what a step changes before its optimizer step, to undo it (undo_step)
         self._step_start: tuple | None = None
         self._kept_buffers: list[torch.Tensor] | None = None  # step_start_state's copies of the buffers
-        self._resumed: tuple[int, int, dict] | None = None  # (step, epochs done, byol_layout) of a checkpoint
+        self._resumed: tuple | None = None  # a checkpoint's (step, epochs done, byol_layout, mid_epoch)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
@@ -176,32 +177,34 @@ class BYOLModule(pl.LightningModule):
         return schedule_span(run_steps, trainer.max_epochs, self.epoch_steps(), self.schedule_epochs)
 
     def epoch_steps(self) -> int:
-        """Optimizer steps in an epoch (the run's steps when max_steps alone bounds it: no epochs then)."""
+        """Optimizer steps in an epoch of each process (the run's steps for training data without a length)."""
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches):
             return int(self.trainer.estimated_stepping_batches)
-        return math.ceil(batches / self.trainer.accumulate_grad_batches)
+        return optimizer_steps_per_epoch(batches, self.trainer.accumulate_grad_batches)
 
     def step_offset(self) -> int:
         """Steps by which this run's step count differs from its epochs x :meth:`epoch_steps`: 0, unless it
         continues a checkpoint whose epochs were cut into another number of steps (another world size,
         batch or accumulation). Its steps done, less what its finished epochs come to now: the schedules go
         on from where the run stands in its epochs (read at step - offset). Counted in steps alone, a run
-        continued on twice the processes stood at its schedules' end already (lr 0 and tau 1 for the rest)."""
-        if self._resumed is None or (self.trainer.max_epochs or 0) < 1:
+        continued on twice the processes stood at its schedules' end already (lr 0 and tau 1 for the rest).
+        A run bounded by ``trainer.max_steps`` counts steps, not epochs: no offset. A checkpoint of an earlier
+        version keeps no layout: taken at an epoch's end, its offset is worked out the same way."""
+        if self._resumed is None or (self.trainer.max_epochs or 0) < 1 or (self.trainer.max_steps or -1) > 0:
             return 0
-        step, epochs, layout = self._resumed
-        if not layout or layout["epoch_steps"] == self.epoch_steps():
-            return layout.get("step_offset", 0) if layout else 0
+        step, epochs, layout, inside_an_epoch = self._resumed
+        if layout and layout["epoch_steps"] == self.epoch_steps():
+            return layout["step_offset"]
+        if inside_an_epoch:  # the same cut of its epoch (refused otherwise) or an earlier version's file
+            return layout["step_offset"] if layout else 0
         return step - epochs * self.epoch_steps()
 
     def layout(self) -> dict:
         """How this run cuts its epochs into steps, kept in each checkpoint (``byol_layout``) for
-        :meth:`step_offset` and for the refusal of a mid-epoch checkpoint resumed under another one."""
-        trainer = self.trainer
-        done = batches_done_this_epoch(trainer)
-        return {"epoch_steps": self.epoch_steps(), "world_size": int(trainer.world_size),
-                "step_offset": self.step_offset(), "mid_epoch": bool(0 < done < trainer.num_training_batches)}
+        :meth:`step_offset` and for the refusal of a mid-epoch checkpoint resumed under another cut."""
+        return {"epoch_steps": self.epoch_steps(), "world_size": int(self.trainer.world_size),
+                "step_offset": self.step_offset()}
 
     def schedule_steps(self) -> int:
         return self.schedule_epochs_and_steps()[1]
@@ -313,7 +316,8 @@ class BYOLModule(pl.LightningModule):
             set_rng_state(checkpoint["rng"])
         self.last_saved_step = checkpoint.get("global_step")
         self._epoch_sums = checkpoint.get("epoch_loss_sums") or {}
-        self._resumed = (int(checkpoint["global_step"]), epochs_done(checkpoint), checkpoint.get("byol_layout") or {})
+        self._resumed = (int(checkpoint["global_step"]), epochs_done(checkpoint), checkpoint.get("byol_layout") or {},
+                         mid_epoch(checkpoint))
 
 
 def layout_problem(layout) -> str | None:
@@ -321,13 +325,12 @@ def layout_problem(layout) -> str | None:
     written before it existed)."""
     if layout is None:
         return None
-    fields = ("epoch_steps", "world_size", "step_offset", "mid_epoch")
+    fields = ("epoch_steps", "world_size", "step_offset")
     if not isinstance(layout, Mapping) or set(layout) != set(fields):
         return f"byol_layout is {shown(layout)}, not a mapping of {', '.join(repr(k) for k in fields)}"
-    numbers_ok = all(isinstance(layout[k], int) and not isinstance(layout[k], bool) and layout[k] >= 1
-                     for k in ("epoch_steps", "world_size")) and isinstance(layout["step_offset"], int)
-    if not numbers_ok or not isinstance(layout["mid_epoch"], bool):
-        return "byol_layout.epoch_steps and .world_size must be whole numbers of 1 or more, .mid_epoch true or false"
+    if not all(isinstance(layout[k], int) and not isinstance(layout[k], bool) for k in fields) or \
+            min(layout["epoch_steps"], layout["world_size"]) < 1:
+        return "byol_layout's fields must be whole numbers, epoch_steps and world_size 1 or more"
     return None
 
 
