@@ -107,7 +107,7 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     if finished and same_run:
         refuse_other_settings(changed, run_dir)
     refuse_a_checkpoint_past_the_end(resumed, int(config["trainer"]["max_epochs"]), checkpoint, finished)
-    if changed and not finished:  # after the refusals: a finished run resumes nothing
+    if changed and not finished and launched_rank() == 0:  # after the refusals; once under DDP
         print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
               flush=True)
     layout = resumed.get("byol_layout") or {}
