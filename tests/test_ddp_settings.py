@@ -175,3 +175,21 @@ def test_the_processes_asked_for_are_counted_as_lightning_reads_devices(monkeypa
     for devices in (-1, "-1", "auto"):
         assert requested_processes({"devices": devices, "accelerator": "gpu", "num_nodes": 2}) == 8
         assert planned_world({"devices": devices, "accelerator": "auto", "strategy": "ddp"}) == 4
+
+
+@pytest.mark.parametrize("devices", ["[]", "','", "0", "-2", "4.0", "1000000000000000000000000000000", "[-1]", "abc"])
+def test_devices_lightning_cannot_read_are_refused_before_the_data(tmp_path, capsys, devices, monkeypatch):
+    """An empty list counted 0 processes (a ZeroDivisionError when the epoch was planned), 10**30 overflowed
+    inside Lightning, and the others were refused only after the training images were decoded."""
+    from byol.jobs import pretrain as job
+    from byol.jobs.cli import command_line_keys, run_job
+    from byol.jobs.pretrain import pretrain
+
+    monkeypatch.setattr(job, "training_data", lambda config: pytest.fail("the data was read"))
+    cfg = compose_config("train", ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu",
+                                   f"trainer.devices={devices}"], tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run_job(pretrain, cfg, requested=command_line_keys())
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: trainer.devices=") and "is not a number of devices (1 to 4096" in err, err

@@ -411,3 +411,58 @@ def test_a_run_whose_data_cannot_be_loaded_fails_alone_in_a_sweep(tmp_path, caps
     assert moved["status"] == "failed" and "gone' does not exist" in moved["error"]
     assert (moved["loss"], moved["seed"]) == ("classic", 0)  # its cell: the weights were read first
     assert good["status"] == "ok" and good["test_acc"] is not None
+
+
+def test_edited_layouts_loop_counters_and_deep_configs_are_refused_in_one_line(tmp_path):
+    """A checkpoint's byol_layout offset was used at any value (lr 0 and tau 1 for the rest of the run at -4, an
+    overflow at 10**30), loop counters out of Lightning's order made a resume train nothing and say done, and a
+    400 kB config.yaml of brackets kept every folder check busy for minutes. Each is one refusal now."""
+    import time
+
+    from byol.core.errors import ConfigError
+    from byol.jobs.run_folder import raw_run_config
+    from byol.lightning.checkpoint_io import _counters_problem
+    from byol.lightning.pretrain_module import layout_problem
+
+    def checkpoint(offset=0, world=1, ready=2, processed=2, batches=4):
+        counters = {"ready": ready, "started": ready, "processed": processed, "completed": processed}
+        return {"global_step": 8, "byol_layout": {"epoch_steps": 4, "world_size": world, "step_offset": offset},
+                "loops": {"fit_loop": {"epoch_progress": {"current": counters, "total": counters},
+                                       "epoch_loop.batch_progress": {"current": {"ready": batches, "started": batches,
+                                                                                 "processed": batches,
+                                                                                 "completed": batches}}}}}
+
+    assert layout_problem(checkpoint()) is None and layout_problem(checkpoint(offset=8)) is None
+    assert layout_problem(checkpoint(offset=-4, ready=3, batches=2)) is None  # inside epoch 3: step 12 of 12
+    for bad in (checkpoint(offset=-4), checkpoint(offset=10**30), checkpoint(offset=9), checkpoint(world=10**30)):
+        assert layout_problem(bad), bad["byol_layout"]
+    fit_loop = checkpoint()["loops"]["fit_loop"]
+    assert _counters_problem(fit_loop) is None
+    for edited in (checkpoint(ready=10**30), checkpoint(processed=-1), checkpoint(ready=1, processed=2)):
+        assert "not counters Lightning keeps" in _counters_problem(edited["loops"]["fit_loop"])
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "config.yaml").write_text("a: " + "[" * 200_000 + "]" * 200_000 + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        raw_run_config(deep)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_file_name_that_is_not_utf8_is_cached_like_any_other(tmp_path):
+    """Its name's bytes went into the cache key as text, a UnicodeEncodeError in any locale."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from byol.core.image_folder import load_image_folder
+
+    for k, cls in enumerate(("a", "b")):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / "images" / cls / "0.png")
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "images" / "a" / os.fsdecode(b"e\xff.png"))
+    first = load_image_folder(tmp_path / "images", 8, tmp_path / "cache")
+    again = load_image_folder(tmp_path / "images", 8, tmp_path / "cache")  # from the cache
+    assert len(first) == 3 and torch.equal(first.images, again.images)
+    assert len(list((tmp_path / "cache").iterdir())) == 1

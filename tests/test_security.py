@@ -478,7 +478,6 @@ def test_invalid_values_are_one_line_and_exit_1(tmp_path, capsys, override):
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.strategy=foo", "strategy=foo, precision=bf16-mixed): You selected an invalid strategy name"),
-    ("trainer.devices=0", "devices=0, num_nodes=1, strategy=auto, precision=bf16-mixed): `Trainer(devices=0)`"),
 ])
 def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, override, expected):
     """Lightning checks its own arguments when the Trainer is built; what it refuses is one line naming

@@ -126,8 +126,8 @@ def test_the_cache_keeps_each_images_digest_and_a_later_load_reads_no_pixels_for
     first = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
     hashed = image_digests(ImageTensors(first.pixels(), first.labels))  # from the pixels themselves
     assert first.digests is not None and image_digests(first) == hashed and len(set(hashed)) == 4
+    again = load_image_folder(root, 8, tmp_path / "cache", storage=storage)  # spot-checks at most 64 of them
     monkeypatch.setattr(ImageTensors, "pixels", lambda *a: pytest.fail("pixels read for the digests"))
-    again = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
     assert image_digests(again) == hashed
     index = torch.tensor([4, 0, 2])
     assert image_digests(again.subset(index)) == [hashed[i] for i in index.tolist()]
@@ -143,3 +143,10 @@ def test_the_cache_keeps_each_images_digest_and_a_later_load_reads_no_pixels_for
         torch.save({**saved, "digests": digests}, meta)
         older = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
         assert older.digests is None and image_digests(older) == hashed
+    # digests of the right shape that are not the images': all zeros (every image a copy: an empty validation
+    # split), or another folder's (copies where there are none); found by the spot check and computed again
+    for digests in (torch.zeros_like(saved["digests"]), saved["digests"].flip(0)):
+        torch.save({**saved, "digests": digests}, meta)
+        with pytest.warns(UserWarning, match=r"the image digests kept in .* do not match its images; computing"):
+            edited = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
+        assert edited.digests is None and image_digests(edited) == hashed

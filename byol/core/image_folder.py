@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from byol.core.checkpoint import atomic_torch_save, remove_dead_writers_files
-from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor
+from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor, image_digests
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import CheckpointError, DataError
 from byol.core.folder_scan import FolderScan, scan_images
@@ -91,10 +91,13 @@ def _cache_key(folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> str
     """What the decoded tensors depend on: the class list (an empty class folder shifts the
     labels), and per file its path, label, real path (where a symlink leads), size and mtime. v3: decoded
     with JPEG's reduced scales and the square read by ``box`` (pixels differ slightly from v2's)."""
-    h = hashlib.sha256(f"{folder.resolve()}|{size}|{skip_bad}|v3|{list(scan.classes)}\n".encode())
+    def raw(text: str) -> bytes:  # a name's own bytes, also where they are not UTF-8
+        return text.encode("utf-8", "surrogateescape")
+
+    h = hashlib.sha256(raw(f"{folder.resolve()}|{size}|{skip_bad}|v3|{list(scan.classes)}\n"))
     for f, label, real in zip(scan.files, scan.labels, scan.real, strict=True):
         st = os.stat(real)
-        h.update(f"{f.relative_to(folder)}|{label}|{real}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(raw(f"{f.relative_to(folder)}|{label}|{real}|{st.st_size}|{st.st_mtime_ns}\n"))
     return h.hexdigest()[:20]
 
 
@@ -198,7 +201,7 @@ def _cached_images(pt: Path) -> ImageTensors | None:
         data = ImageTensors(d["images"], d["labels"], tuple(d["classes"]), digests=_kept_digests(d, len(d["labels"])))
         if not isinstance(data.images, torch.Tensor) or len(data.images) != len(data.labels):
             raise ValueError("images and labels differ")
-        return data
+        return _checked_digests(data, pt)
     except Exception:
         warnings.warn(f"ignoring unreadable cache {pt}; decoding again", stacklevel=3)
         return None
@@ -215,9 +218,9 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     npy, meta = base.with_name(base.name + ".u8.npy"), base.with_name(base.name + ".labels.pt")
     if npy.exists() and meta.exists():
         try:
-            d = torch.load(meta, weights_only=True)
-            return ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
-                                digests=_kept_digests(d, len(d["labels"])))
+            d = torch.load(meta, weights_only=True, mmap=True)  # a huge file is not read whole before its check
+            return _checked_digests(ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
+                                                 digests=_kept_digests(d, len(d["labels"]))), meta)
         except Exception:
             warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
     _remove_unfinished(npy)
@@ -249,5 +252,21 @@ def _kept_digests(saved: dict, n: int) -> torch.Tensor | None:
     """The image digests a cache file keeps, if they are what this project writes (else None: computed when
     needed; caches of earlier versions have none)."""
     digests = saved.get("digests")
-    ok = isinstance(digests, torch.Tensor) and digests.dtype == torch.uint8 and digests.shape == (n, DIGEST_BYTES)
+    ok = isinstance(digests, torch.Tensor) and digests.layout == torch.strided and digests.device.type == "cpu" \
+        and digests.dtype == torch.uint8 and digests.shape == (n, DIGEST_BYTES)
     return digests if ok else None
+
+
+def _checked_digests(data: ImageTensors, source: Path, sample: int = 64) -> ImageTensors:
+    """``data`` with its cached digests if a spread sample of them matches its pixels, else without them (then
+    computed when needed, with a warning naming the file): a cache file edited or damaged kept copies of an
+    image on both sides of the validation split, or made the split empty."""
+    if data.digests is None or not len(data):
+        return data
+    rows = torch.linspace(0, len(data) - 1, min(sample, len(data))).long().unique()
+    if image_digests(ImageTensors(data.pixels(rows), data.labels[rows])) == [bytes(d) for d in data.digests[rows]
+                                                                              .numpy()]:
+        return data
+    warnings.warn(f"the image digests kept in {source} do not match its images; computing them again", stacklevel=3)
+    data.digests = None
+    return data

@@ -16,6 +16,7 @@ from pathlib import Path
 from byol.core.backbone import AVGPOOL, Encoder
 from byol.core.errors import ConfigError
 from byol.core.model import BYOL
+from byol.core.state_check import whole
 from byol.jobs.config_check import LOGGER_NAMES, TRAINER_RESERVED, trainer_parameters
 
 
@@ -183,10 +184,33 @@ def trainer_for_this_machine(trainer_cfg: Mapping, tag: str) -> dict:
 SPAWNING_STRATEGIES = ("spawn", "fork", "notebook")
 
 
+MAX_DEVICES = 4096  # per node: more than any machine has
+
+
+def check_devices(trainer_cfg: Mapping) -> None:
+    """``trainer.devices`` in a form Lightning reads: a count from 1 (-1: every one), ``auto``, or device ids
+    (a list, or a string "0,1"). An empty list counted 0 processes (a ZeroDivisionError when the epoch was
+    planned), and 10**30 overflowed inside Lightning."""
+    devices = trainer_cfg.get("devices")
+    ids = devices if isinstance(devices, list) else [d for d in devices.split(",") if d.strip()] \
+        if isinstance(devices, str) and "," in devices else None
+    if ids is not None:
+        ok = 0 < len(ids) <= MAX_DEVICES and all(not isinstance(i, bool) and str(i).strip().isdigit() for i in ids)
+    elif isinstance(devices, str):
+        ok = devices == "auto" or (devices.strip().lstrip("-").isdigit() and -1 <= int(devices) <= MAX_DEVICES
+                                   and int(devices) != 0)
+    else:
+        ok = devices is None or (whole(devices, -1) and devices != 0 and devices <= MAX_DEVICES)
+    if not ok:
+        raise ConfigError(f"trainer.devices={devices!r} is not a number of devices (1 to {MAX_DEVICES}, -1 for every "
+                          f"one, auto) or a list of device ids (trainer.devices=[0,1]); on CPU, devices are processes")
+
+
 def check_strategy(trainer_cfg: Mapping) -> None:
     """Several processes only through the DDP strategy that re-runs the command (``trainer=ddp``): a spawning
     strategy fails to pickle the job, and Lightning's ``auto`` would pick DDP for several devices without the
     SyncBatchNorm and the steps per epoch that ``trainer=ddp`` plans (:func:`planned_world`)."""
+    check_devices(trainer_cfg)
     strategy = str(trainer_cfg.get("strategy") or "")
     if any(word in strategy for word in SPAWNING_STRATEGIES):
         raise ConfigError(f"trainer.strategy={strategy} hands the job to processes it starts itself, which this "

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import uuid
 from pathlib import Path
 
 from byol.core.errors import ByolError, CheckpointError, ConfigError
 
 LOCK_FILE = ".lock"
+MAX_YAML_DEPTH = 64  # configs the jobs write are a few levels deep
 RUN_ID_KEY = "run_id"
 # the layout of a run folder
 CONFIG_FILE = "config.yaml"
@@ -212,9 +214,19 @@ MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml takes a few kB
 
 def _refuse_yaml_aliases(text: str) -> None:
     """Configs the jobs write hold no YAML anchors or aliases; a handed file with them could expand a few
-    hundred bytes into billions of nodes (an alias bomb) when read, so they are refused before reading."""
+    hundred bytes into billions of nodes (an alias bomb) when read, so they are refused before reading; so
+    is a file nested deeper than :data:`MAX_YAML_DEPTH` levels (400 kB of brackets kept the parser busy for
+    minutes)."""
     import yaml
 
+    depth = deepest = 0
+    for char in re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", "", text):  # brackets inside quoted strings do not nest
+        depth += (char in "[{") - (char in "]}")
+        deepest = max(deepest, depth)
+    indent = max((len(line) - len(line.lstrip(" ")) for line in text.splitlines()), default=0)
+    if deepest > MAX_YAML_DEPTH or indent > 2 * MAX_YAML_DEPTH:  # the parser takes minutes over such nesting
+        raise ValueError(f"it is nested deeper than {MAX_YAML_DEPTH} levels, which config files written by the "
+                         f"jobs never are")
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise ValueError("it holds YAML anchors or aliases (&name / *name), which config files written by "

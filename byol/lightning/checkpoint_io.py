@@ -47,7 +47,25 @@ def _fit_loop_problem(saved) -> str | None:
     if not isinstance(saved, Mapping):
         return f"loops.fit_loop is {shown(saved)}, not a mapping"
     return next((p for p in (value_problem(saved[k], template[k], f"loops.fit_loop.{k}")
-                             for k in template if k in saved) if p), None)
+                             for k in template if k in saved) if p), None) or _counters_problem(saved)
+
+
+def _counters_problem(saved: Mapping) -> str | None:
+    """The epoch and batch counters in the order Lightning keeps them (ready >= started >= processed >=
+    completed >= 0, at most one epoch under way): edited ones made a resumed run train nothing and say done,
+    or skip half an epoch."""
+    for part in ("epoch_progress", "epoch_loop.batch_progress"):
+        for scope in ("current", "total"):
+            counts = (saved.get(part) or {}).get(scope)
+            if not isinstance(counts, Mapping):
+                continue
+            values = [counts.get(k) for k in ("ready", "started", "processed", "completed")]
+            if None in values:
+                continue
+            if not all(whole(v) for v in values) or values != sorted(values, reverse=True) or \
+                    (part == "epoch_progress" and values[0] > values[2] + 1):
+                return f"loops.fit_loop.{part}.{scope} is {shown(dict(counts))}, not counters Lightning keeps"
+    return None
 
 
 def lightning_fields_problem(checkpoint: Mapping) -> str | None:

@@ -308,7 +308,7 @@ class BYOLModule(pl.LightningModule):
             if problem:
                 return problem
         return (rng_state_problem(checkpoint["rng"]) if "rng" in checkpoint else None) or \
-            _loss_sums_problem(checkpoint.get("epoch_loss_sums")) or layout_problem(checkpoint.get("byol_layout"))
+            _loss_sums_problem(checkpoint.get("epoch_loss_sums")) or layout_problem(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint, self.trainer.ckpt_path if self._trainer is not None else "the checkpoint")
@@ -320,17 +320,30 @@ class BYOLModule(pl.LightningModule):
                          mid_epoch(checkpoint))
 
 
-def layout_problem(layout) -> str | None:
-    """Whether ``layout`` is a ``byol_layout`` as :meth:`BYOLModule.layout` writes it (absent from files
-    written before it existed)."""
+MAX_LAYOUT = {"epoch_steps": 10**9, "world_size": 10**6}  # beyond any run
+
+
+def layout_problem(checkpoint: Mapping) -> str | None:
+    """Whether the checkpoint's ``byol_layout`` is one :meth:`BYOLModule.layout` writes (absent from files written
+    before it existed): whole numbers in range, and an offset that puts the run where its own step count and
+    epochs say, within its epochs done (and the one under way, for a file taken inside an epoch). An edited
+    offset moved the schedules anywhere: lr 0 and tau 1 for the rest of the run, or an overflow."""
+    layout = checkpoint.get("byol_layout")
     if layout is None:
         return None
     fields = ("epoch_steps", "world_size", "step_offset")
     if not isinstance(layout, Mapping) or set(layout) != set(fields):
         return f"byol_layout is {shown(layout)}, not a mapping of {', '.join(repr(k) for k in fields)}"
     if not all(isinstance(layout[k], int) and not isinstance(layout[k], bool) for k in fields) or \
-            min(layout["epoch_steps"], layout["world_size"]) < 1:
-        return "byol_layout's fields must be whole numbers, epoch_steps and world_size 1 or more"
+            not all(1 <= layout[k] <= top for k, top in MAX_LAYOUT.items()):
+        return (f"byol_layout's fields must be whole numbers, epoch_steps from 1 to {MAX_LAYOUT['epoch_steps']} and "
+                f"world_size from 1 to {MAX_LAYOUT['world_size']}")
+    step, epochs = checkpoint.get("global_step"), epochs_done(checkpoint)
+    if whole(step) and epochs >= 0:
+        position, end = step - layout["step_offset"], (epochs + mid_epoch(checkpoint)) * layout["epoch_steps"]
+        if not 0 <= position <= end:
+            return (f"byol_layout.step_offset={layout['step_offset']} puts its step {step} at step {position} of its "
+                    f"epochs, outside the {end} steps of the epochs it has trained")
     return None
 
 
