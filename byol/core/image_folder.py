@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from byol.core.checkpoint import atomic_torch_save, remove_dead_writers_files
-from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor, image_digests
+from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import CheckpointError, DataError
 from byol.core.folder_scan import FolderScan, scan_images
@@ -264,8 +264,7 @@ def _checked_digests(data: ImageTensors, source: Path, sample: int = 64) -> Imag
     if data.digests is None or not len(data):
         return data
     rows = torch.linspace(0, len(data) - 1, min(sample, len(data))).long().unique()
-    if image_digests(ImageTensors(data.pixels(rows), data.labels[rows])) == [bytes(d) for d in data.digests[rows]
-                                                                              .numpy()]:
+    if torch.equal(digest_tensor(ImageTensors(data.pixels(rows), data.labels[rows])), data.digests[rows]):
         return data
     warnings.warn(f"the image digests kept in {source} do not match its images; computing them again", stacklevel=3)
     data.digests = None

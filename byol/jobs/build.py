@@ -117,11 +117,9 @@ def requested_processes(trainer_cfg: Mapping) -> int:
     """Devices x nodes a trainer config asks for, whatever the strategy, read as Lightning reads ``devices``:
     a count, a list of ids, a string of either ("4", "0,1"); -1 or "auto" is every GPU of this machine on a
     GPU run (one device otherwise). Counted as 1 there, a DDP sweep on all GPUs lost its shared folder."""
-    devices, count = trainer_cfg.get("devices"), 1
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if isinstance(devices, list) or (isinstance(devices, str) and "," in devices):
-        count = len(devices) if isinstance(devices, list) else len([d for d in devices.split(",") if d.strip()])
+    devices, count = _read_devices(trainer_cfg.get("devices")), 1
+    if isinstance(devices, list):
+        count = len(devices)
     elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
         count = devices
     elif devices in (-1, "auto", None) and on_gpu(trainer_cfg):
@@ -129,6 +127,15 @@ def requested_processes(trainer_cfg: Mapping) -> int:
 
         count = max(1, torch.cuda.device_count())
     return count * max(1, int(trainer_cfg.get("num_nodes") or 1))
+
+
+def _read_devices(devices):
+    """``trainer.devices`` as Lightning reads a string: "4" a count, "0,1" (or "0,") a list of ids; else as given."""
+    if isinstance(devices, str) and "," in devices:
+        return [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        return int(devices)
+    return devices
 
 
 def planned_world(trainer_cfg: Mapping) -> int:
@@ -192,15 +199,11 @@ def check_devices(trainer_cfg: Mapping) -> None:
     (a list, or a string "0,1"). An empty list counted 0 processes (a ZeroDivisionError when the epoch was
     planned), and 10**30 overflowed inside Lightning."""
     devices = trainer_cfg.get("devices")
-    ids = devices if isinstance(devices, list) else [d for d in devices.split(",") if d.strip()] \
-        if isinstance(devices, str) and "," in devices else None
-    if ids is not None:
-        ok = 0 < len(ids) <= MAX_DEVICES and all(not isinstance(i, bool) and str(i).strip().isdigit() for i in ids)
-    elif isinstance(devices, str):
-        ok = devices == "auto" or (devices.strip().lstrip("-").isdigit() and -1 <= int(devices) <= MAX_DEVICES
-                                   and int(devices) != 0)
+    read = _read_devices(devices)
+    if isinstance(read, list):
+        ok = 0 < len(read) <= MAX_DEVICES and all(not isinstance(i, bool) and str(i).strip().isdigit() for i in read)
     else:
-        ok = devices is None or (whole(devices, -1) and devices != 0 and devices <= MAX_DEVICES)
+        ok = read in (None, "auto") or (whole(read, -1) and read != 0 and read <= MAX_DEVICES)
     if not ok:
         raise ConfigError(f"trainer.devices={devices!r} is not a number of devices (1 to {MAX_DEVICES}, -1 for every "
                           f"one, auto) or a list of device ids (trainer.devices=[0,1]); on CPU, devices are processes")

@@ -105,13 +105,14 @@ def check_sweep_folder(sweep: Path, job: str) -> None:
         return
     what = {"train": "pretraining", "evaluate": "evaluation"}
     a_sweep = {"train": "a pretraining sweep", "evaluate": "an evaluation sweep"}
-    if job_kind(sweep) is not None:
-        held = f"a single {what[job_kind(sweep)]} job's output (its config.yaml, metrics, weights or results)"
+    own = job_kind(sweep)
+    if own is not None:
+        held = f"a single {what[own]} job's output (its config.yaml, metrics, weights or results)"
     else:
-        other = next((j for j in sweep_jobs(sweep) if job_kind(j) not in (None, job)), None)
+        other = next(((j, kind) for j in sweep_jobs(sweep) if (kind := job_kind(j)) not in (None, job)), None)
         if other is None:
             return
-        held = (f"{a_sweep[job_kind(other)]} (its job '{other.name}'); {a_sweep[job]} there would replace its "
+        held = (f"{a_sweep[other[1]]} (its job '{other[0].name}'); {a_sweep[job]} there would replace its "
                 f"multirun.yaml and mix its folders with these")
     raise FolderTakenError(f"'{sweep}' holds {held}; sweep into another folder (hydra.sweep.dir=NEW, or leave "
                            f"hydra.sweep.dir out for a new one under outputs/multirun/)")
