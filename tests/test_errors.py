@@ -485,6 +485,25 @@ def test_a_file_name_that_is_not_utf8_is_named_escaped_on_a_strict_console(tmp_p
     assert (run / "FAILED").read_text().startswith(line[len("error: "):])
 
 
+@pytest.mark.parametrize("errors", ["strict", "backslashreplace"])
+def test_a_folder_name_that_is_not_utf8_is_escaped_in_the_first_error_line(tmp_path, monkeypatch, errors):
+    """The command line's own refusal (before Hydra or the job's console) names a folder with its bytes escaped:
+    under LANG=C stderr's backslashreplace wrote e\\udcff1, and a strict console raised UnicodeEncodeError."""
+    import io
+
+    from byol.jobs.command_line import run_script
+
+    console = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stderr", console)
+    odd = os.fsdecode(b"/tmp/e\xff1")
+    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={odd}"])
+    with pytest.raises(SystemExit) as exit_:
+        run_script(lambda: pytest.fail("Hydra's main ran"), "train")
+    console.flush()
+    assert exit_.value.code != 0
+    assert "hydra.run.dir=/tmp/e\\xff1 " in console.buffer.getvalue().decode(), console.buffer.getvalue()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["corrupt image", "nan loss"])
 def test_command_line_errors_are_one_line(tmp_path, case):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from byol.jobs.console import names_printable
+
 
 def _trainer_hint(name: str) -> str:
     """For ``trainer.NAME`` not in the config: how to pass it if Lightning's Trainer takes it, else the argument it
@@ -381,6 +383,7 @@ def run_script(main, config_name: str) -> None:
     """An entry script's start (``python train.py`` / ``evaluate.py``): the command line checked
     (:func:`check_command_line`), then Hydra's ``main``. A Ctrl+C while the libraries load, before the job
     (which says what it kept) started, is one line and status 130 instead of a KeyboardInterrupt traceback."""
+    names_printable()  # before the first error line, which may name a folder
     try:
         check_command_line(sys.argv[1:], config_name)
         main()

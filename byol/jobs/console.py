@@ -94,9 +94,10 @@ class _CopyTo:
 def names_printable() -> None:
     """File and folder names that are not valid UTF-8 (Python holds their bytes as lone surrogates) printed
     with their bytes escaped: on a console with strict errors (a UTF-8 locale) the line naming a bad image
-    raised UnicodeEncodeError instead."""
+    raised UnicodeEncodeError instead, and under LANG=C stderr's backslashreplace wrote ``e\\udcff1``. Raw bytes
+    (surrogateescape, stdout under LANG=C) are left as they are: the terminal shows the name itself."""
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        if getattr(stream, "errors", None) in ("strict", "backslashreplace") and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=ESCAPED_NAMES)
 
 
