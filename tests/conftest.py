@@ -119,3 +119,19 @@ def imported(importtime_stderr: str, package: str) -> bool:
     import re
 
     return re.search(rf"^import time:[^|]*\|[^|]*\|\s*{re.escape(package)}$", importtime_stderr, re.M) is not None
+
+
+# the variables by which launchers (SLURM, submitit, torchrun, MPI, LSF) tell a process its place
+LAUNCHER_PREFIXES = ("SLURM_", "SUBMITIT_", "LSB_", "JSM_", "OMPI_", "PMI_")
+LAUNCHER_NAMES = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                  "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """The environment of a plain ``python train.py``: none of a launcher's variables (the tests may run
+    under SLURM or torchrun themselves)."""
+    for key in list(os.environ):
+        if key.startswith(LAUNCHER_PREFIXES) or key in LAUNCHER_NAMES:
+            monkeypatch.delenv(key)
+    return monkeypatch

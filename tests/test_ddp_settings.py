@@ -9,25 +9,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import LAUNCHER_NAMES, LAUNCHER_PREFIXES, ROOT, compose_config
 
 from byol.core.errors import ConfigError
 from byol.jobs.build import build_trainer, trainer_for_this_machine
 
 DDP = {"strategy": "ddp", "accelerator": "cpu", "devices": 2, "num_nodes": 1}
-LAUNCHER_PREFIXES = ("SLURM_", "SUBMITIT_", "LSB_", "JSM_", "OMPI_", "PMI_")
-LAUNCHER_NAMES = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-                  "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture
-def no_launcher(monkeypatch):
-    """The environment of a plain ``python train.py``: none of a launcher's variables (the tests may run
-    under SLURM or torchrun themselves)."""
-    for key in list(os.environ):
-        if key.startswith(LAUNCHER_PREFIXES) or key in LAUNCHER_NAMES:
-            monkeypatch.delenv(key)
-    return monkeypatch
 
 
 def test_several_nodes_without_a_launcher_are_refused_at_once(no_launcher):

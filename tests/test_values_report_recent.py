@@ -1,0 +1,57 @@
+"""Value tests for the report's recent helpers, each written against a mutant the rest of the suite let through (a
+hand-made mutation audit of byol/jobs since f5ecc9f): what pairs two rows, a seed's mean, text made safe for a
+spreadsheet and for markdown, and a setting's value cut short in a row's name."""
+
+from __future__ import annotations
+
+from byol.jobs.report_cells import build_cells, by_seed, csv_row, md_cell
+from byol.jobs.report_labels import _short
+from byol.jobs.report_paired import paired_comparisons
+
+LINEAR = {"cached_features": True, "cached_lr": 0.1}
+TRAINED = {"optim.base_lr": 1.0, "loss.taps": []}
+
+
+def result(loss: str, seed: int, test: float, eval_settings=None, taps=None) -> dict:
+    return {"pretrained": f"/runs/{loss}{seed}", "loss": loss, "repr": "combined", "eval": "linear",
+            "backbone": "resnet18", "stem": "imagenet", "pretrain_epochs": 5, "eval_epochs": 100, "seed": seed,
+            "test_acc": test, "val_acc": test, "status": "ok",
+            "trained": {**TRAINED, "loss.taps": ["layer2.0"] if loss == "multi" else []},
+            "eval_settings": eval_settings or LINEAR, "taps": taps or ["avgpool", "layer2.0"]}
+
+
+def pairs_of(classic: dict, multi: dict) -> int:
+    """How many paired comparisons two seeds of each loss give, each loss with its own eval settings and taps."""
+    results = [result(loss, seed, 0.5 + seed / 10 + (loss == "multi") / 50, **fields)
+               for seed in (0, 1) for loss, fields in (("classic", classic), ("multi", multi))]
+    return len(paired_comparisons(build_cells(results)))
+
+
+def test_rows_pair_only_on_the_same_protocol_settings_and_taps():
+    """multi - classic on another probe or other taps measures the protocol, not the loss."""
+    assert pairs_of({}, {}) == 1
+    assert pairs_of({}, {"eval_settings": {**LINEAR, "cached_features": False}}) == 0
+    assert pairs_of({}, {"taps": ["avgpool", "layer3.0"]}) == 0
+
+
+def test_a_result_without_a_seed_is_in_no_seeds_mean():
+    """It cannot be paired with any seed of another row (before, it counted as a seed numbered by its position)."""
+    assert by_seed([0.9, 0.5, 0.75], [None, 1, 1]) == {1: 0.625}
+    assert by_seed([0.5], [None]) == {}
+
+
+def test_only_text_that_starts_like_a_formula_gets_a_quote_numbers_stay_numbers():
+    assert csv_row(["-0.5000", "-1.2 0.4", "+3", "=cmd()", "-x", "@a", "\tb", "name", 3, -1.5]) == \
+        ["-0.5000", "-1.2 0.4", "+3", "'=cmd()", "'-x", "'@a", "'\tb", "name", 3, -1.5]
+
+
+def test_a_tag_in_a_markdown_cell_is_shown_not_rendered():
+    assert md_cell("<script>x</script>") == "&lt;script>x&lt;/script>"
+    assert md_cell("<!-- a -->") == "&lt;!-- a -->"
+    assert md_cell("acc < 0.5 and 2<3") == "acc < 0.5 and 2<3"  # not a tag: as written
+
+
+def test_a_long_setting_is_cut_at_60_characters():
+    assert _short("x" * 60) == "x" * 60
+    assert _short("x" * 61) == "x" * 57 + "..."
+    assert _short(list(range(30))) == ("[" + ",".join(map(str, range(30))) + "]")[:57] + "..."
