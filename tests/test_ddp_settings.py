@@ -164,10 +164,12 @@ def test_the_processes_asked_for_are_counted_as_lightning_reads_devices(monkeypa
         assert planned_world({"devices": devices, "accelerator": "auto", "strategy": "ddp"}) == 4
 
 
-@pytest.mark.parametrize("devices", ["[]", "','", "0", "-2", "4.0", "1000000000000000000000000000000", "[-1]", "abc"])
+@pytest.mark.parametrize("devices", ["[]", "','", "0", "-2", "4.0", "1000000000000000000000000000000", "[-1]", "abc",
+                                     "'--1'", "'²'", "'0,²'", "['¹']"])
 def test_devices_lightning_cannot_read_are_refused_before_the_data(tmp_path, capsys, devices, monkeypatch):
     """An empty list counted 0 processes (a ZeroDivisionError when the epoch was planned), 10**30 overflowed
-    inside Lightning, and the others were refused only after the training images were decoded."""
+    inside Lightning, and the others were refused only after the training images were decoded; strings that
+    str.isdigit takes and int() does not ("--1", "²") were a traceback."""
     from byol.jobs import pretrain as job
     from byol.jobs.cli import command_line_keys, run_job
     from byol.jobs.pretrain import pretrain

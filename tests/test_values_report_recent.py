@@ -55,3 +55,12 @@ def test_a_long_setting_is_cut_at_60_characters():
     assert _short("x" * 60) == "x" * 60
     assert _short("x" * 61) == "x" * 57 + "..."
     assert _short(list(range(30))) == ("[" + ",".join(map(str, range(30))) + "]")[:57] + "..."
+
+
+def test_seed_labels_sort_by_their_numbers_and_any_other_digit_is_text():
+    """A run's config.yaml is handed data: a seed written "1²" (a digit to str.isdigit, not to int) stopped
+    the sort of the overlay's seeds with a ValueError."""
+    from byol.jobs.curves import natural_order
+
+    labels = ["seed 10", "seed 2", "seed 1²", "seed ٣"]  # ٣: Arabic-Indic three, a decimal digit int() reads
+    assert sorted(labels, key=natural_order) == ["seed 1²", "seed 2", "seed ٣", "seed 10"]

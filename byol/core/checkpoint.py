@@ -130,7 +130,7 @@ def remove_dead_writers_files(path: str | os.PathLike) -> list[Path]:
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
         writer = tmp.name[len(path.name) + 2:-len(TEMP_SUFFIX)].rpartition(".")[0]  # "<host>-<pid>"
         host, _, pid = writer.rpartition("-")
-        if host == socket.gethostname() and pid.isdigit() and not _running(int(pid)):
+        if host == socket.gethostname() and pid.isdecimal() and not _running(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

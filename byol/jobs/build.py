@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -133,7 +134,7 @@ def _read_devices(devices):
     """``trainer.devices`` as Lightning reads a string: "4" a count, "0,1" (or "0,") a list of ids; else as given."""
     if isinstance(devices, str) and "," in devices:
         return [d for d in devices.split(",") if d.strip()]
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+    if isinstance(devices, str) and re.fullmatch(r"-?[0-9]+", devices.strip()):  # str.isdigit: "²", and "--1"
         return int(devices)
     return devices
 
@@ -201,7 +202,8 @@ def check_devices(trainer_cfg: Mapping) -> None:
     devices = trainer_cfg.get("devices")
     read = _read_devices(devices)
     if isinstance(read, list):
-        ok = 0 < len(read) <= MAX_DEVICES and all(not isinstance(i, bool) and str(i).strip().isdigit() for i in read)
+        ok = 0 < len(read) <= MAX_DEVICES and all(not isinstance(i, bool) and re.fullmatch(r"[0-9]+", str(i).strip())
+                                                  for i in read)
     else:
         ok = read in (None, "auto") or (whole(read, -1) and read != 0 and read <= MAX_DEVICES)
     if not ok:

@@ -189,7 +189,7 @@ def write_curves(run_dir: Path) -> Path | None:
 
 def natural_order(text: str) -> list:
     """A sort key that reads the numbers in ``text`` as numbers: "seed 2" before "seed 10"."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+    return [(0, int(part), "") if part.isdecimal() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str) -> Path | None:
