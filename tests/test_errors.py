@@ -539,6 +539,11 @@ def test_an_unknown_config_key_is_one_line_and_a_misspelt_one_gets_the_setting_i
     # a name Lightning's Trainer does not take: not advised with + (a second refusal followed), its likeness named
     assert checked_line(["trainer.foo=1"], "train").startswith(
         "error: trainer.foo is not a setting; nor is it an argument of Lightning's Trainer")
+    # a Trainer argument named exactly is told as one, not as the config's look-alike (gradient_clip_val)
+    assert "another Trainer argument: +trainer.gradient_clip_algorithm=VALUE" in checked_line(
+        ["trainer.gradient_clip_algorithm=norm"], "train")
+    assert "Trainer takes it, but the jobs set it themselves: choose loggers with the logger group" in checked_line(
+        ["trainer.logger=false"], "train")
     assert checked_line(["trainer.detect_anomly=true"], "train").startswith(
         "error: trainer.detect_anomly is not a setting; did you mean trainer.detect_anomaly?")
     assert checked_line(["-m", "pretrained=random", "split.val_sise=0"], "evaluate").startswith(

@@ -442,7 +442,7 @@ BAD_VALUES = {
     "ema.tau_schedule=linear": "unknown ema.tau_schedule 'linear'; choose one of: cosine, constant",
     "optim.name=rmsprop": "unknown optim.name 'rmsprop'; choose one of: lars, sgd, adam, adamw",
     "optim.scheduler.name=step": "unknown optim.scheduler.name 'step'; choose one of: warmup_cosine, constant",
-    "+trainer.callbacks=x": "trainer.callbacks = 'x' is not a Trainer argument this project passes on",
+    "+trainer.callbacks=x": "trainer.callbacks = 'x' is a Trainer argument the jobs set themselves: the jobs add",
     "+trainer.max_epoch=3": "trainer.max_epoch = 3 is not a Trainer argument this project passes on (did you mean "
                             "trainer.max_epochs?)",
     "data.std=[0,0,0]": "data.std must be in (0, 1], of pixels scaled to [0, 1], not [0, 0, 0]",

@@ -16,12 +16,20 @@ from omegaconf import OmegaConf
 from byol.jobs.console import names_printable
 
 
+def _is_trainer_argument(name: str) -> bool:
+    from byol.jobs.config_check import trainer_parameters
+
+    return name in trainer_parameters()
+
+
 def _trainer_hint(name: str) -> str:
     """For ``trainer.NAME`` not in the config: how to pass it if Lightning's Trainer takes it, else the argument it
     resembles (advising ``+trainer.NAME`` for any name led to a second refusal). Lightning is imported here only."""
     from byol.jobs.config_check import TRAINER_RESERVED, closest_trainer_argument, trainer_parameters
 
-    if name in trainer_parameters() - set(TRAINER_RESERVED):
+    if name in TRAINER_RESERVED:
+        return f"; Lightning's Trainer takes it, but the jobs set it themselves: {TRAINER_RESERVED[name]}"
+    if name in trainer_parameters():
         return f"; another Trainer argument: +trainer.{name}=VALUE"
     close = closest_trainer_argument(name)
     return f"; did you mean trainer.{close}?" if close else "; nor is it an argument of Lightning's Trainer"
@@ -104,8 +112,10 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
             close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.85)
         if not close and not parent:  # a misspelt group or top-level key: expriment=smoke
             close = difflib.get_close_matches(key, sorted(set(top) | groups), n=2, cutoff=0.6)
-        mean = f"; did you mean {' or '.join(close)}?" if close else \
-            _trainer_hint(last) if parent == "trainer" else ""
+        if parent == "trainer" and (not close or _is_trainer_argument(last)):  # a real one before a look-alike
+            mean = _trainer_hint(last)
+        else:
+            mean = f"; did you mean {' or '.join(close)}?" if close else ""
         # no close match either: one line, not Hydra's advice to append it with +, which is then refused
         return (f"error: {key} is not a setting{mean} (python {config_name}.py --cfg job prints every setting, "
                 f"--help the groups)")

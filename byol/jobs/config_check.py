@@ -69,7 +69,15 @@ PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "re
 # epochs, precision, accumulation, clipping, logging interval, stay the run's unless given as trainer.KEY=VALUE)
 TRAINER_MACHINE_KEYS = ("strategy", "devices", "num_nodes", "accelerator", "sync_batchnorm")
 # Trainer arguments the jobs set themselves.
-TRAINER_RESERVED = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing")
+# Trainer arguments the jobs set themselves, and what a user sets instead
+TRAINER_RESERVED = {
+    "logger": "choose loggers with the logger group (logger=tensorboard, logger=wandb; metrics.csv is always written)",
+    "callbacks": "the jobs add their own (checkpoints, progress, monitors); they take no others from the config",
+    "plugins": "the jobs take none from the config; precision is trainer.precision",
+    "default_root_dir": "a run's folder is hydra.run.dir=DIR (a sweep's: hydra.sweep.dir=DIR)",
+    "enable_checkpointing": "checkpoints are set by checkpoint.keep_last, checkpoint.every_n_epochs and "
+                            "checkpoint.last_every_n_steps",
+}
 
 POSITIVE_INT = (
     "data.batch_size", "data.subset", "data.image_size", "data.crop_size", "data.num_train", "data.num_test",
@@ -253,8 +261,10 @@ def _check_types(node, path: tuple, schema: Mapping, source: str, strict: bool) 
 
 
 def _trainer_argument(key: str, value, source: str, path: tuple, known: bool) -> None:
-    if key in TRAINER_RESERVED or not (known or key in trainer_parameters()):
-        close = closest_trainer_argument(key) if key not in TRAINER_RESERVED else None
+    if key in TRAINER_RESERVED:
+        raise _refuse(source, path, value, f"is a Trainer argument the jobs set themselves: {TRAINER_RESERVED[key]}")
+    if not (known or key in trainer_parameters()):
+        close = closest_trainer_argument(key)
         mean = f" (did you mean trainer.{close}?)" if close else ""
         raise _refuse(source, path, value, f"is not a Trainer argument this project passes on{mean}")
 
