@@ -16,12 +16,6 @@ from omegaconf import OmegaConf
 from byol.jobs.console import names_printable
 
 
-def _is_trainer_argument(name: str) -> bool:
-    from byol.jobs.config_check import trainer_parameters
-
-    return name in trainer_parameters()
-
-
 def _trainer_hint(name: str) -> str:
     """For ``trainer.NAME`` not in the config: how to pass it if Lightning's Trainer takes it, else the argument it
     resembles (advising ``+trainer.NAME`` for any name led to a second refusal). Lightning is imported here only."""
@@ -80,6 +74,8 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
     """The error line for a command-line key that is no setting of ``conf/<config_name>.yaml`` (``data.bach_size=64``,
     ``expriment=smoke``: with the setting or group it resembles, if any), where Hydra would suggest appending it
     with ``+``, which the project then refuses; None otherwise (Hydra reports what else is wrong)."""
+    from byol.jobs.config_check import trainer_parameters  # Lightning's, on this error path only
+
     parsed = _parsed_overrides(argv)
     if parsed is None:
         return None
@@ -112,7 +108,7 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
             close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.85)
         if not close and not parent:  # a misspelt group or top-level key: expriment=smoke
             close = difflib.get_close_matches(key, sorted(set(top) | groups), n=2, cutoff=0.6)
-        if parent == "trainer" and (not close or _is_trainer_argument(last)):  # a real one before a look-alike
+        if parent == "trainer" and (not close or last in trainer_parameters()):  # a real one before a look-alike
             mean = _trainer_hint(last)
         else:
             mean = f"; did you mean {' or '.join(close)}?" if close else ""
