@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, compose_config
 
 from byol.core.errors import ByolError, ConfigError
@@ -69,6 +70,7 @@ def test_resume_of_a_folder_with_links_stops_before_hydra_writes_through_them(tm
     victim = tmp_path / "precious.txt"
     victim.write_text("precious data")
     run = _run_folder(tmp_path / "run")
+    torch.save({"global_step": 4, "epoch": 0}, run / "checkpoints" / "last.ckpt")  # something to resume
     (run / ".hydra" / "overrides.yaml").symlink_to(victim)
     (run / "train.log").symlink_to(victim)
     result = subprocess.run([sys.executable, "train.py", f"resume={run}"], cwd=ROOT, capture_output=True,
@@ -209,14 +211,17 @@ def test_resume_of_a_sweep_folder_says_how_to_continue_a_sweep(tmp_path):
 
     sweep = tmp_path / "sweep"
     (sweep / "0_loss=classic" / ".hydra").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")  # a real sweep's record: it was told to
+    # write a single run elsewhere (hydra.run.dir=NEW, which the command did not give), not how to continue
     with pytest.raises(CheckpointError, match=rf"is a sweep folder; continue a sweep by running its command "
                                               rf"again with -m hydra.sweep.dir={sweep} .*"
                                               rf"\"resume='{sweep}/0_loss=classic'\""):
         find_resume(str(sweep), tmp_path)
     result = subprocess.run([sys.executable, "train.py", f"resume={sweep}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 1 and "is a sweep folder" in result.stderr and "Traceback" not in result.stderr
-    assert sorted(p.name for p in sweep.iterdir()) == ["0_loss=classic"]  # nothing written into it
+    assert result.returncode == 1 and result.stderr.startswith(f"error: resume='{sweep}' is a sweep folder; ")
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_loss=classic", "multirun.yaml"]  # nothing written
 
 
 def test_a_single_job_into_a_sweeps_folder_is_refused_before_anything_is_written(tmp_path):

@@ -29,14 +29,10 @@ def _trainer_hint(name: str) -> str:
     return f"; did you mean trainer.{close}?" if close else "; nor is it an argument of Lightning's Trainer"
 
 
-def _parsed_overrides(argv: Sequence[str]) -> list | None:
-    """Hydra's parse of the command line's overrides; None when there are none or they do not parse (Hydra
-    then reports what is wrong). Parsed once for all the checks (:func:`_parse`)."""
-    return _parse(tuple(argv))
-
-
 @functools.cache
 def _parse(argv: tuple[str, ...]) -> list | None:
+    """Hydra's parse of the command line's overrides, once for all the checks; None when there are none or they
+    do not parse (Hydra then reports what is wrong)."""
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     if not overrides:  # --help, --cfg, the defaults: nothing to check (and no schema to load)
         return None
@@ -76,7 +72,7 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
     with ``+``, which the project then refuses; None otherwise (Hydra reports what else is wrong)."""
     from byol.jobs.config_check import trainer_parameters  # Lightning's, on this error path only
 
-    parsed = _parsed_overrides(argv)
+    parsed = _parse(tuple(argv))
     if parsed is None:
         return None
     import difflib
@@ -138,7 +134,7 @@ def unknown_option(argv: Sequence[str], config_name: str) -> str | None:
     """The error line for a group option that does not exist (``loss=mult``), a group of the other script
     (``evaluate.py +experiment=smoke``, which Hydra advises and which would then bring training settings
     into an evaluation), or ``GROUP=null`` for a group that must have an option; None otherwise."""
-    parsed = _parsed_overrides(argv)
+    parsed = _parse(tuple(argv))
     if parsed is None:
         return None
     import difflib
@@ -212,7 +208,7 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
     chosen option. Every combination a sweep makes of the group choices is checked, so a sweep does not stop
     half-way. None when each such setting is one of the chosen option's own (or the command line does not
     parse: Hydra reports that)."""
-    parsed = _parsed_overrides(argv)
+    parsed = _parse(tuple(argv))
     if parsed is None:
         return None
     from byol.jobs.config_check import CONF_DIR, PACKAGED_GROUPS
@@ -360,14 +356,17 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     if not message and config_name == "evaluate" and _last_value(argv, ("pretrained", "++pretrained")) == "":
         message = "error: pretrained= is empty (an unset shell variable?); give a run folder, a sweep folder, a "\
                   ".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random"
-    run_dir = given_run_dir(argv, config_name)
+    run_dir, start = given_run_dir(argv, config_name), config_name == "train" and not _is_sweep(argv)
+    resume = _last_value(argv, ("resume", "++resume")) if start else None
+    if not message and resume not in (None, "", "null", "None"):  # first what resume= names (a sweep's folder)
+        message, start = _start_problem(resume, run_dir), False
     if not message and run_dir is not None:
         try:
             check_job_folder(run_dir, config_name)  # the job's name is its config's: train, evaluate
         except FolderTakenError as e:
             message = f"error: {e}"
-    if not message and config_name == "train" and not _is_sweep(argv):
-        message = _start_problem(_last_value(argv, ("resume", "++resume")), run_dir)
+    if not message and start:
+        message = _start_problem(resume, run_dir)
     sweep_folders = given_sweep_folders(argv) if not message else []
     if sweep_folders:
         try:
