@@ -548,6 +548,33 @@ def test_unfinished_run_is_evaluated_and_marked_incomplete(smoke_config, tmp_pat
     assert f"| {100 * result['test_acc']:.2f} | {100 * result['val_acc']:.2f} | 1 | 0 |" in row
 
 
+def test_a_sweep_still_running_is_evaluated_as_far_as_it_has_come_and_said_so(tmp_path, capsys):
+    """A job still training without a checkpoint read as 'no weights', and nothing said that the sweep had jobs
+    still to start: its live lock names it (its PID), results.json says pretrain_status: running, and one
+    note says to evaluate again once the sweep has finished."""
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_good", "classic")
+    (sweep / "0_good" / ".hydra").mkdir()
+    running = sweep / "1_running"
+    (running / ".hydra").mkdir(parents=True)
+    hold = "import sys, time; from byol.jobs.run_folder import FolderLock\n" \
+           "with FolderLock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(running)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        results = evaluate(_job_config(tmp_path, f"pretrained={sweep}", "eval=knn", "baseline=false"), tmp_path / "ev")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r["label"] for r in results] == ["0_good"]
+    out = capsys.readouterr().out
+    reason = f"still training (PID {holder.pid}), no checkpoint yet"
+    assert f"[eval] missing: 1_running: {reason} ({running}); listed as missing in the report" in out
+    assert "[eval] note: the sweep is still running; the jobs it has not started yet have no folder" in out
+    saved = json.loads((tmp_path / "ev" / "1_running" / "results.json").read_text())
+    assert (saved["status"], saved["pretrain_status"], saved["error"]) == ("missing", "running", reason)
+
+
 def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
     from byol.jobs.report import main as report_main
 

@@ -15,7 +15,7 @@ from conftest import ROOT, compose_config
 
 from byol.core.errors import ByolError, ConfigError
 from byol.jobs.cli import new_folder, new_run_dir_of
-from byol.jobs.command_line import given_run_dir
+from byol.jobs.command_folders import given_run_dir
 from byol.jobs.run_folder import FolderLock, FolderTakenError, check_job_folder, links_in, raw_run_config
 
 

@@ -27,7 +27,7 @@ from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.cli import WritableOutput, command_line_keys, run_job
 from byol.jobs.config_check import check_config, check_file_config
 from byol.jobs.pretrain import pretrain
-from byol.jobs.run_folder import FolderBusyError, FolderLock, check_resume_target
+from byol.jobs.run_folder import FolderBusyError, FolderLock, check_resume_target, lock_holder
 
 LEGACY = json.loads((ROOT / "tests" / "data" / "legacy_v1_checkpoint_layout.json").read_text())
 
@@ -247,6 +247,8 @@ HOLD_LOCK = "import sys, time; from byol.jobs.run_folder import FolderLock\n" \
 
 
 def test_lock_names_the_holder_and_a_killed_holder_does_not_block(tmp_path):
+    tmp_path = tmp_path / "sweep" / "0_seed=0"  # a sweep's one job, for failed_jobs
+    tmp_path.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -254,11 +256,26 @@ def test_lock_names_the_holder_and_a_killed_holder_does_not_block(tmp_path):
             with FolderLock(tmp_path):
                 pass
         assert f"'{tmp_path}' is in use by another process (PID {holder.pid})" in str(err.value)
+        assert lock_holder(tmp_path) == str(holder.pid)  # what an evaluation of a running sweep reads
+        failed_jobs_reason = failed_jobs_of_one(tmp_path)
+        assert failed_jobs_reason == f"still training (PID {holder.pid}), no checkpoint yet"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert lock_holder(tmp_path) is None and failed_jobs_of_one(tmp_path).startswith("no weights: ")
     with FolderLock(tmp_path):  # the kernel released the dead process's lock
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    assert lock_holder(tmp_path / "nowhere") is None
+
+
+def failed_jobs_of_one(job: Path) -> str:
+    """The reason failed_jobs gives for ``job`` as the one job of a sweep."""
+    from byol.jobs.run_folder import failed_jobs
+
+    (job / ".hydra").mkdir(exist_ok=True)
+    [(found, reason)] = failed_jobs(job.parent)
+    assert found == job
+    return reason
 
 
 def folder_contents(folder: Path) -> dict[str, bytes]:
@@ -312,7 +329,7 @@ def test_a_job_refuses_the_folder_of_the_other_kind_of_job_and_writes_nothing_in
 def test_the_folder_check_comes_before_hydra_writes_its_own_files(tmp_path):
     """Given as hydra.run.dir, a run's folder is refused before Hydra rewrites its .hydra/ record and log;
     a sweep's job folders are checked by the job (above)."""
-    from byol.jobs.command_line import given_run_dir
+    from byol.jobs.command_folders import given_run_dir
 
     run = tmp_path / "run"
     files = {"encoder.pt": "weights", ".hydra/overrides.yaml": "- loss=multi\n", "train.log": "[byol]\n"}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from byol.core.errors import CheckpointError, ConfigError
-from byol.jobs.command_line import check_command_line, given_run_dir
+from byol.jobs.command_folders import given_run_dir
+from byol.jobs.command_line import check_command_line
 from byol.jobs.resume import folder_run_id
 from byol.jobs.run_folder import check_new_run_folder, check_not_behind, check_resume_target
 

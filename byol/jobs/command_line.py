@@ -9,10 +9,10 @@ import functools
 import itertools
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from byol.jobs.command_folders import given_run_dir, given_sweep_folders, is_sweep, last_value, start_problem
 from byol.jobs.console import names_printable
 
 
@@ -60,10 +60,6 @@ def _free_prefixes() -> tuple[str, ...]:
     from byol.jobs.config_check import OPEN_DICTS, VIEW_OVERRIDES
 
     return tuple(".".join(path) + "." for path in OPEN_DICTS | VIEW_OVERRIDES)
-
-
-def _is_sweep(argv: Sequence[str]) -> bool:
-    return any(a in ("-m", "--multirun") for a in argv)
 
 
 def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
@@ -254,69 +250,9 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
                     if config_name == "evaluate" and group == "data":  # applied to each run's own data settings
                         return (f"error: {key} is a setting of {options}, not of evaluate.py's default "
                                 f"{group}={chosen}{job}; to set it over the runs' own data settings write "
-                                f"++{key}={_last_value(argv, (key,)) or 'VALUE'}, or choose {options}")
+                                f"++{key}={last_value(argv, (key,)) or 'VALUE'}, or choose {options}")
                     return (f"error: {key} is a setting of {options}, not of {group}={chosen}{job}; choose "
                             f"{options}, or leave {key} out")
-    return None
-
-
-def _last_value(argv: Sequence[str], keys: Sequence[str]) -> str | None:
-    """The last plain value the command line gives one of ``keys`` (None: none, or an interpolation)."""
-    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in keys]
-    return values[-1].strip("'\"") if values and "${" not in values[-1] else None
-
-
-def given_run_dir(argv: Sequence[str], config_name: str = "evaluate") -> Path | None:
-    """The folder a single run writes into, when the command line says: ``hydra.run.dir=DIR``, else for
-    train.py the folder of ``resume=`` (None for a sweep, an interpolation or a new timestamped folder)."""
-    if _is_sweep(argv):
-        return None
-    given = _last_value(argv, ("hydra.run.dir", "++hydra.run.dir"))
-    if given is not None:
-        return Path(given)
-    resume = _last_value(argv, ("resume", "++resume")) if config_name == "train" else None
-    if resume in (None, "", "null", "None"):
-        return None
-    from byol.jobs.cli import run_dir_of
-
-    folder = run_dir_of(resume, "")
-    return Path(folder) if folder else None
-
-
-def given_sweep_folders(argv: Sequence[str]) -> list[Path]:
-    """The sweep folder ``hydra.sweep.dir=DIR`` names for a sweep, and the job folders already in it."""
-    if not _is_sweep(argv):
-        return []
-    given = _last_value(argv, ("hydra.sweep.dir", "++hydra.sweep.dir"))
-    if given is None or not Path(given).is_dir():
-        return []
-    return [Path(given), *sorted(p for p in Path(given).iterdir() if p.is_dir() and not p.is_symlink())]
-
-
-def _start_problem(resume: str | None, run_dir: Path | None) -> str | None:
-    """train.py's start, checked before Hydra writes its record and log into the folder: ``resume=`` names
-    something to continue, an earlier checkpoint is not continued over its run's later state, and a new run
-    does not start over a run's weights (the job checks all of it again; this only comes first)."""
-    from byol.core.errors import ByolError
-    from byol.jobs.run_folder import CHECKPOINTS_DIR, check_new_run_folder, check_not_behind
-
-    try:
-        if resume in (None, "", "null", "None"):
-            if run_dir is not None:
-                check_new_run_folder(run_dir)
-            return None
-        from byol.core.checkpoint import safe_load  # torch and torchvision: only to check a resume=
-        from byol.jobs.resume import find_resume
-
-        checkpoint = find_resume(resume, Path("."))
-        if run_dir is not None and checkpoint.resolve().parent == (run_dir / CHECKPOINTS_DIR).resolve():
-            step = safe_load(checkpoint, mmap=True).get("global_step")
-            if isinstance(step, int):
-                check_not_behind(run_dir, checkpoint, step)
-    except ByolError as e:
-        return f"error: {e}"
-    except (AttributeError, OSError):  # a file of another kind: the job says what is wrong with it
-        return None
     return None
 
 
@@ -353,20 +289,20 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
 
     message = (unquoted_path(argv) or unknown_option(argv, config_name) or misspelt_key(argv, config_name)
                or setting_of_another_option(argv, config_name))
-    if not message and config_name == "evaluate" and _last_value(argv, ("pretrained", "++pretrained")) == "":
+    if not message and config_name == "evaluate" and last_value(argv, ("pretrained", "++pretrained")) == "":
         message = "error: pretrained= is empty (an unset shell variable?); give a run folder, a sweep folder, a "\
                   ".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random"
-    run_dir, start = given_run_dir(argv, config_name), config_name == "train" and not _is_sweep(argv)
-    resume = _last_value(argv, ("resume", "++resume")) if start else None
+    run_dir, start = given_run_dir(argv, config_name), config_name == "train" and not is_sweep(argv)
+    resume = last_value(argv, ("resume", "++resume")) if start else None
     if not message and resume not in (None, "", "null", "None"):  # first what resume= names (a sweep's folder)
-        message, start = _start_problem(resume, run_dir), False
+        message, start = start_problem(resume, run_dir), False
     if not message and run_dir is not None:
         try:
             check_job_folder(run_dir, config_name)  # the job's name is its config's: train, evaluate
         except FolderTakenError as e:
             message = f"error: {e}"
     if not message and start:
-        message = _start_problem(resume, run_dir)
+        message = start_problem(resume, run_dir)
     sweep_folders = given_sweep_folders(argv) if not message else []
     if sweep_folders:
         try:

@@ -58,8 +58,10 @@ from byol.jobs.run_folder import (
     CONFIG_FILE,
     RANDOM,
     failed_jobs,
+    lock_holder,
     run_folder_of,
     run_label,
+    sweep_jobs,
 )
 
 
@@ -156,6 +158,9 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
     for job, reason in failed_jobs(sweep):  # nothing to evaluate: recorded so that the report lists it
         print(f"[eval] missing: {job.name}: {reason} ({job}); listed as missing in the report", flush=True)
         missing_result(job, reason, settings, _result_folder(run_dir, job.name), job.name, data.settings)
+    if any(lock_holder(job) for job in sweep_jobs(sweep)):
+        print("[eval] note: the sweep is still running; the jobs it has not started yet have no folder and are not "
+              "evaluated: evaluate it again once it has finished", flush=True)
     results = []
     for number, path in enumerate(targets, 1):
         label = run_label(path, sweep)

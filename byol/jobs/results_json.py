@@ -13,7 +13,7 @@ from byol.jobs.cli import launched_rank
 from byol.jobs.evaluation_checks import UNTRAINED
 from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields, trained_settings
 from byol.jobs.replaced import keep_earlier_evaluation
-from byol.jobs.run_folder import FAILED, HYDRA_DIR
+from byol.jobs.run_folder import FAILED, HYDRA_DIR, lock_holder
 
 RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
 # eval settings that are not in ``eval_settings``: shown apart (the protocol's name, its epochs) or deciding how
@@ -86,7 +86,7 @@ def missing_result(job: Path, reason: str, cfg: Mapping, out_dir: Path, label: s
         result.update(run_config_fields(run_config))
     except ByolError:
         pass
-    status = "failed" if (Path(job) / FAILED).is_file() else "no weights"
+    status = "failed" if (Path(job) / FAILED).is_file() else "running" if lock_holder(job) else "no weights"
     result.update(status="missing", pretrain_status=status, error=reason)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_earlier_result(out_dir)

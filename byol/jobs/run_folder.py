@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -169,7 +170,11 @@ class FolderLock:
             raise FolderTakenError(f"'{path}' is a symbolic link; remove it (the lock file holds only a process "
                                    f"id) or write into another folder (hydra.run.dir=NEW)") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # once more: an evaluation's look (lock_holder) holds it for microseconds
+                time.sleep(0.05)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -187,6 +192,23 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock; the file stays (unlinking it would race)
             self._fd = None
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The PID written in ``folder/.lock`` while a live process holds it (a job still running), else None."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when closed
+        return None
+    except OSError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
 
 
 def raw_run_config(folder: Path, fix: str = "move it away or use another folder (hydra.run.dir=NEW)") -> dict | None:
@@ -356,7 +378,9 @@ def failed_jobs(sweep: Path) -> list[tuple[Path, str]]:
             lines = (job / FAILED).read_text(errors="replace").strip().splitlines()
             missing.append((job, f"training failed: {lines[0].strip() if lines else 'no reason recorded'}"))
         elif not find_runs(job):
-            missing.append((job, f"no weights: no {ENCODER_FILE} and no {CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}"))
+            holder = lock_holder(job)
+            missing.append((job, f"still training (PID {holder}), no checkpoint yet" if holder else
+                            f"no weights: no {ENCODER_FILE} and no {CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}"))
     return missing
 
 

@@ -1,0 +1,71 @@
+"""Which folders a command line names (the run's, a sweep's, what ``resume=`` continues) and what they hold,
+checked before Hydra writes its record and log into them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def is_sweep(argv: Sequence[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
+def last_value(argv: Sequence[str], keys: Sequence[str]) -> str | None:
+    """The last plain value the command line gives one of ``keys`` (None: none, or an interpolation)."""
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in keys]
+    return values[-1].strip("'\"") if values and "${" not in values[-1] else None
+
+
+def given_run_dir(argv: Sequence[str], config_name: str = "evaluate") -> Path | None:
+    """The folder a single run writes into, when the command line says: ``hydra.run.dir=DIR``, else for
+    train.py the folder of ``resume=`` (None for a sweep, an interpolation or a new timestamped folder)."""
+    if is_sweep(argv):
+        return None
+    given = last_value(argv, ("hydra.run.dir", "++hydra.run.dir"))
+    if given is not None:
+        return Path(given)
+    resume = last_value(argv, ("resume", "++resume")) if config_name == "train" else None
+    if resume in (None, "", "null", "None"):
+        return None
+    from byol.jobs.cli import run_dir_of
+
+    folder = run_dir_of(resume, "")
+    return Path(folder) if folder else None
+
+
+def given_sweep_folders(argv: Sequence[str]) -> list[Path]:
+    """The sweep folder ``hydra.sweep.dir=DIR`` names for a sweep, and the job folders already in it."""
+    if not is_sweep(argv):
+        return []
+    given = last_value(argv, ("hydra.sweep.dir", "++hydra.sweep.dir"))
+    if given is None or not Path(given).is_dir():
+        return []
+    return [Path(given), *sorted(p for p in Path(given).iterdir() if p.is_dir() and not p.is_symlink())]
+
+
+def start_problem(resume: str | None, run_dir: Path | None) -> str | None:
+    """train.py's start, checked before Hydra writes its record and log into the folder: ``resume=`` names
+    something to continue, an earlier checkpoint is not continued over its run's later state, and a new run
+    does not start over a run's weights (the job checks all of it again; this only comes first)."""
+    from byol.core.errors import ByolError
+    from byol.jobs.run_folder import CHECKPOINTS_DIR, check_new_run_folder, check_not_behind
+
+    try:
+        if resume in (None, "", "null", "None"):
+            if run_dir is not None:
+                check_new_run_folder(run_dir)
+            return None
+        from byol.core.checkpoint import safe_load  # torch and torchvision: only to check a resume=
+        from byol.jobs.resume import find_resume
+
+        checkpoint = find_resume(resume, Path("."))
+        if run_dir is not None and checkpoint.resolve().parent == (run_dir / CHECKPOINTS_DIR).resolve():
+            step = safe_load(checkpoint, mmap=True).get("global_step")
+            if isinstance(step, int):
+                check_not_behind(run_dir, checkpoint, step)
+    except ByolError as e:
+        return f"error: {e}"
+    except (AttributeError, OSError):  # a file of another kind: the job says what is wrong with it
+        return None
+    return None
