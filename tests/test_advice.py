@@ -57,7 +57,7 @@ def test_an_empty_encoder_export_with_no_checkpoints_says_where_none_was_found(t
     run = _run_folder(tmp_path, names=())
     (run / "encoder.pt").write_bytes(b"")
     assert _error(read_pretrained, run / "encoder.pt").endswith(
-        " No other checkpoint lies beside it or in checkpoints/ beside it")
+        " No other readable checkpoint lies beside it or in checkpoints/ beside it")
 
 
 def test_a_truncated_checkpoint_read_by_an_evaluation_suggests_pretrained_not_resume(tmp_path):
@@ -142,3 +142,18 @@ def test_the_output_folder_is_recognised_through_a_link_and_by_a_relative_path(t
         with pytest.raises(SystemExit):
             run_job(lambda cfg, run_dir, path=path: (_ for _ in ()).throw(_denied(path)), None)
         assert "choose a writable output folder" in capsys.readouterr().err, path
+
+
+def test_a_checkpoint_cut_short_is_not_offered_in_place_of_another(tmp_path):
+    """A full disk that cut last.ckpt and epoch0002.ckpt short: each error named the other as the one to take,
+    leading from one unreadable file to the next. Only whole archives are offered."""
+    run = _run_folder(tmp_path)
+    checkpoints = run / "checkpoints"
+    for name in ("last.ckpt", "epoch0002.ckpt"):
+        _truncate(checkpoints / name)
+    (checkpoints / "junk.ckpt").write_bytes(b"junk")
+    message = _error(safe_load, checkpoints / "last.ckpt")
+    assert message.endswith(f"Other checkpoints beside it, latest first: {checkpoints / 'epoch0001.ckpt'}; e.g. "
+                            f"python train.py resume={checkpoints / 'epoch0001.ckpt'}"), message
+    _truncate(checkpoints / "epoch0001.ckpt")
+    assert _error(safe_load, checkpoints / "last.ckpt").endswith(" No other readable checkpoint lies beside it")

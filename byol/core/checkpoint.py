@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -228,10 +229,11 @@ def alternatives(path: Path, job: str = "train") -> str:
     rank = {"final.ckpt": 0, "last.ckpt": 1}
     folders = [path.parent] if path.parent.name == "checkpoints" else [path.parent, path.parent / "checkpoints"]
     where = "beside it" if len(folders) == 1 else "beside it or in checkpoints/ beside it"
-    others = sorted((p for folder in folders for p in folder.glob("*.ckpt") if p != path),
+    # whole zip archives (torch.save's format) only: one cut short by a full disk would lead to its twin
+    others = sorted((p for folder in folders for p in folder.glob("*.ckpt") if p != path and zipfile.is_zipfile(p)),
                     key=lambda p: (rank.get(p.name, 2), [-ord(c) for c in p.name]))
     if not others:
-        return f" No other checkpoint lies {where}"
+        return f" No other readable checkpoint lies {where}"
     names = ", ".join(str(p) for p in others)
     return f" Other checkpoints {where}, latest first: {names}; {TAKE_INSTEAD[job].format(others[0])}"
 
