@@ -54,6 +54,8 @@ def test_a_finished_run_is_not_retrained_and_its_missing_export_comes_back_whole
     assert contents(run) == before  # not even the export is rewritten
     (run / "encoder.pt").unlink()  # killed between its last checkpoint and its export
     pretrain(compose_config("train", TINY, run), run)
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"[byol] {run / 'encoder.pt'} was missing: written again from {last}" in capsys.readouterr().out
     meta = safe_load(run / "encoder.pt")["meta"]
     assert (meta["epochs"], meta["global_step"]) == (EPOCHS, 2 * EPOCHS)  # all its epochs: "complete"
     assert {k: v for k, v in contents(run).items() if k.name != "encoder.pt"} == \

@@ -64,3 +64,14 @@ def test_seed_labels_sort_by_their_numbers_and_any_other_digit_is_text():
 
     labels = ["seed 10", "seed 2", "seed 1²", "seed ٣"]  # ٣: Arabic-Indic three, a decimal digit int() reads
     assert sorted(labels, key=natural_order) == ["seed 1²", "seed 2", "seed ٣", "seed 10"]
+
+
+def test_the_synthetic_data_counts_are_recorded_for_synthetic_data_only():
+    """experiment=smoke sets num_train/num_test for its synthetic data; an image folder evaluated under it
+    recorded them beside its own settings, as if they described it."""
+    from byol.jobs.pretrained import data_fields
+
+    folder = {"name": "imagefolder", "root": "/data", "subset": None, "image_size": 32, "num_train": 128,
+              "num_test": 64}
+    assert data_fields(folder) == {"name": "imagefolder", "root": "/data", "subset": None, "image_size": 32}
+    assert data_fields({**folder, "name": "synthetic"})["num_train"] == 128

@@ -153,8 +153,8 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
     that names the models that failed. A job with no model is recorded under the data ``data`` chooses
     for its run, as its weights would have been: the report counts it in the row of the others."""
     baseline = settings.get("baseline", True)
-    print(f"[eval] {len(targets)} runs in {sweep}" + (" + a random-init baseline" if baseline else ""),
-          flush=True)
+    print(f"[eval] {len(targets)} runs in {sweep}"
+          + (" + random-init baselines (one per pretraining seed and data setting)" if baseline else ""), flush=True)
     for job, reason in failed_jobs(sweep):  # nothing to evaluate: recorded so that the report lists it
         print(f"[eval] missing: {job.name}: {reason} ({job}); listed as missing in the report", flush=True)
         missing_result(job, reason, settings, _result_folder(run_dir, job.name), job.name, data.settings)

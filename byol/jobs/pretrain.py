@@ -169,6 +169,7 @@ def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
     last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT
     if not export.is_file():
         export_from_checkpoint(safe_load(last), start.config, export)
+        print(f"[byol] {export} was missing: written again from {last}", flush=True)
     epochs = start.config["trainer"]["max_epochs"]
     epochs_text = f"{epochs} epoch{'s' * (epochs != 1)}"
     print(f"[byol] {run_dir} already finished its {epochs_text} ({last}, {export}); nothing to do. To "

@@ -230,10 +230,12 @@ def planned_epochs(run_cfg: Mapping | None) -> int | None:
 
 
 def data_fields(data: Mapping | None, keys: Sequence[str] = DATA_FIELDS) -> dict | None:
-    """The settings ``keys`` of a data config that it has (``num_train``: synthetic data only)."""
+    """The settings ``keys`` of a data config that it has; ``num_train`` and ``num_test`` of synthetic data only
+    (experiment=smoke sets them for its synthetic data, and they stayed beside an image folder's settings)."""
     if not isinstance(data, Mapping):
         return None
-    return {k: data[k] for k in keys if k in data}
+    synthetic = data.get("name") == "synthetic"
+    return {k: data[k] for k in keys if k in data and (synthetic or k not in ("num_train", "num_test"))}
 
 
 def trained_settings(run_cfg: Mapping | None) -> dict | None:
