@@ -157,3 +157,14 @@ def test_a_checkpoint_cut_short_is_not_offered_in_place_of_another(tmp_path):
                             f"python train.py resume={checkpoints / 'epoch0001.ckpt'}"), message
     _truncate(checkpoints / "epoch0001.ckpt")
     assert _error(safe_load, checkpoints / "last.ckpt").endswith(" No other readable checkpoint lies beside it")
+
+
+def test_a_text_file_named_as_weights_is_called_damaged_not_dangerous(tmp_path):
+    """A few bytes of text are no pickle at all: they were answered with 'unpickling it could run code'; torch's
+    own text (which advises weights_only=False) is never quoted."""
+    junk = tmp_path / "encoder.pt"
+    junk.write_text("garbage\n")
+    message = _error(safe_load, junk, job="evaluate")
+    assert message.startswith(f"checkpoint '{junk}' is corrupt, truncated or not a PyTorch file (UnpicklingError: "
+                              "it begins as neither a zip archive nor a pickle).")
+    assert "could run code" not in message and "weights_only" not in message

@@ -168,12 +168,12 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
         raise CheckpointError(f"checkpoint '{path}' {what}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:  # weights_only met something that is not a tensor or a container
-        raise CheckpointError(
-            f"refusing to load '{path}': {blocked(e)}, so unpickling it could run code (or the file is "
-            f"damaged). Nothing was executed. Only load checkpoints written by this project, or re-save the "
-            f"weights as a plain state_dict") from None
     except Exception as e:  # truncated or damaged files fail in many ways
+        if isinstance(e, pickle.UnpicklingError) and _starts_like_torch(path):  # not only tensors and containers
+            raise CheckpointError(
+                f"refusing to load '{path}': {blocked(e)}, so unpickling it could run code (or the file is "
+                f"damaged). Nothing was executed. Only load checkpoints written by this project, or re-save the "
+                f"weights as a plain state_dict") from None
         if mmap and isinstance(e, RuntimeError):  # old (non-zip) serialisation cannot be mapped: read it
             return safe_load(path, map_location, job=job)
         if path.suffix not in (".ckpt", ".pt", ".pth") and not _starts_like_torch(path):  # a config.yaml...
@@ -184,7 +184,8 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
         if _empty(path):
             raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes), e.g. a copy or download that never "
                                   f"finished.{alternatives(path, job)}") from None
-        detail = " ".join(str(e).split())
+        detail = "it begins as neither a zip archive nor a pickle" if isinstance(e, pickle.UnpicklingError) else \
+            " ".join(str(e).split())  # never torch's advice to load with weights_only=False
         raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
                               f"({type(e).__name__}: {detail}).{alternatives(path, job)}") from None
 
