@@ -599,6 +599,25 @@ def test_a_misspelt_setting_is_named_with_the_one_it_resembles(argv, config_name
         assert f"(python {config_name}.py --cfg job prints every setting, --help the groups)" in message
 
 
+@pytest.mark.parametrize("argv", [["-m", "loss=classic,multi", "--cfg", "hydra"], ["--multirun", "--cfg=job"],
+                                  ["--cfg", "job", "--info"], ["-m", "-c", "job"]])
+def test_two_of_hydras_modes_at_once_are_one_line(argv, capsys):
+    """-m with --cfg (to see a sweep's config) was Hydra's ValueError with its whole traceback."""
+    from byol.jobs.command_line import check_command_line
+
+    with pytest.raises(SystemExit) as exit_:
+        check_command_line(argv, "train")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and " cannot go together (Hydra runs one of " in err
+
+
+def test_one_of_hydras_modes_goes_on():
+    from byol.jobs.command_line import more_than_one_mode
+
+    for argv in (["-m", "seed=0,1"], ["--cfg", "job", "seed=1"], ["--info"], ["--help"], ["-m", "--help"]):
+        assert more_than_one_mode(argv, "train") is None, argv
+
+
 def test_a_sweep_jobs_folder_given_unquoted_gets_the_quoted_word():
     """Hydra read the '=' and ',' of ``0_loss=multi,seed=0`` as its own syntax: "mismatched input '='"."""
     from byol.jobs.command_line import unquoted_path

@@ -256,6 +256,21 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
     return None
 
 
+# Hydra's modes of a command line, each of which excludes the others (its ValueError was a traceback)
+MODE_FLAGS = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+              "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
+def more_than_one_mode(argv: Sequence[str], config_name: str) -> str | None:
+    """The error line for two of Hydra's modes at once (``-m ... --cfg job``)."""
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("-")]  # --cfg=job as --cfg job
+    modes = list(dict.fromkeys(MODE_FLAGS[f] for f in flags if f in MODE_FLAGS))
+    if len(modes) < 2:
+        return None
+    return (f"error: {' and '.join(modes)} cannot go together (Hydra runs one of -m, --cfg, --info); to see a "
+            f"sweep's config, print one job's: python {config_name}.py --cfg job OVERRIDES (without -m)")
+
+
 PATH_KEYS = ("resume", "pretrained", "hydra.run.dir", "hydra.sweep.dir", "data.root", "data.cache_dir")
 
 
@@ -287,8 +302,8 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     ``.hydra/`` record and log into the folder)."""
     from byol.jobs.run_folder import FolderTakenError, check_job_folder, check_sweep_folder, links_in
 
-    message = (unquoted_path(argv) or unknown_option(argv, config_name) or misspelt_key(argv, config_name)
-               or setting_of_another_option(argv, config_name))
+    message = (more_than_one_mode(argv, config_name) or unquoted_path(argv) or unknown_option(argv, config_name)
+               or misspelt_key(argv, config_name) or setting_of_another_option(argv, config_name))
     if not message and config_name == "evaluate" and last_value(argv, ("pretrained", "++pretrained")) == "":
         message = "error: pretrained= is empty (an unset shell variable?); give a run folder, a sweep folder, a "\
                   ".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random"
