@@ -611,6 +611,24 @@ def test_two_of_hydras_modes_at_once_are_one_line(argv, capsys):
     assert exit_.value.code == 1 and err.count("\n") == 1 and " cannot go together (Hydra runs one of " in err
 
 
+def test_new_keys_of_an_open_mapping_without_a_plus_are_one_line():
+    """loss.weights is empty in every config and backbone.grids holds layer2.0 and layer3.0: Hydra adds other keys
+    only with a +, and said so in five lines. Keys the mapping holds, a + and an empty mapping go on."""
+    from byol.jobs.command_line import open_dict_without_plus
+
+    assert open_dict_without_plus(["loss=multi", "loss.weights={layer2.0: 0.5}"], "train") == (
+        "error: loss.weights={layer2.0: 0.5} adds layer2.0 to loss.weights, which holds no such key: add keys with a "
+        "+: '+loss.weights={layer2.0: 0.5}'")
+    assert open_dict_without_plus(["loss.weights.layer2.0=0.5"], "train") == (  # braces: a dotted module name
+        "error: loss.weights.layer2.0=0.5 adds layer2.0 to loss.weights, which holds no such key: add keys with a "
+        "+: '+loss.weights={layer2.0: 0.5}'")
+    assert open_dict_without_plus(["backbone.grids={layer1.0: 2, layer2.0: 2}"], "train").startswith(
+        "error: backbone.grids={layer1.0: 2, layer2.0: 2} adds layer1.0 to backbone.grids")
+    for fine in (["backbone.grids={layer2.0: 2}"], ["+loss.weights={avgpool: 2.0}"], ["loss.weights={}"],
+                 ["++backbone.grids={layer1.0: 2}"], ["loss=multi"]):
+        assert open_dict_without_plus(fine, "train") is None, fine
+
+
 def test_one_of_hydras_modes_goes_on():
     from byol.jobs.command_line import more_than_one_mode
 

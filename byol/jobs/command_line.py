@@ -110,6 +110,43 @@ def misspelt_key(argv: Sequence[str], config_name: str) -> str | None:
     return None
 
 
+@functools.cache
+def _open_dict_defaults(path: tuple[str, ...]) -> frozenset:
+    """The keys any config file gives the open mapping ``path`` (``loss.weights``: none; ``backbone.grids``:
+    layer2.0, layer3.0): Hydra adds any other key only with a ``+``."""
+    from byol.jobs.config_check import CONF_DIR
+
+    keys = set()
+    for file in CONF_DIR.rglob("*.yaml"):
+        node = OmegaConf.to_container(OmegaConf.load(file))  # a group's option holds what lies below its group
+        for key in path[1:] if file.relative_to(CONF_DIR).parts[0] == path[0] else path:
+            node = node.get(key) if isinstance(node, dict) else None
+        keys |= set(node) if isinstance(node, dict) else set()
+    return frozenset(keys)
+
+
+def open_dict_without_plus(argv: Sequence[str], config_name: str) -> str | None:
+    """The error line for new keys of ``loss.weights`` / ``backbone.grids`` given without ``+`` (Hydra's
+    refusal spans five lines); None otherwise."""
+    from byol.jobs.config_check import OPEN_DICTS
+
+    top, groups, _ = _top_config(config_name)
+    for o in _parse(tuple(argv)) or []:
+        key = o.key_or_group
+        for path in (p for p in OPEN_DICTS if p[0] in set(top) | groups):
+            name = ".".join(path)
+            if o.is_add() or o.is_force_add() or o.is_delete() or not (key == name or key.startswith(name + ".")):
+                continue
+            value = o.value()
+            given = set(value) if key == name and isinstance(value, dict) else {key[len(name) + 1:]} - {""}
+            new = sorted(str(k) for k in given - _open_dict_defaults(path))
+            if new:  # a dotted module name goes inside braces
+                fix = o.input_line if key == name else f"{name}={{{key[len(name) + 1:]}: {value}}}"
+                return (f"error: {o.input_line} adds {', '.join(new)} to {name}, which holds no such key: add keys "
+                        f"with a +: '+{fix}'")
+    return None
+
+
 # group options that were renamed or live in the other script: the line that says where they went
 MOVED_OPTIONS = {("train", "experiment", "seed"): "experiment=seed is now experiment=original"}
 OTHER_SCRIPTS_GROUPS = {("evaluate", "experiment"): "experiments are pretraining settings (python train.py "
@@ -303,7 +340,8 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     from byol.jobs.run_folder import FolderTakenError, check_job_folder, check_sweep_folder, links_in
 
     message = (more_than_one_mode(argv, config_name) or unquoted_path(argv) or unknown_option(argv, config_name)
-               or misspelt_key(argv, config_name) or setting_of_another_option(argv, config_name))
+               or misspelt_key(argv, config_name) or open_dict_without_plus(argv, config_name)
+               or setting_of_another_option(argv, config_name))
     if not message and config_name == "evaluate" and last_value(argv, ("pretrained", "++pretrained")) == "":
         message = "error: pretrained= is empty (an unset shell variable?); give a run folder, a sweep folder, a "\
                   ".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random"
