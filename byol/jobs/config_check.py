@@ -68,7 +68,6 @@ PACKAGED_GROUPS = ("backbone", "loss", "data", "optim", "trainer", "logger", "re
 # The trainer settings of the machine a run continues on: what ``trainer=GROUP`` changes on resume (the others,
 # epochs, precision, accumulation, clipping, logging interval, stay the run's unless given as trainer.KEY=VALUE)
 TRAINER_MACHINE_KEYS = ("strategy", "devices", "num_nodes", "accelerator", "sync_batchnorm")
-# Trainer arguments the jobs set themselves.
 # Trainer arguments the jobs set themselves, and what a user sets instead
 TRAINER_RESERVED = {
     "logger": "choose loggers with the logger group (logger=tensorboard, logger=wandb; metrics.csv is always written)",
