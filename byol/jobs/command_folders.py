@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+NO_RESUME = (None, "", "null", "None")  # resume= values that continue nothing
+
 
 def is_sweep(argv: Sequence[str]) -> bool:
     return any(a in ("-m", "--multirun") for a in argv)
@@ -26,7 +28,7 @@ def given_run_dir(argv: Sequence[str], config_name: str = "evaluate") -> Path | 
     if given is not None:
         return Path(given)
     resume = last_value(argv, ("resume", "++resume")) if config_name == "train" else None
-    if resume in (None, "", "null", "None"):
+    if resume in NO_RESUME:
         return None
     from byol.jobs.cli import run_dir_of
 
@@ -52,7 +54,7 @@ def start_problem(resume: str | None, run_dir: Path | None) -> str | None:
     from byol.jobs.run_folder import CHECKPOINTS_DIR, check_new_run_folder, check_not_behind
 
     try:
-        if resume in (None, "", "null", "None"):
+        if resume in NO_RESUME:
             if run_dir is not None:
                 check_new_run_folder(run_dir)
             return None

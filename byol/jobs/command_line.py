@@ -12,7 +12,14 @@ from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
-from byol.jobs.command_folders import given_run_dir, given_sweep_folders, is_sweep, last_value, start_problem
+from byol.jobs.command_folders import (
+    NO_RESUME,
+    given_run_dir,
+    given_sweep_folders,
+    is_sweep,
+    last_value,
+    start_problem,
+)
 from byol.jobs.console import names_printable
 
 
@@ -345,16 +352,17 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     if not message and config_name == "evaluate" and last_value(argv, ("pretrained", "++pretrained")) == "":
         message = "error: pretrained= is empty (an unset shell variable?); give a run folder, a sweep folder, a "\
                   ".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random"
-    run_dir, start = given_run_dir(argv, config_name), config_name == "train" and not is_sweep(argv)
-    resume = last_value(argv, ("resume", "++resume")) if start else None
-    if not message and resume not in (None, "", "null", "None"):  # first what resume= names (a sweep's folder)
-        message, start = start_problem(resume, run_dir), False
+    run_dir, single_run = given_run_dir(argv, config_name), config_name == "train" and not is_sweep(argv)
+    resume = last_value(argv, ("resume", "++resume")) if single_run else None
+    resumed = resume not in NO_RESUME
+    if not message and resumed:  # first what resume= names (a sweep's folder), then the folder's kind
+        message = start_problem(resume, run_dir)
     if not message and run_dir is not None:
         try:
             check_job_folder(run_dir, config_name)  # the job's name is its config's: train, evaluate
         except FolderTakenError as e:
             message = f"error: {e}"
-    if not message and start:
+    if not message and single_run and not resumed:  # a new run: not over a run's weights
         message = start_problem(resume, run_dir)
     sweep_folders = given_sweep_folders(argv) if not message else []
     if sweep_folders:

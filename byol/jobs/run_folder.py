@@ -226,7 +226,7 @@ def raw_run_config(folder: Path, fix: str = "move it away or use another folder 
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ValueError(f"{path.stat().st_size:,} bytes, more than any run's config ({MAX_CONFIG_BYTES:,})")
         text = path.read_text()
-        _refuse_yaml_aliases(text)
+        _refuse_unsafe_yaml(text)
         return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except Exception as e:
         detail = " ".join(str(e).split())  # YAML's errors span lines, with a caret under the place
@@ -236,7 +236,7 @@ def raw_run_config(folder: Path, fix: str = "move it away or use another folder 
 MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml takes a few kB
 
 
-def _refuse_yaml_aliases(text: str) -> None:
+def _refuse_unsafe_yaml(text: str) -> None:
     """Configs the jobs write hold no YAML anchors or aliases; a handed file with them could expand a few
     hundred bytes into billions of nodes (an alias bomb) when read, so they are refused before reading; so
     is a file nested deeper than :data:`MAX_YAML_DEPTH` levels (400 kB of brackets kept the parser busy for
