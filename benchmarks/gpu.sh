@@ -8,7 +8,7 @@
 #      ResNet-18 CIFAR stem at each of BATCHES (256 512; empty: none): images/s, s/epoch, peak GPU memory,
 #   4. a BYOL pretraining for as many epochs as fit in PRETRAIN_S seconds (EPOCHS: that many instead) at
 #      PRETRAIN_BATCH (the last of BATCHES, else 512), with TRAIN_EXTRA's overrides,
-#   5. the linear probe's test accuracy (evaluate.py; the benchmark part survives its failure).
+#   5. the linear probe's test accuracy on the run's own data (evaluate.py; the benchmark part survives its failure).
 #   The GPU recipe's 100-epoch target (README: Results; about 9 minutes on an H200 at batch 512):
 #     OUT=$OUT WORK=outputs/gpu BATCHES= PRETRAIN_BATCH=512 EPOCHS=100 PRETRAIN_S=480 \
 #       TRAIN_EXTRA="experiment=cifar10 monitor=off" EVAL_EXTRA="split.val_size=0" bash benchmarks/gpu.sh
@@ -34,7 +34,9 @@
 # Environment: MODE (single|grid), OUT (results folder), DATA (dataset root; default /tmp/cifar10,
 # extracted if missing), PYTHON (default python3), PRETRAIN_S (single: 240), BATCHES (default "256 512"),
 # PEERS, COMPILE=1, WORK (run folders); single: EPOCHS, PRETRAIN_BATCH, TRAIN_EXTRA, EVAL_EXTRA
-# (evaluate.py overrides of the probe: split.val_size=0 fits on all 50,000 images, as solo-learn); grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
+# (evaluate.py overrides of the probe: split.val_size=0 fits on all 50,000 images, as solo-learn), DEADLINE_S
+# (seconds from the start by which the whole script ends: the pretraining is stopped, resumably, PROBE_S (60)
+# before it, and the probe gets the rest; for a lent machine's per-call limit); grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -175,7 +177,12 @@ RUN="$WORK/pretrain"
 rm -rf "$RUN"
 say "pretraining: $EPOCHS epochs (budget ${PRETRAIN_S}s) at batch $LAST_B -> $RUN"
 P0=$(date +%s)
-timeout $(( PRETRAIN_S + 120 )) "$PY" train.py data=imagefolder data.root="$DATA" data.batch_size="$LAST_B" \
+PRETRAIN_LIMIT=$(( PRETRAIN_S + 120 ))
+if [ -n "${DEADLINE_S:-}" ]; then  # stop (resumably: SIGTERM saves last.ckpt) with PROBE_S left for the probe
+  PRETRAIN_LIMIT=$(( DEADLINE_S - $(elapsed) - ${PROBE_S:-60} ))
+  [ "$PRETRAIN_LIMIT" -ge 30 ] || PRETRAIN_LIMIT=30
+fi
+timeout "$PRETRAIN_LIMIT" "$PY" train.py data=imagefolder data.root="$DATA" data.batch_size="$LAST_B" \
   trainer.max_epochs="$EPOCHS" optim.scheduler.warmup_epochs="$WARM_EPOCHS" trainer.enable_progress_bar=false \
   checkpoint.every_n_epochs=100000 hydra.run.dir="$RUN" "${COMPILE_SET[@]}" "${TINY[@]}" "${TRAIN_EXTRA_ARGS[@]}"
 PRETRAIN_RC=$?
@@ -186,13 +193,15 @@ say "pretraining exit $PRETRAIN_RC after ${PRETRAIN_WALL}s"
 # ---------------------------------------------------------------- 5. linear probe
 PROBE="not run"
 if [ "$PRETRAIN_RC" != 0 ] || [ ! -f "$RUN/encoder.pt" ]; then
-  PROBE="not run (pretraining failed)"
+  PROBE="not run (pretraining failed or was stopped at the deadline: \`python train.py resume=$RUN\` continues it)"
 elif [ ! -f evaluate.py ]; then
   PROBE="not run (evaluate.py not in this checkout)"
 else
   say "linear probe"
   rm -rf "$WORK/linear"
-  if timeout 240 "$PY" evaluate.py pretrained="$RUN" eval=linear data=imagefolder data.root="$DATA" \
+  PROBE_LIMIT=240
+  if [ -n "${DEADLINE_S:-}" ]; then PROBE_LIMIT=$(( DEADLINE_S - $(elapsed) )); [ "$PROBE_LIMIT" -ge 30 ] || PROBE_LIMIT=30; fi
+  if timeout "$PROBE_LIMIT" "$PY" evaluate.py pretrained="$RUN" eval=linear \
        hydra.run.dir="$WORK/linear" "${EVAL_TINY[@]}" "${EVAL_EXTRA_ARGS[@]}"; then
     if [ -f "$WORK/linear/results.json" ]; then
       cp "$WORK/linear/results.json" "$OUT/linear_results.json"
@@ -214,7 +223,8 @@ say "linear probe: $PROBE"
   echo
   echo "Pretraining (\`python train.py data=imagefolder data.batch_size=$LAST_B trainer.max_epochs=$EPOCHS" \
        "optim.scheduler.warmup_epochs=$WARM_EPOCHS ${TINY[*]} ${COMPILE_SET[*]} ${TRAIN_EXTRA_ARGS[*]}\`): exit $PRETRAIN_RC," \
-       "$EPOCHS epochs in ${PRETRAIN_WALL} s wall (start-up, data loading and checkpoints included)."
-  echo "Linear probe (\`python evaluate.py pretrained=RUN eval=linear data=imagefolder ${EVAL_TINY[*]} ${EVAL_EXTRA_ARGS[*]}\`): $PROBE."
+       "$([ "$PRETRAIN_RC" = 124 ] && echo "stopped by the deadline (resumable) after" || echo "$EPOCHS epochs in")" \
+       "${PRETRAIN_WALL} s wall (start-up, data loading and checkpoints included)."
+  echo "Linear probe, on the run's own data and normalisation (\`python evaluate.py pretrained=RUN eval=linear ${EVAL_TINY[*]} ${EVAL_EXTRA_ARGS[*]}\`): $PROBE."
 } >>"$SECTION"
 finish
