@@ -530,6 +530,9 @@ def parse_args(argv=None):
                    help="extra Hydra override of the training config, e.g. --set loss=multi (repeatable)")
     p.add_argument("--json", default=None, help="write the figures (images/s) to this file")
     p.add_argument("--markdown", default=None, help="append the results as a Markdown table to this file")
+    p.add_argument("--markdown-from", action="append", default=[], metavar="JSON",
+                   help="measure nothing: the Markdown table of a saved --json file (repeatable), appended to "
+                   "--markdown or printed; for figures brought back from another machine")
     args = p.parse_args(argv)
     args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     unknown = sorted(set(args.peers) - set(PEERS))
@@ -559,13 +562,17 @@ def set_threads(n: int | None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(n)
 
 
-def threads_text(args) -> str:
-    n = torch.get_num_threads()
+def threads_text(args, n: int | None = None) -> str:
+    n = torch.get_num_threads() if n is None else n
     return f"{n} torch thread{'' if n == 1 else 's'}" + (" (--threads)" if args.threads else " (torch's default)")
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.markdown_from:
+        lines = [line for path in args.markdown_from for line in markdown_from_json(path)]
+        write_markdown(args.markdown, lines) if args.markdown else print("\n".join(lines))
+        return {}
     sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
     set_threads(args.threads)
     quiet_libraries()
@@ -612,12 +619,15 @@ def main(argv=None) -> dict:
         write_json(args, report, data_root)
         print(f"[bench] wrote {args.json}")
     if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write("\n".join(markdown_table(args, report)) + "\n")
-        print(f"[bench] appended a table to {args.markdown}")
+        write_markdown(args.markdown, markdown_table(args, report))
     return report["images_per_s"]
+
+
+def write_markdown(path: str, lines: list[str]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with Path(path).open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"[bench] appended a table to {path}")
 
 
 def precision_text(args) -> str:
@@ -683,13 +693,29 @@ def text_table(args, report: dict) -> list[str]:
     return lines
 
 
-def markdown_table(args, report: dict) -> list[str]:
+def markdown_from_json(path: str) -> list[str]:
+    """The table that the run which wrote ``path`` (its --json) appended, or would have, with --markdown."""
+    saved = json.loads(Path(path).read_text())
+    settings, stems = saved["settings"], [stem for stem in STEMS if stem in saved]
+    asked = {p for stem in stems for p in saved["samples"][stem]} | set(saved["skipped"])
+    args = argparse.Namespace(
+        batch_size=settings["batch_size"], steps=settings["steps"], warmup=settings["warmup"],
+        repeats=settings["repeats"], threads=settings["threads_set"], peers=[p for p in PEERS if p in asked],
+        peer_precision="bf16" if settings["precision"].endswith("for all") else "fp32")
+    report = {"images_per_s": {stem: saved[stem] for stem in stems}, "n_images": settings["epoch_images"],
+              "machine": saved["machine"], "skipped": saved["skipped"],
+              "peak_gpu_memory_gib": saved.get("peak_gpu_memory_gib", {})}
+    return markdown_table(args, report, settings["command"].split(" ")[1:], settings["threads"])
+
+
+def markdown_table(args, report: dict, argv: list[str] | None = None, threads: int | None = None) -> list[str]:
+    """The results as Markdown; ``argv`` (the command's arguments) and ``threads`` default to this process's."""
     ips, n, info = report["images_per_s"], report["n_images"], report["machine"]
     gpu = any(report["peak_gpu_memory_gib"].values())
-    command = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
     lines = ["", f"Batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up (best of "
              f"{args.repeats}), {precision_text(args)}, {info['device_name']} ({info['cpu']}, "
-             f"{info['cpu_cores']} cores, {threads_text(args)}), torch {info['torch']}: `{command}`", "",
+             f"{info['cpu_cores']} cores, {threads_text(args, threads)}), torch {info['torch']}: `{command}`", "",
              "| stem | peer | images/s | s/epoch | ours/peer |"
              + (" peak GPU GiB (alloc/reserved) |" if gpu else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if gpu else "")]

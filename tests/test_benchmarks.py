@@ -147,6 +147,12 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
     rows = [line for line in md.read_text().splitlines() if line.startswith("| imagenet |")]
     assert [r.split("|")[2].strip() for r in rows] == [*tp.DEFAULT_PEERS, "floor_fp32", "ours_ddp"]
     assert report["ratios"]["imagenet"]["ours/ours_ddp"] == pytest.approx(ips["ours"] / ips["ours_ddp"])
+    # --markdown-from renders the saved JSON as the run appended it (on any machine, any thread count)
+    tp.torch.set_num_threads(2)
+    try:
+        assert tp.markdown_from_json(str(out)) == md.read_text().splitlines()
+    finally:
+        tp.torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "(floor/floor_fp32)" in printed and "(1 torch thread (--threads))" in printed
     # interleaved: every contender's first sample before any contender's second

@@ -762,3 +762,21 @@ def test_a_name_that_is_not_utf8_is_written_escaped_and_the_report_completes(see
     paired = [(r["repr"], r["a"], r["b"]) for r in csv.DictReader(open(out / "paired.csv", encoding="utf-8"))]
     assert ("av\\xffg", "multi", "classic") in paired
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and "not drawn" not in captured.err
+
+
+def test_a_missing_val_accuracy_says_whether_no_val_split_was_held_out(tmp_path):
+    """split.val_size=0 (the probe fitted on every training image) has no validation accuracy by design:
+    the table and the CSV say 'no val split', not 'not recorded' (which an older result without one gets)."""
+    root = tmp_path / "sweep"
+    write(root, "no_val", "classic", "avgpool", "linear", 0.77, eval_data={"name": "cifar10", "val_size": 0})
+    write(root, "old", "classic", "avgpool", "knn", 0.70, eval_data={"name": "cifar10", "val_size": 5000})
+    write(root, "with_val", "multi", "avgpool", "linear", 0.78, 0.79, eval_data={"name": "cifar10", "val_size": 0})
+    report([root], tmp_path / "out")
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): [c.strip() for c in line.strip("|").split("|")]
+            for line in (tmp_path / "out" / "results.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows[("classic", "avgpool", "linear")][3:5] == ["77.00", "no val split"]
+    assert rows[("classic", "avgpool", "knn")][3:5] == ["70.00", "not recorded"]
+    assert rows[("multi", "avgpool", "linear")][3:5] == ["78.00", "79.00"]
+    by_cell = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert by_cell[("classic", "avgpool", "linear")]["val_acc_mean_pct"] == "no val split"
+    assert by_cell[("classic", "avgpool", "knn")]["val_acc_mean_pct"] == "not recorded"

@@ -65,8 +65,8 @@ CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "incomplete", "missing",
               "backbone", "data", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs", "settings"]
 
 
-def _pct(cell: Cell, values: Sequence[float]) -> str:
-    mean, std = accuracy_text(cell, values, digits=2)
+def _pct(cell: Cell, values: Sequence[float], val: bool = False) -> str:
+    mean, std = accuracy_text(cell, values, digits=2, val=val)
     return f"{mean} ± {std}" if std else mean
 
 
@@ -119,8 +119,8 @@ def _table(cells: Sequence[Cell]) -> list[str]:
     lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     for c in cells:
         backbone, pretrain_epochs, eval_epochs = settings_text(c)
-        row = [c.loss, c.repr, c.eval, _pct(c, c.test_by_seed), _pct(c, c.val_by_seed), c.runs, c.failed, backbone,
-               c.data, pretrain_epochs, eval_epochs, _note(c)]
+        row = [c.loss, c.repr, c.eval, _pct(c, c.test_by_seed), _pct(c, c.val_by_seed, val=True), c.runs, c.failed,
+               backbone, c.data, pretrain_epochs, eval_epochs, _note(c)]
         lines.append("| " + " | ".join(map(md_cell, row)) + " |")  # a | or a line break in a name: escaped
     return lines
 
@@ -216,7 +216,7 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
     w = csv.writer(f)
     w.writerow(CSV_FIELDS)
     for c in cells:
-        stats = [*accuracy_text(c, c.test_by_seed, digits=4), *accuracy_text(c, c.val_by_seed, digits=4)]
+        stats = [*accuracy_text(c, c.test_by_seed, digits=4), *accuracy_text(c, c.val_by_seed, digits=4, val=True)]
         backbone, _, eval_epochs = settings_text(c)
         epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
         w.writerow(csv_row([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),

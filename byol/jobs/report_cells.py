@@ -342,14 +342,23 @@ def settings_text(c: Cell) -> tuple[str, str, str]:
     return or_unknown(c.backbone), epochs, or_unknown(c.eval_epochs)
 
 
-def accuracy_text(cell: Cell, values: Sequence[float], digits: int) -> tuple[str, str]:
+def _no_val_split(cell: Cell) -> bool:
+    """Whether the row's evaluations held no validation images out (``split.val_size=0``)."""
+    try:
+        return json.loads(cell.eval_data or "{}").get("val_size") == 0
+    except (ValueError, AttributeError):
+        return False
+
+
+def accuracy_text(cell: Cell, values: Sequence[float], digits: int, val: bool = False) -> tuple[str, str]:
     """Mean and sample std in percent of ``values`` (one per seed: :attr:`Cell.test_by_seed`), as text (std
     blank for one run). A row with no run in the means
     says why in place of the mean, so that no blank can be misread: ``missing``, ``failed`` or
-    ``incomplete``; ``not recorded`` where runs exist but this accuracy was not saved."""
+    ``incomplete``; ``not recorded`` where runs exist but this accuracy was not saved (``no val split`` for
+    the validation accuracy of evaluations that held none out)."""
     if not cell.runs:
         return shown_state(cell), ""
     m, s = mean_std(values)
     if math.isnan(m):
-        return "not recorded", ""
+        return ("no val split" if val and _no_val_split(cell) else "not recorded"), ""
     return f"{100 * m:.{digits}f}", "" if math.isnan(s) else f"{100 * s:.{digits}f}"
