@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,8 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     # measures it): how the GPU recipe's 100-epoch target is run
     env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(tmp_path / "work"),
                BATCHES="", PRETRAIN_BATCH="4", HOME=str(tmp_path / "home"), PYTHON=sys.executable,
-               EPOCHS="2", TRAIN_EXTRA="monitor=off ema.tau_base=0.95", EVAL_EXTRA="split.val_size=0")
+               EPOCHS="2", TRAIN_EXTRA="monitor=off ema.tau_base=0.95 data.mean=[0.5,0.4,0.3]",
+               EVAL_EXTRA="split.val_size=0", KEEP_ENCODER="1")
     repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -177,8 +179,12 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     results = (out / "RESULTS.md").read_text()
     assert "SMOKE test (benchmarks/gpu.sh)" in results and "| cifar | ours |" not in results.split("SMOKE test")[-1]
     assert "data.batch_size=4 trainer.max_epochs=2" in results
-    assert "monitor=off ema.tau_base=0.95`): exit 0, 2 epochs" in results  # the pretraining ran, as asked
-    assert (tmp_path / "work" / "pretrain" / "encoder.pt").exists()
+    assert "data.mean=[0.5,0.4,0.3]`): exit 0, 2 epochs" in results  # the pretraining ran, as asked
+    encoder = (tmp_path / "work" / "pretrain" / "encoder.pt").read_bytes()
+    # KEEP_ENCODER=1: the encoder comes back in parts that make the file again
+    assert b"".join(p.read_bytes() for p in sorted(out.glob("encoder.pt.part*"))) == encoder
+    # the probe on the run's own data and normalisation (data=imagefolder there would reset the mean to ImageNet's)
+    assert "pretrained with data mean/std" not in proc.stdout and "from the run's own settings" in proc.stdout
     # the probe as the published protocols fit it: on every training image, so no validation accuracy
     assert "split.val_size=0`): test accuracy " in results and "% (no val split), repr avgpool." in results
     probe = json.loads((out / "linear_results.json").read_text())
@@ -187,6 +193,26 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     assert config["trainer"]["max_epochs"] == 2 and config["monitor"]["enabled"] is False
     assert config["ema"]["tau_base"] == 0.95
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == repo_results  # smoke runs leave it alone
+
+
+def test_gpu_script_deadline_stops_the_pretraining_resumably_and_ends_in_time(tmp_path):
+    """DEADLINE_S: a pretraining that would outlast it is stopped PROBE_S before it, with its last.ckpt and
+    the command that resumes it in the section, and the script ends by the deadline."""
+    data = write_folder(tmp_path / "data", splits=("train", "test"))
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(work), BATCHES="", PRETRAIN_BATCH="4",
+               HOME=str(tmp_path / "home"), PYTHON=sys.executable, EPOCHS="100000", DEADLINE_S="45", PROBE_S="10",
+               TRAIN_EXTRA="monitor=off")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.monotonic() - start < 45 + 15  # the deadline, and the script's own exit
+    results = (out / "RESULTS.md").read_text()
+    assert "exit 124, stopped by the deadline (resumable) after" in results
+    assert f"`python train.py resume={work / 'pretrain'}` continues it" in results
+    run = work / "pretrain"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "encoder.pt").exists()
 
 
 def test_gpu_script_refuses_an_unknown_mode(tmp_path):

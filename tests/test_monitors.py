@@ -255,6 +255,26 @@ def test_parameter_groups_on_one_schedule_draw_one_learning_rate_line():
     plt.close(fig)
 
 
+def test_a_panel_with_nothing_logged_says_so_and_the_monitor_panels_say_why():
+    """A run with monitor=off (or unlabeled data) logs no monitor/ columns: its kNN and probe panels name that
+    reason; another empty panel says only that nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from byol.jobs.curves import PANELS, _draw
+
+    fig, axes = plt.subplots(2, 3)
+    _draw(axes, [("", {"train/loss/avgpool": [(1.0, 0.9), (2.0, 0.8)]}, {})])
+    said = {title: [t.get_text() for t in ax.texts] for ax, (title, *_) in zip(axes.flat, PANELS, strict=True)}
+    assert said["BYOL loss per head (lower is not better if std collapses)"] == []
+    for title in ("online kNN accuracy (epoch 0: random init)", "online linear probe (training batches)"):
+        assert said[title] == ["not logged\n(monitor=off, or data without labels)"]
+    assert said["EMA tau"] == ["not logged"]
+    plt.close(fig)
+
+
 def test_online_probes_count_each_representations_correct_predictions_and_keep_them_in_their_state():
     """The probes' accuracy: per representation, the predictions of its probe before the step that equal
     the labels, counted over the epoch's batches; a state saved mid-epoch carries the counts on."""

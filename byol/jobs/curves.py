@@ -146,7 +146,8 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
         if drawn and legends:
             ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
         elif not drawn:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+            why = "not logged\n(monitor=off, or data without labels)" if prefix.startswith("monitor/") else "not logged"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def _key_legend(fig, colours: dict[str, str], styles: dict[str, object]) -> None:
