@@ -9,9 +9,10 @@
 #   4. a BYOL pretraining for as many epochs as fit in PRETRAIN_S seconds (EPOCHS: that many instead) at
 #      PRETRAIN_BATCH (the last of BATCHES, else 512), with TRAIN_EXTRA's overrides,
 #   5. the linear probe's test accuracy on the run's own data (evaluate.py; the benchmark part survives its failure).
-#   The GPU recipe's 100-epoch target (README: Results; about 9 minutes on an H200 at batch 512):
-#     OUT=$OUT WORK=outputs/gpu BATCHES= PRETRAIN_BATCH=512 EPOCHS=100 PRETRAIN_S=480 \
-#       TRAIN_EXTRA="experiment=cifar10 monitor=off" EVAL_EXTRA="split.val_size=0" bash benchmarks/gpu.sh
+#   The GPU recipe's 100-epoch target (README: Results; 427 s on an H200 at batch 512 on 2026-11-30):
+#     OUT=$OUT WORK=outputs/gpu BATCHES= PRETRAIN_BATCH=512 EPOCHS=100 DEADLINE_S=575 \
+#       TRAIN_EXTRA="experiment=cifar10 monitor=off data.mean=[0.4914,0.4822,0.4465] data.std=[0.2470,0.2435,0.2616]" \
+#       EVAL_EXTRA="split.val_size=0" bash benchmarks/gpu.sh
 #
 # MODE=grid (the study's grid with the GPU recipe, budgeted at GRID_S = 540 s from the start):
 #   1.-3. as above (the throughput with experiment=cifar10, ours and the floor only unless PEERS),
@@ -198,7 +199,7 @@ fi
 # ---------------------------------------------------------------- 5. linear probe
 PROBE="not run"
 if [ "$PRETRAIN_RC" != 0 ] || [ ! -f "$RUN/encoder.pt" ]; then
-  PROBE="not run (pretraining failed or was stopped at the deadline: \`python train.py resume=$RUN\` continues it)"
+  PROBE="not run (pretraining failed or was stopped by its time limit: \`python train.py resume=$RUN\` continues it)"
 elif [ ! -f evaluate.py ]; then
   PROBE="not run (evaluate.py not in this checkout)"
 else
@@ -228,7 +229,7 @@ say "linear probe: $PROBE"
   echo
   echo "Pretraining (\`python train.py data=imagefolder data.batch_size=$LAST_B trainer.max_epochs=$EPOCHS" \
        "optim.scheduler.warmup_epochs=$WARM_EPOCHS ${TINY[*]} ${COMPILE_SET[*]} ${TRAIN_EXTRA_ARGS[*]}\`): exit $PRETRAIN_RC," \
-       "$([ "$PRETRAIN_RC" = 124 ] && echo "stopped by the deadline (resumable) after" || echo "$EPOCHS epochs in")" \
+       "$([ "$PRETRAIN_RC" = 124 ] && echo "stopped by its time limit (resumable) after" || echo "$EPOCHS epochs in")" \
        "${PRETRAIN_WALL} s wall (start-up, data loading and checkpoints included)."
   echo "Linear probe, on the run's own data and normalisation (\`python evaluate.py pretrained=RUN eval=linear ${EVAL_TINY[*]} ${EVAL_EXTRA_ARGS[*]}\`): $PROBE."
 } >>"$SECTION"

@@ -209,7 +209,7 @@ def test_gpu_script_deadline_stops_the_pretraining_resumably_and_ends_in_time(tm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert time.monotonic() - start < 45 + 15  # the deadline, and the script's own exit
     results = (out / "RESULTS.md").read_text()
-    assert "exit 124, stopped by the deadline (resumable) after" in results
+    assert "exit 124, stopped by its time limit (resumable) after" in results
     assert f"`python train.py resume={work / 'pretrain'}` continues it" in results
     run = work / "pretrain"
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "encoder.pt").exists()
