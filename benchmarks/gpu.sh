@@ -7,7 +7,8 @@
 #   3. throughput of our training step (and the floor; lightly/byol-pytorch if importable) for the
 #      ResNet-18 CIFAR stem at each of BATCHES (256 512; empty: none): images/s, s/epoch, peak GPU memory,
 #   4. a BYOL pretraining for as many epochs as fit in PRETRAIN_S seconds (EPOCHS: that many instead) at
-#      PRETRAIN_BATCH (the last of BATCHES, else 512), with TRAIN_EXTRA's overrides,
+#      PRETRAIN_BATCH (the last of BATCHES, else 512: it overrides a recipe's own batch, e.g. experiment=cifar10's
+#      256, and the learning rate follows it), with TRAIN_EXTRA's overrides,
 #   5. the linear probe's test accuracy on the run's own data (evaluate.py; the benchmark part survives its failure).
 #   The GPU recipe's 100-epoch target (README: Results; 427 s on an H200 at batch 512 on 2026-11-30):
 #     OUT=$OUT WORK=outputs/gpu BATCHES= PRETRAIN_BATCH=512 EPOCHS=100 DEADLINE_S=575 \
