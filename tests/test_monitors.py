@@ -275,6 +275,28 @@ def test_a_panel_with_nothing_logged_says_so_and_the_monitor_panels_say_why():
     plt.close(fig)
 
 
+def test_values_equal_but_for_rounding_draw_as_a_flat_line_not_an_axis_of_rounding_noise():
+    """A constant tau of 0.96 read back as 0.9599999785 (float32) and 0.96 (earlier runs' metrics.csv):
+    the panel shows 0.96 flat within a readable range, not '1e-8+9.6e-1' ticks; real changes keep their zoom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from byol.jobs.curves import PANELS, _draw
+
+    fig, axes = plt.subplots(2, 3)
+    series = {"train/tau": [(0.5, 0.9599999785423279), (1.0, 0.96), (1.5, 0.9599999785423279)],
+              "train/std/avgpool": [(1.0, 0.8300), (2.0, 0.8305)]}
+    _draw(axes, [("", series, {})])
+    panels = {title: ax for ax, (title, *_) in zip(axes.flat, PANELS, strict=True)}
+    low, high = panels["EMA tau"].get_ylim()
+    assert low == pytest.approx(0.912) and high == pytest.approx(1.008)
+    low, high = panels["collapse monitor: std of projections (0 = collapsed)"].get_ylim()
+    assert high - low < 0.01  # a change of 5e-4 is drawn as a change
+    plt.close(fig)
+
+
 def test_online_probes_count_each_representations_correct_predictions_and_keep_them_in_their_state():
     """The probes' accuracy: per representation, the predictions of its probe before the step that equal
     the labels, counted over the epoch's batches; a state saved mid-epoch carries the counts on."""

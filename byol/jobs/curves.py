@@ -110,7 +110,7 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
     from matplotlib.ticker import MaxNLocator
 
     for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
-        drawn, left_out, at = False, 0, set()
+        drawn, left_out, at, heights = False, 0, set(), []
         for label, series, style in runs:
             rates = []  # a run's learning rates drawn so far: parameter groups on one schedule are drawn once
             keys = [k for k in series if k.startswith(prefix) and "_step" not in k and not k.endswith("seconds")]
@@ -129,6 +129,7 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
                 xs, ys = zip(*points, strict=True)
                 at.update(xs)
                 ys = [100 * y for y in ys] if percent else ys
+                heights += ys
                 # markers on every point of a short run, on about 15 of a long one's
                 ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style,
                         marker=MARKERS.get(name, "^" if name.startswith("layer") else "o"),
@@ -142,12 +143,23 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
         ax.set_ylabel(ylabel)
         # ticks in steps of 1, 2 or 5 (not 2.5: "0.8375" pushed the axis label out of the figure)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+        _flat_if_constant(ax, heights)
         ax.grid(alpha=0.3)
         if drawn and legends:
             ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
         elif not drawn:
             why = "not logged\n(monitor=off, or data without labels)" if prefix.startswith("monitor/") else "not logged"
             ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _flat_if_constant(ax, heights: list[float]) -> None:
+    """Draw values that differ only by rounding (a constant tau logged once as float32, once as float64:
+    0.9599999785 and 0.96) as the constant they are: matplotlib would zoom into the 2e-8 between them
+    and label the axis '1e-8+9.6e-1'."""
+    if heights and max(heights) - min(heights) <= 1e-6 * max(abs(h) for h in heights):
+        middle = (max(heights) + min(heights)) / 2
+        half = 0.05 * abs(middle) or 1.0
+        ax.set_ylim(middle - half, middle + half)
 
 
 def _key_legend(fig, colours: dict[str, str], styles: dict[str, object]) -> None:

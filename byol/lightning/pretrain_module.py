@@ -212,7 +212,8 @@ class BYOLModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.check_finite()
-            self.log("train/tau", self.last_tau(), on_step=True, on_epoch=False)
+            # float64: a float would be logged as float32 (0.96 -> 0.9599999785), unlike the row written below
+            self.log("train/tau", torch.tensor(self.last_tau(), dtype=torch.float64), on_step=True, on_epoch=False)
         elif is_last_batch(self.trainer, batch_idx) and not logs_this_step(self.trainer):
             write_step_row(self.trainer, {"train/tau": self.last_tau()})  # the curve ends where the epoch does
 
