@@ -38,8 +38,10 @@
 # PEERS, COMPILE=1, WORK (run folders); single: EPOCHS, PRETRAIN_BATCH, TRAIN_EXTRA, EVAL_EXTRA
 # (evaluate.py overrides of the probe: split.val_size=0 fits on all 50,000 images, as solo-learn), DEADLINE_S
 # (seconds from the start by which the whole script ends: the pretraining is stopped, resumably, PROBE_S (60)
-# before it, and the probe gets the rest; for a lent machine's per-call limit), KEEP_ENCODER=1 (the run's
-# encoder.pt into $OUT in 15 MiB parts, for evaluations elsewhere; 3 files for a ResNet-18); grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
+# before it, and the probe gets the rest, each at least 30 s; the throughput step before them is not limited by it:
+# BATCHES= skips it; for a lent machine's per-call limit), KEEP_ENCODER=1 (the run's
+# encoder.pt into $OUT in 15 MiB parts, for evaluations elsewhere; 3 files for a ResNet-18, written only if they
+# fit in the 8 files that come back); grid: GRID_S (540), EVAL_S (170), FT_EPOCHS (2), GRID_BATCH (256).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -193,8 +195,17 @@ PRETRAIN_WALL=$(( $(date +%s) - P0 ))
 say "pretraining exit $PRETRAIN_RC after ${PRETRAIN_WALL}s"
 [ -f "$RUN/metrics.csv" ] && cp "$RUN/metrics.csv" "$OUT/pretrain_metrics.csv"
 if [ "${KEEP_ENCODER:-0}" = 1 ] && [ -f "$RUN/encoder.pt" ]; then  # in parts: a file coming back holds 16 MiB at most
-  split -b 15M -d "$RUN/encoder.pt" "$OUT/encoder.pt.part" \
-    && say "encoder.pt in $(ls "$OUT"/encoder.pt.part* | wc -l) parts under \$OUT: cat encoder.pt.part* > encoder.pt"
+  PART=$((15 * 1024 * 1024))
+  PARTS=$(( ($(stat -c %s "$RUN/encoder.pt") + PART - 1) / PART ))
+  # what is in $OUT now, and RESULTS.md and linear_results.json, which come after
+  HELD=$(find "$OUT" -maxdepth 1 -type f ! -name RESULTS.md ! -name linear_results.json | wc -l)
+  if [ $(( HELD + 2 + PARTS )) -le "$MAX_OUT_FILES" ]; then
+    split -b "$PART" -d "$RUN/encoder.pt" "$OUT/encoder.pt.part" \
+      && say "encoder.pt in $PARTS parts under \$OUT: cat encoder.pt.part* > encoder.pt"
+  else
+    say "encoder.pt not kept: its $PARTS parts would make $(( HELD + 2 + PARTS )) files in \$OUT, and $MAX_OUT_FILES come back" \
+        "(BATCHES= leaves out the throughput's files)"
+  fi
 fi
 
 # ---------------------------------------------------------------- 5. linear probe

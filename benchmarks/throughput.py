@@ -700,12 +700,14 @@ def markdown_from_json(path: str) -> list[str]:
     asked = {p for stem in stems for p in saved["samples"][stem]} | set(saved["skipped"])
     args = argparse.Namespace(
         batch_size=settings["batch_size"], steps=settings["steps"], warmup=settings["warmup"],
-        repeats=settings["repeats"], threads=settings["threads_set"], peers=[p for p in PEERS if p in asked],
+        repeats=settings["repeats"], threads=settings.get("threads_set"), peers=[p for p in PEERS if p in asked],
         peer_precision="bf16" if settings["precision"].endswith("for all") else "fp32")
     report = {"images_per_s": {stem: saved[stem] for stem in stems}, "n_images": settings["epoch_images"],
               "machine": saved["machine"], "skipped": saved["skipped"],
               "peak_gpu_memory_gib": saved.get("peak_gpu_memory_gib", {})}
-    return markdown_table(args, report, settings["command"].split(" ")[1:], settings["threads"])
+    # files written before --threads existed have neither threads setting: torch's default, as the machine says
+    threads = settings.get("threads", saved["machine"]["torch_threads"])
+    return markdown_table(args, report, settings["command"].split(" ")[1:], threads)
 
 
 def markdown_table(args, report: dict, argv: list[str] | None = None, threads: int | None = None) -> list[str]:

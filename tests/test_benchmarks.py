@@ -161,6 +161,47 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
     assert order.index("ours", 1) > max(order.index(p) for p in set(order))
 
 
+def test_markdown_from_renders_a_json_written_before_the_threads_option_with_its_machines_threads():
+    """The 2026-11-28 H200 files have no threads settings (--threads came later): their tables render with the
+    thread count the machine recorded and torch's default, and their rows are the ones RESULTS.md holds."""
+    tp = load_throughput()
+    lines = tp.markdown_from_json(str(ROOT / "benchmarks" / "results" / "gpu_grid_2026-11-28" / "bench_b256.json"))
+    assert "NVIDIA H200 (Intel(R) Xeon(R) Processor, 16 cores, 16 torch threads (torch's default))" in lines[1]
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    rows = [line for line in lines if line.startswith("| cifar |")]
+    assert rows == ["| cifar | ours | 5110.6 | 9.8 |  | 1.76/1.81 |",
+                    "| cifar | floor | 10507.8 | 4.8 | 0.49x | 1.59/1.64 |",
+                    "| cifar | ours_ddp | 5225.3 | 9.6 | 0.98x | 1.88/1.99 |"]
+    assert all(row in results for row in rows)
+
+
+def test_markdown_from_renders_saved_gpu_jsons_as_their_own_command_and_appends_them(tmp_path, capsys):
+    """--markdown-from measures nothing: the tables of JSON files saved on the lent H200 (three peers of six,
+    peak GPU memory, the command as run there, not this process's) appended after what --markdown held; as
+    benchmarks/RESULTS.md shows them. Without --markdown they are printed."""
+    tp = load_throughput()
+    saved = ROOT / "benchmarks" / "results" / "gpu_classic100_2026-11-30"
+    files = [str(saved / "bench_b256.json"), str(saved / "bench_b512_compile.json")]
+    md = tmp_path / "section.md"
+    md.write_text("## earlier\n")
+    assert tp.main([arg for f in files for arg in ("--markdown-from", f)] + ["--markdown", str(md)]) == {}
+    text = md.read_text()
+    assert text.startswith("## earlier\n\nBatch 256, 30 timed steps")
+    tables = text[len("## earlier\n"):]
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    for table in tables.split("\n\nBatch "):
+        assert table.strip("\n") in results
+    assert "| cifar | ours_ddp | 7371.4 | 6.8 | 1.06x | 1.88/1.98 |" in tables
+    assert "`python benchmarks/throughput.py --stem cifar --batch-size 512 --steps 30 --warmup 10 --data " \
+           "/tmp/cifar10 --peers ours,floor --compile --json /root/out/bench_b512_compile.json" in tables
+    assert [line.split("|")[2].strip() for line in tables.splitlines() if line.startswith("| cifar |")] == \
+        ["ours", "floor", "ours_ddp", "ours", "floor"]
+    capsys.readouterr()
+    assert tp.main(["--markdown-from", files[0]]) == {}
+    assert capsys.readouterr().out == "\n".join(tp.markdown_from_json(files[0])) + "\n"
+    assert md.read_text() == text
+
+
 @pytest.mark.slow
 def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     data = write_folder(tmp_path / "data", splits=("train", "test"))
@@ -213,6 +254,97 @@ def test_gpu_script_deadline_stops_the_pretraining_resumably_and_ends_in_time(tm
     assert f"`python train.py resume={work / 'pretrain'}` continues it" in results
     run = work / "pretrain"
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "encoder.pt").exists()
+
+
+STAND_IN_TIMEOUT = """#!/bin/bash
+echo "$*" >>"$CALLS"
+exec "$REAL_TIMEOUT" "$@"
+"""
+# train.py and evaluate.py as gpu.sh calls them, doing no work: an encoder.pt of ENCODER_BYTES, a results.json;
+# any other call of python after DELAY seconds (gpu.sh's two before the pretraining: >= 2 DELAY s elapsed there)
+STAND_IN_PYTHON = """#!/bin/bash
+case "$1" in
+  train.py|evaluate.py)
+    for a in "$@"; do case "$a" in hydra.run.dir=*) dir=${a#hydra.run.dir=} ;; esac; done
+    mkdir -p "$dir"
+    if [ "$1" = train.py ]; then head -c "$ENCODER_BYTES" /dev/urandom >"$dir/encoder.pt"
+    else echo '{"test_acc": 0.5, "val_acc": null, "repr": "avgpool"}' >"$dir/results.json"; fi ;;
+  *) sleep "${DELAY:-0}"; exec "$REAL_PYTHON" "$@" ;;
+esac
+"""
+
+
+def run_gpu_script_with_stand_ins(tmp_path, **env_vars) -> tuple[dict, Path]:
+    """gpu.sh (single mode, SMOKE) with train.py and evaluate.py stood in for: {script: the `timeout`
+    command line it ran under}, and $OUT."""
+    import shutil
+
+    bin_dir, out, calls = tmp_path / "bin", tmp_path / "out", tmp_path / "calls.txt"
+    bin_dir.mkdir(parents=True)
+    for name, text in (("timeout", STAND_IN_TIMEOUT), ("python", STAND_IN_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "data" / "train").mkdir(parents=True)  # no extraction
+    env = dict(os.environ, SMOKE="1", DATA=str(tmp_path / "data"), OUT=str(out), WORK=str(tmp_path / "work"),
+               BATCHES="", PRETRAIN_BATCH="4", EPOCHS="1", HOME=str(tmp_path / "home"),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
+               REAL_PYTHON=sys.executable, REAL_TIMEOUT=shutil.which("timeout"), CALLS=str(calls),
+               **{"ENCODER_BYTES": "1000", **env_vars})
+    for unset in ("DEADLINE_S", "PROBE_S", "KEEP_ENCODER"):
+        if unset not in env_vars:
+            env.pop(unset, None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = {}
+    for line in calls.read_text().splitlines():
+        limit, _, script, *args = line.split(" ")
+        if script in ("train.py", "evaluate.py"):
+            ran[script] = [int(limit), *args]
+    return ran, out
+
+
+def test_gpu_script_limits_of_the_pretraining_and_the_probe_without_and_with_a_deadline(tmp_path):
+    """No DEADLINE_S: PRETRAIN_S + 120 s (SMOKE: 60 + 120) and 240 s. DEADLINE_S: the pretraining ends PROBE_S
+    (60 unless set) before it, the probe gets the rest; neither gets under 30 s. The probe is on the run's own
+    data (no data= override); KEEP_ENCODER unset: no encoder parts in $OUT."""
+    ran, out = run_gpu_script_with_stand_ins(tmp_path / "plain")
+    assert ran["train.py"][0] == 180 and ran["evaluate.py"][0] == 240
+    assert not [a for a in ran["evaluate.py"][1:] if a.startswith(("data=", "data.root="))]
+    assert not list(out.glob("encoder.pt.part*"))
+    start = time.monotonic()
+    ran, _ = run_gpu_script_with_stand_ins(tmp_path / "deadline", DEADLINE_S="1000", DELAY="2")
+    took = time.monotonic() - start + 1  # elapsed() counts whole seconds
+    # the time already spent counts: at least the 2 x 2 s before the pretraining
+    assert 1000 - 60 - took <= ran["train.py"][0] <= 1000 - 60 - 4
+    assert 1000 - took <= ran["evaluate.py"][0] <= 1000 - 4
+    ran, _ = run_gpu_script_with_stand_ins(tmp_path / "probe_s", DEADLINE_S="1000", PROBE_S="200")
+    assert 1000 - 200 - took - 5 <= ran["train.py"][0] <= 1000 - 200
+    ran, _ = run_gpu_script_with_stand_ins(tmp_path / "short", DEADLINE_S="20", PROBE_S="10")
+    assert ran["train.py"][0] == 30 and ran["evaluate.py"][0] == 30  # the floors
+
+
+def test_gpu_script_keep_encoder_writes_15_mib_parts_that_make_the_file_again(tmp_path):
+    """KEEP_ENCODER=1: a file coming back from the lent machine holds 16 MiB at most, so a 31 MiB encoder.pt
+    comes back as three encoder.pt.part* of 15, 15 and 1 MiB, in that order; KEEP_ENCODER=0: none."""
+    mib = 1 << 20
+    _, out = run_gpu_script_with_stand_ins(tmp_path / "keep", KEEP_ENCODER="1", ENCODER_BYTES=str(31 * mib))
+    parts = sorted(out.glob("encoder.pt.part*"))
+    assert [p.stat().st_size for p in parts] == [15 * mib, 15 * mib, mib]
+    encoder = (tmp_path / "keep" / "work" / "pretrain" / "encoder.pt").read_bytes()
+    assert b"".join(p.read_bytes() for p in parts) == encoder
+    _, out = run_gpu_script_with_stand_ins(tmp_path / "off", KEEP_ENCODER="0", ENCODER_BYTES=str(mib))
+    assert not list(out.glob("encoder.pt.part*"))
+    # parts that would take $OUT past the 8 files that come back (with RESULTS.md and linear_results.json,
+    # still to come) are not written, and the log says why: a part silently lost would make no file
+    full = tmp_path / "full" / "out"
+    full.mkdir(parents=True)
+    for name in ("bench_b256.json", "bench_b512.json", "a.png", "b.png"):
+        (full / name).write_text("x")
+    _, out = run_gpu_script_with_stand_ins(tmp_path / "full", KEEP_ENCODER="1", ENCODER_BYTES=str(31 * mib))
+    assert not list(out.glob("encoder.pt.part*")) and len(list(out.iterdir())) <= 8
+    said = (out / "gpu.log").read_text()
+    assert "encoder.pt not kept: its 3 parts would make 10 files in $OUT, and 8 come back" in said
 
 
 def test_gpu_script_refuses_an_unknown_mode(tmp_path):

@@ -297,6 +297,33 @@ def test_values_equal_but_for_rounding_draw_as_a_flat_line_not_an_axis_of_roundi
     plt.close(fig)
 
 
+def test_a_flat_panel_is_centred_on_its_value_in_the_units_drawn_zero_and_negative_values_included():
+    """The flat range is +-5% of the value as drawn (a percent panel in %), +-1 around an all-zero line, the
+    right way up for a negative constant; a change of 1e-5 (more than rounding) keeps its zoom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from byol.jobs.curves import PANELS, _draw, _flat_if_constant
+
+    fig, axes = plt.subplots(2, 3)
+    series = {"monitor/knn/avgpool": [(1.0, 0.1), (2.0, 0.1), (3.0, 0.1)],  # a kNN at chance, 10%
+              "train/tau": [(1.0, 0.9), (2.0, 0.9 + 9e-6)]}
+    _draw(axes, [("", series, {})])
+    panels = {title: ax for ax, (title, *_) in zip(axes.flat, PANELS, strict=True)}
+    assert panels["online kNN accuracy (epoch 0: random init)"].get_ylim() == pytest.approx((9.5, 10.5))
+    low, high = panels["EMA tau"].get_ylim()
+    assert high - low < 1e-4
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    _flat_if_constant(ax, [0.0, 0.0])
+    assert ax.get_ylim() == pytest.approx((-1.0, 1.0))
+    _flat_if_constant(ax, [-0.5, -0.5 + 1e-8])
+    assert ax.get_ylim() == pytest.approx((-0.525, -0.475))
+    plt.close(fig)
+
+
 def test_online_probes_count_each_representations_correct_predictions_and_keep_them_in_their_state():
     """The probes' accuracy: per representation, the predictions of its probe before the step that equal
     the labels, counted over the epoch's batches; a state saved mid-epoch carries the counts on."""

@@ -780,3 +780,16 @@ def test_a_missing_val_accuracy_says_whether_no_val_split_was_held_out(tmp_path)
     by_cell = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     assert by_cell[("classic", "avgpool", "linear")]["val_acc_mean_pct"] == "no val split"
     assert by_cell[("classic", "avgpool", "knn")]["val_acc_mean_pct"] == "not recorded"
+
+
+def test_a_result_that_does_not_record_its_validation_split_is_not_recorded_not_no_val_split(tmp_path):
+    """'no val split' only where the evaluation data says val_size=0: an older results.json without eval_data
+    (the dataset's name in data, or nothing) keeps 'not recorded'."""
+    root = tmp_path / "sweep"
+    write(root, "named", "classic", "avgpool", "linear", 0.77, data="cifar10")
+    write(root, "bare", "multi", "avgpool", "linear", 0.78)
+    write(root, "held_out", "classic", "avgpool", "knn", 0.70, eval_data={"name": "cifar10", "split": "holdout"})
+    report([root], tmp_path / "out")
+    by_cell = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    for cell in (("classic", "avgpool", "linear"), ("multi", "avgpool", "linear"), ("classic", "avgpool", "knn")):
+        assert by_cell[cell]["val_acc_mean_pct"] == "not recorded", cell

@@ -4,7 +4,10 @@ spreadsheet and for markdown, and a setting's value cut short in a row's name.""
 
 from __future__ import annotations
 
-from byol.jobs.report_cells import build_cells, by_seed, csv_row, md_cell
+import json
+import math
+
+from byol.jobs.report_cells import Cell, accuracy_text, build_cells, by_seed, csv_row, md_cell
 from byol.jobs.report_labels import _short
 from byol.jobs.report_paired import paired_comparisons
 
@@ -75,3 +78,16 @@ def test_the_synthetic_data_counts_are_recorded_for_synthetic_data_only():
               "num_test": 64}
     assert data_fields(folder) == {"name": "imagefolder", "root": "/data", "subset": None, "image_size": 32}
     assert data_fields({**folder, "name": "synthetic"})["num_train"] == 128
+
+
+def test_no_val_split_is_said_of_the_validation_accuracy_only_and_only_where_val_size_is_zero():
+    """accuracy_text(..., val=True) with no value: 'no val split' for evaluation data with val_size 0; a test
+    accuracy, other data, or eval_data that is absent, not JSON or not a JSON object: 'not recorded'."""
+    def text(eval_data, val=True):
+        cell = Cell("classic", "avgpool", "linear", eval_data=eval_data, test=[0.5], seeds=[0])
+        return accuracy_text(cell, [math.nan], digits=2, val=val)
+
+    assert text(json.dumps({"name": "cifar10", "val_size": 0})) == ("no val split", "")
+    assert text(json.dumps({"name": "cifar10", "val_size": 0}), val=False) == ("not recorded", "")
+    for other in (json.dumps({"name": "cifar10"}), json.dumps({"val_size": 5000}), None, "not json", "[0]"):
+        assert text(other) == ("not recorded", ""), other
