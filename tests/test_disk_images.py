@@ -104,6 +104,28 @@ def test_image_folder_mmap_equals_memory(tmp_path, memory_first):
         load_image_folder(folder, 8, None, storage="mmap")
 
 
+def test_memory_storage_reads_an_existing_mmap_cache_instead_of_decoding_again(tmp_path, monkeypatch, capsys):
+    """A folder decoded once for data.storage=mmap (or auto above the threshold) is not decoded again for the
+    in-memory path: its .npy cache is read into memory (the dataset's own tensor, not the file's), with its
+    labels, classes and kept digests; without that cache the folder is decoded as before."""
+    import byol.core.image_folder as image_folder
+
+    folder, cache = _folder(tmp_path / "imgs"), tmp_path / "cache"
+    mapped = load_image_folder(folder, 8, cache, storage="mmap", workers=2)
+    decoded = []
+    real = image_folder._decoded
+    monkeypatch.setattr(image_folder, "_decoded", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    capsys.readouterr()
+    memory = load_image_folder(folder, 8, cache, storage="memory", workers=2)
+    assert not decoded and "from the memory-mapped cache" in capsys.readouterr().out
+    assert not memory.mapped and torch.equal(memory.images, mapped.images)
+    assert memory.images.data_ptr() != mapped.images.data_ptr()  # its own memory: the file can go
+    assert torch.equal(memory.labels, mapped.labels) and memory.classes == mapped.classes
+    assert memory.digests is not None and torch.equal(memory.digests, mapped.digests)
+    load_image_folder(folder, 8, tmp_path / "other_cache", storage="memory", workers=2)
+    assert decoded  # no cache of either kind: decoded
+
+
 def test_mmap_batches_sharded_like_index_batches(tmp_path):
     data, mapped = _mapped(tmp_path)
     for rank in range(2):

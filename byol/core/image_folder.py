@@ -130,6 +130,9 @@ def load_image_folder(
         cached = _cached_images(cache) if cache.exists() else None
         if cached is not None:
             return cached
+        in_memory = _read_mapped_cache(cache, folder)
+        if in_memory is not None:
+            return in_memory
         _remove_unfinished(cache)
         problem = cache_folder_problem(cache.parent, decoded_bytes(len(files), size))
         if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
@@ -213,16 +216,11 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     if not cache_dir:
         raise DataError("data.storage=mmap keeps the decoded images in a file in data.cache_dir; set "
                         "data.cache_dir to a folder on a local disk")
-    key = _cache_key(folder, scan, size, skip_bad)
-    base = Path(cache_dir).expanduser() / f"{folder.name}-{key}"
+    base = Path(cache_dir).expanduser() / f"{folder.name}-{_cache_key(folder, scan, size, skip_bad)}"
     npy, meta = base.with_name(base.name + ".u8.npy"), base.with_name(base.name + ".labels.pt")
-    if npy.exists() and meta.exists():
-        try:
-            d = torch.load(meta, weights_only=True, mmap=True)  # a huge file is not read whole before its check
-            return _checked_digests(ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
-                                                 digests=_kept_digests(d, len(d["labels"]))), meta)
-        except Exception:
-            warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=2)
+    mapped = _mapped_cache(npy, meta)
+    if mapped is not None:
+        return mapped
     _remove_unfinished(npy)
     problem = cache_folder_problem(npy.parent, decoded_bytes(len(scan.files), size))
     if problem:
@@ -246,6 +244,31 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     data.digests = cached.digests[kept] if from_pt else digest_tensor(data)  # read once here, never per job
     atomic_torch_save({"labels": label_t, "classes": list(scan.classes), "digests": data.digests}, meta)
     return data
+
+
+def _read_mapped_cache(cache: Path, folder: Path) -> ImageTensors | None:
+    """The images of the memory-mapped cache beside the in-memory one ``cache`` (decoded before for
+    ``data.storage=mmap``), read into memory: a folder is not decoded twice for its two storages."""
+    base = cache.with_suffix("")
+    mapped = _mapped_cache(base.with_name(base.name + ".u8.npy"), base.with_name(base.name + ".labels.pt"))
+    if mapped is None:
+        return None
+    print(f"[data] reading {len(mapped)} images into memory from the memory-mapped cache of {folder}", flush=True)
+    return ImageTensors(mapped.images.clone(), mapped.labels, mapped.classes, digests=mapped.digests)
+
+
+def _mapped_cache(npy: Path, meta: Path) -> ImageTensors | None:
+    """The images of a memory-mapped cache (``<name>-<key>.u8.npy`` and its ``.labels.pt``), backed by
+    the file; None if there is none, or an unreadable one (said in a warning: decoded again)."""
+    if not (npy.exists() and meta.exists()):
+        return None
+    try:
+        d = torch.load(meta, weights_only=True, mmap=True)  # a huge file is not read whole before its check
+        return _checked_digests(ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
+                                             digests=_kept_digests(d, len(d["labels"]))), meta)
+    except Exception:
+        warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=3)
+        return None
 
 
 def _kept_digests(saved: dict, n: int) -> torch.Tensor | None:
