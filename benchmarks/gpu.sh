@@ -182,11 +182,13 @@ RUN="$WORK/pretrain"
 rm -rf "$RUN"
 say "pretraining: $EPOCHS epochs (budget ${PRETRAIN_S}s) at batch $LAST_B -> $RUN"
 P0=$(date +%s)
+until_deadline() {  # seconds left before DEADLINE_S less $1, at least 30
+  local t=$(( DEADLINE_S - $(elapsed) - $1 ))
+  echo $(( t < 30 ? 30 : t ))
+}
 PRETRAIN_LIMIT=$(( PRETRAIN_S + 120 ))
-if [ -n "${DEADLINE_S:-}" ]; then  # stop (resumably: SIGTERM saves last.ckpt) with PROBE_S left for the probe
-  PRETRAIN_LIMIT=$(( DEADLINE_S - $(elapsed) - ${PROBE_S:-60} ))
-  [ "$PRETRAIN_LIMIT" -ge 30 ] || PRETRAIN_LIMIT=30
-fi
+# stop (resumably: SIGTERM saves last.ckpt) with PROBE_S left for the probe
+[ -n "${DEADLINE_S:-}" ] && PRETRAIN_LIMIT=$(until_deadline "${PROBE_S:-60}")
 timeout "$PRETRAIN_LIMIT" "$PY" train.py data=imagefolder data.root="$DATA" data.batch_size="$LAST_B" \
   trainer.max_epochs="$EPOCHS" optim.scheduler.warmup_epochs="$WARM_EPOCHS" trainer.enable_progress_bar=false \
   checkpoint.every_n_epochs=100000 hydra.run.dir="$RUN" "${COMPILE_SET[@]}" "${TINY[@]}" "${TRAIN_EXTRA_ARGS[@]}"
@@ -218,7 +220,7 @@ else
   say "linear probe"
   rm -rf "$WORK/linear"
   PROBE_LIMIT=240
-  if [ -n "${DEADLINE_S:-}" ]; then PROBE_LIMIT=$(( DEADLINE_S - $(elapsed) )); [ "$PROBE_LIMIT" -ge 30 ] || PROBE_LIMIT=30; fi
+  [ -n "${DEADLINE_S:-}" ] && PROBE_LIMIT=$(until_deadline 0)
   if timeout "$PROBE_LIMIT" "$PY" evaluate.py pretrained="$RUN" eval=linear \
        hydra.run.dir="$WORK/linear" "${EVAL_TINY[@]}" "${EVAL_EXTRA_ARGS[@]}"; then
     if [ -f "$WORK/linear/results.json" ]; then

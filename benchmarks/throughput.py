@@ -571,7 +571,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.markdown_from:
         lines = [line for path in args.markdown_from for line in markdown_from_json(path)]
-        write_markdown(args.markdown, lines) if args.markdown else print("\n".join(lines))
+        if args.markdown:
+            write_markdown(args.markdown, lines)
+        else:
+            print("\n".join(lines))
         return {}
     sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
     set_threads(args.threads)

@@ -101,6 +101,14 @@ def _cache_key(folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> str
     return h.hexdigest()[:20]
 
 
+def _cache_files(cache_dir, folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> dict[str, Path]:
+    """The folder's cache files in ``cache_dir``, all named ``<folder>-<key>``: ``pt`` (the in-memory path's
+    images), ``npy`` and ``meta`` (the memory-mapped images and their labels)."""
+    base = Path(cache_dir).expanduser() / f"{folder.name}-{_cache_key(folder, scan, size, skip_bad)}"
+    return {kind: base.with_name(base.name + suffix)
+            for kind, suffix in (("pt", ".pt"), ("npy", ".u8.npy"), ("meta", ".labels.pt"))}
+
+
 def load_image_folder(
     folder: str | os.PathLike,
     size: int = 32,
@@ -125,12 +133,12 @@ def load_image_folder(
     files, labels, classes = scan.files, scan.labels, scan.classes
     cache = None
     if cache_dir:
-        key = _cache_key(folder, scan, size, skip_bad_files)
-        cache = Path(cache_dir).expanduser() / f"{folder.name}-{key}.pt"
+        names = _cache_files(cache_dir, folder, scan, size, skip_bad_files)
+        cache = names["pt"]
         cached = _cached_images(cache) if cache.exists() else None
         if cached is not None:
             return cached
-        in_memory = _read_mapped_cache(cache, folder)
+        in_memory = _read_mapped_cache(names, folder)
         if in_memory is not None:
             return in_memory
         _remove_unfinished(cache)
@@ -216,8 +224,8 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     if not cache_dir:
         raise DataError("data.storage=mmap keeps the decoded images in a file in data.cache_dir; set "
                         "data.cache_dir to a folder on a local disk")
-    base = Path(cache_dir).expanduser() / f"{folder.name}-{_cache_key(folder, scan, size, skip_bad)}"
-    npy, meta = base.with_name(base.name + ".u8.npy"), base.with_name(base.name + ".labels.pt")
+    names = _cache_files(cache_dir, folder, scan, size, skip_bad)
+    npy, meta = names["npy"], names["meta"]
     mapped = _mapped_cache(npy, meta)
     if mapped is not None:
         return mapped
@@ -226,7 +234,7 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     if problem:
         raise DataError(f"data.storage=mmap keeps the decoded images in a file in data.cache_dir, but "
                         f"'{npy.parent}' {problem}: set data.cache_dir to a folder on a local disk with room")
-    pt = base.with_name(base.name + ".pt")
+    pt = names["pt"]
     cached = _cached_images(pt) if pt.exists() else None  # decoded before for the in-memory path: copied once
     if cached is not None:
         arrays, n = (a.numpy() for a in cached.images), len(cached.images)
@@ -246,11 +254,10 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     return data
 
 
-def _read_mapped_cache(cache: Path, folder: Path) -> ImageTensors | None:
-    """The images of the memory-mapped cache beside the in-memory one ``cache`` (decoded before for
+def _read_mapped_cache(names: dict[str, Path], folder: Path) -> ImageTensors | None:
+    """The images of the folder's memory-mapped cache (:func:`_cache_files`; decoded before for
     ``data.storage=mmap``), read into memory: a folder is not decoded twice for its two storages."""
-    base = cache.with_suffix("")
-    mapped = _mapped_cache(base.with_name(base.name + ".u8.npy"), base.with_name(base.name + ".labels.pt"))
+    mapped = _mapped_cache(names["npy"], names["meta"])
     if mapped is None:
         return None
     print(f"[data] reading {len(mapped)} images into memory from the memory-mapped cache of {folder}", flush=True)
