@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from byol.core.augment import ViewAugment, ViewConfig, apply_view, sample_view_params
+from byol.core.augment import Normalize, ViewAugment, ViewConfig, apply_view, sample_view_params
 
 N = 20_000
 
@@ -79,3 +80,19 @@ def test_a_view_jitters_then_greys_as_torchvision():
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         expected.append(img)
     torch.testing.assert_close(apply_view(x, params, cfg, 8), torch.stack(expected), rtol=0, atol=2e-4)
+
+
+def test_normalize_is_the_channel_formula_for_bytes_and_floats():
+    """One multiply-add per pixel (the 1/255 of uint8 folded into it) against ``(x / 255 - mean) / std``
+    in float64, per channel; float images are taken as already in [0, 1]."""
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    gen = torch.Generator().manual_seed(7)
+    raw = torch.randint(0, 256, (4, 3, 5, 5), generator=gen, dtype=torch.uint8)
+    m, s = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (mean, std))
+    expected = (raw.double() / 255 - m) / s
+    norm = Normalize(mean, std)
+    for given in (raw, raw.float() / 255):
+        out = norm(given)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6)
+    assert float(norm(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8))[0, 0]) == pytest.approx((1 - mean[0]) / std[0], abs=1e-6)

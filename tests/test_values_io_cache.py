@@ -74,7 +74,7 @@ def test_a_pickle_in_the_in_memory_cache_runs_nothing_and_the_folder_is_decoded_
     (file,) = cache.iterdir()
     marker = tmp_path / "pwned"
     torch.save({"images": Payload(marker), "labels": clean.labels, "classes": ["cat", "dog"]}, file)
-    with pytest.warns(UserWarning, match="ignoring unreadable cache"):
+    with pytest.warns(UserWarning, match="cannot be read; not using it"):
         again = load_image_folder(data, 8, cache_dir=cache, workers=1)
     assert not marker.exists()
     assert torch.equal(again.images, clean.images) and again.labels.tolist() == [0, 0, 1, 1]
@@ -107,7 +107,7 @@ def test_a_damaged_in_memory_cache_is_decoded_again_for_the_mapped_path(tmp_path
         torch.save({"images": Payload(marker), "labels": torch.zeros(4), "classes": ["cat", "dog"]}, pt)
     else:
         torch.save({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "labels": torch.zeros(4)}, pt)
-    with pytest.warns(UserWarning, match="ignoring unreadable cache"):
+    with pytest.warns(UserWarning, match="cannot be read; not using it"):
         mapped = load_image_folder(data, 8, cache_dir=cache, storage="mmap", workers=1)
     assert not marker.exists()
     assert mapped.mapped and torch.equal(mapped.images, clean.images) and mapped.labels.tolist() == [0, 0, 1, 1]
@@ -144,9 +144,40 @@ def test_the_cache_keeps_each_images_digest_and_a_later_load_reads_no_pixels_for
         older = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
         assert older.digests is None and image_digests(older) == hashed
     # digests of the right shape that are not the images': all zeros (every image a copy: an empty validation
-    # split), or another folder's (copies where there are none); found by the spot check and computed again
+    # split), or another folder's (copies where there are none); found by the spot check: the cache is made again
     for digests in (torch.zeros_like(saved["digests"]), saved["digests"].flip(0)):
         torch.save({**saved, "digests": digests}, meta)
-        with pytest.warns(UserWarning, match=r"the image digests kept in .* do not match its images; computing"):
+        with pytest.warns(UserWarning, match=r"the images in the cache .* do not match the digests kept with them"):
             edited = load_image_folder(root, 8, tmp_path / "cache", storage=storage)
-        assert edited.digests is None and image_digests(edited) == hashed
+        assert edited.digests is not None and image_digests(edited) == hashed
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # remade: read without a warning now
+            assert image_digests(load_image_folder(root, 8, tmp_path / "cache", storage=storage)) == hashed
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+def test_a_cache_with_damaged_pixels_is_decoded_again_not_trained_on(tmp_path, storage):
+    """Pixels changed in the cache file after it was written (the digests kept with them untouched): the spot
+    check finds it and the folder's own images come back, the cache rewritten, with one warning naming it.
+    (Before, only the digests were dropped and the damaged pixels went on to train and evaluate.)"""
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    clean = load_image_folder(data, 8, cache_dir=cache, storage=storage, workers=1)
+    expected = clean.images.clone()
+    if storage == "mmap":
+        (npy,) = cache.glob("*.u8.npy")
+        pixels = np.load(npy, mmap_mode="r+")
+        pixels[0], pixels[-1] = 0, 255
+        pixels.flush()
+        del pixels
+        damaged = npy
+    else:
+        (damaged,) = cache.glob("*.pt")
+        saved = torch.load(damaged, weights_only=True)
+        saved["images"][0], saved["images"][-1] = 0, 255
+        torch.save(saved, damaged)
+    with pytest.warns(UserWarning, match=f"the images in the cache {damaged} do not match the digests"):
+        again = load_image_folder(data, 8, cache_dir=cache, storage=storage, workers=1)
+    assert torch.equal(again.images, expected) and again.labels.tolist() == [0, 0, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten cache is read as it is
+        assert torch.equal(load_image_folder(data, 8, cache_dir=cache, storage=storage, workers=1).images, expected)

@@ -135,12 +135,14 @@ def load_image_folder(
     if cache_dir:
         names = _cache_files(cache_dir, folder, scan, size, skip_bad_files)
         cache = names["pt"]
-        cached = _cached_images(cache) if cache.exists() else None
-        if cached is not None:
-            return cached
-        in_memory = _read_mapped_cache(names, folder)
-        if in_memory is not None:
-            return in_memory
+        if cache.exists():  # an unusable one is decoded again, which replaces it
+            cached = _cached_images(cache)
+            if cached is not None:
+                return cached
+        else:
+            in_memory = _read_mapped_cache(names, folder)
+            if in_memory is not None:
+                return in_memory
         _remove_unfinished(cache)
         problem = cache_folder_problem(cache.parent, decoded_bytes(len(files), size))
         if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
@@ -213,8 +215,8 @@ def _cached_images(pt: Path) -> ImageTensors | None:
         if not isinstance(data.images, torch.Tensor) or len(data.images) != len(data.labels):
             raise ValueError("images and labels differ")
         return _checked_digests(data, pt)
-    except Exception:
-        warnings.warn(f"ignoring unreadable cache {pt}; decoding again", stacklevel=3)
+    except Exception as e:
+        _warn_unusable(pt, e)
         return None
 
 
@@ -272,9 +274,9 @@ def _mapped_cache(npy: Path, meta: Path) -> ImageTensors | None:
     try:
         d = torch.load(meta, weights_only=True, mmap=True)  # a huge file is not read whole before its check
         return _checked_digests(ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
-                                             digests=_kept_digests(d, len(d["labels"]))), meta)
-    except Exception:
-        warnings.warn(f"ignoring unreadable cache {npy}; decoding again", stacklevel=3)
+                                             digests=_kept_digests(d, len(d["labels"]))), npy)
+    except Exception as e:
+        _warn_unusable(npy, e)
         return None
 
 
@@ -287,15 +289,26 @@ def _kept_digests(saved: dict, n: int) -> torch.Tensor | None:
     return digests if ok else None
 
 
+class DamagedCacheError(ValueError):
+    """A cache file's pixels and the digests kept with them disagree: one of them was edited or damaged."""
+
+
 def _checked_digests(data: ImageTensors, source: Path, sample: int = 64) -> ImageTensors:
-    """``data`` with its cached digests if a spread sample of them matches its pixels, else without them (then
-    computed when needed, with a warning naming the file): a cache file edited or damaged kept copies of an
-    image on both sides of the validation split, or made the split empty."""
+    """``data`` if a spread sample of the digests it keeps matches its pixels (or it keeps none: a cache of an
+    earlier version; computed when needed). Else :class:`DamagedCacheError`: which side was damaged cannot
+    be told, and damaged pixels would train and evaluate on images that are not the folder's, so the folder
+    is decoded again (digests kept wrong would have put copies of an image on both sides of the split)."""
     if data.digests is None or not len(data):
         return data
     rows = torch.linspace(0, len(data) - 1, min(sample, len(data))).long().unique()
     if torch.equal(digest_tensor(ImageTensors(data.pixels(rows), data.labels[rows])), data.digests[rows]):
         return data
-    warnings.warn(f"the image digests kept in {source} do not match its images; computing them again", stacklevel=3)
-    data.digests = None
-    return data
+    raise DamagedCacheError(f"the images in the cache {source} do not match the digests kept with them "
+                            f"(the file was edited or damaged)")
+
+
+def _warn_unusable(cache: Path, error: Exception) -> None:
+    """The one warning for a cache that cannot be used: it is made again (decoded, or copied from the folder's
+    other cache), replacing it."""
+    reason = str(error) if isinstance(error, DamagedCacheError) else f"the cache {cache} cannot be read"
+    warnings.warn(f"{reason}; not using it: the cache is made again", stacklevel=4)
