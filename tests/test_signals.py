@@ -171,6 +171,8 @@ def test_handlers_are_installed_for_training_only(tmp_path):
     finally:
         cb.on_train_end(t, None)
     assert {s: signal.getsignal(s) for s in before} == before
+    # nothing held back after training either, unless asked for (fit_run asks, and releases after the export)
+    assert not set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) & set(before)
 
 
 def test_sigterm_caught_by_lightning_before_training_is_kept(tmp_path):
@@ -364,3 +366,30 @@ def test_sigterm_stops_a_fine_tuning_with_status_143_and_no_result(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "received SIGTERM: fine-tuning stopped in epoch" in err.strip().splitlines()[-1]
     assert "Traceback" not in err and not (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_as_training_ends_waits_for_the_export_and_says_so(tmp_path):
+    """A SIGTERM between the end of training and the written ``encoder.pt`` (here: as the final curves are
+    drawn) ended the finished run silently, its export missing. It now waits for the export, then one line
+    says what came and the signal takes its course (Python's default: the process ends by it)."""
+    run_dir = tmp_path / "run"
+    driver = (
+        "import os, runpy, signal, sys\n"
+        "import byol.jobs.pretrain_fit as fit\n"
+        "draw = fit.draw_curves\n"
+        "def draw_after_a_signal(run_dir):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    draw(run_dir)\n"
+        "fit.draw_curves = draw_after_a_signal\n"
+        f"sys.argv = ['train.py', 'experiment=smoke', 'hydra.run.dir={run_dir}']\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, env=ENV, text=True, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2].startswith("[byol] done: ") and (run_dir / "encoder.pt").is_file()
+    assert lines[-1] == (f"[byol] received SIGTERM as training ended: training had finished "
+                         f"({run_dir / 'checkpoints' / 'last.ckpt'} holds its final state); stopping")
+    assert (run_dir / "curves.png").is_file() and "Traceback" not in proc.stderr

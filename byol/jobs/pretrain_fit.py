@@ -28,7 +28,12 @@ from byol.jobs.monitoring import MonitorSamples, build_monitors, monitor_taps, r
 from byol.jobs.pretrain import RunStart, before_training, training_batches
 from byol.jobs.resume import export_meta_fields
 from byol.jobs.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, ENCODER_FILE, LAST_CHECKPOINT
-from byol.lightning.callbacks import RunCheckpoints, describe_step, optimizer_steps_per_epoch
+from byol.lightning.callbacks import (
+    RunCheckpoints,
+    describe_step,
+    optimizer_steps_per_epoch,
+    release_stop_signals,
+)
 from byol.lightning.checkpoint_io import AtomicCheckpointIO
 from byol.lightning.data_module import TensorDataModule
 from byol.lightning.epoch_output import EpochHook, EpochSummary, OnTrainStart, StepRates, progress_bar
@@ -58,16 +63,20 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
                                                     accumulate)
         trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
         announce(config, run_dir, trainer, start, datamodule.batches)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
-    if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
+    done = f"training had finished ({ckpt_dir / LAST_CHECKPOINT} holds its final state); stopping"
+    try:  # a stop signal from the end of training on waits for the export (RunCheckpoints holds it)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
+        if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
+            return export
+        save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training
+        draw_curves(run_dir)
+        save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
+                     meta=export_meta_fields(config, trainer.current_epoch, trainer.global_step))
+        print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
+              flush=True)
         return export
-    save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training
-    draw_curves(run_dir)
-    save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
-                 meta=export_meta_fields(config, trainer.current_epoch, trainer.global_step))
-    print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
-          flush=True)
-    return export
+    finally:
+        release_stop_signals(done)
 
 
 def check_resumable(checkpoint: dict, config: dict, path: Path) -> None:
@@ -117,7 +126,7 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
     # a signal stops a step midway, except where the layers' hooks would cost (compiled graphs)
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
                                  ckpt["last_every_n_steps"], ckpt.get("keep_last"),
-                                 stop_inside_steps=not config.get("compile"))
+                                 stop_inside_steps=not config.get("compile"), hold_signals_at_end=True)
     # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
     knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
     bar = progress_bar_on(trainer.get("enable_progress_bar"))

@@ -87,6 +87,26 @@ def stop_signals_held():
         held(signal.SIG_SETMASK, before)
 
 
+def hold_stop_signals() -> None:
+    """Hold the stop signals back from the main thread (one that comes waits) until
+    :func:`release_stop_signals`: from the end of training until the run's export is written, a SIGTERM
+    met Python's default handler and ended the finished run silently, without its ``encoder.pt``."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release_stop_signals(done: str) -> None:
+    """Deliver what :func:`hold_stop_signals` held back (its handler acts then: the process ends), after a line
+    that says the run was complete when it came; ``done`` says what was written."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return
+    pending = sorted(set(signal.sigpending()) & set(STOP_SIGNALS))
+    if pending:
+        names = " and ".join(signal.Signals(s).name for s in pending)
+        print(f"[byol] received {names} as training ended: {done}", flush=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 class CatchStopSignals(pl.Callback):
     """Records SIGTERM, SIGUSR1 and Ctrl+C during fitting instead of dying of them (or, for SIGTERM,
     letting Lightning end the process with status 0 as if it had finished), so that the subclass
@@ -196,12 +216,15 @@ class RunCheckpoints(CatchStopSignals):
     next batch boundary (the epoch end for an epoch's last batch) and stops when the next batch
     starts, after that step's metrics reached metrics.csv. A second Ctrl+C stops at once, with a line that
     says what is kept; one that comes while a checkpoint is written stops once the file is complete.
+    ``hold_signals_at_end``: from the end of training on, a stop signal waits (:func:`hold_stop_signals`)
+    for the caller's :func:`release_stop_signals`, once the run's export is written.
     """
 
     def __init__(self, ckpt_dir: Path, run_dir: Path, resume_command: str,
                  every_n_epochs: int | None = None, last_every_n_steps: int | None = None,
-                 keep_last: int | None = None, stop_inside_steps: bool = False):
+                 keep_last: int | None = None, stop_inside_steps: bool = False, hold_signals_at_end: bool = False):
         super().__init__()
+        self.hold_signals_at_end = hold_signals_at_end  # for whoever releases them: fit_run, after the export
         self.ckpt_dir, self.run_dir, self.resume_command = Path(ckpt_dir), Path(run_dir), resume_command
         self.last = self.ckpt_dir / "last.ckpt"
         self.every_n_epochs, self.last_every_n_steps = every_n_epochs, last_every_n_steps
@@ -230,6 +253,11 @@ class RunCheckpoints(CatchStopSignals):
         for handle in self._stop_points:
             handle.remove()
         self._stop_points = []
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.hold_signals_at_end:
+            hold_stop_signals()  # until the export is written: byol.jobs.pretrain_fit.fit_run releases them
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         # the signal handlers stay until the checkpoint is saved: with Python's own back, a second Ctrl+C
