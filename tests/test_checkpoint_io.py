@@ -439,3 +439,43 @@ def test_optimizer_and_schedule_states_are_checked_against_what_is_built_and_a_t
         "s holds 'step', which would replace the scheduler's own attribute"
     assert scheduler_problem({**saved_schedule, "_last_lr": [0.1]}, fresh_schedule, "s") == \
         "s._last_lr is [0.1], not a list of 2"
+
+
+def test_a_compressed_archive_is_refused_before_torch_inflates_it(tmp_path, monkeypatch):
+    """torch.save stores its zip entries as they are; torch.load inflates compressed ones in memory, so a
+    file of a few MB could ask for many GB (a 12.5 MB encoder.pt with 2 GB of zeros peaked at 5 GB). Such a
+    file is refused from its central directory alone, torch.load never called; a real checkpoint loads."""
+    import zipfile
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(64, 64)}, plain)
+    assert torch.equal(ckpt.safe_load(plain)["w"], torch.zeros(64, 64))
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    with pytest.raises(CheckpointError, match=r"refusing to load '.*packed\.pt': it holds \d+ compressed entr"):
+        ckpt.safe_load(packed)
+    # stored entries that declare more than the file holds (a forged directory) are refused the same way
+    real_infolist = zipfile.ZipFile.infolist
+
+    def forged(self):
+        entries = real_infolist(self)
+        entries[0].file_size = 10**12
+        return entries
+
+    monkeypatch.setattr(zipfile.ZipFile, "infolist", forged)
+    with pytest.raises(CheckpointError, match=r"its entries declare [\d,]+ bytes, more than the file's"):
+        ckpt.safe_load(plain)
+
+
+def test_a_legacy_tar_file_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    """torch's error for a file it takes for its legacy tar format (4 KB of zeros, any tar file) advises
+    loading with weights_only=False, which would run what the file holds: never passed on."""
+    zeros = tmp_path / "z.pt"
+    zeros.write_bytes(bytes(4096))
+    with pytest.raises(CheckpointError) as refused:
+        ckpt.safe_load(zeros)
+    assert "weights_only" not in str(refused.value) and "arbitrary code" not in str(refused.value)
+    assert "legacy tar format" in str(refused.value) and str(zeros) in str(refused.value)

@@ -166,6 +166,11 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint '{path}' {what}")
+    inflated = _inflating_entries(path)
+    if inflated:
+        raise CheckpointError(f"refusing to load '{path}': {inflated}, which torch.save never writes: reading it "
+                              f"could take far more memory than the file's size. Nothing was loaded. Only load "
+                              f"checkpoints written by this project")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or damaged files fail in many ways
@@ -185,9 +190,41 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
             raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes), e.g. a copy or download that never "
                                   f"finished.{alternatives(path, job)}") from None
         detail = "it begins as neither a zip archive nor a pickle" if isinstance(e, pickle.UnpicklingError) else \
-            " ".join(str(e).split())  # never torch's advice to load with weights_only=False
+            _torch_detail(e)
         raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
                               f"({type(e).__name__}: {detail}).{alternatives(path, job)}") from None
+
+
+def _inflating_entries(path: Path) -> str | None:
+    """What makes a zip archive expand when read (None: nothing): compressed entries, or entries declaring more
+    bytes than the file holds. torch.save stores its entries as they are, but torch.load inflates compressed
+    ones in memory: a few MB could ask for many GB before any check of what they hold. The central directory
+    alone is read."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None  # torch.load's own error says what is wrong with it
+    compressed = sum(e.compress_type != zipfile.ZIP_STORED for e in entries)
+    if compressed:
+        return f"it holds {compressed} compressed entr{'y' if compressed == 1 else 'ies'}"
+    declared, size = sum(e.file_size for e in entries), path.stat().st_size
+    if declared > size:
+        return f"its entries declare {declared:,} bytes, more than the file's {size:,}"
+    return None
+
+
+def _torch_detail(error: Exception) -> str:
+    """torch's reason for not reading a file, in one line and never with its advice to load the file with
+    weights_only=False (which would run whatever code it holds)."""
+    text = " ".join(str(error).split())
+    if "weights_only" not in text:
+        return text
+    if "legacy .tar format" in text:
+        return "it is in torch's legacy tar format, which cannot be read without running what it holds"
+    return "torch cannot read it without the unrestricted loading that would run what it holds"
 
 
 # the global torch's weights_only unpickler names when it refuses a file (torch 2.14: "Trying to load
