@@ -591,7 +591,8 @@ def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
     empty = sweep / "2_empty"  # killed before its first checkpoint: .hydra/ and nothing else
     (empty / ".hydra").mkdir(parents=True)
     # the same model as 1_failed at another seed (other taps would be another model: a row of its own)
-    (empty / ".hydra" / "config.yaml").write_text("seed: 2\nloss:\n  taps: [layer2.0]\n")
+    (empty / ".hydra" / "config.yaml").write_text("seed: 2\nloss:\n  taps: [layer2.0]\nbackbone:\n  name: resnet18\n"
+                                                  "  stem: imagenet\n")
     (sweep / "notes").mkdir()  # not a job folder
     assert resolve_pretrained(str(sweep)) == ([good], sweep)
 

@@ -265,8 +265,9 @@ def test_data_settings_from_a_run_config_are_range_checked(tmp_path, data, refus
 
     export = _export(tmp_path / "run", "classic", seed=1)
     sizes = "" if data.startswith("num_train") else "  num_train: 256\n"
-    (tmp_path / "run" / "config.yaml").write_text(f"seed: 1\nloss: {{taps: [], weights: {{}}}}\ndata:\n  name: "
-                                                  f"synthetic\n{sizes}  {data}\n")
+    (tmp_path / "run" / "config.yaml").write_text(f"seed: 1\nloss: {{taps: [], weights: {{}}}}\nbackbone: {{name: "
+                                                  f"resnet18, stem: imagenet}}\ndata:\n  name: synthetic\n{sizes}"
+                                                  f"  {data}\n")
     with pytest.raises(ConfigError, match=rf"{refusal}.* \(run: data from the run's own settings\)"):
         evaluate(_job_config(tmp_path, f"pretrained={export}", "eval=knn", "baseline=false"), tmp_path / "ev")
 
@@ -447,6 +448,29 @@ def test_edited_layouts_loop_counters_and_deep_configs_are_refused_in_one_line(t
     with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
         raw_run_config(deep)
     assert time.perf_counter() - start < 5
+    # block sequences nest with neither brackets nor indentation ("- - - x"): 900 kB of them took 85 s and 1 GB
+    (deep / "config.yaml").write_text("seed: 0\nbackbone:\n  name:\n  " + "- " * 450_000 + "x\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        raw_run_config(deep)
+    assert time.perf_counter() - start < 5
+    (deep / "config.yaml").write_text("seed: 0\nbackbone:\n  name:\n  " + "- " * 60 + "x\n")
+    assert raw_run_config(deep)["backbone"]["name"]  # 62 levels in all: still read
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "model:\n  lr: 0.1\n", "root:x:0:0:root:/root:/bin/bash\n",
+                                  "seed: 0\nbackbone:\n  name: resnet18\n"], ids=["empty", "comment", "foreign",
+                                                                                 "passwd", "cut-short"])
+def test_a_run_folder_whose_config_is_no_runs_config_is_refused_not_scored_on_other_data(tmp_path, text):
+    """An empty, comment-only, cut short or other program's config.yaml read as {} and the weights beside it
+    were scored on the evaluation's default data, status ok. It is refused, naming what it lacks."""
+    from byol.jobs.pretrained import read_run_config
+
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"config.yaml' is not a run's config: it lacks (backbone, )?loss"):
+        read_run_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("seed: 0\nbackbone:\n  name: resnet18\nloss:\n  taps: []\n")
+    assert read_run_config(tmp_path)["loss"] == {"taps": []}  # the least a run's config holds
 
 
 def test_a_file_name_that_is_not_utf8_is_cached_like_any_other(tmp_path):

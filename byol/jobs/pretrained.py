@@ -214,10 +214,18 @@ def _from_checkpoint(blob: dict, path: Path, label: str, run_cfg: Mapping | None
 def read_run_config(folder: Path) -> dict | None:
     """A run folder's ``config.yaml`` as checked plain data (None when absent). An unreadable or unsafe one is
     refused (ConfigError): ignoring it evaluated the run on this evaluation's data instead of its own."""
-    raw = raw_run_config(folder, fix="repair it, or move it away to evaluate the weights beside it on this "
-                                     "evaluation's data settings")
-    # data from whoever wrote the folder: refused if unsafe
-    return None if raw is None else check_file_config(raw, f"'{folder / CONFIG_FILE}'")
+    fix = "repair it, or move it away to evaluate the weights beside it on this evaluation's data settings"
+    raw = raw_run_config(folder, fix=fix)
+    if raw is None:
+        return None
+    missing = [key for key in RUN_CONFIG_KEYS if not isinstance(raw, dict) or key not in raw]
+    if missing:  # empty, cut short or another program's file: read as none, the run was scored on other data
+        raise ConfigError(f"'{folder / CONFIG_FILE}' is not a run's config: it lacks {', '.join(missing)}, which "
+                          f"every pretraining run's config.yaml holds; {fix}")
+    return check_file_config(raw, f"'{folder / CONFIG_FILE}'")  # data from whoever wrote the folder
+
+
+RUN_CONFIG_KEYS = ("backbone", "loss")  # in every pretraining run's config.yaml, of every version: the architecture
 
 
 def planned_epochs(run_cfg: Mapping | None) -> int | None:

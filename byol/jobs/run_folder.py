@@ -251,7 +251,12 @@ def _refuse_unsafe_yaml(text: str) -> None:
     if deepest > MAX_YAML_DEPTH or indent > 2 * MAX_YAML_DEPTH:  # the parser takes minutes over such nesting
         raise ValueError(f"it is nested deeper than {MAX_YAML_DEPTH} levels, which config files written by the "
                          f"jobs never are")
+    nesting = 0  # as the parser sees it: block sequences ("- - - x") nest without brackets or indentation
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        nesting += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if nesting > MAX_YAML_DEPTH:
+            raise ValueError(f"it is nested deeper than {MAX_YAML_DEPTH} levels, which config files written by the "
+                             f"jobs never are")
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise ValueError("it holds YAML anchors or aliases (&name / *name), which config files written by "
                              "the jobs never hold")
