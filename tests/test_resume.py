@@ -562,3 +562,23 @@ def test_the_step_offset_of_each_kind_of_resumed_checkpoint():
     assert offset((8, 2, layout, False)) == 4  # 8 steps done, 2 epochs of 2 now
     assert offset((8, 2, {}, False)) == 4 and offset((9, 2, {}, True)) == 0  # an earlier version's file
     assert offset((8, 2, layout, False), max_steps=100) == 0 and offset((8, 2, layout, False), max_epochs=-1) == 0
+
+
+@pytest.mark.slow
+def test_a_resume_onto_another_schedule_takes_its_first_step_at_that_schedules_rate(tmp_path_factory):
+    """2 epochs of a 10-epoch schedule, continued as 3 epochs of a 3-epoch one: from the first resumed step on,
+    the learning rate is the 3-epoch run's (the reference), not the rate the checkpoint's optimizer held (the
+    10-epoch schedule's: 0.058 where the new one is at 0.0156), which the scheduler replaced only after it."""
+    reference = reference_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("reschedule") / "run"
+    first = train(*EXACT, "trainer.max_epochs=2", "schedule_epochs=10", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = train(f"resume={run_dir}", f"trainer.max_epochs={EPOCHS}", f"schedule_epochs={EPOCHS}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours, full = metric_rows(run_dir), metric_rows(reference)
+    rates = {step: float(row["lr-LARS/pg1"]) for (step, kind), row in ours.items() if kind == "lr"}
+    want = {step: float(row["lr-LARS/pg1"]) for (step, kind), row in full.items() if kind == "lr"}
+    later = [step for step in rates if step >= 2 * STEPS_PER_EPOCH]
+    assert later and min(later) == 2 * STEPS_PER_EPOCH
+    assert all(rates[step] == want[step] for step in later), {s: (rates[s], want[s]) for s in later}
+    assert rates[2 * STEPS_PER_EPOCH - 1] != want[2 * STEPS_PER_EPOCH - 1]  # before: the 10-epoch schedule

@@ -95,4 +95,5 @@ def test_normalize_is_the_channel_formula_for_bytes_and_floats():
         out = norm(given)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6)
-    assert float(norm(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8))[0, 0]) == pytest.approx((1 - mean[0]) / std[0], abs=1e-6)
+    white = norm(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8))
+    assert float(white[0, 0]) == pytest.approx((1 - mean[0]) / std[0], abs=1e-6)

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import torch
 
 from byol.core.errors import CheckpointError
+from byol.core.load_guards import empty_file, refuse_inflating, starts_like_torch, torch_detail
 from byol.core.state_check import kinds_problem, tensors_problem, weights_problem, whole
 
 ENCODER_FORMAT = "byol-encoder"
@@ -166,65 +167,29 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint '{path}' {what}")
-    inflated = _inflating_entries(path)
-    if inflated:
-        raise CheckpointError(f"refusing to load '{path}': {inflated}, which torch.save never writes: reading it "
-                              f"could take far more memory than the file's size. Nothing was loaded. Only load "
-                              f"checkpoints written by this project")
+    refuse_inflating(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or damaged files fail in many ways
-        if isinstance(e, pickle.UnpicklingError) and _starts_like_torch(path):  # not only tensors and containers
+        if isinstance(e, pickle.UnpicklingError) and starts_like_torch(path):  # not only tensors and containers
             raise CheckpointError(
                 f"refusing to load '{path}': {blocked(e)}, so unpickling it could run code (or the file is "
                 f"damaged). Nothing was executed. Only load checkpoints written by this project, or re-save the "
                 f"weights as a plain state_dict") from None
         if mmap and isinstance(e, RuntimeError):  # old (non-zip) serialisation cannot be mapped: read it
             return safe_load(path, map_location, job=job)
-        if path.suffix not in (".ckpt", ".pt", ".pth") and not _starts_like_torch(path):  # a config.yaml...
+        if path.suffix not in (".ckpt", ".pt", ".pth") and not starts_like_torch(path):  # a config.yaml...
             beside = sorted(q for glob in ("*.pt", "*.ckpt", "checkpoints/*.ckpt") for q in path.parent.glob(glob))
             listed = f"; PyTorch files beside it: {', '.join(map(str, beside))}" if beside else ""
             raise CheckpointError(f"'{path}' is not a PyTorch file (a checkpoint or an encoder export){listed}") \
                 from None
-        if _empty(path):
+        if empty_file(path):
             raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes), e.g. a copy or download that never "
                                   f"finished.{alternatives(path, job)}") from None
         detail = "it begins as neither a zip archive nor a pickle" if isinstance(e, pickle.UnpicklingError) else \
-            _torch_detail(e)
+            torch_detail(e)
         raise CheckpointError(f"checkpoint '{path}' is corrupt, truncated or not a PyTorch file "
                               f"({type(e).__name__}: {detail}).{alternatives(path, job)}") from None
-
-
-def _inflating_entries(path: Path) -> str | None:
-    """What makes a zip archive expand when read (None: nothing): compressed entries, or entries declaring more
-    bytes than the file holds. torch.save stores its entries as they are, but torch.load inflates compressed
-    ones in memory: a few MB could ask for many GB before any check of what they hold. The central directory
-    alone is read."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return None
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-    except (OSError, zipfile.BadZipFile, ValueError):
-        return None  # torch.load's own error says what is wrong with it
-    compressed = sum(e.compress_type != zipfile.ZIP_STORED for e in entries)
-    if compressed:
-        return f"it holds {compressed} compressed entr{'y' if compressed == 1 else 'ies'}"
-    declared, size = sum(e.file_size for e in entries), path.stat().st_size
-    if declared > size:
-        return f"its entries declare {declared:,} bytes, more than the file's {size:,}"
-    return None
-
-
-def _torch_detail(error: Exception) -> str:
-    """torch's reason for not reading a file, in one line and never with its advice to load the file with
-    weights_only=False (which would run whatever code it holds)."""
-    text = " ".join(str(error).split())
-    if "weights_only" not in text:
-        return text
-    if "legacy .tar format" in text:
-        return "it is in torch's legacy tar format, which cannot be read without running what it holds"
-    return "torch cannot read it without the unrestricted loading that would run what it holds"
 
 
 # the global torch's weights_only unpickler names when it refuses a file (torch 2.14: "Trying to load
@@ -240,20 +205,6 @@ def blocked(error: pickle.UnpicklingError) -> str:
     if found:
         return f"it refers to {found.group(1)} (a Python function or class), not only to tensors and plain containers"
     return "it holds more than tensors and plain containers (torch's refusal does not name what)"
-
-
-def _empty(path: Path) -> bool:
-    try:
-        return path.stat().st_size == 0
-    except OSError:
-        return False
-
-
-def _starts_like_torch(path: Path) -> bool:
-    """Whether the file begins as torch.save writes: a zip archive, or a pickle (the legacy format)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 # how each job takes another checkpoint in place of one it cannot read

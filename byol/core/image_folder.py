@@ -135,14 +135,10 @@ def load_image_folder(
     if cache_dir:
         names = _cache_files(cache_dir, folder, scan, size, skip_bad_files)
         cache = names["pt"]
-        if cache.exists():  # an unusable one is decoded again, which replaces it
-            cached = _cached_images(cache)
-            if cached is not None:
-                return cached
-        else:
-            in_memory = _read_mapped_cache(names, folder)
-            if in_memory is not None:
-                return in_memory
+        # the folder's in-memory cache (an unusable one is decoded again, which replaces it), else its mapped one
+        cached = _cached_images(cache) if cache.exists() else _read_mapped_cache(names, folder)
+        if cached is not None:
+            return cached
         _remove_unfinished(cache)
         problem = cache_folder_problem(cache.parent, decoded_bytes(len(files), size))
         if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import time
 import uuid
 from pathlib import Path
 
 from byol.core.errors import ByolError, CheckpointError, ConfigError
+from byol.jobs.handed_yaml import refuse_unsafe_yaml
 
 LOCK_FILE = ".lock"
-MAX_YAML_DEPTH = 64  # configs the jobs write are a few levels deep
 RUN_ID_KEY = "run_id"
 # the layout of a run folder
 CONFIG_FILE = "config.yaml"
@@ -226,7 +225,7 @@ def raw_run_config(folder: Path, fix: str = "move it away or use another folder 
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ValueError(f"{path.stat().st_size:,} bytes, more than any run's config ({MAX_CONFIG_BYTES:,})")
         text = path.read_text()
-        _refuse_unsafe_yaml(text)
+        refuse_unsafe_yaml(text)
         return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except Exception as e:
         detail = " ".join(str(e).split())  # YAML's errors span lines, with a caret under the place
@@ -234,32 +233,6 @@ def raw_run_config(folder: Path, fix: str = "move it away or use another folder 
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml takes a few kB
-
-
-def _refuse_unsafe_yaml(text: str) -> None:
-    """Configs the jobs write hold no YAML anchors or aliases; a handed file with them could expand a few
-    hundred bytes into billions of nodes (an alias bomb) when read, so they are refused before reading; so
-    is a file nested deeper than :data:`MAX_YAML_DEPTH` levels (400 kB of brackets kept the parser busy for
-    minutes)."""
-    import yaml
-
-    depth = deepest = 0
-    for char in re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", "", text):  # brackets inside quoted strings do not nest
-        depth += (char in "[{") - (char in "]}")
-        deepest = max(deepest, depth)
-    indent = max((len(line) - len(line.lstrip(" ")) for line in text.splitlines()), default=0)
-    if deepest > MAX_YAML_DEPTH or indent > 2 * MAX_YAML_DEPTH:  # the parser takes minutes over such nesting
-        raise ValueError(f"it is nested deeper than {MAX_YAML_DEPTH} levels, which config files written by the "
-                         f"jobs never are")
-    nesting = 0  # as the parser sees it: block sequences ("- - - x") nest without brackets or indentation
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        nesting += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
-        if nesting > MAX_YAML_DEPTH:
-            raise ValueError(f"it is nested deeper than {MAX_YAML_DEPTH} levels, which config files written by the "
-                             f"jobs never are")
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise ValueError("it holds YAML anchors or aliases (&name / *name), which config files written by "
-                             "the jobs never hold")
 
 
 def holds_run(folder: Path) -> bool:

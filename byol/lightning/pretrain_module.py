@@ -15,6 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from byol.core.augment import ViewAugment
 from byol.core.checkpoint import epochs_done, mid_epoch
@@ -255,6 +256,18 @@ class BYOLModule(pl.LightningModule):
         optimizer, scheduler = self.make_optimizer(self.optimized_modules(), total, epochs, world)
         read_schedule_at_offset(scheduler, self.step_offset())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """The first step's learning rate from the schedule this run follows. A resumed optimizer holds the rate
+        its checkpoint was saved with, which the scheduler replaces only after a step: continued on a longer or
+        shorter schedule (or on another number of processes), the run took its first step at the old rate."""
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, LambdaLR):
+            rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                                strict=True)]
+            for group, lr in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = rates
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
