@@ -384,7 +384,7 @@ def test_gpu_grid_smoke_mode_appends_the_grid_table_for_both_losses_and_the_base
             for protocol in ("linear", "finetune", "knn"):
                 accuracy = rows[(loss, repr_, protocol)]
                 assert 0 <= float(accuracy) <= 100, (loss, repr_, protocol, accuracy)
-    assert "All 8 expected cells have results." in section
+    assert "All 12 expected cells have results." in section  # 2 losses x 2 reprs x linear, finetune, knn
     bench = json.loads((out / "bench_b4.json").read_text())
     assert bench["cifar"]["ours"] > 0 and bench["cifar"]["floor"] > 0
 

@@ -95,7 +95,7 @@ def test_unlabelled_training_data_runs_without_monitors(tmp_path, capsys):
 
 def fake_training_run(folder, taps, seed, knn):
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(f"seed: {seed}\nloss:\n  taps: {taps}\n")
+    (folder / "config.yaml").write_text(f"seed: {seed}\nloss:\n  taps: {taps}\nbackbone:\n  name: resnet18\n")
     (folder / "encoder.pt").write_bytes(b"")  # what makes it a run folder
     rows = ["epoch,step,monitor/knn/avgpool,monitor/knn/combined,train/loss_epoch,train/tau",
             f",0,{knn[0]},{knn[0] + 0.05},,"]
@@ -277,7 +277,8 @@ def test_a_panel_with_nothing_logged_says_so_and_the_monitor_panels_say_why():
 
 def test_values_equal_but_for_rounding_draw_as_a_flat_line_not_an_axis_of_rounding_noise():
     """A constant tau of 0.96 read back as 0.9599999785 (float32) and 0.96 (earlier runs' metrics.csv):
-    the panel shows 0.96 flat within a readable range, not '1e-8+9.6e-1' ticks; real changes keep their zoom."""
+    the panel shows 0.96 flat within a readable range, not '1e-8+9.6e-1' ticks; real changes keep their zoom
+    (the loss's here; the collapse monitor is drawn from 0: test_the_collapse_monitor_is_drawn_from_zero...)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,14 +288,37 @@ def test_values_equal_but_for_rounding_draw_as_a_flat_line_not_an_axis_of_roundi
 
     fig, axes = plt.subplots(2, 3)
     series = {"train/tau": [(0.5, 0.9599999785423279), (1.0, 0.96), (1.5, 0.9599999785423279)],
-              "train/std/avgpool": [(1.0, 0.8300), (2.0, 0.8305)]}
+              "train/loss/avgpool": [(1.0, 0.8300), (2.0, 0.8305)]}
     _draw(axes, [("", series, {})])
     panels = {title: ax for ax, (title, *_) in zip(axes.flat, PANELS, strict=True)}
     low, high = panels["EMA tau"].get_ylim()
     assert low == pytest.approx(0.912) and high == pytest.approx(1.008)
-    low, high = panels["collapse monitor: std of projections (0 = collapsed)"].get_ylim()
+    low, high = panels["BYOL loss per head (lower is not better if std collapses)"].get_ylim()
     assert high - low < 0.01  # a change of 5e-4 is drawn as a change
     plt.close(fig)
+
+
+def test_the_collapse_monitor_is_drawn_from_zero_and_an_empty_panel_has_no_ticks():
+    """Autoscaled, a healthy std of 0.830-0.834 filled the panel as a wild zig-zag, and collapse (toward 0) was
+    off the axis; the empty kNN and probe panels of a run without monitors showed 0-1 ticks beside "accuracy, %"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from byol.jobs.curves import PANELS, _draw
+
+    collapse = "collapse monitor: std of projections (0 = collapsed)"
+    for stds, limits in (([0.830, 0.834, 0.831], (0.0, 1.0)), ([1.2, 1.5, 1.4], (0.0, 1.5))):
+        fig, axes = plt.subplots(2, 3)
+        _draw(axes, [("", {"train/std/avgpool": list(zip((1.0, 2.0, 3.0), stds, strict=True)),
+                           "train/loss/avgpool": [(1.0, 3.0), (2.0, 2.5)]}, {})])
+        panels = {title: ax for ax, (title, *_) in zip(axes.flat, PANELS, strict=True)}
+        assert panels[collapse].get_ylim() == pytest.approx(limits)
+        for title in ("online kNN accuracy (epoch 0: random init)", "online linear probe (training batches)"):
+            assert list(panels[title].get_yticks()) == [] and list(panels[title].get_xticks()) == []
+        assert list(panels["BYOL loss per head (lower is not better if std collapses)"].get_yticks())  # drawn: ticks
+        plt.close(fig)
 
 
 def test_a_flat_panel_is_centred_on_its_value_in_the_units_drawn_zero_and_negative_values_included():

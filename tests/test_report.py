@@ -68,8 +68,9 @@ def test_cells_group_results_and_count_runs_and_failures(sweep):
     assert cells[("multi", "combined", "finetune")].status == "missing"
     assert cells[("random-init", "avgpool", "linear")].runs == 1
     assert cells[("classic", "avgpool", "knn")].runs == 1
-    assert sum(c.status == "missing" for c in cells.values()) == 5  # of the 8 expected cells
-    assert len(cells) == 8 + 2  # the 8 expected cells, the baseline, the kNN row
+    # expected: classic, multi x avgpool, combined x linear, finetune, knn (each occurs in some result)
+    assert sum(c.status == "missing" for c in cells.values()) == 8  # of the 12 expected cells
+    assert len(cells) == 12 + 1  # the 12 expected cells, the baseline
 
 
 def test_report_writes_markdown_csv_and_plot(sweep, tmp_path, capsys):
@@ -81,7 +82,7 @@ def test_report_writes_markdown_csv_and_plot(sweep, tmp_path, capsys):
     assert "| multi | avgpool | linear | 80.00 | 75.00 | 1 | 1 |" in md
     assert "| random-init | avgpool | linear | 30.00 | 35.00 | 1 | 0 |" in md
     assert "**failed**: NaN loss" in md
-    assert "Missing cells (5 of 8 expected)" in md and "multi/combined/finetune" in md
+    assert "Missing cells (8 of 12 expected)" in md and "multi/combined/finetune" in md
     assert "classic/combined/finetune" in md.split("Failed cells")[1]
     rows = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(out / "results.csv"))}
     r = rows[("classic", "avgpool", "linear")]
@@ -228,17 +229,63 @@ def test_unfinished_run_gets_a_row_of_its_own_and_enters_no_mean(tmp_path, capsy
     assert refused[1][3:6] == ["incomplete", "incomplete", "0"]
 
 
-def test_a_protocol_nobody_ran_is_no_missing_cell(tmp_path):
-    """knn alone, or linear without finetune: the gaps named are those of the protocols run."""
-    write(tmp_path / "ev", "a", "multi", "avgpool", "knn", 0.5, 0.5)
+def _x_labels(cells) -> list[str]:
+    """The groups of results.png (protocol and representation), as its x-axis names them."""
+    import matplotlib.pyplot as plt
+
+    from byol.jobs.report_plot import figure
+
+    fig = figure(cells)
+    labels = [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()]
+    plt.close(fig)
+    return labels
+
+
+def _evaluate_sweep(root: Path, reprs, protocols, losses=("classic", "multi"), skip=()) -> None:
+    """The results.json files of an evaluation sweep over ``reprs`` x ``protocols``, with the random-init baseline;
+    the (repr, eval) jobs in ``skip`` died before writing any."""
+    for r in reprs:
+        for e in protocols:
+            if (r, e) not in skip:
+                for loss in (*losses, "random-init"):
+                    write(root, f"{r}_{e}_{loss}", loss, r, e, 0.5, 0.5)
+
+
+def test_only_the_losses_reprs_and_protocols_run_are_expected(tmp_path):
+    """repr=avgpool eval=knn,linear flagged classic/combined/linear and multi/combined/linear missing (a fixed
+    2 x 2 x {linear, finetune} grid), one loss trained flagged the other's cells: a cell nobody asked for is no gap."""
+    _evaluate_sweep(tmp_path / "ev", ["avgpool"], ["knn", "linear"])
+    cells = build_cells(load_results(sorted((tmp_path / "ev").rglob("results.json"))))
+    assert sorted(c.triple for c in cells if not c.n_results) == []
     report([tmp_path / "ev"], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "Missing cells" not in md and "expected cells" not in md and "finetune" not in md
-    write(tmp_path / "ev", "b", "classic", "combined", "linear", 0.5, 0.5)
+    assert "All 4 expected cells have results." in md and "Missing cells" not in md and "combined" not in md
+    assert _x_labels(cells) == ["linear avgpool", "knn avgpool"]  # no empty combined group
+
+    _evaluate_sweep(tmp_path / "one_loss", ["avgpool", "combined"], ["linear", "finetune"], losses=("classic",))
+    report([tmp_path / "one_loss"], tmp_path / "out1")
+    md = (tmp_path / "out1" / "results.md").read_text()
+    assert "All 4 expected cells have results." in md and "multi" not in md
+
+    write(tmp_path / "knn", "a", "multi", "avgpool", "knn", 0.5, 0.5)
+    report([tmp_path / "knn"], tmp_path / "out2")
+    md = (tmp_path / "out2" / "results.md").read_text()
+    assert "The expected cell has results." in md and "Missing cells" not in md and "finetune" not in md
+
+
+def test_a_job_of_the_sweep_that_died_leaves_missing_cells(tmp_path):
+    """combined occurs (under linear) and knn occurs (on avgpool): combined/knn with no result is a gap, for each
+    loss, in the table, its note and the figure."""
+    _evaluate_sweep(tmp_path / "ev", ["avgpool", "combined"], ["knn", "linear"], skip=[("combined", "knn")])
     report([tmp_path / "ev"], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "Missing cells (3 of 4 expected): classic/avgpool/linear, multi/avgpool/linear, multi/combined/linear." in md
-    assert "finetune" not in md
+    assert "Missing cells (2 of 8 expected): classic/combined/knn, multi/combined/knn." in md
+    assert rows_of(md, "multi", "combined", "knn") == [["multi", "combined", "knn", "missing", "missing", "0", "0",
+                                                       "", "", "", "", "**missing**"]]
+    cells = build_cells(load_results(sorted((tmp_path / "ev").rglob("results.json"))))
+    assert sorted(c.triple for c in cells if not c.n_results) == [("classic", "combined", "knn"),
+                                                                 ("multi", "combined", "knn")]
+    assert "knn combined" in _x_labels(cells)
 
 
 def test_failed_training_jobs_are_listed_as_missing(tmp_path):
@@ -258,7 +305,7 @@ def test_failed_training_jobs_are_listed_as_missing(tmp_path):
     assert rows_of(md, "classic") == [["classic", "avgpool", "linear", "missing", "missing", "0", "0",
                                        "resnet18/imagenet", "?", "?", "100",
                                        "**missing**: no model (2_loss=classic,seed=0)"]]
-    assert "Missing cells (3 of 4 expected): classic/avgpool/linear," in md  # linear only was run
+    assert "Missing cells (1 of 2 expected): classic/avgpool/linear." in md  # linear on avgpool only was run
     assert ("Missing pretraining runs (2, not evaluated):\n"
             "- /train/sw/1_loss=multi,seed=1: training failed: non-finite loss at step 3\n"
             "- /train/sw/2_loss=classic,seed=0: no weights: no encoder.pt and no checkpoints/*.ckpt") in md
@@ -344,16 +391,16 @@ def test_missing_cells_are_written_missing_in_the_table_the_csv_and_the_figure(t
 
     for seed, t in enumerate([0.50, 0.60]):
         write(tmp_path, f"classic{seed}", "classic", "avgpool", "linear", t, t, seed=seed, num_classes=10)
-    write(tmp_path, "broken", "classic", "combined", "linear", status="failed", error="NaN loss")
+    write(tmp_path, "broken", "multi", "combined", "linear", status="failed", error="NaN loss")
     report([tmp_path], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
     assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "missing", "missing", "0", "0", "", "", "", "",
                                      "**missing**"]]
-    assert rows_of(md, "classic", "combined")[0][3:5] == ["failed", "failed"]
+    assert rows_of(md, "multi", "combined")[0][3:5] == ["failed", "failed"]
     rows = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     assert [rows[("multi", "avgpool", "linear")][k] for k in ("status", "test_acc_mean_pct", "val_acc_mean_pct")] \
         == ["missing", "missing", "missing"]
-    assert rows[("classic", "combined", "linear")]["test_acc_mean_pct"] == "failed"
+    assert rows[("multi", "combined", "linear")]["test_acc_mean_pct"] == "failed"
 
     fig = figure(build_cells(load_results(sorted(tmp_path.rglob("results.json")))))
     ax = fig.axes[0]
@@ -363,7 +410,7 @@ def test_missing_cells_are_written_missing_in_the_table_the_csv_and_the_figure(t
     # each group (x = 0, 1: linear on avgpool, combined; no finetune was run) holds a classic and a multi
     # place (x - 0.2, x + 0.2): the empty ones say why
     labels = sorted((round(t.get_position()[0], 6), t.get_text()) for t in ax.texts)
-    assert labels == [(-0.2, "55.0"), (0.2, "multi: missing"), (0.8, "classic: failed"), (1.2, "multi: missing")]
+    assert labels == [(-0.2, "55.0"), (0.2, "multi: missing"), (0.8, "classic: missing"), (1.2, "multi: failed")]
     assert ax.patches[0].get_x() + ax.patches[0].get_width() / 2 == pytest.approx(-0.2)
 
 
@@ -550,6 +597,7 @@ def test_a_protocol_run_for_two_lengths_gets_a_group_per_length_and_colours_stay
         for loss in ("classic", "multi"):
             write(tmp_path, f"{loss}_ft{epochs}", loss, "avgpool", "finetune", 0.4 + epochs / 100, eval_epochs=epochs)
     write(tmp_path, "classic_knn", "classic", "avgpool", "knn", 0.3)
+    write(tmp_path, "classic_knn_combined", "classic", "combined", "knn", 0.3)  # combined is expected under finetune
     ax = figure(build_cells(load_results(sorted(tmp_path.rglob("results.json"))))).axes[0]
     ticks = [t.get_text() for t in ax.get_xticklabels()]  # with the empty cells of finetune (combined)
     assert [t for t in ticks if t.endswith("avgpool")] == [
@@ -557,7 +605,7 @@ def test_a_protocol_run_for_two_lengths_gets_a_group_per_length_and_colours_stay
     assert "finetune\ncombined" in ticks  # no length there: one group, with its empty places
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend[:2] == ["classic", "multi"]  # not "classic (eval epochs 1)", "classic (eval epochs 5)", ...
-    assert sorted(round(p.get_height(), 6) for p in ax.patches) == [30.0, 41.0, 41.0, 45.0, 45.0]
+    assert sorted(round(p.get_height(), 6) for p in ax.patches) == [30.0, 30.0, 41.0, 41.0, 45.0, 45.0]
     assert "multi: missing" in [t.get_text() for t in ax.texts]  # multi's knn
 
 
@@ -579,12 +627,30 @@ def test_report_writes_the_paired_section_and_csv(seeded, tmp_path, sweep):
     assert not (tmp_path / "single" / "paired.csv").exists()
 
 
+
+def test_paired_csv_names_every_column_it_writes(tmp_path):
+    """The rows ended with the settings that tell two lines apart, under no header (17 names, 18 fields)."""
+    for seed in (0, 1):
+        for lr, shift in ((1.0, 0.0), (5.0, 0.1)):
+            for loss, t in (("classic", 0.5), ("multi", 0.6)):
+                write(tmp_path / "ev", f"{loss}_lr{lr}_{seed}", loss, "avgpool", "linear", t + shift + seed / 10,
+                      seed=seed, trained={"optim.base_lr": lr})
+    report([tmp_path / "ev"], tmp_path / "out")
+    header, *rows = list(csv.reader(open(tmp_path / "out" / "paired.csv", encoding="utf-8")))
+    assert header[-4:] == ["backbone", "data", "pretrain_epochs", "settings"]
+    assert {len(row) for row in rows} == {len(header)}
+    named = list(csv.DictReader(open(tmp_path / "out" / "paired.csv", encoding="utf-8")))
+    assert [(r["a"], r["b"], r["diffs_pts"], r["settings"]) for r in named] == [
+        ("multi", "classic", "10.0000 10.0000", "optim.base_lr=1.0"),
+        ("multi", "classic", "10.0000 10.0000", "optim.base_lr=5.0")]
+
 # ------------------------------------------------------------- files handed to us are data, not instructions
 
 def training_run(folder: Path, seed=0, loss_taps: str = "[]") -> Path:
     """A pretraining run folder as the report finds it: config.yaml, encoder.pt and a 2-epoch metrics.csv."""
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(f"seed: {json.dumps(seed)}\nloss:\n  taps: {loss_taps}\n")
+    (folder / "config.yaml").write_text(f"seed: {json.dumps(seed)}\nloss:\n  taps: {loss_taps}\n"
+                                        f"backbone:\n  name: resnet18\n")
     (folder / "encoder.pt").write_bytes(b"")
     (folder / "metrics.csv").write_text("epoch,step,monitor/knn/avgpool,train/loss_epoch,train/tau\n,0,0.3,,\n"
                                         "0,3,0.35,2.0,0.99\n1,7,0.42,1.5,0.99\n")

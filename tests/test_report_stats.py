@@ -90,7 +90,9 @@ def test_a_pipe_or_a_line_break_in_a_name_never_breaks_the_table(tmp_path):
           pretrained="/runs/x|y\nz")
     md = _markdown(tmp_path)
     table = md.split("\n\n")[2].splitlines()
-    assert len(table) == 2 + 4 + 4  # header, rule, the 4 kNN rows, the 4 expected linear cells (one holds "e")
+    # header, rule, the 4 kNN rows, the other 3 expected kNN cells (classic, multi x avgpool, combined: "c" holds
+    # one), the 4 expected linear cells (one holds "e")
+    assert len(table) == 2 + 4 + 3 + 4
     assert all(line.startswith("|") and len(_columns(line)) == 12 for line in table)
     assert "| cla\\|ssic | avgpool | knn | 50.00 |" in md and "| multi x | avgpool | knn | 60.00 |" in md
     assert "| back\\\\\\|slash | avgpool | knn | 70.00 |" in md  # back\\\|slash: a backslash, then an escaped |

@@ -76,3 +76,56 @@ def test_the_rank_before_lightning_is_loaded_is_the_one_lightning_reads(monkeypa
     monkeypatch.delitem(sys.modules, "pytorch_lightning.utilities.rank_zero", raising=False)
     assert launched_rank() == (_get_rank() or 0) == int(next(iter(environment.values()), 0))
     assert job_named("os.path", "join")("a", "b") == "a/b"  # imported when called
+
+
+def test_a_single_evaluation_ends_naming_its_results_file(tmp_path, capsys):
+    """It ended on the scores ("linear on avgpool -> val 0.8800, test 0.7344"), never saying where they went."""
+    from byol.jobs.evaluate import evaluate
+
+    cfg = compose_config("evaluate", ["preset=smoke", "data=synthetic", f"outputs_dir={tmp_path / 'outputs'}",
+                                      "pretrained=random", "eval=knn"], tmp_path)
+    evaluate(cfg, tmp_path / "run")
+    lines = capsys.readouterr().out.splitlines()
+    assert " -> val " in lines[-2] and lines[-1] == f"[eval] results: {tmp_path / 'run' / 'results.json'}"
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+def _sweep_end(sweep, job_name: str) -> None:
+    from omegaconf import OmegaConf
+
+    from byol.jobs.cli import SweepSummary
+
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)},
+                                                               "job": {"name": job_name}}}))
+
+
+def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_path, capsys):
+    """After evaluate.py -m, one line says where the sweep is and how to report it; failures still exit 1 after
+    being listed; a training sweep's end says nothing of a report."""
+    sweep = tmp_path / "eval sweep"
+    (sweep / "0_eval=knn").mkdir(parents=True)
+    _sweep_end(sweep, "evaluate")
+    said = f"[eval] sweep: {sweep}; its report: python -m byol.report '{sweep}'\n"
+    assert capsys.readouterr() == (said, "")
+    _sweep_end(sweep, "train")
+    assert capsys.readouterr() == ("", "")
+    (sweep / "1_eval=linear").mkdir()
+    (sweep / "1_eval=linear" / "FAILED").write_text("1 of 3 evaluations failed (classic0)\n")
+    with pytest.raises(SystemExit) as exit_:
+        _sweep_end(sweep, "evaluate")
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == said and err == (f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):\n"
+                                   "  1_eval=linear: 1 of 3 evaluations failed (classic0)\n")
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("resnet101", "any torchvision ResNet is backbone.name=resnet101"),  # no group option, but backbone.name takes it
+    ("resnet19", "did you mean backbone=resnet18?"),  # no ResNet: backbone.name=resnet19 was refused in turn
+    ("resnet5", "did you mean backbone=resnet50?"),
+])
+def test_backbone_name_is_advised_only_for_a_resnet_it_takes(value, hint):
+    from byol.jobs.command_line import unknown_option
+
+    assert unknown_option([f"backbone={value}"], "train") == (
+        f"error: backbone={value} is not an option of backbone ({hint}); choose one of: resnet18, resnet50")

@@ -380,10 +380,13 @@ class WritableOutput(Callback):
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, list the jobs that failed and exit with status 1."""
+    """Hydra callback: after a multirun, list the jobs that failed and exit with status 1; after evaluate.py's,
+    name the command that reports it (the report reads a failed job's results too)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
+        if config.hydra.job.name == "evaluate":
+            print(f"[eval] sweep: {sweep}; its report: python -m byol.report {shlex.quote(str(sweep))}", flush=True)
         failed = sorted(sweep.glob(f"*/{FAILED}"))
         if not failed:
             return

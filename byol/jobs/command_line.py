@@ -208,7 +208,9 @@ def unknown_option(argv: Sequence[str], config_name: str) -> str | None:
             moved = MOVED_OPTIONS.get((config_name, group, value))
             close = difflib.get_close_matches(value, options, n=1, cutoff=0.6) if value else []
             if group == "backbone" and str(value).startswith("resnet"):
-                moved = f"any torchvision ResNet is backbone.name={value}"
+                from byol.core.backbone import RESNETS  # torch: imported for a ResNet's name only
+
+                moved = f"any torchvision ResNet is backbone.name={value}" if value in RESNETS else moved
             hint = f" ({moved})" if moved else f" (did you mean {group}={close[0]}?)" if close else ""
             removal = f" ('~{group}' removes it)" if group == "logger" else ""
             return (f"error: {group}={value if value is not None else 'null'} is not an option of {group}{hint}; "

@@ -62,11 +62,12 @@ def _steps_per_epoch(rows: list[dict]) -> float:
     return max([1.0, *ratios])
 
 
+COLLAPSE = "train/std/"  # its panel starts at 0, where collapse is: a fall toward it shows, noise looks flat
 PANELS = (  # (title, metric prefix, y label, as percent)
     ("BYOL loss per head (lower is not better if std collapses)", "train/loss/", "loss", False),
     ("online kNN accuracy (epoch 0: random init)", "monitor/knn/", "test accuracy, %", True),
     ("online linear probe (training batches)", "monitor/probe/", "accuracy, %", True),
-    ("collapse monitor: std of projections (0 = collapsed)", "train/std/", "std x sqrt(dim)", False),
+    ("collapse monitor: std of projections (0 = collapsed)", COLLAPSE, "std x sqrt(dim)", False),
     ("EMA tau", "train/tau", "tau", False),
     ("learning rate", "lr-", "lr", False),
 )
@@ -141,15 +142,30 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
         if len(at) == 1:  # one epoch's value: matplotlib would centre it on ticks 0.945 ... 1.050
             ax.set_xlim(0, max(at) + 0.5)
         ax.set_ylabel(ylabel)
-        # ticks in steps of 1, 2 or 5 (not 2.5: "0.8375" pushed the axis label out of the figure)
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
-        _flat_if_constant(ax, heights)
+        _y_axis(ax, prefix, heights)
         ax.grid(alpha=0.3)
         if drawn and legends:
             ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
         elif not drawn:
             why = "not logged\n(monitor=off, or data without labels)" if prefix.startswith("monitor/") else "not logged"
             ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+def _y_axis(ax, prefix: str, heights: list[float]) -> None:
+    """Ticks in steps of 1, 2 or 5 (not 2.5: "0.8375" pushed the axis label out of the figure). The collapse
+    monitor from 0 to 1 (or its largest value): autoscaled, a healthy 0.830-0.834 looked like a wild zig-zag.
+    An empty panel has no ticks: matplotlib's 0-1 beside "accuracy, %" read as values."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not heights:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+    if prefix == COLLAPSE:
+        ax.set_ylim(0, max(1.0, max(heights)))
+    else:
+        _flat_if_constant(ax, heights)
 
 
 def _flat_if_constant(ax, heights: list[float]) -> None:

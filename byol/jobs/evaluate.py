@@ -116,6 +116,7 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
                               keep_earlier=False)  # kept by _start_job
         if result["status"] != "ok":
             raise result["exception"]
+        print(f"[eval] results: {run_dir / RESULTS_FILE}", flush=True)  # the last line: where to look
         return [result]
     return _evaluate_sweep(targets, sweep, settings, evaluate_one, run_dir, data)
 

@@ -129,7 +129,7 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
     """The sentences under the table naming the cells with no result, the runs that are missing or did not
     finish pretraining, and the evaluations that have not written their result."""
     states = cell_states(cells)
-    expected = expected_cells(c.eval for c in cells)
+    expected = expected_cells(c.triple for c in cells)
     missing = [t for t in expected if states.get(t) == "missing"]
     failed = [t for t, s in states.items() if s == "failed"]
     only_incomplete = [t for t, s in states.items() if s == "incomplete"]
@@ -143,7 +143,8 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
         lines.append("Cells with only unfinished pretraining runs (not in any mean): "
                      + ", ".join(md_cell("/".join(t)) for t in only_incomplete) + ".")
     if expected and not missing and not failed and not only_incomplete:
-        lines.append(f"All {len(expected)} expected cells have results.")
+        lines.append(f"All {len(expected)} expected cells have results." if len(expected) > 1 else
+                     "The expected cell has results.")
     absent = _unique_runs(cells, "missing_runs")
     if absent:
         lines += ["", f"Missing pretraining runs ({len(absent)}, not evaluated):"]

@@ -2,9 +2,9 @@
 
 A cell is one (loss, repr, eval) combination under one set of settings (backbone and stem,
 pretraining and evaluation data, pretraining and evaluation epochs): results whose settings differ
-are never averaged together. The study's cells under each grid protocol the results hold (linear,
-finetune) are always present, empty when no result exists, so that a gap in a sweep shows up in the
-table and the figure.
+are never averaged together. Each study loss x representation x protocol that the results hold is
+present, empty when no result exists, so that a gap in a sweep shows up in the table and the figure;
+a loss, representation or protocol nobody ran is no gap.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from byol.jobs.report_labels import BASELINE, label_data, label_variants
 LOSSES = ("classic", "multi")
 REPRS = ("avgpool", "combined")
 EVALS = ("linear", "finetune")
-EXPECTED = [(loss, r, e) for e in EVALS for r in REPRS for loss in LOSSES]
+EVAL_ORDER = (*EVALS, "knn")  # the table's order of protocols
 NO_ACCURACY = ("embed",)  # protocols that score nothing (t-SNE maps): listed under the table, not in it
 # status of a results.json written before its model was evaluated: still running, or killed before the end
 RUNNING = "running"
@@ -270,11 +270,16 @@ def _add_unfinished(cells: dict[tuple, Cell], r: dict, status: str) -> None:
         cell.errors.append(str(r.get("error", "no error recorded")))
 
 
-def expected_cells(evals: Iterable) -> list[tuple]:
-    """The cells of the grid a report expects: both losses x both representations under each of the grid's
-    protocols (linear, finetune) that the results hold; a protocol nobody ran is not a gap."""
-    evals = set(evals)
-    return [t for t in EXPECTED if t[2] in evals]
+def expected_cells(triples: Iterable[tuple[str, str, str]]) -> list[tuple]:
+    """The cells a report expects, from the (loss, repr, eval) of the results it holds: each study loss
+    (:data:`LOSSES`; the baseline is a reference, not a cell of the study) with each representation and each
+    scored protocol that occur somewhere. A combination whose three parts all occur but which has no result
+    is a gap (a job of the sweep that died); one that was never asked for is not."""
+    triples = list(triples)
+    losses = [loss for loss in LOSSES if any(t[0] == loss for t in triples)]
+    reprs = sorted({t[1] for t in triples}, key=lambda r: _order(r, REPRS))
+    evals = sorted({t[2] for t in triples if t[2] not in NO_ACCURACY}, key=lambda e: _order(e, EVAL_ORDER))
+    return [(loss, r, e) for e in evals for r in reprs for loss in losses]
 
 
 def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -> list[Cell]:
@@ -294,13 +299,13 @@ def build_cells(results: Iterable[dict], allow_incomplete: bool | None = None) -
         if result_status(r) != "ok":
             _add_unfinished(cells, r, result_status(r))
     present = {c.triple for c in cells.values()}
-    for triple in expected_cells({r.get("eval") for r in results}):
+    for triple in expected_cells(_triple(r) for r in results):
         if triple not in present:
             cells[triple] = Cell(*triple)
     label_data(cells.values())
     label_variants(cells.values())
     return sorted(cells.values(), key=lambda c: (
-        _order(c.eval, EVALS + ("knn",)), _order(c.repr, REPRS), _order(c.loss, LOSSES + (BASELINE,)),
+        _order(c.eval, EVAL_ORDER), _order(c.repr, REPRS), _order(c.loss, LOSSES + (BASELINE,)),
         str(c.backbone), c.data, c.incomplete, _number_order(c.pretrain_epochs), _number_order(c.eval_epochs)))
 
 

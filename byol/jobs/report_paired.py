@@ -170,10 +170,14 @@ def _intro(pairs: Sequence[Paired]) -> str:
             "them by.")
 
 
+# the settings a line's rows may differ in from another line of the same cell and comparison, as the table names
+# them; paired.csv ends with them (spaces as underscores), in this order
+SETTINGS_COLUMNS = ("backbone", "data", "pretrain epochs", "settings")
+
+
 def _settings(p: Paired) -> dict:
-    """The settings a line's rows may differ in from another line of the same cell and comparison."""
-    return {"backbone": p.a.backbone, "data": p.a.data, "pretrain epochs": p.a.pretrain_epochs,
-            "settings": p.a.variant}
+    """The values of :data:`SETTINGS_COLUMNS` for a line, as its row ``a`` has them."""
+    return dict(zip(SETTINGS_COLUMNS, (p.a.backbone, p.a.data, p.a.pretrain_epochs, p.a.variant), strict=True))
 
 
 def _labels(pairs: Sequence[Paired]) -> list[str]:
@@ -215,8 +219,8 @@ def write_csv(pairs: Sequence[Paired], path: Path) -> None:
     f = io.StringIO(newline="")
     w = csv.writer(f)
     w.writerow(["repr", "eval", "eval_epochs", "a", "b", "seeds", "diff_mean_pts", "diff_std_pts", "ahead",
-                "a_mean_pct", "b_mean_pct", "beyond_spread", "p_paired_t", "diffs_pts", "backbone", "data",
-                "pretrain_epochs"])
+                "a_mean_pct", "b_mean_pct", "beyond_spread", "p_paired_t", "diffs_pts",
+                *(k.replace(" ", "_") for k in SETTINGS_COLUMNS)])
     for p in pairs:
         (dm, ds), (am, _), (bm, _) = _points(p.diffs), _points(p.a_values), _points(p.b_values)
         w.writerow(csv_row([p.a.repr, p.a.eval, p.a.eval_epochs, p.a.loss, p.b.loss, " ".join(map(str, p.seeds)),
