@@ -582,3 +582,21 @@ def test_a_resume_onto_another_schedule_takes_its_first_step_at_that_schedules_r
     assert later and min(later) == 2 * STEPS_PER_EPOCH
     assert all(rates[step] == want[step] for step in later), {s: (rates[s], want[s]) for s in later}
     assert rates[2 * STEPS_PER_EPOCH - 1] != want[2 * STEPS_PER_EPOCH - 1]  # before: the 10-epoch schedule
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_planned_epochs_asked_for_fewer_is_not_called_finished(tmp_path_factory):
+    """Stopped after 2 of its 10 planned epochs (here by max_steps; a signal does the same) and resumed with
+    trainer.max_epochs=1: it was refused as "a finished run trained with other settings", which it is not. It
+    holds more epochs than asked for, and the line says that and how to evaluate it."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    first = train("experiment=smoke", "data.num_train=64", "data.batch_size=16", "trainer.max_epochs=10",
+                  f"+trainer.max_steps={2 * STEPS_PER_EPOCH}", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = train(f"resume={run_dir}", "trainer.max_epochs=1")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: '{last}' has trained 2 epochs, more than trainer.max_epochs=1: nothing would be trained. Ask for "
+        f"more (trainer.max_epochs above 2), or evaluate that checkpoint as it is: python evaluate.py "
+        f"pretrained={last}")

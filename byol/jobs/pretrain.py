@@ -103,7 +103,11 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     if same_run and launched_rank() == 0:
         check_not_behind(run_dir, checkpoint, int(resumed["global_step"]))
     last = run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT  # at the end of a run: its final state
-    finished = last.is_file() and epochs_trained(last) >= int(config["trainer"]["max_epochs"])
+    # finished: it trained the epochs asked for now and those it planned itself (a run stopped at epoch 9 of
+    # 100 and asked for 5 has not finished: it holds more than asked, said by refuse_a_checkpoint_past_the_end)
+    trained = epochs_trained(last) if last.is_file() else -1
+    planned = int((saved.get("trainer") or {}).get("max_epochs") or 0)  # checked: a whole number, or absent
+    finished = trained >= int(config["trainer"]["max_epochs"]) and trained >= planned
     if finished and same_run:
         refuse_other_settings(changed, run_dir)
     refuse_a_checkpoint_past_the_end(resumed, int(config["trainer"]["max_epochs"]), checkpoint, finished)
