@@ -330,7 +330,7 @@ class ViewAugment(torch.nn.Module):
     the same images bit for bit): there a training step at CIFAR sizes is bound by kernel launches,
     not arithmetic, and the augmentation's were about as many as the network's; one pass cuts them
     by 40% for two views (``benchmarks/host_ops.py`` counts them). On a CPU, where the arithmetic is
-    the cost, one pass per view is faster (two views of 256 images: 55 against 74 ms on one thread):
+    the cost, one pass per view is faster (two views of 256 images: 25.5 against 28.3 ms on one thread, AMD EPYC):
     ``join_views`` None picks by device, True / False force it. ``compile``: ``torch.compile`` the
     pass (not the sampling, which reads the generator), fusing its few hundred small kernels into a few.
     """
