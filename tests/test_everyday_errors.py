@@ -138,7 +138,8 @@ def test_the_report_on_a_run_whose_curves_cannot_be_drawn_does_not_say_there_is_
     run = tmp_path / "run"
     run.mkdir()
     (run / "encoder.pt").write_bytes(b"weights")  # a run folder, as the report finds them
-    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "loss": {"taps": [], "weights": {}}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "loss": {"taps": [], "weights": {}},
+                                                     "backbone": {"name": "resnet18"}}))
     (run / "metrics.csv").write_bytes(bytes(range(256)) * 4)  # not text
     with pytest.raises(SystemExit, match=r"no results.json under .*, and the learning curves of its 1 training "
                                          r"run\(s\) could not be drawn"):
@@ -174,7 +175,7 @@ def test_an_export_copied_from_another_run_keeps_its_own_epochs(tmp_path, capsys
     meta = {"loss": "classic", "epochs": 1, **({"run_id": export_run} if export_run else {})}
     save_encoder(tiny_encoder([]), run / "encoder.pt", meta=meta)
     (run / "config.yaml").write_text(yaml.safe_dump({"run_id": folder_run, "loss": {"taps": [], "weights": {}},
-                                                     "trainer": {"max_epochs": 5}}))
+                                                     "backbone": {"name": "resnet18"}, "trainer": {"max_epochs": 5}}))
     source = read_pretrained(run / "encoder.pt")
     assert (source.epochs, source.planned_epochs) == (1, planned)
     assert ("written by run aaa111, not by the run of the config.yaml beside it (bbb222)" in
