@@ -155,3 +155,47 @@ def test_a_signal_is_handed_on_to_a_python_handler_only():
         hand_on_signal(signal.SIGINT)  # Python's own Ctrl+C handler: not delivered
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
+def test_a_stop_signal_to_the_sweep_command_reaches_its_jobs(tmp_path, launcher):
+    """A scheduler or ``kill PID`` signals the sweep command alone: with a launcher that runs the jobs in
+    processes of their own, they went on training as orphans holding their folders' locks. Now each saves its
+    last.ckpt and stops, the command waits for them and ends with 143, saying how to resume; nothing is left."""
+    pytest.importorskip(f"hydra_plugins.hydra_{launcher}_launcher".replace("submitit_local", "submitit"))
+    from byol.jobs.run_folder import lock_holder
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", f"hydra/launcher={launcher}",
+                             "experiment=smoke", "data.num_train=256", "trainer.max_epochs=200", "seed=0,1",
+                             f"hydra.sweep.dir={sweep}"], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    jobs: list[Path] = []
+    while len(jobs) < 2 or not all((job / "metrics.csv").is_file() for job in jobs):  # both are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        jobs = [job for job in sweep.glob("*_*") if lock_holder(job)]
+        time.sleep(0.5)
+    holders = [int(lock_holder(job)) for job in jobs]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "[sweep] received SIGTERM: handing it to the 2 running job(s)" in out
+    assert "to resume the sweep" in out.strip().splitlines()[-1] and "Traceback" not in err
+    for job, pid in zip(jobs, holders, strict=True):
+        assert (job / "checkpoints" / "last.ckpt").is_file() and lock_holder(job) is None
+        assert _ends(pid), f"job process {pid} left running"  # no orphan left training (or idling: joblib's)
+
+
+def _ends(pid: int, within: float = 10) -> bool:
+    """Whether process ``pid`` is gone (or a zombie, dead but not yet reaped by init) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.2)
+    return False
