@@ -182,3 +182,15 @@ def test_devices_lightning_cannot_read_are_refused_before_the_data(tmp_path, cap
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("error: trainer.devices=") and "is not a number of devices (1 to 4096" in err, err
+
+
+def test_a_dataset_too_small_for_the_global_batch_is_one_line_before_the_processes_start(tmp_path):
+    """Checked by every process once they had started: each rank's error, run together on one line, about
+    10 s in. Now rank 0 says it once, before Lightning starts the others."""
+    result = subprocess.run([sys.executable, "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu",
+                             "data.batch_size=100", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, text=True,
+                            capture_output=True, timeout=300)
+    line = ("error: data.batch_size=100 x 2 processes is more than the dataset (128 images), so an epoch would have "
+            "no full global batch; lower data.batch_size or use more images")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == line
+    assert result.stderr.count("error:") == 1 and "rank 1" not in result.stderr + result.stdout

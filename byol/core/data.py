@@ -276,6 +276,13 @@ class IndexBatches:
         self.rank, self.world_size = 0, 1
         self._passes = 0
 
+    def check_world(self, world_size: int) -> None:
+        """A :class:`DataError` when ``world_size`` processes of a batch each find no full global batch."""
+        if self.drop_last and self.batch_size * world_size > len(self.data):
+            raise DataError(f"data.batch_size={self.batch_size} x {world_size} processes is more than the "
+                            f"dataset ({len(self.data)} images), so an epoch would have no full global batch; "
+                            f"lower data.batch_size or use more images")
+
     def shard(self, rank: int, world_size: int, split_batch: bool = False) -> IndexBatches:
         """Take rank ``rank``'s share of every epoch (see the class notes); (0, 1): all of it.
         ``split_batch``: ``batch_size`` is the global batch, divided among the processes (evaluation
@@ -287,10 +294,7 @@ class IndexBatches:
                 raise DataError(f"a batch of {self.batch_size} images cannot be split evenly among {world_size} "
                                 f"processes; choose a batch size divisible by {world_size}")
             self.batch_size //= world_size
-        if self.drop_last and self.batch_size * world_size > len(self.data):
-            raise DataError(f"data.batch_size={self.batch_size} x {world_size} processes is more than the "
-                            f"dataset ({len(self.data)} images), so an epoch would have no full global batch; "
-                            f"lower data.batch_size or use more images")
+        self.check_world(world_size)
         self.rank, self.world_size = int(rank), int(world_size)
         return self
 

@@ -209,7 +209,9 @@ def training_data(config: dict) -> tuple[IndexBatches, MonitorSamples | None]:
     """The training batches and the online monitors' samples, from one load of the training images: what
     the batches do not use is dropped when this returns."""
     images = load_split(config["data"], "train")
-    return training_batches(config, images), monitor_samples(config, images)
+    batches = training_batches(config, images)
+    batches.check_world(planned_world(config["trainer"]))  # here, once: not by every process after they start
+    return batches, monitor_samples(config, images)
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
