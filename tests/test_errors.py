@@ -169,6 +169,19 @@ def test_odd_images_are_converted(tmp_path):
     assert w[2, :, -8:].min() > 200 and w[0, :, -8:].max() < 50  # right stays blue
 
 
+def test_32_bit_integer_images_keep_their_8_bit_values(tmp_path):
+    """Pillow's mode "I" holds 16-bit PNGs and also 8-bit values a program stored as 32-bit integers (a TIFF):
+    those were divided by 257 as if 16-bit, nearly black (values 6-215 read as 0-1), silently."""
+    folder = tmp_path / "train" / "x"
+    folder.mkdir(parents=True)
+    ramp = np.tile(np.linspace(6, 215, 32).astype(np.uint8), (32, 1))
+    Image.fromarray(ramp, "L").convert("I").save(folder / "i32.tif")
+    Image.fromarray(ramp.astype(np.int32) * 257, "I").save(folder / "i32_16bit.tif")  # 16-bit values in "I"
+    data = load_image_folder(tmp_path / "train")
+    for image in data.images:
+        assert (image.int() - torch.from_numpy(ramp).int()).abs().max() <= 1
+
+
 def test_train_and_test_classes_differ(tmp_path):
     image_tree(tmp_path, ("cat", "dog"), split="train")
     image_tree(tmp_path, ("cat", "fox"), split="test")

@@ -39,8 +39,9 @@ def _to_rgb(im):
 
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        if im.mode != "F":
-            a = a / 257.0  # 16 bits -> 8 bits
+        # 16 bits -> 8 bits; 32-bit integers ("I": a 16-bit PNG, or 8-bit values a program stored so) by range
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255):
+            a = a / 257.0
         elif a.max() <= 1.0:
             a = a * 255.0  # float image in [0, 1]
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
