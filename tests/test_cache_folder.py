@@ -103,3 +103,22 @@ def test_a_killed_decodes_unfinished_cache_file_is_removed_and_a_live_ones_kept(
     assert not left.exists() and live.exists() and elsewhere.exists()
     assert "removed 1 unfinished cache file(s)" in capsys.readouterr().out
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp") and p not in (live, elsewhere)]
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+def test_a_decode_names_the_folders_other_caches_that_it_does_not_use(tmp_path, capsys, storage):
+    """Every change to a folder (or another image size) leaves a cache as large as its decoded images, kept for
+    good: a decode now names the folder's other cache files and their size, and never its own or another
+    folder's."""
+    data, cache = class_folders(tmp_path / "train", 3), tmp_path / "cache"
+    other = class_folders(tmp_path / "elsewhere" / "trainset", 1)
+    load_image_folder(other, 8, cache_dir=cache, workers=1, storage=storage)
+    load_image_folder(data, 8, cache_dir=cache, workers=1, storage=storage)
+    assert "other cache file(s)" not in capsys.readouterr().out  # the first decode of each folder: none
+    first = sorted(p.name for p in cache.glob("train-*") if p.name.endswith((".pt", ".npy")))
+    load_image_folder(data, 16, cache_dir=cache, workers=1, storage=storage)  # another size: another cache
+    named = [line for line in capsys.readouterr().out.splitlines() if "other cache file(s)" in line]
+    assert len(named) == 1 and f"{len(first)} other cache file(s) of a folder named 'train' in {cache}" in named[0]
+    assert named[0].split("changed: ")[1].split("; delete")[0].split(", ") == first  # the size-8 cache, only it
+    load_image_folder(data, 16, cache_dir=cache, workers=1, storage=storage)  # read from its cache: no decode
+    assert "other cache file(s)" not in capsys.readouterr().out

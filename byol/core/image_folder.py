@@ -5,6 +5,7 @@ memory-mapped file for folders larger than memory). What the folder holds is fou
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -140,7 +141,7 @@ def load_image_folder(
         cached = _cached_images(cache) if cache.exists() else _read_mapped_cache(names, folder)
         if cached is not None:
             return cached
-        _remove_unfinished(cache)
+        _remove_unfinished(cache, folder)
         problem = cache_folder_problem(cache.parent, decoded_bytes(len(files), size))
         if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
             warnings.warn(f"data.cache_dir '{cache.parent}' {problem}: decoding without keeping the images, so "
@@ -169,12 +170,22 @@ def load_image_folder(
     return data
 
 
-def _remove_unfinished(cache: Path) -> None:
-    """Cache files that a stopped decode of this folder left half-written (before counting the free space)."""
+def _remove_unfinished(cache: Path, folder: Path) -> None:
+    """Before a decode: the cache files that a stopped decode of this folder left half-written are removed (before
+    counting the free space), and the folder's other caches are named: each change to a folder, or another image
+    size, leaves one as large as the decoded images, and nothing else says so until the disk is full."""
     removed = remove_dead_writers_files(cache) if cache.parent.is_dir() else []
     if removed:
         print(f"[data] removed {len(removed)} unfinished cache file(s) that a stopped process left beside {cache}",
               flush=True)
+    own = cache.name.removesuffix(".u8.npy").removesuffix(".pt")  # "<folder>-<key>" (_cache_files)
+    others = sorted(p for p in cache.parent.glob(f"{glob.escape(folder.name)}-*") if p.is_file()
+                    and p.name.endswith((".pt", ".npy")) and not p.name.startswith(own + "."))
+    if others:
+        size = sum(p.stat().st_size for p in others)
+        print(f"[data] note: {len(others)} other cache file(s) of a folder named '{folder.name}' in {cache.parent} "
+              f"({size / 1e9:.2f} GB), from another image size or setting, or from the folder before it changed: "
+              f"{', '.join(p.name for p in others)}; delete those no longer needed", flush=True)
 
 
 def cache_folder_problem(folder: Path, size: int) -> str | None:
@@ -228,7 +239,7 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
     mapped = _mapped_cache(npy, meta)
     if mapped is not None:
         return mapped
-    _remove_unfinished(npy)
+    _remove_unfinished(npy, folder)
     problem = cache_folder_problem(npy.parent, decoded_bytes(len(scan.files), size))
     if problem:
         raise DataError(f"data.storage=mmap keeps the decoded images in a file in data.cache_dir, but "
