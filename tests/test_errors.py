@@ -885,3 +885,12 @@ def test_an_unknown_representation_tap_names_repr_taps(tmp_path):
            "seed": 0, "trainer": {}}
     with pytest.raises(ConfigError, match=r"^repr\.taps: unknown tap 'layer9' for resnet18"):
         run_protocol(model, cfg, splits=None, num_classes=2, out_dir=tmp_path)
+
+
+def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
+    """A zero-byte image (a copy that never finished) read "cannot identify image file"."""
+    folder = tmp_path / "train" / "x"
+    save_png(folder / "good.png", np.full((8, 8), 77, np.uint8), "L")
+    (folder / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"cannot read image '.*empty\.png' \(it is empty \(0 bytes\): a copy or "):
+        load_image_folder(tmp_path / "train", 8)

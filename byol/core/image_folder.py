@@ -67,15 +67,24 @@ def _decode(path: Path, size: int, skip_bad: bool) -> np.ndarray | None:
                 im = _resize_center(im, size)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        # an empty file: Pillow's "cannot identify image file" says less
+        reason = "it is empty (0 bytes): a copy or download that never finished" if _empty_file(path) else e
         if skip_bad:
-            warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+            warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
             return None
         if isinstance(e, _TooLarge) or type(e).__name__ == "DecompressionBombError":  # a slide, a satellite
             raise DataError(f"image '{path}' is larger than Pillow decodes ({e}); save a smaller copy of it (a few "
                             f"thousand pixels a side is far more than data.image_size needs), or set "
                             f"data.skip_bad_files=true to skip it with a warning") from None
-        raise DataError(f"cannot read image '{path}' ({e}). Remove or replace the file, or set "
+        raise DataError(f"cannot read image '{path}' ({reason}). Remove or replace the file, or set "
                         f"data.skip_bad_files=true to skip unreadable files with a warning") from None
+
+
+def _empty_file(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _resize_center(im, size: int):
