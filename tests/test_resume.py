@@ -600,3 +600,18 @@ def test_a_run_stopped_before_its_planned_epochs_asked_for_fewer_is_not_called_f
         f"error: '{last}' has trained 2 epochs, more than trainer.max_epochs=1: nothing would be trained. Ask for "
         f"more (trainer.max_epochs above 2), or evaluate that checkpoint as it is: python evaluate.py "
         f"pretrained={last}")
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path_factory):
+    """Hydra writes <run>/.hydra/ (config, overrides) before the job's own checks: a resume refused for another
+    architecture left the finished run's record describing a command that never ran. It is put back."""
+    run_dir = tmp_path_factory.mktemp("record") / "run"
+    first = train(*EXACT, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    refused = train(f"resume={run_dir}", "loss=multi")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "error: " in refused.stderr.strip().splitlines()[-1]
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record

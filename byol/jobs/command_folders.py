@@ -7,6 +7,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 NO_RESUME = (None, "", "null", "None")  # resume= values that continue nothing
+HYDRA_RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes into <run>/.hydra/
+_kept_record: dict[Path, bytes] = {}
+
+
+def keep_hydra_record(run_dir: Path | None) -> None:
+    """The ``.hydra/`` record of the run in ``run_dir``, kept in memory before Hydra rewrites it for this
+    command: a job that then refuses to start puts it back (:func:`restore_hydra_record`), so that the run's
+    record keeps describing the command that trained it, not one that never ran."""
+    _kept_record.clear()
+    for path in [run_dir / ".hydra" / name for name in HYDRA_RECORD] if run_dir is not None else []:
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size <= 1 << 20:
+                _kept_record[path] = path.read_bytes()
+        except OSError:
+            pass
+
+
+def restore_hydra_record() -> None:
+    """Put back the record :func:`keep_hydra_record` kept (nothing when it kept none)."""
+    from byol.core.checkpoint import atomic_write_bytes
+    from byol.core.errors import CheckpointError
+
+    for path, data in _kept_record.items():
+        try:
+            atomic_write_bytes(data, path)
+        except (OSError, CheckpointError):
+            pass  # the folder cannot be written: the refusal's own line is what matters
 
 
 def is_sweep(argv: Sequence[str]) -> bool:

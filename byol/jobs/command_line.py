@@ -17,6 +17,7 @@ from byol.jobs.command_folders import (
     given_run_dir,
     given_sweep_folders,
     is_sweep,
+    keep_hydra_record,
     last_value,
     start_problem,
 )
@@ -381,6 +382,7 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     if message:
         print(message, file=sys.stderr, flush=True)
         sys.exit(1)
+    keep_hydra_record(run_dir if single_run else None)  # a refused job puts the run's record back
 
 
 def run_script(main, config_name: str) -> None:

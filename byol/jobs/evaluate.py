@@ -154,7 +154,7 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
     that names the models that failed. A job with no model is recorded under the data ``data`` chooses
     for its run, as its weights would have been: the report counts it in the row of the others."""
     baseline = settings.get("baseline", True)
-    print(f"[eval] {len(targets)} runs in {sweep}"
+    print(f"[eval] {len(targets)} run{'s' * (len(targets) != 1)} in {sweep}"
           + (" + random-init baselines (one per pretraining seed and data setting)" if baseline else ""), flush=True)
     for job, reason in failed_jobs(sweep):  # nothing to evaluate: recorded so that the report lists it
         print(f"[eval] missing: {job.name}: {reason} ({job}); listed as missing in the report", flush=True)

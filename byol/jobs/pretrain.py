@@ -35,6 +35,7 @@ from byol.jobs.build import (
     planned_world,
 )
 from byol.jobs.cli import command_arg, launched_rank
+from byol.jobs.command_folders import restore_hydra_record
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning
 from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, make_root_absolute, subset_of
@@ -245,4 +246,5 @@ def before_training():
         yield
     except ByolError as e:
         e.nothing_trained = True
+        restore_hydra_record()  # Hydra rewrote the run's .hydra/ for this command, which did not run
         raise
