@@ -490,3 +490,17 @@ def test_a_file_name_that_is_not_utf8_is_cached_like_any_other(tmp_path):
     again = load_image_folder(tmp_path / "images", 8, tmp_path / "cache")  # from the cache
     assert len(first) == 3 and torch.equal(first.images, again.images)
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_pretrained_that_is_a_pipe_or_a_device_is_said_to_be_neither_file_nor_folder(tmp_path):
+    """A FIFO or a link to /dev/zero given as pretrained= read "no pretraining run in ..." (as if a folder)."""
+    from byol.core.errors import CheckpointError
+    from byol.jobs.pretrained import resolve_pretrained
+
+    fifo = tmp_path / "encoder.pt"
+    os.mkfifo(fifo)
+    device = tmp_path / "zero.pt"
+    device.symlink_to("/dev/zero")
+    for odd in (fifo, device):
+        with pytest.raises(CheckpointError, match=r"is not a regular file or a folder \(a pipe, a device"):
+            resolve_pretrained(str(odd), tmp_path / "outputs")

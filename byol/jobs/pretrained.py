@@ -303,6 +303,9 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
                               f".ckpt, an {ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
     if path.is_file():
         return [path], None
+    if not path.is_dir():  # a FIFO, a device (a link to /dev/zero): never read as a folder, or at all
+        raise CheckpointError(f"pretrained='{spec}' is not a regular file or a folder (a pipe, a device, or a "
+                              f"link to one); give a run folder, a sweep folder, a .ckpt or an {ENCODER_FILE}")
     if is_run_dir(path):
         return [weights_file(path)], None
     if not find_runs(path) and not sweep_jobs(path):
