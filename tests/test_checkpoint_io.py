@@ -255,6 +255,13 @@ def test_a_refusal_names_what_was_blocked_and_never_quotes_torchs_advice(tmp_pat
             f"refusing to load '{path}': it refers to {name} (a Python function or class), not only to tensors and "
             f"plain containers, so unpickling it could run code (or the file is damaged). Nothing was executed. "
             f"Only load checkpoints written by this project, or re-save the weights as a plain state_dict")
+    # a protocol-0 pickle begins with the global's name, not a protocol byte: it read "neither a zip nor a pickle"
+    marker = tmp_path / "pwned"
+    plain = tmp_path / "p0.pt"
+    plain.write_bytes(pickle.dumps(Payload(marker), protocol=0))
+    with pytest.raises(CheckpointError, match=r"refusing to load '.*p0\.pt': it refers to \S+ \(a Python function"):
+        safe_load(plain)
+    assert not marker.exists()
     older = pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
                                    "`False` will likely succeed.\n WeightsUnpickler error: Unsupported global: GLOBAL "
                                    "builtins.exec was not an allowed global by default. Please use ...")

@@ -171,7 +171,8 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or damaged files fail in many ways
-        if isinstance(e, pickle.UnpicklingError) and starts_like_torch(path):  # not only tensors and containers
+        # not only tensors and containers: a zip or pickle that names a global (protocol 0 begins with its name)
+        if isinstance(e, pickle.UnpicklingError) and (starts_like_torch(path) or BLOCKED_NAME.search(str(e))):
             raise CheckpointError(
                 f"refusing to load '{path}': {blocked(e)}, so unpickling it could run code (or the file is "
                 f"damaged). Nothing was executed. Only load checkpoints written by this project, or re-save the "
