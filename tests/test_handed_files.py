@@ -504,3 +504,17 @@ def test_pretrained_that_is_a_pipe_or_a_device_is_said_to_be_neither_file_nor_fo
     for odd in (fifo, device):
         with pytest.raises(CheckpointError, match=r"is not a regular file or a folder \(a pipe, a device"):
             resolve_pretrained(str(odd), tmp_path / "outputs")
+
+
+def test_the_data_line_of_a_run_whose_config_is_refused_says_so(tmp_path, capsys):
+    """The line naming the data read "from this evaluation's config (no run data)" just above the refusal of that
+    run's config.yaml, as if the run had none."""
+    from test_evaluation import _export, _job_config
+
+    export = _export(tmp_path / "run", "classic", seed=1)
+    (tmp_path / "run" / "config.yaml").write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match="is not a run's config: it lacks backbone, loss"):
+        evaluate(_job_config(tmp_path, f"pretrained={export}", "eval=knn", "baseline=false"), tmp_path / "ev")
+    out = capsys.readouterr().out
+    assert "from this evaluation's config (its run's config.yaml is refused: see the error below)" in out
+    assert "(no run data)" not in out

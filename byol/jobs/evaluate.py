@@ -134,11 +134,12 @@ def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: Eva
         except Interrupted:
             raise
         except Exception:  # evaluate_model reads it again and records the failure, under the run's data
+            why = "no run data"
             try:
                 run_config = read_run_config(run_folder_of(Path(model)))
             except ByolError:
-                run_config = None  # refused as unsafe
-            chosen = data.settings(run_config, label or Path(model).name)
+                run_config, why = None, "its run's config.yaml is refused: see the error below"
+            chosen = data.settings(run_config, label or Path(model).name, why)
             return {**evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier),
                     "data_settings": chosen}
     chosen = data.settings({"data": runs_data if model.is_random else model.data}, label or model.label)

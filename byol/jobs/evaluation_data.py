@@ -53,10 +53,11 @@ class EvaluationData:
         self._loaded: dict[str, tuple] = {}
         self._noted: set[str] = set()  # machine settings the runs had otherwise, said once each
 
-    def settings(self, run_config: Mapping | None, label: str) -> dict:
+    def settings(self, run_config: Mapping | None, label: str, no_run_data: str = "no run data") -> dict:
+        """The data settings for the model ``label``; ``no_run_data`` says why there are none of its run's."""
         run_data = (run_config or {}).get("data")
         if self.whole or not isinstance(run_data, Mapping):
-            source = "the command line" if self.whole else "this evaluation's config (no run data)"
+            source = "the command line" if self.whole else f"this evaluation's config ({no_run_data})"
             chosen = self.composed
         else:
             chosen = {**run_data, **{k: self.composed[k] for k in self.keys if k in self.composed}}
