@@ -103,7 +103,7 @@ def fake_training_run(folder, taps, seed, knn):
     (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
 
 
-def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path):
+def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path, capsys):
     from byol.jobs.report import report
 
     sweep = tmp_path / "sweep"
@@ -113,7 +113,9 @@ def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path):
     assert series["monitor/knn/avgpool"] == [(0.0, 0.30), (1.0, 0.38), (2.0, 0.47)]
     assert series["train/loss"] == [(1.0, 2.0), (2.0, 1.5)]
     assert series["train/tau"] == [(1.0, 0.99), (2.0, 0.99)]  # step 3 and 7 of 4-step epochs: ends of 1 and 2
-    assert report([sweep], tmp_path / "out") == []  # no evaluation yet: only the curves
+    assert report([sweep], tmp_path / "out") == []  # no evaluation yet: only the curves, and a line that says so
+    assert f"[report] no results.json under {sweep} yet, so no results table: evaluate the runs first" in \
+        capsys.readouterr().out
     assert Image.open(tmp_path / "out" / "curves.png").size[0] > 1000
     # a report written into a run folder (python -m byol.report RUN [RUN2]) keeps the run's own curves.png
     run = sweep / "0_classic"

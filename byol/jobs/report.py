@@ -256,7 +256,9 @@ def report(folders: Sequence[str | Path], out: str | Path,
     curves = training_curves(folders, results, Path(out))
     where = ", ".join(map(str, folders))
     if not paths:
-        if curves:
+        if curves:  # a training sweep before its evaluation: say what the table needs
+            print(escaped(f"[report] no results.json under {where} yet, so no results table: evaluate the runs "
+                          f"first (python evaluate.py -m pretrained=SWEEP ...), then report that evaluation"))
             return []
         from byol.jobs.run_folder import find_runs
 
