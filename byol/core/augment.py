@@ -230,7 +230,7 @@ def color_jitter(x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.T
     for slot in range(4):
         gray = grayscale(x)
         m = torch.addcmul(c_w[:, slot] * gray.mean(dim=(1, 2, 3), keepdim=True), s_w[:, slot], gray)
-        x = torch.lerp(m, x, a[:, slot]).clamp_(0, 1)
+        x = _blend(x, m, a[:, slot])
         x = _hue_where(x, params["hue"], is_h[:, slot])
     return x
 

@@ -22,6 +22,7 @@ from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor
 from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
 from byol.core.errors import CheckpointError, DataError
 from byol.core.folder_scan import FolderScan, scan_images
+from byol.core.load_guards import empty_file
 from byol.core.progress import Progress
 
 # The decoders Pillow may use, whatever a file's name: Pillow picks the decoder from the content, and some
@@ -68,7 +69,7 @@ def _decode(path: Path, size: int, skip_bad: bool) -> np.ndarray | None:
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         # an empty file: Pillow's "cannot identify image file" says less
-        reason = "it is empty (0 bytes): a copy or download that never finished" if _empty_file(path) else e
+        reason = "it is empty (0 bytes): a copy or download that never finished" if empty_file(path) else e
         if skip_bad:
             warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
             return None
@@ -78,13 +79,6 @@ def _decode(path: Path, size: int, skip_bad: bool) -> np.ndarray | None:
                             f"data.skip_bad_files=true to skip it with a warning") from None
         raise DataError(f"cannot read image '{path}' ({reason}). Remove or replace the file, or set "
                         f"data.skip_bad_files=true to skip unreadable files with a warning") from None
-
-
-def _empty_file(path: Path) -> bool:
-    try:
-        return path.stat().st_size == 0
-    except OSError:
-        return False
 
 
 def _resize_center(im, size: int):

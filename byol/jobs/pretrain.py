@@ -40,6 +40,7 @@ from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning
 from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, make_root_absolute, subset_of
 from byol.jobs.monitoring import MonitorSamples, monitor_samples, monitor_taps
+from byol.jobs.pretrained import planned_epochs
 from byol.jobs.resume import (
     TRAINED_KEYS,
     epochs_trained,
@@ -107,8 +108,7 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     # finished: it trained the epochs asked for now and those it planned itself (a run stopped at epoch 9 of
     # 100 and asked for 5 has not finished: it holds more than asked, said by refuse_a_checkpoint_past_the_end)
     trained = epochs_trained(last) if last.is_file() else -1
-    planned = int((saved.get("trainer") or {}).get("max_epochs") or 0)  # checked: a whole number, or absent
-    finished = trained >= int(config["trainer"]["max_epochs"]) and trained >= planned
+    finished = trained >= int(config["trainer"]["max_epochs"]) and trained >= (planned_epochs(saved) or 0)
     if finished and same_run:
         refuse_other_settings(changed, run_dir)
     refuse_a_checkpoint_past_the_end(resumed, int(config["trainer"]["max_epochs"]), checkpoint, finished)

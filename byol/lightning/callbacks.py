@@ -76,29 +76,33 @@ def stop_signals_held():
     one landing in the writer's system call could cut the write short, and a resumable run was marked FAILED
     with a message blaming the disk. A handler that Python runs meanwhile (a signal taken by another thread)
     only records it (``_writing``)."""
-    held = getattr(signal, "pthread_sigmask", None)
-    if held is None or threading.current_thread() is not threading.main_thread():
+    if not _can_hold():
         yield
         return
-    before = held(signal.SIG_BLOCK, STOP_SIGNALS)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        held(signal.SIG_SETMASK, before)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _can_hold() -> bool:
+    """Whether stop signals can be held back here: POSIX, and the main thread (Python's handlers run there)."""
+    return hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
 
 
 def hold_stop_signals() -> None:
     """Hold the stop signals back from the main thread (one that comes waits) until
     :func:`release_stop_signals`: from the end of training until the run's export is written, a SIGTERM
     met Python's default handler and ended the finished run silently, without its ``encoder.pt``."""
-    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+    if _can_hold():
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def release_stop_signals(done: str) -> None:
     """Deliver what :func:`hold_stop_signals` held back (its handler acts then: the process ends), after a line
     that says the run was complete when it came; ``done`` says what was written."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if not _can_hold():
         return
     pending = sorted(set(signal.sigpending()) & set(STOP_SIGNALS))
     if pending:
