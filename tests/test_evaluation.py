@@ -448,7 +448,8 @@ def test_keeping_an_earlier_evaluation_keeps_its_files_and_leaves_its_result_unt
         (folder / name).write_text(name)
     kept = keep_earlier_evaluation(folder)
     assert json.loads((folder / "results.json").read_text()) == earlier  # still there, as it was
-    assert sorted(p.name for p in folder.iterdir() if ".replaced-" not in p.name) == ["eval.log", "results.json"]
+    assert sorted(p.name for p in folder.iterdir() if ".replaced-" not in p.name) == [
+        ".replacing.json", "eval.log", "results.json"]  # the record of what was kept, until the new result
     (results,) = [n for n in kept if n.startswith("results.replaced-")]
     saved = json.loads((folder / results).read_text())
     for name in [saved["embeddings"], *saved["maps"].values()]:

@@ -199,22 +199,33 @@ def test_an_evaluation_that_trains_stops_after_the_batch_with_the_signal_status(
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_an_interrupted_evaluation_writes_no_result_and_stops_the_sweep(tmp_path, monkeypatch):
-    """evaluate_model records a model's failure and goes on; a stop signal is not one: it propagates."""
+@pytest.mark.parametrize("stop", [Interrupted("received SIGTERM: ...", signal.SIGTERM), KeyboardInterrupt()])
+def test_an_interrupted_evaluation_writes_no_result_and_stops_the_sweep(tmp_path, monkeypatch, stop):
+    """evaluate_model records a model's failure and goes on; a stop signal is not one: it propagates. An
+    earlier evaluation in the folder is put back whole (it had been kept aside for the new one), and the
+    stopped one's partial outputs are gone: the folder's config.yaml and metrics.csv are those of its result."""
     from byol.jobs import evaluate as evaluate_job
     from byol.jobs import protocols
     from byol.jobs.config_check import plain_config
     from byol.jobs.pretrained import random_model
 
-    def interrupted(*args, **kwargs):
-        raise Interrupted("received SIGTERM: ...", signal.SIGTERM)
+    def interrupted(model, cfg, splits, num_classes, out_dir):
+        (out_dir / "metrics.csv").write_text("epoch,train/loss\n0,2.3\n")  # the stopped evaluation's first rows
+        raise stop
 
     monkeypatch.setattr(protocols, "run_protocol", interrupted)  # imported by evaluate_model when it runs one
     cfg = plain_config(compose_config("evaluate", ["pretrained=random", "data=synthetic", "eval=finetune"], tmp_path))
     model = random_model({"name": "resnet18", "stem": "cifar"}, 0, "random-init")
-    with pytest.raises(Interrupted):
-        evaluate_job.evaluate_model(model, cfg, {}, 10, tmp_path)
-    assert not (tmp_path / "results.json").exists()
+    fresh, again = tmp_path / "fresh", tmp_path / "again"
+    again.mkdir()
+    earlier = {"results.json": '{"status": "ok"}', "config.yaml": "earlier: 1", "metrics.csv": "epoch\n0\n"}
+    for name, text in earlier.items():
+        (again / name).write_text(text)
+    for folder in (fresh, again):
+        with pytest.raises(type(stop)):
+            evaluate_job.evaluate_model(model, cfg, {}, 10, folder)
+    assert not (fresh / "results.json").exists()
+    assert {p.name: p.read_text() for p in again.iterdir()} == earlier
 
 
 def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path, capsys):

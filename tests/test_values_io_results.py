@@ -4,6 +4,7 @@ planned read from the run folder's config.yaml (a resume with more epochs rewrit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -12,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from byol.jobs.pretrained import read_pretrained
-from byol.jobs.replaced import keep_earlier_evaluation
+from byol.jobs.replaced import REPLACING, keep_earlier_evaluation, undo_unfinished_evaluation
 
 
 def stamped(path, when: tuple) -> str:
@@ -75,3 +76,69 @@ def test_a_checkpoints_planned_epochs_come_from_its_run_folder(smoke_config, tmp
     torch.save(blob, tmp_path / "elsewhere" / "epoch0003.ckpt")
     alone = read_pretrained(tmp_path / "elsewhere" / "epoch0003.ckpt")
     assert (alone.epochs, alone.planned_epochs, alone.pretrain_status) == (3, 3, "complete")
+
+
+def _earlier_evaluation(folder) -> dict:
+    """A finished evaluation's files in ``folder``: name -> text."""
+    files = {"results.json": '{"status": "ok", "test_acc": 0.5}\n', "config.yaml": "repr: {name: avgpool}\n",
+             "metrics.csv": "epoch,val/acc\n0,0.5\n"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return files
+
+
+def _texts(folder) -> dict:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_an_evaluation_killed_before_its_result_is_undone_and_the_earlier_one_kept_once(tmp_path, capsys):
+    """A re-evaluation killed (SIGKILL: no handler ran) after the earlier files were kept left the old
+    results.json beside the new config.yaml and metrics.csv, and the next run kept the old result a second
+    time. The next run now puts the earlier evaluation back first: one kept copy, beside its own config."""
+    earlier = _earlier_evaluation(tmp_path)
+    stamp = stamped(tmp_path / "results.json", (2021, 3, 4, 5, 6, 7))
+    keep_earlier_evaluation(tmp_path)
+    for name in ("config.yaml", "metrics.csv", "embeddings.pt"):  # the killed evaluation's partial outputs
+        (tmp_path / name).write_text(f"killed {name}")
+    undone = undo_unfinished_evaluation(tmp_path)
+    assert sorted(undone) == ["config.yaml", "metrics.csv"]
+    assert _texts(tmp_path) == earlier  # exactly the folder before: no kept copies, no record, no partial files
+    out = capsys.readouterr().out
+    assert "an evaluation stopped there before writing its result: its partial outputs are removed" in out
+    keep_earlier_evaluation(tmp_path)
+    for name in ("config.yaml", "metrics.csv"):
+        (tmp_path / name).write_text(f"killed again {name}")
+    kept = keep_earlier_evaluation(tmp_path)  # the undo happens inside: the next evaluation's keep
+    assert kept == [f"results.replaced-{stamp}.json", f"config.replaced-{stamp}.yaml", f"metrics.replaced-{stamp}.csv"]
+    assert [(tmp_path / n).read_text() for n in kept] == [earlier[n] for n in ("results.json", "config.yaml",
+                                                                               "metrics.csv")]
+    assert len(list(tmp_path.glob("*.replaced-*"))) == 3 and (tmp_path / REPLACING).is_file()
+
+
+def test_a_result_written_before_the_kill_stays_with_its_files(tmp_path):
+    """Killed between its results.json and the end of the record: the new evaluation finished, and nothing of it
+    is undone; the earlier one stays kept."""
+    _earlier_evaluation(tmp_path)
+    kept = keep_earlier_evaluation(tmp_path)
+    new = {"results.json": '{"status": "ok", "test_acc": 0.7}\n', "config.yaml": "new", "metrics.csv": "new"}
+    for name, text in new.items():
+        (tmp_path / name).write_text(text)
+    assert undo_unfinished_evaluation(tmp_path) == []
+    assert {n: t for n, t in _texts(tmp_path).items() if ".replaced-" not in n} == new
+    assert sorted(p.name for p in tmp_path.glob("*.replaced-*")) == sorted(kept)
+
+
+def test_a_record_that_is_not_ours_moves_nothing(tmp_path):
+    """The record is read from a folder a user may hand over: names with a path, or not kept ones, move nothing."""
+    files = _earlier_evaluation(tmp_path)
+    (tmp_path / "elsewhere.txt").write_text("not an output")
+    digest = hashlib.sha256((tmp_path / "results.json").read_bytes()).hexdigest()  # as if it were the kept one
+    for record in ({"results": "../x.replaced-1.json", "moved": {}, "sha256": digest},
+                   {"results": "results.replaced-1.json", "moved": {"config.yaml": "elsewhere.txt"}, "sha256": digest},
+                   {"results": "results.replaced-1.json", "moved": {"/etc/passwd": "config.replaced-1.yaml"},
+                    "sha256": digest},
+                   ["not", "a", "record"]):
+        (tmp_path / REPLACING).write_text(json.dumps(record))
+        assert undo_unfinished_evaluation(tmp_path) == []
+        left = {n: t for n, t in _texts(tmp_path).items() if n != REPLACING}
+        assert left == {**files, "elsewhere.txt": "not an output"}

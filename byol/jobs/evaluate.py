@@ -52,6 +52,7 @@ from byol.jobs.results_json import (
     missing_result,
     model_fields,
     result_fields,
+    undo_stopped_result,
     write_json,
 )
 from byol.jobs.run_folder import (
@@ -326,7 +327,8 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
             f"{val}, test {result['test_acc']:.4f}"
         print(f"[eval] {model.label}: {cfg['eval']['name']} on {cfg['repr']['name']} -> {scores} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
-    except Interrupted:  # a stop signal: not this model's failure, and the sweep stops too
+    except (Interrupted, KeyboardInterrupt):  # a stop signal: not this model's failure, and the sweep stops too
+        undo_stopped_result(out_dir)  # the earlier evaluation there, if any, is whole again
         raise
     except Exception as exc:  # recorded per model; the job decides whether to stop
         message = str(exc) if isinstance(exc, ByolError) else f"{type(exc).__name__}: {exc}"

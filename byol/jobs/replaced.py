@@ -1,7 +1,13 @@
-"""An evaluation run again into its folder: the earlier one kept whole, under names the report does not read."""
+"""An evaluation run again into its folder: the earlier one kept whole, under names the report does not read.
+
+While the new evaluation runs, a small record (``.replacing.json``) says which files were kept. An evaluation
+stopped before its result (a stop signal, Ctrl+C, or a kill that left the record behind) is undone: the kept
+files go back to their names and the stopped one's partial outputs are removed, so the folder again holds one
+evaluation whose config.yaml and metrics.csv made its results.json, and the next run keeps it once, not twice."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,15 +22,13 @@ def keep_earlier_evaluation(folder: Path, results_file: str = "results.json") ->
     results (a copy whose file names point at the kept files), metrics.csv, config.yaml, embeddings and maps.
     The earlier ``results_file`` itself stays until the new one replaces it in one atomic write, so an
     evaluation stopped half-way leaves the earlier result readable. Returns the kept names."""
+    undo_unfinished_evaluation(folder, results_file)  # one killed before its result: its files are not kept
     results = Path(folder) / results_file
     if not results.is_file() or results.is_symlink():  # a link's target is not this folder's to copy
         return []
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(results.stat().st_mtime))
-    outputs = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.is_symlink()
-               and ".replaced-" not in p.name and p.name != results_file
-               and (p.name in EVALUATION_OUTPUTS or p.name.startswith(MAP_PREFIX))]
     renamed = {}
-    for path in outputs:  # moved away: the new evaluation starts without them
+    for path in _outputs(folder, results_file):  # moved away: the new evaluation starts without them
         target = _free_name(path, stamp)
         path.replace(target)
         renamed[path.name] = target.name
@@ -38,7 +42,71 @@ def keep_earlier_evaluation(folder: Path, results_file: str = "results.json") ->
         atomic_write_bytes((json.dumps(earlier, indent=2) + "\n").encode(), kept)
     else:
         atomic_write_bytes(results.read_bytes(), kept)
+    record = {"results": kept.name, "moved": renamed, "sha256": _digest(results)}
+    atomic_write_bytes((json.dumps(record, indent=2) + "\n").encode(), Path(folder) / REPLACING)
     return [kept.name, *renamed.values()]
+
+
+def evaluation_replaced(folder: Path) -> None:
+    """The new evaluation's result is written: the files kept for the earlier one stay kept for good."""
+    (Path(folder) / REPLACING).unlink(missing_ok=True)
+
+
+def undo_unfinished_evaluation(folder: Path, results_file: str = "results.json") -> list[str]:
+    """An evaluation that :func:`keep_earlier_evaluation` made room for and that stopped before writing its
+    result: its partial outputs are removed and the earlier evaluation's files take their names again (its
+    results.json never left). Nothing when no such evaluation is recorded, or the record is not this program's.
+    Returns the names put back."""
+    folder = Path(folder)
+    record = _replacing_record(folder)
+    if record is None:
+        return []
+    results = folder / results_file
+    if not results.is_file() or results.is_symlink() or _digest(results) != record.get("sha256"):
+        evaluation_replaced(folder)  # its result was written (or removed): the kept files stay kept, as they are
+        return []
+    for path in _outputs(folder, results_file):  # the stopped evaluation's: no result was written from them
+        path.unlink()
+    restored = []
+    for name, kept in record["moved"].items():
+        if (folder / kept).is_file() and not (folder / kept).is_symlink():
+            (folder / kept).replace(folder / name)
+            restored.append(name)
+    (folder / record["results"]).unlink(missing_ok=True)  # a copy of the results.json still in place
+    evaluation_replaced(folder)
+    print(f"[eval] note: {folder}: an evaluation stopped there before writing its result: its partial outputs "
+          f"are removed and the earlier evaluation's files are back in place "
+          f"({', '.join([results_file, *restored])})", flush=True)
+    return restored
+
+
+def _replacing_record(folder: Path) -> dict | None:
+    """The record of kept files in ``folder``, when it is one this program wrote (names without a path)."""
+    path = folder / REPLACING
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 16:
+            return None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    moved = record.get("moved") if isinstance(record, dict) else None
+    names = [record.get("results"), *(moved or {}), *(moved or {}).values()] if isinstance(moved, dict) else [None]
+    if not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names):
+        return None
+    if not all(".replaced-" in n for n in [record["results"], *moved.values()]):
+        return None
+    return record
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _outputs(folder: Path, results_file: str) -> list[Path]:
+    """The outputs of the evaluation in ``folder`` other than its result: those a new evaluation writes again."""
+    return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.is_symlink()
+            and ".replaced-" not in p.name and p.name != results_file
+            and (p.name in EVALUATION_OUTPUTS or p.name.startswith(MAP_PREFIX))]
 
 
 def set_aside_evaluation(folder: Path, results_file: str = "results.json") -> list[str]:
@@ -47,11 +115,13 @@ def set_aside_evaluation(folder: Path, results_file: str = "results.json") -> li
     kept = keep_earlier_evaluation(folder, results_file)
     if kept:
         (Path(folder) / results_file).unlink()
+    evaluation_replaced(folder)
     return kept
 
 
 EVALUATION_OUTPUTS = (METRICS_FILE, CONFIG_FILE, "embeddings.pt")
 MAP_PREFIX = "tsne_"  # the maps of eval=embed: tsne_<part>.png
+REPLACING = ".replacing.json"  # which files were kept for the evaluation now running in the folder
 
 
 def _free_name(path: Path, stamp: str) -> Path:

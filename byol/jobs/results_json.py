@@ -12,7 +12,7 @@ from byol.core.errors import ByolError
 from byol.jobs.cli import launched_rank
 from byol.jobs.evaluation_checks import UNTRAINED
 from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields, trained_settings
-from byol.jobs.replaced import keep_earlier_evaluation
+from byol.jobs.replaced import evaluation_replaced, keep_earlier_evaluation, undo_unfinished_evaluation
 from byol.jobs.run_folder import FAILED, HYDRA_DIR, lock_holder
 
 RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
@@ -28,12 +28,20 @@ def keep_earlier_result(folder: Path) -> None:
         print(f"[eval] note: {folder} already held an evaluation; kept as {', '.join(kept)}", flush=True)
 
 
+def undo_stopped_result(folder: Path) -> None:
+    """An evaluation stopped before its result: the earlier one in ``folder`` (if any) is put back (rank 0)."""
+    if launched_rank() == 0:
+        undo_unfinished_evaluation(folder, RESULTS_FILE)
+
+
 def write_json(obj: dict, path: Path) -> None:
     """Written atomically: the report never reads half a results.json of a killed job. Under DDP by
-    rank 0 alone (every rank holds the same, gathered, results)."""
+    rank 0 alone (every rank holds the same, gathered, results). The earlier evaluation kept aside for
+    this one stays kept from then on."""
     if launched_rank() != 0:
         return
     atomic_write_bytes((json.dumps(obj, indent=2, default=str) + "\n").encode(), path)
+    evaluation_replaced(path.parent)
 
 
 def result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
