@@ -369,14 +369,14 @@ class WritableOutput(Callback):
         self._check(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
         target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
         if target.endswith("SlurmLauncher") and not (shutil.which("sbatch") or shutil.which("srun")):
-            # submitit's own refusal is a traceback from inside the launcher
+            # submitit's own refusal is a traceback from inside the launcher; checked before the sweep's folder
             print("error: hydra/launcher=submitit_slurm submits to SLURM, but this machine has no sbatch or srun; "
                   "run the command on the cluster's login node, or use hydra/launcher=submitit_local (the same "
                   "launcher on this machine) or hydra/launcher=joblib", file=sys.stderr, flush=True)
             sys.exit(1)
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 class SweepSummary(Callback):

@@ -1,4 +1,4 @@
-"""What a job prints: Lightning's known noise silenced, the project's own warnings as one line, and the
+"""What a job prints: Lightning's and Hydra's known noise silenced, the project's own warnings as one line, and the
 console copied into the job's log file."""
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ def _escape_bytes(error: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(ESCAPED_NAMES, _escape_bytes)
+# conf/hydra/launcher/*.yaml extend the launcher plugins' schemas of the same names on purpose; Hydra's
+# deprecation warning about it (in the sweep's command and again in each joblib worker) asks nothing of a user.
+# Set on import: a worker imports this module (through the entry script's job) before it loads the sweep's config
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
 # Lightning messages with nothing for a user to act on, silenced during a run (and restored after)
