@@ -122,3 +122,32 @@ def test_a_decode_names_the_folders_other_caches_that_it_does_not_use(tmp_path, 
     assert named[0].split("changed: ")[1].split("; delete")[0].split(", ") == first  # the size-8 cache, only it
     load_image_folder(data, 16, cache_dir=cache, workers=1, storage=storage)  # read from its cache: no decode
     assert "other cache file(s)" not in capsys.readouterr().out
+
+
+def test_a_killed_decode_of_another_cache_of_the_folder_leaves_no_temporary_file(tmp_path, capsys):
+    """A decode killed at another image size (another cache key) left a dataset-sized temporary file that no
+    later decode removed: only this key's were. Now every dead writer's file of the folder's caches goes;
+    another folder's, and a live writer's, stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data, cache = class_folders(tmp_path / "train", 3), tmp_path / "cache"
+    load_image_folder(data, 8, cache_dir=cache, workers=1)
+    own = next(cache.glob("train-*.pt")).name
+    other_key = own.replace(own[len("train-"):len("train-") + 20], "0123456789abcdef0123")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    host = socket.gethostname()
+    stale = [cache / f".{other_key}.{host}-{dead}.abc123.tmp",  # killed decoding at size 16
+             cache / f".{other_key.replace('.pt', '.u8.npy')}.{host}-{dead}.x_y9.tmp"]  # and with storage=mmap
+    kept = [cache / f".{other_key}.{host}-{os.getpid()}.def456.tmp",  # decoding right now
+            cache / f".trainset-0123456789abcdef0123.pt.{host}-{dead}.ghi789.tmp",  # another folder's
+            cache / f".{other_key}.other-node-{dead}.jkl012.tmp"]  # another machine's (a shared disk)
+    for f in stale + kept:
+        f.write_bytes(b"\0" * 64)
+    load_image_folder(data, 12, cache_dir=cache, workers=1)  # a decode of this folder (a new size)
+    out = capsys.readouterr().out
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in kept)
+    assert f"removed 2 unfinished cache file(s) that a stopped process left in {cache}" in out

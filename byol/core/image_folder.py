@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -177,10 +178,13 @@ def _remove_unfinished(cache: Path, folder: Path) -> None:
     """Before a decode: the cache files that a stopped decode of this folder left half-written are removed (before
     counting the free space), and the folder's other caches are named: each change to a folder, or another image
     size, leaves one as large as the decoded images, and nothing else says so until the disk is full."""
-    removed = remove_dead_writers_files(cache) if cache.parent.is_dir() else []
+    removed = []  # a killed decode's temporary file, of this cache or of another of the folder's (another size)
+    for name in sorted({_temp_files_cache(p.name, folder.name) for p in cache.parent.glob(".*.tmp")} - {None}
+                       if cache.parent.is_dir() else []):
+        removed += remove_dead_writers_files(cache.parent / name)
     if removed:
-        print(f"[data] removed {len(removed)} unfinished cache file(s) that a stopped process left beside {cache}",
-              flush=True)
+        print(f"[data] removed {len(removed)} unfinished cache file(s) that a stopped process left in "
+              f"{cache.parent} ({', '.join(p.name for p in removed)})", flush=True)
     own = cache.name.removesuffix(".u8.npy").removesuffix(".pt")  # "<folder>-<key>" (_cache_files)
     others = sorted(p for p in cache.parent.glob(f"{glob.escape(folder.name)}-*") if p.is_file()
                     and p.name.endswith((".pt", ".npy")) and not p.name.startswith(own + "."))
@@ -189,6 +193,14 @@ def _remove_unfinished(cache: Path, folder: Path) -> None:
         print(f"[data] note: {len(others)} other cache file(s) of a folder named '{folder.name}' in {cache.parent} "
               f"({size / 1e9:.2f} GB), from another image size or setting, or from the folder before it changed: "
               f"{', '.join(p.name for p in others)}; delete those no longer needed", flush=True)
+
+
+def _temp_files_cache(name: str, folder_name: str) -> str | None:
+    """The cache file (``<folder>-<key>`` and a cache suffix, see :func:`_cache_files`) whose temporary file
+    (:func:`byol.core.checkpoint.new_temp_file`) is named ``name``; None for any other file."""
+    key, suffixes = r"[0-9a-f]{20}", r"(?:\.pt|\.u8\.npy|\.labels\.pt)"
+    found = re.fullmatch(rf"\.({re.escape(folder_name)}-{key}{suffixes})\..+-\d+\.[^.]+\.tmp", name)
+    return found.group(1) if found else None
 
 
 def cache_folder_problem(folder: Path, size: int) -> str | None:
