@@ -268,9 +268,23 @@ def test_a_refusal_names_what_was_blocked_and_never_quotes_torchs_advice(tmp_pat
     assert ckpt.blocked(older) == \
         "it refers to builtins.exec (a Python function or class), not only to tensors and plain containers"
     unnamed = pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
-                                     "`False` will likely succeed.\n\nUnsupported operand 149")
+                                     "`False` will likely succeed.\n\nUnsupported thing")
     assert ckpt.blocked(unnamed) == \
         "it holds more than tensors and plain containers (torch's refusal does not name what)"
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_another_programs_pickle_is_refused_as_such_without_torchs_warning(tmp_path, recwarn, protocol):
+    """A pickle of protocol 4 or 5 (pickle.dump's default; torch.save writes 2) holding plain values: torch's safe
+    reader stops at its first FRAME instruction, after a raw warning asking to file an issue with torch, and the
+    error said the file held 'more than tensors and plain containers'. Now: one error naming what it is."""
+    path = tmp_path / "weights.pt"
+    path.write_bytes(pickle.dumps({"conv1.weight": [[0.5]], "epoch": 3}, protocol=protocol))
+    with pytest.raises(CheckpointError) as err:
+        safe_load(path)
+    assert str(err.value).startswith(f"refusing to load '{path}': it is another program's pickle: it uses an "
+                                     f"instruction (opcode 149) that torch.save never writes")
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
 def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path):

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -169,7 +170,9 @@ def safe_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False, j
         raise CheckpointError(f"checkpoint '{path}' {what}")
     refuse_inflating(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # a plain pickle of another protocol: torch's note to file an issue
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or damaged files fail in many ways
         # not only tensors and containers: a zip or pickle that names a global (protocol 0 begins with its name)
         if isinstance(e, pickle.UnpicklingError) and (starts_like_torch(path) or BLOCKED_NAME.search(str(e))):
@@ -205,6 +208,10 @@ def blocked(error: pickle.UnpicklingError) -> str:
     found = BLOCKED_NAME.search(str(error))
     if found:
         return f"it refers to {found.group(1)} (a Python function or class), not only to tensors and plain containers"
+    operand = re.search(r"Unsupported operand (\d{1,3})", str(error))
+    if operand:  # e.g. 149, FRAME: protocol 4 and above, which torch.save never writes
+        return (f"it is another program's pickle: it uses an instruction (opcode {operand.group(1)}) that torch.save "
+                f"never writes and the safe reader does not take")
     return "it holds more than tensors and plain containers (torch's refusal does not name what)"
 
 
