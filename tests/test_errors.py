@@ -122,6 +122,9 @@ def test_evaluation_folder_without_train_or_test_is_refused_before_decoding(tmp_
         eval_splits(folder_cfg(tmp_path), {"name": "holdout", "val_size": 2})
     assert str(err.value).startswith(f"no {' and no '.join(repr(m) for m in missing)} folder in '{tmp_path}'")
     assert "decoding" not in capsys.readouterr().out
+    flat = (f"It holds 2 class folder(s) itself (cat, dog), the layout pretraining takes: an evaluation needs "
+            f"held-out test images, so move part of each class's images (a fifth, say) into {tmp_path}/test/<class>/")
+    assert (flat in str(err.value)) == (not present)  # the flat layout is told how to split; a half-split one not
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):

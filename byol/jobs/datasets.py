@@ -128,8 +128,20 @@ def check_eval_folders(cfg) -> None:
 
 
 def missing_split_folders(root: Path, missing: Sequence[str]) -> DataError:
+    """The refusal of an evaluation folder without train/ or test/; for one that holds the class folders
+    themselves (the layout pretraining takes), how to lay it out."""
+    try:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        classes = []
+    flat = ""
+    if len(missing) == 2 and classes:
+        shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+        flat = (f". It holds {len(classes)} class folder(s) itself ({shown}), the layout pretraining takes: an "
+                f"evaluation needs held-out test images, so move part of each class's images (a fifth, say) into "
+                f"{root}/test/<class>/ and the rest into {root}/train/<class>/")
     return DataError(f"no {' and no '.join(repr(m) for m in missing)} folder in '{root}'; evaluation needs "
-                     f"{root}/train/<class>/* and {root}/test/<class>/* (the same class folders in both)")
+                     f"{root}/train/<class>/* and {root}/test/<class>/* (the same class folders in both){flat}")
 
 
 def pretraining_split_is_evaluations(cfg) -> bool:
