@@ -184,6 +184,51 @@ def signal_rank1_when(proc: subprocess.Popen, ready, sig: int = signal.SIGUSR1) 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank-1 process through /proc")
+def test_a_rank_killed_mid_training_is_one_line_from_the_other_with_what_is_kept(tmp_path):
+    """SIGKILL (the out-of-memory killer, a scheduler) to one process of a DDP run: the other's next collective
+    failed with a 60-line torch traceback ending in gloo's 'Connection reset by peer'. Now one error line that
+    says another process stopped and how to resume from the last checkpoint, status 1."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "train.py", *DDP_CPU, "trainer.max_epochs=200",
+                             f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = signal_rank1_when(proc, lambda: wait_for_step(proc, last, 2), signal.SIGKILL)
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    said = line.split("stopped (")[1].split(")")[0]  # gloo's words depend on where the other process was
+    assert said in ("Connection reset by peer", "Connection closed by peer", "Broken pipe"), line
+    assert line == (
+        f"error: another process of this 2-process run stopped ({said}); its own output or the "
+        f"scheduler's says why (killed, out of memory, its machine lost), and this one stops too: the last "
+        f"checkpoint saved is kept ({last}); resume with: python train.py resume={run}")
+
+
+def test_a_lost_process_is_told_only_under_ddp_and_only_for_a_lost_connection():
+    """The conversion of torch's error for a process gone: other errors, and any on one process, pass unchanged."""
+    import torch.distributed as dist
+
+    from byol.core.errors import ByolError
+    from byol.jobs.console import other_processes_lost
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:60635: Connection reset by "
+                        "peer. This is typically caused by a remote worker hanging")
+    with pytest.raises(ByolError) as err, other_processes_lost(2, lambda: "kept: X"):
+        raise gloo
+    assert str(err.value).startswith("another process of this 2-process run stopped (Connection reset by peer)")
+    assert str(err.value).endswith("and this one stops too: kept: X")
+    with pytest.raises(ByolError, match=r"stopped \(DistBackendError: NCCL error in: x\)"), \
+            other_processes_lost(8, lambda: ""):
+        raise dist.DistBackendError("NCCL error in: x\nmore")
+    for world, error in ((1, gloo), (2, RuntimeError("CUDA out of memory")), (2, ValueError("Broken pipe"))):
+        with pytest.raises(type(error)) as passed, other_processes_lost(world, lambda: ""):
+            raise error
+        assert passed.value is error
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank-1 process through /proc")
 def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on_one_process(tmp_path):
     """SLURM signals every task, but not at the same instant, and a terminal's Ctrl+C may reach one
     process first: the ranks agree on the stop step, so neither waits forever for the other.

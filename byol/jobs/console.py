@@ -1,15 +1,19 @@
-"""What a job prints: Lightning's and Hydra's known noise silenced, the project's own warnings as one line, and the
-console copied into the job's log file."""
+"""What a job prints: Lightning's and Hydra's known noise silenced, the project's own warnings as one line, the
+console copied into the job's log file, and a DDP process's loss as one line, not torch's traceback."""
 
 from __future__ import annotations
 
 import codecs
 import logging
+import re
 import sys
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+
+from byol.core.errors import ByolError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # byol/
 # the encoding error handler of everything a job or the report writes: a file name's byte that is not UTF-8
@@ -121,3 +125,25 @@ def console_copied_to(path: Path):
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         log.close()
+
+
+# what torch says when a process of the run is gone mid-collective (gloo over TCP; NCCL raises a DistError)
+PEER_LOST = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|NCCL communicator was aborted")
+
+
+@contextmanager
+def other_processes_lost(world_size: int, kept: Callable[[], str]):
+    """Under DDP a process of the run that died (killed, out of memory, its machine lost) makes the others'
+    next collective fail with a long torch traceback: one line instead, with what is kept (``kept()``)."""
+    try:
+        yield
+    except RuntimeError as e:
+        import torch.distributed as dist
+
+        found = PEER_LOST.search(str(e))
+        if world_size <= 1 or not (found or isinstance(e, dist.DistError)):
+            raise
+        said = found.group(0) if found else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        raise ByolError(f"another process of this {world_size}-process run stopped ({said}); its own output or "
+                        f"the scheduler's says why (killed, out of memory, its machine lost), and this one stops "
+                        f"too: {kept()}") from None

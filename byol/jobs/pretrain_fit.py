@@ -23,6 +23,7 @@ from byol.jobs.build import (
     trainer_for_this_machine,
 )
 from byol.jobs.cli import launched_rank, resume_hint
+from byol.jobs.console import other_processes_lost
 from byol.jobs.curves import write_curves
 from byol.jobs.monitoring import MonitorSamples, build_monitors, monitor_taps, representations
 from byol.jobs.pretrain import RunStart, before_training, training_batches
@@ -64,8 +65,10 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
         trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
         announce(config, run_dir, trainer, start, datamodule.batches)
     done = f"training had finished ({ckpt_dir / LAST_CHECKPOINT} holds its final state); stopping"
+    checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoints))
     try:  # a stop signal from the end of training on waits for the export (RunCheckpoints holds it)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
+        with other_processes_lost(trainer.world_size, checkpoints.after_second_interrupt):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
         if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
             return export
         save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training

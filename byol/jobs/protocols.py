@@ -30,6 +30,7 @@ from byol.core.knn import knn_accuracy
 from byol.core.linear_probe import MakeOptimizer, train_linear_probe
 from byol.core.optim import build_optimizer, build_schedule
 from byol.jobs.build import build_trainer, make_loggers, planned_world, trainer_for_this_machine
+from byol.jobs.console import other_processes_lost
 from byol.jobs.embedding import embed_test_set
 from byol.jobs.evaluation_checks import checked_protocol, uses_trainer
 from byol.jobs.pretrained import EncoderSource
@@ -205,7 +206,8 @@ def _lightning_protocol(encoder, taps, num_classes, cfg, splits, out_dir: Path, 
     batches = SplitsDataModule(train, val, test)
     with warnings.catch_warnings():  # the frozen encoder is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=batches)
+        with other_processes_lost(trainer.world_size, stop.after_second_interrupt):
+            trainer.fit(module, datamodule=batches)
     val_acc, val_images = ((float(trainer.callback_metrics[f"val/{key}"]) for key in ("acc", "images"))
                            if validated else (None, 0))
     (test,) = trainer.test(module, datamodule=batches, verbose=False)
