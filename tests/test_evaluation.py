@@ -458,7 +458,7 @@ def test_keeping_an_earlier_evaluation_keeps_its_files_and_leaves_its_result_unt
     assert keep_earlier_evaluation(tmp_path / "empty_or_absent") == []
 
 
-def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
+def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     _export(sweep / "0_good", "multi", seed=2)
     _export(sweep / "1_corrupt", "classic", seed=5)
@@ -476,6 +476,9 @@ def test_failing_model_in_a_sweep_is_recorded_and_the_others_run(tmp_path):
     for base, seed in zip(bases, (2, 5), strict=True):
         assert (base["status"], base["loss"], base["backbone"], base["stem"], base["width"], base["seed"]) == (
             "ok", "random-init", "resnet18", "imagenet", 1.0, seed)  # the runs' width, not preset=smoke's
+    out = capsys.readouterr().out  # a baseline has no run: its data are the runs' (it said "the run's own")
+    assert "[eval] random-init_seed2: data synthetic (image_size=32), from the settings of the runs it stands " \
+           "beside" in out and "random-init_seed2: data synthetic (image_size=32), from the run's own" not in out
 
 
 def _killed_run(smoke_config, run_dir: Path, done: int, planned: int, name: str = "last.ckpt") -> Path:

@@ -53,8 +53,10 @@ class EvaluationData:
         self._loaded: dict[str, tuple] = {}
         self._noted: set[str] = set()  # machine settings the runs had otherwise, said once each
 
-    def settings(self, run_config: Mapping | None, label: str, no_run_data: str = "no run data") -> dict:
-        """The data settings for the model ``label``; ``no_run_data`` says why there are none of its run's."""
+    def settings(self, run_config: Mapping | None, label: str, no_run_data: str = "no run data",
+                 whose: str = "the run's own settings") -> dict:
+        """The data settings for the model ``label``; ``no_run_data`` says why there are none of its run's,
+        ``whose`` whose settings ``run_config`` holds (a random-init baseline's are those of the runs beside it)."""
         run_data = (run_config or {}).get("data")
         if self.whole or not isinstance(run_data, Mapping):
             source = "the command line" if self.whole else f"this evaluation's config ({no_run_data})"
@@ -63,7 +65,7 @@ class EvaluationData:
             chosen = {**run_data, **{k: self.composed[k] for k in self.keys if k in self.composed}}
             chosen.update(self._machine_settings(run_data, label))
             given = f"; {', '.join('data.' + k for k in self.keys)} from the command line" if self.keys else ""
-            source = f"the run's own settings{given}"
+            source = f"{whose}{given}"
         chosen = dict(chosen)
         from_run = not self.whole and isinstance(run_data, Mapping) and "root" not in self.keys
         make_root_absolute(chosen, f"{label}'s run config" if from_run else None)
