@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -142,3 +143,88 @@ def test_a_record_that_is_not_ours_moves_nothing(tmp_path):
         assert undo_unfinished_evaluation(tmp_path) == []
         left = {n: t for n, t in _texts(tmp_path).items() if n != REPLACING}
         assert left == {**files, "elsewhere.txt": "not an output"}
+
+
+def test_a_crafted_record_moves_or_removes_nothing_and_never_fails(tmp_path):
+    """The record is read from a folder a user may hand over. One whose names have the right form but are not
+    what an evaluation keeps (weights, a user's file, another earlier kept result, a folder, a link, a NUL
+    byte, JSON nested too deep) moved files that are not evaluation outputs over others, removed the folder's
+    config.yaml and metrics.csv or an earlier kept result, or stopped the evaluation with a traceback."""
+    stamp = "20200101-000000"
+    results = f"results.replaced-{stamp}.json"
+
+    def folder(name: str):
+        where = tmp_path / name
+        where.mkdir()
+        files = _earlier_evaluation(where)
+        digest = hashlib.sha256((where / "results.json").read_bytes()).hexdigest()
+        return where, files, digest
+
+    cases = {
+        "weights": ({f"config.replaced-{stamp}.yaml": "a user's", "encoder.pt": "weights"},
+                    {"moved": {"encoder.pt": f"config.replaced-{stamp}.yaml"}}),
+        "a user's file": ({"notes.replaced-by-hand.txt": "notes"},
+                          {"moved": {"results.json": "notes.replaced-by-hand.txt"}}),
+        "another kept result": ({results: '{"status": "ok", "test_acc": 0.1}\n'}, {"moved": {}}),
+        "NUL": ({}, {"results": f"results.replaced-{stamp}\0.json", "moved": {}}),
+        "results a folder": ({f"{results}/x": "x"}, {"moved": {}}),
+    }
+    for name, (extra, record) in cases.items():
+        where, files, digest = folder(name.replace(" ", "_"))
+        for path, text in extra.items():
+            (where / path).parent.mkdir(exist_ok=True)
+            (where / path).write_text(text)
+        before = {p: p.read_bytes() if p.is_file() else None for p in where.rglob("*")}
+        (where / REPLACING).write_text(json.dumps({"results": results, "sha256": digest, **record}))
+        assert undo_unfinished_evaluation(where) == [], name
+        assert {p: p.read_bytes() if p.is_file() else None for p in where.rglob("*") if p.name != REPLACING} \
+            == before, name
+        assert (where / "results.json").read_text() == files["results.json"], name
+    where, files, digest = folder("kept_a_link")  # the record is this program's, its kept config.yaml a link
+    (tmp_path / "outside.yaml").write_text("outside")
+    (where / f"config.replaced-{stamp}.yaml").symlink_to(tmp_path / "outside.yaml")
+    (where / results).write_text(files["results.json"])
+    (where / REPLACING).write_text(json.dumps({"results": results, "sha256": digest,
+                                               "moved": {"config.yaml": f"config.replaced-{stamp}.yaml"}}))
+    assert undo_unfinished_evaluation(where) == []  # the link does not take config.yaml's name
+    assert (where / "config.yaml").read_text() == files["config.yaml"] and not (where / "config.yaml").is_symlink()
+    assert (where / f"config.replaced-{stamp}.yaml").is_symlink() and (tmp_path / "outside.yaml").read_text() == \
+        "outside"
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "results.json").write_text("[" * 100000)  # a results.json nested too deep, kept as it is
+    (deep / REPLACING).write_text("[" * 60000)
+    assert [n.split(".replaced-")[0] for n in keep_earlier_evaluation(deep)] == ["results"]
+    assert json.loads((deep / REPLACING).read_text())["moved"] == {}  # the evaluation's own record, written
+    elsewhere, _, _ = folder("elsewhere")
+    keep_earlier_evaluation(elsewhere)  # a record of another folder, linked in: not followed
+    linked, files, _ = folder("linked")
+    (linked / REPLACING).symlink_to(elsewhere / REPLACING)
+    assert undo_unfinished_evaluation(linked) == [] and _texts(linked) == {**files, REPLACING: _texts(elsewhere)[
+        REPLACING]}
+
+
+def test_an_undo_stopped_half_way_is_finished_by_the_next_and_loses_nothing(tmp_path, monkeypatch):
+    """Ctrl+C pressed twice: the second one stopped the undo of the first after a kept file had taken its name
+    back. The next undo removed it as a partial output, and the earlier evaluation's config.yaml was lost."""
+    from pathlib import Path
+
+    earlier = _earlier_evaluation(tmp_path)
+    keep_earlier_evaluation(tmp_path)
+    for name in ("config.yaml", "metrics.csv"):
+        (tmp_path / name).write_text(f"stopped {name}")
+    replace, calls = Path.replace, []
+
+    def second_ctrl_c(self, target):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        undo_unfinished_evaluation(tmp_path)
+    monkeypatch.setattr(Path, "replace", replace)
+    assert (tmp_path / REPLACING).is_file()  # the undo is not done
+    undo_unfinished_evaluation(tmp_path)
+    assert _texts(tmp_path) == earlier

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -34,14 +35,10 @@ def keep_earlier_evaluation(folder: Path, results_file: str = "results.json") ->
         renamed[path.name] = target.name
     try:
         earlier = json.loads(results.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep (a handed-over folder)
         earlier = None
     kept = _free_name(results, stamp)
-    if isinstance(earlier, dict) and renamed and ({"embeddings", "maps"} & set(earlier)):  # name the kept files
-        earlier = {k: _renamed_in(v, renamed) if k in ("embeddings", "maps") else v for k, v in earlier.items()}
-        atomic_write_bytes((json.dumps(earlier, indent=2) + "\n").encode(), kept)
-    else:
-        atomic_write_bytes(results.read_bytes(), kept)
+    atomic_write_bytes(_kept_results(earlier, renamed) or results.read_bytes(), kept)
     record = {"results": kept.name, "moved": renamed, "sha256": _digest(results)}
     atomic_write_bytes((json.dumps(record, indent=2) + "\n").encode(), Path(folder) / REPLACING)
     return [kept.name, *renamed.values()]
@@ -58,21 +55,27 @@ def undo_unfinished_evaluation(folder: Path, results_file: str = "results.json")
     results.json never left). Nothing when no such evaluation is recorded, or the record is not this program's.
     Returns the names put back."""
     folder = Path(folder)
-    record = _replacing_record(folder)
+    record = _replacing_record(folder, results_file)
     if record is None:
         return []
     results = folder / results_file
     if not results.is_file() or results.is_symlink() or _digest(results) != record.get("sha256"):
         evaluation_replaced(folder)  # its result was written (or removed): the kept files stay kept, as they are
         return []
+    moved, copy = record["moved"], folder / record["results"]
+    if not copy.is_file() or copy.is_symlink() or not _is_copy(copy, results, moved):
+        return []  # not the record of the kept results beside it: nothing is moved or removed
     for path in _outputs(folder, results_file):  # the stopped evaluation's: no result was written from them
-        path.unlink()
+        if path.name not in moved:  # the others are replaced by their kept file below (one already put back by
+            path.unlink()           # an undo stopped half-way stays: it is the earlier evaluation's)
     restored = []
-    for name, kept in record["moved"].items():
-        if (folder / kept).is_file() and not (folder / kept).is_symlink():
-            (folder / kept).replace(folder / name)
+    for name, kept in moved.items():
+        target = folder / name
+        if (folder / kept).is_file() and not (folder / kept).is_symlink() and \
+                (target.is_symlink() or not target.is_dir()):
+            (folder / kept).replace(target)
             restored.append(name)
-    (folder / record["results"]).unlink(missing_ok=True)  # a copy of the results.json still in place
+    copy.unlink()  # a copy of the results.json still in place
     evaluation_replaced(folder)
     print(f"[eval] note: {folder}: an evaluation stopped there before writing its result: its partial outputs "
           f"are removed and the earlier evaluation's files are back in place "
@@ -80,22 +83,54 @@ def undo_unfinished_evaluation(folder: Path, results_file: str = "results.json")
     return restored
 
 
-def _replacing_record(folder: Path) -> dict | None:
-    """The record of kept files in ``folder``, when it is one this program wrote (names without a path)."""
+def _replacing_record(folder: Path, results_file: str = "results.json") -> dict | None:
+    """The record of kept files in ``folder``, when it is one this program wrote: the kept results under
+    ``results_file``'s kept name, and each moved file an evaluation output kept under its own kept name
+    (:func:`_free_name`), all in ``folder``. A record that names anything else moves and removes nothing."""
     path = folder / REPLACING
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 16:
             return None
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     moved = record.get("moved") if isinstance(record, dict) else None
-    names = [record.get("results"), *(moved or {}), *(moved or {}).values()] if isinstance(moved, dict) else [None]
-    if not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names):
+    if not isinstance(moved, dict) or not _kept_name(record.get("results"), results_file):
         return None
-    if not all(".replaced-" in n for n in [record["results"], *moved.values()]):
+    if not all(_is_output(name, results_file) and _kept_name(kept, name) for name, kept in moved.items()):
         return None
     return record
+
+
+def _is_output(name, results_file: str) -> bool:
+    """``name`` is that of an evaluation output that :func:`keep_earlier_evaluation` moves."""
+    return isinstance(name, str) and Path(name).name == name and "\0" not in name and name != results_file \
+        and ".replaced-" not in name and (name in EVALUATION_OUTPUTS or name.startswith(MAP_PREFIX))
+
+
+def _kept_name(kept, name: str) -> bool:
+    """``kept`` is a name :func:`_free_name` gives the file ``name``: ``<stem>.replaced-<stamp>[-n]<suffix>``."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    return isinstance(kept, str) and re.fullmatch(
+        rf"{re.escape(stem)}\.replaced-\d{{8}}-\d{{6}}(?:-\d+)?{re.escape(suffix)}", kept) is not None
+
+
+def _kept_results(earlier, renamed: dict) -> bytes | None:
+    """The kept copy of the results ``earlier`` (parsed) naming the kept files (``renamed``: old -> kept name)
+    of the embeddings and maps; None when it names none of them: the kept copy is the file's own bytes."""
+    if isinstance(earlier, dict) and renamed and ({"embeddings", "maps"} & set(earlier)):
+        earlier = {k: _renamed_in(v, renamed) if k in ("embeddings", "maps") else v for k, v in earlier.items()}
+        return (json.dumps(earlier, indent=2) + "\n").encode()
+    return None
+
+
+def _is_copy(copy: Path, results: Path, renamed: dict) -> bool:
+    """``copy`` is what :func:`keep_earlier_evaluation` kept of ``results``."""
+    try:
+        earlier = json.loads(results.read_text())
+    except (OSError, ValueError, RecursionError):
+        earlier = None
+    return copy.read_bytes() == (_kept_results(earlier, renamed) or results.read_bytes())
 
 
 def _digest(path: Path) -> str:
