@@ -228,6 +228,37 @@ def test_an_interrupted_evaluation_writes_no_result_and_stops_the_sweep(tmp_path
     assert {p.name: p.read_text() for p in again.iterdir()} == earlier
 
 
+
+def test_a_ddp_process_lost_during_an_evaluation_writes_no_result_and_stops_the_sweep(tmp_path, monkeypatch):
+    """A DDP evaluation whose other process died: the error said "no result written for it", yet it was
+    recorded as this model's failure: a results.json with status failed replaced the earlier result in the
+    folder (and a sweep went on to its next model, whose first exchange failed the same way). Now it is a stop
+    like a signal: the earlier evaluation is put back, no result is written, and the error propagates."""
+    from byol.core.errors import ByolError
+    from byol.jobs import evaluate as evaluate_job
+    from byol.jobs import protocols
+    from byol.jobs.config_check import plain_config
+    from byol.jobs.console import other_processes_lost
+    from byol.jobs.pretrained import random_model
+
+    def lost(model, cfg, splits, num_classes, out_dir):
+        (out_dir / "metrics.csv").write_text("epoch,train/loss\n0,2.3\n")  # the stopped evaluation's first rows
+        with other_processes_lost(2, lambda: "no result written for it"):
+            raise RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")
+
+    monkeypatch.setattr(protocols, "run_protocol", lost)
+    cfg = plain_config(compose_config("evaluate", ["pretrained=random", "data=synthetic", "eval=finetune"], tmp_path))
+    model = random_model({"name": "resnet18", "stem": "cifar"}, 0, "random-init")
+    again = tmp_path / "again"
+    again.mkdir()
+    earlier = {"results.json": '{"status": "ok"}', "config.yaml": "earlier: 1", "metrics.csv": "epoch\n0\n"}
+    for name, text in earlier.items():
+        (again / name).write_text(text)
+    with pytest.raises(ByolError, match=r"stopped \(Connection reset by peer\).*no result written for it$"):
+        evaluate_job.evaluate_model(model, cfg, {}, 10, again)
+    assert {p.name: p.read_text() for p in again.iterdir()} == earlier
+
+
 def test_ctrl_c_outside_training_is_one_line_and_status_130(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

@@ -131,6 +131,10 @@ def console_copied_to(path: Path):
 PEER_LOST = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|NCCL communicator was aborted")
 
 
+class OtherProcessLost(ByolError):
+    """A process of this DDP run is gone: this one stops too; not a failure of the model it was evaluating."""
+
+
 @contextmanager
 def other_processes_lost(world_size: int, kept: Callable[[], str]):
     """Under DDP a process of the run that died (killed, out of memory, its machine lost) makes the others'
@@ -144,6 +148,6 @@ def other_processes_lost(world_size: int, kept: Callable[[], str]):
         if world_size <= 1 or not (found or isinstance(e, dist.DistError)):
             raise
         said = found.group(0) if found else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        raise ByolError(f"another process of this {world_size}-process run stopped ({said}); its own output or "
-                        f"the scheduler's says why (killed, out of memory, its machine lost), and this one stops "
-                        f"too: {kept()}") from None
+        raise OtherProcessLost(f"another process of this {world_size}-process run stopped ({said}); its own output "
+                               f"or the scheduler's says why (killed, out of memory, its machine lost), and this one "
+                               f"stops too: {kept()}") from None

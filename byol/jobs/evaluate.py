@@ -24,7 +24,7 @@ from byol.core.features import representation_taps
 from byol.jobs.build import planned_world
 from byol.jobs.cli import launched_rank
 from byol.jobs.config_check import check_config, plain_config
-from byol.jobs.console import quiet_lightning
+from byol.jobs.console import OtherProcessLost, quiet_lightning
 from byol.jobs.evaluation_checks import (
     UNTRAINED,
     check_processes,
@@ -328,7 +328,8 @@ def evaluate_model(model: EncoderSource | Path, cfg: Mapping, splits: Mapping[st
             f"{val}, test {result['test_acc']:.4f}"
         print(f"[eval] {model.label}: {cfg['eval']['name']} on {cfg['repr']['name']} -> {scores} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
-    except (Interrupted, KeyboardInterrupt):  # a stop signal: not this model's failure, and the sweep stops too
+    except (Interrupted, KeyboardInterrupt, OtherProcessLost):  # a stop signal, or a DDP process gone: not this
+        # model's failure (no result is written), and the sweep stops too
         undo_stopped_result(out_dir)  # the earlier evaluation there, if any, is whole again
         raise
     except Exception as exc:  # recorded per model; the job decides whether to stop
