@@ -428,6 +428,7 @@ def test_an_evaluation_run_again_into_its_folder_keeps_the_earlier_result(tmp_pa
     out = capsys.readouterr().out
     assert out.count(f"[eval] note: {run} already held an evaluation; kept as results.replaced-") == 2
     assert [p.name for p in run.rglob("results.json")] == ["results.json"]  # the report reads one
+    assert not (run / ".replacing.json").exists()  # the record of what was kept goes with the new result
     configs = [yaml.safe_load((run / n.replace("results.", "config.").replace(".json", ".yaml")).read_text())
                for n in kept]  # each kept result beside the config that made it
     assert sorted(c["repr"]["name"] for c in configs) == ["avgpool", "combined"]
@@ -798,5 +799,6 @@ def test_an_earlier_evaluations_baselines_this_one_does_not_make_are_set_aside(t
     assert "[eval] note: random-init, a baseline of an earlier evaluation here" in capsys.readouterr().out
     assert not (out / "random-init" / "results.json").exists()
     assert len(list((out / "random-init").glob("results.replaced-*.json"))) == 1
+    assert not list(out.rglob(".replacing.json"))  # set aside for good: no record left to undo it by
     (baseline,) = [c for c in build_cells(load_results(sorted(out.rglob("results.json")))) if c.loss == "random-init"]
     assert baseline.runs == 2 and not baseline.repeated_seeds and sorted(baseline.seeds) == [0, 1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -166,6 +167,8 @@ def test_a_crafted_record_moves_or_removes_nothing_and_never_fails(tmp_path):
         "a user's file": ({"notes.replaced-by-hand.txt": "notes"},
                           {"moved": {"results.json": "notes.replaced-by-hand.txt"}}),
         "another kept result": ({results: '{"status": "ok", "test_acc": 0.1}\n'}, {"moved": {}}),
+        "not a kept name": ({results: '{"status": "ok", "test_acc": 0.5}\n', "notes.replaced-by-hand.txt": "notes"},
+                            {"moved": {"config.yaml": "notes.replaced-by-hand.txt"}}),
         "NUL": ({}, {"results": f"results.replaced-{stamp}\0.json", "moved": {}}),
         "results a folder": ({f"{results}/x": "x"}, {"moved": {}}),
     }
@@ -190,6 +193,15 @@ def test_a_crafted_record_moves_or_removes_nothing_and_never_fails(tmp_path):
     assert (where / "config.yaml").read_text() == files["config.yaml"] and not (where / "config.yaml").is_symlink()
     assert (where / f"config.replaced-{stamp}.yaml").is_symlink() and (tmp_path / "outside.yaml").read_text() == \
         "outside"
+    where, files, digest = folder("a_folder_in_the_way")  # a folder where a kept file would go back: left
+    (where / "config.yaml").unlink()
+    (where / "config.yaml").mkdir()
+    (where / f"config.replaced-{stamp}.yaml").write_text("kept")
+    (where / results).write_text(files["results.json"])
+    (where / REPLACING).write_text(json.dumps({"results": results, "sha256": digest,
+                                               "moved": {"config.yaml": f"config.replaced-{stamp}.yaml"}}))
+    assert undo_unfinished_evaluation(where) == []
+    assert (where / "config.yaml").is_dir() and (where / f"config.replaced-{stamp}.yaml").read_text() == "kept"
     deep = tmp_path / "deep"
     deep.mkdir()
     (deep / "results.json").write_text("[" * 100000)  # a results.json nested too deep, kept as it is
@@ -197,11 +209,13 @@ def test_a_crafted_record_moves_or_removes_nothing_and_never_fails(tmp_path):
     assert [n.split(".replaced-")[0] for n in keep_earlier_evaluation(deep)] == ["results"]
     assert json.loads((deep / REPLACING).read_text())["moved"] == {}  # the evaluation's own record, written
     elsewhere, _, _ = folder("elsewhere")
-    keep_earlier_evaluation(elsewhere)  # a record of another folder, linked in: not followed
-    linked, files, _ = folder("linked")
+    keep_earlier_evaluation(elsewhere)  # a record of another folder, linked in (here a copy's): not followed
+    linked = tmp_path / "linked"
+    shutil.copytree(elsewhere, linked)
+    (linked / REPLACING).unlink()
     (linked / REPLACING).symlink_to(elsewhere / REPLACING)
-    assert undo_unfinished_evaluation(linked) == [] and _texts(linked) == {**files, REPLACING: _texts(elsewhere)[
-        REPLACING]}
+    before = _texts(linked)
+    assert undo_unfinished_evaluation(linked) == [] and _texts(linked) == before
 
 
 def test_an_undo_stopped_half_way_is_finished_by_the_next_and_loses_nothing(tmp_path, monkeypatch):
