@@ -141,13 +141,34 @@ def test_a_killed_decode_of_another_cache_of_the_folder_leaves_no_temporary_file
                               text=True).stdout)
     host = socket.gethostname()
     stale = [cache / f".{other_key}.{host}-{dead}.abc123.tmp",  # killed decoding at size 16
-             cache / f".{other_key.replace('.pt', '.u8.npy')}.{host}-{dead}.x_y9.tmp"]  # and with storage=mmap
+             cache / f".{other_key.replace('.pt', '.u8.npy')}.{host}-{dead}.x_y9.tmp",  # and with storage=mmap
+             cache / f".{other_key.replace('.pt', '.labels.pt')}.{host}-{dead}.lab3l.tmp"]  # its labels
     kept = [cache / f".{other_key}.{host}-{os.getpid()}.def456.tmp",  # decoding right now
             cache / f".trainset-0123456789abcdef0123.pt.{host}-{dead}.ghi789.tmp",  # another folder's
-            cache / f".{other_key}.other-node-{dead}.jkl012.tmp"]  # another machine's (a shared disk)
+            cache / f".{other_key}.other-node-{dead}.jkl012.tmp",  # another machine's (a shared disk)
+            cache / f".{other_key.replace('.pt', '.log')}.{host}-{dead}.mn0p.tmp"]  # not a cache file's
     for f in stale + kept:
         f.write_bytes(b"\0" * 64)
     load_image_folder(data, 12, cache_dir=cache, workers=1)  # a decode of this folder (a new size)
     out = capsys.readouterr().out
     assert not any(f.exists() for f in stale) and all(f.exists() for f in kept)
-    assert f"removed 2 unfinished cache file(s) that a stopped process left in {cache}" in out
+    assert f"removed 3 unfinished cache file(s) that a stopped process left in {cache} (" in out
+    named = out.split(f"left in {cache} (")[1].split(")\n")[0].split(", ")
+    assert sorted(named) == sorted(f.name for f in stale)  # each named
+
+
+def test_a_decode_leaves_the_temporary_files_of_a_folder_whose_name_only_matches_as_a_pattern(tmp_path):
+    """The folder's name is matched as written: a decode of 'tr.in' (a '.' in the name) leaves a dead writer's
+    file of the folder 'trXin' beside it alone, as it does any other folder's."""
+    import socket
+    import subprocess
+    import sys
+
+    data, cache = class_folders(tmp_path / "tr.in", 3), tmp_path / "cache"
+    cache.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    other = cache / f".trXin-0123456789abcdef0123.pt.{socket.gethostname()}-{dead}.abc123.tmp"
+    other.write_bytes(b"\0" * 64)
+    load_image_folder(data, 8, cache_dir=cache, workers=1)
+    assert other.exists()
