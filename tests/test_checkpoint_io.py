@@ -283,8 +283,27 @@ def test_another_programs_pickle_is_refused_as_such_without_torchs_warning(tmp_p
     with pytest.raises(CheckpointError) as err:
         safe_load(path)
     assert str(err.value).startswith(f"refusing to load '{path}': it is another program's pickle: it uses an "
-                                     f"instruction (opcode 149) that torch.save never writes")
+                                     f"instruction (opcode 149) that torch.save never writes and the safe reader "
+                                     f"does not take, so unpickling it could run code")
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_only_torchs_pickle_protocol_warning_is_silenced_while_loading(tmp_path, monkeypatch, recwarn):
+    """The filter that hides torch's 'Detected pickle protocol' note must not hide what else torch.load says
+    (a deprecation, a note about the file): those still reach the user."""
+    import warnings
+
+    path = tmp_path / "encoder.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+
+    def load(*args, **kwargs):
+        warnings.warn("Detected pickle protocol 4 in the checkpoint, not the default", UserWarning, stacklevel=2)
+        warnings.warn("torch.load: something else about this file", UserWarning, stacklevel=2)
+        return {"w": torch.zeros(1)}
+
+    monkeypatch.setattr(torch, "load", load)
+    assert set(safe_load(path)) == {"w"}
+    assert [str(w.message) for w in recwarn] == ["torch.load: something else about this file"]
 
 
 def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path):
