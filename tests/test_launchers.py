@@ -110,6 +110,28 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
     assert "ConfigStore schema" not in proc.stderr + proc.stdout
 
 
+
+@pytest.mark.parametrize("console", [True, False])
+def test_hydras_schema_matching_warning_is_silenced_by_the_jobs_console(console):
+    """Composing our launcher configs warns (Hydra 1.1+) that each is validated against the plugin's schema of
+    the same name, two to four times a sweep; conf/hydra/launcher/*.yaml extend those schemas on purpose, so
+    byol.jobs.console (imported by every job and joblib worker) silences that warning, and only it. Checked in a
+    fresh process (the filter is set on import) for each launcher, without sweeping."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    code = ("import warnings\n"
+            + ("import byol.jobs.console\n" if console else "")
+            + "from hydra import compose, initialize_config_dir\n"
+            f"with initialize_config_dir({str(ROOT / 'conf')!r}, version_base='1.3'):\n"
+            "    for launcher in ('joblib', 'submitit_local', 'submitit_slurm'):\n"
+            "        compose('train', [f'hydra/launcher={launcher}'], return_hydra_config=True)\n"
+            "warnings.warn('another warning')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("is validated against ConfigStore schema") == (0 if console else 3), proc.stderr
+    assert "another warning" in proc.stderr  # other warnings are shown
+
+
 def test_slurm_launcher_config_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
