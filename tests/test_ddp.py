@@ -221,6 +221,11 @@ def test_a_lost_process_is_told_only_under_ddp_and_only_for_a_lost_connection():
     with pytest.raises(ByolError, match=r"stopped \(DistBackendError: NCCL error in: x\)"), \
             other_processes_lost(8, lambda: ""):
         raise dist.DistBackendError("NCCL error in: x\nmore")
+    for said in ("Connection closed by peer", "Broken pipe", "NCCL communicator was aborted"):  # gloo, NCCL
+        with pytest.raises(ByolError) as err, other_processes_lost(2, lambda: "kept: X"):
+            raise RuntimeError(f"[rank0]: {said} on rank 0.\nException raised from recvBytes")
+        assert str(err.value).startswith(f"another process of this 2-process run stopped ({said}); ")
+        assert err.value.__cause__ is None and err.value.__suppress_context__  # one line: no torch traceback
     for world, error in ((1, gloo), (2, RuntimeError("CUDA out of memory")), (2, ValueError("Broken pipe"))):
         with pytest.raises(type(error)) as passed, other_processes_lost(world, lambda: ""):
             raise error
