@@ -125,6 +125,25 @@ def test_evaluation_folder_without_train_or_test_is_refused_before_decoding(tmp_
     flat = (f"It holds 2 class folder(s) itself (cat, dog), the layout pretraining takes: an evaluation needs "
             f"held-out test images, so move part of each class's images (a fifth, say) into {tmp_path}/test/<class>/")
     assert (flat in str(err.value)) == (not present)  # the flat layout is told how to split; a half-split one not
+    assert ("class folder(s) itself" in str(err.value)) == (not present)  # its test/ or train/ is not a class
+
+
+def test_a_flat_evaluation_folder_is_told_how_to_split_its_class_folders(tmp_path):
+    """The hint counts and names the class folders only: not a file or a hidden folder beside them (a notebook's
+    checkpoints, a cache), four names at most; a data.root that is a file gets the refusal without a hint."""
+    from byol.jobs.datasets import missing_split_folders
+
+    for name in ("bird", "cat", "cow", "dog", "eel", ".ipynb_checkpoints"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "README.txt").write_text("not a class")
+    assert str(missing_split_folders(tmp_path, ["train", "test"])) == (
+        f"no 'train' and no 'test' folder in '{tmp_path}'; evaluation needs {tmp_path}/train/<class>/* and "
+        f"{tmp_path}/test/<class>/* (the same class folders in both). It holds 5 class folder(s) itself (bird, cat, "
+        f"cow, dog, ...), the layout pretraining takes: an evaluation needs held-out test images, so move part of "
+        f"each class's images (a fifth, say) into {tmp_path}/test/<class>/ and the rest into "
+        f"{tmp_path}/train/<class>/")
+    assert str(missing_split_folders(tmp_path / "README.txt", ["train", "test"])).endswith("(the same class "
+                                                                                             "folders in both)")
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
