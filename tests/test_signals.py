@@ -228,6 +228,23 @@ def test_an_interrupted_evaluation_writes_no_result_and_stops_the_sweep(tmp_path
     assert {p.name: p.read_text() for p in again.iterdir()} == earlier
 
 
+def test_a_stop_stays_a_stop_when_the_earlier_evaluation_cannot_be_put_back(tmp_path, monkeypatch, capsys):
+    """Putting the earlier evaluation back can meet a full or read-only disk: the stop still propagates as
+    itself (an OSError in its place read as a storage failure of the job), and one note says the next
+    evaluation of the folder puts it back."""
+    from byol.jobs import results_json
+
+    def unwritable(folder, results_file):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(results_json, "undo_unfinished_evaluation", unwritable)
+    try:
+        raise Interrupted("received SIGTERM: ...", signal.SIGTERM)
+    except Interrupted:
+        results_json.undo_stopped_result(tmp_path)  # as evaluate_model's handler calls it, before re-raising
+    assert (f"[eval] note: {tmp_path}: the earlier evaluation's files could not be put back now (Permission "
+            f"denied); the next evaluation of this folder does it") in capsys.readouterr().out
+
 
 def test_a_ddp_process_lost_during_an_evaluation_writes_no_result_and_stops_the_sweep(tmp_path, monkeypatch):
     """A DDP evaluation whose other process died: the error said "no result written for it", yet it was

@@ -29,9 +29,15 @@ def keep_earlier_result(folder: Path) -> None:
 
 
 def undo_stopped_result(folder: Path) -> None:
-    """An evaluation stopped before its result: the earlier one in ``folder`` (if any) is put back (rank 0)."""
+    """An evaluation stopped before its result: the earlier one in ``folder`` (if any) is put back (rank 0). A
+    folder that cannot be written now (a full or read-only disk) is left for the next evaluation to undo: the
+    stop stays a stop, said as such."""
     if launched_rank() == 0:
-        undo_unfinished_evaluation(folder, RESULTS_FILE)
+        try:
+            undo_unfinished_evaluation(folder, RESULTS_FILE)
+        except OSError as e:
+            print(f"[eval] note: {folder}: the earlier evaluation's files could not be put back now "
+                  f"({e.strerror or e}); the next evaluation of this folder does it", flush=True)
 
 
 def write_json(obj: dict, path: Path) -> None:
