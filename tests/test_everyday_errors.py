@@ -265,3 +265,43 @@ def test_a_checkpoint_saved_after_a_stop_inside_a_step_keeps_the_handlers_until_
     cb.received = signal.SIGINT
     cb.on_exception(trainer, SimpleNamespace(undo_step=lambda: None), StepStopped("inside a step", signal.SIGINT))
     assert seen == [ours] and signal.getsignal(signal.SIGINT) is not ours  # restored once saved
+
+
+def test_pretrained_or_resume_of_an_evaluations_output_says_so_and_names_what_to_give(tmp_path):
+    """pretrained= of an evaluation's folder said "no pretraining run in it", of its results.json "not a
+    PyTorch file" after a line blaming "its run's config.yaml", and of an evaluation sweep listed each job as a
+    training run without weights; resume= of one advised starting it again without resume=. Each now says it
+    is an evaluation's output and names what to give."""
+    from byol.core.errors import CheckpointError
+    from byol.jobs.pretrained import resolve_pretrained
+    from byol.jobs.resume import find_resume
+
+    single = tmp_path / "eval" / "2026-12-01_10-00-00"
+    single.mkdir(parents=True)
+    (single / "results.json").write_text('{"repr": "avgpool", "eval": "knn"}')
+    (single / "config.yaml").write_text("eval:\n  name: knn\npretrained: latest\n")
+    sweep = tmp_path / "multirun" / "eval" / "2026-12-01_10-00-00"
+    for job in ("0_eval=knn", "1_eval=linear"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / "results.json").write_text('{"repr": "avgpool", "eval": "knn"}')
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    for given in (single, single / "results.json", sweep / "0_eval=knn"):
+        with pytest.raises(CheckpointError) as refused:
+            resolve_pretrained(str(given), tmp_path)
+        folder = given if given.is_dir() else given.parent
+        assert str(refused.value) == (
+            f"pretrained='{given}' is an evaluation's output (results.json, no weights), not a pretraining run; "
+            f"give the run it evaluated (outputs/train/<time>, its encoder.pt or a .ckpt). Its results: "
+            f"python -m byol.report {folder}")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_pretrained(str(sweep), tmp_path)
+    assert str(refused.value) == (
+        f"pretrained='{sweep}' is an evaluation sweep (its jobs hold results.json, no weights), not a pretraining "
+        f"run; give the training sweep it evaluated (outputs/multirun/train/<time>, or pretrained=latest_sweep). "
+        f"Its results: python -m byol.report {sweep}")
+    for given, what in ((single, "an evaluation's output (results.json, no weights)"),
+                        (sweep, "an evaluation sweep (its jobs hold results.json, no weights)")):
+        with pytest.raises(CheckpointError) as refused:
+            find_resume(str(given), tmp_path / "new")
+        assert str(refused.value) == (f"resume='{given}' is {what}, not a pretraining run; resume= takes a train.py "
+                                      f"run folder (outputs/train/<time>) or one of its checkpoints/*.ckpt")
