@@ -305,3 +305,22 @@ def test_pretrained_or_resume_of_an_evaluations_output_says_so_and_names_what_to
             find_resume(str(given), tmp_path / "new")
         assert str(refused.value) == (f"resume='{given}' is {what}, not a pretraining run; resume= takes a train.py "
                                       f"run folder (outputs/train/<time>) or one of its checkpoints/*.ckpt")
+
+
+def test_a_training_sweep_with_no_job_folder_yet_is_said_to_be_one(tmp_path):
+    """A training sweep just started (multirun.yaml, no job folder yet) given to pretrained= was "no pretraining
+    run in it ... create one with python train.py", as if nothing had been trained there: it says it is a sweep
+    whose jobs have not run yet. A folder that is no sweep keeps its own line."""
+    from byol.core.errors import CheckpointError
+    from byol.jobs.pretrained import resolve_pretrained
+
+    started = tmp_path / "multirun" / "train" / "2026-12-01_10-00-00"
+    started.mkdir(parents=True)
+    (started / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_pretrained(str(started), tmp_path)
+    assert str(refused.value) == (f"'{started}' is a sweep with no job folder yet (its first job has not started, "
+                                  f"or the sweep stopped before it): evaluate it once its jobs have run")
+    (started / "multirun.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"^no pretraining run in .*create one with `python train.py`"):
+        resolve_pretrained(str(started), tmp_path)

@@ -312,6 +312,9 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
     if is_run_dir(path):
         return [weights_file(path)], None
     _refuse_evaluation_output(path, spec)
+    if not find_runs(path) and (path / "multirun.yaml").is_file() and not sweep_jobs(path):
+        raise CheckpointError(f"'{path}' is a sweep with no job folder yet (its first job has not started, or the "
+                              f"sweep stopped before it): evaluate it once its jobs have run")
     if not find_runs(path) and not sweep_jobs(path):
         raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds {ENCODER_FILE} or "
                               f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}); create one with `python train.py` or use "
