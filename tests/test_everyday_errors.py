@@ -340,3 +340,22 @@ def test_an_option_typed_in_capitals_is_pointed_to_its_name(argv, config_name, e
     from byol.jobs.command_line import unknown_option
 
     assert unknown_option(argv, config_name) == expected
+
+
+def test_a_data_root_given_for_synthetic_data_is_refused_naming_data_imagefolder(tmp_path):
+    """`python train.py experiment=smoke data.root=DIR` (data=imagefolder forgotten) trained on generated stripes
+    and never read DIR, without a word: the run looked like one on the user's images. One line names the fix;
+    with data=imagefolder the same root is what the run reads."""
+    from byol.jobs.pretrain import run_start
+    from byol.jobs.value_ranges import check_root_is_read
+
+    smoke = plain_config(compose_config("train", ["experiment=smoke", f"data.root={tmp_path}"], tmp_path / "run"))
+    with pytest.raises(ConfigError) as refused:
+        run_start(smoke, tmp_path / "run", requested=None)
+    assert str(refused.value) == (f"data.root={tmp_path} does nothing with data=synthetic (generated images; "
+                                  f"experiment=smoke chooses them): add data=imagefolder to train on that folder, "
+                                  f"or leave data.root out")
+    assert not (tmp_path / "run").exists()
+    check_root_is_read(plain_config(compose_config("train", ["experiment=smoke"], tmp_path))["data"])
+    check_root_is_read(plain_config(compose_config("train", ["experiment=smoke", "data=imagefolder",
+                                                             f"data.root={tmp_path}"], tmp_path))["data"])
