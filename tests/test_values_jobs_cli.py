@@ -104,6 +104,7 @@ def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_p
     being listed; a training sweep's end says nothing of a report."""
     sweep = tmp_path / "eval sweep"
     (sweep / "0_eval=knn").mkdir(parents=True)
+    (sweep / "0_eval=knn" / "results.json").write_text("{}")
     _sweep_end(sweep, "evaluate")
     said = f"[eval] sweep: {sweep}; its report: python -m byol.report '{sweep}'\n"
     assert capsys.readouterr() == (said, "")
@@ -117,6 +118,27 @@ def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_p
     out, err = capsys.readouterr()
     assert out == said and err == (f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):\n"
                                    "  1_eval=linear: 1 of 3 evaluations failed (classic0)\n")
+
+
+def test_an_evaluation_sweep_without_a_result_does_not_offer_its_report(tmp_path, capsys):
+    """An evaluation sweep whose every job failed before evaluating a model (pretrained= named nothing to evaluate)
+    ended "its report: python -m byol.report SWEEP", and that report is an error line (no results.json): the
+    line says there is nothing to report, and the failures follow."""
+    sweep = tmp_path / "eval sweep"
+    (sweep / "0_preset=smoke").mkdir(parents=True)
+    (sweep / "0_preset=smoke" / "FAILED").write_text("no pretraining run in '/nowhere'\n")
+    with pytest.raises(SystemExit) as exit_:
+        _sweep_end(sweep, "evaluate")
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == f"[eval] sweep: {sweep}; no results.json to report: no job evaluated a model (below)\n"
+    assert err == (f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):\n"
+                   "  0_preset=smoke: no pretraining run in '/nowhere'\n")
+    (sweep / "0_preset=smoke" / "run").mkdir()  # a model that failed has a results.json: the report lists it
+    (sweep / "0_preset=smoke" / "run" / "results.json").write_text('{"status": "failed"}')
+    with pytest.raises(SystemExit):
+        _sweep_end(sweep, "evaluate")
+    assert capsys.readouterr().out == f"[eval] sweep: {sweep}; its report: python -m byol.report '{sweep}'\n"
 
 
 @pytest.mark.parametrize("value, hint", [
