@@ -90,6 +90,25 @@ def test_a_single_evaluation_ends_naming_its_results_file(tmp_path, capsys):
     assert (tmp_path / "run" / "results.json").is_file()
 
 
+
+def test_a_sweep_evaluated_in_one_job_ends_naming_its_folder_and_report(tmp_path, capsys):
+    """`evaluate.py pretrained=SWEEP_DIR` (one job, no -m) ended on the last model's scores, never saying where
+    the results went: its last line names the folder and the report command, as one model's names its file."""
+    from test_evaluation import _export
+
+    from byol.jobs.evaluate import evaluate
+
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_seed=0"), _export(sweep / "1_seed=1", seed=1)
+    cfg = compose_config("evaluate", ["preset=smoke", "data=synthetic", f"pretrained={sweep}", "eval=knn",
+                                      "baseline=false"], tmp_path)
+    evaluate(cfg, tmp_path / "run")
+    lines = capsys.readouterr().out.splitlines()
+    assert "1_seed=1: knn on avgpool -> val " in lines[-2]
+    assert lines[-1] == (f"[eval] results: {tmp_path / 'run'} (a folder per model); its report: python -m "
+                         f"byol.report {tmp_path / 'run'}")
+    assert sorted(p.parent.name for p in (tmp_path / "run").glob("*/results.json")) == ["0_seed=0", "1_seed=1"]
+
 def _sweep_end(sweep, job_name: str) -> None:
     from omegaconf import OmegaConf
 
