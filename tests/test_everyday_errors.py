@@ -265,3 +265,97 @@ def test_a_checkpoint_saved_after_a_stop_inside_a_step_keeps_the_handlers_until_
     cb.received = signal.SIGINT
     cb.on_exception(trainer, SimpleNamespace(undo_step=lambda: None), StepStopped("inside a step", signal.SIGINT))
     assert seen == [ours] and signal.getsignal(signal.SIGINT) is not ours  # restored once saved
+
+
+def test_pretrained_or_resume_of_an_evaluations_output_says_so_and_names_what_to_give(tmp_path):
+    """pretrained= of an evaluation's folder said "no pretraining run in it", of its results.json "not a
+    PyTorch file" after a line blaming "its run's config.yaml", and of an evaluation sweep listed each job as a
+    training run without weights; resume= of one advised starting it again without resume=. Each now says it
+    is an evaluation's output and names what to give."""
+    from byol.core.errors import CheckpointError
+    from byol.jobs.pretrained import resolve_pretrained
+    from byol.jobs.resume import find_resume
+
+    single = tmp_path / "eval" / "2026-12-01_10-00-00"
+    single.mkdir(parents=True)
+    (single / "results.json").write_text('{"repr": "avgpool", "eval": "knn"}')
+    (single / "config.yaml").write_text("eval:\n  name: knn\npretrained: latest\n")
+    sweep = tmp_path / "multirun" / "eval" / "2026-12-01_10-00-00"
+    for job in ("0_eval=knn", "1_eval=linear"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / "results.json").write_text('{"repr": "avgpool", "eval": "knn"}')
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    for given in (single, single / "results.json", sweep / "0_eval=knn"):
+        with pytest.raises(CheckpointError) as refused:
+            resolve_pretrained(str(given), tmp_path)
+        folder = given if given.is_dir() else given.parent
+        assert str(refused.value) == (
+            f"pretrained='{given}' is an evaluation's output (results.json, no weights), not a pretraining run; "
+            f"give the run it evaluated (outputs/train/<time>, its encoder.pt or a .ckpt). Its results: "
+            f"python -m byol.report {folder}")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_pretrained(str(sweep), tmp_path)
+    assert str(refused.value) == (
+        f"pretrained='{sweep}' is an evaluation sweep (its jobs hold results.json, no weights), not a pretraining "
+        f"run; give the training sweep it evaluated (outputs/multirun/train/<time>, or pretrained=latest_sweep). "
+        f"Its results: python -m byol.report {sweep}")
+    for given, what in ((single, "an evaluation's output (results.json, no weights)"),
+                        (sweep, "an evaluation sweep (its jobs hold results.json, no weights)")):
+        with pytest.raises(CheckpointError) as refused:
+            find_resume(str(given), tmp_path / "new")
+        assert str(refused.value) == (f"resume='{given}' is {what}, not a pretraining run; resume= takes a train.py "
+                                      f"run folder (outputs/train/<time>) or one of its checkpoints/*.ckpt")
+
+
+def test_a_training_sweep_with_no_job_folder_yet_is_said_to_be_one(tmp_path):
+    """A training sweep just started (multirun.yaml, no job folder yet) given to pretrained= was "no pretraining
+    run in it ... create one with python train.py", as if nothing had been trained there: it says it is a sweep
+    whose jobs have not run yet. A folder that is no sweep keeps its own line."""
+    from byol.core.errors import CheckpointError
+    from byol.jobs.pretrained import resolve_pretrained
+
+    started = tmp_path / "multirun" / "train" / "2026-12-01_10-00-00"
+    started.mkdir(parents=True)
+    (started / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(CheckpointError) as refused:
+        resolve_pretrained(str(started), tmp_path)
+    assert str(refused.value) == (f"'{started}' is a sweep with no job folder yet (its first job has not started, "
+                                  f"or the sweep stopped before it): evaluate it once its jobs have run")
+    (started / "multirun.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"^no pretraining run in .*create one with `python train.py`"):
+        resolve_pretrained(str(started), tmp_path)
+
+
+@pytest.mark.parametrize("argv, config_name, expected", [
+    (["eval=KNN"], "evaluate", "error: eval=KNN is not an option of eval (did you mean eval=knn?); choose one of: "
+                               "embed, finetune, knn, linear"),
+    (["data=CIFAR10"], "train", "error: data=CIFAR10 is not an option of data (did you mean data=cifar10?); choose "
+                                "one of: cifar10, cifar100, imagefolder, stl10, synthetic"),
+    (["loss=Multi"], "train", "error: loss=Multi is not an option of loss (did you mean loss=multi?); choose one of: "
+                              "classic, multi"),
+])
+def test_an_option_typed_in_capitals_is_pointed_to_its_name(argv, config_name, expected):
+    """eval=KNN, data=CIFAR10 (as the dataset is written): the options are lower case, and the line offered no
+    'did you mean' for a name that differs only in case (difflib compares case-sensitively)."""
+    from byol.jobs.command_line import unknown_option
+
+    assert unknown_option(argv, config_name) == expected
+
+
+def test_a_data_root_given_for_synthetic_data_is_refused_naming_data_imagefolder(tmp_path):
+    """`python train.py experiment=smoke data.root=DIR` (data=imagefolder forgotten) trained on generated stripes
+    and never read DIR, without a word: the run looked like one on the user's images. One line names the fix;
+    with data=imagefolder the same root is what the run reads."""
+    from byol.jobs.pretrain import run_start
+    from byol.jobs.value_ranges import check_root_is_read
+
+    smoke = plain_config(compose_config("train", ["experiment=smoke", f"data.root={tmp_path}"], tmp_path / "run"))
+    with pytest.raises(ConfigError) as refused:
+        run_start(smoke, tmp_path / "run", requested=None)
+    assert str(refused.value) == (f"data.root={tmp_path} does nothing with data=synthetic (generated images; "
+                                  f"experiment=smoke chooses them): add data=imagefolder to train on that folder, "
+                                  f"or leave data.root out")
+    assert not (tmp_path / "run").exists()
+    check_root_is_read(plain_config(compose_config("train", ["experiment=smoke"], tmp_path))["data"])
+    check_root_is_read(plain_config(compose_config("train", ["experiment=smoke", "data=imagefolder",
+                                                             f"data.root={tmp_path}"], tmp_path))["data"])

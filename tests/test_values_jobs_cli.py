@@ -90,6 +90,25 @@ def test_a_single_evaluation_ends_naming_its_results_file(tmp_path, capsys):
     assert (tmp_path / "run" / "results.json").is_file()
 
 
+
+def test_a_sweep_evaluated_in_one_job_ends_naming_its_folder_and_report(tmp_path, capsys):
+    """`evaluate.py pretrained=SWEEP_DIR` (one job, no -m) ended on the last model's scores, never saying where
+    the results went: its last line names the folder and the report command, as one model's names its file."""
+    from test_evaluation import _export
+
+    from byol.jobs.evaluate import evaluate
+
+    sweep = tmp_path / "sweep"
+    _export(sweep / "0_seed=0"), _export(sweep / "1_seed=1", seed=1)
+    cfg = compose_config("evaluate", ["preset=smoke", "data=synthetic", f"pretrained={sweep}", "eval=knn",
+                                      "baseline=false"], tmp_path)
+    evaluate(cfg, tmp_path / "run")
+    lines = capsys.readouterr().out.splitlines()
+    assert "1_seed=1: knn on avgpool -> val " in lines[-2]
+    assert lines[-1] == (f"[eval] results: {tmp_path / 'run'} (a folder per model); its report: python -m "
+                         f"byol.report {tmp_path / 'run'}")
+    assert sorted(p.parent.name for p in (tmp_path / "run").glob("*/results.json")) == ["0_seed=0", "1_seed=1"]
+
 def _sweep_end(sweep, job_name: str) -> None:
     from omegaconf import OmegaConf
 
@@ -104,6 +123,7 @@ def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_p
     being listed; a training sweep's end says nothing of a report."""
     sweep = tmp_path / "eval sweep"
     (sweep / "0_eval=knn").mkdir(parents=True)
+    (sweep / "0_eval=knn" / "results.json").write_text("{}")
     _sweep_end(sweep, "evaluate")
     said = f"[eval] sweep: {sweep}; its report: python -m byol.report '{sweep}'\n"
     assert capsys.readouterr() == (said, "")
@@ -117,6 +137,27 @@ def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_p
     out, err = capsys.readouterr()
     assert out == said and err == (f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):\n"
                                    "  1_eval=linear: 1 of 3 evaluations failed (classic0)\n")
+
+
+def test_an_evaluation_sweep_without_a_result_does_not_offer_its_report(tmp_path, capsys):
+    """An evaluation sweep whose every job failed before evaluating a model (pretrained= named nothing to evaluate)
+    ended "its report: python -m byol.report SWEEP", and that report is an error line (no results.json): the
+    line says there is nothing to report, and the failures follow."""
+    sweep = tmp_path / "eval sweep"
+    (sweep / "0_preset=smoke").mkdir(parents=True)
+    (sweep / "0_preset=smoke" / "FAILED").write_text("no pretraining run in '/nowhere'\n")
+    with pytest.raises(SystemExit) as exit_:
+        _sweep_end(sweep, "evaluate")
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == f"[eval] sweep: {sweep}; no results.json to report: no job evaluated a model (below)\n"
+    assert err == (f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):\n"
+                   "  0_preset=smoke: no pretraining run in '/nowhere'\n")
+    (sweep / "0_preset=smoke" / "run").mkdir()  # a model that failed has a results.json: the report lists it
+    (sweep / "0_preset=smoke" / "run" / "results.json").write_text('{"status": "failed"}')
+    with pytest.raises(SystemExit):
+        _sweep_end(sweep, "evaluate")
+    assert capsys.readouterr().out == f"[eval] sweep: {sweep}; its report: python -m byol.report '{sweep}'\n"
 
 
 @pytest.mark.parametrize("value, hint", [

@@ -380,13 +380,14 @@ class WritableOutput(Callback):
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, list the jobs that failed and exit with status 1; after evaluate.py's,
-    name the command that reports it (the report reads a failed job's results too)."""
+    """Hydra callback: after a multirun, list failed jobs and exit 1; after evaluate.py's, the report's command."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
         if config.hydra.job.name == "evaluate":
-            print(f"[eval] sweep: {sweep}; its report: python -m byol.report {shlex.quote(str(sweep))}", flush=True)
+            said = f"its report: python -m byol.report {shlex.quote(str(sweep))}" if next(sweep.rglob(
+                "results.json"), None) else "no results.json to report: no job evaluated a model (below)"
+            print(f"[eval] sweep: {sweep}; {said}", flush=True)
         failed = sorted(sweep.glob(f"*/{FAILED}"))
         if not failed:
             return

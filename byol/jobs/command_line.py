@@ -207,7 +207,7 @@ def unknown_option(argv: Sequence[str], config_name: str) -> str | None:
             if value is not None and not isinstance(value, str):
                 value = str(value)
             moved = MOVED_OPTIONS.get((config_name, group, value))
-            close = difflib.get_close_matches(value, options, n=1, cutoff=0.6) if value else []
+            close = difflib.get_close_matches(value.lower(), options, n=1, cutoff=0.6) if value else []
             if group == "backbone" and str(value).startswith("resnet"):
                 from byol.core.backbone import RESNETS  # torch: imported for a ResNet's name only
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -119,7 +120,10 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
             raise result["exception"]
         print(f"[eval] results: {run_dir / RESULTS_FILE}", flush=True)  # the last line: where to look
         return [result]
-    return _evaluate_sweep(targets, sweep, settings, evaluate_one, run_dir, data)
+    results = _evaluate_sweep(targets, sweep, settings, evaluate_one, run_dir, data)
+    print(f"[eval] results: {run_dir} (a folder per model); its report: python -m byol.report "
+          f"{shlex.quote(str(run_dir))}", flush=True)  # the last line, as for one model: where to look
+    return results
 
 
 def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: EvaluationData, out_dir: Path,

@@ -60,6 +60,7 @@ from byol.jobs.run_folder import (
     check_resume_target,
     new_run_id,
 )
+from byol.jobs.value_ranges import check_root_is_read
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RunStart:
 def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     """Check the command line's config, then find and check the checkpoint to continue from."""
     check_config(container, "the command line")
+    check_root_is_read(container["data"])
     make_root_absolute(container["data"])  # the run's config names the folder, wherever it is read from
     resolve_device(container["trainer"].get("accelerator", "auto"))  # a GPU asked for where there is none
     folder_id = folder_run_id(run_dir)

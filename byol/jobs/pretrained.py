@@ -8,6 +8,7 @@ Every file read here is data someone else may have written: configs are checked 
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from byol.jobs.run_folder import (
     LATEST_SWEEP,
     RANDOM,
     RUN_ID_KEY,
+    evaluation_output,
     failed_jobs,
     find_runs,
     is_run_dir,
@@ -302,17 +304,35 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
         raise CheckpointError(f"pretrained='{spec}' does not exist; give a run folder, a sweep folder, a "
                               f".ckpt, an {ENCODER_FILE}, or pretrained=latest / latest_sweep / random")
     if path.is_file():
+        _refuse_evaluation_output(path, spec)
         return [path], None
     if not path.is_dir():  # a FIFO, a device (a link to /dev/zero): never read as a folder, or at all
         raise CheckpointError(f"pretrained='{spec}' is not a regular file or a folder (a pipe, a device, or a "
                               f"link to one); give a run folder, a sweep folder, a .ckpt or an {ENCODER_FILE}")
     if is_run_dir(path):
         return [weights_file(path)], None
+    _refuse_evaluation_output(path, spec)
+    if not find_runs(path) and (path / "multirun.yaml").is_file() and not sweep_jobs(path):
+        raise CheckpointError(f"'{path}' is a sweep with no job folder yet (its first job has not started, or the "
+                              f"sweep stopped before it): evaluate it once its jobs have run")
     if not find_runs(path) and not sweep_jobs(path):
         raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds {ENCODER_FILE} or "
                               f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}); create one with `python train.py` or use "
                               f"pretrained=random")
     return _sweep_targets(path), path
+
+
+def _refuse_evaluation_output(path: Path, spec: str) -> None:
+    """pretrained= of what an evaluation wrote (its folder, its results.json, an evaluation sweep): one line
+    that says so and names what to give instead, and how to see its results."""
+    what = evaluation_output(path)
+    if what is None:
+        return
+    instead = ("the training sweep it evaluated (outputs/multirun/train/<time>, or pretrained=latest_sweep)"
+               if "sweep" in what else f"the run it evaluated (outputs/train/<time>, its {ENCODER_FILE} or a .ckpt)")
+    folder = path if path.is_dir() else path.parent
+    raise CheckpointError(f"pretrained='{spec}' is {what}, not a pretraining run; give {instead}. Its results: "
+                          f"python -m byol.report {shlex.quote(str(folder))}")
 
 
 def _latest_run(outputs: Path) -> Path:

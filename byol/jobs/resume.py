@@ -15,7 +15,7 @@ from byol.core.checkpoint import epochs_done, load_weights, online_encoder_state
 from byol.core.errors import CheckpointError, ConfigError
 from byol.jobs.build import build_encoder, crop_side, loss_mode, view_settings
 from byol.jobs.config_check import check_file_config
-from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, raw_run_config, sweep_jobs
+from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, evaluation_output, raw_run_config, sweep_jobs
 
 # Settings that decide the shapes of the saved weights: a checkpoint cannot continue under others.
 ARCHITECTURE_KEYS = ("backbone", "loss.taps", "head")
@@ -40,6 +40,9 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
         path = Path(resume).expanduser()
         if path.is_dir():
             last = path / "checkpoints" / "last.ckpt"
+            if not last.is_file() and (what := evaluation_output(path)):
+                raise CheckpointError(f"resume='{resume}' is {what}, not a pretraining run; resume= takes a "
+                                      f"train.py run folder (outputs/train/<time>) or one of its checkpoints/*.ckpt")
             if not last.is_file() and sweep_jobs(path):
                 from byol.jobs.cli import command_arg  # a job's folder name (1_loss=multi,seed=0) quoted for Hydra
 

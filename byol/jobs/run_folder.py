@@ -96,6 +96,18 @@ def job_kind(folder: Path) -> str | None:
     return "train" if "loss" in keys else "evaluate" if "eval" in keys else None
 
 
+def evaluation_output(path: Path) -> str | None:
+    """What an evaluation left at ``path`` (its folder, a file in it, or a sweep of them), in words; None for
+    anything else. pretrained= or resume= of one said only that it held no weights, and of an evaluation sweep
+    listed each job as a training run without weights."""
+    path = Path(path)
+    if job_kind(path if path.is_dir() else path.parent) == "evaluate":
+        return "an evaluation's output (results.json, no weights)"
+    if path.is_dir() and not find_runs(path) and any(job_kind(j) == "evaluate" for j in sweep_jobs(path)):
+        return "an evaluation sweep (its jobs hold results.json, no weights)"
+    return None
+
+
 def check_sweep_folder(sweep: Path, job: str) -> None:
     """Refuse a sweep (``-m``) of ``job`` into a folder that holds a single job's output or another kind of
     sweep: Hydra would replace that sweep's multirun.yaml with this one's, and its folder would mix runs and

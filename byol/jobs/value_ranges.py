@@ -108,3 +108,12 @@ def check_synthetic_size(data: Mapping, source: str) -> None:
     if isinstance(classes, int) and isinstance(train, int) and classes > train:
         raise ConfigError(f"data.num_classes={classes} is more than data.num_train={train}: each class needs a "
                           f"training image ({source})")
+
+
+def check_root_is_read(data: Mapping) -> None:
+    """A ``data.root`` given for ``data=synthetic`` (which ``experiment=smoke`` chooses): the images are generated
+    and the folder was never read, without a word; a user who meant to train on it got a run on stripes."""
+    if data.get("name") == "synthetic" and data.get("root") is not None:
+        raise ConfigError(f"data.root={data['root']} does nothing with data=synthetic (generated images; "
+                          f"experiment=smoke chooses them): add data=imagefolder to train on that folder, or leave "
+                          f"data.root out")
