@@ -697,6 +697,13 @@ def test_an_empty_pretrained_stops_before_any_folder_is_made(tmp_path, capsys):
 @pytest.mark.parametrize("argv, config_name, expected", [
     (["loss=mult"], "train", "error: loss=mult is not an option of loss (did you mean loss=multi?); choose one of: "
                              "classic, multi"),
+    # options typed in capitals (difflib compares case-sensitively: no 'did you mean' was offered)
+    (["eval=KNN"], "evaluate", "error: eval=KNN is not an option of eval (did you mean eval=knn?); choose one of: "
+                               "embed, finetune, knn, linear"),
+    (["data=CIFAR10"], "train", "error: data=CIFAR10 is not an option of data (did you mean data=cifar10?); choose "
+                                "one of: cifar10, cifar100, imagefolder, stl10, synthetic"),
+    (["loss=Multi"], "train", "error: loss=Multi is not an option of loss (did you mean loss=multi?); choose one of: "
+                              "classic, multi"),
     (["-m", "loss=classic,mult", "seed=0,1"], "train", "error: loss=mult is not an option of loss"),
     (["logger=null"], "train", "error: logger=null is not an option of logger; choose one of: csv, tensorboard, "
                                "wandb ('~logger' removes it)"),

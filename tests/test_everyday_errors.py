@@ -326,22 +326,6 @@ def test_a_training_sweep_with_no_job_folder_yet_is_said_to_be_one(tmp_path):
         resolve_pretrained(str(started), tmp_path)
 
 
-@pytest.mark.parametrize("argv, config_name, expected", [
-    (["eval=KNN"], "evaluate", "error: eval=KNN is not an option of eval (did you mean eval=knn?); choose one of: "
-                               "embed, finetune, knn, linear"),
-    (["data=CIFAR10"], "train", "error: data=CIFAR10 is not an option of data (did you mean data=cifar10?); choose "
-                                "one of: cifar10, cifar100, imagefolder, stl10, synthetic"),
-    (["loss=Multi"], "train", "error: loss=Multi is not an option of loss (did you mean loss=multi?); choose one of: "
-                              "classic, multi"),
-])
-def test_an_option_typed_in_capitals_is_pointed_to_its_name(argv, config_name, expected):
-    """eval=KNN, data=CIFAR10 (as the dataset is written): the options are lower case, and the line offered no
-    'did you mean' for a name that differs only in case (difflib compares case-sensitively)."""
-    from byol.jobs.command_line import unknown_option
-
-    assert unknown_option(argv, config_name) == expected
-
-
 def test_a_data_root_given_for_synthetic_data_is_refused_naming_data_imagefolder(tmp_path):
     """`python train.py experiment=smoke data.root=DIR` (data=imagefolder forgotten) trained on generated stripes
     and never read DIR, without a word: the run looked like one on the user's images. One line names the fix;
