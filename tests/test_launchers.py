@@ -153,7 +153,7 @@ def test_a_slurm_sweep_without_slurm_is_one_line_before_anything_is_launched(tmp
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
-    from byol.jobs.cli import WritableOutput
+    from byol.jobs.hydra_callbacks import WritableOutput
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", ["hydra/launcher=submitit_slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}"],

@@ -24,8 +24,9 @@ from omegaconf import OmegaConf
 import byol.core.checkpoint as ckpt
 from byol.core.checkpoint import atomic_torch_save, safe_load
 from byol.core.errors import CheckpointError, ConfigError
-from byol.jobs.cli import WritableOutput, command_line_keys, run_job
+from byol.jobs.cli import command_line_keys, run_job
 from byol.jobs.config_check import check_config, check_file_config
+from byol.jobs.hydra_callbacks import WritableOutput
 from byol.jobs.pretrain import pretrain
 from byol.jobs.run_folder import FolderBusyError, FolderLock, check_resume_target, lock_holder
 

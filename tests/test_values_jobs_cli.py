@@ -112,7 +112,7 @@ def test_a_sweep_evaluated_in_one_job_ends_naming_its_folder_and_report(tmp_path
 def _sweep_end(sweep, job_name: str) -> None:
     from omegaconf import OmegaConf
 
-    from byol.jobs.cli import SweepSummary
+    from byol.jobs.hydra_callbacks import SweepSummary
 
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)},
                                                                "job": {"name": job_name}}}))
@@ -120,7 +120,7 @@ def _sweep_end(sweep, job_name: str) -> None:
 
 def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_path, capsys):
     """After evaluate.py -m, one line says where the sweep is and how to report it; failures still exit 1 after
-    being listed; a training sweep's end says nothing of a report."""
+    being listed; a training sweep's end says nothing of a report (no job of it holds weights here)."""
     sweep = tmp_path / "eval sweep"
     (sweep / "0_eval=knn").mkdir(parents=True)
     (sweep / "0_eval=knn" / "results.json").write_text("{}")
@@ -170,3 +170,22 @@ def test_backbone_name_is_advised_only_for_a_resnet_it_takes(value, hint):
 
     assert unknown_option([f"backbone={value}"], "train") == (
         f"error: backbone={value} is not an option of backbone ({hint}); choose one of: resnet18, resnet50")
+
+
+def test_a_training_sweep_ends_naming_its_folder_and_the_command_that_evaluates_it(tmp_path, capsys):
+    """train.py -m ended on its last job's 'done' line: the sweep's folder and the next command were left to the
+    README. Now one line gives both, once a job of the sweep holds weights; failed jobs are still listed after."""
+    sweep = tmp_path / "train sweep"
+    (sweep / "0_loss=classic").mkdir(parents=True)
+    _sweep_end(sweep, "train")
+    assert capsys.readouterr() == ("", "")  # no weights yet: nothing to evaluate
+    (sweep / "0_loss=classic" / "encoder.pt").write_bytes(b"weights")
+    (sweep / "1_loss=multi").mkdir()
+    (sweep / "1_loss=multi" / "FAILED").write_text("non-finite loss at step 3\n")
+    with pytest.raises(SystemExit):
+        _sweep_end(sweep, "train")
+    out, err = capsys.readouterr()
+    assert out == (f"[train] sweep: {sweep}; evaluate it: python evaluate.py -m pretrained='{sweep}' "
+                   f"repr=avgpool,combined eval=linear,finetune (then python -m byol.report on the evaluation's "
+                   f"sweep folder)\n")
+    assert "1_loss=multi: non-finite loss at step 3" in err

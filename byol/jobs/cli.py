@@ -8,7 +8,6 @@ import importlib
 import os
 import re
 import shlex
-import shutil
 import signal
 import sys
 import traceback
@@ -16,9 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
 from byol.jobs.console import ESCAPED_NAMES, console_copied_to
@@ -346,55 +344,3 @@ def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | 
     if multirun:
         return None
     sys.exit(e.exit_code)
-
-
-class WritableOutput(Callback):
-    """Hydra callback: before Hydra writes into the run (or sweep) folder, check that it can, and before a
-    SLURM sweep, that there is SLURM; else one line and exit status 1 instead of a traceback."""
-
-    @staticmethod
-    def _check(folder: str, key: str) -> None:
-        path = Path(folder)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            print(f"error: cannot write into the output folder '{path}' ({e.strerror or e}); free space, fix "
-                  f"its permissions, or choose another with {key}=DIR", file=sys.stderr, flush=True)
-            sys.exit(1)
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.run.dir, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
-        if target.endswith("SlurmLauncher") and not (shutil.which("sbatch") or shutil.which("srun")):
-            # submitit's own refusal is a traceback from inside the launcher; checked before the sweep's folder
-            print("error: hydra/launcher=submitit_slurm submits to SLURM, but this machine has no sbatch or srun; "
-                  "run the command on the cluster's login node, or use hydra/launcher=submitit_local (the same "
-                  "launcher on this machine) or hydra/launcher=joblib", file=sys.stderr, flush=True)
-            sys.exit(1)
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
-
-
-class SweepSummary(Callback):
-    """Hydra callback: after a multirun, list failed jobs and exit 1; after evaluate.py's, the report's command."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        if config.hydra.job.name == "evaluate":
-            said = f"its report: python -m byol.report {shlex.quote(str(sweep))}" if next(sweep.rglob(
-                "results.json"), None) else "no results.json to report: no job evaluated a model (below)"
-            print(f"[eval] sweep: {sweep}; {said}", flush=True)
-        failed = sorted(sweep.glob(f"*/{FAILED}"))
-        if not failed:
-            return
-        print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed (the others finished):",
-              file=sys.stderr)
-        for f in failed:
-            reason = f.read_text().strip().splitlines()
-            print(f"  {f.parent.name}: {reason[0] if reason else 'failed'}", file=sys.stderr)
-        sys.stderr.flush()
-        sys.exit(1)

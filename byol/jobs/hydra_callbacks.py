@@ -1,0 +1,73 @@
+"""Hydra callbacks of both entry scripts (conf/train.yaml, conf/evaluate.yaml ``hydra.callbacks``): the output
+folder checked before Hydra writes into it, and a sweep's end said: its failed jobs, and the command that comes
+next (evaluate a training sweep, report an evaluation sweep)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from byol.jobs.run_folder import FAILED, find_runs
+
+
+class WritableOutput(Callback):
+    """Hydra callback: before Hydra writes into the run (or sweep) folder, check that it can, and before a
+    SLURM sweep, that there is SLURM; else one line and exit status 1 instead of a traceback."""
+
+    @staticmethod
+    def _check(folder: str, key: str) -> None:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            print(f"error: cannot write into the output folder '{path}' ({e.strerror or e}); free space, fix "
+                  f"its permissions, or choose another with {key}=DIR", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        if target.endswith("SlurmLauncher") and not (shutil.which("sbatch") or shutil.which("srun")):
+            # submitit's own refusal is a traceback from inside the launcher; checked before the sweep's folder
+            print("error: hydra/launcher=submitit_slurm submits to SLURM, but this machine has no sbatch or srun; "
+                  "run the command on the cluster's login node, or use hydra/launcher=submitit_local (the same "
+                  "launcher on this machine) or hydra/launcher=joblib", file=sys.stderr, flush=True)
+            sys.exit(1)
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, the command that comes next (after train.py's, the evaluation of the
+    sweep; after evaluate.py's, its report), then the failed jobs, with exit status 1 if any."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        if config.hydra.job.name == "evaluate":
+            said = f"its report: python -m byol.report {shlex.quote(str(sweep))}" if next(sweep.rglob(
+                "results.json"), None) else "no results.json to report: no job evaluated a model (below)"
+            print(f"[eval] sweep: {sweep}; {said}", flush=True)
+        elif config.hydra.job.name == "train" and find_runs(sweep):  # a job wrote weights: something to evaluate
+            print(f"[train] sweep: {sweep}; evaluate it: python evaluate.py -m pretrained={shlex.quote(str(sweep))} "
+                  f"repr=avgpool,combined eval=linear,finetune (then python -m byol.report on the evaluation's "
+                  f"sweep folder)", flush=True)
+        failed = sorted(sweep.glob(f"*/{FAILED}"))
+        if not failed:
+            return
+        print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed (the others finished):",
+              file=sys.stderr)
+        for f in failed:
+            reason = f.read_text().strip().splitlines()
+            print(f"  {f.parent.name}: {reason[0] if reason else 'failed'}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.exit(1)
