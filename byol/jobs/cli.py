@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
 from byol.jobs.console import ESCAPED_NAMES, console_copied_to
+from byol.jobs.hydra_callbacks import SweepSummary, WritableOutput  # noqa: F401 (named here by older sweeps' configs)
 from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
