@@ -136,6 +136,22 @@ def test_hidden_files_and_folders_are_skipped_everywhere(tmp_path):
     assert [f.name for f in files] == ["a.png"] and labels == [-1] and classes == ()
 
 
+def test_loose_images_beside_class_folders_are_said_to_be_unused(tmp_path, capsys):
+    """Images directly in a folder that also holds class folders belong to no class: they were left out without
+    a word (a user who dropped new images at the top trained without them). One note counts and names one;
+    a flat folder's images are all used, as before, with no note."""
+    train = tree(tmp_path / "train")
+    image(train / "new.png", 50)
+    image(train / "other.jpg", 51)
+    files, labels, classes = scan_folder(train)
+    assert classes == ("cat", "dog") and len(files) == 6 and -1 not in labels
+    assert capsys.readouterr().out == (f"[data] note: 2 image(s) directly in '{train}' (e.g. 'new.png') are not "
+                                       f"used: beside class folders an image belongs in one; move them into theirs\n")
+    flat = tmp_path / "flat"
+    image(flat / "a.png", 1)
+    assert scan_folder(flat)[1] == [-1] and capsys.readouterr().out == ""
+
+
 # --------------------------------------------------------------------------- evaluation
 
 

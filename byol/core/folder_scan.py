@@ -156,7 +156,12 @@ class _Scanner:
         classes = sorted(classes)
         label = {c: k for k, c in enumerate(classes)}
         in_classes = [f for f in self.found if f.cls is not None]
-        chosen = in_classes or [f for f in self.found if f.cls is None]
+        loose = [f for f in self.found if f.cls is None]
+        chosen = in_classes or loose
+        if in_classes and loose:  # they would have been used without the class folders: say that they are not
+            first = min(f.path for f in loose).name
+            print(f"[data] note: {len(loose)} image(s) directly in '{self.folder}' (e.g. '{first}') are not used: "
+                  f"beside class folders an image belongs in one; move them into theirs", flush=True)
         chosen.sort(key=lambda f: (label.get(f.cls, -1), f.path))
         own = {f.real for f in chosen if not f.link}
         files, labels, reals, seen = [], [], [], set()
