@@ -343,3 +343,29 @@ def test_a_data_root_given_for_synthetic_data_is_refused_naming_data_imagefolder
     check_root_is_read(plain_config(compose_config("train", ["experiment=smoke"], tmp_path))["data"])
     check_root_is_read(plain_config(compose_config("train", ["experiment=smoke", "data=imagefolder",
                                                              f"data.root={tmp_path}"], tmp_path))["data"])
+
+
+def test_latest_sweep_says_when_a_newer_sweep_has_no_job_folder_yet(tmp_path, capsys):
+    """pretrained=latest_sweep right after `train.py -m` started (multirun.yaml, no job folder yet) took the
+    sweep before it, and named only that one: the user meant the new sweep. The line now names the newer one
+    and why it is not the one evaluated."""
+    import os
+
+    from byol.jobs.pretrained import resolve_pretrained
+
+    root = tmp_path / "multirun" / "train"
+    done = root / "2026-12-01_09-00-00"
+    (done / "0_seed=0" / ".hydra").mkdir(parents=True)
+    (done / "0_seed=0" / "encoder.pt").write_bytes(b"weights")
+    started = root / "2026-12-01_10-00-00"
+    started.mkdir()
+    (started / "multirun.yaml").write_text("hydra: {}\n")
+    for folder, t in ((done, 1000), (started, 2000)):
+        os.utime(folder, (t, t))
+    resolve_pretrained("latest_sweep", tmp_path)
+    assert capsys.readouterr().out == (
+        f"[eval] pretrained=latest_sweep: {done} (newer, with no job folder yet: 2026-12-01_10-00-00; evaluate it "
+        f"once its jobs have run)\n")
+    os.utime(started, (500, 500))  # an older sweep that never started a job: not mentioned
+    resolve_pretrained("latest_sweep", tmp_path)
+    assert capsys.readouterr().out == f"[eval] pretrained=latest_sweep: {done}\n"

@@ -361,7 +361,12 @@ def _latest_sweep(outputs: Path) -> Path:
             f"loss=classic,multi seed=0,1,2` or name a folder with pretrained=PATH")
     sweep = max(sweeps, key=lambda d: max([weights_file(r).stat().st_mtime for r in find_runs(d)]
                                           + [j.stat().st_mtime for j in sweep_jobs(d)]))
-    print(f"[eval] pretrained=latest_sweep: {sweep}", flush=True)
+    # a sweep started since, whose first job has no folder yet: not the one evaluated, and said so
+    waiting = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d not in sweeps
+               and (d / "multirun.yaml").is_file() and d.stat().st_mtime > sweep.stat().st_mtime]
+    later = f" (newer, with no job folder yet: {', '.join(waiting)}; evaluate it once its jobs have run)" \
+        if waiting else ""
+    print(f"[eval] pretrained=latest_sweep: {sweep}{later}", flush=True)
     return sweep
 
 
