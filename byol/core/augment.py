@@ -179,13 +179,16 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     maxc, minc = x.amax(dim=1), x.amin(dim=1)  # values only: max(dim) / min(dim) also build the indices
     delta = maxc - minc
     # hue in sixths: (g - b) / delta where red is the max, 2 + (b - r) / delta for green, 4 + (r - g) / delta
-    sector = torch.where(maxc == r, g - b, torch.where(maxc == g, 2 * delta + b - r, 4 * delta + r - g))
-    sixths = sector / torch.where(delta > 0, delta, 1.0) + 6 * shift.view(-1, 1, 1)
+    sector = torch.where(maxc == r, g - b, torch.where(maxc == g, torch.add(b - r, delta, alpha=2),
+                                                       torch.add(r - g, delta, alpha=4)))
+    # the rotated hue in turns; where delta is 0 the channels are equal and sector is 0, so any positive
+    # divisor gives torchvision's hue 0 (it divides by 1 there)
+    turns = torch.addcdiv(shift.view(-1, 1, 1), sector, delta.clamp_min(1e-12), value=1 / 6)
     # HSV -> RGB: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, and v s = delta
     n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
-    k = torch.remainder(n + sixths.unsqueeze(1), 6.0)
-    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return maxc.unsqueeze(1) - delta.unsqueeze(1) * ramp
+    k = torch.add(n, turns.unsqueeze(1), alpha=6).remainder_(6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc.unsqueeze(1), delta.unsqueeze(1), ramp, value=-1)
 
 
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")  # index = op id in params["order"]
