@@ -172,8 +172,9 @@ def adjust_saturation(x, f):
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue of each image by ``shift`` (in turns, [-0.5, 0.5]) in HSV space, as torchvision.
 
-    Written for few passes over the pixels (the costliest colour op here): the hue is kept in
-    sixths of a turn, and v x s is the max - min spread, so saturation is never formed.
+    Written for few passes over the pixels (the costliest colour op here) and few operators (on a GPU it
+    runs four times a step): the hue is worked out in sixths of a turn, and v x s is the max - min
+    spread, so saturation is never formed.
     """
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(dim=1), x.amin(dim=1)  # values only: max(dim) / min(dim) also build the indices
@@ -183,7 +184,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
                                                        torch.add(r - g, delta, alpha=4)))
     # the rotated hue in turns; where delta is 0 the channels are equal and sector is 0, so any positive
     # divisor gives torchvision's hue 0 (it divides by 1 there)
-    turns = torch.addcdiv(shift.view(-1, 1, 1), sector, delta.clamp_min(1e-12), value=1 / 6)
+    turns = torch.addcdiv(shift.view(-1, 1, 1), sector, delta.clamp_min(torch.finfo(x.dtype).tiny), value=1 / 6)
     # HSV -> RGB: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, and v s = delta
     n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.add(n, turns.unsqueeze(1), alpha=6).remainder_(6.0)
