@@ -104,15 +104,18 @@ def _cache_key(folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> str
     for f, label, real in zip(scan.files, scan.labels, scan.real, strict=True):
         st = os.stat(real)
         h.update(raw(f"{f.relative_to(folder)}|{label}|{real}|{st.st_size}|{st.st_mtime_ns}\n"))
-    return h.hexdigest()[:20]
+    return h.hexdigest()[:CACHE_KEY_LENGTH]
+
+
+CACHE_KEY_LENGTH = 20  # hex digits of the key in a cache file's name
+CACHE_SUFFIXES = {"pt": ".pt", "npy": ".u8.npy", "meta": ".labels.pt"}  # the kinds of cache file, by suffix
 
 
 def _cache_files(cache_dir, folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> dict[str, Path]:
     """The folder's cache files in ``cache_dir``, all named ``<folder>-<key>``: ``pt`` (the in-memory path's
     images), ``npy`` and ``meta`` (the memory-mapped images and their labels)."""
     base = Path(cache_dir).expanduser() / f"{folder.name}-{_cache_key(folder, scan, size, skip_bad)}"
-    return {kind: base.with_name(base.name + suffix)
-            for kind, suffix in (("pt", ".pt"), ("npy", ".u8.npy"), ("meta", ".labels.pt"))}
+    return {kind: base.with_name(base.name + suffix) for kind, suffix in CACHE_SUFFIXES.items()}
 
 
 def load_image_folder(
@@ -198,7 +201,7 @@ def _remove_unfinished(cache: Path, folder: Path) -> None:
 def _temp_files_cache(name: str, folder_name: str) -> str | None:
     """The cache file (``<folder>-<key>`` and a cache suffix, see :func:`_cache_files`) whose temporary file
     (:func:`byol.core.checkpoint.new_temp_file`) is named ``name``; None for any other file."""
-    key, suffixes = r"[0-9a-f]{20}", r"(?:\.pt|\.u8\.npy|\.labels\.pt)"
+    key, suffixes = rf"[0-9a-f]{{{CACHE_KEY_LENGTH}}}", "(?:" + "|".join(map(re.escape, CACHE_SUFFIXES.values())) + ")"
     found = re.fullmatch(rf"\.({re.escape(folder_name)}-{key}{suffixes})\..+-\d+\.[^.]+\.tmp", name)
     return found.group(1) if found else None
 

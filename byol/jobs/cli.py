@@ -21,7 +21,15 @@ from omegaconf import OmegaConf
 from byol.core.errors import ByolError, Interrupted
 from byol.jobs.console import ESCAPED_NAMES, console_copied_to
 from byol.jobs.hydra_callbacks import SweepSummary, WritableOutput  # noqa: F401 (named here by older sweeps' configs)
-from byol.jobs.run_folder import CHECKPOINTS_DIR, FAILED, FolderBusyError, FolderLock, check_job_folder, is_run_dir
+from byol.jobs.run_folder import (
+    CHECKPOINTS_DIR,
+    FAILED,
+    SWEEP_RECORD,
+    FolderBusyError,
+    FolderLock,
+    check_job_folder,
+    is_run_dir,
+)
 
 # OSErrors that mean "this storage cannot take the run's files": reported as one line
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
@@ -218,7 +226,7 @@ def run_job(fn, cfg, *args, **kwargs):
         check_job_folder(run_dir, hc.job.name)  # before the lock, the log or FAILED is written into it
         with FolderLock(run_dir, "run" if hc.job.name == "train" else "evaluation"), \
                 console_copied_to(run_dir / f"{hc.job.name}.log"), \
-                sweep_record_kept(Path(hc.sweep.dir) / "multirun.yaml" if ddp_sweep else None):
+                sweep_record_kept(Path(hc.sweep.dir) / SWEEP_RECORD if ddp_sweep else None):
             log = run_dir / f"{hc.job.name}.log"
             failed = run_dir / FAILED  # a job re-run in the same folder starts clean
             earlier_failure = failed.read_text(errors="replace") if failed.is_file() else None

@@ -147,8 +147,8 @@ def _evaluate_on_its_data(model: EncoderSource | Path, settings: dict, data: Eva
             chosen = data.settings(run_config, label or Path(model).name, why)
             return {**evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier),
                     "data_settings": chosen}
-    chosen = data.settings({"data": runs_data}, label or model.label, whose="the settings of the runs it stands "
-                           "beside") if model.is_random else data.settings({"data": model.data}, label or model.label)
+    whose = "the settings of the runs it stands beside" if model.is_random else "the run's own settings"
+    chosen = data.settings({"data": runs_data if model.is_random else model.data}, label or model.label, whose=whose)
     # loaded inside evaluate_model: data this run names that cannot be loaded is this model's failure (recorded;
     # the sweep goes on), not the job's
     return {**evaluate_model(model, dict(settings, data=chosen), {}, 0, out_dir, label, keep_earlier,

@@ -43,6 +43,7 @@ from byol.jobs.run_folder import (
     LATEST_SWEEP,
     RANDOM,
     RUN_ID_KEY,
+    SWEEP_RECORD,
     evaluation_output,
     failed_jobs,
     find_runs,
@@ -312,10 +313,10 @@ def resolve_pretrained(spec: str, outputs_dir: str | Path = "outputs") -> tuple:
     if is_run_dir(path):
         return [weights_file(path)], None
     _refuse_evaluation_output(path, spec)
-    if not find_runs(path) and (path / "multirun.yaml").is_file() and not sweep_jobs(path):
-        raise CheckpointError(f"'{path}' is a sweep with no job folder yet (its first job has not started, or the "
-                              f"sweep stopped before it): evaluate it once its jobs have run")
     if not find_runs(path) and not sweep_jobs(path):
+        if (path / SWEEP_RECORD).is_file():
+            raise CheckpointError(f"'{path}' is a sweep with no job folder yet (its first job has not started, or "
+                                  f"the sweep stopped before it): evaluate it once its jobs have run")
         raise CheckpointError(f"no pretraining run in '{path}' (a run folder holds {ENCODER_FILE} or "
                               f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}); create one with `python train.py` or use "
                               f"pretrained=random")
@@ -363,7 +364,7 @@ def _latest_sweep(outputs: Path) -> Path:
                                           + [j.stat().st_mtime for j in sweep_jobs(d)]))
     # a sweep started since, whose first job has no folder yet: not the one evaluated, and said so
     waiting = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d not in sweeps
-               and (d / "multirun.yaml").is_file() and d.stat().st_mtime > sweep.stat().st_mtime]
+               and (d / SWEEP_RECORD).is_file() and d.stat().st_mtime > sweep.stat().st_mtime]
     later = f" (newer, with no job folder yet: {', '.join(waiting)}; evaluate it once its jobs have run)" \
         if waiting else ""
     print(f"[eval] pretrained=latest_sweep: {sweep}{later}", flush=True)

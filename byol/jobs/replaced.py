@@ -33,13 +33,10 @@ def keep_earlier_evaluation(folder: Path, results_file: str = "results.json") ->
         target = _free_name(path, stamp)
         path.replace(target)
         renamed[path.name] = target.name
-    try:
-        earlier = json.loads(results.read_text())
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep (a handed-over folder)
-        earlier = None
+    earlier = results.read_bytes()
     kept = _free_name(results, stamp)
-    atomic_write_bytes(_kept_results(earlier, renamed) or results.read_bytes(), kept)
-    record = {"results": kept.name, "moved": renamed, "sha256": _digest(results)}
+    atomic_write_bytes(_kept_copy(earlier, renamed), kept)
+    record = {"results": kept.name, "moved": renamed, "sha256": hashlib.sha256(earlier).hexdigest()}
     atomic_write_bytes((json.dumps(record, indent=2) + "\n").encode(), Path(folder) / REPLACING)
     return [kept.name, *renamed.values()]
 
@@ -59,11 +56,12 @@ def undo_unfinished_evaluation(folder: Path, results_file: str = "results.json")
     if record is None:
         return []
     results = folder / results_file
-    if not results.is_file() or results.is_symlink() or _digest(results) != record.get("sha256"):
+    earlier = results.read_bytes() if results.is_file() and not results.is_symlink() else None
+    if earlier is None or hashlib.sha256(earlier).hexdigest() != record.get("sha256"):
         evaluation_replaced(folder)  # its result was written (or removed): the kept files stay kept, as they are
         return []
     moved, copy = record["moved"], folder / record["results"]
-    if not copy.is_file() or copy.is_symlink() or not _is_copy(copy, results, moved):
+    if not copy.is_file() or copy.is_symlink() or copy.read_bytes() != _kept_copy(earlier, moved):
         return []  # not the record of the kept results beside it: nothing is moved or removed
     for path in _outputs(folder, results_file):  # the stopped evaluation's: no result was written from them
         if path.name not in moved:  # the others are replaced by their kept file below (one already put back by
@@ -115,26 +113,17 @@ def _kept_name(kept, name: str) -> bool:
         rf"{re.escape(stem)}\.replaced-\d{{8}}-\d{{6}}(?:-\d+)?{re.escape(suffix)}", kept) is not None
 
 
-def _kept_results(earlier, renamed: dict) -> bytes | None:
-    """The kept copy of the results ``earlier`` (parsed) naming the kept files (``renamed``: old -> kept name)
-    of the embeddings and maps; None when it names none of them: the kept copy is the file's own bytes."""
-    if isinstance(earlier, dict) and renamed and ({"embeddings", "maps"} & set(earlier)):
-        earlier = {k: _renamed_in(v, renamed) if k in ("embeddings", "maps") else v for k, v in earlier.items()}
-        return (json.dumps(earlier, indent=2) + "\n").encode()
-    return None
-
-
-def _is_copy(copy: Path, results: Path, renamed: dict) -> bool:
-    """``copy`` is what :func:`keep_earlier_evaluation` kept of ``results``."""
+def _kept_copy(earlier: bytes, renamed: dict) -> bytes:
+    """What is kept of the results file ``earlier`` (its bytes): when it names embeddings or maps that were kept
+    (``renamed``: old -> kept name), a copy naming the kept files; else the same bytes."""
     try:
-        earlier = json.loads(results.read_text())
-    except (OSError, ValueError, RecursionError):
-        earlier = None
-    return copy.read_bytes() == (_kept_results(earlier, renamed) or results.read_bytes())
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+        results = json.loads(earlier)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep (a handed-over folder)
+        return earlier
+    if isinstance(results, dict) and renamed and ({"embeddings", "maps"} & set(results)):
+        results = {k: _renamed_in(v, renamed) if k in ("embeddings", "maps") else v for k, v in results.items()}
+        return (json.dumps(results, indent=2) + "\n").encode()
+    return earlier
 
 
 def _outputs(folder: Path, results_file: str) -> list[Path]:

@@ -34,6 +34,7 @@ FINAL_CHECKPOINT = "final.ckpt"  # written by earlier versions at the end of a r
 LAST_CHECKPOINT = "last.ckpt"  # the run's one full training state, the final one once it has finished
 FAILED = "FAILED"  # a sweep job's failure, its first line the reason
 HYDRA_DIR = ".hydra"
+SWEEP_RECORD = "multirun.yaml"  # Hydra's record of a sweep (-m), in the sweep's folder only
 # what pretrained= may name besides a path
 RANDOM = "random"
 LATEST = "latest"
@@ -63,7 +64,7 @@ def check_job_folder(folder: Path, job: str) -> None:
             f"file or folder itself, or write into another folder (hydra.run.dir=NEW). To keep a run on another "
             f"disk, link the whole run folder instead")
     kind = job_kind(folder)
-    if (folder / "multirun.yaml").is_file():  # Hydra's record of a sweep (-m), in the sweep's folder only
+    if (folder / SWEEP_RECORD).is_file():
         held = (f"a sweep (multirun.yaml, its jobs' folders): a single {'run' if job == 'train' else 'evaluation'} "
                 f"there would overwrite the sweep's record and read as one of its jobs")
     elif job == "evaluate" and kind == "train":
