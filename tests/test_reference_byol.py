@@ -1,0 +1,94 @@
+"""benchmarks/reference_byol.py: the independent BYOL loop that our pipeline's accuracy is checked against."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from byol.core.checkpoint import load_encoder
+from tests.conftest import class_folders
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["head.proj_hidden_dim=16", "head.pred_hidden_dim=16", "head.proj_dim=8", "data.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    spec = importlib.util.spec_from_file_location("reference_byol", ROOT / "benchmarks" / "reference_byol.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pair_loss_is_two_minus_two_cosine_and_leaves_the_target_without_gradient(ref):
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]], requires_grad=True)
+    z = torch.tensor([[2.0, 0.0], [0.0, -1.0], [0.0, 5.0]], requires_grad=True)
+    loss = ref.pair_loss(p, z)
+    assert loss.item() == pytest.approx((0 + 4 + 2) / 3)
+    loss.backward()
+    assert p.grad is not None and z.grad is None
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_half_cosine_to_zero(ref):
+    peak, warmup, total = 0.5, 4, 24
+    assert [ref.lr_at(s, peak, warmup, total) for s in range(4)] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    assert ref.lr_at(warmup, peak, warmup, total) == pytest.approx(peak)
+    assert ref.lr_at(14, peak, warmup, total) == pytest.approx(peak / 2)  # half way through the cosine
+    assert ref.lr_at(19, peak, warmup, total) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert ref.lr_at(total, peak, warmup, total) == pytest.approx(0.0, abs=1e-12)
+    assert ref.lr_at(total + 5, peak, warmup, total) == pytest.approx(0.0, abs=1e-12)  # past a cut schedule
+
+
+def test_views_take_the_recipe_values_and_each_image_its_own_draws(ref):
+    cfg = ref.settings([])
+    aug = cfg["augment"]
+    first, second = (ref.view_transform(aug, aug[f"view{i}"] or {}, 32, cfg["data"]["mean"], cfg["data"]["std"])
+                     for i in (1, 2))
+    names = [type(t).__name__ for t in second.transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "RandomSolarize",
+                     "ToTensor", "Normalize"]
+    assert "RandomSolarize" not in [type(t).__name__ for t in first.transforms]  # view 1: solarize_p 0
+    crop = second.transforms[0]
+    assert crop.scale == tuple(aug["crop_scale"]) == (0.2, 1.0)  # experiment=cpu's crops
+    assert second.transforms[4].p == aug["view2"]["solarize_p"] == 0.2
+    image = Image.new("RGB", (32, 32), (200, 40, 90))
+    image.putpixel((3, 3), (0, 0, 0))
+    torch.manual_seed(0)
+    a, b = ref.TwoViews(first, second)(image)
+    assert a.shape == b.shape == (3, 32, 32) and not torch.equal(a, b)
+
+
+def test_a_short_run_writes_an_encoder_our_evaluation_loads_and_trains_it(ref, tmp_path):
+    data = tmp_path / "data"
+    class_folders(data / "train", per_class=8, size=32, classes=("a", "b"))
+    out = tmp_path / "out"
+    overrides = [arg for kv in TINY for arg in ("--set", kv)]
+    ref.main(["--data", str(data), "--out", str(out), "--workers", "0", "--max-steps", "2", *overrides])
+
+    encoder, meta = load_encoder(out / "encoder.pt")
+    assert encoder.config["width"] == 0.25 and encoder.config["stem"] == "imagenet"  # experiment=cpu's network
+    assert meta["global_step"] == 2 and meta["reference"] == "benchmarks/reference_byol.py"
+    torch.manual_seed(0)
+    untrained = ref.Encoder("resnet18", "imagenet", width=0.25)  # the loop's first draw after seeding with 0
+    assert untrained.state_dict().keys() == encoder.state_dict().keys()
+    changed = [k for k, v in encoder.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, untrained.state_dict()[k])]
+    assert "body.conv1.weight" in changed  # two SGD steps moved the first layer
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0] == "epoch,step,loss,seconds" and rows[1].startswith("1,2,")
+    assert 0 < float(rows[1].split(",")[2]) <= 8  # the symmetric loss, two terms in [0, 4]
+
+
+@pytest.mark.parametrize("override, words", [("optim=lars", "sgd only"), ("ema.tau_schedule=cosine", "constant only")])
+def test_settings_the_loop_does_not_implement_are_refused(ref, tmp_path, override, words, capsys):
+    data = tmp_path / "data"
+    class_folders(data / "train", per_class=2, size=32)
+    with pytest.raises(SystemExit):
+        ref.main(["--data", str(data), "--out", str(tmp_path / "out"), "--workers", "0", "--set", override, *(
+            arg for kv in TINY for arg in ("--set", kv))])
+    assert words in capsys.readouterr().err
