@@ -126,7 +126,8 @@ def main(argv=None) -> None:
                                          generator=torch.Generator().manual_seed(args.seed))
 
     bb = cfg["backbone"]
-    encoder = Encoder(bb["name"], bb["stem"], width=bb["width"])
+    # the grids only pool the blocks that repr=combined reads; evaluate.py takes them from the export, as from our runs
+    encoder = Encoder(bb["name"], bb["stem"], grids=bb["grids"], width=bb["width"])
     online = Online(encoder, cfg["head"]["proj_hidden_dim"], cfg["head"]["proj_dim"])
     predictor = head(cfg["head"]["proj_dim"], cfg["head"]["pred_hidden_dim"], cfg["head"]["proj_dim"])
     target = copy.deepcopy(online).requires_grad_(False)

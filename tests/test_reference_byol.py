@@ -72,6 +72,7 @@ def test_a_short_run_writes_an_encoder_our_evaluation_loads_and_trains_it(ref, t
 
     encoder, meta = load_encoder(out / "encoder.pt")
     assert encoder.config["width"] == 0.25 and encoder.config["stem"] == "imagenet"  # experiment=cpu's network
+    assert encoder.config["grids"] == {"layer2.0": 4, "layer3.0": 2}  # repr=combined pools as for our runs
     assert meta["global_step"] == 2 and meta["reference"] == "benchmarks/reference_byol.py"
     torch.manual_seed(0)
     untrained = ref.Encoder("resnet18", "imagenet", width=0.25)  # the loop's first draw after seeding with 0
