@@ -13,8 +13,12 @@ written here from the paper, and a bare ``for`` loop. Only the network is shared
     python evaluate.py -m pretrained=outputs/reference/seed0/encoder.pt data=imagefolder \\
         data.root=/tmp/cifar10 repr=avgpool eval=knn,linear
 
-Settings: ``--set key=value`` overrides for train.yaml (as on train.py's command line). Supported
-optimizer: sgd (the CPU recipe's); blur is not applied (the recipe's 'auto' has none at 32 px).
+Settings: ``--experiment`` (default cpu) and ``--set key=value`` overrides for train.yaml (as on
+train.py's command line), e.g. the GPU recipe's parts one at a time on the CPU recipe: ``--set optim=lars
+--set optim.base_lr=...``, ``--set ema.tau_schedule=cosine``; or the GPU recipe itself on a GPU:
+``--experiment cifar10 --device cuda --workers 14``. Optimizers: sgd, and lars written here from You et
+al. (2017) with solo-learn's ``clip_lr`` (biases and normalisation parameters excluded); EMA: constant
+or cosine tau. Blur is not applied (the recipe's 'auto' has none at 32 px).
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ from byol.core.backbone import Encoder  # noqa: E402
 from byol.core.checkpoint import save_encoder  # noqa: E402
 
 
-def settings(overrides: list[str]) -> dict:
-    """train.yaml composed with ``experiment=cpu`` and the overrides, as plain data."""
+def settings(overrides: list[str], experiment: str = "cpu") -> dict:
+    """train.yaml composed with ``experiment`` and the overrides, as plain data."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=cpu", "data=imagefolder", "data.root=unused", *overrides])
+        cfg = compose("train", overrides=[f"experiment={experiment}", "data=imagefolder", "data.root=unused",
+                                          *overrides])
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -90,6 +95,54 @@ def pair_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return 2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
 
 
+class Lars(torch.optim.Optimizer):
+    """SGD with momentum whose step for each weight tensor, gradient plus weight decay, is scaled by its
+    trust ratio eta ||w|| / (||g|| + wd ||w||); with ``clip``, by min(ratio / lr, 1), so the tensor moves
+    at min(ratio, lr). Groups marked ``plain`` (biases, normalisation) get SGD without decay or ratio."""
+
+    def __init__(self, groups, lr, momentum, eta, clip):
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "eta": eta, "clip": clip,
+                                  "plain": False})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                update = w.grad.clone()
+                if not group["plain"]:
+                    w_norm, g_norm = w.norm(), w.grad.norm()
+                    if w_norm > 0 and g_norm > 0:
+                        ratio = group["eta"] * w_norm / (g_norm + group["weight_decay"] * w_norm)
+                        if group["clip"]:
+                            ratio = torch.clamp(ratio / group["lr"], max=1.0)
+                        update = (update + group["weight_decay"] * w) * ratio  # a zero norm: the plain gradient
+                velocity = self.state[w].get("velocity")
+                velocity = update if velocity is None else velocity.mul_(group["momentum"]).add_(update)
+                self.state[w]["velocity"] = velocity
+                w.sub_(group["lr"] * velocity)
+
+
+def optimizer_for(cfg: dict, params: list, peak: float) -> torch.optim.Optimizer:
+    """The recipe's optimizer; weight decay (and for lars the trust ratio) only on weights of 2+ dimensions."""
+    opt = cfg["optim"]
+    weights, plain = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    kwargs = opt["optimizer"]
+    if opt["name"] == "sgd":
+        return torch.optim.SGD([{"params": weights, "weight_decay": opt["weight_decay"]},
+                                {"params": plain, "weight_decay": 0.0}], lr=peak, momentum=kwargs["momentum"])
+    return Lars([{"params": weights, "weight_decay": opt["weight_decay"]}, {"params": plain, "plain": True}],
+                lr=peak, momentum=kwargs["momentum"], eta=kwargs["eta"], clip=bool(kwargs.get("clip_lr")))
+
+
+def tau_for(step: int, total: int, base: float, schedule: str) -> float:
+    """constant: base; cosine: from base at the first step to 1 at the last (the paper's schedule)."""
+    if schedule == "constant":
+        return base
+    return 1 - (1 - base) * (math.cos(math.pi * min(step / max(1, total - 1), 1.0)) + 1) / 2
+
+
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -104,12 +157,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the training loop")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (a smoke test)")
+    parser.add_argument("--experiment", default="cpu", help="the recipe (conf/experiment): cpu (default), cifar10")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    cfg = settings([f"seed={args.seed}", *args.overrides])
-    if cfg["optim"]["name"] != "sgd":
-        parser.error(f"optim {cfg['optim']['name']!r}: this loop implements sgd only")
+    cfg = settings([f"seed={args.seed}", *args.overrides], args.experiment)
+    if cfg["optim"]["name"] not in ("sgd", "lars"):
+        parser.error(f"optim {cfg['optim']['name']!r}: this loop implements sgd and lars only")
+    if cfg["ema"]["tau_schedule"] not in ("constant", "cosine"):
+        parser.error(f"ema.tau_schedule {cfg['ema']['tau_schedule']!r}: this loop implements constant and cosine")
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -123,6 +181,7 @@ def main(argv=None) -> None:
     batch = data["batch_size"]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(args.seed))
 
     bb = cfg["backbone"]
@@ -132,26 +191,22 @@ def main(argv=None) -> None:
     predictor = head(cfg["head"]["proj_dim"], cfg["head"]["pred_hidden_dim"], cfg["head"]["proj_dim"])
     target = copy.deepcopy(online).requires_grad_(False)
     for m in (online, predictor, target):
-        m.to(memory_format=torch.channels_last)
+        m.to(device, memory_format=torch.channels_last)
 
     params = [p for m in (online, predictor) for p in m.parameters()]
     opt_cfg = cfg["optim"]
     peak = opt_cfg["base_lr"] * (batch / 256 if opt_cfg["scale_lr_with_batch"] else 1)
-    optimizer = torch.optim.SGD([
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": opt_cfg["weight_decay"]},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ], lr=peak, momentum=opt_cfg["optimizer"]["momentum"])
+    optimizer = optimizer_for(cfg, params, peak)
     per_epoch = len(loader)
     epochs = cfg["trainer"]["max_epochs"]
     total = per_epoch * (cfg["schedule_epochs"] or epochs)
     warmup = round(opt_cfg["scheduler"]["warmup_epochs"] * per_epoch)
-    tau = cfg["ema"]["tau_base"]
-    if cfg["ema"]["tau_schedule"] != "constant":
-        parser.error("this loop implements ema.tau_schedule=constant only (the CPU recipe's)")
+    tau_base, tau_schedule = cfg["ema"]["tau_base"], cfg["ema"]["tau_schedule"]
     bf16 = cfg["trainer"]["precision"] == "bf16-mixed"
     print(f"[reference] {len(dataset)} images, batch {batch}, {per_epoch} steps an epoch, {epochs} epochs "
-          f"of a {total}-step schedule, lr {peak}, tau {tau}, bf16 {bf16}, torch threads {torch.get_num_threads()}, "
-          f"{args.workers} workers", flush=True)
+          f"of a {total}-step schedule, {opt_cfg['name']} lr {peak}, tau {tau_base} {tau_schedule}, bf16 {bf16}, "
+          f"torch threads {torch.get_num_threads()}, "
+          f"{args.workers} workers, {device}", flush=True)
 
     log = (out / "log.csv").open("w")
     log.write("epoch,step,loss,seconds\n")
@@ -162,9 +217,9 @@ def main(argv=None) -> None:
         for (v1, v2), _ in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, peak, warmup, total)
-            v1 = v1.contiguous(memory_format=torch.channels_last)
-            v2 = v2.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            v1 = v1.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            v2 = v2.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 z1, z2 = online(v1), online(v2)
                 p1, p2 = predictor(z1), predictor(z2)
                 with torch.no_grad():
@@ -173,20 +228,21 @@ def main(argv=None) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            tau = tau_for(step, total, tau_base, tau_schedule)
             with torch.no_grad():
                 for t, o in zip(target.parameters(), online.parameters(), strict=True):
                     t.lerp_(o, 1 - tau)
                 for t, o in zip(target.buffers(), online.buffers(), strict=True):
                     t.copy_(o)
-            losses.append(loss.item())
+            losses.append(loss.detach())
             step += 1
             if step % 50 == 0:
-                print(f"[reference] epoch {epoch + 1} step {step}: loss {sum(losses[-50:]) / len(losses[-50:]):.3f}",
+                print(f"[reference] epoch {epoch + 1} step {step}: loss {torch.stack(losses[-50:]).mean():.3f}",
                       flush=True)
             if args.max_steps and step >= args.max_steps:
                 break
         seconds = time.time() - epoch_start
-        mean = sum(losses) / len(losses)
+        mean = torch.stack(losses).mean().item()
         log.write(f"{epoch + 1},{step},{mean:.5f},{seconds:.1f}\n")
         log.flush()
         print(f"[reference] epoch {epoch + 1}/{epochs}: loss {mean:.4f}, {seconds:.0f} s", flush=True)

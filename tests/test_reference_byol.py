@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 from pathlib import Path
@@ -85,7 +86,53 @@ def test_a_short_run_writes_an_encoder_our_evaluation_loads_and_trains_it(ref, t
     assert 0 < float(rows[1].split(",")[2]) <= 8  # the symmetric loss, two terms in [0, 4]
 
 
-@pytest.mark.parametrize("override, words", [("optim=lars", "sgd only"), ("ema.tau_schedule=cosine", "constant only")])
+@pytest.mark.parametrize("clip", [False, True])
+def test_its_lars_written_apart_takes_the_same_steps_as_ours(ref, clip):
+    """Two implementations of one rule agree (weights, a zero weight, biases excluded), so an A/B of the GPU
+    recipe's optimizer compares like with like."""
+    from byol.core.optim import LARS, param_groups
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    with torch.no_grad():
+        net[2].weight[0].zero_()  # a row at zero: its tensor still has a norm
+    twin, start = copy.deepcopy(net), copy.deepcopy(net)
+    ours = LARS(param_groups([net], 1e-2), lr=0.7, momentum=0.9, eta=0.02, clip_lr=clip)
+    theirs = ref.Lars([{"params": [p for p in twin.parameters() if p.ndim > 1], "weight_decay": 1e-2},
+                       {"params": [p for p in twin.parameters() if p.ndim <= 1], "plain": True}],
+                      lr=0.7, momentum=0.9, eta=0.02, clip=clip)
+    for step in range(4):
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((net, ours), (twin, theirs)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(net[0].weight, start[0].weight) and not torch.allclose(net[1].bias, start[1].bias)
+
+
+def test_its_cosine_tau_is_ours_from_the_base_to_one(ref):
+    from byol.core.ema import tau_at
+
+    total = 11
+    taus = [ref.tau_for(step, total, 0.99, "cosine") for step in range(total)]
+    assert taus[0] == pytest.approx(0.99) and taus[-1] == pytest.approx(1.0) and taus[5] == pytest.approx(0.995)
+    assert taus == pytest.approx([tau_at(step, total - 1, 0.99, "cosine") for step in range(total)])
+    assert ref.tau_for(7, total, 0.96, "constant") == 0.96
+
+
+def test_the_gpu_recipes_optimizer_and_ema_run_in_the_loop(ref, tmp_path):
+    data = tmp_path / "data"
+    class_folders(data / "train", per_class=8, size=32, classes=("a", "b"))
+    overrides = [arg for kv in (*TINY, "optim=lars", "optim.optimizer.clip_lr=true", "ema.tau_schedule=cosine")
+                 for arg in ("--set", kv)]
+    ref.main(["--data", str(data), "--out", str(tmp_path / "out"), "--workers", "0", "--max-steps", "2", *overrides])
+    assert load_encoder(tmp_path / "out" / "encoder.pt")[1]["global_step"] == 2
+
+
+@pytest.mark.parametrize("override, words", [("optim=adam", "sgd and lars only"),
+                                             ("ema.tau_schedule=linear", "constant and cosine")])
 def test_settings_the_loop_does_not_implement_are_refused(ref, tmp_path, override, words, capsys):
     data = tmp_path / "data"
     class_folders(data / "train", per_class=2, size=32)

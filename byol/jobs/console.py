@@ -135,10 +135,34 @@ class OtherProcessLost(ByolError):
     """A process of this DDP run is gone: this one stops too; not a failure of the model it was evaluating."""
 
 
+def lost_message(world_size: int, said: str, kept: str) -> str:
+    return (f"another process of this {world_size}-process run stopped ({said}); its own output or the scheduler's "
+            f"says why (killed, out of memory, its machine lost), and this one stops too: {kept}")
+
+
+def how_it_ended(rank: int, status: int) -> str:
+    """A child process's end in words: a negative status is the signal that killed it."""
+    import signal
+
+    if status >= 0:
+        return f"rank {rank} ended with status {status}"
+    try:
+        return f"rank {rank} was killed by {signal.Signals(-status).name}"
+    except ValueError:
+        return f"rank {rank} was killed by signal {-status}"
+
+
+_WATCHED: list[tuple[int, Callable[[], str]]] = []  # the open other_processes_lost's (world size, kept), innermost last
+LOST_GRACE_S = 20.0  # how long rank 0 is left to stop on its own once Lightning's observer has found a child dead
+
+
 @contextmanager
 def other_processes_lost(world_size: int, kept: Callable[[], str]):
     """Under DDP a process of the run that died (killed, out of memory, its machine lost) makes the others'
     next collective fail with a long torch traceback: one line instead, with what is kept (``kept()``)."""
+    _WATCHED.append((world_size, kept))
+    if world_size > 1:
+        _let_rank0_say_it()
     try:
         yield
     except RuntimeError as e:
@@ -148,6 +172,41 @@ def other_processes_lost(world_size: int, kept: Callable[[], str]):
         if world_size <= 1 or not (found or isinstance(e, dist.DistError)):
             raise
         said = found.group(0) if found else f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        raise OtherProcessLost(f"another process of this {world_size}-process run stopped ({said}); its own output "
-                               f"or the scheduler's says why (killed, out of memory, its machine lost), and this one "
-                               f"stops too: {kept()}") from None
+        raise OtherProcessLost(lost_message(world_size, said, kept())) from None
+    finally:
+        _WATCHED.pop()
+
+
+def _let_rank0_say_it() -> None:
+    """Lightning's launcher checks rank 0's child processes every 5 s and, finding one dead, SIGKILLs them and
+    rank 0 at once: rank 0 then ended with status -9 and no word of what is kept, whenever its own next
+    collective (which fails and says so, above) had not come yet. Now the children are killed as Lightning
+    does, rank 0 is left LOST_GRACE_S to stop on its own, and one still running then (stuck in a collective
+    that never times out) prints the same line and ends with status 1. Without that launcher: nothing to do."""
+    try:
+        from lightning_fabric.strategies.launchers import subprocess_script
+    except ImportError:
+        return
+    observer = getattr(subprocess_script, "_ChildProcessObserver", None)
+    if observer is None or not callable(getattr(observer, "_terminate_all", None)) or \
+            getattr(observer, "_byol_says_what_is_kept", False):
+        return
+
+    def terminate_all(self) -> None:
+        import os
+        import time
+
+        ended = [(rank, p.returncode) for rank, p in enumerate(self._child_processes, start=1) if p.returncode]
+        for p in self._child_processes:
+            p.send_signal(self._termination_signal)
+        time.sleep(LOST_GRACE_S)
+        world, kept = _WATCHED[-1] if _WATCHED else (len(self._child_processes) + 1, lambda: "")
+        try:
+            said = how_it_ended(*(ended or [(1, 1)])[0])
+            print(f"error: {lost_message(world, said, kept())}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+        finally:
+            os._exit(1)
+
+    observer._terminate_all = terminate_all
+    observer._byol_says_what_is_kept = True
