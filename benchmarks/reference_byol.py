@@ -208,8 +208,7 @@ def main(argv=None) -> None:
           f"torch threads {torch.get_num_threads()}, "
           f"{args.workers} workers, {device}", flush=True)
 
-    log = (out / "log.csv").open("w")
-    log.write("epoch,step,loss,seconds\n")
+    (out / "log.csv").write_text("epoch,step,loss,seconds\n")
     step, start = 0, time.time()
     for epoch in range(epochs):
         online.train(), predictor.train(), target.train()
@@ -243,8 +242,8 @@ def main(argv=None) -> None:
                 break
         seconds = time.time() - epoch_start
         mean = torch.stack(losses).mean().item()
-        log.write(f"{epoch + 1},{step},{mean:.5f},{seconds:.1f}\n")
-        log.flush()
+        with (out / "log.csv").open("a") as log:  # a line an epoch, readable while the run goes on
+            log.write(f"{epoch + 1},{step},{mean:.5f},{seconds:.1f}\n")
         print(f"[reference] epoch {epoch + 1}/{epochs}: loss {mean:.4f}, {seconds:.0f} s", flush=True)
         if args.max_steps and step >= args.max_steps:
             break

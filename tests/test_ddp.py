@@ -265,6 +265,13 @@ def test_lightnings_watch_of_a_dead_child_leaves_rank0_time_then_says_what_is_ke
             "the scheduler's says why (killed, out of memory, its machine lost), and this one stops too: kept: X")
     finally:
         alive.kill()
+    # outside other_processes_lost there is nothing to say: Lightning's own, SIGKILL to all (here a stand-in main)
+    main = subprocess.Popen(["sleep", "60"])
+    try:
+        assert _ChildProcessObserver(main.pid, [dead])._run() is True
+        assert main.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        main.kill()
     assert console.how_it_ended(1, 3) == "rank 1 ended with status 3"
     assert console.how_it_ended(2, -15) == "rank 2 was killed by SIGTERM"
 

@@ -160,9 +160,9 @@ LOST_GRACE_S = 20.0  # how long rank 0 is left to stop on its own once Lightning
 def other_processes_lost(world_size: int, kept: Callable[[], str]):
     """Under DDP a process of the run that died (killed, out of memory, its machine lost) makes the others'
     next collective fail with a long torch traceback: one line instead, with what is kept (``kept()``)."""
-    _WATCHED.append((world_size, kept))
     if world_size > 1:
         _let_rank0_say_it()
+    _WATCHED.append((world_size, kept))
     try:
         yield
     except RuntimeError as e:
@@ -182,7 +182,8 @@ def _let_rank0_say_it() -> None:
     rank 0 at once: rank 0 then ended with status -9 and no word of what is kept, whenever its own next
     collective (which fails and says so, above) had not come yet. Now the children are killed as Lightning
     does, rank 0 is left LOST_GRACE_S to stop on its own, and one still running then (stuck in a collective
-    that never times out) prints the same line and ends with status 1. Without that launcher: nothing to do."""
+    that never times out) prints the same line and ends with status 1. Outside other_processes_lost (nothing
+    to say), and without that launcher, Lightning's own behaviour stays."""
     try:
         from lightning_fabric.strategies.launchers import subprocess_script
     except ImportError:
@@ -192,15 +193,19 @@ def _let_rank0_say_it() -> None:
             getattr(observer, "_byol_says_what_is_kept", False):
         return
 
+    lightnings = observer._terminate_all
+
     def terminate_all(self) -> None:
         import os
         import time
 
+        if not _WATCHED:
+            return lightnings(self)
+        world, kept = _WATCHED[-1]  # read now: the main thread leaves the block as it stops
         ended = [(rank, p.returncode) for rank, p in enumerate(self._child_processes, start=1) if p.returncode]
         for p in self._child_processes:
             p.send_signal(self._termination_signal)
         time.sleep(LOST_GRACE_S)
-        world, kept = _WATCHED[-1] if _WATCHED else (len(self._child_processes) + 1, lambda: "")
         try:
             said = how_it_ended(*(ended or [(1, 1)])[0])
             print(f"error: {lost_message(world, said, kept())}", file=sys.stderr, flush=True)
