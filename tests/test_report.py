@@ -198,10 +198,10 @@ def test_unfinished_run_gets_a_row_of_its_own_and_enters_no_mean(tmp_path, capsy
     md = (tmp_path / "out" / "results.md").read_text()
     complete, unfinished = rows_of(md, "classic")
     assert complete == ["classic", "avgpool", "linear", "55.00 ± 7.07", "55.00 ± 7.07", "2", "0",
-                        "resnet18/imagenet", "?", "5", "100", ""]
+                        "resnet18/imagenet", "?", "5", "100", "", "0, 1"]
     assert unfinished == ["classic", "avgpool", "linear", "incomplete", "incomplete", "0", "0",
                           "resnet18/imagenet", "?", "0 of 5", "100",
-                          "**incomplete**: 1 run(s) not in any mean (classic2)"]
+                          "**incomplete**: 1 run(s) not in any mean (classic2)", "2"]
     assert ("Incomplete pretraining runs (1), not in any mean (count them with allow_incomplete=true in "
             "evaluate.py, or python -m byol.report --allow-incomplete):\n"
             "- classic2: 0 of 5 epochs (/runs/classic2/checkpoints/last.ckpt)") in md
@@ -281,7 +281,7 @@ def test_a_job_of_the_sweep_that_died_leaves_missing_cells(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Missing cells (2 of 8 expected): classic/combined/knn, multi/combined/knn." in md
     assert rows_of(md, "multi", "combined", "knn") == [["multi", "combined", "knn", "missing", "missing", "0", "0",
-                                                       "", "", "", "", "**missing**"]]
+                                                       "", "", "", "", "**missing**", ""]]
     cells = build_cells(load_results(sorted((tmp_path / "ev").rglob("results.json"))))
     assert sorted(c.triple for c in cells if not c.n_results) == [("classic", "combined", "knn"),
                                                                  ("multi", "combined", "knn")]
@@ -301,10 +301,10 @@ def test_failed_training_jobs_are_listed_as_missing(tmp_path):
     report([root], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
     assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "80.00", "70.00", "1", "0",
-                                     "resnet18/imagenet", "?", "5", "100", "1 missing (1_loss=multi,seed=1)"]]
+                                     "resnet18/imagenet", "?", "5", "100", "1 missing (1_loss=multi,seed=1)", "0"]]
     assert rows_of(md, "classic") == [["classic", "avgpool", "linear", "missing", "missing", "0", "0",
                                        "resnet18/imagenet", "?", "?", "100",
-                                       "**missing**: no model (2_loss=classic,seed=0)"]]
+                                       "**missing**: no model (2_loss=classic,seed=0)", ""]]
     assert "Missing cells (1 of 2 expected): classic/avgpool/linear." in md  # linear on avgpool only was run
     assert ("Missing pretraining runs (2, not evaluated):\n"
             "- /train/sw/1_loss=multi,seed=1: training failed: non-finite loss at step 3\n"
@@ -375,12 +375,12 @@ def test_results_json_of_an_older_version_still_load(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert sorted(rows_of(md, "classic")) == sorted([
         ["classic", "avgpool", "linear", "60.00 ± 14.14", "50.00 ± 14.14", "2", "1", "resnet18/imagenet",
-         "? → cifar10 (settings unknown)", "5", "100", "1 failed"],
+         "? → cifar10 (settings unknown)", "5", "100", "1 failed", "0, 1"],
         ["classic", "avgpool", "linear", "10.00", "10.00", "1", "0", "resnet18/imagenet", "cifar10", "5",
-         "100", ""],
+         "100", "", "0"],
     ])
     assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "90.00", "90.00", "1", "0", "?", "?", "?",
-                                     "?", ""]]
+                                     "?", "", "0"]]
 
 
 # ------------------------------------------------------------------------ the everyday-use issue
@@ -395,7 +395,7 @@ def test_missing_cells_are_written_missing_in_the_table_the_csv_and_the_figure(t
     report([tmp_path], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
     assert rows_of(md, "multi") == [["multi", "avgpool", "linear", "missing", "missing", "0", "0", "", "", "", "",
-                                     "**missing**"]]
+                                     "**missing**", ""]]
     assert rows_of(md, "multi", "combined")[0][3:5] == ["failed", "failed"]
     rows = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     assert [rows[("multi", "avgpool", "linear")][k] for k in ("status", "test_acc_mean_pct", "val_acc_mean_pct")] \

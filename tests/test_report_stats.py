@@ -93,7 +93,7 @@ def test_a_pipe_or_a_line_break_in_a_name_never_breaks_the_table(tmp_path):
     # header, rule, the 4 kNN rows, the other 3 expected kNN cells (classic, multi x avgpool, combined: "c" holds
     # one), the 4 expected linear cells (one holds "e")
     assert len(table) == 2 + 4 + 3 + 4
-    assert all(line.startswith("|") and len(_columns(line)) == 12 for line in table)
+    assert all(line.startswith("|") and len(_columns(line)) == 13 for line in table)
     assert "| cla\\|ssic | avgpool | knn | 50.00 |" in md and "| multi x | avgpool | knn | 60.00 |" in md
     assert "| back\\\\\\|slash | avgpool | knn | 70.00 |" in md  # back\\\|slash: a backslash, then an escaped |
     assert "**failed**: bad \\| thing second line |" in md
@@ -157,3 +157,24 @@ def test_the_overlay_gives_seeds_their_line_styles_in_numeric_order():
 
     labels = ["seed 10", "seed 2", "seed ?", "seed 1"]
     assert sorted(labels, key=natural_order) == ["seed 1", "seed 2", "seed 10", "seed ?"]
+
+
+def test_the_seeds_column_names_the_runs_of_each_mean(tmp_path):
+    """Two rows of 3 runs each may be over different seeds; the table and the CSV name them, so that a reader can
+    tell a like-for-like comparison (the same seeds) from one that is not. Seeds in numeric order, each once."""
+    for i, seed in enumerate((10, 2, 0, 1, 2)):  # seed 2 twice (two sweeps), 10 after 2
+        write(tmp_path / f"sweep{i}", f"c{seed}", "classic", "avgpool", "knn", 0.5, seed=seed)
+    for seed in (4, 6):
+        write(tmp_path, f"m{seed}", "multi", "avgpool", "knn", 0.6, seed=seed)
+    write(tmp_path, "m_unknown", "multi", "avgpool", "knn", 0.6, seed=None)  # an older result without one
+    write(tmp_path, "m_linear", "multi", "avgpool", "linear", 0.6, seed=0)  # classic's linear cell: expected
+    md = _markdown(tmp_path)
+    header = _columns(_row(md, "| loss |"))
+    assert [c.strip() for c in header][-1] == "seeds"
+    assert _columns(_row(md, "| classic | avgpool | knn |"))[-1].strip() == "0-2, 10"
+    assert _columns(_row(md, "| multi | avgpool | knn |"))[-1].strip() == "4, 6, unknown"
+    assert _columns(_row(md, "| classic | avgpool | linear |"))[-1].strip() == ""  # a missing cell: no seeds
+    write_csv(_cells(tmp_path), tmp_path / "results.csv")
+    rows = {(r["loss"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert rows[("classic", "knn")]["seeds"] == "0 1 2 10" and rows[("classic", "knn")]["runs"] == "4"
+    assert rows[("multi", "knn")]["seeds"] == "4 6 unknown" and rows[("classic", "linear")]["seeds"] == ""

@@ -1,23 +1,23 @@
 """Results table of an evaluation sweep: ``python -m byol.report [FOLDER ...] [--out DIR]``.
 
-Scans the folders for ``results.json`` (written by ``evaluate.py``), groups them into rows
-(loss x repr x eval, and within a cell one row per set of settings: backbone and stem,
-pretraining and evaluation data, pretraining and evaluation epochs; results whose settings
-differ are never averaged together), and writes ``results.md``, ``results.csv`` (both in %)
-and ``results.png`` (a grouped bar chart). Each row shows the mean ± sample standard deviation
-(n - 1) over runs (seeds) of the test and validation accuracy, the number of runs and of failed
-runs. The 8 cells of the study (classic/multi x avgpool/combined x linear/finetune) are always
-listed, their accuracy written ``missing`` when no result exists (``failed`` / ``incomplete``
-when no run counts), in the table, the CSV and the figure, so a gap in a sweep cannot go
-unnoticed; the random-init baseline and other protocols (kNN) are listed when present. Training
-jobs with no model (``status: missing``) are listed by folder with their reason, and evaluations
-that have not written their result (``status: running``: in progress, or killed) by folder, in no
-mean and not counted as failed; results of pretraining runs that did not finish their epochs
-(``pretrain_status: incomplete``) get rows of their own, marked ``incomplete``, and enter no mean
-unless allowed (``--allow-incomplete``, or evaluate.py's ``allow_incomplete=true``). Results with
-no accuracy by design (``eval=embed``: t-SNE maps) are listed under the table with their maps, never
-counted as failed. Rows with two or more seeds in common are compared seed by seed under the table
-and in ``paired.csv`` (:mod:`byol.jobs.report_paired`).
+Scans the folders for ``results.json`` (written by ``evaluate.py``), groups them into rows (loss x
+repr x eval, and within a cell one row per set of settings: backbone and stem, pretraining and
+evaluation data, pretraining and evaluation epochs; results whose settings differ are never averaged
+together), and writes ``results.md``, ``results.csv`` (both in %) and ``results.png`` (a grouped bar
+chart). Each row shows the mean ± sample standard deviation (n - 1) over runs (seeds) of the test
+and validation accuracy, the number of runs and of failed runs, and the seeds the means are over
+(the last column). The 8 cells of the study (classic/multi x avgpool/combined x linear/finetune) are
+always listed, their accuracy written ``missing`` when no result exists (``failed`` / ``incomplete``
+when no run counts), in the table, the CSV and the figure, so a gap in a sweep cannot go unnoticed;
+the random-init baseline and other protocols (kNN) are listed when present. Training jobs with no
+model (``status: missing``) are listed by folder with their reason, and evaluations that have not
+written their result (``status: running``: in progress, or killed) by folder, in no mean and not
+counted as failed; results of pretraining runs that did not finish their epochs (``pretrain_status:
+incomplete``) get rows of their own, marked ``incomplete``, and enter no mean unless allowed
+(``--allow-incomplete``, or evaluate.py's ``allow_incomplete=true``). Results with no accuracy by
+design (``eval=embed``: t-SNE maps) are listed under the table with their maps, never counted as
+failed. Rows with two or more seeds in common are compared seed by seed under the table and in
+``paired.csv`` (:mod:`byol.jobs.report_paired`).
 
 The folders scanned are data from whoever wrote them: a malformed ``results.json`` is skipped with one
 ``[report] note:`` line naming it (:func:`byol.jobs.report_files.load_results`); every file the report
@@ -49,6 +49,7 @@ from byol.jobs.report_cells import (
     expected_cells,
     md_cell,
     or_unknown,
+    seeds_text,
     settings_text,
     unscored_results,
 )
@@ -59,10 +60,10 @@ from byol.jobs.report_paired import write_csv as write_paired_csv
 from byol.jobs.report_plot import plot
 
 MD_COLUMNS = ("loss", "repr", "eval", "test acc", "val acc", "runs", "failed", "backbone", "data",
-              "pretrain epochs", "eval epochs", "note")
+              "pretrain epochs", "eval epochs", "note", "seeds")
 CSV_FIELDS = ["loss", "repr", "eval", "runs", "failed", "incomplete", "missing", "running", "status",
               "test_acc_mean_pct", "test_acc_std_pct", "val_acc_mean_pct", "val_acc_std_pct",
-              "backbone", "data", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs", "settings"]
+              "backbone", "data", "pretrain_epochs", "pretrain_epochs_planned", "eval_epochs", "settings", "seeds"]
 
 
 def _pct(cell: Cell, values: Sequence[float], val: bool = False) -> str:
@@ -120,7 +121,7 @@ def _table(cells: Sequence[Cell]) -> list[str]:
     for c in cells:
         backbone, pretrain_epochs, eval_epochs = settings_text(c)
         row = [c.loss, c.repr, c.eval, _pct(c, c.test_by_seed), _pct(c, c.val_by_seed, val=True), c.runs, c.failed,
-               backbone, c.data, pretrain_epochs, eval_epochs, _note(c)]
+               backbone, c.data, pretrain_epochs, eval_epochs, _note(c), seeds_text(c.seeds, ranges=True)]
         lines.append("| " + " | ".join(map(md_cell, row)) + " |")  # a | or a line break in a name: escaped
     return lines
 
@@ -221,7 +222,8 @@ def write_csv(cells: Sequence[Cell], path: Path) -> None:
         backbone, _, eval_epochs = settings_text(c)
         epochs = ["" if v is None else v for v in (c.pretrain_epochs, c.planned_epochs)]
         w.writerow(csv_row([c.loss, c.repr, c.eval, c.runs, c.failed, len(c.incomplete_runs), len(c.missing_runs),
-                    len(c.running_runs), c.status, *stats, backbone, c.data, *epochs, eval_epochs, c.variant]))
+                    len(c.running_runs), c.status, *stats, backbone, c.data, *epochs, eval_epochs, c.variant,
+                            seeds_text(c.seeds)]))
     write_file(path, f.getvalue())
 
 

@@ -138,6 +138,24 @@ def seed_order(seed) -> tuple:
     return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
 
 
+def seeds_text(seeds: Sequence, ranges: bool = False) -> str:
+    """The seeds of a row's results, each once, in :func:`seed_order`: which runs a mean is over, so that two
+    rows can be seen to share their seeds. Space-separated (``0 1 2``, for the CSV), or with ``ranges`` as a
+    reader writes them (``0-2, 5``); a result with no seed recorded is ``unknown``."""
+    known = sorted({s if type(s) is int else str(s) for s in seeds if s is not None}, key=seed_order)
+    unknown = ["unknown"] * (None in seeds)
+    if not ranges:
+        return " ".join(map(str, [*known, *unknown]))
+    parts, i = [], 0
+    while i < len(known):
+        j = i  # known[i..j]: consecutive integers
+        while isinstance(known[i], int) and j + 1 < len(known) and known[j + 1] == known[j] + 1:
+            j += 1
+        parts.append(f"{known[i]}-{known[j]}" if j > i + 1 else ", ".join(map(str, known[i:j + 1])))
+        i = j + 1
+    return ", ".join([*parts, *unknown])
+
+
 def _number_order(value) -> tuple:
     """Epochs in numeric order (5 before 10), unknown (None) last."""
     return (0, value) if isinstance(value, int | float) else (1, 0)
