@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU (H100/H200); see benchmarks/README.md. Two modes:
+# One prepared run for a lent GPU (H100/H200); see benchmarks/README.md. Three modes:
 #
 # MODE=single (default; budgeted at about 7 minutes, not yet run on a GPU):
 #   1. installs hydra-core/omegaconf/antlr4 from the carried .whl/ folder (no network there),
@@ -24,7 +24,10 @@
 #      fine-tuning for FT_EPOCHS (2) epochs on both (the 8 cells + kNN), each sweep under a timeout,
 #   6. python -m byol.report on both sweeps; results.md/.csv/.png and the runs' curves PNGs into $OUT.
 #
-# Both append a dated section naming the card to benchmarks/RESULTS.md (copied to $OUT, since only
+# MODE=ab (our training code against benchmarks/reference_byol.py at the GPU recipe, AB_EPOCHS = 20 epochs each,
+#   then kNN of both; DEADLINE_S = 580 s for the whole script; no throughput unless AB_BATCHES): benchmarks/gpu_ab.sh.
+#
+# All append a dated section naming the card to benchmarks/RESULTS.md (copied to $OUT, since only
 # $OUT comes back from the GPU machine; at most 8 files are kept there). The train.py/evaluate.py
 # commands the section records are abbreviated: data.root, hydra.run.dir/sweep.dir (and the grid's
 # sweep.subdir) and, in single mode, trainer.enable_progress_bar=false checkpoint.every_n_epochs=100000
@@ -52,7 +55,7 @@ MODE=${MODE:-single}
 FIXED_EPOCHS=${EPOCHS:-}  # single: pretrain this many epochs instead of what fits in PRETRAIN_S
 read -r -a TRAIN_EXTRA_ARGS <<<"${TRAIN_EXTRA:-}"
 read -r -a EVAL_EXTRA_ARGS <<<"${EVAL_EXTRA:-}"  # single: evaluate.py overrides for the linear probe
-case "$MODE" in single | grid) ;; *) echo "gpu.sh: MODE must be single or grid, not '$MODE'" >&2; exit 2 ;; esac
+case "$MODE" in single | grid | ab) ;; *) echo "gpu.sh: MODE must be single, grid or ab, not '$MODE'" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/byol-gpu-out}
 DATA=${DATA:-/tmp/cifar10}
 WORK=${WORK:-/tmp/byol-gpu-runs}
@@ -81,6 +84,7 @@ if [ "$SMOKE" = 1 ]; then
   [ -f "$RESULTS" ] || cp benchmarks/RESULTS.md "$RESULTS" 2>/dev/null || : >"$RESULTS"
 else
   BATCHES=${BATCHES-256 512}; PRETRAIN_S=${PRETRAIN_S:-240}; GRID_S=${GRID_S:-540}  # BATCHES= : no throughput
+  [ "$MODE" = ab ] && BATCHES=${AB_BATCHES:-}  # the A/B needs all the time there is (AB_BATCHES: measure anyway)
   if [ "$MODE" = grid ]; then STEPS=30; else STEPS=50; fi
   WARMUP=10; TINY=(); EVAL_TINY=(); GRID_TINY=(); BENCH_SET=()
   RESULTS="$REPO/benchmarks/RESULTS.md"
@@ -125,7 +129,7 @@ say "card: $CARD; data: $DATA; python: $("$PY" -c 'import sys, torch; print(sys.
 SECTION="$WORK/section.md"
 {
   echo
-  echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $CARD (benchmarks/gpu.sh$([ "$MODE" = grid ] && echo ", MODE=grid"))"
+  echo "## $(date -u '+%Y-%m-%d %H:%M UTC'): $CARD (benchmarks/gpu.sh$([ "$MODE" != single ] && echo ", MODE=$MODE"))"
 } >"$SECTION"
 
 # ---------------------------------------------------------------- 3. throughput
@@ -154,6 +158,12 @@ finish() {  # append the section to RESULTS.md and copy it into $OUT
 if [ "$MODE" = grid ]; then
   # shellcheck source=benchmarks/gpu_grid.sh
   source benchmarks/gpu_grid.sh
+  finish
+  exit 0
+fi
+if [ "$MODE" = ab ]; then
+  # shellcheck source=benchmarks/gpu_ab.sh
+  source benchmarks/gpu_ab.sh
   finish
   exit 0
 fi

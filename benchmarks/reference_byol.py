@@ -159,6 +159,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the training loop")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (a smoke test)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop at the end of the epoch after which another would pass this many seconds of "
+                             "training (a lent machine's time limit); encoder.pt records the epochs done")
     parser.add_argument("--experiment", default="cpu", help="the recipe (conf/experiment): cpu (default), cifar10")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -246,6 +249,10 @@ def main(argv=None) -> None:
             log.write(f"{epoch + 1},{step},{mean:.5f},{seconds:.1f}\n")
         print(f"[reference] epoch {epoch + 1}/{epochs}: loss {mean:.4f}, {seconds:.0f} s", flush=True)
         if args.max_steps and step >= args.max_steps:
+            break
+        if args.max_seconds and epoch + 1 < epochs and time.time() - start + seconds > args.max_seconds:
+            print(f"[reference] stopped after {epoch + 1} of {epochs} epochs: another would pass --max-seconds "
+                  f"{args.max_seconds:g}", flush=True)
             break
     save_encoder(online.encoder, out / "encoder.pt",
                  meta={"loss": "classic", "epochs": epoch + 1, "global_step": step, "seed": args.seed,

@@ -140,3 +140,17 @@ def test_settings_the_loop_does_not_implement_are_refused(ref, tmp_path, overrid
         ref.main(["--data", str(data), "--out", str(tmp_path / "out"), "--workers", "0", "--set", override, *(
             arg for kv in TINY for arg in ("--set", kv))])
     assert words in capsys.readouterr().err
+
+
+def test_max_seconds_stops_at_the_end_of_an_epoch_and_still_writes_the_encoder(ref, tmp_path, capsys):
+    """A lent machine's time limit: rather than be killed mid-epoch with nothing written, the loop ends the epoch
+    after which another would pass --max-seconds, and its export says how many epochs it holds."""
+    data = tmp_path / "data"
+    class_folders(data / "train", per_class=8, size=32, classes=("a", "b"))
+    overrides = [arg for kv in (*TINY, "trainer.max_epochs=5") for arg in ("--set", kv)]
+    ref.main(["--data", str(data), "--out", str(tmp_path / "out"), "--workers", "0", "--max-seconds", "0.001",
+              *overrides])
+    meta = load_encoder(tmp_path / "out" / "encoder.pt")[1]
+    assert (meta["epochs"], meta["global_step"]) == (1, 2)  # 16 images, batch 8: 2 steps an epoch
+    assert "stopped after 1 of 5 epochs: another would pass --max-seconds 0.001" in capsys.readouterr().out
+    assert len((tmp_path / "out" / "log.csv").read_text().splitlines()) == 2  # the header and epoch 1
