@@ -188,7 +188,7 @@ def _remove_unfinished(cache: Path, folder: Path) -> None:
     if removed:
         print(f"[data] removed {len(removed)} unfinished cache file(s) that a stopped process left in "
               f"{cache.parent} ({', '.join(p.name for p in removed)})", flush=True)
-    own = cache.name.removesuffix(".u8.npy").removesuffix(".pt")  # "<folder>-<key>" (_cache_files)
+    own = cache.name[:len(folder.name) + 1 + CACHE_KEY_LENGTH]  # "<folder>-<key>" (_cache_files), any suffix
     others = sorted(p for p in cache.parent.glob(f"{glob.escape(folder.name)}-*") if p.is_file()
                     and p.name.endswith((".pt", ".npy")) and not p.name.startswith(own + "."))
     if others:
