@@ -351,7 +351,7 @@ def test_gpu_script_refuses_an_unknown_mode(tmp_path):
     env = dict(os.environ, MODE="sweep", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"))
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 2 and "MODE must be single or grid" in proc.stderr
+    assert proc.returncode == 2 and "MODE must be single, grid or ab, not 'sweep'" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -628,7 +628,7 @@ def test_failed_training_jobs_are_recorded_as_missing(tmp_path, capsys):
     (row,) = [line for line in md.splitlines() if line.startswith("| multi | avgpool | knn |")]
     # 0_good's config.yaml names no data: its pretraining data reads as unknown
     assert row == ("| multi | avgpool | knn | missing | missing | 0 | 0 | resnet18/imagenet | ? → synthetic | ? | 0 | "
-                   "**missing**: no model (1_failed, 2_empty) |")
+                   "**missing**: no model (1_failed, 2_empty) |  |")
     assert (f"Missing pretraining runs (2, not evaluated):\n- {failed}: {reason}\n- {empty}: {no_weights}"
             in md)
 
