@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The A/B mode of benchmarks/gpu.sh (MODE=ab; see benchmarks/README.md): does our training code lose
 # accuracy against a textbook BYOL loop at the GPU recipe? The 100-epoch run of experiment=cifar10 scored
-# 77.3% linear (kNN 71.7%) against a target of 86%, and the CPU A/B (README: Results) covers only what the
-# CPU recipe uses, not LARS + clip_lr, cosine tau, the CIFAR stem, bf16 on a GPU or the device-side views.
+# 77.3% linear (kNN 71.7%) against a target of 86%; the CPU A/Bs (README: Results) cover the CPU recipe and
+# LARS + clip_lr + cosine tau on it, not the CIFAR stem, bf16 on a GPU or the device-side views of a GPU.
 #   4. ours: `train.py experiment=cifar10` for AB_EPOCHS (20) epochs, seed 0, on the JPEG copy with CIFAR-10's
 #      mean/std, warm-up 10% of the run (the recipe's 10 epochs at most), compiled with COMPILE=1;
 #   5. benchmarks/reference_byol.py with the same settings (`--experiment cifar10 --set ...`, PIL views in

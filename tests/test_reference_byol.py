@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -18,12 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["head.proj_hidden_dim=16", "head.pred_hidden_dim=16", "head.proj_dim=8", "data.batch_size=8"]
 
 
-@pytest.fixture(scope="module")
-def ref():
-    spec = importlib.util.spec_from_file_location("reference_byol", ROOT / "benchmarks" / "reference_byol.py")
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_benchmark("reference_byol")
 
 
 def test_pair_loss_is_two_minus_two_cosine_and_leaves_the_target_without_gradient(ref):
@@ -154,3 +160,43 @@ def test_max_seconds_stops_at_the_end_of_an_epoch_and_still_writes_the_encoder(r
     assert (meta["epochs"], meta["global_step"]) == (1, 2)  # 16 images, batch 8: 2 steps an epoch
     assert "stopped after 1 of 5 epochs: another would pass --max-seconds 0.001" in capsys.readouterr().out
     assert len((tmp_path / "out" / "log.csv").read_text().splitlines()) == 2  # the header and epoch 1
+
+
+# ----------------------------------------------------------------------------- benchmarks/compare_ab.py
+
+
+def _results(folder: Path, seed: int, test_acc, repr_="avgpool", eval_="knn") -> None:
+    job = folder / f"{repr_}_{eval_}"
+    job.mkdir(parents=True)
+    (job / "results.json").write_text(json.dumps({"repr": repr_, "eval": eval_, "seed": seed, "test_acc": test_acc}))
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return load_benchmark("compare_ab")
+
+
+def test_compare_ab_pairs_the_two_sides_by_seed_with_both_t_tests(tmp_path, compare, capsys):
+    a, b = [], []
+    for seed, (x, y) in enumerate(((0.50, 0.40), (0.60, 0.45), (0.70, 0.65))):
+        _results(tmp_path / f"a{seed}", seed, x), _results(tmp_path / f"b{seed}", seed, y)
+        a.append(str(tmp_path / f"a{seed}")), b.append(str(tmp_path / f"b{seed}"))
+    _results(tmp_path / "a0", 0, None, eval_="linear")  # a missing result pairs with nothing
+    compare.main(["--a", *a, "--b", *b, "--names", "ours", "ref", "--out", str(tmp_path / "t.md")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| avgpool")]
+    assert (tmp_path / "t.md").read_text().splitlines()[2] == rows[0]
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    # differences 10, 15, 5 points: mean 10, sd 5, t = 2 sqrt(3) on 2 df, p = 1 - t / sqrt(t^2 + 2) = 0.0742;
+    # Welch: 60 +- 10 against 50 +- 13.23, t = 10 / sqrt(275 / 3) = 1.044 on 3.72 df, p 0.36
+    assert cells[:7] == ["avgpool", "knn", "60.00 ± 10.00", "50.00 ± 13.23", "+10.00, +15.00, +5.00", "0 1 2", "+10.00"]
+    assert float(cells[7]) == pytest.approx(0.36, abs=0.005) and float(cells[8]) == pytest.approx(0.07, abs=0.005)
+    assert len(rows) == 1  # linear has no result on side b
+
+
+def test_compare_ab_refuses_a_seed_twice_on_one_side_and_an_empty_folder(tmp_path, compare):
+    _results(tmp_path / "a0", 0, 0.5), _results(tmp_path / "a1", 0, 0.6), _results(tmp_path / "b0", 0, 0.4)
+    with pytest.raises(SystemExit, match="seed 0 twice for avgpool/knn"):
+        compare.main(["--a", str(tmp_path / "a0"), str(tmp_path / "a1"), "--b", str(tmp_path / "b0")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no results.json below"):
+        compare.main(["--a", str(tmp_path / "empty"), "--b", str(tmp_path / "b0")])
