@@ -135,3 +135,18 @@ def no_launcher(monkeypatch):
         if key.startswith(LAUNCHER_PREFIXES) or key in LAUNCHER_NAMES:
             monkeypatch.delenv(key)
     return monkeypatch
+
+
+def write_folder(root: Path, per_class: int = 8, classes=("a", "b"), splits=("train",)) -> Path:
+    """``root/<split>/<class>/<i>.jpg``: random 32x32 JPEGs, the same for the same arguments."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.jpg")
+    return root
