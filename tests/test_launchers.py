@@ -79,11 +79,11 @@ def test_submitit_requeue_on_usr1_resumes_in_the_same_folder(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}  # what submitit_slurm.yaml's `setup` exports
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
-                             *TINY[:2], "trainer.max_epochs=8", "monitor=off"], cwd=tmp_path, env=env,
+                             *TINY[:2], "trainer.max_epochs=20", "monitor=off"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         log = _wait_for(lambda: next(tmp_path.glob("outputs/multirun/train/*/0_*/train.log"), None))
-        _wait_for(lambda: "epoch 2/8" in log.read_text())
+        _wait_for(lambda: "epoch 2/20" in log.read_text())  # 18 epochs left (seconds) to find the job in
         controller = _wait_for(lambda: [int(p.name) for p in log.parent.parent.glob(".submitit/[0-9]*")])[0]
         (task,) = _children(controller)
         os.kill(task, signal.SIGUSR1)
@@ -93,7 +93,7 @@ def test_submitit_requeue_on_usr1_resumes_in_the_same_folder(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     text = log.read_text()
-    assert "resuming from" in text and "epoch 8/8" in text and (log.parent / "encoder.pt").is_file()
+    assert "resuming from" in text and "epoch 20/20" in text and (log.parent / "encoder.pt").is_file()
     assert len(list(log.parent.parent.glob(".submitit/[0-9]*"))) == 1  # the same job, requeued
     (err_log,) = log.parent.parent.glob(".submitit/[0-9]*/*_log.err")
     assert "the whole sweep: its command with hydra.sweep.dir=" in err_log.read_text()  # not _submit.py's

@@ -62,7 +62,7 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
         accumulate = int(config["trainer"].get("accumulate_grad_batches") or 1)
         steps_per_epoch = optimizer_steps_per_epoch(len(datamodule.batches) // planned_world(config["trainer"]),
                                                     accumulate)
-        trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch)
+        trainer = build_run_trainer(config, run_dir, loggers, monitors, steps_per_epoch, hold_signals_at_end=True)
         announce(config, run_dir, trainer, start, datamodule.batches)
     done = f"training had finished ({ckpt_dir / LAST_CHECKPOINT} holds its final state); stopping"
     checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoints))
@@ -123,13 +123,18 @@ def save_run_config(config: dict, run_dir: Path) -> None:
         atomic_write_bytes(data, path)
 
 
-def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int) -> pl.Trainer:
+def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list, steps_per_epoch: int,
+                      hold_signals_at_end: bool = False) -> pl.Trainer:
+    """The run's Trainer. ``hold_signals_at_end`` only for a caller that releases the stop signals itself
+    (:func:`fit_run`, once the export is written): they stay blocked in this thread until then, and in every
+    process it starts meanwhile (a child inherits the mask: a sweep launched later could not be stopped)."""
     ckpt = config["checkpoint"]
     trainer = config["trainer"]
     # a signal stops a step midway, except where the layers' hooks would cost (compiled graphs)
     checkpoints = RunCheckpoints(run_dir / CHECKPOINTS_DIR, run_dir, resume_hint(run_dir), ckpt["every_n_epochs"],
                                  ckpt["last_every_n_steps"], ckpt.get("keep_last"),
-                                 stop_inside_steps=not config.get("compile"), hold_signals_at_end=True)
+                                 stop_inside_steps=not config.get("compile"),
+                                 hold_signals_at_end=hold_signals_at_end)
     # the monitors first: a checkpoint taken after a batch then holds the probes' step on that batch too
     knn = next((m for m in monitors if isinstance(m, OnlineKNN)), None)
     bar = progress_bar_on(trainer.get("enable_progress_bar"))
