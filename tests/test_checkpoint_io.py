@@ -380,6 +380,12 @@ REFUSED_WEIGHTS = {  # what is changed in an export, what the error says about i
     "bools": (as_kind(torch.bool), "its state_dict holds 100 tensors of another kind of number (e.g. "
                                    "body.conv1.weight: bool (torch.bool) in the file, floating-point (torch.float32) "
                                    "expected)"),
+    # crafted: a weight of the right shape with one number behind it (stride 0), or none at all (meta)
+    "stride 0": (lambda k, v: torch.zeros(1).expand_as(v) if k == "body.conv1.weight" else v,
+                 "its state_dict['body.conv1.weight'] has 216 elements over 4 bytes of storage (a stride-0 or "
+                 "overlapping view); it is not a saved state"),
+    "meta": (lambda k, v: torch.empty_like(v, device="meta") if k == "body.conv1.weight" else v,
+             "its state_dict['body.conv1.weight'] is a tensor without numbers (on the meta device)"),
     "float counter": (lambda k, v: v.float() if k.endswith("num_batches_tracked") else v,
                       "its state_dict holds 20 tensors of another kind of number (e.g. body.bn1.num_batches_tracked: "
                       "floating-point (torch.float32) in the file, integer (torch.int64) expected)"),

@@ -338,3 +338,33 @@ def test_cache_key_follows_classes_and_link_targets(tmp_path, capsys):
     with_b = load_image_folder(train, SIZE, cache_dir=cache)
     assert not torch.equal(with_a.images[-1], with_b.images[-1])
     assert len(list(cache.iterdir())) == 4
+
+
+def test_a_class_folder_deeper_than_pythons_recursion_limit_is_read_in_order(tmp_path):
+    """The scan once recursed a level per folder: 1,100 nested folders ended in RecursionError (a traceback).
+    Its images are found, depth first in name order as before: a folder's images and subfolders by name
+    (400 levels under a recursion limit of 300 here)."""
+    import sys
+
+    train = tree(tmp_path / "train", classes=("cat",), n=1)
+    deep = train / "dog"
+    deep.mkdir()
+    for _ in range(400):  # one level at a time: pathlib's mkdir(parents=True) recurses too
+        deep = deep / "d"
+        deep.mkdir()
+    image(deep / "0.png", 50)
+    image(train / "dog" / "a" / "1.png", 51)  # before d/ by name
+    image(train / "dog" / "z.png", 52)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)
+    try:
+        files, labels, classes = scan_folder(train)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert classes == ("cat", "dog") and labels == [0, 1, 1, 1]
+    assert [f.name for f in files] == ["0.png", "1.png", "0.png", "z.png"]
+    assert files[2].parent == deep
+    (deep / "0.png").unlink()
+    while deep != train / "dog":  # deepest first: pytest's clean-up of old temporary folders at exit recursed on it
+        deep.rmdir()
+        deep = deep.parent

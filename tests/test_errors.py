@@ -204,6 +204,27 @@ def test_32_bit_integer_images_keep_their_8_bit_values(tmp_path):
         assert (image.int() - torch.from_numpy(ramp).int()).abs().max() <= 1
 
 
+def test_16_bit_values_map_to_8_bits_as_exactly_as_in_float64_and_a_float_image_of_nan_is_named(tmp_path):
+    """The 16-bit conversion works in float32 now (float64 and a copy per step took 3.3x an RGB image's memory):
+    every one of the 65,536 values maps as the float64 division did. A float TIFF of NaN decoded as black with an
+    anonymous numpy warning; it is refused naming the file."""
+    from byol.core.image_folder import _to_rgb
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    rgb8 = np.asarray(_to_rgb(Image.fromarray(values)))
+    assert rgb8.shape == (256, 256, 3) and (rgb8 == rgb8[..., :1]).all()
+    assert np.array_equal(rgb8[..., 0], np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+    folder = tmp_path / "train" / "x"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((32, 32), 0.5, np.float32), "F").save(folder / "half.tif")
+    nan = np.full((32, 32), 0.5, np.float32)
+    nan[3, 4] = np.nan
+    Image.fromarray(nan, "F").save(folder / "nan.tif")
+    with pytest.raises(DataError) as err:
+        load_image_folder(tmp_path / "train")
+    assert f"{folder / 'nan.tif'}" in str(err.value) and "its F pixels hold NaN or infinite values" in str(err.value)
+
+
 def test_train_and_test_classes_differ(tmp_path):
     image_tree(tmp_path, ("cat", "dog"), split="train")
     image_tree(tmp_path, ("cat", "fox"), split="test")
@@ -520,6 +541,32 @@ def test_a_file_name_that_is_not_utf8_is_named_escaped_on_a_strict_console(tmp_p
     assert (run / "FAILED").read_text().startswith(line[len("error: "):])
 
 
+def test_control_characters_of_a_name_reach_the_console_and_the_log_escaped(tmp_path, monkeypatch):
+    """A class folder named with escape sequences set the terminal's title and cleared its screen when the note
+    naming it was printed (a terminal may also let such a sequence write the clipboard); a bidirectional override
+    shows a name reversed. Both consoles and the job's log now show them escaped; what progress bars and plain
+    text need (tab, newline, carriage return, tqdm's cursor-up, any letters) passes as it is."""
+    import io
+
+    from byol.jobs.console import console_copied_to, neutralized
+
+    name = "x\x1b]0;PWNED\x07\x1b[2J\u202egpj.exe\x9b"
+    assert neutralized(name) == "x\\x1b]0;PWNED\\x07\\x1b[2J\\u202egpj.exe\\x9b"
+    plain = "tab\there\nnext line, a bar\r\x1b[A, été 日本"
+    assert neutralized(plain) == plain
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2))
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with console_copied_to(tmp_path / "job.log"):
+        print(f"[data] note: class folders without images: '{name}'")
+    print(f"error: '{name}'", file=sys.stderr)  # a job's last line, printed after its console is closed
+    out.flush()
+    err.flush()
+    shown = out.buffer.getvalue().decode() + err.buffer.getvalue().decode() + (tmp_path / "job.log").read_text()
+    assert not {"\x1b", "\x07", "\u202e", "\x9b"} & set(shown)
+    assert shown.count("'x\\x1b]0;PWNED\\x07\\x1b[2J\\u202egpj.exe\\x9b'") == 3
+
+
 @pytest.mark.parametrize("errors", ["strict", "backslashreplace"])
 def test_a_folder_name_that_is_not_utf8_is_escaped_in_the_first_error_line(tmp_path, monkeypatch, errors):
     """The command line's own refusal (before Hydra or the job's console) names a folder with its bytes escaped:
@@ -537,6 +584,31 @@ def test_a_folder_name_that_is_not_utf8_is_escaped_in_the_first_error_line(tmp_p
     console.flush()
     assert exit_.value.code != 0
     assert "hydra.run.dir=/tmp/e\\xff1 " in console.buffer.getvalue().decode(), console.buffer.getvalue()
+
+
+def test_a_path_too_long_for_the_system_is_one_line_from_the_command_line_and_from_the_job(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A path the system refuses to look at (ENAMETOOLONG: a name over 255 bytes), on the command line (resume=,
+    checked before Hydra) or reaching the job (data.root, or the one in a handed-in run's config.yaml), ended in
+    an OSError traceback. One line now, the path shortened, FAILED written as for any refusal."""
+    from byol.jobs.command_line import run_script
+
+    long = str(tmp_path / ("b" * 300))
+    monkeypatch.setattr(sys, "argv", ["train.py", "experiment=smoke", f"resume={long}"])
+    with pytest.raises(SystemExit) as exit_:
+        run_script(lambda: pytest.fail("Hydra's main ran"), "train")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: a path is longer than this system allows (File name too long: '")
+    assert f"...{'b' * 30}', {len(long):,} characters; a name may have 255 bytes" in err and long not in err
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = compose_config("train", ["experiment=smoke", "data=imagefolder", f"data.root={long}"], run)
+    with pytest.raises(SystemExit) as exit_:
+        run_job(pretrain, cfg, requested=command_line_keys())
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "error: a path is longer than this system allows" in err
+    assert (run / "FAILED").read_text().startswith("a path is longer than this system allows")
 
 
 @pytest.mark.slow

@@ -642,6 +642,12 @@ CRAFTED_CHECKPOINTS = {
                         "its weights do not match the architecture its own config describes; 1 tensor of another kind "
                         "of number (e.g. model.predictors.avgpool.0.weight: integer (torch.int64) in the file, "
                         "floating-point (torch.float32) expected)"),
+    "stride-0 weights": (("state_dict", "model.online_encoder.body.conv1.weight"), torch.zeros(1).expand(32, 3, 7, 7),
+                         "state_dict['model.online_encoder.body.conv1.weight'] has 4,704 elements over 4 bytes of "
+                         "storage (a stride-0 or overlapping view); it is not a saved state"),
+    "meta weights": (("state_dict", "model.target_encoder.body.conv1.weight"), torch.empty(32, 3, 7, 7, device="meta"),
+                     "state_dict['model.target_encoder.body.conv1.weight'] is a tensor without numbers (on the meta "
+                     "device)"),
     "NaN momentum": (("optimizer_states", 0, "state", 0, "momentum_buffer"), torch.full((32, 3, 7, 7), float("nan")),
                      "optimizer_states[0].state[0].momentum_buffer holds NaN or infinite values (4704 of 4704)"),
 }

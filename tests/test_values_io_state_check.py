@@ -7,7 +7,13 @@ import copy
 
 import torch
 
-from byol.core.state_check import optimizer_problem, tensors_problem, value_problem, weights_problem
+from byol.core.state_check import (
+    _optimizer_value_problem,
+    optimizer_problem,
+    tensors_problem,
+    value_problem,
+    weights_problem,
+)
 from byol.lightning.checkpoint_io import lightning_fields_problem
 
 
@@ -65,7 +71,7 @@ def test_a_checkpoint_without_global_step_is_refused():
 
 def test_non_finite_weights_are_named_with_how_many():
     """A diverged run's NaN weights evaluated at chance with status ok: any NaN or inf, in any floating dtype
-    (or complex), is named; integers, empty and meta tensors have none to find."""
+    (or complex), is named; integers and empty tensors have none to find."""
     bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64):
         assert tensors_problem({"ok": torch.ones(2), "w": bad.to(dtype)}, "its state_dict") == \
@@ -74,8 +80,26 @@ def test_non_finite_weights_are_named_with_how_many():
     one[2, 1] = float("nan")
     assert tensors_problem({"w": one}, "s") == "s['w'] holds NaN or infinite values (1 of 12)"
     assert tensors_problem({"w": torch.full((2,), 3.0e38) * 10}, "s") == "s['w'] holds NaN or infinite values (2 of 2)"
-    assert tensors_problem({"w": torch.full((2,), 3.0e38), "n": torch.tensor(5), "e": torch.zeros(0),
-                            "m": torch.empty(3, device="meta")}, "s") is None
+    assert tensors_problem({"w": torch.full((2,), 3.0e38), "n": torch.tensor(5), "e": torch.zeros(0)}, "s") is None
+
+
+def test_a_tensor_that_is_not_stored_in_full_is_refused_before_its_values_are_read():
+    """A crafted file's tensor may have no numbers (meta: it failed only when copied into the model, in a
+    traceback) or more elements than its storage (stride 0: an 11 MB export read as 2.8 GB while checked). Both
+    are refused from their metadata alone: 10^12 elements over one float take no memory here."""
+    huge = torch.zeros(1).expand(10**12)
+    assert tensors_problem({"ok": torch.ones(2), "x": huge}, "s") == \
+        "s['x'] has 1,000,000,000,000 elements over 4 bytes of storage (a stride-0 or overlapping view); it is not " \
+        "a saved state"
+    assert tensors_problem({"w": torch.zeros(4).as_strided((2, 3), (1, 1))}, "s") is not None  # overlapping rows
+    assert tensors_problem({"m": torch.empty(3, device="meta")}, "s") == \
+        "s['m'] is a tensor without numbers (on the meta device)"
+    assert _optimizer_value_problem(torch.zeros(1).expand(4, 3), torch.zeros(4, 3), "v") == \
+        "v has 12 elements over 4 bytes of storage (a stride-0 or overlapping view); it is not a saved state"
+    # views of one larger storage (what torch.save writes for tensors that share it) and strided ones are stored
+    base = torch.arange(12.0)
+    assert tensors_problem({"a": base[:4], "b": base[4:].view(2, 4), "t": base.view(3, 4).t(),
+                            "c": torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)}, "s") is None
 
 
 def test_weights_of_another_kind_of_number_are_named_and_another_precision_is_not():

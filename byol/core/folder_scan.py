@@ -84,9 +84,23 @@ class _Scanner:
         """Record the images below ``path`` (whose real path is ``real``) as class ``cls``.
 
         At the top, subfolders are classes and are returned rather than walked, as
-        ``(path, real path)``, with "" as the real path of a symlinked one.
+        ``(path, real path)``, with "" as the real path of a symlinked one. Below, depth first in name
+        order, with a stack of the folders being read rather than recursion: a tree a thousand folders
+        deep ended in Python's RecursionError.
         """
-        subfolders = []
+        subfolders: list[tuple[Path, str]] = []
+        reading = [self._read(path, real, cls, top, subfolders)]
+        while reading:
+            sub = next(reading[-1], None)
+            if sub is None:
+                reading.pop()
+            else:
+                reading.append(self._read(*sub, cls, False, subfolders))
+        return subfolders
+
+    def _read(self, path: Path, real: str, cls: str | None, top: bool, subfolders: list):
+        """Record the images of the folder ``path``; yield each plain subfolder to walk, as ``(path, real
+        path)``, where it is met (at the top, add it to ``subfolders`` instead)."""
         for e in self.entries(path, top):
             if e.name.startswith(".") or e.name in SKIPPED_FOLDERS:
                 continue
@@ -106,10 +120,9 @@ class _Scanner:
                     subfolders.append((p, sub))
                 elif sub not in self.scanned:
                     self.scanned.add(sub)
-                    self.walk(p, sub, cls)
+                    yield p, sub
             elif p.suffix.lower() in IMAGE_EXTENSIONS and e.is_file():
                 self.found.append(_Found(cls, p, os.path.realpath(p) if link else os.path.join(real, e.name), link))
-        return subfolders
 
     def follow(self, link: Path) -> str | None:
         """The real path of a symlinked folder to walk, or None (skipped, with a line)."""

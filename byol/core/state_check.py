@@ -145,11 +145,30 @@ def tensors_problem(state, where: str) -> str | None:
     return None
 
 
-def nonfinite_problem(value: torch.Tensor, where: str) -> str | None:
-    """Whether ``value`` holds NaN or inf: the weights of a diverged run, which evaluate at chance and train
-    nothing. ``aminmax`` propagates NaN: one pass over the numbers, without a tensor of flags."""
-    if value.is_meta or value.numel() == 0 or not (value.is_floating_point() or value.is_complex()):
+def storage_problem(value: torch.Tensor, where: str) -> str | None:
+    """Whether ``value`` is not a tensor whose numbers are all in the file: a meta tensor has none (it fails
+    only when copied into the model), and one with more elements than its storage holds (a stride-0 view, as
+    ``expand`` makes) reads as a huge tensor from a small file: checking or copying its values took memory out
+    of all proportion to the file (an 11 MB file, 2.8 GB)."""
+    if value.is_meta:
+        return f"{where} is a tensor without numbers (on the meta device)"
+    try:
+        stored = value.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # a tensor type without a plain storage: its values are checked
         return None
+    if value.numel() * value.element_size() > stored:
+        return (f"{where} has {value.numel():,} elements over {stored:,} bytes of storage (a stride-0 or overlapping "
+                f"view); it is not a saved state")
+    return None
+
+
+def nonfinite_problem(value: torch.Tensor, where: str) -> str | None:
+    """Whether ``value`` holds NaN or inf (the weights of a diverged run, which evaluate at chance and train
+    nothing), or is no stored tensor at all (:func:`storage_problem`). ``aminmax`` propagates NaN: one pass
+    over the numbers, without a tensor of flags."""
+    problem = storage_problem(value, where)
+    if problem or value.numel() == 0 or not (value.is_floating_point() or value.is_complex()):
+        return problem
     try:
         finite = bool(torch.isfinite(torch.stack(torch.aminmax(value))).all())
     except (RuntimeError, NotImplementedError):  # complex numbers, or a dtype aminmax does not take (float8)

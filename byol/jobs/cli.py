@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.console import ESCAPED_NAMES, console_copied_to
+from byol.jobs.console import ESCAPED_NAMES, console_copied_to, name_too_long, neutralized
 from byol.jobs.hydra_callbacks import SweepSummary, WritableOutput  # noqa: F401 (named here by older sweeps' configs)
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
@@ -240,6 +240,8 @@ def run_job(fn, cfg, *args, **kwargs):
             return None
         sys.exit(e.exit_code)
     except OSError as e:  # a full disk or a read-only folder met outside the checkpoint writer
+        if e.errno == errno.ENAMETOOLONG:  # a path handed in (data.root, pretrained=, a run's config)
+            return _failed(run_dir, multirun, ByolError(name_too_long(e)), log=log)
         if e.errno not in STORAGE_ERRORS:
             raise
         own = [run_dir, Path(hc.sweep.dir)] if multirun else [run_dir]
@@ -331,7 +333,7 @@ def _say(line: str, log: Path | None) -> None:
     if log is not None and log.is_file() and not log.is_symlink():
         try:
             with open(log, "a", encoding="utf-8", errors=ESCAPED_NAMES) as f:
-                f.write(line + "\n")
+                f.write(neutralized(line) + "\n")
         except OSError:
             pass  # the folder cannot be written: the console has the line
 

@@ -5,6 +5,7 @@ another option of its group (``eval.epochs`` with ``eval=knn``) is named with th
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import sys
@@ -21,7 +22,7 @@ from byol.jobs.command_folders import (
     last_value,
     start_problem,
 )
-from byol.jobs.console import names_printable
+from byol.jobs.console import name_too_long, names_printable
 
 
 def _trainer_hint(name: str) -> str:
@@ -393,6 +394,11 @@ def run_script(main, config_name: str) -> None:
     try:
         check_command_line(sys.argv[1:], config_name)
         main()
+    except OSError as e:  # a path on the command line too long to look at (a job says so itself)
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"error: {name_too_long(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         done = "trained" if config_name == "train" else "evaluated"
         print(f"[{config_name}] interrupted (Ctrl+C) while starting; nothing was {done}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
 import re
 import sys
 import warnings
@@ -82,6 +83,32 @@ def _one_line_warning(plain_format, message, category, filename, lineno, line=No
     return plain_format(message, category, filename, lineno, line)
 
 
+# What a terminal acts on instead of showing it, in text that may carry a name read from disk or from a file handed
+# in: a class folder named with escape sequences set the window's title and cleared the screen as the note naming it
+# was printed (others write the clipboard), and bidirectional overrides show a name reversed. Written escaped, as
+# Python writes them ("\x1b"); tab, newline, carriage return and the cursor-up of tqdm's progress bars pass.
+_ACTIVE = re.compile(r"\x1b(?!\[A)|[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def neutralized(text: str) -> str:
+    """``text`` with the characters a terminal would act on (:data:`_ACTIVE`) shown escaped."""
+    return _ACTIVE.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+
+
+class _Neutralizing:
+    """A text stream that writes :func:`neutralized` text."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(neutralized(text))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class _CopyTo:
     """A text stream that also appends what it writes to ``log`` (progress-bar redraws excepted)."""
 
@@ -91,7 +118,7 @@ class _CopyTo:
     def write(self, text: str) -> int:
         self.stream.write(text)
         if "\r" not in text:  # a progress bar redrawing its line: the console's business only
-            self.log.write(text)
+            self.log.write(neutralized(text))
             self.log.flush()
         return len(text)
 
@@ -103,10 +130,24 @@ def names_printable() -> None:
     """File and folder names that are not valid UTF-8 (Python holds their bytes as lone surrogates) printed
     with their bytes escaped: on a console with strict errors (a UTF-8 locale) the line naming a bad image
     raised UnicodeEncodeError instead, and under LANG=C stderr's backslashreplace wrote ``e\\udcff1``. Raw bytes
-    (surrogateescape, stdout under LANG=C) are left as they are: the terminal shows the name itself."""
-    for stream in (sys.stdout, sys.stderr):
+    (surrogateescape, stdout under LANG=C) are left as they are: the terminal shows the name itself. Control
+    characters are shown escaped (:func:`neutralized`) on both streams."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
         if getattr(stream, "errors", None) in ("strict", "backslashreplace") and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=ESCAPED_NAMES)
+        if not isinstance(stream, _Neutralizing | _CopyTo):
+            setattr(sys, name, _Neutralizing(stream))
+
+
+def name_too_long(e: OSError) -> str:
+    """One line for a path the system refuses as too long, shortened: it came from the command line or from a
+    file handed in (a run's config.yaml), and it may be thousands of characters long."""
+    path = os.fsdecode(e.filename) if isinstance(e.filename, str | bytes) else ""
+    shown = path if len(path) <= 120 else f"{path[:80]}...{path[-30:]}"
+    return (f"a path is longer than this system allows ({e.strerror}: '{shown}', {len(path):,} characters; a name may "
+            f"have 255 bytes, a path 4,096); give a shorter one (data.root, pretrained=, resume=, or the data.root "
+            f"in the config.yaml of the run it came from)")
 
 
 @contextmanager

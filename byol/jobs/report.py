@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from byol.core.errors import ByolError
+from byol.jobs.console import names_printable
 from byol.jobs.figures import escaped
 from byol.jobs.report_cells import (
     BASELINE,
@@ -374,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "that did not finish their epochs in the means, in rows of their own (default: as "
                         "each results.json says, i.e. evaluate.py's allow_incomplete)")
     args = parser.parse_args(argv)
+    names_printable()  # folder names of sweeps handed in, on the console
     folders = checked_folders(args.folders)
     if not folders:
         newest = newest_eval_sweep()
