@@ -627,6 +627,43 @@ def test_command_line_errors_are_one_line(tmp_path, case):
     assert not list(run.rglob("*.ckpt")) or all(finite(p) for p in run.rglob("*.ckpt"))
 
 
+def test_an_empty_resume_and_a_folder_named_by_a_number_are_one_line_before_hydra(tmp_path):
+    """``resume=`` (an unset shell variable) started a new run without a word, the 200-epoch CIFAR-10 one without
+    an experiment; ``data.root=2024`` (a folder named by a year) reached Path() as an int, a TypeError traceback,
+    and so did a run's config.yaml with ``root: 2024``."""
+    from byol.jobs.datasets import data_root
+
+    assert checked_line(["experiment=smoke", "resume="], "train") == (
+        "error: resume= is empty (an unset shell variable?); give a run folder or a checkpoint to continue, or "
+        "leave resume= out to start a new run")
+    assert checked_line(["experiment=smoke", "data=imagefolder", "data.root=2024"], "train") == (
+        "error: data.root=2024 reads as a number, not a folder's name; quote it: \"data.root='2024'\"")
+    assert checked_line(["experiment=smoke", "data.cache_dir=77"], "train").startswith("error: data.cache_dir=77 ")
+    assert checked_line(["pretrained=random", "outputs_dir=5"], "evaluate").startswith("error: outputs_dir=5 ")
+    with pytest.raises(DataError, match=re.escape("data.root is the number 2024, not a folder's path")):
+        data_root({"name": "imagefolder", "root": 2024})
+    assert data_root({"name": "imagefolder", "root": "2024"}) == "2024"
+
+
+def test_removing_a_setting_the_job_reads_is_one_line_and_removing_what_it_does_without_is_let_through():
+    """``~seed``, ``~data``, ``~trainer.max_epochs`` (train.py) or ``~repr`` (evaluate.py) ended in a KeyError
+    traceback once the job read the setting; refused before Hydra starts now. An optional group (``~logger``), an
+    optimizer's keyword argument, a view's own augmentation setting and a key no config defines are not refused."""
+    from byol.jobs.command_line import removed_setting
+
+    assert checked_line(["experiment=smoke", "~seed"], "train") == (
+        "error: ~seed removes seed, which the job needs; change it instead (seed=VALUE), or leave it out to keep "
+        "its default")
+    for arg in ("~data", "~trainer.max_epochs", "~optim.scheduler", "~ema.tau_base", "~head", "~data.batch_size"):
+        assert removed_setting(["experiment=smoke", arg], "train").startswith(f"error: {arg} removes "), arg
+    for arg in ("~repr", "~eval", "~split", "~pretrained"):
+        assert removed_setting(["pretrained=random", arg], "evaluate").startswith(f"error: {arg} removes "), arg
+    for arg in ("~logger", "~optim.optimizer.momentum", "~augment.view2.solarize_p", "~loss.weights.layer2",
+                "~trainer.detect_anomaly", "~experiment"):
+        assert removed_setting(["experiment=smoke", arg], "train") is None, arg
+    assert removed_setting(["pretrained=random", "~eval.optimizer.nesterov"], "evaluate") is None
+
+
 @pytest.mark.slow
 def test_an_unknown_config_key_is_one_line_and_a_misspelt_one_gets_the_setting_it_resembles():
     """Hydra's message for an unknown key advises appending it ("+data.bogus=1"), which the job then refuses:

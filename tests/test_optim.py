@@ -262,6 +262,23 @@ def test_an_optimizer_option_of_the_wrong_kind_is_refused(name, options, refusal
     build_optimizer(name, param_groups([net], 0.0), 0.1, {k: fine[k] for k in options})  # the right kinds pass
 
 
+@pytest.mark.parametrize(("name", "options", "refusal"), [
+    ("sgd", {"momentum": 0, "nesterov": True}, "Nesterov momentum requires a momentum and zero dampening"),
+    ("sgd", {"momentum": 0.9, "weight_decay": -5}, "Invalid weight_decay value: -5"),
+    ("adam", {"betas": [0.9, 2]}, "Invalid beta parameter at index 1: 2"),
+    ("adam", {"eps": -1}, "Invalid epsilon value: -1"),
+])
+def test_optimizer_values_torch_refuses_are_refused_by_the_check(name, options, refusal):
+    """Values of the right kind that the optimizer itself refuses (eval.optimizer.momentum=0 with the default
+    nesterov) were a ValueError traceback after the data and the model were loaded, and an evaluation folder's
+    earlier result was set aside for a failed one: the check builds the optimizer over one number first."""
+    with pytest.raises(ConfigError, match=re.escape(f"optimizer '{name}' refuses its settings")) as err:
+        check_optimizer_options(name, options)
+    assert refusal in str(err.value)
+    fine = {"momentum": 0.9, "nesterov": True, "weight_decay": 0, "betas": [0.9, 0.99], "eps": 1e-8}
+    check_optimizer_options(name, {k: fine[k] for k in options})  # the same keys with values it takes pass
+
+
 @pytest.mark.parametrize(("override", "refusal"), [
     ("optim.optimizer.momentum=abc", "optim.optimizer.momentum must lie in [0, 1), not 'abc' (the test)"),
     ("optim.optimizer.eta=abc", "optim.optimizer: optimizer 'lars' option 'eta' must be a number, not 'abc' (the "

@@ -442,8 +442,11 @@ BAD_VALUES = {
     "ema.tau_base=1.5": "ema.tau_base must lie between 0 and 1",
     "augment.view2.solarize_p=2": "augment.view2.solarize_p must lie between 0 and 1",
     "augment.hue=0.7": "augment.hue must lie between 0 and 0.5, not 0.7",
-    "augment.brightness=-0.1": "augment.brightness must be zero or more, not -0.1",
-    "+augment.view1.saturation=-1": "augment.view1.saturation must be zero or more",
+    "augment.brightness=-0.1": "augment.brightness must be a finite number, zero or more, not -0.1",
+    "augment.contrast=inf": "augment.contrast must be a finite number, zero or more, not inf",  # was a NaN loss
+    "trainer.gradient_clip_val=abc": "trainer.gradient_clip_val must be zero or more, not 'abc'",  # was a TypeError
+    "loss.taps=[[layer2.0]]": "loss.taps: unknown tap ['layer2.0'] for resnet18",  # was unhashable type: 'list'
+    "+augment.view1.saturation=-1": "augment.view1.saturation must be a finite number, zero or more",
     "augment.crop_scale=[0.9,0.1]": "augment.crop_scale must be [min, max] with 0 < min <= max <= 1, not [0.9, 0.1]",
     "augment.crop_scale=[0,1]": "augment.crop_scale must be [min, max] with 0 < min <= max <= 1",
     "augment.crop_scale=[0.08]": "augment.crop_scale must be [min, max]",
@@ -496,6 +499,7 @@ def test_invalid_values_are_one_line_and_exit_1(tmp_path, capsys, override):
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.strategy=foo", "strategy=foo, precision=bf16-mixed): You selected an invalid strategy name"),
+    ("trainer.benchmark=abc", "benchmark=abc): set_benchmark_cudnn expects a bool"),  # torch's RuntimeError
 ])
 def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, override, expected):
     """Lightning checks its own arguments when the Trainer is built; what it refuses is one line naming

@@ -167,7 +167,7 @@ class Encoder(nn.Module):
         super().__init__()
         net = build_resnet(name, stem, width)
         valid = set(dict(net.named_modules()))
-        unknown = [t for t in taps if t not in valid or not t]
+        unknown = [t for t in taps if not isinstance(t, str) or t not in valid or not t]  # [[layer2.0]]: a list
         if unknown:
             raise UnknownTap(
                 f"unknown tap {', '.join(repr(t) for t in unknown)} for {name}; valid names include: "

@@ -169,9 +169,16 @@ def _kind_of_default(default, value) -> str | None:
 
 
 def check_optimizer_options(name: str, options: Mapping | None) -> None:
-    """What :func:`build_optimizer` checks of its config, before anything is built (the config's check)."""
+    """What :func:`build_optimizer` checks of its config, before anything is built (the config's check); then the
+    optimizer built over one number, so that a value it refuses (nesterov without momentum, a negative eps, betas
+    past 1) is said here, not in a traceback after the data and the model were loaded."""
     if name in OPTIMIZERS:
-        _checked_options(OPTIMIZERS[name], dict(options or {}), {"self", "params", "lr"}, f"optimizer '{name}'")
+        kwargs = _checked_options(OPTIMIZERS[name], dict(options or {}), {"self", "params", "lr"},
+                                  f"optimizer '{name}'")
+        try:
+            OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)], lr=0.1, **kwargs)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"optimizer '{name}' refuses its settings {kwargs}: {' '.join(str(e).split())}") from None
 
 
 def build_optimizer(name: str, param_groups: list[dict], lr: float, options: Mapping | None = None):

@@ -294,10 +294,10 @@ def build_trainer(trainer_cfg: Mapping, **fixed):
     kwargs.update(fixed)
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    try:  # strategy=foo, accelerator=tpu without torch_xla; devices=-1 on CPU (lightning_fabric's TypeError)
-        return pl.Trainer(**kwargs)
-    except (ValueError, TypeError, ImportError, MisconfigurationException) as e:
-        given = ", ".join(f"{k}={v}" for k, v in trainer_cfg.items() if k in TRAINER_CHOICES)
+    try:  # strategy=foo, accelerator=tpu without torch_xla; devices=-1 on CPU (lightning_fabric's TypeError);
+        return pl.Trainer(**kwargs)  # benchmark=abc (torch's RuntimeError)
+    except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as e:
+        given = ", ".join(f"{k}={v}" for k, v in trainer_cfg.items() if k in TRAINER_CHOICES or k in str(e))
         raise ConfigError(f"Lightning refused the trainer settings ({given}): {e}") from None
 
 

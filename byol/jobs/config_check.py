@@ -352,7 +352,7 @@ def check_config(container: Mapping, source: str = "the config") -> None:
         value = number_at(container, key)
         if value is None:
             continue
-        if not math.isfinite(value) or value < 0 or (key in POSITIVE and value == 0):
+        if not is_number(value) or not math.isfinite(value) or value < 0 or (key in POSITIVE and value == 0):
             bound = "positive" if key in POSITIVE else "zero or more"
             raise ConfigError(f"{key} must be {bound}, not {value!r} ({source})")
     for leaf in UNIT_INTERVAL:

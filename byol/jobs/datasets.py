@@ -80,6 +80,9 @@ def load_split(cfg, split: str, unlabelled: bool = True) -> ImageTensors:
 def data_root(cfg):
     """``data.root`` with ``~`` expanded (a quoted '~/data' reaches us as it is), else as it is (None, '???')."""
     root = cfg.get("root")
+    if isinstance(root, int | float) and not isinstance(root, bool):  # data.root: 2024 in a run's config.yaml
+        raise DataError(f"data.root is the number {root!r}, not a folder's path; give the path as text (quoted on "
+                        f"the command line: \"data.root='{root}'\")")
     return os.path.expanduser(root) if isinstance(root, str) else root
 
 

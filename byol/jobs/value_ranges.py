@@ -69,8 +69,8 @@ def check_augment_ranges(container: Mapping, source: str) -> None:
     for leaf, (low, high) in AUGMENT_RANGES.items():
         for key in augment_paths(container, leaf):
             value = number_at(container, key)
-            if value is not None and not low <= value <= high:
-                bound = "be zero or more" if high == math.inf else f"lie between {low} and {high}"
+            if value is not None and not (math.isfinite(value) and low <= value <= high):  # inf: a NaN loss at once
+                bound = "be a finite number, zero or more" if high == math.inf else f"lie between {low} and {high}"
                 raise ConfigError(f"{key} must {bound}, not {value!r} ({source})")
             if leaf == "blur_kernel_size" and value and value % 2 == 0:
                 raise ConfigError(f"{key} must be odd (or 0: about a tenth of the image side), not {value!r} "
