@@ -649,7 +649,7 @@ def test_removing_a_setting_the_job_reads_is_one_line_and_removing_what_it_does_
     """``~seed``, ``~data``, ``~trainer.max_epochs`` (train.py) or ``~repr`` (evaluate.py) ended in a KeyError
     traceback once the job read the setting; refused before Hydra starts now. An optional group (``~logger``), an
     optimizer's keyword argument, a view's own augmentation setting and a key no config defines are not refused."""
-    from byol.jobs.command_line import removed_setting
+    from byol.jobs.command_values import removed_setting
 
     assert checked_line(["experiment=smoke", "~seed"], "train") == (
         "error: ~seed removes seed, which the job needs; change it instead (seed=VALUE), or leave it out to keep "
@@ -782,7 +782,7 @@ def test_one_of_hydras_modes_goes_on():
 
 def test_a_sweep_jobs_folder_given_unquoted_gets_the_quoted_word():
     """Hydra read the '=' and ',' of ``0_loss=multi,seed=0`` as its own syntax: "mismatched input '='"."""
-    from byol.jobs.command_line import unquoted_path
+    from byol.jobs.command_values import unquoted_path
 
     job = "/o/multirun/train/t/0_loss=multi,seed=0"
     assert unquoted_path([f"resume={job}"]) == (

@@ -288,6 +288,27 @@ def test_a_job_of_the_sweep_that_died_leaves_missing_cells(tmp_path):
     assert "knn combined" in _x_labels(cells)
 
 
+def test_an_evaluation_job_refused_before_writing_a_result_is_listed_under_the_table(sweep, tmp_path, capsys):
+    """``evaluate.py -m ... eval.k=0,5``: the job the config check refused leaves FAILED and no results.json, and
+    the report had said "failed 0" with nothing about it. It is named, with why, under the table and in a note;
+    a training job's FAILED (its run) and a job with a result (counted in its row) are not listed."""
+    refused = sweep / "job3" / "0_eval.k=0"
+    refused.mkdir(parents=True)
+    (refused / "evaluate.log").write_text("[evaluate] overrides: eval.k=0\n")
+    (refused / "FAILED").write_text("eval.k must be a positive whole number, not 0 (the command line)\n")
+    training = sweep / "job4" / "0_seed=1"
+    training.mkdir(parents=True)
+    (training / "train.log").write_text("")
+    (training / "FAILED").write_text("loss became NaN\n")
+    (sweep / "job2" / "classic0" / "FAILED").write_text("an earlier try\n")
+    (sweep / "job2" / "classic0" / "evaluate.log").write_text("")
+    report([sweep], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    why = "eval.k must be a positive whole number, not 0 (the command line)"
+    assert md.endswith(f"Jobs that failed before writing a result (1, in no row):\n- {refused}: {why}\n")
+    assert f"[report] note: {refused} failed before writing a result: {why}" in capsys.readouterr().err
+
+
 def test_failed_training_jobs_are_listed_as_missing(tmp_path):
     root = tmp_path / "ev"
     write(root, "0_loss=multi,seed=0", "multi", "avgpool", "linear", 0.80, 0.70)

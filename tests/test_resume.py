@@ -593,6 +593,11 @@ def test_a_run_stopped_before_its_planned_epochs_asked_for_fewer_is_not_called_f
     first = train("experiment=smoke", "data.num_train=64", "data.batch_size=16", "trainer.max_epochs=10",
                   f"+trainer.max_steps={2 * STEPS_PER_EPOCH}", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr[-3000:]
+    # not called done, as it was: what stopped it, and how it continues
+    assert "[byol] done" not in first.stdout and (
+        f"[byol] stopped short of its plan after 2 of 10 epochs and {2 * STEPS_PER_EPOCH} optimizer steps "
+        f"(trainer.max_steps={2 * STEPS_PER_EPOCH}): ") in first.stdout
+    assert f"python train.py resume={run_dir} continues it" in first.stdout
     result = train(f"resume={run_dir}", "trainer.max_epochs=1")
     last = run_dir / "checkpoints" / "last.ckpt"
     assert result.returncode == 1 and "Traceback" not in result.stderr

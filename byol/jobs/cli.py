@@ -239,10 +239,8 @@ def run_job(fn, cfg, *args, **kwargs):
         if multirun:
             return None
         sys.exit(e.exit_code)
-    except OSError as e:  # a full disk or a read-only folder met outside the checkpoint writer
-        if e.errno == errno.ENAMETOOLONG:  # a path handed in (data.root, pretrained=, a run's config)
-            return _failed(run_dir, multirun, ByolError(name_too_long(e)), log=log)
-        if e.errno not in STORAGE_ERRORS:
+    except OSError as e:  # a full disk or a read-only folder met outside the checkpoint writer; a path too long
+        if e.errno not in STORAGE_ERRORS | {errno.ENAMETOOLONG}:
             raise
         own = [run_dir, Path(hc.sweep.dir)] if multirun else [run_dir]
         return _failed(run_dir, multirun, ByolError(storage_error(e, own)), log=log)
@@ -271,6 +269,8 @@ def run_job(fn, cfg, *args, **kwargs):
 def storage_error(e: OSError, own: list[Path]) -> str:
     """One line for a storage error: on a path in the job's own folders (or none named), the output folder's
     advice; on any other path (an input: pretrained=, data.root...), that it lies outside them and what to check."""
+    if e.errno == errno.ENAMETOOLONG:  # a path handed in (data.root, pretrained=, a run's config)
+        return name_too_long(e)
     path = os.fsdecode(e.filename) if isinstance(e.filename, str | bytes) else None
     if not path or any(_within(Path(path), folder) for folder in own):
         where = f" ('{path}')" if path else ""

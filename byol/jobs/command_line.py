@@ -22,6 +22,7 @@ from byol.jobs.command_folders import (
     last_value,
     start_problem,
 )
+from byol.jobs.command_values import empty_path, removed_setting, unquoted_path
 from byol.jobs.console import name_too_long, names_printable
 
 
@@ -153,33 +154,6 @@ def open_dict_without_plus(argv: Sequence[str], config_name: str) -> str | None:
                 fix = o.input_line if key == name else f"{name}={{{key[len(name) + 1:]}: {value}}}"
                 return (f"error: {o.input_line} adds {', '.join(new)} to {name}, which holds no such key: add keys "
                         f"with a +: '+{fix}'")
-    return None
-
-
-REMOVABLE_GROUPS = ("logger",)  # ~logger: no loggers besides metrics.csv
-
-
-def removed_setting(argv: Sequence[str], config_name: str) -> str | None:
-    """The error line for ``~KEY`` that removes a setting the job reads (``~seed``, ``~data``): Hydra removes it, and
-    the job failed later in a KeyError traceback. What the job does without may go: an optional group (``~logger``),
-    a keyword argument of an optimizer (the library's default then), a key of an open mapping (``loss.weights``,
-    ``backbone.grids``), a view's own augmentation setting (the shared one then), and any key the config does not
-    define (one added with +)."""
-    from byol.jobs.config_check import OPEN_DICTS, VIEW_OVERRIDES, config_schema
-
-    _, groups, optional = _top_config(config_name)
-    free = OPEN_DICTS | VIEW_OVERRIDES | {("optim", "optimizer"), ("eval", "optimizer")}
-    for arg in argv:
-        if not arg.startswith("~"):
-            continue
-        key = arg[1:].split("=", 1)[0]
-        path = tuple(key.split("."))
-        if key in optional or key in REMOVABLE_GROUPS or path[0] == "hydra" or \
-                any(len(path) > len(p) and path[:len(p)] == p for p in free):
-            continue
-        if key in groups or path in config_schema():
-            return (f"error: {arg} removes {key}, which the job needs; change it instead ({key}=VALUE), or leave it "
-                    f"out to keep its default")
     return None
 
 
@@ -346,36 +320,6 @@ def more_than_one_mode(argv: Sequence[str], config_name: str) -> str | None:
             f"sweep's config, print one job's: python {config_name}.py --cfg job OVERRIDES (without -m)")
 
 
-PATH_KEYS = ("resume", "pretrained", "hydra.run.dir", "hydra.sweep.dir", "data.root", "data.cache_dir")
-FOLDER_KEYS = ("data.root", "data.cache_dir", "outputs_dir")  # a number there (2024) reached Path() as an int
-
-
-def unquoted_path(argv: Sequence[str]) -> str | None:
-    """The error line for a path that Hydra cannot read as written: a sweep job's folder
-    (``0_loss=multi,seed=0``) holds ``=`` and ``,``, Hydra's own syntax; the line gives the quoted word."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from byol.jobs.cli import command_arg
-
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") not in PATH_KEYS + ("outputs_dir",) or not value:
-            continue
-        try:
-            parsed = OverridesParser.create().parse_override(arg)
-            if key.lstrip("+") in FOLDER_KEYS and not parsed.is_sweep_override() and \
-                    isinstance(parsed.value(), int | float) and not isinstance(parsed.value(), bool):
-                return (f"error: {key}={value} reads as a number, not a folder's name; quote it: "
-                        f"{command_arg(key.lstrip('+'), value)}")
-        except Exception:
-            why = ("a sweep job's folder holds '=' and ',', its own syntax" if "=" in value or "," in value
-                   else "the shell leaves a '~' after '=' as it is, and Hydra cannot read it; quoted, it is your "
-                        "home folder" if "~" in value else "it holds characters of Hydra's own syntax")
-            return f"error: Hydra cannot read {key}={value} as written ({why}); quote it: " \
-                   f"{command_arg(key.lstrip('+'), value)}"
-    return None
-
-
 def check_command_line(argv: Sequence[str], config_name: str) -> None:
     """Exit with one ``error:`` line for a misspelt key, a setting of another option, a run folder of the
     other kind of job or one with links where jobs write, before Hydra composes anything (or writes its
@@ -385,12 +329,7 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
     message = (more_than_one_mode(argv, config_name) or unquoted_path(argv) or unknown_option(argv, config_name)
                or misspelt_key(argv, config_name) or open_dict_without_plus(argv, config_name)
                or setting_of_another_option(argv, config_name) or removed_setting(argv, config_name))
-    if not message and config_name == "evaluate" and last_value(argv, ("pretrained", "++pretrained")) == "":
-        message = "error: pretrained= is empty (an unset shell variable?); give a run folder, a sweep folder, a "\
-                  ".ckpt, an encoder.pt, or pretrained=latest / latest_sweep / random"
-    if not message and config_name == "train" and last_value(argv, ("resume", "++resume")) == "":
-        message = "error: resume= is empty (an unset shell variable?); give a run folder or a checkpoint to continue, "\
-                  "or leave resume= out to start a new run"
+    message = message or empty_path(argv, config_name)
     run_dir, single_run = given_run_dir(argv, config_name), config_name == "train" and not is_sweep(argv)
     resume = last_value(argv, ("resume", "++resume")) if single_run else None
     resumed = resume not in NO_RESUME

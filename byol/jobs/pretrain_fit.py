@@ -75,11 +75,28 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
         draw_curves(run_dir)
         save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
                      meta=export_meta_fields(config, trainer.current_epoch, trainer.global_step))
-        print(f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
+        short = stopped_short(config, trainer.current_epoch, trainer.global_step)
+        print(f"[byol] {short}: {ckpt_dir / LAST_CHECKPOINT} holds its state and {export} its encoder (evaluations "
+              f"mark it unfinished); python train.py resume={run_dir} continues it" if short else
+              f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
               flush=True)
         return export
     finally:
         release_stop_signals(done)
+
+
+def stopped_short(config: dict, epochs: int, step: int) -> str | None:
+    """What stopped a fit that returned before its planned epochs: a Trainer limit given on the command line
+    (max_time, max_steps, limit_train_batches=0, fast_dev_run) ends the fit quietly, and the run had been called
+    done (with fast_dev_run, without even a metrics.csv); None for a run that trained all its epochs."""
+    planned = int(config["trainer"]["max_epochs"])
+    if epochs >= planned:
+        return None
+    limits = [f"trainer.{k}={v}" for k, v in config["trainer"].items()
+              if k in ("max_time", "max_steps", "limit_train_batches", "fast_dev_run", "overfit_batches")
+              and v is not None]  # none of them is set by conf/: given on the command line
+    return (f"stopped short of its plan after {epochs} of {planned} epochs and {step} optimizer steps"
+            f"{' (' + ', '.join(limits) + ')' if limits else ''}")
 
 
 def check_resumable(checkpoint: dict, config: dict, path: Path) -> None:

@@ -54,7 +54,15 @@ from byol.jobs.report_cells import (
     settings_text,
     unscored_results,
 )
-from byol.jobs.report_files import find_results, load_results, note_links, write_file
+from byol.jobs.report_files import (
+    failed_job_lines,
+    failed_jobs,
+    find_results,
+    load_results,
+    note_links,
+    skipped_lines,
+    write_file,
+)
 from byol.jobs.report_paired import markdown_lines as paired_lines
 from byol.jobs.report_paired import paired_comparisons
 from byol.jobs.report_paired import write_csv as write_paired_csv
@@ -184,17 +192,10 @@ def _unscored(results: Sequence[dict]) -> list[str]:
     return lines
 
 
-def _skipped(skipped: Sequence[tuple]) -> list[str]:
-    """The lines under the table naming each results.json left out, and why (a NaN accuracy, not JSON...)."""
-    if not skipped:
-        return []
-    return ["", f"Skipped results.json files ({len(skipped)}, in no row):", *(md_cell(f"- {path}: {why}")
-                                                                             for path, why in skipped)]
-
-
 def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (), paired: Sequence = (),
-             n_read: int | None = None, skipped: Sequence[tuple] = ()) -> str:
-    """results.md; ``skipped``: (path, why) for each results.json that could not be used."""
+             n_read: int | None = None, skipped: Sequence[tuple] = (), failed: Sequence[tuple] = ()) -> str:
+    """results.md; ``skipped``: (path, why) for each results.json that could not be used; ``failed``: (job
+    folder, why) for each job that failed before writing one (:func:`failed_jobs`)."""
     n_skipped = len(skipped) or (n_files - n_read if n_read is not None else 0)
     counted = f"{n_files} results.json files" + (f" ({n_skipped} skipped, listed below)" if skipped else
                                                  f" ({n_skipped} skipped)" if n_skipped else "")
@@ -209,7 +210,7 @@ def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (),
     else:
         table = [*_table(cells), "", *_gaps(cells)]
     return "\n".join(["# Results", "", intro, "", *table, *paired_lines(paired), *_unscored(unscored),
-                      *_skipped(skipped)]) + "\n"
+                      *skipped_lines(skipped), *failed_job_lines(failed)]) + "\n"
 
 
 def write_csv(cells: Sequence[Cell], path: Path) -> None:
@@ -280,7 +281,8 @@ def report(folders: Sequence[str | Path], out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paired = paired_comparisons(cells)
-    text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results), skipped=skipped)
+    text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results), skipped=skipped,
+                    failed=failed_jobs(folders))
     note_links([out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []))
     write_file(out / "results.md", text)
     write_csv(cells, out / "results.csv")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from byol.core.checkpoint import atomic_write_bytes
 from byol.jobs.figures import escaped
+from byol.jobs.report_cells import md_cell
 
 
 def find_results(folders: Iterable[str | Path]) -> list[Path]:
@@ -32,6 +33,43 @@ def find_results(folders: Iterable[str | Path]) -> list[Path]:
             except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop
                 skip_note(path, f"unreadable ({getattr(e, 'strerror', None) or e})")
     return sorted(found)
+
+
+def failed_jobs(folders: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """(job folder, the first line of its FAILED file) for each evaluation job under ``folders`` that failed before
+    it wrote a results.json (a value the config check refused): no row counts it, and the report had said "failed
+    0" and that its cells had results. Each is a note here, and a line under the table."""
+    from byol.jobs.run_folder import FAILED
+
+    failed = []
+    for folder in map(Path, folders):
+        for path in folder.rglob(FAILED) if folder.is_dir() else []:
+            job = path.parent
+            if (job / "results.json").exists() or not (job / "evaluate.log").exists():
+                continue  # it has a result (a row says failed), or it is a training job
+            try:
+                why = (path.read_text(errors="replace").strip().splitlines() or ["(empty)"])[0][:300]
+            except OSError as e:
+                why = f"its FAILED file is unreadable ({e.strerror})"
+            print(escaped(f"[report] note: {job} failed before writing a result: {why}"), file=sys.stderr)
+            failed.append((job, why))
+    return sorted(failed)
+
+
+def skipped_lines(skipped: Sequence[tuple]) -> list[str]:
+    """The lines under the table naming each results.json left out, and why (a NaN accuracy, not JSON...)."""
+    if not skipped:
+        return []
+    return ["", f"Skipped results.json files ({len(skipped)}, in no row):", *(md_cell(f"- {path}: {why}")
+                                                                             for path, why in skipped)]
+
+
+def failed_job_lines(failed: Sequence[tuple]) -> list[str]:
+    """The lines under the table naming each evaluation job that failed before writing a result."""
+    if not failed:
+        return []
+    return ["", f"Jobs that failed before writing a result ({len(failed)}, in no row):",
+            *(md_cell(f"- {job}: {why}") for job, why in failed)]
 
 
 # The kind of each results.json field the report reads (null is always allowed): a file edited by hand
