@@ -5,6 +5,7 @@ cache that must notice all of it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -368,3 +369,12 @@ def test_a_class_folder_deeper_than_pythons_recursion_limit_is_read_in_order(tmp
     while deep != train / "dog":  # deepest first: pytest's clean-up of old temporary folders at exit recursed on it
         deep.rmdir()
         deep = deep.parent
+
+
+def test_a_file_given_as_the_image_folder_is_called_a_file():
+    """data.root pointing at a file (an archive not yet extracted) was said not to exist."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".tar.gz") as archive:
+        with pytest.raises(DataError, match=re.escape(f"image folder '{archive.name}' is a file, not a folder; ")):
+            scan_folder(Path(archive.name))

@@ -276,6 +276,24 @@ class _Missing:
         return "Requirement 'wandb>=0.12.10' not met."
 
 
+def test_an_evaluation_with_a_logger_without_its_package_is_refused_before_its_folder_changes(tmp_path, monkeypatch):
+    """evaluate.py logger=wandb without wandb failed only once the data and the models were loaded, after an earlier
+    result in the folder had been set aside (train.py refused it first): now before either."""
+    import importlib.util
+
+    from byol.jobs import evaluate as job
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    run = tmp_path / "ev"
+    run.mkdir()
+    (run / "results.json").write_text('{"test_acc": 0.5}')
+    cfg = compose_config("evaluate", ["pretrained=random", "preset=smoke", "eval=knn", "logger=wandb"], run)
+    with pytest.raises(ConfigError, match=re.escape("WandbLogger cannot start (No module named 'wandb')")):
+        job.evaluate(cfg, run)
+    assert sorted(p.name for p in run.iterdir()) == ["results.json"]
+
+
 def test_logger_without_its_package_names_the_extra_and_the_fallback(tmp_path, monkeypatch):
     """A package not installed is found before the data is decoded (looked for, not imported); one Lightning
     finds too old when it starts the logger, before training."""

@@ -5,6 +5,7 @@ command line's. Each refusal leaves the run as it was and is tagged as nothing t
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -117,9 +118,27 @@ def test_resume_of_a_sweep_folder_says_how_to_continue_the_sweep(tmp_path):
     assert str(err.value) == (f"resume='{sweep}' is a sweep folder; continue a sweep by running its command again "
                               f"with -m hydra.sweep.dir={sweep} (finished jobs are skipped, the others resumed), or "
                               f"resume one of its runs: \"resume='{sweep}/0_loss=classic'\"")  # as Hydra reads it
+    (sweep / "1_loss=multi" / "checkpoints").mkdir()  # job 0 failed before its first checkpoint: job 1 is named
+    (sweep / "1_loss=multi" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    named = f"resume one of its runs: \"resume='{sweep}/1_loss=multi'\""
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        find_resume(str(sweep), tmp_path)
     (tmp_path / "plain").mkdir()  # not a sweep: the other message
     with pytest.raises(CheckpointError, match="no checkpoints/last.ckpt in that folder"):
         find_resume(str(tmp_path / "plain"), tmp_path)
+
+
+def test_resume_of_a_runs_checkpoints_folder_names_the_run_folder(tmp_path):
+    """resume=RUN/checkpoints was told "no checkpoints/last.ckpt in that folder ... start it again without
+    resume=", advice that would have trained a finished run again from scratch."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as err:
+        find_resume(str(checkpoints), tmp_path)
+    assert str(err.value) == (f"resume='{checkpoints}' is a run's checkpoints folder; give the run folder itself: "
+                              f"resume={tmp_path / 'run'}")
+    assert find_resume(str(tmp_path / "run"), tmp_path) == checkpoints / "last.ckpt"
 
 
 @pytest.mark.parametrize("run_id", ["../../x", "a b", "a\nb", "x" * 65, 7, ["a"]])

@@ -208,7 +208,8 @@ def scan_images(folder: Path, skip_unreadable: bool = False) -> FolderScan:
     is an error, or skipped with a line when ``skip_unreadable``.
     """
     if not folder.is_dir():
-        raise DataError(f"image folder '{folder}' does not exist; set data.root to a folder laid out as "
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"image folder '{folder}' {state}; set data.root to a folder laid out as "
                         f"DIR/train/<class>/*.jpg (or a flat folder of images for pretraining)")
     scanner = _Scanner(folder, skip_unreadable)
     return scanner.collect(scanner.walk_all())

@@ -22,7 +22,7 @@ from byol.core.backbone import AVGPOOL
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
-from byol.jobs.build import planned_world
+from byol.jobs.build import check_logger_package, planned_world
 from byol.jobs.cli import launched_rank
 from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.console import OtherProcessLost, quiet_lightning
@@ -201,6 +201,7 @@ def _start_job(cfg, run_dir: Path) -> dict:
     settings = plain_config(cfg)
     check_config(settings, "the command line")
     check_processes(settings)
+    check_logger_package(settings.get("logger"))  # a missing package: before the data, the models and the folder
     run_dir.mkdir(parents=True, exist_ok=True)
     keep_earlier_result(run_dir)  # before its config.yaml is rewritten
     if launched_rank() == 0:

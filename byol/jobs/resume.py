@@ -43,13 +43,18 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
             if not last.is_file() and (what := evaluation_output(path)):
                 raise CheckpointError(f"resume='{resume}' is {what}, not a pretraining run; resume= takes a "
                                       f"train.py run folder (outputs/train/<time>) or one of its checkpoints/*.ckpt")
-            if not last.is_file() and sweep_jobs(path):
+            if not last.is_file() and (jobs := sweep_jobs(path)):
                 from byol.jobs.cli import command_arg  # a job's folder name (1_loss=multi,seed=0) quoted for Hydra
 
+                # the example: a run that can be resumed (a job that failed before its first checkpoint cannot)
+                job = next((j for j in jobs if (Path(j) / "checkpoints" / "last.ckpt").is_file()), jobs[0])
                 raise CheckpointError(
                     f"resume='{resume}' is a sweep folder; continue a sweep by running its command again with -m "
                     f"{command_arg('hydra.sweep.dir', path)} (finished jobs are skipped, the others resumed), or "
-                    f"resume one of its runs: {command_arg('resume', sweep_jobs(path)[0])}")
+                    f"resume one of its runs: {command_arg('resume', job)}")
+            if not last.is_file() and path.name == "checkpoints" and (path / "last.ckpt").is_file():
+                raise CheckpointError(f"resume='{resume}' is a run's checkpoints folder; give the run folder itself: "
+                                      f"resume={path.parent}")
             if not last.is_file():
                 raise CheckpointError(
                     f"resume='{resume}': no checkpoints/last.ckpt in that folder (the run stopped before its "
