@@ -444,7 +444,7 @@ BAD_VALUES = {
     "augment.hue=0.7": "augment.hue must lie between 0 and 0.5, not 0.7",
     "augment.brightness=-0.1": "augment.brightness must be a finite number, zero or more, not -0.1",
     "augment.contrast=inf": "augment.contrast must be a finite number, zero or more, not inf",  # was a NaN loss
-    "trainer.gradient_clip_val=abc": "trainer.gradient_clip_val must be zero or more, not 'abc'",  # was a TypeError
+    "trainer.gradient_clip_val=abc": "trainer.gradient_clip_val must be a number, zero or more, not 'abc'",  # TypeError
     "loss.taps=[[layer2.0]]": "loss.taps: unknown tap ['layer2.0'] for resnet18",  # was unhashable type: 'list'
     "+augment.view1.saturation=-1": "augment.view1.saturation must be a finite number, zero or more",
     "augment.crop_scale=[0.9,0.1]": "augment.crop_scale must be [min, max] with 0 < min <= max <= 1, not [0.9, 0.1]",

@@ -139,6 +139,10 @@ def test_resume_of_a_runs_checkpoints_folder_names_the_run_folder(tmp_path):
     assert str(err.value) == (f"resume='{checkpoints}' is a run's checkpoints folder; give the run folder itself: "
                               f"resume={tmp_path / 'run'}")
     assert find_resume(str(tmp_path / "run"), tmp_path) == checkpoints / "last.ckpt"
+    (checkpoints / "last.ckpt").unlink()
+    (checkpoints / "last.ckpt").mkdir()  # not a file: said so, not "start it again without resume="
+    with pytest.raises(CheckpointError, match=re.escape(f"its {checkpoints / 'last.ckpt'} is not a checkpoint file")):
+        find_resume(str(tmp_path / "run"), tmp_path)
 
 
 @pytest.mark.parametrize("run_id", ["../../x", "a b", "a\nb", "x" * 65, 7, ["a"]])

@@ -354,6 +354,7 @@ def check_config(container: Mapping, source: str = "the config") -> None:
             continue
         if not is_number(value) or not math.isfinite(value) or value < 0 or (key in POSITIVE and value == 0):
             bound = "positive" if key in POSITIVE else "zero or more"
+            bound = bound if is_number(value) else f"a number, {bound}"
             raise ConfigError(f"{key} must be {bound}, not {value!r} ({source})")
     for leaf in UNIT_INTERVAL:
         for key in augment_paths(container, leaf) if "." not in leaf else [leaf]:

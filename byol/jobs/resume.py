@@ -52,6 +52,10 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
                     f"resume='{resume}' is a sweep folder; continue a sweep by running its command again with -m "
                     f"{command_arg('hydra.sweep.dir', path)} (finished jobs are skipped, the others resumed), or "
                     f"resume one of its runs: {command_arg('resume', job)}")
+            if not last.is_file() and (last.exists() or last.is_symlink()):
+                raise CheckpointError(f"resume='{resume}': its {last} is not a checkpoint file (a folder, a link to "
+                                      f"none or a device); move it away and resume from another of its checkpoints "
+                                      f"(resume=<one of {last.parent}/*.ckpt>)")
             if not last.is_file() and path.name == "checkpoints" and (path / "last.ckpt").is_file():
                 raise CheckpointError(f"resume='{resume}' is a run's checkpoints folder; give the run folder itself: "
                                       f"resume={path.parent}")
