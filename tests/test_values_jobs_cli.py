@@ -3,6 +3,8 @@ sweep record kept through a DDP job, in this process."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import compose_config
 
@@ -116,6 +118,33 @@ def _sweep_end(sweep, job_name: str) -> None:
 
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)},
                                                                "job": {"name": job_name}}}))
+
+
+def test_a_sweep_command_counts_only_its_own_failed_jobs(tmp_path, capsys):
+    """A job that failed in an earlier command into the same sweep folder, and that this command did not run again
+    (another seed list), made every later command end with "1 job(s) of the sweep failed" and status 1. It is a
+    note now; a job this command ran and that failed (its FAILED rewritten, even with the same text) still fails it."""
+    from omegaconf import OmegaConf
+
+    from byol.jobs.hydra_callbacks import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    (sweep / "1_batch=200").mkdir(parents=True)
+    old = sweep / "1_batch=200" / "FAILED"
+    old.write_text("data.batch_size=200 is larger than the dataset\n")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "job": {"name": "train"}}})
+    summary = SweepSummary()
+    summary.on_multirun_start(config)
+    summary.on_multirun_end(config)  # this command ran another job, which finished
+    assert capsys.readouterr().err == ("[train] note: 1 job(s) of an earlier command in this sweep folder failed and "
+                                       "were not run again by this one: 1_batch=200\n")
+    summary.on_multirun_start(config)
+    old.unlink()  # the job run again (cli.run_job removes FAILED first), failing the same way
+    old.write_text("data.batch_size=200 is larger than the dataset\n")
+    os.utime(old, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns + 1))  # a later time, as a real job has
+    with pytest.raises(SystemExit) as exit_:
+        summary.on_multirun_end(config)
+    assert exit_.value.code == 1 and "error: 1 job(s) of the sweep in" in capsys.readouterr().err
 
 
 def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_path, capsys):

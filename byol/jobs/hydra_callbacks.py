@@ -47,9 +47,22 @@ class WritableOutput(Callback):
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class SweepSummary(Callback):
     """Hydra callback: after a multirun, the command that comes next (after train.py's, the evaluation of the
     sweep; after evaluate.py's, its report), then the failed jobs, with exit status 1 if any."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # the FAILED files already there: a job this command runs again removes its own first (cli.run_job), and
+        # one it fails writes a new file; by identity and time, not by the clock (a cluster's nodes may differ)
+        self.before = {path: _identity(path) for path in Path(config.hydra.sweep.dir).glob(f"*/{FAILED}")}
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
@@ -61,7 +74,16 @@ class SweepSummary(Callback):
             print(f"[train] sweep: {sweep}; evaluate it: python evaluate.py -m pretrained={shlex.quote(str(sweep))} "
                   f"repr=avgpool,combined eval=linear,finetune (then python -m byol.report on the evaluation's "
                   f"sweep folder)", flush=True)
-        failed = sorted(sweep.glob(f"*/{FAILED}"))
+        # this command's failures: a FAILED left as it was is an earlier command's job that this one did not run
+        # (another seed list); counting it failed every later command into the folder
+        before = getattr(self, "before", {})
+        failed, earlier = [], []
+        for path in sorted(sweep.glob(f"*/{FAILED}")):
+            (earlier if before.get(path) == _identity(path) else failed).append(path)
+        if earlier:
+            names = ", ".join(p.parent.name for p in earlier[:5]) + (", ..." if len(earlier) > 5 else "")
+            print(f"[{config.hydra.job.name}] note: {len(earlier)} job(s) of an earlier command in this sweep folder "
+                  f"failed and were not run again by this one: {names}", file=sys.stderr, flush=True)
         if not failed:
             return
         print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed (the others finished):",
