@@ -305,8 +305,39 @@ def test_an_evaluation_job_refused_before_writing_a_result_is_listed_under_the_t
     report([sweep], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
     why = "eval.k must be a positive whole number, not 0 (the command line)"
-    assert md.endswith(f"Jobs that failed before writing a result (1, in no row):\n- {refused}: {why}\n")
+    assert md.endswith(f"Jobs that failed before writing a result or never started (1 lines, in no row):\n"
+                       f"- {refused}: {why}\n")
     assert f"[report] note: {refused} failed before writing a result: {why}" in capsys.readouterr().err
+
+
+def test_jobs_a_stopped_sweep_never_started_are_named_from_its_multirun_record(tmp_path, capsys):
+    """An evaluation sweep stopped (Ctrl+C) in its first job left no folder for the others, and the report said
+    "The expected cell has results". The jobs its command planned (Hydra's multirun.yaml) that have no folder
+    are named now; a record that cannot be read claims nothing."""
+    import yaml
+
+    from byol.jobs.sweep_plan import unstarted_jobs
+
+    root = tmp_path / "ev"
+    write(root, "0_eval=knn,repr=avgpool", "classic", "avgpool", "knn", 0.5)
+    job = root / "0_eval=knn,repr=avgpool"
+    (job / ".hydra").mkdir()
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["pretrained=/runs", "repr=avgpool", "eval=knn"]))
+    task = ["pretrained=/runs", "repr=avgpool,combined", "eval=knn,linear", "+seed=range(0,2)"]
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+    # the job's own record has no +seed: a value it lacks is a value it was not run with
+    assert unstarted_jobs(root) == [f"repr={r} eval={e} seed={s}" for r in ("avgpool", "combined")
+                                    for e in ("knn", "linear") for s in (0, 1)]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["pretrained=/runs", "repr=avgpool", "eval=knn",
+                                                                   "+seed=0"]))
+    missing = unstarted_jobs(root)
+    assert len(missing) == 7 and "repr=avgpool eval=knn seed=0" not in missing
+    report([root], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert f"- {root}: 7 job(s) its command planned (multirun.yaml) never started, so they have no result: " in md
+    assert "[report] note: " in capsys.readouterr().err
+    (root / "multirun.yaml").write_text("hydra: !!python/object/apply:os.system [echo]")  # read as data: nothing
+    assert unstarted_jobs(root) == []
 
 
 def test_failed_training_jobs_are_listed_as_missing(tmp_path):

@@ -120,6 +120,30 @@ def _sweep_end(sweep, job_name: str) -> None:
                                                                "job": {"name": job_name}}}))
 
 
+def test_a_training_sweep_that_would_train_a_job_again_under_another_number_is_refused(tmp_path):
+    """loss=classic,multi seed=0 into a folder, then seed=0,1 into the same one: Hydra numbered multi/seed 0 as
+    job 2 the second time, and it was trained again beside its finished self (1_...), without a word. Refused
+    before Hydra starts now; the same command again (its finished jobs skipped) and a new folder are not."""
+    import yaml
+
+    from byol.jobs.sweep_plan import renumbered_jobs
+
+    sweep = tmp_path / "sweep"
+    for number, loss in enumerate(("classic", "multi")):
+        hydra = sweep / f"{number}_loss={loss},seed=0" / ".hydra"
+        hydra.mkdir(parents=True)
+        (hydra / "overrides.yaml").write_text(yaml.safe_dump([f"loss={loss}", "seed=0"]))
+    again = ["-m", "loss=classic,multi", "seed=0", f"hydra.sweep.dir={sweep}"]
+    assert renumbered_jobs(again, sweep) is None
+    assert renumbered_jobs(["-m", "seed=0", "loss=classic,multi", f"hydra.sweep.dir={sweep}"], sweep) is None
+    more = ["-m", "loss=classic,multi", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    assert renumbered_jobs(more, sweep).startswith(
+        "error: this sweep would train loss=multi seed=0 again as job 2: it has a folder already (1_loss=multi,seed=0)")
+    assert renumbered_jobs(["-m", "loss=multi,classic", "seed=0"], sweep).startswith(
+        "error: this sweep would train loss=multi again as job 0")
+    assert renumbered_jobs(more, tmp_path / "new") is None
+
+
 def test_a_sweep_command_counts_only_its_own_failed_jobs(tmp_path, capsys):
     """A job that failed in an earlier command into the same sweep folder, and that this command did not run again
     (another seed list), made every later command end with "1 job(s) of the sweep failed" and status 1. It is a

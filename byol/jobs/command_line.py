@@ -348,6 +348,10 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
             check_sweep_folder(sweep_folders[0], config_name)
         except FolderTakenError as e:
             message = f"error: {e}"
+        if not message and config_name == "train":
+            from byol.jobs.sweep_plan import renumbered_jobs
+
+            message = renumbered_jobs(list(argv), sweep_folders[0])
     for folder in sweep_folders if not message else []:
         links = links_in(folder)
         if links:

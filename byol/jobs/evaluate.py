@@ -65,6 +65,7 @@ from byol.jobs.run_folder import (
     run_label,
     sweep_jobs,
 )
+from byol.jobs.sweep_plan import unstarted_note
 
 
 def takes_part(settings: Mapping) -> bool:
@@ -169,6 +170,8 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
     if any(lock_holder(job) for job in sweep_jobs(sweep)):
         print("[eval] note: the sweep is still running; the jobs it has not started yet have no folder and are not "
               "evaluated: evaluate it again once it has finished", flush=True)
+    elif note := unstarted_note(sweep, "they have no run to evaluate"):  # the sweep's command was stopped
+        print(f"[eval] note: {note}", flush=True)
     results = []
     for number, path in enumerate(targets, 1):
         label = run_label(path, sweep)

@@ -56,8 +56,8 @@ from byol.jobs.report_cells import (
 )
 from byol.jobs.report_files import (
     failed_job_lines,
-    failed_jobs,
     find_results,
+    jobs_without_result,
     load_results,
     note_links,
     skipped_lines,
@@ -195,7 +195,7 @@ def _unscored(results: Sequence[dict]) -> list[str]:
 def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (), paired: Sequence = (),
              n_read: int | None = None, skipped: Sequence[tuple] = (), failed: Sequence[tuple] = ()) -> str:
     """results.md; ``skipped``: (path, why) for each results.json that could not be used; ``failed``: (job
-    folder, why) for each job that failed before writing one (:func:`failed_jobs`)."""
+    folder, why) for each job that failed before writing one (:func:`jobs_without_result`)."""
     n_skipped = len(skipped) or (n_files - n_read if n_read is not None else 0)
     counted = f"{n_files} results.json files" + (f" ({n_skipped} skipped, listed below)" if skipped else
                                                  f" ({n_skipped} skipped)" if n_skipped else "")
@@ -282,7 +282,7 @@ def report(folders: Sequence[str | Path], out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     paired = paired_comparisons(cells)
     text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results), skipped=skipped,
-                    failed=failed_jobs(folders))
+                    failed=jobs_without_result(folders))
     note_links([out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []))
     write_file(out / "results.md", text)
     write_csv(cells, out / "results.csv")

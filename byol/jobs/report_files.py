@@ -35,14 +35,20 @@ def find_results(folders: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def failed_jobs(folders: Iterable[str | Path]) -> list[tuple[Path, str]]:
+def jobs_without_result(folders: Iterable[str | Path]) -> list[tuple[Path, str]]:
     """(job folder, the first line of its FAILED file) for each evaluation job under ``folders`` that failed before
-    it wrote a results.json (a value the config check refused): no row counts it, and the report had said "failed
-    0" and that its cells had results. Each is a note here, and a line under the table."""
+    it wrote a results.json (a value the config check refused), and (sweep folder, which jobs) for the jobs its
+    command planned that never started (:func:`~byol.jobs.sweep_plan.unstarted_note`): no row counts them, and the
+    report had said "failed 0" and that its cells had results. Each is a note here, and a line under the table."""
     from byol.jobs.run_folder import FAILED
+    from byol.jobs.sweep_plan import unstarted_note
 
     failed = []
     for folder in map(Path, folders):
+        note = unstarted_note(folder, "they have no result") if folder.is_dir() else None
+        if note:
+            print(escaped(f"[report] note: {folder}: {note}"), file=sys.stderr)
+            failed.append((folder, note))
         for path in folder.rglob(FAILED) if folder.is_dir() else []:
             job = path.parent
             if (job / "results.json").exists() or not (job / "evaluate.log").exists():
@@ -65,10 +71,10 @@ def skipped_lines(skipped: Sequence[tuple]) -> list[str]:
 
 
 def failed_job_lines(failed: Sequence[tuple]) -> list[str]:
-    """The lines under the table naming each evaluation job that failed before writing a result."""
+    """The lines under the table naming each evaluation job that failed before writing a result, or never started."""
     if not failed:
         return []
-    return ["", f"Jobs that failed before writing a result ({len(failed)}, in no row):",
+    return ["", f"Jobs that failed before writing a result or never started ({len(failed)} lines, in no row):",
             *(md_cell(f"- {job}: {why}") for job, why in failed)]
 
 
