@@ -242,3 +242,15 @@ def test_a_training_sweep_ends_naming_its_folder_and_the_command_that_evaluates_
                    f"repr=avgpool,combined eval=linear,finetune (then python -m byol.report on the evaluation's "
                    f"sweep folder)\n")
     assert "1_loss=multi: non-finite loss at step 3" in err
+
+
+def test_suggested_commands_name_the_script_by_its_path_outside_the_repository(tmp_path, monkeypatch):
+    """The resume, evaluate and train-longer commands the jobs print said `python train.py`, which fails when
+    pasted in another folder than the repository's (where the script was started by its path)."""
+    from byol.jobs.console import REPO, script_command
+
+    monkeypatch.chdir(REPO)
+    assert script_command("train.py") == "python train.py"
+    monkeypatch.chdir(tmp_path)
+    assert script_command("evaluate.py") == f"python {REPO / 'evaluate.py'}"
+    assert script_command("no_such_script.py") == "python no_such_script.py"  # installed without the scripts

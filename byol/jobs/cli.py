@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
-from byol.jobs.console import ESCAPED_NAMES, console_copied_to, name_too_long, neutralized
+from byol.jobs.console import ESCAPED_NAMES, console_copied_to, name_too_long, neutralized, script_command
 from byol.jobs.hydra_callbacks import SweepSummary, WritableOutput  # noqa: F401 (named here by older sweeps' configs)
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
@@ -127,7 +127,7 @@ def command_arg(key: str, value) -> str:
 def resume_hint(run_dir: Path) -> str:
     """The command that continues ``run_dir``; inside a sweep also the one that continues the whole
     sweep (re-running its command in the same sweep folder skips finished jobs, resumes the rest)."""
-    hint = f"python train.py {command_arg('resume', run_dir)}"
+    hint = f"{script_command('train.py')} {command_arg('resume', run_dir)}"
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return hint
     sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()

@@ -7,6 +7,7 @@ import codecs
 import logging
 import os
 import re
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -81,6 +82,21 @@ def _one_line_warning(plain_format, message, category, filename, lineno, line=No
     if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
         return f"warning: {message}\n"
     return plain_format(message, category, filename, lineno, line)
+
+
+REPO = Path(__file__).resolve().parents[2]  # where train.py and evaluate.py are
+
+
+def script_command(name: str) -> str:
+    """How to run the entry script ``name`` (train.py, evaluate.py) from here, for the commands the jobs suggest:
+    ``python train.py`` in the repository's folder, its whole path elsewhere (pasted in another folder, the
+    suggested command found no train.py there)."""
+    script = REPO / name
+    try:
+        here = Path.cwd().resolve() == REPO
+    except OSError:  # the current folder was removed
+        here = False
+    return f"python {name}" if here or not script.is_file() else f"python {shlex.quote(str(script))}"
 
 
 # What a terminal acts on instead of showing it, in text that may carry a name read from disk or from a file handed

@@ -13,6 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from byol.jobs.console import script_command
 from byol.jobs.run_folder import FAILED, find_runs
 
 
@@ -71,7 +72,8 @@ class SweepSummary(Callback):
                 "results.json"), None) else "no results.json to report: no job evaluated a model (below)"
             print(f"[eval] sweep: {sweep}; {said}", flush=True)
         elif config.hydra.job.name == "train" and find_runs(sweep):  # a job wrote weights: something to evaluate
-            print(f"[train] sweep: {sweep}; evaluate it: python evaluate.py -m pretrained={shlex.quote(str(sweep))} "
+            print(f"[train] sweep: {sweep}; evaluate it: {script_command('evaluate.py')} -m "
+                  f"pretrained={shlex.quote(str(sweep))} "
                   f"repr=avgpool,combined eval=linear,finetune (then python -m byol.report on the evaluation's "
                   f"sweep folder)", flush=True)
         # this command's failures: a FAILED left as it was is an earlier command's job that this one did not run

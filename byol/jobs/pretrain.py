@@ -37,7 +37,7 @@ from byol.jobs.build import (
 from byol.jobs.cli import command_arg, launched_rank
 from byol.jobs.command_folders import restore_hydra_record
 from byol.jobs.config_check import check_config, check_file_config, plain_config
-from byol.jobs.console import quiet_lightning
+from byol.jobs.console import quiet_lightning, script_command
 from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, make_root_absolute, subset_of
 from byol.jobs.monitoring import MonitorSamples, monitor_samples, monitor_taps
 from byol.jobs.pretrained import planned_epochs
@@ -153,7 +153,8 @@ def refuse_a_checkpoint_past_the_end(resumed: dict, max_epochs: int, checkpoint:
     if done > max_epochs and not finished:
         raise ConfigError(f"'{checkpoint}' has trained {done} epochs, more than trainer.max_epochs={max_epochs}: "
                           f"nothing would be trained. Ask for more (trainer.max_epochs above {done}), or evaluate "
-                          f"that checkpoint as it is: python evaluate.py {command_arg('pretrained', checkpoint)}")
+                          f"that checkpoint as it is: {script_command('evaluate.py')} "
+                          f"{command_arg('pretrained', checkpoint)}")
 
 
 def refuse_other_settings(changed: list[str], run_dir: Path) -> None:
@@ -180,7 +181,8 @@ def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
     epochs = start.config["trainer"]["max_epochs"]
     epochs_text = f"{epochs} epoch{'s' * (epochs != 1)}"
     print(f"[byol] {run_dir} already finished its {epochs_text} ({last}, {export}); nothing to do. To "
-          f"train longer: python train.py {command_arg('resume', run_dir)} trainer.max_epochs=N; to redo part "
+          f"train longer: {script_command('train.py')} {command_arg('resume', run_dir)} trainer.max_epochs=N; to "
+          f"redo part "
           f"of it, resume a checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
     return export
 

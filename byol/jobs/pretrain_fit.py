@@ -22,8 +22,8 @@ from byol.jobs.build import (
     progress_bar_on,
     trainer_for_this_machine,
 )
-from byol.jobs.cli import launched_rank, resume_hint
-from byol.jobs.console import other_processes_lost
+from byol.jobs.cli import command_arg, launched_rank, resume_hint
+from byol.jobs.console import other_processes_lost, script_command
 from byol.jobs.curves import write_curves
 from byol.jobs.monitoring import MonitorSamples, build_monitors, monitor_taps, representations
 from byol.jobs.pretrain import RunStart, before_training, training_batches
@@ -77,7 +77,8 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
                      meta=export_meta_fields(config, trainer.current_epoch, trainer.global_step))
         short = stopped_short(config, trainer.current_epoch, trainer.global_step)
         print(f"[byol] {short}: {ckpt_dir / LAST_CHECKPOINT} holds its state and {export} its encoder (evaluations "
-              f"mark it unfinished); python train.py resume={run_dir} continues it" if short else
+              f"mark it unfinished); {script_command('train.py')} {command_arg('resume', run_dir)} continues it"
+              if short else
               f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
               flush=True)
         return export

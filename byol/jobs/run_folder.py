@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from byol.core.errors import ByolError, CheckpointError, ConfigError
+from byol.jobs.console import script_command
 from byol.jobs.handed_yaml import refuse_unsafe_yaml
 
 LOCK_FILE = ".lock"
@@ -291,7 +292,7 @@ def check_new_run_folder(run_dir: Path) -> None:
     if not weights:
         return
     names = ", ".join(p.name for p in weights[:4]) + (", ..." if len(weights) > 4 else "")
-    hint = f"; or continue its newest checkpoint there: python train.py resume={kept[-1]}" if kept else ""
+    hint = f"; or continue its newest checkpoint there: {script_command('train.py')} resume={kept[-1]}" if kept else ""
     raise CheckpointError(f"'{run_dir}' holds a run's weights ({names}) and no {CHECKPOINTS_DIR}/{LAST_CHECKPOINT} "
                           f"to continue from; a new run there would overwrite them: write into another folder "
                           f"(hydra.run.dir=NEW, or leave hydra.run.dir out){hint}")
