@@ -305,8 +305,8 @@ def test_an_evaluation_job_refused_before_writing_a_result_is_listed_under_the_t
     report([sweep], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
     why = "eval.k must be a positive whole number, not 0 (the command line)"
-    assert md.endswith(f"Jobs that failed before writing a result or never started (1 lines, in no row):\n"
-                       f"- {refused}: {why}\n")
+    assert md.endswith(f"Jobs with results missing: failed before writing one, stopped, or never started (1, in no "
+                       f"row):\n- {refused}: {why}\n")
     assert f"[report] note: {refused} failed before writing a result: {why}" in capsys.readouterr().err
 
 

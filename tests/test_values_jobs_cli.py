@@ -254,3 +254,37 @@ def test_suggested_commands_name_the_script_by_its_path_outside_the_repository(t
     monkeypatch.chdir(tmp_path)
     assert script_command("evaluate.py") == f"python {REPO / 'evaluate.py'}"
     assert script_command("no_such_script.py") == "python no_such_script.py"  # installed without the scripts
+
+
+def test_an_evaluation_of_a_sweep_stopped_by_a_signal_says_which_runs_have_no_result(tmp_path, capsys):
+    """A sweep's evaluation stopped after its first run left the others without a result, and the report (which
+    sees results only) said the cells it had were complete. A STOPPED file names them; the report lists it under
+    the table; evaluating again removes it."""
+    import signal
+
+    from byol.core.errors import Interrupted
+    from byol.jobs.evaluate import _evaluate_sweep
+    from byol.jobs.report_files import jobs_without_result
+
+    sweep, out = tmp_path / "sweep", tmp_path / "ev" / "0_eval=knn"
+    targets = []
+    for name in ("0_seed=0", "1_seed=1", "2_seed=2"):
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "encoder.pt").write_bytes(b"weights")
+        targets.append(sweep / name / "encoder.pt")
+    out.mkdir(parents=True)
+    (out / "evaluate.log").write_text("")
+
+    def evaluate_one(path, out_dir, label):
+        if label != "0_seed=0":
+            raise Interrupted("received SIGINT", signal.SIGINT)
+        return {"status": "ok", "label": label}
+
+    with pytest.raises(Interrupted):
+        _evaluate_sweep(targets, sweep, {"baseline": True, "seed": 0}, evaluate_one, out, data=None)
+    said = "stopped with 1 of 3 runs evaluated; no result for 1_seed=1, 2_seed=2 and the random-init baselines"
+    assert (out / "STOPPED").read_text() == said + "\n"
+    assert jobs_without_result([tmp_path / "ev"]) == [(out, said)]
+    assert f"[report] note: {out} was stopped: {said}" in capsys.readouterr().err
+    _evaluate_sweep(targets[:1], sweep, {"baseline": False, "seed": 0}, evaluate_one, out, data=None)
+    assert not (out / "STOPPED").exists()  # evaluated again: no longer stopped

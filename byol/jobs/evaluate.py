@@ -25,7 +25,7 @@ from byol.core.features import representation_taps
 from byol.jobs.build import check_logger_package, planned_world
 from byol.jobs.cli import launched_rank
 from byol.jobs.config_check import check_config, plain_config
-from byol.jobs.console import OtherProcessLost, quiet_lightning
+from byol.jobs.console import ESCAPED_NAMES, OtherProcessLost, quiet_lightning
 from byol.jobs.evaluation_checks import (
     UNTRAINED,
     check_processes,
@@ -59,6 +59,7 @@ from byol.jobs.results_json import (
 from byol.jobs.run_folder import (
     CONFIG_FILE,
     RANDOM,
+    STOPPED,
     failed_jobs,
     lock_holder,
     run_folder_of,
@@ -172,13 +173,22 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
               "evaluated: evaluate it again once it has finished", flush=True)
     elif note := unstarted_note(sweep, "they have no run to evaluate"):  # the sweep's command was stopped
         print(f"[eval] note: {note}", flush=True)
-    results = []
-    for number, path in enumerate(targets, 1):
-        label = run_label(path, sweep)
-        print(f"[eval] ({number}/{len(targets)}) {label}", flush=True)
-        results.append(_print_failure(evaluate_one(path, out_dir=_result_folder(run_dir, label), label=label)))
-    if baseline:
-        results += _evaluate_baselines(results, settings["seed"], evaluate_one, run_dir)
+    results, stopped = [], run_dir / STOPPED
+    stopped.unlink(missing_ok=True)  # this evaluation starts again
+    try:
+        for number, path in enumerate(targets, 1):
+            label = run_label(path, sweep)
+            print(f"[eval] ({number}/{len(targets)}) {label}", flush=True)
+            results.append(_print_failure(evaluate_one(path, out_dir=_result_folder(run_dir, label), label=label)))
+        if baseline:
+            results += _evaluate_baselines(results, settings["seed"], evaluate_one, run_dir)
+    except (Interrupted, KeyboardInterrupt):  # the report would see the evaluated models only, and no gap
+        left = [run_label(p, sweep) for p in targets[len(results):]]
+        shown = ", ".join(left[:6]) + (", ..." if len(left) > 6 else "")
+        none = [*([shown] if left else []), *(["the random-init baselines"] if baseline else [])]
+        stopped.write_text(f"stopped with {len(results)} of {len(targets)} runs evaluated; no result for "
+                           f"{' and '.join(none) or 'nothing else'}\n", "utf-8", ESCAPED_NAMES)
+        raise
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         names = ", ".join(str(r["label"]) for r in failed)

@@ -40,7 +40,7 @@ def jobs_without_result(folders: Iterable[str | Path]) -> list[tuple[Path, str]]
     it wrote a results.json (a value the config check refused), and (sweep folder, which jobs) for the jobs its
     command planned that never started (:func:`~byol.jobs.sweep_plan.unstarted_note`): no row counts them, and the
     report had said "failed 0" and that its cells had results. Each is a note here, and a line under the table."""
-    from byol.jobs.run_folder import FAILED
+    from byol.jobs.run_folder import FAILED, STOPPED
     from byol.jobs.sweep_plan import unstarted_note
 
     failed = []
@@ -49,15 +49,17 @@ def jobs_without_result(folders: Iterable[str | Path]) -> list[tuple[Path, str]]
         if note:
             print(escaped(f"[report] note: {folder}: {note}"), file=sys.stderr)
             failed.append((folder, note))
-        for path in folder.rglob(FAILED) if folder.is_dir() else []:
+        marks = [*folder.rglob(FAILED), *folder.rglob(STOPPED)] if folder.is_dir() else []
+        for path in marks:
             job = path.parent
-            if (job / "results.json").exists() or not (job / "evaluate.log").exists():
+            if path.name == FAILED and (job / "results.json").exists() or not (job / "evaluate.log").exists():
                 continue  # it has a result (a row says failed), or it is a training job
             try:
                 why = (path.read_text(errors="replace").strip().splitlines() or ["(empty)"])[0][:300]
             except OSError as e:
                 why = f"its FAILED file is unreadable ({e.strerror})"
-            print(escaped(f"[report] note: {job} failed before writing a result: {why}"), file=sys.stderr)
+            said = "failed before writing a result" if path.name == FAILED else "was stopped"
+            print(escaped(f"[report] note: {job} {said}: {why}"), file=sys.stderr)
             failed.append((job, why))
     return sorted(failed)
 
@@ -71,10 +73,12 @@ def skipped_lines(skipped: Sequence[tuple]) -> list[str]:
 
 
 def failed_job_lines(failed: Sequence[tuple]) -> list[str]:
-    """The lines under the table naming each evaluation job that failed before writing a result, or never started."""
+    """The lines under the table naming each evaluation job that failed before writing a result, was stopped
+    before its last run (a ``STOPPED`` file), or never started."""
     if not failed:
         return []
-    return ["", f"Jobs that failed before writing a result or never started ({len(failed)} lines, in no row):",
+    return ["", f"Jobs with results missing: failed before writing one, stopped, or never started ({len(failed)}, "
+                f"in no row):",
             *(md_cell(f"- {job}: {why}") for job, why in failed)]
 
 

@@ -34,6 +34,7 @@ CHECKPOINT_GLOB = "*.ckpt"
 FINAL_CHECKPOINT = "final.ckpt"  # written by earlier versions at the end of a run (now last.ckpt is); still read
 LAST_CHECKPOINT = "last.ckpt"  # the run's one full training state, the final one once it has finished
 FAILED = "FAILED"  # a sweep job's failure, its first line the reason
+STOPPED = "STOPPED"  # an evaluation of a sweep stopped by a signal: which runs had no result yet
 HYDRA_DIR = ".hydra"
 SWEEP_RECORD = "multirun.yaml"  # Hydra's record of a sweep (-m), in the sweep's folder only
 # what pretrained= may name besides a path
