@@ -328,8 +328,8 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
 
     message = (more_than_one_mode(argv, config_name) or unquoted_path(argv) or unknown_option(argv, config_name)
                or misspelt_key(argv, config_name) or open_dict_without_plus(argv, config_name)
-               or setting_of_another_option(argv, config_name) or removed_setting(argv, config_name))
-    message = message or empty_path(argv, config_name)
+               or setting_of_another_option(argv, config_name) or removed_setting(argv, config_name)
+               or empty_path(argv, config_name))
     run_dir, single_run = given_run_dir(argv, config_name), config_name == "train" and not is_sweep(argv)
     resume = last_value(argv, ("resume", "++resume")) if single_run else None
     resumed = resume not in NO_RESUME

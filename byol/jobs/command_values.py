@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from byol.jobs.command_folders import last_value
 
-PATH_KEYS = ("resume", "pretrained", "hydra.run.dir", "hydra.sweep.dir", "data.root", "data.cache_dir")
+PATH_KEYS = ("resume", "pretrained", "hydra.run.dir", "hydra.sweep.dir", "data.root", "data.cache_dir", "outputs_dir")
 FOLDER_KEYS = ("data.root", "data.cache_dir", "outputs_dir")  # a number there (2024) reached Path() as an int
 
 
@@ -20,7 +20,7 @@ def unquoted_path(argv: Sequence[str]) -> str | None:
 
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key.lstrip("+") not in PATH_KEYS + ("outputs_dir",) or not value:
+        if key.lstrip("+") not in PATH_KEYS or not value:
             continue
         try:
             parsed = OverridesParser.create().parse_override(arg)

@@ -186,7 +186,8 @@ def _evaluate_sweep(targets: Sequence[Path], sweep: Path, settings: dict, evalua
         left = [run_label(p, sweep) for p in targets[len(results):]]
         shown = ", ".join(left[:6]) + (", ..." if len(left) > 6 else "")
         none = [*([shown] if left else []), *(["the random-init baselines"] if baseline else [])]
-        stopped.write_text(f"stopped with {len(results)} of {len(targets)} runs evaluated; no result for "
+        evaluated = min(len(results), len(targets))  # results holds the baselines too once they have started
+        stopped.write_text(f"stopped with {evaluated} of {len(targets)} runs evaluated; no result for "
                            f"{' and '.join(none) or 'nothing else'}\n", "utf-8", ESCAPED_NAMES)
         raise
     failed = [r for r in results if r["status"] != "ok"]

@@ -182,8 +182,7 @@ def report_finished(start: RunStart, run_dir: Path, export: Path) -> Path:
     epochs_text = f"{epochs} epoch{'s' * (epochs != 1)}"
     print(f"[byol] {run_dir} already finished its {epochs_text} ({last}, {export}); nothing to do. To "
           f"train longer: {script_command('train.py')} {command_arg('resume', run_dir)} trainer.max_epochs=N; to "
-          f"redo part "
-          f"of it, resume a checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
+          f"redo part of it, resume a checkpoint into another folder (hydra.run.dir=NEW)", flush=True)
     return export
 
 

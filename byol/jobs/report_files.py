@@ -57,7 +57,7 @@ def jobs_without_result(folders: Iterable[str | Path]) -> list[tuple[Path, str]]
             try:
                 why = (path.read_text(errors="replace").strip().splitlines() or ["(empty)"])[0][:300]
             except OSError as e:
-                why = f"its FAILED file is unreadable ({e.strerror})"
+                why = f"its {path.name} file is unreadable ({e.strerror})"
             said = "failed before writing a result" if path.name == FAILED else "was stopped"
             print(escaped(f"[report] note: {job} {said}: {why}"), file=sys.stderr)
             failed.append((job, why))

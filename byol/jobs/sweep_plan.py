@@ -7,9 +7,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from byol.jobs.run_folder import HYDRA_DIR, sweep_jobs
+from byol.jobs.run_folder import HYDRA_DIR, MAX_CONFIG_BYTES, SWEEP_RECORD, sweep_jobs
 
-RECORD = "multirun.yaml"
 MAX_PLANNED = 10_000  # a record planning more jobs than this is not expanded (a crafted one could plan billions)
 
 
@@ -28,6 +27,8 @@ def _read(path: Path):
 
     from byol.jobs.handed_yaml import refuse_unsafe_yaml
 
+    if path.stat().st_size > MAX_CONFIG_BYTES:  # Hydra's records take a few kB, as a run's config.yaml
+        raise ValueError(f"{path} holds more than {MAX_CONFIG_BYTES:,} bytes")
     text = path.read_text()
     refuse_unsafe_yaml(text)
     return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
@@ -41,7 +42,7 @@ def unstarted_jobs(sweep: Path) -> list[str]:
 
     sweep = Path(sweep)
     try:
-        task = _read(sweep / RECORD)["hydra"]["overrides"]["task"]
+        task = _read(sweep / SWEEP_RECORD)["hydra"]["overrides"]["task"]
         swept = {}
         for override in OverridesParser.create().parse_overrides([t for t in task if isinstance(t, str)]):
             if override.is_sweep_override():
@@ -64,7 +65,7 @@ def unstarted_note(sweep: Path, what: str) -> str | None:
     if not missing:
         return None
     shown = "; ".join(missing[:6]) + ("; ..." if len(missing) > 6 else "")
-    return (f"{len(missing)} job(s) its command planned ({RECORD}) never started, so {what}: {shown} (run the "
+    return (f"{len(missing)} job(s) its command planned ({SWEEP_RECORD}) never started, so {what}: {shown} (run the "
             f"sweep's command again to start them)")
 
 
