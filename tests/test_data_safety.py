@@ -117,6 +117,37 @@ def test_links_outside_the_dataset_keep_working_and_count_once(tmp_path, capsys)
     assert "[data] 2 files reached through more than one path (symlinks) are counted once" in lines
 
 
+def test_links_that_lead_nowhere_are_an_error_or_skipped_with_a_warning(tmp_path, capsys):
+    """A file link or a class folder link whose target is gone (unmounted storage) was skipped without a word:
+    its images, or a whole class, vanished. Now it is named, as an unreadable folder is: an error, or with
+    data.skip_bad_files=true a warning line, and the rest is used. Cycles stay skipped with their own line."""
+    train = tree(tmp_path / "train")
+    (train / "bird").symlink_to(tmp_path / "unmounted" / "birds")  # a whole class on storage that is not there
+    (train / "cat" / "gone.png").symlink_to(tmp_path / "unmounted" / "x.png")  # one image
+    (train / "dog" / "loop.png").symlink_to("loop.png")  # a link to itself: nothing to read either
+    (train / "dog" / "notes.txt").symlink_to(tmp_path / "unmounted" / "notes.txt")  # never an image: ignored
+    (train / "cat" / "up").symlink_to("..")  # a cycle: skipped with its own line, as before
+    with pytest.raises(DataError) as refused:
+        load_image_folder(train, SIZE)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"3 symbolic link(s) in image folder '{train}' lead to nothing")
+    assert f"'{train / 'bird'}' -> '{tmp_path / 'unmounted' / 'birds'}'" in message
+    assert f"'{train / 'cat' / 'gone.png'}'" in message and f"'{train / 'dog' / 'loop.png'}'" in message
+    assert "notes.txt" not in message and "data.skip_bad_files=true" in message
+    for i in range(3):  # more than three: the first three and the count
+        (train / "dog" / f"z{i}.png").symlink_to(tmp_path / "unmounted" / f"{i}.png")
+    with pytest.raises(DataError, match=r"^6 symbolic link\(s\) .* and 3 more; the images there would be left out"):
+        load_image_folder(train, SIZE)
+    capsys.readouterr()
+    data = load_image_folder(train, SIZE, skip_bad_files=True)
+    assert data.classes == ("cat", "dog") and len(data) == 6  # the rest of the folder
+    lines = data_lines(capsys.readouterr().out)
+    said = f"[data] warning: skipping 6 symbolic link(s) in image folder '{train}' that lead to nothing that exists: "
+    warned = [x for x in lines if x.startswith(said)]
+    assert len(warned) == 1 and f"'{train / 'bird'}'" in warned[0]
+    assert sum(f"'{train / 'cat' / 'up'}'" in x and "link cycle" in x for x in lines) == 1
+
+
 # --------------------------------------------------------------------------- hidden files
 
 

@@ -607,6 +607,38 @@ def test_a_run_stopped_before_its_planned_epochs_asked_for_fewer_is_not_called_f
         f"pretrained={last}")
 
 
+def test_a_resume_goes_past_the_trainer_limit_that_stopped_the_run_unless_given_again():
+    """trainer.max_steps / max_time / fast_dev_run were kept in the run's config, so `resume=RUN` (which the
+    stop line suggests) stopped again at once, training nothing, and trainer.max_steps=-1 was refused."""
+    from byol.jobs.resume import drop_stop_limits
+
+    config = {"trainer": {"max_epochs": 10, "max_steps": 8, "max_time": "00:00:05:00", "precision": "32-true"}}
+    assert drop_stop_limits(config, ["resume"]) == ["trainer.max_time=00:00:05:00", "trainer.max_steps=8"]
+    assert config == {"trainer": {"max_epochs": 10, "precision": "32-true"}}
+    again = {"trainer": {"max_epochs": 10, "max_steps": 12}}
+    assert drop_stop_limits(again, ["resume", "trainer.max_steps"]) == [] and again["trainer"]["max_steps"] == 12
+
+
+@pytest.mark.slow
+def test_a_run_cut_mid_epoch_by_max_steps_counts_whole_epochs_and_resumes_to_its_end(tmp_path_factory):
+    """Cut by max_steps inside its second epoch, a run said "after 2 of 3 epochs" and its encoder.pt claimed 2
+    epochs (Lightning counts the cut epoch); resumed with resume= alone it trained nothing, and with the limit
+    lifted it skipped the rest of the cut epoch (last.ckpt was written as at an epoch's end). Now it continues
+    to the same state as the uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("cut") / "run"
+    first = train(*EXACT, f"+trainer.max_steps={STEPS_PER_EPOCH + 1}", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (f"stopped short of its plan after 1 of {EPOCHS} epochs and {STEPS_PER_EPOCH + 1} optimizer "
+            f"steps") in first.stdout
+    assert torch.load(run_dir / "encoder.pt", weights_only=True)["meta"]["epochs"] == 1
+    result = train(f"resume={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"[byol] note: trainer.max_steps={STEPS_PER_EPOCH + 1} stopped the run before and is not carried "
+            f"over") in result.stdout
+    assert "[byol] done: " in result.stdout
+    assert_same_training_state(run_dir, reference_run(tmp_path_factory))
+
+
 @pytest.mark.slow
 def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path_factory):
     """Hydra writes <run>/.hydra/ (config, overrides) before the job's own checks: a resume refused for another

@@ -48,7 +48,8 @@ class FakeTrainer(SimpleNamespace):
 def fake_trainer(**kw) -> FakeTrainer:
     defaults = {"num_training_batches": 4, "accumulate_grad_batches": 1, "global_step": 0, "current_epoch": 0,
                 "saved": [], "_signal_connector": SimpleNamespace(received_sigterm=False), "is_global_zero": True,
-                "write_files": False, "lightning_module": SimpleNamespace(step_offset=lambda: 0)}
+                "write_files": False, "lightning_module": SimpleNamespace(step_offset=lambda: 0), "should_stop": False,
+                "max_steps": -1}
     return FakeTrainer(**{**defaults, **kw})
 
 
@@ -452,3 +453,96 @@ def test_a_signal_as_training_ends_waits_for_the_export_and_says_so(tmp_path):
     assert lines[-1] == (f"[byol] received SIGTERM as training ended: training had finished "
                          f"({run_dir / 'checkpoints' / 'last.ckpt'} holds its final state); stopping")
     assert (run_dir / "curves.png").is_file() and "Traceback" not in proc.stderr
+
+
+def test_a_stop_signal_outside_a_fit_raises_once_and_the_handlers_come_back():
+    """kNN, the cached probe, embed and the loading before them train nothing through Lightning: SIGTERM and
+    SIGUSR1 there met Python's default handler (no stop line, an earlier result left set aside). Inside
+    stop_signals_raise the first raises Interrupted (status 128 + signal); one that follows while the job cleans up
+    is ignored; the handlers before (a launcher's) are back afterwards."""
+    from byol.jobs.job_signals import stop_signals_raise
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        with pytest.raises(Interrupted) as stopped, stop_signals_raise("the evaluation stopped"):
+            os.kill(os.getpid(), signum)
+            for _ in range(1000):  # the handler runs between two bytecodes of this thread
+                pass
+        assert stopped.value.exit_code == 128 + signum
+        assert str(stopped.value) == f"received {signal.Signals(signum).name}: the evaluation stopped"
+    with stop_signals_raise("the evaluation stopped"):
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        os.kill(os.getpid(), signal.SIGTERM)  # during the clean-up: ignored
+        for _ in range(1000):
+            pass
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_during_a_knn_evaluation_puts_the_earlier_result_back_and_says_so(tmp_path):
+    """The whole command: SIGTERM while kNN runs (here sent by the protocol itself, at a known point) ends
+    evaluate.py with status 143 and one line, and the folder's earlier evaluation is as it was (it had been set
+    aside for the new one; the default handler left it so, beside the new config.yaml)."""
+    out = tmp_path / "eval"
+    command = [sys.executable, str(ROOT / "evaluate.py"), "pretrained=random", "data=synthetic", "eval=knn",
+               "preset=smoke", f"hydra.run.dir={out}"]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+
+    def files():
+        kept = (p for p in out.iterdir() if p.is_file() and p.name not in ("evaluate.log", ".lock"))
+        return {p.name: p.read_bytes() for p in kept}
+
+    earlier = files()
+    assert set(earlier) >= {"results.json", "config.yaml", "metrics.csv"}
+    stop_in_protocol = (
+        "import os, runpy, signal, sys, time\n"
+        "import byol.jobs.protocols as p\n"
+        "def stopped(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "p.run_protocol = stopped\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", stop_in_protocol, *command[1:], "eval.k=5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert "received SIGTERM: the evaluation stopped before it finished" in done.stdout + done.stderr
+    assert files() == earlier
+
+
+def test_a_signal_taken_after_the_last_batch_still_stops_an_evaluation():
+    """A SIGTERM during the last epoch's validation was recorded and never acted on: the fine-tuning went on to
+    its test, wrote results.json and ended with status 0. The end of training stops it as a batch end would."""
+    cb = StopEvaluationOnSignal("fine-tuning")
+    t = fake_trainer(max_epochs=5, current_epoch=4)
+    cb.on_train_start(t, None)
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        cb.on_train_end(t, None)
+    cb.on_exception(t, None, stopped.value)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_a_signal_taken_after_the_last_batch_of_a_run_waits_for_its_export(tmp_path):
+    """RunCheckpoints put Python's default handlers back before holding the signals at the end of training: a
+    SIGTERM in between ended the finished run without its encoder.pt, and one recorded after the last batch was
+    absorbed. The signals are held first, and a recorded one is pending for release_stop_signals."""
+    from byol.lightning.callbacks import release_stop_signals
+
+    cb = RunCheckpoints(tmp_path / "checkpoints", tmp_path, resume_hint(tmp_path), hold_signals_at_end=True)
+    t = fake_trainer()
+    cb.on_train_start(t, None)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert cb.received == signal.SIGUSR1
+    caught = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: caught.append(signum))
+    try:
+        cb._previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)  # what on_train_end puts back
+        cb.on_train_end(t, None)
+        assert caught == [] and signal.SIGUSR1 in signal.sigpending()  # held until the export is written
+        release_stop_signals("training had finished")
+        assert caught == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -20,7 +20,8 @@ from torch import nn
 from byol.core.augment import crop_and_flip
 from byol.core.backbone import MAX_WIDTH, guard_strided_convs, stage_widths, width_fits
 from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor, image_digests, split_in_place
-from byol.core.image_folder import DamagedCacheError, _checked_digests, load_image_folder
+from byol.core.disk_images import DamagedCacheError, checked_digests
+from byol.core.image_folder import load_image_folder
 from byol.core.optim import LARS, constant, read_schedule_at_offset, warmup_cosine
 from byol.core.progress import Progress, duration
 from byol.core.state_check import _optimizer_value_problem, nonfinite_problem
@@ -140,9 +141,9 @@ def test_the_digest_spot_check_reaches_the_last_rows_of_a_large_cache():
     data = _dataset(200, 4)
     data.digests[199, 0] ^= 1
     with pytest.raises(DamagedCacheError, match="do not match the digests kept with them"):
-        _checked_digests(data, Path("cache.pt"))
+        checked_digests(data, Path("cache.pt"))
     good = _dataset(200, 4)
-    assert torch.equal(_checked_digests(good, Path("cache.pt")).digests, digest_tensor(good))
+    assert torch.equal(checked_digests(good, Path("cache.pt")).digests, digest_tensor(good))
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf")])

@@ -4,6 +4,8 @@ skip_bad_files) is decoded again, and a cache file is data: a pickle in it runs 
 from __future__ import annotations
 
 import os
+import re
+import time
 import warnings
 from pathlib import Path
 
@@ -181,3 +183,78 @@ def test_a_cache_with_damaged_pixels_is_decoded_again_not_trained_on(tmp_path, s
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the rewritten cache is read as it is
         assert torch.equal(load_image_folder(data, 8, cache_dir=cache, storage=storage, workers=1).images, expected)
+
+
+def test_a_same_size_image_replaced_with_its_mtime_restored_is_decoded_again(tmp_path):
+    """The key held each file's size and mtime only: an image replaced by another of the same size (a BMP of
+    the same resolution) with its mtime restored (cp -p, rsync -t, tar x, touch -r) was served from the old
+    cache. Its ctime, which no one can set, and its inode are in the key now."""
+    data, cache = tmp_path / "train", tmp_path / "cache"
+    for k, cls in enumerate(("cat", "dog")):
+        (data / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(pixels(10 * k + i)).save(data / cls / f"{i}.bmp")
+    first = load_image_folder(data, 8, cache_dir=cache, workers=1)
+    assert torch.equal(first.images[0], torch.from_numpy(pixels(0)).permute(2, 0, 1))
+    path = data / "cat" / "0.bmp"
+    before = path.stat()
+    time.sleep(0.05)  # past the coarse clock tick that stamps ctime
+    Image.fromarray(pixels(99)).save(path)  # rewritten in place: same inode, same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # what cp -p and touch -r do
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    second = load_image_folder(data, 8, cache_dir=cache, workers=1)
+    assert torch.equal(second.images[0], torch.from_numpy(pixels(99)).permute(2, 0, 1))
+    assert torch.equal(second.images[1:], first.images[1:])
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+@pytest.mark.parametrize("wrong", ["fewer rows", "another size", "another dtype"])
+def test_an_earlier_versions_cache_of_the_wrong_shape_is_decoded_again(tmp_path, storage, wrong):
+    """An earlier version's cache (no digests to check it by) was used as it was: a .u8.npy of 30 rows beside
+    40 labels, or of 16-px images in a 32-px run, was trained on. Its shape and dtype are checked on every read
+    now: the folder is decoded again, with one line saying why."""
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    clean = load_image_folder(data, 8, cache_dir=cache, storage=storage, workers=1)
+    expected = clean.images.clone()
+    images = {"fewer rows": expected[:3], "another size": torch.zeros(4, 3, 16, 16, dtype=torch.uint8),
+              "another dtype": expected.float()}[wrong]
+    meta = next(p for p in cache.iterdir() if p.name.endswith(".labels.pt" if storage == "mmap" else ".pt"))
+    saved = {k: v for k, v in torch.load(meta, weights_only=True).items() if k != "digests"}  # as written before
+    if storage == "mmap":
+        (npy,) = cache.glob("*.u8.npy")
+        np.save(npy, images.numpy())
+        torch.save(saved, meta)
+        source = npy
+    else:
+        torch.save({**saved, "images": images}, meta)
+        source = meta
+    want = re.escape("(4, 3, 8, 8) torch.uint8")
+    with pytest.warns(UserWarning, match=rf"^the cache {re.escape(str(source))} holds .* not {want} .* the cache is "
+                                         r"made again$"):
+        again = load_image_folder(data, 8, cache_dir=cache, storage=storage, workers=1)
+    assert torch.equal(again.images, expected) and again.labels.tolist() == [0, 0, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remade: read as it is
+        assert torch.equal(load_image_folder(data, 8, cache_dir=cache, storage=storage, workers=1).images, expected)
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+def test_the_files_a_decode_skipped_are_named_again_when_its_cache_is_read(tmp_path, storage):
+    """With data.skip_bad_files=true only the decoding run named the unreadable files; later runs read the cache
+    and trained on fewer images without a word. The cache keeps their names, and every read says so in a line."""
+    data, cache = folder(tmp_path / "train"), tmp_path / "cache"
+    for name in ("bad1.png", "bad2.png"):
+        (data / "dog" / name).write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        first = load_image_folder(data, 8, cache_dir=cache, skip_bad_files=True, storage=storage, workers=1)
+    assert len(first) == 4
+    for other in ("memory", "mmap"):  # its own cache, and the other storage's read or copy of it
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            again = load_image_folder(data, 8, cache_dir=cache, skip_bad_files=True, storage=other, workers=1)
+        assert len(again) == 4 and torch.equal(again.images, first.images)
+        assert [str(w.message) for w in said] == [
+            f"2 unreadable image(s) of '{data}' left out, skipped when its cache was decoded "
+            f"(data.skip_bad_files=true): dog/bad1.png, dog/bad2.png; replace or remove them (the folder is then "
+            f"decoded again)"]

@@ -74,6 +74,9 @@ def test_schedule_epochs_stretch_an_epoch_bounded_run_and_leave_a_step_bounded_o
     assert schedule_span(30 * 196, 30, 196, 20) == (30, 30 * 196)
     # trainer.max_steps cuts the run short: the schedule still spans 40 whole epochs
     assert schedule_span(100, 30, 196, 40) == (40, 40 * 196)
+    # and without schedule_epochs it spans the run's 30 planned epochs, not its 100 capped steps: max_steps beside
+    # max_epochs is a stop, and resume= continues the cut run to the plan's end
+    assert schedule_span(100, 30, 196, None) == (30, 30 * 196)
     # max_epochs=-1 (a run of max_steps alone, as benchmarks/throughput.py runs it): its own 20 steps,
     # never a negative count
     assert schedule_span(20, -1, 196, 40) == (1, 20)

@@ -1,5 +1,6 @@
 """Decoded images larger than memory: the uint8 cache as a memory-mapped ``.npy`` file, and batches
-read from it by index in a background thread.
+read from it by index in a background thread; and what the decoded-image cache needs of the disk (room, a
+folder) and of its files (images of the right shape, digests that match them) before they are used.
 
 ``MmapBatches`` keeps :class:`byol.core.data.IndexBatches`' contract (same order for a seed and an
 epoch, the same ``progress`` resume mid-epoch, the same uint8 ``(images, labels)`` batches): it
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
+import tempfile
 import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,8 +23,8 @@ import numpy as np
 import torch
 
 from byol.core.checkpoint import new_temp_file, usual_permissions
-from byol.core.data import ImageTensors, IndexBatches
-from byol.core.errors import DataError
+from byol.core.data import DIGEST_BYTES, ImageTensors, IndexBatches, digest_tensor
+from byol.core.errors import CheckpointError, DataError
 
 STORAGES = ("auto", "memory", "mmap")
 
@@ -37,6 +41,48 @@ def choose_storage(setting: str, nbytes: int, limit_bytes: float) -> str:
     if setting == "auto":
         return "mmap" if nbytes > limit_bytes else "memory"
     return setting
+
+
+def size_text(nbytes: float) -> str:
+    """A size in GB, in MB under 0.01 GB (a small folder's cache read "0.00 GB"), in bytes under 0.01 MB."""
+    if nbytes >= 1e7:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e4 else f"{int(nbytes)} bytes"
+
+
+def cache_folder_problem(folder: Path, size: int) -> str | None:
+    """Why ``folder`` cannot take a cache file of ``size`` bytes (None: it can): found before the decode,
+    which takes minutes on a large folder and would otherwise end in a traceback."""
+    if folder.exists() and not folder.is_dir():  # mkdir's "File exists" said nothing of the fix
+        return "is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        return f"cannot be written ({e.strerror or e})"
+    if size > free:
+        return f"has {size_text(free)} free, the decoded images need {size_text(size)}"
+    return None
+
+
+def cache_write_problem(cache_dir: Path, error: Exception) -> str:
+    """A cache file that could not be written, with data.cache_dir as the fix (a checkpoint's advice,
+    'choose another output folder', names no setting)."""
+    reason = (str(error).split("; the previous file")[0] if isinstance(error, CheckpointError)
+              else f"could not write in '{cache_dir}' ({getattr(error, 'strerror', None) or error})")
+    return f"{reason}; free space in data.cache_dir '{cache_dir}', or set data.cache_dir to a folder with room"
+
+
+def recorded_folder(meta: Path) -> str | None:
+    """The folder a cache file (``.pt``, or a ``.u8.npy``'s ``.labels.pt``) says it was decoded from; None when
+    it says none (an earlier version's) or cannot be read."""
+    try:
+        source = torch.load(meta, weights_only=True, mmap=True).get("folder")
+    except Exception:  # not this project's file, or damaged: not named
+        return None
+    return source if isinstance(source, str) else None
 
 
 def open_images(path: str | os.PathLike) -> torch.Tensor:
@@ -88,6 +134,69 @@ def _write_rows(arrays: Iterable[np.ndarray | None], n: int, shape: tuple[int, .
         del dst, src
         os.replace(tmp2, tmp)
     return kept
+
+
+def kept_digests(saved: dict, n: int) -> torch.Tensor | None:
+    """The image digests a cache file keeps, if they are what this project writes (else None: computed when
+    needed; caches of earlier versions have none)."""
+    digests = saved.get("digests")
+    ok = isinstance(digests, torch.Tensor) and digests.layout == torch.strided and digests.device.type == "cpu" \
+        and digests.dtype == torch.uint8 and digests.shape == (n, DIGEST_BYTES)
+    return digests if ok else None
+
+
+def kept_names(saved: dict, limit: int) -> list[str]:
+    """The names of skipped unreadable files a cache file keeps (none in caches of earlier versions)."""
+    names = saved.get("skipped")
+    return names[:limit] if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+
+
+class UnusableCacheError(ValueError):
+    """A cache file that is readable but not what its folder decodes to: said as it is, and made again."""
+
+
+class DamagedCacheError(UnusableCacheError):
+    """A cache file's pixels and the digests kept with them disagree: one of them was edited or damaged."""
+
+
+def usable_cache(data: ImageTensors, size: int, source: Path) -> ImageTensors:
+    """``data`` read from the cache ``source`` if its images are (N, 3, size, size) uint8 beside N labels, and
+    its digests match (:func:`checked_digests`); else :class:`UnusableCacheError`: an earlier version's cache
+    (no digests) with 30 rows beside 40 labels, or of another size, was trained on."""
+    images, labels = data.images, data.labels
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise UnusableCacheError(f"the cache {source} does not hold a tensor of images and one of labels")
+    want = (len(labels), 3, size, size)
+    if tuple(images.shape) != want or images.dtype != torch.uint8 or labels.dtype != torch.long:
+        raise UnusableCacheError(f"the cache {source} holds {tuple(images.shape)} {images.dtype} images beside "
+                                 f"{len(labels)} {labels.dtype} labels, not {want} torch.uint8 beside torch.int64")
+    if len(labels) and (labels.min() < -1 or labels.max() >= len(data.classes)):
+        raise UnusableCacheError(f"the cache {source} holds labels outside the {len(data.classes)} classes")
+    return checked_digests(data, source)
+
+
+def checked_digests(data: ImageTensors, source: Path, sample: int = 64) -> ImageTensors:
+    """``data`` if a spread sample of the digests it keeps matches its pixels (or it keeps none: a cache of an
+    earlier version; computed when needed). Else :class:`DamagedCacheError`: which side was damaged cannot
+    be told, and damaged pixels would train and evaluate on images that are not the folder's, so the folder
+    is decoded again (digests kept wrong would have put copies of an image on both sides of the split)."""
+    if data.digests is None or not len(data):
+        return data
+    rows = torch.linspace(0, len(data) - 1, min(sample, len(data))).long().unique()
+    if torch.equal(digest_tensor(ImageTensors(data.pixels(rows), data.labels[rows])), data.digests[rows]):
+        return data
+    raise DamagedCacheError(f"the images in the cache {source} do not match the digests kept with them "
+                            f"(the file was edited or damaged)")
+
+
+def warn_unusable(cache: Path, error: Exception) -> None:
+    """The one warning for a cache that cannot be used: it is made again (decoded, or copied from the folder's
+    other cache), replacing it."""
+    reason = str(error) if isinstance(error, UnusableCacheError) else f"the cache {cache} cannot be read"
+    warnings.warn(f"{reason}; not using it: the cache is made again", stacklevel=4)
+
+
+# --------------------------------------------------------------------------- batches read from the file
 
 
 class MmapBatches(IndexBatches):

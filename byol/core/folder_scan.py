@@ -61,6 +61,7 @@ class _Scanner:
         self.found: list[_Found] = []
         self.nested: list[tuple[Path, str | None]] = []  # symlinked folders met on the way, followed last
         self.skipped: list[str] = []  # symlinked folders not followed, for the "no images" message
+        self.broken: list[Path] = []  # symlinks whose target does not exist or cannot be reached
 
     def entries(self, path: Path, top: bool) -> list[os.DirEntry]:
         """The entries of ``path`` by name. Unreadable is an error at the top; below, too (its images would be
@@ -107,7 +108,9 @@ class _Scanner:
             p = Path(e.path)
             try:
                 link, is_dir = e.is_symlink(), e.is_dir()
-            except OSError:
+            except OSError:  # a link to itself (ELOOP), or into a folder that cannot be read
+                link, is_dir = True, False
+            if link and not is_dir and self._broken(p):
                 continue
             if is_dir and link:
                 if not top:
@@ -123,6 +126,30 @@ class _Scanner:
                     yield p, sub
             elif p.suffix.lower() in IMAGE_EXTENSIONS and e.is_file():
                 self.found.append(_Found(cls, p, os.path.realpath(p) if link else os.path.join(real, e.name), link))
+
+    def _broken(self, link: Path) -> bool:
+        """Whether ``link`` leads nowhere (its target missing: storage not mounted, a moved folder): recorded
+        when it could be an image or a class folder (an image's suffix, or none), whose images would vanish."""
+        if os.path.exists(link):
+            return False
+        if not link.suffix or link.suffix.lower() in IMAGE_EXTENSIONS:
+            self.broken.append(link)
+        return True
+
+    def check_broken(self) -> None:
+        """Links that lead nowhere are an error naming them, as an unreadable folder is, or with
+        ``skip_unreadable`` (``data.skip_bad_files``) a warning line."""
+        if not self.broken:
+            return
+        n, shown = len(self.broken), self.broken[:3]
+        names = ", ".join(f"'{p}' -> '{os.readlink(p) if p.is_symlink() else '?'}'" for p in shown)
+        names += f" and {n - len(shown)} more" if n > len(shown) else ""
+        what = f"{n} symbolic link(s) in image folder '{self.folder}'"
+        if not self.skip_unreadable:
+            raise DataError(f"{what} lead to nothing that exists (storage not mounted? a moved folder?): {names}; "
+                            f"the images there would be left out; mount or fix the targets, remove the links, or "
+                            f"set data.skip_bad_files=true to skip them with a warning")
+        print(f"[data] warning: skipping {what} that lead to nothing that exists: {names}", flush=True)
 
     def follow(self, link: Path) -> str | None:
         """The real path of a symlinked folder to walk, or None (skipped, with a line)."""
@@ -204,15 +231,17 @@ def scan_images(folder: Path, skip_unreadable: bool = False) -> FolderScan:
     the dataset folder or a folder above it (a link cycle: every image again) or to a folder
     already scanned (images counted twice); those are skipped with one printed line each. A
     file reached through several paths (file symlinks) is counted once, at its own place when
-    it has one in the dataset, else at its first path in sorted order. A folder below that cannot be read
-    is an error, or skipped with a line when ``skip_unreadable``.
+    it has one in the dataset, else at its first path in sorted order. A folder below that cannot be read,
+    or a symlink that leads nowhere, is an error, or skipped with a line when ``skip_unreadable``.
     """
     if not folder.is_dir():
         state = "is a file, not a folder" if folder.exists() else "does not exist"
         raise DataError(f"image folder '{folder}' {state}; set data.root to a folder laid out as "
                         f"DIR/train/<class>/*.jpg (or a flat folder of images for pretraining)")
     scanner = _Scanner(folder, skip_unreadable)
-    return scanner.collect(scanner.walk_all())
+    classes = scanner.walk_all()
+    scanner.check_broken()
+    return scanner.collect(classes)
 
 
 def scan_folder(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:

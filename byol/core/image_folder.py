@@ -9,18 +9,30 @@ import glob
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from byol.core.checkpoint import atomic_torch_save, remove_dead_writers_files
-from byol.core.data import DIGEST_BYTES, ImageTensors, digest_tensor
-from byol.core.disk_images import choose_storage, decoded_bytes, open_images, write_images
+from byol.core.data import ImageTensors, digest_tensor
+from byol.core.disk_images import (
+    cache_folder_problem,
+    cache_write_problem,
+    choose_storage,
+    decoded_bytes,
+    kept_digests,
+    kept_names,
+    open_images,
+    recorded_folder,
+    size_text,
+    usable_cache,
+    warn_unusable,
+    write_images,
+)
 from byol.core.errors import CheckpointError, DataError
 from byol.core.folder_scan import FolderScan, scan_images
 from byol.core.load_guards import empty_file
@@ -98,28 +110,55 @@ def _resize_center(im, size: int):
 
 
 def _cache_key(folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> str:
-    """What the decoded tensors depend on: the class list (an empty class folder shifts the
-    labels), and per file its path, label, real path (where a symlink leads), size and mtime. v3: decoded
-    with JPEG's reduced scales and the square read by ``box`` (pixels differ slightly from v2's)."""
+    """What the decoded tensors depend on: the class list (an empty class folder shifts the labels), and per
+    file its path, label, real path (where a symlink leads), size, mtime, ctime and inode: a file replaced by
+    one of the same size with its mtime restored (``cp -p``, ``rsync -t``, ``tar x``, ``touch -r``) has
+    another ctime, which nobody can set. v3: decoded with JPEG's reduced scales and the square read by
+    ``box`` (pixels differ slightly from v2's)."""
     def raw(text: str) -> bytes:  # a name's own bytes, also where they are not UTF-8
         return text.encode("utf-8", "surrogateescape")
 
     h = hashlib.sha256(raw(f"{folder.resolve()}|{size}|{skip_bad}|v3|{list(scan.classes)}\n"))
     for f, label, real in zip(scan.files, scan.labels, scan.real, strict=True):
         st = os.stat(real)
-        h.update(raw(f"{f.relative_to(folder)}|{label}|{real}|{st.st_size}|{st.st_mtime_ns}\n"))
+        h.update(raw(f"{f.relative_to(folder)}|{label}|{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
+                     f"{st.st_ino}\n"))
     return h.hexdigest()[:CACHE_KEY_LENGTH]
 
 
 CACHE_KEY_LENGTH = 20  # hex digits of the key in a cache file's name
 CACHE_SUFFIXES = {"pt": ".pt", "npy": ".u8.npy", "meta": ".labels.pt"}  # the kinds of cache file, by suffix
+SKIPPED_KEPT = 5  # names of skipped unreadable files kept in a cache's metadata, to name them on every read
+
+
+def _cache_prefix(folder: Path) -> str:
+    """``<parent>-<folder>`` of the folder's real path, each part at most 40 characters safe in a file name:
+    the folder's name alone ('train', 'test') named every dataset's caches alike."""
+    real = folder.resolve()
+    parts = (re.sub(r"[^\w.-]", "_", name, flags=re.ASCII).lstrip(".")[:40] for name in (real.parent.name, real.name))
+    return "-".join(p for p in parts if p) or "root"
 
 
 def _cache_files(cache_dir, folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> dict[str, Path]:
-    """The folder's cache files in ``cache_dir``, all named ``<folder>-<key>``: ``pt`` (the in-memory path's
-    images), ``npy`` and ``meta`` (the memory-mapped images and their labels)."""
-    base = Path(cache_dir).expanduser() / f"{folder.name}-{_cache_key(folder, scan, size, skip_bad)}"
+    """The folder's cache files in ``cache_dir``, all named ``<parent>-<folder>-<key>``: ``pt`` (the in-memory
+    path's images), ``npy`` and ``meta`` (the memory-mapped images and their labels)."""
+    base = Path(cache_dir).expanduser() / f"{_cache_prefix(folder)}-{_cache_key(folder, scan, size, skip_bad)}"
     return {kind: base.with_name(base.name + suffix) for kind, suffix in CACHE_SUFFIXES.items()}
+
+
+def _about(folder: Path, scan: FolderScan, kept: list[int]) -> dict:
+    """What a cache records beside its images: the folder it was decoded from (its other caches are named by
+    it) and the first unreadable files the decode skipped (named again on every read of the cache)."""
+    kept_rows = set(kept)
+    skipped = [str(f.relative_to(folder)) for i, f in enumerate(scan.files) if i not in kept_rows]
+    return {"folder": str(folder.resolve()), "skipped": skipped[:SKIPPED_KEPT]}
+
+
+class _Cached(NamedTuple):
+    """A cache's images and the names it keeps of the unreadable files its decode skipped."""
+
+    data: ImageTensors
+    skipped: list[str]
 
 
 def load_image_folder(
@@ -133,7 +172,7 @@ def load_image_folder(
 ) -> ImageTensors:
     """Decode every image of a folder once into a uint8 tensor, cached on disk.
 
-    The cache file is keyed by the folder's content (paths, sizes, modification times) and
+    The cache file is keyed by the folder's content (paths, sizes, modification and change times, inodes) and
     the image size, so a changed folder is decoded again and an unchanged one loads in seconds.
     ``storage="mmap"`` keeps the images in a ``.npy`` file in ``cache_dir`` instead, decoded into
     it a chunk at a time, and returns a tensor backed by that file (see ``byol.core.disk_images``);
@@ -143,26 +182,39 @@ def load_image_folder(
     scan = scan_images(folder, skip_unreadable=skip_bad_files)
     if choose_storage(storage, decoded_bytes(len(scan.files), size), mmap_above) == "mmap":
         return _load_mmap(folder, scan, size, cache_dir, skip_bad_files, workers)
-    files, labels, classes = scan.files, scan.labels, scan.classes
     cache = None
     if cache_dir:
         names = _cache_files(cache_dir, folder, scan, size, skip_bad_files)
         cache = names["pt"]
         # the folder's in-memory cache (an unusable one is decoded again, which replaces it), else its mapped one
-        cached = _cached_images(cache) if cache.exists() else _read_mapped_cache(names, folder)
+        cached = _cached_images(cache, size) if cache.exists() else _read_mapped_cache(names, folder, size)
         if cached is not None:
-            return cached
-        _remove_unfinished(cache, folder)
-        problem = cache_folder_problem(cache.parent, decoded_bytes(len(files), size))
+            return _said_skipped(cached, scan, folder)
+        problem = _prepare_decode([cache], folder, decoded_bytes(len(scan.files), size))
         if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
             warnings.warn(f"data.cache_dir '{cache.parent}' {problem}: decoding without keeping the images, so "
                           f"every run decodes them again; set data.cache_dir to a writable folder with room "
                           f"(data.cache_dir=null: no cache, no warning)", stacklevel=2)
             cache = None
-    kept = "once; cached afterwards" if cache is not None else "not cached"
-    print(f"[data] decoding {len(files)} images from {folder} ({kept})", flush=True)
+    data, keep = _decode_into_memory(folder, scan, size, skip_bad_files, workers, cache is not None)
+    if cache is not None:
+        try:
+            atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(data.classes),
+                               "digests": data.digests, **_about(folder, scan, keep)}, cache)
+        except CheckpointError as e:  # the disk filled up while decoding: the images are decoded all the same
+            warnings.warn(f"the decoded images were not cached: {cache_write_problem(cache.parent, e)}",
+                          stacklevel=2)
+    return data
+
+
+def _decode_into_memory(folder: Path, scan: FolderScan, size: int, skip_bad: bool, workers: int,
+                        cached: bool) -> tuple[ImageTensors, list[int]]:
+    """The folder's images decoded into one tensor, and the positions of the files read (others skipped)."""
+    files, labels = scan.files, scan.labels
+    print(f"[data] decoding {len(files)} images from {folder} "
+          f"({'once; cached afterwards' if cached else 'not cached'})", flush=True)
     images, keep = np.empty((len(files), 3, size, size), np.uint8), []  # filled as decoded: one copy in memory
-    for i, array in enumerate(_decoded(files, size, skip_bad_files, workers)):
+    for i, array in enumerate(_decoded(files, size, skip_bad, workers)):
         if array is not None:
             images[len(keep)] = array
             keep.append(i)
@@ -170,59 +222,80 @@ def load_image_folder(
         raise DataError(f"none of the {len(files)} images in '{folder}' could be read")
     if len(keep) < len(files):  # skipped files: the rows left over are given back, in place where it can
         images.resize((len(keep), 3, size, size), refcheck=False)
-    data = ImageTensors(torch.from_numpy(images), torch.tensor([labels[i] for i in keep], dtype=torch.long), classes)
+    data = ImageTensors(torch.from_numpy(images), torch.tensor([labels[i] for i in keep], dtype=torch.long),
+                        scan.classes)
     data.digests = digest_tensor(data)
-    if cache is not None:
-        try:
-            atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(classes),
-                               "digests": data.digests}, cache)
-        except CheckpointError as e:  # the disk filled up while decoding: the images are decoded all the same
-            warnings.warn(f"the decoded images were not cached: {e}", stacklevel=2)
-    return data
+    return data, keep
+
+
+def _said_skipped(cached: _Cached, scan: FolderScan, folder: Path) -> ImageTensors:
+    """The cached images, with one warning when their decode skipped unreadable files (data.skip_bad_files):
+    only the decoding run named them, and later runs read fewer images without a word."""
+    n = len(scan.files) - len(cached.data)
+    if n > 0:
+        shown = ", ".join(cached.skipped) + (", ..." if n > len(cached.skipped) else "") if cached.skipped \
+            else "their names were not kept by the version that decoded it"
+        warnings.warn(f"{n} unreadable image(s) of '{folder}' left out, skipped when its cache was decoded "
+                      f"(data.skip_bad_files=true): {shown}; replace or remove them (the folder is then decoded "
+                      f"again)", stacklevel=3)
+    return cached.data
+
+
+def _prepare_decode(unusable: list[Path], folder: Path, size: int) -> str | None:
+    """Before a decode into the cache file ``unusable[0]``: the same-key cache files that could not be used are
+    removed (a ``.u8.npy`` left without its labels took the room of its own decode again), the unfinished
+    files of stopped decodes too, the folder's other caches named; then why the cache folder cannot take
+    ``size`` bytes (None: it can)."""
+    gone = [p for p in unusable if p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    if gone:
+        print(f"[data] removed the unusable cache file(s) {', '.join(p.name for p in gone)} from "
+              f"{gone[0].parent}: made again", flush=True)
+    _remove_unfinished(unusable[0], folder)
+    return cache_folder_problem(unusable[0].parent, size)
 
 
 def _remove_unfinished(cache: Path, folder: Path) -> None:
-    """Before a decode: the cache files that a stopped decode of this folder left half-written are removed (before
-    counting the free space), and the folder's other caches are named: each change to a folder, or another image
-    size, leaves one as large as the decoded images, and nothing else says so until the disk is full."""
+    """The cache files that a stopped decode of this folder left half-written are removed (before counting the
+    free space), and the folder's other caches are named: each change to a folder, or another image size,
+    leaves one as large as the decoded images, and nothing else says so until the disk is full."""
+    prefix = _cache_prefix(folder)
     removed = []  # a killed decode's temporary file, of this cache or of another of the folder's (another size)
-    for name in sorted({_temp_files_cache(p.name, folder.name) for p in cache.parent.glob(".*.tmp")} - {None}
+    for name in sorted({_temp_files_cache(p.name, prefix) for p in cache.parent.glob(".*.tmp")} - {None}
                        if cache.parent.is_dir() else []):
         removed += remove_dead_writers_files(cache.parent / name)
     if removed:
         print(f"[data] removed {len(removed)} unfinished cache file(s) that a stopped process left in "
               f"{cache.parent} ({', '.join(p.name for p in removed)})", flush=True)
-    own = cache.name[:len(folder.name) + 1 + CACHE_KEY_LENGTH]  # "<folder>-<key>" (_cache_files), any suffix
-    others = sorted(p for p in cache.parent.glob(f"{glob.escape(folder.name)}-*") if p.is_file()
-                    and p.name.endswith((".pt", ".npy")) and not p.name.startswith(own + "."))
+    own, source = cache.name[:len(prefix) + 1 + CACHE_KEY_LENGTH], str(folder.resolve())
+    others = sorted(p for p in cache.parent.glob(f"{glob.escape(prefix)}-*")
+                    if re.fullmatch(_cache_name(prefix), p.name) and not p.name.startswith(own + ".")
+                    and p.is_file() and recorded_folder(_meta_of(p)) == source)
     if others:
         size = sum(p.stat().st_size for p in others)
-        print(f"[data] note: {len(others)} other cache file(s) of a folder named '{folder.name}' in {cache.parent} "
-              f"({size / 1e9:.2f} GB), from another image size or setting, or from the folder before it changed: "
+        print(f"[data] note: {len(others)} other cache file(s) of {folder} in {cache.parent} ({size_text(size)}), "
+              f"from another image size or setting, or from the folder before it changed: "
               f"{', '.join(p.name for p in others)}; delete those no longer needed", flush=True)
 
 
-def _temp_files_cache(name: str, folder_name: str) -> str | None:
-    """The cache file (``<folder>-<key>`` and a cache suffix, see :func:`_cache_files`) whose temporary file
+def _meta_of(cache: Path) -> Path:
+    """The file holding a cache file's labels and metadata: a ``.u8.npy``'s ``.labels.pt``, else itself."""
+    npy, meta = CACHE_SUFFIXES["npy"], CACHE_SUFFIXES["meta"]
+    return cache.with_name(cache.name.removesuffix(npy) + meta) if cache.name.endswith(npy) else cache
+
+
+def _cache_name(prefix: str) -> str:
+    """The pattern of the cache files' names ``<prefix>-<key><suffix>`` (see :func:`_cache_files`)."""
+    suffixes = "|".join(map(re.escape, CACHE_SUFFIXES.values()))
+    return rf"{re.escape(prefix)}-[0-9a-f]{{{CACHE_KEY_LENGTH}}}(?:{suffixes})"
+
+
+def _temp_files_cache(name: str, prefix: str) -> str | None:
+    """The cache file of the folder named ``prefix`` (:func:`_cache_prefix`) whose temporary file
     (:func:`byol.core.checkpoint.new_temp_file`) is named ``name``; None for any other file."""
-    key, suffixes = rf"[0-9a-f]{{{CACHE_KEY_LENGTH}}}", "(?:" + "|".join(map(re.escape, CACHE_SUFFIXES.values())) + ")"
-    found = re.fullmatch(rf"\.({re.escape(folder_name)}-{key}{suffixes})\..+-\d+\.[^.]+\.tmp", name)
+    found = re.fullmatch(rf"\.({_cache_name(prefix)})\..+-\d+\.[^.]+\.tmp", name)
     return found.group(1) if found else None
-
-
-def cache_folder_problem(folder: Path, size: int) -> str | None:
-    """Why ``folder`` cannot take a cache file of ``size`` bytes (None: it can): found before the decode,
-    which takes minutes on a large folder and would otherwise end in a traceback."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-        free = shutil.disk_usage(folder).free
-    except OSError as e:
-        return f"cannot be written ({e.strerror or e})"
-    if size > free:
-        return f"has {free / 1e9:.2f} GB free, the decoded images need {size / 1e9:.2f} GB"
-    return None
 
 
 def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: int = 4096,
@@ -236,17 +309,15 @@ def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: 
             progress.update(min(s + chunk, len(files)))
 
 
-def _cached_images(pt: Path) -> ImageTensors | None:
+def _cached_images(pt: Path, size: int) -> _Cached | None:
     """The images an in-memory ``.pt`` cache holds, or None with a warning when the file is damaged or not
     what this project writes (the folder is then decoded again)."""
     try:
         d = torch.load(pt, weights_only=True)
-        data = ImageTensors(d["images"], d["labels"], tuple(d["classes"]), digests=_kept_digests(d, len(d["labels"])))
-        if not isinstance(data.images, torch.Tensor) or len(data.images) != len(data.labels):
-            raise ValueError("images and labels differ")
-        return _checked_digests(data, pt)
+        data = ImageTensors(d["images"], d["labels"], tuple(d["classes"]), digests=kept_digests(d, len(d["labels"])))
+        return _Cached(usable_cache(data, size, pt), kept_names(d, SKIPPED_KEPT))
     except Exception as e:
-        _warn_unusable(pt, e)
+        warn_unusable(pt, e)
         return None
 
 
@@ -258,87 +329,71 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
                         "data.cache_dir to a folder on a local disk")
     names = _cache_files(cache_dir, folder, scan, size, skip_bad)
     npy, meta = names["npy"], names["meta"]
-    mapped = _mapped_cache(npy, meta)
+    mapped = _mapped_cache(npy, meta, size)
     if mapped is not None:
-        return mapped
-    _remove_unfinished(npy, folder)
-    problem = cache_folder_problem(npy.parent, decoded_bytes(len(scan.files), size))
+        return _said_skipped(mapped, scan, folder)
+    problem = _prepare_decode([npy, meta], folder, decoded_bytes(len(scan.files), size))
     if problem:
         raise DataError(f"data.storage=mmap keeps the decoded images in a file in data.cache_dir, but "
                         f"'{npy.parent}' {problem}: set data.cache_dir to a folder on a local disk with room")
     pt = names["pt"]
-    cached = _cached_images(pt) if pt.exists() else None  # decoded before for the in-memory path: copied once
+    cached = _cached_images(pt, size) if pt.exists() else None  # decoded before for the in-memory path: copied once
     if cached is not None:
-        arrays, n = (a.numpy() for a in cached.images), len(cached.images)
-        labels = cached.labels.tolist()
+        _said_skipped(cached, scan, folder)
+        arrays, n = (a.numpy() for a in cached.data.images), len(cached.data)
     else:
         print(f"[data] decoding {len(scan.files)} images from {folder} into {npy} (once)", flush=True)
-        arrays, n, labels = _decoded(scan.files, size, skip_bad, workers), len(scan.files), scan.labels
+        arrays, n = _decoded(scan.files, size, skip_bad, workers), len(scan.files)
+    try:  # the pair or nothing: a .u8.npy without its labels is never read, and took the room of the next decode
+        return _write_mapped(arrays, n, folder, scan, size, names, cached)
+    except BaseException as e:
+        npy.unlink(missing_ok=True)
+        if isinstance(e, CheckpointError | OSError):
+            raise DataError(f"the memory-mapped cache was not written: {cache_write_problem(npy.parent, e)}") \
+                from None
+        raise
+
+
+def _write_mapped(arrays, n: int, folder: Path, scan: FolderScan, size: int, names: dict[str, Path],
+                  cached: _Cached | None) -> ImageTensors:
+    """Write ``arrays`` (``n``, None: skipped) into the ``.u8.npy`` cache and then its ``.labels.pt``: copied
+    from the in-memory ``cached`` images, or decoded from ``scan``."""
+    npy = names["npy"]
     kept = write_images(arrays, n, (3, size, size), npy)
     if not kept:
-        npy.unlink()
         raise DataError(f"none of the {n} images in '{folder}' could be read")
-    label_t = torch.tensor([labels[i] for i in kept], dtype=torch.long)
-    data = ImageTensors(open_images(npy), label_t, scan.classes, mapped=True)
-    from_pt = cached is not None and cached.digests is not None and len(kept) == len(cached.digests)
-    data.digests = cached.digests[kept] if from_pt else digest_tensor(data)  # read once here, never per job
-    atomic_torch_save({"labels": label_t, "classes": list(scan.classes), "digests": data.digests}, meta)
+    labels = cached.data.labels[kept] if cached is not None else torch.tensor(scan.labels, dtype=torch.long)[kept]
+    data = ImageTensors(open_images(npy), labels, scan.classes, mapped=True)
+    digests = cached.data.digests if cached is not None else None
+    data.digests = digests[kept] if digests is not None else digest_tensor(data)  # read once here, never per job
+    about = _about(folder, scan, kept) if cached is None else {"folder": str(folder.resolve()),
+                                                                "skipped": cached.skipped}
+    atomic_torch_save({"labels": labels, "classes": list(scan.classes), "digests": data.digests, **about},
+                      names["meta"])
     return data
 
 
-def _read_mapped_cache(names: dict[str, Path], folder: Path) -> ImageTensors | None:
+def _read_mapped_cache(names: dict[str, Path], folder: Path, size: int) -> _Cached | None:
     """The images of the folder's memory-mapped cache (:func:`_cache_files`; decoded before for
     ``data.storage=mmap``), read into memory: a folder is not decoded twice for its two storages."""
-    mapped = _mapped_cache(names["npy"], names["meta"])
+    mapped = _mapped_cache(names["npy"], names["meta"], size)
     if mapped is None:
         return None
-    print(f"[data] reading {len(mapped)} images into memory from the memory-mapped cache of {folder}", flush=True)
-    return ImageTensors(mapped.images.clone(), mapped.labels, mapped.classes, digests=mapped.digests)
+    data = mapped.data
+    print(f"[data] reading {len(data)} images into memory from the memory-mapped cache of {folder}", flush=True)
+    return _Cached(ImageTensors(data.images.clone(), data.labels, data.classes, digests=data.digests), mapped.skipped)
 
 
-def _mapped_cache(npy: Path, meta: Path) -> ImageTensors | None:
+def _mapped_cache(npy: Path, meta: Path, size: int) -> _Cached | None:
     """The images of a memory-mapped cache (``<name>-<key>.u8.npy`` and its ``.labels.pt``), backed by
     the file; None if there is none, or an unreadable one (said in a warning: decoded again)."""
     if not (npy.exists() and meta.exists()):
         return None
     try:
         d = torch.load(meta, weights_only=True, mmap=True)  # a huge file is not read whole before its check
-        return _checked_digests(ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
-                                             digests=_kept_digests(d, len(d["labels"]))), npy)
+        data = ImageTensors(open_images(npy), d["labels"], tuple(d["classes"]), mapped=True,
+                            digests=kept_digests(d, len(d["labels"])))
+        return _Cached(usable_cache(data, size, npy), kept_names(d, SKIPPED_KEPT))
     except Exception as e:
-        _warn_unusable(npy, e)
+        warn_unusable(npy, e)
         return None
-
-
-def _kept_digests(saved: dict, n: int) -> torch.Tensor | None:
-    """The image digests a cache file keeps, if they are what this project writes (else None: computed when
-    needed; caches of earlier versions have none)."""
-    digests = saved.get("digests")
-    ok = isinstance(digests, torch.Tensor) and digests.layout == torch.strided and digests.device.type == "cpu" \
-        and digests.dtype == torch.uint8 and digests.shape == (n, DIGEST_BYTES)
-    return digests if ok else None
-
-
-class DamagedCacheError(ValueError):
-    """A cache file's pixels and the digests kept with them disagree: one of them was edited or damaged."""
-
-
-def _checked_digests(data: ImageTensors, source: Path, sample: int = 64) -> ImageTensors:
-    """``data`` if a spread sample of the digests it keeps matches its pixels (or it keeps none: a cache of an
-    earlier version; computed when needed). Else :class:`DamagedCacheError`: which side was damaged cannot
-    be told, and damaged pixels would train and evaluate on images that are not the folder's, so the folder
-    is decoded again (digests kept wrong would have put copies of an image on both sides of the split)."""
-    if data.digests is None or not len(data):
-        return data
-    rows = torch.linspace(0, len(data) - 1, min(sample, len(data))).long().unique()
-    if torch.equal(digest_tensor(ImageTensors(data.pixels(rows), data.labels[rows])), data.digests[rows]):
-        return data
-    raise DamagedCacheError(f"the images in the cache {source} do not match the digests kept with them "
-                            f"(the file was edited or damaged)")
-
-
-def _warn_unusable(cache: Path, error: Exception) -> None:
-    """The one warning for a cache that cannot be used: it is made again (decoded, or copied from the folder's
-    other cache), replacing it."""
-    reason = str(error) if isinstance(error, DamagedCacheError) else f"the cache {cache} cannot be read"
-    warnings.warn(f"{reason}; not using it: the cache is made again", stacklevel=4)

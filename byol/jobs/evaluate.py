@@ -37,6 +37,7 @@ from byol.jobs.evaluation_checks import (
     uses_trainer,
 )
 from byol.jobs.evaluation_data import EvaluationData, data_tags
+from byol.jobs.job_signals import stop_signals_raise
 from byol.jobs.pretrained import (
     RANDOM_INIT_LABEL,
     EncoderSource,
@@ -67,6 +68,9 @@ from byol.jobs.run_folder import (
     sweep_jobs,
 )
 from byol.jobs.sweep_plan import unstarted_note
+
+STOP_MESSAGE = ("the evaluation stopped before it finished; what it had not finished has no result (an earlier "
+                "result in its folder is put back as it was). Run the same command again to finish it")
 
 
 def takes_part(settings: Mapping) -> bool:
@@ -99,7 +103,7 @@ def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[di
     """
     # under DDP the other processes print nothing (their errors still reach stderr): rank 0 speaks for all
     with quiet_lightning(), (open(os.devnull, "w") if launched_rank() else nullcontext()) as silent, \
-            redirect_stdout(silent) if silent else nullcontext():
+            redirect_stdout(silent) if silent else nullcontext(), stop_signals_raise(STOP_MESSAGE):
         return _evaluate(cfg, Path(run_dir), requested)
 
 
@@ -109,10 +113,14 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
     settings = _start_job(cfg, run_dir)
     if not takes_part(settings):
         return []
-    targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
-    if targets != RANDOM:
-        refuse_architecture_settings(requested)
-    data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
+    try:
+        targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
+        if targets != RANDOM:
+            refuse_architecture_settings(requested)
+        data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
+    except (ByolError, KeyboardInterrupt):  # nothing evaluated: an earlier evaluation here stays as it was
+        undo_stopped_result(run_dir)
+        raise
     evaluate_one = partial(_evaluate_on_its_data, settings=settings, data=data)
     if sweep is None:  # one model
         model = random_model(settings["backbone"], settings["seed"]) if targets == RANDOM else targets[0]

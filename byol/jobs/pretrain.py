@@ -43,6 +43,7 @@ from byol.jobs.monitoring import MonitorSamples, monitor_samples, monitor_taps
 from byol.jobs.pretrained import planned_epochs
 from byol.jobs.resume import (
     TRAINED_KEYS,
+    drop_stop_limits,
     epochs_trained,
     export_from_checkpoint,
     find_resume,
@@ -99,6 +100,9 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     if isinstance(saved.get("data"), dict):  # a run of an earlier version kept it as typed: compared absolute
         make_root_absolute(saved["data"], source)
     config, changed = resume_config(saved, container, requested)
+    if (dropped := drop_stop_limits(config, requested)) and launched_rank() == 0:
+        print(f"[byol] note: {', '.join(dropped)} stopped the run before and is not carried over: it trains on to "
+              f"its {config['trainer']['max_epochs']} epochs (give it again to stop there)", flush=True)
     check_config(config, source)
     config[RUN_ID_KEY] = (saved_id or folder_id) if same_run and (saved_id or folder_id) else new_run_id()
     from byol.jobs.pretrain_fit import check_resumable  # Lightning: a resume needs it anyway

@@ -73,9 +73,11 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
             return export
         save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training
         draw_curves(run_dir)
+        # whole epochs: Lightning counts one that max_steps or max_time cut as done
+        epochs = min(trainer.current_epoch, (trainer.global_step - module.step_offset()) // steps_per_epoch)
         save_encoder(module.model.online_encoder, export, taps=config["loss"]["taps"],
-                     meta=export_meta_fields(config, trainer.current_epoch, trainer.global_step))
-        short = stopped_short(config, trainer.current_epoch, trainer.global_step)
+                     meta=export_meta_fields(config, epochs, trainer.global_step))
+        short = stopped_short(config, epochs, trainer.global_step)
         print(f"[byol] {short}: {ckpt_dir / LAST_CHECKPOINT} holds its state and {export} its encoder (evaluations "
               f"mark it unfinished); {script_command('train.py')} {command_arg('resume', run_dir)} continues it"
               if short else

@@ -29,6 +29,9 @@ FREE_FORM_KEYS = ("loss.weights",)
 TRAINED_KEYS = ("backbone", "loss", "data", "optim", "head", "ema", "augment", "seed", "schedule_epochs",
                 "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
                 "trainer.precision")
+# Trainer limits that end a fit before its epochs (given as +trainer.KEY=...): kept by a resume, the run stopped
+# again at once (max_steps counts the steps already done), so a resume goes past them unless they are given again.
+STOP_LIMITS = ("max_time", "max_steps", "fast_dev_run")
 # Architecture settings added after checkpoints were written: the value those checkpoints were trained with.
 ADDED_KEYS = {"backbone.width": 1.0}
 
@@ -141,6 +144,15 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             f"or start a new run")
     result["resume"] = composed.get("resume")
     return result, [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def drop_stop_limits(config: dict, requested=None) -> list[str]:
+    """Remove from a resumed run's ``config`` the :data:`STOP_LIMITS` it was stopped by and this command does
+    not give again; what was removed, as ``trainer.KEY=VALUE``."""
+    trainer = config.get("trainer") or {}
+    dropped = [key for key in STOP_LIMITS
+               if trainer.get(key) is not None and not _under(f"trainer.{key}", requested or [])]
+    return [f"trainer.{key}={trainer.pop(key)}" for key in dropped]
 
 
 def _views(config: dict) -> list[dict] | None:

@@ -190,6 +190,14 @@ class StopEvaluationOnSignal(CatchStopSignals):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._agree_on_stop(trainer)
+        self._stop_if_received(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._agree_on_stop(trainer)
+        self._stop_if_received(trainer)  # taken after the last batch (its validation): it was absorbed
+        super().on_train_end(trainer, pl_module)
+
+    def _stop_if_received(self, trainer) -> None:
         if self.received is not None:
             name = signal.Signals(self.received).name
             raise Interrupted(
@@ -239,6 +247,7 @@ class RunCheckpoints(CatchStopSignals):
         self._in_step = False  # between a batch's start and its optimizer step
         self._saving_inside_step = False
         self._stop_points: list = []
+        self._batches_seen = 0  # of the running epoch
 
     # -- signals
     def on_train_start(self, trainer, pl_module) -> None:
@@ -259,9 +268,11 @@ class RunCheckpoints(CatchStopSignals):
         self._stop_points = []
 
     def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
-        if self.hold_signals_at_end:
+        if self.hold_signals_at_end:  # before the handlers go: one landing between met Python's default handler
             hold_stop_signals()  # until the export is written: byol.jobs.pretrain_fit.fit_run releases them
+            if self.received is not None:  # taken after the last batch (last.ckpt is whole): acted on after the export
+                signal.pthread_kill(threading.get_ident(), self.received)
+        super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         # the signal handlers stay until the checkpoint is saved: with Python's own back, a second Ctrl+C
@@ -319,6 +330,7 @@ class RunCheckpoints(CatchStopSignals):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._in_step = False
+        self._batches_seen = batch_idx + 1
         self._agree_on_stop(trainer)
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch end saves
@@ -328,20 +340,27 @@ class RunCheckpoints(CatchStopSignals):
             self._save_to_stop(trainer)
             return
         n = self.last_every_n_steps
-        if n and trainer.global_step % n == 0:
-            self._save(trainer, self.last)
+        ends_here = trainer.should_stop or 0 < (trainer.max_steps or -1) <= trainer.global_step  # max_steps, max_time
+        if n and trainer.global_step % n == 0 or ends_here:
+            self._save(trainer, self.last)  # a fit cut here: saved as the mid-epoch state it is
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._agree_on_stop(trainer)
         if self.received is not None:
             self._save_to_stop(trainer)  # stops at the next epoch's first batch, if there is one
-        else:
+        elif self._last_step != trainer.global_step or not self._cut(trainer):
+            # an epoch cut by max_steps / max_time was saved at its last batch: saved here, Lightning's counters
+            # call it done, and a resume skipped the rest of it
             self._save(trainer, self.last)
         done = trainer.current_epoch + 1  # named by the epochs it holds, counted from 1 like every other line
         if self.keep_last and self.every_n_epochs and done % self.every_n_epochs == 0:
             self._save(trainer, self.ckpt_dir / f"epoch{done:04d}.ckpt")
             if trainer.is_global_zero:
                 self._delete_older(done)
+
+    def _cut(self, trainer) -> bool:
+        """Whether the epoch ending now ended before its last batch."""
+        return self._batches_seen < trainer.num_training_batches
 
     def _delete_older(self, epoch: int) -> None:
         """Delete the ``epochNNNN.ckpt`` older than the ``keep_last`` newest, once the new one is written.

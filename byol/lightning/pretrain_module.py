@@ -190,9 +190,9 @@ class BYOLModule(pl.LightningModule):
         batch or accumulation). Its steps done, less what its finished epochs come to now: the schedules go
         on from where the run stands in its epochs (read at step - offset). Counted in steps alone, a run
         continued on twice the processes stood at its schedules' end already (lr 0 and tau 1 for the rest).
-        A run bounded by ``trainer.max_steps`` counts steps, not epochs: no offset. A checkpoint of an earlier
+        A run with no epoch count (bounded by ``trainer.max_steps`` alone) gets none. A checkpoint of an earlier
         version keeps no layout: taken at an epoch's end, its offset is worked out the same way."""
-        if self._resumed is None or (self.trainer.max_epochs or 0) < 1 or (self.trainer.max_steps or -1) > 0:
+        if self._resumed is None or (self.trainer.max_epochs or 0) < 1:
             return 0
         step, epochs, layout, inside_an_epoch = self._resumed
         if layout and layout["epoch_steps"] == self.epoch_steps():
@@ -381,10 +381,10 @@ def schedule_span(run_steps: int, max_epochs: int | None, epoch_steps: int,
     """(epochs, optimizer steps) that the learning-rate and tau schedules span: the run's own, or
     ``schedule_epochs`` x ``epoch_steps`` when that is more epochs than ``max_epochs`` (the run then
     stops part-way along them, exactly where the longer run is at that epoch). A run bounded by
-    ``trainer.max_steps`` alone (``max_epochs`` -1 or None) spans its ``run_steps``: it counts no epochs.
+    ``trainer.max_steps`` alone (``max_epochs`` -1 or None) spans its ``run_steps``: it counts no epochs. Beside
+    ``max_epochs``, ``max_steps`` is a stop, as ``max_time`` is: the schedules span the epochs (they spanned the
+    capped steps, so the cut run was another run and no resume could continue it).
     """
     if max_epochs is None or max_epochs < 1:
         return 1, run_steps
-    if schedule_epochs and schedule_epochs > max_epochs:
-        return schedule_epochs, epoch_steps * schedule_epochs
-    return max_epochs, run_steps
+    return max(max_epochs, schedule_epochs or 0), epoch_steps * max(max_epochs, schedule_epochs or 0)
