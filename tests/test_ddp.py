@@ -475,3 +475,33 @@ def test_two_nodes_launched_by_torchrun_train_one_run(tmp_path):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["global_step"] == 128 // 64  # the 128 images shared by the two nodes: 2 global batches
     assert checkpoint["lr_schedulers"][0]["base_lrs"][0] == pytest.approx(1.0 * 64 / 256)
+
+
+def test_processes_that_loaded_different_data_stop_with_one_line_instead_of_waiting_forever():
+    """Each process of a run loads its own data: a folder that grew while rank 1 started gave the ranks epochs of
+    different lengths, and the run hung in a collective (SIGTERM could not end it). The ranks compare a
+    fingerprint of their data first; any difference (size, labels, sampled pixels) is a DataError on all of them."""
+    from types import SimpleNamespace
+
+    from byol.core.data import ImageTensors
+    from byol.core.errors import DataError
+    from byol.lightning.data_module import check_same_data
+
+    def strategy_seeing(*datasets):
+        return SimpleNamespace(root_device=torch.device("cpu"),
+                               all_gather=lambda mine: torch.stack([d.fingerprint() for d in datasets]))
+
+    images, labels = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 4
+    same = ImageTensors(images, labels)
+    check_same_data(strategy_seeing(same, ImageTensors(images.clone(), labels.clone())), same)
+    grown = ImageTensors(torch.cat([images, images[:8]]), torch.cat([labels, labels[:8]]))
+    with pytest.raises(DataError, match=r"^the 2 processes of this run loaded different training data \(rank 0: 40 "
+                                        r"images; rank 1: 48 images\): the folder changed while they started"):
+        check_same_data(strategy_seeing(same, grown), same)
+    edited = images.clone()
+    edited[13, 1, 2, 3] ^= 1
+    relabelled = labels.clone()
+    relabelled[7] = 0
+    for other in (ImageTensors(edited, labels), ImageTensors(images, relabelled)):
+        with pytest.raises(DataError, match=r"rank 0: 40 images; rank 1: 40 images \(other content\)"):
+            check_same_data(strategy_seeing(same, other), same)

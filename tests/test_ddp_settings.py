@@ -77,13 +77,17 @@ def test_a_spawning_strategy_ends_the_training_job_in_one_line(no_launcher, tmp_
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_devices_minus_one_on_cpu_is_lightnings_refusal_in_one_line(no_launcher):
-    """Lightning parses devices=-1 on CPU with a TypeError (devices=0 with its own exception): both are the
-    same one-line refusal naming the settings."""
-    with pytest.raises(ConfigError, match=r"^Lightning refused the trainer settings \(strategy=ddp, accelerator=cpu, "
-                                          r"devices=-1, num_nodes=1\): `devices` selected with `CPUAccelerator` "
-                                          r"should be an int > 0"):
-        build_trainer({**DDP, "devices": -1}, logger=False)
+@pytest.mark.parametrize("devices", [-1, [0, 1], "0,1"])
+def test_device_ids_or_minus_one_on_cpu_are_refused_in_one_line_before_the_data(no_launcher, devices):
+    """Lightning refuses devices=-1 or device ids on CPU (a TypeError), but only once the trainer is built, after
+    the data was loaded: minutes for a large folder. The settings check says it first."""
+    from byol.jobs.build import check_strategy
+
+    with pytest.raises(ConfigError, match=r"^trainer.devices=.* with trainer.accelerator=cpu: on CPU, devices are a "
+                                          r"number of processes \(trainer.devices=2\), not device ids or -1$"):
+        check_strategy({**DDP, "devices": devices})
+    with pytest.raises(ConfigError, match=r"with trainer.accelerator=cpu: on CPU"):
+        build_trainer({**DDP, "devices": devices}, logger=False)
 
 
 def test_several_devices_in_a_submitit_job_are_refused(no_launcher):

@@ -732,6 +732,14 @@ def test_a_data_setting_of_another_data_option_on_evaluate_says_how_to_set_it_ov
         check_command_line(argv, "evaluate")  # no exit
     assert checked_line([f"data.cache_dir={tmp_path}"], "train").startswith(  # train.py: choose the option
         "error: data.cache_dir is a setting of data=imagefolder, not of data=cifar10; choose data=imagefolder")
+    # a resumed run keeps its own data settings (data=imagefolder): the key goes over them, as in evaluate.py; the
+    # message told to choose data=imagefolder, which replaced the run's whole data section
+    assert checked_line([f"resume={run}", "data.storage=mmap"], "train") == (
+        "error: data.storage is a setting of data=imagefolder, not of train.py's default data=cifar10; to set it over "
+        "the resumed run's own data settings write ++data.storage=mmap, or choose data=imagefolder")
+    from byol.jobs.command_line import setting_of_another_option
+
+    assert setting_of_another_option([f"resume={run}", "++data.storage=mmap"], "train") is None
 
 
 @pytest.mark.parametrize("argv, config_name, suggested", [

@@ -60,6 +60,18 @@ class ImageTensors:
         of which only samples are read (the online monitors' kNN bank and queries)."""
         return ImageTensors(self.images, self.labels, self.classes, True, self.rows, self.digests)
 
+    def fingerprint(self, sample: int = 256) -> torch.Tensor:
+        """Int64 numbers that differ between two datasets that differ in size, image shape, labels or the pixels
+        of ``sample`` images spread over it (read: cheap for a dataset larger than memory), for processes that
+        must hold the same data to compare."""
+        n = len(self)
+        index = torch.linspace(0, max(n - 1, 0), min(n, sample)).long()
+        weights = torch.arange(1, len(index) + 1, dtype=torch.int64)
+        pixels = self.pixels(index).to("cpu", torch.int64).flatten(1).sum(1) if n else torch.zeros(0, dtype=torch.int64)
+        labels = self.labels.to("cpu", torch.int64)
+        return torch.tensor([n, *self.images.shape[1:], int((pixels * weights).sum()),
+                             int((labels * (torch.arange(len(labels)) % 1009 + 1)).sum())], dtype=torch.int64)
+
     def row_numbers(self) -> torch.Tensor:
         """The rows of ``images`` this dataset holds, in its order."""
         return torch.arange(self.images.shape[0]) if self.rows is None else self.rows

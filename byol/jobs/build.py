@@ -209,6 +209,10 @@ def check_devices(trainer_cfg: Mapping) -> None:
     if not ok:
         raise ConfigError(f"trainer.devices={devices!r} is not a number of devices (1 to {MAX_DEVICES}, -1 for every "
                           f"one, auto) or a list of device ids (trainer.devices=[0,1]); on CPU, devices are processes")
+    if str(trainer_cfg.get("accelerator")) == "cpu" and (isinstance(read, list) or read == -1):
+        # Lightning's own refusal came once the data was loaded (minutes for a large folder)
+        raise ConfigError(f"trainer.devices={devices!r} with trainer.accelerator=cpu: on CPU, devices are a number of "
+                          f"processes (trainer.devices=2), not device ids or -1")
 
 
 def check_strategy(trainer_cfg: Mapping) -> None:

@@ -261,12 +261,14 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
     groups = _top_config(config_name)[1] & set(PACKAGED_GROUPS)
     free = _free_prefixes()
     suspects = {}  # key -> the options of its group that have it, where some options do not
+    # evaluate.py, and a resumed training run, apply data keys to the run's own data settings, not to the default
+    over_runs_data = config_name == "evaluate" or any(o.key_or_group == "resume" for o in parsed)
     for o in parsed:
         key = o.key_or_group
         group = key.split(".")[0]
         if "." not in key or group not in groups or o.is_delete() or o.package is not None or key.startswith(free):
             continue
-        if config_name == "evaluate" and group == "data" and (o.is_add() or o.is_force_add()):
+        if over_runs_data and group == "data" and (o.is_add() or o.is_force_add()):
             continue  # appended on purpose: applied to each run's own data settings
         having = sorted(option for option, keys in option_keys(group).items() if key in keys)
         if having and len(having) < len(option_keys(group)):
@@ -296,9 +298,11 @@ def setting_of_another_option(argv: Sequence[str], config_name: str) -> str | No
                 if key not in option_keys(group).get(chosen, ()):
                     options = " or ".join(f"{group}={option}" for option in having)
                     job = f" (the sweep's job with {' '.join(combination)})" if any(len(v) > 1 for v in values) else ""
-                    if config_name == "evaluate" and group == "data":  # applied to each run's own data settings
-                        return (f"error: {key} is a setting of {options}, not of evaluate.py's default "
-                                f"{group}={chosen}{job}; to set it over the runs' own data settings write "
+                    if over_runs_data and group == "data":  # applied to each run's own data settings
+                        whose, runs = ("evaluate.py's", "runs'") if config_name == "evaluate" else \
+                            ("train.py's", "resumed run's")
+                        return (f"error: {key} is a setting of {options}, not of {whose} default "
+                                f"{group}={chosen}{job}; to set it over the {runs} own data settings write "
                                 f"++{key}={last_value(argv, (key,)) or 'VALUE'}, or choose {options}")
                     return (f"error: {key} is a setting of {options}, not of {group}={chosen}{job}; choose "
                             f"{options}, or leave {key} out")

@@ -119,8 +119,14 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
         refuse_other_settings(changed, run_dir)
     refuse_a_checkpoint_past_the_end(resumed, int(config["trainer"]["max_epochs"]), checkpoint, finished)
     if changed and not finished and launched_rank() == 0:  # after the refusals; once under DDP
-        print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(changed)}",
-              flush=True)
+        machine = [c for c in changed if _machine_key(c.split(": ", 1)[0])]  # how the data is read: same batches
+        trained = [c for c in changed if c not in machine]
+        if trained:
+            print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(trained)}",
+                  flush=True)
+        if machine:
+            print(f"[byol] resuming with this machine's data settings: {'; '.join(machine)} (the same images and "
+                  f"batches)", flush=True)
     layout = resumed.get("byol_layout") or {}
     if mid_epoch(resumed):  # an earlier version's checkpoint keeps no layout: its config says the world
         world = layout.get("world_size") or planned_world(saved.get("trainer") or {})
@@ -161,14 +167,18 @@ def refuse_a_checkpoint_past_the_end(resumed: dict, max_epochs: int, checkpoint:
                           f"{command_arg('pretrained', checkpoint)}")
 
 
+def _machine_key(key: str) -> bool:
+    """Whether ``key`` says how this machine reads the data (cache, storage), not what is trained on."""
+    return key in {f"data.{name}" for name in (*MACHINE_DATA_KEYS, "on_device")}
+
+
 def refuse_other_settings(changed: list[str], run_dir: Path) -> None:
     """One line when the finished run in ``run_dir`` was trained with other
     :data:`~byol.jobs.resume.TRAINED_KEYS` than asked: it trained nothing and said "nothing to do" (a sweep
     re-run into its folder with another data.root per job), and the new settings were never trained."""
-    machine = {f"data.{key}" for key in (*MACHINE_DATA_KEYS, "on_device")}
     keys = [(c, c.split(": ", 1)[0]) for c in changed]  # "data.root: 'a' -> 'b'"
-    trained = [c for c, key in keys if key not in machine and any(key == k or key.startswith(k + ".")
-                                                                  for k in TRAINED_KEYS)]
+    trained = [c for c, key in keys if not _machine_key(key) and any(key == k or key.startswith(k + ".")
+                                                                     for k in TRAINED_KEYS)]
     if trained:
         raise ConfigError(f"'{run_dir}' holds a finished run trained with other settings ({'; '.join(trained)}); "
                           f"nothing was trained. Train these settings into a folder of their own "

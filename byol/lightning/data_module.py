@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 
-from byol.core.data import IndexBatches
+from byol.core.data import ImageTensors, IndexBatches
+from byol.core.errors import DataError
 from byol.lightning.internals import batches_done_this_epoch
+
+
+def check_same_data(strategy, data: ImageTensors) -> None:
+    """A :class:`DataError` on every process when the processes of a run loaded different data (each loads its own:
+    a folder that changed while they started, the nodes' copies differing): their shards would not fit together, and
+    the run waited forever in a collective of another length (each rank derives its epoch from its data)."""
+    mine = data.fingerprint().to(strategy.root_device)
+    every = strategy.all_gather(mine).reshape(-1, mine.numel()).cpu()
+    if bool((every == every[0]).all()):
+        return
+    seen = "; ".join(f"rank {rank}: {int(row[0])} images" + ("" if int(row[0]) != int(every[0][0]) or
+                                                               torch.equal(row, every[0]) else " (other content)")
+                     for rank, row in enumerate(every))
+    raise DataError(f"the {len(every)} processes of this run loaded different training data ({seen}): the folder "
+                    f"changed while they started, or the nodes' copies of it differ; give every process the same data "
+                    f"and start again")
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -25,6 +43,8 @@ class TensorDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch, batches_done_this_epoch(self.trainer)
 
     def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            check_same_data(self.trainer.strategy, self.batches.data)
         # under DDP each process trains on its own disjoint share of every epoch (IndexBatches.shard)
         self.batches.shard(self.trainer.global_rank, self.trainer.world_size)
         if self.on_device:
