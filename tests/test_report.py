@@ -340,6 +340,37 @@ def test_jobs_a_stopped_sweep_never_started_are_named_from_its_multirun_record(t
     assert unstarted_jobs(root) == []
 
 
+def test_training_jobs_that_never_started_are_named_under_the_evaluations_table(tmp_path, capsys):
+    """A training sweep stopped before its loss=multi jobs: its evaluation had no multi row, and its report said
+    "All 2 expected cells have results". The report reads the plan of the training sweep its runs came from; a
+    sweep still running (a job holding its lock) is not claimed."""
+    import yaml
+
+    train = tmp_path / "train"
+    for seed in (0, 1):
+        job = train / f"{seed}_loss=classic,seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["loss=classic", f"seed={seed}"]))
+        (job / "encoder.pt").write_bytes(b"weights")
+    (train / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["loss=classic,multi",
+                                                                                           "seed=0,1"]}}}))
+    root = tmp_path / "ev"
+    for seed in (0, 1):
+        write(root / "0_eval=knn", f"{seed}_loss=classic,seed={seed}", "classic", "avgpool", "knn", 0.5, seed=seed,
+              pretrained=str(train / f"{seed}_loss=classic,seed={seed}" / "encoder.pt"))
+    report([root], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert (f"- {train}: 2 job(s) its command planned (multirun.yaml) never started, so they have no result: "
+            f"loss=multi seed=0; loss=multi seed=1") in md
+    (train / "0_loss=classic,seed=0" / ".lock").write_text(str(os.getpid()))
+    import fcntl
+
+    with open(train / "0_loss=classic,seed=0" / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        report([root], tmp_path / "out2")
+    assert "never started" not in (tmp_path / "out2" / "results.md").read_text()
+
+
 def test_failed_training_jobs_are_listed_as_missing(tmp_path):
     root = tmp_path / "ev"
     write(root, "0_loss=multi,seed=0", "multi", "avgpool", "linear", 0.80, 0.70)
@@ -911,3 +942,21 @@ def test_a_result_that_does_not_record_its_validation_split_is_not_recorded_not_
     by_cell = {(r["loss"], r["repr"], r["eval"]): r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     for cell in (("classic", "avgpool", "linear"), ("multi", "avgpool", "linear"), ("classic", "avgpool", "knn")):
         assert by_cell[cell]["val_acc_mean_pct"] == "not recorded", cell
+
+
+def test_the_report_of_an_evaluation_still_running_says_its_table_is_partial(tmp_path):
+    """A report made while the evaluation sweep ran showed the cells done so far as complete ("The expected cell has
+    results"), with the runs still to come nowhere. A job holding its folder's lock makes it say so instead."""
+    import fcntl
+
+    root = tmp_path / "ev"
+    write(root / "0_eval=knn", "0_seed=0", "classic", "avgpool", "knn", 0.5)
+    (root / "0_eval=knn" / ".hydra").mkdir()
+    lock = root / "0_eval=knn" / ".lock"
+    lock.write_text(str(os.getpid()))
+    with open(lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        report([root], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert (f"- {root / '0_eval=knn'}: still running (process {os.getpid()}): the table holds the results written so "
+            f"far; report again once it has finished") in md

@@ -545,7 +545,8 @@ def test_a_run_stopped_early_on_a_longer_schedule_ends_where_the_longer_run_is_a
 def test_the_step_offset_of_each_kind_of_resumed_checkpoint():
     """Read off the module's rule: same cut (its saved offset, 0 for an exact resume), another cut at an epoch
     end (steps done less the finished epochs in the new cut), a file of an earlier version without a layout
-    (the same, at an epoch end; none inside one), a run bounded by max_steps (steps, not epochs: none)."""
+    (the same, at an epoch end; none inside one), a run bounded by max_steps alone (steps, not epochs: none).
+    max_steps beside max_epochs is a stop that leaves the schedules on the epochs: the offset applies."""
     from types import SimpleNamespace
 
     from byol.lightning.pretrain_module import BYOLModule
@@ -561,7 +562,8 @@ def test_the_step_offset_of_each_kind_of_resumed_checkpoint():
                                                                          epoch_steps=4) == 3
     assert offset((8, 2, layout, False)) == 4  # 8 steps done, 2 epochs of 2 now
     assert offset((8, 2, {}, False)) == 4 and offset((9, 2, {}, True)) == 0  # an earlier version's file
-    assert offset((8, 2, layout, False), max_steps=100) == 0 and offset((8, 2, layout, False), max_epochs=-1) == 0
+    assert offset((8, 2, layout, False), max_steps=100) == 4
+    assert offset((8, 2, layout, False), max_epochs=-1, max_steps=100) == 0
 
 
 @pytest.mark.slow

@@ -60,7 +60,8 @@ def test_fit_end_after_max_steps_mid_epoch_writes_last_ckpt_at_that_step(tmp_pat
 
 def module_trainer(rank: int, world: int, epoch: int = 0, done: int = 0):
     return SimpleNamespace(global_rank=rank, world_size=world, current_epoch=epoch,
-                           strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                           strategy=SimpleNamespace(root_device=torch.device("cpu"),  # every rank: the same data
+                                                    all_gather=lambda mine: torch.stack([mine] * world)),
                            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
                                batch_progress=SimpleNamespace(current=SimpleNamespace(ready=done)))))
 

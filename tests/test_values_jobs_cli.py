@@ -288,3 +288,28 @@ def test_an_evaluation_of_a_sweep_stopped_by_a_signal_says_which_runs_have_no_re
     assert f"[report] note: {out} was stopped: {said}" in capsys.readouterr().err
     _evaluate_sweep(targets[:1], sweep, {"baseline": False, "seed": 0}, evaluate_one, out, data=None)
     assert not (out / "STOPPED").exists()  # evaluated again: no longer stopped
+
+
+def test_an_evaluation_of_another_training_sweep_into_an_evaluation_folder_is_refused(tmp_path):
+    """Job folders are named by run (0_loss=classic,seed=0), so evaluating sweep B into the folder of sweep A's
+    evaluation replaced A's results of the same names, kept its others, and the report averaged both. Refused
+    before Hydra writes into the folder; the same sweep evaluated again, or an empty folder, passes."""
+    import json
+
+    from byol.jobs.command_folders import other_sweeps_evaluation
+
+    a, b, ev = tmp_path / "a", tmp_path / "b", tmp_path / "ev"
+    for sweep in (a, b):
+        (sweep / "0_seed=0").mkdir(parents=True)
+        (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    model = ev / "0_eval=knn" / "0_seed=0"
+    model.mkdir(parents=True)
+    (ev / "0_eval=knn" / ".hydra").mkdir()
+    (model / "results.json").write_text(json.dumps({"pretrained": str(a / "0_seed=0" / "encoder.pt")}))
+    argv = [f"pretrained={b}", "eval=knn", f"hydra.sweep.dir={ev}", "-m"]
+    assert other_sweeps_evaluation(argv, ev) == (
+        f"error: '{ev / '0_eval=knn'}' holds an evaluation of another training sweep ({a}), not of {b}: the runs of "
+        f"both would meet in one table; evaluate into another folder (hydra.sweep.dir=NEW), or remove that folder "
+        f"first")
+    assert other_sweeps_evaluation([f"pretrained={a}", *argv[1:]], ev) is None
+    assert other_sweeps_evaluation(argv, tmp_path / "new") is None

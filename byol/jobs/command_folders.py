@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from byol.core.errors import ByolError
+
 NO_RESUME = (None, "", "null", "None")  # resume= values that continue nothing
 HYDRA_RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes into <run>/.hydra/
 _kept_record: dict[Path, bytes] = {}
@@ -97,4 +99,21 @@ def start_problem(resume: str | None, run_dir: Path | None) -> str | None:
         return f"error: {e}"
     except (AttributeError, OSError):  # a file of another kind: the job says what is wrong with it
         return None
+    return None
+
+
+def other_sweeps_evaluation(argv: Sequence[str], folder: Path) -> str | None:
+    """The error line for an evaluation sweep into ``folder`` when it holds the evaluation of another training
+    sweep than the ``pretrained=`` one (before Hydra rewrites the folder's records)."""
+    from byol.jobs.evaluation_checks import refuse_another_sweeps_evaluation
+    from byol.jobs.run_folder import SWEEP_RECORD, sweep_jobs
+
+    pretrained = last_value(argv, ("pretrained", "++pretrained"))
+    if not pretrained or not (Path(pretrained).expanduser() / SWEEP_RECORD).is_file():
+        return None
+    try:
+        for job in sweep_jobs(folder):
+            refuse_another_sweeps_evaluation(job, Path(pretrained).expanduser())
+    except ByolError as e:
+        return f"error: {e}"
     return None

@@ -20,6 +20,7 @@ from byol.jobs.command_folders import (
     is_sweep,
     keep_hydra_record,
     last_value,
+    other_sweeps_evaluation,
     start_problem,
 )
 from byol.jobs.command_values import empty_path, removed_setting, unquoted_path
@@ -356,6 +357,8 @@ def check_command_line(argv: Sequence[str], config_name: str) -> None:
             from byol.jobs.sweep_plan import renumbered_jobs
 
             message = renumbered_jobs(list(argv), sweep_folders[0])
+        if not message and config_name == "evaluate":
+            message = other_sweeps_evaluation(argv, sweep_folders[0])
     for folder in sweep_folders if not message else []:
         links = links_in(folder)
         if links:

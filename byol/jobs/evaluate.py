@@ -31,6 +31,7 @@ from byol.jobs.evaluation_checks import (
     check_processes,
     checked_protocol,
     note_preset_training,
+    refuse_another_sweeps_evaluation,
     refuse_architecture_settings,
     refuse_other_protocol_settings,
     refuse_training_settings,
@@ -117,6 +118,8 @@ def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
         targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
         if targets != RANDOM:
             refuse_architecture_settings(requested)
+        if sweep is not None:
+            refuse_another_sweeps_evaluation(run_dir, sweep)
         data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
     except (ByolError, KeyboardInterrupt):  # nothing evaluated: an earlier evaluation here stays as it was
         undo_stopped_result(run_dir)

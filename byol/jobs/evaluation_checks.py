@@ -5,7 +5,9 @@ naming what applies."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from byol.core.errors import ConfigError
 from byol.jobs.build import check_launcher, check_strategy, planned_world
@@ -108,3 +110,27 @@ def note_preset_training(eval_cfg: Mapping) -> None:
     if foreign:
         print(f"[eval] note: eval={eval_cfg['name']} trains nothing; the preset's {', '.join(foreign)} "
               f"{'does' if len(foreign) == 1 else 'do'} not apply", flush=True)
+
+
+def refuse_another_sweeps_evaluation(run_dir: Path, sweep: Path) -> None:
+    """An evaluation of ``sweep`` into a folder that holds the evaluation of another training sweep is refused: its
+    jobs' folders are named by run (``0_loss=classic,seed=0``), so the runs of both met in one table, some replaced
+    and some not, with the report calling the cells complete."""
+    from byol.jobs.results_json import RESULTS_FILE  # it reads UNTRAINED from here
+    from byol.jobs.run_folder import run_folder_of
+
+    others = set()
+    for found in sorted(Path(run_dir).glob(f"*/{RESULTS_FILE}")):
+        try:
+            pretrained = json.loads(found.read_bytes()[:1_000_000]).get("pretrained")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a result this can read: the report says so
+        if isinstance(pretrained, str) and Path(pretrained).is_absolute():
+            origin = run_folder_of(Path(pretrained)).parent
+            if origin.resolve() != Path(sweep).resolve():
+                others.add(origin)
+    if others:
+        shown = ", ".join(map(str, sorted(others)[:2])) + (" ..." if len(others) > 2 else "")
+        raise ConfigError(f"'{run_dir}' holds an evaluation of another training sweep ({shown}), not of {sweep}: "
+                          f"the runs of both would meet in one table; evaluate into another folder (hydra.sweep.dir="
+                          f"NEW), or remove that folder first")

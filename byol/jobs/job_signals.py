@@ -8,7 +8,6 @@ import threading
 from contextlib import contextmanager
 
 from byol.core.errors import Interrupted
-from byol.lightning.callbacks import STOP_SIGNALS
 
 
 @contextmanager
@@ -19,7 +18,8 @@ def stop_signals_raise(message: str):
     an earlier result half set aside. A fit puts :class:`CatchStopSignals` in their place meanwhile. One signal
     raises; those that follow while the job cleans up are ignored. The handlers before are put back on leaving,
     so that :func:`~byol.jobs.cli.hand_on_signal` finds a launcher's (submitit requeues on SIGUSR1)."""
-    signals = [s for s in STOP_SIGNALS if s != signal.SIGINT]
+    # not byol.lightning's list: that module loads Lightning, which an evaluation refused early never needs
+    signals = [s for s in (getattr(signal, 'SIGTERM', None), getattr(signal, 'SIGUSR1', None)) if s is not None]
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -61,6 +61,7 @@ from byol.jobs.report_files import (
     load_results,
     note_links,
     skipped_lines,
+    training_sweeps,
     write_file,
 )
 from byol.jobs.report_paired import markdown_lines as paired_lines
@@ -282,7 +283,7 @@ def report(folders: Sequence[str | Path], out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     paired = paired_comparisons(cells)
     text = markdown(cells, len(paths), unscored_results(results), paired, n_read=len(results), skipped=skipped,
-                    failed=jobs_without_result(folders))
+                    failed=jobs_without_result([*folders, *training_sweeps(results)]))
     note_links([out / "results.md", out / "results.csv"] + ([out / "paired.csv"] if paired else []))
     write_file(out / "results.md", text)
     write_csv(cells, out / "results.csv")

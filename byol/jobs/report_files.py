@@ -40,12 +40,16 @@ def jobs_without_result(folders: Iterable[str | Path]) -> list[tuple[Path, str]]
     it wrote a results.json (a value the config check refused), and (sweep folder, which jobs) for the jobs its
     command planned that never started (:func:`~byol.jobs.sweep_plan.unstarted_note`): no row counts them, and the
     report had said "failed 0" and that its cells had results. Each is a note here, and a line under the table."""
-    from byol.jobs.run_folder import FAILED, STOPPED
+    from byol.jobs.run_folder import FAILED, STOPPED, lock_holder, sweep_jobs
     from byol.jobs.sweep_plan import unstarted_note
 
     failed = []
     for folder in map(Path, folders):
-        note = unstarted_note(folder, "they have no result") if folder.is_dir() else None
+        running = sorted({pid for job in [folder, *sweep_jobs(folder)] if (pid := lock_holder(job))})
+        note = unstarted_note(folder, "they have no result") if folder.is_dir() and not running else None
+        if running:  # its jobs still to come are not "never started", nor its cells complete
+            note = (f"still running (process {', '.join(running)}): the table holds the results written so far; "
+                    f"report again once it has finished")
         if note:
             print(escaped(f"[report] note: {folder}: {note}"), file=sys.stderr)
             failed.append((folder, note))
@@ -70,6 +74,21 @@ def skipped_lines(skipped: Sequence[tuple]) -> list[str]:
         return []
     return ["", f"Skipped results.json files ({len(skipped)}, in no row):", *(md_cell(f"- {path}: {why}")
                                                                              for path, why in skipped)]
+
+
+def training_sweeps(results: Iterable[dict]) -> list[Path]:
+    """The training sweeps whose runs ``results`` evaluated, when none of their jobs is running: the jobs their
+    command planned and never started are in no evaluation, and the report of one said its cells were complete."""
+    from byol.jobs.run_folder import SWEEP_RECORD, lock_holder, run_folder_of, sweep_jobs
+
+    sweeps = set()
+    for result in results:
+        pretrained = result.get("pretrained")
+        if isinstance(pretrained, str) and os.path.isabs(pretrained):
+            sweep = run_folder_of(Path(pretrained)).parent
+            if (sweep / SWEEP_RECORD).is_file():
+                sweeps.add(sweep)
+    return sorted(s for s in sweeps if not any(lock_holder(job) for job in sweep_jobs(s)))
 
 
 def failed_job_lines(failed: Sequence[tuple]) -> list[str]:

@@ -340,7 +340,10 @@ class RunCheckpoints(CatchStopSignals):
             self._save_to_stop(trainer)
             return
         n = self.last_every_n_steps
-        ends_here = trainer.should_stop or 0 < (trainer.max_steps or -1) <= trainer.global_step  # max_steps, max_time
+        # max_steps or max_time cutting a run that counts epochs (one of max_steps alone ends where it planned)
+        max_steps = getattr(trainer, "max_steps", None) or -1
+        ends_here = (getattr(trainer, "max_epochs", None) or -1) >= 1 and (
+            getattr(trainer, "should_stop", False) or 0 < max_steps <= trainer.global_step)
         if n and trainer.global_step % n == 0 or ends_here:
             self._save(trainer, self.last)  # a fit cut here: saved as the mid-epoch state it is
 
