@@ -958,5 +958,5 @@ def test_the_report_of_an_evaluation_still_running_says_its_table_is_partial(tmp
         fcntl.flock(held, fcntl.LOCK_EX)
         report([root], tmp_path / "out")
     md = (tmp_path / "out" / "results.md").read_text()
-    assert (f"- {root / '0_eval=knn'}: still running (process {os.getpid()}): the table holds the results written so "
+    assert (f"- {root}: still running (process {os.getpid()}): the table holds the results written so "
             f"far; report again once it has finished") in md
