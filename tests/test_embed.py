@@ -113,9 +113,12 @@ def test_missing_sklearn_stops_the_job_in_one_line_before_any_data_is_read(tmp_p
 def test_embed_settings_are_checked():
     good = {"name": "embed", "max_points": 5000, "perplexity": 30.0, "pca_dim": 50}
     check_embed_settings(good)
-    for key, bad in (("max_points", 0), ("max_points", 2.5), ("pca_dim", -1), ("perplexity", 0), ("perplexity", "x")):
-        with pytest.raises(ConfigError, match=f"eval.{key} must be a positive"):
+    for key, bad in (("max_points", 0), ("max_points", 1), ("max_points", 2.5), ("pca_dim", -1)):
+        with pytest.raises(ConfigError, match=f"eval.{key} must be a whole number of at least"):  # a map needs 2
             check_embed_settings({**good, key: bad})
+    for bad in (0, "x"):
+        with pytest.raises(ConfigError, match="eval.perplexity must be a positive"):
+            check_embed_settings({**good, "perplexity": bad})
 
 
 def test_maps_are_each_tap_and_the_whole_representation():

@@ -934,7 +934,7 @@ def test_sweep_with_a_failing_job_finishes_the_others(tmp_path):
     assert (bad / "FAILED").read_text().startswith("loss.taps: unknown tap 'layer9.0'")
     assert (good / "encoder.pt").is_file() and (good / "checkpoints" / "last.ckpt").is_file()
     assert not (good / "FAILED").exists()
-    assert f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):" in result.stderr
+    assert f"error: 1 of the 2 job(s) of the sweep in {sweep} failed (the others finished):" in result.stderr
     assert f"  {bad.name}: loss.taps: unknown tap 'layer9.0'" in result.stderr
 
 

@@ -168,14 +168,14 @@ def test_a_sweep_command_counts_only_its_own_failed_jobs(tmp_path, capsys):
     os.utime(old, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns + 1))  # a later time, as a real job has
     with pytest.raises(SystemExit) as exit_:
         summary.on_multirun_end(config)
-    assert exit_.value.code == 1 and "error: 1 job(s) of the sweep in" in capsys.readouterr().err
+    assert exit_.value.code == 1 and "error: 1 of the " in capsys.readouterr().err
 
 
 def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_path, capsys):
     """After evaluate.py -m, one line says where the sweep is and how to report it; failures still exit 1 after
     being listed; a training sweep's end says nothing of a report (no job of it holds weights here)."""
     sweep = tmp_path / "eval sweep"
-    (sweep / "0_eval=knn").mkdir(parents=True)
+    (sweep / "0_eval=knn" / ".hydra").mkdir(parents=True)
     (sweep / "0_eval=knn" / "results.json").write_text("{}")
     _sweep_end(sweep, "evaluate")
     said = f"[eval] sweep: {sweep}; its report: python -m byol.report '{sweep}'\n"
@@ -188,7 +188,7 @@ def test_an_evaluation_sweep_ends_naming_its_folder_and_the_report_command(tmp_p
         _sweep_end(sweep, "evaluate")
     assert exit_.value.code == 1
     out, err = capsys.readouterr()
-    assert out == said and err == (f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):\n"
+    assert out == said and err == (f"error: 1 of the 2 job(s) of the sweep in {sweep} failed (the others finished):\n"
                                    "  1_eval=linear: 1 of 3 evaluations failed (classic0)\n")
 
 
@@ -204,7 +204,7 @@ def test_an_evaluation_sweep_without_a_result_does_not_offer_its_report(tmp_path
     assert exit_.value.code == 1
     out, err = capsys.readouterr()
     assert out == f"[eval] sweep: {sweep}; no results.json to report: no job evaluated a model (below)\n"
-    assert err == (f"error: 1 job(s) of the sweep in {sweep} failed (the others finished):\n"
+    assert err == (f"error: 1 of the 1 job(s) of the sweep in {sweep} failed:\n"  # no others to have finished
                    "  0_preset=smoke: no pretraining run in '/nowhere'\n")
     (sweep / "0_preset=smoke" / "run").mkdir()  # a model that failed has a results.json: the report lists it
     (sweep / "0_preset=smoke" / "run" / "results.json").write_text('{"status": "failed"}')

@@ -47,10 +47,10 @@ def require_embed_extras() -> None:
 
 def check_embed_settings(eval_cfg: Mapping) -> None:
     """The extras installed and ``eval.max_points`` / ``perplexity`` / ``pca_dim`` in range."""
-    for key in ("max_points", "pca_dim"):
+    for key, least in (("max_points", 2), ("pca_dim", 1)):  # a map of one point was refused after the features
         value = eval_cfg.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"eval.{key} must be a positive whole number, not {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"eval.{key} must be a whole number of at least {least}, not {value!r}")
     perplexity = eval_cfg.get("perplexity")
     if isinstance(perplexity, bool) or not isinstance(perplexity, int | float) or not perplexity > 0:
         raise ConfigError(f"eval.perplexity must be a positive number, not {perplexity!r}")

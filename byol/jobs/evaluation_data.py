@@ -89,7 +89,7 @@ class EvaluationData:
         if differs and said not in self._noted:
             self._noted.add(said)
             print(f"[eval] {label}: note: {said} (this machine's setting; the run had "
-                  f"{', '.join(str(run_data[k]) for k in differs)}: give data.KEY=VALUE to choose)", flush=True)
+                  f"{', '.join(str(run_data[k]) for k in differs)}: give ++data.KEY=VALUE to choose)", flush=True)
         return local
 
     def load(self, data: Mapping) -> tuple[dict[str, ImageTensors], int]:

@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from byol.jobs.console import script_command
-from byol.jobs.run_folder import FAILED, find_runs
+from byol.jobs.run_folder import FAILED, find_runs, sweep_jobs
 
 
 class WritableOutput(Callback):
@@ -88,7 +88,9 @@ class SweepSummary(Callback):
                   f"failed and were not run again by this one: {names}", file=sys.stderr, flush=True)
         if not failed:
             return
-        print(f"error: {len(failed)} job(s) of the sweep in {sweep} failed (the others finished):",
+        total = len({*sweep_jobs(sweep), *(f.parent for f in failed)})
+        others = " (the others finished)" if total > len(failed) else ""
+        print(f"error: {len(failed)} of the {total} job(s) of the sweep in {sweep} failed{others}:",
               file=sys.stderr)
         for f in failed:
             reason = f.read_text().strip().splitlines()

@@ -372,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m byol.report", description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="*", help="folders to scan for results.json (default: the newest "
                         "evaluation sweep under outputs/multirun/eval)")
-    parser.add_argument("--out", help="where to write results.md/.csv/.png (default: the first folder)")
+    parser.add_argument("--out", help="where to write results.md/.csv/.png, paired.csv and the curves figure "
+                        "(default: the first folder)")
     parser.add_argument("--allow-incomplete", action=argparse.BooleanOptionalAction, default=None,
                         help="count (--no-allow-incomplete: do not count) the results of pretraining runs "
                         "that did not finish their epochs in the means, in rows of their own (default: as "
