@@ -133,7 +133,8 @@ def test_a_ddp_sweep_through_submitit_local_fails_its_job_in_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("settings", [{"devices": 2}, {"devices": [0, 1]}, {"devices": 1, "num_nodes": 2}])
+@pytest.mark.parametrize("settings", [{"devices": 2}, {"accelerator": "gpu", "devices": [0, 1]},  # ids: not on CPU
+                                      {"devices": 1, "num_nodes": 2}])
 def test_several_devices_without_trainer_ddp_are_refused_in_training_too(no_launcher, settings):
     """Lightning's auto strategy trained DDP without SyncBatchNorm and without a note; evaluation refused it."""
     with pytest.raises(ConfigError, match="^several devices .* need the DDP strategy: add trainer=ddp$"):

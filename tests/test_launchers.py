@@ -31,7 +31,7 @@ def test_submitit_local_sweep_records_a_failed_job_and_requeues_into_the_same_fo
     cloudpickle = pytest.importorskip("cloudpickle")
     proc, sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", *TINY, "data.batch_size=16,1000")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1 job(s) of the sweep" in proc.stderr and "data.batch_size=1000 is larger" in proc.stderr
+    assert "1 of the 2 job(s) of the sweep" in proc.stderr and "data.batch_size=1000 is larger" in proc.stderr
     assert "ConfigStore schema" not in proc.stderr + proc.stdout  # Hydra's schema-matching deprecation, silenced
     ok, bad = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert (ok / "encoder.pt").is_file() and (ok / "checkpoints" / "last.ckpt").is_file()
