@@ -960,3 +960,15 @@ def test_the_report_of_an_evaluation_still_running_says_its_table_is_partial(tmp
     md = (tmp_path / "out" / "results.md").read_text()
     assert (f"- {root}: still running (process {os.getpid()}): the table holds the results written so "
             f"far; report again once it has finished") in md
+
+
+def test_a_result_that_says_ok_without_an_accuracy_is_skipped_by_name(tmp_path):
+    """A hand-edited results.json with status ok and no test_acc was counted as a failed run with no reason and
+    not among the skipped files; an embed result (no accuracy by design) is still read."""
+    write(tmp_path, "edited", "classic", "avgpool", "knn", None)
+    write(tmp_path, "embed", "classic", "avgpool", "embed", None)
+    skipped = []
+    results = load_results(sorted(tmp_path.glob("*/results.json")), skipped)
+    assert [Path(r["_path"]).parent.name for r in results] == ["embed"]
+    assert skipped == [(str(tmp_path / "edited" / "results.json"),
+                        "status ok but no test_acc (only eval=embed measures no accuracy)")]

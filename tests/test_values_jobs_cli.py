@@ -111,13 +111,13 @@ def test_a_sweep_evaluated_in_one_job_ends_naming_its_folder_and_report(tmp_path
                          f"byol.report {tmp_path / 'run'}")
     assert sorted(p.parent.name for p in (tmp_path / "run").glob("*/results.json")) == ["0_seed=0", "1_seed=1"]
 
-def _sweep_end(sweep, job_name: str) -> None:
+def _sweep_end(sweep, job_name: str, task: list | None = None) -> None:
     from omegaconf import OmegaConf
 
     from byol.jobs.hydra_callbacks import SweepSummary
 
-    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)},
-                                                               "job": {"name": job_name}}}))
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}, "job": {"name": job_name},
+                                                               "overrides": {"task": task or []}}}))
 
 
 def test_a_training_sweep_that_would_train_a_job_again_under_another_number_is_refused(tmp_path):
@@ -242,6 +242,9 @@ def test_a_training_sweep_ends_naming_its_folder_and_the_command_that_evaluates_
                    f"repr=avgpool,combined eval=linear,finetune (then python -m byol.report on the evaluation's "
                    f"sweep folder)\n")
     assert "1_loss=multi: non-finite loss at step 3" in err
+    (sweep / "1_loss=multi" / "FAILED").unlink()
+    _sweep_end(sweep, "train", ["experiment=smoke", "loss=classic,multi"])  # at the smoke scale: not 50 epochs
+    assert "eval=linear,finetune preset=smoke (then" in capsys.readouterr().out
 
 
 def test_suggested_commands_name_the_script_by_its_path_outside_the_repository(tmp_path, monkeypatch):

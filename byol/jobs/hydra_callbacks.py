@@ -72,10 +72,13 @@ class SweepSummary(Callback):
                 "results.json"), None) else "no results.json to report: no job evaluated a model (below)"
             print(f"[eval] sweep: {sweep}; {said}", flush=True)
         elif config.hydra.job.name == "train" and find_runs(sweep):  # a job wrote weights: something to evaluate
+            # a smoke sweep's evaluation at the smoke scale, not 50 epochs of fine-tuning
+            task = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
+            smoke = " preset=smoke" if "experiment=smoke" in list(task) else ""
             print(f"[train] sweep: {sweep}; evaluate it: {script_command('evaluate.py')} -m "
                   f"pretrained={shlex.quote(str(sweep))} "
-                  f"repr=avgpool,combined eval=linear,finetune (then python -m byol.report on the evaluation's "
-                  f"sweep folder)", flush=True)
+                  f"repr=avgpool,combined eval=linear,finetune{smoke} (then python -m byol.report on the "
+                  f"evaluation's sweep folder)", flush=True)
         # this command's failures: a FAILED left as it was is an earlier command's job that this one did not run
         # (another seed list); counting it failed every later command into the folder
         before = getattr(self, "before", {})

@@ -169,6 +169,8 @@ def field_problem(r: dict) -> str | None:
         value = r.get(key)
         if value is not None and _wrong(value, kind):
             return f"{key} is {_shown(value)}, not {_WHAT[kind]}"
+    if r.get("status") == "ok" and r.get("eval") != "embed" and r.get("test_acc") is None:  # counted failed, unnamed
+        return "status ok but no test_acc (only eval=embed measures no accuracy)"
     return None
 
 
