@@ -362,6 +362,7 @@ def test_training_jobs_that_never_started_are_named_under_the_evaluations_table(
     md = (tmp_path / "out" / "results.md").read_text()
     assert (f"- {train}: 2 job(s) its command planned (multirun.yaml) never started, so they have no result: "
             f"loss=multi seed=0; loss=multi seed=1") in md
+    assert "The expected cell has results, but some jobs have none (listed below)." in md
     (train / "0_loss=classic,seed=0" / ".lock").write_text(str(os.getpid()))
     import fcntl
 

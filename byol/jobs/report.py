@@ -136,7 +136,7 @@ def _table(cells: Sequence[Cell]) -> list[str]:
     return lines
 
 
-def _gaps(cells: Sequence[Cell]) -> list[str]:
+def _gaps(cells: Sequence[Cell], jobs_missing: bool = False) -> list[str]:
     """The sentences under the table naming the cells with no result, the runs that are missing or did not
     finish pretraining, and the evaluations that have not written their result."""
     states = cell_states(cells)
@@ -153,9 +153,10 @@ def _gaps(cells: Sequence[Cell]) -> list[str]:
     if only_incomplete:
         lines.append("Cells with only unfinished pretraining runs (not in any mean): "
                      + ", ".join(md_cell("/".join(t)) for t in only_incomplete) + ".")
-    if expected and not missing and not failed and not only_incomplete:
-        lines.append(f"All {len(expected)} expected cells have results." if len(expected) > 1 else
-                     "The expected cell has results.")
+    if expected and not missing and not failed and not only_incomplete:  # jobs without a result: rows may lack runs
+        but = ", but some jobs have none (listed below)" if jobs_missing else ""
+        lines.append(f"All {len(expected)} expected cells have results{but}." if len(expected) > 1 else
+                     f"The expected cell has results{but}.")
     absent = _unique_runs(cells, "missing_runs")
     if absent:
         lines += ["", f"Missing pretraining runs ({len(absent)}, not evaluated):"]
@@ -209,7 +210,7 @@ def markdown(cells: Sequence[Cell], n_files: int, unscored: Sequence[dict] = (),
     if not cells:  # eval=embed alone: no accuracy, so no table to explain (it was a header without rows)
         intro, table = f"{counted}. None holds an accuracy (no table).", []
     else:
-        table = [*_table(cells), "", *_gaps(cells)]
+        table = [*_table(cells), "", *_gaps(cells, bool(failed))]
     return "\n".join(["# Results", "", intro, "", *table, *paired_lines(paired), *_unscored(unscored),
                       *skipped_lines(skipped), *failed_job_lines(failed)]) + "\n"
 

@@ -56,8 +56,8 @@ def jobs_without_result(folders: Iterable[str | Path]) -> list[tuple[Path, str]]
         marks = [*folder.rglob(FAILED), *folder.rglob(STOPPED)] if folder.is_dir() else []
         for path in marks:
             job = path.parent
-            if path.name == FAILED and (job / "results.json").exists() or not (job / "evaluate.log").exists():
-                continue  # it has a result (a row says failed), or it is a training job
+            if path.name == FAILED and next(job.rglob("results.json"), None) or not (job / "evaluate.log").exists():
+                continue  # it has results (a row says which failed), or it is a training job
             try:
                 why = (path.read_text(errors="replace").strip().splitlines() or ["(empty)"])[0][:300]
             except OSError as e:
