@@ -654,3 +654,16 @@ def test_a_refused_resume_leaves_the_runs_hydra_record_as_it_was(tmp_path_factor
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "error: " in refused.stderr.strip().splitlines()[-1]
     assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
+
+
+def test_a_run_cut_by_max_time_is_saved_where_the_timer_stopped_it(tmp_path):
+    """Lightning appends max_time's Timer after our callbacks: RunCheckpoints saw should_stop only at the epoch end,
+    saved there, Lightning's counters called the cut epoch done, and a resume skipped the rest of it (a 6-epoch run
+    cut at step 88 ended at 189 of 192 steps, "5 of 6 epochs", by hand on 2026-12-02). The Timer goes first, so the
+    batch where it stops the fit is saved as the mid-epoch state it is (the max_steps case above, end to end)."""
+    from byol.jobs.config_check import plain_config
+    from byol.jobs.pretrain_fit import build_run_trainer
+
+    cfg = plain_config(compose_config("train", ["experiment=smoke", "+trainer.max_time=00:00:01:00"], tmp_path))
+    kinds = [type(c).__name__ for c in build_run_trainer(cfg, tmp_path, False, [], 4).callbacks]
+    assert "Timer" in kinds and kinds.index("Timer") < kinds.index("RunCheckpoints"), kinds

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Timer
 
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, save_encoder
 from byol.core.data import IndexBatches
@@ -165,8 +166,12 @@ def build_run_trainer(config: dict, run_dir: Path, loggers: list, monitors: list
     # per-step rows (loss, tau, lr) reach metrics.csv at least once per epoch, however short the epoch
     trainer = {**trainer, "log_every_n_steps": min(int(trainer.get("log_every_n_steps") or 1), steps_per_epoch)}
     trainer = trainer_for_this_machine(trainer, "[byol]")
-    return build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
-                         enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
+    built = build_trainer(trainer, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
+                          enable_checkpointing=False, plugins=[AtomicCheckpointIO()])  # RunCheckpoints writes
+    # max_time's Timer (appended by Lightning) first: at the batch it stops, RunCheckpoints then sees should_stop
+    # and saves that mid-epoch state (saved at the epoch end, the cut epoch counted as done and a resume skipped it)
+    built.callbacks.sort(key=lambda callback: not isinstance(callback, Timer))
+    return built
 
 
 def draw_curves(run_dir: Path) -> None:
