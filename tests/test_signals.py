@@ -49,7 +49,7 @@ def fake_trainer(**kw) -> FakeTrainer:
     defaults = {"num_training_batches": 4, "accumulate_grad_batches": 1, "global_step": 0, "current_epoch": 0,
                 "saved": [], "_signal_connector": SimpleNamespace(received_sigterm=False), "is_global_zero": True,
                 "write_files": False, "lightning_module": SimpleNamespace(step_offset=lambda: 0), "should_stop": False,
-                "max_steps": -1}
+                "max_steps": -1, "max_epochs": 1}
     return FakeTrainer(**{**defaults, **kw})
 
 

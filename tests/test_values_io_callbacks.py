@@ -26,7 +26,8 @@ class Trainer(SimpleNamespace):
 
 def trainer(**kw) -> Trainer:
     return Trainer(**{"num_training_batches": 2, "accumulate_grad_batches": 1, "global_step": 0, "current_epoch": 0,
-                      "is_global_zero": True, "world_size": 1, **kw})
+                      "is_global_zero": True, "world_size": 1, "max_epochs": 1, "max_steps": -1, "should_stop": False,
+                      **kw})
 
 
 def test_only_rank_zero_deletes_older_epoch_checkpoints(tmp_path):

@@ -308,7 +308,8 @@ def test_an_evaluation_of_another_training_sweep_into_an_evaluation_folder_is_re
     model = ev / "0_eval=knn" / "0_seed=0"
     model.mkdir(parents=True)
     (ev / "0_eval=knn" / ".hydra").mkdir()
-    (model / "results.json").write_text(json.dumps({"pretrained": str(a / "0_seed=0" / "encoder.pt")}))
+    (model / "results.json").write_text(json.dumps({"pretrained": str(a / "0_seed=0" / "encoder.pt"),  # as written
+                                                    "repr": "avgpool", "eval": "knn", "status": "ok", "test_acc": 0.5}))
     argv = [f"pretrained={b}", "eval=knn", f"hydra.sweep.dir={ev}", "-m"]
     assert other_sweeps_evaluation(argv, ev) == (
         f"error: '{ev / '0_eval=knn'}' holds an evaluation of another training sweep ({a}), not of {b}: the runs of "

@@ -62,15 +62,13 @@ class ImageTensors:
 
     def fingerprint(self, sample: int = 256) -> torch.Tensor:
         """Int64 numbers that differ between two datasets that differ in size, image shape, labels or the pixels
-        of ``sample`` images spread over it (read: cheap for a dataset larger than memory), for processes that
-        must hold the same data to compare."""
-        n = len(self)
-        index = torch.linspace(0, max(n - 1, 0), min(n, sample)).long()
-        weights = torch.arange(1, len(index) + 1, dtype=torch.int64)
-        pixels = self.pixels(index).to("cpu", torch.int64).flatten(1).sum(1) if n else torch.zeros(0, dtype=torch.int64)
-        labels = self.labels.to("cpu", torch.int64)
-        return torch.tensor([n, *self.images.shape[1:], int((pixels * weights).sum()),
-                             int((labels * (torch.arange(len(labels)) % 1009 + 1)).sum())], dtype=torch.int64)
+        of ``sample`` images spread over it (:func:`spread_rows`; read: cheap for a dataset larger than memory),
+        for processes that must hold the same data to compare: the image shape and the SHA-256 of the labels
+        and of those images' :func:`digest_tensor` (kept digests are not computed again)."""
+        h = hashlib.sha256(self.labels.to("cpu", torch.int64).numpy().tobytes())
+        h.update(digest_tensor(self.subset(spread_rows(len(self), sample))).numpy().tobytes())
+        words = np.frombuffer(h.digest(), dtype=np.int64).tolist()
+        return torch.tensor([len(self), *self.images.shape[1:], *words], dtype=torch.int64)
 
     def row_numbers(self) -> torch.Tensor:
         """The rows of ``images`` this dataset holds, in its order."""
@@ -181,6 +179,12 @@ def seeded_subset(data: ImageTensors, n: int | None, seed: int) -> ImageTensors:
         return data
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return data.subset(perm[:n])
+
+
+def spread_rows(n: int, sample: int) -> torch.Tensor:
+    """At most ``sample`` row numbers spread evenly over ``n`` rows, first and last included: the images a check
+    reads of a dataset it cannot read whole."""
+    return torch.linspace(0, max(n - 1, 0), min(n, sample)).long().unique()
 
 
 def digest_tensor(data: ImageTensors) -> torch.Tensor:

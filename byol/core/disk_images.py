@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from byol.core.checkpoint import new_temp_file, usual_permissions
-from byol.core.data import DIGEST_BYTES, ImageTensors, IndexBatches, digest_tensor
+from byol.core.data import DIGEST_BYTES, ImageTensors, IndexBatches, digest_tensor, spread_rows
 from byol.core.errors import CheckpointError, DataError
 
 STORAGES = ("auto", "memory", "mmap")
@@ -182,7 +182,7 @@ def checked_digests(data: ImageTensors, source: Path, sample: int = 64) -> Image
     is decoded again (digests kept wrong would have put copies of an image on both sides of the split)."""
     if data.digests is None or not len(data):
         return data
-    rows = torch.linspace(0, len(data) - 1, min(sample, len(data))).long().unique()
+    rows = spread_rows(len(data), sample)
     if torch.equal(digest_tensor(ImageTensors(data.pixels(rows), data.labels[rows])), data.digests[rows]):
         return data
     raise DamagedCacheError(f"the images in the cache {source} do not match the digests kept with them "

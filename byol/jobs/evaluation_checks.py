@@ -5,7 +5,6 @@ naming what applies."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -116,15 +115,14 @@ def refuse_another_sweeps_evaluation(run_dir: Path, sweep: Path) -> None:
     """An evaluation of ``sweep`` into a folder that holds the evaluation of another training sweep is refused: its
     jobs' folders are named by run (``0_loss=classic,seed=0``), so the runs of both met in one table, some replaced
     and some not, with the report calling the cells complete."""
+    from byol.jobs.report_files import read_result  # checked as the report checks it (a FIFO, a huge file)
     from byol.jobs.results_json import RESULTS_FILE  # it reads UNTRAINED from here
     from byol.jobs.run_folder import run_folder_of
 
     others = set()
     for found in sorted(Path(run_dir).glob(f"*/{RESULTS_FILE}")):
-        try:
-            pretrained = json.loads(found.read_bytes()[:1_000_000]).get("pretrained")
-        except (OSError, ValueError, AttributeError):
-            continue  # not a result this can read: the report says so
+        result = read_result(found)
+        pretrained = result.get("pretrained") if isinstance(result, dict) else None  # unusable: the report says so
         if isinstance(pretrained, str) and Path(pretrained).is_absolute():
             origin = run_folder_of(Path(pretrained)).parent
             if origin.resolve() != Path(sweep).resolve():

@@ -8,6 +8,7 @@ import threading
 from contextlib import contextmanager
 
 from byol.core.errors import Interrupted
+from byol.jobs.sweep_signals import FORWARDED  # SIGTERM, SIGUSR1 (byol.lightning's list would load Lightning)
 
 
 @contextmanager
@@ -18,8 +19,6 @@ def stop_signals_raise(message: str):
     an earlier result half set aside. A fit puts :class:`CatchStopSignals` in their place meanwhile. One signal
     raises; those that follow while the job cleans up are ignored. The handlers before are put back on leaving,
     so that :func:`~byol.jobs.cli.hand_on_signal` finds a launcher's (submitit requeues on SIGUSR1)."""
-    # not byol.lightning's list: that module loads Lightning, which an evaluation refused early never needs
-    signals = [s for s in (getattr(signal, 'SIGTERM', None), getattr(signal, 'SIGUSR1', None)) if s is not None]
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -30,7 +29,7 @@ def stop_signals_raise(message: str):
             raised.append(signum)
             raise Interrupted(f"received {signal.Signals(signum).name}: {message}", signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in signals}
+    previous = {s: signal.signal(s, on_signal) for s in FORWARDED}
     try:
         yield
     finally:

@@ -211,7 +211,7 @@ def load_results(paths: Iterable[Path], skipped: list | None = None) -> list[dic
     (path, why) when it is given (results.md lists them)."""
     results = []
     for path in paths:
-        r = _read_result(path)
+        r = read_result(path)
         if isinstance(r, str):  # why it cannot be used
             skip_note(path, r)
             if skipped is not None:
@@ -222,7 +222,7 @@ def load_results(paths: Iterable[Path], skipped: list | None = None) -> list[dic
     return results
 
 
-def _read_result(path: Path) -> dict | str:
+def read_result(path: Path) -> dict | str:
     """The results object in ``path``, or (text) why it cannot be used."""
     problem = _read_problem(path)
     if problem:

@@ -341,10 +341,9 @@ class RunCheckpoints(CatchStopSignals):
             return
         n = self.last_every_n_steps
         # max_steps or max_time cutting a run that counts epochs (one of max_steps alone ends where it planned)
-        max_steps = getattr(trainer, "max_steps", None) or -1
-        ends_here = (getattr(trainer, "max_epochs", None) or -1) >= 1 and (
-            getattr(trainer, "should_stop", False) or 0 < max_steps <= trainer.global_step)
-        if n and trainer.global_step % n == 0 or ends_here:
+        cut_here = (trainer.max_epochs or -1) >= 1 and (trainer.should_stop or
+                                                        0 < trainer.max_steps <= trainer.global_step)
+        if n and trainer.global_step % n == 0 or cut_here:
             self._save(trainer, self.last)  # a fit cut here: saved as the mid-epoch state it is
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
