@@ -160,6 +160,9 @@ def test_tau_and_the_learning_rate_are_logged_at_each_epochs_last_step(tmp_path)
     assert sorted(rates) == [2, 3, 5, 7]
     last_line = [line for line in result.stdout.splitlines() if line.startswith("[byol] epoch 2/2")][0]
     assert f"tau 1.0000, lr {rates[7]:.3g}," in last_line
+    # a single run ends with the command that evaluates it (at the smoke scale for a smoke run)
+    assert result.stdout.strip().splitlines()[-1].endswith(
+        f"; evaluate it: python evaluate.py pretrained={run_dir} preset=smoke")
 
 
 def test_keep_last_keeps_the_newest_epoch_checkpoints(tmp_path):
@@ -201,6 +204,8 @@ def test_multirun_sweeps_both_losses(sweep, runs):
         assert f"loss={loss}" in run_dir.name and (run_dir / "encoder.pt").is_file()
         assert str(run_dir) in result.stdout  # the user is told where each run folder is
     assert (folder / "multirun.yaml").is_file()
+    # one evaluate command for the whole sweep at its end, none per job
+    assert result.stdout.count("evaluate it:") == 1 and f"pretrained={folder} " in result.stdout
 
 
 def test_tensorboard_logger_records_the_same_losses_as_metrics_csv(tmp_path):

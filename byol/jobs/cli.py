@@ -124,6 +124,15 @@ def command_arg(key: str, value) -> str:
     return shlex.quote(f"{key}={quoted}") if any(c in text for c in '"$`\\!') else f'"{key}={quoted}"'
 
 
+def evaluate_hint(run_dir: Path) -> str:
+    """What to do with a finished single run: the command that evaluates it (a sweep names one command for
+    all its runs at its end instead, so its jobs say nothing)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.MULTIRUN:
+        return ""
+    smoke = " preset=smoke" if "experiment=smoke" in list(HydraConfig.get().overrides.task) else ""
+    return f"; evaluate it: {script_command('evaluate.py')} {command_arg('pretrained', run_dir)}{smoke}"
+
+
 def resume_hint(run_dir: Path) -> str:
     """The command that continues ``run_dir``; inside a sweep also the one that continues the whole
     sweep (re-running its command in the same sweep folder skips finished jobs, resumes the rest)."""

@@ -23,7 +23,7 @@ from byol.jobs.build import (
     progress_bar_on,
     trainer_for_this_machine,
 )
-from byol.jobs.cli import command_arg, launched_rank, resume_hint
+from byol.jobs.cli import command_arg, evaluate_hint, launched_rank, resume_hint
 from byol.jobs.console import other_processes_lost, script_command
 from byol.jobs.curves import write_curves
 from byol.jobs.monitoring import MonitorSamples, build_monitors, monitor_taps, representations
@@ -82,7 +82,8 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
         print(f"[byol] {short}: {ckpt_dir / LAST_CHECKPOINT} holds its state and {export} its encoder (evaluations "
               f"mark it unfinished); {script_command('train.py')} {command_arg('resume', run_dir)} continues it"
               if short else
-              f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}",
+              f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}"
+              f"{evaluate_hint(run_dir)}",
               flush=True)
         return export
     finally:
