@@ -194,3 +194,45 @@ def test_normalized_std_is_one_for_spread_outputs_and_zero_for_collapsed_ones():
     # by hand: two opposite unit vectors in 2-d: per-dimension stds (sqrt(2), 0), mean sqrt(2)/2, x sqrt(2)
     two = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     assert normalized_std(two).item() == pytest.approx(2 ** 0.5 / 2 * 2 ** 0.5)
+
+
+def test_no_ema_on_a_step_that_the_16_mixed_gradient_scaler_skips(smoke_config, monkeypatch):
+    """16-mixed's GradScaler skips the optimizer step when the scaled gradients overflow (the first steps of a
+    run, typically), yet Lightning counts the step: the target then moved towards unchanged online weights.
+    An EMA follows exactly the steps that changed the online weights; tau still follows the step count."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    cfg = smoke_config("optim=sgd", "data.num_train=24", "data.batch_size=4")
+    cfg["head"] = {"proj_hidden_dim": 16, "proj_dim": 8, "pred_hidden_dim": 16}
+    updates, original = [], BYOL.update_target
+
+    def recorded_update(model, tau):
+        updates.append(model.step_seen)
+        original(model, tau)
+
+    monkeypatch.setattr(BYOL, "update_target", recorded_update)
+    torch.manual_seed(0)
+    module = build_module(cfg)
+    model = module.model
+    model.step_seen = None
+    steps = []  # whether each optimizer step changed the online weights
+    step = module.optimizer_step
+
+    def watched_step(*args, **kwargs):
+        before = [p.detach().clone() for p in model.online_encoder.parameters()]
+        model.step_seen = len(steps)
+        step(*args, **kwargs)
+        steps.append(any(not torch.equal(a, b) for a, b in zip(before, model.online_encoder.parameters(),
+                                                                strict=True)))
+
+    module.optimizer_step = watched_step
+    # a first scale large enough to overflow float16 gradients, dropping by 2**-16 at each skip
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -16)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule=build_datamodule(cfg))
+    assert trainer.global_step == len(steps) == 6
+    assert False in steps and True in steps, steps  # some skipped, some taken
+    assert updates == [i for i, changed in enumerate(steps) if changed]

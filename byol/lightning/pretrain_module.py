@@ -143,7 +143,8 @@ class BYOLModule(pl.LightningModule):
         self._epoch_sums["images"] += n
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """EMA right after each real optimizer step (so never on accumulation micro-batches).
+        """EMA right after each real optimizer step (never on accumulation micro-batches, nor on a step that
+        16-mixed's gradient scaler skipped for inf/NaN gradients).
 
         A non-finite micro-batch skipped (``train.on_nonfinite=skip``) skips its whole accumulation window:
         the optimizer step, on the other micro-batches' gradients alone, would be a fraction of a step (each
@@ -156,8 +157,13 @@ class BYOLModule(pl.LightningModule):
                 return None
             return result
 
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler, if any
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         super().optimizer_step(epoch, batch_idx, optimizer, closure)
-        if not self._window_skipped:
+        # the scaler lowers its scale when it skips a step for inf/NaN gradients (common in the first steps):
+        # no online update, so no EMA either; its step already synchronised, so reading the scale is cheap
+        scaler_skipped = scale is not None and scaler.get_scale() < scale
+        if not self._window_skipped and not scaler_skipped:
             # Lightning counts this step in global_step only after this hook returns
             self.model.update_target(self.current_tau(self.global_step))
         self._window_skipped = False
