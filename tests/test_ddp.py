@@ -157,7 +157,7 @@ def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(t
     result = train_ddp("checkpoint.keep_last=2", "trainer.log_every_n_steps=3",  # a change that trains the same
                        f"resume={whole / 'checkpoints' / 'epoch0001.ckpt'}", f"hydra.run.dir={resumed}")
     assert "step 2 (the end of epoch 1)" in result.stdout
-    assert result.stdout.count("resuming with changed settings") == 1  # rank 0's line, not one per process
+    assert result.stdout.count("resuming with changed logging settings") == 1  # rank 0's line, not one per process
     assert epochs_reported(result.stdout) == [2]  # rank 0 reports the one epoch left, trained once
     a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
             for run in (whole, resumed))

@@ -3,6 +3,7 @@ and loses nothing: data, configs, non-finite losses, full disks, failing sweep j
 
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import re
@@ -386,6 +387,7 @@ def test_nan_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, nan_at):
     assert "train.on_nonfinite=skip" in str(err.value)
     assert safe_load(last)["global_step"] == 5 and finite(last)  # NaN weights never replaced it
     assert not (run / "encoder.pt").exists()  # stopped: nothing claims to be the end of the run
+    assert (run / "curves.png").is_file()  # the curves up to the failure, where it went wrong
 
 
 @pytest.mark.slow
@@ -401,13 +403,28 @@ def test_nan_loss_skip_leaves_the_step_out(tmp_path, nan_at, monkeypatch, capsys
     monkeypatch.setattr(BYOL, "forward", watch)
     run = tmp_path / "run"
     pretrain(smoke_cfg(tmp_path, "train.on_nonfinite=skip"), run)
-    assert "non-finite loss at step 5; skipping this step (1 skipped so far)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "non-finite loss at step 5; skipping this step (1 skipped so far)" in out
+    assert re.search(r"^\[byol\] epoch 2/2: loss [0-9.]+ \(avgpool [0-9.]+\), 1 non-finite step skipped, std ", out,
+                     flags=re.MULTILINE), out
+    with open(run / "metrics.csv", newline="") as f:  # the epochs whose points stand on fewer steps
+        skipped = [r["train/skipped_steps_epoch"] for r in csv.DictReader(f) if r["train/loss_epoch"]]
+    assert skipped == ["0.0", "1.0"]
     before, after = seen["states"][5], seen["states"][6]
     # no optimizer step, no EMA step, BatchNorm statistics restored: the skipped batch left no trace
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not all(torch.equal(seen["states"][4][k], before[k]) for k in before)  # other steps do train
     final = run / "checkpoints" / "last.ckpt"  # the final state
     assert finite(final) and safe_load(final)["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_an_epoch_whose_every_step_was_skipped_says_so(tmp_path, nan_at, capsys):
+    """Its epoch line read "loss nan (), std nan": no mean to show, and no word of why."""
+    nan_at(4)  # every step of the second epoch
+    pretrain(smoke_cfg(tmp_path, "train.on_nonfinite=skip"), tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "[byol] epoch 2/2: loss n/a (all 4 steps non-finite, skipped), std nan" in out, out
 
 
 @pytest.mark.slow

@@ -422,8 +422,7 @@ def test_edited_layouts_loop_counters_and_deep_configs_are_refused_in_one_line(t
 
     from byol.core.errors import ConfigError
     from byol.jobs.run_folder import raw_run_config
-    from byol.lightning.checkpoint_io import _counters_problem
-    from byol.lightning.pretrain_module import layout_problem
+    from byol.lightning.checkpoint_io import _counters_problem, layout_problem
 
     def checkpoint(offset=0, world=1, ready=2, processed=2, batches=4):
         counters = {"ready": ready, "started": ready, "processed": processed, "completed": processed}

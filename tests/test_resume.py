@@ -626,12 +626,18 @@ def test_a_run_cut_mid_epoch_by_max_steps_counts_whole_epochs_and_resumes_to_its
     """Cut by max_steps inside its second epoch, a run said "after 2 of 3 epochs" and its encoder.pt claimed 2
     epochs (Lightning counts the cut epoch); resumed with resume= alone it trained nothing, and with the limit
     lifted it skipped the rest of the cut epoch (last.ckpt was written as at an epoch's end). Now it continues
-    to the same state as the uninterrupted run."""
+    to the same state as the uninterrupted run. The cut epoch's rows (epoch loss, kNN, probes) were logged as a
+    finished epoch's, and again when the resumed run ended it: each epoch's rows now stand once, as in the
+    uninterrupted run, and the cut epoch's line says it was cut."""
     run_dir = tmp_path_factory.mktemp("cut") / "run"
     first = train(*EXACT, f"+trainer.max_steps={STEPS_PER_EPOCH + 1}", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (f"stopped short of its plan after 1 of {EPOCHS} epochs and {STEPS_PER_EPOCH + 1} optimizer "
             f"steps") in first.stdout
+    assert epochs_reported(first.stdout) == [1]
+    assert f"[byol] stopped by a limit in epoch 2/{EPOCHS} after batch 1 of {STEPS_PER_EPOCH}, so far: loss " in \
+        first.stdout
+    assert [row["epoch"] for row in metric_rows(run_dir).values() if "train/loss_epoch" in row] == ["0"]
     assert torch.load(run_dir / "encoder.pt", weights_only=True)["meta"]["epochs"] == 1
     result = train(f"resume={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -639,6 +645,7 @@ def test_a_run_cut_mid_epoch_by_max_steps_counts_whole_epochs_and_resumes_to_its
             f"over") in result.stdout
     assert "[byol] done: " in result.stdout
     assert_same_training_state(run_dir, reference_run(tmp_path_factory))
+    assert metric_rows(run_dir) == metric_rows(reference_run(tmp_path_factory))
 
 
 @pytest.mark.slow

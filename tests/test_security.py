@@ -634,7 +634,8 @@ CRAFTED_CHECKPOINTS = {
     "weights": (("state_dict", "model.online_encoder.body.conv1.weight"), "x",
                 "state_dict['model.online_encoder.body.conv1.weight'] is 'x', not a tensor"),
     "version": (("pytorch-lightning_version",), "two", "pytorch-lightning_version is 'two', not a version number"),
-    "loss sums": (("epoch_loss_sums", "images"), "x", "epoch_loss_sums.epoch and .images must be whole numbers"),
+    "loss sums": (("epoch_loss_sums", "images"), "x",
+                  "epoch_loss_sums.epoch, .images and .skipped must be whole numbers"),
     "callbacks": (("callbacks",), [], "callbacks is [], not a mapping of callback names to their states"),
     "gradient scaler": (("MixedPrecision",), {"scale": 1.0}, "MixedPrecision lacks 'growth_factor'"),
     # resumed, NaN weights stopped the run at its first step with "the last good checkpoint is <this one>"

@@ -231,3 +231,58 @@ def test_an_earlier_runs_relative_data_root_is_compared_absolute_on_resume(tmp_p
     assert start.config["data"]["root"] == str(tmp_path / "imgs")
     assert "resuming with changed settings" not in out
     assert "names data.root 'imgs', relative to the folder the run was started from" in out
+
+
+@pytest.mark.parametrize("overrides, said, not_said", [
+    # the README's longer-run recipe: the schedules span schedule_epochs=4 before and after
+    (["trainer.max_epochs=4"], "resuming with trainer.max_epochs: 2 -> 4: the learning-rate and tau schedules still "
+                               "span 4 epochs (an exact continuation)", "changed settings"),
+    # past schedule_epochs, the schedules stretch: another run from here on
+    (["trainer.max_epochs=6"], "resuming with changed settings (no longer an exact continuation): "
+                               "trainer.max_epochs: 2 -> 6", "still span"),
+    (["monitor.taps=[layer3.0]"], "resuming with changed monitor settings: monitor.taps: ['layer2.0', 'layer3.0'] -> "
+                                  "['layer3.0']; training is unchanged, but the monitor/ columns of metrics.csv (and "
+                                  "the curves) measure these settings from epoch 2 on", "changed settings"),
+    (["trainer.log_every_n_steps=7"], "resuming with changed logging settings (an exact continuation): "
+                                      "trainer.log_every_n_steps: 2 -> 7", "changed settings"),
+    (["optim.base_lr=0.5"], "resuming with changed settings (no longer an exact continuation): optim.base_lr: ",
+     "(an exact continuation)"),
+])
+def test_a_resume_says_which_changed_settings_break_an_exact_continuation(tmp_path, monkeypatch, capsys, overrides,
+                                                                         said, not_said):
+    """Every change but a machine's data settings was called "no longer an exact continuation", also a longer
+    max_epochs within schedule_epochs (the README's recipe for one) and monitor settings, which train nothing."""
+    import byol.jobs.pretrain_fit as pretrain_fit
+    from byol.jobs.pretrain import run_start
+
+    monkeypatch.setattr(pretrain_fit, "check_resumable", lambda *args: None)  # a checkpoint without weights here
+    base = ["experiment=smoke", "schedule_epochs=4"]
+    saved = plain_config(compose_config("train", base, tmp_path))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    atomic_torch_save({"byol_config": saved, "global_step": 4, "epoch": 1, "state_dict": {}},
+                      run / "checkpoints" / "last.ckpt")
+    container = plain_config(compose_config("train", [*base, *overrides, f"resume={run}"], tmp_path))
+    run_start(container, run, requested=[o.split("=")[0] for o in overrides] + ["resume"])
+    out = capsys.readouterr().out
+    assert f"[byol] {said}" in out and not_said not in out, out
+
+
+def test_a_checkpoint_continued_in_a_new_folder_says_where_its_earlier_curves_are(tmp_path, monkeypatch, capsys):
+    """The new folder's metrics.csv and curves.png begin at the checkpoint's step, silently: they looked like
+    the whole run."""
+    import byol.jobs.pretrain_fit as pretrain_fit
+    from byol.jobs.pretrain import run_start
+
+    monkeypatch.setattr(pretrain_fit, "check_resumable", lambda *args: None)  # a checkpoint without weights here
+    saved = plain_config(compose_config("train", ["experiment=smoke"], tmp_path))
+    old, new = tmp_path / "run", tmp_path / "branch"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "metrics.csv").write_text("epoch,step\n0,3\n")
+    checkpoint = old / "checkpoints" / "epoch0001.ckpt"
+    atomic_torch_save({"byol_config": saved, "global_step": 4, "epoch": 1, "state_dict": {}}, checkpoint)
+    container = plain_config(compose_config("train", ["experiment=smoke", f"resume={checkpoint}"], tmp_path))
+    run_start(container, new, requested=["resume"])
+    assert (f"[byol] note: continuing {checkpoint} in a new run folder ({new}): its metrics.csv and curves.png "
+            f"start at step 4 (after 1 epoch); those of the steps before are in {old / 'metrics.csv'}"
+            in capsys.readouterr().out)

@@ -124,12 +124,14 @@ def command_arg(key: str, value) -> str:
     return shlex.quote(f"{key}={quoted}") if any(c in text for c in '"$`\\!') else f'"{key}={quoted}"'
 
 
-def evaluate_hint(run_dir: Path) -> str:
+def evaluate_hint(run_dir: Path, config: dict) -> str:
     """What to do with a finished single run: the command that evaluates it (a sweep names one command for
-    all its runs at its end instead, so its jobs say nothing)."""
+    all its runs at its end instead, so its jobs say nothing). A run on synthetic data (``experiment=smoke``,
+    also when resumed with ``resume=`` alone) is evaluated in seconds with ``preset=smoke``."""
     if not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.MULTIRUN:
         return ""
-    smoke = " preset=smoke" if "experiment=smoke" in list(HydraConfig.get().overrides.task) else ""
+    toy = (config.get("data") or {}).get("name") == "synthetic"
+    smoke = " preset=smoke" if toy or "experiment=smoke" in list(HydraConfig.get().overrides.task) else ""
     return f"; evaluate it: {script_command('evaluate.py')} {command_arg('pretrained', run_dir)}{smoke}"
 
 

@@ -50,6 +50,8 @@ from byol.jobs.resume import (
     folder_run_id,
     resume_config,
     saved_run_id,
+    schedule_horizon,
+    sort_changes,
 )
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
@@ -97,6 +99,8 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
     saved_id = saved_run_id(resumed["byol_config"], source)
     # under DDP rank 0 checked the folder and already wrote the resumed run's config.yaml into it
     same_run = check_resume_target(run_dir, checkpoint, saved_id, folder_id) if launched_rank() == 0 else True
+    if not same_run and launched_rank() == 0:
+        note_a_branch(checkpoint, run_dir, int(resumed["global_step"]), epochs_done(resumed))
     if isinstance(saved.get("data"), dict):  # a run of an earlier version kept it as typed: compared absolute
         make_root_absolute(saved["data"], source)
     config, changed = resume_config(saved, container, requested)
@@ -119,14 +123,7 @@ def run_start(container: dict, run_dir: Path, requested) -> RunStart:
         refuse_other_settings(changed, run_dir)
     refuse_a_checkpoint_past_the_end(resumed, int(config["trainer"]["max_epochs"]), checkpoint, finished)
     if changed and not finished and launched_rank() == 0:  # after the refusals; once under DDP
-        machine = [c for c in changed if _machine_key(c.split(": ", 1)[0])]  # how the data is read: same batches
-        trained = [c for c in changed if c not in machine]
-        if trained:
-            print(f"[byol] resuming with changed settings (no longer an exact continuation): {'; '.join(trained)}",
-                  flush=True)
-        if machine:
-            print(f"[byol] resuming with this machine's data settings: {'; '.join(machine)} (the same images and "
-                  f"batches)", flush=True)
+        say_changes(sort_changes(changed, saved, config, _machine_key), config, epochs_done(resumed) + 1)
     layout = resumed.get("byol_layout") or {}
     if mid_epoch(resumed):  # an earlier version's checkpoint keeps no layout: its config says the world
         world = layout.get("world_size") or planned_world(saved.get("trainer") or {})
@@ -165,6 +162,39 @@ def refuse_a_checkpoint_past_the_end(resumed: dict, max_epochs: int, checkpoint:
                           f"nothing would be trained. Ask for more (trainer.max_epochs above {done}), or evaluate "
                           f"that checkpoint as it is: {script_command('evaluate.py')} "
                           f"{command_arg('pretrained', checkpoint)}")
+
+
+def note_a_branch(checkpoint: Path, run_dir: Path, step: int, epochs: int) -> None:
+    """A checkpoint continued in a new folder starts that folder's metrics.csv and curves at its step: say where
+    the earlier steps' are, or the new curves seem to be the whole run."""
+    if step == 0:
+        return
+    origin = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
+    earlier = origin / "metrics.csv"
+    where = f"; those of the steps before are in {earlier}" if earlier.is_file() and origin != run_dir else ""
+    print(f"[byol] note: continuing {checkpoint} in a new run folder ({run_dir}): its metrics.csv and curves.png "
+          f"start at step {step} (after {epochs} epoch{'s' * (epochs != 1)}){where}", flush=True)
+
+
+def say_changes(changes: dict[str, list[str]], config: dict, epoch: int) -> None:
+    """A line for each kind of setting a resume changed (:func:`~byol.jobs.resume.sort_changes`): only those
+    that change what is trained break an exact continuation."""
+    said = {kind: "; ".join(found) for kind, found in changes.items() if found}
+    if "trained" in said:
+        print(f"[byol] resuming with changed settings (no longer an exact continuation): {said['trained']}",
+              flush=True)
+    if "same_schedule" in said:
+        print(f"[byol] resuming with {said['same_schedule']}: the learning-rate and tau schedules still span "
+              f"{schedule_horizon(config)} epochs (an exact continuation)", flush=True)
+    if "monitor" in said:
+        print(f"[byol] resuming with changed monitor settings: {said['monitor']}; training is unchanged, but the "
+              f"monitor/ columns of metrics.csv (and the curves) measure these settings from epoch {epoch} on",
+              flush=True)
+    if "shown" in said:
+        print(f"[byol] resuming with changed logging settings (an exact continuation): {said['shown']}", flush=True)
+    if "machine" in said:
+        print(f"[byol] resuming with this machine's data settings: {said['machine']} (the same images and "
+              f"batches)", flush=True)
 
 
 def _machine_key(key: str) -> bool:

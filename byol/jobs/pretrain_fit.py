@@ -69,7 +69,13 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
     checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoints))
     try:  # a stop signal from the end of training on waits for the export (RunCheckpoints holds it)
         with other_processes_lost(trainer.world_size, checkpoints.after_second_interrupt):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.checkpoint) if start.checkpoint else None)
+            try:
+                trainer.fit(module, datamodule=datamodule,
+                            ckpt_path=str(start.checkpoint) if start.checkpoint else None)
+            except Exception:
+                if trainer.is_global_zero and (run_dir / "metrics.csv").is_file():
+                    draw_curves(run_dir)  # up to where it stopped (a NaN loss, a signal): where it went wrong
+                raise
         if not trainer.is_global_zero:  # the other DDP processes hold the same weights; rank 0 writes
             return export
         save_run_config(config, run_dir)  # again: a fit with no epoch left to train never started training
@@ -83,7 +89,7 @@ def fit_run(start: RunStart, batches: IndexBatches, samples: MonitorSamples | No
               f"mark it unfinished); {script_command('train.py')} {command_arg('resume', run_dir)} continues it"
               if short else
               f"[byol] done: {ckpt_dir / LAST_CHECKPOINT} (the final training state) and encoder export {export}"
-              f"{evaluate_hint(run_dir)}",
+              f"{evaluate_hint(run_dir, config)}",
               flush=True)
         return export
     finally:

@@ -29,6 +29,10 @@ FREE_FORM_KEYS = ("loss.weights",)
 TRAINED_KEYS = ("backbone", "loss", "data", "optim", "head", "ema", "augment", "seed", "schedule_epochs",
                 "trainer.max_epochs", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
                 "trainer.precision")
+# What sets the span of the learning-rate and tau schedules (:func:`schedule_horizon`).
+SCHEDULE_KEYS = ("trainer.max_epochs", "schedule_epochs")
+# How a run is recorded, not what it trains: changed on a resume, the continuation is still exact.
+RECORDING_KEYS = ("logger", "checkpoint", "trainer.log_every_n_steps", "trainer.enable_model_summary")
 # Trainer limits that end a fit before its epochs (given as +trainer.KEY=...): kept by a resume, the run stopped
 # again at once (max_steps counts the steps already done), so a resume goes past them unless they are given again.
 STOP_LIMITS = ("max_time", "max_steps", "fast_dev_run")
@@ -144,6 +148,33 @@ def resume_config(saved: dict, composed: dict, requested=None) -> tuple[dict, li
             f"or start a new run")
     result["resume"] = composed.get("resume")
     return result, [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def schedule_horizon(config: dict) -> int | None:
+    """The epochs the learning-rate and tau schedules span (as ``schedule_span`` works them out): the longer
+    of ``trainer.max_epochs`` and ``schedule_epochs``; None for a run bounded by ``trainer.max_steps`` alone."""
+    epochs = (config.get("trainer") or {}).get("max_epochs")
+    if not isinstance(epochs, int) or epochs < 1:
+        return None
+    return max(epochs, config.get("schedule_epochs") or 0)
+
+
+def sort_changes(changed: list[str], saved: dict, config: dict, machine) -> dict[str, list[str]]:
+    """A resume's changed settings (``"key: old -> new"``) by what they mean for the run: ``machine`` (how this
+    machine reads the same data; ``machine(key)`` says), ``monitor`` (how the run is measured: its curves
+    change meaning, its training does not), ``same_schedule`` (``trainer.max_epochs`` / ``schedule_epochs``
+    moved while the schedules span the same epochs: the README's longer-run recipe, an exact continuation),
+    ``shown`` (loggers, checkpoints: how the run is recorded) and ``trained`` (the rest: no longer an exact
+    continuation)."""
+    sorted_ = {"machine": [], "monitor": [], "same_schedule": [], "shown": [], "trained": []}
+    same_horizon = schedule_horizon(saved) is not None and schedule_horizon(saved) == schedule_horizon(config)
+    for change in changed:
+        key = change.split(": ", 1)[0]
+        kind = ("machine" if machine(key) else "monitor" if _under(key, ["monitor"])
+                else "same_schedule" if same_horizon and key in SCHEDULE_KEYS
+                else "shown" if _under(key, RECORDING_KEYS) else "trained")
+        sorted_[kind].append(change)
+    return sorted_
 
 
 def drop_stop_limits(config: dict, requested=None) -> list[str]:

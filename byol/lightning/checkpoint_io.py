@@ -9,9 +9,9 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from byol.core.checkpoint import alternatives, atomic_torch_save, safe_load
+from byol.core.checkpoint import alternatives, atomic_torch_save, epochs_done, mid_epoch, safe_load
 from byol.core.errors import CheckpointError
-from byol.core.state_check import shown, structure_problem, value_problem, whole
+from byol.core.state_check import shown, structure_problem, tensors_problem, value_problem, whole
 from byol.lightning.internals import fit_loop_state_template
 
 # torch's GradScaler state (16-mixed precision), under the precision plugin's name or Lightning 1.x's
@@ -99,4 +99,48 @@ def lightning_fields_problem(checkpoint: Mapping) -> str | None:
             problem = structure_problem(checkpoint[key], SCALER_STATE, key)
             if problem:
                 return problem
+    return None
+
+
+MAX_LAYOUT = {"epoch_steps": 10**9, "world_size": 10**6}  # beyond any run
+
+
+def layout_problem(checkpoint: Mapping) -> str | None:
+    """Whether the checkpoint's ``byol_layout`` is one :meth:`BYOLModule.layout` writes (absent from files written
+    before it existed): whole numbers in range, and an offset that puts the run where its own step count and
+    epochs say, within its epochs done (and the one under way, for a file taken inside an epoch). An edited
+    offset moved the schedules anywhere: lr 0 and tau 1 for the rest of the run, or an overflow."""
+    layout = checkpoint.get("byol_layout")
+    if layout is None:
+        return None
+    fields = ("epoch_steps", "world_size", "step_offset")
+    if not isinstance(layout, Mapping) or set(layout) != set(fields):
+        return f"byol_layout is {shown(layout)}, not a mapping of {', '.join(repr(k) for k in fields)}"
+    if not all(isinstance(layout[k], int) and not isinstance(layout[k], bool) for k in fields) or \
+            not all(1 <= layout[k] <= top for k, top in MAX_LAYOUT.items()):
+        return (f"byol_layout's fields must be whole numbers, epoch_steps from 1 to {MAX_LAYOUT['epoch_steps']} and "
+                f"world_size from 1 to {MAX_LAYOUT['world_size']}")
+    step, epochs = checkpoint.get("global_step"), epochs_done(checkpoint)
+    if whole(step) and epochs >= 0:
+        position, end = step - layout["step_offset"], (epochs + mid_epoch(checkpoint)) * layout["epoch_steps"]
+        if not 0 <= position <= end:
+            return (f"byol_layout.step_offset={layout['step_offset']} puts its step {step} at step {position} of its "
+                    f"epochs, outside the {end} steps of the epochs it has trained")
+    return None
+
+
+def loss_sums_problem(sums) -> str | None:
+    """Whether ``sums`` is an ``epoch_loss_sums`` as :meth:`BYOLModule.on_save_checkpoint` writes it
+    (``{"sums": {}}`` before the run's first step; absent from files written before it existed)."""
+    if sums is None or (isinstance(sums, Mapping) and set(sums) <= {"sums"} and sums.get("sums", {}) == {}):
+        return None
+    if not isinstance(sums, Mapping) or not {"epoch", "images", "sums"} <= set(sums) <= {"epoch", "images", "sums",
+                                                                                        "skipped"}:
+        return (f"epoch_loss_sums is {shown(sums)}, not a mapping of 'epoch', 'images', 'sums' (and 'skipped', "
+                f"steps skipped as non-finite)")
+    if not all(whole(sums.get(k, 0)) for k in ("epoch", "images", "skipped")):
+        return "epoch_loss_sums.epoch, .images and .skipped must be whole numbers of 0 or more"
+    problem = tensors_problem(sums["sums"], "epoch_loss_sums.sums")
+    if problem or any(v.numel() != 1 for v in sums["sums"].values()):
+        return problem or "epoch_loss_sums.sums must hold one number per loss"
     return None

@@ -9,7 +9,13 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 
 from byol.core.progress import duration
-from byol.lightning.internals import is_last_batch, logs_this_step, write_step_row
+from byol.lightning.internals import (
+    batches_done_this_epoch,
+    epoch_cut_short,
+    is_last_batch,
+    logs_this_step,
+    write_step_row,
+)
 
 COLLAPSE_STD = 0.1  # std/<head> below this: collapsed (about 0.8 at initialisation, 1 at best)
 STEP_LOSS = "train/loss_step"  # what BYOLModule logs each step
@@ -77,13 +83,15 @@ class EpochSummary(pl.Callback):
         seconds = self.clock() - self._start
         images = self._images * trainer.world_size  # every rank trains on as many images as rank 0
         losses = {k: float(v) for k, v in pl_module.epoch_means().items()}
-        heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
         lr = self._lr if self._lr is not None else float("nan")  # as tau: the value the last step used
-        total = losses.get("loss", float("nan"))
         spread = {k[len("std/"):]: v for k, v in losses.items() if k.startswith("std/")}
         knn, knn_seconds = self.knn_text(trainer.current_epoch)
         seconds = max(seconds - knn_seconds, 1e-9)
-        line = (f"[byol] epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: loss {total:.4f} ({heads}), "
+        epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        if epoch_cut_short(trainer):  # its epoch line comes when a resumed run ends the epoch
+            epoch = (f"stopped by a limit in {epoch} after batch {batches_done_this_epoch(trainer)} of "
+                     f"{trainer.num_training_batches}, so far")
+        line = (f"[byol] {epoch}: {loss_text(losses, getattr(pl_module, 'skipped_this_epoch', int)())}, "
                 f"std {min(spread.values(), default=float('nan')):.2f}, tau {pl_module.last_tau():.4f}, "
                 f"lr {lr:.3g}, {images / seconds:.1f} images/s ({seconds:.0f} s){knn}")
         print_line(trainer, line)
@@ -94,6 +102,16 @@ class EpochSummary(pl.Callback):
                   f"about 1 is healthy, 0 means every image maps to the same point), so a low loss "
                   f"means nothing. Usual causes: a learning rate too high for the optimizer (Adam "
                   f"with a LARS-sized optim.base_lr), tau too low, or too little augmentation", flush=True)
+
+
+def loss_text(losses: dict[str, float], skipped: int) -> str:
+    """``loss 0.4012 (avgpool 0.401)`` for the epoch line, saying how many non-finite steps were skipped;
+    an epoch whose every step was skipped has no mean to show (it read ``loss nan ()``)."""
+    if "loss" not in losses:
+        return f"loss n/a (all {skipped} steps non-finite, skipped)" if skipped else "loss n/a (no step)"
+    heads = ", ".join(f"{k[len('loss/'):]} {v:.3f}" for k, v in losses.items() if k.startswith("loss/"))
+    skips = f", {skipped} non-finite step{'s' * (skipped != 1)} skipped" if skipped else ""
+    return f"loss {losses['loss']:.4f} ({heads}){skips}"
 
 
 class EpochHook(pl.Callback):

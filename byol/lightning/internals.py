@@ -7,6 +7,8 @@ signals (tests/test_signals.py) and metrics.csv continuation fail here, in one f
 
 from __future__ import annotations
 
+import math
+
 
 def batches_done_this_epoch(trainer) -> int:
     """Batches of the current epoch already trained (restored from a checkpoint saved mid-epoch).
@@ -15,6 +17,17 @@ def batches_done_this_epoch(trainer) -> int:
     enough because skipped non-finite steps and accumulation remainders do not advance it.
     """
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
+def epoch_cut_short(trainer) -> bool:
+    """Whether the epoch ending now stopped before its last batch: a stop limit (``max_steps``, ``max_time``)
+    cut a run that counts epochs. Lightning still calls the epoch-end hooks and counts the epoch done, but a
+    resumed run trains the rest of it and ends it again: logged now, its rows (epoch loss, monitors) stood twice
+    in metrics.csv, the first of a part of the epoch. A run bounded by ``max_steps`` alone (no epoch count)
+    ends where it planned: its last epoch is not cut."""
+    total = trainer.num_training_batches
+    return ((trainer.max_epochs or -1) >= 1 and math.isfinite(total)
+            and batches_done_this_epoch(trainer) < total)
 
 
 def take_over_sigterm(trainer) -> bool:

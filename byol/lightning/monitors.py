@@ -27,6 +27,7 @@ from byol.core.data import ImageTensors
 from byol.core.features import extract_features
 from byol.core.knn import knn_accuracy
 from byol.core.state_check import optimizer_problem, shown, tensors_problem, weights_problem, whole
+from byol.lightning.internals import epoch_cut_short
 
 KNN_PREFIX, PROBE_PREFIX = "monitor/knn/", "monitor/probe/"
 
@@ -89,7 +90,8 @@ class OnlineKNN(pl.Callback):
         # Under DDP rank 0 alone scores (every rank holds the same online weights; eval mode, so
         # SyncBatchNorm runs no collective) and logs; the other ranks go on to the next epoch.
         final = trainer.current_epoch + 1 == trainer.max_epochs  # a run's curve always ends with a score
-        if ((trainer.current_epoch + 1) % self.every and not final) or not trainer.is_global_zero:
+        if ((trainer.current_epoch + 1) % self.every and not final) or not trainer.is_global_zero or \
+                epoch_cut_short(trainer):  # scored once, when a resumed run ends the epoch
             return
         start = time.perf_counter()
         self.last = self.scores(pl_module.model.online_encoder)
@@ -168,6 +170,8 @@ class OnlineProbes(pl.Callback):
         self._seen += labels.shape[0]
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if epoch_cut_short(trainer):
+            return  # its counts so far are in the checkpoint: a resumed run reports the whole epoch
         for name, correct in self.correct_counts().items():  # counted on the global batch: the same on every rank
             pl_module.log(PROBE_PREFIX + name, float(correct) / max(1, self._seen), rank_zero_only=True)
         self._correct, self._seen = None, 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -24,10 +24,10 @@ from byol.core.errors import NonFiniteLossError
 from byol.core.model import BYOL
 from byol.core.optim import read_schedule_at_offset
 from byol.core.rng import process_keys, rng_state, rng_state_problem, set_rng_state, step_generator
-from byol.core.state_check import optimizer_problem, scheduler_problem, shown, tensors_problem, weights_problem, whole
+from byol.core.state_check import optimizer_problem, scheduler_problem, shown, tensors_problem, weights_problem
 from byol.lightning.callbacks import optimizer_steps_per_epoch
-from byol.lightning.checkpoint_io import damaged_checkpoint, lightning_fields_problem
-from byol.lightning.internals import is_last_batch, logs_this_step, write_step_row
+from byol.lightning.checkpoint_io import damaged_checkpoint, layout_problem, lightning_fields_problem, loss_sums_problem
+from byol.lightning.internals import epoch_cut_short, is_last_batch, logs_this_step, write_step_row
 
 # (modules to optimise, total optimizer steps, epochs, world size) -> (optimizer, per-step LR scheduler)
 OptimizerFactory = Callable[[Sequence[nn.Module], int, int, int], tuple]
@@ -84,6 +84,7 @@ class BYOLModule(pl.LightningModule):
             self.undo_step()
             self._window_skipped = True
             self.skipped_steps += 1
+            self._this_epochs_sums()["skipped"] = self.skipped_this_epoch() + 1
             self.print(f"[byol] non-finite loss at step {self.global_step}; skipping this step "
                        f"({self.skipped_steps} skipped so far)")
             return None  # Lightning then skips backward; the optimizer sees no gradients
@@ -134,13 +135,17 @@ class BYOLModule(pl.LightningModule):
     def _accumulate_epoch_means(self, losses: dict, n: int) -> None:
         """Running sums for the ``train/*_epoch`` means, kept here (not in Lightning's logger
         state, which checkpoints do not hold) so an epoch resumed midway reports its full mean."""
-        if self._epoch_sums.get("epoch") != self.current_epoch:
-            self._epoch_sums = {"epoch": self.current_epoch, "images": 0, "sums": {}}
-        sums = self._epoch_sums["sums"]
+        sums = self._this_epochs_sums()["sums"]
         for name, value in losses.items():
             total = value.detach().float() * n
             sums[name] = sums[name].to(total.device) + total if name in sums else total  # .to: after a load
         self._epoch_sums["images"] += n
+
+    def _this_epochs_sums(self) -> dict:
+        """The running sums of the current epoch, started afresh at its first step."""
+        if self._epoch_sums.get("epoch") != self.current_epoch:
+            self._epoch_sums = {"epoch": self.current_epoch, "images": 0, "sums": {}}
+        return self._epoch_sums
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         """EMA right after each real optimizer step (never on accumulation micro-batches, nor on a step that
@@ -230,10 +235,18 @@ class BYOLModule(pl.LightningModule):
             return {}
         return {name: total / self._epoch_sums["images"] for name, total in self._epoch_sums["sums"].items()}
 
+    def skipped_this_epoch(self) -> int:
+        """Non-finite steps skipped in the current epoch (``train.on_nonfinite=skip``)."""
+        return int(self._epoch_sums.get("skipped", 0)) if self._epoch_sums.get("epoch") == self.current_epoch else 0
+
     def on_train_epoch_end(self):
         self.check_finite()
+        if epoch_cut_short(self.trainer):
+            return  # a stop limit cut the epoch: its rows are logged once, when a resumed run ends it
         for name, mean in self.epoch_means().items():
             self.log(f"train/{name}_epoch", mean, sync_dist=True)  # under DDP: the mean over the ranks
+        if self.skip_nonfinite:  # a column that says which epochs' points stand on fewer steps, or on none
+            self.log("train/skipped_steps_epoch", float(self.skipped_this_epoch()), rank_zero_only=True)
 
     def _last_good(self) -> str:
         last = self.checkpoint_path
@@ -328,7 +341,7 @@ class BYOLModule(pl.LightningModule):
             if problem:
                 return problem
         return (rng_state_problem(checkpoint["rng"]) if "rng" in checkpoint else None) or \
-            _loss_sums_problem(checkpoint.get("epoch_loss_sums")) or layout_problem(checkpoint)
+            loss_sums_problem(checkpoint.get("epoch_loss_sums")) or layout_problem(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint, self.trainer.ckpt_path if self._trainer is not None else "the checkpoint")
@@ -338,48 +351,6 @@ class BYOLModule(pl.LightningModule):
         self._epoch_sums = checkpoint.get("epoch_loss_sums") or {}
         self._resumed = (int(checkpoint["global_step"]), epochs_done(checkpoint), checkpoint.get("byol_layout") or {},
                          mid_epoch(checkpoint))
-
-
-MAX_LAYOUT = {"epoch_steps": 10**9, "world_size": 10**6}  # beyond any run
-
-
-def layout_problem(checkpoint: Mapping) -> str | None:
-    """Whether the checkpoint's ``byol_layout`` is one :meth:`BYOLModule.layout` writes (absent from files written
-    before it existed): whole numbers in range, and an offset that puts the run where its own step count and
-    epochs say, within its epochs done (and the one under way, for a file taken inside an epoch). An edited
-    offset moved the schedules anywhere: lr 0 and tau 1 for the rest of the run, or an overflow."""
-    layout = checkpoint.get("byol_layout")
-    if layout is None:
-        return None
-    fields = ("epoch_steps", "world_size", "step_offset")
-    if not isinstance(layout, Mapping) or set(layout) != set(fields):
-        return f"byol_layout is {shown(layout)}, not a mapping of {', '.join(repr(k) for k in fields)}"
-    if not all(isinstance(layout[k], int) and not isinstance(layout[k], bool) for k in fields) or \
-            not all(1 <= layout[k] <= top for k, top in MAX_LAYOUT.items()):
-        return (f"byol_layout's fields must be whole numbers, epoch_steps from 1 to {MAX_LAYOUT['epoch_steps']} and "
-                f"world_size from 1 to {MAX_LAYOUT['world_size']}")
-    step, epochs = checkpoint.get("global_step"), epochs_done(checkpoint)
-    if whole(step) and epochs >= 0:
-        position, end = step - layout["step_offset"], (epochs + mid_epoch(checkpoint)) * layout["epoch_steps"]
-        if not 0 <= position <= end:
-            return (f"byol_layout.step_offset={layout['step_offset']} puts its step {step} at step {position} of its "
-                    f"epochs, outside the {end} steps of the epochs it has trained")
-    return None
-
-
-def _loss_sums_problem(sums) -> str | None:
-    """Whether ``sums`` is an ``epoch_loss_sums`` as :meth:`BYOLModule.on_save_checkpoint` writes it
-    (``{"sums": {}}`` before the run's first step; absent from files written before it existed)."""
-    if sums is None or (isinstance(sums, Mapping) and set(sums) <= {"sums"} and sums.get("sums", {}) == {}):
-        return None
-    if not isinstance(sums, Mapping) or set(sums) != {"epoch", "images", "sums"}:
-        return f"epoch_loss_sums is {shown(sums)}, not a mapping of 'epoch', 'images' and 'sums'"
-    if not whole(sums["epoch"]) or not whole(sums["images"]):
-        return "epoch_loss_sums.epoch and .images must be whole numbers of 0 or more"
-    problem = tensors_problem(sums["sums"], "epoch_loss_sums.sums")
-    if problem or any(v.numel() != 1 for v in sums["sums"].values()):
-        return problem or "epoch_loss_sums.sums must hold one number per loss"
-    return None
 
 
 def schedule_span(run_steps: int, max_epochs: int | None, epoch_steps: int,
