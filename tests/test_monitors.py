@@ -128,6 +128,7 @@ def test_curves_read_epochs_and_a_sweep_report_overlays_its_runs(tmp_path, capsy
 
 def test_an_overlay_has_one_key_below_its_panels_instead_of_a_legend_per_curve(tmp_path, monkeypatch):
     import byol.jobs.curves as curves
+    from byol.jobs.curves_overlay import overlay_curves
 
     sweep = tmp_path / "sweep"
     for seed in range(5):
@@ -136,7 +137,7 @@ def test_an_overlay_has_one_key_below_its_panels_instead_of_a_legend_per_curve(t
     figures = []
     monkeypatch.setattr(curves, "_save", lambda fig, path: figures.append(fig))
     runs = [(loss, f"seed {seed}", sweep / f"{loss}{seed}") for seed in range(5) for loss in ("classic", "multi")]
-    curves.overlay_curves(runs, tmp_path / "curves.png", "ten runs")
+    overlay_curves(runs, tmp_path / "curves.png", "ten runs")
     (fig,) = figures
     assert all(ax.get_legend() is None for ax in fig.axes)  # 20 entries a panel would hide the curves
     (key,) = fig.legends
@@ -160,7 +161,9 @@ def test_a_one_epoch_run_draws_its_logged_steps_not_a_dot(tmp_path, monkeypatch)
     loss, _, probe = figures[0].axes[:3]
     (line,) = loss.get_lines()
     assert list(line.get_xdata()) == [0.25, 0.5, 0.75, 1.0] and list(line.get_ydata()) == [3.9, 3.7, 3.5, 3.3]
-    assert probe.get_xlim() == (0.0, 1.5)
+    # one x-range in every panel (the probe's lone point sat on 0-1.5 beside the loss's 0.2-1.05), whole epochs
+    assert probe.get_xlim() == loss.get_xlim() == pytest.approx((-0.05, 1.05))
+    assert list(loss.get_xticks()) == list(probe.get_xticks()) == [0, 1]
 
 
 def test_a_runs_own_curves_leave_out_values_too_large_to_draw_and_escape_its_folder_name(tmp_path, monkeypatch):
@@ -251,7 +254,8 @@ def test_parameter_groups_on_one_schedule_draw_one_learning_rate_line():
     fig, axes = plt.subplots(2, 3)
     _draw(axes, [("", series, {})])
     panels = {title: ax for ax, (title, *_) in zip(axes.flat, PANELS, strict=True)}
-    assert [line.get_label() for line in panels["learning rate"].get_lines()] == ["LARS/pg1", "LARS/pg3"]
+    assert [line.get_label() for line in panels["learning rate"].get_lines()] == [
+        "LARS: weights and biases & BN", "LARS: parameter group 3"]  # Lightning's pg1/pg2 in words
     knn = panels["online kNN accuracy (epoch 0: random init)"]
     assert [line.get_label() for line in knn.get_lines()] == ["layer2.0", "layer3.0"]
     plt.close(fig)

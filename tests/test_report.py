@@ -829,7 +829,8 @@ def test_text_from_files_is_drawn_literally_in_every_figure(tmp_path, monkeypatc
     import matplotlib
     from PIL import Image
 
-    from byol.jobs.curves import overlay_curves, write_curves
+    from byol.jobs.curves import write_curves
+    from byol.jobs.curves_overlay import overlay_curves
     from byol.jobs.report_plot import figure
 
     monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # a user's matplotlibrc: still never LaTeX
@@ -880,8 +881,8 @@ def test_a_run_whose_metrics_csv_cannot_be_read_or_drawn_is_left_out_and_the_oth
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     (fig,) = figures
     knn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[1].get_lines()}
-    assert knn.keys() == {"classic seed 0 avgpool"}  # the good run, alone
-    assert knn["classic seed 0 avgpool"] == ([0.0, 1.0, 2.0], pytest.approx([30.0, 35.0, 42.0]))
+    assert knn.keys() == {"loss=classic seed 0 avgpool"}  # the good run, alone
+    assert knn["loss=classic seed 0 avgpool"] == ([0.0, 1.0, 2.0], pytest.approx([30.0, 35.0, 42.0]))
 
 
 def test_a_name_that_is_not_utf8_is_written_escaped_and_the_report_completes(seeded, tmp_path, capsys):

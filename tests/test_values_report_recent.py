@@ -8,7 +8,7 @@ import json
 import math
 
 from byol.jobs.report_cells import Cell, accuracy_text, build_cells, by_seed, csv_row, md_cell
-from byol.jobs.report_labels import _short
+from byol.jobs.report_labels import short_value
 from byol.jobs.report_paired import paired_comparisons
 
 LINEAR = {"cached_features": True, "cached_lr": 0.1}
@@ -55,9 +55,9 @@ def test_a_tag_in_a_markdown_cell_is_shown_not_rendered():
 
 
 def test_a_long_setting_is_cut_at_60_characters():
-    assert _short("x" * 60) == "x" * 60
-    assert _short("x" * 61) == "x" * 57 + "..."
-    assert _short(list(range(30))) == ("[" + ",".join(map(str, range(30))) + "]")[:57] + "..."
+    assert short_value("x" * 60) == "x" * 60
+    assert short_value("x" * 61) == "x" * 57 + "..."
+    assert short_value(list(range(30))) == ("[" + ",".join(map(str, range(30))) + "]")[:57] + "..."
 
 
 def test_seed_labels_sort_by_their_numbers_and_any_other_digit_is_text():

@@ -11,13 +11,11 @@ from __future__ import annotations
 import csv
 import math
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from byol.jobs.figures import escaped, literal_text, pyplot, save_png
-from byol.jobs.report_files import why_unreadable
 
 CURVES_FILE = "curves.png"
 # the largest value (or epoch) a figure draws: beyond it an axis' span or its ticks overflow a float
@@ -30,6 +28,8 @@ def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
     per-step values at their fraction of an epoch, the random-init kNN at 0."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    if rows and cut_short(path):  # its last row ends mid-value (a copy cut short): "0.8" of "0.83" is no value
+        rows.pop()
     steps_per_epoch = _steps_per_epoch(rows)
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for row in rows:
@@ -44,6 +44,22 @@ def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
                 x = ((step or 0) + 1) / steps_per_epoch
             series[key.removesuffix("_epoch")].append((x, value))
     return {k: sorted(v) for k, v in series.items()}
+
+
+def cut_short(path: Path) -> bool:
+    """Whether ``path`` ends inside a row: the CSV logger ends each row with a newline."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) not in (b"\n", b"\r")
+
+
+def trained_epochs(series: dict[str, list[tuple[float, float]]]) -> float:
+    """The last epoch a panel has a value at (0 when only the random-init kNN was logged)."""
+    drawn = tuple(prefix for _, prefix, _, _ in PANELS)
+    return max([0.0, *(x for key, points in series.items() if key.startswith(drawn) for x, _ in points)])
 
 
 def _number(text) -> float | None:
@@ -71,6 +87,9 @@ PANELS = (  # (title, metric prefix, y label, as percent)
     ("EMA tau", "train/tau", "tau", False),
     ("learning rate", "lr-", "lr", False),
 )
+LEARNING_RATE = "lr-"
+REPRESENTATION_PANELS = ("train/loss/", "monitor/knn/", "monitor/probe/", COLLAPSE)  # a curve per representation
+PARAMETER_GROUPS = {1: "weights", 2: "biases & BN"}  # Lightning's pg1, pg2: the groups of byol.core.optim.param_groups
 
 
 # lines of one run in a panel at most: a run has a head per tap and block (18 for every block of a ResNet-50);
@@ -107,48 +126,102 @@ def _draw(axes, runs: Sequence[tuple[str, dict, dict]], taps: bool = True, legen
     """``runs``: (label, series, line style) for each run; one panel per entry of :data:`PANELS`.
     ``taps=False`` leaves out the curves of single intermediate blocks (``layer2.0``...): an overlay of
     several runs stays readable with avgpool and combined alone. ``legends=False``: no legend in the
-    panels (an overlay has one for the whole figure)."""
+    panels (an overlay has one for the whole figure). A representation keeps one colour in every panel
+    (a style without one), and every panel spans the same epochs: the panels are read side by side."""
+    colours = representation_colours(runs)
+    spans = [_panel(ax, panel, runs, taps, legends, colours) for ax, panel in zip(axes.flat, PANELS, strict=True)]
+    drawn = [x for xs in spans for x in xs]
+    for ax, xs in zip(axes.flat, spans, strict=True):
+        if xs:
+            _epoch_axis(ax, min([0.0, *drawn]), max(drawn))
+
+
+def representation_colours(runs: Sequence[tuple[str, dict, dict]]) -> dict[str, str]:
+    """``{representation: colour}`` over every panel: avgpool, combined, then the blocks in natural order
+    (each panel cycling its own colours gave layer2.0 green in one panel and orange in the next)."""
+    names = {key.split("/")[-1].removesuffix("_step") for _, series, _ in runs for key in series
+             if key.startswith(REPRESENTATION_PANELS)}
+    order = sorted(names, key=lambda n: (n != "avgpool", n != "combined", natural_order(n)))
+    return {name: f"C{i % 10}" for i, name in enumerate(order)}
+
+
+def _epoch_axis(ax, low: float, high: float) -> None:
+    """The epochs drawn in every panel, whole epochs as ticks: each one up to 12 epochs (a run of one epoch
+    was ticked 0.48, 0.54 ... 1.02), whole numbers chosen by matplotlib beyond."""
     from matplotlib.ticker import MaxNLocator
 
-    for ax, (title, prefix, ylabel, percent) in zip(axes.flat, PANELS, strict=True):
-        drawn, left_out, at, heights = False, 0, set(), []
-        for label, series, style in runs:
-            rates = []  # a run's learning rates drawn so far: parameter groups on one schedule are drawn once
-            keys = [k for k in series if k.startswith(prefix) and "_step" not in k and not k.endswith("seconds")]
-            left_out += max(0, len(keys) - MAX_LINES)
-            for key in keys[:MAX_LINES]:
-                points = series[key]
-                if len(points) < 3 and len(series.get(key + "_step", ())) > len(points):
-                    points = series[key + "_step"]  # a run of one or two epochs: its logged steps, not a dot
-                if prefix == "lr-":
-                    if points in rates:
-                        continue
-                    rates.append(points)
-                name = key[len(prefix):] or key
-                if not taps and name.startswith("layer"):
-                    continue
-                xs, ys = zip(*points, strict=True)
-                at.update(xs)
-                ys = [100 * y for y in ys] if percent else ys
-                heights += ys
-                # markers on every point of a short run, on about 15 of a long one's
-                ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style,
-                        marker=MARKERS.get(name, "^" if name.startswith("layer") else "o"),
-                        markevery=max(1, len(xs) // 15), markersize=3.5)
-                drawn = True
-        ax.set_title(title + (f" ({left_out} more not drawn)" if left_out else ""), fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.2, 1.4 on a short run
-        if len(at) == 1:  # one epoch's value: matplotlib would centre it on ticks 0.945 ... 1.050
-            ax.set_xlim(0, max(at) + 0.5)
-        ax.set_ylabel(ylabel)
-        _y_axis(ax, prefix, heights)
-        ax.grid(alpha=0.3)
-        if drawn and legends:
-            ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
-        elif not drawn:
-            why = "not logged\n(monitor=off, or data without labels)" if prefix.startswith("monitor/") else "not logged"
-            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+    pad = max(0.03 * (high - low), 0.05)
+    ax.set_xlim(low - pad, high + pad)
+    if high - low <= 12:
+        ax.set_xticks(range(math.floor(low), math.ceil(high) + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _panel(ax, panel: tuple, runs: Sequence[tuple[str, dict, dict]], taps: bool, legends: bool,
+           colours: dict[str, str]) -> list[float]:
+    """One panel's curves, title, labels and legend; returns the epochs it drew at."""
+    title, prefix, ylabel, percent = panel
+    drawn, left_out, at, heights = False, 0, [], []
+    for label, series, style in runs:
+        keys = [k for k in series if k.startswith(prefix) and "_step" not in k and not k.endswith("seconds")]
+        left_out += max(0, len(keys) - MAX_LINES)
+        for name, points in _curves(series, keys[:MAX_LINES], prefix):
+            if not taps and name.startswith("layer"):
+                continue
+            xs, ys = zip(*points, strict=True)
+            at += xs
+            ys = [100 * y for y in ys] if percent else ys
+            heights += ys
+            colour = {} if "color" in style or name not in colours else {"color": colours[name]}
+            # markers on every point of a short run, on about 15 of a long one's
+            ax.plot(xs, ys, label=f"{label}{name}" if label or len(runs) == 1 else name, **style, **colour,
+                    marker=MARKERS.get(name, "^" if name.startswith("layer") else "o"),
+                    markevery=max(1, len(xs) // 15), markersize=3.5)
+            drawn = True
+    ax.set_title(title + (f" ({left_out} more not drawn)" if left_out else ""), fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    _y_axis(ax, prefix, heights)
+    ax.grid(alpha=0.3)
+    if drawn and legends:
+        ax.legend(fontsize=7, ncol=1 if len(runs) == 1 else 2)
+    elif not drawn:
+        why = "not logged\n(monitor=off, or data without labels)" if prefix.startswith("monitor/") else "not logged"
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+    return at
+
+
+def _curves(series: dict, keys: Sequence[str], prefix: str) -> list[tuple[str, list]]:
+    """(name, points) of each curve a panel draws for one run: a run of one or two epochs by its logged steps,
+    not a dot; learning rates of parameter groups on one schedule once, named by all of them."""
+    curves: list[tuple[str, list]] = []
+    for key in keys:
+        points = series[key]
+        if len(points) < 3 and len(series.get(key + "_step", ())) > len(points):
+            points = series[key + "_step"]
+        if prefix != LEARNING_RATE:
+            curves.append((key[len(prefix):] or key.rsplit("/", 1)[-1], points))
+            continue
+        optimizer, group = rate_name(key)
+        same = next((i for i, (name, p) in enumerate(curves) if p == points and name.startswith(optimizer)), None)
+        if same is None:
+            curves.append((f"{optimizer}: {group}", points))
+        else:
+            curves[same] = (f"{curves[same][0]} and {group}", points)
+    return curves
+
+
+def rate_name(key: str) -> tuple[str, str]:
+    """(optimizer, parameter group) of a learning-rate column in words: Lightning's ``lr-LARS/pg1`` is the
+    weights of :func:`byol.core.optim.param_groups`, ``pg2`` its biases and normalisation parameters."""
+    optimizer, _, group = key.removeprefix(LEARNING_RATE).partition("/")
+    number = group.removeprefix("pg")
+    if not group:
+        return optimizer, "all parameters"
+    if not number.isdecimal():
+        return optimizer, group
+    return optimizer, PARAMETER_GROUPS.get(int(number), f"parameter group {number}")
 
 
 def _y_axis(ax, prefix: str, heights: list[float]) -> None:
@@ -176,18 +249,6 @@ def _flat_if_constant(ax, heights: list[float]) -> None:
         middle = (max(heights) + min(heights)) / 2
         half = 0.05 * abs(middle) or 1.0
         ax.set_ylim(middle - half, middle + half)
-
-
-def _key_legend(fig, colours: dict[str, str], styles: dict[str, object]) -> None:
-    """One legend for an overlay, below the panels: colour = loss, line style = seed, marker =
-    representation (20 entries per panel for 10 runs would cover the curves)."""
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=colour, linewidth=3, label=f"loss={loss}") for loss, colour in colours.items()]
-    handles += [Line2D([], [], color="black", linestyle=style, label=seed) for seed, style in styles.items()]
-    handles += [Line2D([], [], color="black", marker=marker, linestyle="none", label=name)
-                for name, marker in MARKERS.items()]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9, frameon=False)
 
 
 def _save(fig, path: Path) -> None:
@@ -219,50 +280,3 @@ def write_curves(run_dir: Path) -> Path | None:
 def natural_order(text: str) -> list:
     """A sort key that reads the numbers in ``text`` as numbers: "seed 2" before "seed 10"."""
     return [(0, int(part), "") if part.isdecimal() else (1, 0, part) for part in re.split(r"(\d+)", text)]
-
-
-def overlay_curves(runs: Sequence[tuple[str, str, Path]], path: Path, title: str) -> Path | None:
-    """One figure with every run's curves: ``runs`` are (loss mode, seed label, run folder); colour by
-    loss mode, line style by seed. A run whose metrics.csv cannot be read or drawn is left out with one
-    note naming it (:func:`readable_runs`): one damaged file no longer costs the curves of every run."""
-    runs = readable_runs(runs, Path(path).name)
-    if not runs:
-        return None
-    plt = pyplot()
-    colours = {"classic": "tab:blue", "multi": "tab:orange"}
-    # seven distinguishable dash patterns: solid, dashed, dotted, dash-dot, long dash, dash-dot-dot, dense dots
-    dashes = ["-", "--", ":", "-.", (0, (8, 2)), (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1))]
-    seeds = sorted({seed for _, seed, _, _ in runs}, key=natural_order)
-    styles = {seed: dashes[i % len(dashes)] for i, seed in enumerate(seeds)}
-    drawn = [(f"{loss} {seed} ", series, {"color": colours.get(loss, "tab:grey"), "linestyle": styles[seed]})
-             for loss, seed, folder, series in sorted(runs, key=lambda run: (run[0], natural_order(run[1]), run[2]))]
-    with literal_text():  # seeds and losses come from the runs' files: drawn as written
-        fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-        try:
-            _draw(axes, drawn, taps=False, legends=False)
-            fig.suptitle(f"{title} (each run's own curves.png also has every intermediate block)", fontsize=11)
-            _key_legend(fig, {loss: colours.get(loss, "tab:grey") for loss, _, _, _ in sorted(runs)}, styles)
-            _save(fig, Path(path))
-        finally:
-            plt.close(fig)
-    return Path(path)
-
-
-def readable_runs(runs: Sequence[tuple[str, str, Path]], figure: str) -> list[tuple[str, str, Path, dict]]:
-    """(loss, seed, folder, series) of each run whose metrics.csv reads and can be drawn; each other run is
-    one ``[report] note:`` naming its metrics.csv and why (not UTF-8, not CSV, a value too large to draw)."""
-    read = []
-    for loss, seed, folder in runs:
-        metrics = Path(folder) / "metrics.csv"
-        if not metrics.is_file():
-            continue
-        try:
-            series = read_metrics(metrics)
-            why = undrawable(series)
-        except Exception as e:  # the file is data from whoever wrote it: any failure leaves this run out
-            series, why = {}, why_unreadable(e, "CSV")
-        if why is None:
-            read.append((loss, seed, Path(folder), series))
-        else:
-            print(escaped(f"[report] note: {metrics} left out of {figure} ({why})"), file=sys.stderr)
-    return read

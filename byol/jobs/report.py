@@ -54,6 +54,7 @@ from byol.jobs.report_cells import (
     settings_text,
     unscored_results,
 )
+from byol.jobs.report_curves import training_curves
 from byol.jobs.report_files import (
     failed_job_lines,
     find_results,
@@ -298,53 +299,6 @@ def report(folders: Sequence[str | Path], out: str | Path,
     return cells
 
 
-OVERLAY_IN_A_RUN = "curves_overlay.png"  # the overlay's name where curves.png is a run's own figure
-
-
-def training_curves(folders: Sequence[str | Path], results: Sequence[dict], out: Path) -> Path | None:
-    """``curves.png`` in ``out``: the learning curves of the training runs in ``folders`` and of the runs the
-    results evaluated, overlaid (colour: loss mode, line style: seed)."""
-    from byol.jobs.build import loss_mode
-    from byol.jobs.curves import CURVES_FILE, overlay_curves
-    from byol.jobs.pretrained import read_run_config
-    from byol.jobs.run_folder import find_runs, is_run_dir, run_folder_of
-
-    runs = {run.resolve() for folder in folders for run in find_runs(Path(folder))}
-    for r in results:
-        if r.get("pretrained") in (None, "", "random"):
-            continue
-        try:  # a path from a results.json: too long, a link loop... leaves that run's curves out
-            if Path(r["pretrained"]).exists():
-                runs.add(run_folder_of(Path(r["pretrained"])).resolve())
-        except (OSError, ValueError, RuntimeError):
-            continue
-    described = []
-    for run in sorted(runs):
-        try:
-            config = read_run_config(run) or {}
-        except Exception:  # an unreadable or refused config: that run's curves are left out
-            continue
-        if (run / "metrics.csv").is_file() and isinstance(config.get("loss"), dict):
-            described.append((loss_mode(config["loss"]), f"seed {config.get('seed', '?')}", run))
-    if not described:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"learning curves of {len(described)} pretraining runs (colour: loss, line style: seed)"
-    # a report written into a run folder keeps that run's own curves.png
-    name = OVERLAY_IN_A_RUN if is_run_dir(out) else CURVES_FILE
-    note_links([out / name])
-    try:
-        path = overlay_curves(described, out / name, title)
-    except (OSError, ByolError):
-        raise
-    except Exception as e:  # the runs' files drew something matplotlib refused: a note, the table still comes
-        print(escaped(f"[report] note: {name} not drawn ({type(e).__name__}: {str(e).strip()[:200]})"), file=sys.stderr)
-        return None
-    if path:
-        print(escaped(f"[report] wrote {path}"))
-    return path
-
-
 def checked_folders(folders: Sequence[str]) -> list[Path]:
     """The folders (or results.json files) to scan; a name that does not exist, or a file of another kind,
     is refused: a typo would otherwise leave its runs out of the table without a word."""
@@ -369,6 +323,26 @@ def newest_eval_sweep(outputs: Path = Path("outputs")) -> Path | None:
     return max(newest, key=lambda d: (newest[d], d.name)) if newest else None
 
 
+def skipped_sweeps(chosen: Path) -> str:
+    """``; skipped the newer X: why`` for the evaluation sweeps begun after ``chosen``'s last result that have no
+    results.json yet (still running, failed, nothing written): the report on the newest results said nothing of
+    them, and a sweep just started looked lost."""
+    from byol.jobs.run_folder import FAILED, lock_holder, sweep_jobs
+
+    last = max(f.stat().st_mtime for f in chosen.rglob("results.json") if f.is_file())
+    newer = sorted((d for d in chosen.parent.iterdir() if d.is_dir() and d != chosen and d.stat().st_mtime > last
+                    and next(d.rglob("results.json"), None) is None), key=lambda d: (d.stat().st_mtime, d.name))
+    if not newer:
+        return ""
+    sweep, jobs = newer[-1], sweep_jobs(newer[-1])
+    running = sorted({pid for job in [sweep, *jobs] if (pid := lock_holder(job))})
+    failed = [job for job in jobs if (job / FAILED).is_file()]
+    why = (f"still running (process {', '.join(running)})" if running else
+           f"{len(failed)} of its {len(jobs)} jobs failed" if failed else f"{len(jobs)} job folder(s)")
+    more = f" (and {len(newer) - 1} more newer without results)" if len(newer) > 1 else ""
+    return f"; skipped the newer {sweep}{more}: no results.json yet, {why}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m byol.report", description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="*", help="folders to scan for results.json (default: the newest "
@@ -386,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         newest = newest_eval_sweep()
         if newest is None:
             raise SystemExit("error: no evaluation sweep under outputs/multirun/eval; name folders to scan")
-        print(escaped(f"[report] newest evaluation sweep: {newest}"))
+        print(escaped(f"[report] newest evaluation sweep: {newest}{skipped_sweeps(newest)}"))
         folders = [newest]
     first = Path(folders[0])
     out = args.out or (first if first.is_dir() else first.parent)

@@ -66,7 +66,7 @@ def label_variants(cells: Iterable) -> None:
             keys = {k for _, d in known for k in d}
             varying = sorted(k for k in keys if len({json.dumps(d.get(k)) for _, d in known}) > 1)
             for c, d in known:
-                parts = [f"{prefix}{k}={_short(d.get(k))}" for k in varying]
+                parts = [f"{prefix}{k}={short_value(d.get(k))}" for k in varying]
                 c.variant = " ".join(x for x in (c.variant, *parts) if x)
 
 
@@ -75,7 +75,7 @@ def _as_dict(canonical: str) -> dict:
     return value if isinstance(value, dict) else {"": value}
 
 
-def _short(value, limit: int = 60) -> str:
+def short_value(value, limit: int = 60) -> str:
     """A setting's value as the command line writes it: lists without quotes (``[layer2.0,layer3.0]``); cut
     at ``limit`` characters (a results.json is anyone's file: a long value would fill the note column)."""
     if isinstance(value, list):

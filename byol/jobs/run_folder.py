@@ -363,18 +363,21 @@ def sweep_jobs(sweep: Path) -> list[Path]:
 
 
 def failed_jobs(sweep: Path) -> list[tuple[Path, str]]:
-    """``(job folder, reason)`` for each job of a sweep with no model to evaluate: a ``FAILED`` file
-    (reason: its first line), or no weights at all."""
-    missing = []
-    for job in sweep_jobs(sweep):
-        if (job / FAILED).is_file():
-            lines = (job / FAILED).read_text(errors="replace").strip().splitlines()
-            missing.append((job, f"training failed: {lines[0].strip() if lines else 'no reason recorded'}"))
-        elif not find_runs(job):
-            holder = lock_holder(job)
-            missing.append((job, f"still training (PID {holder}), no checkpoint yet" if holder else
-                            f"no weights: no {ENCODER_FILE} and no {CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}"))
-    return missing
+    """``(job folder, reason)`` for each job of a sweep with no model to evaluate (:func:`why_no_model`)."""
+    return [(job, why) for job in sweep_jobs(sweep) if (why := why_no_model(job))]
+
+
+def why_no_model(job: Path) -> str | None:
+    """Why a training job has no model to evaluate: a ``FAILED`` file (its first line), still training, or no
+    weights at all; None when it has one."""
+    if (job / FAILED).is_file():
+        lines = (job / FAILED).read_text(errors="replace").strip().splitlines()
+        return f"training failed: {lines[0].strip() if lines else 'no reason recorded'}"
+    if find_runs(job):
+        return None
+    holder = lock_holder(job)
+    return (f"still training (PID {holder}), no checkpoint yet" if holder else
+            f"no weights: no {ENCODER_FILE} and no {CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
 
 
 def sweep_runs(sweep: Path) -> list[Path]:

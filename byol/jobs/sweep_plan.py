@@ -34,6 +34,15 @@ def _read(path: Path):
     return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
 
 
+def job_overrides(job: Path) -> dict[str, str]:
+    """``{key: value}`` of the overrides Hydra recorded for ``job`` (``.hydra/overrides.yaml``); {} when there
+    is no record or it cannot be read (data from whoever wrote the folder)."""
+    try:
+        return _settings(_read(Path(job) / HYDRA_DIR / "overrides.yaml"))
+    except Exception:
+        return {}
+
+
 def unstarted_jobs(sweep: Path) -> list[str]:
     """The jobs ``sweep``'s command planned that have no folder in it, each as its swept settings
     (``seed=8``, ``eval=finetune repr=combined``); [] when the plan cannot be read or expanded (it is then
