@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
 from byol.jobs.console import ESCAPED_NAMES, console_copied_to, name_too_long, neutralized, script_command
+from byol.jobs.evaluation_help import evaluation_config
 from byol.jobs.hydra_callbacks import SweepSummary, WritableOutput  # noqa: F401 (named here by older sweeps' configs)
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
@@ -102,6 +103,7 @@ if not OmegaConf.has_resolver("byol_run_dir"):
     OmegaConf.register_new_resolver("byol_run_dir", new_run_dir_of)
     OmegaConf.register_new_resolver("byol_sweep_dir", sweep_dir_of)
     OmegaConf.register_new_resolver("byol_new_dir", new_folder)
+    OmegaConf.register_new_resolver("byol_evaluation_config", evaluation_config)  # evaluate.py --help
 
 
 def command_arg(key: str, value) -> str:
