@@ -192,3 +192,25 @@ def test_every_offered_resnet_builds_with_taps(name, dim):
     encoder = Encoder(name, "cifar", ["layer2.0"], {"layer2.0": 2})
     feats = encoder(torch.zeros(2, 3, 32, 32))
     assert feats["avgpool"].shape == (2, dim) and feats["layer2.0"].shape[0] == 2
+
+
+def test_a_single_tap_given_as_a_string_is_that_one_tap(tmp_path):
+    """``load_encoder(path, taps="layer2.0")`` iterated the string into letters, each an unknown tap; every
+    public entry that takes taps takes one name as a string, as a list of that one name."""
+    from byol.core.features import concat_features, extract_features, feature_dim, representation_taps
+
+    torch.manual_seed(0)
+    encoder = Encoder("resnet18", "cifar", "layer2.0", GRIDS, width=0.25).eval()
+    assert encoder.taps == ["avgpool", "layer2.0"] and encoder.config["taps"] == ["layer2.0"]
+    save_encoder(encoder, tmp_path / "encoder.pt", taps="layer2.0")
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True)["backbone"]["taps"] == ["layer2.0"]
+    loaded, _ = load_encoder(tmp_path / "encoder.pt", taps="layer3.0")
+    assert loaded.taps == ["avgpool", "layer3.0"] and loaded.config["taps"] == ["layer3.0"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        one = loaded(x, taps="layer3.0")
+        assert list(one) == ["layer3.0"] and torch.equal(one["layer3.0"], loaded(x, taps=["layer3.0"])["layer3.0"])
+    assert representation_taps("combined", "layer3.0") == ["avgpool", "layer3.0"]
+    assert feature_dim(loaded, "layer3.0") == loaded.dims["layer3.0"] == concat_features(one, "layer3.0").shape[1]
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    assert extract_features(loaded, images, "layer3.0", [0.5] * 3, [0.5] * 3).shape == (2, loaded.dims["layer3.0"])

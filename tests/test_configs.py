@@ -223,6 +223,27 @@ def test_help_lists_this_entry_points_groups_and_their_options(config_name):
     assert listed == {g: options(g) for g in default_groups(config_name)}
 
 
+def test_evaluate_help_shows_only_the_settings_an_evaluation_takes():
+    """``python evaluate.py --help`` listed trainer.max_epochs, data.batch_size and trainer.accumulate_grad_batches,
+    which evaluate.py refuses: they are left out of its config and named once with the key that does their job."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from byol.jobs.evaluation_help import NOT_FOR_EVALUATION
+
+    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300).stdout
+    shown = yaml.safe_load(out.split("== Config (override any key: key=value; unknown keys are refused) ==\n")[1])
+    for key in NOT_FOR_EVALUATION:
+        parent, _, leaf = key.partition(".")
+        assert leaf not in shown[parent], key
+        assert f"{key} (use {NOT_FOR_EVALUATION[key]})" in out.splitlines()[-1]
+    assert shown["eval"]["epochs"] and shown["trainer"]["precision"] and shown["data"]["name"] == "cifar10"
+    assert "backbone:  # pretrained=random only" in out
+
+
 def test_trainer_strategy_devices_and_nodes_need_no_plus(tmp_path):
     cfg = compose_config("train", ["trainer.strategy=ddp", "trainer.devices=2", "trainer.num_nodes=2"], tmp_path)
     assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == ("ddp", 2, 2)

@@ -4,6 +4,7 @@ sweep record kept through a DDP job, in this process."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from conftest import compose_config
@@ -317,3 +318,44 @@ def test_an_evaluation_of_another_training_sweep_into_an_evaluation_folder_is_re
         f"first")
     assert other_sweeps_evaluation([f"pretrained={a}", *argv[1:]], ev) is None
     assert other_sweeps_evaluation(argv, tmp_path / "new") is None
+
+
+@pytest.mark.parametrize("job, overrides, refusal", [
+    ("train", ["experiment=smoke", "optim.optimizer.eta=-1"], "error: optim.optimizer.eta must be above 0"),
+    ("train", ["experiment=smoke", "+trainer.foo=1"], "error: refusing the command line: trainer.foo = 1 is not a "
+                                                      "Trainer argument"),
+    ("evaluate", ["preset=smoke", "eval.optimizer.momentum=5"], "error: eval.optimizer.momentum must lie in [0, 1)"),
+])
+def test_a_refused_job_leaves_no_run_folder_it_made(tmp_path, capsys, job, overrides, refusal):
+    """A command refused before any work left outputs/<kind>/<time>/ behind with Hydra's .hydra/, a log and FAILED
+    (listed among the runs afterwards): the time-stamped folder it made goes. A folder it did not make, or one
+    holding anything else, keeps the refusal in its FAILED."""
+    from byol.jobs.cli import command_line_keys, job_named, new_folder
+
+    fn = job_named(*{"train": ("byol.jobs.pretrain", "pretrain"), "evaluate": ("byol.jobs.evaluate", "evaluate")}[job])
+    for extra in (None, "notes.txt"):
+        folder = Path(new_folder(str(tmp_path / extra if extra else tmp_path / "outputs" / job / "2026-12-03_06-42")))
+        (folder / ".hydra").mkdir()  # as Hydra writes it before the job starts
+        (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        if extra:
+            (folder / extra).write_text("mine\n")
+        cfg = compose_config(job, [*overrides, f"hydra.job.name={job}"], folder)
+        with pytest.raises(SystemExit) as exit_:
+            run_job(fn, cfg, requested=command_line_keys())
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.count("\n") == 1 and err.startswith(refusal), err
+        if extra:  # not only what the refused job wrote: kept, with the reason
+            assert (folder / extra).is_file() and (folder / "FAILED").read_text() == err[len("error: "):]
+        else:
+            assert not folder.exists() and folder.parent.is_dir()
+
+
+def test_a_refused_sweep_job_keeps_its_failed_file(tmp_path, capsys):
+    """A sweep's job folder keeps FAILED: the sweep's summary lists the job's failure from it."""
+    from byol.jobs.cli import new_folder
+
+    folder = Path(new_folder(str(tmp_path / "sweep-job")))
+    refused = CheckpointError("cannot resume: another architecture")
+    refused.nothing_trained = True
+    _failed(folder, True, refused, log=folder / "train.log")
+    assert (folder / "FAILED").read_text() == "cannot resume: another architecture\n"

@@ -145,13 +145,19 @@ def tap_names(net: nn.Module) -> list[str]:
     return [name for name, _ in net.named_modules() if name and name.count(".") <= 1 and name != "fc"]
 
 
+def tap_list(taps: str | Sequence[str]) -> list[str]:
+    """``taps`` as a list of module names, a single name given as a string being that one tap: iterated, the
+    string ``"layer2.0"`` was its letters, each refused as an unknown tap."""
+    return [taps] if isinstance(taps, str) else list(taps)
+
+
 class Encoder(nn.Module):
     """ResNet returning ``{tap name: (N, D) features}``; ``avgpool`` is always included.
 
     Args:
         name: one of :data:`RESNETS` (``resnet18`` to ``resnet152``).
         stem: ``cifar`` or ``imagenet``.
-        taps: extra module names to expose besides ``avgpool``.
+        taps: extra module names to expose besides ``avgpool`` (one name may be given as a string).
         grids: side of the adaptive-average-pool grid per tap (missing taps use 1).
         width: channel multiplier of every stage (1.0: torchvision's ResNet).
     """
@@ -160,11 +166,12 @@ class Encoder(nn.Module):
         self,
         name: str = "resnet18",
         stem: str = "cifar",
-        taps: Sequence[str] = (),
+        taps: str | Sequence[str] = (),
         grids: Mapping[str, int] | None = None,
         width: float = 1.0,
     ):
         super().__init__()
+        taps = tap_list(taps)
         net = build_resnet(name, stem, width)
         valid = set(dict(net.named_modules()))
         unknown = [t for t in taps if not isinstance(t, str) or t not in valid or not t]  # [[layer2.0]]: a list
@@ -214,10 +221,10 @@ class Encoder(nn.Module):
                               f"layer2.0 or layer3 ('avgpool' is always included)")
         return {t: out[t].shape[1] * grid[t] ** 2 for t in self.taps}
 
-    def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, taps: str | Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         out = self.body(x)
         feats = {}
-        for t in taps if taps is not None else self.taps:
+        for t in tap_list(taps) if taps is not None else self.taps:
             f = out[t]
             if t != AVGPOOL:
                 f = self.pools[_key(t)](f)

@@ -271,11 +271,13 @@ def mid_epoch(ckpt: dict) -> bool:
 def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None, taps=None) -> None:
     """Export the online encoder with the config that built it; loadable without Lightning.
 
-    ``taps``: the taps to record (default: the encoder's own), e.g. the loss's without those that
-    only the training monitors read; taps never change the weights.
+    ``taps``: the taps to record (default: the encoder's own; one name may be a string), e.g. the loss's
+    without those that only the training monitors read; taps never change the weights.
     """
+    from byol.core.backbone import tap_list
+
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    backbone = dict(encoder.config, taps=list(taps)) if taps is not None else encoder.config
+    backbone = dict(encoder.config, taps=tap_list(taps)) if taps is not None else encoder.config
     atomic_torch_save({"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "backbone": backbone,
                        "state_dict": state, "meta": meta or {}}, path)
 
@@ -283,10 +285,10 @@ def save_encoder(encoder, path: str | os.PathLike, meta: dict | None = None, tap
 def load_encoder(path: str | os.PathLike, taps=None):
     """Rebuild an :class:`~byol.core.backbone.Encoder` from an export written by :func:`save_encoder`.
 
-    ``taps`` overrides the exported taps (e.g. the evaluation's representation); pooling grids
-    stay those of the export unless the tap is new.
+    ``taps`` overrides the exported taps (e.g. the evaluation's representation; one name may be a string);
+    pooling grids stay those of the export unless the tap is new.
     """
-    from byol.core.backbone import Encoder
+    from byol.core.backbone import Encoder, tap_list
 
     blob = safe_load(path)
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
@@ -294,7 +296,7 @@ def load_encoder(path: str | os.PathLike, taps=None):
     cfg = encoder_config(blob.get("backbone"), path)
     state = checked_state_dict(blob.get("state_dict"), path)
     if taps is not None:
-        cfg["taps"] = list(taps)
+        cfg["taps"] = tap_list(taps)
     return built_with_weights(lambda: Encoder(**cfg), state, path), blob.get("meta", {})
 
 

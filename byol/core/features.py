@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from byol.core.augment import Normalize
-from byol.core.backbone import AVGPOOL, Encoder
+from byol.core.backbone import AVGPOOL, Encoder, tap_list
 from byol.core.data import ImageTensors
 from byol.core.errors import ConfigError, DataError
 from byol.core.progress import Progress
@@ -20,7 +20,7 @@ from byol.core.progress import Progress
 COMBINED = "combined"
 
 
-def representation_taps(name: str, taps: Sequence[str] = ()) -> list[str]:
+def representation_taps(name: str, taps: str | Sequence[str] = ()) -> list[str]:
     """Encoder taps concatenated into the representation ``name``.
 
     ``avgpool``: the global average pool only. ``combined``: avgpool followed by ``taps``
@@ -29,21 +29,21 @@ def representation_taps(name: str, taps: Sequence[str] = ()) -> list[str]:
     if name == AVGPOOL:
         return [AVGPOOL]
     if name == COMBINED:
-        extra = [t for t in dict.fromkeys(taps) if t != AVGPOOL]
+        extra = [t for t in dict.fromkeys(tap_list(taps)) if t != AVGPOOL]
         if not extra:
             raise ConfigError("repr=combined needs intermediate taps in repr.taps, e.g. [layer2.0, layer3.0]")
         return [AVGPOOL] + extra
     raise ConfigError(f"unknown repr.name '{name}'; choose avgpool or combined")
 
 
-def feature_dim(encoder: Encoder, taps: Sequence[str]) -> int:
+def feature_dim(encoder: Encoder, taps: str | Sequence[str]) -> int:
     """Width of the concatenated representation, which sizes the classifier."""
-    return sum(encoder.dims[t] for t in taps)
+    return sum(encoder.dims[t] for t in tap_list(taps))
 
 
-def concat_features(features: Mapping[str, torch.Tensor], taps: Sequence[str]) -> torch.Tensor:
+def concat_features(features: Mapping[str, torch.Tensor], taps: str | Sequence[str]) -> torch.Tensor:
     """One ``(N, D)`` representation from the encoder's per-tap outputs, in the order of ``taps``."""
-    return torch.cat([features[t] for t in taps], dim=1)
+    return torch.cat([features[t] for t in tap_list(taps)], dim=1)
 
 
 def resolve_device(accelerator: str = "auto") -> torch.device:
@@ -71,7 +71,7 @@ def autocast_dtype(precision) -> torch.dtype | None:
 def extract_features(
     encoder: Encoder,
     images: torch.Tensor | ImageTensors,
-    taps: Sequence[str],
+    taps: str | Sequence[str],
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 512,

@@ -53,6 +53,10 @@ class LARS(torch.optim.Optimizer):
                  eta: float = 0.001, eps: float = 1e-8, clip_lr: bool = False):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
+        for key, value in (("momentum", momentum), ("weight_decay", weight_decay), ("eta", eta), ("eps", eps)):
+            problem = option_range_problem(key, value)  # as torch's own optimizers refuse theirs
+            if problem:
+                raise ValueError(f"LARS {key} {problem}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                                       eps=eps, clip_lr=bool(clip_lr), lars_exclude=False))
 
@@ -128,8 +132,49 @@ def read_schedule_at_offset(scheduler: LambdaLR, offset: int) -> None:
         scheduler.lr_lambdas = [lambda step, f=f: f(step - offset) for f in scheduler.lr_lambdas]
 
 
+# Where the optimizers' and schedules' numeric options mean something: (low, high, low included, high
+# included, why). torch checks some of SGD's and Adam's (not an infinite eps, nor dampening), LARS none:
+# eta=-1 trained to the end with a rising loss.
+OPTION_RANGES = {
+    "momentum": (0, 1, True, False, "1 never forgets a gradient, more diverges"),
+    "dampening": (0, 1, True, True, "the fraction of each gradient left out of the momentum"),
+    "weight_decay": (0, math.inf, True, False, "below 0 it grows the weights"),
+    "eps": (0, math.inf, True, False, "a small number that keeps a division finite"),
+    "eta": (0, math.inf, False, False, "LARS's trust coefficient; 0 freezes the weights, below 0 climbs the loss"),
+    "betas": (0, 1, True, False, "Adam's averaging factors, each"),
+    "final_ratio": (0, 1, True, True, "the fraction of the peak rate the cosine ends at"),
+}
+
+
+def option_range_problem(key: str, value) -> str | None:
+    """What is wrong with ``value`` for the option ``key`` (``must lie in [0, 1) (why), not 5``), None when it is
+    in :data:`OPTION_RANGES`' range or the option has none (its kind is checked elsewhere); NaN and infinity
+    are refused too (a NaN momentum passed torch's check and made every weight NaN)."""
+    if key not in OPTION_RANGES or value is None or isinstance(value, bool | str):
+        return None
+    low, high, low_in, high_in, why = OPTION_RANGES[key]
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+           and (v >= low if low_in else v > low) and (v <= high if high_in else v < high) for v in values):
+        return None
+    if high == math.inf:
+        bound = "be zero or more" if low_in else f"be above {low}"
+    else:
+        bound = f"lie in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+    return f"must {bound}, not {value!r}: {why}"
+
+
 OPTIMIZERS = {"lars": LARS, "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULES = {"warmup_cosine": warmup_cosine, "constant": constant}
+
+
+class OptionError(ConfigError):
+    """A value of an optimizer's or schedule's keyword argument that is refused: ``option`` and ``problem`` let
+    the config's check name the key as the config spells it (``optim.optimizer.eta must ...``)."""
+
+    def __init__(self, option: str, problem: str, what: str):
+        super().__init__(f"{what} option {option!r} {problem}")
+        self.option, self.problem = option, problem
 
 
 def _checked_options(factory, options: Mapping, fixed: set[str], what: str) -> dict:
@@ -147,7 +192,13 @@ def _checked_options(factory, options: Mapping, fixed: set[str], what: str) -> d
             raise ConfigError(f"{what} option {key!r} must be a plain value, not {type(value).__name__}")
         expected = _kind_of_default(defaults[key], value)
         if expected:
-            raise ConfigError(f"{what} option {key!r} must be {expected}, not {value!r}")
+            raise OptionError(key, f"must be {expected}, not {value!r}", what)
+        problem = option_range_problem(key, value)
+        if problem:
+            raise OptionError(key, problem, what)
+        if key == "maximize" and value:  # torch's optimizers climb the loss with it
+            raise OptionError(key, "must be false: it climbs the loss, which BYOL and the classifiers minimise",
+                              what)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
@@ -179,6 +230,13 @@ def check_optimizer_options(name: str, options: Mapping | None) -> None:
             OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)], lr=0.1, **kwargs)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ConfigError(f"optimizer '{name}' refuses its settings {kwargs}: {' '.join(str(e).split())}") from None
+
+
+def check_schedule_options(name: str, options: Mapping | None) -> None:
+    """What :func:`build_schedule` checks of its keyword arguments, before anything is built."""
+    if name in SCHEDULES:
+        _checked_options(SCHEDULES[name], dict(options or {}), {"optimizer", "total_steps", "warmup_steps"},
+                         f"schedule '{name}'")
 
 
 def build_optimizer(name: str, param_groups: list[dict], lr: float, options: Mapping | None = None):

@@ -19,7 +19,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from byol.core.errors import ByolError, Interrupted
+from byol.jobs.command_folders import mark_new_folder, remove_refused_folder
 from byol.jobs.console import ESCAPED_NAMES, console_copied_to, name_too_long, neutralized, script_command
+from byol.jobs.evaluation_help import evaluation_config
 from byol.jobs.hydra_callbacks import SweepSummary, WritableOutput  # noqa: F401 (named here by older sweeps' configs)
 from byol.jobs.run_folder import (
     CHECKPOINTS_DIR,
@@ -68,6 +70,7 @@ def new_folder(stamped: str) -> str:
             except OSError:
                 break
             _CLAIMED[stamped] = str(candidate)
+            mark_new_folder(candidate)
             atexit.register(_remove_if_empty, candidate)
             break
     return _CLAIMED[stamped]
@@ -102,6 +105,7 @@ if not OmegaConf.has_resolver("byol_run_dir"):
     OmegaConf.register_new_resolver("byol_run_dir", new_run_dir_of)
     OmegaConf.register_new_resolver("byol_sweep_dir", sweep_dir_of)
     OmegaConf.register_new_resolver("byol_new_dir", new_folder)
+    OmegaConf.register_new_resolver("byol_evaluation_config", evaluation_config)  # evaluate.py --help
 
 
 def command_arg(key: str, value) -> str:
@@ -353,9 +357,14 @@ def _failed(run_dir: Path, multirun: bool, e: ByolError, earlier_failure: str | 
             log: Path | None = None):
     """Print the one-line error (and add it to the job's log) and record it in the job's FAILED file (a sweep
     goes on with its other jobs). A job that stopped before training, in a folder holding a run, leaves the
-    run's state as it was: no FAILED for a finished run, the earlier one for a failed run."""
+    run's state as it was: no FAILED for a finished run, the earlier one for a failed run; a single job's folder
+    that this command made is removed (a sweep's job keeps its FAILED: the sweep's summary reads it)."""
+    refused = getattr(e, "nothing_trained", False)
+    if refused and not multirun and log is not None and remove_refused_folder(run_dir, log.stem):
+        print(f"error: {e}", file=sys.stderr, flush=True)  # a folder this command made: gone, as if never made
+        sys.exit(e.exit_code)
     _say(f"error: {e}", log)
-    if getattr(e, "nothing_trained", False) and is_run_dir(run_dir):
+    if refused and is_run_dir(run_dir):
         if earlier_failure is not None:
             (run_dir / FAILED).write_text(earlier_failure, "utf-8", ESCAPED_NAMES)
     else:

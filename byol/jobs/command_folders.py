@@ -3,7 +3,9 @@ checked before Hydra writes its record and log into them."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from byol.core.errors import ByolError
@@ -11,6 +13,7 @@ from byol.core.errors import ByolError
 NO_RESUME = (None, "", "null", "None")  # resume= values that continue nothing
 HYDRA_RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes into <run>/.hydra/
 _kept_record: dict[Path, bytes] = {}
+_new_folders: set[Path] = set()  # the time-stamped run folders this command made (byol.jobs.cli.new_folder)
 
 
 def keep_hydra_record(run_dir: Path | None) -> None:
@@ -36,6 +39,49 @@ def restore_hydra_record() -> None:
             atomic_write_bytes(data, path)
         except (OSError, CheckpointError):
             pass  # the folder cannot be written: the refusal's own line is what matters
+
+
+def mark_new_folder(folder: Path | str) -> None:
+    """``folder`` was made by this command: a single job refused in it leaves nothing behind there."""
+    _new_folders.add(Path(folder).absolute())
+
+
+@contextmanager
+def before_training():
+    """Tag a :class:`ByolError` raised in the block as ``nothing_trained``: the job stopped before any work (a
+    refused setting or resume, a missing logger package, bad data), so a run already in the folder is as it was
+    and gets no ``FAILED`` file (a sweep's evaluation would then list a finished run as failed), and a folder made
+    for this command is removed (:func:`remove_refused_folder`)."""
+    try:
+        yield
+    except ByolError as e:
+        e.nothing_trained = True
+        restore_hydra_record()  # Hydra rewrote the run's .hydra/ for this command, which did not run
+        raise
+
+
+def remove_refused_folder(run_dir: Path, job: str) -> bool:
+    """Remove ``run_dir`` when this command made it and holds only what Hydra and a job refused before any work
+    wrote (its ``.hydra/`` record, log, lock, ``FAILED``, ``config.yaml``): an outputs/<kind>/<time>/ folder of a
+    command that did nothing listed it among the runs. Whether it went; anything else in it keeps it whole."""
+    from byol.jobs.run_folder import CONFIG_FILE, FAILED, LOCK_FILE
+
+    if Path(run_dir).absolute() not in _new_folders or not run_dir.is_dir() or run_dir.is_symlink():
+        return False
+    record, left = run_dir / ".hydra", {".hydra", LOCK_FILE, FAILED, f"{job}.log", CONFIG_FILE}
+    try:
+        if not {p.name for p in run_dir.iterdir()} <= left or (record.is_dir() and (
+                record.is_symlink() or not {p.name for p in record.iterdir()} <= set(HYDRA_RECORD))):
+            return False
+        for path in [*(record / name for name in HYDRA_RECORD), *(run_dir / name for name in left - {".hydra"})]:
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        if record.is_dir():
+            record.rmdir()
+        os.rmdir(run_dir)
+    except OSError:
+        return False
+    return True
 
 
 def is_sweep(argv: Sequence[str]) -> bool:

@@ -23,6 +23,7 @@ from byol.jobs.command_folders import (
     other_sweeps_evaluation,
     start_problem,
 )
+from byol.jobs.command_hydra import hydra_problem
 from byol.jobs.command_values import empty_path, removed_setting, unquoted_path
 from byol.jobs.console import name_too_long, names_printable
 
@@ -326,12 +327,13 @@ def more_than_one_mode(argv: Sequence[str], config_name: str) -> str | None:
 
 
 def check_command_line(argv: Sequence[str], config_name: str) -> None:
-    """Exit with one ``error:`` line for a misspelt key, a setting of another option, a run folder of the
+    """Exit with one ``error:`` line for a misspelt key (Hydra's too), a setting of another option, a run folder of the
     other kind of job or one with links where jobs write, before Hydra composes anything (or writes its
     ``.hydra/`` record and log into the folder)."""
     from byol.jobs.run_folder import FolderTakenError, check_job_folder, check_sweep_folder, links_in
 
-    message = (more_than_one_mode(argv, config_name) or unquoted_path(argv) or unknown_option(argv, config_name)
+    message = (more_than_one_mode(argv, config_name) or unquoted_path(argv)
+               or hydra_problem(_parse(tuple(argv)) or [], config_name) or unknown_option(argv, config_name)
                or misspelt_key(argv, config_name) or open_dict_without_plus(argv, config_name)
                or setting_of_another_option(argv, config_name) or removed_setting(argv, config_name)
                or empty_path(argv, config_name))

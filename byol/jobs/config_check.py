@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from byol.core.disk_images import STORAGES
 from byol.core.errors import ConfigError
-from byol.core.optim import OPTIMIZERS, SCHEDULES, check_optimizer_options
+from byol.core.optim import OPTIMIZERS, SCHEDULES, OptionError, check_optimizer_options, check_schedule_options
 from byol.core.state_check import repr_prefix, whole
 from byol.jobs.value_ranges import (
     AUGMENT_PAIRS,
@@ -93,7 +93,6 @@ POSITIVE = ("backbone.width", "optim.base_lr", "eval.lr", "eval.encoder_lr", "ev
             "monitor.temperature", "monitor.probe_lr", "data.mmap_above_gb")
 UNIT_INTERVAL = ("ema.tau_base", "flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 # augmentation settings (shared and per view): closed range of each number, and of each [min, max] pair
-MOMENTUM = ("optim.optimizer.momentum", "eval.optimizer.momentum")  # [0, 1): 1 never forgets, more diverges
 LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 # Lightning's precision settings that the jobs' own feature extraction also follows (features.autocast_dtype).
 # Not the "-true" half and double ones: they cast the networks, while the images the augmentation makes on the
@@ -322,15 +321,27 @@ def valid_seed(value) -> bool:
     return whole(value) and value < SEED_RANGE
 
 
+# what each named table's entry in a config holds besides its keyword arguments
+_NOT_KWARGS = {"optimizer": ("name",), "scheduler": ("name", "warmup_epochs")}
+
+
 def _check_optimizers(container: Mapping, source: str) -> None:
-    """The optimizers' keyword arguments (names and kinds of value), before the run folder is made."""
-    optim, protocol = container.get("optim"), (container.get("eval") or {}).get("optimizer")
-    chosen = [(optim.get("name"), optim.get("optimizer"), "optim.optimizer")] if isinstance(optim, Mapping) else []
-    if isinstance(protocol, Mapping):
-        chosen.append((protocol.get("name"), {k: v for k, v in protocol.items() if k != "name"}, "eval.optimizer"))
-    for name, options, key in chosen:
+    """The optimizers' and schedules' keyword arguments (names, kinds and ranges of value), before the run folder
+    is made: ``optim.optimizer.eta=-1`` trained to the end with a rising loss."""
+    optim = container.get("optim") if isinstance(container.get("optim"), Mapping) else {}
+    chosen = [(check_optimizer_options, optim.get("name"), optim.get("optimizer"), "optim.optimizer")] if optim else []
+    for key in ("optim.scheduler", "eval.optimizer", "eval.scheduler"):
+        node = number_at(container, key)
+        if isinstance(node, Mapping):
+            kind = key.split(".")[1]
+            check = check_optimizer_options if kind == "optimizer" else check_schedule_options
+            chosen.append((check, node.get("name"), {k: v for k, v in node.items() if k not in _NOT_KWARGS[kind]},
+                           key))
+    for check, name, options, key in chosen:
         try:
-            check_optimizer_options(name, options)
+            check(name, options)
+        except OptionError as e:
+            raise ConfigError(f"{key}.{e.option} {e.problem} ({source})") from None
         except ConfigError as e:
             raise ConfigError(f"{key}: {e} ({source})") from None
 
@@ -365,10 +376,6 @@ def check_config(container: Mapping, source: str = "the config") -> None:
                 auto = " (or auto: BYOL's blur on crops above 32 px)" if leaf == "blur_p" else ""
                 raise ConfigError(f"{key} must lie between 0 and 1{auto}, not {value!r} ({source})")
     check_augment_ranges(container, source)
-    for key in MOMENTUM:
-        value = number_at(container, key)
-        if value is not None and (not is_number(value) or not 0 <= value < 1):
-            raise ConfigError(f"{key} must lie in [0, 1), not {value!r} ({source})")
     for key, names in NAMED.items():
         value = number_at(container, key)
         if value is not None and value not in names:

@@ -24,6 +24,7 @@ from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
 from byol.jobs.build import check_logger_package, planned_world
 from byol.jobs.cli import launched_rank
+from byol.jobs.command_folders import before_training
 from byol.jobs.config_check import check_config, plain_config
 from byol.jobs.console import ESCAPED_NAMES, OtherProcessLost, quiet_lightning
 from byol.jobs.evaluation_checks import (
@@ -109,21 +110,22 @@ def evaluate(cfg, run_dir: str | Path, requested: Sequence[str] = ()) -> list[di
 
 
 def _evaluate(cfg, run_dir: Path, requested: Sequence[str]) -> list[dict]:
-    refuse_training_settings(requested)
-    refuse_other_protocol_settings(requested, cfg["eval"])
-    settings = _start_job(cfg, run_dir)
-    if not takes_part(settings):
-        return []
-    try:
-        targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
-        if targets != RANDOM:
-            refuse_architecture_settings(requested)
-        if sweep is not None:
-            refuse_another_sweeps_evaluation(run_dir, sweep)
-        data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
-    except (ByolError, KeyboardInterrupt):  # nothing evaluated: an earlier evaluation here stays as it was
-        undo_stopped_result(run_dir)
-        raise
+    with before_training():  # refused before any model is read: a folder made for it is removed
+        refuse_training_settings(requested)
+        refuse_other_protocol_settings(requested, cfg["eval"])
+        settings = _start_job(cfg, run_dir)
+        if not takes_part(settings):
+            return []
+        try:
+            targets, sweep = resolve_pretrained(settings["pretrained"], settings.get("outputs_dir", "outputs"))
+            if targets != RANDOM:
+                refuse_architecture_settings(requested)
+            if sweep is not None:
+                refuse_another_sweeps_evaluation(run_dir, sweep)
+            data = EvaluationData(settings["data"], requested, settings["seed"], settings["split"])
+        except (ByolError, KeyboardInterrupt):  # nothing evaluated: an earlier evaluation here stays as it was
+            undo_stopped_result(run_dir)
+            raise
     evaluate_one = partial(_evaluate_on_its_data, settings=settings, data=data)
     if sweep is None:  # one model
         model = random_model(settings["backbone"], settings["seed"]) if targets == RANDOM else targets[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 from byol.core.errors import ConfigError
 from byol.jobs.build import check_launcher, check_strategy, planned_world
 from byol.jobs.embedding import check_embed_settings
+from byol.jobs.evaluation_help import NOT_FOR_EVALUATION
 
 PROTOCOLS = ("linear", "finetune", "knn", "embed")
 UNTRAINED = ("knn", "embed")  # protocols that train nothing: no eval.epochs
@@ -32,11 +33,6 @@ def uses_trainer(eval_cfg: Mapping) -> bool:
     process: extracting features once and fitting a small classifier on them is seconds of work."""
     return eval_cfg["name"] == "finetune" or (eval_cfg["name"] == "linear" and
                                               not eval_cfg.get("cached_features", True))
-
-
-# Settings of training that do nothing in an evaluation, and what does there.
-NOT_FOR_EVALUATION = {"trainer.max_epochs": "eval.epochs", "data.batch_size": "eval.batch_size or feature_batch_size",
-                      "trainer.accumulate_grad_batches": "eval.batch_size"}
 
 
 def refuse_training_settings(given: Sequence[str]) -> None:

@@ -14,7 +14,6 @@ builds the model and trainer and fits.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from omegaconf import DictConfig
 from byol.core.checkpoint import epochs_done, mid_epoch, safe_load
 from byol.core.data import ImageTensors, IndexBatches
 from byol.core.disk_images import batches_of
-from byol.core.errors import ByolError, CheckpointError, ConfigError, UnknownTap
+from byol.core.errors import CheckpointError, ConfigError, UnknownTap
 from byol.core.features import resolve_device
 from byol.jobs.build import (
     build_byol,
@@ -35,7 +34,7 @@ from byol.jobs.build import (
     planned_world,
 )
 from byol.jobs.cli import command_arg, launched_rank
-from byol.jobs.command_folders import restore_hydra_record
+from byol.jobs.command_folders import before_training
 from byol.jobs.config_check import check_config, check_file_config, plain_config
 from byol.jobs.console import quiet_lightning, script_command
 from byol.jobs.datasets import MACHINE_DATA_KEYS, load_split, make_root_absolute, subset_of
@@ -282,16 +281,3 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
         from byol.jobs.pretrain_fit import fit_run
 
         return fit_run(start, batches, samples, run_dir)
-
-
-@contextmanager
-def before_training():
-    """Tag a :class:`ByolError` raised in the block as ``nothing_trained``: the job stopped before training
-    (a refused resume, a missing logger package, bad data), so a run already in the folder is as it was
-    and gets no ``FAILED`` file (a sweep's evaluation would then list a finished run as failed)."""
-    try:
-        yield
-    except ByolError as e:
-        e.nothing_trained = True
-        restore_hydra_record()  # Hydra rewrote the run's .hydra/ for this command, which did not run
-        raise
