@@ -162,3 +162,31 @@ def test_the_report_says_which_newer_evaluation_sweep_it_skipped_and_why(tmp_pat
     os.utime(skipped, (500, 500))  # older than the results: not "newer"
     main([])
     assert "skipped" not in capsys.readouterr().out
+
+
+def test_a_runs_figure_marks_the_epochs_whose_non_finite_steps_were_skipped(tmp_path, monkeypatch):
+    """With train.on_nonfinite=skip an epoch's point stood on fewer steps, and an epoch whose every step was
+    skipped left a gap in the loss curve, with no word of either: each such epoch gets a red line in the loss
+    panel, counted in its legend."""
+    import byol.jobs.curves as curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = ["epoch,step,train/loss_epoch,train/loss/avgpool_epoch,train/skipped_steps_epoch",
+            "0,3,2.0,2.0,0.0", "1,7,1.5,1.5,2.0", "2,11,,,4.0", "3,15,1.2,1.2,0.0"]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert curves.skipped_steps(curves.read_metrics(run / "metrics.csv")) == [(2.0, 2), (3.0, 4)]
+    marked = []
+    mark = curves.mark_skipped_steps
+
+    def watch(ax, skipped):
+        mark(ax, skipped)
+        marked.append([(line.get_xdata()[0], line.get_label().startswith("_")) for line in ax.get_lines()
+                       if line.get_color() == "red"])
+        marked.append([text.get_text() for text in ax.get_legend().get_texts()])
+
+    monkeypatch.setattr(curves, "mark_skipped_steps", watch)
+    assert curves.write_curves(run) == run / "curves.png" and (run / "curves.png").stat().st_size > 0
+    lines, legend = marked
+    assert lines == [(2.0, False), (3.0, True)]  # a line at each epoch, one legend entry
+    assert "non-finite steps skipped (6 in 2 epochs)" in legend and "avgpool" in legend

@@ -418,6 +418,24 @@ def test_nan_loss_skip_leaves_the_step_out(tmp_path, nan_at, monkeypatch, capsys
     assert finite(final) and safe_load(final)["global_step"] == 8
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_nan_weights_advise_skipping_only_where_it_is_not_already_on(tmp_path, skip):
+    """With train.on_nonfinite=skip set, the error still said "or set train.on_nonfinite=skip": skipping looks
+    at the loss, which was finite; the update was not."""
+    from byol.jobs.config_check import plain_config
+    from byol.jobs.pretrain_fit import build_module
+
+    overrides = ["train.on_nonfinite=skip"] if skip else []
+    module = build_module(plain_config(smoke_cfg(tmp_path, *overrides)))
+    with torch.no_grad():
+        next(module.model.online_encoder.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError) as err:
+        module.on_save_checkpoint({})
+    assert str(err.value).startswith("weights became NaN/inf by optimizer step 0; nothing was saved")
+    assert ("or set train.on_nonfinite=skip" in str(err.value)) is not skip
+    assert ("these losses were finite, an update was not" in str(err.value)) is skip
+
+
 @pytest.mark.slow
 def test_an_epoch_whose_every_step_was_skipped_says_so(tmp_path, nan_at, capsys):
     """Its epoch line read "loss nan (), std nan": no mean to show, and no word of why."""

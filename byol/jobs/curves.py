@@ -88,6 +88,7 @@ PANELS = (  # (title, metric prefix, y label, as percent)
     ("learning rate", "lr-", "lr", False),
 )
 LEARNING_RATE = "lr-"
+SKIPPED = "train/skipped_steps"  # per epoch, with train.on_nonfinite=skip: marked in the loss panel
 REPRESENTATION_PANELS = ("train/loss/", "monitor/knn/", "monitor/probe/", COLLAPSE)  # a curve per representation
 PARAMETER_GROUPS = {1: "weights", 2: "biases & BN"}  # Lightning's pg1, pg2: the groups of byol.core.optim.param_groups
 
@@ -251,6 +252,22 @@ def _flat_if_constant(ax, heights: list[float]) -> None:
         ax.set_ylim(middle - half, middle + half)
 
 
+def skipped_steps(series: dict[str, list[tuple[float, float]]]) -> list[tuple[float, int]]:
+    """(epoch, steps) of the epochs in which ``train.on_nonfinite=skip`` skipped non-finite steps: their points
+    stand on fewer steps (an epoch with every step skipped has none, and its gap needs a reason)."""
+    return [(x, int(y)) for x, y in series.get(SKIPPED, []) if y > 0]
+
+
+def mark_skipped_steps(ax, skipped: list[tuple[float, int]]) -> None:
+    """A red dotted line at each epoch of :func:`skipped_steps` in the loss panel, in its legend."""
+    total = sum(n for _, n in skipped)
+    for i, (epoch, _) in enumerate(skipped):
+        ax.axvline(epoch, color="red", linestyle=":", alpha=0.6,
+                   label=f"non-finite steps skipped ({total} in {len(skipped)} epochs)" if i == 0 else None)
+    if skipped:
+        ax.legend(fontsize=7)
+
+
 def _save(fig, path: Path) -> None:
     save_png(fig, path, dpi=110)  # atomic: a reader never sees half a PNG; a link at path is replaced
 
@@ -269,7 +286,9 @@ def write_curves(run_dir: Path) -> Path | None:
         fig, axes = plt.subplots(2, 3, figsize=(15, 8))
         try:
             fig.subplots_adjust(left=0.06, right=0.98, top=0.92, bottom=0.07, wspace=0.24, hspace=0.3)
-            _draw(axes, [("", drawable(read_metrics(metrics)), {})])
+            series = drawable(read_metrics(metrics))
+            _draw(axes, [("", series, {})])
+            mark_skipped_steps(axes.flat[0], skipped_steps(series))
             fig.suptitle(f"{escaped(run_dir.name)}: learning curves (metrics.csv)", fontsize=11)
             _save(fig, run_dir / CURVES_FILE)
         finally:

@@ -302,7 +302,9 @@ class BYOLModule(pl.LightningModule):
         if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             raise NonFiniteLossError(
                 f"weights became NaN/inf by optimizer step {self.global_step}; nothing was saved and "
-                f"{self._last_good()}. Lower optim.base_lr or set train.on_nonfinite=skip")
+                f"{self._last_good()}. Lower optim.base_lr" + (
+                    " (train.on_nonfinite=skip skips a step whose loss is NaN/inf; these losses were finite, an "
+                    "update was not)" if self.skip_nonfinite else " or set train.on_nonfinite=skip"))
         checkpoint["byol_config"] = self.run_config
         checkpoint["rng"] = rng_state()
         sums = {k: v.cpu() for k, v in self._epoch_sums.get("sums", {}).items()}
