@@ -143,7 +143,9 @@ def test_ddp_run_resumed_from_an_epoch_checkpoint_equals_the_uninterrupted_one(t
     epoch checkpoints) trains one run on the global batch, written by rank 0 alone; resumed from its first
     epoch's checkpoint, it ends where the uninterrupted run ended, bit for bit."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    result = train_ddp("checkpoint.keep_last=2", f"hydra.run.dir={whole}")  # 2 epochs of 2 steps
+    # data.subset above the 128 images: all of them, with a note, which rank 0 alone prints (once per process before)
+    result = train_ddp("checkpoint.keep_last=2", "data.subset=1000", f"hydra.run.dir={whole}")  # 2 epochs of 2 steps
+    assert result.stdout.count("[data] note: data.subset=1000 is more than the 128 training images") == 1
     assert "batch 32 per process x 2 processes (global batch 64)" in result.stdout
     assert result.stdout.count("[byol] done:") == 1  # rank 0 alone reports and writes
     assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["epoch0001.ckpt", "epoch0002.ckpt",

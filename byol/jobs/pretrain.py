@@ -14,6 +14,8 @@ builds the model and trainer and fits.
 
 from __future__ import annotations
 
+import io
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,11 +256,14 @@ def training_batches(config: dict, images: ImageTensors | None = None) -> IndexB
 
 def training_data(config: dict) -> tuple[IndexBatches, MonitorSamples | None]:
     """The training batches and the online monitors' samples, from one load of the training images: what
-    the batches do not use is dropped when this returns."""
-    images = load_split(config["data"], "train")
-    batches = training_batches(config, images)
-    batches.check_world(planned_world(config["trainer"]))  # here, once: not by every process after they start
-    return batches, monitor_samples(config, images)
+    the batches do not use is dropped when this returns. Under DDP every process loads the same images and rank 0
+    alone says what it found (each note stood once per process)."""
+    quiet = launched_rank() != 0
+    with redirect_stdout(io.StringIO()) if quiet else nullcontext():
+        images = load_split(config["data"], "train")
+        batches = training_batches(config, images)
+        batches.check_world(planned_world(config["trainer"]))  # here, once: not by every process after they start
+        return batches, monitor_samples(config, images)
 
 
 def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
