@@ -6,7 +6,6 @@ memory-mapped file for folders larger than memory). What the folder holds is fou
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import re
 import warnings
@@ -17,6 +16,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from byol.core.cache_files import (  # noqa: F401 (_cache_prefix: named here by earlier code and tests)
+    CACHE_KEY_LENGTH,
+    _cache_files,
+    _cache_name,
+    _cache_prefix,
+    _meta_of,
+    _temp_files_cache,
+    decode_lock,
+)
 from byol.core.checkpoint import atomic_torch_save, remove_dead_writers_files
 from byol.core.data import ImageTensors, digest_tensor
 from byol.core.disk_images import (
@@ -42,6 +50,8 @@ from byol.core.progress import Progress
 # (EPS runs Ghostscript on the file) must never see a file handed to us. JPEG includes cameras' MPO files.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP", "GIF")
 
+
+SKIPPED_KEPT = 5  # names of skipped unreadable files kept in a cache's metadata, to name them on every read
 
 # --------------------------------------------------------------------------- decoding
 
@@ -109,43 +119,6 @@ def _resize_center(im, size: int):
     return im.resize((size, size), Image.BICUBIC, box=box)
 
 
-def _cache_key(folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> str:
-    """What the decoded tensors depend on: the class list (an empty class folder shifts the labels), and per
-    file its path, label, real path (where a symlink leads), size, mtime, ctime and inode: a file replaced by
-    one of the same size with its mtime restored (``cp -p``, ``rsync -t``, ``tar x``, ``touch -r``) has
-    another ctime, which nobody can set. v3: decoded with JPEG's reduced scales and the square read by
-    ``box`` (pixels differ slightly from v2's)."""
-    def raw(text: str) -> bytes:  # a name's own bytes, also where they are not UTF-8
-        return text.encode("utf-8", "surrogateescape")
-
-    h = hashlib.sha256(raw(f"{folder.resolve()}|{size}|{skip_bad}|v3|{list(scan.classes)}\n"))
-    for f, label, real in zip(scan.files, scan.labels, scan.real, strict=True):
-        st = os.stat(real)
-        h.update(raw(f"{f.relative_to(folder)}|{label}|{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
-                     f"{st.st_ino}\n"))
-    return h.hexdigest()[:CACHE_KEY_LENGTH]
-
-
-CACHE_KEY_LENGTH = 20  # hex digits of the key in a cache file's name
-CACHE_SUFFIXES = {"pt": ".pt", "npy": ".u8.npy", "meta": ".labels.pt"}  # the kinds of cache file, by suffix
-SKIPPED_KEPT = 5  # names of skipped unreadable files kept in a cache's metadata, to name them on every read
-
-
-def _cache_prefix(folder: Path) -> str:
-    """``<parent>-<folder>`` of the folder's real path, each part at most 40 characters safe in a file name:
-    the folder's name alone ('train', 'test') named every dataset's caches alike."""
-    real = folder.resolve()
-    parts = (re.sub(r"[^\w.-]", "_", name, flags=re.ASCII).lstrip(".")[:40] for name in (real.parent.name, real.name))
-    return "-".join(p for p in parts if p) or "root"
-
-
-def _cache_files(cache_dir, folder: Path, scan: FolderScan, size: int, skip_bad: bool) -> dict[str, Path]:
-    """The folder's cache files in ``cache_dir``, all named ``<parent>-<folder>-<key>``: ``pt`` (the in-memory
-    path's images), ``npy`` and ``meta`` (the memory-mapped images and their labels)."""
-    base = Path(cache_dir).expanduser() / f"{_cache_prefix(folder)}-{_cache_key(folder, scan, size, skip_bad)}"
-    return {kind: base.with_name(base.name + suffix) for kind, suffix in CACHE_SUFFIXES.items()}
-
-
 def _about(folder: Path, scan: FolderScan, kept: list[int]) -> dict:
     """What a cache records beside its images: the folder it was decoded from (its other caches are named by
     it) and the first unreadable files the decode skipped (named again on every read of the cache)."""
@@ -182,28 +155,35 @@ def load_image_folder(
     scan = scan_images(folder, skip_unreadable=skip_bad_files)
     if choose_storage(storage, decoded_bytes(len(scan.files), size), mmap_above) == "mmap":
         return _load_mmap(folder, scan, size, cache_dir, skip_bad_files, workers)
-    cache = None
-    if cache_dir:
-        names = _cache_files(cache_dir, folder, scan, size, skip_bad_files)
-        cache = names["pt"]
-        # the folder's in-memory cache (an unusable one is decoded again, which replaces it), else its mapped one
-        cached = _cached_images(cache, size) if cache.exists() else _read_mapped_cache(names, folder, size)
-        if cached is not None:
-            return _said_skipped(cached, scan, folder)
-        problem = _prepare_decode([cache], folder, decoded_bytes(len(scan.files), size))
-        if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
-            warnings.warn(f"data.cache_dir '{cache.parent}' {problem}: decoding without keeping the images, so "
-                          f"every run decodes them again; set data.cache_dir to a writable folder with room "
-                          f"(data.cache_dir=null: no cache, no warning)", stacklevel=2)
-            cache = None
-    data, keep = _decode_into_memory(folder, scan, size, skip_bad_files, workers, cache is not None)
+    if not cache_dir:
+        return _decode_into_memory(folder, scan, size, skip_bad_files, workers, False)[0]
+    names = _cache_files(cache_dir, folder, scan, size, skip_bad_files)
+    with decode_lock(names["pt"], folder):  # runs started together decode the folder once
+        return _load_in_memory(folder, scan, size, names, skip_bad_files, workers)
+
+
+def _load_in_memory(folder: Path, scan: FolderScan, size: int, names: dict[str, Path], skip_bad: bool,
+                    workers: int) -> ImageTensors:
+    """The folder's images in memory: from its in-memory cache (an unusable one is decoded again, which replaces
+    it), else from its memory-mapped one, else decoded and cached (where the cache folder allows)."""
+    cache = names["pt"]
+    cached = _cached_images(cache, size) if cache.exists() else _read_mapped_cache(names, folder, size)
+    if cached is not None:
+        return _said_skipped(cached, scan, folder)
+    problem = _prepare_decode([cache], folder, decoded_bytes(len(scan.files), size))
+    if problem:  # the cache only saves time: decode anyway, and say so before the minutes of decoding
+        warnings.warn(f"data.cache_dir '{cache.parent}' {problem}: decoding without keeping the images, so "
+                      f"every run decodes them again; set data.cache_dir to a writable folder with room "
+                      f"(data.cache_dir=null: no cache, no warning)", stacklevel=3)
+        cache = None
+    data, keep = _decode_into_memory(folder, scan, size, skip_bad, workers, cache is not None)
     if cache is not None:
         try:
             atomic_torch_save({"images": data.images, "labels": data.labels, "classes": list(data.classes),
                                "digests": data.digests, **_about(folder, scan, keep)}, cache)
         except CheckpointError as e:  # the disk filled up while decoding: the images are decoded all the same
             warnings.warn(f"the decoded images were not cached: {cache_write_problem(cache.parent, e)}",
-                          stacklevel=2)
+                          stacklevel=3)
     return data
 
 
@@ -279,25 +259,6 @@ def _remove_unfinished(cache: Path, folder: Path) -> None:
               f"{', '.join(p.name for p in others)}; delete those no longer needed", flush=True)
 
 
-def _meta_of(cache: Path) -> Path:
-    """The file holding a cache file's labels and metadata: a ``.u8.npy``'s ``.labels.pt``, else itself."""
-    npy, meta = CACHE_SUFFIXES["npy"], CACHE_SUFFIXES["meta"]
-    return cache.with_name(cache.name.removesuffix(npy) + meta) if cache.name.endswith(npy) else cache
-
-
-def _cache_name(prefix: str) -> str:
-    """The pattern of the cache files' names ``<prefix>-<key><suffix>`` (see :func:`_cache_files`)."""
-    suffixes = "|".join(map(re.escape, CACHE_SUFFIXES.values()))
-    return rf"{re.escape(prefix)}-[0-9a-f]{{{CACHE_KEY_LENGTH}}}(?:{suffixes})"
-
-
-def _temp_files_cache(name: str, prefix: str) -> str | None:
-    """The cache file of the folder named ``prefix`` (:func:`_cache_prefix`) whose temporary file
-    (:func:`byol.core.checkpoint.new_temp_file`) is named ``name``; None for any other file."""
-    found = re.fullmatch(rf"\.({_cache_name(prefix)})\..+-\d+\.[^.]+\.tmp", name)
-    return found.group(1) if found else None
-
-
 def _decoded(files: list[Path], size: int, skip_bad: bool, workers: int, chunk: int = 4096,
              progress: Progress | None = None):
     """Each file's decoded array (None: skipped), a chunk at a time, in order; a progress line now and then
@@ -328,6 +289,13 @@ def _load_mmap(folder: Path, scan: FolderScan, size: int, cache_dir, skip_bad: b
         raise DataError("data.storage=mmap keeps the decoded images in a file in data.cache_dir; set "
                         "data.cache_dir to a folder on a local disk")
     names = _cache_files(cache_dir, folder, scan, size, skip_bad)
+    with decode_lock(names["pt"], folder):  # runs started together decode the folder once
+        return _mapped_or_written(folder, scan, size, names, skip_bad, workers)
+
+
+def _mapped_or_written(folder: Path, scan: FolderScan, size: int, names: dict[str, Path], skip_bad: bool,
+                       workers: int) -> ImageTensors:
+    """The folder's memory-mapped cache, written first when missing (see :func:`_load_mmap`)."""
     npy, meta = names["npy"], names["meta"]
     mapped = _mapped_cache(npy, meta, size)
     if mapped is not None:
