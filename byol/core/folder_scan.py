@@ -14,7 +14,10 @@ from typing import NamedTuple
 
 from byol.core.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Every name Pillow gives the formats read (``byol.core.image_folder.IMAGE_FORMATS``): '.jfif' (Windows' name for
+# saved JPEGs), '.jpe', cameras' '.mpo', '.pbm'/'.pnm'/'.pfm' and '.apng' files were left out without a word
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".bmp", ".ppm", ".pgm", ".pbm", ".pnm",
+                    ".pfm", ".tif", ".tiff", ".webp", ".gif")
 # Folders that archivers add beside the images (macOS zips: resource forks of every file): never a class
 SKIPPED_FOLDERS = ("__MACOSX",)
 
@@ -62,6 +65,7 @@ class _Scanner:
         self.nested: list[tuple[Path, str | None]] = []  # symlinked folders met on the way, followed last
         self.skipped: list[str] = []  # symlinked folders not followed, for the "no images" message
         self.broken: list[Path] = []  # symlinks whose target does not exist or cannot be reached
+        self.others: list[Path] = []  # files that are not of an image type read here: left out, said in a note
 
     def entries(self, path: Path, top: bool) -> list[os.DirEntry]:
         """The entries of ``path`` by name. Unreadable is an error at the top; below, too (its images would be
@@ -126,6 +130,8 @@ class _Scanner:
                     yield p, sub
             elif p.suffix.lower() in IMAGE_EXTENSIONS and e.is_file():
                 self.found.append(_Found(cls, p, os.path.realpath(p) if link else os.path.join(real, e.name), link))
+            elif not is_dir:
+                self.others.append(p)
 
     def _broken(self, link: Path) -> bool:
         """Whether ``link`` leads nowhere (its target missing: storage not mounted, a moved folder): recorded
@@ -150,6 +156,20 @@ class _Scanner:
                             f"the images there would be left out; mount or fix the targets, remove the links, or "
                             f"set data.skip_bad_files=true to skip them with a warning")
         print(f"[data] warning: skipping {what} that lead to nothing that exists: {names}", flush=True)
+
+    def note_others(self) -> None:
+        """One note for the files left out as not of an image type read here, by type: a class's '.heic' photos
+        (or '.avif', '.jxl', camera raw files) vanished from it without a word."""
+        if not self.others:
+            return
+        kinds: dict[str, int] = {}
+        for p in self.others:
+            kinds[p.suffix.lower() or "no extension"] = kinds.get(p.suffix.lower() or "no extension", 0) + 1
+        counts = ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items(), key=lambda kn: -kn[1])[:6])
+        print(f"[data] note: {len(self.others)} file(s) in image folder '{self.folder}' are left out, not of an "
+              f"image type read here ({counts}{', ...' if len(kinds) > 6 else ''}; e.g. "
+              f"'{self.others[0].relative_to(self.folder)}'); images are read from {' '.join(IMAGE_EXTENSIONS)} "
+              f"files: convert others to JPEG or PNG to use them", flush=True)
 
     def follow(self, link: Path) -> str | None:
         """The real path of a symlinked folder to walk, or None (skipped, with a line)."""
@@ -241,6 +261,7 @@ def scan_images(folder: Path, skip_unreadable: bool = False) -> FolderScan:
     scanner = _Scanner(folder, skip_unreadable)
     classes = scanner.walk_all()
     scanner.check_broken()
+    scanner.note_others()
     return scanner.collect(classes)
 
 
