@@ -8,6 +8,7 @@ The only data code that reads the config; what it calls (``byol.core.data``,
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -166,15 +167,7 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0, train: ImageTensors | No
     ours = train is None  # loaded here: its rows may be reordered in place
     train = train if train is not None else load_split(cfg, "train", unlabelled=False)
     test = load_split(cfg, "test")
-    if len(train.classes) and len(test.classes) and train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
-        empty = [name for name in only_train if name in classes_without_images(train)] + \
-                [name for name in only_test if name in classes_without_images(test)]
-        hint = f" ({', '.join(map(repr, empty))} {'holds' if len(empty) == 1 else 'hold'} no images)" if empty else ""
-        raise DataError(f"train and test class folders differ (only in train: {only_train or 'none'}; "
-                        f"only in test: {only_test or 'none'}){hint}; both splits need the same <class> "
-                        f"subfolders: add, rename or remove folders")
+    check_same_classes(train, test)
     digests = image_digests(train)
     known = set(digests)
     leaked = sum(d in known for d in image_digests(test))
@@ -205,6 +198,26 @@ def eval_splits(cfg, split_cfg: Mapping, seed: int = 0, train: ImageTensors | No
     val, rest = split_in_place(train, held, rest) if ours else (train.subset(held), train.subset(rest))
     return {"train": subset_of(rest, cfg, seed, "training images left after the validation split"), "val": val,
             "test": test}
+
+
+def check_same_classes(train: ImageTensors, test: ImageTensors) -> None:
+    """Train and test must have the same class folders (a label is a folder's place in the sorted names)."""
+    if not (len(train.classes) and len(test.classes)) or train.classes == test.classes:
+        return
+    only_train = sorted(set(train.classes) - set(test.classes))
+    only_test = sorted(set(test.classes) - set(train.classes))
+    empty = [name for name in only_train if name in classes_without_images(train)] + \
+            [name for name in only_test if name in classes_without_images(test)]
+    hint = f" ({', '.join(map(repr, empty))} {'holds' if len(empty) == 1 else 'hold'} no images)" if empty else ""
+    nfc = {unicodedata.normalize("NFC", name) for name in only_train} & \
+          {unicodedata.normalize("NFC", name) for name in only_test}
+    if nfc:  # 'café' in both lists: one split's names were written decomposed (copied from macOS, or a zip)
+        hint += (f"; {', '.join(map(repr, sorted(nfc)))} {'is' if len(nfc) == 1 else 'are'} spelt with other Unicode "
+                 f"characters in each split (composed and decomposed accents look alike): rename the folders "
+                 f"of one split")
+    raise DataError(f"train and test class folders differ (only in train: {only_train or 'none'}; "
+                    f"only in test: {only_test or 'none'}){hint}; both splits need the same <class> "
+                    f"subfolders: add, rename or remove folders")
 
 
 def subset_of(images: ImageTensors, cfg: Mapping, seed: int, what: str) -> ImageTensors:
