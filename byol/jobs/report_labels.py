@@ -10,6 +10,9 @@ from collections.abc import Iterable
 
 BASELINE = "random-init"
 CORE_DATA = ("name", "root", "subset", "image_size")  # what every results.json of this version records
+# data settings that change an evaluation's images or their normalisation: in ``eval_data`` only where they differ
+# from the dataset's defaults (conf/data/), so an absent one reads "default" (results of earlier versions too)
+EVAL_DATA_SETTINGS = ("mean", "std", "skip_bad_files")
 
 
 def label_data(cells: Iterable) -> None:
@@ -19,7 +22,9 @@ def label_data(cells: Iterable) -> None:
     dataset's name, ``?`` when nothing is known."""
     cells = list(cells)
     found = {s for c in cells for s in (c.pretrain_data, c.eval_data) if s is not None}
-    dicts = {s: json.loads(s) for s in found}
+    evaluated = {c.eval_data for c in cells}
+    dicts = {s: {**(dict.fromkeys(EVAL_DATA_SETTINGS, "default") if s in evaluated else {}), **json.loads(s)}
+             for s in found}
     values: dict = {}  # (dataset name, setting) -> the values recorded for it
     for d in dicts.values():
         for k, v in d.items():

@@ -13,6 +13,7 @@ from byol.jobs.cli import launched_rank
 from byol.jobs.evaluation_checks import UNTRAINED
 from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields, trained_settings
 from byol.jobs.replaced import evaluation_replaced, keep_earlier_evaluation, undo_unfinished_evaluation
+from byol.jobs.report_labels import EVAL_DATA_SETTINGS
 from byol.jobs.run_folder import FAILED, HYDRA_DIR, lock_holder
 
 RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
@@ -60,10 +61,21 @@ def result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
             "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] not in UNTRAINED else 0,
             "eval_settings": {k: v for k, v in eval_cfg.items() if k not in APART_FROM_SETTINGS},
             "seed": None, "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
-            "eval_data": {**data_fields(cfg["data"]), "split": cfg["split"]["name"],
-                          "val_size": cfg["split"].get("val_size")},
+            "eval_data": eval_data_fields(cfg["data"], cfg["split"]),
             "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
             "status": "running"}
+
+
+def eval_data_fields(data: Mapping, split: Mapping) -> dict:
+    """``eval_data``: what the report tells evaluations apart by; the normalisation (and skipped files) only where
+    they are not the dataset's defaults, else two evaluations of one run under other ``data.mean`` were averaged
+    as the same result evaluated twice."""
+    from byol.jobs.evaluation_data import data_group_defaults
+
+    defaults = {"skip_bad_files": False, **data_group_defaults(data.get("name"))}
+    other = {k: data[k] if isinstance(data[k], bool) else json.dumps(data[k]) for k in EVAL_DATA_SETTINGS
+             if k in data and json.dumps(data[k]) != json.dumps(defaults.get(k))}  # a list as text: plain values
+    return {**data_fields(data), **other, "split": split["name"], "val_size": split.get("val_size")}
 
 
 def model_fields(model: EncoderSource) -> dict:
