@@ -37,3 +37,28 @@ def test_evaluations_under_another_normalisation_are_not_averaged_as_one_seed(tm
     rows = rows_of(md, "classic", "avgpool", "knn")
     assert sorted(row[3] for row in rows) == ["20.00", "40.00"]
     assert sorted(row[8] for row in rows) == ["cifar10 mean=[0.5, 0.5, 0.5]", "cifar10 mean=default"]
+
+
+def test_evaluations_at_another_precision_are_not_averaged_as_one_seed(tmp_path):
+    """bf16 and 32-bit features of one run score a few tenths of a point apart (0.252 and 0.256, kNN on a smoke
+    run's combined features, 2026-12-03): the report averaged them as the same result evaluated twice."""
+    import yaml
+
+    from byol.jobs.results_json import DEFAULT_PRECISION
+
+    conf = yaml.safe_load(open("conf/trainer/default.yaml"))
+    assert conf["precision"] == DEFAULT_PRECISION
+    cfg = {"eval": {"name": "knn", "k": 200}, "repr": {"name": "avgpool"}, "split": HOLDOUT, "seed": 0,
+           "data": CIFAR10}
+    default = result_fields("/runs/r0/encoder.pt", "r0", {**cfg, "trainer": conf})["eval_settings"]
+    full = result_fields("/runs/r0/encoder.pt", "r0", {**cfg, "trainer": {"precision": "32-true"}})["eval_settings"]
+    assert default == {"k": 200} and full == {"k": 200, "trainer.precision": "32-true"}
+    for name, test, settings in (("bf16", 0.252, default), ("fp32", 0.256, full)):
+        write(tmp_path / "ev", name, "classic", "avgpool", "knn", test, test, pretrained="/runs/r0/encoder.pt",
+              eval_settings=settings)
+    report([tmp_path / "ev"], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    rows = rows_of(md, "classic", "avgpool", "knn")
+    assert sorted(row[3] for row in rows) == ["25.20", "25.60"]
+    assert sorted(row[11] for row in rows) == ["settings: trainer.precision=32-true",
+                                              "settings: trainer.precision=default"]

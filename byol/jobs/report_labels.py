@@ -71,8 +71,16 @@ def label_variants(cells: Iterable) -> None:
             keys = {k for _, d in known for k in d}
             varying = sorted(k for k in keys if len({json.dumps(d.get(k)) for _, d in known}) > 1)
             for c, d in known:
-                parts = [f"{prefix}{k}={short_value(d.get(k))}" for k in varying]
+                parts = [_setting(prefix, k, d) for k in varying]
                 c.variant = " ".join(x for x in (c.variant, *parts) if x)
+
+
+def _setting(prefix: str, key: str, settings: dict) -> str:
+    """``eval.k=20``; a setting named in full (an evaluation's ``trainer.precision``, recorded only where it is not
+    the default) is not under the group's prefix, and its absence is the default."""
+    if "." in key and prefix == "eval.":
+        return f"{key}={short_value(settings[key]) if key in settings else 'default'}"
+    return f"{prefix}{key}={short_value(settings.get(key))}"
 
 
 def _as_dict(canonical: str) -> dict:

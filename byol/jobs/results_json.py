@@ -20,6 +20,7 @@ RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
 # eval settings that are not in ``eval_settings``: shown apart (the protocol's name, its epochs) or deciding how
 # a score is computed, not what it is (the kNN's similarity block)
 APART_FROM_SETTINGS = ("name", "epochs", "chunk_size")
+DEFAULT_PRECISION = "bf16-mixed"  # conf/trainer/default.yaml's
 
 
 def keep_earlier_result(folder: Path) -> None:
@@ -51,6 +52,14 @@ def write_json(obj: dict, path: Path) -> None:
     evaluation_replaced(path.parent)
 
 
+def precision_setting(trainer: Mapping) -> dict:
+    """``{"trainer.precision": ...}`` for an evaluation at another precision than the default (bf16 features
+    score a few tenths of a point off 32-bit ones: two such evaluations of a run are not one result evaluated
+    twice); empty at the default, as earlier versions wrote it."""
+    precision = trainer.get("precision")
+    return {} if precision in (None, DEFAULT_PRECISION) else {"trainer.precision": str(precision)}
+
+
 def result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
     """The fields of a ``results.json`` known before any model is read: the evaluation's settings."""
     eval_cfg = cfg["eval"]
@@ -59,7 +68,8 @@ def result_fields(pretrained: str, label: str | None, cfg: Mapping) -> dict:
             "pretrain_epochs": None,
             "pretrain_epochs_planned": None, "pretrain_status": None, "pretrain_data": None,
             "eval_epochs": int(eval_cfg.get("epochs", 0)) if eval_cfg["name"] not in UNTRAINED else 0,
-            "eval_settings": {k: v for k, v in eval_cfg.items() if k not in APART_FROM_SETTINGS},
+            "eval_settings": {**{k: v for k, v in eval_cfg.items() if k not in APART_FROM_SETTINGS},
+                              **precision_setting(cfg.get("trainer") or {})},
             "seed": None, "eval_seed": cfg["seed"], "data": cfg["data"]["name"],
             "eval_data": eval_data_fields(cfg["data"], cfg["split"]),
             "allow_incomplete": bool(cfg.get("allow_incomplete", False)), "val_acc": None, "test_acc": None,
