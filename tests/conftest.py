@@ -47,6 +47,16 @@ def class_folders(root: Path, per_class: int = 2, size: int = 8, classes=("cat",
     return root
 
 
+def ended_epoch(batches: int = 4, done: int | None = None) -> dict:
+    """A fake trainer's fields that say how far the epoch ending now got (``done`` of ``batches``; all by
+    default): the epoch-end hooks leave out an epoch that a stop limit cut (:func:`epoch_cut_short`)."""
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(current=SimpleNamespace(ready=batches if done is None else done))
+    return {"num_training_batches": batches,
+            "fit_loop": SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))}
+
+
 def compose_config(config_name: str, overrides=(), output_dir: str | Path = "/tmp/byol-tests") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``@hydra.main`` would, with ``${hydra:...}`` resolvable.
 

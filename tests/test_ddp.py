@@ -316,7 +316,10 @@ def test_a_signal_to_one_rank_stops_a_two_process_fine_tuning_with_no_result(tmp
     signal: both stop (none waits forever in a collective), the command says so with status 128 + signal,
     and no results.json is written."""
     run_dir = tmp_path / "eval"
-    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "eval=finetune",
+    # preset=smoke: the smoke run's small network (an epoch of the full CIFAR-stem one took 117 s on a 2-core AMD
+    # EPYC in bf16, past the wait below)
+    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "preset=smoke",
+                             "eval=finetune",
                              "eval.epochs=500", *DDP_CPU[1:], f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = signal_rank1_when(proc, lambda: wait_for_fine_tuning_epoch(proc, run_dir, timeout=300))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config, imported
+from conftest import ROOT, compose_config, ended_epoch, imported
 from PIL import Image
 
 import byol.core.checkpoint as ckpt
@@ -1010,7 +1010,7 @@ def epoch_line(capsys, means: dict) -> str:
     module = SimpleNamespace(last_tau=lambda: 0.99,
                              epoch_means=lambda: {k: torch.tensor(v) for k, v in means.items()})
     trainer = SimpleNamespace(current_epoch=2, max_epochs=10, optimizers=[], callback_metrics={},
-                              is_global_zero=True, world_size=1)
+                              is_global_zero=True, world_size=1, **ended_epoch())
     summary = EpochSummary()
     summary.on_train_batch_end(trainer, module, None, (torch.zeros(8, 3, 4, 4), torch.zeros(8)), 0)
     summary.on_train_epoch_end(trainer, module)

@@ -419,7 +419,10 @@ def test_sigterm_stops_a_fine_tuning_with_status_143_and_no_result(tmp_path):
     """Lightning alone ends a fit on SIGTERM with status 0, so a scheduler or a script would take the
     evaluation for finished; it must say that it stopped and write no result."""
     run_dir = tmp_path / "eval"
-    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "eval=finetune",
+    # preset=smoke: the smoke run's small network (an epoch of the full CIFAR-stem one took 117 s on a 2-core AMD
+    # EPYC in bf16, past the wait below)
+    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "preset=smoke",
+                             "eval=finetune",
                              "eval.epochs=500", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, out, err = signal_when(proc, lambda: wait_for_fine_tuning_epoch(proc, run_dir, timeout=120), signal.SIGTERM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from conftest import ended_epoch
 
 from byol.lightning.monitors import OnlineKNN, OnlineProbes, _columns
 
@@ -24,8 +25,14 @@ def test_knn_monitor_scores_the_online_encoder():
     logged = {}
     module = SimpleNamespace(model=SimpleNamespace(online_encoder="online", target_encoder="target"),
                              log=lambda name, value, **kwargs: logged.__setitem__(name, value))
-    knn.on_train_epoch_end(SimpleNamespace(current_epoch=0, max_epochs=1, is_global_zero=True), module)
+    knn.on_train_epoch_end(SimpleNamespace(current_epoch=0, max_epochs=1, is_global_zero=True, **ended_epoch()),
+                           module)
     assert scored == ["online"] and logged["monitor/knn/avgpool"] == 0.5
+    # the last epoch cut after 3 of its 4 batches by a stop limit: scored once, when a resumed run ends it
+    scored.clear(), logged.clear()
+    knn.on_train_epoch_end(SimpleNamespace(current_epoch=0, max_epochs=1, is_global_zero=True,
+                                           **ended_epoch(4, done=3)), module)
+    assert scored == [] and logged == {}
 
 
 def test_probes_standardise_their_features_so_a_per_dimension_scale_changes_nothing():
