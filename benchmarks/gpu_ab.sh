@@ -29,7 +29,8 @@ AB_DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() el
 SETTINGS=(seed=0 "data.mean=[0.4914,0.4822,0.4465]" "data.std=[0.2470,0.2435,0.2616]"
           trainer.max_epochs="$AB_EPOCHS" optim.scheduler.warmup_epochs="$WARM")
 # SMOKE: a batch that the tiny folder fills (the reference drops the last, partial batch) and tiny heads
-[ "$SMOKE" = 1 ] && SETTINGS+=(data.batch_size=8 head.proj_hidden_dim=64 head.pred_hidden_dim=64 head.proj_dim=32)
+[ "$SMOKE" = 1 ] && SETTINGS+=(data.batch_size=8 backbone.width=0.25 head.proj_hidden_dim=64 head.pred_hidden_dim=64
+                                head.proj_dim=32)
 EVAL_DATA=(data=imagefolder data.root="$DATA" "data.mean=[0.4914,0.4822,0.4465]" "data.std=[0.2470,0.2435,0.2616]")
 
 # ---------------------------------------------------------------- 4. ours
