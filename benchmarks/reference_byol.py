@@ -205,7 +205,9 @@ def main(argv=None) -> None:
     total = per_epoch * (cfg["schedule_epochs"] or epochs)
     warmup = round(opt_cfg["scheduler"]["warmup_epochs"] * per_epoch)
     tau_base, tau_schedule = cfg["ema"]["tau_base"], cfg["ema"]["tau_schedule"]
-    bf16 = cfg["trainer"]["precision"] == "bf16-mixed"
+    from byol.jobs.build import precision_here  # auto: what train.py chooses on this machine
+
+    bf16 = precision_here(cfg["trainer"]) == "bf16-mixed"
     print(f"[reference] {len(dataset)} images, batch {batch}, {per_epoch} steps an epoch, {epochs} epochs "
           f"of a {total}-step schedule, {opt_cfg['name']} lr {peak}, tau {tau_base} {tau_schedule}, bf16 {bf16}, "
           f"torch threads {torch.get_num_threads()}, "

@@ -167,6 +167,8 @@ def compose_config(data_root: Path, stem: str, batch_size: int, compile_model: b
             f"backbone.stem={stem}", f"compile={str(compile_model).lower()}", *overrides])
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("logger", None)  # its save_dir needs a Hydra run; the benchmark logs nothing
+    if raw["trainer"]["precision"] == "auto":  # ours runs in the floor's precision (--set trainer.precision=...)
+        raw["trainer"]["precision"] = "bf16-mixed"
     return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 

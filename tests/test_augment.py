@@ -26,7 +26,7 @@ from byol.core.augment import (
     gaussian_blur,
     sample_view_params,
 )
-from byol.jobs.build import view_settings
+from byol.jobs.build_views import view_settings
 
 N = 20_000
 IDENTITY_NORM = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # keep outputs in [0, 1] to read them directly
@@ -74,7 +74,7 @@ def test_blur_auto_is_the_papers_per_view_above_32_pixels(augment, side, expecte
 
 
 def test_default_config_blurs_stl10_views_as_the_paper_and_cifar_not(default_views):
-    from byol.jobs.build import build_augment
+    from byol.jobs.build_views import build_augment
 
     for data, expected in (("stl10", (1.0, 0.1)), ("cifar10", (0.0, 0.0))):
         augment = build_augment(plain_config(compose_config("train", [f"data={data}"])))

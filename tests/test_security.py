@@ -471,7 +471,7 @@ BAD_VALUES = {
     "data.mean=[0.5,0.5]": "data.mean must be 3 numbers, one per RGB channel, not [0.5, 0.5]",
     "data.mean=[0.5,nan,0.5]": "data.mean must be in [0, 1], of pixels scaled to [0, 1]",
     "data.mean=[a,b,c]": "data.mean must be 3 numbers",
-    "trainer.precision=17": "unknown trainer.precision '17'; choose one of: bf16-mixed, 16-mixed, 32-true",
+    "trainer.precision=17": "unknown trainer.precision '17'; choose one of: auto, bf16-mixed, 16-mixed, 32-true",
     "seed=-1": "seed must be a whole number from 0 to 4294967295, not -1",
     "seed=4294967296": "seed must be a whole number from 0 to 4294967295, not 4294967296",
     "seed=1.5": "seed must be a whole number from 0 to 4294967295, not 1.5",
@@ -498,7 +498,8 @@ def test_invalid_values_are_one_line_and_exit_1(tmp_path, capsys, override):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("trainer.strategy=foo", "strategy=foo, precision=bf16-mixed): You selected an invalid strategy name"),
+    ("trainer.strategy=foo", "strategy=foo, precision="),  # precision=auto, as this machine chose it
+    ("trainer.strategy=foo", "): You selected an invalid strategy name"),
     ("trainer.benchmark=abc", "benchmark=abc): set_benchmark_cudnn expects a bool"),  # torch's RuntimeError
 ])
 def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, override, expected):

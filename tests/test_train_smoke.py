@@ -83,6 +83,8 @@ def test_run_folder_contents(runs, loss):
     assert loss_mode(cfg["loss"]) == loss and cfg["trainer"]["max_epochs"] == 1
     assert cfg["backbone"]["width"] == 0.5 and cfg["checkpoint"]["keep_last"] is None
     assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+    from byol.core.features import cpu_has_bf16_instructions  # trainer.precision=auto, recorded as it ran
+    assert cfg["trainer"]["precision"] == ("bf16-mixed" if cpu_has_bf16_instructions() else "32-true")
     ckpt = safe_load(run_dir / "checkpoints" / "last.ckpt")
     assert loss_mode(ckpt["byol_config"]["loss"]) == loss and ckpt["global_step"] == STEPS
     assert epochs_trained(run_dir / "checkpoints" / "last.ckpt") == 1  # the final state: the epoch is done

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import compose_config, plain_config
 
-from byol.jobs.build import _logger_kwargs, crop_side, scaled_lr, trainer_for_this_machine, view_settings
+from byol.jobs.build import _logger_kwargs, scaled_lr, trainer_for_this_machine
+from byol.jobs.build_views import crop_side, view_settings
 from byol.jobs.pretrain import RunStart
 from byol.jobs.pretrain_fit import announce, build_module
 
@@ -134,3 +135,46 @@ def test_float16_mixed_precision_on_cpu_is_bf16_without_lightnings_warning(capsy
             "bf16-mixed"
     assert trainer_for_this_machine({"precision": "32-true", "accelerator": "cpu"}, "[byol]")["precision"] == \
         "32-true"
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: {name}\nflags\t\t: fpu sse2 avx2 {extra}\n"
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it():
+    """bf16 autocast on a CPU without bf16 instructions took 5x as long as float32 per step (2-core AMD EPYC,
+    AVX2 only: 23 against 110-126 images/s for experiment=smoke); the old default ran it there."""
+    from byol.core.features import cpu_has_bf16_instructions, machine_precision
+
+    assert not cpu_has_bf16_instructions(CPUINFO.format(name="AMD EPYC", extra="avx512f"))
+    assert cpu_has_bf16_instructions(CPUINFO.format(name="Intel Xeon", extra="amx_tile amx_bf16"))
+    assert cpu_has_bf16_instructions(CPUINFO.format(name="AMD EPYC 9654", extra="avx512f avx512_bf16"))
+    assert not cpu_has_bf16_instructions("model name : amx_bf16 in a name, not a flag\n")
+    assert machine_precision("auto", on_gpu=False, cpu_bf16=False) == "32-true"
+    assert machine_precision("auto", on_gpu=False, cpu_bf16=True) == "bf16-mixed"
+    assert machine_precision("auto", on_gpu=True, gpu_bf16=True, cpu_bf16=False) == "bf16-mixed"
+    assert machine_precision("auto", on_gpu=True, gpu_bf16=False) == "16-mixed"  # a V100
+    for asked in ("bf16-mixed", "32-true", "16-mixed"):  # a precision asked for is kept, even where it is slow
+        assert machine_precision(asked, on_gpu=False, cpu_bf16=False) == asked
+
+
+@pytest.mark.parametrize("bf16_cpu", [False, True])
+def test_precision_auto_is_recorded_as_chosen_and_said_once(monkeypatch, capsys, bf16_cpu):
+    """The run's config.yaml and results.json hold the precision that ran (a resume keeps it; the report tells a
+    32-bit evaluation from a bf16 one); a CPU that takes float32 says why in one line."""
+    import byol.core.features as features
+    from byol.jobs.build import build_trainer, resolve_precision
+
+    monkeypatch.setattr(features, "cpu_has_bf16_instructions", lambda: bf16_cpu)
+    config = {"trainer": {"precision": "auto", "accelerator": "cpu"}}
+    resolve_precision(config, "[byol]")
+    chosen = "bf16-mixed" if bf16_cpu else "32-true"
+    assert config["trainer"]["precision"] == chosen
+    out = capsys.readouterr().out
+    assert out.count("trainer.precision=auto is 32-true on this CPU") == (0 if bf16_cpu else 1)
+    asked = {"trainer": {"precision": "bf16-mixed", "accelerator": "cpu"}}
+    resolve_precision(asked, "[byol]")
+    assert asked["trainer"]["precision"] == "bf16-mixed" and not capsys.readouterr().out
+    # a trainer built from a config that never went through a job resolves it too (Lightning knows no "auto")
+    trainer = build_trainer({"precision": "auto", "accelerator": "cpu", "max_epochs": 1}, logger=False,
+                            enable_checkpointing=False)
+    assert trainer.precision == chosen

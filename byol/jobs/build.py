@@ -153,6 +153,31 @@ def on_gpu(trainer_cfg: Mapping) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def precision_here(trainer_cfg: Mapping) -> str:
+    """``trainer.precision`` with ``auto`` made this machine's choice (:func:`byol.core.features.machine_precision`)."""
+    import torch
+
+    from byol.core.features import machine_precision
+
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return machine_precision(trainer_cfg.get("precision"), on_gpu(trainer_cfg), gpu_bf16)
+
+
+def resolve_precision(config: dict, tag: str) -> None:
+    """``trainer.precision=auto`` made this machine's setting in ``config`` (recorded so in the run's files: a
+    resume keeps it, and results name what ran); a one-line note when a CPU without bf16 instructions takes
+    float32."""
+    from byol.jobs.cli import launched_rank
+
+    trainer = config["trainer"]
+    if trainer.get("precision") != "auto":
+        return
+    trainer["precision"] = precision_here(trainer)
+    if trainer["precision"] == "32-true" and not on_gpu(trainer) and launched_rank() == 0:
+        print(f"{tag} note: trainer.precision=auto is 32-true on this CPU (no AMX or AVX512-BF16 instructions, "
+              f"where bf16 runs several times slower)", flush=True)
+
+
 def note_crowded_cpu(trainer_cfg: Mapping, tag: str) -> None:
     """One line (rank 0) when DDP on CPU starts more processes on this machine than it has cores: each gets a
     fraction of one (a run trained on 8 GPUs resumed on a laptop started 8 processes on its cores)."""
@@ -293,6 +318,8 @@ def build_trainer(trainer_cfg: Mapping, **fixed):
         if key in TRAINER_RESERVED or key not in trainer_parameters():
             raise ConfigError(f"trainer.{key} is not a Trainer argument this project passes on")
         kwargs[key] = value
+    if kwargs.get("precision") == "auto":
+        kwargs["precision"] = precision_here(trainer_cfg)
     if "enable_progress_bar" in kwargs:
         kwargs["enable_progress_bar"] = progress_bar_on(kwargs["enable_progress_bar"])
     kwargs.update(fixed)
@@ -303,40 +330,6 @@ def build_trainer(trainer_cfg: Mapping, **fixed):
     except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as e:
         given = ", ".join(f"{k}={v}" for k, v in trainer_cfg.items() if k in TRAINER_CHOICES or k in str(e))
         raise ConfigError(f"Lightning refused the trainer settings ({given}): {e}") from None
-
-
-VIEWS = ("view1", "view2")
-
-
-# blur_p: auto gives each view the paper's blur probability on crops larger than BLUR_ABOVE pixels, and none
-# at CIFAR's 32 px, where the CIFAR recipes (solo-learn's among them) leave blur out.
-PAPER_BLUR_P = (1.0, 0.1)  # view 1, view 2 (Grill et al., 2020, appendix B)
-BLUR_ABOVE = 32
-
-
-def view_settings(augment: Mapping, crop_side: int) -> list[dict]:
-    """Each view's settings: the shared ``augment.*`` keys, then what ``augment.viewN`` changes; a
-    ``blur_p`` of ``auto`` becomes the view's paper probability on crops of more than 32 pixels, else 0."""
-    shared = {k: v for k, v in augment.items() if k not in VIEWS}
-    views = [{**shared, **(augment.get(view) or {})} for view in VIEWS]
-    for view, paper in zip(views, PAPER_BLUR_P, strict=True):
-        if view.get("blur_p") == "auto":
-            view["blur_p"] = paper if crop_side > BLUR_ABOVE else 0.0
-    return views
-
-
-def crop_side(data: Mapping) -> int:
-    """The side of the views' crops: ``data.crop_size``, else the images' own side."""
-    return int(data.get("crop_size") or data.get("image_size") or BLUR_ABOVE)
-
-
-def build_augment(cfg: dict):
-    """The two per-image view augmentations of a run, normalised with the data's mean/std."""
-    from byol.core.augment import ViewAugment, ViewConfig
-
-    data = cfg["data"]
-    views = [ViewConfig.from_dict(view) for view in view_settings(cfg["augment"], crop_side(data))]
-    return ViewAugment(views, data["mean"], data["std"], data.get("crop_size"), compile=bool(cfg.get("compile")))
 
 
 # The warm-up takes at most this fraction of a run's optimizer steps: a run shorter than its

@@ -98,7 +98,7 @@ LOGGER_NAMES = ("csv", "tensorboard", "wandb")
 # Not the "-true" half and double ones: they cast the networks, while the images the augmentation makes on the
 # device, the monitors' and the features' inputs stay float32 (a dtype-mismatch traceback at the first step);
 # BYOL's EMA in half precision would also lose the target's small updates.
-PRECISIONS = ("bf16-mixed", "16-mixed", "32-true", "bf16", "16", "32")
+PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32-true", "bf16", "16", "32")
 UNSUPPORTED_PRECISIONS = ("bf16-true", "16-true", "64-true", "64")
 NAMED = {"backbone.stem": ("cifar", "imagenet"), "ema.tau_schedule": ("cosine", "constant"),
          "train.on_nonfinite": ("stop", "skip"), "split.name": ("holdout", "seed_original"),

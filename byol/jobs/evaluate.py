@@ -22,7 +22,7 @@ from byol.core.backbone import AVGPOOL
 from byol.core.data import ImageTensors
 from byol.core.errors import ByolError, ConfigError, Interrupted
 from byol.core.features import representation_taps
-from byol.jobs.build import check_logger_package, planned_world
+from byol.jobs.build import check_logger_package, planned_world, resolve_precision
 from byol.jobs.cli import launched_rank
 from byol.jobs.command_folders import before_training
 from byol.jobs.config_check import check_config, plain_config
@@ -227,6 +227,7 @@ def _start_job(cfg, run_dir: Path) -> dict:
 
     settings = plain_config(cfg)
     check_config(settings, "the command line")
+    resolve_precision(settings, "[eval]")  # what ran is what config.yaml and results.json record
     check_processes(settings)
     check_logger_package(settings.get("logger"))  # a missing package: before the data, the models and the folder
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from byol.jobs.build import (
     check_logger_package,
     check_strategy,
     planned_world,
+    resolve_precision,
 )
 from byol.jobs.cli import command_arg, launched_rank
 from byol.jobs.command_folders import before_training
@@ -275,7 +276,9 @@ def pretrain(cfg: DictConfig, run_dir: str | Path, requested=None) -> Path:
     run_dir = Path(run_dir)
     with quiet_lightning():
         with before_training():
-            start = run_start(plain_config(cfg), run_dir, requested)
+            container = plain_config(cfg)
+            resolve_precision(container, "[byol]")  # before a resume compares it with the run's
+            start = run_start(container, run_dir, requested)
             if start.finished:
                 return report_finished(start, run_dir, run_dir / ENCODER_FILE)
             check_logger_package(start.config.get("logger"))  # a missing package: before the data

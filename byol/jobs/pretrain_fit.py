@@ -13,7 +13,6 @@ from pytorch_lightning.callbacks import Timer
 from byol.core.checkpoint import atomic_write_bytes, remove_stale_temp_files, save_encoder
 from byol.core.data import IndexBatches
 from byol.jobs.build import (
-    build_augment,
     build_byol,
     build_trainer,
     loss_mode,
@@ -23,6 +22,7 @@ from byol.jobs.build import (
     progress_bar_on,
     trainer_for_this_machine,
 )
+from byol.jobs.build_views import build_augment
 from byol.jobs.cli import command_arg, evaluate_hint, launched_rank, resume_hint
 from byol.jobs.console import other_processes_lost, script_command
 from byol.jobs.curves import write_curves

@@ -9,6 +9,10 @@ import json
 from collections.abc import Iterable
 
 BASELINE = "random-init"
+# the precision an evaluation leaves unrecorded: what trainer.precision=auto is on a GPU (and was the default
+# setting before auto); 32-true and others are recorded
+DEFAULT_PRECISION = "bf16-mixed"
+UNRECORDED_VALUES = {"trainer.precision": DEFAULT_PRECISION}
 CORE_DATA = ("name", "root", "subset", "image_size")  # what every results.json of this version records
 # data settings that change an evaluation's images or their normalisation: in ``eval_data`` only where they differ
 # from the dataset's defaults (conf/data/), so an absent one reads "default" (results of earlier versions too)
@@ -77,9 +81,9 @@ def label_variants(cells: Iterable) -> None:
 
 def _setting(prefix: str, key: str, settings: dict) -> str:
     """``eval.k=20``; a setting named in full (an evaluation's ``trainer.precision``, recorded only where it is not
-    the default) is not under the group's prefix, and its absence is the default."""
+    bf16-mixed) is not under the group's prefix, and its absence is that value."""
     if "." in key and prefix == "eval.":
-        return f"{key}={short_value(settings[key]) if key in settings else 'default'}"
+        return f"{key}={short_value(settings.get(key, UNRECORDED_VALUES.get(key, 'default')))}"
     return f"{prefix}{key}={short_value(settings.get(key))}"
 
 

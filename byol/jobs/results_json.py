@@ -13,14 +13,13 @@ from byol.jobs.cli import launched_rank
 from byol.jobs.evaluation_checks import UNTRAINED
 from byol.jobs.pretrained import EncoderSource, data_fields, read_run_config, run_config_fields, trained_settings
 from byol.jobs.replaced import evaluation_replaced, keep_earlier_evaluation, undo_unfinished_evaluation
-from byol.jobs.report_labels import EVAL_DATA_SETTINGS
+from byol.jobs.report_labels import DEFAULT_PRECISION, EVAL_DATA_SETTINGS
 from byol.jobs.run_folder import FAILED, HYDRA_DIR, lock_holder
 
 RESULTS_FILE = "results.json"  # one per evaluated model, read by the report
 # eval settings that are not in ``eval_settings``: shown apart (the protocol's name, its epochs) or deciding how
 # a score is computed, not what it is (the kNN's similarity block)
 APART_FROM_SETTINGS = ("name", "epochs", "chunk_size")
-DEFAULT_PRECISION = "bf16-mixed"  # conf/trainer/default.yaml's
 
 
 def keep_earlier_result(folder: Path) -> None:

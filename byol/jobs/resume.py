@@ -13,7 +13,8 @@ from pathlib import Path
 
 from byol.core.checkpoint import epochs_done, load_weights, online_encoder_state, safe_load, save_encoder
 from byol.core.errors import CheckpointError, ConfigError
-from byol.jobs.build import build_encoder, crop_side, loss_mode, view_settings
+from byol.jobs.build import build_encoder, loss_mode
+from byol.jobs.build_views import crop_side, view_settings
 from byol.jobs.config_check import check_file_config
 from byol.jobs.run_folder import CONFIG_FILE, RUN_ID_KEY, evaluation_output, raw_run_config, sweep_jobs
 
