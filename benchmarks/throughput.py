@@ -450,8 +450,11 @@ def machine_info(device: torch.device) -> dict:
     cpu = cpu_name()
     import torchvision
 
+    from byol.core.features import cpu_has_bf16_instructions
+
     return {
         "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu_bf16_instructions": cpu_has_bf16_instructions(),  # AMX / AVX512-BF16: bf16 on CPU is 5-9x slower without
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "pytorch_lightning": package_version("pytorch-lightning"),
         "lightly": package_version("lightly"), "byol_pytorch": package_version("byol-pytorch"),
@@ -587,7 +590,9 @@ def main(argv=None) -> dict:
               "skipped": {p: why for p in args.peers if (why := peer_missing(p))}}
     stems = STEMS if args.stem == "both" else (args.stem,)
     info = report["machine"]
-    print(f"[bench] machine: {info['cpu']}, {info['cpu_cores']} cores ({threads_text(args)}), torch {info['torch']}, "
+    bf16 = "with" if info["cpu_bf16_instructions"] else "no"
+    print(f"[bench] machine: {info['cpu']} ({bf16} bf16 instructions), {info['cpu_cores']} cores "
+          f"({threads_text(args)}), torch {info['torch']}, "
           f"torchvision {info['torchvision']}, device {info['device_name']}", flush=True)
     print(f"[bench] data: {data_root}/train ({report['n_images']} images); batch {args.batch_size}; "
           f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats} (interleaved); "
