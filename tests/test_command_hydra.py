@@ -4,12 +4,9 @@ before Hydra composes anything (Hydra's own error spanned several lines and advi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from conftest import ROOT
+from in_process import run_here
 
 SHOWN = "(python train.py --cfg hydra prints Hydra's settings)"
 
@@ -56,9 +53,7 @@ def test_a_hydra_key_or_option_hydra_lacks_is_one_line(argv, expected):
 
 def test_a_misspelt_hydra_key_is_refused_before_hydra_makes_a_run_folder(tmp_path):
     """The whole command: one line, status 1, and no outputs/ folder (Hydra's error came after its own start)."""
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "hydra.run.dri=x"],
-                            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=300)
+    result = run_here(str(ROOT / "train.py"), "experiment=smoke", "hydra.run.dri=x", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: hydra.run.dri is not a setting of Hydra's; did you mean hydra.run.dir?")
     assert not (tmp_path / "outputs").exists()

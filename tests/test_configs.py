@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import CONF_DIR, compose_config, plain_config
 from hydra.errors import ConfigCompositionException
+from in_process import run_here
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationToMissingValueError
 from torch import nn
@@ -226,15 +227,12 @@ def test_help_lists_this_entry_points_groups_and_their_options(config_name):
 def test_evaluate_help_shows_only_the_settings_an_evaluation_takes():
     """``python evaluate.py --help`` listed trainer.max_epochs, data.batch_size and trainer.accumulate_grad_batches,
     which evaluate.py refuses: they are left out of its config and named once with the key that does their job."""
-    import subprocess
-    import sys
 
     from conftest import ROOT
 
     from byol.jobs.evaluation_help import NOT_FOR_EVALUATION
 
-    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300).stdout
+    out = run_here(str(ROOT / "evaluate.py"), "--help").stdout
     shown = yaml.safe_load(out.split("== Config (override any key: key=value; unknown keys are refused) ==\n")[1])
     for key in NOT_FOR_EVALUATION:
         parent, _, leaf = key.partition(".")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from in_process import run_here
 from PIL import Image
 
 from byol.core.backbone import Encoder
@@ -184,8 +185,6 @@ def test_training_on_the_mmap_cache_equals_training_in_memory(tmp_path):
     cache, ends with bit-identical encoder weights (the steps received the same batches) and the same
     online kNN scores; data.subset and the monitors' splits of the mapped folder stay on disk."""
     import csv
-    import subprocess
-    import sys
 
     import yaml
     from conftest import ROOT
@@ -196,8 +195,7 @@ def test_training_on_the_mmap_cache_equals_training_in_memory(tmp_path):
             f"data.cache_dir={tmp_path / 'cache'}", "data.storage=memory,mmap", "data.image_size=16",
             "data.subset=40", "trainer.max_epochs=2", "trainer.precision=32-true", "trainer.deterministic=true",
             f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # one sweep: the two runs in one process, one after the other
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_here(str(ROOT / "train.py"), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = {yaml.safe_load((run / "config.yaml").read_text())["data"]["storage"]: run
             for run in (tmp_path / "sweep").glob("*_*")}

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config, plain_config
+from conftest import compose_config, plain_config
+from in_process import run_here
 from omegaconf import OmegaConf
 
 from byol.core.backbone import Encoder
@@ -61,8 +60,7 @@ def test_the_settings_of_the_protocol_run_and_a_presets_settings_are_accepted(gi
 def test_evaluate_py_refuses_eval_lr_under_the_cached_probe_in_one_line(tmp_path):
     """The keys come from the command line as Hydra saw it; nothing is evaluated."""
     command = ["pretrained=random", "preset=smoke", "data=synthetic", "eval.lr=50", f"hydra.run.dir={tmp_path / 'ev'}"]
-    done = subprocess.run([sys.executable, "evaluate.py", *command], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = run_here("evaluate.py", *command)
     assert done.returncode == 1, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == ["error: eval.lr applies to the augmented linear protocol only (eval.cached_features=false); "

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from conftest import ROOT, compose_config, plain_config
+from in_process import run_here
 from omegaconf import OmegaConf
 
 from byol.core.backbone import Encoder
@@ -663,8 +664,7 @@ def test_random_encoder_is_a_function_of_its_seed_alone():
 
 
 def _run(script: str, args, cwd: Path, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_here(str(ROOT / script), *args, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -5,13 +5,13 @@ jobs started in the same second get two folders, and an evaluation run again kee
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import compose_config
+from in_process import run_here
 
 from byol.core.errors import ByolError, ConfigError
 from byol.jobs.cli import new_folder, new_run_dir_of
@@ -73,8 +73,7 @@ def test_resume_of_a_folder_with_links_stops_before_hydra_writes_through_them(tm
     torch.save({"global_step": 4, "epoch": 0}, run / "checkpoints" / "last.ckpt")  # something to resume
     (run / ".hydra" / "overrides.yaml").symlink_to(victim)
     (run / "train.log").symlink_to(victim)
-    result = subprocess.run([sys.executable, "train.py", f"resume={run}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = run_here("train.py", f"resume={run}")
     assert result.returncode == 1 and result.stderr.startswith(f"error: '{run}' holds symbolic links"), result.stderr
     assert "Traceback" not in result.stderr
     assert victim.read_text() == "precious data"
@@ -136,7 +135,7 @@ def test_results_are_never_written_outside_the_evaluation_folder(tmp_path, label
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return run_here("train.py", *args)
 
 
 def _contents(folder: Path) -> dict:
@@ -217,8 +216,7 @@ def test_resume_of_a_sweep_folder_says_how_to_continue_a_sweep(tmp_path):
                                               rf"again with -m hydra.sweep.dir={sweep} .*"
                                               rf"\"resume='{sweep}/0_loss=classic'\""):
         find_resume(str(sweep), tmp_path)
-    result = subprocess.run([sys.executable, "train.py", f"resume={sweep}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = run_here("train.py", f"resume={sweep}")
     assert result.returncode == 1 and result.stderr.startswith(f"error: resume='{sweep}' is a sweep folder; ")
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in sweep.iterdir()) == ["0_loss=classic", "multirun.yaml"]  # nothing written
@@ -234,9 +232,8 @@ def test_a_single_job_into_a_sweeps_folder_is_refused_before_anything_is_written
     for job in ("train", "evaluate"):
         with pytest.raises(FolderTakenError, match=rf"'{sweep}' holds a sweep \(multirun.yaml, its jobs' folders\)"):
             check_job_folder(sweep, job)
-    result = subprocess.run([sys.executable, "evaluate.py", "preset=smoke", "data=synthetic", "pretrained=random",
-                             "eval=knn", f"hydra.run.dir={sweep}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = run_here("evaluate.py", "preset=smoke", "data=synthetic", "pretrained=random", "eval=knn",
+                      f"hydra.run.dir={sweep}")
     assert result.returncode == 1 and "holds a sweep" in result.stderr and "Traceback" not in result.stderr
     assert (sweep / "multirun.yaml").read_text() == "hydra:\n  mode: MULTIRUN\n"
     assert sorted(p.name for p in sweep.iterdir()) == ["0_loss=classic", "multirun.yaml"]

@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from in_process import run_here
 
 from byol.jobs.report import main as report_main
 
 
 def _run(script: str, args, cwd: Path, expected_rc: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
+    proc = run_here(str(ROOT / script), *args, cwd=cwd)
     assert proc.returncode == expected_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

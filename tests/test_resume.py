@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_config, epochs_reported, signal_when
+from in_process import run_here
 from omegaconf import OmegaConf
 
 from byol.core.checkpoint import TEMP_SUFFIX, safe_load
@@ -40,8 +41,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def train(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    return run_here("train.py", *overrides, env=ENV)
 
 
 def start(*overrides: str) -> subprocess.Popen:

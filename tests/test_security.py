@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT, compose_config, imported, plain_config
+from in_process import run_here
 from omegaconf import OmegaConf
 
 import byol.core.checkpoint as ckpt
@@ -338,8 +339,7 @@ def test_the_folder_check_comes_before_hydra_writes_its_own_files(tmp_path):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(text)
     before = folder_contents(run)
-    result = subprocess.run([sys.executable, "evaluate.py", "pretrained=random", f"hydra.run.dir={run}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = run_here("evaluate.py", "pretrained=random", f"hydra.run.dir={run}")
     assert result.returncode == 1 and result.stderr.startswith(f"error: '{run}' holds a pretraining run"), result.stderr
     assert folder_contents(run) == before
     assert given_run_dir(["seed=1", "hydra.run.dir='/a b'", "hydra.run.dir=/c"]) == Path("/c")
@@ -567,8 +567,7 @@ def test_real_checkpoint_with_the_torch_load_chain_runs_nothing_end_to_end(tmp_p
 
     def cli(script, *args):
         smoke = ["experiment=smoke"] if script == "train.py" else ["preset=smoke"]
-        return subprocess.run([sys.executable, script, *smoke, *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return run_here(script, *smoke, *args, env=env)
 
     pretrain(compose_config("train", ["experiment=smoke", "trainer.max_epochs=1", "data.num_train=32",
                                       "data.batch_size=16"], run), run)  # in this process: the attack is later
@@ -727,8 +726,7 @@ def test_crafted_checkpoint_and_export_are_one_error_line_end_to_end(tmp_path, f
                                                                      "own config describes"),
             ("evaluate.py", [f"pretrained={run}", "eval=knn", "preset=smoke", f"hydra.run.dir={tmp_path / 'eval'}"],
              "its state_dict['body.conv1.weight'] is 'notatensor', not a tensor")):
-        result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=600)
+        result = run_here(script, *args, env=env)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
         assert expected in line, line

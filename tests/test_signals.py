@@ -340,6 +340,7 @@ def test_ctrl_c_inside_a_step_stops_at_once_and_resumes_exactly(tmp_path_factory
     assert saved_step(run_dir / "checkpoints" / "last.ckpt") == step  # the steps finished before the abandoned one
     assert signal.getsignal(signal.SIGINT) == sigint  # the handler before training is back
 
+    monkeypatch.undo()  # the resume, run in this process too, goes on without the Ctrl+C
     resumed = train(f"resume={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_training_state(run_dir, reference)

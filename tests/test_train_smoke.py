@@ -11,13 +11,12 @@ import csv
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from in_process import run_here
 
 from byol.core.checkpoint import load_encoder, load_weights, safe_load
 from byol.jobs.build import build_encoder, loss_mode
@@ -32,10 +31,8 @@ ONLINE = "model.online_encoder."
 def train(*overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
     # one intra-op thread: on a small shared CPU two threads contend and run several times slower
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, "train.py", *(["-m"] if multirun else []), "experiment=smoke",
-               "trainer.max_epochs=1"]
-    result = subprocess.run([*command, *overrides],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_here("train.py", *(["-m"] if multirun else []), "experiment=smoke", "trainer.max_epochs=1",
+                      *overrides, env=env)
     assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
