@@ -62,16 +62,17 @@ say "A/B, reference: exit $REF_RC after ${REF_WALL}s"
 [ -f "$AB/reference/log.csv" ] && keep "$AB/reference/log.csv" ab_reference_log.csv
 
 # ---------------------------------------------------------------- 6. kNN of both
-knn() {  # NAME ENCODER: kNN on avgpool and combined into $AB/eval_NAME
-  local limit=$(( $(left) / 2 ))
-  [ -e "$2" ] || { say "A/B, kNN $1: no $2"; return; }
-  [ "$limit" -ge 30 ] || limit=30
-  say "A/B, kNN $1 (timeout ${limit}s)"
-  timeout "$limit" "$PY" evaluate.py -m pretrained="$2" "${EVAL_DATA[@]}" repr=avgpool,combined eval=knn \
-    allow_incomplete=true hydra.sweep.dir="$AB/eval_$1" || say "A/B, kNN $1: exit $?"
-}
-knn ours "$AB/ours"
-knn reference "$AB/reference/encoder.pt"
+# one sweep over both encoders (one process start, not two); a results.json names its encoder by its label
+ENCODERS=()
+for encoder in "$AB/ours" "$AB/reference/encoder.pt"; do
+  if [ -e "$encoder" ]; then ENCODERS+=("$encoder"); else say "A/B, kNN: no $encoder"; fi
+done
+if [ "${#ENCODERS[@]}" -gt 0 ]; then
+  limit=$(left); [ "$limit" -ge 30 ] || limit=30
+  say "A/B, kNN of ${#ENCODERS[@]} encoder(s) (timeout ${limit}s)"
+  timeout "$limit" "$PY" evaluate.py -m "pretrained=$(IFS=,; echo "${ENCODERS[*]}")" "${EVAL_DATA[@]}" \
+    repr=avgpool,combined eval=knn allow_incomplete=true hydra.sweep.dir="$AB/eval" || say "A/B, kNN: exit $?"
+fi
 
 {
   echo
@@ -80,7 +81,7 @@ knn reference "$AB/reference/encoder.pt"
   echo "Ours: \`python train.py experiment=cifar10 data=imagefolder ${SETTINGS[*]} monitor=off${COMPILE_SET[*]:+ ${COMPILE_SET[*]}}\`:" \
        "exit $OURS_RC, ${OURS_WALL} s wall. Reference: \`python benchmarks/reference_byol.py --experiment cifar10" \
        "--device $AB_DEVICE --workers $AB_WORKERS --max-seconds $REF_SECONDS --set ...\`: exit $REF_RC, ${REF_WALL} s wall." \
-       "kNN: \`python evaluate.py -m pretrained=RUN data=imagefolder data.mean=... data.std=... repr=avgpool,combined eval=knn\`."
+       "kNN, one sweep over both: \`python evaluate.py -m pretrained=OURS,REFERENCE data=imagefolder data.mean=... data.std=... repr=avgpool,combined eval=knn\`."
   echo
   "$PY" - "$AB" "$AB_EPOCHS" <<'EOF'
 import csv, json, sys
@@ -90,9 +91,9 @@ ab, planned = Path(sys.argv[1]), int(sys.argv[2])
 
 def knn(name):
     out = {}
-    for f in sorted((ab / f"eval_{name}").rglob("results.json")):
+    for f in sorted((ab / "eval").rglob("results.json")):
         r = json.loads(f.read_text())
-        if r.get("test_acc") is not None:
+        if r.get("label") == name and r.get("test_acc") is not None:
             out[r["repr"]] = (100 * r["test_acc"], r.get("pretrain_epochs"))
     return out
 

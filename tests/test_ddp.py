@@ -422,7 +422,7 @@ def relative_difference(a: dict, b: dict, prefix: str) -> float:
 
 
 @pytest.mark.slow
-def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_global_batch(tmp_path):
+def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_global_batch(tmp_path, monkeypatch):
     """Sharding, gradient averaging, the global-batch learning rate, EMA and BatchNorm over the global
     batch together: two processes of batch 32 end where one process of batch 64 ends, three steps on.
     The views are the images themselves (no augmentation: the ranks' streams differ from one process's
@@ -433,7 +433,11 @@ def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_glob
     on 2 threads instead of 1 ends 1.5e-3 from itself (encoder weights and third loss, AMD EPYC, 2026-11-30).
     Two processes without synchronised statistics end 20-170x further apart than with them (at least
     10x is asserted)."""
-    for mode in ("single", "ddp", "ddp_local"):
+    from syncbn_worker import main as syncbn_run
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything sets it: taken back after the test
+    syncbn_run(tmp_path, "single")  # one process: this one (the workers run on one thread, as the worker script)
+    for mode in ("ddp", "ddp_local"):
         result = subprocess.run([sys.executable, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path), mode],
                                 cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
