@@ -1,4 +1,4 @@
-"""``python train.py ARGS`` / ``python evaluate.py ARGS`` / ``python -m MODULE ARGS`` run inside the test worker.
+"""``python train.py ARGS`` / ``python evaluate.py ARGS`` run inside the test worker.
 
 A new Python process spends ~8 s of a 2-core machine importing torch, torchvision and Lightning before a
 smoke run's ~3 s of work; most end-to-end tests only need what the command prints, its exit status and the
@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def _interpreter_warning_filters() -> list:
@@ -124,17 +123,15 @@ def _kept_as_it_was(env: Mapping[str, str] | None, cwd: Path):
 
 def run_here(*command: str, env: Mapping[str, str] | None = None, cwd: str | Path = ROOT,
              ) -> subprocess.CompletedProcess:
-    """``command`` is ``("train.py", *args)``, ``("evaluate.py", *args)`` or ``("-m", "MODULE", *args)``, as after
+    """``command`` is ``("train.py", *args)`` or ``("evaluate.py", *args)`` (a path, relative to ``cwd``), as after
     ``python`` on a command line; ``env`` replaces the environment for the run (default: this one)."""
-    module = command[1] if command[0] == "-m" else None
-    args = list(command[2:] if module else command[1:])
-    script = module or str(Path(cwd) / command[0])
+    script, args = str(Path(cwd) / command[0]), list(command[1:])
     out, err = io.StringIO(), io.StringIO()
     exit_hooks: list = []
     status = 0
     with _kept_as_it_was(env, Path(cwd)):
         _fresh_process_state()
-        sys.argv = [script if module is None else module, *args]
+        sys.argv = [script, *args]
         for handler in _console_handlers():
             to_stdout = any(handler.stream is s for s in (sys.stdout, sys.__stdout__, *_EARLIER_STDOUTS))
             handler.setStream(out if to_stdout else err)
@@ -147,10 +144,7 @@ def run_here(*command: str, env: Mapping[str, str] | None = None, cwd: str | Pat
             atexit.register = lambda fn, *a, **k: (exit_hooks.append((fn, a, k)) if _ours(fn)
                                                    else register(fn, *a, **k)) or fn
             try:
-                if module:
-                    runpy.run_module(module, run_name="__main__", alter_sys=True)
-                else:
-                    runpy.run_path(script, run_name="__main__")
+                runpy.run_path(script, run_name="__main__")
             except SystemExit as e:
                 status = _exit_status(e.code)
             except Exception:  # a process prints the traceback and ends with status 1

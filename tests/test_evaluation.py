@@ -663,7 +663,7 @@ def test_random_encoder_is_a_function_of_its_seed_alone():
 # --------------------------------------------------------------------------- end to end (subprocesses)
 
 
-def _run(script: str, args, cwd: Path, timeout=600) -> subprocess.CompletedProcess:
+def _run(script: str, args, cwd: Path) -> subprocess.CompletedProcess:
     return run_here(str(ROOT / script), *args, cwd=cwd)
 
 

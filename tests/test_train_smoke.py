@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -29,10 +28,9 @@ ONLINE = "model.online_encoder."
 
 
 def train(*overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
-    # one intra-op thread: on a small shared CPU two threads contend and run several times slower
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # in this worker, on its one intra-op thread (tests/conftest.py)
     result = run_here("train.py", *(["-m"] if multirun else []), "experiment=smoke", "trainer.max_epochs=1",
-                      *overrides, env=env)
+                      *overrides)
     assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
