@@ -1,9 +1,9 @@
-"""Run by tests/test_ddp.py as ``python tests/syncbn_worker.py OUT_DIR MODE``: three optimizer steps of the
-smoke config without augmentation (each view is the image itself, so both runs see the same inputs),
-either in one process on the global batch (MODE ``single``, batch 64) or on two DDP CPU processes with
-synchronised BatchNorm (MODE ``ddp``, batch 32 each). Each rank writes its per-step losses and final
-weights and buffers to ``OUT_DIR/<mode>_rank<r>.pt``. MODE ``ddp_local``: two processes, each normalising
-over its own 32 images.
+"""Run by tests/test_ddp.py (MODE ``single``, in the test's process) and tests/ddp_worker.py (the two-process
+modes): three optimizer steps of the smoke config without augmentation (each view is the image itself, so
+both runs see the same inputs), either in one process on the global batch (MODE ``single``, batch 64) or on
+two DDP CPU processes with synchronised BatchNorm (MODE ``ddp``, batch 32 each). Each rank writes its
+per-step losses and final weights and buffers to ``OUT_DIR/<mode>_rank<r>.pt``. MODE ``ddp_local``: two
+processes, each normalising over its own 32 images.
 
 torch's ``SyncBatchNorm`` runs on GPUs only (its DDP wrapper refuses it in CPU processes), so here every
 BatchNorm of the encoders and heads is replaced by :class:`AllReducedBatchNorm`, which normalises with the
@@ -12,7 +12,6 @@ statistics of the global batch from all-reduced sums, as SyncBatchNorm does.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -100,7 +99,3 @@ def main(out: Path, mode: str) -> None:
     torch.save({"losses": losses.losses, "state": state, "steps": trainer.global_step,
                 "lr": trainer.optimizers[0].param_groups[0]["lr"]}, out / f"{mode}_rank{trainer.global_rank}.pt")
 
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main(Path(sys.argv[1]), sys.argv[2])

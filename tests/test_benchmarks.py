@@ -114,7 +114,7 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
         tp.main(["--stem", "imagenet", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",
                  "--data", str(data), "--peers", "ours,lightly,byol_pytorch,floor,floor_fp32,ours_ddp",
                  "--workers", "0", "--device", "cpu", "--json", str(out), "--markdown", str(md), "--threads", "1",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY_HEADS])
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "backbone.width=0.25", *TINY_HEADS])
     finally:
         tp.torch.set_num_threads(threads)
 
@@ -197,7 +197,8 @@ def test_host_ops_counts_the_operators_of_each_contender_by_part(tmp_path):
     host_ops = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_ops)
     data = write_folder(tmp_path / "data", splits=("train", "test"))
-    result = host_ops.main(["--batch-size", "4", "--steps", "2", "--warmup", "1", "--data", str(data),
+    # one counted step: the profiler's Python stacks make each one cost seconds to record and read back
+    result = host_ops.main(["--batch-size", "4", "--steps", "1", "--warmup", "1", "--data", str(data),
                             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "backbone.width=0.25",
                             "--set", "monitor.val_size=4", *TINY_HEADS])
     totals, parts = result["totals"], result["parts"]

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT, compose_config, epochs_reported, signal_when, wait_for_fine_tuning_epoch
+from in_process import run_here
 from omegaconf import OmegaConf
 from test_resume import saved_step, wait_for_step
 
@@ -103,12 +104,45 @@ def test_planned_world_counts_the_processes_of_a_ddp_config():
     assert planned_world({"strategy": "ddp", "devices": "auto", "num_nodes": 1}) == 1
 
 
+def launch_ranks(args: list[str], logs: Path, world: int = 2, timeout: float = 600) -> None:
+    """``python ARGS`` as ranks 0..world-1 of one run, started here as torchrun or SLURM would start them
+    (LOCAL_RANK, MASTER_ADDR/PORT), so Lightning starts no process of its own; a rank that fails ends the others
+    at once (they would wait for it in a collective until the timeout)."""
+    import time
+
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**ENV, "LOCAL_RANK": str(rank), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        with open(logs / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    end = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < end:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    said = "\n".join((logs / f"rank{r}.log").read_text()[-2000:] for r in range(world))
+    assert [p.returncode for p in procs] == [0] * world, said
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory) -> Path:
+    """The three two-process trainings of tests/ddp_worker.py, in one launch: their ``*.pt`` files."""
+    out = tmp_path_factory.mktemp("ddp_worker")
+    launch_ranks([str(ROOT / "tests" / "ddp_worker.py"), str(out)], out)
+    return out
+
+
 @pytest.mark.slow
-def test_two_processes_hold_identical_weights(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)], cwd=ROOT,
-                            env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+def test_two_processes_hold_identical_weights(two_rank_runs):
+    r0, r1 = (torch.load(two_rank_runs / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert (r0["rank"], r1["rank"], r0["world"], r0["steps"], r1["steps"]) == (0, 1, 2, 3, 3)
     assert r0["batches"] == r1["batches"] == 128 // (32 * 2)
     assert not set(r0["first_batch"].tolist()) & set(r1["first_batch"].tolist())  # different images
@@ -299,9 +333,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
     assert not (run / "encoder.pt").exists() and step < 80
 
     # mid-epoch, on one process with the same global batch (2 x 32): the rest of the epoch is cut the same
-    resumed = subprocess.run([sys.executable, "train.py", f"resume={run}", "trainer=default", "data.batch_size=64",
-                              f"trainer.max_epochs={step // 2 + 1}"],  # to the end of the stopped epoch
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = run_here("train.py", f"resume={run}", "trainer=default", "data.batch_size=64",
+                       f"trainer.max_epochs={step // 2 + 1}")  # to the end of the stopped epoch, in this process
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"resuming from {last}" in resumed.stdout and "1 process" not in resumed.stdout
     assert "batch 64, " in resumed.stdout  # one process: the global batch is the per-device batch
@@ -422,7 +455,8 @@ def relative_difference(a: dict, b: dict, prefix: str) -> float:
 
 
 @pytest.mark.slow
-def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_global_batch(tmp_path, monkeypatch):
+def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_global_batch(tmp_path, monkeypatch,
+                                                                                       two_rank_runs):
     """Sharding, gradient averaging, the global-batch learning rate, EMA and BatchNorm over the global
     batch together: two processes of batch 32 end where one process of batch 64 ends, three steps on.
     The views are the images themselves (no augmentation: the ranks' streams differ from one process's
@@ -437,12 +471,9 @@ def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_glob
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything sets it: taken back after the test
     syncbn_run(tmp_path, "single")  # one process: this one (the workers run on one thread, as the worker script)
-    for mode in ("ddp", "ddp_local"):
-        result = subprocess.run([sys.executable, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path), mode],
-                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-    one, r0, r1, local = (torch.load(tmp_path / f"{name}.pt", weights_only=True)
-                          for name in ("single_rank0", "ddp_rank0", "ddp_rank1", "ddp_local_rank0"))
+    one = torch.load(tmp_path / "single_rank0.pt", weights_only=True)
+    r0, r1, local = (torch.load(two_rank_runs / f"{name}.pt", weights_only=True)
+                     for name in ("ddp_rank0", "ddp_rank1", "ddp_local_rank0"))
     assert one["steps"] == r0["steps"] == 3 and one["lr"] == pytest.approx(r0["lr"])
     mean_of_ranks = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"], strict=True)]
     assert mean_of_ranks[0] == pytest.approx(one["losses"][0], rel=1e-5)
@@ -452,7 +483,7 @@ def test_two_processes_with_synchronised_batchnorm_match_one_process_on_the_glob
         synchronised = relative_difference(one["state"], r0["state"], network)
         assert synchronised < 5e-3, network  # measured: 3-7e-4 online encoder, 1-2e-4 heads, 2e-6 target
         assert relative_difference(one["state"], local["state"], network) > 10 * synchronised, network
-    local_rank1 = torch.load(tmp_path / "ddp_local_rank1.pt", weights_only=True)
+    local_rank1 = torch.load(two_rank_runs / "ddp_local_rank1.pt", weights_only=True)
     local_losses = [(a + b) / 2 for a, b in zip(local["losses"], local_rank1["losses"], strict=True)]
     assert local_losses[0] != pytest.approx(one["losses"][0], rel=1e-2)  # per-process statistics: another loss
 

@@ -25,17 +25,50 @@ def _sweep(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Pat
     return proc, sweep
 
 
+def _wait_for(condition, timeout: float = 300):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if result := condition():
+            return result
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
 @pytest.mark.slow
-def test_submitit_local_sweep_records_a_failed_job_and_requeues_into_the_same_folder(tmp_path):
+def test_submitit_local_sweep_requeues_a_preempted_job_into_its_folder_and_records_a_failed_one(tmp_path):
+    """One submitit_local sweep of two jobs (one sweep for both cases: each job process imports torch and Lightning).
+    Job 0 gets SIGUSR1 (SLURM's --signal=USR1@120) mid-run: it saves last.ckpt and hands the signal to submitit,
+    which requeues it; it resumes mid-run in its own folder and finishes. Job 1, with a batch larger than the data,
+    fails: its FAILED file says why and the sweep ends with status 1, naming 1 of its 2 jobs."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cloudpickle = pytest.importorskip("cloudpickle")
-    proc, sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", *TINY, "data.batch_size=16,1000")
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1 of the 2 job(s) of the sweep" in proc.stderr and "data.batch_size=1000 is larger" in proc.stderr
-    assert "ConfigStore schema" not in proc.stderr + proc.stdout  # Hydra's schema-matching deprecation, silenced
+    from byol.jobs.run_folder import lock_holder
+
+    env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}  # what submitit_slurm.yaml's `setup` exports
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                             *TINY[:2], "trainer.max_epochs=20", "monitor=off", "data.batch_size=16,1000"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = _wait_for(lambda: next(tmp_path.glob("outputs/multirun/train/*/0_*/train.log"), None))
+        _wait_for(lambda: "epoch 2/20" in log.read_text())  # 18 epochs left (seconds) to find the job in
+        os.kill(int(_wait_for(lambda: lock_holder(log.parent))), signal.SIGUSR1)  # the job's own process
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    assert "1 of the 2 job(s) of the sweep" in err and "data.batch_size=1000 is larger" in err
+    assert "ConfigStore schema" not in err + out  # Hydra's schema-matching deprecation, silenced
+    sweep = log.parent.parent
     ok, bad = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert (ok / "encoder.pt").is_file() and (ok / "checkpoints" / "last.ckpt").is_file()
-    assert not (ok / "FAILED").exists() and "is larger than the dataset" in (bad / "FAILED").read_text()
+    assert ok == log.parent and not (ok / "FAILED").exists()
+    assert "is larger than the dataset" in (bad / "FAILED").read_text()
+    text = log.read_text()
+    assert "resuming from" in text and "epoch 20/20" in text and (ok / "encoder.pt").is_file()
+    assert (ok / "checkpoints" / "last.ckpt").is_file()
+    assert len(list(sweep.glob(".submitit/[0-9]*"))) == 2  # job 0 requeued as the same job, not a third
+    assert any("the whole sweep: its command with hydra.sweep.dir=" in p.read_text()  # ours, not _submit.py's
+               for p in sweep.glob(".submitit/[0-9]*/*_log.err"))
     # a requeued job runs its pickled submission again: it must resolve to this sweep folder (so that
     # train.py finds its last.ckpt there), not to a new ${now:} folder
     from hydra.core.utils import setup_globals
@@ -47,56 +80,6 @@ def test_submitit_local_sweep_records_a_failed_job_and_requeues_into_the_same_fo
             launcher = cloudpickle.load(f).function
         folder = tmp_path / OmegaConf.select(launcher.config, "hydra.sweep.dir")  # relative to the job's cwd
         assert folder.resolve() == sweep.resolve()
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-def _wait_for(condition, timeout: float = 300):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if result := condition():
-            return result
-        time.sleep(0.5)
-    raise AssertionError("timed out")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process through /proc")
-def test_submitit_requeue_on_usr1_resumes_in_the_same_folder(tmp_path):
-    """SIGUSR1 (SLURM's --signal=USR1@120) to a submitit job: the run saves last.ckpt, hands the signal
-    to submitit, which requeues the job; it resumes mid-run in its folder and the sweep succeeds."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}  # what submitit_slurm.yaml's `setup` exports
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
-                             *TINY[:2], "trainer.max_epochs=20", "monitor=off"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        log = _wait_for(lambda: next(tmp_path.glob("outputs/multirun/train/*/0_*/train.log"), None))
-        _wait_for(lambda: "epoch 2/20" in log.read_text())  # 18 epochs left (seconds) to find the job in
-        controller = _wait_for(lambda: [int(p.name) for p in log.parent.parent.glob(".submitit/[0-9]*")])[0]
-        (task,) = _children(controller)
-        os.kill(task, signal.SIGUSR1)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    text = log.read_text()
-    assert "resuming from" in text and "epoch 20/20" in text and (log.parent / "encoder.pt").is_file()
-    assert len(list(log.parent.parent.glob(".submitit/[0-9]*"))) == 1  # the same job, requeued
-    (err_log,) = log.parent.parent.glob(".submitit/[0-9]*/*_log.err")
-    assert "the whole sweep: its command with hydra.sweep.dir=" in err_log.read_text()  # not _submit.py's
 
 
 @pytest.mark.slow
