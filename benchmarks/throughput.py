@@ -641,9 +641,15 @@ def write_markdown(path: str, lines: list[str]) -> None:
 
 
 def precision_text(args) -> str:
+    """How the contenders ran; a ``--set trainer.precision=`` other than bf16 changes ours alone, so it is named."""
     if args.peer_precision == "bf16":
-        return "bf16 autocast + channels_last for all"
-    return "ours and floor: bf16 autocast + channels_last; peers: fp32, contiguous (as their examples)"
+        text = "bf16 autocast + channels_last for all"
+    else:
+        text = "ours and floor: bf16 autocast + channels_last; peers: fp32, contiguous (as their examples)"
+    ours = [o.split("=", 1)[1] for o in args.overrides if o.lstrip("+").startswith("trainer.precision=")]
+    if ours and ours[-1] not in ("auto", "bf16-mixed"):
+        text += f" (but ours: trainer.precision={ours[-1]})"
+    return text
 
 
 def write_json(args, report: dict, data_root: Path) -> None:
@@ -708,16 +714,18 @@ def markdown_from_json(path: str) -> list[str]:
     saved = json.loads(Path(path).read_text())
     settings, stems = saved["settings"], [stem for stem in STEMS if stem in saved]
     asked = {p for stem in stems for p in saved["samples"][stem]} | set(saved["skipped"])
+    argv = settings["command"].split(" ")[1:]
     args = argparse.Namespace(
         batch_size=settings["batch_size"], steps=settings["steps"], warmup=settings["warmup"],
         repeats=settings["repeats"], threads=settings.get("threads_set"), peers=[p for p in PEERS if p in asked],
-        peer_precision="bf16" if settings["precision"].endswith("for all") else "fp32")
+        peer_precision="bf16" if settings["precision"].startswith("bf16 autocast + channels_last for all") else "fp32",
+        overrides=settings.get("overrides", []))
     report = {"images_per_s": {stem: saved[stem] for stem in stems}, "n_images": settings["epoch_images"],
               "machine": saved["machine"], "skipped": saved["skipped"],
               "peak_gpu_memory_gib": saved.get("peak_gpu_memory_gib", {})}
     # files written before --threads existed have neither threads setting: torch's default, as the machine says
     threads = settings.get("threads", saved["machine"]["torch_threads"])
-    return markdown_table(args, report, settings["command"].split(" ")[1:], threads)
+    return markdown_table(args, report, argv, threads)
 
 
 def markdown_table(args, report: dict, argv: list[str] | None = None, threads: int | None = None) -> list[str]:

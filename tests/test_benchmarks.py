@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -114,7 +115,8 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
         tp.main(["--stem", "imagenet", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--repeats", "2",
                  "--data", str(data), "--peers", "ours,lightly,byol_pytorch,floor,floor_fp32,ours_ddp",
                  "--workers", "0", "--device", "cpu", "--json", str(out), "--markdown", str(md), "--threads", "1",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "backbone.width=0.25", *TINY_HEADS])
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "backbone.width=0.25",
+                 "--set", "trainer.precision=32-true", *TINY_HEADS])  # ours in float32: named in the tables
     finally:
         tp.torch.set_num_threads(threads)
 
@@ -144,6 +146,7 @@ def test_benchmark_measures_every_available_contender_and_writes_consistent_json
         tp.torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "(floor/floor_fp32)" in printed and "(1 torch thread (--threads))" in printed
+    assert "for all (but ours: trainer.precision=32-true), " in md.read_text()  # also as --markdown-from renders it
     # interleaved: every contender's first sample before any contender's second
     order = [line.split(", ")[1].split(":")[0] for line in printed.splitlines() if "(repeat " in line]
     assert order.index("ours", 1) > max(order.index(p) for p in set(order))
@@ -212,3 +215,17 @@ def test_host_ops_counts_the_operators_of_each_contender_by_part(tmp_path):
     assert totals["ours"] == pytest.approx(sum(parts["ours"].values()))
     from byol.core import augment
     assert augment._hue_where.__defaults__ == (None,)  # the CPU's own path back for what runs next
+
+
+def test_the_precision_line_names_an_override_of_ours():
+    """``--set trainer.precision=32-true`` runs ours in float32 while the floor stays in bf16: the tables said
+    "bf16 autocast + channels_last for all" all the same."""
+    tp = load_throughput()
+    args = SimpleNamespace(peer_precision="bf16", overrides=["backbone.width=0.25"])
+    assert tp.precision_text(args) == "bf16 autocast + channels_last for all"
+    args.overrides += ["trainer.precision=32-true"]
+    assert tp.precision_text(args) == "bf16 autocast + channels_last for all (but ours: trainer.precision=32-true)"
+    args.overrides += ["trainer.precision=bf16-mixed"]  # the last one counts, as in Hydra
+    assert tp.precision_text(args) == "bf16 autocast + channels_last for all"
+    args = SimpleNamespace(peer_precision="fp32", overrides=["++trainer.precision=16-mixed"])
+    assert tp.precision_text(args).endswith("(as their examples) (but ours: trainer.precision=16-mixed)")
