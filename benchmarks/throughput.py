@@ -714,7 +714,6 @@ def markdown_from_json(path: str) -> list[str]:
     saved = json.loads(Path(path).read_text())
     settings, stems = saved["settings"], [stem for stem in STEMS if stem in saved]
     asked = {p for stem in stems for p in saved["samples"][stem]} | set(saved["skipped"])
-    argv = settings["command"].split(" ")[1:]
     args = argparse.Namespace(
         batch_size=settings["batch_size"], steps=settings["steps"], warmup=settings["warmup"],
         repeats=settings["repeats"], threads=settings.get("threads_set"), peers=[p for p in PEERS if p in asked],
@@ -725,7 +724,7 @@ def markdown_from_json(path: str) -> list[str]:
               "peak_gpu_memory_gib": saved.get("peak_gpu_memory_gib", {})}
     # files written before --threads existed have neither threads setting: torch's default, as the machine says
     threads = settings.get("threads", saved["machine"]["torch_threads"])
-    return markdown_table(args, report, argv, threads)
+    return markdown_table(args, report, settings["command"].split(" ")[1:], threads)
 
 
 def markdown_table(args, report: dict, argv: list[str] | None = None, threads: int | None = None) -> list[str]:
