@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,30 @@ torch.set_num_threads(1)
 # this environment): with two test workers on two cores, their default of one thread a core made
 # the suite 758 s instead of 619 s here.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def python() -> str:
+    """The ``python`` for a test's own processes where the process itself is not the subject: the launcher of
+    ``tests/zygote.py``, which forks commands from a server that has imported torch and Lightning once (a
+    real start costs ~8 s of imports here). ``BYOL_TEST_REAL_PYTHON=1`` gives real processes throughout."""
+    if os.environ.get("BYOL_TEST_REAL_PYTHON") == "1":
+        return sys.executable
+    import zygote
+
+    return zygote.launcher()
+
+
+def process_of(pid: int) -> int:
+    """The process that runs the command of a process started with :func:`python` (its children are its)."""
+    import zygote
+
+    return zygote.process_of(pid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_started_early():
+    """The server imports while the first tests run, so that it is ready when a test starts a process."""
+    python()
 
 
 def epochs_reported(stdout: str) -> list[int]:

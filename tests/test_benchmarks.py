@@ -7,14 +7,13 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import write_folder
+from tests.conftest import python, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HEADS = [arg for kv in ("head.proj_hidden_dim=32", "head.pred_hidden_dim=32", "head.proj_dim=16")
@@ -62,7 +61,7 @@ def test_missing_and_broken_peers_are_reported_not_raised(tmp_path, monkeypatch)
 
 
 def test_augmentation_benchmark_prints_every_part_against_torchvision():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "augment.py"), "--batch-size", "4",
+    proc = subprocess.run([python(), str(ROOT / "benchmarks" / "augment.py"), "--batch-size", "4",
                            "--size", "16", "--repeats", "1", "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

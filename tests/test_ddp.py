@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, epochs_reported, signal_when, wait_for_fine_tuning_epoch
+from conftest import ROOT, compose_config, epochs_reported, process_of, python, signal_when, wait_for_fine_tuning_epoch
 from in_process import run_here
 from omegaconf import OmegaConf
 from test_resume import saved_step, wait_for_step
@@ -115,7 +114,7 @@ def launch_ranks(args: list[str], logs: Path, world: int = 2, timeout: float = 6
     for rank in range(world):
         env = {**ENV, "LOCAL_RANK": str(rank), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         with open(logs / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+            procs.append(subprocess.Popen([python(), *args], cwd=ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT))
     end = time.monotonic() + timeout
     try:
@@ -165,7 +164,7 @@ DDP_CPU = ["experiment=smoke", "trainer=ddp", "trainer.devices=2", "trainer.acce
 
 
 def train_ddp(*overrides: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "train.py", *DDP_CPU, *overrides],
+    result = subprocess.run([python(), "train.py", *DDP_CPU, *overrides],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -211,7 +210,7 @@ def signal_rank1_when(proc: subprocess.Popen, ready, sig: int = signal.SIGUSR1) 
     """Once ``ready()`` returns, ``sig`` to rank 1 alone (Lightning starts it as a child of rank 0);
     the command's (stdout, stderr) when it ends."""
     def rank1() -> int:
-        (pid,) = child_pids(proc.pid)
+        (pid,) = child_pids(process_of(proc.pid))
         return pid
 
     _, out, err = signal_when(proc, ready, sig, timeout=300, pid=rank1)
@@ -226,7 +225,7 @@ def test_a_rank_killed_mid_training_is_one_line_from_the_other_with_what_is_kept
     says another process stopped and how to resume from the last checkpoint, status 1."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "train.py", *DDP_CPU, "trainer.max_epochs=200",
+    proc = subprocess.Popen([python(), "train.py", *DDP_CPU, "trainer.max_epochs=200",
                              f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = signal_rank1_when(proc, lambda: wait_for_step(proc, last, 2), signal.SIGKILL)
@@ -320,7 +319,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_on
     The stopped 2-process run then continues on one process (its global batch halves: README)."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "train.py", *DDP_CPU, "trainer.max_epochs=40",
+    proc = subprocess.Popen([python(), "train.py", *DDP_CPU, "trainer.max_epochs=40",
                              "checkpoint.last_every_n_steps=1",
                              f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -351,7 +350,7 @@ def test_a_signal_to_one_rank_stops_a_two_process_fine_tuning_with_no_result(tmp
     run_dir = tmp_path / "eval"
     # preset=smoke: the smoke run's small network (an epoch of the full CIFAR-stem one took 117 s on a 2-core AMD
     # EPYC in bf16, past the wait below)
-    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "preset=smoke",
+    proc = subprocess.Popen([python(), "evaluate.py", "pretrained=random", "data=synthetic", "preset=smoke",
                              "eval=finetune",
                              "eval.epochs=500", *DDP_CPU[1:], f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -431,7 +430,7 @@ def test_evaluation_sweep_on_two_processes_scores_every_image_once_in_one_sweep_
 
     run = tmp_path / "run"
     pretrain(compose_config("train", ["experiment=smoke", "trainer.max_epochs=1"], run), run)  # in this process
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "-m", "preset=smoke", f"pretrained={run}",
+    result = subprocess.run([python(), str(ROOT / "evaluate.py"), "-m", "preset=smoke", f"pretrained={run}",
                              "eval=knn,finetune", *DDP_CPU[1:]], cwd=tmp_path, env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -501,7 +500,7 @@ def test_two_nodes_launched_by_torchrun_train_one_run(tmp_path):
     """The README's several-node command on one machine: two torchrun launches, node ranks 0 and 1, one
     process each (trainer.num_nodes=2): one run on the global batch, written by the first node alone."""
     run, port = tmp_path / "run", free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+    nodes = [subprocess.Popen([python(), "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
                                "train.py", *DDP_CPU[:2], "trainer.devices=1", "trainer.num_nodes=2",
                                "trainer.accelerator=cpu", "trainer.max_epochs=1", f"hydra.run.dir={run}"],

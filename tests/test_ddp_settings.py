@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import LAUNCHER_NAMES, LAUNCHER_PREFIXES, ROOT, compose_config
+from conftest import LAUNCHER_NAMES, LAUNCHER_PREFIXES, ROOT, compose_config, python
 
 from byol.core.errors import ConfigError
 from byol.jobs.build import build_trainer, trainer_for_this_machine
@@ -122,7 +121,7 @@ def test_a_ddp_sweep_through_submitit_local_fails_its_job_in_one_line(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_NAMES}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+    proc = subprocess.run([python(), str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
                            "experiment=smoke", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
                            "monitor=off", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -192,7 +191,7 @@ def test_devices_lightning_cannot_read_are_refused_before_the_data(tmp_path, cap
 def test_a_dataset_too_small_for_the_global_batch_is_one_line_before_the_processes_start(tmp_path):
     """Checked by every process once they had started: each rank's error, run together on one line, about
     10 s in. Now rank 0 says it once, before Lightning starts the others."""
-    result = subprocess.run([sys.executable, "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu",
+    result = subprocess.run([python(), "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu",
                              "data.batch_size=100", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, text=True,
                             capture_output=True, timeout=300)
     line = ("error: data.batch_size=100 x 2 processes is more than the dataset (128 images), so an epoch would have "

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import write_folder
+from tests.conftest import python, write_folder
 from tests.test_gpu_script import ROOT
 
 
@@ -23,7 +22,7 @@ def test_gpu_ab_smoke_mode_trains_both_loops_and_appends_their_knn_side_by_side(
     data = write_folder(tmp_path / "data", per_class=8, splits=("train", "test"))
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(work), BATCHES="", AB_EPOCHS="2",
-               AB_WORKERS="0", HOME=str(tmp_path / "home"), PYTHON=sys.executable, DEADLINE_S="900")
+               AB_WORKERS="0", HOME=str(tmp_path / "home"), PYTHON=python(), DEADLINE_S="900")
     env.pop("MODE", None)
     repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_ab.sh")], env=env, capture_output=True,

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import write_folder
+from tests.conftest import python, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +25,7 @@ def test_gpu_script_smoke_mode_runs_every_step_on_cpu(tmp_path):
     # a fixed number of epochs with extra overrides and no throughput (BATCHES empty; the grid test below
     # measures it): how the GPU recipe's 100-epoch target is run
     env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(tmp_path / "work"),
-               BATCHES="", PRETRAIN_BATCH="4", HOME=str(tmp_path / "home"), PYTHON=sys.executable,
+               BATCHES="", PRETRAIN_BATCH="4", HOME=str(tmp_path / "home"), PYTHON=python(),
                EPOCHS="2", TRAIN_EXTRA="monitor=off ema.tau_base=0.95 data.mean=[0.5,0.4,0.3]",
                EVAL_EXTRA="split.val_size=0", KEEP_ENCODER="1")
     repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
@@ -59,7 +58,7 @@ def test_gpu_script_deadline_stops_the_pretraining_resumably_and_ends_in_time(tm
     data = write_folder(tmp_path / "data", splits=("train", "test"))
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(work), BATCHES="", PRETRAIN_BATCH="4",
-               HOME=str(tmp_path / "home"), PYTHON=sys.executable, EPOCHS="100000", DEADLINE_S="45", PROBE_S="10",
+               HOME=str(tmp_path / "home"), PYTHON=python(), EPOCHS="100000", DEADLINE_S="45", PROBE_S="10",
                TRAIN_EXTRA="monitor=off")
     start = time.monotonic()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
@@ -108,7 +107,7 @@ def run_gpu_script_with_stand_ins(tmp_path, **env_vars) -> tuple[dict, Path]:
     env = dict(os.environ, SMOKE="1", DATA=str(tmp_path / "data"), OUT=str(out), WORK=str(tmp_path / "work"),
                BATCHES="", PRETRAIN_BATCH="4", EPOCHS="1", HOME=str(tmp_path / "home"),
                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
-               REAL_PYTHON=sys.executable, REAL_TIMEOUT=shutil.which("timeout"), CALLS=str(calls),
+               REAL_PYTHON=python(), REAL_TIMEOUT=shutil.which("timeout"), CALLS=str(calls),
                **{"ENCODER_BYTES": "1000", **env_vars})
     for unset in ("DEADLINE_S", "PROBE_S", "KEEP_ENCODER"):
         if unset not in env_vars:
@@ -183,7 +182,7 @@ def test_gpu_grid_smoke_mode_appends_the_grid_table_for_both_losses_and_the_base
     data = write_folder(tmp_path / "data", splits=("train", "test"))
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, SMOKE="1", DATA=str(data), OUT=str(out), WORK=str(work), BATCHES="4",
-               PEERS="ours,floor", HOME=str(tmp_path / "home"), PYTHON=sys.executable)
+               PEERS="ours,floor", HOME=str(tmp_path / "home"), PYTHON=python())
     env.pop("MODE", None)
     repo_results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_grid.sh")], env=env, capture_output=True,

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, python
 
 from byol.jobs.cli import hand_on_signal
 
@@ -19,7 +18,7 @@ TINY = ["experiment=smoke", "data.num_train=64", "trainer.max_epochs=1"]
 
 
 def _sweep(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args], cwd=tmp_path,
+    proc = subprocess.run([python(), str(ROOT / "train.py"), "-m", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)
     (sweep,) = (tmp_path / "outputs" / "multirun" / "train").iterdir()
     return proc, sweep
@@ -45,7 +44,7 @@ def test_submitit_local_sweep_requeues_a_preempted_job_into_its_folder_and_recor
     from byol.jobs.run_folder import lock_holder
 
     env = {**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"}  # what submitit_slurm.yaml's `setup` exports
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+    proc = subprocess.Popen([python(), str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
                              *TINY[:2], "trainer.max_epochs=20", "monitor=off", "data.batch_size=16,1000"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -109,7 +108,7 @@ def test_hydras_schema_matching_warning_is_silenced_by_the_jobs_console(console)
             "    for launcher in ('joblib', 'submitit_local', 'submitit_slurm'):\n"
             "        compose('train', [f'hydra/launcher={launcher}'], return_hydra_config=True)\n"
             "warnings.warn('another warning')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([python(), "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("is validated against ConfigStore schema") == (0 if console else 3), proc.stderr
     assert "another warning" in proc.stderr  # other warnings are shown
@@ -177,7 +176,7 @@ def test_a_stop_signal_to_the_sweep_command_reaches_its_jobs(tmp_path, launcher)
     from byol.jobs.run_folder import lock_holder
 
     sweep = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", f"hydra/launcher={launcher}",
+    proc = subprocess.Popen([python(), str(ROOT / "train.py"), "-m", f"hydra/launcher={launcher}",
                              "experiment=smoke", "data.num_train=256", "trainer.max_epochs=200", "seed=0,1",
                              f"hydra.sweep.dir={sweep}"], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -9,13 +9,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, epochs_reported, signal_when
+from conftest import ROOT, compose_config, epochs_reported, python, signal_when
 from in_process import run_here
 from omegaconf import OmegaConf
 
@@ -45,7 +44,7 @@ def train(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def start(*overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *overrides], cwd=ROOT, env=ENV, text=True,
+    return subprocess.Popen([python(), "train.py", *overrides], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

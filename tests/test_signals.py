@@ -7,14 +7,21 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, add_run_callback, compose_config, epochs_reported, signal_when, wait_for_fine_tuning_epoch
+from conftest import (
+    ROOT,
+    add_run_callback,
+    compose_config,
+    epochs_reported,
+    python,
+    signal_when,
+    wait_for_fine_tuning_epoch,
+)
 from in_process import run_here
 from test_resume import (
     ENV,
@@ -423,7 +430,7 @@ def test_sigterm_stops_a_fine_tuning_with_status_143_and_no_result(tmp_path):
     run_dir = tmp_path / "eval"
     # preset=smoke: the smoke run's small network (an epoch of the full CIFAR-stem one took 117 s on a 2-core AMD
     # EPYC in bf16, past the wait below)
-    proc = subprocess.Popen([sys.executable, "evaluate.py", "pretrained=random", "data=synthetic", "preset=smoke",
+    proc = subprocess.Popen([python(), "evaluate.py", "pretrained=random", "data=synthetic", "preset=smoke",
                              "eval=finetune",
                              "eval.epochs=500", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -450,7 +457,7 @@ def test_a_signal_as_training_ends_waits_for_the_export_and_says_so(tmp_path):
         f"sys.argv = ['train.py', 'experiment=smoke', 'hydra.run.dir={run_dir}']\n"
         "runpy.run_path('train.py', run_name='__main__')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, env=ENV, text=True, capture_output=True,
+    proc = subprocess.run([python(), "-c", driver], cwd=ROOT, env=ENV, text=True, capture_output=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -491,7 +498,7 @@ def test_sigterm_during_a_knn_evaluation_puts_the_earlier_result_back_and_says_s
     evaluate.py with status 143 and one line, and the folder's earlier evaluation is as it was (it had been set
     aside for the new one; the default handler left it so, beside the new config.yaml)."""
     out = tmp_path / "eval"
-    command = [sys.executable, str(ROOT / "evaluate.py"), "pretrained=random", "data=synthetic", "eval=knn",
+    command = [python(), str(ROOT / "evaluate.py"), "pretrained=random", "data=synthetic", "eval=knn",
                "preset=smoke", f"hydra.run.dir={out}"]
     assert run_here(*command[1:]).returncode == 0  # the earlier evaluation, in this process
 
@@ -510,7 +517,7 @@ def test_sigterm_during_a_knn_evaluation_puts_the_earlier_result_back_and_says_s
         "p.run_protocol = stopped\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-c", stop_in_protocol, *command[1:], "eval.k=5"], cwd=ROOT,
+    done = subprocess.run([python(), "-c", stop_in_protocol, *command[1:], "eval.k=5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
     assert "received SIGTERM: the evaluation stopped before it finished" in done.stdout + done.stderr
