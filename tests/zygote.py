@@ -91,6 +91,8 @@ def client(path: str, args: list[str]) -> None:
             signal.signal(getattr(signal, name), forward)
     fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) != conn.fileno())
     fds = [fd for fd in fds if _is_open(fd)]
+    if len(fds) > 250:  # more than one message can carry (the kernel's SCM_MAX_FD is 253)
+        _real(args)
     request = dict(plan, launcher=os.path.join(path, "python"), cwd=os.getcwd(), env=dict(os.environ), fds=fds,
                    inheritable=[os.get_inheritable(fd) for fd in fds], ignored=ignored,
                    blocked=sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
