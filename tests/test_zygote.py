@@ -66,12 +66,12 @@ def test_an_interpreter_option_gets_a_real_interpreter():
 def test_signals_reach_the_command_and_the_caller_ends_as_it_ends(tmp_path):
     handled = ("import os, signal, sys, time\n"  # os.write: a print may be inside the print of 'ready' still
                "signal.signal(signal.SIGTERM, lambda *_: (os.write(1, b'got TERM\\n'), sys.exit(143)))\n"
-               "print('ready', flush=True); time.sleep(60)\n")
+               "print('ready', flush=True)\nwhile True: time.sleep(0.05)\n")
+    # short sleeps: a signal that lands between the print and a long sleep is handled only when the sleep ends
+    waiting = "import time\nprint('ready', flush=True)\nwhile True: time.sleep(0.05)\n"
     for code, sig, status, out in ((handled, signal.SIGTERM, 143, "ready\ngot TERM\n"),
-                                   ("import time; print('ready', flush=True); time.sleep(60)", signal.SIGINT,
-                                    -signal.SIGINT, "ready\n"),
-                                   ("import time; print('ready', flush=True); time.sleep(60)", signal.SIGUSR1,
-                                    -signal.SIGUSR1, "ready\n")):
+                                   (waiting, signal.SIGINT, -signal.SIGINT, "ready\n"),
+                                   (waiting, signal.SIGUSR1, -signal.SIGUSR1, "ready\n")):
         proc = subprocess.Popen([python(), "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(sig)

@@ -93,17 +93,15 @@ def client(path: str, args: list[str]) -> None:
     fds = [fd for fd in fds if _is_open(fd)]
     if len(fds) > 250:  # more than one message can carry (the kernel's SCM_MAX_FD is 253)
         _real(args)
-    request = dict(plan, launcher=os.path.join(path, "python"), cwd=os.getcwd(), env=dict(os.environ), fds=fds,
+    request = dict(plan, launcher=os.path.join(path, "python"), caller=os.getpid(), cwd=os.getcwd(),
+                   env=dict(os.environ), fds=fds,
                    inheritable=[os.get_inheritable(fd) for fd in fds], ignored=ignored,
                    blocked=sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
     body = json.dumps(request).encode()
     conn.sendmsg([len(body).to_bytes(8, "big")], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     conn.sendall(body)
     reader = conn.makefile("r")
-    pid = int(reader.readline())
-    with open(os.path.join(path, "pids", str(os.getpid())), "w") as f:  # for process_of()
-        f.write(str(pid))
-    child[0] = pid
+    child[0] = int(reader.readline())
     for signum in pending:
         forward(signum, None)
     end = reader.readline().split()
@@ -202,6 +200,9 @@ def _wait_for(conn: socket.socket, base_path: list[str]) -> None:
 
 def _become(request: dict, received: list[int], base_path: list[str]) -> None:
     """The child: the caller's files, folder, environment and signals, then the command as ``__main__``."""
+    pids = os.path.join(os.path.dirname(request["launcher"]), "pids", str(request["caller"]))
+    with open(pids, "w") as f:  # for process_of(), before the command can say it is ready
+        f.write(str(os.getpid()))
     targets, inheritable = request["fds"], request["inheritable"]
     high = [_dup_above(fd, max(targets + [2]) + 1) for fd in received]
     for fd in received:
