@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config, ended_epoch, imported, python
+from conftest import ROOT, compose_config, ended_epoch, imported
 from in_process import run_here
 from PIL import Image
 
@@ -59,7 +59,7 @@ def cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess:
     """The command's status and output: in this process, but a new one where it is asked what it imports."""
     if "-X" not in args:
         return run_here(*([script] if script else []), *args, env=ENV)
-    return subprocess.run([python(), *([script] if script else []), *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, *([script] if script else []), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
 
 

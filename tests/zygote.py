@@ -11,11 +11,11 @@ ends as the child ends: with its exit status, or killed by the same signal. A ch
 It is a stand-in for a new process and is used where the process is not the subject: a test of what a
 process imports, or of an interpreter option, runs the real interpreter (the launcher falls back to it
 for any option other than ``-u``/``-B``, when the server is not there, and for ``-m pip``). What differs
-from a new process: the child's parent is a waiter process, not the caller, and its ``/proc`` command
-line is the server's.
+from a new process: the child's parent is a waiter process, not the caller, its ``/proc`` command line is
+the server's, and the children of one server share its string-hash seed (unless ``PYTHONHASHSEED`` is set).
 
-    python tests/zygote.py serve SOCKET    # the server (started by :func:`start`)
-    python tests/zygote.py run ARGS        # a client (the launcher runs this)
+    python tests/zygote.py serve FOLDER        # the server, its socket FOLDER/sock (started by :func:`start`)
+    python tests/zygote.py run FOLDER ARGS     # a client (the launcher FOLDER/python runs this)
 """
 
 from __future__ import annotations
@@ -369,6 +369,7 @@ def process_of(pid: int) -> int:
 def start(folder: str):
     """Start a server for this process (ended with it) and return the launcher to use as ``python``."""
     import subprocess
+    import time
 
     os.makedirs(os.path.join(folder, "pids"), exist_ok=True)
     with open(os.path.join(folder, "env.json"), "w") as f:
@@ -381,8 +382,7 @@ def start(folder: str):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a child sets its own count
     server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", folder],
                               stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-    import time
-
+    log.close()  # the server holds its own copy
     deadline = time.monotonic() + 30  # bound before its imports: from then on a client waits for it
     while not os.path.exists(os.path.join(folder, "sock")) and server.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
